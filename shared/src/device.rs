@@ -1,0 +1,206 @@
+//! Choosing where and in what precision to run: `--device auto|cpu|cuda[:N]`, `--dtype f32|bf16|f16`.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use std::str::FromStr;
+
+/// What the user asked for on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA when this build has the `cuda` feature and a GPU answers, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => match other.strip_prefix("cuda:") {
+                Some(n) => Ok(Self::Cuda(n.parse().with_context(|| {
+                    format!("device '{other}': expected cuda:N with N a GPU index")
+                })?)),
+                None => bail!("unknown device '{other}': use auto, cpu, cuda or cuda:N"),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The device picked, with a human-readable description for logs and `results.json`.
+#[derive(Debug, Clone)]
+pub struct PickedDevice {
+    pub device: Device,
+    pub description: String,
+}
+
+/// Resolves a [`DeviceChoice`] to a Candle device and says what was picked.
+pub fn pick_device(choice: DeviceChoice) -> Result<PickedDevice> {
+    let cuda_built = candle_core::utils::cuda_is_available();
+    let picked = match choice {
+        DeviceChoice::Cpu => cpu(),
+        DeviceChoice::Cuda(n) => {
+            if !cuda_built {
+                bail!(
+                    "--device cuda:{n} asked for, but this binary was built without CUDA: \
+                     rebuild with `--features cuda`"
+                );
+            }
+            let device = Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}"))?;
+            PickedDevice {
+                device,
+                description: format!("cuda:{n} ({})", gpu_name(n)),
+            }
+        }
+        DeviceChoice::Auto => {
+            if cuda_built {
+                match Device::new_cuda(0) {
+                    Ok(device) => PickedDevice {
+                        device,
+                        description: format!("cuda:0 ({})", gpu_name(0)),
+                    },
+                    Err(e) => {
+                        eprintln!("note: built with CUDA but no GPU answered ({e}); using the CPU");
+                        cpu()
+                    }
+                }
+            } else {
+                cpu()
+            }
+        }
+    };
+    Ok(picked)
+}
+
+fn cpu() -> PickedDevice {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    PickedDevice {
+        device: Device::Cpu,
+        description: format!("cpu ({threads} threads)"),
+    }
+}
+
+/// The GPU's marketing name from `nvidia-smi`, or "NVIDIA GPU" when it cannot be asked.
+pub fn gpu_name(index: usize) -> String {
+    std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=name",
+            "--format=csv,noheader",
+            &format!("--id={index}"),
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "NVIDIA GPU".to_string())
+}
+
+/// Floating-point precisions the binaries accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DTypeChoice {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl FromStr for DTypeChoice {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "f16" | "float16" | "half" => Ok(Self::F16),
+            other => bail!("unknown dtype '{other}': use f32, bf16 or f16"),
+        }
+    }
+}
+
+impl DTypeChoice {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+}
+
+/// Checks that `dtype` is usable on `device`: Candle computes bf16/f16 on the CPU too, but
+/// slowly and only for some ops, so the binaries train in f32 on the CPU and say so.
+pub fn check_dtype(device: &Device, choice: DTypeChoice) -> Result<DType> {
+    if device.is_cpu() && choice != DTypeChoice::F32 {
+        bail!(
+            "--dtype {} is for the GPU: Candle's CPU backend has no fast {} kernels; use --dtype f32 on the CPU",
+            choice.name(),
+            choice.name()
+        );
+    }
+    Ok(choice.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_choices() {
+        assert_eq!("auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
+        assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+        assert_eq!(
+            "cuda".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Cuda(0)
+        );
+        assert_eq!(
+            "cuda:3".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Cuda(3)
+        );
+        let err = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
+        assert!(err.contains("unknown device 'tpu'"), "{err}");
+        assert!("cuda:x".parse::<DeviceChoice>().is_err());
+    }
+
+    #[test]
+    fn parses_dtypes_and_guards_the_cpu() {
+        assert_eq!("bf16".parse::<DTypeChoice>().unwrap(), DTypeChoice::Bf16);
+        assert!("f64x".parse::<DTypeChoice>().is_err());
+        assert!(check_dtype(&Device::Cpu, DTypeChoice::F32).is_ok());
+        assert!(check_dtype(&Device::Cpu, DTypeChoice::Bf16).is_err());
+    }
+
+    #[test]
+    fn auto_picks_cuda_exactly_when_built_with_it_and_a_gpu_answers() {
+        let picked = pick_device(DeviceChoice::Auto).unwrap();
+        if candle_core::utils::cuda_is_available() && Device::new_cuda(0).is_ok() {
+            assert!(picked.device.is_cuda(), "{}", picked.description);
+            assert!(picked.description.starts_with("cuda:0"));
+        } else {
+            assert!(picked.device.is_cpu());
+            assert!(picked.description.starts_with("cpu"));
+            assert!(pick_device(DeviceChoice::Cuda(0)).is_err());
+        }
+    }
+}

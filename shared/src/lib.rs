@@ -1,0 +1,44 @@
+//! # `shared`: the mechanics every topic of Module 08 stands on
+//!
+//! The topic crates (`t0801_self_attention` … `t0810_kv_cache`) teach *ideas*; this crate holds
+//! the plumbing they all need, written once:
+//!
+//! | module | what it gives a topic |
+//! |---|---|
+//! | [`params`] | raw parameters (`(d_out, d_in)` weights, CS336 truncated-normal init), the one [`params::linear`] helper `x·Wᵀ`, parameter counts, safetensors save/load |
+//! | [`device`] | `--device auto\|cpu\|cuda[:N]` and `--dtype f32\|bf16\|f16` |
+//! | [`cli`] | the command-line flags every topic binary shares |
+//! | [`wikitext`] | WikiText-2 found, verified (sha256), decompressed, or downloaded |
+//! | [`tokenizer`] | byte-level BPE trained on WikiText-2 (cached), and the word-level v1 vocabulary |
+//! | [`corpus`] | a small deterministic corpus the project writes itself, for tests on a fresh clone |
+//! | [`batching`] | language-model windows and padded sequence-to-sequence batches |
+//! | [`train`] | AdamW, cosine schedule, gradient clipping, NaN guard, evaluation, checkpoints |
+//! | [`report`] | PNG charts (lines, heatmaps, bars) and the `results.json` of every run |
+
+pub mod batching;
+pub mod cli;
+pub mod corpus;
+pub mod device;
+pub mod params;
+pub mod report;
+pub mod tokenizer;
+pub mod train;
+pub mod wikitext;
+
+pub use params::{linear, linear_with_bias};
+
+/// The workspace root (the folder holding the top-level `Cargo.toml`), resolved at compile time.
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("shared/ lives inside the workspace")
+        .to_path_buf()
+}
+
+/// The project's cache folder: `$MODULE08_CACHE`, else `<workspace>/datasets/cache`.
+pub fn cache_dir() -> std::path::PathBuf {
+    match std::env::var_os("MODULE08_CACHE") {
+        Some(dir) => dir.into(),
+        None => workspace_root().join("datasets").join("cache"),
+    }
+}

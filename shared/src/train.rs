@@ -1,0 +1,552 @@
+//! Training mechanics: AdamW, the cosine schedule with warm-up, global gradient-norm clipping,
+//! a NaN/Inf guard, evaluation, checkpoints and a progress bar.
+//!
+//! The optimiser is written here (a dozen tensor ops) rather than taken from candle-nn so that its
+//! moments can be checkpointed by parameter name and a resumed run continues *exactly*.
+
+use crate::params::named_vars;
+use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use candle_nn::VarMap;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+/// Hyper-parameters of AdamW (Loshchilov & Hutter, 2019).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+/// AdamW over named variables:
+/// `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
+/// `θ ← θ − lr·(m̂ / (√v̂ + ε) + λθ)` with bias-corrected `m̂ = m/(1−β₁ᵗ)`, `v̂ = v/(1−β₂ᵗ)`.
+/// Weight decay applies to matrices only (rank ≥ 2), not to gains and biases.
+pub struct AdamW {
+    pub config: AdamWConfig,
+    vars: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Number of updates taken so far.
+    pub t: u64,
+}
+
+impl AdamW {
+    pub fn new(varmap: &VarMap, config: AdamWConfig) -> Result<Self> {
+        let vars = named_vars(varmap);
+        let zeros = |v: &Var| v.as_tensor().zeros_like();
+        let m = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            config,
+            vars,
+            m,
+            v,
+            t: 0,
+        })
+    }
+
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// One update with learning rate `lr`. Variables without a gradient are left alone.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        let c = self.config;
+        self.t += 1;
+        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        for (i, (_, var)) in self.vars.iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
+            let decay = if var.rank() >= 2 { c.weight_decay } else { 0.0 };
+            let theta = var.as_tensor();
+            let next = ((theta * (1.0 - lr * decay))? - (update * lr)?)?;
+            var.set(&next)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+
+    /// The moments as named tensors (`m.<name>`, `v.<name>`) for checkpoints.
+    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            out.insert(format!("m.{name}"), self.m[i].clone());
+            out.insert(format!("v.{name}"), self.v[i].clone());
+        }
+        out
+    }
+
+    /// Restores moments saved by [`AdamW::state_tensors`].
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, t: u64) -> Result<()> {
+        for (i, (name, var)) in self.vars.iter().enumerate() {
+            for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+                let key = format!("{prefix}.{name}");
+                let saved = state
+                    .get(&key)
+                    .with_context(|| format!("optimizer state has no '{key}'"))?;
+                *slot = saved.to_device(var.device())?.to_dtype(var.dtype())?;
+            }
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+/// Learning rate at `step` (0-based): linear warm-up from 0 to `max_lr` over `warmup` steps,
+/// then a cosine decay to `min_lr` at `total`, and `min_lr` after.
+///
+/// `lr(s) = max_lr · s / warmup` for `s < warmup`;
+/// `lr(s) = min_lr + ½(1 + cos(π·(s − warmup)/(total − warmup)))·(max_lr − min_lr)` for `warmup ≤ s ≤ total`.
+pub fn cosine_lr(step: usize, max_lr: f64, min_lr: f64, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        return max_lr * step as f64 / warmup as f64;
+    }
+    if step >= total {
+        return min_lr;
+    }
+    let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+    min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (max_lr - min_lr)
+}
+
+/// The global L2 norm of all gradients, `‖g‖ = √(Σᵢ Σ gᵢ²)`, computed on the device with a single
+/// host synchronisation.
+pub fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
+    let squares: Vec<Tensor> = vars
+        .iter()
+        .filter_map(|(_, v)| grads.get(v.as_tensor()))
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<_>>()?;
+    if squares.is_empty() {
+        return Ok(0.0);
+    }
+    Ok(Tensor::stack(&squares, 0)?
+        .sum_all()?
+        .to_scalar::<f32>()?
+        .sqrt() as f64)
+}
+
+/// Scales all gradients by `min(1, max_norm / ‖g‖)` and returns the norm *before* clipping.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads, vars)?;
+    if norm.is_finite() && norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for (_, v) in vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                let scaled = (g * scale)?;
+                grads.insert(v.as_tensor(), scaled);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Raised when the loss or the gradient norm stops being finite. Parameters are not updated by the
+/// step that raises it, so the model (and the last checkpoint) are the last good ones.
+#[derive(Debug, Clone)]
+pub struct Diverged {
+    pub step: usize,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "training diverged at step {}: loss {} and gradient norm {} (lr {:.2e}); the step was not \
+             applied, so the parameters and the last checkpoint are the last good ones. Try a lower \
+             learning rate, a longer warm-up or gradient clipping.",
+            self.step, self.loss, self.grad_norm, self.lr
+        )
+    }
+}
+impl std::error::Error for Diverged {}
+
+/// Schedule and clipping settings of a run.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ScheduleConfig {
+    pub max_lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+    /// Clip the global gradient norm to this (None: no clipping).
+    pub clip_norm: Option<f64>,
+}
+
+/// What one optimisation step measured.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct StepStats {
+    pub step: usize,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+/// AdamW + schedule + clipping + NaN guard, stepping one `VarMap`.
+pub struct Trainer {
+    pub opt: AdamW,
+    pub schedule: ScheduleConfig,
+    /// Steps completed.
+    pub step: usize,
+}
+
+impl Trainer {
+    pub fn new(varmap: &VarMap, adamw: AdamWConfig, schedule: ScheduleConfig) -> Result<Self> {
+        Ok(Self {
+            opt: AdamW::new(varmap, adamw)?,
+            schedule,
+            step: 0,
+        })
+    }
+
+    /// The learning rate the next step will use.
+    pub fn lr(&self) -> f64 {
+        let s = &self.schedule;
+        cosine_lr(self.step, s.max_lr, s.min_lr, s.warmup_steps, s.total_steps)
+    }
+
+    /// Back-propagates `loss`, clips, checks for NaN/Inf, and updates the parameters.
+    /// Returns [`Diverged`] (as an `anyhow::Error`) without touching the parameters when the loss
+    /// or the gradient is not finite.
+    pub fn step(&mut self, loss: &Tensor) -> Result<StepStats> {
+        let lr = self.lr();
+        let loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        if !loss_value.is_finite() {
+            bail!(Diverged {
+                step: self.step,
+                loss: loss_value,
+                grad_norm: f64::NAN,
+                lr
+            });
+        }
+        let mut grads = loss.backward()?;
+        let norm = match self.schedule.clip_norm {
+            Some(max) => clip_grad_norm(&mut grads, self.opt.vars(), max)?,
+            None => grad_norm(&grads, self.opt.vars())?,
+        };
+        if !norm.is_finite() {
+            bail!(Diverged {
+                step: self.step,
+                loss: loss_value,
+                grad_norm: norm,
+                lr
+            });
+        }
+        self.opt.step(&grads, lr)?;
+        let stats = StepStats {
+            step: self.step,
+            loss: loss_value,
+            grad_norm: norm,
+            lr,
+        };
+        self.step += 1;
+        Ok(stats)
+    }
+
+    /// Writes a checkpoint folder: `model.safetensors` (parameters by name),
+    /// `optimizer.safetensors` (AdamW moments) and `state.json` (step, config). Each file is
+    /// written to a temporary name and renamed; `state.json` goes last and marks the checkpoint
+    /// complete.
+    pub fn save_checkpoint(
+        &self,
+        varmap: &VarMap,
+        dir: &Path,
+        config: &serde_json::Value,
+    ) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        crate::params::save_params(varmap, &dir.join("model.safetensors"))?;
+        let opt_tmp = dir.join("optimizer.safetensors.tmp");
+        candle_core::safetensors::save(&self.opt.state_tensors(), &opt_tmp)?;
+        std::fs::rename(&opt_tmp, dir.join("optimizer.safetensors"))?;
+        let state = serde_json::json!({ "step": self.step, "adam_t": self.opt.t, "schedule": self.schedule, "config": config });
+        let tmp = dir.join("state.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&state)?)?;
+        std::fs::rename(&tmp, dir.join("state.json"))?;
+        Ok(())
+    }
+
+    /// Restores parameters, optimiser moments and step from [`Trainer::save_checkpoint`]'s folder;
+    /// returns the stored model config for the caller to compare with its own.
+    pub fn load_checkpoint(
+        &mut self,
+        varmap: &mut VarMap,
+        dir: &Path,
+    ) -> Result<serde_json::Value> {
+        let state_path = dir.join("state.json");
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&state_path).with_context(|| {
+                format!("no checkpoint at {} (state.json missing)", dir.display())
+            })?)?;
+        crate::params::load_params(varmap, &dir.join("model.safetensors"))?;
+        let device = self
+            .opt
+            .vars()
+            .first()
+            .map(|(_, v)| v.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        let opt = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)?;
+        let adam_t = state["adam_t"]
+            .as_u64()
+            .context("state.json has no adam_t")?;
+        self.opt.load_state(&opt, adam_t)?;
+        self.step = state["step"].as_u64().context("state.json has no step")? as usize;
+        Ok(state["config"].clone())
+    }
+}
+
+/// Mean of per-batch losses weighted by batch token counts, and its perplexity `exp(loss)`.
+pub fn mean_loss_and_ppl(losses_and_counts: &[(f64, usize)]) -> (f64, f64) {
+    let total: usize = losses_and_counts.iter().map(|(_, n)| n).sum();
+    let loss = losses_and_counts
+        .iter()
+        .map(|(l, n)| l * *n as f64)
+        .sum::<f64>()
+        / total.max(1) as f64;
+    (loss, loss.exp())
+}
+
+/// A progress bar that shows loss, learning rate and throughput. Off a terminal (CI logs, the GPU
+/// host), it prints a plain line every tenth of the run instead.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    label: String,
+    started: std::time::Instant,
+    last_plain: u64,
+}
+
+impl Progress {
+    pub fn new(total: u64, label: &str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(label.to_string());
+            bar
+        });
+        Self {
+            bar,
+            total,
+            label: label.to_string(),
+            started: std::time::Instant::now(),
+            last_plain: 0,
+        }
+    }
+
+    /// Reports position `pos` with a message such as `loss 3.21 · lr 3e-4 · 12.3k tok/s`.
+    pub fn update(&mut self, pos: u64, msg: String) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(pos);
+                bar.set_message(msg);
+            }
+            None => {
+                let tenth = (self.total / 10).max(1);
+                if pos >= self.last_plain + tenth || pos == self.total {
+                    self.last_plain = pos;
+                    eprintln!(
+                        "{:>12} {pos}/{} {msg} [{:.0}s]",
+                        self.label,
+                        self.total,
+                        self.started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+/// Formats a rate such as 12345.6 as `12.3k`.
+pub fn human_rate(x: f64) -> String {
+    match x {
+        x if x >= 1e6 => format!("{:.2}M", x / 1e6),
+        x if x >= 1e3 => format!("{:.1}k", x / 1e3),
+        x => format!("{x:.1}"),
+    }
+}
+
+/// The folder holding a topic's checkpoints.
+pub fn checkpoint_dir(out_dir: &Path, name: &str) -> PathBuf {
+    out_dir.join("checkpoints").join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarBuilder;
+
+    #[test]
+    fn cosine_schedule_matches_closed_form() {
+        let (max, min, w, t) = (1e-3, 1e-4, 10, 110);
+        assert_eq!(cosine_lr(0, max, min, w, t), 0.0);
+        assert!((cosine_lr(5, max, min, w, t) - 5e-4).abs() < 1e-15);
+        assert!((cosine_lr(10, max, min, w, t) - max).abs() < 1e-15);
+        // Halfway through the decay the cosine term is ½(1 + cos(π/2)) = ½.
+        assert!((cosine_lr(60, max, min, w, t) - (min + 0.5 * (max - min))).abs() < 1e-15);
+        assert!((cosine_lr(110, max, min, w, t) - min).abs() < 1e-15);
+        assert_eq!(cosine_lr(500, max, min, w, t), min);
+    }
+
+    fn two_var_problem() -> Result<(VarMap, Tensor)> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+        let a = vb.get_with_hints((2, 3), "a", candle_nn::Init::Const(0.0))?;
+        let b = vb.get_with_hints(4, "b", candle_nn::Init::Const(0.0))?;
+        let va = Var::from_tensor(&a)?;
+        va.set(&Tensor::new(
+            &[[1.0f64, -2.0, 3.0], [0.5, 0.25, -4.0]],
+            &dev,
+        )?)?;
+        let vbv = Var::from_tensor(&b)?;
+        vbv.set(&Tensor::new(&[2.0f64, -1.0, 0.0, 7.0], &dev)?)?;
+        // loss = Σ a³/3 + Σ b²: gradients a², 2b.
+        let loss = ((a.powf(3.0)? / 3.0)?.sum_all()? + b.sqr()?.sum_all()?)?;
+        Ok((varmap, loss))
+    }
+
+    #[test]
+    fn gradient_clipping_matches_f64_computation() -> Result<()> {
+        let (varmap, loss) = two_var_problem()?;
+        let vars = named_vars(&varmap);
+        let mut grads = loss.backward()?;
+        let ga = [1.0f64, 4.0, 9.0, 0.25, 0.0625, 16.0];
+        let gb = [4.0f64, -2.0, 0.0, 14.0];
+        let want = ga.iter().chain(&gb).map(|g| g * g).sum::<f64>().sqrt();
+        let norm = clip_grad_norm(&mut grads, &vars, 1.0)?;
+        assert!((norm - want).abs() < 1e-4 * want, "{norm} vs {want}");
+        let after = grad_norm(&grads, &vars)?;
+        assert!((after - 1.0).abs() < 1e-4, "clipped norm {after}");
+        let b = grads.get(vars[1].1.as_tensor()).unwrap().to_vec1::<f64>()?;
+        assert!((b[3] - 14.0 / want).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn adamw_first_step_is_sign_of_gradient_times_lr() -> Result<()> {
+        let (varmap, loss) = two_var_problem()?;
+        let mut opt = AdamW::new(
+            &varmap,
+            AdamWConfig {
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )?;
+        let before = named_vars(&varmap)[1].1.as_tensor().to_vec1::<f64>()?;
+        opt.step(&loss.backward()?, 0.1)?;
+        let after = named_vars(&varmap)[1].1.as_tensor().to_vec1::<f64>()?;
+        // With bias correction, the first Adam step is lr · g/|g| (ε aside); zero gradient → no move.
+        let want = [before[0] - 0.1, before[1] + 0.1, before[2], before[3] - 0.1];
+        for (a, w) in after.iter().zip(want) {
+            assert!((a - w).abs() < 1e-6, "{after:?} vs {want:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn nan_loss_is_reported_and_parameters_kept() -> Result<()> {
+        let (varmap, _) = two_var_problem()?;
+        let schedule = ScheduleConfig {
+            max_lr: 0.1,
+            min_lr: 0.0,
+            warmup_steps: 0,
+            total_steps: 10,
+            clip_norm: Some(1.0),
+        };
+        let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule)?;
+        let a = named_vars(&varmap)[0].1.as_tensor().clone();
+        let before = a.to_vec2::<f64>()?;
+        let nan_loss = (a.sum_all()? * f64::NAN)?;
+        let err = trainer.step(&nan_loss).unwrap_err();
+        assert!(err.downcast_ref::<Diverged>().is_some(), "{err}");
+        assert!(err.to_string().contains("diverged at step 0"));
+        assert_eq!(
+            named_vars(&varmap)[0].1.as_tensor().to_vec2::<f64>()?,
+            before
+        );
+        assert_eq!(trainer.step, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn checkpoint_round_trip_restores_parameters_moments_and_step() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("ckpt-test-{}", std::process::id()));
+        let (varmap, loss) = two_var_problem()?;
+        let schedule = ScheduleConfig {
+            max_lr: 0.1,
+            min_lr: 0.0,
+            warmup_steps: 1,
+            total_steps: 10,
+            clip_norm: None,
+        };
+        let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule.clone())?;
+        trainer.step(&loss)?;
+        trainer.step(&loss)?;
+        trainer.save_checkpoint(&varmap, &dir, &serde_json::json!({"d": 1}))?;
+        let (mut fresh, _) = two_var_problem()?;
+        let mut resumed = Trainer::new(&fresh, AdamWConfig::default(), schedule)?;
+        let cfg = resumed.load_checkpoint(&mut fresh, &dir)?;
+        assert_eq!(cfg["d"], 1);
+        assert_eq!(resumed.step, 2);
+        assert_eq!(resumed.opt.t, 2);
+        for ((_, a), (_, b)) in named_vars(&varmap).iter().zip(named_vars(&fresh).iter()) {
+            assert_eq!(
+                a.as_tensor().flatten_all()?.to_vec1::<f64>()?,
+                b.as_tensor().flatten_all()?.to_vec1::<f64>()?
+            );
+        }
+        let sa = trainer.opt.state_tensors();
+        let sb = resumed.opt.state_tensors();
+        for (k, v) in sa {
+            assert_eq!(
+                v.flatten_all()?.to_vec1::<f64>()?,
+                sb[&k].flatten_all()?.to_vec1::<f64>()?,
+                "{k}"
+            );
+        }
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,57 @@
+//! Checks that only mean something on a GPU build (`--features cuda` on the GPU host): the
+//! device is picked, and a bf16 matmul on the GPU agrees with the CPU in f32 within bf16's
+//! precision. On a CPU-only build they check the CPU path instead.
+
+use candle_core::{DType, Device, Tensor};
+use shared::device::{pick_device, DeviceChoice};
+
+#[test]
+fn auto_device_is_cuda_on_a_cuda_build_with_a_gpu() {
+    let picked = pick_device(DeviceChoice::Auto).unwrap();
+    println!("picked {}", picked.description);
+    if cfg!(feature = "cuda") && std::env::var_os("MODULE08_EXPECT_GPU").is_some() {
+        assert!(
+            picked.device.is_cuda(),
+            "expected a GPU, got {}",
+            picked.description
+        );
+    }
+}
+
+#[test]
+fn bf16_matmul_on_the_device_matches_cpu_f32() -> candle_core::Result<()> {
+    let picked = pick_device(DeviceChoice::Auto).unwrap();
+    let dev = &picked.device;
+    let (m, k, n) = (192, 256, 128);
+    let a: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    let b: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 104_729 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    let a_cpu = Tensor::from_vec(a, (m, k), &Device::Cpu)?;
+    let b_cpu = Tensor::from_vec(b, (k, n), &Device::Cpu)?;
+    let want = a_cpu
+        .to_dtype(DType::F64)?
+        .matmul(&b_cpu.to_dtype(DType::F64)?)?;
+    let dtype = if dev.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let got = a_cpu
+        .to_device(dev)?
+        .to_dtype(dtype)?
+        .matmul(&b_cpu.to_device(dev)?.to_dtype(dtype)?)?;
+    let got = got.to_dtype(DType::F64)?.to_device(&Device::Cpu)?;
+    let rel = ((&got - &want)?.sqr()?.sum_all()?.sqrt()? / want.sqr()?.sum_all()?.sqrt()?)?
+        .to_scalar::<f64>()?;
+    println!(
+        "{} {dtype:?} matmul relative error vs f64: {rel:.2e}",
+        picked.description
+    );
+    let tol = if dtype == DType::BF16 { 1e-2 } else { 1e-6 };
+    assert!(rel < tol, "relative error {rel}");
+    assert!(rel > 0.0 || dtype == DType::F32);
+    Ok(())
+}
