@@ -550,3 +550,46 @@ mod tests {
         Ok(())
     }
 }
+
+/// Mean cross-entropy of `logits (…, vocab)` against `targets (…)` (`u32`), written from
+/// differentiable primitives and computed in f32 whatever the logits' dtype:
+/// `ℓ = logsumexp(z) − z_target`, with `logsumexp(z) = max z + log Σ exp(z − max z)`.
+/// `mask (…)` (`u8`, 1 = counts) averages over real tokens only (padding gets no loss).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let vocab = logits.dim(candle_core::D::Minus1)?;
+    let logits = logits.to_dtype(DType::F32)?.reshape(((), vocab))?; // (n, vocab)
+    let targets = targets.flatten_all()?.to_dtype(DType::U32)?; // (n,)
+    let max = logits.max_keepdim(1)?.detach();
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max)?; // (n, 1)
+    let picked = logits.gather(&targets.unsqueeze(1)?, 1)?; // (n, 1)
+    let nll = (lse - picked)?.squeeze(1)?; // (n,)
+    match mask {
+        None => nll.mean_all(),
+        Some(m) => {
+            let m = m.flatten_all()?.to_dtype(DType::F32)?;
+            (nll * &m)?.sum_all()?.broadcast_div(&m.sum_all()?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod cross_entropy_tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn cross_entropy_matches_candle_nn_and_respects_mask() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let logits = Tensor::randn(0f32, 3.0, (2, 5, 11), &dev)?;
+        let targets = Tensor::new(&[[1u32, 2, 3, 4, 10], [0, 0, 5, 6, 7]], &dev)?;
+        let ours = cross_entropy(&logits, &targets, None)?.to_scalar::<f32>()?;
+        let reference = candle_nn::loss::cross_entropy(&logits.reshape((10, 11))?, &targets.flatten_all()?)?.to_scalar::<f32>()?;
+        assert!((ours - reference).abs() < 1e-5 * reference.abs().max(1.0), "{ours} vs {reference}");
+        // Masking out the second row equals the loss over the first row alone.
+        let mask = Tensor::new(&[[1u8, 1, 1, 1, 1], [0, 0, 0, 0, 0]], &dev)?;
+        let masked = cross_entropy(&logits, &targets, Some(&mask))?.to_scalar::<f32>()?;
+        let first = cross_entropy(&logits.narrow(0, 0, 1)?, &targets.narrow(0, 0, 1)?, None)?.to_scalar::<f32>()?;
+        assert!((masked - first).abs() < 1e-5, "{masked} vs {first}");
+        Ok(())
+    }
+}

@@ -1,0 +1,209 @@
+//! LayerNorm, the feed-forward network, and the encoder and decoder blocks.
+
+use candle_core::{bail, DType, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use shared::params::{expect_last_dim, ones, weight, zeros};
+use t0802_multi_head_attention::{MhaConfig, MultiHeadAttention};
+
+/// A sub-layer that maps `(batch, seq, d_model)` to the same shape (norms, feed-forwards).
+pub trait Layer: Send + Sync {
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// Layer normalisation (Ba et al., 2016), from scratch:
+/// `LN(x) = (x − μ) / √(σ² + ε) ⊙ g + b`, with `μ`, `σ²` the mean and (biased) variance over the
+/// last dimension. Computed in (at least) f32 and cast back. Parameters: `weight` (g, ones), `bias` (b, zeros).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub gain: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, d_model: usize, eps: f64) -> Result<Self> {
+        Ok(Self { gain: ones(&vb, d_model, "weight")?, bias: zeros(&vb, d_model, "bias")?, eps })
+    }
+
+    pub fn from_weights(gain: Tensor, bias: Tensor, eps: f64) -> Result<Self> {
+        if gain.dims() != bias.dims() || gain.rank() != 1 {
+            bail!("LayerNorm: gain {:?} and bias {:?} must be equal 1-D shapes", gain.dims(), bias.dims());
+        }
+        Ok(Self { gain, bias, eps })
+    }
+}
+
+impl Layer for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        expect_last_dim(x, self.gain.dims()[0], "LayerNorm input")?;
+        let dtype = x.dtype();
+        let compute = if dtype == DType::F64 { DType::F64 } else { DType::F32 }; // never below f32
+        let x = x.to_dtype(compute)?;
+        let mean = x.mean_keepdim(D::Minus1)?; // (…, 1)
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?; // (…, 1)
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let g = self.gain.to_dtype(compute)?;
+        let b = self.bias.to_dtype(compute)?;
+        normed.broadcast_mul(&g)?.broadcast_add(&b)?.to_dtype(dtype)
+    }
+}
+
+/// The non-linearity of the feed-forward network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Activation {
+    /// `max(0, x)` (Vaswani et al.)
+    Relu,
+    /// `x·Φ(x)` in GPT-2's tanh approximation
+    Gelu,
+}
+
+impl Activation {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Relu => x.relu(),
+            Activation::Gelu => x.gelu(),
+        }
+    }
+}
+
+/// Position-wise feed-forward network, expand → activate → project:
+/// `FFN(x) = act(x·W₁ᵀ + b₁)·W₂ᵀ + b₂`, `W₁: (d_ff, d_model)`, `W₂: (d_model, d_ff)`.
+/// Parameters: `w1`, `w2` (and `b1`, `b2` with biases).
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    pub w1: Tensor,
+    pub w2: Tensor,
+    pub biases: Option<(Tensor, Tensor)>,
+    pub activation: Activation,
+}
+
+impl FeedForward {
+    pub fn new(vb: VarBuilder, d_model: usize, d_ff: usize, activation: Activation, bias: bool) -> Result<Self> {
+        let biases = if bias { Some((zeros(&vb, d_ff, "b1")?, zeros(&vb, d_model, "b2")?)) } else { None };
+        Ok(Self { w1: weight(&vb, d_ff, d_model, "w1")?, w2: weight(&vb, d_model, d_ff, "w2")?, biases, activation })
+    }
+
+    pub fn from_weights(w1: Tensor, w2: Tensor, biases: Option<(Tensor, Tensor)>, activation: Activation) -> Result<Self> {
+        let (d_ff, d_model) = w1.dims2()?;
+        if w2.dims2()? != (d_model, d_ff) {
+            bail!("FeedForward: W1 {:?} and W2 {:?} do not match (expected W2 ({d_model}, {d_ff}))", w1.dims(), w2.dims());
+        }
+        Ok(Self { w1, w2, biases, activation })
+    }
+}
+
+impl Layer for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let hidden = match &self.biases {
+            Some((b1, _)) => shared::linear_with_bias(x, &self.w1, b1)?,
+            None => shared::linear(x, &self.w1)?,
+        }; // (batch, seq, d_ff)
+        let hidden = self.activation.apply(&hidden)?;
+        match &self.biases {
+            Some((_, b2)) => shared::linear_with_bias(&hidden, &self.w2, b2),
+            None => shared::linear(&hidden, &self.w2),
+        }
+    }
+}
+
+/// Where the norm sits relative to the residual connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum NormPlacement {
+    /// `x + f(LN(x))` — GPT-2, LLaMA; needs a final norm after the last block.
+    Pre,
+    /// `LN(x + f(x))` — the original Transformer.
+    Post,
+}
+
+/// One residual sub-layer: `x + f(norm(x))` (pre) or `norm(x + f(x))` (post).
+pub fn residual(x: &Tensor, norm: &dyn Layer, placement: NormPlacement, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    match placement {
+        NormPlacement::Pre => x + f(&norm.forward(x)?)?,
+        NormPlacement::Post => norm.forward(&(x + f(x)?)?),
+    }
+}
+
+/// Sizes shared by the encoder and decoder blocks.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BlockConfig {
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub d_ff: usize,
+    pub activation: Activation,
+    pub placement: NormPlacement,
+    pub bias: bool,
+    pub eps: f64,
+}
+
+impl BlockConfig {
+    pub fn mha(&self) -> MhaConfig {
+        MhaConfig { d_model: self.d_model, n_heads: self.n_heads, bias: self.bias }
+    }
+}
+
+/// Encoder block: bidirectional self-attention + FFN, each in a residual sub-layer.
+/// Parameters: `self_attn.*`, `ln1.*`, `ffn.*`, `ln2.*`.
+#[derive(Debug, Clone)]
+pub struct EncoderBlock {
+    pub self_attn: MultiHeadAttention,
+    pub ln1: LayerNorm,
+    pub ffn: FeedForward,
+    pub ln2: LayerNorm,
+    pub placement: NormPlacement,
+}
+
+impl EncoderBlock {
+    pub fn new(vb: VarBuilder, cfg: &BlockConfig) -> Result<Self> {
+        Ok(Self {
+            self_attn: MultiHeadAttention::new(vb.pp("self_attn"), cfg.mha())?,
+            ln1: LayerNorm::new(vb.pp("ln1"), cfg.d_model, cfg.eps)?,
+            ffn: FeedForward::new(vb.pp("ffn"), cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias)?,
+            ln2: LayerNorm::new(vb.pp("ln2"), cfg.d_model, cfg.eps)?,
+            placement: cfg.placement,
+        })
+    }
+
+    /// `x (batch, src, d_model)`; `src_mask` (`u8`, broadcastable to `(batch, heads, src, src)`,
+    /// typically [`t0801_self_attention::key_padding_mask`]) hides padding keys.
+    pub fn forward(&self, x: &Tensor, src_mask: Option<&Tensor>) -> Result<Tensor> {
+        let h = residual(x, &self.ln1, self.placement, |y| Ok(self.self_attn.forward(y, src_mask)?.output))?;
+        residual(&h, &self.ln2, self.placement, |y| self.ffn.forward(y))
+    }
+}
+
+/// Decoder block: causal self-attention, cross-attention to the encoder output, FFN.
+/// Parameters: `self_attn.*`, `ln1.*`, `cross_attn.*`, `ln2.*`, `ffn.*`, `ln3.*`.
+#[derive(Debug, Clone)]
+pub struct DecoderBlock {
+    pub self_attn: MultiHeadAttention,
+    pub ln1: LayerNorm,
+    pub cross_attn: MultiHeadAttention,
+    pub ln2: LayerNorm,
+    pub ffn: FeedForward,
+    pub ln3: LayerNorm,
+    pub placement: NormPlacement,
+}
+
+impl DecoderBlock {
+    pub fn new(vb: VarBuilder, cfg: &BlockConfig) -> Result<Self> {
+        Ok(Self {
+            self_attn: MultiHeadAttention::new(vb.pp("self_attn"), cfg.mha())?,
+            ln1: LayerNorm::new(vb.pp("ln1"), cfg.d_model, cfg.eps)?,
+            cross_attn: MultiHeadAttention::new(vb.pp("cross_attn"), cfg.mha())?,
+            ln2: LayerNorm::new(vb.pp("ln2"), cfg.d_model, cfg.eps)?,
+            ffn: FeedForward::new(vb.pp("ffn"), cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias)?,
+            ln3: LayerNorm::new(vb.pp("ln3"), cfg.d_model, cfg.eps)?,
+            placement: cfg.placement,
+        })
+    }
+
+    /// `x (batch, tgt, d_model)`, `memory (batch, src, d_model)` (the encoder output).
+    /// `self_mask`: causal (and target padding) mask for `(batch, heads, tgt, tgt)`;
+    /// `memory_mask`: source padding mask for `(batch, heads, tgt, src)`.
+    pub fn forward(&self, x: &Tensor, memory: &Tensor, self_mask: Option<&Tensor>, memory_mask: Option<&Tensor>) -> Result<Tensor> {
+        let h = residual(x, &self.ln1, self.placement, |y| Ok(self.self_attn.forward(y, self_mask)?.output))?;
+        let h = residual(&h, &self.ln2, self.placement, |y| Ok(self.cross_attn.forward_cross(y, memory, memory_mask, None)?.output))?;
+        residual(&h, &self.ln3, self.placement, |y| self.ffn.forward(y))
+    }
+}
