@@ -593,3 +593,118 @@ mod cross_entropy_tests {
         Ok(())
     }
 }
+
+/// What [`train_lm`] runs: steps, batch shape, evaluation cadence.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LmTrainSpec {
+    pub label: String,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub eval_every: usize,
+    pub eval_batches: usize,
+    pub seed: u64,
+}
+
+/// The record of one language-model training run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LmCurve {
+    /// `(step, training loss, gradient norm, wall seconds)` for every step.
+    pub train: Vec<(usize, f64, f64, f64)>,
+    /// `(step, validation loss, wall seconds)` at each evaluation.
+    pub valid: Vec<(usize, f64, f64)>,
+    /// Step at which the loss or gradient stopped being finite, if it did.
+    pub diverged_at: Option<usize>,
+    /// Training tokens per second (forward + backward + update; evaluation excluded).
+    pub tokens_per_s: f64,
+    pub wall_s: f64,
+}
+
+impl LmCurve {
+    pub fn final_valid_loss(&self) -> Option<f64> {
+        self.valid.last().map(|v| v.1)
+    }
+}
+
+/// Mean loss of `loss_fn` over evaluation windows of `tokens` (no gradient is kept).
+pub fn evaluate_lm(
+    tokens: &[u32],
+    batch_size: usize,
+    seq_len: usize,
+    max_batches: usize,
+    device: &candle_core::Device,
+    loss_fn: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> Result<f64> {
+    let batches = crate::batching::eval_batches(tokens, batch_size, seq_len, max_batches, device)?;
+    let mut parts = Vec::new();
+    for b in &batches {
+        let loss = loss_fn(&b.x, &b.y)?.detach().to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        parts.push((loss, b.x.elem_count()));
+    }
+    Ok(mean_loss_and_ppl(&parts).0)
+}
+
+/// Trains a language model for `spec.steps` steps on random windows of `train_tokens`, evaluating
+/// on `valid_tokens` every `eval_every` steps, with a progress bar. A divergence (NaN/Inf) ends
+/// the run early and is recorded in the curve rather than raised: experiments compare it.
+pub fn train_lm(
+    trainer: &mut Trainer,
+    train_tokens: &[u32],
+    valid_tokens: &[u32],
+    spec: &LmTrainSpec,
+    device: &candle_core::Device,
+    loss_fn: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> Result<LmCurve> {
+    let batcher = crate::batching::LmBatcher::new(spec.batch_size, spec.seq_len, spec.seed);
+    let mut curve = LmCurve::default();
+    let started = std::time::Instant::now();
+    let mut train_time = 0.0;
+    let mut progress = Progress::new(spec.steps as u64, &spec.label);
+    let tokens_per_step = (spec.batch_size * spec.seq_len) as f64;
+    for step in 0..spec.steps {
+        if step % spec.eval_every == 0 {
+            let v = evaluate_lm(valid_tokens, spec.batch_size, spec.seq_len, spec.eval_batches, device, loss_fn)?;
+            curve.valid.push((step, v, started.elapsed().as_secs_f64()));
+        }
+        let t0 = std::time::Instant::now();
+        let batch = batcher.batch(train_tokens, step as u64, device)?;
+        let loss = loss_fn(&batch.x, &batch.y)?;
+        match trainer.step(&loss) {
+            Ok(stats) => {
+                train_time += t0.elapsed().as_secs_f64();
+                curve.train.push((step, stats.loss, stats.grad_norm, started.elapsed().as_secs_f64()));
+                let rate = tokens_per_step * (step + 1) as f64 / train_time.max(1e-9);
+                progress.update(
+                    step as u64 + 1,
+                    format!("loss {:.3} · lr {:.1e} · {} tok/s", stats.loss, stats.lr, human_rate(rate)),
+                );
+            }
+            Err(e) if e.downcast_ref::<Diverged>().is_some() => {
+                progress.finish();
+                eprintln!("{}: {e}", spec.label);
+                curve.diverged_at = Some(step);
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    progress.finish();
+    if curve.diverged_at.is_none() {
+        let v = evaluate_lm(valid_tokens, spec.batch_size, spec.seq_len, spec.eval_batches, device, loss_fn)?;
+        curve.valid.push((spec.steps, v, started.elapsed().as_secs_f64()));
+    }
+    curve.tokens_per_s = tokens_per_step * curve.train.len() as f64 / train_time.max(1e-9);
+    curve.wall_s = started.elapsed().as_secs_f64();
+    Ok(curve)
+}
+
+/// The unigram entropy (nats/token) of a token stream: the loss of the best model that ignores
+/// context. A language model must go well below it to have learned anything from context.
+pub fn unigram_entropy(tokens: &[u32]) -> f64 {
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for &t in tokens {
+        *counts.entry(t).or_default() += 1;
+    }
+    let n = tokens.len() as f64;
+    counts.values().map(|&c| c as f64 / n).map(|p| -p * p.ln()).sum()
+}
