@@ -1,0 +1,188 @@
+//! # 8-09 · FlashAttention: exact attention without the `n × n` matrix
+//!
+//! Standard attention (8-01) computes, per batch element and head,
+//!
+//! ```text
+//! S = Q·Kᵀ·s   (n_q, n_k)      P = softmax(S) (n_q, n_k)      O = P·V   (n_q, d)
+//! ```
+//!
+//! with `s = 1/√d` the softmax scale. `S` and `P` have `n²` entries: at `n = 16384` they are
+//! 1 GiB *per head* in f32, written to and read back from device memory (HBM) several times.
+//! The arithmetic is cheap next to that traffic; attention is **memory-bound** because of a
+//! matrix nobody needs to keep.
+//!
+//! ## Tiling and the online softmax
+//! Split the keys into blocks `K₁, K₂, …` (and values `V₁, V₂, …`). For one query row keep three
+//! running quantities: the maximum score seen so far `m`, the sum of exponentials relative to it
+//! `ℓ`, and an unnormalised output `õ`. After block `j` with scores `sⱼ`:
+//!
+//! ```text
+//! m'  = max(m, max sⱼ)
+//! ℓ'  = e^{m − m'}·ℓ + Σ e^{sⱼ − m'}
+//! õ'  = e^{m − m'}·õ + Σ e^{sⱼ − m'}·vⱼ
+//! ```
+//!
+//! At the end `o = õ/ℓ` and the log-sum-exp of the row is `L = m + ln ℓ`. The factor
+//! `e^{m − m'}` *rescales* what was accumulated against the old maximum, so the result is exact
+//! (not an approximation) while only one block of scores exists at any time. The same holds for
+//! a block of query rows at once: every quantity becomes a column vector.
+//!
+//! This crate has the algorithm three times:
+//! - [`flash_attention_tensor_ops`]: the tiled loop written with Candle tensor ops, to read;
+//! - [`FlashAttention`]: a Candle `CustomOp3` whose CPU forward is the tiled loop in plain Rust
+//!   ([`cpu`]) and whose CUDA forward launches our kernel (`kernels/flash_attn.cu`), with a
+//!   backward ([`FlashAttentionBackward`]) on both;
+//! - [`flash_attention`]: the public, differentiable entry point with its checks.
+//!
+//! ## The backward pass (FlashAttention-2)
+//! With `L` saved, `P = exp(S − L)` is recomputed tile by tile instead of stored. With
+//! `dO = ∂ℓ/∂O` and `D = rowsum(dO ∘ O)`:
+//!
+//! ```text
+//! dV = Pᵀ·dO      dP = dO·Vᵀ      dS = P ∘ (dP − D)      dQ = dS·K·s      dK = dSᵀ·Q·s
+//! ```
+//!
+//! (`D` replaces `rowsum(P ∘ dP)`: they are equal because `O = P·V`.)
+//!
+//! ## Causal masking
+//! Query `i` may attend key `j` iff `j ≤ i + (n_k − n_q)`: the mask is aligned to the *end* of the
+//! key sequence, like [`t0801_self_attention::causal_mask`], so the last query sees every key.
+//! Causal attention needs `n_q ≤ n_k`. Whole tiles above the diagonal are skipped.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod op;
+pub mod tiled;
+
+use candle_core::{bail, DType, Result, Tensor};
+
+pub use op::{FlashAttention, FlashAttentionBackward};
+pub use tiled::flash_attention_tensor_ops;
+
+/// The usual softmax scale `1/√d_head`.
+pub fn default_softmax_scale(d_head: usize) -> f64 {
+    1.0 / (d_head as f64).sqrt()
+}
+
+/// FlashAttention forward, differentiable: `softmax(Q·Kᵀ·softmax_scale [causal])·V`.
+///
+/// Shapes: `q (batch, heads, n_q, d)`, `k (batch, heads, n_k, d)`, `v (batch, heads, n_k, d_v)`
+/// → `(batch, heads, n_q, d_v)`. All three on one device, of one dtype: f32, f16, bf16 (f64 on
+/// the CPU). On CUDA: `d = d_v ≤ 128`; the tensor-core kernel runs for bf16/f16 with `d` 64 or
+/// 128, every other case on a simpler fp32-FMA kernel. Inputs are made contiguous here.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f64, causal: bool) -> Result<Tensor> {
+    Ok(flash_attention_with_lse(q, k, v, softmax_scale, causal)?.0)
+}
+
+/// [`flash_attention`] that also returns the row log-sum-exp `L (batch, heads, n_q)`
+/// (`L = ln Σⱼ exp(sᵢⱼ)` over the keys query `i` may attend, in f32, f64 for f64 inputs).
+/// `L` is detached: gradients flow through the output only.
+pub fn flash_attention_with_lse(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f64, causal: bool) -> Result<(Tensor, Tensor)> {
+    check_inputs(q, k, v, softmax_scale, causal)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let op = FlashAttention::new(softmax_scale, causal);
+    let lse_slot = op.lse_slot();
+    let out = q.apply_op3(&k, &v, op)?;
+    let lse = lse_slot.lock().expect("lse slot").clone();
+    match lse {
+        Some(lse) => Ok((out, lse)),
+        None => bail!("flash_attention: the forward did not record its log-sum-exp"),
+    }
+}
+
+/// Checks shapes, dtypes and devices at the public boundary, with messages naming the values.
+pub fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f64, causal: bool) -> Result<()> {
+    let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
+    if qd.len() != 4 || kd.len() != 4 || vd.len() != 4 {
+        bail!("flash_attention: q {qd:?}, k {kd:?}, v {vd:?} must all be 4-D (batch, heads, seq, d_head)");
+    }
+    if qd[..2] != kd[..2] || kd[..2] != vd[..2] {
+        bail!("flash_attention: (batch, heads) differ: q {qd:?}, k {kd:?}, v {vd:?}");
+    }
+    if qd[3] != kd[3] {
+        bail!("flash_attention: query width {} ≠ key width {} (q {qd:?}, k {kd:?})", qd[3], kd[3]);
+    }
+    if kd[2] != vd[2] {
+        bail!("flash_attention: {} keys but {} values (k {kd:?}, v {vd:?})", kd[2], vd[2]);
+    }
+    if qd.iter().chain(kd).chain(vd).any(|&n| n == 0) {
+        bail!("flash_attention: empty dimension in q {qd:?}, k {kd:?}, v {vd:?}");
+    }
+    if causal && qd[2] > kd[2] {
+        bail!("flash_attention: causal attention needs n_q ≤ n_k, got n_q = {} > n_k = {}", qd[2], kd[2]);
+    }
+    if !softmax_scale.is_finite() || softmax_scale <= 0.0 {
+        bail!("flash_attention: softmax_scale must be finite and > 0, got {softmax_scale}");
+    }
+    let dt = q.dtype();
+    if k.dtype() != dt || v.dtype() != dt {
+        bail!("flash_attention: dtypes differ: q {:?}, k {:?}, v {:?}", dt, k.dtype(), v.dtype());
+    }
+    if !matches!(dt, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
+        bail!("flash_attention: dtype {dt:?} not supported (use f32, f16, bf16, or f64 on the CPU)");
+    }
+    let dev = q.device();
+    if !k.device().same_device(dev) || !v.device().same_device(dev) {
+        bail!("flash_attention: q, k, v are on different devices ({:?}, {:?}, {:?})", dev.location(), k.device().location(), v.device().location());
+    }
+    if dev.is_cuda() {
+        if dt == DType::F64 {
+            bail!("flash_attention: f64 is CPU-only; on CUDA use f32, f16 or bf16");
+        }
+        if qd[3] != vd[3] || qd[3] > 128 {
+            bail!("flash_attention on CUDA needs d_head = d_v ≤ 128, got d_head {} and d_v {}", qd[3], vd[3]);
+        }
+    } else if !dev.is_cpu() {
+        bail!("flash_attention: device {:?} not supported (CPU or CUDA)", dev.location());
+    }
+    Ok(())
+}
+
+/// The naive path of 8-01 with an arbitrary scale and an optional end-aligned causal mask:
+/// `softmax(Q·Kᵀ·scale)·V`, materialising the `(…, n_q, n_k)` matrices. `q` is pre-multiplied by
+/// `scale·√d` because t0801 divides by `√d` itself.
+pub fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f64, causal: bool) -> Result<Tensor> {
+    let d = q.dim(candle_core::D::Minus1)?;
+    let q = (q * (softmax_scale * (d as f64).sqrt()))?;
+    let mask = if causal {
+        let (n_q, n_k) = (q.dim(candle_core::D::Minus2)?, k.dim(candle_core::D::Minus2)?);
+        Some(t0801_self_attention::causal_mask(n_q, n_k, q.device())?)
+    } else {
+        None
+    };
+    Ok(t0801_self_attention::scaled_dot_product_attention(&q, k, v, mask.as_ref())?.output)
+}
+
+/// 8-02's multi-head self-attention layer with FlashAttention in place of the naive attention:
+/// the same projections, heads and output projection, `x (batch, seq, d_model)` →
+/// `(batch, seq, d_model)`, without the `(batch, heads, seq, seq)` weights.
+pub fn mha_flash_forward(mha: &t0802_multi_head_attention::MultiHeadAttention, x: &Tensor, causal: bool) -> Result<Tensor> {
+    shared::params::expect_last_dim(x, mha.cfg.d_model, "mha_flash_forward input")?;
+    let proj = |w: &Tensor, i: usize| match &mha.biases {
+        Some(b) => shared::linear_with_bias(x, w, &b[i]),
+        None => shared::linear(x, w),
+    };
+    let q = mha.split_heads(&proj(&mha.w_q, 0)?)?; // (batch, heads, seq, d_head)
+    let k = mha.split_heads(&proj(&mha.w_k, 1)?)?;
+    let v = mha.split_heads(&proj(&mha.w_v, 2)?)?;
+    let scale = default_softmax_scale(mha.cfg.d_head()?);
+    let heads = flash_attention(&q, &k, &v, scale, causal)?; // (batch, heads, seq, d_head)
+    let concat = t0802_multi_head_attention::MultiHeadAttention::merge_heads(&heads)?;
+    match &mha.biases {
+        Some(b) => shared::linear_with_bias(&concat, &mha.w_o, &b[3]),
+        None => shared::linear(&concat, &mha.w_o),
+    }
+}
+
+/// Forward FLOPs of attention as benchmarks count them: `4·batch·heads·n_q·n_k·d` (two matmuls),
+/// halved when causal. The backward is counted as 2.5× the forward (five matmuls instead of
+/// two).
+pub fn attention_fwd_flops(batch_heads: usize, n_q: usize, n_k: usize, d: usize, causal: bool) -> f64 {
+    let f = 4.0 * batch_heads as f64 * n_q as f64 * n_k as f64 * d as f64;
+    if causal {
+        f / 2.0
+    } else {
+        f
+    }
+}

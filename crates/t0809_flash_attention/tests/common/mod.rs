@@ -1,0 +1,183 @@
+//! Helpers shared by the test files: seeded random tensors, a float64 reference with the
+//! log-sum-exp, error measures, and the GPU probe.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// A small seeded generator (splitmix64 + Box–Muller), so every test draws the same inputs.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(f64::MIN_POSITIVE);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.uniform() * n as f64) as usize % n
+    }
+    /// A standard-normal tensor of `shape` (f64 on the CPU), times `std`.
+    pub fn tensor(&mut self, shape: &[usize], std: f64) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f64> = (0..n).map(|_| self.normal() * std).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu)
+    }
+}
+
+/// `(q, k, v)` in f64 on the CPU, drawn from `rng`.
+pub fn qkv(
+    rng: &mut Rng,
+    b: usize,
+    h: usize,
+    n_q: usize,
+    n_k: usize,
+    d: usize,
+    d_v: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    Ok((
+        rng.tensor(&[b, h, n_q, d], 1.0)?,
+        rng.tensor(&[b, h, n_k, d], 1.0)?,
+        rng.tensor(&[b, h, n_k, d_v], 1.0)?,
+    ))
+}
+
+/// Float64 triple-loop attention with an arbitrary scale and end-aligned causal mask: returns
+/// the output `(b, h, n_q, d_v)` and the row log-sum-exp `(b, h, n_q)` as flat vectors.
+pub fn reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (b, h, n_q, d) = q.dims4()?;
+    let (n_k, d_v) = (k.dim(2)?, v.dim(3)?);
+    let f = |t: &Tensor| -> Result<Vec<f64>> {
+        t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+    };
+    let (q, k, v) = (f(q)?, f(k)?, f(v)?);
+    let offset = n_k.saturating_sub(n_q);
+    let (mut out, mut lse) = (vec![0.0; b * h * n_q * d_v], vec![0.0; b * h * n_q]);
+    for bh in 0..b * h {
+        for i in 0..n_q {
+            let qi = &q[(bh * n_q + i) * d..][..d];
+            let s: Vec<f64> = (0..n_k)
+                .map(|j| {
+                    if causal && j > i + offset {
+                        f64::NEG_INFINITY
+                    } else {
+                        scale
+                            * qi.iter()
+                                .zip(&k[(bh * n_k + j) * d..][..d])
+                                .map(|(a, b)| a * b)
+                                .sum::<f64>()
+                    }
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+            lse[bh * n_q + i] = m + z.ln();
+            for j in 0..n_k {
+                let p = (s[j] - m).exp() / z;
+                for c in 0..d_v {
+                    out[(bh * n_q + i) * d_v + c] += p * v[(bh * n_k + j) * d_v + c];
+                }
+            }
+        }
+    }
+    Ok((out, lse))
+}
+
+pub fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
+    t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()
+}
+
+/// Largest `|a − b| / (1 + |b|)` over all elements (NaN counts as infinitely wrong).
+pub fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.is_finite() {
+                (x - y).abs() / (1.0 + y.abs())
+            } else {
+                f64::INFINITY
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Largest `|a − b|` (NaN counts as infinitely wrong).
+pub fn max_abs(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.is_finite() {
+                (x - y).abs()
+            } else {
+                f64::INFINITY
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+/// `‖a − b‖ / ‖b‖`.
+pub fn rel_norm(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.is_finite() {
+                (x - y).powi(2)
+            } else {
+                f64::INFINITY
+            }
+        })
+        .sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// The CUDA device when this build has CUDA and a GPU answers; otherwise prints why the GPU
+/// test is skipped and returns `None`. With `MODULE08_EXPECT_GPU` set (the GPU host's runner),
+/// a missing GPU is an error instead of a skip.
+pub fn gpu(test: &str) -> Option<Device> {
+    let expect = std::env::var_os("MODULE08_EXPECT_GPU").is_some();
+    if !candle_core::utils::cuda_is_available() {
+        assert!(
+            !expect,
+            "{test}: MODULE08_EXPECT_GPU is set but this build has no CUDA"
+        );
+        println!("note: {test} skipped: built without the `cuda` feature");
+        return None;
+    }
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(
+                !expect,
+                "{test}: MODULE08_EXPECT_GPU is set but no GPU opened: {e}"
+            );
+            println!("note: {test} skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
