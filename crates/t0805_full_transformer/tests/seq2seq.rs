@@ -1,0 +1,174 @@
+//! Masks, causality, learning and resuming of the encoder–decoder (and the LSTM baseline).
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use shared::batching::{seq2seq_batch, Seq2SeqExample};
+use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
+use t0804_transformer_block::NormPlacement;
+use t0805_full_transformer::lstm::{LstmConfig, LstmSeq2Seq};
+use t0805_full_transformer::task::{batch_for_step, continuation_pairs};
+use t0805_full_transformer::*;
+
+const PAD: u32 = 0;
+const BOS: u32 = 1;
+
+fn small(placement: NormPlacement) -> TransformerConfig {
+    TransformerConfig { vocab_size: 40, max_len: 12, d_model: 16, n_heads: 2, d_ff: 32, n_encoder_layers: 2, n_decoder_layers: 2, placement }
+}
+
+fn model(placement: NormPlacement) -> Result<(VarMap, Transformer)> {
+    let varmap = VarMap::new();
+    let m = Transformer::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), small(placement))?;
+    Ok((varmap, m))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
+#[test]
+fn encoder_output_ignores_padding_content() -> anyhow::Result<()> {
+    let (_, m) = model(NormPlacement::Pre)?;
+    let ex = |pad_token: u32| vec![
+        Seq2SeqExample { src: vec![5, 6, 7, 8, 9], tgt: vec![3] },
+        Seq2SeqExample { src: vec![10, 11], tgt: vec![3] },
+    ]
+    .into_iter()
+    .map(|e| (e, pad_token))
+    .collect::<Vec<_>>();
+    let a = seq2seq_batch(&ex(PAD).into_iter().map(|x| x.0).collect::<Vec<_>>(), PAD, BOS, &Device::Cpu)?;
+    let mem_a = m.encode(&a.src, &a.src_mask)?;
+    // Same batch with different garbage in the padding slots.
+    let src_b = Tensor::new(&[[5u32, 6, 7, 8, 9], [10, 11, 33, 34, 35]], &Device::Cpu)?;
+    let mem_b = m.encode(&src_b, &a.src_mask)?;
+    assert!(max_abs_diff(&mem_a.narrow(1, 0, 2)?, &mem_b.narrow(1, 0, 2)?)? < 1e-6);
+    // …and the decoder's logits (cross-attention sees only real positions) are identical.
+    let la = m.decode(&a.tgt_in, &a.tgt_mask, &mem_a, &a.src_mask)?;
+    let lb = m.decode(&a.tgt_in, &a.tgt_mask, &mem_b, &a.src_mask)?;
+    assert!(max_abs_diff(&la, &lb)? < 1e-5);
+    // Whereas changing a real source token does change them.
+    let src_c = Tensor::new(&[[5u32, 6, 7, 8, 9], [10, 12, 0, 0, 0]], &Device::Cpu)?;
+    let lc = m.decode(&a.tgt_in, &a.tgt_mask, &m.encode(&src_c, &a.src_mask)?, &a.src_mask)?;
+    assert!(max_abs_diff(&la, &lc)? > 1e-4);
+    Ok(())
+}
+
+#[test]
+fn decoder_logits_at_t_ignore_later_target_tokens() -> anyhow::Result<()> {
+    for placement in [NormPlacement::Pre, NormPlacement::Post] {
+        let (_, m) = model(placement)?;
+        let mk = |tgt: Vec<u32>| seq2seq_batch(&[Seq2SeqExample { src: vec![4, 5, 6], tgt }], PAD, BOS, &Device::Cpu);
+        let a = m.forward(&mk(vec![7, 8, 9, 10, 11, 12])?)?;
+        let b = m.forward(&mk(vec![7, 8, 9, 30, 31, 32])?)?;
+        // tgt_in = <s> 7 8 9 … : positions 0..=3 see only <s>,7,8,9.
+        assert!(max_abs_diff(&a.narrow(1, 0, 4)?, &b.narrow(1, 0, 4)?)? < 1e-6, "{placement:?}");
+        assert!(max_abs_diff(&a.narrow(1, 4, 2)?, &b.narrow(1, 4, 2)?)? > 1e-4);
+    }
+    Ok(())
+}
+
+#[test]
+fn padded_target_positions_get_no_loss() -> anyhow::Result<()> {
+    let (_, m) = model(NormPlacement::Pre)?;
+    let ex = vec![Seq2SeqExample { src: vec![4, 5], tgt: vec![7, 8] }, Seq2SeqExample { src: vec![9, 10], tgt: vec![11, 12, 13, 14] }];
+    let both = seq2seq_batch(&ex, PAD, BOS, &Device::Cpu)?;
+    let loss_both = m.loss(&both)?.to_scalar::<f32>()?;
+    // The mean over real tokens: 2 tokens of example 0 and 4 of example 1.
+    let l0 = m.loss(&seq2seq_batch(&ex[..1], PAD, BOS, &Device::Cpu)?)?.to_scalar::<f32>()?;
+    let l1 = m.loss(&seq2seq_batch(&ex[1..], PAD, BOS, &Device::Cpu)?)?.to_scalar::<f32>()?;
+    let want = (2.0 * l0 + 4.0 * l1) / 6.0;
+    assert!((loss_both - want).abs() < 1e-5, "{loss_both} vs {want}");
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() -> anyhow::Result<()> {
+    let (_, m) = model(NormPlacement::Pre)?;
+    let long = Tensor::zeros((1, 13), DType::U32, &Device::Cpu)?;
+    let err = m.encode(&long, &Tensor::ones((1, 13), DType::U8, &Device::Cpu)?).err().unwrap().to_string();
+    assert!(err.contains("longer than the model's maximum length 12"), "{err}");
+    let empty = [Seq2SeqExample { src: vec![], tgt: vec![1] }];
+    assert!(seq2seq_batch(&empty, PAD, BOS, &Device::Cpu).is_err());
+    assert!(m.generate(&[], BOS, 3, 0.0, 0).is_err());
+    assert!(Preset::by_name("huge").unwrap_err().to_string().contains("unknown preset 'huge'"));
+    let mut bad = small(NormPlacement::Pre);
+    bad.n_heads = 3;
+    assert!(Transformer::new(VarBuilder::zeros(DType::F32, &Device::Cpu), bad).err().unwrap().to_string().contains("must divide"));
+    Ok(())
+}
+
+fn train(varmap: &VarMap, steps: usize, lr: f64, loss_of: impl Fn(usize) -> anyhow::Result<Tensor>) -> anyhow::Result<Vec<f64>> {
+    let schedule = ScheduleConfig { max_lr: lr, min_lr: lr, warmup_steps: 0, total_steps: steps, clip_norm: Some(1.0) };
+    let mut trainer = Trainer::new(varmap, AdamWConfig { weight_decay: 0.0, ..Default::default() }, schedule)?;
+    (0..steps).map(|s| Ok(trainer.step(&loss_of(s)?)?.loss)).collect()
+}
+
+#[test]
+fn tiny_transformer_overfits_a_tiny_batch() -> anyhow::Result<()> {
+    shared::params::set_seed(3);
+    let (varmap, m) = model(NormPlacement::Pre)?;
+    let ex = vec![
+        Seq2SeqExample { src: vec![5, 6, 7], tgt: vec![7, 6, 5, 2] },
+        Seq2SeqExample { src: vec![9, 8, 30, 31], tgt: vec![31, 30, 8, 9, 2] },
+    ];
+    let batch = seq2seq_batch(&ex, PAD, BOS, &Device::Cpu)?;
+    let losses = train(&varmap, 150, 1e-2, |_| Ok(m.loss(&batch)?))?;
+    assert!(losses[0] > 3.0, "initial loss {}", losses[0]);
+    assert!(*losses.last().unwrap() < 0.05, "final loss {}", losses.last().unwrap());
+    // Greedy decoding reproduces the memorised target.
+    assert_eq!(m.generate(&[5, 6, 7], BOS, 4, 0.0, 0)?, vec![7, 6, 5, 2]);
+    Ok(())
+}
+
+#[test]
+fn training_on_the_small_corpus_lowers_the_loss_for_both_models() -> anyhow::Result<()> {
+    let data = shared::tokenizer::load_corpus(shared::tokenizer::Corpus::Tiny, None, 300)?;
+    let pairs = continuation_pairs(&data.train, 12, 8)?;
+    let pad = data.tokenizer.special(shared::tokenizer::PAD)?;
+    let bos = data.tokenizer.special(shared::tokenizer::BOS)?;
+    let vocab = data.tokenizer.vocab_size();
+    let batch = |s: usize| seq2seq_batch(&batch_for_step(&pairs, 8, s, 1), pad, bos, &Device::Cpu);
+    shared::params::set_seed(1);
+    let varmap = VarMap::new();
+    let t = Transformer::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), TransformerConfig { vocab_size: vocab, ..small(NormPlacement::Pre) })?;
+    let losses = train(&varmap, 40, 3e-3, |s| Ok(t.loss(&batch(s)?)?))?;
+    let (first, last) = (losses[..5].iter().sum::<f64>() / 5.0, losses[35..].iter().sum::<f64>() / 5.0);
+    assert!(last < first - 1.0, "transformer: {first} → {last}");
+    let varmap = VarMap::new();
+    let l = LstmSeq2Seq::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), LstmConfig { vocab_size: vocab, d_embed: 16, hidden: 32, n_layers: 1 })?;
+    let losses = train(&varmap, 40, 1e-2, |s| Ok(l.loss(&batch(s)?)?))?;
+    let (first, last) = (losses[..5].iter().sum::<f64>() / 5.0, losses[35..].iter().sum::<f64>() / 5.0);
+    assert!(last < first - 0.5, "lstm: {first} → {last}");
+    Ok(())
+}
+
+#[test]
+fn checkpoint_resume_reproduces_the_next_step_loss() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("t0805-resume-{}", std::process::id()));
+    let ex: Vec<Seq2SeqExample> = (0..16).map(|i| Seq2SeqExample { src: vec![2 + i % 7, 3, 4 + i % 5], tgt: vec![5 + i % 3, 6, 7] }).collect();
+    let batch = |s: usize| seq2seq_batch(&batch_for_step(&ex, 4, s, 9), PAD, BOS, &Device::Cpu);
+    let schedule = ScheduleConfig { max_lr: 3e-3, min_lr: 1e-4, warmup_steps: 2, total_steps: 10, clip_norm: Some(1.0) };
+    // Run A: 5 steps, checkpoint, 1 more step.
+    shared::params::set_seed(11);
+    let (varmap, m) = model(NormPlacement::Pre)?;
+    let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule.clone())?;
+    for s in 0..5 {
+        trainer.step(&m.loss(&batch(s)?)?)?;
+    }
+    trainer.save_checkpoint(&varmap, &dir, &serde_json::to_value(small(NormPlacement::Pre))?)?;
+    let next_a = trainer.step(&m.loss(&batch(5)?)?)?;
+    // Run B: a fresh model (different init) resumed from the checkpoint.
+    shared::params::set_seed(99);
+    let (mut varmap_b, m_b) = model(NormPlacement::Pre)?;
+    let mut trainer_b = Trainer::new(&varmap_b, AdamWConfig::default(), schedule)?;
+    trainer_b.load_checkpoint(&mut varmap_b, &dir)?;
+    assert_eq!(trainer_b.step, 5);
+    let next_b = trainer_b.step(&m_b.loss(&batch(5)?)?)?;
+    assert_eq!(next_a.loss, next_b.loss);
+    assert_eq!(next_a.lr, next_b.lr);
+    let after_a = m.loss(&batch(6)?)?.to_scalar::<f32>()?;
+    let after_b = m_b.loss(&batch(6)?)?.to_scalar::<f32>()?;
+    assert_eq!(after_a, after_b, "parameters after the resumed step differ");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
