@@ -1,59 +1,57 @@
 #!/usr/bin/env bash
-# Build the CUDA test executables and release binaries here (no GPU needed) and bundle them
-# into .gpu/ (git-ignored) for the GPU host.
+# Build CUDA executables here (no GPU needed) and bundle them into .gpu/ (git-ignored) for the
+# GPU host.
 #
-#   scripts/gpu-build.sh [PACKAGE ...]      default: every workspace package
+#   scripts/gpu-build.sh [--tests "PKG/TEST PKG/lib ..."] [--bins "PKG ..."]
 #
-# Produces .gpu/bundle.tar.xz (tests + binaries, deduplicated by one long-window xz), a manifest
-# .gpu/manifest.txt (kind, package, path), and a copy of ../shared/gpu/remote-env.sh.
-# Send it with the device tool: carry [".gpu"], command `bash scripts/gpu-run.sh ...`.
+#   --tests  integration-test targets (PKG/NAME) or library unit tests (PKG/lib) to build with
+#            --features cuda (default: shared/lib shared/gpu)
+#   --bins   topic binaries to build in release with --features cuda (default: none)
+#
+# Every executable embeds Candle's CUDA kernels (~43 MB each); one long-window xz over one tar
+# stores them once, so a bundle of many stays a few MB. Produces .gpu/bundle.tar.xz, a manifest
+# and a copy of ../shared/gpu/remote-env.sh. Then, with the device tool:
+#   carry [".gpu"], command: bash scripts/gpu-run.sh tests   |   bash scripts/gpu-run.sh bin NAME ARGS...
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 shared_gpu="$root/../shared/gpu"
+tests="shared/lib shared/gpu"
+bins=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tests) tests="$2"; shift 2 ;;
+    --bins) bins="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
 if ! command -v nvcc >/dev/null 2>&1; then
   eval "$("$shared_gpu/setup-cuda-toolkit.sh")"
 fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target-cuda}"
-pkgs=("$@")
-if [ ${#pkgs[@]} -eq 0 ]; then
-  pkgs=(shared $(ls crates))
-fi
-pflags=()
-for p in "${pkgs[@]}"; do pflags+=(-p "$p"); done
-
-echo "== building CUDA test executables for: ${pkgs[*]}" >&2
-cargo test --release --features cuda "${pflags[@]}" --no-run --message-format=json 2>/dev/null \
-  | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print("test", m["package_id"].split("#")[0].split("/")[-1], m["target"]["name"], m["executable"])
-' > /tmp/gpu-tests.txt
-echo "== building release binaries" >&2
-bins=()
-for p in "${pkgs[@]}"; do
-  if [ -f "crates/$p/src/main.rs" ]; then
-    cargo build --release --features cuda -p "$p" 2>&1 | tail -1 >&2
-    bins+=("$CARGO_TARGET_DIR/release/$p")
-  fi
-done
-
 rm -rf .gpu && mkdir -p .gpu/stage/tests .gpu/stage/bin
-: > .gpu/manifest.txt
-while read -r kind pkg name exe; do
-  dest="tests/${pkg}__${name}"
-  cp "$exe" ".gpu/stage/$dest"
-  echo "test $pkg $dest" >> .gpu/manifest.txt
-done < /tmp/gpu-tests.txt
-for b in "${bins[@]}"; do
-  cp "$b" .gpu/stage/bin/
-  echo "bin $(basename "$b") bin/$(basename "$b")" >> .gpu/manifest.txt
+: > .gpu/stage/manifest.txt
+for t in $tests; do
+  pkg=${t%%/*}; name=${t#*/}
+  if [ "$name" = lib ]; then sel=(--lib); else sel=(--test "$name"); fi
+  echo "== test $pkg/$name" >&2
+  exe=$(cargo test --release --features cuda -p "$pkg" "${sel[@]}" --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["profile"]["test"]: print(m["executable"])' | tail -1)
+  [ -n "$exe" ] || { echo "build of $t failed:" >&2; cargo test --release --features cuda -p "$pkg" "${sel[@]}" --no-run >&2; exit 1; }
+  cp "$exe" ".gpu/stage/tests/${pkg}__${name}"
+  echo "test $pkg tests/${pkg}__${name}" >> .gpu/stage/manifest.txt
 done
-cp .gpu/manifest.txt .gpu/stage/
-echo "== compressing $(du -sh .gpu/stage | cut -f1) (one long-window xz: shared kernels stored once)" >&2
-tar -C .gpu/stage -cf - . | xz -T2 --lzma2=preset=6,dict=256MiB > .gpu/bundle.tar.xz
+for b in $bins; do
+  echo "== bin $b" >&2
+  cargo build --release --features cuda -p "$b" 2>&1 | tail -1 >&2
+  cp "$CARGO_TARGET_DIR/release/$b" .gpu/stage/bin/
+  echo "bin $b bin/$b" >> .gpu/stage/manifest.txt
+done
+echo "== compressing $(du -sh .gpu/stage | cut -f1) (one long-window xz stores the shared kernels once)" >&2
+tar -C .gpu/stage -cf - . | xz -T1 --lzma2=preset=3,dict=192MiB > .gpu/bundle.tar.xz
 cp "$shared_gpu/remote-env.sh" .gpu/
 rm -rf .gpu/stage
 ls -la .gpu >&2

@@ -12,7 +12,7 @@ cd "$root"
 dest=${OUT:-$root/gpu-results}
 mkdir -p "$dest" /tmp/gpu
 if [ ! -f /tmp/gpu/manifest.txt ]; then
-  xz -dc .gpu/bundle.tar.xz | tar xf - -C /tmp/gpu
+  xz -dc .gpu/bundle.tar.xz | tar xf - -C /tmp/gpu || { echo "cannot unpack .gpu/bundle.tar.xz (was .gpu carried?)" >&2; exit 1; }
 fi
 # shellcheck disable=SC1091
 source .gpu/remote-env.sh /tmp/gpu/bin/* >/dev/null 2>&1 || source .gpu/remote-env.sh
@@ -28,7 +28,7 @@ case "$mode" in
       echo "== $path" | tee -a "$dest/tests.log"
       # Integration tests need the workspace layout: run from the repository root's crate folder.
       dir="$root"; [ -d "crates/$pkg" ] && dir="$root/crates/$pkg"; [ "$pkg" = shared ] && dir="$root/shared"
-      (cd "$dir" && /tmp/gpu/$path $filter --test-threads=1 2>&1) | tee -a "$dest/tests.log" | grep -E "^test result|FAILED|panicked" 
+      (cd "$dir" && /tmp/gpu/$path $filter --test-threads=1 --nocapture 2>&1) | tee -a "$dest/tests.log" | grep -E "^test result|FAILED|panicked" 
       [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
     done < /tmp/gpu/manifest.txt
     echo "== all test executables: $([ $fail = 0 ] && echo PASSED || echo FAILED)" | tee -a "$dest/tests.log"
