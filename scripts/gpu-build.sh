@@ -53,5 +53,9 @@ done
 echo "== compressing $(du -sh .gpu/stage | cut -f1) (one long-window xz stores the shared kernels once)" >&2
 tar -C .gpu/stage -cf - . | xz -T1 --lzma2=preset=3,dict=192MiB > .gpu/bundle.tar.xz
 cp "$shared_gpu/remote-env.sh" .gpu/
+# The GPU host has no ../shared: carry WikiText-2 (xz, ~9 MB) for the experiments.
+if [ -d "$root/../shared/data/wikitext-2" ]; then
+  mkdir -p .gpu/data && cp "$root"/../shared/data/wikitext-2/*.xz .gpu/data/
+fi
 rm -rf .gpu/stage
 ls -la .gpu >&2
