@@ -48,9 +48,15 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub fn mask_scores(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let shape = scores.shape();
     let mask = mask.broadcast_as(shape).map_err(|_| {
-        candle_core::Error::Msg(format!("mask of shape {:?} does not broadcast to scores {:?}", mask.dims(), scores.dims()))
+        candle_core::Error::Msg(format!(
+            "mask of shape {:?} does not broadcast to scores {:?}",
+            mask.dims(),
+            scores.dims()
+        ))
     })?;
-    let neg_inf = Tensor::new(f32::NEG_INFINITY, scores.device())?.to_dtype(scores.dtype())?.broadcast_as(shape)?;
+    let neg_inf = Tensor::new(f32::NEG_INFINITY, scores.device())?
+        .to_dtype(scores.dtype())?
+        .broadcast_as(shape)?;
     mask.where_cond(scores, &neg_inf)
 }
 
@@ -59,7 +65,12 @@ pub fn mask_scores(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
 /// Shapes: `q (…, n_q, d_k)`, `k (…, n_k, d_k)`, `v (…, n_k, d_v)` with the same leading
 /// (batch, or batch and heads) dimensions; 3-D and 4-D both work and `n_q ≠ n_k` is allowed.
 /// `mask`: `u8`, 1 = may attend, broadcastable to `(…, n_q, n_k)`.
-pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Attention> {
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Attention> {
     check_qkv(q, k, v)?;
     let d_k = q.dim(D::Minus1)?;
     let scores = (q.matmul(&k.t()?)? / (d_k as f64).sqrt())?; // (…, n_q, n_k)
@@ -82,10 +93,18 @@ fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
         bail!("attention: leading dims differ: q {qd:?}, k {kd:?}, v {vd:?}");
     }
     if qd[r - 1] != kd[r - 1] {
-        bail!("attention: query width {} ≠ key width {} (q {qd:?}, k {kd:?})", qd[r - 1], kd[r - 1]);
+        bail!(
+            "attention: query width {} ≠ key width {} (q {qd:?}, k {kd:?})",
+            qd[r - 1],
+            kd[r - 1]
+        );
     }
     if kd[r - 2] != vd[r - 2] {
-        bail!("attention: {} keys but {} values (k {kd:?}, v {vd:?})", kd[r - 2], vd[r - 2]);
+        bail!(
+            "attention: {} keys but {} values (k {kd:?}, v {vd:?})",
+            kd[r - 2],
+            vd[r - 2]
+        );
     }
     Ok(())
 }
@@ -100,7 +119,9 @@ pub fn causal_mask(n_q: usize, n_k: usize, device: &Device) -> Result<Tensor> {
         bail!("causal_mask: {n_q} queries cannot be the last positions of {n_k} keys");
     }
     let offset = n_k - n_q;
-    let data: Vec<u8> = (0..n_q).flat_map(|i| (0..n_k).map(move |j| u8::from(j <= i + offset))).collect();
+    let data: Vec<u8> = (0..n_q)
+        .flat_map(|i| (0..n_k).map(move |j| u8::from(j <= i + offset)))
+        .collect();
     Tensor::from_vec(data, (n_q, n_k), device)
 }
 
@@ -135,14 +156,23 @@ pub struct SelfAttention {
 impl SelfAttention {
     /// Fresh parameters (CS336 truncated-normal init) or a checkpoint's, through `vb`.
     pub fn new(vb: VarBuilder, d_model: usize, d_k: usize, d_v: usize) -> Result<Self> {
-        Ok(Self { w_q: weight(&vb, d_k, d_model, "w_q")?, w_k: weight(&vb, d_k, d_model, "w_k")?, w_v: weight(&vb, d_v, d_model, "w_v")? })
+        Ok(Self {
+            w_q: weight(&vb, d_k, d_model, "w_q")?,
+            w_k: weight(&vb, d_k, d_model, "w_k")?,
+            w_v: weight(&vb, d_v, d_model, "w_v")?,
+        })
     }
 
     /// From explicit weights (tests inject known values this way).
     pub fn from_weights(w_q: Tensor, w_k: Tensor, w_v: Tensor) -> Result<Self> {
         let (dq, dm) = w_q.dims2()?;
         if w_k.dims2()? != (dq, dm) || w_v.dim(1)? != dm {
-            bail!("SelfAttention: W_q {:?}, W_k {:?}, W_v {:?} do not fit one d_model", w_q.dims(), w_k.dims(), w_v.dims());
+            bail!(
+                "SelfAttention: W_q {:?}, W_k {:?}, W_v {:?} do not fit one d_model",
+                w_q.dims(),
+                w_k.dims(),
+                w_v.dims()
+            );
         }
         Ok(Self { w_q, w_k, w_v })
     }
@@ -163,14 +193,25 @@ impl SelfAttention {
 
 /// Float64 triple-loop reference of masked scaled dot-product attention for one `(n_q, n_k)`
 /// problem (`mask[i][j]` true = may attend). Used by the tests of this and later crates.
-pub fn reference_attention(q: &[Vec<f64>], k: &[Vec<f64>], v: &[Vec<f64>], mask: Option<&[Vec<bool>]>) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+pub fn reference_attention(
+    q: &[Vec<f64>],
+    k: &[Vec<f64>],
+    v: &[Vec<f64>],
+    mask: Option<&[Vec<bool>]>,
+) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
     let d_k = q[0].len() as f64;
     let mut out = vec![vec![0.0; v[0].len()]; q.len()];
     let mut weights = vec![vec![0.0; k.len()]; q.len()];
     for i in 0..q.len() {
-        let allowed = |j: usize| mask.map_or(true, |m| m[i][j]);
+        let allowed = |j: usize| mask.is_none_or(|m| m[i][j]);
         let scores: Vec<f64> = (0..k.len())
-            .map(|j| if allowed(j) { q[i].iter().zip(&k[j]).map(|(a, b)| a * b).sum::<f64>() / d_k.sqrt() } else { f64::NEG_INFINITY })
+            .map(|j| {
+                if allowed(j) {
+                    q[i].iter().zip(&k[j]).map(|(a, b)| a * b).sum::<f64>() / d_k.sqrt()
+                } else {
+                    f64::NEG_INFINITY
+                }
+            })
             .collect();
         let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
@@ -214,11 +255,15 @@ mod tests {
         let dev = Device::Cpu;
         let q = Tensor::zeros((2, 3, 4), DType::F32, &dev).unwrap();
         let k = Tensor::zeros((2, 5, 8), DType::F32, &dev).unwrap();
-        let err = scaled_dot_product_attention(&q, &k, &k, None).unwrap_err().to_string();
+        let err = scaled_dot_product_attention(&q, &k, &k, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("query width 4 ≠ key width 8"), "{err}");
         let bad_mask = Tensor::zeros((7, 7), DType::U8, &dev).unwrap();
         let k = Tensor::zeros((2, 5, 4), DType::F32, &dev).unwrap();
-        let err = scaled_dot_product_attention(&q, &k, &k, Some(&bad_mask)).unwrap_err().to_string();
+        let err = scaled_dot_product_attention(&q, &k, &k, Some(&bad_mask))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not broadcast"), "{err}");
     }
 }

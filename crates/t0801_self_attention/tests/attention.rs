@@ -16,7 +16,14 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f64>>> {
 }
 
 /// Compares a 4-D (batch, heads, n_q, n_k) attention with the reference for every (batch, head).
-fn check_against_reference(b: usize, h: usize, n_q: usize, n_k: usize, d: usize, mask: Option<&Tensor>) -> Result<()> {
+fn check_against_reference(
+    b: usize,
+    h: usize,
+    n_q: usize,
+    n_k: usize,
+    d: usize,
+    mask: Option<&Tensor>,
+) -> Result<()> {
     let dev = Device::Cpu;
     let q = Tensor::randn(0f32, 1.0, (b, h, n_q, d), &dev)?;
     let k = Tensor::randn(0f32, 1.0, (b, h, n_k, d), &dev)?;
@@ -32,10 +39,21 @@ fn check_against_reference(b: usize, h: usize, n_q: usize, n_k: usize, d: usize,
         for hi in 0..h {
             let pick = |t: &Tensor| t.get(bi)?.get(hi);
             let m: Option<Vec<Vec<bool>>> = match &full_mask {
-                Some(m) => Some(pick(m)?.to_vec2::<u8>()?.into_iter().map(|r| r.into_iter().map(|x| x == 1).collect()).collect()),
+                Some(m) => Some(
+                    pick(m)?
+                        .to_vec2::<u8>()?
+                        .into_iter()
+                        .map(|r| r.into_iter().map(|x| x == 1).collect())
+                        .collect(),
+                ),
                 None => None,
             };
-            let (want_out, want_w) = reference_attention(&rows(&pick(&q)?)?, &rows(&pick(&k)?)?, &rows(&pick(&v)?)?, m.as_deref());
+            let (want_out, want_w) = reference_attention(
+                &rows(&pick(&q)?)?,
+                &rows(&pick(&k)?)?,
+                &rows(&pick(&v)?)?,
+                m.as_deref(),
+            );
             let got_out = rows(&pick(&att.output)?)?;
             let got_w = rows(&pick(&att.weights)?)?;
             for (g, w) in got_out.iter().flatten().zip(want_out.iter().flatten()) {
@@ -78,7 +96,9 @@ fn matches_reference_with_padding_and_a_row_allowed_only_one_key() -> Result<()>
     let v = Tensor::randn(0f32, 1.0, (2, 1, 5, 8), &dev)?;
     let att = scaled_dot_product_attention(&q, &k, &v, Some(&mask))?;
     let w = att.weights.get(1)?.get(0)?.to_vec2::<f32>()?;
-    assert!(w.iter().all(|r| r[0] == 1.0 && r[1..].iter().all(|x| *x == 0.0)));
+    assert!(w
+        .iter()
+        .all(|r| r[0] == 1.0 && r[1..].iter().all(|x| *x == 0.0)));
     let v0 = v.get(1)?.get(0)?.get(0)?.to_vec1::<f32>()?;
     for row in att.output.get(1)?.get(0)?.to_vec2::<f32>()? {
         assert_eq!(row, v0);
@@ -93,7 +113,8 @@ fn works_on_3d_inputs() -> Result<()> {
     let k = Tensor::randn(0f32, 1.0, (2, 6, 8), &dev)?;
     let v = Tensor::randn(0f32, 1.0, (2, 6, 5), &dev)?;
     let a3 = scaled_dot_product_attention(&q, &k, &v, None)?;
-    let a4 = scaled_dot_product_attention(&q.unsqueeze(1)?, &k.unsqueeze(1)?, &v.unsqueeze(1)?, None)?;
+    let a4 =
+        scaled_dot_product_attention(&q.unsqueeze(1)?, &k.unsqueeze(1)?, &v.unsqueeze(1)?, None)?;
     assert!(rel_err(&a3.output, &a4.output.squeeze(1)?)? < 1e-6);
     Ok(())
 }
@@ -105,7 +126,11 @@ fn weights_rows_sum_to_one() -> Result<()> {
     let k = Tensor::randn(0f32, 3.0, (3, 2, 9, 16), &dev)?;
     let mask = causal_mask(9, 9, &dev)?;
     let att = scaled_dot_product_attention(&q, &k, &k, Some(&mask))?;
-    let sums = att.weights.sum(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
+    let sums = att
+        .weights
+        .sum(D::Minus1)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
     Ok(())
 }
@@ -147,7 +172,11 @@ fn gradient_of_the_layer_matches_finite_differences_in_f64() -> Result<()> {
     let eps = 1e-6;
     let vars = [&w_q, &w_k, &w_v, &x];
     for (vi, var) in vars.iter().enumerate() {
-        let analytic = grads.get(var.as_tensor()).expect("gradient").flatten_all()?.to_vec1::<f64>()?;
+        let analytic = grads
+            .get(var.as_tensor())
+            .expect("gradient")
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
         for i in (0..base.len()).step_by(3) {
             let eval = |delta: f64| -> Result<f64> {
@@ -160,7 +189,11 @@ fn gradient_of_the_layer_matches_finite_differences_in_f64() -> Result<()> {
             };
             let numeric = (eval(eps)? - eval(-eps)?) / (2.0 * eps);
             let err = (numeric - analytic[i]).abs() / (1.0 + analytic[i].abs());
-            assert!(err < 1e-6, "var {vi} elem {i}: numeric {numeric} analytic {}", analytic[i]);
+            assert!(
+                err < 1e-6,
+                "var {vi} elem {i}: numeric {numeric} analytic {}",
+                analytic[i]
+            );
         }
     }
     Ok(())

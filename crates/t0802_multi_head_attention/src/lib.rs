@@ -36,13 +36,22 @@ pub struct MhaConfig {
 
 impl MhaConfig {
     pub fn new(d_model: usize, n_heads: usize) -> Self {
-        Self { d_model, n_heads, bias: false }
+        Self {
+            d_model,
+            n_heads,
+            bias: false,
+        }
     }
 
     /// `d_model / n_heads`, or an error naming both when it does not divide.
+    #[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` needs Rust 1.87; the workspace's MSRV is 1.85
     pub fn d_head(&self) -> Result<usize> {
         if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
-            bail!("n_heads ({}) must divide d_model ({})", self.n_heads, self.d_model);
+            bail!(
+                "n_heads ({}) must divide d_model ({})",
+                self.n_heads,
+                self.d_model
+            );
         }
         Ok(self.d_model / self.n_heads)
     }
@@ -84,15 +93,33 @@ impl MultiHeadAttention {
         let w = |name| weight(&vb, d, d, name);
         let biases = if cfg.bias {
             let b = |name| zeros(&vb, d, name);
-            Some([b("q_proj_bias")?, b("k_proj_bias")?, b("v_proj_bias")?, b("output_proj_bias")?])
+            Some([
+                b("q_proj_bias")?,
+                b("k_proj_bias")?,
+                b("v_proj_bias")?,
+                b("output_proj_bias")?,
+            ])
         } else {
             None
         };
-        Ok(Self { cfg, w_q: w("q_proj")?, w_k: w("k_proj")?, w_v: w("v_proj")?, w_o: w("output_proj")?, biases })
+        Ok(Self {
+            cfg,
+            w_q: w("q_proj")?,
+            w_k: w("k_proj")?,
+            w_v: w("v_proj")?,
+            w_o: w("output_proj")?,
+            biases,
+        })
     }
 
     /// From explicit `(d_model, d_model)` weights (no biases).
-    pub fn from_weights(n_heads: usize, w_q: Tensor, w_k: Tensor, w_v: Tensor, w_o: Tensor) -> Result<Self> {
+    pub fn from_weights(
+        n_heads: usize,
+        w_q: Tensor,
+        w_k: Tensor,
+        w_v: Tensor,
+        w_o: Tensor,
+    ) -> Result<Self> {
         let (d, d_in) = w_q.dims2()?;
         let cfg = MhaConfig::new(d, n_heads);
         cfg.d_head()?;
@@ -101,7 +128,14 @@ impl MultiHeadAttention {
                 bail!("{name} has shape {:?}, expected ({d}, {d})", w.dims());
             }
         }
-        Ok(Self { cfg, w_q, w_k, w_v, w_o, biases: None })
+        Ok(Self {
+            cfg,
+            w_q,
+            w_k,
+            w_v,
+            w_o,
+            biases: None,
+        })
     }
 
     fn project(&self, x: &Tensor, w: &Tensor, bias: usize) -> Result<Tensor> {
@@ -114,7 +148,9 @@ impl MultiHeadAttention {
     /// `(batch, seq, d_model)` → `(batch, heads, seq, d_head)`
     pub fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
-        x.reshape((b, n, self.cfg.n_heads, self.cfg.d_head()?))?.transpose(1, 2)?.contiguous()
+        x.reshape((b, n, self.cfg.n_heads, self.cfg.d_head()?))?
+            .transpose(1, 2)?
+            .contiguous()
     }
 
     /// `(batch, heads, seq, d_head)` → `(batch, seq, d_model)`
@@ -132,7 +168,13 @@ impl MultiHeadAttention {
     /// General form: queries from `x_q (batch, n_q, d_model)`, keys and values from
     /// `x_kv (batch, n_k, d_model)` (cross-attention when they differ). `head_gate (heads,)`, if
     /// given, scales each head's output before `W_o` (0 = head pruned).
-    pub fn forward_cross(&self, x_q: &Tensor, x_kv: &Tensor, mask: Option<&Tensor>, head_gate: Option<&Tensor>) -> Result<MhaOutput> {
+    pub fn forward_cross(
+        &self,
+        x_q: &Tensor,
+        x_kv: &Tensor,
+        mask: Option<&Tensor>,
+        head_gate: Option<&Tensor>,
+    ) -> Result<MhaOutput> {
         expect_last_dim(x_q, self.cfg.d_model, "attention query input")?;
         expect_last_dim(x_kv, self.cfg.d_model, "attention key/value input")?;
         let q = self.split_heads(&self.project(x_q, &self.w_q, 0)?)?; // (batch, heads, n_q, d_head)
@@ -140,11 +182,17 @@ impl MultiHeadAttention {
         let v = self.split_heads(&self.project(x_kv, &self.w_v, 2)?)?; // (batch, heads, n_k, d_head)
         let att = scaled_dot_product_attention(&q, &k, &v, mask)?;
         let heads = match head_gate {
-            Some(g) => att.output.broadcast_mul(&g.reshape((1, self.cfg.n_heads, 1, 1))?.to_dtype(att.output.dtype())?)?,
+            Some(g) => att.output.broadcast_mul(
+                &g.reshape((1, self.cfg.n_heads, 1, 1))?
+                    .to_dtype(att.output.dtype())?,
+            )?,
             None => att.output,
         };
         let concat = Self::merge_heads(&heads)?; // (batch, n_q, d_model)
-        Ok(MhaOutput { output: self.project(&concat, &self.w_o, 3)?, weights: att.weights })
+        Ok(MhaOutput {
+            output: self.project(&concat, &self.w_o, 3)?,
+            weights: att.weights,
+        })
     }
 }
 
@@ -155,7 +203,10 @@ mod tests {
     #[test]
     fn n_heads_must_divide_d_model() {
         let err = MhaConfig::new(512, 6).d_head().unwrap_err().to_string();
-        assert!(err.contains("n_heads (6) must divide d_model (512)"), "{err}");
+        assert!(
+            err.contains("n_heads (6) must divide d_model (512)"),
+            "{err}"
+        );
         assert_eq!(MhaConfig::new(512, 8).d_head().unwrap(), 64);
     }
 }
