@@ -1,0 +1,235 @@
+//! Cached decoding against the full forward pass: at every step the logits of the new token must
+//! equal those of a full forward over the whole prefix.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use t0804_transformer_block::{DecoderOnlyLm, NormPlacement};
+use t0805_full_transformer::{Transformer, TransformerConfig};
+use t0806_modern_blocks::{init_modern_lm, ModernLmConfig};
+use t0810_kv_cache::*;
+
+const VOCAB: usize = 61;
+
+fn tokens(n: usize, salt: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 37 + salt * 11 + 5) % VOCAB) as u32).collect()
+}
+
+/// max |a − b| / max |b|.
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max) / scale.max(1e-30)
+}
+
+fn llama(n_kv_heads: usize, seed: u64) -> DecoderOnlyLm {
+    shared::params::set_seed(seed);
+    let cfg = ModernLmConfig::llama(VOCAB, 40, 32, 2, 4, n_kv_heads);
+    init_modern_lm(&cfg, DType::F32, &Device::Cpu).unwrap().1
+}
+
+fn gpt2(seed: u64) -> DecoderOnlyLm {
+    shared::params::set_seed(seed);
+    init_modern_lm(&ModernLmConfig::gpt2(VOCAB, 40, 32, 2, 4), DType::F32, &Device::Cpu).unwrap().1
+}
+
+fn full_logits(lm: &DecoderOnlyLm, toks: &[u32]) -> Tensor {
+    lm.forward(&Tensor::new(toks, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0).unwrap().squeeze(0).unwrap() // (t, vocab)
+}
+
+fn row(t: &[u32]) -> Tensor {
+    Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+}
+
+/// Prefill `prefill` tokens, then one token at a time; compare every logit row with the full pass.
+fn check_incremental(lm: &DecoderOnlyLm, cache: &mut dyn KvStore, toks: &[u32], prefill: usize) -> f64 {
+    let full = full_logits(lm, toks);
+    let got = lm_forward_cached(lm, &row(&toks[..prefill]), cache).unwrap().squeeze(0).unwrap();
+    let mut worst = rel_err(&got, &full.narrow(0, 0, prefill).unwrap());
+    for t in prefill..toks.len() {
+        let got = lm_forward_cached(lm, &row(&toks[t..t + 1]), cache).unwrap().squeeze(0).unwrap();
+        assert_eq!(cache.seq_len(), t + 1);
+        worst = worst.max(rel_err(&got, &full.narrow(0, t, 1).unwrap()));
+    }
+    worst
+}
+
+#[test]
+fn cached_logits_equal_full_forward_for_mha_gqa_mqa_and_gpt2() {
+    let toks = tokens(21, 1);
+    for (name, lm) in [("MHA", llama(4, 1)), ("GQA", llama(2, 2)), ("MQA", llama(1, 3)), ("GPT-2 recipe", gpt2(4))] {
+        for kind in [CacheKind::Preallocated, CacheKind::Concat] {
+            let mut cache = lm_cache(&lm, 1, 40, kind, DType::F32).unwrap();
+            let err = check_incremental(&lm, &mut cache, &toks, 6);
+            assert!(err < 1e-5, "{name} {kind:?}: relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn gqa_caches_only_the_kv_heads() {
+    let lm = llama(1, 5); // MQA: 1 K/V head of d_head 8, 2 layers
+    let cache = lm_cache(&lm, 3, 40, CacheKind::Preallocated, DType::F32).unwrap();
+    assert_eq!(cache.shape, CacheShape { n_layers: 2, batch: 3, n_kv_heads: 1, max_seq: 40, d_head: 8 });
+    assert_eq!(cache.allocated_bytes(), kv_cache_bytes(3, 2, 1, 40, 8, 4));
+    assert_eq!(cache.allocated_bytes(), 2 * 3 * 2 * 40 * 8 * 4);
+}
+
+#[test]
+fn preallocated_equals_concatenating_cache_in_a_batch() {
+    let lm = llama(2, 6);
+    let batch: Vec<u32> = tokens(12, 2).into_iter().chain(tokens(12, 3)).collect();
+    let x = Tensor::from_vec(batch, (2, 12), &Device::Cpu).unwrap();
+    let mut a = lm_cache(&lm, 2, 16, CacheKind::Preallocated, DType::F32).unwrap();
+    let mut b = lm_cache(&lm, 2, 16, CacheKind::Concat, DType::F32).unwrap();
+    let la = lm_forward_cached(&lm, &x.narrow(1, 0, 4).unwrap(), &mut a).unwrap();
+    let lb = lm_forward_cached(&lm, &x.narrow(1, 0, 4).unwrap(), &mut b).unwrap();
+    assert!(rel_err(&la, &lb) < 1e-6);
+    let full = lm.forward(&x, 0).unwrap(); // (2, 12, vocab)
+    for t in 4..12 {
+        let la = lm_forward_cached(&lm, &x.narrow(1, t, 1).unwrap(), &mut a).unwrap();
+        let lb = lm_forward_cached(&lm, &x.narrow(1, t, 1).unwrap(), &mut b).unwrap();
+        assert!(rel_err(&la, &lb) < 1e-6, "step {t}");
+        assert!(rel_err(&la, &full.narrow(1, t, 1).unwrap()) < 1e-5, "step {t} vs full");
+    }
+    for l in 0..2 {
+        let (ka, va) = a.layer(l).unwrap().unwrap();
+        let (kb, vb) = b.layer(l).unwrap().unwrap();
+        assert_eq!(ka.dims(), &[2, 2, 12, 8]);
+        assert!(rel_err(&ka, &kb) == 0.0 && rel_err(&va, &vb) == 0.0, "layer {l}: caches differ");
+    }
+}
+
+#[test]
+fn paged_cache_decoding_equals_full_forward() {
+    let toks = tokens(23, 4);
+    for (name, lm) in [("GQA", llama(2, 7)), ("GPT-2 recipe", gpt2(8))] {
+        let (h, d) = lm_kv_heads(&lm).unwrap();
+        let cfg = PagedConfig { n_layers: 2, n_kv_heads: h, d_head: d, block_size: 4, num_blocks: 16, max_seq_len: 40 };
+        let mut paged = PagedKvCache::new(cfg, DType::F32, &Device::Cpu).unwrap();
+        let _other = paged.add_sequence(); // another tenant, so block ids are not the identity
+        let s0 = paged.add_sequence();
+        let mut o = paged.seq(_other).unwrap();
+        lm_forward_cached(&lm, &row(&tokens(3, 9)), &mut o).unwrap();
+        let mut view = paged.seq(s0).unwrap();
+        let err = check_incremental(&lm, &mut view, &toks, 7);
+        assert!(err < 1e-5, "{name}: paged relative error {err}");
+        assert_eq!(paged.alloc.seq(s0).unwrap().table.len(), 23usize.div_ceil(4));
+    }
+}
+
+#[test]
+fn paged_gather_equals_contiguous_cache() -> Result<()> {
+    let dev = Device::Cpu;
+    let cfg = PagedConfig { n_layers: 1, n_kv_heads: 2, d_head: 3, block_size: 4, num_blocks: 12, max_seq_len: 32 };
+    let mut paged = PagedKvCache::new(cfg, DType::F32, &dev)?;
+    let shape = CacheShape { n_layers: 1, batch: 1, n_kv_heads: 2, max_seq: 32, d_head: 3 };
+    let mut contiguous = KvCache::new(shape, CacheKind::Preallocated, DType::F32, &dev)?;
+    let a = paged.add_sequence();
+    let b = paged.add_sequence();
+    // Interleave two sequences so that a's blocks are not consecutive in the pool.
+    for (i, n) in [5usize, 1, 3, 7, 1].into_iter().enumerate() {
+        let k = Tensor::randn(0f32, 1.0, (1, 2, n, 3), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 2, n, 3), &dev)?;
+        let mut sa = paged.seq(a)?;
+        sa.begin(n)?;
+        let (pk, pv) = sa.append(0, &k, &v)?;
+        sa.commit(n);
+        contiguous.begin(n)?;
+        let (ck, cv) = contiguous.append(0, &k, &v)?;
+        contiguous.commit(n);
+        assert_eq!(rel_err(&pk, &ck.contiguous()?), 0.0);
+        assert_eq!(rel_err(&pv, &cv.contiguous()?), 0.0);
+        let mut sb = paged.seq(b)?;
+        sb.begin(i + 1)?;
+        let noise = Tensor::randn(0f32, 1.0, (1, 2, i + 1, 3), &dev)?;
+        sb.append(0, &noise, &noise)?;
+        sb.commit(i + 1);
+    }
+    let table = &paged.alloc.seq(a)?.table;
+    assert!(table.windows(2).any(|w| w[1] != w[0] + 1), "test needs a fragmented table: {table:?}");
+    Ok(())
+}
+
+#[test]
+fn encoder_decoder_cached_decoder_equals_full_decode() {
+    for placement in [NormPlacement::Pre, NormPlacement::Post] {
+        shared::params::set_seed(11);
+        let cfg = TransformerConfig { vocab_size: VOCAB, max_len: 24, d_model: 32, n_heads: 4, d_ff: 64, n_encoder_layers: 2, n_decoder_layers: 2, placement };
+        let vm = VarMap::new();
+        let model = Transformer::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), cfg).unwrap();
+        // A batch of two sources, the second padded.
+        let src = Tensor::from_vec([tokens(9, 5), tokens(9, 6)].concat(), (2, 9), &Device::Cpu).unwrap();
+        let src_mask = Tensor::from_vec([vec![1u8; 9], [vec![1u8; 6], vec![0u8; 3]].concat()].concat(), (2, 9), &Device::Cpu).unwrap();
+        let tgt = Tensor::from_vec([tokens(10, 7), tokens(10, 8)].concat(), (2, 10), &Device::Cpu).unwrap();
+        let memory = model.encode(&src, &src_mask).unwrap();
+        let full = model.decode(&tgt, &Tensor::ones((2, 10), DType::U8, &Device::Cpu).unwrap(), &memory, &src_mask).unwrap();
+        for kind in [CacheKind::Preallocated, CacheKind::Concat] {
+            let mut st = seq2seq_start(&model, &src, &src_mask, 10, kind, DType::F32).unwrap();
+            let first = seq2seq_step(&model, &tgt.narrow(1, 0, 3).unwrap(), &mut st).unwrap();
+            let mut worst = rel_err(&first, &full.narrow(1, 0, 3).unwrap());
+            for t in 3..10 {
+                let got = seq2seq_step(&model, &tgt.narrow(1, t, 1).unwrap(), &mut st).unwrap();
+                worst = worst.max(rel_err(&got, &full.narrow(1, t, 1).unwrap()));
+            }
+            assert!(worst < 1e-5, "{placement:?} {kind:?}: relative error {worst}");
+            let e = seq2seq_step(&model, &tgt.narrow(1, 0, 1).unwrap(), &mut st).unwrap_err().to_string();
+            assert!(e.contains("KV cache full"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn seq2seq_generation_matches_full_recompute_generate() {
+    shared::params::set_seed(12);
+    let cfg = TransformerConfig { vocab_size: VOCAB, max_len: 24, d_model: 32, n_heads: 4, d_ff: 64, n_encoder_layers: 1, n_decoder_layers: 2, placement: NormPlacement::Pre };
+    let vm = VarMap::new();
+    let model = Transformer::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), cfg).unwrap();
+    let src = tokens(8, 3);
+    let reference = model.generate(&src, 1, 12, 0.0, 0).unwrap(); // t0805: full recompute, greedy
+    let mut sampler = Sampler::new(SamplingConfig::greedy(), 0).unwrap();
+    let mut streamed = Vec::new();
+    let got = generate_seq2seq(&model, &src, 1, 12, &mut sampler, CacheKind::Preallocated, &mut |t| streamed.push(t)).unwrap();
+    assert_eq!(got.tokens, reference);
+    assert_eq!(streamed, reference);
+}
+
+#[test]
+fn lm_generation_with_and_without_cache_agree_and_are_seeded() {
+    let lm = llama(2, 13);
+    let prompt = tokens(5, 1);
+    let cfg = SamplingConfig { temperature: 0.9, top_k: Some(20), top_p: Some(0.95) };
+    let run_cached = |seed| {
+        let mut cache = lm_cache(&lm, 1, 40, CacheKind::Preallocated, DType::F32).unwrap();
+        generate_lm(&lm, &prompt, 15, &mut Sampler::new(cfg, seed).unwrap(), &mut cache, &mut |_| {}).unwrap().tokens
+    };
+    let a = run_cached(3);
+    assert_eq!(a.len(), 15);
+    assert_eq!(a, run_cached(3), "same seed, same tokens");
+    let b = generate_lm_no_cache(&lm, &prompt, 15, &mut Sampler::new(cfg, 3).unwrap(), &mut |_| {}).unwrap().tokens;
+    assert_eq!(a, b, "cache must not change what is generated");
+    // Generation stops at the model's maximum context (40) instead of failing.
+    let mut cache = lm_cache(&lm, 1, 40, CacheKind::Preallocated, DType::F32).unwrap();
+    let long = generate_lm(&lm, &prompt, 100, &mut Sampler::new(SamplingConfig::greedy(), 0).unwrap(), &mut cache, &mut |_| {}).unwrap();
+    assert_eq!(long.tokens.len(), 40 - 5 + 1);
+}
+
+#[test]
+fn exceeding_the_cache_or_the_context_is_a_clear_error_and_keeps_the_cache() {
+    let lm = llama(2, 14);
+    let toks = tokens(12, 2);
+    let mut cache = lm_cache(&lm, 1, 10, CacheKind::Preallocated, DType::F32).unwrap();
+    lm_forward_cached(&lm, &row(&toks[..8]), &mut cache).unwrap();
+    let e = lm_forward_cached(&lm, &row(&toks[8..11]), &mut cache).unwrap_err().to_string();
+    assert!(e.contains("KV cache full: 8 cached + 3 new tokens exceed its max_seq of 10"), "{e}");
+    assert_eq!(cache.seq_len(), 8);
+    // The cache still decodes correctly after the refusal.
+    let got = lm_forward_cached(&lm, &row(&toks[8..9]), &mut cache).unwrap().squeeze(0).unwrap();
+    assert!(rel_err(&got, &full_logits(&lm, &toks[..9]).narrow(0, 8, 1).unwrap()) < 1e-5);
+    // Beyond the model's maximum context (40).
+    let mut big = lm_cache(&lm, 1, 40, CacheKind::Preallocated, DType::F32).unwrap();
+    let e = lm_forward_cached(&lm, &row(&tokens(41, 1)), &mut big).unwrap_err().to_string();
+    assert!(e.contains("exceeds the model's maximum context of 40"), "{e}");
+    assert_eq!(big.seq_len(), 0);
+}
