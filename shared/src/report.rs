@@ -245,8 +245,8 @@ pub fn viridis(t: f64) -> RGBColor {
 pub fn heatmap(
     path: &Path,
     title: &str,
-    x_label: &str,
-    y_label: &str,
+    x_label_text: &str,
+    y_label_text: &str,
     matrix: &[Vec<f64>],
     ticks: Option<(&[String], &[String])>,
 ) -> Result<()> {
@@ -267,33 +267,53 @@ pub fn heatmap(
         .margin(10)
         .x_label_area_size(60)
         .y_label_area_size(80)
-        .build_cartesian_2d(0..cols, 0..rows)
+        // A segmented range 0..n has n + 1 cells: 0..n - 1 gives exactly one per column and row.
+        .build_cartesian_2d(
+            (0..cols - 1).into_segmented(),
+            (0..rows - 1).into_segmented(),
+        )
         .map_err(plot_err)?;
     let x_names: Vec<String> = ticks.map(|t| t.0.to_vec()).unwrap_or_default();
     let y_names: Vec<String> = ticks.map(|t| t.1.to_vec()).unwrap_or_default();
     let max_ticks = 24;
+    // Labels sit at the centre of each cell; row 0 is drawn at the top.
+    let x_label = |seg: &SegmentValue<usize>| match seg {
+        SegmentValue::CenterOf(c) if *c < cols => {
+            x_names.get(*c).cloned().unwrap_or_else(|| c.to_string())
+        }
+        _ => String::new(),
+    };
+    let y_label = |seg: &SegmentValue<usize>| match seg {
+        SegmentValue::CenterOf(r) if *r < rows => {
+            let row = rows - 1 - *r;
+            y_names.get(row).cloned().unwrap_or_else(|| row.to_string())
+        }
+        _ => String::new(),
+    };
     chart
         .configure_mesh()
         .disable_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
+        .x_desc(x_label_text)
+        .y_desc(y_label_text)
         .x_labels(cols.min(max_ticks))
         .y_labels(rows.min(max_ticks))
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 17))
-        .x_label_formatter(&|c| x_names.get(*c).cloned().unwrap_or_else(|| c.to_string()))
-        .y_label_formatter(&|r| {
-            // Row 0 is drawn at the top.
-            let row = rows.saturating_sub(1 + *r);
-            y_names.get(row).cloned().unwrap_or_else(|| row.to_string())
-        })
+        .x_label_formatter(&x_label)
+        .y_label_formatter(&y_label)
         .draw()
         .map_err(plot_err)?;
     chart
         .draw_series(matrix.iter().enumerate().flat_map(|(r, row)| {
             row.iter().enumerate().map(move |(c, v)| {
                 let y = rows - 1 - r;
-                Rectangle::new([(c, y), (c + 1, y + 1)], viridis((v - lo) / span).filled())
+                Rectangle::new(
+                    [
+                        (SegmentValue::Exact(c), SegmentValue::Exact(y)),
+                        (SegmentValue::Exact(c + 1), SegmentValue::Exact(y + 1)),
+                    ],
+                    viridis((v - lo) / span).filled(),
+                )
             })
         }))
         .map_err(plot_err)?;

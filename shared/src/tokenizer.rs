@@ -328,14 +328,22 @@ pub enum Corpus {
 }
 
 /// Loads the corpus and its BPE encoding (trained and cached on first use).
-pub fn load_corpus(corpus: Corpus, data_dir: Option<&Path>, vocab_size: usize) -> Result<TokenizedWikiText> {
+pub fn load_corpus(
+    corpus: Corpus,
+    data_dir: Option<&Path>,
+    vocab_size: usize,
+) -> Result<TokenizedWikiText> {
     let cache = crate::cache_dir();
     let data = match corpus {
         Corpus::Wikitext2 => WikiText2::load(data_dir, crate::wikitext::Variant::Raw)?,
         Corpus::Tiny => {
             let dir = cache.join("tiny-wikitext");
             crate::corpus::write_tiny_wikitext(&dir)?;
-            WikiText2::load_from_dir(&dir, crate::wikitext::Variant::Raw, crate::wikitext::Verify::No)?
+            WikiText2::load_from_dir(
+                &dir,
+                crate::wikitext::Variant::Raw,
+                crate::wikitext::Verify::No,
+            )?
         }
     };
     TokenizedWikiText::prepare(&data, vocab_size, &cache)

@@ -555,7 +555,11 @@ mod tests {
 /// differentiable primitives and computed in f32 whatever the logits' dtype:
 /// `ℓ = logsumexp(z) − z_target`, with `logsumexp(z) = max z + log Σ exp(z − max z)`.
 /// `mask (…)` (`u8`, 1 = counts) averages over real tokens only (padding gets no loss).
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     let vocab = logits.dim(candle_core::D::Minus1)?;
     let logits = logits.to_dtype(DType::F32)?.reshape(((), vocab))?; // (n, vocab)
     let targets = targets.flatten_all()?.to_dtype(DType::U32)?; // (n,)
@@ -583,12 +587,18 @@ mod cross_entropy_tests {
         let logits = Tensor::randn(0f32, 3.0, (2, 5, 11), &dev)?;
         let targets = Tensor::new(&[[1u32, 2, 3, 4, 10], [0, 0, 5, 6, 7]], &dev)?;
         let ours = cross_entropy(&logits, &targets, None)?.to_scalar::<f32>()?;
-        let reference = candle_nn::loss::cross_entropy(&logits.reshape((10, 11))?, &targets.flatten_all()?)?.to_scalar::<f32>()?;
-        assert!((ours - reference).abs() < 1e-5 * reference.abs().max(1.0), "{ours} vs {reference}");
+        let reference =
+            candle_nn::loss::cross_entropy(&logits.reshape((10, 11))?, &targets.flatten_all()?)?
+                .to_scalar::<f32>()?;
+        assert!(
+            (ours - reference).abs() < 1e-5 * reference.abs().max(1.0),
+            "{ours} vs {reference}"
+        );
         // Masking out the second row equals the loss over the first row alone.
         let mask = Tensor::new(&[[1u8, 1, 1, 1, 1], [0, 0, 0, 0, 0]], &dev)?;
         let masked = cross_entropy(&logits, &targets, Some(&mask))?.to_scalar::<f32>()?;
-        let first = cross_entropy(&logits.narrow(0, 0, 1)?, &targets.narrow(0, 0, 1)?, None)?.to_scalar::<f32>()?;
+        let first = cross_entropy(&logits.narrow(0, 0, 1)?, &targets.narrow(0, 0, 1)?, None)?
+            .to_scalar::<f32>()?;
         assert!((masked - first).abs() < 1e-5, "{masked} vs {first}");
         Ok(())
     }
@@ -638,7 +648,10 @@ pub fn evaluate_lm(
     let batches = crate::batching::eval_batches(tokens, batch_size, seq_len, max_batches, device)?;
     let mut parts = Vec::new();
     for b in &batches {
-        let loss = loss_fn(&b.x, &b.y)?.detach().to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        let loss = loss_fn(&b.x, &b.y)?
+            .detach()
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()? as f64;
         parts.push((loss, b.x.elem_count()));
     }
     Ok(mean_loss_and_ppl(&parts).0)
@@ -663,7 +676,14 @@ pub fn train_lm(
     let tokens_per_step = (spec.batch_size * spec.seq_len) as f64;
     for step in 0..spec.steps {
         if step % spec.eval_every == 0 {
-            let v = evaluate_lm(valid_tokens, spec.batch_size, spec.seq_len, spec.eval_batches, device, loss_fn)?;
+            let v = evaluate_lm(
+                valid_tokens,
+                spec.batch_size,
+                spec.seq_len,
+                spec.eval_batches,
+                device,
+                loss_fn,
+            )?;
             curve.valid.push((step, v, started.elapsed().as_secs_f64()));
         }
         let t0 = std::time::Instant::now();
@@ -672,11 +692,21 @@ pub fn train_lm(
         match trainer.step(&loss) {
             Ok(stats) => {
                 train_time += t0.elapsed().as_secs_f64();
-                curve.train.push((step, stats.loss, stats.grad_norm, started.elapsed().as_secs_f64()));
+                curve.train.push((
+                    step,
+                    stats.loss,
+                    stats.grad_norm,
+                    started.elapsed().as_secs_f64(),
+                ));
                 let rate = tokens_per_step * (step + 1) as f64 / train_time.max(1e-9);
                 progress.update(
                     step as u64 + 1,
-                    format!("loss {:.3} · lr {:.1e} · {} tok/s", stats.loss, stats.lr, human_rate(rate)),
+                    format!(
+                        "loss {:.3} · lr {:.1e} · {} tok/s",
+                        stats.loss,
+                        stats.lr,
+                        human_rate(rate)
+                    ),
                 );
             }
             Err(e) if e.downcast_ref::<Diverged>().is_some() => {
@@ -690,8 +720,17 @@ pub fn train_lm(
     }
     progress.finish();
     if curve.diverged_at.is_none() {
-        let v = evaluate_lm(valid_tokens, spec.batch_size, spec.seq_len, spec.eval_batches, device, loss_fn)?;
-        curve.valid.push((spec.steps, v, started.elapsed().as_secs_f64()));
+        let v = evaluate_lm(
+            valid_tokens,
+            spec.batch_size,
+            spec.seq_len,
+            spec.eval_batches,
+            device,
+            loss_fn,
+        )?;
+        curve
+            .valid
+            .push((spec.steps, v, started.elapsed().as_secs_f64()));
     }
     curve.tokens_per_s = tokens_per_step * curve.train.len() as f64 / train_time.max(1e-9);
     curve.wall_s = started.elapsed().as_secs_f64();
@@ -706,5 +745,9 @@ pub fn unigram_entropy(tokens: &[u32]) -> f64 {
         *counts.entry(t).or_default() += 1;
     }
     let n = tokens.len() as f64;
-    counts.values().map(|&c| c as f64 / n).map(|p| -p * p.ln()).sum()
+    counts
+        .values()
+        .map(|&c| c as f64 / n)
+        .map(|p| -p * p.ln())
+        .sum()
 }

@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""PyTorch twin of the LLaMA-recipe decoder-only LM of t0806 (same config, same parameter names,
+same initial weights, same batches), for honest side-by-side comparisons on the same card.
+
+Usage (on the GPU host, whose python3 has torch + safetensors):
+
+  # 1. loss parity: train from the initial weights and batches that the Rust side dumped with
+  #    `t0806_modern_blocks parity --out DIR`, and compare with its loss curve
+  python3 scripts/pytorch_twin.py parity DIR [--device cuda] [--dtype f32]
+
+  # 2. training throughput (forward + backward + AdamW), eager and torch.compile
+  python3 scripts/pytorch_twin.py train-bench --config DIR/config.json --batch 64 --steps 30 --dtype bf16 [--compile]
+
+  # 3. decode throughput with a KV cache (prompt 128, 512 new tokens), batch 1 and 32
+  python3 scripts/pytorch_twin.py decode-bench --config DIR/config.json --batch 1 --prompt 128 --new 512 --dtype bf16
+
+Each command prints a table and writes JSON (--json PATH) so scripts/compare_with_twin.py can print ratios.
+Nothing here is needed to build or test the Rust workspace.
+"""
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def load_config(path):
+    with open(path) as f:
+        cfg = json.load(f)
+    if cfg.get("recipe", "Llama") != "Llama":
+        raise SystemExit("the twin implements the LLaMA recipe only")
+    return cfg
+
+
+class Twin(torch.nn.Module):
+    """Pre-norm RMSNorm, grouped-query attention with interleaved RoPE, SwiGLU, untied head.
+    Weights are stored (d_out, d_in) under the Rust checkpoint's names."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d, h, kv = cfg["d_model"], cfg["n_heads"], cfg["n_kv_heads"]
+        self.d_head = d // h
+        P = lambda *s: torch.nn.Parameter(torch.empty(*s))
+        self.params = torch.nn.ParameterDict()
+        self.params["token_embedding"] = P(cfg["vocab_size"], d)
+        for i in range(cfg["n_layers"]):
+            b = f"blocks.{i}."
+            self.params[(b + "attn_norm.weight").replace(".", "__")] = P(d)
+            self.params[(b + "attn.q_proj").replace(".", "__")] = P(h * self.d_head, d)
+            self.params[(b + "attn.k_proj").replace(".", "__")] = P(kv * self.d_head, d)
+            self.params[(b + "attn.v_proj").replace(".", "__")] = P(kv * self.d_head, d)
+            self.params[(b + "attn.output_proj").replace(".", "__")] = P(d, h * self.d_head)
+            self.params[(b + "ffn_norm.weight").replace(".", "__")] = P(d)
+            self.params[(b + "ffn.w1").replace(".", "__")] = P(cfg["d_ff"], d)
+            self.params[(b + "ffn.w2").replace(".", "__")] = P(d, cfg["d_ff"])
+            self.params[(b + "ffn.w3").replace(".", "__")] = P(cfg["d_ff"], d)
+        self.params["final_norm__weight"] = P(d)
+        self.params["lm_head"] = P(cfg["vocab_size"], d)
+        # RoPE tables, interleaved pairs (x[2k], x[2k+1]) rotated by m·θ_k, θ_k = base^(-2k/d_head).
+        k = torch.arange(0, self.d_head, 2, dtype=torch.float64)
+        theta = cfg["rope_theta"] ** (-k / self.d_head)
+        angles = torch.arange(cfg["max_seq_len"], dtype=torch.float64)[:, None] * theta[None, :]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def p(self, name):
+        return self.params[name.replace(".", "__")]
+
+    def load_rust(self, tensors):
+        with torch.no_grad():
+            for name, t in tensors.items():
+                self.p(name).copy_(t)
+
+    def init_like_rust(self):
+        """CS336 init, as shared::params: truncated normal σ²=2/(d_in+d_out) at ±3σ for matrices,
+        N(0,1) embeddings, ones for norm gains."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                if name == "token_embedding":
+                    p.normal_(0.0, 1.0)
+                elif p.dim() == 1:
+                    p.fill_(1.0)
+                else:
+                    std = math.sqrt(2.0 / (p.shape[0] + p.shape[1]))
+                    torch.nn.init.trunc_normal_(p, 0.0, std, -3 * std, 3 * std)
+
+    def rms(self, x, g):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg["norm_eps"]) * g.float()).to(x.dtype)
+
+    def rope(self, x, start):
+        n = x.shape[-2]
+        cos = self.cos[start:start + n].to(x.dtype)
+        sin = self.sin[start:start + n].to(x.dtype)
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        return out.flatten(-2)
+
+    def attention(self, i, x, start=0, cache=None):
+        b, n, _ = x.shape
+        h, kv, dh = self.cfg["n_heads"], self.cfg["n_kv_heads"], self.d_head
+        pre = f"blocks.{i}.attn."
+        q = (x @ self.p(pre + "q_proj").t()).view(b, n, h, dh).transpose(1, 2)
+        k = (x @ self.p(pre + "k_proj").t()).view(b, n, kv, dh).transpose(1, 2)
+        v = (x @ self.p(pre + "v_proj").t()).view(b, n, kv, dh).transpose(1, 2)
+        q, k = self.rope(q, start), self.rope(k, start)
+        if cache is not None:
+            k, v = cache.update(i, k, v, start)
+        causal = cache is None or n > 1
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and k.shape[-2] == n, enable_gqa=(kv != h)) \
+            if (k.shape[-2] == n or n == 1) else self._masked(q, k, v, start)
+        out = out.transpose(1, 2).reshape(b, n, h * dh)
+        return out @ self.p(pre + "output_proj").t()
+
+    def _masked(self, q, k, v, start):
+        n, m = q.shape[-2], k.shape[-2]
+        mask = torch.arange(m, device=q.device)[None, :] <= (torch.arange(n, device=q.device)[:, None] + m - n)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def forward(self, tokens, start=0, cache=None):
+        x = F.embedding(tokens, self.params["token_embedding"])
+        for i in range(self.cfg["n_layers"]):
+            b = f"blocks.{i}."
+            x = x + self.attention(i, self.rms(x, self.p(b + "attn_norm.weight")), start, cache)
+            hdn = self.rms(x, self.p(b + "ffn_norm.weight"))
+            gate = F.silu(hdn @ self.p(b + "ffn.w1").t()) * (hdn @ self.p(b + "ffn.w3").t())
+            x = x + gate @ self.p(b + "ffn.w2").t()
+        x = self.rms(x, self.params["final_norm__weight"])
+        return x @ self.params["lm_head"].t()
+
+
+class KvCache:
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        dh = cfg["d_model"] // cfg["n_heads"]
+        shape = (cfg["n_layers"], batch, cfg["n_kv_heads"], max_len, dh)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+
+    def update(self, layer, k, v, start):
+        n = k.shape[-2]
+        self.k[layer, :, :, start:start + n] = k
+        self.v[layer, :, :, start:start + n] = v
+        return self.k[layer, :, :, :start + n], self.v[layer, :, :, :start + n]
+
+
+def adamw(model, cfg_opt):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg_opt["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg_opt["lr"], betas=(cfg_opt["beta1"], cfg_opt["beta2"]), eps=cfg_opt["eps"])
+
+
+def cosine_lr(step, max_lr, min_lr, warmup, total):
+    if step < warmup:
+        return max_lr * step / warmup
+    if step >= total:
+        return min_lr
+    progress = (step - warmup) / max(total - warmup, 1)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def parity(args):
+    from safetensors.torch import load_file
+    with open(f"{args.dir}/parity.json") as f:
+        spec = json.load(f)
+    cfg = load_config(f"{args.dir}/config.json")
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.dtype == "f32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    model = Twin(cfg).to(args.device)
+    model.load_rust({k: v for k, v in load_file(f"{args.dir}/init.safetensors").items()})
+    model = model.to(dtype)
+    batches = load_file(f"{args.dir}/batches.safetensors")
+    opt = adamw(model, spec["adamw"] | {"lr": spec["schedule"]["max_lr"]})
+    s = spec["schedule"]
+    losses = []
+    for step in range(spec["steps"]):
+        x = batches[f"x.{step}"].long().to(args.device)
+        y = batches[f"y.{step}"].long().to(args.device)
+        lr = cosine_lr(step, s["max_lr"], s["min_lr"], s["warmup_steps"], s["total_steps"])
+        for g in opt.param_groups:
+            g["lr"] = lr
+        logits = model(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.get("clip_norm"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s["clip_norm"])
+        opt.step()
+        losses.append(loss.item())
+    ours = spec["losses"]
+    rel = [abs(a - b) / abs(b) for a, b in zip(losses, ours)]
+    print(f"steps {len(losses)}: twin first/last {losses[0]:.4f}/{losses[-1]:.4f}, rust {ours[0]:.4f}/{ours[-1]:.4f}")
+    print(f"max relative difference {max(rel):.4%}, mean {sum(rel) / len(rel):.4%}")
+    out = {"twin_losses": losses, "rust_losses": ours, "max_rel_diff": max(rel), "mean_rel_diff": sum(rel) / len(rel),
+           "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "dtype": args.dtype}
+    if args.json:
+        json.dump(out, open(args.json, "w"), indent=1)
+    return out
+
+
+def train_bench(args):
+    cfg = load_config(args.config)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    model = Twin(cfg).to(args.device)
+    model.init_like_rust()
+    model = model.to(dtype)
+    step_fn = torch.compile(model) if args.compile else model
+    opt = adamw(model, {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1})
+    ctx = cfg["max_seq_len"]
+    torch.cuda.reset_peak_memory_stats() if args.device.startswith("cuda") else None
+    times = []
+    for step in range(args.warmup + args.steps):
+        x = torch.randint(0, cfg["vocab_size"], (args.batch, ctx), device=args.device)
+        y = torch.randint(0, cfg["vocab_size"], (args.batch, ctx), device=args.device)
+        sync(args.device)
+        t0 = time.perf_counter()
+        logits = step_fn(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sync(args.device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    med = times[len(times) // 2]
+    tok_s = args.batch * ctx / med
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = 6 * n_params + 12 * cfg["n_layers"] * cfg["d_model"] * ctx  # 6N + attention (causal counted fully)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
+    name = "torch.compile" if args.compile else "eager"
+    print(f"pytorch {name} {args.dtype}: {tok_s:,.0f} tokens/s, {med * 1e3:.1f} ms/step, ~{tok_s * flops_per_token / 1e12:.1f} TFLOP/s, peak {peak:.2f} GiB")
+    out = {"impl": f"pytorch-{name}", "dtype": args.dtype, "batch": args.batch, "tokens_per_s": tok_s, "ms_per_step": med * 1e3,
+           "tflops": tok_s * flops_per_token / 1e12, "peak_gib": peak, "params": n_params,
+           "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    if args.json:
+        json.dump(out, open(args.json, "w"), indent=1)
+    return out
+
+
+@torch.no_grad()
+def decode_bench(args):
+    cfg = load_config(args.config)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    cfg = dict(cfg, max_seq_len=max(cfg["max_seq_len"], args.prompt + args.new))
+    model = Twin(cfg).to(args.device)
+    model.init_like_rust()
+    model = model.to(dtype).eval()
+    results = []
+    for rep in range(2):  # the first repetition warms up
+        cache = KvCache(cfg, args.batch, args.prompt + args.new, dtype, args.device)
+        prompt = torch.randint(0, cfg["vocab_size"], (args.batch, args.prompt), device=args.device)
+        sync(args.device)
+        t0 = time.perf_counter()
+        logits = model(prompt, 0, cache)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        sync(args.device)
+        t1 = time.perf_counter()
+        for i in range(args.new - 1):
+            logits = model(tok, args.prompt + i, cache)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+        sync(args.device)
+        t2 = time.perf_counter()
+        results.append((t1 - t0, t2 - t1))
+    prefill, decode = results[-1]
+    tok_s = args.batch * (args.new - 1) / decode
+    print(f"pytorch eager decode {args.dtype} batch {args.batch}: prefill {prefill * 1e3:.1f} ms, {decode / (args.new - 1) * 1e3:.2f} ms/step, {tok_s:,.0f} tokens/s")
+    out = {"impl": "pytorch-eager", "dtype": args.dtype, "batch": args.batch, "prefill_ms": prefill * 1e3,
+           "ms_per_token_step": decode / (args.new - 1) * 1e3, "tokens_per_s": tok_s,
+           "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    if args.json:
+        json.dump(out, open(args.json, "w"), indent=1)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("parity")
+    p.add_argument("dir")
+    for q in (p,):
+        pass
+    t = sub.add_parser("train-bench")
+    t.add_argument("--config", required=True)
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--warmup", type=int, default=5)
+    t.add_argument("--compile", action="store_true")
+    d = sub.add_parser("decode-bench")
+    d.add_argument("--config", required=True)
+    d.add_argument("--batch", type=int, default=1)
+    d.add_argument("--prompt", type=int, default=128)
+    d.add_argument("--new", type=int, default=512)
+    for q in (p, t, d):
+        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        q.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+        q.add_argument("--json")
+    args = ap.parse_args()
+    {"parity": parity, "train-bench": train_bench, "decode-bench": decode_bench}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
