@@ -19,7 +19,19 @@ pub const BLOCK_Q: usize = 32;
 pub const BLOCK_K: usize = 64;
 
 /// The float type the loops accumulate in: f32 or f64.
-pub trait Acc: Copy + Send + Sync + PartialOrd + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + AddAssign + MulAssign + 'static {
+pub trait Acc:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + AddAssign
+    + MulAssign
+    + 'static
+{
     const ZERO: Self;
     const ONE: Self;
     const NEG_INF: Self;
@@ -112,8 +124,19 @@ fn axpy<A: Acc>(y: &mut [A], a: A, x: &[A]) {
 
 /// Forward of one head: `q (n_q, d)`, `k (n_k, d)`, `v (n_k, d_v)` → `o (n_q, d_v)`, `lse (n_q)`.
 #[allow(clippy::too_many_arguments)]
-pub fn forward_head<A: Acc>(q: &[A], k: &[A], v: &[A], dims: Dims, scale: A, causal: bool, o: &mut [A], lse: &mut [A]) {
-    let Dims { n_q, n_k, d, d_v, .. } = dims;
+pub fn forward_head<A: Acc>(
+    q: &[A],
+    k: &[A],
+    v: &[A],
+    dims: Dims,
+    scale: A,
+    causal: bool,
+    o: &mut [A],
+    lse: &mut [A],
+) {
+    let Dims {
+        n_q, n_k, d, d_v, ..
+    } = dims;
     let mut s = vec![A::ZERO; BLOCK_K]; // one row of one tile of scores
     let mut m = vec![A::NEG_INF; BLOCK_Q]; // running max per row
     let mut l = vec![A::ZERO; BLOCK_Q]; // running sum of exp per row
@@ -124,7 +147,11 @@ pub fn forward_head<A: Acc>(q: &[A], k: &[A], v: &[A], dims: Dims, scale: A, cau
         l.fill(A::ZERO);
         acc.fill(A::ZERO);
         // Causal: keys past the last row's diagonal are never visited (whole tiles skipped).
-        let k_end = if causal { (i0 + rows + dims.causal_offset()).min(n_k) } else { n_k };
+        let k_end = if causal {
+            (i0 + rows + dims.causal_offset()).min(n_k)
+        } else {
+            n_k
+        };
         for j0 in (0..k_end).step_by(BLOCK_K) {
             let cols = BLOCK_K.min(k_end - j0);
             for r in 0..rows {
@@ -157,7 +184,10 @@ pub fn forward_head<A: Acc>(q: &[A], k: &[A], v: &[A], dims: Dims, scale: A, cau
         for r in 0..rows {
             let i = i0 + r;
             let inv = A::ONE / l[r];
-            for (o_x, &a) in o[i * d_v..(i + 1) * d_v].iter_mut().zip(&acc[r * d_v..(r + 1) * d_v]) {
+            for (o_x, &a) in o[i * d_v..(i + 1) * d_v]
+                .iter_mut()
+                .zip(&acc[r * d_v..(r + 1) * d_v])
+            {
                 *o_x = a * inv;
             }
             lse[i] = m[r] + l[r].ln();
@@ -166,15 +196,40 @@ pub fn forward_head<A: Acc>(q: &[A], k: &[A], v: &[A], dims: Dims, scale: A, cau
 }
 
 /// Forward of all `bh` heads in parallel: returns `(O (bh·n_q·d_v), L (bh·n_q))`.
-pub fn forward<A: Acc>(q: &[A], k: &[A], v: &[A], dims: Dims, scale: A, causal: bool) -> (Vec<A>, Vec<A>) {
-    let Dims { bh, n_q, n_k, d, d_v } = dims;
+pub fn forward<A: Acc>(
+    q: &[A],
+    k: &[A],
+    v: &[A],
+    dims: Dims,
+    scale: A,
+    causal: bool,
+) -> (Vec<A>, Vec<A>) {
+    let Dims {
+        bh,
+        n_q,
+        n_k,
+        d,
+        d_v,
+    } = dims;
     let mut o = vec![A::ZERO; bh * n_q * d_v];
     let mut lse = vec![A::ZERO; bh * n_q];
-    o.par_chunks_mut(n_q * d_v).zip(lse.par_chunks_mut(n_q)).enumerate().for_each(|(h, (o_h, lse_h))| {
-        let (qs, ks) = (h * n_q * d, h * n_k * d);
-        let vs = h * n_k * d_v;
-        forward_head(&q[qs..qs + n_q * d], &k[ks..ks + n_k * d], &v[vs..vs + n_k * d_v], dims, scale, causal, o_h, lse_h);
-    });
+    o.par_chunks_mut(n_q * d_v)
+        .zip(lse.par_chunks_mut(n_q))
+        .enumerate()
+        .for_each(|(h, (o_h, lse_h))| {
+            let (qs, ks) = (h * n_q * d, h * n_k * d);
+            let vs = h * n_k * d_v;
+            forward_head(
+                &q[qs..qs + n_q * d],
+                &k[ks..ks + n_k * d],
+                &v[vs..vs + n_k * d_v],
+                dims,
+                scale,
+                causal,
+                o_h,
+                lse_h,
+            );
+        });
     (o, lse)
 }
 
@@ -188,18 +243,37 @@ pub struct HeadGrads<'a, A> {
 /// Backward of one head (FlashAttention-2 order: key blocks outside, queries inside), given the
 /// forward's output `o`, its row log-sum-exp `lse` and the output gradient `d_o`.
 #[allow(clippy::too_many_arguments)]
-pub fn backward_head<A: Acc>(q: &[A], k: &[A], v: &[A], o: &[A], d_o: &[A], lse: &[A], dims: Dims, scale: A, causal: bool, g: HeadGrads<'_, A>) {
-    let Dims { n_q, n_k, d, d_v, .. } = dims;
+pub fn backward_head<A: Acc>(
+    q: &[A],
+    k: &[A],
+    v: &[A],
+    o: &[A],
+    d_o: &[A],
+    lse: &[A],
+    dims: Dims,
+    scale: A,
+    causal: bool,
+    g: HeadGrads<'_, A>,
+) {
+    let Dims {
+        n_q, n_k, d, d_v, ..
+    } = dims;
     let HeadGrads { dq, dk, dv } = g;
     // D_i = rowsum(dO ∘ O)_i  (= Σⱼ Pᵢⱼ dPᵢⱼ)
-    let big_d: Vec<A> = (0..n_q).map(|i| dot(&d_o[i * d_v..(i + 1) * d_v], &o[i * d_v..(i + 1) * d_v])).collect();
+    let big_d: Vec<A> = (0..n_q)
+        .map(|i| dot(&d_o[i * d_v..(i + 1) * d_v], &o[i * d_v..(i + 1) * d_v]))
+        .collect();
     dq.fill(A::ZERO);
     dk.fill(A::ZERO);
     dv.fill(A::ZERO);
     for j0 in (0..n_k).step_by(BLOCK_K) {
         let cols = BLOCK_K.min(n_k - j0);
         // Causal: the first query that sees key j0 has i + offset ≥ j0; earlier ones are skipped.
-        let i_start = if causal { j0.saturating_sub(dims.causal_offset()) } else { 0 };
+        let i_start = if causal {
+            j0.saturating_sub(dims.causal_offset())
+        } else {
+            0
+        };
         for i in i_start..n_q {
             let seen = dims.visible(causal, i, j0, cols);
             let (q_i, do_i) = (&q[i * d..(i + 1) * d], &d_o[i * d_v..(i + 1) * d_v]);
@@ -219,26 +293,46 @@ pub fn backward_head<A: Acc>(q: &[A], k: &[A], v: &[A], o: &[A], d_o: &[A], lse:
 
 /// Backward of all heads in parallel: returns `(dQ, dK, dV)`, each laid out like its input.
 #[allow(clippy::too_many_arguments)]
-pub fn backward<A: Acc>(q: &[A], k: &[A], v: &[A], o: &[A], d_o: &[A], lse: &[A], dims: Dims, scale: A, causal: bool) -> (Vec<A>, Vec<A>, Vec<A>) {
-    let Dims { bh, n_q, n_k, d, d_v } = dims;
+pub fn backward<A: Acc>(
+    q: &[A],
+    k: &[A],
+    v: &[A],
+    o: &[A],
+    d_o: &[A],
+    lse: &[A],
+    dims: Dims,
+    scale: A,
+    causal: bool,
+) -> (Vec<A>, Vec<A>, Vec<A>) {
+    let Dims {
+        bh,
+        n_q,
+        n_k,
+        d,
+        d_v,
+    } = dims;
     let mut dq = vec![A::ZERO; bh * n_q * d];
     let mut dk = vec![A::ZERO; bh * n_k * d];
     let mut dv = vec![A::ZERO; bh * n_k * d_v];
-    dq.par_chunks_mut(n_q * d).zip(dk.par_chunks_mut(n_k * d)).zip(dv.par_chunks_mut(n_k * d_v)).enumerate().for_each(|(h, ((dq, dk), dv))| {
-        let (qs, ks, vs, os) = (h * n_q * d, h * n_k * d, h * n_k * d_v, h * n_q * d_v);
-        backward_head(
-            &q[qs..qs + n_q * d],
-            &k[ks..ks + n_k * d],
-            &v[vs..vs + n_k * d_v],
-            &o[os..os + n_q * d_v],
-            &d_o[os..os + n_q * d_v],
-            &lse[h * n_q..(h + 1) * n_q],
-            dims,
-            scale,
-            causal,
-            HeadGrads { dq, dk, dv },
-        );
-    });
+    dq.par_chunks_mut(n_q * d)
+        .zip(dk.par_chunks_mut(n_k * d))
+        .zip(dv.par_chunks_mut(n_k * d_v))
+        .enumerate()
+        .for_each(|(h, ((dq, dk), dv))| {
+            let (qs, ks, vs, os) = (h * n_q * d, h * n_k * d, h * n_k * d_v, h * n_q * d_v);
+            backward_head(
+                &q[qs..qs + n_q * d],
+                &k[ks..ks + n_k * d],
+                &v[vs..vs + n_k * d_v],
+                &o[os..os + n_q * d_v],
+                &d_o[os..os + n_q * d_v],
+                &lse[h * n_q..(h + 1) * n_q],
+                dims,
+                scale,
+                causal,
+                HeadGrads { dq, dk, dv },
+            );
+        });
     (dq, dk, dv)
 }
 
@@ -258,7 +352,13 @@ mod tests {
 
     #[test]
     fn visible_keys_follow_the_end_aligned_diagonal() {
-        let dims = Dims { bh: 1, n_q: 2, n_k: 5, d: 1, d_v: 1 };
+        let dims = Dims {
+            bh: 1,
+            n_q: 2,
+            n_k: 5,
+            d: 1,
+            d_v: 1,
+        };
         // offset 3: query 0 sees keys 0..=3, query 1 sees 0..=4.
         assert_eq!(dims.visible(true, 0, 0, 5), 4);
         assert_eq!(dims.visible(true, 1, 0, 5), 5);

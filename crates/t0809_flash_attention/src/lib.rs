@@ -71,14 +71,26 @@ pub fn default_softmax_scale(d_head: usize) -> f64 {
 /// → `(batch, heads, n_q, d_v)`. All three on one device, of one dtype: f32, f16, bf16 (f64 on
 /// the CPU). On CUDA: `d = d_v ≤ 128`; the tensor-core kernel runs for bf16/f16 with `d` 64 or
 /// 128, every other case on a simpler fp32-FMA kernel. Inputs are made contiguous here.
-pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f64, causal: bool) -> Result<Tensor> {
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
     Ok(flash_attention_with_lse(q, k, v, softmax_scale, causal)?.0)
 }
 
 /// [`flash_attention`] that also returns the row log-sum-exp `L (batch, heads, n_q)`
 /// (`L = ln Σⱼ exp(sᵢⱼ)` over the keys query `i` may attend, in f32, f64 for f64 inputs).
 /// `L` is detached: gradients flow through the output only.
-pub fn flash_attention_with_lse(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f64, causal: bool) -> Result<(Tensor, Tensor)> {
+pub fn flash_attention_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f64,
+    causal: bool,
+) -> Result<(Tensor, Tensor)> {
     check_inputs(q, k, v, softmax_scale, causal)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let op = FlashAttention::new(softmax_scale, causal);
@@ -92,7 +104,13 @@ pub fn flash_attention_with_lse(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scal
 }
 
 /// Checks shapes, dtypes and devices at the public boundary, with messages naming the values.
-pub fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f64, causal: bool) -> Result<()> {
+pub fn check_inputs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f64,
+    causal: bool,
+) -> Result<()> {
     let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
     if qd.len() != 4 || kd.len() != 4 || vd.len() != 4 {
         bail!("flash_attention: q {qd:?}, k {kd:?}, v {vd:?} must all be 4-D (batch, heads, seq, d_head)");
@@ -101,40 +119,71 @@ pub fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f64, caus
         bail!("flash_attention: (batch, heads) differ: q {qd:?}, k {kd:?}, v {vd:?}");
     }
     if qd[3] != kd[3] {
-        bail!("flash_attention: query width {} ≠ key width {} (q {qd:?}, k {kd:?})", qd[3], kd[3]);
+        bail!(
+            "flash_attention: query width {} ≠ key width {} (q {qd:?}, k {kd:?})",
+            qd[3],
+            kd[3]
+        );
     }
     if kd[2] != vd[2] {
-        bail!("flash_attention: {} keys but {} values (k {kd:?}, v {vd:?})", kd[2], vd[2]);
+        bail!(
+            "flash_attention: {} keys but {} values (k {kd:?}, v {vd:?})",
+            kd[2],
+            vd[2]
+        );
     }
     if qd.iter().chain(kd).chain(vd).any(|&n| n == 0) {
         bail!("flash_attention: empty dimension in q {qd:?}, k {kd:?}, v {vd:?}");
     }
     if causal && qd[2] > kd[2] {
-        bail!("flash_attention: causal attention needs n_q ≤ n_k, got n_q = {} > n_k = {}", qd[2], kd[2]);
+        bail!(
+            "flash_attention: causal attention needs n_q ≤ n_k, got n_q = {} > n_k = {}",
+            qd[2],
+            kd[2]
+        );
     }
     if !softmax_scale.is_finite() || softmax_scale <= 0.0 {
         bail!("flash_attention: softmax_scale must be finite and > 0, got {softmax_scale}");
     }
     let dt = q.dtype();
     if k.dtype() != dt || v.dtype() != dt {
-        bail!("flash_attention: dtypes differ: q {:?}, k {:?}, v {:?}", dt, k.dtype(), v.dtype());
+        bail!(
+            "flash_attention: dtypes differ: q {:?}, k {:?}, v {:?}",
+            dt,
+            k.dtype(),
+            v.dtype()
+        );
     }
     if !matches!(dt, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
-        bail!("flash_attention: dtype {dt:?} not supported (use f32, f16, bf16, or f64 on the CPU)");
+        bail!(
+            "flash_attention: dtype {dt:?} not supported (use f32, f16, bf16, or f64 on the CPU)"
+        );
     }
     let dev = q.device();
     if !k.device().same_device(dev) || !v.device().same_device(dev) {
-        bail!("flash_attention: q, k, v are on different devices ({:?}, {:?}, {:?})", dev.location(), k.device().location(), v.device().location());
+        bail!(
+            "flash_attention: q, k, v are on different devices ({:?}, {:?}, {:?})",
+            dev.location(),
+            k.device().location(),
+            v.device().location()
+        );
     }
     if dev.is_cuda() {
         if dt == DType::F64 {
             bail!("flash_attention: f64 is CPU-only; on CUDA use f32, f16 or bf16");
         }
         if qd[3] != vd[3] || qd[3] > 128 {
-            bail!("flash_attention on CUDA needs d_head = d_v ≤ 128, got d_head {} and d_v {}", qd[3], vd[3]);
+            bail!(
+                "flash_attention on CUDA needs d_head = d_v ≤ 128, got d_head {} and d_v {}",
+                qd[3],
+                vd[3]
+            );
         }
     } else if !dev.is_cpu() {
-        bail!("flash_attention: device {:?} not supported (CPU or CUDA)", dev.location());
+        bail!(
+            "flash_attention: device {:?} not supported (CPU or CUDA)",
+            dev.location()
+        );
     }
     Ok(())
 }
@@ -142,11 +191,20 @@ pub fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f64, caus
 /// The naive path of 8-01 with an arbitrary scale and an optional end-aligned causal mask:
 /// `softmax(Q·Kᵀ·scale)·V`, materialising the `(…, n_q, n_k)` matrices. `q` is pre-multiplied by
 /// `scale·√d` because t0801 divides by `√d` itself.
-pub fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f64, causal: bool) -> Result<Tensor> {
+pub fn naive_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
     let d = q.dim(candle_core::D::Minus1)?;
     let q = (q * (softmax_scale * (d as f64).sqrt()))?;
     let mask = if causal {
-        let (n_q, n_k) = (q.dim(candle_core::D::Minus2)?, k.dim(candle_core::D::Minus2)?);
+        let (n_q, n_k) = (
+            q.dim(candle_core::D::Minus2)?,
+            k.dim(candle_core::D::Minus2)?,
+        );
         Some(t0801_self_attention::causal_mask(n_q, n_k, q.device())?)
     } else {
         None
@@ -157,7 +215,11 @@ pub fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f64, c
 /// 8-02's multi-head self-attention layer with FlashAttention in place of the naive attention:
 /// the same projections, heads and output projection, `x (batch, seq, d_model)` →
 /// `(batch, seq, d_model)`, without the `(batch, heads, seq, seq)` weights.
-pub fn mha_flash_forward(mha: &t0802_multi_head_attention::MultiHeadAttention, x: &Tensor, causal: bool) -> Result<Tensor> {
+pub fn mha_flash_forward(
+    mha: &t0802_multi_head_attention::MultiHeadAttention,
+    x: &Tensor,
+    causal: bool,
+) -> Result<Tensor> {
     shared::params::expect_last_dim(x, mha.cfg.d_model, "mha_flash_forward input")?;
     let proj = |w: &Tensor, i: usize| match &mha.biases {
         Some(b) => shared::linear_with_bias(x, w, &b[i]),
@@ -178,7 +240,13 @@ pub fn mha_flash_forward(mha: &t0802_multi_head_attention::MultiHeadAttention, x
 /// Forward FLOPs of attention as benchmarks count them: `4·batch·heads·n_q·n_k·d` (two matmuls),
 /// halved when causal. The backward is counted as 2.5× the forward (five matmuls instead of
 /// two).
-pub fn attention_fwd_flops(batch_heads: usize, n_q: usize, n_k: usize, d: usize, causal: bool) -> f64 {
+pub fn attention_fwd_flops(
+    batch_heads: usize,
+    n_q: usize,
+    n_k: usize,
+    d: usize,
+    causal: bool,
+) -> f64 {
     let f = 4.0 * batch_heads as f64 * n_q as f64 * n_k as f64 * d as f64;
     if causal {
         f / 2.0

@@ -27,7 +27,9 @@
 use crate::cpu::{self, Acc, Dims};
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::{
+    bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
+};
 use half::{bf16, f16};
 use std::sync::{Arc, Mutex};
 
@@ -46,7 +48,11 @@ pub struct FlashAttention {
 
 impl FlashAttention {
     pub fn new(softmax_scale: f64, causal: bool) -> Self {
-        Self { softmax_scale, causal, lse: Arc::new(Mutex::new(None)) }
+        Self {
+            softmax_scale,
+            causal,
+            lse: Arc::new(Mutex::new(None)),
+        }
     }
 
     /// The slot where the forward stores `L`; read it after `apply_op3`.
@@ -67,21 +73,39 @@ pub(crate) fn problem_dims(l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usi
     let (b2, h2, n_k, d2) = l2.shape().dims4()?;
     let (b3, h3, n_k3, d_v) = l3.shape().dims4()?;
     if (b, h, d) != (b2, h2, d2) || (b, h, n_k) != (b3, h3, n_k3) {
-        bail!("flash attention op: q {:?}, k {:?}, v {:?} do not fit together", l1.dims(), l2.dims(), l3.dims());
+        bail!(
+            "flash attention op: q {:?}, k {:?}, v {:?} do not fit together",
+            l1.dims(),
+            l2.dims(),
+            l3.dims()
+        );
     }
     for (name, l) in [("q", l1), ("k", l2), ("v", l3)] {
         if !l.is_contiguous() {
             bail!("flash attention op: {name} must be contiguous (layout {l:?})");
         }
     }
-    Ok((b, h, Dims { bh: b * h, n_q, n_k, d, d_v }))
+    Ok((
+        b,
+        h,
+        Dims {
+            bh: b * h,
+            n_q,
+            n_k,
+            d,
+            d_v,
+        },
+    ))
 }
 
 /// The contiguous elements of `layout` in `data`.
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("flash attention op: non-contiguous input {:?}", layout.dims()),
+        None => bail!(
+            "flash attention op: non-contiguous input {:?}",
+            layout.dims()
+        ),
     }
 }
 
@@ -98,21 +122,44 @@ impl CustomOp3 for FlashAttention {
         "flash-attention"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, h, dims) = problem_dims(l1, l2, l3)?;
-        // Widen to the accumulator type A, run the tiled loops, narrow the output back to T.
+        // f32/f64 run in place; f16/bf16 are widened to f32 and the output narrowed back.
         macro_rules! run {
+            ($t:ty) => {{
+                let q = contiguous(s1.as_slice::<$t>()?, l1)?;
+                let k = contiguous(s2.as_slice::<$t>()?, l2)?;
+                let v = contiguous(s3.as_slice::<$t>()?, l3)?;
+                let (o, lse) =
+                    cpu::forward::<$t>(q, k, v, dims, self.softmax_scale as $t, self.causal);
+                (
+                    <$t>::to_cpu_storage_owned(o),
+                    <$t>::to_cpu_storage_owned(lse),
+                )
+            }};
             ($t:ty, $a:ty) => {{
                 let q = widen::<$t, $a>(contiguous(s1.as_slice::<$t>()?, l1)?);
                 let k = widen::<$t, $a>(contiguous(s2.as_slice::<$t>()?, l2)?);
                 let v = widen::<$t, $a>(contiguous(s3.as_slice::<$t>()?, l3)?);
-                let (o, lse) = cpu::forward::<$a>(&q, &k, &v, dims, self.softmax_scale as $a, self.causal);
-                (<$t>::to_cpu_storage_owned(narrow_to::<$t, $a>(&o)), <$a>::to_cpu_storage_owned(lse))
+                let (o, lse) =
+                    cpu::forward::<$a>(&q, &k, &v, dims, self.softmax_scale as $a, self.causal);
+                (
+                    <$t>::to_cpu_storage_owned(narrow_to::<$t, $a>(&o)),
+                    <$a>::to_cpu_storage_owned(lse),
+                )
             }};
         }
         let (o, lse) = match s1.dtype() {
-            DType::F32 => run!(f32, f32),
-            DType::F64 => run!(f64, f64),
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
             DType::BF16 => run!(bf16, f32),
             DType::F16 => run!(f16, f32),
             dt => bail!("flash attention: dtype {dt:?} not supported on the CPU"),
@@ -122,14 +169,39 @@ impl CustomOp3 for FlashAttention {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, h, dims) = problem_dims(l1, l2, l3)?;
-        let (o, lse) = crate::cuda::forward(s1, l1, s2, l2, s3, l3, dims, self.softmax_scale as f32, self.causal)?;
+        let (o, lse) = crate::cuda::forward(
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3,
+            dims,
+            self.softmax_scale as f32,
+            self.causal,
+        )?;
         self.save_lse(Storage::Cuda(lse), b, h, dims.n_q);
         Ok((o, Shape::from((b, h, dims.n_q, dims.d_v))))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let saved = self.lse.lock().expect("lse slot").clone();
         let lse = match saved {
             Some(lse) => lse,
@@ -145,7 +217,16 @@ impl CustomOp3 for FlashAttention {
                 }
             }
         };
-        let (dq, dk, dv) = flash_attention_backward(q, k, v, res, grad_res, &lse, self.softmax_scale, self.causal)?;
+        let (dq, dk, dv) = flash_attention_backward(
+            q,
+            k,
+            v,
+            res,
+            grad_res,
+            &lse,
+            self.softmax_scale,
+            self.causal,
+        )?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -154,23 +235,51 @@ impl CustomOp3 for FlashAttention {
 /// and the saved log-sum-exp `lse (batch, heads, n_q)`. Shapes as in [`crate::flash_attention`];
 /// each gradient has the shape and dtype of its input.
 #[allow(clippy::too_many_arguments)]
-pub fn flash_attention_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, d_o: &Tensor, lse: &Tensor, softmax_scale: f64, causal: bool) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn flash_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    d_o: &Tensor,
+    lse: &Tensor,
+    softmax_scale: f64,
+    causal: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, h, n_q, d) = q.dims4()?;
     let (n_k, d_v) = (k.dim(2)?, v.dim(3)?);
     let want_o = [b, h, n_q, d_v];
     if o.dims() != want_o || d_o.dims() != want_o {
-        bail!("flash attention backward: o {:?} and d_o {:?} must be {want_o:?}", o.dims(), d_o.dims());
+        bail!(
+            "flash attention backward: o {:?} and d_o {:?} must be {want_o:?}",
+            o.dims(),
+            d_o.dims()
+        );
     }
     if lse.dims() != [b, h, n_q] {
-        bail!("flash attention backward: lse {:?} must be [{b}, {h}, {n_q}]", lse.dims());
+        bail!(
+            "flash attention backward: lse {:?} must be [{b}, {h}, {n_q}]",
+            lse.dims()
+        );
     }
     let dt = q.dtype();
-    let lse_dt = if dt == DType::F64 { DType::F64 } else { DType::F32 };
+    let lse_dt = if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     if o.dtype() != dt || d_o.dtype() != dt || lse.dtype() != lse_dt {
         bail!("flash attention backward: dtypes q {dt:?}, o {:?}, d_o {:?}, lse {:?} (lse must be {lse_dt:?})", o.dtype(), d_o.dtype(), lse.dtype());
     }
-    let op = FlashAttentionBackward { softmax_scale, causal, o: o.contiguous()?, d_o: d_o.contiguous()?, lse: lse.contiguous()? };
-    let packed = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?; // [dQ | dK | dV]
+    let op = FlashAttentionBackward {
+        softmax_scale,
+        causal,
+        o: o.contiguous()?,
+        d_o: d_o.contiguous()?,
+        lse: lse.contiguous()?,
+    };
+    let packed = q
+        .contiguous()?
+        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?; // [dQ | dK | dV]
     let (n1, n2, n3) = (b * h * n_q * d, b * h * n_k * d, b * h * n_k * d_v);
     let dq = packed.narrow(0, 0, n1)?.reshape((b, h, n_q, d))?;
     let dk = packed.narrow(0, n1, n2)?.reshape((b, h, n_k, d))?;
@@ -194,15 +303,45 @@ impl CustomOp3 for FlashAttentionBackward {
         "flash-attention-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (_, _, dims) = problem_dims(l1, l2, l3)?;
         let (o_guard, o_layout) = self.o.storage_and_layout();
         let (do_guard, do_layout) = self.d_o.storage_and_layout();
         let (lse_guard, lse_layout) = self.lse.storage_and_layout();
-        let (Storage::Cpu(o_s), Storage::Cpu(do_s), Storage::Cpu(lse_s)) = (&*o_guard, &*do_guard, &*lse_guard) else {
+        let (Storage::Cpu(o_s), Storage::Cpu(do_s), Storage::Cpu(lse_s)) =
+            (&*o_guard, &*do_guard, &*lse_guard)
+        else {
             bail!("flash attention backward: o, d_o and lse must be on the CPU with q, k, v");
         };
         macro_rules! run {
+            ($t:ty) => {{
+                let q = contiguous(s1.as_slice::<$t>()?, l1)?;
+                let k = contiguous(s2.as_slice::<$t>()?, l2)?;
+                let v = contiguous(s3.as_slice::<$t>()?, l3)?;
+                let o = contiguous(o_s.as_slice::<$t>()?, o_layout)?;
+                let d_o = contiguous(do_s.as_slice::<$t>()?, do_layout)?;
+                let lse = contiguous(lse_s.as_slice::<$t>()?, lse_layout)?;
+                let (dq, dk, dv) = cpu::backward::<$t>(
+                    q,
+                    k,
+                    v,
+                    o,
+                    d_o,
+                    lse,
+                    dims,
+                    self.softmax_scale as $t,
+                    self.causal,
+                );
+                <$t>::to_cpu_storage_owned([dq, dk, dv].concat())
+            }};
             ($t:ty, $a:ty) => {{
                 let q = widen::<$t, $a>(contiguous(s1.as_slice::<$t>()?, l1)?);
                 let k = widen::<$t, $a>(contiguous(s2.as_slice::<$t>()?, l2)?);
@@ -210,7 +349,17 @@ impl CustomOp3 for FlashAttentionBackward {
                 let o = widen::<$t, $a>(contiguous(o_s.as_slice::<$t>()?, o_layout)?);
                 let d_o = widen::<$t, $a>(contiguous(do_s.as_slice::<$t>()?, do_layout)?);
                 let lse = contiguous(lse_s.as_slice::<$a>()?, lse_layout)?;
-                let (dq, dk, dv) = cpu::backward::<$a>(&q, &k, &v, &o, &d_o, lse, dims, self.softmax_scale as $a, self.causal);
+                let (dq, dk, dv) = cpu::backward::<$a>(
+                    &q,
+                    &k,
+                    &v,
+                    &o,
+                    &d_o,
+                    lse,
+                    dims,
+                    self.softmax_scale as $a,
+                    self.causal,
+                );
                 let mut packed: Vec<$t> = Vec::with_capacity(dq.len() + dk.len() + dv.len());
                 for g in [&dq, &dk, &dv] {
                     packed.extend(narrow_to::<$t, $a>(g));
@@ -219,8 +368,8 @@ impl CustomOp3 for FlashAttentionBackward {
             }};
         }
         let packed = match s1.dtype() {
-            DType::F32 => run!(f32, f32),
-            DType::F64 => run!(f64, f64),
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
             DType::BF16 => run!(bf16, f32),
             DType::F16 => run!(f16, f32),
             dt => bail!("flash attention backward: dtype {dt:?} not supported on the CPU"),
@@ -230,16 +379,33 @@ impl CustomOp3 for FlashAttentionBackward {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (_, _, dims) = problem_dims(l1, l2, l3)?;
         let (o_guard, o_layout) = self.o.storage_and_layout();
         let (do_guard, do_layout) = self.d_o.storage_and_layout();
         let (lse_guard, lse_layout) = self.lse.storage_and_layout();
-        let (Storage::Cuda(o_s), Storage::Cuda(do_s), Storage::Cuda(lse_s)) = (&*o_guard, &*do_guard, &*lse_guard) else {
+        let (Storage::Cuda(o_s), Storage::Cuda(do_s), Storage::Cuda(lse_s)) =
+            (&*o_guard, &*do_guard, &*lse_guard)
+        else {
             bail!("flash attention backward: o, d_o and lse must be on the GPU with q, k, v");
         };
         let packed = crate::cuda::backward(
-            crate::cuda::BwdInputs { q: (s1, l1), k: (s2, l2), v: (s3, l3), o: (o_s, o_layout), d_o: (do_s, do_layout), lse: (lse_s, lse_layout) },
+            crate::cuda::BwdInputs {
+                q: (s1, l1),
+                k: (s2, l2),
+                v: (s3, l3),
+                o: (o_s, o_layout),
+                d_o: (do_s, do_layout),
+                lse: (lse_s, lse_layout),
+            },
             dims,
             self.softmax_scale as f32,
             self.causal,

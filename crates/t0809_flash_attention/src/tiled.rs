@@ -17,7 +17,15 @@ use candle_core::{bail, DType, Device, Result, Tensor, D};
 /// `q (b, h, n_q, d)`, `k (b, h, n_k, d)`, `v (b, h, n_k, d_v)` → `O (b, h, n_q, d_v)` and the row
 /// log-sum-exp `L (b, h, n_q)` (same dtype as the inputs). Causal masks are end-aligned
 /// (`j ≤ i + n_k − n_q`); key blocks entirely above the diagonal are skipped.
-pub fn flash_attention_tensor_ops(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, softmax_scale: f64, block_q: usize, block_k: usize) -> Result<(Tensor, Tensor)> {
+pub fn flash_attention_tensor_ops(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    softmax_scale: f64,
+    block_q: usize,
+    block_k: usize,
+) -> Result<(Tensor, Tensor)> {
     crate::check_inputs(q, k, v, softmax_scale, causal)?;
     if block_q == 0 || block_k == 0 {
         bail!("flash_attention_tensor_ops: block sizes must be ≥ 1, got block_q {block_q}, block_k {block_k}");
@@ -29,11 +37,16 @@ pub fn flash_attention_tensor_ops(q: &Tensor, k: &Tensor, v: &Tensor, causal: bo
     for i0 in (0..n_q).step_by(block_q) {
         let rows = block_q.min(n_q - i0);
         let q_i = (q.narrow(2, i0, rows)? * softmax_scale)?; // (b, h, rows, d), pre-scaled
-        let mut m = Tensor::full(f32::NEG_INFINITY, (b, h, rows, 1), q.device())?.to_dtype(q.dtype())?; // running max
+        let mut m =
+            Tensor::full(f32::NEG_INFINITY, (b, h, rows, 1), q.device())?.to_dtype(q.dtype())?; // running max
         let mut l = Tensor::zeros((b, h, rows, 1), q.dtype(), q.device())?; // running sum of exp
         let mut acc = Tensor::zeros((b, h, rows, d_v), q.dtype(), q.device())?; // unnormalised output
-        // Causal: the last query of this block sees keys < i0 + rows + offset; later blocks are skipped.
-        let k_end = if causal { (i0 + rows + offset).min(n_k) } else { n_k };
+                                                                                // Causal: the last query of this block sees keys < i0 + rows + offset; later blocks are skipped.
+        let k_end = if causal {
+            (i0 + rows + offset).min(n_k)
+        } else {
+            n_k
+        };
         for j0 in (0..k_end).step_by(block_k) {
             let cols = block_k.min(k_end - j0);
             let k_j = k.narrow(2, j0, cols)?; // (b, h, cols, d)
@@ -41,7 +54,10 @@ pub fn flash_attention_tensor_ops(q: &Tensor, k: &Tensor, v: &Tensor, causal: bo
             let mut s = q_i.matmul(&k_j.t()?)?; // (b, h, rows, cols): one tile of scores
             if causal && j0 + cols - 1 > i0 + offset {
                 // The tile crosses the diagonal: mask the keys a query may not see.
-                s = t0801_self_attention::mask_scores(&s, &tile_causal_mask(i0, rows, j0, cols, offset, q.device())?)?;
+                s = t0801_self_attention::mask_scores(
+                    &s,
+                    &tile_causal_mask(i0, rows, j0, cols, offset, q.device())?,
+                )?;
             }
             let m_new = m.maximum(&s.max_keepdim(D::Minus1)?.detach())?; // (b, h, rows, 1)
             let p = s.broadcast_sub(&m_new)?.exp()?; // (b, h, rows, cols)
@@ -58,7 +74,16 @@ pub fn flash_attention_tensor_ops(q: &Tensor, k: &Tensor, v: &Tensor, causal: bo
 
 /// The `(rows, cols)` piece of the end-aligned causal mask for queries `i0..i0+rows` and keys
 /// `j0..j0+cols`: 1 where `j ≤ i + offset`.
-fn tile_causal_mask(i0: usize, rows: usize, j0: usize, cols: usize, offset: usize, dev: &Device) -> Result<Tensor> {
-    let data: Vec<u8> = (i0..i0 + rows).flat_map(|i| (j0..j0 + cols).map(move |j| u8::from(j <= i + offset))).collect();
+fn tile_causal_mask(
+    i0: usize,
+    rows: usize,
+    j0: usize,
+    cols: usize,
+    offset: usize,
+    dev: &Device,
+) -> Result<Tensor> {
+    let data: Vec<u8> = (i0..i0 + rows)
+        .flat_map(|i| (j0..j0 + cols).map(move |j| u8::from(j <= i + offset)))
+        .collect();
     Tensor::from_vec(data, (rows, cols), dev)?.to_dtype(DType::U8)
 }

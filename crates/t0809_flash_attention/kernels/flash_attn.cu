@@ -1,0 +1,768 @@
+// FlashAttention forward and backward for Candle (topic 8-09).
+//
+// Layout: q (bh, n_q, d), k (bh, n_k, d), v (bh, n_k, d), o (bh, n_q, d), all contiguous;
+// lse (bh, n_q) f32 holds the natural-log row log-sum-exp L = ln sum_j exp(s_ij).
+// Causal masks are end-aligned: query i sees key j iff j <= i + (n_k - n_q).
+//
+// Two families of kernels:
+//   *_tc_{bf16,f16}_d{64,128}: tensor cores (mma.sync m16n8k16, fp32 accumulators), tiles in
+//       shared memory filled with 16-byte cp.async (XOR-swizzled, conflict-free for ldmatrix).
+//   *_simple_{f32,bf16,f16}:   fp32 FMA, any d <= 128; for f32 inputs and odd shapes.
+// Scores are handled in the log2 domain: x = s * scale * log2(e), p = exp2(x - m).
+//
+// Build: nvcc --ptx -arch=compute_90 (build.rs). See notes/flash-attention.md for versions.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define LOG2E_F 1.4426950408889634f
+#define LN2_F 0.6931471805599453f
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// ---------------------------------------------------------------------------------------------
+// PTX helpers
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; src_bytes = 0 writes zeros (rows past the end).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool pred) {
+  const int n = pred ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// Four 8x8 b16 matrices; lane l supplies the address of row (l % 8) of matrix (l / 8).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// Per-type conversions and the tensor-core instruction.
+template <typename T>
+struct Ops;
+
+template <>
+struct Ops<float> {
+  static __device__ __forceinline__ float to_f(float x) { return x; }
+  static __device__ __forceinline__ float from_f(float x) { return x; }
+};
+
+template <>
+struct Ops<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+  // Two floats -> one register of two bf16 (the first in the low half).
+  static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  // d += a * b  (16x8 += 16x16 * 16x8), fp32 accumulators.
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Ops<__half> {
+  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Element offset of (row, col) in a [rows][D] shared tile whose 16-byte chunks are XOR-swizzled
+// by the row: the 8 rows an ldmatrix reads land in 8 different bank groups.
+template <int D>
+__device__ __forceinline__ int swz(int row, int col) {
+  return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+}
+
+// Rows [row0, row0 + ROWS) of a (n_rows, D) matrix into a swizzled shared tile, 16 bytes per
+// thread per step, consecutive threads on consecutive chunks (coalesced); rows >= n_rows -> 0.
+template <typename T, int D, int ROWS, int NT>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int row0, int n_rows, int tid) {
+  constexpr int CH = D / 8;
+  constexpr int STEPS = (ROWS * CH + NT - 1) / NT;
+#pragma unroll
+  for (int it = 0; it < STEPS; ++it) {
+    const int idx = it * NT + tid;
+    if (ROWS * CH % NT == 0 || idx < ROWS * CH) {
+      const int r = idx / CH, c = idx % CH;
+      const int gr = row0 + r;
+      const bool ok = gr < n_rows;
+      const T* src = g + (size_t)(ok ? gr : 0) * D + c * 8;
+      cp_async16(smem_u32(s + swz<D>(r, c * 8)), src, ok);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward, tensor cores. One CTA = BR = 16*NW query rows of one (batch, head); warp w owns rows
+// 16w..16w+15 (Q fragments stay in registers). Key tiles of BC = 64: S = Q K^T (mma), online
+// softmax on the accumulators, O += P V (P reused from the accumulators as the A operand).
+// Pipeline: V_j loads while S_j is computed; K_{j+1} loads while P_j V_j is computed.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int D, int NW>
+__device__ __forceinline__ void fwd_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
+                                       T* __restrict__ O, float* __restrict__ LSE, int n_q, int n_k,
+                                       float scale_log2, int causal) {
+  constexpr int BR = 16 * NW, BC = 64, NT = 32 * NW;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + BR * D;
+  T* sV = sK + BC * D;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates
+  const int bh = blockIdx.y;
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;  // longest causal blocks first
+  const int offset = n_k - n_q;                       // causal: j <= i + offset (>= 0 then)
+  const T* Qh = Q + (size_t)bh * n_q * D;
+  const T* Kh = K + (size_t)bh * n_k * D;
+  const T* Vh = V + (size_t)bh * n_k * D;
+
+  // Causal: keys past the last row's diagonal are never loaded (whole tiles skipped).
+  const int kv_end = causal ? min(n_k, q0 + BR + offset) : n_k;
+  const int n_tiles = (kv_end + BC - 1) / BC;
+
+  load_tile<T, D, BR, NT>(sQ, Qh, q0, n_q, tid);
+  load_tile<T, D, BC, NT>(sK, Kh, 0, n_k, tid);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  uint32_t qf[D / 16][4];  // A fragments of this warp's 16 query rows
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    ldmatrix_x4(qf[kk], smem_u32(sQ + swz<D>(warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8)));
+
+  float oacc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.f;
+  float m_r[2] = {neg_inf(), neg_inf()};  // running max of rows g and g+8 (log2 domain)
+  float l_r[2] = {0.f, 0.f};              // running sum, partial over this thread's columns
+  const int row_w0 = q0 + warp * 16;
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int k0 = j * BC;
+    load_tile<T, D, BC, NT>(sV, Vh, k0, n_k, tid);
+    cp_async_commit();
+
+    // S = Q K^T for this warp: 16 x 64
+    float s[BC / 8][4];
+#pragma unroll
+    for (int i = 0; i < BC / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int nn = 0; nn < BC / 16; ++nn) {
+        uint32_t b[4];
+        ldmatrix_x4(b, smem_u32(sK + swz<D>(nn * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 16 + (((lane >> 3) & 1) << 3))));
+        Ops<T>::mma(s[2 * nn], qf[kk], b[0], b[1]);
+        Ops<T>::mma(s[2 * nn + 1], qf[kk], b[2], b[3]);
+      }
+    }
+
+    // Scale into the log2 domain; mask keys past the end and above the diagonal.
+    const bool need_mask = (k0 + BC > n_k) || (causal && (k0 + BC - 1 > row_w0 + offset));
+#pragma unroll
+    for (int n = 0; n < BC / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[n][e] * scale_log2;
+        if (need_mask) {
+          const int col = k0 + n * 8 + 2 * t + (e & 1);
+          const int row = row_w0 + g + ((e >> 1) << 3);
+          if (col >= n_k || (causal && col > row + offset)) x = neg_inf();
+        }
+        s[n][e] = x;
+      }
+    }
+
+    // Online softmax: new max, rescale factor, probabilities (in place), running sums.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = m_r[r];
+#pragma unroll
+      for (int n = 0; n < BC / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_use = (mx == neg_inf()) ? 0.f : mx;  // a row with nothing visible yet
+      const float alpha = exp2f(m_r[r] - m_use);
+      m_r[r] = mx;
+      float rs = 0.f;
+#pragma unroll
+      for (int n = 0; n < BC / 8; ++n) {
+        const float p0 = exp2f(s[n][2 * r] - m_use), p1 = exp2f(s[n][2 * r + 1] - m_use);
+        s[n][2 * r] = p0;
+        s[n][2 * r + 1] = p1;
+        rs += p0 + p1;
+      }
+      l_r[r] = l_r[r] * alpha + rs;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        oacc[dn][2 * r] *= alpha;
+        oacc[dn][2 * r + 1] *= alpha;
+      }
+    }
+
+    cp_async_wait<0>();  // V_j has landed
+    __syncthreads();     // ... for every thread; and every warp is done with sK
+    if (j + 1 < n_tiles) {
+      load_tile<T, D, BC, NT>(sK, Kh, k0 + BC, n_k, tid);
+      cp_async_commit();
+    }
+
+    // O += P V: P (16 x 64) from the score accumulators, V (64 x D) through ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      const uint32_t a[4] = {Ops<T>::pack2(s[2 * kk][0], s[2 * kk][1]), Ops<T>::pack2(s[2 * kk][2], s[2 * kk][3]),
+                             Ops<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             Ops<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dn = 0; dn < D / 16; ++dn) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, smem_u32(sV + swz<D>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), dn * 16 + ((lane >> 4) << 3))));
+        Ops<T>::mma(oacc[2 * dn], a, b[0], b[1]);
+        Ops<T>::mma(oacc[2 * dn + 1], a, b[2], b[3]);
+      }
+    }
+    cp_async_wait<0>();  // K_{j+1} has landed
+    __syncthreads();     // ... for every thread; and every warp is done with sV
+  }
+
+  // Epilogue: O = acc / l (staged through shared memory for 16-byte stores), L = m + log2 l.
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_r[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    l_r[r] = l;
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+  }
+  T* sO = sQ;  // Q lives in registers now
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp * 16 + g + 8 * r;
+      *reinterpret_cast<uint32_t*>(sO + swz<D>(row, dn * 8 + 2 * t)) =
+          Ops<T>::pack2(oacc[dn][2 * r] * inv[r], oacc[dn][2 * r + 1] * inv[r]);
+    }
+  }
+  if (t == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row_w0 + g + 8 * r;
+      if (row < n_q) LSE[(size_t)bh * n_q + row] = (m_r[r] == neg_inf()) ? neg_inf() : (m_r[r] + log2f(l_r[r])) * LN2_F;
+    }
+  }
+  __syncthreads();
+  constexpr int CH = D / 8;
+#pragma unroll
+  for (int it = 0; it < BR * CH / NT; ++it) {
+    const int idx = it * NT + tid;
+    const int r = idx / CH, c = idx % CH;
+    const int gr = q0 + r;
+    if (gr < n_q)
+      *reinterpret_cast<uint4*>(O + ((size_t)bh * n_q + gr) * D + c * 8) = *reinterpret_cast<const uint4*>(sO + swz<D>(r, c * 8));
+  }
+}
+
+#define FWD_TC(NAME, T, D, NW)                                                                           \
+  extern "C" __global__ void __launch_bounds__(32 * NW) NAME(const T* Q, const T* K, const T* V, T* O, \
+                                                             float* LSE, int n_q, int n_k, int d,      \
+                                                             float scale_log2, int causal) {          \
+    fwd_tc<T, D, NW>(Q, K, V, O, LSE, n_q, n_k, scale_log2, causal);                                  \
+  }
+FWD_TC(flash_fwd_tc_bf16_d64, __nv_bfloat16, 64, 4)
+FWD_TC(flash_fwd_tc_bf16_d128, __nv_bfloat16, 128, 4)
+FWD_TC(flash_fwd_tc_f16_d64, __half, 64, 4)
+FWD_TC(flash_fwd_tc_f16_d128, __half, 128, 4)
+
+// ---------------------------------------------------------------------------------------------
+// Backward, tensor cores (FlashAttention-2). One CTA = BC = 16*NW keys of one (batch, head); warp
+// w owns keys 16w..16w+15 and their dK, dV accumulators (registers). Loop over query tiles of BR:
+//   S^T = K Q^T, P^T = exp2(S^T*scale*log2e - L*log2e), dP^T = V dO^T, dS^T = P^T (dP^T - D),
+//   dV += P^T dO, dK += dS^T Q, and dQ += dS K (through shared memory, atomics to an f32 buffer).
+// The next query tile's loads overlap the dQ product.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int D, int BR, int NW>
+__device__ __forceinline__ void bwd_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
+                                       const T* __restrict__ dO, const float* __restrict__ LSE,
+                                       const float* __restrict__ Dsum, float* __restrict__ dQacc, T* __restrict__ dK,
+                                       T* __restrict__ dV, int n_q, int n_k, float scale, float scale_log2,
+                                       int causal) {
+  constexpr int BC = 16 * NW, NT = 32 * NW;
+  constexpr int SDS = BR + 8;  // padded row of the dS^T tile (conflict-free ldmatrix.trans)
+  constexpr int MT = BR / 16;  // m16 tiles of the dQ block
+  static_assert(NW % MT == 0, "warps must split the dQ block evenly");
+  constexpr int NPART = NW / MT, DP = D / NPART;  // dQ columns per warp
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + BC * D;
+  T* sQ = sV + BC * D;
+  T* sdO = sQ + BR * D;
+  T* sdS = sdO + BR * D;
+  float* sL = reinterpret_cast<float*>(sdS + BC * SDS);
+  float* sD = sL + BR;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int bh = blockIdx.y;
+  const int k0 = blockIdx.x * BC;
+  const int offset = n_k - n_q;
+  const T* Qh = Q + (size_t)bh * n_q * D;
+  const T* Kh = K + (size_t)bh * n_k * D;
+  const T* Vh = V + (size_t)bh * n_k * D;
+  const T* dOh = dO + (size_t)bh * n_q * D;
+  const float* Lh = LSE + (size_t)bh * n_q;
+  const float* Dh = Dsum + (size_t)bh * n_q;
+  float* dQh = dQacc + (size_t)bh * n_q * D;
+
+  // Causal: queries before k0 - offset see none of these keys.
+  const int i_first = causal ? max(0, k0 - offset) : 0;
+  const int qb_first = i_first / BR;
+  const int n_qb = (n_q + BR - 1) / BR;
+
+  auto load_q_tile = [&](int qb) {
+    const int i0 = qb * BR;
+    load_tile<T, D, BR, NT>(sQ, Qh, i0, n_q, tid);
+    load_tile<T, D, BR, NT>(sdO, dOh, i0, n_q, tid);
+    for (int i = tid; i < BR; i += NT) {
+      const bool ok = i0 + i < n_q;
+      cp_async4(smem_u32(sL + i), Lh + (ok ? i0 + i : 0), ok);
+      cp_async4(smem_u32(sD + i), Dh + (ok ? i0 + i : 0), ok);
+    }
+  };
+
+  load_tile<T, D, BC, NT>(sK, Kh, k0, n_k, tid);
+  load_tile<T, D, BC, NT>(sV, Vh, k0, n_k, tid);
+  if (qb_first < n_qb) load_q_tile(qb_first);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+  const int key_w0 = k0 + warp * 16;
+
+  for (int qb = qb_first; qb < n_qb; ++qb) {
+    const int i0 = qb * BR;
+    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys: 16 x BR each.
+    float st[BR / 8][4], dpt[BR / 8][4];
+#pragma unroll
+    for (int i = 0; i < BR / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ak[4], av[4];
+      const int arow = warp * 16 + (lane & 15), acol = kk * 16 + (lane >> 4) * 8;
+      ldmatrix_x4(ak, smem_u32(sK + swz<D>(arow, acol)));
+      ldmatrix_x4(av, smem_u32(sV + swz<D>(arow, acol)));
+#pragma unroll
+      for (int nn = 0; nn < BR / 16; ++nn) {
+        const int brow = nn * 16 + (lane & 7) + ((lane >> 4) << 3), bcol = kk * 16 + (((lane >> 3) & 1) << 3);
+        uint32_t b[4];
+        ldmatrix_x4(b, smem_u32(sQ + swz<D>(brow, bcol)));
+        Ops<T>::mma(st[2 * nn], ak, b[0], b[1]);
+        Ops<T>::mma(st[2 * nn + 1], ak, b[2], b[3]);
+        ldmatrix_x4(b, smem_u32(sdO + swz<D>(brow, bcol)));
+        Ops<T>::mma(dpt[2 * nn], av, b[0], b[1]);
+        Ops<T>::mma(dpt[2 * nn + 1], av, b[2], b[3]);
+      }
+    }
+
+    // P^T (recomputed from L) and dS^T = P^T (dP^T - D), masked where the pair does not exist.
+    const bool need_mask = (i0 + BR > n_q) || (k0 + BC > n_k) || (causal && (key_w0 + 15 > i0 + offset));
+#pragma unroll
+    for (int n = 0; n < BR / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qi = n * 8 + 2 * t + (e & 1);
+        float p = exp2f(st[n][e] * scale_log2 - sL[qi] * LOG2E_F);
+        if (need_mask) {
+          const int key = key_w0 + g + ((e >> 1) << 3);
+          const int q = i0 + qi;
+          if (q >= n_q || key >= n_k || (causal && key > q + offset)) p = 0.f;
+        }
+        st[n][e] = p;
+        dpt[n][e] = p * (dpt[n][e] - sD[qi]);
+      }
+    }
+
+    // dV += P^T dO and dK += dS^T Q: A from registers, B = dO / Q tiles through ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < BR / 16; ++kk) {
+      const uint32_t ap[4] = {Ops<T>::pack2(st[2 * kk][0], st[2 * kk][1]), Ops<T>::pack2(st[2 * kk][2], st[2 * kk][3]),
+                              Ops<T>::pack2(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                              Ops<T>::pack2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+      const uint32_t ad[4] = {Ops<T>::pack2(dpt[2 * kk][0], dpt[2 * kk][1]), Ops<T>::pack2(dpt[2 * kk][2], dpt[2 * kk][3]),
+                              Ops<T>::pack2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                              Ops<T>::pack2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+      for (int dn = 0; dn < D / 16; ++dn) {
+        const int brow = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), bcol = dn * 16 + ((lane >> 4) << 3);
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, smem_u32(sdO + swz<D>(brow, bcol)));
+        Ops<T>::mma(dv[2 * dn], ap, b[0], b[1]);
+        Ops<T>::mma(dv[2 * dn + 1], ap, b[2], b[3]);
+        ldmatrix_x4_trans(b, smem_u32(sQ + swz<D>(brow, bcol)));
+        Ops<T>::mma(dk[2 * dn], ad, b[0], b[1]);
+        Ops<T>::mma(dk[2 * dn + 1], ad, b[2], b[3]);
+      }
+    }
+
+    // dS^T -> shared memory [key][query] for the dQ product.
+#pragma unroll
+    for (int n = 0; n < BR / 8; ++n)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8 * r) * SDS + n * 8 + 2 * t) =
+            Ops<T>::pack2(dpt[n][2 * r], dpt[n][2 * r + 1]);
+    __syncthreads();  // dS^T complete; every warp done with sQ, sdO, sL, sD
+
+    if (qb + 1 < n_qb) {
+      load_q_tile(qb + 1);
+      cp_async_commit();
+    }
+
+    // dQ_i += dS K (BR x D): warp -> (m16 tile mt, DP columns); A = dS via ldmatrix.trans of dS^T.
+    {
+      const int mt = warp % MT, part = warp / MT;
+      float dq[DP / 8][4];
+#pragma unroll
+      for (int i = 0; i < DP / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < BC / 16; ++kk) {
+        uint32_t a[4];
+        ldmatrix_x4_trans(a, smem_u32(sdS + (kk * 16 + (lane & 7) + ((lane >> 4) << 3)) * SDS + mt * 16 + (((lane >> 3) & 1) << 3)));
+#pragma unroll
+        for (int dn = 0; dn < DP / 16; ++dn) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, smem_u32(sK + swz<D>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), part * DP + dn * 16 + ((lane >> 4) << 3))));
+          Ops<T>::mma(dq[2 * dn], a, b[0], b[1]);
+          Ops<T>::mma(dq[2 * dn + 1], a, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int dn = 0; dn < DP / 8; ++dn) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int q = i0 + mt * 16 + g + 8 * r;
+          if (q < n_q) {
+            float* dst = dQh + (size_t)q * D + part * DP + dn * 8 + 2 * t;
+            atomicAdd(dst, dq[dn][2 * r]);
+            atomicAdd(dst + 1, dq[dn][2 * r + 1]);
+          }
+        }
+      }
+    }
+    cp_async_wait<0>();  // next Q, dO, L, D tiles have landed
+    __syncthreads();     // ... for every thread; and every warp is done with sdS
+  }
+
+  // Epilogue: dK = scale * dS^T Q, dV = P^T dO, for the keys that exist.
+  T* dKh = dK + (size_t)bh * n_k * D;
+  T* dVh = dV + (size_t)bh * n_k * D;
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = key_w0 + g + 8 * r;
+      if (key < n_k) {
+        const size_t off = (size_t)key * D + dn * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(dKh + off) = Ops<T>::pack2(dk[dn][2 * r] * scale, dk[dn][2 * r + 1] * scale);
+        *reinterpret_cast<uint32_t*>(dVh + off) = Ops<T>::pack2(dv[dn][2 * r], dv[dn][2 * r + 1]);
+      }
+    }
+  }
+}
+
+#define BWD_TC(NAME, T, D, BR, NW)                                                                          \
+  extern "C" __global__ void __launch_bounds__(32 * NW) NAME(                                               \
+      const T* Q, const T* K, const T* V, const T* dO, const float* LSE, const float* Dsum, float* dQacc, \
+      T* dK, T* dV, int n_q, int n_k, int d, float scale, float scale_log2, int causal) {                 \
+    bwd_tc<T, D, BR, NW>(Q, K, V, dO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale, scale_log2, causal);     \
+  }
+BWD_TC(flash_bwd_tc_bf16_d64, __nv_bfloat16, 64, 64, 4)
+BWD_TC(flash_bwd_tc_bf16_d128, __nv_bfloat16, 128, 32, 4)
+BWD_TC(flash_bwd_tc_f16_d64, __half, 64, 64, 4)
+BWD_TC(flash_bwd_tc_f16_d128, __half, 128, 32, 4)
+
+// ---------------------------------------------------------------------------------------------
+// Simple fp32-FMA kernels, any d <= 128 (f32 inputs, and low precision with other head sizes).
+// Forward: CTA = 32 query rows x 8 threads per row; key tiles of 32 in padded shared memory.
+// ---------------------------------------------------------------------------------------------
+#define S_BR 32
+#define S_BC 32
+#define S_NT 256
+#define S_DMAX 128
+#define S_SP (S_DMAX + 1)  // padded row: the 8 threads of a row read 8 different banks
+
+template <typename T>
+__device__ __forceinline__ void fwd_simple(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
+                                           T* __restrict__ O, float* __restrict__ LSE, int n_q, int n_k, int d,
+                                           float scale_log2, int causal) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* sQ = reinterpret_cast<float*>(smem);
+  float* sK = sQ + S_BR * S_SP;
+  float* sV = sK + S_BC * S_SP;
+  float* sP = sV + S_BC * S_SP;  // [S_BR][S_BC + 1]
+
+  const int tid = threadIdx.x, r = tid >> 3, sub = tid & 7;
+  const int bh = blockIdx.y;
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * S_BR;
+  const int offset = n_k - n_q;
+  const int row = q0 + r;
+  const T* Qh = Q + (size_t)bh * n_q * d;
+  const T* Kh = K + (size_t)bh * n_k * d;
+  const T* Vh = V + (size_t)bh * n_k * d;
+
+  for (int idx = tid; idx < S_BR * d; idx += S_NT) {
+    const int rr = idx / d, c = idx % d;
+    sQ[rr * S_SP + c] = (q0 + rr < n_q) ? Ops<T>::to_f(Qh[(size_t)(q0 + rr) * d + c]) : 0.f;
+  }
+  const int kv_end = causal ? min(n_k, q0 + S_BR + offset) : n_k;
+  const int n_tiles = (kv_end + S_BC - 1) / S_BC;
+
+  float o[S_DMAX / 8];
+#pragma unroll
+  for (int v = 0; v < S_DMAX / 8; ++v) o[v] = 0.f;
+  float m = neg_inf(), l = 0.f;
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int k0 = j * S_BC;
+    __syncthreads();  // previous tile fully used (and sQ written, first time)
+    for (int idx = tid; idx < S_BC * d; idx += S_NT) {
+      const int kr = idx / d, c = idx % d;
+      const bool ok = k0 + kr < n_k;
+      sK[kr * S_SP + c] = ok ? Ops<T>::to_f(Kh[(size_t)(k0 + kr) * d + c]) : 0.f;
+      sV[kr * S_SP + c] = ok ? Ops<T>::to_f(Vh[(size_t)(k0 + kr) * d + c]) : 0.f;
+    }
+    __syncthreads();
+
+    float s[S_BC / 8];
+    float mx = m;
+#pragma unroll
+    for (int u = 0; u < S_BC / 8; ++u) {
+      const int kl = sub + 8 * u, key = k0 + kl;
+      float acc = 0.f;
+      for (int c = 0; c < d; ++c) acc = fmaf(sQ[r * S_SP + c], sK[kl * S_SP + c], acc);
+      const bool ok = key < n_k && !(causal && key > row + offset);
+      s[u] = ok ? acc * scale_log2 : neg_inf();
+      mx = fmaxf(mx, s[u]);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+    const float m_use = (mx == neg_inf()) ? 0.f : mx;
+    const float alpha = exp2f(m - m_use);
+    m = mx;
+    float ps = 0.f;
+#pragma unroll
+    for (int u = 0; u < S_BC / 8; ++u) {
+      const float p = exp2f(s[u] - m_use);
+      sP[r * (S_BC + 1) + sub + 8 * u] = p;
+      ps += p;
+    }
+    l = l * alpha + ps;
+    __syncwarp();
+#pragma unroll
+    for (int v = 0; v < S_DMAX / 8; ++v) {
+      const int c = sub + 8 * v;
+      if (c < d) {
+        float acc = o[v] * alpha;
+        for (int kl = 0; kl < S_BC; ++kl) acc = fmaf(sP[r * (S_BC + 1) + kl], sV[kl * S_SP + c], acc);
+        o[v] = acc;
+      }
+    }
+  }
+
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  l += __shfl_xor_sync(0xffffffffu, l, 4);
+  if (row < n_q) {
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int v = 0; v < S_DMAX / 8; ++v) {
+      const int c = sub + 8 * v;
+      if (c < d) O[((size_t)bh * n_q + row) * d + c] = Ops<T>::from_f(o[v] * inv);
+    }
+    if (sub == 0) LSE[(size_t)bh * n_q + row] = (m == neg_inf()) ? neg_inf() : (m + log2f(l)) * LN2_F;
+  }
+}
+
+// Backward: CTA = 32 keys x 8 threads per key; query tiles of 32.
+template <typename T>
+__device__ __forceinline__ void bwd_simple(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
+                                           const T* __restrict__ dO, const float* __restrict__ LSE,
+                                           const float* __restrict__ Dsum, float* __restrict__ dQacc,
+                                           T* __restrict__ dK, T* __restrict__ dV, int n_q, int n_k, int d,
+                                           float scale, float scale_log2, int causal) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* sK = reinterpret_cast<float*>(smem);
+  float* sV = sK + S_BC * S_SP;
+  float* sQ = sV + S_BC * S_SP;
+  float* sdO = sQ + S_BR * S_SP;
+  float* sP = sdO + S_BR * S_SP;   // [key][query], S_BR + 1 wide
+  float* sdS = sP + S_BC * (S_BR + 1);
+  float* sL = sdS + S_BC * (S_BR + 1);
+  float* sD = sL + S_BR;
+
+  const int tid = threadIdx.x, jl = tid >> 3, sub = tid & 7;
+  const int bh = blockIdx.y;
+  const int k0 = blockIdx.x * S_BC;
+  const int offset = n_k - n_q;
+  const int key = k0 + jl;
+  const T* Qh = Q + (size_t)bh * n_q * d;
+  const T* Kh = K + (size_t)bh * n_k * d;
+  const T* Vh = V + (size_t)bh * n_k * d;
+  const T* dOh = dO + (size_t)bh * n_q * d;
+
+  for (int idx = tid; idx < S_BC * d; idx += S_NT) {
+    const int kr = idx / d, c = idx % d;
+    const bool ok = k0 + kr < n_k;
+    sK[kr * S_SP + c] = ok ? Ops<T>::to_f(Kh[(size_t)(k0 + kr) * d + c]) : 0.f;
+    sV[kr * S_SP + c] = ok ? Ops<T>::to_f(Vh[(size_t)(k0 + kr) * d + c]) : 0.f;
+  }
+  const int i_first = causal ? max(0, k0 - offset) : 0;
+  float dk[S_DMAX / 8], dv[S_DMAX / 8];
+#pragma unroll
+  for (int v = 0; v < S_DMAX / 8; ++v) dk[v] = dv[v] = 0.f;
+
+  for (int i0 = (i_first / S_BR) * S_BR; i0 < n_q; i0 += S_BR) {
+    __syncthreads();
+    for (int idx = tid; idx < S_BR * d; idx += S_NT) {
+      const int qr = idx / d, c = idx % d;
+      const bool ok = i0 + qr < n_q;
+      sQ[qr * S_SP + c] = ok ? Ops<T>::to_f(Qh[(size_t)(i0 + qr) * d + c]) : 0.f;
+      sdO[qr * S_SP + c] = ok ? Ops<T>::to_f(dOh[(size_t)(i0 + qr) * d + c]) : 0.f;
+    }
+    for (int i = tid; i < S_BR; i += S_NT) {
+      const bool ok = i0 + i < n_q;
+      sL[i] = ok ? LSE[(size_t)bh * n_q + i0 + i] : 0.f;
+      sD[i] = ok ? Dsum[(size_t)bh * n_q + i0 + i] : 0.f;
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int u = 0; u < S_BR / 8; ++u) {
+      const int il = sub + 8 * u, q = i0 + il;
+      float s = 0.f, dp = 0.f;
+      for (int c = 0; c < d; ++c) {
+        s = fmaf(sK[jl * S_SP + c], sQ[il * S_SP + c], s);
+        dp = fmaf(sV[jl * S_SP + c], sdO[il * S_SP + c], dp);
+      }
+      const bool ok = q < n_q && key < n_k && !(causal && key > q + offset);
+      const float p = ok ? exp2f(s * scale_log2 - sL[il] * LOG2E_F) : 0.f;
+      sP[jl * (S_BR + 1) + il] = p;
+      sdS[jl * (S_BR + 1) + il] = p * (dp - sD[il]);
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int v = 0; v < S_DMAX / 8; ++v) {
+      const int c = sub + 8 * v;
+      if (c < d) {
+        float av = dv[v], ak = dk[v];
+        for (int il = 0; il < S_BR; ++il) {
+          av = fmaf(sP[jl * (S_BR + 1) + il], sdO[il * S_SP + c], av);
+          ak = fmaf(sdS[jl * (S_BR + 1) + il], sQ[il * S_SP + c], ak);
+        }
+        dv[v] = av;
+        dk[v] = ak;
+      }
+    }
+    // dQ: thread (query il = tid / 8, sub) sums over this CTA's keys.
+    const int il = tid >> 3, q = i0 + il;
+    if (q < n_q) {
+#pragma unroll
+      for (int v = 0; v < S_DMAX / 8; ++v) {
+        const int c = sub + 8 * v;
+        if (c < d) {
+          float acc = 0.f;
+          for (int kl = 0; kl < S_BC; ++kl) acc = fmaf(sdS[kl * (S_BR + 1) + il], sK[kl * S_SP + c], acc);
+          atomicAdd(dQacc + ((size_t)bh * n_q + q) * d + c, acc);
+        }
+      }
+    }
+  }
+
+  if (key < n_k) {
+#pragma unroll
+    for (int v = 0; v < S_DMAX / 8; ++v) {
+      const int c = sub + 8 * v;
+      if (c < d) {
+        dK[((size_t)bh * n_k + key) * d + c] = Ops<T>::from_f(dk[v] * scale);
+        dV[((size_t)bh * n_k + key) * d + c] = Ops<T>::from_f(dv[v]);
+      }
+    }
+  }
+}
+
+#define SIMPLE(SUFFIX, T)                                                                                   \
+  extern "C" __global__ void __launch_bounds__(S_NT) flash_fwd_simple_##SUFFIX(                             \
+      const T* Q, const T* K, const T* V, T* O, float* LSE, int n_q, int n_k, int d, float scale_log2,      \
+      int causal) {                                                                                         \
+    fwd_simple<T>(Q, K, V, O, LSE, n_q, n_k, d, scale_log2, causal);                                        \
+  }                                                                                                         \
+  extern "C" __global__ void __launch_bounds__(S_NT) flash_bwd_simple_##SUFFIX(                             \
+      const T* Q, const T* K, const T* V, const T* dO, const float* LSE, const float* Dsum, float* dQacc, \
+      T* dK, T* dV, int n_q, int n_k, int d, float scale, float scale_log2, int causal) {                 \
+    bwd_simple<T>(Q, K, V, dO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, d, scale, scale_log2, causal);          \
+  }                                                                                                         \
+  /* D_i = rowsum(dO * O), one warp per row. */                                                             \
+  extern "C" __global__ void flash_bwd_dot_##SUFFIX(const T* dO, const T* O, float* Dsum, int rows, int d) { \
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;           \
+    if (row >= rows) return;                                                                                \
+    float acc = 0.f;                                                                                        \
+    for (int c = lane; c < d; c += 32)                                                                      \
+      acc = fmaf(Ops<T>::to_f(dO[(size_t)row * d + c]), Ops<T>::to_f(O[(size_t)row * d + c]), acc);         \
+    for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);                           \
+    if (lane == 0) Dsum[row] = acc;                                                                         \
+  }                                                                                                         \
+  /* dQ = scale * dQacc, converted to the output type. */                                                   \
+  extern "C" __global__ void flash_bwd_dq_##SUFFIX(const float* dQacc, T* dQ, unsigned long long n, float scale) { \
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) \
+      dQ[i] = Ops<T>::from_f(dQacc[i] * scale);                                                             \
+  }
+SIMPLE(f32, float)
+SIMPLE(bf16, __nv_bfloat16)
+SIMPLE(f16, __half)

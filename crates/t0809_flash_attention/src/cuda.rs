@@ -1,0 +1,327 @@
+//! Launching our kernels (`kernels/flash_attn.cu`, compiled to PTX by `build.rs`) from the
+//! custom ops' `cuda_fwd`. Only built with the `cuda` feature.
+//!
+//! Kernel choice:
+//! - bf16/f16 with `d = 64` or `128` and 16-byte-aligned inputs: the tensor-core kernels
+//!   `flash_{fwd,bwd}_tc_{bf16,f16}_d{64,128}` (mma.sync m16n8k16, fp32 accumulators);
+//! - everything else (f32, other head sizes ≤ 128): `flash_{fwd,bwd}_simple_{f32,bf16,f16}`,
+//!   fp32 FMA.
+//!
+//! The backward is three launches plus a memset: `D = rowsum(dO∘O)` (`flash_bwd_dot_*`), the main
+//! kernel (dK, dV written directly into the packed output, dQ accumulated in an f32 buffer with
+//! atomics), then `dQ = scale·dQacc` converted into the packed output (`flash_bwd_dq_*`).
+
+use crate::cpu::Dims;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
+use half::{bf16, f16};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
+const MODULE: &str = "t0809_flash_attn";
+
+/// Tensor-core kernels: 4 warps; forward tiles of 64 queries × 64 keys; backward 64 keys ×
+/// (64 queries for d = 64, 32 for d = 128).
+const TC_WARPS: u32 = 4;
+const TC_FWD_BR: usize = 64;
+const TC_BWD_BC: usize = 64;
+/// Simple kernels: 256 threads, 32 × 32 tiles, rows padded to 129 floats.
+const S_THREADS: u32 = 256;
+const S_TILE: usize = 32;
+const S_ROW: usize = 129;
+
+fn tc_bwd_br(d: usize) -> usize {
+    if d == 64 {
+        64
+    } else {
+        32
+    }
+}
+
+/// Shared memory of each kernel, matching the layouts in the `.cu` file.
+fn tc_fwd_smem(d: usize) -> usize {
+    3 * TC_FWD_BR * d * 2 // sQ, sK, sV in 16-bit elements
+}
+fn tc_bwd_smem(d: usize) -> usize {
+    let br = tc_bwd_br(d);
+    (2 * TC_BWD_BC * d + 2 * br * d + TC_BWD_BC * (br + 8)) * 2 + 2 * br * 4
+}
+fn simple_fwd_smem() -> usize {
+    (3 * S_TILE * S_ROW + S_TILE * (S_TILE + 1)) * 4
+}
+fn simple_bwd_smem() -> usize {
+    (4 * S_TILE * S_ROW + 2 * S_TILE * (S_TILE + 1) + 2 * S_TILE) * 4
+}
+
+/// Loads a kernel of our module and allows it `smem` bytes of dynamic shared memory.
+fn kernel(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction> {
+    let func = dev
+        .get_or_load_custom_func(name, MODULE, PTX)?
+        .into_cuda_function();
+    if smem > 48 * 1024 {
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
+    }
+    Ok(func)
+}
+
+/// The contiguous part of a storage described by `layout`, and its start offset (elements).
+fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<(CudaView<'a, T>, usize)> {
+    let slice = s.as_cuda_slice::<T>()?;
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok((slice.slice(a..b), a)),
+        None => bail!("flash attention (cuda): {what} must be contiguous"),
+    }
+}
+
+fn check_dims(dims: Dims) -> Result<()> {
+    if dims.d != dims.d_v || dims.d > 128 {
+        bail!(
+            "flash attention on CUDA needs d_head = d_v ≤ 128, got d_head {} and d_v {}",
+            dims.d,
+            dims.d_v
+        );
+    }
+    if dims.bh > 65_535 {
+        bail!(
+            "flash attention on CUDA: batch·heads = {} exceeds the grid limit 65535",
+            dims.bh
+        );
+    }
+    if dims.n_q > i32::MAX as usize / 2 || dims.n_k > i32::MAX as usize / 2 {
+        bail!(
+            "flash attention on CUDA: sequence too long (n_q {}, n_k {})",
+            dims.n_q,
+            dims.n_k
+        );
+    }
+    Ok(())
+}
+
+/// Which family runs: tensor cores for 16-bit types, d 64/128 and 16-byte aligned starts.
+fn use_tensor_cores(suffix: &str, dims: Dims, offsets: &[usize]) -> bool {
+    suffix != "f32" && matches!(dims.d, 64 | 128) && offsets.iter().all(|o| o % 8 == 0)
+}
+
+/// Forward: returns `(O, L)` storages, `O (bh, n_q, d)` in the input dtype, `L (bh, n_q)` f32.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    dims: Dims,
+    scale: f32,
+    causal: bool,
+) -> Result<(CudaStorage, CudaStorage)> {
+    check_dims(dims)?;
+    match s1.dtype() {
+        DType::F32 => fwd::<f32>(s1, l1, s2, l2, s3, l3, dims, scale, causal, "f32"),
+        DType::BF16 => fwd::<bf16>(s1, l1, s2, l2, s3, l3, dims, scale, causal, "bf16"),
+        DType::F16 => fwd::<f16>(s1, l1, s2, l2, s3, l3, dims, scale, causal, "f16"),
+        dt => bail!("flash attention (cuda): dtype {dt:?} not supported (f32, f16, bf16)"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fwd<T: CudaDType + DeviceRepr>(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    dims: Dims,
+    scale: f32,
+    causal: bool,
+    suffix: &str,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let dev = s1.device().clone();
+    let (q, oq) = view::<T>(s1, l1, "q")?;
+    let (k, ok) = view::<T>(s2, l2, "k")?;
+    let (v, ov) = view::<T>(s3, l3, "v")?;
+    let Dims {
+        bh, n_q, n_k, d, ..
+    } = dims;
+    // SAFETY: every element of O and L is written by the kernel (rows < n_q, all columns).
+    let mut o = unsafe { dev.alloc::<T>(bh * n_q * d)? };
+    let mut lse = unsafe { dev.alloc::<f32>(bh * n_q)? };
+    let (name, rows, threads, smem) = if use_tensor_cores(suffix, dims, &[oq, ok, ov]) {
+        (
+            format!("flash_fwd_tc_{suffix}_d{d}"),
+            TC_FWD_BR,
+            32 * TC_WARPS,
+            tc_fwd_smem(d),
+        )
+    } else {
+        (
+            format!("flash_fwd_simple_{suffix}"),
+            S_TILE,
+            S_THREADS,
+            simple_fwd_smem(),
+        )
+    };
+    let func = kernel(&dev, &name, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n_q.div_ceil(rows) as u32, bh as u32, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let (n_q_i, n_k_i, d_i, causal_i) = (n_q as i32, n_k as i32, d as i32, causal as i32);
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&q)
+        .arg(&k)
+        .arg(&v)
+        .arg(&mut o)
+        .arg(&mut lse)
+        .arg(&n_q_i)
+        .arg(&n_k_i)
+        .arg(&d_i)
+        .arg(&scale_log2)
+        .arg(&causal_i);
+    // SAFETY: argument list matches the kernel signature; buffers are sized above.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(o, dev.clone()),
+        CudaStorage::wrap_cuda_slice(lse, dev),
+    ))
+}
+
+/// Storages and layouts the backward reads.
+pub struct BwdInputs<'a> {
+    pub q: (&'a CudaStorage, &'a Layout),
+    pub k: (&'a CudaStorage, &'a Layout),
+    pub v: (&'a CudaStorage, &'a Layout),
+    pub o: (&'a CudaStorage, &'a Layout),
+    pub d_o: (&'a CudaStorage, &'a Layout),
+    pub lse: (&'a CudaStorage, &'a Layout),
+}
+
+/// Backward: the packed `[dQ | dK | dV]` in the input dtype.
+pub fn backward(inp: BwdInputs<'_>, dims: Dims, scale: f32, causal: bool) -> Result<CudaStorage> {
+    check_dims(dims)?;
+    match inp.q.0.dtype() {
+        DType::F32 => bwd::<f32>(inp, dims, scale, causal, "f32"),
+        DType::BF16 => bwd::<bf16>(inp, dims, scale, causal, "bf16"),
+        DType::F16 => bwd::<f16>(inp, dims, scale, causal, "f16"),
+        dt => bail!("flash attention backward (cuda): dtype {dt:?} not supported (f32, f16, bf16)"),
+    }
+}
+
+fn bwd<T: CudaDType + DeviceRepr>(
+    inp: BwdInputs<'_>,
+    dims: Dims,
+    scale: f32,
+    causal: bool,
+    suffix: &str,
+) -> Result<CudaStorage> {
+    let dev = inp.q.0.device().clone();
+    let (q, oq) = view::<T>(inp.q.0, inp.q.1, "q")?;
+    let (k, ok) = view::<T>(inp.k.0, inp.k.1, "k")?;
+    let (v, ov) = view::<T>(inp.v.0, inp.v.1, "v")?;
+    let (o, _) = view::<T>(inp.o.0, inp.o.1, "o")?;
+    let (d_o, odo) = view::<T>(inp.d_o.0, inp.d_o.1, "d_o")?;
+    let (lse, _) = view::<f32>(inp.lse.0, inp.lse.1, "lse")?;
+    let Dims {
+        bh, n_q, n_k, d, ..
+    } = dims;
+    let (nq_el, nk_el) = (bh * n_q * d, bh * n_k * d);
+    let stream = dev.cuda_stream();
+
+    // 1. D = rowsum(dO ∘ O), one warp per row.
+    let rows = bh * n_q;
+    let mut dsum = unsafe { dev.alloc::<f32>(rows)? };
+    {
+        let func = kernel(&dev, &format!("flash_bwd_dot_{suffix}"), 0)?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows_i, d_i) = (rows as i32, d as i32);
+        let mut b = stream.launch_builder(&func);
+        b.arg(&d_o).arg(&o).arg(&mut dsum).arg(&rows_i).arg(&d_i);
+        unsafe { b.launch(cfg) }.w()?;
+    }
+
+    // 2. The main kernel: dK, dV into the packed output; dQ into an f32 accumulator.
+    // SAFETY: dK, dV (every key row) and dQ (step 3) cover the whole packed buffer.
+    let mut packed = unsafe { dev.alloc::<T>(nq_el + 2 * nk_el)? };
+    let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
+    {
+        let (name, keys, threads, smem) = if use_tensor_cores(suffix, dims, &[oq, ok, ov, odo]) {
+            (
+                format!("flash_bwd_tc_{suffix}_d{d}"),
+                TC_BWD_BC,
+                32 * TC_WARPS,
+                tc_bwd_smem(d),
+            )
+        } else {
+            (
+                format!("flash_bwd_simple_{suffix}"),
+                S_TILE,
+                S_THREADS,
+                simple_bwd_smem(),
+            )
+        };
+        let func = kernel(&dev, &name, smem)?;
+        let cfg = LaunchConfig {
+            grid_dim: (n_k.div_ceil(keys) as u32, bh as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (n_q_i, n_k_i, d_i, causal_i) = (n_q as i32, n_k as i32, d as i32, causal as i32);
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let (_, mut rest) = packed.split_at_mut(nq_el);
+        let (mut dk, mut dv) = rest.split_at_mut(nk_el);
+        let mut b = stream.launch_builder(&func);
+        b.arg(&q)
+            .arg(&k)
+            .arg(&v)
+            .arg(&d_o)
+            .arg(&lse)
+            .arg(&dsum)
+            .arg(&mut dq_acc)
+            .arg(&mut dk)
+            .arg(&mut dv);
+        b.arg(&n_q_i)
+            .arg(&n_k_i)
+            .arg(&d_i)
+            .arg(&scale)
+            .arg(&scale_log2)
+            .arg(&causal_i);
+        unsafe { b.launch(cfg) }.w()?;
+    }
+
+    // 3. dQ = scale · dQacc in the output dtype.
+    {
+        let func = kernel(&dev, &format!("flash_bwd_dq_{suffix}"), 0)?;
+        let blocks = nq_el.div_ceil(256).min(65_535) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n = nq_el as u64;
+        let mut dq = packed.slice_mut(..nq_el);
+        let mut b = stream.launch_builder(&func);
+        b.arg(&dq_acc).arg(&mut dq).arg(&n).arg(&scale);
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(packed, dev))
+}
