@@ -45,12 +45,26 @@ pub struct CacheShape {
 impl CacheShape {
     /// `2 × batch × layers × n_kv_heads × seq × d_head × bytes`: the memory formula.
     pub fn bytes(&self, seq: usize, bytes_per_element: usize) -> usize {
-        kv_cache_bytes(self.batch, self.n_layers, self.n_kv_heads, seq, self.d_head, bytes_per_element)
+        kv_cache_bytes(
+            self.batch,
+            self.n_layers,
+            self.n_kv_heads,
+            seq,
+            self.d_head,
+            bytes_per_element,
+        )
     }
 }
 
 /// KV-cache bytes: `2 (K and V) × batch × n_layers × n_kv_heads × seq × d_head × bytes/element`.
-pub fn kv_cache_bytes(batch: usize, n_layers: usize, n_kv_heads: usize, seq: usize, d_head: usize, bytes_per_element: usize) -> usize {
+pub fn kv_cache_bytes(
+    batch: usize,
+    n_layers: usize,
+    n_kv_heads: usize,
+    seq: usize,
+    d_head: usize,
+    bytes_per_element: usize,
+) -> usize {
     2 * batch * n_layers * n_kv_heads * seq * d_head * bytes_per_element
 }
 
@@ -73,7 +87,13 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache; [`CacheKind::Preallocated`] allocates all `2 × n_layers` buffers now.
     pub fn new(shape: CacheShape, kind: CacheKind, dtype: DType, device: &Device) -> Result<Self> {
-        let CacheShape { n_layers, batch, n_kv_heads, max_seq, d_head } = shape;
+        let CacheShape {
+            n_layers,
+            batch,
+            n_kv_heads,
+            max_seq,
+            d_head,
+        } = shape;
         if n_layers == 0 || batch == 0 || n_kv_heads == 0 || max_seq == 0 || d_head == 0 {
             bail!("KvCache: every size must be positive, got {shape:?}");
         }
@@ -81,12 +101,21 @@ impl KvCache {
             .map(|_| match kind {
                 CacheKind::Preallocated => {
                     let buf = || Tensor::zeros((batch, n_kv_heads, max_seq, d_head), dtype, device);
-                    Ok(LayerKv::Preallocated { k: buf()?, v: buf()? })
+                    Ok(LayerKv::Preallocated {
+                        k: buf()?,
+                        v: buf()?,
+                    })
                 }
                 CacheKind::Concat => Ok(LayerKv::Concat { kv: None }),
             })
             .collect::<Result<_>>()?;
-        Ok(Self { shape, kind, dtype, layers, len: 0 })
+        Ok(Self {
+            shape,
+            kind,
+            dtype,
+            layers,
+            len: 0,
+        })
     }
 
     /// Forgets every cached token (the buffers are kept and reused).
@@ -119,9 +148,14 @@ impl KvCache {
             return Ok(None);
         }
         match self.layers.get(layer) {
-            Some(LayerKv::Preallocated { k, v }) => Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?))),
+            Some(LayerKv::Preallocated { k, v }) => {
+                Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)))
+            }
             Some(LayerKv::Concat { kv }) => Ok(kv.clone()),
-            None => bail!("KvCache: layer {layer} out of range ({} layers)", self.layers.len()),
+            None => bail!(
+                "KvCache: layer {layer} out of range ({} layers)",
+                self.layers.len()
+            ),
         }
     }
 
@@ -142,7 +176,11 @@ impl KvStore for KvCache {
 
     fn begin(&mut self, n_new: usize) -> Result<()> {
         if self.len + n_new > self.shape.max_seq {
-            bail!("KV cache full: {} cached + {n_new} new tokens exceed its max_seq of {}", self.len, self.shape.max_seq);
+            bail!(
+                "KV cache full: {} cached + {n_new} new tokens exceed its max_seq of {}",
+                self.len,
+                self.shape.max_seq
+            );
         }
         Ok(())
     }
@@ -164,7 +202,10 @@ impl KvStore for KvCache {
                 let (k, v) = (k.to_dtype(self.dtype)?, v.to_dtype(self.dtype)?);
                 let new = match kv.take() {
                     // Drop anything a failed step may have left beyond `len`.
-                    Some((ko, vo)) => (Tensor::cat(&[&ko.narrow(2, 0, len)?, &k], 2)?, Tensor::cat(&[&vo.narrow(2, 0, len)?, &v], 2)?),
+                    Some((ko, vo)) => (
+                        Tensor::cat(&[&ko.narrow(2, 0, len)?, &k], 2)?,
+                        Tensor::cat(&[&vo.narrow(2, 0, len)?, &v], 2)?,
+                    ),
                     None => (k, v),
                 };
                 *kv = Some(new.clone());

@@ -44,7 +44,9 @@ pub mod sampling;
 pub mod sim;
 
 pub use cache::{kv_cache_bytes, CacheKind, CacheShape, KvCache, KvStore};
-pub use decode::{lm_cache, lm_forward_cached, lm_kv_heads, seq2seq_start, seq2seq_step, Seq2SeqState};
+pub use decode::{
+    lm_cache, lm_forward_cached, lm_kv_heads, seq2seq_start, seq2seq_step, Seq2SeqState,
+};
 pub use paged::{BlockAllocator, PagedConfig, PagedKvCache, PagedSeq, SeqId};
 pub use sampling::{allowed_tokens, Sampler, SamplingConfig};
 
@@ -83,7 +85,10 @@ fn check_prompt(prompt: &[u32], max_context: usize) -> Result<()> {
         bail!("empty prompt: generation needs at least one token");
     }
     if prompt.len() > max_context {
-        bail!("prompt of {} tokens exceeds the maximum context of {max_context}", prompt.len());
+        bail!(
+            "prompt of {} tokens exceeds the maximum context of {max_context}",
+            prompt.len()
+        );
     }
     Ok(())
 }
@@ -92,10 +97,20 @@ fn check_prompt(prompt: &[u32], max_context: usize) -> Result<()> {
 /// `cache` (contiguous or paged; it may already hold a shared prefix, `prompt` is what follows).
 /// Stops early at the model's (or the cache's) maximum context. `on_token` sees each token as it
 /// is produced (streaming).
-pub fn generate_lm(lm: &DecoderOnlyLm, prompt: &[u32], max_new: usize, sampler: &mut Sampler, cache: &mut dyn KvStore, on_token: &mut dyn FnMut(u32)) -> Result<GenStats> {
+pub fn generate_lm(
+    lm: &DecoderOnlyLm,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    cache: &mut dyn KvStore,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<GenStats> {
     check_prompt(prompt, lm.max_seq_len)?;
     let dev = lm.token_embedding.device();
-    let mut stats = GenStats { prompt_len: prompt.len(), ..Default::default() };
+    let mut stats = GenStats {
+        prompt_len: prompt.len(),
+        ..Default::default()
+    };
     let start = Instant::now();
     let mut logits = lm_forward_cached(lm, &Tensor::new(prompt, dev)?.unsqueeze(0)?, cache)?; // prefill
     while stats.tokens.len() < max_new {
@@ -119,10 +134,19 @@ pub fn generate_lm(lm: &DecoderOnlyLm, prompt: &[u32], max_new: usize, sampler: 
 }
 
 /// The same loop without a cache: every step re-runs the model on the whole prefix.
-pub fn generate_lm_no_cache(lm: &DecoderOnlyLm, prompt: &[u32], max_new: usize, sampler: &mut Sampler, on_token: &mut dyn FnMut(u32)) -> Result<GenStats> {
+pub fn generate_lm_no_cache(
+    lm: &DecoderOnlyLm,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<GenStats> {
     check_prompt(prompt, lm.max_seq_len)?;
     let dev = lm.token_embedding.device();
-    let mut stats = GenStats { prompt_len: prompt.len(), ..Default::default() };
+    let mut stats = GenStats {
+        prompt_len: prompt.len(),
+        ..Default::default()
+    };
     let mut seq = prompt.to_vec();
     let start = Instant::now();
     while stats.tokens.len() < max_new && seq.len() <= lm.max_seq_len {
@@ -141,15 +165,33 @@ pub fn generate_lm_no_cache(lm: &DecoderOnlyLm, prompt: &[u32], max_new: usize, 
 
 /// Encoder–decoder generation with the cached decoder: encode `src` once, then one decoder
 /// token-pass per generated token, starting from `bos`.
-pub fn generate_seq2seq(model: &Transformer, src: &[u32], bos: u32, max_new: usize, sampler: &mut Sampler, kind: CacheKind, on_token: &mut dyn FnMut(u32)) -> Result<GenStats> {
+pub fn generate_seq2seq(
+    model: &Transformer,
+    src: &[u32],
+    bos: u32,
+    max_new: usize,
+    sampler: &mut Sampler,
+    kind: CacheKind,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<GenStats> {
     check_prompt(src, model.cfg.max_len)?;
     let dev = model.token_embedding.device();
     let src_t = Tensor::new(src, dev)?.unsqueeze(0)?;
     let src_mask = Tensor::ones((1, src.len()), DType::U8, dev)?;
     let start = Instant::now();
     let max_new = max_new.min(model.cfg.max_len);
-    let mut state = seq2seq_start(model, &src_t, &src_mask, max_new.max(1), kind, model.token_embedding.dtype())?;
-    let mut stats = GenStats { prompt_len: src.len(), ..Default::default() };
+    let mut state = seq2seq_start(
+        model,
+        &src_t,
+        &src_mask,
+        max_new.max(1),
+        kind,
+        model.token_embedding.dtype(),
+    )?;
+    let mut stats = GenStats {
+        prompt_len: src.len(),
+        ..Default::default()
+    };
     let mut last = bos;
     while stats.tokens.len() < max_new {
         let logits = seq2seq_step(model, &Tensor::new(&[last], dev)?.unsqueeze(0)?, &mut state)?;

@@ -63,7 +63,15 @@ impl BlockAllocator {
             bail!("BlockAllocator: block_size ({block_size}), num_blocks ({num_blocks}) and max_seq_len ({max_seq_len}) must be positive");
         }
         // Pop from the end: hand out block 0 first.
-        Ok(Self { block_size, num_blocks, max_seq_len, free: (0..num_blocks).rev().collect(), refcount: vec![0; num_blocks], seqs: BTreeMap::new(), next_id: 0 })
+        Ok(Self {
+            block_size,
+            num_blocks,
+            max_seq_len,
+            free: (0..num_blocks).rev().collect(),
+            refcount: vec![0; num_blocks],
+            seqs: BTreeMap::new(),
+            next_id: 0,
+        })
     }
 
     pub fn free_blocks(&self) -> usize {
@@ -83,14 +91,22 @@ impl BlockAllocator {
     }
 
     pub fn seq(&self, id: SeqId) -> Result<&SeqBlocks> {
-        self.seqs.get(&id).ok_or_else(|| candle_core::Error::Msg(format!("paged cache: no sequence {id}")))
+        self.seqs
+            .get(&id)
+            .ok_or_else(|| candle_core::Error::Msg(format!("paged cache: no sequence {id}")))
     }
 
     /// A new, empty sequence.
     pub fn add_sequence(&mut self) -> SeqId {
         let id = self.next_id;
         self.next_id += 1;
-        self.seqs.insert(id, SeqBlocks { table: Vec::new(), len: 0 });
+        self.seqs.insert(
+            id,
+            SeqBlocks {
+                table: Vec::new(),
+                len: 0,
+            },
+        );
         id
     }
 
@@ -111,7 +127,9 @@ impl BlockAllocator {
     pub fn blocks_needed(&self, seq: SeqId, n_new: usize) -> Result<usize> {
         let s = self.seq(seq)?;
         let total = (s.len + n_new).div_ceil(self.block_size);
-        let cow = n_new > 0 && s.len % self.block_size != 0 && self.refcount[*s.table.last().expect("len > 0 has a block")] > 1;
+        let cow = n_new > 0
+            && s.len % self.block_size != 0
+            && self.refcount[*s.table.last().expect("len > 0 has a block")] > 1;
         Ok(total - s.table.len() + usize::from(cow))
     }
 
@@ -120,7 +138,11 @@ impl BlockAllocator {
     pub fn reserve(&mut self, seq: SeqId, n_new: usize) -> Result<Reservation> {
         let len = self.seq(seq)?.len;
         if len + n_new > self.max_seq_len {
-            bail!("sequence {seq} would hold {} tokens, beyond the maximum context of {}", len + n_new, self.max_seq_len);
+            bail!(
+                "sequence {seq} would hold {} tokens, beyond the maximum context of {}",
+                len + n_new,
+                self.max_seq_len
+            );
         }
         let need = self.blocks_needed(seq, n_new)?;
         if need > self.free.len() {
@@ -151,9 +173,15 @@ impl BlockAllocator {
     /// Counts `n_new` tokens as written (after [`reserve`](Self::reserve)).
     pub fn advance(&mut self, seq: SeqId, n_new: usize) -> Result<()> {
         let bs = self.block_size;
-        let s = self.seqs.get_mut(&seq).ok_or_else(|| candle_core::Error::Msg(format!("paged cache: no sequence {seq}")))?;
+        let s = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or_else(|| candle_core::Error::Msg(format!("paged cache: no sequence {seq}")))?;
         if s.len + n_new > s.table.len() * bs {
-            bail!("sequence {seq}: advancing by {n_new} past its {} reserved slots", s.table.len() * bs);
+            bail!(
+                "sequence {seq}: advancing by {n_new} past its {} reserved slots",
+                s.table.len() * bs
+            );
         }
         s.len += n_new;
         Ok(())
@@ -161,7 +189,9 @@ impl BlockAllocator {
 
     /// Releases a finished sequence: every block whose refcount drops to 0 returns to the pool.
     pub fn free_sequence(&mut self, seq: SeqId) -> Result<()> {
-        let s = self.seqs.remove(&seq).ok_or_else(|| candle_core::Error::Msg(format!("paged cache: no sequence {seq} to free")))?;
+        let s = self.seqs.remove(&seq).ok_or_else(|| {
+            candle_core::Error::Msg(format!("paged cache: no sequence {seq} to free"))
+        })?;
         for b in s.table {
             self.refcount[b] -= 1;
             if self.refcount[b] == 0 {
@@ -210,14 +240,22 @@ impl PagedKvCache {
         let alloc = BlockAllocator::new(cfg.block_size, cfg.num_blocks, cfg.max_seq_len)?;
         let slots = cfg.num_blocks * cfg.block_size;
         let pools = (0..cfg.n_layers)
-            .map(|_| Ok((Tensor::zeros((slots, cfg.n_kv_heads, cfg.d_head), dtype, device)?, Tensor::zeros((slots, cfg.n_kv_heads, cfg.d_head), dtype, device)?)))
+            .map(|_| {
+                Ok((
+                    Tensor::zeros((slots, cfg.n_kv_heads, cfg.d_head), dtype, device)?,
+                    Tensor::zeros((slots, cfg.n_kv_heads, cfg.d_head), dtype, device)?,
+                ))
+            })
             .collect::<Result<_>>()?;
         Ok(Self { cfg, alloc, pools })
     }
 
     /// Bytes of the pool tensors (`2 × layers × num_blocks × block_size × n_kv_heads × d_head × bytes`).
     pub fn allocated_bytes(&self) -> usize {
-        self.pools.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
+        self.pools
+            .iter()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
     }
 
     pub fn add_sequence(&mut self) -> SeqId {
@@ -242,7 +280,10 @@ impl PagedKvCache {
         let bs = self.cfg.block_size;
         for (k, v) in &self.pools {
             // Materialise the source rows first: slice_set refuses a source sharing the pool's storage.
-            let (ks, vs) = (k.narrow(0, from * bs, bs)?.copy()?, v.narrow(0, from * bs, bs)?.copy()?);
+            let (ks, vs) = (
+                k.narrow(0, from * bs, bs)?.copy()?,
+                v.narrow(0, from * bs, bs)?.copy()?,
+            );
             k.slice_set(&ks, 0, to * bs)?;
             v.slice_set(&vs, 0, to * bs)?;
         }
@@ -256,10 +297,20 @@ impl PagedKvCache {
         let (bs, h, d) = (self.cfg.block_size, self.cfg.n_kv_heads, self.cfg.d_head);
         let n_blocks = len.div_ceil(bs);
         if n_blocks > s.table.len() {
-            bail!("sequence {seq}: {len} positions but only {} blocks", s.table.len());
+            bail!(
+                "sequence {seq}: {len} positions but only {} blocks",
+                s.table.len()
+            );
         }
         let (k, v) = &self.pools[layer];
-        let ids = Tensor::from_vec(s.table[..n_blocks].iter().map(|&b| b as u32).collect::<Vec<_>>(), n_blocks, k.device())?;
+        let ids = Tensor::from_vec(
+            s.table[..n_blocks]
+                .iter()
+                .map(|&b| b as u32)
+                .collect::<Vec<_>>(),
+            n_blocks,
+            k.device(),
+        )?;
         let nb = self.cfg.num_blocks;
         let pick = |pool: &Tensor| -> Result<Tensor> {
             pool.reshape((nb, bs, h, d))? // (num_blocks, block, heads, d_head)
@@ -275,8 +326,16 @@ impl PagedKvCache {
     /// Writes `k, v (1, n_kv_heads, t, d_head)` of `layer` at positions `start … start + t − 1`.
     fn write(&self, seq: SeqId, layer: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let (pk, pv) = &self.pools[layer];
-        let k = k.squeeze(0)?.transpose(0, 1)?.to_dtype(pk.dtype())?.contiguous()?; // (t, heads, d_head)
-        let v = v.squeeze(0)?.transpose(0, 1)?.to_dtype(pv.dtype())?.contiguous()?;
+        let k = k
+            .squeeze(0)?
+            .transpose(0, 1)?
+            .to_dtype(pk.dtype())?
+            .contiguous()?; // (t, heads, d_head)
+        let v = v
+            .squeeze(0)?
+            .transpose(0, 1)?
+            .to_dtype(pv.dtype())?
+            .contiguous()?;
         let t = k.dim(0)?;
         let bs = self.cfg.block_size;
         let mut p = 0;
@@ -314,11 +373,24 @@ impl KvStore for PagedSeq<'_> {
 
     fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, h, t, d) = k.dims4()?;
-        if b != 1 || h != self.cache.cfg.n_kv_heads || d != self.cache.cfg.d_head || v.dims() != k.dims() {
-            bail!("paged cache: k {:?} / v {:?} must be (1, {}, t, {})", k.dims(), v.dims(), self.cache.cfg.n_kv_heads, self.cache.cfg.d_head);
+        if b != 1
+            || h != self.cache.cfg.n_kv_heads
+            || d != self.cache.cfg.d_head
+            || v.dims() != k.dims()
+        {
+            bail!(
+                "paged cache: k {:?} / v {:?} must be (1, {}, t, {})",
+                k.dims(),
+                v.dims(),
+                self.cache.cfg.n_kv_heads,
+                self.cache.cfg.d_head
+            );
         }
         if layer >= self.cache.cfg.n_layers {
-            bail!("paged cache: layer {layer} out of range ({} layers)", self.cache.cfg.n_layers);
+            bail!(
+                "paged cache: layer {layer} out of range ({} layers)",
+                self.cache.cfg.n_layers
+            );
         }
         let start = self.seq_len();
         self.cache.write(self.seq, layer, start, k, v)?;
@@ -326,6 +398,9 @@ impl KvStore for PagedSeq<'_> {
     }
 
     fn commit(&mut self, n_new: usize) {
-        self.cache.alloc.advance(self.seq, n_new).expect("reserved by begin");
+        self.cache
+            .alloc
+            .advance(self.seq, n_new)
+            .expect("reserved by begin");
     }
 }

@@ -23,12 +23,19 @@ pub struct SamplingConfig {
 
 impl SamplingConfig {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: None, top_p: None }
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            bail!("temperature must be ≥ 0 and finite, got {}", self.temperature);
+            bail!(
+                "temperature must be ≥ 0 and finite, got {}",
+                self.temperature
+            );
         }
         if self.top_k == Some(0) {
             bail!("top_k must be ≥ 1, got 0");
@@ -53,12 +60,19 @@ pub fn allowed_tokens(logits: &[f32], cfg: &SamplingConfig) -> Result<Vec<(u32, 
         bail!("logits contain NaN");
     }
     if cfg.temperature == 0.0 {
-        let best = logits.iter().enumerate().fold(0, |b, (i, &l)| if l > logits[b] { i } else { b });
+        let best = logits
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, &l)| if l > logits[b] { i } else { b });
         return Ok(vec![(best as u32, 1.0)]);
     }
     // softmax(logits / T) in f64, sorted by probability (stable: ties keep index order).
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
-    let mut p: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l as f64 - max) / cfg.temperature).exp())).collect();
+    let mut p: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l as f64 - max) / cfg.temperature).exp()))
+        .collect();
     let z: f64 = p.iter().map(|x| x.1).sum();
     p.iter_mut().for_each(|x| x.1 /= z);
     p.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -89,7 +103,10 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(cfg: SamplingConfig, seed: u64) -> Result<Self> {
         cfg.validate()?;
-        Ok(Self { cfg, rng: StdRng::seed_from_u64(seed) })
+        Ok(Self {
+            cfg,
+            rng: StdRng::seed_from_u64(seed),
+        })
     }
 
     /// Picks a token from `logits` as floats.

@@ -25,9 +25,21 @@ pub struct Request {
 }
 
 /// `n` requests arriving `per_step` per step, lengths uniform in the given inclusive ranges.
-pub fn workload(n: usize, per_step: usize, prompt: (usize, usize), output: (usize, usize), seed: u64) -> Vec<Request> {
+pub fn workload(
+    n: usize,
+    per_step: usize,
+    prompt: (usize, usize),
+    output: (usize, usize),
+    seed: u64,
+) -> Vec<Request> {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..n).map(|i| Request { arrival: i / per_step.max(1), prompt: rng.random_range(prompt.0..=prompt.1), output: rng.random_range(output.0..=output.1) }).collect()
+    (0..n)
+        .map(|i| Request {
+            arrival: i / per_step.max(1),
+            prompt: rng.random_range(prompt.0..=prompt.1),
+            output: rng.random_range(output.0..=output.1),
+        })
+        .collect()
 }
 
 /// How KV memory is handed out.
@@ -66,19 +78,33 @@ struct Running {
 }
 
 /// Runs `requests` to completion under `policy` with `budget` token slots and `max_seq` per sequence.
-pub fn simulate(requests: &[Request], policy: Policy, budget: usize, max_seq: usize) -> Result<SimResult> {
+pub fn simulate(
+    requests: &[Request],
+    policy: Policy,
+    budget: usize,
+    max_seq: usize,
+) -> Result<SimResult> {
     for (i, r) in requests.iter().enumerate() {
         if r.prompt + r.output > max_seq || r.prompt == 0 || r.output == 0 {
-            candle_core::bail!("request {i} ({} + {} tokens) does not fit max_seq {max_seq}", r.prompt, r.output);
+            candle_core::bail!(
+                "request {i} ({} + {} tokens) does not fit max_seq {max_seq}",
+                r.prompt,
+                r.output
+            );
         }
     }
     let mut alloc = match policy {
-        Policy::Paged { block_size } => Some(BlockAllocator::new(block_size, budget / block_size, max_seq)?),
+        Policy::Paged { block_size } => Some(BlockAllocator::new(
+            block_size,
+            budget / block_size,
+            max_seq,
+        )?),
         Policy::Contiguous => None,
     };
     let (mut queue, mut running): (VecDeque<usize>, Vec<Running>) = (VecDeque::new(), Vec::new());
     let (mut next, mut step, mut finished, mut generated, mut preemptions) = (0, 0, 0, 0, 0);
-    let (mut used_sum, mut reserved_sum, mut batch_sum, mut max_batch) = (0usize, 0usize, 0usize, 0usize);
+    let (mut used_sum, mut reserved_sum, mut batch_sum, mut max_batch) =
+        (0usize, 0usize, 0usize, 0usize);
     while finished < requests.len() {
         while next < requests.len() && requests[next].arrival <= step {
             queue.push_back(next);
@@ -100,13 +126,22 @@ pub fn simulate(requests: &[Request], policy: Policy, budget: usize, max_seq: us
                 }
             };
             queue.pop_front();
-            running.push(Running { req: r, len: 0, generated: 0, seq });
+            running.push(Running {
+                req: r,
+                len: 0,
+                generated: 0,
+                seq,
+            });
         }
         // Every running sequence grows by its prompt (first step) or one token; paged ones may
         // need a block, preempting the newest sequences when the pool is empty.
         let mut i = 0;
         while i < running.len() {
-            let grow = if running[i].len == 0 { requests[running[i].req].prompt + 1 } else { 1 };
+            let grow = if running[i].len == 0 {
+                requests[running[i].req].prompt + 1
+            } else {
+                1
+            };
             if let (Some(a), Some(s)) = (alloc.as_mut(), running[i].seq) {
                 let have = a.seq(s)?.table.len() * a.block_size - a.seq(s)?.len;
                 if have < grow && a.reserve(s, grow).is_err() {
@@ -146,7 +181,9 @@ pub fn simulate(requests: &[Request], policy: Policy, budget: usize, max_seq: us
         }
         step += 1;
         if step > 100 * (requests.len() + max_seq) {
-            candle_core::bail!("simulation does not progress (budget {budget} too small for max_seq {max_seq}?)");
+            candle_core::bail!(
+                "simulation does not progress (budget {budget} too small for max_seq {max_seq}?)"
+            );
         }
     }
     if let Some(a) = &alloc {
@@ -170,8 +207,18 @@ pub fn simulate(requests: &[Request], policy: Policy, budget: usize, max_seq: us
 
 /// Blocks used by `n` sequences of `prefix + own[i]` tokens, without and with sharing the
 /// prefix's blocks (forked from one sequence holding the prefix): `(without, with)`.
-pub fn prefix_sharing_blocks(prefix: usize, own: &[usize], block_size: usize, max_seq: usize) -> Result<(usize, usize)> {
-    let total_blocks = own.iter().map(|o| (prefix + o).div_ceil(block_size)).sum::<usize>() + prefix.div_ceil(block_size) + 1;
+pub fn prefix_sharing_blocks(
+    prefix: usize,
+    own: &[usize],
+    block_size: usize,
+    max_seq: usize,
+) -> Result<(usize, usize)> {
+    let total_blocks = own
+        .iter()
+        .map(|o| (prefix + o).div_ceil(block_size))
+        .sum::<usize>()
+        + prefix.div_ceil(block_size)
+        + 1;
     let mut a = BlockAllocator::new(block_size, total_blocks, max_seq)?;
     for &o in own {
         let s = a.add_sequence();

@@ -11,7 +11,9 @@ use t0810_kv_cache::*;
 const VOCAB: usize = 61;
 
 fn tokens(n: usize, salt: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 37 + salt * 11 + 5) % VOCAB) as u32).collect()
+    (0..n)
+        .map(|i| ((i * 37 + salt * 11 + 5) % VOCAB) as u32)
+        .collect()
 }
 
 /// max |a − b| / max |b|.
@@ -20,7 +22,11 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max) / scale.max(1e-30)
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max)
+        / scale.max(1e-30)
 }
 
 fn llama(n_kv_heads: usize, seed: u64) -> DecoderOnlyLm {
@@ -31,11 +37,26 @@ fn llama(n_kv_heads: usize, seed: u64) -> DecoderOnlyLm {
 
 fn gpt2(seed: u64) -> DecoderOnlyLm {
     shared::params::set_seed(seed);
-    init_modern_lm(&ModernLmConfig::gpt2(VOCAB, 40, 32, 2, 4), DType::F32, &Device::Cpu).unwrap().1
+    init_modern_lm(
+        &ModernLmConfig::gpt2(VOCAB, 40, 32, 2, 4),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .1
 }
 
 fn full_logits(lm: &DecoderOnlyLm, toks: &[u32]) -> Tensor {
-    lm.forward(&Tensor::new(toks, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0).unwrap().squeeze(0).unwrap() // (t, vocab)
+    lm.forward(
+        &Tensor::new(toks, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
+        0,
+    )
+    .unwrap()
+    .squeeze(0)
+    .unwrap() // (t, vocab)
 }
 
 fn row(t: &[u32]) -> Tensor {
@@ -43,12 +64,23 @@ fn row(t: &[u32]) -> Tensor {
 }
 
 /// Prefill `prefill` tokens, then one token at a time; compare every logit row with the full pass.
-fn check_incremental(lm: &DecoderOnlyLm, cache: &mut dyn KvStore, toks: &[u32], prefill: usize) -> f64 {
+fn check_incremental(
+    lm: &DecoderOnlyLm,
+    cache: &mut dyn KvStore,
+    toks: &[u32],
+    prefill: usize,
+) -> f64 {
     let full = full_logits(lm, toks);
-    let got = lm_forward_cached(lm, &row(&toks[..prefill]), cache).unwrap().squeeze(0).unwrap();
+    let got = lm_forward_cached(lm, &row(&toks[..prefill]), cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     let mut worst = rel_err(&got, &full.narrow(0, 0, prefill).unwrap());
     for t in prefill..toks.len() {
-        let got = lm_forward_cached(lm, &row(&toks[t..t + 1]), cache).unwrap().squeeze(0).unwrap();
+        let got = lm_forward_cached(lm, &row(&toks[t..t + 1]), cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         assert_eq!(cache.seq_len(), t + 1);
         worst = worst.max(rel_err(&got, &full.narrow(0, t, 1).unwrap()));
     }
@@ -58,7 +90,12 @@ fn check_incremental(lm: &DecoderOnlyLm, cache: &mut dyn KvStore, toks: &[u32], 
 #[test]
 fn cached_logits_equal_full_forward_for_mha_gqa_mqa_and_gpt2() {
     let toks = tokens(21, 1);
-    for (name, lm) in [("MHA", llama(4, 1)), ("GQA", llama(2, 2)), ("MQA", llama(1, 3)), ("GPT-2 recipe", gpt2(4))] {
+    for (name, lm) in [
+        ("MHA", llama(4, 1)),
+        ("GQA", llama(2, 2)),
+        ("MQA", llama(1, 3)),
+        ("GPT-2 recipe", gpt2(4)),
+    ] {
         for kind in [CacheKind::Preallocated, CacheKind::Concat] {
             let mut cache = lm_cache(&lm, 1, 40, kind, DType::F32).unwrap();
             let err = check_incremental(&lm, &mut cache, &toks, 6);
@@ -71,7 +108,16 @@ fn cached_logits_equal_full_forward_for_mha_gqa_mqa_and_gpt2() {
 fn gqa_caches_only_the_kv_heads() {
     let lm = llama(1, 5); // MQA: 1 K/V head of d_head 8, 2 layers
     let cache = lm_cache(&lm, 3, 40, CacheKind::Preallocated, DType::F32).unwrap();
-    assert_eq!(cache.shape, CacheShape { n_layers: 2, batch: 3, n_kv_heads: 1, max_seq: 40, d_head: 8 });
+    assert_eq!(
+        cache.shape,
+        CacheShape {
+            n_layers: 2,
+            batch: 3,
+            n_kv_heads: 1,
+            max_seq: 40,
+            d_head: 8
+        }
+    );
     assert_eq!(cache.allocated_bytes(), kv_cache_bytes(3, 2, 1, 40, 8, 4));
     assert_eq!(cache.allocated_bytes(), 2 * 3 * 2 * 40 * 8 * 4);
 }
@@ -91,13 +137,19 @@ fn preallocated_equals_concatenating_cache_in_a_batch() {
         let la = lm_forward_cached(&lm, &x.narrow(1, t, 1).unwrap(), &mut a).unwrap();
         let lb = lm_forward_cached(&lm, &x.narrow(1, t, 1).unwrap(), &mut b).unwrap();
         assert!(rel_err(&la, &lb) < 1e-6, "step {t}");
-        assert!(rel_err(&la, &full.narrow(1, t, 1).unwrap()) < 1e-5, "step {t} vs full");
+        assert!(
+            rel_err(&la, &full.narrow(1, t, 1).unwrap()) < 1e-5,
+            "step {t} vs full"
+        );
     }
     for l in 0..2 {
         let (ka, va) = a.layer(l).unwrap().unwrap();
         let (kb, vb) = b.layer(l).unwrap().unwrap();
         assert_eq!(ka.dims(), &[2, 2, 12, 8]);
-        assert!(rel_err(&ka, &kb) == 0.0 && rel_err(&va, &vb) == 0.0, "layer {l}: caches differ");
+        assert!(
+            rel_err(&ka, &kb) == 0.0 && rel_err(&va, &vb) == 0.0,
+            "layer {l}: caches differ"
+        );
     }
 }
 
@@ -106,7 +158,14 @@ fn paged_cache_decoding_equals_full_forward() {
     let toks = tokens(23, 4);
     for (name, lm) in [("GQA", llama(2, 7)), ("GPT-2 recipe", gpt2(8))] {
         let (h, d) = lm_kv_heads(&lm).unwrap();
-        let cfg = PagedConfig { n_layers: 2, n_kv_heads: h, d_head: d, block_size: 4, num_blocks: 16, max_seq_len: 40 };
+        let cfg = PagedConfig {
+            n_layers: 2,
+            n_kv_heads: h,
+            d_head: d,
+            block_size: 4,
+            num_blocks: 16,
+            max_seq_len: 40,
+        };
         let mut paged = PagedKvCache::new(cfg, DType::F32, &Device::Cpu).unwrap();
         let _other = paged.add_sequence(); // another tenant, so block ids are not the identity
         let s0 = paged.add_sequence();
@@ -115,16 +174,32 @@ fn paged_cache_decoding_equals_full_forward() {
         let mut view = paged.seq(s0).unwrap();
         let err = check_incremental(&lm, &mut view, &toks, 7);
         assert!(err < 1e-5, "{name}: paged relative error {err}");
-        assert_eq!(paged.alloc.seq(s0).unwrap().table.len(), 23usize.div_ceil(4));
+        assert_eq!(
+            paged.alloc.seq(s0).unwrap().table.len(),
+            23usize.div_ceil(4)
+        );
     }
 }
 
 #[test]
 fn paged_gather_equals_contiguous_cache() -> Result<()> {
     let dev = Device::Cpu;
-    let cfg = PagedConfig { n_layers: 1, n_kv_heads: 2, d_head: 3, block_size: 4, num_blocks: 12, max_seq_len: 32 };
+    let cfg = PagedConfig {
+        n_layers: 1,
+        n_kv_heads: 2,
+        d_head: 3,
+        block_size: 4,
+        num_blocks: 12,
+        max_seq_len: 32,
+    };
     let mut paged = PagedKvCache::new(cfg, DType::F32, &dev)?;
-    let shape = CacheShape { n_layers: 1, batch: 1, n_kv_heads: 2, max_seq: 32, d_head: 3 };
+    let shape = CacheShape {
+        n_layers: 1,
+        batch: 1,
+        n_kv_heads: 2,
+        max_seq: 32,
+        d_head: 3,
+    };
     let mut contiguous = KvCache::new(shape, CacheKind::Preallocated, DType::F32, &dev)?;
     let a = paged.add_sequence();
     let b = paged.add_sequence();
@@ -148,7 +223,10 @@ fn paged_gather_equals_contiguous_cache() -> Result<()> {
         sb.commit(i + 1);
     }
     let table = &paged.alloc.seq(a)?.table;
-    assert!(table.windows(2).any(|w| w[1] != w[0] + 1), "test needs a fragmented table: {table:?}");
+    assert!(
+        table.windows(2).any(|w| w[1] != w[0] + 1),
+        "test needs a fragmented table: {table:?}"
+    );
     Ok(())
 }
 
@@ -156,15 +234,43 @@ fn paged_gather_equals_contiguous_cache() -> Result<()> {
 fn encoder_decoder_cached_decoder_equals_full_decode() {
     for placement in [NormPlacement::Pre, NormPlacement::Post] {
         shared::params::set_seed(11);
-        let cfg = TransformerConfig { vocab_size: VOCAB, max_len: 24, d_model: 32, n_heads: 4, d_ff: 64, n_encoder_layers: 2, n_decoder_layers: 2, placement };
+        let cfg = TransformerConfig {
+            vocab_size: VOCAB,
+            max_len: 24,
+            d_model: 32,
+            n_heads: 4,
+            d_ff: 64,
+            n_encoder_layers: 2,
+            n_decoder_layers: 2,
+            placement,
+        };
         let vm = VarMap::new();
-        let model = Transformer::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), cfg).unwrap();
+        let model =
+            Transformer::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), cfg).unwrap();
         // A batch of two sources, the second padded.
-        let src = Tensor::from_vec([tokens(9, 5), tokens(9, 6)].concat(), (2, 9), &Device::Cpu).unwrap();
-        let src_mask = Tensor::from_vec([vec![1u8; 9], [vec![1u8; 6], vec![0u8; 3]].concat()].concat(), (2, 9), &Device::Cpu).unwrap();
-        let tgt = Tensor::from_vec([tokens(10, 7), tokens(10, 8)].concat(), (2, 10), &Device::Cpu).unwrap();
+        let src =
+            Tensor::from_vec([tokens(9, 5), tokens(9, 6)].concat(), (2, 9), &Device::Cpu).unwrap();
+        let src_mask = Tensor::from_vec(
+            [vec![1u8; 9], [vec![1u8; 6], vec![0u8; 3]].concat()].concat(),
+            (2, 9),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let tgt = Tensor::from_vec(
+            [tokens(10, 7), tokens(10, 8)].concat(),
+            (2, 10),
+            &Device::Cpu,
+        )
+        .unwrap();
         let memory = model.encode(&src, &src_mask).unwrap();
-        let full = model.decode(&tgt, &Tensor::ones((2, 10), DType::U8, &Device::Cpu).unwrap(), &memory, &src_mask).unwrap();
+        let full = model
+            .decode(
+                &tgt,
+                &Tensor::ones((2, 10), DType::U8, &Device::Cpu).unwrap(),
+                &memory,
+                &src_mask,
+            )
+            .unwrap();
         for kind in [CacheKind::Preallocated, CacheKind::Concat] {
             let mut st = seq2seq_start(&model, &src, &src_mask, 10, kind, DType::F32).unwrap();
             let first = seq2seq_step(&model, &tgt.narrow(1, 0, 3).unwrap(), &mut st).unwrap();
@@ -173,8 +279,13 @@ fn encoder_decoder_cached_decoder_equals_full_decode() {
                 let got = seq2seq_step(&model, &tgt.narrow(1, t, 1).unwrap(), &mut st).unwrap();
                 worst = worst.max(rel_err(&got, &full.narrow(1, t, 1).unwrap()));
             }
-            assert!(worst < 1e-5, "{placement:?} {kind:?}: relative error {worst}");
-            let e = seq2seq_step(&model, &tgt.narrow(1, 0, 1).unwrap(), &mut st).unwrap_err().to_string();
+            assert!(
+                worst < 1e-5,
+                "{placement:?} {kind:?}: relative error {worst}"
+            );
+            let e = seq2seq_step(&model, &tgt.narrow(1, 0, 1).unwrap(), &mut st)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("KV cache full"), "{e}");
         }
     }
@@ -183,14 +294,33 @@ fn encoder_decoder_cached_decoder_equals_full_decode() {
 #[test]
 fn seq2seq_generation_matches_full_recompute_generate() {
     shared::params::set_seed(12);
-    let cfg = TransformerConfig { vocab_size: VOCAB, max_len: 24, d_model: 32, n_heads: 4, d_ff: 64, n_encoder_layers: 1, n_decoder_layers: 2, placement: NormPlacement::Pre };
+    let cfg = TransformerConfig {
+        vocab_size: VOCAB,
+        max_len: 24,
+        d_model: 32,
+        n_heads: 4,
+        d_ff: 64,
+        n_encoder_layers: 1,
+        n_decoder_layers: 2,
+        placement: NormPlacement::Pre,
+    };
     let vm = VarMap::new();
-    let model = Transformer::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), cfg).unwrap();
+    let model =
+        Transformer::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), cfg).unwrap();
     let src = tokens(8, 3);
     let reference = model.generate(&src, 1, 12, 0.0, 0).unwrap(); // t0805: full recompute, greedy
     let mut sampler = Sampler::new(SamplingConfig::greedy(), 0).unwrap();
     let mut streamed = Vec::new();
-    let got = generate_seq2seq(&model, &src, 1, 12, &mut sampler, CacheKind::Preallocated, &mut |t| streamed.push(t)).unwrap();
+    let got = generate_seq2seq(
+        &model,
+        &src,
+        1,
+        12,
+        &mut sampler,
+        CacheKind::Preallocated,
+        &mut |t| streamed.push(t),
+    )
+    .unwrap();
     assert_eq!(got.tokens, reference);
     assert_eq!(streamed, reference);
 }
@@ -199,19 +329,48 @@ fn seq2seq_generation_matches_full_recompute_generate() {
 fn lm_generation_with_and_without_cache_agree_and_are_seeded() {
     let lm = llama(2, 13);
     let prompt = tokens(5, 1);
-    let cfg = SamplingConfig { temperature: 0.9, top_k: Some(20), top_p: Some(0.95) };
+    let cfg = SamplingConfig {
+        temperature: 0.9,
+        top_k: Some(20),
+        top_p: Some(0.95),
+    };
     let run_cached = |seed| {
         let mut cache = lm_cache(&lm, 1, 40, CacheKind::Preallocated, DType::F32).unwrap();
-        generate_lm(&lm, &prompt, 15, &mut Sampler::new(cfg, seed).unwrap(), &mut cache, &mut |_| {}).unwrap().tokens
+        generate_lm(
+            &lm,
+            &prompt,
+            15,
+            &mut Sampler::new(cfg, seed).unwrap(),
+            &mut cache,
+            &mut |_| {},
+        )
+        .unwrap()
+        .tokens
     };
     let a = run_cached(3);
     assert_eq!(a.len(), 15);
     assert_eq!(a, run_cached(3), "same seed, same tokens");
-    let b = generate_lm_no_cache(&lm, &prompt, 15, &mut Sampler::new(cfg, 3).unwrap(), &mut |_| {}).unwrap().tokens;
+    let b = generate_lm_no_cache(
+        &lm,
+        &prompt,
+        15,
+        &mut Sampler::new(cfg, 3).unwrap(),
+        &mut |_| {},
+    )
+    .unwrap()
+    .tokens;
     assert_eq!(a, b, "cache must not change what is generated");
     // Generation stops at the model's maximum context (40) instead of failing.
     let mut cache = lm_cache(&lm, 1, 40, CacheKind::Preallocated, DType::F32).unwrap();
-    let long = generate_lm(&lm, &prompt, 100, &mut Sampler::new(SamplingConfig::greedy(), 0).unwrap(), &mut cache, &mut |_| {}).unwrap();
+    let long = generate_lm(
+        &lm,
+        &prompt,
+        100,
+        &mut Sampler::new(SamplingConfig::greedy(), 0).unwrap(),
+        &mut cache,
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(long.tokens.len(), 40 - 5 + 1);
 }
 
@@ -221,15 +380,28 @@ fn exceeding_the_cache_or_the_context_is_a_clear_error_and_keeps_the_cache() {
     let toks = tokens(12, 2);
     let mut cache = lm_cache(&lm, 1, 10, CacheKind::Preallocated, DType::F32).unwrap();
     lm_forward_cached(&lm, &row(&toks[..8]), &mut cache).unwrap();
-    let e = lm_forward_cached(&lm, &row(&toks[8..11]), &mut cache).unwrap_err().to_string();
-    assert!(e.contains("KV cache full: 8 cached + 3 new tokens exceed its max_seq of 10"), "{e}");
+    let e = lm_forward_cached(&lm, &row(&toks[8..11]), &mut cache)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("KV cache full: 8 cached + 3 new tokens exceed its max_seq of 10"),
+        "{e}"
+    );
     assert_eq!(cache.seq_len(), 8);
     // The cache still decodes correctly after the refusal.
-    let got = lm_forward_cached(&lm, &row(&toks[8..9]), &mut cache).unwrap().squeeze(0).unwrap();
+    let got = lm_forward_cached(&lm, &row(&toks[8..9]), &mut cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     assert!(rel_err(&got, &full_logits(&lm, &toks[..9]).narrow(0, 8, 1).unwrap()) < 1e-5);
     // Beyond the model's maximum context (40).
     let mut big = lm_cache(&lm, 1, 40, CacheKind::Preallocated, DType::F32).unwrap();
-    let e = lm_forward_cached(&lm, &row(&tokens(41, 1)), &mut big).unwrap_err().to_string();
-    assert!(e.contains("exceeds the model's maximum context of 40"), "{e}");
+    let e = lm_forward_cached(&lm, &row(&tokens(41, 1)), &mut big)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("exceeds the model's maximum context of 40"),
+        "{e}"
+    );
     assert_eq!(big.seq_len(), 0);
 }
