@@ -51,8 +51,11 @@ for b in $bins; do
   echo "bin $b bin/$b" >> .gpu/stage/manifest.txt
 done
 echo "== compressing $(du -sh .gpu/stage | cut -f1) (one long-window xz stores the shared kernels once)" >&2
-tar -C .gpu/stage -cf - . | xz -T1 --lzma2=preset=3,dict=192MiB > .gpu/bundle.tar.xz
+tar -C .gpu/stage -cf - . | xz -T1 --lzma2=preset=6,dict=256MiB > .gpu/bundle.tar.xz
 cp "$shared_gpu/remote-env.sh" .gpu/
+# The GPU host has no fonts: carry one for the plots.
+font=$(fc-match -f "%{file}" "DejaVu Sans:style=Book" 2>/dev/null || true)
+[ -f "$font" ] && cp "$font" .gpu/font.ttf
 # The GPU host has no ../shared: carry WikiText-2 (xz, ~9 MB) for the experiments.
 if [ -d "$root/../shared/data/wikitext-2" ]; then
   mkdir -p .gpu/data && cp "$root"/../shared/data/wikitext-2/*.xz .gpu/data/

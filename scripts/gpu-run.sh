@@ -22,6 +22,7 @@ fi
 REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
 export MODULE08_EXPECT_GPU=1 MODULE08_CACHE=/tmp/module08-cache
 [ -d .gpu/data ] && export WIKITEXT2_DIR="$root/.gpu/data"
+[ -f .gpu/font.ttf ] && export MODULE08_FONT="$root/.gpu/font.ttf"
 summary="$dest/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$summary"
 status=0
