@@ -112,18 +112,24 @@ impl Model {
         // T5's rule: offsets ≥ max_distance share the last bucket. Setting it to the training length
         // makes that bucket one that training has seen, so any longer offset reuses a trained bias.
         pcfg.max_distance = args.train_len;
+        // Positions are created last, so that the shared parts (embeddings, attention, readout)
+        // get the same initial values whatever the scheme.
+        let embed = truncated_normal(&vb, (args.vocab, d), "token_embeddings", 1.0)?;
+        let layers = (0..args.layers)
+            .map(|l| {
+                MultiHeadAttention::new(
+                    vb.pp(format!("layers.{l}.attn")),
+                    MhaConfig::new(d, args.n_heads),
+                )
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let readout = weight(&vb, args.vocab, d, "readout")?;
+        let positions = Positions::new(vb.pp("positions"), &pcfg)?;
         Ok(Self {
-            embed: truncated_normal(&vb, (args.vocab, d), "token_embeddings", 1.0)?,
-            positions: Positions::new(vb.pp("positions"), &pcfg)?,
-            layers: (0..args.layers)
-                .map(|l| {
-                    MultiHeadAttention::new(
-                        vb.pp(format!("layers.{l}.attn")),
-                        MhaConfig::new(d, args.n_heads),
-                    )
-                })
-                .collect::<candle_core::Result<_>>()?,
-            readout: weight(&vb, args.vocab, d, "readout")?,
+            embed,
+            positions,
+            layers,
+            readout,
         })
     }
 
@@ -392,6 +398,12 @@ fn main() -> Result<()> {
         "position information for attention: sinusoidal, learned, relative bias",
     )?;
     let dev = ctx.picked.device.clone();
+    if !dev.is_cuda() {
+        println!(
+            "   Candle CPU kernels: {} thread(s) (--threads)",
+            candle_core::utils::get_num_threads()
+        );
+    }
     let quick = args.common.quick;
     let steps = args.steps.unwrap_or(if quick { 120 } else { 500 });
     let eval_batches = if quick { 2 } else { 8 };

@@ -63,7 +63,8 @@ pub fn sinusoidal_at(
     let omega = Tensor::from_vec(omega, (1, d_model / 2), device)?; // (1, d/2)
     let pos = Tensor::from_slice(positions, (n, 1), device)?; // (n, 1)
     let angles = pos.broadcast_mul(&omega)?; // (n, d/2): pos·ωᵢ
-                                             // Interleave: (n, d/2, 2) with [.., 0] = sin, [.., 1] = cos → columns sin, cos, sin, cos, …
+
+    // Interleave: (n, d/2, 2) with [.., 0] = sin, [.., 1] = cos → columns sin, cos, sin, cos, …
     let pairs = Tensor::stack(&[angles.sin()?, angles.cos()?], 2)?;
     pairs.reshape((n, d_model))?.to_dtype(DType::F32)
 }
