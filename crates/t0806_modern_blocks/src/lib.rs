@@ -45,7 +45,10 @@ use std::path::Path;
 use std::sync::Arc;
 use t0802_multi_head_attention::{MhaConfig, MultiHeadAttention};
 use t0803_positional_encoding::LearnedPositions;
-use t0804_transformer_block::{AbsolutePositions, Activation, CausalMha, DecoderOnlyBlock, DecoderOnlyLm, FeedForward, Layer, LayerNorm, NormPlacement};
+use t0804_transformer_block::{
+    AbsolutePositions, Activation, CausalMha, DecoderOnlyBlock, DecoderOnlyLm, FeedForward, Layer,
+    LayerNorm, NormPlacement,
+};
 use t0807_grouped_query_attention::{GqaConfig, GroupedQueryAttention};
 use t0808_rope::{RopeScaling, RopeTables};
 
@@ -58,7 +61,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(vb: VarBuilder, d_model: usize, eps: f64) -> Result<Self> {
-        Ok(Self { gain: ones(&vb, d_model, "weight")?, eps })
+        Ok(Self {
+            gain: ones(&vb, d_model, "weight")?,
+            eps,
+        })
     }
 
     pub fn from_weights(gain: Tensor, eps: f64) -> Result<Self> {
@@ -74,11 +80,17 @@ impl Layer for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         expect_last_dim(x, self.gain.dims()[0], "RmsNorm input")?;
         let dtype = x.dtype();
-        let work = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let work = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         let x = x.to_dtype(work)?;
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // (…, 1): mean of squares
         let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.gain.to_dtype(work)?)?.to_dtype(dtype)
+        normed
+            .broadcast_mul(&self.gain.to_dtype(work)?)?
+            .to_dtype(dtype)
     }
 }
 
@@ -103,7 +115,11 @@ pub struct SwiGlu {
 
 impl SwiGlu {
     pub fn new(vb: VarBuilder, d_model: usize, d_ff: usize) -> Result<Self> {
-        Ok(Self { w1: weight(&vb, d_ff, d_model, "w1")?, w2: weight(&vb, d_model, d_ff, "w2")?, w3: weight(&vb, d_ff, d_model, "w3")? })
+        Ok(Self {
+            w1: weight(&vb, d_ff, d_model, "w1")?,
+            w2: weight(&vb, d_model, d_ff, "w2")?,
+            w3: weight(&vb, d_ff, d_model, "w3")?,
+        })
     }
 
     pub fn from_weights(w1: Tensor, w2: Tensor, w3: Tensor) -> Result<Self> {
@@ -157,13 +173,42 @@ pub struct ModernLmConfig {
 
 impl ModernLmConfig {
     /// A LLaMA-recipe config with `d_ff = swiglu_d_ff(d_model)`, θ = 10 000, ε = 1e-5.
-    pub fn llama(vocab_size: usize, max_seq_len: usize, d_model: usize, n_layers: usize, n_heads: usize, n_kv_heads: usize) -> Self {
-        Self { vocab_size, max_seq_len, d_model, n_layers, n_heads, n_kv_heads, d_ff: swiglu_d_ff(d_model), rope_theta: 10_000.0, norm_eps: 1e-5, recipe: Recipe::Llama, rope_scaling: RopeScaling::None }
+    pub fn llama(
+        vocab_size: usize,
+        max_seq_len: usize,
+        d_model: usize,
+        n_layers: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+    ) -> Self {
+        Self {
+            vocab_size,
+            max_seq_len,
+            d_model,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            d_ff: swiglu_d_ff(d_model),
+            rope_theta: 10_000.0,
+            norm_eps: 1e-5,
+            recipe: Recipe::Llama,
+            rope_scaling: RopeScaling::None,
+        }
     }
 
     /// A GPT-2-recipe config with `d_ff = 4·d_model`.
-    pub fn gpt2(vocab_size: usize, max_seq_len: usize, d_model: usize, n_layers: usize, n_heads: usize) -> Self {
-        Self { d_ff: 4 * d_model, recipe: Recipe::Gpt2, ..Self::llama(vocab_size, max_seq_len, d_model, n_layers, n_heads, n_heads) }
+    pub fn gpt2(
+        vocab_size: usize,
+        max_seq_len: usize,
+        d_model: usize,
+        n_layers: usize,
+        n_heads: usize,
+    ) -> Self {
+        Self {
+            d_ff: 4 * d_model,
+            recipe: Recipe::Gpt2,
+            ..Self::llama(vocab_size, max_seq_len, d_model, n_layers, n_heads, n_heads)
+        }
     }
 
     pub fn gqa(&self) -> GqaConfig {
@@ -194,7 +239,13 @@ pub fn build_modern_lm(vb: VarBuilder, cfg: &ModernLmConfig) -> Result<DecoderOn
     let d = cfg.d_model;
     let d_head = cfg.gqa().d_head()?;
     let rope = match cfg.recipe {
-        Recipe::Llama => Some(Arc::new(RopeTables::new(d_head, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling, vb.device())?)),
+        Recipe::Llama => Some(Arc::new(RopeTables::new(
+            d_head,
+            cfg.max_seq_len,
+            cfg.rope_theta,
+            cfg.rope_scaling,
+            vb.device(),
+        )?)),
         Recipe::Gpt2 => None,
     };
     let norm = |vb: VarBuilder| -> Result<Box<dyn Layer>> {
@@ -206,21 +257,51 @@ pub fn build_modern_lm(vb: VarBuilder, cfg: &ModernLmConfig) -> Result<DecoderOn
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let vb = vb.pp(format!("blocks.{i}"));
-        let (attn, ffn): (Box<dyn t0804_transformer_block::Mixer>, Box<dyn Layer>) = match cfg.recipe {
-            Recipe::Llama => (
-                Box::new(GroupedQueryAttention::new(vb.pp("attn"), cfg.gqa(), rope.clone())?),
-                Box::new(SwiGlu::new(vb.pp("ffn"), d, cfg.d_ff)?),
-            ),
-            Recipe::Gpt2 => (
-                Box::new(CausalMha { mha: MultiHeadAttention::new(vb.pp("attn"), MhaConfig { d_model: d, n_heads: cfg.n_heads, bias: true })? }),
-                Box::new(FeedForward::new(vb.pp("ffn"), d, cfg.d_ff, Activation::Gelu, true)?),
-            ),
-        };
-        blocks.push(DecoderOnlyBlock { attn_norm: norm(vb.pp("attn_norm"))?, attn, ffn_norm: norm(vb.pp("ffn_norm"))?, ffn, placement: NormPlacement::Pre });
+        let (attn, ffn): (Box<dyn t0804_transformer_block::Mixer>, Box<dyn Layer>) =
+            match cfg.recipe {
+                Recipe::Llama => (
+                    Box::new(GroupedQueryAttention::new(
+                        vb.pp("attn"),
+                        cfg.gqa(),
+                        rope.clone(),
+                    )?),
+                    Box::new(SwiGlu::new(vb.pp("ffn"), d, cfg.d_ff)?),
+                ),
+                Recipe::Gpt2 => (
+                    Box::new(CausalMha {
+                        mha: MultiHeadAttention::new(
+                            vb.pp("attn"),
+                            MhaConfig {
+                                d_model: d,
+                                n_heads: cfg.n_heads,
+                                bias: true,
+                            },
+                        )?,
+                    }),
+                    Box::new(FeedForward::new(
+                        vb.pp("ffn"),
+                        d,
+                        cfg.d_ff,
+                        Activation::Gelu,
+                        true,
+                    )?),
+                ),
+            };
+        blocks.push(DecoderOnlyBlock {
+            attn_norm: norm(vb.pp("attn_norm"))?,
+            attn,
+            ffn_norm: norm(vb.pp("ffn_norm"))?,
+            ffn,
+            placement: NormPlacement::Pre,
+        });
     }
     let positions: Option<Box<dyn AbsolutePositions>> = match cfg.recipe {
         Recipe::Llama => None,
-        Recipe::Gpt2 => Some(Box::new(LearnedPositions::new(vb.pp("positions"), cfg.max_seq_len, d)?)),
+        Recipe::Gpt2 => Some(Box::new(LearnedPositions::new(
+            vb.pp("positions"),
+            cfg.max_seq_len,
+            d,
+        )?)),
     };
     Ok(DecoderOnlyLm {
         token_embedding: normal(&vb, (cfg.vocab_size, d), "token_embedding", 1.0)?,
@@ -234,7 +315,11 @@ pub fn build_modern_lm(vb: VarBuilder, cfg: &ModernLmConfig) -> Result<DecoderOn
 }
 
 /// A fresh, trainable model: the `VarMap` holding its parameters and the model.
-pub fn init_modern_lm(cfg: &ModernLmConfig, dtype: DType, device: &Device) -> Result<(VarMap, DecoderOnlyLm)> {
+pub fn init_modern_lm(
+    cfg: &ModernLmConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarMap, DecoderOnlyLm)> {
     let varmap = VarMap::new();
     let lm = build_modern_lm(VarBuilder::from_varmap(&varmap, dtype, device), cfg)?;
     Ok((varmap, lm))
@@ -249,11 +334,18 @@ pub fn save_modern_lm(dir: &Path, cfg: &ModernLmConfig, varmap: &VarMap) -> anyh
 }
 
 /// Reads a folder written by [`save_modern_lm`]: the config and a (frozen) model on `device` in `dtype`.
-pub fn load_modern_lm(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<(ModernLmConfig, DecoderOnlyLm)> {
+pub fn load_modern_lm(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<(ModernLmConfig, DecoderOnlyLm)> {
     use anyhow::Context;
     let cfg_path = dir.join("config.json");
-    let cfg: ModernLmConfig = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("no model config at {}", cfg_path.display()))?)
-        .with_context(|| format!("{} is not a ModernLmConfig", cfg_path.display()))?;
+    let cfg: ModernLmConfig = serde_json::from_str(
+        &std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("no model config at {}", cfg_path.display()))?,
+    )
+    .with_context(|| format!("{} is not a ModernLmConfig", cfg_path.display()))?;
     let weights = dir.join("model.safetensors");
     // Safety: the file is memory-mapped read-only and not modified while the model lives.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device)? };

@@ -17,13 +17,18 @@ use shared::tokenizer::TokenizedWikiText;
 use shared::train::{human_rate, AdamWConfig, Diverged, Progress, ScheduleConfig, Trainer};
 use shared::wikitext::{Variant, Verify, WikiText2};
 use std::time::Instant;
-use t0804_transformer_block::{build_classic_lm, Activation, BlockConfig, ClassicLmConfig, DecoderOnlyLm, Layer, LayerNorm, NormPlacement, PositionKind};
+use t0804_transformer_block::{
+    build_classic_lm, Activation, BlockConfig, ClassicLmConfig, DecoderOnlyLm, Layer, LayerNorm,
+    NormPlacement, PositionKind,
+};
 use t0806_modern_blocks::*;
 
 const TOPIC: &str = "t0806_modern_blocks";
 
 #[derive(Parser, Debug)]
-#[command(about = "8-06: post-norm vs GPT-2 vs LLaMA recipes; RMSNorm vs LayerNorm; training throughput bench")]
+#[command(
+    about = "8-06: post-norm vs GPT-2 vs LLaMA recipes; RMSNorm vs LayerNorm; training throughput bench"
+)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -100,7 +105,12 @@ fn load_tokens(common: &CommonArgs, vocab: usize) -> Result<TokenizedWikiText> {
     };
     let t = Instant::now();
     let tok = TokenizedWikiText::prepare(&data, vocab, &shared::cache_dir())?;
-    println!("   BPE vocab {vocab}: train {} / valid {} tokens ({:.1}s)", tok.train.len(), tok.valid.len(), t.elapsed().as_secs_f64());
+    println!(
+        "   BPE vocab {vocab}: train {} / valid {} tokens ({:.1}s)",
+        tok.train.len(),
+        tok.valid.len(),
+        t.elapsed().as_secs_f64()
+    );
     Ok(tok)
 }
 
@@ -117,14 +127,35 @@ struct RunResult {
 fn evaluate(lm: &DecoderOnlyLm, batches: &[LmBatch]) -> Result<f64> {
     let mut total = 0.0;
     for b in batches {
-        total += lm.loss(&b.x, &b.y)?.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        total += lm
+            .loss(&b.x, &b.y)?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()? as f64;
     }
     Ok(total / batches.len() as f64)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn train(name: &str, varmap: &VarMap, lm: &DecoderOnlyLm, train: &[u32], valid: &[LmBatch], batcher: &LmBatcher, steps: usize, lr: f64, clip: Option<f64>, eval_every: usize, dev: &Device) -> Result<RunResult> {
-    let sched = ScheduleConfig { max_lr: lr, min_lr: lr / 10.0, warmup_steps: steps / 10, total_steps: steps, clip_norm: clip };
+fn train(
+    name: &str,
+    varmap: &VarMap,
+    lm: &DecoderOnlyLm,
+    train: &[u32],
+    valid: &[LmBatch],
+    batcher: &LmBatcher,
+    steps: usize,
+    lr: f64,
+    clip: Option<f64>,
+    eval_every: usize,
+    dev: &Device,
+) -> Result<RunResult> {
+    let sched = ScheduleConfig {
+        max_lr: lr,
+        min_lr: lr / 10.0,
+        warmup_steps: steps / 10,
+        total_steps: steps,
+        clip_norm: clip,
+    };
     let mut trainer = Trainer::new(varmap, AdamWConfig::default(), sched)?;
     let mut progress = Progress::new(steps as u64, name);
     let (mut val_curve, mut train_curve) = (vec![], vec![]);
@@ -147,7 +178,10 @@ fn train(name: &str, varmap: &VarMap, lm: &DecoderOnlyLm, train: &[u32], valid: 
             val_curve.push(((step + 1) as f64, evaluate(lm, valid)?));
         }
         let tps = ((step + 1) * batcher.batch_size * batcher.seq_len) as f64 / train_time;
-        progress.update(step as u64 + 1, format!("loss {:.3} · {} tok/s", stats.loss, human_rate(tps)));
+        progress.update(
+            step as u64 + 1,
+            format!("loss {:.3} · {} tok/s", stats.loss, human_rate(tps)),
+        );
     }
     progress.finish();
     let done = train_curve.len();
@@ -163,7 +197,13 @@ fn train(name: &str, varmap: &VarMap, lm: &DecoderOnlyLm, train: &[u32], valid: 
 }
 
 /// The three models compared: post-norm 2017 block, GPT-2 recipe, LLaMA recipe.
-fn build(which: &str, vocab: usize, a: &Args, dev: &Device, dtype: DType) -> Result<(VarMap, DecoderOnlyLm)> {
+fn build(
+    which: &str,
+    vocab: usize,
+    a: &Args,
+    dev: &Device,
+    dtype: DType,
+) -> Result<(VarMap, DecoderOnlyLm)> {
     let d = a.d_model;
     match which {
         "post-norm (2017)" => {
@@ -171,26 +211,50 @@ fn build(which: &str, vocab: usize, a: &Args, dev: &Device, dtype: DType) -> Res
                 vocab_size: vocab,
                 max_seq_len: a.ctx,
                 n_layers: a.layers,
-                block: BlockConfig { d_model: d, n_heads: a.heads, d_ff: 4 * d, activation: Activation::Relu, placement: NormPlacement::Post, bias: true, eps: 1e-5 },
+                block: BlockConfig {
+                    d_model: d,
+                    n_heads: a.heads,
+                    d_ff: 4 * d,
+                    activation: Activation::Relu,
+                    placement: NormPlacement::Post,
+                    bias: true,
+                    eps: 1e-5,
+                },
                 positions: PositionKind::Sinusoidal,
             };
             let varmap = VarMap::new();
             let lm = build_classic_lm(VarBuilder::from_varmap(&varmap, dtype, dev), &cfg)?;
             Ok((varmap, lm))
         }
-        "GPT-2 recipe" => Ok(init_modern_lm(&ModernLmConfig::gpt2(vocab, a.ctx, d, a.layers, a.heads), dtype, dev)?),
-        _ => Ok(init_modern_lm(&ModernLmConfig::llama(vocab, a.ctx, d, a.layers, a.heads, a.heads), dtype, dev)?),
+        "GPT-2 recipe" => Ok(init_modern_lm(
+            &ModernLmConfig::gpt2(vocab, a.ctx, d, a.layers, a.heads),
+            dtype,
+            dev,
+        )?),
+        _ => Ok(init_modern_lm(
+            &ModernLmConfig::llama(vocab, a.ctx, d, a.layers, a.heads, a.heads),
+            dtype,
+            dev,
+        )?),
     }
 }
 
 fn experiment(a: &Args) -> Result<()> {
     let quick = a.common.quick;
-    let ctx = a.common.setup(TOPIC, "post-norm vs GPT-2 vs LLaMA recipe, RMSNorm vs LayerNorm")?;
+    let ctx = a.common.setup(
+        TOPIC,
+        "post-norm vs GPT-2 vs LLaMA recipe, RMSNorm vs LayerNorm",
+    )?;
     let (dev, dtype) = (ctx.picked.device.clone(), ctx.dtype);
     let vocab = a.vocab.unwrap_or(if quick { 512 } else { 4096 });
     let steps = a.steps.unwrap_or(if quick { 30 } else { 150 });
     let config = serde_json::json!({"vocab": vocab, "d_model": a.d_model, "layers": a.layers, "heads": a.heads, "ctx": a.ctx, "batch": a.batch, "steps": steps, "lr": a.lr, "high_lr": a.high_lr, "quick": quick});
-    let mut report = RunReport::start(TOPIC, config, &ctx.picked.description, a.common.dtype.name());
+    let mut report = RunReport::start(
+        TOPIC,
+        config,
+        &ctx.picked.description,
+        a.common.dtype.name(),
+    );
     let tok = load_tokens(&a.common, vocab)?;
     let batcher = LmBatcher::new(a.batch, a.ctx, a.common.seed);
     let valid = eval_batches(&tok.valid, a.batch, a.ctx, if quick { 2 } else { 8 }, &dev)?;
@@ -201,12 +265,44 @@ fn experiment(a: &Args) -> Result<()> {
     for name in names {
         shared::params::set_seed(a.common.seed);
         let (varmap, lm) = build(name, vocab, a, &dev, dtype)?;
-        runs.push(train(name, &varmap, &lm, &tok.train, &valid, &batcher, steps, a.lr, Some(1.0), (steps / 10).max(1), &dev)?);
+        runs.push(train(
+            name,
+            &varmap,
+            &lm,
+            &tok.train,
+            &valid,
+            &batcher,
+            steps,
+            a.lr,
+            Some(1.0),
+            (steps / 10).max(1),
+            &dev,
+        )?);
     }
-    let val_series: Vec<Series> = runs.iter().map(|r| Series::new(&r.name, r.val_curve.clone())).collect();
-    line_chart(&ctx.out_dir.join("recipes_val_loss.png"), "Validation loss, same data and budget", "step", "validation loss (nats/token)", &val_series, Axes::default())?;
-    let train_series: Vec<Series> = runs.iter().map(|r| Series::new(&r.name, smooth(&r.train_curve, 10))).collect();
-    line_chart(&ctx.out_dir.join("recipes_train_loss.png"), "Training loss (moving average of 10)", "step", "training loss", &train_series, Axes::default())?;
+    let val_series: Vec<Series> = runs
+        .iter()
+        .map(|r| Series::new(&r.name, r.val_curve.clone()))
+        .collect();
+    line_chart(
+        &ctx.out_dir.join("recipes_val_loss.png"),
+        "Validation loss, same data and budget",
+        "step",
+        "validation loss (nats/token)",
+        &val_series,
+        Axes::default(),
+    )?;
+    let train_series: Vec<Series> = runs
+        .iter()
+        .map(|r| Series::new(&r.name, smooth(&r.train_curve, 10)))
+        .collect();
+    line_chart(
+        &ctx.out_dir.join("recipes_train_loss.png"),
+        "Training loss (moving average of 10)",
+        "step",
+        "training loss",
+        &train_series,
+        Axes::default(),
+    )?;
 
     // 2. Stability at a high learning rate, no gradient clipping.
     let high_steps = (steps / 2).max(10);
@@ -214,10 +310,32 @@ fn experiment(a: &Args) -> Result<()> {
     for name in names {
         shared::params::set_seed(a.common.seed);
         let (varmap, lm) = build(name, vocab, a, &dev, dtype)?;
-        high.push(train(&format!("{name} @ high lr"), &varmap, &lm, &tok.train, &valid, &batcher, high_steps, a.high_lr, None, high_steps, &dev)?);
+        high.push(train(
+            &format!("{name} @ high lr"),
+            &varmap,
+            &lm,
+            &tok.train,
+            &valid,
+            &batcher,
+            high_steps,
+            a.high_lr,
+            None,
+            high_steps,
+            &dev,
+        )?);
     }
-    let hs: Vec<Series> = high.iter().map(|r| Series::new(&r.name, smooth(&r.train_curve, 5))).collect();
-    line_chart(&ctx.out_dir.join("recipes_high_lr.png"), &format!("Training loss at lr {} without clipping", a.high_lr), "step", "training loss", &hs, Axes::default())?;
+    let hs: Vec<Series> = high
+        .iter()
+        .map(|r| Series::new(&r.name, smooth(&r.train_curve, 5)))
+        .collect();
+    line_chart(
+        &ctx.out_dir.join("recipes_high_lr.png"),
+        &format!("Training loss at lr {} without clipping", a.high_lr),
+        "step",
+        "training loss",
+        &hs,
+        Axes::default(),
+    )?;
 
     let mut rows = vec![];
     for (r, h) in runs.iter().zip(&high) {
@@ -227,7 +345,10 @@ fn experiment(a: &Args) -> Result<()> {
             format!("{:.3}", r.final_val),
             format!("{:.1}", r.final_val.exp()),
             human_rate(r.tokens_per_s),
-            match h.diverged_at { Some(s) => format!("diverged at {s}"), None => format!("{:.3}", h.final_val) },
+            match h.diverged_at {
+                Some(s) => format!("diverged at {s}"),
+                None => format!("{:.3}", h.final_val),
+            },
         ]);
         report.metric(&format!("{}.params", r.name), r.params);
         report.metric(&format!("{}.val_loss", r.name), r.final_val);
@@ -237,11 +358,31 @@ fn experiment(a: &Args) -> Result<()> {
         report.metric(&format!("{}.high_lr_val_loss", r.name), h.final_val);
         report.metric(&format!("{}.high_lr_diverged_at", r.name), h.diverged_at);
     }
-    print_table(&["model", "params", "val loss", "val ppl", "train tok/s", &format!("val @ lr {}", a.high_lr)], &rows);
+    print_table(
+        &[
+            "model",
+            "params",
+            "val loss",
+            "val ppl",
+            "train tok/s",
+            &format!("val @ lr {}", a.high_lr),
+        ],
+        &rows,
+    );
 
     // 3. RMSNorm vs LayerNorm.
-    let rows_n = if dev.is_cuda() { 50_000 } else if quick { 1024 } else { 4096 };
-    let widths: &[usize] = if quick { &[256, 512] } else { &[1024, 2048, 4096] };
+    let rows_n = if dev.is_cuda() {
+        50_000
+    } else if quick {
+        1024
+    } else {
+        4096
+    };
+    let widths: &[usize] = if quick {
+        &[256, 512]
+    } else {
+        &[1024, 2048, 4096]
+    };
     let mut bench_rows = vec![];
     let (mut labels, mut fwd_ratio) = (vec![], vec![]);
     for &w in widths {
@@ -252,26 +393,52 @@ fn experiment(a: &Args) -> Result<()> {
         let reps = if quick { 3 } else { 5 };
         let (rf, rb) = (time_fwd(&rms, &x, reps)?, time_fwd_bwd(&rms, &x, reps)?);
         let (lf, lb) = (time_fwd(&ln, &x, reps)?, time_fwd_bwd(&ln, &x, reps)?);
-        bench_rows.push(vec![format!("{rows_n} × {w}"), format!("{:.2}", rf * 1e3), format!("{:.2}", lf * 1e3), format!("{:.2}", rb * 1e3), format!("{:.2}", lb * 1e3)]);
+        bench_rows.push(vec![
+            format!("{rows_n} × {w}"),
+            format!("{:.2}", rf * 1e3),
+            format!("{:.2}", lf * 1e3),
+            format!("{:.2}", rb * 1e3),
+            format!("{:.2}", lb * 1e3),
+        ]);
         report.metric(&format!("norm_bench.{rows_n}x{w}"), serde_json::json!({"rms_fwd_ms": rf * 1e3, "ln_fwd_ms": lf * 1e3, "rms_fwd_bwd_ms": rb * 1e3, "ln_fwd_bwd_ms": lb * 1e3}));
         labels.push(format!("{w} fwd"));
         fwd_ratio.push(lf / rf);
         labels.push(format!("{w} fwd+bwd"));
         fwd_ratio.push(lb / rb);
     }
-    print_table(&["rows × width", "RMSNorm fwd ms", "LayerNorm fwd ms", "RMSNorm fwd+bwd ms", "LayerNorm fwd+bwd ms"], &bench_rows);
-    bar_chart(&ctx.out_dir.join("norm_speedup.png"), &format!("LayerNorm time / RMSNorm time ({rows_n} rows)"), "speed-up of RMSNorm (×)", &labels, &fwd_ratio)?;
+    print_table(
+        &[
+            "rows × width",
+            "RMSNorm fwd ms",
+            "LayerNorm fwd ms",
+            "RMSNorm fwd+bwd ms",
+            "LayerNorm fwd+bwd ms",
+        ],
+        &bench_rows,
+    );
+    bar_chart(
+        &ctx.out_dir.join("norm_speedup.png"),
+        &format!("LayerNorm time / RMSNorm time ({rows_n} rows)"),
+        "speed-up of RMSNorm (×)",
+        &labels,
+        &fwd_ratio,
+    )?;
     let path = report.write(&ctx.out_dir)?;
     println!("   wrote {}", path.display());
     Ok(())
 }
 
 fn smooth(points: &[(f64, f64)], k: usize) -> Vec<(f64, f64)> {
-    (0..points.len()).map(|i| {
-        let lo = i.saturating_sub(k - 1);
-        let w = &points[lo..=i];
-        (points[i].0, w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64)
-    }).collect()
+    (0..points.len())
+        .map(|i| {
+            let lo = i.saturating_sub(k - 1);
+            let w = &points[lo..=i];
+            (
+                points[i].0,
+                w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64,
+            )
+        })
+        .collect()
 }
 
 fn sync(t: &Tensor) -> Result<()> {
@@ -303,18 +470,46 @@ fn time_fwd_bwd(norm: &dyn Layer, x: &Tensor, reps: usize) -> Result<f64> {
 }
 
 fn bench(a: &Args) -> Result<()> {
-    let Some(Cmd::Bench { vocab, ctx: seq, d_model, d_ff, layers, heads, kv_heads, theta, batch, steps, warmup }) = a.cmd else { unreachable!() };
-    let ctx = a.common.setup(TOPIC, "bench: LLaMA-recipe training tokens/s")?;
+    let Some(Cmd::Bench {
+        vocab,
+        ctx: seq,
+        d_model,
+        d_ff,
+        layers,
+        heads,
+        kv_heads,
+        theta,
+        batch,
+        steps,
+        warmup,
+    }) = a.cmd
+    else {
+        unreachable!()
+    };
+    let ctx = a
+        .common
+        .setup(TOPIC, "bench: LLaMA-recipe training tokens/s")?;
     let (dev, dtype) = (ctx.picked.device.clone(), ctx.dtype);
     let mut cfg = ModernLmConfig::llama(vocab, seq, d_model, layers, heads, kv_heads);
     cfg.d_ff = d_ff;
     cfg.rope_theta = theta;
     let (varmap, lm) = init_modern_lm(&cfg, dtype, &dev)?;
-    let sched = ScheduleConfig { max_lr: 1e-3, min_lr: 1e-4, warmup_steps: 0, total_steps: steps + warmup, clip_norm: Some(1.0) };
+    let sched = ScheduleConfig {
+        max_lr: 1e-3,
+        min_lr: 1e-4,
+        warmup_steps: 0,
+        total_steps: steps + warmup,
+        clip_norm: Some(1.0),
+    };
     let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), sched)?;
-    let tokens: Vec<u32> = (0..(batch * (seq + 1) * 4)).map(|i| ((i * 7919) % vocab) as u32).collect();
+    let tokens: Vec<u32> = (0..(batch * (seq + 1) * 4))
+        .map(|i| ((i * 7919) % vocab) as u32)
+        .collect();
     let batcher = LmBatcher::new(batch, seq, a.common.seed);
-    println!("   config {cfg:?}, {} parameters, batch {batch}", count_params(&varmap));
+    println!(
+        "   config {cfg:?}, {} parameters, batch {batch}",
+        count_params(&varmap)
+    );
     let mut elapsed = 0.0;
     let mut progress = Progress::new((steps + warmup) as u64, "bench");
     for step in 0..steps + warmup {
@@ -329,8 +524,23 @@ fn bench(a: &Args) -> Result<()> {
     }
     progress.finish();
     let tps = (steps * batch * seq) as f64 / elapsed;
-    print_table(&["device", "dtype", "batch", "ctx", "tokens/s", "ms/step"], &[vec![ctx.picked.description.clone(), a.common.dtype.name().into(), batch.to_string(), seq.to_string(), human_rate(tps), format!("{:.1}", elapsed / steps as f64 * 1e3)]]);
-    let mut report = RunReport::start(TOPIC, serde_json::json!({"bench": cfg, "batch": batch, "steps": steps}), &ctx.picked.description, a.common.dtype.name());
+    print_table(
+        &["device", "dtype", "batch", "ctx", "tokens/s", "ms/step"],
+        &[vec![
+            ctx.picked.description.clone(),
+            a.common.dtype.name().into(),
+            batch.to_string(),
+            seq.to_string(),
+            human_rate(tps),
+            format!("{:.1}", elapsed / steps as f64 * 1e3),
+        ]],
+    );
+    let mut report = RunReport::start(
+        TOPIC,
+        serde_json::json!({"bench": cfg, "batch": batch, "steps": steps}),
+        &ctx.picked.description,
+        a.common.dtype.name(),
+    );
     report.metric("bench.tokens_per_s", tps);
     report.metric("bench.ms_per_step", elapsed / steps as f64 * 1e3);
     let bench_dir = ctx.out_dir.join("bench");

@@ -7,7 +7,12 @@ use t0806_modern_blocks::*;
 
 fn rows64(t: &Tensor) -> Vec<Vec<f64>> {
     let d = t.dim(D::Minus1).unwrap();
-    t.to_dtype(DType::F64).unwrap().reshape(((), d)).unwrap().to_vec2::<f64>().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .reshape(((), d))
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap()
 }
 
 #[test]
@@ -39,23 +44,38 @@ fn rms_norm_gradients_match_finite_differences() -> Result<()> {
     let g = Var::from_tensor(&Tensor::randn(1f64, 0.5, d, &dev)?)?;
     let c = Tensor::randn(0f64, 1.0, (2, d), &dev)?; // loss = Σ c ⊙ RMSNorm(x)
     let loss_of = |x: &Tensor, g: &Tensor| -> Result<f64> {
-        (RmsNorm::from_weights(g.clone(), 1e-5)?.forward(x)? * &c)?.sum_all()?.to_scalar::<f64>()
+        (RmsNorm::from_weights(g.clone(), 1e-5)?.forward(x)? * &c)?
+            .sum_all()?
+            .to_scalar::<f64>()
     };
-    let loss = (RmsNorm::from_weights(g.as_tensor().clone(), 1e-5)?.forward(x.as_tensor())? * &c)?.sum_all()?;
+    let loss = (RmsNorm::from_weights(g.as_tensor().clone(), 1e-5)?.forward(x.as_tensor())? * &c)?
+        .sum_all()?;
     let grads = loss.backward()?;
     let h = 1e-6;
     for (var, name) in [(&x, "x"), (&g, "g")] {
-        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all()?.to_vec1::<f64>()?;
+        let analytic = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
         for i in 0..base.len() {
             let bump = |delta: f64| -> Result<f64> {
                 let mut v = base.clone();
                 v[i] += delta;
                 let t = Tensor::from_vec(v, var.as_tensor().shape(), &dev)?;
-                if name == "x" { loss_of(&t, g.as_tensor()) } else { loss_of(x.as_tensor(), &t) }
+                if name == "x" {
+                    loss_of(&t, g.as_tensor())
+                } else {
+                    loss_of(x.as_tensor(), &t)
+                }
             };
             let numeric = (bump(h)? - bump(-h)?) / (2.0 * h);
-            assert!((numeric - analytic[i]).abs() <= 1e-6 * numeric.abs().max(1.0), "d/d{name}[{i}]: {numeric} vs {}", analytic[i]);
+            assert!(
+                (numeric - analytic[i]).abs() <= 1e-6 * numeric.abs().max(1.0),
+                "d/d{name}[{i}]: {numeric} vs {}",
+                analytic[i]
+            );
         }
     }
     Ok(())
@@ -73,34 +93,54 @@ fn swiglu_matches_f64_reference() -> Result<()> {
     let (w1, w2, w3) = (rows64(&w1), rows64(&w2), rows64(&w3));
     let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     for (row, out) in rows64(&x).iter().zip(&got) {
-        let h: Vec<f64> = (0..ff).map(|j| {
-            let a = dot(&w1[j], row);
-            a / (1.0 + (-a).exp()) * dot(&w3[j], row)
-        }).collect();
+        let h: Vec<f64> = (0..ff)
+            .map(|j| {
+                let a = dot(&w1[j], row);
+                a / (1.0 + (-a).exp()) * dot(&w3[j], row)
+            })
+            .collect();
         for (i, o) in out.iter().enumerate() {
             let want = dot(&w2[i], &h);
-            assert!((want - o).abs() <= 1e-5 * want.abs().max(1.0), "{want} vs {o}");
+            assert!(
+                (want - o).abs() <= 1e-5 * want.abs().max(1.0),
+                "{want} vs {o}"
+            );
         }
     }
     // and SiLU agrees with candle-nn's
     let z = Tensor::randn(0f32, 4.0, 100, &dev)?;
-    let diff = (silu(&z)? - candle_nn::ops::silu(&z)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let diff = (silu(&z)? - candle_nn::ops::silu(&z)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
     assert!(diff < 1e-5);
     Ok(())
 }
 
 fn byte_tokens() -> Vec<u32> {
-    shared::corpus::tiny_split(shared::wikitext::Split::Train, 20).bytes().map(u32::from).collect()
+    shared::corpus::tiny_split(shared::wikitext::Split::Train, 20)
+        .bytes()
+        .map(u32::from)
+        .collect()
 }
 
 #[test]
 fn llama_and_gpt2_recipes_train_on_tiny_corpus() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let tokens = byte_tokens();
-    for cfg in [ModernLmConfig::llama(256, 32, 64, 2, 4, 2), ModernLmConfig::gpt2(256, 32, 64, 2, 4)] {
+    for cfg in [
+        ModernLmConfig::llama(256, 32, 64, 2, 4, 2),
+        ModernLmConfig::gpt2(256, 32, 64, 2, 4),
+    ] {
         shared::params::set_seed(1);
         let (varmap, lm) = init_modern_lm(&cfg, DType::F32, &dev)?;
-        let sched = shared::train::ScheduleConfig { max_lr: 3e-3, min_lr: 3e-4, warmup_steps: 5, total_steps: 60, clip_norm: Some(1.0) };
+        let sched = shared::train::ScheduleConfig {
+            max_lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_steps: 5,
+            total_steps: 60,
+            clip_norm: Some(1.0),
+        };
         let mut trainer = shared::train::Trainer::new(&varmap, Default::default(), sched)?;
         let batcher = shared::batching::LmBatcher::new(8, 32, 0);
         let mut losses = vec![];
@@ -110,7 +150,11 @@ fn llama_and_gpt2_recipes_train_on_tiny_corpus() -> anyhow::Result<()> {
         }
         let first = losses[..5].iter().sum::<f64>() / 5.0;
         let last = losses[55..].iter().sum::<f64>() / 5.0;
-        assert!(last < first - 1.5, "{:?}: loss {first:.3} → {last:.3}", cfg.recipe);
+        assert!(
+            last < first - 1.5,
+            "{:?}: loss {first:.3} → {last:.3}",
+            cfg.recipe
+        );
         assert!(last < 3.2, "{:?}: final loss {last:.3}", cfg.recipe);
     }
     Ok(())
@@ -120,7 +164,10 @@ fn llama_and_gpt2_recipes_train_on_tiny_corpus() -> anyhow::Result<()> {
 fn checkpoint_round_trip_gives_identical_logits() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let dir = std::env::temp_dir().join(format!("t0806_ckpt_{}", std::process::id()));
-    for cfg in [ModernLmConfig::llama(50, 16, 32, 2, 4, 1), ModernLmConfig::gpt2(50, 16, 32, 1, 2)] {
+    for cfg in [
+        ModernLmConfig::llama(50, 16, 32, 2, 4, 1),
+        ModernLmConfig::gpt2(50, 16, 32, 1, 2),
+    ] {
         let (varmap, lm) = init_modern_lm(&cfg, DType::F32, &dev)?;
         save_modern_lm(&dir, &cfg, &varmap)?;
         let (cfg2, lm2) = load_modern_lm(&dir, DType::F32, &dev)?;
@@ -129,10 +176,19 @@ fn checkpoint_round_trip_gives_identical_logits() -> anyhow::Result<()> {
         let a = lm.forward(&tokens, 0)?.flatten_all()?.to_vec1::<f32>()?;
         let b = lm2.forward(&tokens, 0)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(a, b);
-        let names: Vec<String> = shared::params::named_vars(&varmap).into_iter().map(|(n, _)| n).collect();
+        let names: Vec<String> = shared::params::named_vars(&varmap)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         match cfg.recipe {
-            Recipe::Llama => assert!(names.contains(&"blocks.1.ffn.w3".to_string()) && names.contains(&"blocks.0.attn.k_proj".to_string())),
-            Recipe::Gpt2 => assert!(names.contains(&"positions.position_embeddings".to_string()) && names.contains(&"blocks.0.ffn.b1".to_string())),
+            Recipe::Llama => assert!(
+                names.contains(&"blocks.1.ffn.w3".to_string())
+                    && names.contains(&"blocks.0.attn.k_proj".to_string())
+            ),
+            Recipe::Gpt2 => assert!(
+                names.contains(&"positions.position_embeddings".to_string())
+                    && names.contains(&"blocks.0.ffn.b1".to_string())
+            ),
         }
     }
     std::fs::remove_dir_all(&dir)?;

@@ -61,15 +61,23 @@ pub struct GqaConfig {
 
 impl GqaConfig {
     pub fn new(d_model: usize, n_heads: usize, n_kv_heads: usize) -> Self {
-        Self { d_model, n_heads, n_kv_heads }
+        Self {
+            d_model,
+            n_heads,
+            n_kv_heads,
+        }
     }
 
     /// Checks the divisibility rules and returns `d_head = d_model / n_heads`.
     pub fn d_head(&self) -> Result<usize> {
-        if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
-            bail!("n_heads ({}) must divide d_model ({})", self.n_heads, self.d_model);
+        if self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
+            bail!(
+                "n_heads ({}) must divide d_model ({})",
+                self.n_heads,
+                self.d_model
+            );
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             bail!("n_kv_heads ({}) must divide n_heads ({}): each K/V head serves a whole group of query heads", self.n_kv_heads, self.n_heads);
         }
         Ok(self.d_model / self.n_heads)
@@ -88,7 +96,12 @@ impl GqaConfig {
 }
 
 /// KV-cache bytes per token: `2 × n_layers × n_kv_heads × d_head × bytes_per_element`.
-pub fn kv_cache_bytes_per_token(n_layers: usize, n_kv_heads: usize, d_head: usize, bytes_per_element: usize) -> usize {
+pub fn kv_cache_bytes_per_token(
+    n_layers: usize,
+    n_kv_heads: usize,
+    d_head: usize,
+    bytes_per_element: usize,
+) -> usize {
     2 * n_layers * n_kv_heads * d_head * bytes_per_element
 }
 
@@ -102,7 +115,11 @@ pub fn naive_grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool)
     }
     let g = n_heads / n_kv;
     let q = q.contiguous()?.reshape((b, n_kv, g * n_q, d))?; // rows: (head in group, query)
-    let mask = if causal { Some(grouped_causal_mask(g, n_q, n_k, q.device())?) } else { None };
+    let mask = if causal {
+        Some(grouped_causal_mask(g, n_q, n_k, q.device())?)
+    } else {
+        None
+    };
     let att = scaled_dot_product_attention(&q, &k.contiguous()?, &v.contiguous()?, mask.as_ref())?;
     att.output.reshape((b, n_heads, n_q, d))
 }
@@ -123,7 +140,10 @@ pub fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, n_kv, n, d) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, n_kv, group, n, d))?.contiguous()?.reshape((b, n_kv * group, n, d))
+    x.unsqueeze(2)?
+        .broadcast_as((b, n_kv, group, n, d))?
+        .contiguous()?
+        .reshape((b, n_kv * group, n, d))
 }
 
 /// Grouped-query causal self-attention with optional RoPE on q and k.
@@ -154,22 +174,46 @@ impl GroupedQueryAttention {
     }
 
     /// From explicit weights; shapes are checked against `n_heads` and `n_kv_heads`.
-    pub fn from_weights(n_heads: usize, n_kv_heads: usize, w_q: Tensor, w_k: Tensor, w_v: Tensor, w_o: Tensor, rope: Option<Arc<RopeTables>>) -> Result<Self> {
+    pub fn from_weights(
+        n_heads: usize,
+        n_kv_heads: usize,
+        w_q: Tensor,
+        w_k: Tensor,
+        w_v: Tensor,
+        w_o: Tensor,
+        rope: Option<Arc<RopeTables>>,
+    ) -> Result<Self> {
         let (dq, d_model) = w_q.dims2()?;
         let cfg = GqaConfig::new(d_model, n_heads, n_kv_heads);
         let d_head = cfg.d_head()?;
         let kv = n_kv_heads * d_head;
-        for (name, w, want) in [("W_q", &w_q, (dq, d_model)), ("W_k", &w_k, (kv, d_model)), ("W_v", &w_v, (kv, d_model)), ("W_o", &w_o, (d_model, dq))] {
+        for (name, w, want) in [
+            ("W_q", &w_q, (dq, d_model)),
+            ("W_k", &w_k, (kv, d_model)),
+            ("W_v", &w_v, (kv, d_model)),
+            ("W_o", &w_o, (d_model, dq)),
+        ] {
             if w.dims2()? != want {
                 bail!("{name} has shape {:?}, expected {want:?} for {n_heads} heads, {n_kv_heads} K/V heads, d_head {d_head}", w.dims());
             }
         }
         if let Some(r) = &rope {
             if r.d_head != d_head {
-                bail!("RoPE tables are for d_head {}, the attention has d_head {d_head}", r.d_head);
+                bail!(
+                    "RoPE tables are for d_head {}, the attention has d_head {d_head}",
+                    r.d_head
+                );
             }
         }
-        Ok(Self { cfg, w_q, w_k, w_v, w_o, rope, kernel: naive_grouped_attention })
+        Ok(Self {
+            cfg,
+            w_q,
+            w_k,
+            w_v,
+            w_o,
+            rope,
+            kernel: naive_grouped_attention,
+        })
     }
 
     /// Swaps the attention kernel (e.g. FlashAttention of 8-09).
@@ -184,7 +228,9 @@ impl GroupedQueryAttention {
 
     fn split(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
-        x.reshape((b, n, heads, self.d_head()))?.transpose(1, 2)?.contiguous()
+        x.reshape((b, n, heads, self.d_head()))?
+            .transpose(1, 2)?
+            .contiguous()
     }
 
     /// `x (batch, seq, d_model)` → `q (batch, n_heads, seq, d_head)`, `k`, `v (batch, n_kv_heads, seq, d_head)`.
@@ -213,7 +259,13 @@ impl GroupedQueryAttention {
     /// Heads `(batch, n_heads, seq, d_head)` → `(batch, seq, d_model)` through `W_o`.
     pub fn output(&self, heads: &Tensor) -> Result<Tensor> {
         let (b, h, n, d) = heads.dims4()?;
-        shared::linear(&heads.transpose(1, 2)?.contiguous()?.reshape((b, n, h * d))?, &self.w_o)
+        shared::linear(
+            &heads
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, n, h * d))?,
+            &self.w_o,
+        )
     }
 
     /// Full causal self-attention of `x (batch, seq, d_model)` whose first token is at `start_pos`.
@@ -238,12 +290,18 @@ impl Mixer for GroupedQueryAttention {
 /// mean of heads `j·g … (j+1)·g − 1`.
 pub fn mean_pool_kv_heads(w: &Tensor, n_heads: usize, n_kv_heads: usize) -> Result<Tensor> {
     let (rows, d_model) = w.dims2()?;
-    if n_heads == 0 || rows % n_heads != 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+    if n_heads == 0
+        || !rows.is_multiple_of(n_heads)
+        || n_kv_heads == 0
+        || !n_heads.is_multiple_of(n_kv_heads)
+    {
         bail!("mean_pool_kv_heads: cannot pool {rows} rows of {n_heads} heads into {n_kv_heads} K/V heads");
     }
     let d_head = rows / n_heads;
     let g = n_heads / n_kv_heads;
-    w.reshape((n_kv_heads, g, d_head, d_model))?.mean(1)?.reshape((n_kv_heads * d_head, d_model))
+    w.reshape((n_kv_heads, g, d_head, d_model))?
+        .mean(1)?
+        .reshape((n_kv_heads * d_head, d_model))
 }
 
 #[cfg(test)]

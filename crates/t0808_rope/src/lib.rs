@@ -63,7 +63,9 @@ pub enum RopeScaling {
 
 /// The rotation frequencies `θ_k = base^(−2k/d_head)`, `k = 0 … d_head/2 − 1`, in f64.
 pub fn frequencies(d_head: usize, base: f64) -> Vec<f64> {
-    (0..d_head / 2).map(|k| base.powf(-((2 * k) as f64) / d_head as f64)).collect()
+    (0..d_head / 2)
+        .map(|k| base.powf(-((2 * k) as f64) / d_head as f64))
+        .collect()
 }
 
 /// The effective base and position scale of a scaling scheme: angle = `pos_scale · m · θ_k(base)`.
@@ -71,7 +73,10 @@ pub fn scaled_base(d_head: usize, base: f64, scaling: RopeScaling) -> (f64, f64)
     match scaling {
         RopeScaling::None => (base, 1.0),
         RopeScaling::PositionInterpolation { factor } => (base, 1.0 / factor),
-        RopeScaling::NtkAware { factor } => (base * factor.powf(d_head as f64 / (d_head as f64 - 2.0)), 1.0),
+        RopeScaling::NtkAware { factor } => (
+            base * factor.powf(d_head as f64 / (d_head as f64 - 2.0)),
+            1.0,
+        ),
     }
 }
 
@@ -89,15 +94,23 @@ pub struct RopeTables {
 
 impl RopeTables {
     /// Tables for `d_head` (even) and positions `0 … max_seq − 1`.
-    pub fn new(d_head: usize, max_seq: usize, base: f64, scaling: RopeScaling, device: &Device) -> Result<Self> {
-        if d_head == 0 || d_head % 2 != 0 {
+    pub fn new(
+        d_head: usize,
+        max_seq: usize,
+        base: f64,
+        scaling: RopeScaling,
+        device: &Device,
+    ) -> Result<Self> {
+        if d_head == 0 || !d_head.is_multiple_of(2) {
             bail!("RoPE needs an even, positive d_head (pairs of dimensions), got {d_head}");
         }
         if max_seq == 0 || base <= 1.0 {
             bail!("RopeTables: max_seq ({max_seq}) must be positive and base ({base}) > 1");
         }
         match scaling {
-            RopeScaling::PositionInterpolation { factor } | RopeScaling::NtkAware { factor } if factor < 1.0 => {
+            RopeScaling::PositionInterpolation { factor } | RopeScaling::NtkAware { factor }
+                if factor < 1.0 =>
+            {
                 bail!("RoPE scaling factor ({factor}) must be ≥ 1")
             }
             _ => {}
@@ -138,14 +151,25 @@ impl RopeTables {
                 self.max_seq()
             );
         }
-        Ok((self.cos.narrow(0, start_pos, len)?.to_dtype(dtype)?, self.sin.narrow(0, start_pos, len)?.to_dtype(dtype)?))
+        Ok((
+            self.cos.narrow(0, start_pos, len)?.to_dtype(dtype)?,
+            self.sin.narrow(0, start_pos, len)?.to_dtype(dtype)?,
+        ))
     }
 }
 
 fn check_input(x: &Tensor, tables: &RopeTables) -> Result<(usize, usize, usize, usize)> {
-    let (b, h, t, d) = x.dims4().map_err(|_| candle_core::Error::Msg(format!("RoPE expects (batch, heads, seq, d_head), got {:?}", x.dims())))?;
+    let (b, h, t, d) = x.dims4().map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "RoPE expects (batch, heads, seq, d_head), got {:?}",
+            x.dims()
+        ))
+    })?;
     if d != tables.d_head {
-        bail!("RoPE: input d_head ({d}) differs from the tables' d_head ({})", tables.d_head);
+        bail!(
+            "RoPE: input d_head ({d}) differs from the tables' d_head ({})",
+            tables.d_head
+        );
     }
     Ok((b, h, t, d))
 }
@@ -188,9 +212,15 @@ pub fn rotation_matrices(tables: &RopeTables, start_pos: usize, len: usize) -> R
 /// `O(d²)` per vector instead of `O(d)`). Same shapes as [`apply_rope`].
 pub fn apply_rope_matrix(x: &Tensor, tables: &RopeTables, start_pos: usize) -> Result<Tensor> {
     let (b, h, t, d) = check_input(x, tables)?;
-    let r_t = rotation_matrices(tables, start_pos, t)?.to_dtype(x.dtype())?.transpose(1, 2)?.contiguous()?; // (seq, d, d) = R_mᵀ
-    // Group the tokens by position: (seq, batch·heads, d) row vectors, one batched matmul per position.
-    let rows = x.permute((2, 0, 1, 3))?.contiguous()?.reshape((t, b * h, d))?;
+    let r_t = rotation_matrices(tables, start_pos, t)?
+        .to_dtype(x.dtype())?
+        .transpose(1, 2)?
+        .contiguous()?; // (seq, d, d) = R_mᵀ
+                        // Group the tokens by position: (seq, batch·heads, d) row vectors, one batched matmul per position.
+    let rows = x
+        .permute((2, 0, 1, 3))?
+        .contiguous()?
+        .reshape((t, b * h, d))?;
     let y = rows.matmul(&r_t)?; // x·R_mᵀ = (R_m·x)ᵀ
     y.reshape((t, b, h, d))?.permute((1, 2, 0, 3))?.contiguous()
 }
@@ -210,7 +240,11 @@ pub fn reference_rope(x: &[f64], pos: f64, base: f64) -> Vec<f64> {
 
 /// The RoPE score `⟨RoPE(q, m), RoPE(k, n)⟩` in f64 (for the relative-position heatmap).
 pub fn rope_score(q: &[f64], m: f64, k: &[f64], n: f64, base: f64) -> f64 {
-    reference_rope(q, m, base).iter().zip(reference_rope(k, n, base)).map(|(a, b)| a * b).sum()
+    reference_rope(q, m, base)
+        .iter()
+        .zip(reference_rope(k, n, base))
+        .map(|(a, b)| a * b)
+        .sum()
 }
 
 #[cfg(test)]
@@ -239,7 +273,9 @@ mod tests {
 
     #[test]
     fn odd_d_head_is_rejected() {
-        let e = RopeTables::new(7, 4, DEFAULT_BASE, RopeScaling::None, &Device::Cpu).unwrap_err().to_string();
+        let e = RopeTables::new(7, 4, DEFAULT_BASE, RopeScaling::None, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("even"), "{e}");
     }
 }

@@ -21,13 +21,18 @@ use std::sync::Arc;
 use std::time::Instant;
 use t0801_self_attention::{causal_mask, scaled_dot_product_attention};
 use t0802_multi_head_attention::MultiHeadAttention;
-use t0804_transformer_block::{build_classic_lm, Activation, BlockConfig, CausalMha, ClassicLmConfig, DecoderOnlyLm, Mixer, NormPlacement, PositionKind};
+use t0804_transformer_block::{
+    build_classic_lm, Activation, BlockConfig, CausalMha, ClassicLmConfig, DecoderOnlyLm, Mixer,
+    NormPlacement, PositionKind,
+};
 use t0808_rope::*;
 
 const TOPIC: &str = "t0808_rope";
 
 #[derive(Parser, Debug)]
-#[command(about = "8-08: RoPE formulations, the relative-position property, RoPE vs other positions, length extrapolation")]
+#[command(
+    about = "8-08: RoPE formulations, the relative-position property, RoPE vs other positions, length extrapolation"
+)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -63,11 +68,22 @@ struct RopeMha {
 impl Mixer for RopeMha {
     fn forward(&self, x: &Tensor, start_pos: usize) -> candle_core::Result<Tensor> {
         let n = x.dim(1)?;
-        let q = apply_rope(&self.mha.split_heads(&shared::linear(x, &self.mha.w_q)?)?, &self.tables, start_pos)?;
-        let k = apply_rope(&self.mha.split_heads(&shared::linear(x, &self.mha.w_k)?)?, &self.tables, start_pos)?;
+        let q = apply_rope(
+            &self.mha.split_heads(&shared::linear(x, &self.mha.w_q)?)?,
+            &self.tables,
+            start_pos,
+        )?;
+        let k = apply_rope(
+            &self.mha.split_heads(&shared::linear(x, &self.mha.w_k)?)?,
+            &self.tables,
+            start_pos,
+        )?;
         let v = self.mha.split_heads(&shared::linear(x, &self.mha.w_v)?)?;
         let att = scaled_dot_product_attention(&q, &k, &v, Some(&causal_mask(n, n, x.device())?))?;
-        shared::linear(&MultiHeadAttention::merge_heads(&att.output)?, &self.mha.w_o)
+        shared::linear(
+            &MultiHeadAttention::merge_heads(&att.output)?,
+            &self.mha.w_o,
+        )
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
@@ -80,20 +96,36 @@ fn install_rope(lm: &mut DecoderOnlyLm, tables: Arc<RopeTables>) {
         let mha = if let Some(c) = b.attn.as_any().downcast_ref::<CausalMha>() {
             c.mha.clone()
         } else {
-            b.attn.as_any().downcast_ref::<RopeMha>().expect("a RoPE or plain MHA mixer").mha.clone()
+            b.attn
+                .as_any()
+                .downcast_ref::<RopeMha>()
+                .expect("a RoPE or plain MHA mixer")
+                .mha
+                .clone()
         };
-        b.attn = Box::new(RopeMha { mha, tables: tables.clone() });
+        b.attn = Box::new(RopeMha {
+            mha,
+            tables: tables.clone(),
+        });
     }
 }
 
 fn main() -> Result<()> {
     let a = Args::parse();
     let quick = a.common.quick;
-    let ctx = a.common.setup(TOPIC, "RoPE: formulations, relative positions, task comparison, extrapolation")?;
+    let ctx = a.common.setup(
+        TOPIC,
+        "RoPE: formulations, relative positions, task comparison, extrapolation",
+    )?;
     let dev = ctx.picked.device.clone();
     let steps = a.steps.unwrap_or(if quick { 40 } else { 120 });
     let config = serde_json::json!({"train_len": a.train_len, "shift": a.shift, "vocab": a.vocab, "d_model": a.d_model, "heads": a.heads, "layers": a.layers, "steps": steps, "batch": a.batch, "lr": a.lr});
-    let mut report = RunReport::start(TOPIC, config, &ctx.picked.description, a.common.dtype.name());
+    let mut report = RunReport::start(
+        TOPIC,
+        config,
+        &ctx.picked.description,
+        a.common.dtype.name(),
+    );
 
     // 1. The two formulations.
     let (d_head, n) = (64, 256);
@@ -106,12 +138,18 @@ fn main() -> Result<()> {
     let m = apply_rope_matrix(&x, &tables, 1000)?;
     let t_matrix = t.elapsed().as_secs_f64();
     let diff = (&c - &m)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-    let xs = x.to_dtype(DType::F64)?.reshape((2 * 4 * n, d_head))?.to_vec2::<f64>()?;
+    let xs = x
+        .to_dtype(DType::F64)?
+        .reshape((2 * 4 * n, d_head))?
+        .to_vec2::<f64>()?;
     let cs = c.reshape((2 * 4 * n, d_head))?.to_vec2::<f32>()?;
     let mut ref_err = 0f64;
     for (row, xr) in xs.iter().enumerate() {
         let want = reference_rope(xr, (1000 + row % n) as f64, DEFAULT_BASE);
-        ref_err = want.iter().zip(&cs[row]).fold(ref_err, |e, (w, g)| e.max((w - *g as f64).abs()));
+        ref_err = want
+            .iter()
+            .zip(&cs[row])
+            .fold(ref_err, |e, (w, g)| e.max((w - *g as f64).abs()));
     }
     println!("   formulations: max |complex − matrix| = {diff:.2e}, max |complex − f64| = {ref_err:.2e}; time {:.2} ms vs {:.2} ms", t_complex * 1e3, t_matrix * 1e3);
     report.metric("formulations.max_abs_diff", diff);
@@ -122,18 +160,43 @@ fn main() -> Result<()> {
     // 2. The relative-position property.
     let mut rng = StdRng::seed_from_u64(a.common.seed);
     let q: Vec<f64> = (0..d_head).map(|_| rng.random::<f64>() - 0.5).collect();
-    let k: Vec<f64> = q.iter().map(|v| v + 0.3 * (rng.random::<f64>() - 0.5)).collect(); // similar to q
+    let k: Vec<f64> = q
+        .iter()
+        .map(|v| v + 0.3 * (rng.random::<f64>() - 0.5))
+        .collect(); // similar to q
     let grid = 48;
-    let scores: Vec<Vec<f64>> = (0..grid).map(|mm| (0..grid).map(|nn| rope_score(&q, mm as f64, &k, nn as f64, DEFAULT_BASE)).collect()).collect();
+    let scores: Vec<Vec<f64>> = (0..grid)
+        .map(|mm| {
+            (0..grid)
+                .map(|nn| rope_score(&q, mm as f64, &k, nn as f64, DEFAULT_BASE))
+                .collect()
+        })
+        .collect();
     let mut diag_dev = 0f64;
     for mm in 1..grid {
         for nn in 1..grid {
             diag_dev = diag_dev.max((scores[mm][nn] - scores[mm - 1][nn - 1]).abs());
         }
     }
-    heatmap(&ctx.out_dir.join("relative_scores.png"), "⟨RoPE(q, m), RoPE(k, n)⟩ — constant along diagonals", "key position n", "query position m", &scores, None)?;
-    let by_offset: Vec<(f64, f64)> = (0..512).map(|o| (o as f64, rope_score(&q, o as f64, &k, 0.0, DEFAULT_BASE))).collect();
-    line_chart(&ctx.out_dir.join("score_vs_offset.png"), "RoPE score of a similar pair (q ≈ k) vs distance", "m − n", "⟨RoPE(q, m), RoPE(k, n)⟩", &[Series::new("d_head 64, base 10 000", by_offset)], Axes::default())?;
+    heatmap(
+        &ctx.out_dir.join("relative_scores.png"),
+        "⟨RoPE(q, m), RoPE(k, n)⟩ — constant along diagonals",
+        "key position n",
+        "query position m",
+        &scores,
+        None,
+    )?;
+    let by_offset: Vec<(f64, f64)> = (0..512)
+        .map(|o| (o as f64, rope_score(&q, o as f64, &k, 0.0, DEFAULT_BASE)))
+        .collect();
+    line_chart(
+        &ctx.out_dir.join("score_vs_offset.png"),
+        "RoPE score of a similar pair (q ≈ k) vs distance",
+        "m − n",
+        "⟨RoPE(q, m), RoPE(k, n)⟩",
+        &[Series::new("d_head 64, base 10 000", by_offset)],
+        Axes::default(),
+    )?;
     println!("   relative property: largest change along a diagonal of the {grid}×{grid} grid = {diag_dev:.2e}");
     report.metric("relative.max_diagonal_deviation", diag_dev);
 
@@ -149,7 +212,15 @@ fn main() -> Result<()> {
             vocab_size: a.vocab,
             max_seq_len: eval_len,
             n_layers: a.layers,
-            block: BlockConfig { d_model: a.d_model, n_heads: a.heads, d_ff: 2 * a.d_model, activation: Activation::Gelu, placement: NormPlacement::Pre, bias: false, eps: 1e-5 },
+            block: BlockConfig {
+                d_model: a.d_model,
+                n_heads: a.heads,
+                d_ff: 2 * a.d_model,
+                activation: Activation::Gelu,
+                placement: NormPlacement::Pre,
+                bias: false,
+                eps: 1e-5,
+            },
             positions: match scheme {
                 "sinusoidal" => PositionKind::Sinusoidal,
                 "learned" => PositionKind::Learned,
@@ -159,10 +230,32 @@ fn main() -> Result<()> {
         let mut lm = build_classic_lm(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg)?;
         let d_head = a.d_model / a.heads;
         if scheme == "RoPE" {
-            install_rope(&mut lm, Arc::new(RopeTables::new(d_head, eval_len, DEFAULT_BASE, RopeScaling::None, &dev)?));
+            install_rope(
+                &mut lm,
+                Arc::new(RopeTables::new(
+                    d_head,
+                    eval_len,
+                    DEFAULT_BASE,
+                    RopeScaling::None,
+                    &dev,
+                )?),
+            );
         }
-        let sched = ScheduleConfig { max_lr: a.lr, min_lr: a.lr / 10.0, warmup_steps: steps / 10, total_steps: steps, clip_norm: Some(1.0) };
-        let mut trainer = Trainer::new(&varmap, AdamWConfig { weight_decay: 0.0, ..Default::default() }, sched)?;
+        let sched = ScheduleConfig {
+            max_lr: a.lr,
+            min_lr: a.lr / 10.0,
+            warmup_steps: steps / 10,
+            total_steps: steps,
+            clip_norm: Some(1.0),
+        };
+        let mut trainer = Trainer::new(
+            &varmap,
+            AdamWConfig {
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+            sched,
+        )?;
         let mut progress = Progress::new(steps as u64, scheme);
         for step in 0..steps {
             let (x, y, mask) = task_batch(&mut rng, a.batch, a.train_len, a.vocab, a.shift, &dev)?;
@@ -175,33 +268,81 @@ fn main() -> Result<()> {
         let variants: Vec<(String, Option<RopeScaling>)> = if scheme == "RoPE" {
             vec![
                 ("RoPE".into(), Some(RopeScaling::None)),
-                ("RoPE + PI ×4".into(), Some(RopeScaling::PositionInterpolation { factor: 4.0 })),
-                ("RoPE + NTK ×4".into(), Some(RopeScaling::NtkAware { factor: 4.0 })),
+                (
+                    "RoPE + PI ×4".into(),
+                    Some(RopeScaling::PositionInterpolation { factor: 4.0 }),
+                ),
+                (
+                    "RoPE + NTK ×4".into(),
+                    Some(RopeScaling::NtkAware { factor: 4.0 }),
+                ),
             ]
         } else {
             vec![(scheme.to_string(), None)]
         };
         for (name, scaling) in variants {
             if let Some(s) = scaling {
-                install_rope(&mut lm, Arc::new(RopeTables::new(d_head, eval_len, DEFAULT_BASE, s, &dev)?));
+                install_rope(
+                    &mut lm,
+                    Arc::new(RopeTables::new(d_head, eval_len, DEFAULT_BASE, s, &dev)?),
+                );
             }
             let (per_pos, acc_in, acc_out) = per_position(&lm, &x, &y, &mask, a.train_len)?;
-            let mean_in = per_pos[a.shift..a.train_len].iter().sum::<f64>() / (a.train_len - a.shift) as f64;
-            let mean_out = per_pos[a.train_len..].iter().sum::<f64>() / (eval_len - a.train_len) as f64;
-            rows.push(vec![name.clone(), format!("{mean_in:.3}"), format!("{:.1}%", 100.0 * acc_in), format!("{mean_out:.3}"), format!("{:.1}%", 100.0 * acc_out)]);
+            let mean_in =
+                per_pos[a.shift..a.train_len].iter().sum::<f64>() / (a.train_len - a.shift) as f64;
+            let mean_out =
+                per_pos[a.train_len..].iter().sum::<f64>() / (eval_len - a.train_len) as f64;
+            rows.push(vec![
+                name.clone(),
+                format!("{mean_in:.3}"),
+                format!("{:.1}%", 100.0 * acc_in),
+                format!("{mean_out:.3}"),
+                format!("{:.1}%", 100.0 * acc_out),
+            ]);
             report.metric(&format!("task.{name}"), serde_json::json!({"loss_within_L": mean_in, "acc_within_L": acc_in, "loss_beyond_L": mean_out, "acc_beyond_L": acc_out}));
-            extrap.push(Series::new(&name, per_pos.iter().enumerate().skip(a.shift).map(|(i, l)| (i as f64, *l)).collect()));
+            extrap.push(Series::new(
+                &name,
+                per_pos
+                    .iter()
+                    .enumerate()
+                    .skip(a.shift)
+                    .map(|(i, l)| (i as f64, *l))
+                    .collect(),
+            ));
         }
     }
-    print_table(&["positions", &format!("loss ≤ L={}", a.train_len), "accuracy ≤ L", &format!("loss L..{eval_len}"), "accuracy beyond L"], &rows);
-    line_chart(&ctx.out_dir.join("extrapolation.png"), &format!("Loss per position, trained at L = {}", a.train_len), "position", "cross-entropy (nats)", &extrap, Axes::default())?;
+    print_table(
+        &[
+            "positions",
+            &format!("loss ≤ L={}", a.train_len),
+            "accuracy ≤ L",
+            &format!("loss L..{eval_len}"),
+            "accuracy beyond L",
+        ],
+        &rows,
+    );
+    line_chart(
+        &ctx.out_dir.join("extrapolation.png"),
+        &format!("Loss per position, trained at L = {}", a.train_len),
+        "position",
+        "cross-entropy (nats)",
+        &extrap,
+        Axes::default(),
+    )?;
     let path = report.write(&ctx.out_dir)?;
     println!("   wrote {}", path.display());
     Ok(())
 }
 
 /// Random tokens; the target at `t` is the token at `t − shift` (positions `< shift` masked).
-fn task_batch(rng: &mut StdRng, b: usize, len: usize, vocab: usize, shift: usize, dev: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+fn task_batch(
+    rng: &mut StdRng,
+    b: usize,
+    len: usize,
+    vocab: usize,
+    shift: usize,
+    dev: &Device,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let mut xs = vec![0u32; b * len];
     for v in xs.iter_mut() {
         *v = rng.random_range(0..vocab as u32);
@@ -214,11 +355,21 @@ fn task_batch(rng: &mut StdRng, b: usize, len: usize, vocab: usize, shift: usize
             ms[r * len + t] = 1;
         }
     }
-    Ok((Tensor::from_vec(xs, (b, len), dev)?, Tensor::from_vec(ys, (b, len), dev)?, Tensor::from_vec(ms, (b, len), dev)?))
+    Ok((
+        Tensor::from_vec(xs, (b, len), dev)?,
+        Tensor::from_vec(ys, (b, len), dev)?,
+        Tensor::from_vec(ms, (b, len), dev)?,
+    ))
 }
 
 /// Mean loss at every position, and accuracy within / beyond the training length.
-fn per_position(lm: &DecoderOnlyLm, x: &Tensor, y: &Tensor, mask: &Tensor, train_len: usize) -> Result<(Vec<f64>, f64, f64)> {
+fn per_position(
+    lm: &DecoderOnlyLm,
+    x: &Tensor,
+    y: &Tensor,
+    mask: &Tensor,
+    train_len: usize,
+) -> Result<(Vec<f64>, f64, f64)> {
     let logits = lm.forward(x, 0)?.to_dtype(DType::F32)?.to_vec3::<f32>()?;
     let ys = y.to_vec2::<u32>()?;
     let ms = mask.to_vec2::<u8>()?;
@@ -234,7 +385,12 @@ fn per_position(lm: &DecoderOnlyLm, x: &Tensor, y: &Tensor, mask: &Tensor, train
             let max = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
             let lse = max + z.iter().map(|v| (*v as f64 - max).exp()).sum::<f64>().ln();
             loss[t] += (lse - z[ys[r][t] as usize] as f64) / b as f64;
-            let argmax = z.iter().enumerate().max_by(|p, q| p.1.total_cmp(q.1)).unwrap().0;
+            let argmax = z
+                .iter()
+                .enumerate()
+                .max_by(|p, q| p.1.total_cmp(q.1))
+                .unwrap()
+                .0;
             let hit = usize::from(argmax == ys[r][t] as usize);
             if t < train_len {
                 hit_in += hit;
@@ -245,5 +401,9 @@ fn per_position(lm: &DecoderOnlyLm, x: &Tensor, y: &Tensor, mask: &Tensor, train
             }
         }
     }
-    Ok((loss, hit_in as f64 / n_in.max(1) as f64, hit_out as f64 / n_out.max(1) as f64))
+    Ok((
+        loss,
+        hit_in as f64 / n_in.max(1) as f64,
+        hit_out as f64 / n_out.max(1) as f64,
+    ))
 }

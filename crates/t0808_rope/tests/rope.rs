@@ -8,7 +8,10 @@ fn rand_x(b: usize, h: usize, t: usize, d: usize) -> Result<Tensor> {
 }
 
 fn max_rel_err(a: &[f32], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs() / y.abs().max(1.0)).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - y).abs() / y.abs().max(1.0))
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -18,14 +21,23 @@ fn both_forms_match_f64_reference_with_offset() -> Result<()> {
     let x = rand_x(b, h, t, d)?;
     let complex = apply_rope(&x, &tables, start)?;
     let matrix = apply_rope_matrix(&x, &tables, start)?;
-    let xs = x.to_dtype(DType::F64)?.reshape((b * h * t, d))?.to_vec2::<f64>()?;
+    let xs = x
+        .to_dtype(DType::F64)?
+        .reshape((b * h * t, d))?
+        .to_vec2::<f64>()?;
     let cs = complex.reshape((b * h * t, d))?.to_vec2::<f32>()?;
     let ms = matrix.reshape((b * h * t, d))?.to_vec2::<f32>()?;
     for (row, xr) in xs.iter().enumerate() {
         let pos = (start + row % t) as f64;
         let want = reference_rope(xr, pos, DEFAULT_BASE);
-        assert!(max_rel_err(&cs[row], &want) < 1e-5, "complex form, row {row}");
-        assert!(max_rel_err(&ms[row], &want) < 1e-5, "matrix form, row {row}");
+        assert!(
+            max_rel_err(&cs[row], &want) < 1e-5,
+            "complex form, row {row}"
+        );
+        assert!(
+            max_rel_err(&ms[row], &want) < 1e-5,
+            "matrix form, row {row}"
+        );
     }
     Ok(())
 }
@@ -37,8 +49,12 @@ fn matches_candle_nn_rope_i() -> Result<()> {
     let x = rand_x(b, h, t, d)?;
     let start = 11;
     let (cos, sin) = tables.rows(start, t, DType::F32)?;
-    let want = candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?.flatten_all()?.to_vec1::<f32>()?;
-    let got = apply_rope(&x, &tables, start)?.flatten_all()?.to_vec1::<f32>()?;
+    let want = candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let got = apply_rope(&x, &tables, start)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     for (g, w) in got.iter().zip(&want) {
         assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
     }
@@ -75,7 +91,9 @@ fn score_depends_only_on_relative_position() -> Result<()> {
     let kv = k.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     let mut seed = 12345u64;
     let mut rnd = |n: u64| {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((seed >> 33) % n) as usize
     };
     for _ in 0..20 {
@@ -83,7 +101,10 @@ fn score_depends_only_on_relative_position() -> Result<()> {
         let base = score(m, n)?;
         let shifted = score(m + s, n + s)?;
         let f64_score = rope_score(&qv, m as f64, &kv, n as f64, DEFAULT_BASE);
-        assert!((base - shifted).abs() < 1e-4 * f64_score.abs().max(1.0), "m {m} n {n} s {s}: {base} vs {shifted}");
+        assert!(
+            (base - shifted).abs() < 1e-4 * f64_score.abs().max(1.0),
+            "m {m} n {n} s {s}: {base} vs {shifted}"
+        );
         assert!((base - f64_score).abs() < 1e-4 * f64_score.abs().max(1.0));
         // and the f64 score is shift-invariant to rounding
         let f64_shifted = rope_score(&qv, (m + s) as f64, &kv, (n + s) as f64, DEFAULT_BASE);
@@ -98,8 +119,13 @@ fn beyond_table_is_a_clear_error() -> Result<()> {
     let x = rand_x(1, 1, 4, 8)?;
     assert!(apply_rope(&x, &tables, 12).is_ok());
     let e = apply_rope(&x, &tables, 13).unwrap_err().to_string();
-    assert!(e.contains("positions 13..17 exceed the precomputed table of 16"), "{e}");
-    let e = apply_rope(&rand_x(1, 1, 4, 6)?, &tables, 0).unwrap_err().to_string();
+    assert!(
+        e.contains("positions 13..17 exceed the precomputed table of 16"),
+        "{e}"
+    );
+    let e = apply_rope(&rand_x(1, 1, 4, 6)?, &tables, 0)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("d_head (6)"), "{e}");
     Ok(())
 }
@@ -107,9 +133,17 @@ fn beyond_table_is_a_clear_error() -> Result<()> {
 #[test]
 fn position_interpolation_equals_fractional_positions() -> Result<()> {
     let d = 16;
-    let tables = RopeTables::new(d, 64, DEFAULT_BASE, RopeScaling::PositionInterpolation { factor: 4.0 }, &Device::Cpu)?;
+    let tables = RopeTables::new(
+        d,
+        64,
+        DEFAULT_BASE,
+        RopeScaling::PositionInterpolation { factor: 4.0 },
+        &Device::Cpu,
+    )?;
     let x = rand_x(1, 1, 10, d)?;
-    let y = apply_rope(&x, &tables, 30)?.reshape((10, d))?.to_vec2::<f32>()?;
+    let y = apply_rope(&x, &tables, 30)?
+        .reshape((10, d))?
+        .to_vec2::<f32>()?;
     let xs = x.reshape((10, d))?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
     for (t, xr) in xs.iter().enumerate() {
         let want = reference_rope(xr, (30 + t) as f64 / 4.0, DEFAULT_BASE);

@@ -1,0 +1,101 @@
+//! Loss-parity dump for the PyTorch twin (`scripts/pytorch_twin.py parity DIR`).
+//!
+//! Builds the LLaMA-recipe LM at the CS336 "TinyStories" shape (vocab 10,000, context 256,
+//! d_model 512, d_ff 1344, 4 layers, 16 heads, RoPE θ 10,000) on WikiText-2 BPE tokens, writes its
+//! *initial* weights, the exact batches of every step, and the loss of every step of our own
+//! training run. The twin loads the same weights, replays the same batches with the same AdamW,
+//! schedule and clipping, and compares the two loss curves: proof that a speed comparison
+//! compares the same computation.
+//!
+//! `cargo run --release -p t0806_modern_blocks --example parity -- --out DIR [--steps 200]
+//!  [--batch 16] [--device cuda] [--data-dir DIR]`
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use clap::Parser;
+use shared::batching::LmBatcher;
+use shared::cli::CommonArgs;
+use shared::tokenizer::{load_corpus, Corpus};
+use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
+use std::collections::HashMap;
+use t0806_modern_blocks::{init_modern_lm, save_modern_lm, ModernLmConfig};
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Folder receiving config.json, init.safetensors, batches.safetensors and parity.json.
+    #[arg(long = "dump", default_value = "output/parity")]
+    dump: std::path::PathBuf,
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, value_enum, default_value = "wikitext2")]
+    corpus: Corpus,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let ctx = args
+        .common
+        .setup("t0806_parity", "loss-parity dump for the PyTorch twin")?;
+    let dev = &ctx.picked.device;
+    let data = load_corpus(args.corpus, args.common.data_dir.as_deref(), 10_000)?;
+    let mut cfg = ModernLmConfig::llama(data.tokenizer.vocab_size(), 256, 512, 4, 16, 16);
+    cfg.d_ff = 1344;
+    let (varmap, lm) = init_modern_lm(&cfg, ctx.dtype, dev)?;
+    std::fs::create_dir_all(&args.dump)?;
+    save_modern_lm(&args.dump, &cfg, &varmap)?;
+    std::fs::rename(
+        args.dump.join("model.safetensors"),
+        args.dump.join("init.safetensors"),
+    )?;
+
+    let batcher = LmBatcher::new(args.batch, cfg.max_seq_len, args.common.seed);
+    let mut batches: HashMap<String, Tensor> = HashMap::new();
+    let adamw = AdamWConfig::default();
+    let schedule = ScheduleConfig {
+        max_lr: 1e-3,
+        min_lr: 1e-4,
+        warmup_steps: 20,
+        total_steps: args.steps,
+        clip_norm: Some(1.0),
+    };
+    let mut trainer = Trainer::new(&varmap, adamw, schedule.clone())?;
+    let mut losses = Vec::with_capacity(args.steps);
+    let started = std::time::Instant::now();
+    for step in 0..args.steps {
+        let b = batcher.batch(&data.train, step as u64, dev)?;
+        batches.insert(
+            format!("x.{step}"),
+            b.x.to_dtype(DType::I64)?
+                .to_device(&candle_core::Device::Cpu)?,
+        );
+        batches.insert(
+            format!("y.{step}"),
+            b.y.to_dtype(DType::I64)?
+                .to_device(&candle_core::Device::Cpu)?,
+        );
+        let stats = trainer.step(&lm.loss(&b.x, &b.y)?)?;
+        losses.push(stats.loss);
+        if step % 20 == 0 || step + 1 == args.steps {
+            println!(
+                "step {step:>4}  loss {:.4}  ({:.1}s)",
+                stats.loss,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    candle_core::safetensors::save(&batches, args.dump.join("batches.safetensors"))?;
+    let spec = serde_json::json!({
+        "steps": args.steps, "batch": args.batch, "device": ctx.picked.description, "dtype": args.common.dtype.name(),
+        "adamw": adamw, "schedule": schedule, "losses": losses,
+    });
+    std::fs::write(
+        args.dump.join("parity.json"),
+        serde_json::to_string_pretty(&spec)?,
+    )?;
+    println!("wrote {}", args.dump.display());
+    Ok(())
+}
