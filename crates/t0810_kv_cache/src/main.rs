@@ -87,6 +87,29 @@ enum Cmd {
         #[arg(long, default_value_t = 512)]
         max_seq: usize,
     },
+    /// Decode throughput of a random-init LLaMA-recipe model with our KV cache: greedy, batched,
+    /// the next tokens chosen on the device (no host round trip per step). Defaults: the CS336
+    /// shape of the GPU-performance comparison (scripts/pytorch_twin.py decode-bench).
+    DecodeBench {
+        #[arg(long, default_value_t = 10_000)]
+        vocab: usize,
+        #[arg(long, default_value_t = 512)]
+        d_model: usize,
+        #[arg(long, default_value_t = 1344)]
+        d_ff: usize,
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        #[arg(long, default_value_t = 16)]
+        heads: usize,
+        #[arg(long, default_value_t = 16)]
+        kv_heads: usize,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        #[arg(long, default_value_t = 512)]
+        new: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -118,8 +141,63 @@ fn main() -> Result<()> {
             println!("wrote a random {cfg:?} to {}", checkpoint.display());
             Ok(())
         }
+        Some(Cmd::DecodeBench { .. }) => decode_bench(&args),
         None => experiments(&args),
     }
+}
+
+fn decode_bench(args: &Args) -> Result<()> {
+    let Some(Cmd::DecodeBench { vocab, d_model, d_ff, layers, heads, kv_heads, batch, prompt, new }) = args.cmd else {
+        unreachable!()
+    };
+    let ctx = args.common.setup(TOPIC, "decode-bench: batched greedy decoding with the KV cache")?;
+    let dev = ctx.picked.device.clone();
+    let mut cfg = ModernLmConfig::llama(vocab, prompt + new, d_model, layers, heads, kv_heads);
+    cfg.d_ff = d_ff;
+    let (_varmap, lm) = init_modern_lm(&cfg, ctx.dtype, &dev)?;
+    let ids: Vec<u32> = (0..batch * prompt).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+    let prompt_t = Tensor::from_vec(ids, (batch, prompt), &dev)?;
+    let mut best: Option<(f64, f64)> = None;
+    for _rep in 0..2 {
+        // The first repetition warms up (kernel loading, allocator); the second is timed.
+        let mut cache = lm_cache(&lm, batch, prompt + new, CacheKind::Preallocated, ctx.dtype)?;
+        dev.synchronize()?;
+        let t0 = std::time::Instant::now();
+        let logits = lm_forward_cached(&lm, &prompt_t, &mut cache)?;
+        let mut next = logits.narrow(1, prompt - 1, 1)?.argmax_keepdim(candle_core::D::Minus1)?.squeeze(2)?; // (batch, 1)
+        dev.synchronize()?;
+        let prefill = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
+        for _ in 0..new - 1 {
+            let logits = lm_forward_cached(&lm, &next, &mut cache)?;
+            next = logits.argmax_keepdim(candle_core::D::Minus1)?.squeeze(2)?;
+        }
+        dev.synchronize()?;
+        best = Some((prefill, t1.elapsed().as_secs_f64()));
+    }
+    let (prefill, decode) = best.expect("two repetitions");
+    let steps = (new - 1) as f64;
+    let tps = batch as f64 * steps / decode;
+    print_table(
+        &["device", "dtype", "batch", "prompt", "new", "prefill ms", "ms/step", "tokens/s"],
+        &[vec![
+            ctx.picked.description.clone(),
+            args.common.dtype.name().into(),
+            batch.to_string(),
+            prompt.to_string(),
+            new.to_string(),
+            format!("{:.1}", prefill * 1e3),
+            format!("{:.2}", decode / steps * 1e3),
+            format!("{tps:.0}"),
+        ]],
+    );
+    let mut report = RunReport::start(TOPIC, serde_json::json!({"decode_bench": cfg, "batch": batch, "prompt": prompt, "new": new}), &ctx.picked.description, args.common.dtype.name());
+    report.metric("prefill_ms", prefill * 1e3);
+    report.metric("ms_per_token_step", decode / steps * 1e3);
+    report.metric("tokens_per_s", tps);
+    let dir = ctx.out_dir.join(format!("decode_bench_b{batch}_{}", args.common.dtype.name()));
+    report.write(&dir)?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------- generate

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Ours vs the PyTorch twin, back to back on the same GPU (run on the GPU host after
+# scripts/gpu-run.sh has unpacked the bundle, i.e. as a step: "bin ..." steps first, or directly):
+#
+#   bash scripts/compare_with_twin.sh [BATCH] [STEPS]
+#
+# Needs in /tmp/gpu/bin: t0806_modern_blocks, t0810_kv_cache, parity (t0806 example).
+# Writes $OUT/twin.json (every measurement) and prints the table of ratios.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+B=${1:-64}; STEPS=${2:-20}
+out=${OUT:-$root/gpu-results}/twin; mkdir -p "$out"
+bin=/tmp/gpu/bin
+REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
+[ -d .gpu/data ] && export WIKITEXT2_DIR="$root/.gpu/data"
+export MODULE08_CACHE=/tmp/module08-cache
+[ -f .gpu/font.ttf ] && export MODULE08_FONT="$root/.gpu/font.ttf"
+py=python3
+cfg=$out/parity/config.json
+
+echo "== loss parity (f32, 200 steps, batch 16): ours, then the twin from the same weights and batches"
+$bin/parity --device cuda --dump "$out/parity" --steps 200 --batch 16 > "$out/parity_rust.log" 2>&1 || echo "parity (ours) failed: $(tail -3 "$out/parity_rust.log")"
+NVIDIA_TF32_OVERRIDE=0 $py scripts/pytorch_twin.py parity "$out/parity" --device cuda --dtype f32 --json "$out/parity_twin.json"
+
+for dt in f32 bf16; do
+  echo "== training tokens/s, $dt, batch $B"
+  $bin/t0806_modern_blocks --device cuda --dtype $dt --out "$out/ours" bench --batch $B --steps $STEPS --warmup 3 > "$out/train_ours_$dt.log" 2>&1
+  cp "$out/ours/t0806_modern_blocks/bench/results.json" "$out/train_ours_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_$dt.log"
+  $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --json "$out/train_twin_eager_$dt.json"
+  $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --compile --json "$out/train_twin_compile_$dt.json" 2>"$out/compile_$dt.err" || echo "torch.compile failed ($dt): $(tail -2 "$out/compile_$dt.err")"
+done
+for dt in bf16 f32; do
+  for b in 1 32; do
+    echo "== decoding, $dt, batch $b, prompt 128, 512 new tokens"
+    $bin/t0810_kv_cache --device cuda --dtype $dt --out "$out/ours" decode-bench --batch $b --prompt 128 --new 512 > "$out/decode_ours_${dt}_b$b.log" 2>&1
+    cp "$out/ours/t0810_kv_cache/decode_bench_b${b}_$dt/results.json" "$out/decode_ours_${dt}_b$b.json" 2>/dev/null || tail -5 "$out/decode_ours_${dt}_b$b.log"
+    $py scripts/pytorch_twin.py decode-bench --config "$cfg" --batch $b --prompt 128 --new 512 --dtype $dt --json "$out/decode_twin_${dt}_b$b.json"
+  done
+done
+$py - "$out" <<'PYEOF'
+import json, os, sys
+d = sys.argv[1]
+def load(name):
+    p = os.path.join(d, name)
+    return json.load(open(p)) if os.path.exists(p) else None
+rows = []
+for dt in ("f32", "bf16"):
+    ours = load(f"train_ours_{dt}.json")
+    o = ours["metrics"]["bench.tokens_per_s"] if ours else float("nan")
+    for impl in ("eager", "compile"):
+        t = load(f"train_twin_{impl}_{dt}.json")
+        tv = t["tokens_per_s"] if t else float("nan")
+        rows.append((f"train {dt} vs torch {impl}", o, tv))
+for dt in ("bf16", "f32"):
+    for b in (1, 32):
+        ours = load(f"decode_ours_{dt}_b{b}.json"); t = load(f"decode_twin_{dt}_b{b}.json")
+        rows.append((f"decode {dt} batch {b}", ours["metrics"]["tokens_per_s"] if ours else float("nan"), t["tokens_per_s"] if t else float("nan")))
+print(f"{'measurement':32s} {'ours tok/s':>12s} {'twin tok/s':>12s} {'ours/twin':>9s}")
+for name, o, t in rows:
+    print(f"{name:32s} {o:12,.0f} {t:12,.0f} {o / t if t == t and t else float('nan'):9.2f}")
+p = load("parity_twin.json")
+if p:
+    print(f"loss parity over {len(p['rust_losses'])} steps: max relative difference {p['max_rel_diff']:.3%}, mean {p['mean_rel_diff']:.3%}")
+json.dump({"rows": rows, "parity": p}, open(os.path.join(d, "summary.json"), "w"), indent=1)
+PYEOF
