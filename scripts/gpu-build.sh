@@ -7,6 +7,7 @@
 #   --tests  integration-test targets (PKG/NAME) or library unit tests (PKG/lib) to build with
 #            --features cuda (default: shared/lib shared/gpu)
 #   --bins   topic binaries to build in release with --features cuda (default: none)
+#   --examples  examples (PKG/NAME) to build likewise, e.g. t0806_modern_blocks/parity
 #
 # Every executable embeds Candle's CUDA kernels (~43 MB each); one long-window xz over one tar
 # stores them once, so a bundle of many stays a few MB. Produces .gpu/bundle.tar.xz, a manifest
@@ -18,10 +19,12 @@ cd "$root"
 shared_gpu="$root/../shared/gpu"
 tests="shared/lib shared/gpu"
 bins=""
+examples=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) tests="$2"; shift 2 ;;
     --bins) bins="$2"; shift 2 ;;
+    --examples) examples="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -49,6 +52,13 @@ for b in $bins; do
   cargo build --release --features cuda -p "$b" 2>&1 | tail -1 >&2
   cp "$CARGO_TARGET_DIR/release/$b" .gpu/stage/bin/
   echo "bin $b bin/$b" >> .gpu/stage/manifest.txt
+done
+for e in $examples; do
+  pkg=${e%%/*}; name=${e#*/}
+  echo "== example $pkg/$name" >&2
+  cargo build --release --features cuda -p "$pkg" --example "$name" 2>&1 | tail -1 >&2
+  cp "$CARGO_TARGET_DIR/release/examples/$name" .gpu/stage/bin/
+  echo "bin $name bin/$name" >> .gpu/stage/manifest.txt
 done
 echo "== compressing $(du -sh .gpu/stage | cut -f1) (one long-window xz stores the shared kernels once)" >&2
 tar -C .gpu/stage -cf - . | xz -T1 --lzma2=preset=6,dict=256MiB > .gpu/bundle.tar.xz

@@ -4,6 +4,7 @@
 #   bash scripts/gpu-run.sh STEP [STEP ...]
 #     STEP = tests            every CUDA test executable in the bundle
 #          | "bin NAME ARGS"  one topic binary (quote the whole step)
+#          | "sh SCRIPT ARGS" a script of the repository (e.g. scripts/compare_with_twin.sh)
 #
 # Unpacks .gpu/bundle.tar.xz into /tmp/gpu (once per machine), sources remote-env.sh, points
 # WIKITEXT2_DIR at the carried data, runs the steps in order (a failing step does not stop the
@@ -49,6 +50,14 @@ for step in "$@"; do
       rc=$?
       echo "bin $name $*: rc=$rc ($(( $(date +%s) - started )) s)" | tee -a "$summary"
       tail -25 "$log" | sed 's/^/    /' >> "$summary"
+      [ $rc -eq 0 ] || status=1
+      ;;
+    sh)
+      log="$logs/$(basename "$1").log"
+      bash "$@" > "$log" 2>&1
+      rc=$?
+      echo "sh $*: rc=$rc ($(( $(date +%s) - started )) s)" | tee -a "$summary"
+      tail -40 "$log" | sed 's/^/    /' >> "$summary"
       [ $rc -eq 0 ] || status=1
       ;;
     *) echo "unknown step '$kind'" | tee -a "$summary"; status=2 ;;
