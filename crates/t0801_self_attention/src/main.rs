@@ -42,7 +42,7 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     d_head: usize,
     /// Timed repetitions per size (the median is reported).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 9)]
     reps: usize,
     /// Noise of the lookup queries, relative to a key's per-coordinate scale.
     #[arg(long, default_value_t = 0.5)]
@@ -266,8 +266,10 @@ fn dictionary_lookup(
     let idx = Tensor::from_vec(perm.iter().map(|&p| p as u32).collect::<Vec<_>>(), m, dev)?;
     let queries = (keys.squeeze(0)?.index_select(&idx, 0)? + gaussian(&[m, d_k], noise, dev)?)?
         .unsqueeze(0)?;
-    let max_cos = max_abs_cosine(&to_rows(&keys.squeeze(0)?)?);
-    println!("   keys {m}×{d_k} (max |cos| between keys {max_cos:.3}), values {m}×{d_v}, query noise σ = {noise}");
+    let (max_cos, ci, cj) = max_abs_cosine(&to_rows(&keys.squeeze(0)?)?);
+    println!(
+        "   keys {m}×{d_k} (max |cos| between keys {max_cos:.3}, k{ci} and k{cj}), values {m}×{d_v}, query noise σ = {noise}"
+    );
     println!("   query i copies key {perm:?}");
 
     let key_names: Vec<String> = (0..m).map(|j| format!("k{j}")).collect();
@@ -280,6 +282,7 @@ fn dictionary_lookup(
     let mut rows = Vec::new();
     let mut sweep = Vec::new();
     let mut at_one = None;
+    let mut weights_at_one = Vec::new();
     for &beta in &betas {
         let (w, s) = lookup_stats(
             &(&queries * beta)?,
@@ -314,6 +317,7 @@ fn dictionary_lookup(
             )?;
         }
         if beta == 1.0 {
+            weights_at_one = to_rows(&w.squeeze(0)?)?;
             at_one = Some(s);
         }
     }
@@ -328,16 +332,17 @@ fn dictionary_lookup(
         ],
         &rows,
     );
+    // x = log₂ β on a linear axis (ticks at every doubling).
     let at = |key: &str| -> Vec<(f64, f64)> {
         sweep
             .iter()
-            .map(|s| (s["beta"].as_f64().unwrap(), s[key].as_f64().unwrap()))
+            .map(|s| (s["beta"].as_f64().unwrap().log2(), s[key].as_f64().unwrap()))
             .collect()
     };
     line_chart(
         &out_dir.join("t0801_sharpness.png"),
-        "Sharpness: scaling the queries by β",
-        "β (query scale = 1 / temperature)",
+        "Sharpness: scaling the queries by β (β = 1: plain attention)",
+        "log₂ β   (β = query scale = 1 / temperature)",
         "value",
         &[
             Series::new("weight on intended key", at("weight_on_target")),
@@ -351,7 +356,7 @@ fn dictionary_lookup(
             ),
         ],
         Axes {
-            log_x: true,
+            log_x: false,
             log_y: false,
         },
     )?;
@@ -402,9 +407,9 @@ fn dictionary_lookup(
     report.metric(
         "lookup",
         json!({
-            "n_keys": m, "d_k": d_k, "d_v": d_v, "noise": noise, "max_abs_cos_between_keys": max_cos,
+            "n_keys": m, "d_k": d_k, "d_v": d_v, "noise": noise, "max_abs_cos_between_keys": max_cos, "most_similar_keys": [ci, cj],
             "query_copies_key": perm, "accuracy": s.accuracy, "weight_on_target": s.weight_on_target,
-            "rel_value_error": s.value_error, "entropy_nats": s.entropy,
+            "rel_value_error": s.value_error, "entropy_nats": s.entropy, "weights": weights_at_one,
             "accuracy_256_dictionaries": accuracy_many,
         }),
     );
@@ -418,13 +423,17 @@ fn dictionary_lookup(
     })
 }
 
-fn max_abs_cosine(rows: &[Vec<f64>]) -> f64 {
+/// The largest |cosine| between two rows, and which rows.
+fn max_abs_cosine(rows: &[Vec<f64>]) -> (f64, usize, usize) {
     let norm = |v: &Vec<f64>| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let mut best: f64 = 0.0;
+    let mut best = (0.0, 0, 0);
     for i in 0..rows.len() {
         for j in 0..i {
             let dot: f64 = rows[i].iter().zip(&rows[j]).map(|(a, b)| a * b).sum();
-            best = best.max((dot / (norm(&rows[i]) * norm(&rows[j]))).abs());
+            let cos = (dot / (norm(&rows[i]) * norm(&rows[j]))).abs();
+            if cos > best.0 {
+                best = (cos, j, i);
+            }
         }
     }
     best
@@ -526,35 +535,80 @@ fn causal_maps(dev: &Device, out_dir: &Path, seed: u64, report: &mut RunReport) 
     Ok(())
 }
 
-/// Median wall time (ms) of one attention forward on `(1, 1, n, d)` inputs, and the bytes of its
-/// `n×n` weight matrix. The device is synchronised before every clock reading (CUDA is async).
+/// Timing of one attention shape.
+struct Timing {
+    median_ms: f64,
+    min_ms: f64,
+    /// Bytes of the `n×n` weight matrix the call materialised.
+    score_bytes: usize,
+}
+
+/// Wall time of one attention forward on `(1, 1, n, d)` inputs for each `(n, d)` of `shapes`.
+///
+/// Each shape is warmed up twice; then the `reps` timed rounds are *interleaved* (round r times
+/// every shape once), so a burst of load from other processes hits all sizes alike instead of
+/// ruining one. The device is synchronised before every clock reading (CUDA is asynchronous).
 fn time_attention(
     dev: &Device,
     dtype: DType,
-    n: usize,
-    d: usize,
+    shapes: &[(usize, usize)],
     reps: usize,
-) -> Result<(f64, usize)> {
-    let make =
-        || -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, (1, 1, n, d), dev)?.to_dtype(dtype)?) };
-    let (q, k, v) = (make()?, make()?, make()?);
-    let mut bytes = 0;
-    for _ in 0..2 {
-        let att = scaled_dot_product_attention(&q, &k, &v, None)?; // warm-up (allocator, kernels)
-        bytes = att.weights.elem_count() * att.weights.dtype().size_in_bytes();
+    label: &str,
+) -> Result<Vec<Timing>> {
+    let make = |n: usize, d: usize| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, (1, 1, n, d), dev)?.to_dtype(dtype)?)
+    };
+    let inputs: Vec<[Tensor; 3]> = shapes
+        .iter()
+        .map(|&(n, d)| Ok([make(n, d)?, make(n, d)?, make(n, d)?]))
+        .collect::<Result<_>>()?;
+    let mut bytes = vec![0; shapes.len()];
+    for (i, [q, k, v]) in inputs.iter().enumerate() {
+        for _ in 0..2 {
+            let att = scaled_dot_product_attention(q, k, v, None)?; // warm-up (allocator, kernels)
+            bytes[i] = att.weights.elem_count() * att.weights.dtype().size_in_bytes();
+        }
     }
     dev.synchronize()?;
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        dev.synchronize()?;
-        let t0 = Instant::now();
-        let att = scaled_dot_product_attention(&q, &k, &v, None)?;
-        dev.synchronize()?;
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-        drop(att);
+    let mut times = vec![Vec::with_capacity(reps); shapes.len()];
+    let mut progress = shared::train::Progress::new(reps as u64, label);
+    for r in 0..reps {
+        for (i, [q, k, v]) in inputs.iter().enumerate() {
+            dev.synchronize()?;
+            let t0 = Instant::now();
+            let att = scaled_dot_product_attention(q, k, v, None)?;
+            dev.synchronize()?;
+            times[i].push(t0.elapsed().as_secs_f64() * 1e3);
+            drop(att);
+        }
+        progress.update(r as u64 + 1, format!("round {}/{reps}", r + 1));
     }
-    times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], bytes))
+    progress.finish();
+    Ok(times
+        .into_iter()
+        .zip(bytes)
+        .map(|(mut t, score_bytes)| {
+            t.sort_by(f64::total_cmp);
+            Timing {
+                median_ms: t[t.len() / 2],
+                min_ms: t[0],
+                score_bytes,
+            }
+        })
+        .collect())
+}
+
+/// Least-squares line `y ≈ a + b·x`; returns `(a, b)`.
+fn linear_fit(points: &[(f64, f64)]) -> (f64, f64) {
+    let n = points.len() as f64;
+    let (mx, my) = (
+        points.iter().map(|p| p.0).sum::<f64>() / n,
+        points.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let cov: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let var: f64 = points.iter().map(|(x, _)| (x - mx).powi(2)).sum();
+    let b = cov / var;
+    (my - b * mx, b)
 }
 
 /// Least-squares slope of `ln y` against `ln x`.
@@ -579,27 +633,36 @@ fn cost_vs_n(
     let sizes: Vec<usize> = std::iter::successors(Some(64usize), |n| Some(n * 2))
         .take_while(|n| *n <= max_n)
         .collect();
-    let mut progress = shared::train::Progress::new(sizes.len() as u64, "cost vs n");
+    let shapes: Vec<(usize, usize)> = sizes.iter().map(|&n| (n, d)).collect();
+    let timings = time_attention(dev, dtype, &shapes, reps, "cost vs n")?;
     let mut rows = Vec::new();
     let mut table = Vec::new();
     let mut points = Vec::new();
-    for (i, &n) in sizes.iter().enumerate() {
-        let (ms, bytes) = time_attention(dev, dtype, n, d, reps)?;
+    for (&n, t) in sizes.iter().zip(&timings) {
+        let (ms, bytes) = (t.median_ms, t.score_bytes);
         let gflops = attention_flops(n, n, d, d) / (ms * 1e-3) / 1e9;
-        progress.update(i as u64 + 1, format!("n = {n}: {ms:.2} ms"));
         rows.push(vec![
             n.to_string(),
             format!("{ms:.3}"),
+            format!("{:.3}", t.min_ms),
             format!("{bytes}"),
             format!("{:.1}", bytes as f64 / (1 << 20) as f64),
             format!("{gflops:.1}"),
         ]);
-        table.push(json!({"n": n, "ms": ms, "score_bytes": bytes, "gflops": gflops}));
+        table.push(
+            json!({"n": n, "ms": ms, "min_ms": t.min_ms, "score_bytes": bytes, "gflops": gflops}),
+        );
         points.push((n as f64, ms, bytes as f64));
     }
-    progress.finish();
     print_table(
-        &["n", "ms (median)", "score bytes", "MiB", "GFLOP/s"],
+        &[
+            "n",
+            "ms (median)",
+            "ms (min)",
+            "score bytes",
+            "MiB",
+            "GFLOP/s",
+        ],
         &rows,
     );
     // Fit on the larger sizes (the top half, at least 3), where fixed overheads no longer dominate.
@@ -664,22 +727,33 @@ fn cost_vs_d(
     report: &mut RunReport,
 ) -> Result<f64> {
     let widths = [16usize, 32, 64, 128, 256];
+    let shapes: Vec<(usize, usize)> = widths.iter().map(|&d| (n, d)).collect();
+    let timings = time_attention(dev, dtype, &shapes, reps, "cost vs d")?;
     let mut rows = Vec::new();
     let mut table = Vec::new();
     let mut points = Vec::new();
-    for &d in &widths {
-        let (ms, _) = time_attention(dev, dtype, n, d, reps)?;
+    for (&d, t) in widths.iter().zip(&timings) {
+        let ms = t.median_ms;
         rows.push(vec![
             d.to_string(),
             format!("{ms:.3}"),
+            format!("{:.3}", t.min_ms),
             format!("{:.1}", attention_flops(n, n, d, d) / (ms * 1e-3) / 1e9),
         ]);
-        table.push(json!({"d": d, "ms": ms}));
+        table.push(json!({"d": d, "ms": ms, "min_ms": t.min_ms}));
         points.push((d as f64, ms));
     }
-    print_table(&["d", "ms (median)", "GFLOP/s"], &rows);
+    print_table(&["d", "ms (median)", "ms (min)", "GFLOP/s"], &rows);
     let d_exp = loglog_slope(&points[2..]);
-    println!("   fitted on d ≥ 64: time ∝ d^{d_exp:.2} (the n² softmax passes are a d-independent floor)");
+    // time ≈ a + b·d: `a` is the d-independent part (the n² scale/max/exp/sum/divide passes),
+    // `b·d` the two matmuls.
+    let (a, b) = linear_fit(&points);
+    let floor_share_64 = a / (a + b * 64.0);
+    println!(
+        "   fitted on d ≥ 64: time ∝ d^{d_exp:.2}; linear fit time ≈ {a:.2} ms + {b:.4} ms·d: \
+         at d = 64 the d-independent n² passes are {:.0}% of the time",
+        100.0 * floor_share_64
+    );
     let (d_last, ms_last) = *points.last().expect("widths");
     line_chart(
         &out_dir.join("t0801_cost_width.png"),
@@ -697,6 +771,10 @@ fn cost_vs_d(
                     .map(|p| (p.0, ms_last * p.0 / d_last))
                     .collect(),
             ),
+            Series::new(
+                format!("fit {a:.2} ms + {b:.4} ms·d"),
+                points.iter().map(|p| (p.0, a + b * p.0)).collect(),
+            ),
         ],
         Axes {
             log_x: true,
@@ -705,7 +783,8 @@ fn cost_vs_d(
     )?;
     report.metric(
         "cost_vs_d",
-        json!({"n": n, "table": table, "d_exponent_from_64": d_exp}),
+        json!({"n": n, "table": table, "d_exponent_from_64": d_exp, "linear_fit_intercept_ms": a,
+            "linear_fit_ms_per_d": b, "d_independent_share_at_d64": floor_share_64}),
     );
     Ok(d_exp)
 }

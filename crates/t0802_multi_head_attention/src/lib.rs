@@ -177,6 +177,9 @@ impl MultiHeadAttention {
     ) -> Result<MhaOutput> {
         expect_last_dim(x_q, self.cfg.d_model, "attention query input")?;
         expect_last_dim(x_kv, self.cfg.d_model, "attention key/value input")?;
+        if let Some(g) = head_gate {
+            shared::params::expect_shape(g, &[self.cfg.n_heads], "head_gate")?;
+        }
         let q = self.split_heads(&self.project(x_q, &self.w_q, 0)?)?; // (batch, heads, n_q, d_head)
         let k = self.split_heads(&self.project(x_kv, &self.w_k, 1)?)?; // (batch, heads, n_k, d_head)
         let v = self.split_heads(&self.project(x_kv, &self.w_v, 2)?)?; // (batch, heads, n_k, d_head)

@@ -320,6 +320,16 @@ fn head_gate_of_ones_is_no_gate_and_a_zero_gate_removes_the_head() -> Result<()>
         max_abs_diff(&pruned, &plain)? > 1e-3,
         "pruning a head changed nothing"
     );
+    // A gate of the wrong length is named.
+    let short = Tensor::ones(2, DType::F32, &dev)?;
+    let err = mha
+        .forward_cross(&x, &x, None, Some(&short))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("head_gate has shape [2], expected [3]"),
+        "{err}"
+    );
     Ok(())
 }
 
