@@ -36,6 +36,17 @@
 //!
 //! Three matrices instead of two, so `d_ff ≈ 8/3·d_model` keeps the parameter count of a
 //! `4·d_model` GELU MLP (`3·(8/3)d² = 8d²`); [`swiglu_d_ff`] rounds it up to a multiple of 64.
+//!
+//! ## Fused RMSNorm ([`fused`])
+//! The composed RMSNorm is half a dozen element-wise passes over memory; [`rms_norm_fused`] is
+//! one custom op (forward and backward), a CUDA kernel on the GPU (`kernels/rmsnorm.cu`, `cuda`
+//! feature) and a plain loop on the CPU. [`RmsNorm::with_fused`] / `ModernLmConfig::fused_norm`
+//! switch a model to it; the math, the parameters and the checkpoints are the same.
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod fused;
+pub use fused::{rms_norm_fused, rms_norm_fused_backward, FusedRmsNorm, FusedRmsNormBackward};
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
@@ -57,6 +68,8 @@ use t0808_rope::{RopeScaling, RopeTables};
 pub struct RmsNorm {
     pub gain: Tensor,
     pub eps: f64,
+    /// Run as the fused op ([`rms_norm_fused`]) instead of composed tensor ops. Same result.
+    pub fused: bool,
 }
 
 impl RmsNorm {
@@ -64,6 +77,7 @@ impl RmsNorm {
         Ok(Self {
             gain: ones(&vb, d_model, "weight")?,
             eps,
+            fused: false,
         })
     }
 
@@ -71,7 +85,17 @@ impl RmsNorm {
         if gain.rank() != 1 {
             bail!("RmsNorm: the gain must be 1-D, got {:?}", gain.dims());
         }
-        Ok(Self { gain, eps })
+        Ok(Self {
+            gain,
+            eps,
+            fused: false,
+        })
+    }
+
+    /// The same norm, computed by the fused op (`true`) or by composed tensor ops (`false`).
+    pub fn with_fused(mut self, fused: bool) -> Self {
+        self.fused = fused;
+        self
     }
 }
 
@@ -79,6 +103,9 @@ impl Layer for RmsNorm {
     /// `x (…, d)` → same shape; computed in f32 (f64 stays f64) and cast back.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         expect_last_dim(x, self.gain.dims()[0], "RmsNorm input")?;
+        if self.fused {
+            return rms_norm_fused(x, &self.gain, self.eps);
+        }
         let dtype = x.dtype();
         let work = if dtype == DType::F64 {
             DType::F64
@@ -169,6 +196,10 @@ pub struct ModernLmConfig {
     pub recipe: Recipe,
     #[serde(default = "default_scaling")]
     pub rope_scaling: RopeScaling,
+    /// LLaMA recipe: RMSNorm through the fused op (CUDA kernel on the GPU). Same parameters
+    /// and results as the composed norm; an implementation choice, not a different model.
+    #[serde(default)]
+    pub fused_norm: bool,
 }
 
 impl ModernLmConfig {
@@ -193,6 +224,7 @@ impl ModernLmConfig {
             norm_eps: 1e-5,
             recipe: Recipe::Llama,
             rope_scaling: RopeScaling::None,
+            fused_norm: false,
         }
     }
 
@@ -250,7 +282,9 @@ pub fn build_modern_lm(vb: VarBuilder, cfg: &ModernLmConfig) -> Result<DecoderOn
     };
     let norm = |vb: VarBuilder| -> Result<Box<dyn Layer>> {
         Ok(match cfg.recipe {
-            Recipe::Llama => Box::new(RmsNorm::new(vb, d, cfg.norm_eps)?),
+            Recipe::Llama => {
+                Box::new(RmsNorm::new(vb, d, cfg.norm_eps)?.with_fused(cfg.fused_norm))
+            }
             Recipe::Gpt2 => Box::new(LayerNorm::new(vb, d, cfg.norm_eps)?),
         })
     };

@@ -1,9 +1,11 @@
 //! Experiment 8-06: the original post-norm block vs the GPT-2 recipe vs the LLaMA recipe on
-//! WikiText-2 BPE tokens, same data and budget; stability at a high learning rate; RMSNorm vs
-//! LayerNorm micro-benchmark. `bench`: training tokens/s of the LLaMA recipe (CS336 shape).
+//! WikiText-2 BPE tokens, same data and budget; stability at a high learning rate; RMSNorm
+//! (composed and fused) vs LayerNorm micro-benchmark. `bench`: training tokens/s of the LLaMA
+//! recipe (CS336 shape). `norm-bench`: the norm micro-benchmark alone.
 //!
-//! `cargo run -p t0806_modern_blocks --release -- [--quick] [--device cpu|cuda]`
-//! `cargo run -p t0806_modern_blocks --release -- bench --device cuda --dtype bf16 --batch 32`
+//! `cargo run -p t0806_modern_blocks --release -- [--quick] [--device cpu|cuda] [--norm composed|fused]`
+//! `cargo run -p t0806_modern_blocks --release -- --device cuda --dtype bf16 --norm fused bench --batch 32`
+//! `cargo run -p t0806_modern_blocks --release -- --device cuda --dtype bf16 norm-bench --rows 50000 --widths 1024,2048,4096`
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
@@ -55,10 +57,24 @@ struct Args {
     /// The "high" learning rate of the stability runs.
     #[arg(long, default_value_t = 3e-2)]
     high_lr: f64,
+    /// RMSNorm of the LLaMA recipe: composed tensor ops, or the fused op (CUDA kernel on the GPU).
+    #[arg(long, default_value = "composed", value_parser = ["composed", "fused"])]
+    norm: String,
 }
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Only the norm micro-benchmark: RMSNorm composed vs fused vs LayerNorm.
+    NormBench {
+        /// Rows (default: 50 000 on the GPU, 4096 on the CPU).
+        #[arg(long)]
+        rows: Option<usize>,
+        /// Widths, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096")]
+        widths: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+    },
     /// Training tokens/s (forward + backward + AdamW) of the LLaMA recipe.
     Bench {
         #[arg(long, default_value_t = 10_000)]
@@ -90,6 +106,26 @@ fn main() -> Result<()> {
     let args = Args::parse();
     match &args.cmd {
         Some(Cmd::Bench { .. }) => bench(&args),
+        Some(Cmd::NormBench { rows, widths, reps }) => {
+            let ctx = args.common.setup(
+                TOPIC,
+                "norm micro-benchmark: RMSNorm composed vs fused vs LayerNorm",
+            )?;
+            let dev = ctx.picked.device.clone();
+            let rows = rows.unwrap_or(if dev.is_cuda() { 50_000 } else { 4096 });
+            let mut report = RunReport::start(
+                TOPIC,
+                serde_json::json!({"norm_bench": {"rows": rows, "widths": widths, "reps": reps}}),
+                &ctx.picked.description,
+                args.common.dtype.name(),
+            );
+            let dir = ctx.out_dir.join("norm_bench");
+            std::fs::create_dir_all(&dir)?;
+            norm_bench(&dev, ctx.dtype, rows, widths, *reps, &mut report, &dir)?;
+            report.write(&dir)?;
+            println!("   wrote {}", dir.join("results.json").display());
+            Ok(())
+        }
         None => experiment(&args),
     }
 }
@@ -231,11 +267,11 @@ fn build(
             dtype,
             dev,
         )?),
-        _ => Ok(init_modern_lm(
-            &ModernLmConfig::llama(vocab, a.ctx, d, a.layers, a.heads, a.heads),
-            dtype,
-            dev,
-        )?),
+        _ => {
+            let mut cfg = ModernLmConfig::llama(vocab, a.ctx, d, a.layers, a.heads, a.heads);
+            cfg.fused_norm = a.norm == "fused";
+            Ok(init_modern_lm(&cfg, dtype, dev)?)
+        }
     }
 }
 
@@ -248,7 +284,7 @@ fn experiment(a: &Args) -> Result<()> {
     let (dev, dtype) = (ctx.picked.device.clone(), ctx.dtype);
     let vocab = a.vocab.unwrap_or(if quick { 512 } else { 4096 });
     let steps = a.steps.unwrap_or(if quick { 30 } else { 150 });
-    let config = serde_json::json!({"vocab": vocab, "d_model": a.d_model, "layers": a.layers, "heads": a.heads, "ctx": a.ctx, "batch": a.batch, "steps": steps, "lr": a.lr, "high_lr": a.high_lr, "quick": quick});
+    let config = serde_json::json!({"vocab": vocab, "d_model": a.d_model, "layers": a.layers, "heads": a.heads, "ctx": a.ctx, "batch": a.batch, "steps": steps, "lr": a.lr, "high_lr": a.high_lr, "norm": a.norm, "quick": quick});
     let mut report = RunReport::start(
         TOPIC,
         config,
@@ -370,7 +406,7 @@ fn experiment(a: &Args) -> Result<()> {
         &rows,
     );
 
-    // 3. RMSNorm vs LayerNorm.
+    // 3. RMSNorm vs LayerNorm, composed vs fused.
     let rows_n = if dev.is_cuda() {
         50_000
     } else if quick {
@@ -383,45 +419,14 @@ fn experiment(a: &Args) -> Result<()> {
     } else {
         &[1024, 2048, 4096]
     };
-    let mut bench_rows = vec![];
-    let (mut labels, mut fwd_ratio) = (vec![], vec![]);
-    for &w in widths {
-        let x = Tensor::randn(0f32, 1.0, (rows_n, w), &dev)?.to_dtype(dtype)?;
-        let g = Tensor::ones(w, dtype, &dev)?;
-        let rms = RmsNorm::from_weights(g.clone(), 1e-5)?;
-        let ln = LayerNorm::from_weights(g.clone(), g.zeros_like()?, 1e-5)?;
-        let reps = if quick { 3 } else { 5 };
-        let (rf, rb) = (time_fwd(&rms, &x, reps)?, time_fwd_bwd(&rms, &x, reps)?);
-        let (lf, lb) = (time_fwd(&ln, &x, reps)?, time_fwd_bwd(&ln, &x, reps)?);
-        bench_rows.push(vec![
-            format!("{rows_n} × {w}"),
-            format!("{:.2}", rf * 1e3),
-            format!("{:.2}", lf * 1e3),
-            format!("{:.2}", rb * 1e3),
-            format!("{:.2}", lb * 1e3),
-        ]);
-        report.metric(&format!("norm_bench.{rows_n}x{w}"), serde_json::json!({"rms_fwd_ms": rf * 1e3, "ln_fwd_ms": lf * 1e3, "rms_fwd_bwd_ms": rb * 1e3, "ln_fwd_bwd_ms": lb * 1e3}));
-        labels.push(format!("{w} fwd"));
-        fwd_ratio.push(lf / rf);
-        labels.push(format!("{w} fwd+bwd"));
-        fwd_ratio.push(lb / rb);
-    }
-    print_table(
-        &[
-            "rows × width",
-            "RMSNorm fwd ms",
-            "LayerNorm fwd ms",
-            "RMSNorm fwd+bwd ms",
-            "LayerNorm fwd+bwd ms",
-        ],
-        &bench_rows,
-    );
-    bar_chart(
-        &ctx.out_dir.join("norm_speedup.png"),
-        &format!("LayerNorm time / RMSNorm time ({rows_n} rows)"),
-        "speed-up of RMSNorm (×)",
-        &labels,
-        &fwd_ratio,
+    norm_bench(
+        &dev,
+        dtype,
+        rows_n,
+        widths,
+        if quick { 3 } else { 5 },
+        &mut report,
+        &ctx.out_dir,
     )?;
     let path = report.write(&ctx.out_dir)?;
     println!("   wrote {}", path.display());
@@ -446,27 +451,111 @@ fn sync(t: &Tensor) -> Result<()> {
     Ok(())
 }
 
-fn time_fwd(norm: &dyn Layer, x: &Tensor, reps: usize) -> Result<f64> {
-    sync(&norm.forward(x)?)?;
-    let t = Instant::now();
+/// Median wall time of `reps` calls of `f` (each ends in a device synchronisation), after one
+/// warm-up call.
+fn median_time(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
-        sync(&norm.forward(x)?)?;
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
     }
-    Ok(t.elapsed().as_secs_f64() / reps as f64)
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
-fn time_fwd_bwd(norm: &dyn Layer, x: &Tensor, reps: usize) -> Result<f64> {
-    let v = Var::from_tensor(x)?;
-    let once = || -> Result<()> {
-        let grads = norm.forward(v.as_tensor())?.sum_all()?.backward()?;
-        sync(grads.get(v.as_tensor()).expect("x has a gradient"))
-    };
-    once()?;
-    let t = Instant::now();
-    for _ in 0..reps {
-        once()?;
+fn time_fwd(norm: &dyn Layer, x: &Tensor, reps: usize) -> Result<f64> {
+    median_time(reps, || sync(&norm.forward(x)?))
+}
+
+/// Forward + backward of `Σ norm(x)`, gradients for `x` and for the norm's parameters.
+fn time_fwd_bwd(norm: &dyn Layer, x: &Var, reps: usize) -> Result<f64> {
+    median_time(reps, || {
+        let grads = norm.forward(x.as_tensor())?.sum_all()?.backward()?;
+        sync(grads.get(x.as_tensor()).expect("x has a gradient"))
+    })
+}
+
+/// The norm micro-benchmark: `rows × width` activations in `dtype`; RMSNorm composed and fused,
+/// LayerNorm (composed); forward, and forward + backward (dx, dg, and LayerNorm's db).
+/// Writes `norm_bench.*` metrics, `norm_speedup.png` and `fused_speedup.png`.
+fn norm_bench(
+    dev: &Device,
+    dtype: DType,
+    rows: usize,
+    widths: &[usize],
+    reps: usize,
+    report: &mut RunReport,
+    out_dir: &std::path::Path,
+) -> Result<()> {
+    println!("   norm micro-benchmark: {rows} rows × {widths:?}, {dtype:?}, median of {reps}");
+    let mut table = vec![];
+    let (mut labels, mut ln_vs_rms, mut composed_vs_fused) = (vec![], vec![], vec![]);
+    let bytes = dtype.size_in_bytes();
+    for &w in widths {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, w), dev)?.to_dtype(dtype)?)?;
+        let g = Var::from_tensor(&Tensor::ones(w, dtype, dev)?)?;
+        let b = Var::from_tensor(&Tensor::zeros(w, dtype, dev)?)?;
+        let rms = RmsNorm::from_weights(g.as_tensor().clone(), 1e-5)?;
+        let fused = rms.clone().with_fused(true);
+        let ln = LayerNorm::from_weights(g.as_tensor().clone(), b.as_tensor().clone(), 1e-5)?;
+        let (rf, rb) = (time_fwd(&rms, &x, reps)?, time_fwd_bwd(&rms, &x, reps)?);
+        let (ff, fb) = (time_fwd(&fused, &x, reps)?, time_fwd_bwd(&fused, &x, reps)?);
+        let (lf, lb) = (time_fwd(&ln, &x, reps)?, time_fwd_bwd(&ln, &x, reps)?);
+        // The fused forward's minimum traffic: read x, write y.
+        let fused_gbs = 2.0 * (rows * w * bytes) as f64 / ff / 1e9;
+        let ms = |t: f64| format!("{:.3}", t * 1e3);
+        table.push(vec![
+            format!("{rows} × {w}"),
+            ms(rf),
+            ms(ff),
+            ms(lf),
+            ms(rb),
+            ms(fb),
+            ms(lb),
+            format!("{fused_gbs:.1}"),
+        ]);
+        report.metric(
+            &format!("norm_bench.{rows}x{w}"),
+            serde_json::json!({"rms_fwd_ms": rf * 1e3, "fused_rms_fwd_ms": ff * 1e3, "ln_fwd_ms": lf * 1e3,
+                "rms_fwd_bwd_ms": rb * 1e3, "fused_rms_fwd_bwd_ms": fb * 1e3, "ln_fwd_bwd_ms": lb * 1e3,
+                "fused_fwd_gb_per_s": fused_gbs, "dtype": format!("{dtype:?}")}),
+        );
+        for (what, l, r, c, f) in [("fwd", lf, rf, rf, ff), ("fwd+bwd", lb, rb, rb, fb)] {
+            labels.push(format!("{w} {what}"));
+            ln_vs_rms.push(l / r);
+            composed_vs_fused.push(c / f);
+        }
     }
-    Ok(t.elapsed().as_secs_f64() / reps as f64)
+    print_table(
+        &[
+            "rows × width",
+            "RMSNorm fwd ms",
+            "fused fwd ms",
+            "LayerNorm fwd ms",
+            "RMSNorm fwd+bwd ms",
+            "fused fwd+bwd ms",
+            "LayerNorm fwd+bwd ms",
+            "fused fwd GB/s",
+        ],
+        &table,
+    );
+    bar_chart(
+        &out_dir.join("norm_speedup.png"),
+        &format!("LayerNorm time / RMSNorm time (composed, {rows} rows)"),
+        "speed-up of RMSNorm (×)",
+        &labels,
+        &ln_vs_rms,
+    )?;
+    bar_chart(
+        &out_dir.join("fused_speedup.png"),
+        &format!("Composed RMSNorm time / fused RMSNorm time ({rows} rows)"),
+        "speed-up of the fused op (×)",
+        &labels,
+        &composed_vs_fused,
+    )?;
+    Ok(())
 }
 
 fn bench(a: &Args) -> Result<()> {
@@ -493,6 +582,7 @@ fn bench(a: &Args) -> Result<()> {
     let mut cfg = ModernLmConfig::llama(vocab, seq, d_model, layers, heads, kv_heads);
     cfg.d_ff = d_ff;
     cfg.rope_theta = theta;
+    cfg.fused_norm = a.norm == "fused";
     let (varmap, lm) = init_modern_lm(&cfg, dtype, &dev)?;
     let sched = ScheduleConfig {
         max_lr: 1e-3,

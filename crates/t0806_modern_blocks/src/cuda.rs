@@ -1,0 +1,257 @@
+//! Launching `kernels/rmsnorm.cu` (compiled to PTX by `build.rs`) from the fused RMSNorm ops'
+//! `cuda_fwd`. Only built with the `cuda` feature.
+//!
+//! - Forward: `rmsnorm_fwd_{f32,bf16,f16}_v{1,V}`, 8 warps (rows) per block of 256 threads,
+//!   one grid-stride sweep. The `_v4` (f32) / `_v8` (bf16, f16) variants move 16 bytes per lane
+//!   and load; they need `d % V == 0` and 16-byte aligned row starts (`offset % V == 0`).
+//! - Backward: `rmsnorm_bwd_*` writes `dx` into the packed `[dx | dg]` output and one row of
+//!   per-block partial `dg` sums (f32, `d` floats of shared memory per block), then
+//!   `rmsnorm_dg_reduce_*` sums the partial rows into the `dg` tail. The backward grid is one
+//!   wave: `#SMs × resident blocks per SM` (from the occupancy calculator), at most one block per
+//!   8 rows.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    CUdevice_attribute, CUfunction_attribute_enum,
+};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
+use half::{bf16, f16};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rmsnorm.ptx"));
+const MODULE: &str = "t0806_rmsnorm";
+const THREADS: u32 = 256;
+const WARPS: usize = THREADS as usize / 32;
+
+/// Loads a kernel of our module, allowing it `smem` bytes of dynamic shared memory.
+fn kernel(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction> {
+    let func = dev
+        .get_or_load_custom_func(name, MODULE, PTX)?
+        .into_cuda_function();
+    if smem > 48 * 1024 {
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
+    }
+    Ok(func)
+}
+
+/// The contiguous part of a storage described by `layout`, and its start offset (elements).
+fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<(CudaView<'a, T>, usize)> {
+    let slice = s.as_cuda_slice::<T>()?;
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok((slice.slice(a..b), a)),
+        None => bail!("fused RMSNorm (cuda): {what} must be contiguous"),
+    }
+}
+
+/// `(suffix, V)`: the kernel name suffix and the elements per 16-byte vector of a dtype.
+fn suffix(dtype: DType) -> Result<(&'static str, usize)> {
+    Ok(match dtype {
+        DType::F32 => ("f32", 4),
+        DType::BF16 => ("bf16", 8),
+        DType::F16 => ("f16", 8),
+        dt => bail!("fused RMSNorm (cuda): dtype {dt:?} not supported (f32, bf16, f16)"),
+    })
+}
+
+/// The vector width to use: `V` when `d` and every start offset allow 16-byte accesses, else 1.
+fn vector_width(v: usize, d: usize, offsets: &[usize]) -> usize {
+    if d % v == 0 && offsets.iter().all(|o| o % v == 0) {
+        v
+    } else {
+        1
+    }
+}
+
+fn check_sizes(rows: usize, d: usize) -> Result<()> {
+    if rows > i32::MAX as usize || d > i32::MAX as usize {
+        bail!("fused RMSNorm (cuda): {rows} rows × {d} columns exceed the kernel's 32-bit indices");
+    }
+    Ok(())
+}
+
+/// Forward: `y (rows, d)` in the input dtype.
+pub fn forward(
+    sx: &CudaStorage,
+    lx: &Layout,
+    sg: &CudaStorage,
+    lg: &Layout,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    check_sizes(rows, d)?;
+    if sx.dtype() != sg.dtype() {
+        bail!(
+            "fused RMSNorm (cuda): x is {:?}, the gain {:?}",
+            sx.dtype(),
+            sg.dtype()
+        );
+    }
+    match sx.dtype() {
+        DType::F32 => fwd::<f32>(sx, lx, sg, lg, rows, d, eps),
+        DType::BF16 => fwd::<bf16>(sx, lx, sg, lg, rows, d, eps),
+        DType::F16 => fwd::<f16>(sx, lx, sg, lg, rows, d, eps),
+        dt => bail!("fused RMSNorm (cuda): dtype {dt:?} not supported (f32, bf16, f16)"),
+    }
+}
+
+fn fwd<T: CudaDType + DeviceRepr>(
+    sx: &CudaStorage,
+    lx: &Layout,
+    sg: &CudaStorage,
+    lg: &Layout,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dev = sx.device().clone();
+    let (x, ox) = view::<T>(sx, lx, "x")?;
+    let (g, og) = view::<T>(sg, lg, "gain")?;
+    let (name, v) = suffix(sx.dtype())?;
+    let v = vector_width(v, d, &[ox, og]);
+    // SAFETY: every element of y is written (every row, every column).
+    let mut y = unsafe { dev.alloc::<T>(rows * d)? };
+    if rows == 0 {
+        return Ok(CudaStorage::wrap_cuda_slice(y, dev));
+    }
+    let func = kernel(&dev, &format!("rmsnorm_fwd_{name}_v{v}"), 0)?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (rows_i, d_i) = (rows as i32, d as i32);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&x)
+        .arg(&g)
+        .arg(&mut y)
+        .arg(&rows_i)
+        .arg(&d_i)
+        .arg(&eps);
+    // SAFETY: the arguments match the kernel's signature; y holds rows·d elements.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev))
+}
+
+/// Backward: the packed `[dx (rows·d) | dg (d)]` in the input dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    sx: &CudaStorage,
+    lx: &Layout,
+    sg: &CudaStorage,
+    lg: &Layout,
+    sdy: &CudaStorage,
+    ldy: &Layout,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    check_sizes(rows, d)?;
+    if sx.dtype() != sg.dtype() || sx.dtype() != sdy.dtype() {
+        bail!(
+            "fused RMSNorm backward (cuda): x {:?}, gain {:?}, dy {:?} must share a dtype",
+            sx.dtype(),
+            sg.dtype(),
+            sdy.dtype()
+        );
+    }
+    match sx.dtype() {
+        DType::F32 => bwd::<f32>(sx, lx, sg, lg, sdy, ldy, rows, d, eps),
+        DType::BF16 => bwd::<bf16>(sx, lx, sg, lg, sdy, ldy, rows, d, eps),
+        DType::F16 => bwd::<f16>(sx, lx, sg, lg, sdy, ldy, rows, d, eps),
+        dt => bail!("fused RMSNorm backward (cuda): dtype {dt:?} not supported (f32, bf16, f16)"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bwd<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+    sx: &CudaStorage,
+    lx: &Layout,
+    sg: &CudaStorage,
+    lg: &Layout,
+    sdy: &CudaStorage,
+    ldy: &Layout,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dev = sx.device().clone();
+    let (x, ox) = view::<T>(sx, lx, "x")?;
+    let (g, og) = view::<T>(sg, lg, "gain")?;
+    let (dy, ody) = view::<T>(sdy, ldy, "dy")?;
+    let (name, v) = suffix(sx.dtype())?;
+    let v = vector_width(v, d, &[ox, og, ody]);
+    let stream = dev.cuda_stream();
+    if rows == 0 {
+        // No rows: dx is empty and dg = 0.
+        return Ok(CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<T>(d)?, dev));
+    }
+
+    // 1. dx and per-block partial dg.
+    let smem = d * std::mem::size_of::<f32>();
+    let func = kernel(&dev, &format!("rmsnorm_bwd_{name}_v{v}"), smem)?;
+    let per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)
+        .w()?;
+    if per_sm == 0 {
+        bail!("fused RMSNorm backward (cuda): width {d} needs {smem} bytes of shared memory per block, more than the GPU offers");
+    }
+    let sms = stream
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()? as usize;
+    let blocks = rows.div_ceil(WARPS).min(sms * per_sm as usize).max(1);
+    // SAFETY: dx (every row) and dg (step 2) cover the whole packed buffer; every block writes
+    // its whole row of partial sums.
+    let mut packed = unsafe { dev.alloc::<T>(rows * d + d)? };
+    let mut partial = unsafe { dev.alloc::<f32>(blocks * d)? };
+    {
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (rows_i, d_i) = (rows as i32, d as i32);
+        let mut dx = packed.slice_mut(..rows * d);
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x)
+            .arg(&g)
+            .arg(&dy)
+            .arg(&mut dx)
+            .arg(&mut partial)
+            .arg(&rows_i)
+            .arg(&d_i)
+            .arg(&eps);
+        // SAFETY: the arguments match the kernel's signature; buffers are sized above.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+
+    // 2. dg = column sums of the partial rows.
+    {
+        let func = kernel(&dev, &format!("rmsnorm_dg_reduce_{name}"), 0)?;
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(32) as u32, 1, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        let (parts_i, d_i) = (blocks as i32, d as i32);
+        let mut dg = packed.slice_mut(rows * d..);
+        let mut b = stream.launch_builder(&func);
+        b.arg(&partial).arg(&mut dg).arg(&parts_i).arg(&d_i);
+        // SAFETY: partial holds blocks·d floats, dg d elements.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(packed, dev))
+}

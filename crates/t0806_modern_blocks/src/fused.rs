@@ -1,0 +1,321 @@
+//! # Fused RMSNorm: one op instead of six
+//!
+//! The composed [`crate::RmsNorm`] is six tensor ops (`to_dtype`, `sqr`, `mean`, `+ε`, `sqrt`,
+//! `div`, `mul`, `to_dtype`): each reads and writes the whole `(rows, d)` activation, and the
+//! backward of each writes another one. RMSNorm is memory-bound (a handful of flops per element),
+//! so its time is the number of full passes over memory. Fused, the forward reads `x` (twice,
+//! the second time from cache) and writes `y` once:
+//!
+//! ```text
+//! forward   y  = x · r ⊙ g,                 r = 1/√(mean(x²) + ε)        per row
+//! backward  dx = r·(dy ⊙ g) − x · r³ · mean(dy ⊙ g ⊙ x)
+//!           dg = Σ_rows dy ⊙ x · r
+//! ```
+//!
+//! (derivation: `∂r/∂xᵢ = −r³·xᵢ/d`, so `dxᵢ = r·dyᵢ·gᵢ + Σⱼ dyⱼ·gⱼ·xⱼ·∂r/∂xᵢ`). The backward
+//! recomputes `r` from `x` — it reads the row anyway for `mean(dy ⊙ g ⊙ x)` — so the forward
+//! saves nothing for it.
+//!
+//! Two Candle custom ops carry it:
+//! - [`FusedRmsNorm`], a `CustomOp2` on `(x, g) → y` whose `bwd` calls
+//! - [`FusedRmsNormBackward`], a `CustomOp3` on `(x, g, dy)` returning one flat tensor
+//!   `[dx | dg]` (a custom op has one output; the two gradients are views into it).
+//!
+//! On the CPU both are plain Rust loops over rows (fp32 accumulation; f64 stays f64); on CUDA
+//! they launch `kernels/rmsnorm.cu` (one warp per row, see [`crate::cuda`], `cuda` feature only).
+//! Same contract as the composed version: every sum in fp32, the result rounded once to the
+//! input's dtype.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+use half::{bf16, f16};
+
+/// `RMSNorm(x)·g` as one op. `x (…, d)`, `g (d,)`; returns `(…, d)` in `x`'s dtype.
+/// Differentiable in `x` and `g` (through [`FusedRmsNormBackward`]).
+pub fn rms_norm_fused(x: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    check_args(x, g, eps, "rms_norm_fused")?;
+    x.contiguous()?
+        .apply_op2(&g.to_dtype(x.dtype())?.contiguous()?, FusedRmsNorm { eps })
+}
+
+/// The gradients `(dx (…, d), dg (d,))` of `Σ dy ⊙ RMSNorm(x)·g`, in `x`'s dtype.
+pub fn rms_norm_fused_backward(
+    x: &Tensor,
+    g: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    check_args(x, g, eps, "rms_norm_fused_backward")?;
+    if dy.dims() != x.dims() || dy.dtype() != x.dtype() {
+        bail!(
+            "rms_norm_fused_backward: dy {:?} {:?} must match x {:?} {:?}",
+            dy.dims(),
+            dy.dtype(),
+            x.dims(),
+            x.dtype()
+        );
+    }
+    let (d, n) = (g.dim(0)?, x.elem_count());
+    let packed = x.contiguous()?.apply_op3_no_bwd(
+        &g.to_dtype(x.dtype())?.contiguous()?,
+        &dy.contiguous()?,
+        &FusedRmsNormBackward { eps },
+    )?; // [dx | dg]
+    let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dg = packed.narrow(0, n, d)?.to_dtype(g.dtype())?;
+    Ok((dx, dg))
+}
+
+fn check_args(x: &Tensor, g: &Tensor, eps: f64, what: &str) -> Result<()> {
+    if g.rank() != 1 {
+        bail!("{what}: the gain must be 1-D, got {:?}", g.dims());
+    }
+    let d = g.dim(0)?;
+    if x.rank() == 0 || x.dim(x.rank() - 1)? != d || d == 0 {
+        bail!(
+            "{what}: x {:?} must end in the gain's width {d} (> 0)",
+            x.dims()
+        );
+    }
+    if !(eps >= 0.0 && eps.is_finite()) {
+        bail!("{what}: eps must be finite and ≥ 0, got {eps}");
+    }
+    if x.device().location() != g.device().location() {
+        bail!(
+            "{what}: x is on {:?}, the gain on {:?}",
+            x.device().location(),
+            g.device().location()
+        );
+    }
+    Ok(())
+}
+
+/// RMSNorm forward as a Candle custom op on `(x (…, d), g (d,))`, both contiguous and of one
+/// dtype (use [`rms_norm_fused`], which sees to both).
+#[derive(Debug, Clone, Copy)]
+pub struct FusedRmsNorm {
+    pub eps: f64,
+}
+
+/// RMSNorm backward as a custom op on `(x (…, d), g (d,), dy (…, d))` → flat `[dx | dg]`
+/// (`rows·d + d` elements, in the inputs' dtype). No backward of its own.
+#[derive(Debug, Clone, Copy)]
+pub struct FusedRmsNormBackward {
+    pub eps: f64,
+}
+
+/// `(rows, d)` of `x (…, d)` and `g (d,)`, both contiguous.
+pub(crate) fn rows_and_width(lx: &Layout, lg: &Layout) -> Result<(usize, usize)> {
+    let d = match lg.dims() {
+        [d] => *d,
+        dims => bail!("fused RMSNorm: the gain must be 1-D, got {dims:?}"),
+    };
+    if lx.dims().last() != Some(&d) || d == 0 {
+        bail!(
+            "fused RMSNorm: x {:?} must end in the gain's width {d}",
+            lx.dims()
+        );
+    }
+    for (name, l) in [("x", lx), ("gain", lg)] {
+        if !l.is_contiguous() {
+            bail!("fused RMSNorm: {name} must be contiguous (layout {l:?})");
+        }
+    }
+    Ok((lx.shape().elem_count() / d, d))
+}
+
+/// The contiguous elements of `layout` in `data`.
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("fused RMSNorm: non-contiguous input {:?}", layout.dims()),
+    }
+}
+
+/// The accumulator type of the CPU loops: f32 (for f32, bf16, f16) or f64.
+trait Acc: WithDType {
+    fn sqrt(self) -> Self;
+}
+impl Acc for f32 {
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+}
+impl Acc for f64 {
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+fn acc<T: WithDType, A: Acc>(v: T) -> A {
+    A::from_f64(v.to_f64())
+}
+
+/// `r = 1/√(Σx²/d + ε)` of one row, accumulated in `A`.
+fn inv_rms<T: WithDType, A: Acc>(row: &[T], eps: f64) -> A {
+    let ss = row.iter().fold(A::zero(), |s, &v| {
+        let f: A = acc(v);
+        s + f * f
+    });
+    A::one() / (ss / A::from_f64(row.len() as f64) + A::from_f64(eps)).sqrt()
+}
+
+/// Forward on the CPU, row by row: `y = x·r·g`.
+fn cpu_forward<T: WithDType, A: Acc>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
+    let mut y = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(d) {
+        let r: A = inv_rms(row, eps);
+        y.extend(
+            row.iter()
+                .zip(g)
+                .map(|(&v, &w)| T::from_f64((acc::<T, A>(v) * r * acc(w)).to_f64())),
+        );
+    }
+    y
+}
+
+/// Backward on the CPU: `[dx | dg]`.
+fn cpu_backward<T: WithDType, A: Acc>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
+    let mut out = Vec::with_capacity(x.len() + d);
+    let mut dg = vec![A::zero(); d];
+    for (row, drow) in x.chunks_exact(d).zip(dy.chunks_exact(d)) {
+        let r: A = inv_rms(row, eps);
+        let dot = row
+            .iter()
+            .zip(g)
+            .zip(drow)
+            .fold(A::zero(), |s, ((&v, &w), &e)| {
+                s + acc::<T, A>(e) * acc(w) * acc(v)
+            });
+        let c = r * r * r * dot / A::from_f64(d as f64); // r³·mean(dy ⊙ g ⊙ x)
+        for (j, ((&v, &w), &e)) in row.iter().zip(g).zip(drow).enumerate() {
+            let (xf, ef): (A, A) = (acc(v), acc(e));
+            out.push(T::from_f64((r * ef * acc(w) - c * xf).to_f64()));
+            dg[j] += ef * xf * r;
+        }
+    }
+    out.extend(dg.iter().map(|v| T::from_f64(v.to_f64())));
+    out
+}
+
+impl CustomOp2 for FusedRmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, d) = rows_and_width(l1, l2)?;
+        macro_rules! run {
+            ($t:ty, $a:ty) => {{
+                let x = contiguous(s1.as_slice::<$t>()?, l1)?;
+                let g = contiguous(s2.as_slice::<$t>()?, l2)?;
+                <$t>::to_cpu_storage_owned(cpu_forward::<$t, $a>(x, g, d, self.eps))
+            }};
+        }
+        let y = match (s1.dtype(), s2.dtype()) {
+            (DType::F32, DType::F32) => run!(f32, f32),
+            (DType::F64, DType::F64) => run!(f64, f64),
+            (DType::BF16, DType::BF16) => run!(bf16, f32),
+            (DType::F16, DType::F16) => run!(f16, f32),
+            (a, b) => {
+                bail!("fused RMSNorm: x {a:?} and gain {b:?} must be one of f32, f64, bf16, f16")
+            }
+        };
+        Ok((y, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = rows_and_width(l1, l2)?;
+        let y = crate::cuda::forward(s1, l1, s2, l2, rows, d, self.eps as f32)?;
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dg) = rms_norm_fused_backward(x, g, dy, self.eps)?;
+        Ok((Some(dx), Some(dg)))
+    }
+}
+
+impl CustomOp3 for FusedRmsNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, d) = rows_and_width(l1, l2)?;
+        if l3.dims() != l1.dims() {
+            bail!(
+                "fused RMSNorm backward: dy {:?} must match x {:?}",
+                l3.dims(),
+                l1.dims()
+            );
+        }
+        macro_rules! run {
+            ($t:ty, $a:ty) => {{
+                let x = contiguous(s1.as_slice::<$t>()?, l1)?;
+                let g = contiguous(s2.as_slice::<$t>()?, l2)?;
+                let dy = contiguous(s3.as_slice::<$t>()?, l3)?;
+                <$t>::to_cpu_storage_owned(cpu_backward::<$t, $a>(x, g, dy, d, self.eps))
+            }};
+        }
+        let packed = match s1.dtype() {
+            DType::F32 => run!(f32, f32),
+            DType::F64 => run!(f64, f64),
+            DType::BF16 => run!(bf16, f32),
+            DType::F16 => run!(f16, f32),
+            dt => bail!("fused RMSNorm backward: dtype {dt:?} not supported (f32, f64, bf16, f16)"),
+        };
+        Ok((packed, Shape::from(l1.shape().elem_count() + d)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = rows_and_width(l1, l2)?;
+        if l3.dims() != l1.dims() || !l3.is_contiguous() {
+            bail!(
+                "fused RMSNorm backward: dy {:?} must match x {:?} and be contiguous",
+                l3.dims(),
+                l1.dims()
+            );
+        }
+        let packed = crate::cuda::backward(s1, l1, s2, l2, s3, l3, rows, d, self.eps as f32)?;
+        Ok((packed, Shape::from(rows * d + d)))
+    }
+}

@@ -1,0 +1,222 @@
+//! The fused RMSNorm op on the CPU: values and gradients equal the composed RMSNorm (f32, f64,
+//! bf16), the backward equals central finite differences in f64, a model built with
+//! `fused_norm` computes the same logits and gradients, and bad inputs give clear errors.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use t0804_transformer_block::Layer;
+use t0806_modern_blocks::*;
+
+fn vec64(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// max |a − b| / max(|b|, 1)
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (vec64(a), vec64(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+        .fold(0.0, f64::max)
+}
+
+/// `y`, `dx`, `dg` of `loss = Σ c ⊙ norm(x, g)`, fused or composed.
+fn run(x: &Tensor, g: &Tensor, c: &Tensor, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
+    let (vx, vg) = (Var::from_tensor(x)?, Var::from_tensor(g)?);
+    let norm = RmsNorm::from_weights(vg.as_tensor().clone(), 1e-5)?.with_fused(fused);
+    let y = norm.forward(vx.as_tensor())?;
+    let grads = (y.to_dtype(DType::F64)? * c)?.sum_all()?.backward()?;
+    let dx = grads.get(vx.as_tensor()).expect("dx").clone();
+    let dg = grads.get(vg.as_tensor()).expect("dg").clone();
+    Ok((y, dx, dg))
+}
+
+#[test]
+fn fused_equals_composed_values_and_gradients_f32_f64() -> Result<()> {
+    let dev = Device::Cpu;
+    // widths: a multiple of 8, an odd one, a single column; x with a large offset (mean ≠ 0)
+    for (shape, d) in [((3usize, 7usize), 64usize), ((2, 5), 37), ((4, 1), 1)] {
+        let x64 = (Tensor::randn(0f64, 2.0, (shape.0, shape.1, d), &dev)? + 0.5)?;
+        let g64 = Tensor::randn(1f64, 0.5, d, &dev)?;
+        let c = Tensor::randn(0f64, 1.0, (shape.0, shape.1, d), &dev)?;
+        for dt in [DType::F32, DType::F64] {
+            let (x, g) = (x64.to_dtype(dt)?, g64.to_dtype(dt)?);
+            let (y_f, dx_f, dg_f) = run(&x, &g, &c, true)?;
+            let (y_c, dx_c, dg_c) = run(&x, &g, &c, false)?;
+            assert_eq!(y_f.dtype(), dt);
+            assert_eq!((dx_f.dims(), dg_f.dims()), (x.dims(), g.dims()));
+            let tol = if dt == DType::F32 { 1e-5 } else { 1e-12 };
+            for (name, a, b) in [
+                ("y", &y_f, &y_c),
+                ("dx", &dx_f, &dx_c),
+                ("dg", &dg_f, &dg_c),
+            ] {
+                let e = max_rel(a, b);
+                assert!(
+                    e <= tol,
+                    "{dt:?} d {d}: {name} fused vs composed {e:.2e} > {tol:.0e}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_bf16_and_f16_round_like_the_composed_norm() -> Result<()> {
+    // Both compute in f32 and round once: the outputs may differ by at most one unit in the
+    // last place of the 16-bit type (ties broken differently after f32 rounding noise).
+    let dev = Device::Cpu;
+    let (rows, d) = (40, 96);
+    let x64 = Tensor::randn(0f64, 1.5, (rows, d), &dev)?;
+    let g64 = Tensor::randn(1f64, 0.3, d, &dev)?;
+    let c = Tensor::randn(0f64, 1.0, (rows, d), &dev)?;
+    for (dt, ulp) in [(DType::BF16, 2f64.powi(-7)), (DType::F16, 2f64.powi(-10))] {
+        let (x, g) = (x64.to_dtype(dt)?, g64.to_dtype(dt)?);
+        let (y_f, dx_f, dg_f) = run(&x, &g, &c, true)?;
+        let (y_c, dx_c, dg_c) = run(&x, &g, &c, false)?;
+        assert_eq!((y_f.dtype(), dx_f.dtype(), dg_f.dtype()), (dt, dt, dt));
+        for (name, a, b) in [
+            ("y", &y_f, &y_c),
+            ("dx", &dx_f, &dx_c),
+            ("dg", &dg_f, &dg_c),
+        ] {
+            let (a, b) = (vec64(a), vec64(b));
+            let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                // one ulp at the element's magnitude, plus f32 cancellation noise at the row's scale
+                let allowed = ulp * q.abs().max(p.abs()) + 1e-5 * scale;
+                assert!(
+                    (p - q).abs() <= allowed,
+                    "{dt:?} {name}[{i}]: fused {p} vs composed {q}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_backward_matches_finite_differences_f64() -> Result<()> {
+    let dev = Device::Cpu;
+    let (rows, d, eps) = (3, 5, 1e-5);
+    let x = Tensor::randn(0f64, 1.0, (rows, d), &dev)?;
+    let g = Tensor::randn(1f64, 0.5, d, &dev)?;
+    let dy = Tensor::randn(0f64, 1.0, (rows, d), &dev)?;
+    let (dx, dg) = rms_norm_fused_backward(&x, &g, &dy, eps)?;
+    let loss = |x: &Tensor, g: &Tensor| -> Result<f64> {
+        (rms_norm_fused(x, g, eps)? * &dy)?
+            .sum_all()?
+            .to_scalar::<f64>()
+    };
+    let h = 1e-6;
+    for (which, base, analytic) in [("x", &x, &dx), ("g", &g, &dg)] {
+        let v = vec64(base);
+        let a = vec64(analytic);
+        for i in 0..v.len() {
+            let bump = |delta: f64| -> Result<f64> {
+                let mut w = v.clone();
+                w[i] += delta;
+                let t = Tensor::from_vec(w, base.shape(), &dev)?;
+                if which == "x" {
+                    loss(&t, &g)
+                } else {
+                    loss(&x, &t)
+                }
+            };
+            let numeric = (bump(h)? - bump(-h)?) / (2.0 * h);
+            assert!(
+                (numeric - a[i]).abs() <= 1e-6 * numeric.abs().max(1.0),
+                "d/d{which}[{i}]: numeric {numeric} vs fused {}",
+                a[i]
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_forward_matches_f64_reference_rows() -> Result<()> {
+    let dev = Device::Cpu;
+    let (rows, d, eps) = (6, 33, 1e-5);
+    let x = Tensor::randn(0f32, 3.0, (rows, d), &dev)?;
+    let g = Tensor::randn(1f32, 0.5, d, &dev)?;
+    let y = rms_norm_fused(&x, &g, eps)?
+        .to_dtype(DType::F64)?
+        .to_vec2::<f64>()?;
+    let g64 = vec64(&g);
+    for (r, row) in x.to_dtype(DType::F64)?.to_vec2::<f64>()?.iter().enumerate() {
+        let want = reference_rms_norm(row, &g64, eps);
+        for (a, b) in y[r].iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "row {r}: {a} vs {b}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn llama_with_fused_norm_gives_same_logits_and_gradients() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let mut cfg = ModernLmConfig::llama(64, 16, 32, 2, 4, 2);
+    let tokens = Tensor::new(&[[1u32, 5, 7, 9, 2, 8], [3, 3, 3, 4, 63, 0]], &dev)?;
+    let targets = Tensor::new(&[[5u32, 7, 9, 2, 8, 1], [3, 3, 4, 63, 0, 2]], &dev)?;
+    shared::params::set_seed(3);
+    let (varmap, composed) = init_modern_lm(&cfg, DType::F32, &dev)?;
+    cfg.fused_norm = true;
+    let fused = build_modern_lm(
+        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        &cfg,
+    )?; // same parameters
+    let la = composed.forward(&tokens, 0)?;
+    let lb = fused.forward(&tokens, 0)?;
+    assert!(
+        max_rel(&lb, &la) < 1e-5,
+        "logits differ: {:.2e}",
+        max_rel(&lb, &la)
+    );
+    let ga = composed.loss(&tokens, &targets)?.backward()?;
+    let gb = fused.loss(&tokens, &targets)?.backward()?;
+    for (name, var) in shared::params::named_vars(&varmap) {
+        let (a, b) = (
+            ga.get(var.as_tensor()).expect("grad"),
+            gb.get(var.as_tensor()).expect("grad"),
+        );
+        let scale = vec64(a).iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
+        let diff = vec64(&(b - a)?).iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(
+            diff <= 1e-4 * scale,
+            "{name}: gradient differs by {diff:.2e} (scale {scale:.2e})"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_rejects_bad_inputs_with_clear_messages() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((2, 8), DType::F32, &dev)?;
+    let e = rms_norm_fused(&x, &Tensor::ones(6, DType::F32, &dev)?, 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("width 6"), "{e}");
+    let e = rms_norm_fused(&x, &Tensor::ones((2, 4), DType::F32, &dev)?, 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1-D"), "{e}");
+    let e = rms_norm_fused(&x, &Tensor::ones(8, DType::F32, &dev)?, -1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("eps"), "{e}");
+    // an all-zero row is finite (ε keeps the scale bounded) and maps to zero
+    let y = rms_norm_fused(&x, &Tensor::ones(8, DType::F32, &dev)?, 1e-5)?;
+    assert_eq!(y.sum_all()?.to_scalar::<f32>()?, 0.0);
+    Ok(())
+}
