@@ -55,6 +55,11 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
                : "memory");
 }
 
+// dst[0] += a, dst[1] += b in one 8-byte reduction (sm_90), dst 8-byte aligned.
+__device__ __forceinline__ void red_add_v2(float* dst, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
+}
+
 // Per-type conversions and the tensor-core instruction.
 template <typename T>
 struct Ops;
@@ -170,7 +175,7 @@ __device__ __forceinline__ void fwd_tc(const T* __restrict__ Q, const T* __restr
   float oacc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.f;
-  float m_r[2] = {neg_inf(), neg_inf()};  // running max of rows g and g+8 (log2 domain)
+  float m_r[2] = {neg_inf(), neg_inf()};  // running max of rows g and g+8 (raw scores)
   float l_r[2] = {0.f, 0.f};              // running sum, partial over this thread's columns
   const int row_w0 = q0 + warp * 16;
 
@@ -194,23 +199,23 @@ __device__ __forceinline__ void fwd_tc(const T* __restrict__ Q, const T* __restr
       }
     }
 
-    // Scale into the log2 domain; mask keys past the end and above the diagonal.
+    // Mask keys past the end and above the diagonal (raw scores: the scale is applied below,
+    // inside the exponent, as one FFMA per element).
     const bool need_mask = (k0 + BC > n_k) || (causal && (k0 + BC - 1 > row_w0 + offset));
+    if (need_mask) {
 #pragma unroll
-    for (int n = 0; n < BC / 8; ++n) {
+      for (int n = 0; n < BC / 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[n][e] * scale_log2;
-        if (need_mask) {
+        for (int e = 0; e < 4; ++e) {
           const int col = k0 + n * 8 + 2 * t + (e & 1);
           const int row = row_w0 + g + ((e >> 1) << 3);
-          if (col >= n_k || (causal && col > row + offset)) x = neg_inf();
+          if (col >= n_k || (causal && col > row + offset)) s[n][e] = neg_inf();
         }
-        s[n][e] = x;
       }
     }
 
-    // Online softmax: new max, rescale factor, probabilities (in place), running sums.
+    // Online softmax: new max (raw units; scale > 0 keeps the order), rescale factor,
+    // probabilities p = exp2(s·scale·log2e − m·scale·log2e) in place, running sums.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = m_r[r];
@@ -218,13 +223,14 @@ __device__ __forceinline__ void fwd_tc(const T* __restrict__ Q, const T* __restr
       for (int n = 0; n < BC / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_use = (mx == neg_inf()) ? 0.f : mx;  // a row with nothing visible yet
-      const float alpha = exp2f(m_r[r] - m_use);
+      const float m_use = (mx == neg_inf()) ? 0.f : mx * scale_log2;  // a row with nothing visible yet
+      const float alpha = exp2f(fmaf(m_r[r], scale_log2, -m_use));
       m_r[r] = mx;
       float rs = 0.f;
 #pragma unroll
       for (int n = 0; n < BC / 8; ++n) {
-        const float p0 = exp2f(s[n][2 * r] - m_use), p1 = exp2f(s[n][2 * r + 1] - m_use);
+        const float p0 = exp2f(fmaf(s[n][2 * r], scale_log2, -m_use));
+        const float p1 = exp2f(fmaf(s[n][2 * r + 1], scale_log2, -m_use));
         s[n][2 * r] = p0;
         s[n][2 * r + 1] = p1;
         rs += p0 + p1;
@@ -286,7 +292,7 @@ __device__ __forceinline__ void fwd_tc(const T* __restrict__ Q, const T* __restr
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = row_w0 + g + 8 * r;
-      if (row < n_q) LSE[(size_t)bh * n_q + row] = (m_r[r] == neg_inf()) ? neg_inf() : (m_r[r] + log2f(l_r[r])) * LN2_F;
+      if (row < n_q) LSE[(size_t)bh * n_q + row] = (m_r[r] == neg_inf()) ? neg_inf() : (m_r[r] * scale_log2 + log2f(l_r[r])) * LN2_F;
     }
   }
   __syncthreads();
@@ -487,9 +493,7 @@ __device__ __forceinline__ void bwd_tc(const T* __restrict__ Q, const T* __restr
         for (int r = 0; r < 2; ++r) {
           const int q = i0 + mt * 16 + g + 8 * r;
           if (q < n_q) {
-            float* dst = dQh + (size_t)q * D + part * DP + dn * 8 + 2 * t;
-            atomicAdd(dst, dq[dn][2 * r]);
-            atomicAdd(dst + 1, dq[dn][2 * r + 1]);
+            red_add_v2(dQh + (size_t)q * D + part * DP + dn * 8 + 2 * t, dq[dn][2 * r], dq[dn][2 * r + 1]);
           }
         }
       }
@@ -521,10 +525,10 @@ __device__ __forceinline__ void bwd_tc(const T* __restrict__ Q, const T* __restr
       T* dK, T* dV, int n_q, int n_k, int d, float scale, float scale_log2, int causal) {                 \
     bwd_tc<T, D, BR, NW>(Q, K, V, dO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale, scale_log2, causal);     \
   }
-BWD_TC(flash_bwd_tc_bf16_d64, __nv_bfloat16, 64, 64, 4)
-BWD_TC(flash_bwd_tc_bf16_d128, __nv_bfloat16, 128, 32, 4)
-BWD_TC(flash_bwd_tc_f16_d64, __half, 64, 64, 4)
-BWD_TC(flash_bwd_tc_f16_d128, __half, 128, 32, 4)
+BWD_TC(flash_bwd_tc_bf16_d64, __nv_bfloat16, 64, 64, 8)
+BWD_TC(flash_bwd_tc_bf16_d128, __nv_bfloat16, 128, 32, 8)
+BWD_TC(flash_bwd_tc_f16_d64, __half, 64, 64, 8)
+BWD_TC(flash_bwd_tc_f16_d128, __half, 128, 32, 8)
 
 // ---------------------------------------------------------------------------------------------
 // Simple fp32-FMA kernels, any d <= 128 (f32 inputs, and low precision with other head sizes).

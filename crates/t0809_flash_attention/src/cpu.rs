@@ -137,9 +137,9 @@ pub fn forward_head<A: Acc>(
     let Dims {
         n_q, n_k, d, d_v, ..
     } = dims;
-    let mut s = vec![A::ZERO; BLOCK_K]; // one row of one tile of scores
-    let mut m = vec![A::NEG_INF; BLOCK_Q]; // running max per row
-    let mut l = vec![A::ZERO; BLOCK_Q]; // running sum of exp per row
+    let mut s = [A::ZERO; BLOCK_K]; // one row of one tile of scores
+    let mut m = [A::NEG_INF; BLOCK_Q]; // running max per row
+    let mut l = [A::ZERO; BLOCK_Q]; // running sum of exp per row
     let mut acc = vec![A::ZERO; BLOCK_Q * d_v]; // unnormalised output rows
     for i0 in (0..n_q).step_by(BLOCK_Q) {
         let rows = BLOCK_Q.min(n_q - i0);

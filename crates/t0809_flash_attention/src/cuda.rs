@@ -24,11 +24,12 @@ use half::{bf16, f16};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 const MODULE: &str = "t0809_flash_attn";
 
-/// Tensor-core kernels: 4 warps; forward tiles of 64 queries × 64 keys; backward 64 keys ×
-/// (64 queries for d = 64, 32 for d = 128).
-const TC_WARPS: u32 = 4;
+/// Tensor-core kernels: forward 4 warps, tiles of 64 queries × 64 keys; backward 8 warps,
+/// 128 keys per block × query tiles of 64 (d = 64) or 32 (d = 128).
+const TC_FWD_WARPS: u32 = 4;
 const TC_FWD_BR: usize = 64;
-const TC_BWD_BC: usize = 64;
+const TC_BWD_WARPS: u32 = 8;
+const TC_BWD_BC: usize = 128;
 /// Simple kernels: 256 threads, 32 × 32 tiles, rows padded to 129 floats.
 const S_THREADS: u32 = 256;
 const S_TILE: usize = 32;
@@ -163,7 +164,7 @@ fn fwd<T: CudaDType + DeviceRepr>(
         (
             format!("flash_fwd_tc_{suffix}_d{d}"),
             TC_FWD_BR,
-            32 * TC_WARPS,
+            32 * TC_FWD_WARPS,
             tc_fwd_smem(d),
         )
     } else {
@@ -268,7 +269,7 @@ fn bwd<T: CudaDType + DeviceRepr>(
             (
                 format!("flash_bwd_tc_{suffix}_d{d}"),
                 TC_BWD_BC,
-                32 * TC_WARPS,
+                32 * TC_BWD_WARPS,
                 tc_bwd_smem(d),
             )
         } else {

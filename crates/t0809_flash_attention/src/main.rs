@@ -88,12 +88,19 @@ struct Args {
 enum Cmd {
     /// GPU benchmark: our kernel vs the naive path (time, TFLOP/s, peak memory).
     Bench(bench::BenchArgs),
+    /// Redraw the bench plots from a bench results.json (e.g. one fetched from the GPU host).
+    BenchPlot {
+        /// Path of `output/t0809_flash_attention/bench/results.json`.
+        #[arg(long)]
+        from: std::path::PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     match &args.cmd {
         Some(Cmd::Bench(b)) => bench::run(&args.common, b),
+        Some(Cmd::BenchPlot { from }) => bench::plot_from(&args.common, from),
         None => demo(&args.common),
     }
 }
@@ -296,10 +303,11 @@ fn demo(common: &CommonArgs) -> Result<()> {
             format!("{agree:.0e}"),
         ]);
         mem_json.push(serde_json::json!({"seq": n, "score_matrix_bytes": matrix, "naive_peak_bytes": m_naive, "tiled_tensor_ops_peak_bytes": m_tiled, "flash_custom_op_peak_bytes": m_flash, "output_bytes": out_bytes, "naive_s": t_naive, "flash_s": t_flash, "max_rel_diff": agree}));
-        s_naive.push((n as f64, m_naive as f64));
-        s_flash.push((n as f64, m_flash as f64));
-        s_tiled.push((n as f64, m_tiled as f64));
-        s_matrix.push((n as f64, matrix as f64));
+        let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+        s_naive.push((n as f64, mib(m_naive)));
+        s_flash.push((n as f64, mib(m_flash)));
+        s_tiled.push((n as f64, mib(m_tiled)));
+        s_matrix.push((n as f64, mib(matrix)));
         progress.update(i as u64 + 1, format!("seq {n}"));
     }
     progress.finish();
@@ -323,7 +331,7 @@ fn demo(common: &CommonArgs) -> Result<()> {
         &mem_png,
         "Peak extra memory of one causal forward (CPU, measured; b·h = 2, d = 64)",
         "sequence length n",
-        "bytes",
+        "MiB",
         &[
             Series::new("naive (t0801): materialises n×n", s_naive),
             Series::new("tiled tensor ops (64×64 tiles)", s_tiled),
@@ -362,9 +370,7 @@ fn demo(common: &CommonArgs) -> Result<()> {
             ("flash", flash_attention as Attn),
         ] {
             let fwd = median_secs(3, || Ok(f(&q, &k, &v, scale, true).map(|_| ())?))?;
-            let fb = median_secs(3, || {
-                Ok(with_grads(f, &q, &k, &v, &w, scale, true).map(|_| ())?)
-            })?;
+            let fb = median_secs(3, || with_grads(f, &q, &k, &v, &w, scale, true).map(|_| ()))?;
             row.push(format!("{:.1} / {:.1}", fwd * 1e3, fb * 1e3));
             entry[name] = serde_json::json!({"fwd_s": fwd, "fwd_bwd_s": fb, "fwd_gflops": flops / fwd / 1e9, "fwd_bwd_gflops": 3.5 * flops / fb / 1e9});
         }

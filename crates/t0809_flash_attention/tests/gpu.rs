@@ -98,7 +98,9 @@ fn gpu_f32_forward_and_backward_match_float64() -> Result<()> {
                 "{shape}: f32 lse error {e:e}"
             );
             for (i, name) in ["dQ", "dK", "dV"].iter().enumerate() {
-                let e = rel_norm(&to_vec(&g[i])?, &to_vec(&want_g[i])?);
+                // dQ is exactly 0 with a single key: there the error is an RMS against the
+                // gradients' natural scale (1 for unit-normal inputs).
+                let e = rel_norm_floor(&to_vec(&g[i])?, &to_vec(&want_g[i])?, 1.0);
                 assert!(e <= 1e-4, "{shape}: f32 {name} error {e:e}");
             }
         }

@@ -156,6 +156,25 @@ pub fn rel_norm(a: &[f64], b: &[f64]) -> f64 {
     (num / den.max(1e-300)).sqrt()
 }
 
+/// `‖a − b‖ / max(‖b‖, floor·√len)`: relative, except where the reference is (nearly) zero
+/// (e.g. dQ with a single key, exactly 0), where it is an RMS error measured against `floor`.
+pub fn rel_norm_floor(a: &[f64], b: &[f64], floor: f64) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.is_finite() {
+                (x - y).powi(2)
+            } else {
+                f64::INFINITY
+            }
+        })
+        .sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    num.sqrt() / den.sqrt().max(floor * (a.len() as f64).sqrt())
+}
+
 /// The CUDA device when this build has CUDA and a GPU answers; otherwise prints why the GPU
 /// test is skipped and returns `None`. With `MODULE08_EXPECT_GPU` set (the GPU host's runner),
 /// a missing GPU is an error instead of a skip.
