@@ -36,12 +36,15 @@ pub fn flash_attention_tensor_ops(
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for i0 in (0..n_q).step_by(block_q) {
         let rows = block_q.min(n_q - i0);
-        let q_i = (q.narrow(2, i0, rows)? * softmax_scale)?; // (b, h, rows, d), pre-scaled
-        let mut m =
-            Tensor::full(f32::NEG_INFINITY, (b, h, rows, 1), q.device())?.to_dtype(q.dtype())?; // running max
-        let mut l = Tensor::zeros((b, h, rows, 1), q.dtype(), q.device())?; // running sum of exp
-        let mut acc = Tensor::zeros((b, h, rows, d_v), q.dtype(), q.device())?; // unnormalised output
-                                                                                // Causal: the last query of this block sees keys < i0 + rows + offset; later blocks are skipped.
+        // The block's queries, pre-scaled: (b, h, rows, d).
+        let q_i = (q.narrow(2, i0, rows)? * softmax_scale)?;
+
+        // Running max m, running sum ℓ and unnormalised output õ of the block's rows.
+        let minus_inf = Tensor::full(f32::NEG_INFINITY, (b, h, rows, 1), q.device())?;
+        let mut m = minus_inf.to_dtype(q.dtype())?;
+        let mut l = Tensor::zeros((b, h, rows, 1), q.dtype(), q.device())?;
+        let mut acc = Tensor::zeros((b, h, rows, d_v), q.dtype(), q.device())?;
+        // Causal: the block's last query sees keys < i0 + rows + offset; later tiles are skipped.
         let k_end = if causal {
             (i0 + rows + offset).min(n_k)
         } else {
