@@ -36,7 +36,7 @@ struct Args {
     common: CommonArgs,
     #[command(subcommand)]
     cmd: Option<Cmd>,
-    /// BPE vocabulary (default 4096; --quick: 512 on the tiny corpus).
+    /// BPE vocabulary (default 1024; --quick: 512 on the tiny corpus; 4096+ for GPU runs).
     #[arg(long)]
     vocab: Option<usize>,
     #[arg(long, default_value_t = 128)]
@@ -49,7 +49,7 @@ struct Args {
     ctx: usize,
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// Training steps per recipe (default 150; --quick 30).
+    /// Training steps per recipe (default 200; --quick 30).
     #[arg(long)]
     steps: Option<usize>,
     #[arg(long, default_value_t = 3e-3)]
@@ -282,8 +282,8 @@ fn experiment(a: &Args) -> Result<()> {
         "post-norm vs GPT-2 vs LLaMA recipe, RMSNorm vs LayerNorm",
     )?;
     let (dev, dtype) = (ctx.picked.device.clone(), ctx.dtype);
-    let vocab = a.vocab.unwrap_or(if quick { 512 } else { 4096 });
-    let steps = a.steps.unwrap_or(if quick { 30 } else { 150 });
+    let vocab = a.vocab.unwrap_or(if quick { 512 } else { 1024 });
+    let steps = a.steps.unwrap_or(if quick { 30 } else { 200 });
     let config = serde_json::json!({"vocab": vocab, "d_model": a.d_model, "layers": a.layers, "heads": a.heads, "ctx": a.ctx, "batch": a.batch, "steps": steps, "lr": a.lr, "high_lr": a.high_lr, "norm": a.norm, "quick": quick});
     let mut report = RunReport::start(
         TOPIC,

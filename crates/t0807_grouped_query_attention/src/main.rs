@@ -35,7 +35,7 @@ const TOPIC: &str = "t0807_grouped_query_attention";
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// BPE vocabulary (default 4096; --quick: 512 on the tiny corpus).
+    /// BPE vocabulary (default 1024; --quick: 512 on the tiny corpus; 4096+ for GPU runs).
     #[arg(long)]
     vocab: Option<usize>,
     #[arg(long, default_value_t = 128)]
@@ -162,7 +162,7 @@ fn main() -> Result<()> {
         "MHA / GQA / MQA: KV-cache size, quality, uptraining, decode speed",
     )?;
     let dev = ctx.picked.device.clone();
-    let vocab = a.vocab.unwrap_or(if quick { 512 } else { 4096 });
+    let vocab = a.vocab.unwrap_or(if quick { 512 } else { 1024 });
     let steps = a.steps.unwrap_or(if quick { 25 } else { 120 });
     let d_head = a.d_model / a.heads;
     let config = serde_json::json!({"vocab": vocab, "d_model": a.d_model, "layers": a.layers, "heads": a.heads, "ctx": a.ctx, "batch": a.batch, "steps": steps, "lr": a.lr});

@@ -6,17 +6,25 @@
 //!    small causal decoder (t0804's stack) with no positions, sinusoidal, learned, and RoPE.
 //! 4. Length extrapolation: trained at length L, loss per position up to 4L; RoPE with and
 //!    without position interpolation / NTK-aware scaling (applied at evaluation, no fine-tune).
+//! 5. The same four schemes as small language models on WikiText-2 (BPE), same budget:
+//!    validation loss, and loss per position up to twice the training context.
 //!
 //! `cargo run -p t0808_rope --release -- [--quick] [--device cpu|cuda]`
+//! Larger (GPU) run: `-- --device cuda --d-model 256 --layers 4 --heads 8 --steps 600
+//! --lm-vocab 4096 --lm-ctx 256 --lm-steps 2000 --lm-batch 32`
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use shared::batching::{eval_batches, LmBatcher};
 use shared::cli::CommonArgs;
+use shared::params::count_params;
 use shared::report::{heatmap, line_chart, print_table, Axes, RunReport, Series};
+use shared::tokenizer::TokenizedWikiText;
 use shared::train::{cross_entropy, AdamWConfig, Progress, ScheduleConfig, Trainer};
+use shared::wikitext::{Variant, Verify, WikiText2};
 use std::sync::Arc;
 use std::time::Instant;
 use t0801_self_attention::{causal_mask, scaled_dot_product_attention};
@@ -57,6 +65,20 @@ struct Args {
     batch: usize,
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
+    /// WikiText-2 LM comparison: BPE vocabulary (default 1024; --quick: 512 on the tiny corpus).
+    #[arg(long)]
+    lm_vocab: Option<usize>,
+    /// WikiText-2 LM comparison: training context (evaluation up to 2×).
+    #[arg(long, default_value_t = 64)]
+    lm_ctx: usize,
+    /// WikiText-2 LM comparison: training steps per scheme (default 300; --quick 30).
+    #[arg(long)]
+    lm_steps: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    lm_batch: usize,
+    /// Skip the WikiText-2 LM comparison.
+    #[arg(long)]
+    no_lm: bool,
 }
 
 /// Causal multi-head attention (t0802 weights) with RoPE applied to q and k.
@@ -207,40 +229,8 @@ fn main() -> Result<()> {
     let mut extrap = vec![];
     for scheme in schemes {
         shared::params::set_seed(a.common.seed);
-        let varmap = VarMap::new();
-        let cfg = ClassicLmConfig {
-            vocab_size: a.vocab,
-            max_seq_len: eval_len,
-            n_layers: a.layers,
-            block: BlockConfig {
-                d_model: a.d_model,
-                n_heads: a.heads,
-                d_ff: 2 * a.d_model,
-                activation: Activation::Gelu,
-                placement: NormPlacement::Pre,
-                bias: false,
-                eps: 1e-5,
-            },
-            positions: match scheme {
-                "sinusoidal" => PositionKind::Sinusoidal,
-                "learned" => PositionKind::Learned,
-                _ => PositionKind::None,
-            },
-        };
-        let mut lm = build_classic_lm(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg)?;
+        let (varmap, mut lm) = build_lm(scheme, a.vocab, eval_len, &a, &dev)?;
         let d_head = a.d_model / a.heads;
-        if scheme == "RoPE" {
-            install_rope(
-                &mut lm,
-                Arc::new(RopeTables::new(
-                    d_head,
-                    eval_len,
-                    DEFAULT_BASE,
-                    RopeScaling::None,
-                    &dev,
-                )?),
-            );
-        }
         let sched = ScheduleConfig {
             max_lr: a.lr,
             min_lr: a.lr / 10.0,
@@ -329,9 +319,187 @@ fn main() -> Result<()> {
         &extrap,
         Axes::default(),
     )?;
+
+    // 5. WikiText-2.
+    if !a.no_lm {
+        wikitext_comparison(&a, &dev, &mut report, &ctx.out_dir)?;
+    }
     let path = report.write(&ctx.out_dir)?;
     println!("   wrote {}", path.display());
     Ok(())
+}
+
+/// A small pre-norm causal decoder (t0804's stack, GELU FFN, no biases) with position scheme
+/// `scheme`: "none", "sinusoidal" or "learned" (added to the embeddings), or "RoPE" (in attention).
+fn build_lm(
+    scheme: &str,
+    vocab: usize,
+    max_seq: usize,
+    a: &Args,
+    dev: &Device,
+) -> Result<(VarMap, DecoderOnlyLm)> {
+    let varmap = VarMap::new();
+    let cfg = ClassicLmConfig {
+        vocab_size: vocab,
+        max_seq_len: max_seq,
+        n_layers: a.layers,
+        block: BlockConfig {
+            d_model: a.d_model,
+            n_heads: a.heads,
+            d_ff: 2 * a.d_model,
+            activation: Activation::Gelu,
+            placement: NormPlacement::Pre,
+            bias: false,
+            eps: 1e-5,
+        },
+        positions: match scheme {
+            "sinusoidal" => PositionKind::Sinusoidal,
+            "learned" => PositionKind::Learned,
+            _ => PositionKind::None,
+        },
+    };
+    let mut lm = build_classic_lm(VarBuilder::from_varmap(&varmap, DType::F32, dev), &cfg)?;
+    if scheme == "RoPE" {
+        let tables = RopeTables::new(
+            a.d_model / a.heads,
+            max_seq,
+            DEFAULT_BASE,
+            RopeScaling::None,
+            dev,
+        )?;
+        install_rope(&mut lm, Arc::new(tables));
+    }
+    Ok((varmap, lm))
+}
+
+/// Part 5: the four position schemes as language models on WikiText-2 (BPE), same budget; validation
+/// loss within the training context and per position up to twice that context.
+fn wikitext_comparison(
+    a: &Args,
+    dev: &Device,
+    report: &mut RunReport,
+    out_dir: &std::path::Path,
+) -> Result<()> {
+    let quick = a.common.quick;
+    let vocab = a.lm_vocab.unwrap_or(if quick { 512 } else { 1024 });
+    let steps = a.lm_steps.unwrap_or(if quick { 30 } else { 300 });
+    let ctx = a.lm_ctx;
+    let data = if quick {
+        let dir = std::env::temp_dir().join("module08_tiny_wikitext");
+        shared::corpus::write_tiny_wikitext(&dir)?;
+        WikiText2::load_from_dir(&dir, Variant::Raw, Verify::No)?
+    } else {
+        WikiText2::load(a.common.data_dir.as_deref(), Variant::Raw)?
+    };
+    let tok = TokenizedWikiText::prepare(&data, vocab, &shared::cache_dir())?;
+    println!("   WikiText-2{}: BPE vocab {vocab}, train {} / valid {} tokens; {steps} steps of {} × {ctx} tokens per scheme", if quick { " (tiny stand-in)" } else { "" }, tok.train.len(), tok.valid.len(), a.lm_batch);
+    let batcher = LmBatcher::new(a.lm_batch, ctx, a.common.seed);
+    let valid = eval_batches(&tok.valid, a.lm_batch, ctx, if quick { 2 } else { 8 }, dev)?;
+    let long = eval_batches(
+        &tok.valid,
+        a.lm_batch,
+        2 * ctx,
+        if quick { 2 } else { 24 },
+        dev,
+    )?;
+    let eval = |lm: &DecoderOnlyLm| -> Result<f64> {
+        let mut total = 0.0;
+        for b in &valid {
+            total += lm.loss(&b.x, &b.y)?.to_scalar::<f32>()? as f64;
+        }
+        Ok(total / valid.len() as f64)
+    };
+    let (mut curves, mut per_pos_series, mut rows) = (vec![], vec![], vec![]);
+    for scheme in ["none", "sinusoidal", "learned", "RoPE"] {
+        shared::params::set_seed(a.common.seed);
+        let (varmap, lm) = build_lm(scheme, vocab, 2 * ctx, a, dev)?;
+        let sched = ScheduleConfig {
+            max_lr: a.lr,
+            min_lr: a.lr / 10.0,
+            warmup_steps: steps / 10,
+            total_steps: steps,
+            clip_norm: Some(1.0),
+        };
+        let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), sched)?;
+        let mut progress = Progress::new(steps as u64, &format!("WikiText-2 {scheme}"));
+        let mut curve = vec![];
+        let eval_every = (steps / 6).max(1);
+        let t = Instant::now();
+        for step in 0..steps {
+            let b = batcher.batch(&tok.train, step as u64, dev)?;
+            let stats = trainer.step(&lm.loss(&b.x, &b.y)?)?;
+            if (step + 1) % eval_every == 0 || step + 1 == steps {
+                curve.push(((step + 1) as f64, eval(&lm)?));
+            }
+            progress.update(step as u64 + 1, format!("loss {:.3}", stats.loss));
+        }
+        progress.finish();
+        let secs = t.elapsed().as_secs_f64();
+        let val = curve.last().map_or(f64::NAN, |p| p.1);
+        // Loss per position on windows of 2·ctx (positions ≥ ctx were never trained).
+        let mut per_pos = vec![0f64; 2 * ctx];
+        for b in &long {
+            let mask = Tensor::ones(b.y.dims2()?, DType::U8, dev)?;
+            let (p, _, _) = per_position(&lm, &b.x, &b.y, &mask, ctx)?;
+            for (acc, v) in per_pos.iter_mut().zip(p) {
+                *acc += v / long.len() as f64;
+            }
+        }
+        let within = per_pos[..ctx].iter().sum::<f64>() / ctx as f64;
+        let beyond = per_pos[ctx..].iter().sum::<f64>() / ctx as f64;
+        rows.push(vec![
+            scheme.to_string(),
+            count_params(&varmap).to_string(),
+            format!("{val:.3}"),
+            format!("{:.1}", val.exp()),
+            format!("{within:.3}"),
+            format!("{beyond:.3}"),
+            format!("{secs:.1}"),
+        ]);
+        report.metric(&format!("wikitext.{scheme}"), serde_json::json!({"params": count_params(&varmap), "val_loss": val, "val_ppl": val.exp(), "loss_within_ctx": within, "loss_ctx_to_2ctx": beyond, "train_s": secs, "curve": curve}));
+        curves.push(Series::new(scheme, curve));
+        per_pos_series.push(Series::new(scheme, bucket_means(&per_pos, 8)));
+    }
+    print_table(
+        &[
+            "positions",
+            "params",
+            "val loss",
+            "val ppl",
+            &format!("loss pos < {ctx}"),
+            &format!("loss pos {ctx}..{}", 2 * ctx),
+            "train s",
+        ],
+        &rows,
+    );
+    line_chart(
+        &out_dir.join("wikitext_val_loss.png"),
+        &format!(
+            "WikiText-2 validation loss, {steps} steps × {} × {ctx} tokens",
+            a.lm_batch
+        ),
+        "step",
+        "validation loss (nats/token)",
+        &curves,
+        Axes::default(),
+    )?;
+    line_chart(
+        &out_dir.join("wikitext_loss_by_position.png"),
+        &format!("WikiText-2 loss per position, trained at context {ctx}"),
+        "position",
+        "cross-entropy (nats, mean over 8 positions)",
+        &per_pos_series,
+        Axes::default(),
+    )?;
+    Ok(())
+}
+
+/// Means of consecutive buckets of `k` positions, as `(first position of the bucket, mean)`.
+fn bucket_means(v: &[f64], k: usize) -> Vec<(f64, f64)> {
+    v.chunks(k)
+        .enumerate()
+        .map(|(i, c)| ((i * k) as f64, c.iter().sum::<f64>() / c.len() as f64))
+        .collect()
 }
 
 /// Random tokens; the target at `t` is the token at `t − shift` (positions `< shift` masked).
