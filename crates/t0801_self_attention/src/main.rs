@@ -700,10 +700,13 @@ fn cost_vs_n(
         &out_dir.join("t0801_cost_memory.png"),
         &format!("Score-matrix memory per head vs n (fitted exponent {mem_exp:.2})"),
         "sequence length n",
-        "bytes of the n×n weight matrix",
+        "MiB of the n×n weight matrix",
         &[Series::new(
-            format!("{dtype:?} weights (n×n)"),
-            points.iter().map(|p| (p.0, p.2)).collect(),
+            format!("{dtype:?} weights (n×n), one head"),
+            points
+                .iter()
+                .map(|p| (p.0, p.2 / (1u64 << 20) as f64))
+                .collect(),
         )],
         Axes {
             log_x: true,
