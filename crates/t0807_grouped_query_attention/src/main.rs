@@ -48,7 +48,7 @@ struct Args {
     ctx: usize,
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// Training steps per variant (default 120; --quick 25).
+    /// Training steps per variant (default 200; --quick 25).
     #[arg(long)]
     steps: Option<usize>,
     #[arg(long, default_value_t = 3e-3)]
@@ -163,7 +163,7 @@ fn main() -> Result<()> {
     )?;
     let dev = ctx.picked.device.clone();
     let vocab = a.vocab.unwrap_or(if quick { 512 } else { 1024 });
-    let steps = a.steps.unwrap_or(if quick { 25 } else { 120 });
+    let steps = a.steps.unwrap_or(if quick { 25 } else { 200 });
     let d_head = a.d_model / a.heads;
     let config = serde_json::json!({"vocab": vocab, "d_model": a.d_model, "layers": a.layers, "heads": a.heads, "ctx": a.ctx, "batch": a.batch, "steps": steps, "lr": a.lr});
     let mut report = RunReport::start(
