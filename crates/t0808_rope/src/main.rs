@@ -141,7 +141,8 @@ fn main() -> Result<()> {
     )?;
     let dev = ctx.picked.device.clone();
     let steps = a.steps.unwrap_or(if quick { 40 } else { 120 });
-    let config = serde_json::json!({"train_len": a.train_len, "shift": a.shift, "vocab": a.vocab, "d_model": a.d_model, "heads": a.heads, "layers": a.layers, "steps": steps, "batch": a.batch, "lr": a.lr});
+    let config = serde_json::json!({"train_len": a.train_len, "shift": a.shift, "vocab": a.vocab, "d_model": a.d_model, "heads": a.heads, "layers": a.layers, "steps": steps, "batch": a.batch, "lr": a.lr,
+        "lm": {"vocab": a.lm_vocab.unwrap_or(if quick { 512 } else { 1024 }), "ctx": a.lm_ctx, "steps": a.lm_steps.unwrap_or(if quick { 30 } else { 300 }), "batch": a.lm_batch, "skipped": a.no_lm}, "quick": quick});
     let mut report = RunReport::start(
         TOPIC,
         config,
