@@ -2,7 +2,7 @@
 # Ours vs the PyTorch twin, back to back on the same GPU (run on the GPU host after
 # scripts/gpu-run.sh has unpacked the bundle, i.e. as a step: "bin ..." steps first, or directly):
 #
-#   bash scripts/compare_with_twin.sh [BATCH] [STEPS]
+#   bash scripts/compare_with_twin.sh [BATCH] [STEPS]     (TWIN_COMPILE=1 adds torch.compile rows)
 #
 # Needs in /tmp/gpu/bin: t0806_modern_blocks, t0810_kv_cache, parity (t0806 example).
 # Writes $OUT/twin.json (every measurement) and prints the table of ratios.
@@ -25,10 +25,14 @@ NVIDIA_TF32_OVERRIDE=0 $py scripts/pytorch_twin.py parity "$out/parity" --device
 
 for dt in f32 bf16; do
   echo "== training tokens/s, $dt, batch $B"
-  $bin/t0806_modern_blocks --device cuda --dtype $dt --out "$out/ours" bench --batch $B --steps $STEPS --warmup 3 > "$out/train_ours_$dt.log" 2>&1
-  cp "$out/ours/t0806_modern_blocks/bench/results.json" "$out/train_ours_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_$dt.log"
+  for att in naive flash; do
+    $bin/t0806_modern_blocks --device cuda --dtype $dt --out "$out/ours" bench --batch $B --steps $STEPS --warmup 3 --attention $att > "$out/train_ours_${att}_$dt.log" 2>&1
+    cp "$out/ours/t0806_modern_blocks/bench/results.json" "$out/train_ours_${att}_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_${att}_$dt.log"
+  done
   $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --json "$out/train_twin_eager_$dt.json"
-  $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --compile --json "$out/train_twin_compile_$dt.json" 2>"$out/compile_$dt.err" || echo "torch.compile failed ($dt): $(tail -2 "$out/compile_$dt.err")"
+  if [ -n "${TWIN_COMPILE:-}" ]; then
+    $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --compile --json "$out/train_twin_compile_$dt.json" 2>"$out/compile_$dt.err" || echo "torch.compile failed ($dt): $(tail -2 "$out/compile_$dt.err")"
+  fi
 done
 for dt in bf16 f32; do
   for b in 1 32; do
@@ -46,12 +50,13 @@ def load(name):
     return json.load(open(p)) if os.path.exists(p) else None
 rows = []
 for dt in ("f32", "bf16"):
-    ours = load(f"train_ours_{dt}.json")
-    o = ours["metrics"]["bench.tokens_per_s"] if ours else float("nan")
-    for impl in ("eager", "compile"):
-        t = load(f"train_twin_{impl}_{dt}.json")
-        tv = t["tokens_per_s"] if t else float("nan")
-        rows.append((f"train {dt} vs torch {impl}", o, tv))
+    for att in ("naive", "flash"):
+        ours = load(f"train_ours_{att}_{dt}.json")
+        o = ours["metrics"]["bench.tokens_per_s"] if ours else float("nan")
+        for impl in ("eager", "compile"):
+            t = load(f"train_twin_{impl}_{dt}.json")
+            if t:
+                rows.append((f"train {dt} {att} vs torch {impl}", o, t["tokens_per_s"]))
 for dt in ("bf16", "f32"):
     for b in (1, 32):
         ours = load(f"decode_ours_{dt}_b{b}.json"); t = load(f"decode_twin_{dt}_b{b}.json")

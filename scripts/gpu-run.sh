@@ -63,6 +63,6 @@ for step in "$@"; do
     *) echo "unknown step '$kind'" | tee -a "$summary"; status=2 ;;
   esac
 done
-tar -czf "$dest/results.tgz" -C / "${logs#/}" $( [ -d "$root/output" ] && echo "-C $root output" )
+tar -czf "$dest/results.tgz" --exclude="*.safetensors" --exclude="checkpoints" -C / "${logs#/}" $( [ -d "$root/output" ] && echo "-C $root output" )
 cat "$summary"
 exit $status

@@ -99,6 +99,9 @@ enum Cmd {
         steps: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Attention kernel: naive (matmul-softmax-matmul) or flash (t0809).
+        #[arg(long, default_value = "naive")]
+        attention: String,
     },
 }
 
@@ -571,6 +574,7 @@ fn bench(a: &Args) -> Result<()> {
         batch,
         steps,
         warmup,
+        ref attention,
     }) = a.cmd
     else {
         unreachable!()
@@ -584,6 +588,12 @@ fn bench(a: &Args) -> Result<()> {
     cfg.rope_theta = theta;
     cfg.fused_norm = a.norm == "fused";
     let (varmap, lm) = init_modern_lm(&cfg, dtype, &dev)?;
+    let lm = match attention.as_str() {
+        "naive" => lm,
+        "flash" => with_flash_attention(lm)?,
+        other => anyhow::bail!("unknown --attention '{other}': use naive or flash"),
+    };
+    println!("   attention: {attention}");
     let sched = ScheduleConfig {
         max_lr: 1e-3,
         min_lr: 1e-4,
