@@ -392,6 +392,34 @@ pub fn reference_rms_norm(x: &[f64], g: &[f64], eps: f64) -> Vec<f64> {
     x.iter().zip(g).map(|(v, g)| v / rms * g).collect()
 }
 
+/// t0807's attention-kernel hook filled with t0809's FlashAttention: exact causal attention
+/// without the `(seq, seq)` score matrix. K/V heads are repeated for grouped-query attention
+/// (the flash op takes one K/V head per query head).
+pub fn flash_kernel(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+    let group = q.dim(1)? / k.dim(1)?;
+    let (k, v) = if group > 1 {
+        (
+            t0807_grouped_query_attention::repeat_kv(k, group)?,
+            t0807_grouped_query_attention::repeat_kv(v, group)?,
+        )
+    } else {
+        (k.contiguous()?, v.contiguous()?)
+    };
+    let scale = t0809_flash_attention::default_softmax_scale(q.dim(3)?);
+    t0809_flash_attention::flash_attention(&q.contiguous()?, &k, &v, scale, causal)
+}
+
+/// Switches every grouped-query attention of a LLaMA-recipe model to [`flash_kernel`].
+pub fn with_flash_attention(mut lm: DecoderOnlyLm) -> Result<DecoderOnlyLm> {
+    for (i, block) in lm.blocks.iter_mut().enumerate() {
+        let Some(gqa) = block.attn.as_any().downcast_ref::<GroupedQueryAttention>() else {
+            bail!("block {i}: FlashAttention plugs into the LLaMA recipe's grouped-query attention only");
+        };
+        block.attn = Box::new(gqa.clone().with_kernel(flash_kernel));
+    }
+    Ok(lm)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,29 +442,4 @@ mod tests {
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("n_kv_heads (2) must equal n_heads (4)"), "{e}");
     }
-}
-
-/// t0807's attention-kernel hook filled with t0809's FlashAttention: exact causal attention
-/// without the `(seq, seq)` score matrix. K/V heads are repeated for grouped-query attention
-/// (the flash op takes one K/V head per query head).
-pub fn flash_kernel(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
-    let group = q.dim(1)? / k.dim(1)?;
-    let (k, v) = if group > 1 {
-        (t0807_grouped_query_attention::repeat_kv(k, group)?, t0807_grouped_query_attention::repeat_kv(v, group)?)
-    } else {
-        (k.contiguous()?, v.contiguous()?)
-    };
-    let scale = t0809_flash_attention::default_softmax_scale(q.dim(3)?);
-    t0809_flash_attention::flash_attention(&q.contiguous()?, &k, &v, scale, causal)
-}
-
-/// Switches every grouped-query attention of a LLaMA-recipe model to [`flash_kernel`].
-pub fn with_flash_attention(mut lm: DecoderOnlyLm) -> Result<DecoderOnlyLm> {
-    for (i, block) in lm.blocks.iter_mut().enumerate() {
-        let Some(gqa) = block.attn.as_any().downcast_ref::<GroupedQueryAttention>() else {
-            bail!("block {i}: FlashAttention plugs into the LLaMA recipe's grouped-query attention only");
-        };
-        block.attn = Box::new(gqa.clone().with_kernel(flash_kernel));
-    }
-    Ok(lm)
 }
