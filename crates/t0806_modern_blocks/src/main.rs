@@ -60,6 +60,9 @@ struct Args {
     /// RMSNorm of the LLaMA recipe: composed tensor ops, or the fused op (CUDA kernel on the GPU).
     #[arg(long, default_value = "composed", value_parser = ["composed", "fused"])]
     norm: String,
+    /// Attention kernel of the LLaMA recipe: naive (t0801/t0807) or flash (t0809's custom op).
+    #[arg(long = "attention", default_value = "naive", value_parser = ["naive", "flash"])]
+    attention_kernel: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -273,7 +276,13 @@ fn build(
         _ => {
             let mut cfg = ModernLmConfig::llama(vocab, a.ctx, d, a.layers, a.heads, a.heads);
             cfg.fused_norm = a.norm == "fused";
-            Ok(init_modern_lm(&cfg, dtype, dev)?)
+            let (varmap, lm) = init_modern_lm(&cfg, dtype, dev)?;
+            let lm = if a.attention_kernel == "flash" {
+                with_flash_attention(lm)?
+            } else {
+                lm
+            };
+            Ok((varmap, lm))
         }
     }
 }
@@ -287,7 +296,7 @@ fn experiment(a: &Args) -> Result<()> {
     let (dev, dtype) = (ctx.picked.device.clone(), ctx.dtype);
     let vocab = a.vocab.unwrap_or(if quick { 512 } else { 1024 });
     let steps = a.steps.unwrap_or(if quick { 30 } else { 200 });
-    let config = serde_json::json!({"vocab": vocab, "d_model": a.d_model, "layers": a.layers, "heads": a.heads, "ctx": a.ctx, "batch": a.batch, "steps": steps, "lr": a.lr, "high_lr": a.high_lr, "norm": a.norm, "quick": quick});
+    let config = serde_json::json!({"vocab": vocab, "d_model": a.d_model, "layers": a.layers, "heads": a.heads, "ctx": a.ctx, "batch": a.batch, "steps": steps, "lr": a.lr, "high_lr": a.high_lr, "norm": a.norm, "attention": a.attention_kernel, "quick": quick});
     let mut report = RunReport::start(
         TOPIC,
         config,
