@@ -18,6 +18,8 @@
 pub mod batching;
 pub mod cli;
 pub mod corpus;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
 pub mod params;
 pub mod report;

@@ -11,9 +11,7 @@
 //!   8 rows.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::{
-    CUdevice_attribute, CUfunction_attribute_enum,
-};
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
@@ -26,32 +24,18 @@ const MODULE: &str = "t0806_rmsnorm";
 const THREADS: u32 = 256;
 const WARPS: usize = THREADS as usize / 32;
 
-/// Loads a kernel of our module, allowing it `smem` bytes of dynamic shared memory.
+/// Loads a kernel of our module (see `shared::cuda::load_kernel`).
 fn kernel(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction> {
-    let func = dev
-        .get_or_load_custom_func(name, MODULE, PTX)?
-        .into_cuda_function();
-    if smem > 48 * 1024 {
-        func.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .w()?;
-    }
-    Ok(func)
+    shared::cuda::load_kernel(dev, MODULE, PTX, name, smem)
 }
 
-/// The contiguous part of a storage described by `layout`, and its start offset (elements).
+/// The contiguous part of a storage, and its start offset (see `shared::cuda::contiguous_view`).
 fn view<'a, T: CudaDType>(
     s: &'a CudaStorage,
     layout: &Layout,
     what: &str,
 ) -> Result<(CudaView<'a, T>, usize)> {
-    let slice = s.as_cuda_slice::<T>()?;
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok((slice.slice(a..b), a)),
-        None => bail!("fused RMSNorm (cuda): {what} must be contiguous"),
-    }
+    shared::cuda::contiguous_view(s, layout, &format!("fused RMSNorm (cuda): {what}"))
 }
 
 /// `(suffix, V)`: the kernel name suffix and the elements per 16-byte vector of a dtype.

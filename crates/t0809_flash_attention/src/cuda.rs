@@ -13,7 +13,6 @@
 
 use crate::cpu::Dims;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -58,32 +57,18 @@ fn simple_bwd_smem() -> usize {
     (4 * S_TILE * S_ROW + 2 * S_TILE * (S_TILE + 1) + 2 * S_TILE) * 4
 }
 
-/// Loads a kernel of our module and allows it `smem` bytes of dynamic shared memory.
+/// Loads a kernel of our module (see `shared::cuda::load_kernel`).
 fn kernel(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction> {
-    let func = dev
-        .get_or_load_custom_func(name, MODULE, PTX)?
-        .into_cuda_function();
-    if smem > 48 * 1024 {
-        func.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .w()?;
-    }
-    Ok(func)
+    shared::cuda::load_kernel(dev, MODULE, PTX, name, smem)
 }
 
-/// The contiguous part of a storage described by `layout`, and its start offset (elements).
+/// The contiguous part of a storage, and its start offset (see `shared::cuda::contiguous_view`).
 fn view<'a, T: CudaDType>(
     s: &'a CudaStorage,
     layout: &Layout,
     what: &str,
 ) -> Result<(CudaView<'a, T>, usize)> {
-    let slice = s.as_cuda_slice::<T>()?;
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok((slice.slice(a..b), a)),
-        None => bail!("flash attention (cuda): {what} must be contiguous"),
-    }
+    shared::cuda::contiguous_view(s, layout, &format!("flash attention (cuda): {what}"))
 }
 
 fn check_dims(dims: Dims) -> Result<()> {
