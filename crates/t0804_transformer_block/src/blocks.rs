@@ -22,12 +22,20 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(vb: VarBuilder, d_model: usize, eps: f64) -> Result<Self> {
-        Ok(Self { gain: ones(&vb, d_model, "weight")?, bias: zeros(&vb, d_model, "bias")?, eps })
+        Ok(Self {
+            gain: ones(&vb, d_model, "weight")?,
+            bias: zeros(&vb, d_model, "bias")?,
+            eps,
+        })
     }
 
     pub fn from_weights(gain: Tensor, bias: Tensor, eps: f64) -> Result<Self> {
         if gain.dims() != bias.dims() || gain.rank() != 1 {
-            bail!("LayerNorm: gain {:?} and bias {:?} must be equal 1-D shapes", gain.dims(), bias.dims());
+            bail!(
+                "LayerNorm: gain {:?} and bias {:?} must be equal 1-D shapes",
+                gain.dims(),
+                bias.dims()
+            );
         }
         Ok(Self { gain, bias, eps })
     }
@@ -37,7 +45,11 @@ impl Layer for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         expect_last_dim(x, self.gain.dims()[0], "LayerNorm input")?;
         let dtype = x.dtype();
-        let compute = if dtype == DType::F64 { DType::F64 } else { DType::F32 }; // never below f32
+        let compute = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }; // never below f32
         let x = x.to_dtype(compute)?;
         let mean = x.mean_keepdim(D::Minus1)?; // (…, 1)
         let centred = x.broadcast_sub(&mean)?;
@@ -79,17 +91,46 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    pub fn new(vb: VarBuilder, d_model: usize, d_ff: usize, activation: Activation, bias: bool) -> Result<Self> {
-        let biases = if bias { Some((zeros(&vb, d_ff, "b1")?, zeros(&vb, d_model, "b2")?)) } else { None };
-        Ok(Self { w1: weight(&vb, d_ff, d_model, "w1")?, w2: weight(&vb, d_model, d_ff, "w2")?, biases, activation })
+    pub fn new(
+        vb: VarBuilder,
+        d_model: usize,
+        d_ff: usize,
+        activation: Activation,
+        bias: bool,
+    ) -> Result<Self> {
+        let biases = if bias {
+            Some((zeros(&vb, d_ff, "b1")?, zeros(&vb, d_model, "b2")?))
+        } else {
+            None
+        };
+        Ok(Self {
+            w1: weight(&vb, d_ff, d_model, "w1")?,
+            w2: weight(&vb, d_model, d_ff, "w2")?,
+            biases,
+            activation,
+        })
     }
 
-    pub fn from_weights(w1: Tensor, w2: Tensor, biases: Option<(Tensor, Tensor)>, activation: Activation) -> Result<Self> {
+    pub fn from_weights(
+        w1: Tensor,
+        w2: Tensor,
+        biases: Option<(Tensor, Tensor)>,
+        activation: Activation,
+    ) -> Result<Self> {
         let (d_ff, d_model) = w1.dims2()?;
         if w2.dims2()? != (d_model, d_ff) {
-            bail!("FeedForward: W1 {:?} and W2 {:?} do not match (expected W2 ({d_model}, {d_ff}))", w1.dims(), w2.dims());
+            bail!(
+                "FeedForward: W1 {:?} and W2 {:?} do not match (expected W2 ({d_model}, {d_ff}))",
+                w1.dims(),
+                w2.dims()
+            );
         }
-        Ok(Self { w1, w2, biases, activation })
+        Ok(Self {
+            w1,
+            w2,
+            biases,
+            activation,
+        })
     }
 }
 
@@ -117,7 +158,12 @@ pub enum NormPlacement {
 }
 
 /// One residual sub-layer: `x + f(norm(x))` (pre) or `norm(x + f(x))` (post).
-pub fn residual(x: &Tensor, norm: &dyn Layer, placement: NormPlacement, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+pub fn residual(
+    x: &Tensor,
+    norm: &dyn Layer,
+    placement: NormPlacement,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     match placement {
         NormPlacement::Pre => x + f(&norm.forward(x)?)?,
         NormPlacement::Post => norm.forward(&(x + f(x)?)?),
@@ -138,7 +184,11 @@ pub struct BlockConfig {
 
 impl BlockConfig {
     pub fn mha(&self) -> MhaConfig {
-        MhaConfig { d_model: self.d_model, n_heads: self.n_heads, bias: self.bias }
+        MhaConfig {
+            d_model: self.d_model,
+            n_heads: self.n_heads,
+            bias: self.bias,
+        }
     }
 }
 
@@ -158,7 +208,13 @@ impl EncoderBlock {
         Ok(Self {
             self_attn: MultiHeadAttention::new(vb.pp("self_attn"), cfg.mha())?,
             ln1: LayerNorm::new(vb.pp("ln1"), cfg.d_model, cfg.eps)?,
-            ffn: FeedForward::new(vb.pp("ffn"), cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias)?,
+            ffn: FeedForward::new(
+                vb.pp("ffn"),
+                cfg.d_model,
+                cfg.d_ff,
+                cfg.activation,
+                cfg.bias,
+            )?,
             ln2: LayerNorm::new(vb.pp("ln2"), cfg.d_model, cfg.eps)?,
             placement: cfg.placement,
         })
@@ -167,7 +223,9 @@ impl EncoderBlock {
     /// `x (batch, src, d_model)`; `src_mask` (`u8`, broadcastable to `(batch, heads, src, src)`,
     /// typically [`t0801_self_attention::key_padding_mask`]) hides padding keys.
     pub fn forward(&self, x: &Tensor, src_mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = residual(x, &self.ln1, self.placement, |y| Ok(self.self_attn.forward(y, src_mask)?.output))?;
+        let h = residual(x, &self.ln1, self.placement, |y| {
+            Ok(self.self_attn.forward(y, src_mask)?.output)
+        })?;
         residual(&h, &self.ln2, self.placement, |y| self.ffn.forward(y))
     }
 }
@@ -192,7 +250,13 @@ impl DecoderBlock {
             ln1: LayerNorm::new(vb.pp("ln1"), cfg.d_model, cfg.eps)?,
             cross_attn: MultiHeadAttention::new(vb.pp("cross_attn"), cfg.mha())?,
             ln2: LayerNorm::new(vb.pp("ln2"), cfg.d_model, cfg.eps)?,
-            ffn: FeedForward::new(vb.pp("ffn"), cfg.d_model, cfg.d_ff, cfg.activation, cfg.bias)?,
+            ffn: FeedForward::new(
+                vb.pp("ffn"),
+                cfg.d_model,
+                cfg.d_ff,
+                cfg.activation,
+                cfg.bias,
+            )?,
             ln3: LayerNorm::new(vb.pp("ln3"), cfg.d_model, cfg.eps)?,
             placement: cfg.placement,
         })
@@ -201,9 +265,22 @@ impl DecoderBlock {
     /// `x (batch, tgt, d_model)`, `memory (batch, src, d_model)` (the encoder output).
     /// `self_mask`: causal (and target padding) mask for `(batch, heads, tgt, tgt)`;
     /// `memory_mask`: source padding mask for `(batch, heads, tgt, src)`.
-    pub fn forward(&self, x: &Tensor, memory: &Tensor, self_mask: Option<&Tensor>, memory_mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = residual(x, &self.ln1, self.placement, |y| Ok(self.self_attn.forward(y, self_mask)?.output))?;
-        let h = residual(&h, &self.ln2, self.placement, |y| Ok(self.cross_attn.forward_cross(y, memory, memory_mask, None)?.output))?;
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        memory: &Tensor,
+        self_mask: Option<&Tensor>,
+        memory_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let h = residual(x, &self.ln1, self.placement, |y| {
+            Ok(self.self_attn.forward(y, self_mask)?.output)
+        })?;
+        let h = residual(&h, &self.ln2, self.placement, |y| {
+            Ok(self
+                .cross_attn
+                .forward_cross(y, memory, memory_mask, None)?
+                .output)
+        })?;
         residual(&h, &self.ln3, self.placement, |y| self.ffn.forward(y))
     }
 }

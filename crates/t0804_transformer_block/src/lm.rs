@@ -81,8 +81,12 @@ pub struct DecoderOnlyBlock {
 
 impl DecoderOnlyBlock {
     pub fn forward(&self, x: &Tensor, start_pos: usize) -> Result<Tensor> {
-        let h = residual(x, self.attn_norm.as_ref(), self.placement, |y| self.attn.forward(y, start_pos))?;
-        residual(&h, self.ffn_norm.as_ref(), self.placement, |y| self.ffn.forward(y))
+        let h = residual(x, self.attn_norm.as_ref(), self.placement, |y| {
+            self.attn.forward(y, start_pos)
+        })?;
+        residual(&h, self.ffn_norm.as_ref(), self.placement, |y| {
+            self.ffn.forward(y)
+        })
     }
 }
 
@@ -116,10 +120,17 @@ impl DecoderOnlyLm {
             bail!("empty input: the model needs at least one token");
         }
         if start_pos + t > self.max_seq_len {
-            bail!("sequence of {} positions exceeds the model's maximum context of {}", start_pos + t, self.max_seq_len);
+            bail!(
+                "sequence of {} positions exceeds the model's maximum context of {}",
+                start_pos + t,
+                self.max_seq_len
+            );
         }
         let ids = tokens.flatten_all()?;
-        let x = self.token_embedding.index_select(&ids, 0)?.reshape((b, t, self.d_model()))?;
+        let x = self
+            .token_embedding
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.d_model()))?;
         match &self.positions {
             Some(p) => x.broadcast_add(&p.encode(t, start_pos, x.device())?.to_dtype(x.dtype())?),
             None => Ok(x),
@@ -179,7 +190,11 @@ pub struct ClassicLmConfig {
 impl ClassicLmConfig {
     pub fn validate(&self) -> Result<()> {
         self.block.mha().d_head()?;
-        if self.vocab_size == 0 || self.max_seq_len == 0 || self.n_layers == 0 || self.block.d_ff == 0 {
+        if self.vocab_size == 0
+            || self.max_seq_len == 0
+            || self.n_layers == 0
+            || self.block.d_ff == 0
+        {
             bail!("ClassicLmConfig: vocab_size, max_seq_len, n_layers and d_ff must be positive: {self:?}");
         }
         Ok(())
@@ -196,16 +211,28 @@ pub fn build_classic_lm(vb: VarBuilder, cfg: &ClassicLmConfig) -> Result<Decoder
         let vb = vb.pp(format!("blocks.{i}"));
         blocks.push(DecoderOnlyBlock {
             attn_norm: Box::new(LayerNorm::new(vb.pp("attn_norm"), d, b.eps)?),
-            attn: Box::new(CausalMha { mha: MultiHeadAttention::new(vb.pp("attn"), b.mha())? }),
+            attn: Box::new(CausalMha {
+                mha: MultiHeadAttention::new(vb.pp("attn"), b.mha())?,
+            }),
             ffn_norm: Box::new(LayerNorm::new(vb.pp("ffn_norm"), d, b.eps)?),
-            ffn: Box::new(FeedForward::new(vb.pp("ffn"), d, b.d_ff, b.activation, b.bias)?),
+            ffn: Box::new(FeedForward::new(
+                vb.pp("ffn"),
+                d,
+                b.d_ff,
+                b.activation,
+                b.bias,
+            )?),
             placement: b.placement,
         });
     }
     let positions: Option<Box<dyn AbsolutePositions>> = match cfg.positions {
         PositionKind::None => None,
         PositionKind::Sinusoidal => Some(Box::new(Sinusoidal { d_model: d })),
-        PositionKind::Learned => Some(Box::new(LearnedPositions::new(vb.pp("positions"), cfg.max_seq_len, d)?)),
+        PositionKind::Learned => Some(Box::new(LearnedPositions::new(
+            vb.pp("positions"),
+            cfg.max_seq_len,
+            d,
+        )?)),
     };
     let final_norm: Option<Box<dyn Layer>> = match b.placement {
         NormPlacement::Pre => Some(Box::new(LayerNorm::new(vb.pp("final_norm"), d, b.eps)?)),
@@ -217,7 +244,11 @@ pub fn build_classic_lm(vb: VarBuilder, cfg: &ClassicLmConfig) -> Result<Decoder
         blocks,
         final_norm,
         lm_head: weight(&vb, cfg.vocab_size, d, "lm_head")?,
-        lm_head_bias: if b.bias { Some(zeros(&vb, cfg.vocab_size, "lm_head_bias")?) } else { None },
+        lm_head_bias: if b.bias {
+            Some(zeros(&vb, cfg.vocab_size, "lm_head_bias")?)
+        } else {
+            None
+        },
         max_seq_len: cfg.max_seq_len,
     })
 }

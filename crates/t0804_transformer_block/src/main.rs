@@ -13,7 +13,10 @@ use clap::Parser;
 use shared::cli::CommonArgs;
 use shared::report::{bar_chart, line_chart, print_table, Axes, RunReport, Series};
 use shared::tokenizer::{load_corpus, Corpus};
-use shared::train::{grad_norm, train_lm, unigram_entropy, AdamWConfig, LmCurve, LmTrainSpec, ScheduleConfig, Trainer};
+use shared::train::{
+    grad_norm, train_lm, unigram_entropy, AdamWConfig, LmCurve, LmTrainSpec, ScheduleConfig,
+    Trainer,
+};
 use t0804_transformer_block::*;
 
 const TOPIC: &str = "t0804_transformer_block";
@@ -67,16 +70,46 @@ fn model_config(s: &Shape, placement: NormPlacement) -> ClassicLmConfig {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let ctx = args.common.setup(TOPIC, "pre-norm vs post-norm at a standard and an aggressive learning rate")?;
+    let ctx = args.common.setup(
+        TOPIC,
+        "pre-norm vs post-norm at a standard and an aggressive learning rate",
+    )?;
     let dev = &ctx.picked.device;
     let gpu = dev.is_cuda();
     let quick = args.common.quick;
     let shape = match (quick, gpu) {
-        (true, _) => Shape { vocab: 2048, d_model: 64, n_layers: 2, n_heads: 4, seq_len: 32, batch: 8, steps: 40 },
-        (false, false) => Shape { vocab: 4096, d_model: 128, n_layers: 4, n_heads: 4, seq_len: 64, batch: 16, steps: 300 },
-        (false, true) => Shape { vocab: 8192, d_model: 384, n_layers: 6, n_heads: 6, seq_len: 256, batch: 32, steps: 1500 },
+        (true, _) => Shape {
+            vocab: 2048,
+            d_model: 64,
+            n_layers: 2,
+            n_heads: 4,
+            seq_len: 32,
+            batch: 8,
+            steps: 40,
+        },
+        (false, false) => Shape {
+            vocab: 4096,
+            d_model: 128,
+            n_layers: 4,
+            n_heads: 4,
+            seq_len: 64,
+            batch: 16,
+            steps: 300,
+        },
+        (false, true) => Shape {
+            vocab: 8192,
+            d_model: 384,
+            n_layers: 6,
+            n_heads: 6,
+            seq_len: 256,
+            batch: 32,
+            steps: 1500,
+        },
     };
-    let shape = Shape { steps: args.steps.unwrap_or(shape.steps), ..shape };
+    let shape = Shape {
+        steps: args.steps.unwrap_or(shape.steps),
+        ..shape
+    };
     let data = load_corpus(args.corpus, args.common.data_dir.as_deref(), shape.vocab)?;
     let vocab = data.tokenizer.vocab_size();
     let shape = Shape { vocab, ..shape };
@@ -104,19 +137,30 @@ fn main() -> Result<()> {
     );
 
     // 1. Gradient reaching each layer at initialisation (a deeper stack shows it best).
-    let deep = Shape { n_layers: (shape.n_layers * 2).max(8), ..shape };
+    let deep = Shape {
+        n_layers: (shape.n_layers * 2).max(8),
+        ..shape
+    };
     let mut by_layer = Vec::new();
     for placement in [NormPlacement::Pre, NormPlacement::Post] {
         shared::params::set_seed(args.common.seed);
         let varmap = VarMap::new();
-        let lm = build_classic_lm(VarBuilder::from_varmap(&varmap, ctx.dtype, dev), &model_config(&deep, placement))?;
-        let batch = shared::batching::LmBatcher::new(deep.batch, deep.seq_len, args.common.seed).batch(&data.train, 0, dev)?;
+        let lm = build_classic_lm(
+            VarBuilder::from_varmap(&varmap, ctx.dtype, dev),
+            &model_config(&deep, placement),
+        )?;
+        let batch = shared::batching::LmBatcher::new(deep.batch, deep.seq_len, args.common.seed)
+            .batch(&data.train, 0, dev)?;
         let grads = lm.loss(&batch.x, &batch.y)?.backward()?;
         let vars = shared::params::named_vars(&varmap);
         let norms: Vec<f64> = (0..deep.n_layers)
             .map(|i| {
                 let prefix = format!("blocks.{i}.");
-                let layer: Vec<_> = vars.iter().filter(|(n, _)| n.starts_with(&prefix)).cloned().collect();
+                let layer: Vec<_> = vars
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(&prefix))
+                    .cloned()
+                    .collect();
                 grad_norm(&grads, &layer)
             })
             .collect::<Result<_>>()?;
@@ -124,17 +168,34 @@ fn main() -> Result<()> {
     }
     let layer_series: Vec<Series> = by_layer
         .iter()
-        .map(|(p, n)| Series::new(format!("{p:?}-norm"), n.iter().enumerate().map(|(i, g)| (i as f64, *g)).collect()))
+        .map(|(p, n)| {
+            Series::new(
+                format!("{p:?}-norm"),
+                n.iter().enumerate().map(|(i, g)| (i as f64, *g)).collect(),
+            )
+        })
         .collect();
     line_chart(
         &ctx.out_dir.join("grad_norm_by_layer.png"),
-        &format!("Gradient norm per block at initialisation ({} blocks)", deep.n_layers),
+        &format!(
+            "Gradient norm per block at initialisation ({} blocks)",
+            deep.n_layers
+        ),
         "block index (0 = nearest the embeddings)",
         "‖∂loss/∂θ_block‖",
         &layer_series,
-        Axes { log_x: false, log_y: true },
+        Axes {
+            log_x: false,
+            log_y: true,
+        },
     )?;
-    report.metric("grad_norm_by_layer_at_init", by_layer.iter().map(|(p, n)| (format!("{p:?}"), n.clone())).collect::<Vec<_>>());
+    report.metric(
+        "grad_norm_by_layer_at_init",
+        by_layer
+            .iter()
+            .map(|(p, n)| (format!("{p:?}"), n.clone()))
+            .collect::<Vec<_>>(),
+    );
 
     // 2. Training runs.
     let regimes = [
@@ -146,8 +207,17 @@ fn main() -> Result<()> {
         for placement in [NormPlacement::Pre, NormPlacement::Post] {
             shared::params::set_seed(args.common.seed);
             let varmap = VarMap::new();
-            let lm = build_classic_lm(VarBuilder::from_varmap(&varmap, ctx.dtype, dev), &model_config(&shape, placement))?;
-            let schedule = ScheduleConfig { max_lr: lr, min_lr: lr / 10.0, warmup_steps: warmup, total_steps: shape.steps, clip_norm: clip };
+            let lm = build_classic_lm(
+                VarBuilder::from_varmap(&varmap, ctx.dtype, dev),
+                &model_config(&shape, placement),
+            )?;
+            let schedule = ScheduleConfig {
+                max_lr: lr,
+                min_lr: lr / 10.0,
+                warmup_steps: warmup,
+                total_steps: shape.steps,
+                clip_norm: clip,
+            };
             let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule)?;
             let label = format!("{placement:?}-norm {regime}");
             let spec = LmTrainSpec {
@@ -168,28 +238,76 @@ fn main() -> Result<()> {
     // 3. Figures and summary.
     let smooth = |pts: Vec<(f64, f64)>| -> Vec<(f64, f64)> {
         let w = 10usize;
-        (0..pts.len()).map(|i| {
-            let lo = i.saturating_sub(w - 1);
-            let m = pts[lo..=i].iter().map(|p| p.1).sum::<f64>() / (i + 1 - lo) as f64;
-            (pts[i].0, m)
-        }).collect()
+        (0..pts.len())
+            .map(|i| {
+                let lo = i.saturating_sub(w - 1);
+                let m = pts[lo..=i].iter().map(|p| p.1).sum::<f64>() / (i + 1 - lo) as f64;
+                (pts[i].0, m)
+            })
+            .collect()
     };
-    let train_series: Vec<Series> =
-        runs.iter().map(|(l, c)| Series::new(l.clone(), smooth(c.train.iter().map(|t| (t.0 as f64, t.1)).collect()))).collect();
-    line_chart(&ctx.out_dir.join("loss_vs_step.png"), "Training loss (10-step mean)", "step", "cross-entropy (nats)", &train_series, Axes::default())?;
-    let valid_series: Vec<Series> =
-        runs.iter().map(|(l, c)| Series::new(l.clone(), c.valid.iter().map(|v| (v.2, v.1)).collect())).collect();
-    line_chart(&ctx.out_dir.join("valid_loss_vs_wall.png"), "Validation loss vs wall-clock", "seconds", "cross-entropy (nats)", &valid_series, Axes::default())?;
-    let gn_series: Vec<Series> =
-        runs.iter().map(|(l, c)| Series::new(l.clone(), smooth(c.train.iter().map(|t| (t.0 as f64, t.2)).collect()))).collect();
-    line_chart(&ctx.out_dir.join("grad_norm_vs_step.png"), "Global gradient norm (before clipping, 10-step mean)", "step", "‖g‖", &gn_series, Axes { log_x: false, log_y: true })?;
-    let finals: Vec<f64> = runs.iter().map(|(_, c)| c.final_valid_loss().unwrap_or(f64::NAN)).collect();
+    let train_series: Vec<Series> = runs
+        .iter()
+        .map(|(l, c)| {
+            Series::new(
+                l.clone(),
+                smooth(c.train.iter().map(|t| (t.0 as f64, t.1)).collect()),
+            )
+        })
+        .collect();
+    line_chart(
+        &ctx.out_dir.join("loss_vs_step.png"),
+        "Training loss (10-step mean)",
+        "step",
+        "cross-entropy (nats)",
+        &train_series,
+        Axes::default(),
+    )?;
+    let valid_series: Vec<Series> = runs
+        .iter()
+        .map(|(l, c)| Series::new(l.clone(), c.valid.iter().map(|v| (v.2, v.1)).collect()))
+        .collect();
+    line_chart(
+        &ctx.out_dir.join("valid_loss_vs_wall.png"),
+        "Validation loss vs wall-clock",
+        "seconds",
+        "cross-entropy (nats)",
+        &valid_series,
+        Axes::default(),
+    )?;
+    let gn_series: Vec<Series> = runs
+        .iter()
+        .map(|(l, c)| {
+            Series::new(
+                l.clone(),
+                smooth(c.train.iter().map(|t| (t.0 as f64, t.2)).collect()),
+            )
+        })
+        .collect();
+    line_chart(
+        &ctx.out_dir.join("grad_norm_vs_step.png"),
+        "Global gradient norm (before clipping, 10-step mean)",
+        "step",
+        "‖g‖",
+        &gn_series,
+        Axes {
+            log_x: false,
+            log_y: true,
+        },
+    )?;
+    let finals: Vec<f64> = runs
+        .iter()
+        .map(|(_, c)| c.final_valid_loss().unwrap_or(f64::NAN))
+        .collect();
     bar_chart(
         &ctx.out_dir.join("final_valid_loss.png"),
         "Final validation loss (NaN bar = diverged)",
         "cross-entropy (nats)",
         &runs.iter().map(|(l, _)| l.clone()).collect::<Vec<_>>(),
-        &finals.iter().map(|v| if v.is_finite() { *v } else { 0.0 }).collect::<Vec<_>>(),
+        &finals
+            .iter()
+            .map(|v| if v.is_finite() { *v } else { 0.0 })
+            .collect::<Vec<_>>(),
     )?;
 
     let mut rows = Vec::new();
@@ -201,7 +319,8 @@ fn main() -> Result<()> {
             label.clone(),
             v.map_or("-".into(), |v| format!("{v:.3}")),
             v.map_or("-".into(), |v| format!("{:.1}", v.exp())),
-            c.diverged_at.map_or("no".into(), |s| format!("at step {s}")),
+            c.diverged_at
+                .map_or("no".into(), |s| format!("at step {s}")),
             format!("{max_gn:.2}"),
             format!("{:.0}", c.tokens_per_s),
         ]);
@@ -213,18 +332,35 @@ fn main() -> Result<()> {
         }));
     }
     println!();
-    print_table(&["run", "valid loss", "valid ppl", "diverged", "max ‖g‖", "tok/s"], &rows);
+    print_table(
+        &[
+            "run",
+            "valid loss",
+            "valid ppl",
+            "diverged",
+            "max ‖g‖",
+            "tok/s",
+        ],
+        &rows,
+    );
     println!("unigram entropy of the training tokens: {h_unigram:.3} nats (a context-free model's best loss)");
     let (pre, post) = (&by_layer[0].1, &by_layer[1].1);
     println!(
         "gradient norm, first/last block at init: pre-norm {:.3}/{:.3}, post-norm {:.3}/{:.3}",
-        pre[0], pre[pre.len() - 1], post[0], post[post.len() - 1]
+        pre[0],
+        pre[pre.len() - 1],
+        post[0],
+        post[post.len() - 1]
     );
     report.metric("unigram_entropy", h_unigram);
     report.metric("runs", metrics);
     report.metric("train_tokens", data.train.len());
     let _ = DType::F32;
     let path = report.write(&ctx.out_dir)?;
-    println!("wrote {} and figures in {}", path.display(), ctx.out_dir.display());
+    println!(
+        "wrote {} and figures in {}",
+        path.display(),
+        ctx.out_dir.display()
+    );
     Ok(())
 }

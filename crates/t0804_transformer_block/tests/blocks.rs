@@ -13,7 +13,15 @@ fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
 }
 
 fn cfg(placement: NormPlacement) -> BlockConfig {
-    BlockConfig { d_model: 12, n_heads: 3, d_ff: 20, activation: Activation::Relu, placement, bias: true, eps: 1e-5 }
+    BlockConfig {
+        d_model: 12,
+        n_heads: 3,
+        d_ff: 20,
+        activation: Activation::Relu,
+        placement,
+        bias: true,
+        eps: 1e-5,
+    }
 }
 
 /// Random parameters everywhere (gains and biases too), so the references check every term.
@@ -28,11 +36,19 @@ fn ln_ref(x: &[f64], g: &[f64], b: &[f64], eps: f64) -> Vec<f64> {
     let n = x.len() as f64;
     let mean = x.iter().sum::<f64>() / n;
     let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
-    x.iter().enumerate().map(|(i, v)| (v - mean) / (var + eps).sqrt() * g[i] + b[i]).collect()
+    x.iter()
+        .enumerate()
+        .map(|(i, v)| (v - mean) / (var + eps).sqrt() * g[i] + b[i])
+        .collect()
 }
 
 fn matvec(w: &[Vec<f64>], x: &[f64], b: Option<&[f64]>) -> Vec<f64> {
-    w.iter().enumerate().map(|(o, row)| row.iter().zip(x).map(|(a, c)| a * c).sum::<f64>() + b.map_or(0.0, |b| b[o])).collect()
+    w.iter()
+        .enumerate()
+        .map(|(o, row)| {
+            row.iter().zip(x).map(|(a, c)| a * c).sum::<f64>() + b.map_or(0.0, |b| b[o])
+        })
+        .collect()
 }
 
 fn vec1(t: &Tensor) -> Vec<f64> {
@@ -63,20 +79,36 @@ fn layer_norm_matches_float64_and_candle_nn() -> Result<()> {
 }
 
 /// Float64 reference of multi-head attention (heads = row groups of the projections).
-fn mha_ref(x_q: &[Vec<f64>], x_kv: &[Vec<f64>], p: &[Vec<Vec<f64>>; 4], bias: &[Vec<f64>; 4], heads: usize, mask: Option<&[Vec<bool>]>) -> Vec<Vec<f64>> {
-    let proj = |xs: &[Vec<f64>], i: usize| -> Vec<Vec<f64>> { xs.iter().map(|x| matvec(&p[i], x, Some(&bias[i]))).collect() };
+fn mha_ref(
+    x_q: &[Vec<f64>],
+    x_kv: &[Vec<f64>],
+    p: &[Vec<Vec<f64>>; 4],
+    bias: &[Vec<f64>; 4],
+    heads: usize,
+    mask: Option<&[Vec<bool>]>,
+) -> Vec<Vec<f64>> {
+    let proj = |xs: &[Vec<f64>], i: usize| -> Vec<Vec<f64>> {
+        xs.iter()
+            .map(|x| matvec(&p[i], x, Some(&bias[i])))
+            .collect()
+    };
     let (q, k, v) = (proj(x_q, 0), proj(x_kv, 1), proj(x_kv, 2));
     let d = q[0].len();
     let dh = d / heads;
     let mut concat = vec![vec![0.0; d]; q.len()];
     for h in 0..heads {
-        let cut = |m: &Vec<Vec<f64>>| -> Vec<Vec<f64>> { m.iter().map(|r| r[h * dh..(h + 1) * dh].to_vec()).collect() };
+        let cut = |m: &Vec<Vec<f64>>| -> Vec<Vec<f64>> {
+            m.iter().map(|r| r[h * dh..(h + 1) * dh].to_vec()).collect()
+        };
         let (out, _) = reference_attention(&cut(&q), &cut(&k), &cut(&v), mask);
         for (i, row) in out.iter().enumerate() {
             concat[i][h * dh..(h + 1) * dh].copy_from_slice(row);
         }
     }
-    concat.iter().map(|c| matvec(&p[3], c, Some(&bias[3]))).collect()
+    concat
+        .iter()
+        .map(|c| matvec(&p[3], c, Some(&bias[3])))
+        .collect()
 }
 
 #[test]
@@ -84,7 +116,10 @@ fn encoder_block_matches_float64_reference_pre_and_post() -> Result<()> {
     for placement in [NormPlacement::Pre, NormPlacement::Post] {
         let dev = Device::Cpu;
         let varmap = VarMap::new();
-        let block = EncoderBlock::new(VarBuilder::from_varmap(&varmap, DType::F64, &dev), &cfg(placement))?;
+        let block = EncoderBlock::new(
+            VarBuilder::from_varmap(&varmap, DType::F64, &dev),
+            &cfg(placement),
+        )?;
         randomise(&varmap)?;
         let x = Tensor::randn(0f64, 1.0, (1, 6, 12), &dev)?;
         let got = vec2(&block.forward(&x, None)?.squeeze(0)?);
@@ -95,11 +130,19 @@ fn encoder_block_matches_float64_reference_pre_and_post() -> Result<()> {
         let ln = |l: &LayerNorm, r: &[f64]| ln_ref(r, &vec1(&l.gain), &vec1(&l.bias), 1e-5);
         let (b1, b2) = block.ffn.biases.as_ref().unwrap();
         let ffn = |r: &[f64]| -> Vec<f64> {
-            let h: Vec<f64> = matvec(&vec2(&block.ffn.w1), r, Some(&vec1(b1))).into_iter().map(|v| v.max(0.0)).collect();
+            let h: Vec<f64> = matvec(&vec2(&block.ffn.w1), r, Some(&vec1(b1)))
+                .into_iter()
+                .map(|v| v.max(0.0))
+                .collect();
             matvec(&vec2(&block.ffn.w2), &h, Some(&vec1(b2)))
         };
         let xs = vec2(&x.squeeze(0)?);
-        let add = |a: &[Vec<f64>], b: &[Vec<f64>]| -> Vec<Vec<f64>> { a.iter().zip(b).map(|(r, s)| r.iter().zip(s).map(|(u, v)| u + v).collect()).collect() };
+        let add = |a: &[Vec<f64>], b: &[Vec<f64>]| -> Vec<Vec<f64>> {
+            a.iter()
+                .zip(b)
+                .map(|(r, s)| r.iter().zip(s).map(|(u, v)| u + v).collect())
+                .collect()
+        };
         let want = match placement {
             NormPlacement::Pre => {
                 let n1: Vec<Vec<f64>> = xs.iter().map(|r| ln(&block.ln1, r)).collect();
@@ -108,13 +151,19 @@ fn encoder_block_matches_float64_reference_pre_and_post() -> Result<()> {
                 add(&h, &f)
             }
             NormPlacement::Post => {
-                let h: Vec<Vec<f64>> = add(&xs, &mha_ref(&xs, &xs, &p, &pb, 3, None)).iter().map(|r| ln(&block.ln1, r)).collect();
+                let h: Vec<Vec<f64>> = add(&xs, &mha_ref(&xs, &xs, &p, &pb, 3, None))
+                    .iter()
+                    .map(|r| ln(&block.ln1, r))
+                    .collect();
                 let f: Vec<Vec<f64>> = h.iter().map(|r| ffn(r)).collect();
                 add(&h, &f).iter().map(|r| ln(&block.ln2, r)).collect()
             }
         };
         for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
-            assert!((g - w).abs() < 1e-9 * (1.0 + w.abs()), "{placement:?}: {g} vs {w}");
+            assert!(
+                (g - w).abs() < 1e-9 * (1.0 + w.abs()),
+                "{placement:?}: {g} vs {w}"
+            );
         }
     }
     Ok(())
@@ -124,16 +173,28 @@ fn encoder_block_matches_float64_reference_pre_and_post() -> Result<()> {
 fn causal_decoder_block_ignores_future_tokens() -> Result<()> {
     let dev = Device::Cpu;
     let varmap = VarMap::new();
-    let block = DecoderBlock::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg(NormPlacement::Pre))?;
+    let block = DecoderBlock::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        &cfg(NormPlacement::Pre),
+    )?;
     randomise(&varmap)?;
     let memory = Tensor::randn(0f32, 1.0, (2, 5, 12), &dev)?;
     let x = Tensor::randn(0f32, 1.0, (2, 7, 12), &dev)?;
     let mask = causal_mask(7, 7, &dev)?;
     let before = block.forward(&x, &memory, Some(&mask), None)?;
     // Change token 4 onwards: positions 0..4 must not move, later ones must.
-    let changed = Tensor::cat(&[x.narrow(1, 0, 4)?, Tensor::randn(0f32, 1.0, (2, 3, 12), &dev)?], 1)?;
+    let changed = Tensor::cat(
+        &[
+            x.narrow(1, 0, 4)?,
+            Tensor::randn(0f32, 1.0, (2, 3, 12), &dev)?,
+        ],
+        1,
+    )?;
     let after = block.forward(&changed, &memory, Some(&mask), None)?;
-    assert_eq!(before.narrow(1, 0, 4)?.flatten_all()?.to_vec1::<f32>()?, after.narrow(1, 0, 4)?.flatten_all()?.to_vec1::<f32>()?);
+    assert_eq!(
+        before.narrow(1, 0, 4)?.flatten_all()?.to_vec1::<f32>()?,
+        after.narrow(1, 0, 4)?.flatten_all()?.to_vec1::<f32>()?
+    );
     assert!(rel_err(&after.narrow(1, 4, 3)?, &before.narrow(1, 4, 3)?)? > 1e-3);
     Ok(())
 }
@@ -142,7 +203,10 @@ fn causal_decoder_block_ignores_future_tokens() -> Result<()> {
 fn cross_attention_sees_only_real_encoder_positions() -> Result<()> {
     let dev = Device::Cpu;
     let varmap = VarMap::new();
-    let block = DecoderBlock::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg(NormPlacement::Post))?;
+    let block = DecoderBlock::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        &cfg(NormPlacement::Post),
+    )?;
     randomise(&varmap)?;
     let key_mask = Tensor::new(&[[1u8, 1, 1, 0, 0], [1, 1, 1, 1, 1]], &dev)?;
     let memory_mask = key_padding_mask(&key_mask)?;
@@ -151,14 +215,30 @@ fn cross_attention_sees_only_real_encoder_positions() -> Result<()> {
     let self_mask = causal_mask(4, 4, &dev)?;
     let out = block.forward(&x, &memory, Some(&self_mask), Some(&memory_mask))?;
     // Scramble the padded memory positions of sequence 0: its output must not change.
-    let scrambled0 = Tensor::cat(&[memory.get(0)?.narrow(0, 0, 3)?, Tensor::randn(0f32, 5.0, (2, 12), &dev)?], 0)?;
+    let scrambled0 = Tensor::cat(
+        &[
+            memory.get(0)?.narrow(0, 0, 3)?,
+            Tensor::randn(0f32, 5.0, (2, 12), &dev)?,
+        ],
+        0,
+    )?;
     let memory2 = Tensor::stack(&[scrambled0, memory.get(1)?], 0)?;
     let out2 = block.forward(&x, &memory2, Some(&self_mask), Some(&memory_mask))?;
     assert!(rel_err(&out2, &out)? < 1e-6);
     // The cross-attention weights on padding are exactly zero.
-    let h = block.ln1.forward(&(&x + block.self_attn.forward(&x, Some(&self_mask))?.output)?)?;
-    let w = block.cross_attn.forward_cross(&h, &memory, Some(&memory_mask), None)?.weights;
-    let padded = w.get(0)?.narrow(D::Minus1, 3, 2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let h = block
+        .ln1
+        .forward(&(&x + block.self_attn.forward(&x, Some(&self_mask))?.output)?)?;
+    let w = block
+        .cross_attn
+        .forward_cross(&h, &memory, Some(&memory_mask), None)?
+        .weights;
+    let padded = w
+        .get(0)?
+        .narrow(D::Minus1, 3, 2)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
     assert_eq!(padded, 0.0);
     Ok(())
 }
@@ -167,17 +247,31 @@ fn cross_attention_sees_only_real_encoder_positions() -> Result<()> {
 fn block_gradients_match_finite_differences_in_f64() -> Result<()> {
     let dev = Device::Cpu;
     let varmap = VarMap::new();
-    let c = BlockConfig { activation: Activation::Gelu, ..cfg(NormPlacement::Pre) };
+    let c = BlockConfig {
+        activation: Activation::Gelu,
+        ..cfg(NormPlacement::Pre)
+    };
     let block = EncoderBlock::new(VarBuilder::from_varmap(&varmap, DType::F64, &dev), &c)?;
     randomise(&varmap)?;
     let x = Var::randn(0f64, 1.0, (1, 4, 12), &dev)?;
     let probe = Tensor::randn(0f64, 1.0, (1, 4, 12), &dev)?;
-    let loss = |x: &Tensor| -> Result<f64> { (block.forward(x, None)? * &probe)?.sum_all()?.to_scalar::<f64>() };
+    let loss = |x: &Tensor| -> Result<f64> {
+        (block.forward(x, None)? * &probe)?
+            .sum_all()?
+            .to_scalar::<f64>()
+    };
     let grads = (block.forward(&x, None)? * &probe)?.sum_all()?.backward()?;
     // Check d loss / d x and d loss / d (a few parameters) by central differences.
     let mut checked = 0;
-    for (name, var) in shared::params::named_vars(&varmap).into_iter().chain([("x".to_string(), x.clone())]) {
-        let analytic = grads.get(var.as_tensor()).expect("grad").flatten_all()?.to_vec1::<f64>()?;
+    for (name, var) in shared::params::named_vars(&varmap)
+        .into_iter()
+        .chain([("x".to_string(), x.clone())])
+    {
+        let analytic = grads
+            .get(var.as_tensor())
+            .expect("grad")
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
         for i in (0..base.len()).step_by(base.len() / 3 + 1) {
             let eval = |delta: f64| -> Result<f64> {
@@ -190,7 +284,11 @@ fn block_gradients_match_finite_differences_in_f64() -> Result<()> {
             };
             let numeric = (eval(1e-6)? - eval(-1e-6)?) / 2e-6;
             let err = (numeric - analytic[i]).abs() / (1.0 + analytic[i].abs());
-            assert!(err < 1e-6, "{name}[{i}]: numeric {numeric} vs analytic {}", analytic[i]);
+            assert!(
+                err < 1e-6,
+                "{name}[{i}]: numeric {numeric} vs analytic {}",
+                analytic[i]
+            );
             checked += 1;
         }
     }
@@ -203,15 +301,30 @@ fn classic_lm_rejects_bad_configs_and_overlong_inputs() -> Result<()> {
     let dev = Device::Cpu;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let mut c = ClassicLmConfig { vocab_size: 50, max_seq_len: 8, n_layers: 2, block: cfg(NormPlacement::Pre), positions: PositionKind::Learned };
+    let mut c = ClassicLmConfig {
+        vocab_size: 50,
+        max_seq_len: 8,
+        n_layers: 2,
+        block: cfg(NormPlacement::Pre),
+        positions: PositionKind::Learned,
+    };
     c.block.n_heads = 5;
-    assert!(build_classic_lm(vb.clone(), &c).err().unwrap().to_string().contains("n_heads (5) must divide d_model (12)"));
+    assert!(build_classic_lm(vb.clone(), &c)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("n_heads (5) must divide d_model (12)"));
     c.block.n_heads = 3;
     let lm = build_classic_lm(vb, &c)?;
     let ok = Tensor::zeros((2, 8), DType::U32, &dev)?;
     assert_eq!(lm.forward(&ok, 0)?.dims(), &[2, 8, 50]);
     let long = Tensor::zeros((1, 9), DType::U32, &dev)?;
-    assert!(lm.forward(&long, 0).err().unwrap().to_string().contains("exceeds the model's maximum context of 8"));
+    assert!(lm
+        .forward(&long, 0)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("exceeds the model's maximum context of 8"));
     let empty = Tensor::zeros((1, 0), DType::U32, &dev)?;
     assert!(lm.forward(&empty, 0).is_err());
     Ok(())

@@ -31,7 +31,9 @@ use shared::batching::Seq2SeqBatch;
 use shared::params::{normal, weight};
 use t0801_self_attention::{and_masks, causal_mask, key_padding_mask};
 use t0803_positional_encoding::sinusoidal;
-use t0804_transformer_block::{Activation, BlockConfig, DecoderBlock, EncoderBlock, Layer, LayerNorm, NormPlacement};
+use t0804_transformer_block::{
+    Activation, BlockConfig, DecoderBlock, EncoderBlock, Layer, LayerNorm, NormPlacement,
+};
 
 /// Shape of the encoder–decoder model.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -63,7 +65,11 @@ impl TransformerConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.block().mha().d_head()?;
-        if self.vocab_size == 0 || self.max_len == 0 || self.n_encoder_layers == 0 || self.n_decoder_layers == 0 {
+        if self.vocab_size == 0
+            || self.max_len == 0
+            || self.n_encoder_layers == 0
+            || self.n_decoder_layers == 0
+        {
             bail!("TransformerConfig: sizes must be positive: {self:?}");
         }
         Ok(())
@@ -87,8 +93,12 @@ impl Transformer {
     pub fn new(vb: VarBuilder, cfg: TransformerConfig) -> Result<Self> {
         cfg.validate()?;
         let b = cfg.block();
-        let encoder = (0..cfg.n_encoder_layers).map(|i| EncoderBlock::new(vb.pp(format!("encoder.{i}")), &b)).collect::<Result<_>>()?;
-        let decoder = (0..cfg.n_decoder_layers).map(|i| DecoderBlock::new(vb.pp(format!("decoder.{i}")), &b)).collect::<Result<_>>()?;
+        let encoder = (0..cfg.n_encoder_layers)
+            .map(|i| EncoderBlock::new(vb.pp(format!("encoder.{i}")), &b))
+            .collect::<Result<_>>()?;
+        let decoder = (0..cfg.n_decoder_layers)
+            .map(|i| DecoderBlock::new(vb.pp(format!("decoder.{i}")), &b))
+            .collect::<Result<_>>()?;
         let final_norm = |name: &str| -> Result<Option<LayerNorm>> {
             match cfg.placement {
                 NormPlacement::Pre => Ok(Some(LayerNorm::new(vb.pp(name), cfg.d_model, b.eps)?)),
@@ -98,7 +108,12 @@ impl Transformer {
         Ok(Self {
             cfg,
             // σ = 1/√d_model: after the √d_model scaling of `embed`, token vectors have unit-size entries.
-            token_embedding: normal(&vb, (cfg.vocab_size, cfg.d_model), "token_embedding", 1.0 / (cfg.d_model as f64).sqrt())?,
+            token_embedding: normal(
+                &vb,
+                (cfg.vocab_size, cfg.d_model),
+                "token_embedding",
+                1.0 / (cfg.d_model as f64).sqrt(),
+            )?,
             encoder,
             decoder,
             encoder_norm: final_norm("encoder_norm")?,
@@ -114,10 +129,17 @@ impl Transformer {
             bail!("empty sequence: the source and the target need at least one token");
         }
         if n > self.cfg.max_len {
-            bail!("sequence of {n} tokens is longer than the model's maximum length {}", self.cfg.max_len);
+            bail!(
+                "sequence of {n} tokens is longer than the model's maximum length {}",
+                self.cfg.max_len
+            );
         }
         let d = self.cfg.d_model;
-        let x = (self.token_embedding.index_select(&tokens.flatten_all()?, 0)?.reshape((b, n, d))? * (d as f64).sqrt())?;
+        let x = (self
+            .token_embedding
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, n, d))?
+            * (d as f64).sqrt())?;
         x.broadcast_add(&sinusoidal(n, d, 0, tokens.device())?.to_dtype(x.dtype())?)
     }
 
@@ -135,9 +157,18 @@ impl Transformer {
     }
 
     /// Decoder: `tgt_in (batch, T)` attending to `memory` → logits `(batch, T, vocab)`.
-    pub fn decode(&self, tgt_in: &Tensor, tgt_mask: &Tensor, memory: &Tensor, src_mask: &Tensor) -> Result<Tensor> {
+    pub fn decode(
+        &self,
+        tgt_in: &Tensor,
+        tgt_mask: &Tensor,
+        memory: &Tensor,
+        src_mask: &Tensor,
+    ) -> Result<Tensor> {
         let t = tgt_in.dim(1)?;
-        let self_mask = and_masks(&causal_mask(t, t, tgt_in.device())?, &key_padding_mask(tgt_mask)?)?; // (batch,1,T,T)
+        let self_mask = and_masks(
+            &causal_mask(t, t, tgt_in.device())?,
+            &key_padding_mask(tgt_mask)?,
+        )?; // (batch,1,T,T)
         let memory_mask = key_padding_mask(src_mask)?;
         let mut x = self.embed(tgt_in)?;
         for block in &self.decoder {
@@ -164,7 +195,14 @@ impl Transformer {
     /// Autoregressive decoding of one source (no padding): greedy when `temperature` is 0, else
     /// sampling from `softmax(logits / temperature)` with a seeded generator. Each step re-runs the
     /// decoder on the whole prefix (8-10 removes that cost with a KV cache).
-    pub fn generate(&self, src: &[u32], bos: u32, max_new: usize, temperature: f64, seed: u64) -> Result<Vec<u32>> {
+    pub fn generate(
+        &self,
+        src: &[u32],
+        bos: u32,
+        max_new: usize,
+        temperature: f64,
+        seed: u64,
+    ) -> Result<Vec<u32>> {
         let dev = self.token_embedding.device();
         let src_t = Tensor::new(src, dev)?.unsqueeze(0)?;
         let src_mask = Tensor::ones((1, src.len()), DType::U8, dev)?;
@@ -188,7 +226,8 @@ pub fn sample_token(logits: &Tensor, temperature: f64, rng: &mut StdRng) -> Resu
     if temperature <= 0.0 {
         return logits.argmax(D::Minus1)?.to_scalar::<u32>();
     }
-    let probs = t0801_self_attention::softmax_last_dim(&(logits / temperature)?)?.to_vec1::<f32>()?;
+    let probs =
+        t0801_self_attention::softmax_last_dim(&(logits / temperature)?)?.to_vec1::<f32>()?;
     let r: f32 = rng.random();
     let mut acc = 0.0;
     for (i, p) in probs.iter().enumerate() {
@@ -221,9 +260,48 @@ impl Preset {
     /// `cpu` (the default: minutes on 2 cores), `full` (a real model for a GPU), `quick` (smoke test).
     pub fn by_name(name: &str) -> anyhow::Result<Self> {
         let p = match name {
-            "quick" => Preset { name: "quick", vocab: 1024, src_len: 24, tgt_len: 16, d_model: 64, n_heads: 4, n_layers: 1, lstm_hidden: 96, lstm_layers: 1, batch: 8, steps: 30, lr: 2e-3 },
-            "cpu" => Preset { name: "cpu", vocab: 4096, src_len: 48, tgt_len: 32, d_model: 128, n_heads: 4, n_layers: 2, lstm_hidden: 256, lstm_layers: 2, batch: 16, steps: 600, lr: 1e-3 },
-            "full" => Preset { name: "full", vocab: 8192, src_len: 128, tgt_len: 64, d_model: 512, n_heads: 8, n_layers: 6, lstm_hidden: 1024, lstm_layers: 2, batch: 64, steps: 4000, lr: 5e-4 },
+            "quick" => Preset {
+                name: "quick",
+                vocab: 1024,
+                src_len: 24,
+                tgt_len: 16,
+                d_model: 64,
+                n_heads: 4,
+                n_layers: 1,
+                lstm_hidden: 96,
+                lstm_layers: 1,
+                batch: 8,
+                steps: 30,
+                lr: 2e-3,
+            },
+            "cpu" => Preset {
+                name: "cpu",
+                vocab: 4096,
+                src_len: 48,
+                tgt_len: 32,
+                d_model: 128,
+                n_heads: 4,
+                n_layers: 2,
+                lstm_hidden: 256,
+                lstm_layers: 2,
+                batch: 16,
+                steps: 600,
+                lr: 1e-3,
+            },
+            "full" => Preset {
+                name: "full",
+                vocab: 8192,
+                src_len: 128,
+                tgt_len: 64,
+                d_model: 512,
+                n_heads: 8,
+                n_layers: 6,
+                lstm_hidden: 1024,
+                lstm_layers: 2,
+                batch: 64,
+                steps: 4000,
+                lr: 5e-4,
+            },
             other => anyhow::bail!("unknown preset '{other}': choose quick, cpu or full"),
         };
         Ok(p)
@@ -243,6 +321,11 @@ impl Preset {
     }
 
     pub fn lstm(&self, vocab_size: usize) -> lstm::LstmConfig {
-        lstm::LstmConfig { vocab_size, d_embed: self.d_model, hidden: self.lstm_hidden, n_layers: self.lstm_layers }
+        lstm::LstmConfig {
+            vocab_size,
+            d_embed: self.d_model,
+            hidden: self.lstm_hidden,
+            n_layers: self.lstm_layers,
+        }
     }
 }

@@ -43,7 +43,12 @@ impl LstmSeq2Seq {
             (0..cfg.n_layers)
                 .map(|i| {
                     let d_in = if i == 0 { cfg.d_embed } else { cfg.hidden };
-                    candle_nn::lstm(d_in, cfg.hidden, LSTMConfig::default(), vb.pp(format!("{prefix}.{i}")))
+                    candle_nn::lstm(
+                        d_in,
+                        cfg.hidden,
+                        LSTMConfig::default(),
+                        vb.pp(format!("{prefix}.{i}")),
+                    )
                 })
                 .collect()
         };
@@ -61,12 +66,18 @@ impl LstmSeq2Seq {
         if n == 0 {
             bail!("empty sequence");
         }
-        self.token_embedding.index_select(&tokens.flatten_all()?, 0)?.reshape((b, n, self.cfg.d_embed))
+        self.token_embedding
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, n, self.cfg.d_embed))
     }
 
     /// Runs a stack of LSTMs over `x (batch, len, d)`, starting layer `i` from `init[i]` (or zeros);
     /// returns the top layer's outputs `(batch, len, hidden)` and each layer's final state.
-    fn run_stack(stack: &[LSTM], x: &Tensor, init: Option<&[LSTMState]>) -> Result<(Tensor, Vec<LSTMState>)> {
+    fn run_stack(
+        stack: &[LSTM],
+        x: &Tensor,
+        init: Option<&[LSTMState]>,
+    ) -> Result<(Tensor, Vec<LSTMState>)> {
         let mut x = x.clone();
         let mut finals = Vec::with_capacity(stack.len());
         for (i, layer) in stack.iter().enumerate() {
@@ -83,7 +94,11 @@ impl LstmSeq2Seq {
     /// Teacher-forced logits `(batch, T, vocab)`.
     pub fn forward(&self, batch: &Seq2SeqBatch) -> Result<Tensor> {
         let (_, source_state) = Self::run_stack(&self.encoder, &self.embed(&batch.src)?, None)?;
-        let (h, _) = Self::run_stack(&self.decoder, &self.embed(&batch.tgt_in)?, Some(&source_state))?;
+        let (h, _) = Self::run_stack(
+            &self.decoder,
+            &self.embed(&batch.tgt_in)?,
+            Some(&source_state),
+        )?;
         shared::linear(&h, &self.lm_head)
     }
 
@@ -92,7 +107,14 @@ impl LstmSeq2Seq {
     }
 
     /// Greedy or sampled continuation of one source, one LSTM step per token.
-    pub fn generate(&self, src: &[u32], bos: u32, max_new: usize, temperature: f64, seed: u64) -> Result<Vec<u32>> {
+    pub fn generate(
+        &self,
+        src: &[u32],
+        bos: u32,
+        max_new: usize,
+        temperature: f64,
+        seed: u64,
+    ) -> Result<Vec<u32>> {
         use rand::SeedableRng;
         let dev = self.token_embedding.device();
         let src_t = Tensor::new(src, dev)?.unsqueeze(0)?;
@@ -101,12 +123,16 @@ impl LstmSeq2Seq {
         let mut token = bos;
         let mut out = Vec::with_capacity(max_new);
         for _ in 0..max_new {
-            let mut x = self.embed(&Tensor::new(&[token], dev)?.unsqueeze(0)?)?.squeeze(1)?; // (1, d_embed)
+            let mut x = self
+                .embed(&Tensor::new(&[token], dev)?.unsqueeze(0)?)?
+                .squeeze(1)?; // (1, d_embed)
             for (i, layer) in self.decoder.iter().enumerate() {
                 state[i] = layer.step(&x, &state[i])?;
                 x = state[i].h().clone();
             }
-            let logits = shared::linear(&x, &self.lm_head)?.squeeze(0)?.to_dtype(DType::F32)?;
+            let logits = shared::linear(&x, &self.lm_head)?
+                .squeeze(0)?
+                .to_dtype(DType::F32)?;
             token = crate::sample_token(&logits, temperature, &mut rng)?;
             out.push(token);
         }

@@ -14,28 +14,51 @@ use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use shared::batching::Seq2SeqExample;
 
 /// Non-overlapping (source, target) windows over `tokens`, in stream order.
-pub fn continuation_pairs(tokens: &[u32], src_len: usize, tgt_len: usize) -> Result<Vec<Seq2SeqExample>> {
+pub fn continuation_pairs(
+    tokens: &[u32],
+    src_len: usize,
+    tgt_len: usize,
+) -> Result<Vec<Seq2SeqExample>> {
     if src_len == 0 || tgt_len == 0 {
         bail!("continuation task: src_len ({src_len}) and tgt_len ({tgt_len}) must be positive");
     }
     let w = src_len + tgt_len;
     if tokens.len() < w {
-        bail!("continuation task: {} tokens are fewer than one window of {w}", tokens.len());
+        bail!(
+            "continuation task: {} tokens are fewer than one window of {w}",
+            tokens.len()
+        );
     }
     Ok(tokens
         .chunks_exact(w)
-        .map(|c| Seq2SeqExample { src: c[..src_len].to_vec(), tgt: c[src_len..].to_vec() })
+        .map(|c| Seq2SeqExample {
+            src: c[..src_len].to_vec(),
+            tgt: c[src_len..].to_vec(),
+        })
         .collect())
 }
 
 /// The examples of training step `step`: a deterministic shuffle per epoch, so a resumed run
 /// sees the same batches.
-pub fn batch_for_step(pairs: &[Seq2SeqExample], batch_size: usize, step: usize, seed: u64) -> Vec<Seq2SeqExample> {
+pub fn batch_for_step(
+    pairs: &[Seq2SeqExample],
+    batch_size: usize,
+    step: usize,
+    seed: u64,
+) -> Vec<Seq2SeqExample> {
     let per_epoch = (pairs.len() / batch_size).max(1);
     let (epoch, i) = (step / per_epoch, step % per_epoch);
     let mut order: Vec<usize> = (0..pairs.len()).collect();
-    order.shuffle(&mut StdRng::seed_from_u64(seed.wrapping_add(epoch as u64 * 7919)));
-    order.iter().cycle().skip(i * batch_size).take(batch_size).map(|&j| pairs[j].clone()).collect()
+    order.shuffle(&mut StdRng::seed_from_u64(
+        seed.wrapping_add(epoch as u64 * 7919),
+    ));
+    order
+        .iter()
+        .cycle()
+        .skip(i * batch_size)
+        .take(batch_size)
+        .map(|&j| pairs[j].clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -57,8 +80,12 @@ mod tests {
     fn batches_are_deterministic_and_cover_an_epoch() {
         let tokens: Vec<u32> = (0..100).collect();
         let pairs = continuation_pairs(&tokens, 5, 5).unwrap();
-        let a: Vec<_> = (0..5).flat_map(|s| batch_for_step(&pairs, 2, s, 1)).collect();
-        let b: Vec<_> = (0..5).flat_map(|s| batch_for_step(&pairs, 2, s, 1)).collect();
+        let a: Vec<_> = (0..5)
+            .flat_map(|s| batch_for_step(&pairs, 2, s, 1))
+            .collect();
+        let b: Vec<_> = (0..5)
+            .flat_map(|s| batch_for_step(&pairs, 2, s, 1))
+            .collect();
         assert_eq!(a, b);
         let mut firsts: Vec<u32> = a.iter().map(|e| e.src[0]).collect();
         firsts.sort();

@@ -13,12 +13,24 @@ const PAD: u32 = 0;
 const BOS: u32 = 1;
 
 fn small(placement: NormPlacement) -> TransformerConfig {
-    TransformerConfig { vocab_size: 40, max_len: 12, d_model: 16, n_heads: 2, d_ff: 32, n_encoder_layers: 2, n_decoder_layers: 2, placement }
+    TransformerConfig {
+        vocab_size: 40,
+        max_len: 12,
+        d_model: 16,
+        n_heads: 2,
+        d_ff: 32,
+        n_encoder_layers: 2,
+        n_decoder_layers: 2,
+        placement,
+    }
 }
 
 fn model(placement: NormPlacement) -> Result<(VarMap, Transformer)> {
     let varmap = VarMap::new();
-    let m = Transformer::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), small(placement))?;
+    let m = Transformer::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        small(placement),
+    )?;
     Ok((varmap, m))
 }
 
@@ -29,14 +41,27 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 #[test]
 fn encoder_output_ignores_padding_content() -> anyhow::Result<()> {
     let (_, m) = model(NormPlacement::Pre)?;
-    let ex = |pad_token: u32| vec![
-        Seq2SeqExample { src: vec![5, 6, 7, 8, 9], tgt: vec![3] },
-        Seq2SeqExample { src: vec![10, 11], tgt: vec![3] },
-    ]
-    .into_iter()
-    .map(|e| (e, pad_token))
-    .collect::<Vec<_>>();
-    let a = seq2seq_batch(&ex(PAD).into_iter().map(|x| x.0).collect::<Vec<_>>(), PAD, BOS, &Device::Cpu)?;
+    let ex = |pad_token: u32| {
+        vec![
+            Seq2SeqExample {
+                src: vec![5, 6, 7, 8, 9],
+                tgt: vec![3],
+            },
+            Seq2SeqExample {
+                src: vec![10, 11],
+                tgt: vec![3],
+            },
+        ]
+        .into_iter()
+        .map(|e| (e, pad_token))
+        .collect::<Vec<_>>()
+    };
+    let a = seq2seq_batch(
+        &ex(PAD).into_iter().map(|x| x.0).collect::<Vec<_>>(),
+        PAD,
+        BOS,
+        &Device::Cpu,
+    )?;
     let mem_a = m.encode(&a.src, &a.src_mask)?;
     // Same batch with different garbage in the padding slots.
     let src_b = Tensor::new(&[[5u32, 6, 7, 8, 9], [10, 11, 33, 34, 35]], &Device::Cpu)?;
@@ -48,7 +73,12 @@ fn encoder_output_ignores_padding_content() -> anyhow::Result<()> {
     assert!(max_abs_diff(&la, &lb)? < 1e-5);
     // Whereas changing a real source token does change them.
     let src_c = Tensor::new(&[[5u32, 6, 7, 8, 9], [10, 12, 0, 0, 0]], &Device::Cpu)?;
-    let lc = m.decode(&a.tgt_in, &a.tgt_mask, &m.encode(&src_c, &a.src_mask)?, &a.src_mask)?;
+    let lc = m.decode(
+        &a.tgt_in,
+        &a.tgt_mask,
+        &m.encode(&src_c, &a.src_mask)?,
+        &a.src_mask,
+    )?;
     assert!(max_abs_diff(&la, &lc)? > 1e-4);
     Ok(())
 }
@@ -57,11 +87,24 @@ fn encoder_output_ignores_padding_content() -> anyhow::Result<()> {
 fn decoder_logits_at_t_ignore_later_target_tokens() -> anyhow::Result<()> {
     for placement in [NormPlacement::Pre, NormPlacement::Post] {
         let (_, m) = model(placement)?;
-        let mk = |tgt: Vec<u32>| seq2seq_batch(&[Seq2SeqExample { src: vec![4, 5, 6], tgt }], PAD, BOS, &Device::Cpu);
+        let mk = |tgt: Vec<u32>| {
+            seq2seq_batch(
+                &[Seq2SeqExample {
+                    src: vec![4, 5, 6],
+                    tgt,
+                }],
+                PAD,
+                BOS,
+                &Device::Cpu,
+            )
+        };
         let a = m.forward(&mk(vec![7, 8, 9, 10, 11, 12])?)?;
         let b = m.forward(&mk(vec![7, 8, 9, 30, 31, 32])?)?;
         // tgt_in = <s> 7 8 9 … : positions 0..=3 see only <s>,7,8,9.
-        assert!(max_abs_diff(&a.narrow(1, 0, 4)?, &b.narrow(1, 0, 4)?)? < 1e-6, "{placement:?}");
+        assert!(
+            max_abs_diff(&a.narrow(1, 0, 4)?, &b.narrow(1, 0, 4)?)? < 1e-6,
+            "{placement:?}"
+        );
         assert!(max_abs_diff(&a.narrow(1, 4, 2)?, &b.narrow(1, 4, 2)?)? > 1e-4);
     }
     Ok(())
@@ -70,12 +113,25 @@ fn decoder_logits_at_t_ignore_later_target_tokens() -> anyhow::Result<()> {
 #[test]
 fn padded_target_positions_get_no_loss() -> anyhow::Result<()> {
     let (_, m) = model(NormPlacement::Pre)?;
-    let ex = vec![Seq2SeqExample { src: vec![4, 5], tgt: vec![7, 8] }, Seq2SeqExample { src: vec![9, 10], tgt: vec![11, 12, 13, 14] }];
+    let ex = vec![
+        Seq2SeqExample {
+            src: vec![4, 5],
+            tgt: vec![7, 8],
+        },
+        Seq2SeqExample {
+            src: vec![9, 10],
+            tgt: vec![11, 12, 13, 14],
+        },
+    ];
     let both = seq2seq_batch(&ex, PAD, BOS, &Device::Cpu)?;
     let loss_both = m.loss(&both)?.to_scalar::<f32>()?;
     // The mean over real tokens: 2 tokens of example 0 and 4 of example 1.
-    let l0 = m.loss(&seq2seq_batch(&ex[..1], PAD, BOS, &Device::Cpu)?)?.to_scalar::<f32>()?;
-    let l1 = m.loss(&seq2seq_batch(&ex[1..], PAD, BOS, &Device::Cpu)?)?.to_scalar::<f32>()?;
+    let l0 = m
+        .loss(&seq2seq_batch(&ex[..1], PAD, BOS, &Device::Cpu)?)?
+        .to_scalar::<f32>()?;
+    let l1 = m
+        .loss(&seq2seq_batch(&ex[1..], PAD, BOS, &Device::Cpu)?)?
+        .to_scalar::<f32>()?;
     let want = (2.0 * l0 + 4.0 * l1) / 6.0;
     assert!((loss_both - want).abs() < 1e-5, "{loss_both} vs {want}");
     Ok(())
@@ -85,22 +141,61 @@ fn padded_target_positions_get_no_loss() -> anyhow::Result<()> {
 fn bad_inputs_give_clear_errors() -> anyhow::Result<()> {
     let (_, m) = model(NormPlacement::Pre)?;
     let long = Tensor::zeros((1, 13), DType::U32, &Device::Cpu)?;
-    let err = m.encode(&long, &Tensor::ones((1, 13), DType::U8, &Device::Cpu)?).err().unwrap().to_string();
-    assert!(err.contains("longer than the model's maximum length 12"), "{err}");
-    let empty = [Seq2SeqExample { src: vec![], tgt: vec![1] }];
+    let err = m
+        .encode(&long, &Tensor::ones((1, 13), DType::U8, &Device::Cpu)?)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("longer than the model's maximum length 12"),
+        "{err}"
+    );
+    let empty = [Seq2SeqExample {
+        src: vec![],
+        tgt: vec![1],
+    }];
     assert!(seq2seq_batch(&empty, PAD, BOS, &Device::Cpu).is_err());
     assert!(m.generate(&[], BOS, 3, 0.0, 0).is_err());
-    assert!(Preset::by_name("huge").unwrap_err().to_string().contains("unknown preset 'huge'"));
+    assert!(Preset::by_name("huge")
+        .unwrap_err()
+        .to_string()
+        .contains("unknown preset 'huge'"));
     let mut bad = small(NormPlacement::Pre);
     bad.n_heads = 3;
-    assert!(Transformer::new(VarBuilder::zeros(DType::F32, &Device::Cpu), bad).err().unwrap().to_string().contains("must divide"));
+    assert!(
+        Transformer::new(VarBuilder::zeros(DType::F32, &Device::Cpu), bad)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("must divide")
+    );
     Ok(())
 }
 
-fn train(varmap: &VarMap, steps: usize, lr: f64, loss_of: impl Fn(usize) -> anyhow::Result<Tensor>) -> anyhow::Result<Vec<f64>> {
-    let schedule = ScheduleConfig { max_lr: lr, min_lr: lr, warmup_steps: 0, total_steps: steps, clip_norm: Some(1.0) };
-    let mut trainer = Trainer::new(varmap, AdamWConfig { weight_decay: 0.0, ..Default::default() }, schedule)?;
-    (0..steps).map(|s| Ok(trainer.step(&loss_of(s)?)?.loss)).collect()
+fn train(
+    varmap: &VarMap,
+    steps: usize,
+    lr: f64,
+    loss_of: impl Fn(usize) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<Vec<f64>> {
+    let schedule = ScheduleConfig {
+        max_lr: lr,
+        min_lr: lr,
+        warmup_steps: 0,
+        total_steps: steps,
+        clip_norm: Some(1.0),
+    };
+    let mut trainer = Trainer::new(
+        varmap,
+        AdamWConfig {
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+        schedule,
+    )?;
+    (0..steps)
+        .map(|s| Ok(trainer.step(&loss_of(s)?)?.loss))
+        .collect()
 }
 
 #[test]
@@ -108,13 +203,23 @@ fn tiny_transformer_overfits_a_tiny_batch() -> anyhow::Result<()> {
     shared::params::set_seed(3);
     let (varmap, m) = model(NormPlacement::Pre)?;
     let ex = vec![
-        Seq2SeqExample { src: vec![5, 6, 7], tgt: vec![7, 6, 5, 2] },
-        Seq2SeqExample { src: vec![9, 8, 30, 31], tgt: vec![31, 30, 8, 9, 2] },
+        Seq2SeqExample {
+            src: vec![5, 6, 7],
+            tgt: vec![7, 6, 5, 2],
+        },
+        Seq2SeqExample {
+            src: vec![9, 8, 30, 31],
+            tgt: vec![31, 30, 8, 9, 2],
+        },
     ];
     let batch = seq2seq_batch(&ex, PAD, BOS, &Device::Cpu)?;
     let losses = train(&varmap, 150, 1e-2, |_| Ok(m.loss(&batch)?))?;
     assert!(losses[0] > 3.0, "initial loss {}", losses[0]);
-    assert!(*losses.last().unwrap() < 0.05, "final loss {}", losses.last().unwrap());
+    assert!(
+        *losses.last().unwrap() < 0.05,
+        "final loss {}",
+        losses.last().unwrap()
+    );
     // Greedy decoding reproduces the memorised target.
     assert_eq!(m.generate(&[5, 6, 7], BOS, 4, 0.0, 0)?, vec![7, 6, 5, 2]);
     Ok(())
@@ -130,14 +235,34 @@ fn training_on_the_small_corpus_lowers_the_loss_for_both_models() -> anyhow::Res
     let batch = |s: usize| seq2seq_batch(&batch_for_step(&pairs, 8, s, 1), pad, bos, &Device::Cpu);
     shared::params::set_seed(1);
     let varmap = VarMap::new();
-    let t = Transformer::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), TransformerConfig { vocab_size: vocab, ..small(NormPlacement::Pre) })?;
+    let t = Transformer::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        TransformerConfig {
+            vocab_size: vocab,
+            ..small(NormPlacement::Pre)
+        },
+    )?;
     let losses = train(&varmap, 40, 3e-3, |s| Ok(t.loss(&batch(s)?)?))?;
-    let (first, last) = (losses[..5].iter().sum::<f64>() / 5.0, losses[35..].iter().sum::<f64>() / 5.0);
+    let (first, last) = (
+        losses[..5].iter().sum::<f64>() / 5.0,
+        losses[35..].iter().sum::<f64>() / 5.0,
+    );
     assert!(last < first - 1.0, "transformer: {first} → {last}");
     let varmap = VarMap::new();
-    let l = LstmSeq2Seq::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), LstmConfig { vocab_size: vocab, d_embed: 16, hidden: 32, n_layers: 1 })?;
+    let l = LstmSeq2Seq::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        LstmConfig {
+            vocab_size: vocab,
+            d_embed: 16,
+            hidden: 32,
+            n_layers: 1,
+        },
+    )?;
     let losses = train(&varmap, 40, 1e-2, |s| Ok(l.loss(&batch(s)?)?))?;
-    let (first, last) = (losses[..5].iter().sum::<f64>() / 5.0, losses[35..].iter().sum::<f64>() / 5.0);
+    let (first, last) = (
+        losses[..5].iter().sum::<f64>() / 5.0,
+        losses[35..].iter().sum::<f64>() / 5.0,
+    );
     assert!(last < first - 0.5, "lstm: {first} → {last}");
     Ok(())
 }
@@ -145,9 +270,20 @@ fn training_on_the_small_corpus_lowers_the_loss_for_both_models() -> anyhow::Res
 #[test]
 fn checkpoint_resume_reproduces_the_next_step_loss() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("t0805-resume-{}", std::process::id()));
-    let ex: Vec<Seq2SeqExample> = (0..16).map(|i| Seq2SeqExample { src: vec![2 + i % 7, 3, 4 + i % 5], tgt: vec![5 + i % 3, 6, 7] }).collect();
+    let ex: Vec<Seq2SeqExample> = (0..16)
+        .map(|i| Seq2SeqExample {
+            src: vec![2 + i % 7, 3, 4 + i % 5],
+            tgt: vec![5 + i % 3, 6, 7],
+        })
+        .collect();
     let batch = |s: usize| seq2seq_batch(&batch_for_step(&ex, 4, s, 9), PAD, BOS, &Device::Cpu);
-    let schedule = ScheduleConfig { max_lr: 3e-3, min_lr: 1e-4, warmup_steps: 2, total_steps: 10, clip_norm: Some(1.0) };
+    let schedule = ScheduleConfig {
+        max_lr: 3e-3,
+        min_lr: 1e-4,
+        warmup_steps: 2,
+        total_steps: 10,
+        clip_norm: Some(1.0),
+    };
     // Run A: 5 steps, checkpoint, 1 more step.
     shared::params::set_seed(11);
     let (varmap, m) = model(NormPlacement::Pre)?;
@@ -155,7 +291,11 @@ fn checkpoint_resume_reproduces_the_next_step_loss() -> anyhow::Result<()> {
     for s in 0..5 {
         trainer.step(&m.loss(&batch(s)?)?)?;
     }
-    trainer.save_checkpoint(&varmap, &dir, &serde_json::to_value(small(NormPlacement::Pre))?)?;
+    trainer.save_checkpoint(
+        &varmap,
+        &dir,
+        &serde_json::to_value(small(NormPlacement::Pre))?,
+    )?;
     let next_a = trainer.step(&m.loss(&batch(5)?)?)?;
     // Run B: a fresh model (different init) resumed from the checkpoint.
     shared::params::set_seed(99);

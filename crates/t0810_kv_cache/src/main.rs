@@ -147,15 +147,31 @@ fn main() -> Result<()> {
 }
 
 fn decode_bench(args: &Args) -> Result<()> {
-    let Some(Cmd::DecodeBench { vocab, d_model, d_ff, layers, heads, kv_heads, batch, prompt, new }) = args.cmd else {
+    let Some(Cmd::DecodeBench {
+        vocab,
+        d_model,
+        d_ff,
+        layers,
+        heads,
+        kv_heads,
+        batch,
+        prompt,
+        new,
+    }) = args.cmd
+    else {
         unreachable!()
     };
-    let ctx = args.common.setup(TOPIC, "decode-bench: batched greedy decoding with the KV cache")?;
+    let ctx = args.common.setup(
+        TOPIC,
+        "decode-bench: batched greedy decoding with the KV cache",
+    )?;
     let dev = ctx.picked.device.clone();
     let mut cfg = ModernLmConfig::llama(vocab, prompt + new, d_model, layers, heads, kv_heads);
     cfg.d_ff = d_ff;
     let (_varmap, lm) = init_modern_lm(&cfg, ctx.dtype, &dev)?;
-    let ids: Vec<u32> = (0..batch * prompt).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+    let ids: Vec<u32> = (0..batch * prompt)
+        .map(|i| ((i * 7919 + 13) % vocab) as u32)
+        .collect();
     let prompt_t = Tensor::from_vec(ids, (batch, prompt), &dev)?;
     let mut best: Option<(f64, f64)> = None;
     for _rep in 0..2 {
@@ -164,7 +180,10 @@ fn decode_bench(args: &Args) -> Result<()> {
         dev.synchronize()?;
         let t0 = std::time::Instant::now();
         let logits = lm_forward_cached(&lm, &prompt_t, &mut cache)?;
-        let mut next = logits.narrow(1, prompt - 1, 1)?.argmax_keepdim(candle_core::D::Minus1)?.squeeze(2)?; // (batch, 1)
+        let mut next = logits
+            .narrow(1, prompt - 1, 1)?
+            .argmax_keepdim(candle_core::D::Minus1)?
+            .squeeze(2)?; // (batch, 1)
         dev.synchronize()?;
         let prefill = t0.elapsed().as_secs_f64();
         let t1 = std::time::Instant::now();
@@ -179,7 +198,16 @@ fn decode_bench(args: &Args) -> Result<()> {
     let steps = (new - 1) as f64;
     let tps = batch as f64 * steps / decode;
     print_table(
-        &["device", "dtype", "batch", "prompt", "new", "prefill ms", "ms/step", "tokens/s"],
+        &[
+            "device",
+            "dtype",
+            "batch",
+            "prompt",
+            "new",
+            "prefill ms",
+            "ms/step",
+            "tokens/s",
+        ],
         &[vec![
             ctx.picked.description.clone(),
             args.common.dtype.name().into(),
@@ -191,11 +219,19 @@ fn decode_bench(args: &Args) -> Result<()> {
             format!("{tps:.0}"),
         ]],
     );
-    let mut report = RunReport::start(TOPIC, serde_json::json!({"decode_bench": cfg, "batch": batch, "prompt": prompt, "new": new}), &ctx.picked.description, args.common.dtype.name());
+    let mut report = RunReport::start(
+        TOPIC,
+        serde_json::json!({"decode_bench": cfg, "batch": batch, "prompt": prompt, "new": new}),
+        &ctx.picked.description,
+        args.common.dtype.name(),
+    );
     report.metric("prefill_ms", prefill * 1e3);
     report.metric("ms_per_token_step", decode / steps * 1e3);
     report.metric("tokens_per_s", tps);
-    let dir = ctx.out_dir.join(format!("decode_bench_b{batch}_{}", args.common.dtype.name()));
+    let dir = ctx.out_dir.join(format!(
+        "decode_bench_b{batch}_{}",
+        args.common.dtype.name()
+    ));
     report.write(&dir)?;
     Ok(())
 }
