@@ -1,4 +1,4 @@
-//! Draws a small labelled heatmap (a smoke test of the plotting helpers).
+//! Draws a small labelled heatmap and a line chart (a smoke test of the plotting helpers).
 fn main() -> anyhow::Result<()> {
     let m: Vec<Vec<f64>> = (0..4)
         .map(|r| {
@@ -19,5 +19,24 @@ fn main() -> anyhow::Result<()> {
         Some((&xs, &ys)),
     )?;
     println!("{}", out.display());
+    let narrow = shared::report::Series::new(
+        "per block",
+        (0..12)
+            .map(|i| (i as f64, 0.4 - 0.018 * i as f64))
+            .collect(),
+    );
+    let out2 = std::env::temp_dir().join("line_demo.png");
+    shared::report::line_chart(
+        &out2,
+        "narrow log range falls back to linear",
+        "block",
+        "norm",
+        &[narrow],
+        shared::report::Axes {
+            log_x: false,
+            log_y: true,
+        },
+    )?;
+    println!("{}", out2.display());
     Ok(())
 }

@@ -141,6 +141,12 @@ pub fn line_chart(
         series.iter().flat_map(|s| s.points.iter().map(|p| p.1)),
         axes.log_y,
     )?;
+    // plotters labels a log axis only at powers of ten: a range narrower than ~1.5 decades would
+    // show no tick label at all, so such an axis is drawn linear.
+    let axes = Axes {
+        log_x: axes.log_x && x1 / x0 > 30.0,
+        log_y: axes.log_y && y1 / y0 > 30.0,
+    };
     let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let mut builder = ChartBuilder::on(&root);
@@ -156,6 +162,8 @@ pub fn line_chart(
                 .configure_mesh()
                 .x_desc(x_label)
                 .y_desc(y_label)
+                .x_label_formatter(&|v: &f64| tick_label(*v))
+                .y_label_formatter(&|v: &f64| tick_label(*v))
                 .label_style((FONT, 16))
                 .axis_desc_style((FONT, 18))
                 .draw()
@@ -217,6 +225,26 @@ pub fn line_chart(
         .map_err(plot_err)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// A short tick label: at most 3 significant digits, scientific notation outside 1e-3..1e5.
+pub fn tick_label(v: f64) -> String {
+    let a = v.abs();
+    if v == 0.0 {
+        "0".into()
+    } else if !(1e-3..1e5).contains(&a) {
+        format!("{v:.1e}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        let digits = (2 - a.log10().floor() as i32).max(0) as usize;
+        let s = format!("{v:.digits$}");
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        }
+    }
 }
 
 /// A perceptual colour map (viridis, sampled at 5 points and interpolated) for `t ∈ [0, 1]`.
@@ -592,6 +620,17 @@ mod tests {
         .is_err());
         std::fs::remove_dir_all(&dir)?;
         Ok(())
+    }
+
+    #[test]
+    fn tick_labels_are_short() {
+        assert_eq!(tick_label(0.0), "0");
+        assert_eq!(tick_label(0.185), "0.185");
+        assert_eq!(tick_label(2.5), "2.5");
+        assert_eq!(tick_label(700.0), "700");
+        assert_eq!(tick_label(12345.0), "12345");
+        assert_eq!(tick_label(2.0e6), "2.0e6");
+        assert_eq!(tick_label(0.0001234), "1.2e-4");
     }
 
     #[test]
