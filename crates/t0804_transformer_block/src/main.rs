@@ -7,7 +7,7 @@
 //! `cargo run -p t0804_transformer_block -- [--quick] [--corpus tiny] [--device cuda]`
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
 use shared::cli::CommonArgs;
@@ -355,7 +355,6 @@ fn main() -> Result<()> {
     report.metric("unigram_entropy", h_unigram);
     report.metric("runs", metrics);
     report.metric("train_tokens", data.train.len());
-    let _ = DType::F32;
     let path = report.write(&ctx.out_dir)?;
     println!(
         "wrote {} and figures in {}",
