@@ -16,6 +16,14 @@ fn auto_device_is_cuda_on_a_cuda_build_with_a_gpu() {
             picked.description
         );
     }
+    if !cfg!(feature = "cuda") {
+        // A CPU-only build must never pick (or claim) a GPU.
+        assert!(
+            picked.device.is_cpu() && picked.description.starts_with("cpu"),
+            "{}",
+            picked.description
+        );
+    }
 }
 
 #[test]
