@@ -5,10 +5,13 @@
 #     STEP = tests            every CUDA test executable in the bundle
 #          | "bin NAME ARGS"  one topic binary (quote the whole step)
 #          | "sh SCRIPT ARGS" a script of the repository (e.g. scripts/compare_with_twin.sh)
+#          | "ncu NAME ARGS"  one topic binary under Nsight Compute, recording only the region the
+#                             binary brackets with cuProfilerStart/Stop (e.g. t0806 bench --profile):
+#                             GPU time per kernel, summarised by scripts/ncu_summary.py
 #
 # Unpacks .gpu/bundle.tar.xz into /tmp/gpu (once per machine), sources remote-env.sh, points
 # WIKITEXT2_DIR at the carried data, runs the steps in order (a failing step does not stop the
-# others), and leaves in $OUT (./gpu-results without the device tool): summary.txt, and
+# others; STEP_TIMEOUT=SECONDS stops a binary that runs longer), and leaves in $OUT (./gpu-results without the device tool): summary.txt, and
 # results.tgz with every log and the output/ folder.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,7 +24,7 @@ if [ ! -f /tmp/gpu/manifest.txt ]; then
 fi
 # shellcheck disable=SC1091
 REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
-export MODULE08_EXPECT_GPU=1 MODULE08_CACHE=/tmp/module08-cache
+export MODULE08_EXPECT_GPU=1 MODULE08_TEST_DEVICE=cuda MODULE08_CACHE=/tmp/module08-cache
 [ -d .gpu/data ] && export WIKITEXT2_DIR="$root/.gpu/data"
 [ -f .gpu/font.ttf ] && export MODULE08_FONT="$root/.gpu/font.ttf"
 summary="$dest/summary.txt"
@@ -46,10 +49,21 @@ for step in "$@"; do
     bin)
       name=$1; shift
       log="$logs/$name.log"
-      "/tmp/gpu/bin/$name" "$@" > "$log" 2>&1
+      timeout "${STEP_TIMEOUT:-36000}" "/tmp/gpu/bin/$name" "$@" > "$log" 2>&1
       rc=$?
       echo "bin $name $*: rc=$rc ($(( $(date +%s) - started )) s)" | tee -a "$summary"
       tail -25 "$log" | sed 's/^/    /' >> "$summary"
+      [ $rc -eq 0 ] || status=1
+      ;;
+    ncu)
+      name=$1; shift
+      csvlog="$logs/ncu-$name.csv"
+      ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+        --log-file "$csvlog" "/tmp/gpu/bin/$name" "$@" > "$logs/ncu-$name.out" 2>&1
+      rc=$?
+      echo "ncu $name $*: rc=$rc ($(( $(date +%s) - started )) s)" | tee -a "$summary"
+      python3 scripts/ncu_summary.py "$csvlog" --top 40 2>&1 | sed 's/^/    /' >> "$summary"
+      tail -12 "$logs/ncu-$name.out" | sed 's/^/    /' >> "$summary"
       [ $rc -eq 0 ] || status=1
       ;;
     sh)

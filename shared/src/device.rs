@@ -162,6 +162,68 @@ pub fn check_dtype(device: &Device, choice: DTypeChoice) -> Result<DType> {
     Ok(choice.dtype())
 }
 
+/// The device the integration tests run on: the CPU, unless `MODULE08_TEST_DEVICE=cuda` (which
+/// `scripts/gpu-run.sh` sets on the GPU host) asks for GPU 0 of a `--features cuda` build. One
+/// device per process, so every tensor a test makes can meet every other. Panics with the reason
+/// when the GPU is asked for but cannot be had (a test should fail loudly, not fall back).
+pub fn test_device() -> Device {
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| match std::env::var("MODULE08_TEST_DEVICE").as_deref() {
+            Ok("cuda") => Device::new_cuda(0).unwrap_or_else(|e| {
+                panic!("MODULE08_TEST_DEVICE=cuda, but no CUDA device opened (build with --features cuda): {e}")
+            }),
+            Ok("cpu") | Err(_) => Device::Cpu,
+            Ok(other) => panic!("MODULE08_TEST_DEVICE='{other}': use cpu or cuda"),
+        })
+        .clone()
+}
+
+/// Device memory in use right now, in bytes, as the driver reports it (`total − free` after a
+/// synchronisation, so memory that Candle's stream-ordered allocator has freed is returned first).
+/// `None` on the CPU, where there is no device allocator to ask. Differences between two readings
+/// measure what a piece of code really holds on the GPU, allocator granularity included.
+pub fn device_memory_in_use(device: &Device) -> Result<Option<u64>> {
+    match device {
+        Device::Cpu => Ok(None),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            device.synchronize()?;
+            let (free, total) = d
+                .cuda_stream()
+                .context()
+                .mem_get_info()
+                .map_err(|e| anyhow::anyhow!("cuMemGetInfo: {e:?}"))?;
+            Ok(Some((total - free) as u64))
+        }
+        #[allow(unreachable_patterns)]
+        _ => Ok(None),
+    }
+}
+
+/// Marks the start (`on = true`) or end of the region a profiler started with
+/// `ncu --profile-from-start off` records (`cuProfilerStart`/`cuProfilerStop`). A no-op on the
+/// CPU and in CPU-only builds.
+pub fn profiler_range(device: &Device, on: bool) -> Result<()> {
+    if !device.is_cuda() {
+        return Ok(());
+    }
+    device.synchronize()?;
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::{profiler_start, profiler_stop};
+        let r = if on {
+            profiler_start()
+        } else {
+            profiler_stop()
+        };
+        r.map_err(|e| anyhow::anyhow!("cuProfilerStart/Stop: {e:?}"))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +251,12 @@ mod tests {
         assert!("f64x".parse::<DTypeChoice>().is_err());
         assert!(check_dtype(&Device::Cpu, DTypeChoice::F32).is_ok());
         assert!(check_dtype(&Device::Cpu, DTypeChoice::Bf16).is_err());
+    }
+
+    #[test]
+    fn the_cpu_has_no_device_allocator_to_read() {
+        assert_eq!(device_memory_in_use(&Device::Cpu).unwrap(), None);
+        profiler_range(&Device::Cpu, true).unwrap();
     }
 
     #[test]

@@ -63,3 +63,44 @@ fn bf16_matmul_on_the_device_matches_cpu_f32() -> candle_core::Result<()> {
     assert!(rel > 0.0 || dtype == DType::F32);
     Ok(())
 }
+
+#[test]
+fn device_memory_reading_sees_a_256_mib_allocation() -> anyhow::Result<()> {
+    let picked = pick_device(DeviceChoice::Auto)?;
+    let dev = &picked.device;
+    let Some(before) = shared::device::device_memory_in_use(dev)? else {
+        assert!(
+            dev.is_cpu(),
+            "only the CPU may lack a device allocator reading"
+        );
+        return Ok(());
+    };
+    let bytes = 256u64 << 20;
+    let t = Tensor::ones((bytes / 4) as usize, DType::F32, dev)?;
+    let held = shared::device::device_memory_in_use(dev)?.unwrap();
+    // The driver's count includes the allocator's granularity (2 MiB pages), never less.
+    let grew = held.saturating_sub(before);
+    assert!(
+        grew >= bytes && grew <= bytes + (64 << 20),
+        "allocated {bytes} B, device reading grew by {grew} B"
+    );
+    drop(t);
+    let after = shared::device::device_memory_in_use(dev)?.unwrap();
+    assert!(
+        after < held,
+        "freeing did not return memory: {after} vs {held}"
+    );
+    Ok(())
+}
+
+#[test]
+fn integration_tests_run_on_the_gpu_on_the_gpu_host() {
+    // gpu-run.sh sets both variables on the GPU host: then every topic's tests must really run
+    // on the GPU, not silently on the CPU.
+    let dev = shared::device::test_device();
+    if std::env::var("MODULE08_TEST_DEVICE").as_deref() == Ok("cuda") {
+        assert!(dev.is_cuda(), "MODULE08_TEST_DEVICE=cuda gave {dev:?}");
+    } else {
+        assert!(dev.is_cpu());
+    }
+}

@@ -1,6 +1,7 @@
 //! Scaled dot-product attention against a float64 triple loop, and the properties that define it.
 
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Result, Tensor, Var, D};
+use shared::device::test_device;
 use t0801_self_attention::*;
 
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -24,7 +25,7 @@ fn check_against_reference(
     d: usize,
     mask: Option<&Tensor>,
 ) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let q = Tensor::randn(0f32, 1.0, (b, h, n_q, d), &dev)?;
     let k = Tensor::randn(0f32, 1.0, (b, h, n_k, d), &dev)?;
     let v = Tensor::randn(0f32, 1.0, (b, h, n_k, d + 3), &dev)?;
@@ -79,18 +80,18 @@ fn matches_reference_with_fewer_queries_than_keys() -> Result<()> {
 
 #[test]
 fn matches_reference_with_causal_mask() -> Result<()> {
-    let mask = causal_mask(6, 6, &Device::Cpu)?;
+    let mask = causal_mask(6, 6, &test_device())?;
     check_against_reference(2, 2, 6, 6, 4, Some(&mask))
 }
 
 #[test]
 fn matches_reference_with_padding_and_a_row_allowed_only_one_key() -> Result<()> {
     // Batch 0: keys 0..3 real; batch 1: only key 0 real, so every row attends one key.
-    let key_mask = Tensor::new(&[[1u8, 1, 1, 0, 0], [1, 0, 0, 0, 0]], &Device::Cpu)?;
+    let key_mask = Tensor::new(&[[1u8, 1, 1, 0, 0], [1, 0, 0, 0, 0]], &test_device())?;
     let mask = key_padding_mask(&key_mask)?;
     check_against_reference(2, 2, 4, 5, 8, Some(&mask))?;
     // The lone allowed key gets weight exactly 1 and the output is its value.
-    let dev = Device::Cpu;
+    let dev = test_device();
     let q = Tensor::randn(0f32, 1.0, (2, 1, 4, 8), &dev)?;
     let k = Tensor::randn(0f32, 1.0, (2, 1, 5, 8), &dev)?;
     let v = Tensor::randn(0f32, 1.0, (2, 1, 5, 8), &dev)?;
@@ -108,7 +109,7 @@ fn matches_reference_with_padding_and_a_row_allowed_only_one_key() -> Result<()>
 
 #[test]
 fn works_on_3d_inputs() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let q = Tensor::randn(0f32, 1.0, (2, 4, 8), &dev)?;
     let k = Tensor::randn(0f32, 1.0, (2, 6, 8), &dev)?;
     let v = Tensor::randn(0f32, 1.0, (2, 6, 5), &dev)?;
@@ -121,7 +122,7 @@ fn works_on_3d_inputs() -> Result<()> {
 
 #[test]
 fn weights_rows_sum_to_one() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let q = Tensor::randn(0f32, 3.0, (3, 2, 9, 16), &dev)?;
     let k = Tensor::randn(0f32, 3.0, (3, 2, 9, 16), &dev)?;
     let mask = causal_mask(9, 9, &dev)?;
@@ -139,7 +140,7 @@ fn weights_rows_sum_to_one() -> Result<()> {
 fn self_attention_is_permutation_equivariant() -> Result<()> {
     // Without positions, permuting the tokens permutes the outputs the same way: attention alone
     // cannot see order (the motivation of 8-03).
-    let dev = Device::Cpu;
+    let dev = test_device();
     let vb_map = candle_nn::VarMap::new();
     let vb = candle_nn::VarBuilder::from_varmap(&vb_map, DType::F32, &dev);
     let layer = SelfAttention::new(vb, 16, 8, 8)?;
@@ -155,7 +156,7 @@ fn self_attention_is_permutation_equivariant() -> Result<()> {
 
 #[test]
 fn gradient_of_the_layer_matches_finite_differences_in_f64() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let (d_model, d_k, n) = (6, 4, 5);
     let w_q = Var::randn(0f64, 0.5, (d_k, d_model), &dev)?;
     let w_k = Var::randn(0f64, 0.5, (d_k, d_model), &dev)?;

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use shared::device::test_device;
 use t0801_self_attention::{reference_attention, SelfAttention};
 use t0802_multi_head_attention::*;
 
@@ -91,7 +92,7 @@ fn check_against_reference(
     n: usize,
     causal: bool,
 ) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let d = mha.cfg.d_model;
     let x = Tensor::randn(0f32, 1.0, (batch, n, d), &dev)?;
     let mask = if causal {
@@ -152,7 +153,7 @@ fn check_against_reference(
 
 #[test]
 fn one_head_equals_single_head_self_attention_plus_output_projection() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let d = 12;
     let [w_q, w_k, w_v, w_o] = random_weights(d, &dev)?;
     let mha =
@@ -173,7 +174,7 @@ fn one_head_equals_single_head_self_attention_plus_output_projection() -> Result
 
 #[test]
 fn matches_float64_per_head_reference() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let d = 16;
     for n_heads in [2, 4] {
         let [w_q, w_k, w_v, w_o] = random_weights(d, &dev)?;
@@ -188,7 +189,7 @@ fn matches_float64_per_head_reference() -> Result<()> {
 fn heads_are_contiguous_row_blocks_of_the_projections() -> Result<()> {
     // Zeroing rows h·d_head..(h+1)·d_head of W_v zeroes exactly head h's slice of the concat:
     // with W_o = I the output's columns of that head are 0 and the others are untouched.
-    let dev = Device::Cpu;
+    let dev = test_device();
     let (d, h, dh) = (12, 3, 4);
     let [w_q, w_k, w_v, _] = random_weights(d, &dev)?;
     let eye = Tensor::eye(d, DType::F32, &dev)?;
@@ -222,7 +223,7 @@ fn heads_are_contiguous_row_blocks_of_the_projections() -> Result<()> {
 
 #[test]
 fn n_heads_that_does_not_divide_d_model_is_a_clear_error() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let err = MultiHeadAttention::new(vb, MhaConfig::new(10, 3))
@@ -253,7 +254,7 @@ fn n_heads_that_does_not_divide_d_model_is_a_clear_error() -> Result<()> {
 
 #[test]
 fn causal_mask_blocks_any_dependence_on_future_tokens() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let (d, n, t0) = (16, 9, 5);
     let [w_q, w_k, w_v, w_o] = random_weights(d, &dev)?;
     let mha = MultiHeadAttention::from_weights(4, w_q, w_k, w_v, w_o)?;
@@ -291,7 +292,7 @@ fn causal_mask_blocks_any_dependence_on_future_tokens() -> Result<()> {
 
 #[test]
 fn head_gate_of_ones_is_no_gate_and_a_zero_gate_removes_the_head() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let (d, h) = (12, 3);
     let dh = d / h;
     let [w_q, w_k, w_v, w_o] = random_weights(d, &dev)?;
@@ -335,7 +336,7 @@ fn head_gate_of_ones_is_no_gate_and_a_zero_gate_removes_the_head() -> Result<()>
 
 #[test]
 fn biases_are_created_named_and_applied() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let cfg = MhaConfig {
         d_model: 8,
         n_heads: 2,
@@ -397,7 +398,7 @@ fn biases_are_created_named_and_applied() -> Result<()> {
 #[test]
 fn cross_attention_takes_keys_and_values_from_the_other_sequence() -> Result<()> {
     // n_q ≠ n_k: queries from x_q, keys/values from x_kv; per-head float64 reference.
-    let dev = Device::Cpu;
+    let dev = test_device();
     let (d, h, n_q, n_k) = (8, 2, 3, 6);
     let [w_q, w_k, w_v, w_o] = random_weights(d, &dev)?;
     let mha = MultiHeadAttention::from_weights(h, w_q, w_k, w_v, w_o)?;

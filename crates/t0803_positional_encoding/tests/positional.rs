@@ -3,8 +3,9 @@
 // Index loops mirror the formulas (b[h][i][j], table[h][bucket]) in these reference checks.
 #![allow(clippy::needless_range_loop)]
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use shared::device::test_device;
 use t0801_self_attention::{reference_attention, scaled_dot_product_attention};
 use t0802_multi_head_attention::{MhaConfig, MultiHeadAttention};
 use t0803_positional_encoding::*;
@@ -25,7 +26,7 @@ fn closed_form(pos: f64, d: usize, base: f64) -> Vec<f64> {
 
 #[test]
 fn sinusoidal_matches_the_closed_form_at_chosen_positions() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     for (d, base) in [(16, DEFAULT_BASE), (64, DEFAULT_BASE), (10, 100.0)] {
         let positions = [0.0, 1.0, 2.0, 7.0, 50.0, 299.0, 1000.0, 4095.0, 2.5];
         let pe = sinusoidal_at(&positions, d, base, &dev)?;
@@ -46,7 +47,7 @@ fn sinusoidal_matches_the_closed_form_at_chosen_positions() -> Result<()> {
 
 #[test]
 fn offsets_select_the_right_rows() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let full = sinusoidal(40, 32, 0, &dev)?;
     let tail = sinusoidal(9, 32, 31, &dev)?;
     assert_eq!(
@@ -64,7 +65,7 @@ fn offsets_select_the_right_rows() -> Result<()> {
 /// rotation for every position `p`: a relative shift is a fixed linear map of the encoding.
 #[test]
 fn shifting_by_k_is_a_fixed_rotation_of_each_pair() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let (d, n) = (32, 600);
     let pe = sinusoidal(n, d, 0, &dev)?
         .to_dtype(DType::F64)?
@@ -102,7 +103,7 @@ fn shifting_by_k_is_a_fixed_rotation_of_each_pair() -> Result<()> {
 
 #[test]
 fn dot_product_between_positions_depends_on_the_offset_only() -> Result<()> {
-    let pe = sinusoidal(300, 64, 0, &Device::Cpu)?
+    let pe = sinusoidal(300, 64, 0, &test_device())?
         .to_dtype(DType::F64)?
         .to_vec2::<f64>()?;
     let dot = |a: usize, b: usize| pe[a].iter().zip(&pe[b]).map(|(x, y)| x * y).sum::<f64>();
@@ -122,7 +123,7 @@ fn dot_product_between_positions_depends_on_the_offset_only() -> Result<()> {
 
 #[test]
 fn learned_table_has_its_shape_name_and_refuses_positions_beyond_it() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let learned = LearnedPositions::new(vb.pp("pos"), 256, 24)?;
@@ -216,7 +217,7 @@ fn t5_buckets_at_chosen_offsets() {
 }
 
 fn rel_bias(cfg: RelativeBiasConfig) -> Result<RelativePositionBias> {
-    let table = Tensor::randn(0f32, 1.0, (cfg.n_heads, cfg.n_buckets), &Device::Cpu)?;
+    let table = Tensor::randn(0f32, 1.0, (cfg.n_heads, cfg.n_buckets), &test_device())?;
     RelativePositionBias::from_weights(table, cfg)
 }
 
@@ -270,7 +271,7 @@ fn relative_bias_depends_only_on_the_offset() -> Result<()> {
 /// special cases: no bias = t0801's attention; masked entries stay at weight 0 whatever the bias.
 #[test]
 fn attention_with_bias_matches_a_float64_reference() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let (h, n_q, n_k, d) = (3, 5, 7, 4);
     let q = Tensor::randn(0f32, 1.0, (2, h, n_q, d), &dev)?;
     let k = Tensor::randn(0f32, 1.0, (2, h, n_k, d), &dev)?;
@@ -367,7 +368,7 @@ fn attention_with_bias_matches_a_float64_reference() -> Result<()> {
 
 #[test]
 fn relative_bias_receives_gradients_through_multi_head_attention() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let (d, heads, n) = (8, 2, 6);
     let mha = MultiHeadAttention::from_weights(
         heads,
@@ -438,7 +439,7 @@ fn relative_bias_receives_gradients_through_multi_head_attention() -> Result<()>
 /// silently ignored (or if the permutation machinery were wrong).
 #[test]
 fn positions_break_permutation_equivariance() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let (d, heads, n) = (16, 4, 9);
     shared::params::set_seed(3);
     let varmap = VarMap::new();
@@ -506,7 +507,7 @@ fn schemes_parse_print_and_build() -> Result<()> {
         .unwrap_err()
         .to_string()
         .contains("'rope'"));
-    let dev = Device::Cpu;
+    let dev = test_device();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let (d, heads) = (8, 2);

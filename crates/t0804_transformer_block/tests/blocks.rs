@@ -1,7 +1,8 @@
 //! LayerNorm and the blocks against float64 references, masking properties, and a gradient check.
 
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Result, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
+use shared::device::test_device;
 use t0801_self_attention::{causal_mask, key_padding_mask, reference_attention};
 use t0804_transformer_block::*;
 
@@ -60,7 +61,7 @@ fn vec2(t: &Tensor) -> Vec<Vec<f64>> {
 
 #[test]
 fn layer_norm_matches_float64_and_candle_nn() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let x = Tensor::randn(0f32, 2.0, (3, 5, 16), &dev)?;
     let g = Tensor::randn(1f32, 0.5, 16, &dev)?;
     let b = Tensor::randn(0f32, 0.5, 16, &dev)?;
@@ -114,7 +115,7 @@ fn mha_ref(
 #[test]
 fn encoder_block_matches_float64_reference_pre_and_post() -> Result<()> {
     for placement in [NormPlacement::Pre, NormPlacement::Post] {
-        let dev = Device::Cpu;
+        let dev = test_device();
         let varmap = VarMap::new();
         let block = EncoderBlock::new(
             VarBuilder::from_varmap(&varmap, DType::F64, &dev),
@@ -171,7 +172,7 @@ fn encoder_block_matches_float64_reference_pre_and_post() -> Result<()> {
 
 #[test]
 fn causal_decoder_block_ignores_future_tokens() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let varmap = VarMap::new();
     let block = DecoderBlock::new(
         VarBuilder::from_varmap(&varmap, DType::F32, &dev),
@@ -201,7 +202,7 @@ fn causal_decoder_block_ignores_future_tokens() -> Result<()> {
 
 #[test]
 fn cross_attention_sees_only_real_encoder_positions() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let varmap = VarMap::new();
     let block = DecoderBlock::new(
         VarBuilder::from_varmap(&varmap, DType::F32, &dev),
@@ -245,7 +246,7 @@ fn cross_attention_sees_only_real_encoder_positions() -> Result<()> {
 
 #[test]
 fn block_gradients_match_finite_differences_in_f64() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let varmap = VarMap::new();
     let c = BlockConfig {
         activation: Activation::Gelu,
@@ -298,7 +299,7 @@ fn block_gradients_match_finite_differences_in_f64() -> Result<()> {
 
 #[test]
 fn classic_lm_rejects_bad_configs_and_overlong_inputs() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let mut c = ClassicLmConfig {

@@ -1,8 +1,9 @@
 //! Masks, causality, learning and resuming of the encoder–decoder (and the LSTM baseline).
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use shared::batching::{seq2seq_batch, Seq2SeqExample};
+use shared::device::test_device;
 use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
 use t0804_transformer_block::NormPlacement;
 use t0805_full_transformer::lstm::{LstmConfig, LstmSeq2Seq};
@@ -28,7 +29,7 @@ fn small(placement: NormPlacement) -> TransformerConfig {
 fn model(placement: NormPlacement) -> Result<(VarMap, Transformer)> {
     let varmap = VarMap::new();
     let m = Transformer::new(
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        VarBuilder::from_varmap(&varmap, DType::F32, &test_device()),
         small(placement),
     )?;
     Ok((varmap, m))
@@ -60,11 +61,11 @@ fn encoder_output_ignores_padding_content() -> anyhow::Result<()> {
         &ex(PAD).into_iter().map(|x| x.0).collect::<Vec<_>>(),
         PAD,
         BOS,
-        &Device::Cpu,
+        &test_device(),
     )?;
     let mem_a = m.encode(&a.src, &a.src_mask)?;
     // Same batch with different garbage in the padding slots.
-    let src_b = Tensor::new(&[[5u32, 6, 7, 8, 9], [10, 11, 33, 34, 35]], &Device::Cpu)?;
+    let src_b = Tensor::new(&[[5u32, 6, 7, 8, 9], [10, 11, 33, 34, 35]], &test_device())?;
     let mem_b = m.encode(&src_b, &a.src_mask)?;
     assert!(max_abs_diff(&mem_a.narrow(1, 0, 2)?, &mem_b.narrow(1, 0, 2)?)? < 1e-6);
     // …and the decoder's logits (cross-attention sees only real positions) are identical.
@@ -72,7 +73,7 @@ fn encoder_output_ignores_padding_content() -> anyhow::Result<()> {
     let lb = m.decode(&a.tgt_in, &a.tgt_mask, &mem_b, &a.src_mask)?;
     assert!(max_abs_diff(&la, &lb)? < 1e-5);
     // Whereas changing a real source token does change them.
-    let src_c = Tensor::new(&[[5u32, 6, 7, 8, 9], [10, 12, 0, 0, 0]], &Device::Cpu)?;
+    let src_c = Tensor::new(&[[5u32, 6, 7, 8, 9], [10, 12, 0, 0, 0]], &test_device())?;
     let lc = m.decode(
         &a.tgt_in,
         &a.tgt_mask,
@@ -95,7 +96,7 @@ fn decoder_logits_at_t_ignore_later_target_tokens() -> anyhow::Result<()> {
                 }],
                 PAD,
                 BOS,
-                &Device::Cpu,
+                &test_device(),
             )
         };
         let a = m.forward(&mk(vec![7, 8, 9, 10, 11, 12])?)?;
@@ -123,14 +124,14 @@ fn padded_target_positions_get_no_loss() -> anyhow::Result<()> {
             tgt: vec![11, 12, 13, 14],
         },
     ];
-    let both = seq2seq_batch(&ex, PAD, BOS, &Device::Cpu)?;
+    let both = seq2seq_batch(&ex, PAD, BOS, &test_device())?;
     let loss_both = m.loss(&both)?.to_scalar::<f32>()?;
     // The mean over real tokens: 2 tokens of example 0 and 4 of example 1.
     let l0 = m
-        .loss(&seq2seq_batch(&ex[..1], PAD, BOS, &Device::Cpu)?)?
+        .loss(&seq2seq_batch(&ex[..1], PAD, BOS, &test_device())?)?
         .to_scalar::<f32>()?;
     let l1 = m
-        .loss(&seq2seq_batch(&ex[1..], PAD, BOS, &Device::Cpu)?)?
+        .loss(&seq2seq_batch(&ex[1..], PAD, BOS, &test_device())?)?
         .to_scalar::<f32>()?;
     let want = (2.0 * l0 + 4.0 * l1) / 6.0;
     assert!((loss_both - want).abs() < 1e-5, "{loss_both} vs {want}");
@@ -140,9 +141,9 @@ fn padded_target_positions_get_no_loss() -> anyhow::Result<()> {
 #[test]
 fn bad_inputs_give_clear_errors() -> anyhow::Result<()> {
     let (_, m) = model(NormPlacement::Pre)?;
-    let long = Tensor::zeros((1, 13), DType::U32, &Device::Cpu)?;
+    let long = Tensor::zeros((1, 13), DType::U32, &test_device())?;
     let err = m
-        .encode(&long, &Tensor::ones((1, 13), DType::U8, &Device::Cpu)?)
+        .encode(&long, &Tensor::ones((1, 13), DType::U8, &test_device())?)
         .err()
         .unwrap()
         .to_string();
@@ -154,7 +155,7 @@ fn bad_inputs_give_clear_errors() -> anyhow::Result<()> {
         src: vec![],
         tgt: vec![1],
     }];
-    assert!(seq2seq_batch(&empty, PAD, BOS, &Device::Cpu).is_err());
+    assert!(seq2seq_batch(&empty, PAD, BOS, &test_device()).is_err());
     assert!(m.generate(&[], BOS, 3, 0.0, 0).is_err());
     assert!(Preset::by_name("huge")
         .unwrap_err()
@@ -163,7 +164,7 @@ fn bad_inputs_give_clear_errors() -> anyhow::Result<()> {
     let mut bad = small(NormPlacement::Pre);
     bad.n_heads = 3;
     assert!(
-        Transformer::new(VarBuilder::zeros(DType::F32, &Device::Cpu), bad)
+        Transformer::new(VarBuilder::zeros(DType::F32, &test_device()), bad)
             .err()
             .unwrap()
             .to_string()
@@ -212,7 +213,7 @@ fn tiny_transformer_overfits_a_tiny_batch() -> anyhow::Result<()> {
             tgt: vec![31, 30, 8, 9, 2],
         },
     ];
-    let batch = seq2seq_batch(&ex, PAD, BOS, &Device::Cpu)?;
+    let batch = seq2seq_batch(&ex, PAD, BOS, &test_device())?;
     let losses = train(&varmap, 150, 1e-2, |_| Ok(m.loss(&batch)?))?;
     assert!(losses[0] > 3.0, "initial loss {}", losses[0]);
     assert!(
@@ -232,11 +233,12 @@ fn training_on_the_small_corpus_lowers_the_loss_for_both_models() -> anyhow::Res
     let pad = data.tokenizer.special(shared::tokenizer::PAD)?;
     let bos = data.tokenizer.special(shared::tokenizer::BOS)?;
     let vocab = data.tokenizer.vocab_size();
-    let batch = |s: usize| seq2seq_batch(&batch_for_step(&pairs, 8, s, 1), pad, bos, &Device::Cpu);
+    let batch =
+        |s: usize| seq2seq_batch(&batch_for_step(&pairs, 8, s, 1), pad, bos, &test_device());
     shared::params::set_seed(1);
     let varmap = VarMap::new();
     let t = Transformer::new(
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        VarBuilder::from_varmap(&varmap, DType::F32, &test_device()),
         TransformerConfig {
             vocab_size: vocab,
             ..small(NormPlacement::Pre)
@@ -250,7 +252,7 @@ fn training_on_the_small_corpus_lowers_the_loss_for_both_models() -> anyhow::Res
     assert!(last < first - 1.0, "transformer: {first} → {last}");
     let varmap = VarMap::new();
     let l = LstmSeq2Seq::new(
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        VarBuilder::from_varmap(&varmap, DType::F32, &test_device()),
         LstmConfig {
             vocab_size: vocab,
             d_embed: 16,
@@ -276,7 +278,7 @@ fn checkpoint_resume_reproduces_the_next_step_loss() -> anyhow::Result<()> {
             tgt: vec![5 + i % 3, 6, 7],
         })
         .collect();
-    let batch = |s: usize| seq2seq_batch(&batch_for_step(&ex, 4, s, 9), PAD, BOS, &Device::Cpu);
+    let batch = |s: usize| seq2seq_batch(&batch_for_step(&ex, 4, s, 9), PAD, BOS, &test_device());
     let schedule = ScheduleConfig {
         max_lr: 3e-3,
         min_lr: 1e-4,

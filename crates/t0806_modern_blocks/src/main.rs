@@ -105,6 +105,11 @@ enum Cmd {
         /// Attention kernel: naive (matmul-softmax-matmul) or flash (t0809).
         #[arg(long, default_value = "naive")]
         attention: String,
+        /// After the timed steps, time each phase of a step (forward, backward, clipping, AdamW)
+        /// separately, host enqueue time and device completion apart; the last profiled step is
+        /// the region `ncu --profile-from-start off` records.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -570,6 +575,80 @@ fn norm_bench(
     Ok(())
 }
 
+/// Times the phases of a training step one by one, `steps` times, and prints the medians: the
+/// host's time to enqueue each phase (Candle's per-op overhead: building the graph, choosing
+/// and launching kernels) and the time until the device has finished it. Where the two are
+/// close, the phase is bound by the host, not by the GPU. Returns `(phase, host ms, total ms)`.
+fn profile_phases(
+    varmap: &VarMap,
+    lm: &DecoderOnlyLm,
+    batcher: &LmBatcher,
+    tokens: &[u32],
+    steps: usize,
+    dev: &Device,
+) -> Result<Vec<(&'static str, f64, f64)>> {
+    use shared::train::{clip_grad_norm, AdamW};
+    let mut opt = AdamW::new(varmap, AdamWConfig::default())?;
+    let names = ["forward", "backward", "clip", "adamw"];
+    let mut samples: Vec<[(f64, f64); 4]> = Vec::new();
+    println!(
+        "   profiling {steps} steps phase by phase (a device synchronisation after each phase)"
+    );
+    for step in 0..steps {
+        let b = batcher.batch(tokens, 1000 + step as u64, dev)?;
+        dev.synchronize()?;
+        if step + 1 == steps {
+            shared::device::profiler_range(dev, true)?;
+        }
+        let mut row = [(0.0, 0.0); 4];
+        let t = Instant::now();
+        let loss = lm.loss(&b.x, &b.y)?;
+        row[0].0 = t.elapsed().as_secs_f64();
+        dev.synchronize()?;
+        row[0].1 = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut grads = loss.backward()?;
+        row[1].0 = t.elapsed().as_secs_f64();
+        dev.synchronize()?;
+        row[1].1 = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        clip_grad_norm(&mut grads, opt.vars(), 1.0)?;
+        row[2].0 = t.elapsed().as_secs_f64();
+        dev.synchronize()?;
+        row[2].1 = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        opt.step(&grads, 1e-4)?;
+        row[3].0 = t.elapsed().as_secs_f64();
+        dev.synchronize()?;
+        row[3].1 = t.elapsed().as_secs_f64();
+        if step + 1 == steps {
+            shared::device::profiler_range(dev, false)?;
+        }
+        samples.push(row);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2] * 1e3
+    };
+    let phases: Vec<(&'static str, f64, f64)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            (
+                n,
+                median(samples.iter().map(|r| r[i].0).collect()),
+                median(samples.iter().map(|r| r[i].1).collect()),
+            )
+        })
+        .collect();
+    let rows: Vec<Vec<String>> = phases
+        .iter()
+        .map(|(n, h, d)| vec![n.to_string(), format!("{h:.2}"), format!("{d:.2}")])
+        .collect();
+    print_table(&["phase", "host enqueue ms", "until done ms"], &rows);
+    Ok(phases)
+}
+
 fn bench(a: &Args) -> Result<()> {
     let Some(Cmd::Bench {
         vocab,
@@ -584,6 +663,7 @@ fn bench(a: &Args) -> Result<()> {
         steps,
         warmup,
         ref attention,
+        profile,
     }) = a.cmd
     else {
         unreachable!()
@@ -652,6 +732,13 @@ fn bench(a: &Args) -> Result<()> {
     );
     report.metric("bench.tokens_per_s", tps);
     report.metric("bench.ms_per_step", elapsed / steps as f64 * 1e3);
+    if profile {
+        let phases = profile_phases(&varmap, &lm, &batcher, &tokens, steps, &dev)?;
+        for (name, host_ms, device_ms) in &phases {
+            report.metric(&format!("profile.{name}.host_ms"), *host_ms);
+            report.metric(&format!("profile.{name}.total_ms"), *device_ms);
+        }
+    }
     let bench_dir = ctx.out_dir.join("bench");
     report.write(&bench_dir)?;
     println!("   wrote {}", bench_dir.join("results.json").display());

@@ -1,6 +1,7 @@
 //! Grouped-query attention against t0802's MHA, a repeated-K/V MHA, and a float64 reference.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
+use shared::device::test_device;
 use std::sync::Arc;
 use t0801_self_attention::{causal_mask, reference_attention, scaled_dot_product_attention};
 use t0802_multi_head_attention::MultiHeadAttention;
@@ -8,7 +9,7 @@ use t0807_grouped_query_attention::*;
 use t0808_rope::{RopeScaling, RopeTables};
 
 fn randn(shape: (usize, usize)) -> Result<Tensor> {
-    Tensor::randn(0f32, 0.3, shape, &Device::Cpu)
+    Tensor::randn(0f32, 0.3, shape, &test_device())
 }
 
 fn max_rel(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -50,8 +51,8 @@ fn gqa_with_all_kv_heads_equals_t0802_mha() -> Result<()> {
         None,
     )?;
     let mha = MultiHeadAttention::from_weights(h, wq, wk, wv, wo)?;
-    let x = Tensor::randn(0f32, 1.0, (b, n, d), &Device::Cpu)?;
-    let mask = causal_mask(n, n, &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1.0, (b, n, d), &test_device())?;
+    let mask = causal_mask(n, n, &test_device())?;
     let want = mha.forward(&x, Some(&mask))?.output;
     let got = gqa.forward(&x, 0)?;
     assert!(max_rel(&got, &want)? < 1e-5);
@@ -82,8 +83,8 @@ fn gqa_equals_mha_with_repeated_kv_weights() -> Result<()> {
             repeat_rows(&wv, n_kv, g)?,
             wo,
         )?;
-        let x = Tensor::randn(0f32, 1.0, (b, n, d), &Device::Cpu)?;
-        let mask = causal_mask(n, n, &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (b, n, d), &test_device())?;
+        let mask = causal_mask(n, n, &test_device())?;
         let want = mha.forward(&x, Some(&mask))?.output;
         let got = gqa.forward(&x, 0)?;
         assert!(max_rel(&got, &want)? < 1e-5, "n_kv {n_kv}");
@@ -97,7 +98,7 @@ fn gqa_equals_mha_with_repeated_kv_weights() -> Result<()> {
 #[test]
 fn grouped_kernel_equals_repeat_kv_kernel_including_decode_offsets() -> Result<()> {
     let (b, h, n_kv, n_q, n_k, dh) = (2, 8, 2, 3, 10, 16);
-    let dev = Device::Cpu;
+    let dev = test_device();
     let q = Tensor::randn(0f32, 1.0, (b, h, n_q, dh), &dev)?;
     let k = Tensor::randn(0f32, 1.0, (b, n_kv, n_k, dh), &dev)?;
     let v = Tensor::randn(0f32, 1.0, (b, n_kv, n_k, dh), &dev)?;
@@ -123,7 +124,7 @@ fn mqa_and_gqa_match_f64_reference_with_rope() -> Result<()> {
             64,
             10_000.0,
             RopeScaling::None,
-            &Device::Cpu,
+            &test_device(),
         )?);
         let gqa = GroupedQueryAttention::from_weights(
             h,
@@ -134,7 +135,7 @@ fn mqa_and_gqa_match_f64_reference_with_rope() -> Result<()> {
             wo.clone(),
             Some(rope),
         )?;
-        let x = Tensor::randn(0f32, 1.0, (b, n, d), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (b, n, d), &test_device())?;
         let start = 5;
         let got = gqa.forward(&x, start)?.squeeze(0)?; // (n, d)
 
@@ -180,7 +181,7 @@ fn mqa_and_gqa_match_f64_reference_with_rope() -> Result<()> {
                     .collect::<Vec<_>>()
             })
             .collect();
-        let want = Tensor::from_vec(want, (n, d), &Device::Cpu)?;
+        let want = Tensor::from_vec(want, (n, d), &test_device())?;
         assert!(max_rel(&got, &want)? < 1e-5, "n_kv {n_kv}");
     }
     Ok(())

@@ -1,10 +1,11 @@
 //! RoPE against a float64 reference, candle-nn's `rope_i`, and its mathematical properties.
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
+use shared::device::test_device;
 use t0808_rope::*;
 
 fn rand_x(b: usize, h: usize, t: usize, d: usize) -> Result<Tensor> {
-    Tensor::randn(0f32, 1.0, (b, h, t, d), &Device::Cpu)
+    Tensor::randn(0f32, 1.0, (b, h, t, d), &test_device())
 }
 
 fn max_rel_err(a: &[f32], b: &[f64]) -> f64 {
@@ -17,7 +18,7 @@ fn max_rel_err(a: &[f32], b: &[f64]) -> f64 {
 #[test]
 fn both_forms_match_f64_reference_with_offset() -> Result<()> {
     let (b, h, t, d, start) = (2, 3, 5, 16, 7);
-    let tables = RopeTables::new(d, 32, DEFAULT_BASE, RopeScaling::None, &Device::Cpu)?;
+    let tables = RopeTables::new(d, 32, DEFAULT_BASE, RopeScaling::None, &test_device())?;
     let x = rand_x(b, h, t, d)?;
     let complex = apply_rope(&x, &tables, start)?;
     let matrix = apply_rope_matrix(&x, &tables, start)?;
@@ -45,7 +46,7 @@ fn both_forms_match_f64_reference_with_offset() -> Result<()> {
 #[test]
 fn matches_candle_nn_rope_i() -> Result<()> {
     let (b, h, t, d) = (2, 4, 9, 32);
-    let tables = RopeTables::new(d, 64, 500_000.0, RopeScaling::None, &Device::Cpu)?;
+    let tables = RopeTables::new(d, 64, 500_000.0, RopeScaling::None, &test_device())?;
     let x = rand_x(b, h, t, d)?;
     let start = 11;
     let (cos, sin) = tables.rows(start, t, DType::F32)?;
@@ -63,7 +64,7 @@ fn matches_candle_nn_rope_i() -> Result<()> {
 
 #[test]
 fn rotation_preserves_norm() -> Result<()> {
-    let tables = RopeTables::new(64, 1024, DEFAULT_BASE, RopeScaling::None, &Device::Cpu)?;
+    let tables = RopeTables::new(64, 1024, DEFAULT_BASE, RopeScaling::None, &test_device())?;
     let x = rand_x(1, 2, 1000, 64)?;
     let y = apply_rope(&x, &tables, 0)?;
     let nx = x.sqr()?.sum(3)?.flatten_all()?.to_vec1::<f32>()?;
@@ -79,7 +80,7 @@ fn score_depends_only_on_relative_position() -> Result<()> {
     // ⟨RoPE(q,m), RoPE(k,n)⟩ = ⟨RoPE(q,m+s), RoPE(k,n+s)⟩ for random q, k, m, n, s — computed
     // with the tensor implementation (f32) and checked against the f64 score.
     let d = 32;
-    let tables = RopeTables::new(d, 512, DEFAULT_BASE, RopeScaling::None, &Device::Cpu)?;
+    let tables = RopeTables::new(d, 512, DEFAULT_BASE, RopeScaling::None, &test_device())?;
     let q = rand_x(1, 1, 1, d)?;
     let k = rand_x(1, 1, 1, d)?;
     let score = |m: usize, n: usize| -> Result<f64> {
@@ -115,7 +116,7 @@ fn score_depends_only_on_relative_position() -> Result<()> {
 
 #[test]
 fn beyond_table_is_a_clear_error() -> Result<()> {
-    let tables = RopeTables::new(8, 16, DEFAULT_BASE, RopeScaling::None, &Device::Cpu)?;
+    let tables = RopeTables::new(8, 16, DEFAULT_BASE, RopeScaling::None, &test_device())?;
     let x = rand_x(1, 1, 4, 8)?;
     assert!(apply_rope(&x, &tables, 12).is_ok());
     let e = apply_rope(&x, &tables, 13).unwrap_err().to_string();
@@ -138,7 +139,7 @@ fn position_interpolation_equals_fractional_positions() -> Result<()> {
         64,
         DEFAULT_BASE,
         RopeScaling::PositionInterpolation { factor: 4.0 },
-        &Device::Cpu,
+        &test_device(),
     )?;
     let x = rand_x(1, 1, 10, d)?;
     let y = apply_rope(&x, &tables, 30)?
@@ -156,7 +157,7 @@ fn position_interpolation_equals_fractional_positions() -> Result<()> {
 fn gradient_flows_through_rope_as_inverse_rotation() -> Result<()> {
     // d/dx Σ c ⊙ RoPE(x) = R_mᵀ c = RoPE⁻¹(c): rotating the gradient back.
     let d = 8;
-    let tables = RopeTables::new(d, 16, DEFAULT_BASE, RopeScaling::None, &Device::Cpu)?;
+    let tables = RopeTables::new(d, 16, DEFAULT_BASE, RopeScaling::None, &test_device())?;
     let x = Var::from_tensor(&rand_x(1, 1, 3, d)?)?;
     let c = rand_x(1, 1, 3, d)?;
     let loss = (apply_rope(x.as_tensor(), &tables, 5)? * &c)?.sum_all()?;

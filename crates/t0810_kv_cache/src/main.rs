@@ -522,10 +522,17 @@ fn experiments(args: &Args) -> Result<()> {
     let mut measured = Vec::new();
     for batch in [1usize, 4] {
         for kind in [CacheKind::Preallocated, CacheKind::Concat] {
+            // The device allocator's own count (GPU only): memory in use before the cache exists
+            // and after it is filled, with the prefill's activations and logits already freed.
+            let device_before = shared::device::device_memory_in_use(&dev)?;
             let mut cache = lm_cache(&lm, batch, max_context, kind, ctx.dtype)?;
             let before = cache.allocated_bytes();
             let toks = Tensor::zeros((batch, max_context), DType::U32, &dev)?;
-            lm_forward_cached(&lm, &toks, &mut cache)?;
+            drop(lm_forward_cached(&lm, &toks, &mut cache)?);
+            drop(toks);
+            let device_held = shared::device::device_memory_in_use(&dev)?
+                .zip(device_before)
+                .map(|(after, before)| after.saturating_sub(before));
             let formula = kv_cache_bytes(
                 batch,
                 layers,
@@ -534,8 +541,12 @@ fn experiments(args: &Args) -> Result<()> {
                 d_model / heads,
                 dtype_bytes,
             );
-            println!("   measured {kind:?} cache, batch {batch}, {max_context} tokens: {} before, {} after filling; formula {}", human_bytes(before), human_bytes(cache.allocated_bytes()), human_bytes(formula));
-            measured.push(serde_json::json!({ "kind": kind, "batch": batch, "seq": max_context, "bytes_before": before, "bytes_after": cache.allocated_bytes(), "formula": formula }));
+            let device_note = device_held
+                .map(|b| format!("; device allocator: {} held", human_bytes(b as usize)))
+                .unwrap_or_default();
+            println!("   measured {kind:?} cache, batch {batch}, {max_context} tokens: {} before, {} after filling; formula {}{device_note}", human_bytes(before), human_bytes(cache.allocated_bytes()), human_bytes(formula));
+            measured.push(serde_json::json!({ "kind": kind, "batch": batch, "seq": max_context, "bytes_before": before, "bytes_after": cache.allocated_bytes(), "formula": formula, "device_bytes_held": device_held }));
+            drop(cache);
         }
     }
     report.metric("memory_measured", &measured);

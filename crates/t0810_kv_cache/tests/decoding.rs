@@ -1,8 +1,9 @@
 //! Cached decoding against the full forward pass: at every step the logits of the new token must
 //! equal those of a full forward over the whole prefix.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use shared::device::test_device;
 use t0804_transformer_block::{DecoderOnlyLm, NormPlacement};
 use t0805_full_transformer::{Transformer, TransformerConfig};
 use t0806_modern_blocks::{init_modern_lm, ModernLmConfig};
@@ -32,7 +33,7 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 fn llama(n_kv_heads: usize, seed: u64) -> DecoderOnlyLm {
     shared::params::set_seed(seed);
     let cfg = ModernLmConfig::llama(VOCAB, 40, 32, 2, 4, n_kv_heads);
-    init_modern_lm(&cfg, DType::F32, &Device::Cpu).unwrap().1
+    init_modern_lm(&cfg, DType::F32, &test_device()).unwrap().1
 }
 
 fn gpt2(seed: u64) -> DecoderOnlyLm {
@@ -40,7 +41,7 @@ fn gpt2(seed: u64) -> DecoderOnlyLm {
     init_modern_lm(
         &ModernLmConfig::gpt2(VOCAB, 40, 32, 2, 4),
         DType::F32,
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap()
     .1
@@ -48,7 +49,7 @@ fn gpt2(seed: u64) -> DecoderOnlyLm {
 
 fn full_logits(lm: &DecoderOnlyLm, toks: &[u32]) -> Tensor {
     lm.forward(
-        &Tensor::new(toks, &Device::Cpu)
+        &Tensor::new(toks, &test_device())
             .unwrap()
             .unsqueeze(0)
             .unwrap(),
@@ -60,7 +61,10 @@ fn full_logits(lm: &DecoderOnlyLm, toks: &[u32]) -> Tensor {
 }
 
 fn row(t: &[u32]) -> Tensor {
-    Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+    Tensor::new(t, &test_device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
 }
 
 /// Prefill `prefill` tokens, then one token at a time; compare every logit row with the full pass.
@@ -126,7 +130,7 @@ fn gqa_caches_only_the_kv_heads() {
 fn preallocated_equals_concatenating_cache_in_a_batch() {
     let lm = llama(2, 6);
     let batch: Vec<u32> = tokens(12, 2).into_iter().chain(tokens(12, 3)).collect();
-    let x = Tensor::from_vec(batch, (2, 12), &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(batch, (2, 12), &test_device()).unwrap();
     let mut a = lm_cache(&lm, 2, 16, CacheKind::Preallocated, DType::F32).unwrap();
     let mut b = lm_cache(&lm, 2, 16, CacheKind::Concat, DType::F32).unwrap();
     let la = lm_forward_cached(&lm, &x.narrow(1, 0, 4).unwrap(), &mut a).unwrap();
@@ -166,7 +170,7 @@ fn paged_cache_decoding_equals_full_forward() {
             num_blocks: 16,
             max_seq_len: 40,
         };
-        let mut paged = PagedKvCache::new(cfg, DType::F32, &Device::Cpu).unwrap();
+        let mut paged = PagedKvCache::new(cfg, DType::F32, &test_device()).unwrap();
         let _other = paged.add_sequence(); // another tenant, so block ids are not the identity
         let s0 = paged.add_sequence();
         let mut o = paged.seq(_other).unwrap();
@@ -183,7 +187,7 @@ fn paged_cache_decoding_equals_full_forward() {
 
 #[test]
 fn paged_gather_equals_contiguous_cache() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let cfg = PagedConfig {
         n_layers: 1,
         n_kv_heads: 2,
@@ -245,28 +249,35 @@ fn encoder_decoder_cached_decoder_equals_full_decode() {
             placement,
         };
         let vm = VarMap::new();
-        let model =
-            Transformer::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), cfg).unwrap();
+        let model = Transformer::new(
+            VarBuilder::from_varmap(&vm, DType::F32, &test_device()),
+            cfg,
+        )
+        .unwrap();
         // A batch of two sources, the second padded.
-        let src =
-            Tensor::from_vec([tokens(9, 5), tokens(9, 6)].concat(), (2, 9), &Device::Cpu).unwrap();
+        let src = Tensor::from_vec(
+            [tokens(9, 5), tokens(9, 6)].concat(),
+            (2, 9),
+            &test_device(),
+        )
+        .unwrap();
         let src_mask = Tensor::from_vec(
             [vec![1u8; 9], [vec![1u8; 6], vec![0u8; 3]].concat()].concat(),
             (2, 9),
-            &Device::Cpu,
+            &test_device(),
         )
         .unwrap();
         let tgt = Tensor::from_vec(
             [tokens(10, 7), tokens(10, 8)].concat(),
             (2, 10),
-            &Device::Cpu,
+            &test_device(),
         )
         .unwrap();
         let memory = model.encode(&src, &src_mask).unwrap();
         let full = model
             .decode(
                 &tgt,
-                &Tensor::ones((2, 10), DType::U8, &Device::Cpu).unwrap(),
+                &Tensor::ones((2, 10), DType::U8, &test_device()).unwrap(),
                 &memory,
                 &src_mask,
             )
@@ -305,8 +316,11 @@ fn seq2seq_generation_matches_full_recompute_generate() {
         placement: NormPlacement::Pre,
     };
     let vm = VarMap::new();
-    let model =
-        Transformer::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), cfg).unwrap();
+    let model = Transformer::new(
+        VarBuilder::from_varmap(&vm, DType::F32, &test_device()),
+        cfg,
+    )
+    .unwrap();
     let src = tokens(8, 3);
     let reference = model.generate(&src, 1, 12, 0.0, 0).unwrap(); // t0805: full recompute, greedy
     let mut sampler = Sampler::new(SamplingConfig::greedy(), 0).unwrap();

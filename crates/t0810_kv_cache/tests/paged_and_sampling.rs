@@ -1,8 +1,9 @@
 //! The paged cache's bookkeeping (no leaks, copy-on-write, clear errors), the serving
 //! simulation, and the samplers.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use shared::device::test_device;
 use t0804_transformer_block::DecoderOnlyLm;
 use t0806_modern_blocks::{init_modern_lm, ModernLmConfig};
 use t0810_kv_cache::sim::{prefix_sharing_blocks, simulate, workload, Policy};
@@ -15,14 +16,17 @@ fn lm() -> DecoderOnlyLm {
     init_modern_lm(
         &ModernLmConfig::llama(VOCAB, 48, 32, 2, 4, 2),
         DType::F32,
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap()
     .1
 }
 
 fn row(t: &[u32]) -> Tensor {
-    Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+    Tensor::new(t, &test_device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
 }
 
 fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
@@ -48,7 +52,7 @@ fn paged(lm: &DecoderOnlyLm, block_size: usize, num_blocks: usize) -> PagedKvCac
             max_seq_len: lm.max_seq_len,
         },
         DType::F32,
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap()
 }
@@ -317,7 +321,7 @@ fn temperature_to_zero_is_greedy() {
             );
         }
     }
-    let t = Tensor::new(&[0.1f32, 2.0, -1.0], &Device::Cpu).unwrap();
+    let t = Tensor::new(&[0.1f32, 2.0, -1.0], &test_device()).unwrap();
     assert_eq!(
         Sampler::new(SamplingConfig::greedy(), 0)
             .unwrap()
