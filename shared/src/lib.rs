@@ -6,6 +6,7 @@
 //! | module | what it gives a topic |
 //! |---|---|
 //! | [`params`] | raw parameters (`(d_out, d_in)` weights, CS336 truncated-normal init), the one [`params::linear`] helper `x·Wᵀ`, parameter counts, safetensors save/load |
+//! | [`embedding`] | the token-embedding lookup (a row gather) and its scatter-add gradient, one fused op on the GPU |
 //! | [`device`] | `--device auto\|cpu\|cuda[:N]` and `--dtype f32\|bf16\|f16` |
 //! | [`cli`] | the command-line flags every topic binary shares |
 //! | [`wikitext`] | WikiText-2 found, verified (sha256), decompressed, or downloaded |
@@ -21,12 +22,14 @@ pub mod corpus;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod embedding;
 pub mod params;
 pub mod report;
 pub mod tokenizer;
 pub mod train;
 pub mod wikitext;
 
+pub use embedding::embedding;
 pub use params::{linear, linear_with_bias};
 
 /// The workspace root (the folder holding the top-level `Cargo.toml`), resolved at compile time.

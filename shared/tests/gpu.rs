@@ -104,3 +104,60 @@ fn integration_tests_run_on_the_gpu_on_the_gpu_host() {
         assert!(dev.is_cpu());
     }
 }
+
+#[test]
+fn embedding_gather_and_scatter_add_match_the_cpu() -> candle_core::Result<()> {
+    // On the GPU this runs kernels/embedding.cu; on a CPU build it compares the CPU op to itself
+    // through index_select. A skewed id distribution (id 5 on every fourth token) makes many
+    // atomics hit one row, as frequent tokens do.
+    let dev = shared::device::test_device();
+    let (vocab, d, n) = (50, 96, 1000);
+    let ids: Vec<u32> = (0..n)
+        .map(|i| {
+            if i % 4 == 0 {
+                5
+            } else {
+                (i * 7 % vocab) as u32
+            }
+        })
+        .collect();
+    let table_cpu = Tensor::randn(0f32, 1.0, (vocab, d), &Device::Cpu)?;
+    let dout_cpu = Tensor::randn(0f32, 1.0, (n, d), &Device::Cpu)?;
+    let ids_cpu = Tensor::new(ids.as_slice(), &Device::Cpu)?;
+    let want_out = table_cpu.index_select(&ids_cpu, 0)?;
+    // bf16: the one rounding of each fp32 sum costs up to 2⁻⁹ relative.
+    for (dtype, tol) in [
+        (DType::F32, 1e-5f64),
+        (DType::BF16, 4e-3),
+        (DType::F64, 1e-12),
+    ] {
+        let table = candle_core::Var::from_tensor(&table_cpu.to_dtype(dtype)?.to_device(&dev)?)?;
+        let out = shared::embedding(table.as_tensor(), &ids_cpu.to_device(&dev)?)?;
+        let dout = dout_cpu.to_dtype(dtype)?.to_device(&dev)?;
+        // The reference sums the same (rounded) gradient rows in f64.
+        let want_grad = Tensor::zeros((vocab, d), DType::F64, &Device::Cpu)?.index_add(
+            &ids_cpu,
+            &dout_cpu.to_dtype(dtype)?.to_dtype(DType::F64)?,
+            0,
+        )?;
+        let grads = (&out * &dout)?.sum_all()?.backward()?;
+        let grad = grads.get(table.as_tensor()).unwrap();
+        let out_diff = (out.to_dtype(DType::F32)?.to_device(&Device::Cpu)?
+            - &want_out.to_dtype(dtype)?.to_dtype(DType::F32)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(out_diff, 0.0, "{dtype:?}: gathered rows differ");
+        // Relative error |a − b| / (1 + |b|): the summed rows reach |50|.
+        let grad_diff = (grad.to_dtype(DType::F64)?.to_device(&Device::Cpu)? - &want_grad)?
+            .abs()?
+            .div(&(want_grad.abs()? + 1.0)?)?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(
+            grad_diff < tol,
+            "{dtype:?}: gradient differs by {grad_diff}"
+        );
+    }
+    Ok(())
+}

@@ -177,12 +177,8 @@ impl Model {
         mask: &Tensor,
         head_gate: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        let (b, l) = tokens.dims2()?;
-        let d = self.tok_emb.dim(1)?;
-        let tok = self
-            .tok_emb
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, l, d))?;
+        let (_, l) = tokens.dims2()?;
+        let tok = shared::embedding(&self.tok_emb, tokens)?; // (b, l, d)
         let x = tok.broadcast_add(&self.pos_emb.narrow(0, 0, l)?)?; // (b, l, d)
         let att = self.attn.forward_cross(&x, &x, Some(mask), head_gate)?;
         let h = (x + att.output)?; // residual

@@ -135,12 +135,8 @@ impl Model {
 
     /// `tokens (batch, n)` → logits `(batch, n, vocab)` and each layer's weights `(batch, heads, n, n)`.
     fn forward(&self, tokens: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
-        let (b, n) = tokens.dims2()?;
-        let d = self.embed.dim(1)?;
-        let x = self
-            .embed
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, n, d))?;
+        let (_, n) = tokens.dims2()?;
+        let x = shared::embedding(&self.embed, tokens)?; // (b, n, d)
         let mut x = self.positions.add_to_input(&x, 0)?; // errors beyond a learned table
         let bias = self.positions.attention_bias(n, n)?; // (heads, n, n) for relative bias
         let mut weights = Vec::new();

@@ -115,7 +115,7 @@ impl DecoderOnlyLm {
 
     /// Token embeddings (+ absolute positions): `tokens (batch, seq)` → `(batch, seq, d_model)`.
     pub fn embed(&self, tokens: &Tensor, start_pos: usize) -> Result<Tensor> {
-        let (b, t) = tokens.dims2()?;
+        let (_, t) = tokens.dims2()?;
         if t == 0 {
             bail!("empty input: the model needs at least one token");
         }
@@ -126,11 +126,7 @@ impl DecoderOnlyLm {
                 self.max_seq_len
             );
         }
-        let ids = tokens.flatten_all()?;
-        let x = self
-            .token_embedding
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.d_model()))?;
+        let x = shared::embedding(&self.token_embedding, tokens)?; // (batch, seq, d_model)
         match &self.positions {
             Some(p) => x.broadcast_add(&p.encode(t, start_pos, x.device())?.to_dtype(x.dtype())?),
             None => Ok(x),

@@ -124,7 +124,7 @@ impl Transformer {
 
     /// `tokens (batch, len)` → `√d_model · E[tokens] + PE (batch, len, d_model)`.
     pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
-        let (b, n) = tokens.dims2()?;
+        let (_, n) = tokens.dims2()?;
         if n == 0 {
             bail!("empty sequence: the source and the target need at least one token");
         }
@@ -135,11 +135,7 @@ impl Transformer {
             );
         }
         let d = self.cfg.d_model;
-        let x = (self
-            .token_embedding
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, n, d))?
-            * (d as f64).sqrt())?;
+        let x = (shared::embedding(&self.token_embedding, tokens)? * (d as f64).sqrt())?; // (b, n, d)
         x.broadcast_add(&sinusoidal(n, d, 0, tokens.device())?.to_dtype(x.dtype())?)
     }
 

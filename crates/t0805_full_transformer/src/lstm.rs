@@ -62,13 +62,11 @@ impl LstmSeq2Seq {
     }
 
     fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
-        let (b, n) = tokens.dims2()?;
+        let (_, n) = tokens.dims2()?;
         if n == 0 {
             bail!("empty sequence");
         }
-        self.token_embedding
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, n, self.cfg.d_embed))
+        shared::embedding(&self.token_embedding, tokens) // (b, n, d_embed)
     }
 
     /// Runs a stack of LSTMs over `x (batch, len, d)`, starting layer `i` from `init[i]` (or zeros);

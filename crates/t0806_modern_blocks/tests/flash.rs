@@ -1,7 +1,8 @@
 //! The LLaMA recipe with t0809's FlashAttention as its attention kernel computes the same function
 //! (logits and gradients) as with the naive kernel, for MHA and GQA.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
+use shared::device::test_device;
 use t0806_modern_blocks::{build_modern_lm, with_flash_attention, ModernLmConfig};
 
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
@@ -31,7 +32,7 @@ fn flash_attention_model_matches_naive_model() -> anyhow::Result<()> {
     for kv_heads in [4, 2] {
         let cfg = ModernLmConfig::llama(97, 24, 32, 2, 4, kv_heads);
         let varmap = candle_nn::VarMap::new();
-        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &test_device());
         let naive = build_modern_lm(vb.clone(), &cfg)?;
         let flash = with_flash_attention(build_modern_lm(vb, &cfg)?)?; // same variables
         let x = Tensor::from_vec(
@@ -39,14 +40,14 @@ fn flash_attention_model_matches_naive_model() -> anyhow::Result<()> {
                 .map(|i| (i * 37 % 97) as u32)
                 .collect::<Vec<_>>(),
             (2, 19),
-            &Device::Cpu,
+            &test_device(),
         )?;
         let y = Tensor::from_vec(
             (0..2 * 19)
                 .map(|i| (i * 53 % 97) as u32)
                 .collect::<Vec<_>>(),
             (2, 19),
-            &Device::Cpu,
+            &test_device(),
         )?;
         let (ln, lf) = (naive.forward(&x, 0)?, flash.forward(&x, 0)?);
         assert!(

@@ -1,7 +1,8 @@
 //! RMSNorm and SwiGLU against float64 references and candle-nn; RMSNorm gradients against finite
 //! differences; the LLaMA-recipe LM trains; checkpoints round-trip.
 
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Result, Tensor, Var, D};
+use shared::device::test_device;
 use t0804_transformer_block::Layer;
 use t0806_modern_blocks::*;
 
@@ -17,7 +18,7 @@ fn rows64(t: &Tensor) -> Vec<Vec<f64>> {
 
 #[test]
 fn rms_norm_matches_f64_reference_and_candle_nn() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let (d, eps) = (48, 1e-5);
     let x = (Tensor::randn(0f32, 2.0, (3, 5, d), &dev)? + 0.7)?;
     let g = Tensor::randn(1f32, 0.3, d, &dev)?;
@@ -38,7 +39,7 @@ fn rms_norm_matches_f64_reference_and_candle_nn() -> Result<()> {
 
 #[test]
 fn rms_norm_gradients_match_finite_differences() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let d = 6;
     let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, d), &dev)?)?;
     let g = Var::from_tensor(&Tensor::randn(1f64, 0.5, d, &dev)?)?;
@@ -83,7 +84,7 @@ fn rms_norm_gradients_match_finite_differences() -> Result<()> {
 
 #[test]
 fn swiglu_matches_f64_reference() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let (d, ff) = (16, 40);
     let w1 = Tensor::randn(0f32, 0.3, (ff, d), &dev)?;
     let w2 = Tensor::randn(0f32, 0.3, (d, ff), &dev)?;
@@ -126,7 +127,7 @@ fn byte_tokens() -> Vec<u32> {
 
 #[test]
 fn llama_and_gpt2_recipes_train_on_tiny_corpus() -> anyhow::Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let tokens = byte_tokens();
     for cfg in [
         ModernLmConfig::llama(256, 32, 64, 2, 4, 2),
@@ -162,7 +163,7 @@ fn llama_and_gpt2_recipes_train_on_tiny_corpus() -> anyhow::Result<()> {
 
 #[test]
 fn checkpoint_round_trip_gives_identical_logits() -> anyhow::Result<()> {
-    let dev = Device::Cpu;
+    let dev = test_device();
     let dir = std::env::temp_dir().join(format!("t0806_ckpt_{}", std::process::id()));
     for cfg in [
         ModernLmConfig::llama(50, 16, 32, 2, 4, 1),

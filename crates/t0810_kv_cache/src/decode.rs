@@ -192,7 +192,7 @@ pub fn seq2seq_start(
 /// One incremental decoder step: `tgt (batch, t)` after the cached target tokens → logits
 /// `(batch, t, vocab)`. Same numbers as [`Transformer::decode`] on the whole target prefix.
 pub fn seq2seq_step(model: &Transformer, tgt: &Tensor, state: &mut Seq2SeqState) -> Result<Tensor> {
-    let (b, t) = tgt.dims2()?;
+    let (_, t) = tgt.dims2()?;
     let start = state.self_cache.seq_len();
     let d = model.cfg.d_model;
     if start + t > model.cfg.max_len {
@@ -203,11 +203,7 @@ pub fn seq2seq_step(model: &Transformer, tgt: &Tensor, state: &mut Seq2SeqState)
         );
     }
     // √d·E[tgt] + PE at positions start … start + t − 1 (Transformer::embed always starts at 0).
-    let e = (model
-        .token_embedding
-        .index_select(&tgt.flatten_all()?, 0)?
-        .reshape((b, t, d))?
-        * (d as f64).sqrt())?;
+    let e = (shared::embedding(&model.token_embedding, tgt)? * (d as f64).sqrt())?; // (b, t, d)
     let mut x = e.broadcast_add(&sinusoidal(t, d, start, tgt.device())?.to_dtype(e.dtype())?)?;
     state.self_cache.begin(t)?;
     for (i, block) in model.decoder.iter().enumerate() {

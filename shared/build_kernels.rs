@@ -1,0 +1,45 @@
+// The one build step of every crate that ships a CUDA kernel (shared, t0806, t0809): each
+// crate's `build.rs` is `include!("…/shared/build_kernels.rs")` plus a `main` that lists its
+// kernels. Only with the `cuda` feature is anything compiled: a CPU-only build needs no CUDA
+// toolkit.
+//
+// `kernels/NAME.cu` becomes `$OUT_DIR/NAME.ptx`, which the crate embeds with
+// `include_str!(concat!(env!("OUT_DIR"), "/NAME.ptx"))`. Target: `compute_90` PTX (Hopper,
+// H100/H200), JIT-compiled by the driver when the module is loaded; `MODULE08_CUDA_ARCH`
+// overrides it (e.g. `compute_80` for an A100). `nvcc` is `$CUDA_HOME/bin/nvcc`, else the one
+// on the PATH.
+
+/// Compiles `kernels/<name>.cu` to `$OUT_DIR/<name>.ptx` with `nvcc --ptx -O3` and `extra` flags.
+fn compile_kernel(name: &str, extra: &[&str]) {
+    use std::path::PathBuf;
+    use std::process::Command;
+    let source = format!("kernels/{name}.cu");
+    println!("cargo:rerun-if-changed={source}");
+    println!("cargo:rerun-if-env-changed=MODULE08_CUDA_ARCH");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    let ptx = out_dir.join(format!("{name}.ptx"));
+    let arch = std::env::var("MODULE08_CUDA_ARCH").unwrap_or_else(|_| "compute_90".to_string());
+    let nvcc = std::env::var_os("CUDA_HOME")
+        .map(|h| PathBuf::from(h).join("bin").join("nvcc"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
+        .args(extra)
+        .arg(format!("-arch={arch}"))
+        .arg(&source)
+        .arg("-o")
+        .arg(&ptx)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {} (needed by the `cuda` feature): {e}",
+                nvcc.display()
+            )
+        });
+    assert!(status.success(), "nvcc failed on {source} ({status})");
+}
