@@ -15,7 +15,8 @@
 //! with the same values and gradients whose CUDA backward gives every `(token, column)` pair its
 //! own thread and adds rows with fp32 atomics (`kernels/embedding.cu`, `cuda` feature only).
 //!
-//! Every topic's model looks its tokens up through [`embedding`].
+//! Every topic's model looks its tokens up through [`embedding`]. For side-by-side measurements,
+//! `MODULE08_EMBEDDING=index-select` switches it to Candle's `index_select` (same values).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -44,10 +45,19 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let mut out_dims = ids.dims().to_vec();
     out_dims.push(d);
     let flat = ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
+    if use_index_select() {
+        return table.index_select(&flat, 0)?.reshape(out_dims);
+    }
     table
         .contiguous()?
         .apply_op2(&flat, Embedding { vocab, d })?
         .reshape(out_dims)
+}
+
+/// `MODULE08_EMBEDDING=index-select`: Candle's own op instead of ours (read once).
+fn use_index_select() -> bool {
+    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| std::env::var("MODULE08_EMBEDDING").as_deref() == Ok("index-select"))
 }
 
 /// The gather `(table (vocab, d), ids (n,) u32) → (n, d)`; its `bwd` is [`EmbeddingBackward`].
