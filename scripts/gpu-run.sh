@@ -5,6 +5,7 @@
 #     STEP = tests            every CUDA test executable in the bundle
 #          | "bin NAME ARGS"  one topic binary (quote the whole step)
 #          | "sh SCRIPT ARGS" a script of the repository (e.g. scripts/compare_with_twin.sh)
+#          | "env VAR=VALUE …"  export variables for the steps after it (e.g. MODULE08_EMBEDDING=index-select)
 #          | "ncu NAME ARGS"  one topic binary under Nsight Compute, recording only the region the
 #                             binary brackets with cuProfilerStart/Stop (e.g. t0806 bench --profile):
 #                             GPU time per kernel, summarised by scripts/ncu_summary.py
@@ -30,7 +31,9 @@ export MODULE08_EXPECT_GPU=1 MODULE08_TEST_DEVICE=cuda MODULE08_CACHE=/tmp/modul
 summary="$dest/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$summary"
 status=0
+n=0
 for step in "$@"; do
+  n=$((n + 1))
   set -- $step
   kind=$1; shift
   started=$(date +%s)
@@ -48,22 +51,26 @@ for step in "$@"; do
       ;;
     bin)
       name=$1; shift
-      log="$logs/$name.log"
+      log="$logs/$n-$name.log"
       timeout "${STEP_TIMEOUT:-36000}" "/tmp/gpu/bin/$name" "$@" > "$log" 2>&1
       rc=$?
       echo "bin $name $*: rc=$rc ($(( $(date +%s) - started )) s)" | tee -a "$summary"
       tail -25 "$log" | sed 's/^/    /' >> "$summary"
       [ $rc -eq 0 ] || status=1
       ;;
+    env)
+      export "$@"
+      echo "env $*" | tee -a "$summary"
+      ;;
     ncu)
       name=$1; shift
-      csvlog="$logs/ncu-$name.csv"
+      csvlog="$logs/$n-ncu-$name.csv"
       ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
-        --log-file "$csvlog" "/tmp/gpu/bin/$name" "$@" > "$logs/ncu-$name.out" 2>&1
+        --log-file "$csvlog" "/tmp/gpu/bin/$name" "$@" > "$logs/$n-ncu-$name.out" 2>&1
       rc=$?
       echo "ncu $name $*: rc=$rc ($(( $(date +%s) - started )) s)" | tee -a "$summary"
       python3 scripts/ncu_summary.py "$csvlog" --top 40 2>&1 | sed 's/^/    /' >> "$summary"
-      tail -12 "$logs/ncu-$name.out" | sed 's/^/    /' >> "$summary"
+      tail -12 "$logs/$n-ncu-$name.out" | sed 's/^/    /' >> "$summary"
       [ $rc -eq 0 ] || status=1
       ;;
     sh)
