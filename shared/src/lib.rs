@@ -12,6 +12,7 @@
 //! | [`wikitext`] | WikiText-2 found, verified (sha256), decompressed, or downloaded |
 //! | [`tokenizer`] | byte-level BPE trained on WikiText-2 (cached), and the word-level v1 vocabulary |
 //! | [`corpus`] | a small deterministic corpus the project writes itself, for tests on a fresh clone |
+//! | [`cross_entropy`] | the loss over a vocabulary as one op (one pass forward, one backward; CUDA kernel on the GPU) |
 //! | [`batching`] | language-model windows and padded sequence-to-sequence batches |
 //! | [`train`] | AdamW, cosine schedule, gradient clipping, NaN guard, evaluation, checkpoints |
 //! | [`report`] | PNG charts (lines, heatmaps, bars) and the `results.json` of every run |
@@ -19,6 +20,7 @@
 pub mod batching;
 pub mod cli;
 pub mod corpus;
+pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;

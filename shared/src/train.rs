@@ -551,9 +551,10 @@ mod tests {
     }
 }
 
-/// Mean cross-entropy of `logits (…, vocab)` against `targets (…)` (`u32`), written from
-/// differentiable primitives and computed in f32 whatever the logits' dtype:
-/// `ℓ = logsumexp(z) − z_target`, with `logsumexp(z) = max z + log Σ exp(z − max z)`.
+/// Mean cross-entropy of `logits (…, vocab)` against `targets (…)` (`u32`):
+/// `ℓ = logsumexp(z) − z_target`, with `logsumexp(z) = max z + log Σ exp(z − max z)`, computed in
+/// f32 whatever the logits' dtype (f64 stays f64) by the fused op
+/// [`crate::cross_entropy::cross_entropy_rows`] (one pass forward, one backward).
 /// `mask (…)` (`u8`, 1 = counts) averages over real tokens only (padding gets no loss).
 pub fn cross_entropy(
     logits: &Tensor,
@@ -561,16 +562,40 @@ pub fn cross_entropy(
     mask: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     let vocab = logits.dim(candle_core::D::Minus1)?;
-    let logits = logits.to_dtype(DType::F32)?.reshape(((), vocab))?; // (n, vocab)
+    let logits = logits.reshape(((), vocab))?; // (n, vocab)
+    let nll = crate::cross_entropy::cross_entropy_rows(&logits, &targets.flatten_all()?)?; // (n,)
+    mean_over_mask(&nll, mask)
+}
+
+/// The same loss composed from differentiable tensor ops (a cast, max, subtract, exp, sum, log
+/// and gather, each a pass over `n × vocab` values), in f32 (f64 stays f64): the reference
+/// [`cross_entropy`] is tested against, and what it replaced.
+pub fn cross_entropy_composed(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let vocab = logits.dim(candle_core::D::Minus1)?;
+    let acc = if logits.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let logits = logits.to_dtype(acc)?.reshape(((), vocab))?; // (n, vocab)
     let targets = targets.flatten_all()?.to_dtype(DType::U32)?; // (n,)
     let max = logits.max_keepdim(1)?.detach();
     let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max)?; // (n, 1)
     let picked = logits.gather(&targets.unsqueeze(1)?, 1)?; // (n, 1)
     let nll = (lse - picked)?.squeeze(1)?; // (n,)
+    mean_over_mask(&nll, mask)
+}
+
+/// `mean(nll)`, or `Σ nll·m / Σ m` with a mask.
+fn mean_over_mask(nll: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
     match mask {
         None => nll.mean_all(),
         Some(m) => {
-            let m = m.flatten_all()?.to_dtype(DType::F32)?;
+            let m = m.flatten_all()?.to_dtype(nll.dtype())?;
             (nll * &m)?.sum_all()?.broadcast_div(&m.sum_all()?)
         }
     }
@@ -600,6 +625,56 @@ mod cross_entropy_tests {
         let first = cross_entropy(&logits.narrow(0, 0, 1)?, &targets.narrow(0, 0, 1)?, None)?
             .to_scalar::<f32>()?;
         assert!((masked - first).abs() < 1e-5, "{masked} vs {first}");
+        Ok(())
+    }
+
+    /// The fused op against the composed ops, values and gradients, in f64 (exact to rounding)
+    /// and f32, with and without a mask; and a bad target is an error.
+    #[test]
+    fn fused_cross_entropy_equals_the_composed_ops() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let targets = Tensor::new(&[[1u32, 2, 3, 4, 10, 10], [0, 0, 5, 6, 7, 9]], &dev)?;
+        let mask = Tensor::new(&[[1u8, 1, 0, 1, 1, 0], [1, 0, 1, 1, 1, 1]], &dev)?;
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let z = candle_core::Var::from_tensor(
+                &(Tensor::randn(0f32, 3.0, (2, 6, 11), &dev)?.to_dtype(dtype)?),
+            )?;
+            for m in [None, Some(&mask)] {
+                let fused = cross_entropy(z.as_tensor(), &targets, m)?;
+                let composed =
+                    cross_entropy_composed(&z.as_tensor().to_dtype(DType::F64)?, &targets, m)?;
+                let (a, b) = (
+                    fused.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                    composed.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                );
+                assert!(
+                    (a - b).abs() < tol * b.abs().max(1.0),
+                    "{dtype:?}: {a} vs {b}"
+                );
+                let ga = fused
+                    .backward()?
+                    .get(z.as_tensor())
+                    .unwrap()
+                    .to_dtype(DType::F64)?;
+                let gb = composed
+                    .backward()?
+                    .get(z.as_tensor())
+                    .unwrap()
+                    .to_dtype(DType::F64)?;
+                let diff = (ga - gb)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(diff < tol, "{dtype:?}: gradients differ by {diff}");
+            }
+        }
+        let err = cross_entropy(
+            &Tensor::zeros((2, 11), DType::F32, &dev)?,
+            &Tensor::new(&[1u32, 11], &dev)?,
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("outside the vocabulary of 11"),
+            "{err}"
+        );
         Ok(())
     }
 }

@@ -161,3 +161,44 @@ fn embedding_gather_and_scatter_add_match_the_cpu() -> candle_core::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn fused_cross_entropy_matches_the_composed_reference() -> anyhow::Result<()> {
+    // On the GPU this runs kernels/cross_entropy.cu; the reference is the composed loss in f64 on
+    // the CPU. Rows of 3000 logits (not a multiple of the block) with a wide spread.
+    let dev = shared::device::test_device();
+    let (rows, vocab) = (37, 3000);
+    let z_cpu = (Tensor::randn(0f32, 4.0, (rows, vocab), &Device::Cpu)?).to_dtype(DType::F64)?;
+    let t: Vec<u32> = (0..rows).map(|i| (i * 811 % vocab) as u32).collect();
+    let t_cpu = Tensor::new(t.as_slice(), &Device::Cpu)?;
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-5)] {
+        // The reference sees the same rounded logits.
+        let z_ref = candle_core::Var::from_tensor(&z_cpu.to_dtype(dtype)?.to_dtype(DType::F64)?)?;
+        let want = shared::train::cross_entropy_composed(z_ref.as_tensor(), &t_cpu, None)?;
+        let want_grad = want.backward()?.get(z_ref.as_tensor()).unwrap().clone();
+        let z = candle_core::Var::from_tensor(&z_cpu.to_dtype(dtype)?.to_device(&dev)?)?;
+        let got = shared::train::cross_entropy(z.as_tensor(), &t_cpu.to_device(&dev)?, None)?;
+        let got_grad = got
+            .backward()?
+            .get(z.as_tensor())
+            .unwrap()
+            .to_dtype(DType::F64)?;
+        let (a, b) = (
+            got.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            want.to_scalar::<f64>()?,
+        );
+        assert!((a - b).abs() < tol * b.abs(), "{dtype:?}: loss {a} vs {b}");
+        // The gradient is stored in the logits' dtype: bf16 keeps 2⁻⁹ of each (|g| < 1/rows).
+        let gtol = if dtype == DType::BF16 {
+            4e-3 / rows as f64
+        } else {
+            1e-6
+        };
+        let diff = (got_grad.to_device(&Device::Cpu)? - want_grad)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(diff < gtol, "{dtype:?}: gradient differs by {diff}");
+    }
+    Ok(())
+}

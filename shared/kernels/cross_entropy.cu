@@ -1,0 +1,115 @@
+// Fused cross-entropy over a vocabulary, for Candle (shared::cross_entropy).
+//
+//   forward   nll[i] = lse_i − x[i, t_i],   lse_i = m_i + ln Σ_j exp(x[i, j] − m_i),  m_i = max_j x[i, j]
+//   backward  dx[i, j] = (exp(x[i, j] − lse_i) − [j = t_i]) · g[i],       lse_i = nll[i] + x[i, t_i]
+//
+// x (rows, vocab) in f32/bf16/f16, t (rows,) u32, nll and g (rows,) f32. One block per row
+// (grid-stride). The forward makes one pass over the row with an online max/sum (each thread
+// keeps (m, s) and rescales s when m grows; the block merges the pairs the same way), so the
+// logits are read once; the backward reads the row once more and writes the gradient once: no
+// (rows, vocab) f32 copy, no intermediate. All arithmetic in f32. The backward needs no second
+// reduction: lse is recovered from the forward's output.
+//
+// A target outside [0, vocab) gives nll = NaN (the training loop's NaN guard then stops) and a
+// zero gradient row.
+//
+// Build: nvcc --ptx -arch=compute_90 (build.rs).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ void store(float x, float *out) { *out = x; }
+__device__ __forceinline__ void store(float x, __nv_bfloat16 *out) { *out = __float2bfloat16_rn(x); }
+__device__ __forceinline__ void store(float x, __half *out) { *out = __float2half_rn(x); }
+
+// Merge (m, s) with (m2, s2): both are "max and sum of exp(x − max)" of disjoint parts.
+__device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {
+  if (m2 > m) {
+    s = s * __expf(m - m2) + s2;
+    m = m2;
+  } else if (m2 > -INFINITY) {
+    s += s2 * __expf(m2 - m);
+  }
+}
+
+// Block-wide merge of every thread's (m, s); the result is valid in every thread.
+__device__ void block_merge(float &m, float &s) {
+  __shared__ float sm[32], ss[32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    merge(m, s, m2, s2);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  __syncthreads();  // the shared arrays may still be read from the previous row
+  if (lane == 0) {
+    sm[warp] = m;
+    ss[warp] = s;
+  }
+  __syncthreads();
+  m = lane < warps ? sm[lane] : -INFINITY;
+  s = lane < warps ? ss[lane] : 0.0f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    merge(m, s, m2, s2);
+  }
+}
+
+template <typename T>
+__device__ void forward(const T *x, const uint32_t *t, float *nll, int64_t rows, int64_t vocab) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T *row = x + r * vocab;
+    float m = -INFINITY, s = 0.0f;
+    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+      const float v = to_f(row[j]);
+      if (v > m) {
+        s = s * __expf(m - v) + 1.0f;
+        m = v;
+      } else if (v > -INFINITY) {
+        s += __expf(v - m);
+      }
+    }
+    block_merge(m, s);
+    if (threadIdx.x == 0) {
+      const uint32_t target = t[r];
+      nll[r] = target < vocab ? m + logf(s) - to_f(row[target]) : NAN;
+    }
+  }
+}
+
+template <typename T>
+__device__ void backward(const T *x, const uint32_t *t, const float *nll, const float *g, T *dx, int64_t rows,
+                         int64_t vocab) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T *row = x + r * vocab;
+    T *drow = dx + r * vocab;
+    const uint32_t target = t[r];
+    const bool ok = target < vocab;
+    const float lse = ok ? nll[r] + to_f(row[target]) : 0.0f;
+    const float gr = ok ? g[r] : 0.0f;
+    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+      const float p = __expf(to_f(row[j]) - lse);
+      store(ok ? (p - (j == target ? 1.0f : 0.0f)) * gr : 0.0f, drow + j);
+    }
+  }
+}
+
+#define CE_KERNELS(T, NAME)                                                                            \
+  extern "C" __global__ void cross_entropy_fwd_##NAME(const T *x, const uint32_t *t, float *nll,     \
+                                                      int64_t rows, int64_t vocab) {                  \
+    forward<T>(x, t, nll, rows, vocab);                                                                \
+  }                                                                                                    \
+  extern "C" __global__ void cross_entropy_bwd_##NAME(const T *x, const uint32_t *t, const float *nll, \
+                                                      const float *g, T *dx, int64_t rows,            \
+                                                      int64_t vocab) {                                \
+    backward<T>(x, t, nll, g, dx, rows, vocab);                                                        \
+  }
+
+CE_KERNELS(float, f32)
+CE_KERNELS(__nv_bfloat16, bf16)
+CE_KERNELS(__half, f16)
