@@ -200,6 +200,10 @@ pub struct ModernLmConfig {
     /// and results as the composed norm; an implementation choice, not a different model.
     #[serde(default)]
     pub fused_norm: bool,
+    /// LLaMA recipe: RoPE through the fused op (t0808's `apply_rope_fused`; CUDA kernel on the
+    /// GPU). Same values as the composed rotation.
+    #[serde(default)]
+    pub fused_rope: bool,
 }
 
 impl ModernLmConfig {
@@ -225,6 +229,7 @@ impl ModernLmConfig {
             recipe: Recipe::Llama,
             rope_scaling: RopeScaling::None,
             fused_norm: false,
+            fused_rope: false,
         }
     }
 
@@ -271,13 +276,16 @@ pub fn build_modern_lm(vb: VarBuilder, cfg: &ModernLmConfig) -> Result<DecoderOn
     let d = cfg.d_model;
     let d_head = cfg.gqa().d_head()?;
     let rope = match cfg.recipe {
-        Recipe::Llama => Some(Arc::new(RopeTables::new(
-            d_head,
-            cfg.max_seq_len,
-            cfg.rope_theta,
-            cfg.rope_scaling,
-            vb.device(),
-        )?)),
+        Recipe::Llama => Some(Arc::new(
+            RopeTables::new(
+                d_head,
+                cfg.max_seq_len,
+                cfg.rope_theta,
+                cfg.rope_scaling,
+                vb.device(),
+            )?
+            .with_fused(cfg.fused_rope),
+        )),
         Recipe::Gpt2 => None,
     };
     let norm = |vb: VarBuilder| -> Result<Box<dyn Layer>> {

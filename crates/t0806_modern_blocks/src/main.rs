@@ -60,6 +60,9 @@ struct Args {
     /// RMSNorm of the LLaMA recipe: composed tensor ops, or the fused op (CUDA kernel on the GPU).
     #[arg(long, default_value = "composed", value_parser = ["composed", "fused"])]
     norm: String,
+    /// RoPE of the LLaMA recipe: composed tensor ops (t0808's `apply_rope`) or the fused op.
+    #[arg(long, default_value = "composed", value_parser = ["composed", "fused"])]
+    rope: String,
     /// Attention kernel of the LLaMA recipe: naive (t0801/t0807) or flash (t0809's custom op).
     #[arg(long = "attention", default_value = "naive", value_parser = ["naive", "flash"])]
     attention_kernel: String,
@@ -281,6 +284,7 @@ fn build(
         _ => {
             let mut cfg = ModernLmConfig::llama(vocab, a.ctx, d, a.layers, a.heads, a.heads);
             cfg.fused_norm = a.norm == "fused";
+            cfg.fused_rope = a.rope == "fused";
             let (varmap, lm) = init_modern_lm(&cfg, dtype, dev)?;
             let lm = if a.attention_kernel == "flash" {
                 with_flash_attention(lm)?
@@ -676,6 +680,7 @@ fn bench(a: &Args) -> Result<()> {
     cfg.d_ff = d_ff;
     cfg.rope_theta = theta;
     cfg.fused_norm = a.norm == "fused";
+    cfg.fused_rope = a.rope == "fused";
     let (varmap, lm) = init_modern_lm(&cfg, dtype, &dev)?;
     let lm = match attention.as_str() {
         "naive" => lm,

@@ -43,7 +43,7 @@ use shared::params::{expect_last_dim, weight};
 use std::sync::Arc;
 use t0801_self_attention::{causal_mask, scaled_dot_product_attention};
 use t0804_transformer_block::lm::Mixer;
-use t0808_rope::{apply_rope, RopeTables};
+use t0808_rope::RopeTables;
 
 /// An attention kernel: `q (batch, n_heads, n_q, d_head)`, `k, v (batch, n_kv_heads, n_k,
 /// d_head)` (`n_kv_heads` divides `n_heads`, query head `h` reads K/V head `h / (n_heads /
@@ -245,7 +245,7 @@ impl GroupedQueryAttention {
     /// Rotates `q` and `k` for positions `start_pos …` (identity without RoPE).
     pub fn apply_rope(&self, q: &Tensor, k: &Tensor, start_pos: usize) -> Result<(Tensor, Tensor)> {
         match &self.rope {
-            Some(t) => Ok((apply_rope(q, t, start_pos)?, apply_rope(k, t, start_pos)?)),
+            Some(t) => Ok((t.apply(q, start_pos)?, t.apply(k, start_pos)?)),
             None => Ok((q.clone(), k.clone())),
         }
     }

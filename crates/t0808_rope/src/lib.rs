@@ -47,6 +47,9 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
+pub mod fused;
+pub use fused::apply_rope_fused;
+
 /// The base of the frequencies in RoFormer and LLaMA 1/2 (LLaMA 3 uses 500 000).
 pub const DEFAULT_BASE: f64 = 10_000.0;
 
@@ -90,6 +93,8 @@ pub struct RopeTables {
     pub d_head: usize,
     pub base: f64,
     pub scaling: RopeScaling,
+    /// [`RopeTables::apply`] uses the fused op ([`apply_rope_fused`]) instead of the composed one.
+    pub fused: bool,
 }
 
 impl RopeTables {
@@ -133,7 +138,24 @@ impl RopeTables {
             d_head,
             base,
             scaling,
+            fused: false,
         })
+    }
+
+    /// The same tables, applied by the fused op (`true`) or the composed ops (`false`).
+    pub fn with_fused(mut self, fused: bool) -> Self {
+        self.fused = fused;
+        self
+    }
+
+    /// RoPE of `x (batch, heads, seq, d_head)` at positions `start_pos …`: [`apply_rope`], or
+    /// [`apply_rope_fused`] when the tables were built `with_fused(true)` (same values).
+    pub fn apply(&self, x: &Tensor, start_pos: usize) -> Result<Tensor> {
+        if self.fused {
+            apply_rope_fused(x, self, start_pos)
+        } else {
+            apply_rope(x, self, start_pos)
+        }
     }
 
     /// Number of positions covered.
@@ -158,7 +180,7 @@ impl RopeTables {
     }
 }
 
-fn check_input(x: &Tensor, tables: &RopeTables) -> Result<(usize, usize, usize, usize)> {
+pub(crate) fn check_input(x: &Tensor, tables: &RopeTables) -> Result<(usize, usize, usize, usize)> {
     let (b, h, t, d) = x.dims4().map_err(|_| {
         candle_core::Error::Msg(format!(
             "RoPE expects (batch, heads, seq, d_head), got {:?}",

@@ -168,3 +168,43 @@ fn gradient_flows_through_rope_as_inverse_rotation() -> Result<()> {
     assert!(diff < 1e-5, "{diff}");
     Ok(())
 }
+
+#[test]
+fn fused_op_equals_the_composed_rotation_values_and_gradients() -> Result<()> {
+    // f64 on the CPU (exact to rounding); on the GPU the kernel is f32/bf16/f16, so f32 there.
+    let dev = test_device();
+    let (dtype, tol) = if dev.is_cuda() {
+        (DType::F32, 1e-5)
+    } else {
+        (DType::F64, 1e-12)
+    };
+    let (b, h, t, d, start) = (2, 3, 7, 16, 5);
+    let tables = RopeTables::new(d, 32, DEFAULT_BASE, RopeScaling::None, &dev)?;
+    let x = Var::from_tensor(&rand_x(b, h, t, d)?.to_dtype(dtype)?)?;
+    let dy = rand_x(b, h, t, d)?.to_dtype(dtype)?;
+    let fused = apply_rope_fused(x.as_tensor(), &tables, start)?;
+    let composed = apply_rope(x.as_tensor(), &tables, start)?;
+    let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        (a - b)?
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()
+    };
+    assert!(diff(&fused, &composed)? < tol, "values differ");
+    let gf = (&fused * &dy)?.sum_all()?.backward()?;
+    let gc = (&composed * &dy)?.sum_all()?.backward()?;
+    let (gf, gc) = (
+        gf.get(x.as_tensor()).unwrap(),
+        gc.get(x.as_tensor()).unwrap(),
+    );
+    assert!(diff(gf, gc)? < tol, "gradients differ by {}", diff(gf, gc)?);
+    // The gradient of a rotation is the inverse rotation: rotating it forward gives dy back
+    // (to the f32 precision of the tables, where cos² + sin² = 1 ± 1e-7).
+    let back = apply_rope_fused(gf, &tables, start)?;
+    assert!(diff(&back, &dy)? < 1e-5, "R·(Rᵀ·dy) ≠ dy");
+    // Through the tables' switch, the same.
+    let via = tables.with_fused(true);
+    assert!(diff(&via.apply(x.as_tensor(), start)?, &composed)? < tol);
+    Ok(())
+}

@@ -1,0 +1,45 @@
+// Fused RoPE (interleaved pairs), forward and backward, for Candle (topic 8-08).
+//
+//   y[2k]   = x[2k]·cos(mθ_k) − x[2k+1]·sin(mθ_k)
+//   y[2k+1] = x[2k]·sin(mθ_k) + x[2k+1]·cos(mθ_k)          m = start + position in the sequence
+//
+// The backward is the same kernel with sin negated: the gradient of a rotation is the inverse
+// rotation (R_mᵀ = R_{−m}). x, y (rows = batch·heads·seq, d) contiguous, cos/sin (seq, d/2) f32.
+// One thread per pair; each moves its two elements once, in f32 arithmetic.
+//
+// Build: nvcc --ptx -arch=compute_90 (build.rs).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(double x) { return (float)x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ void store(float v, float *o) { *o = v; }
+__device__ __forceinline__ void store(float v, __nv_bfloat16 *o) { *o = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store(float v, __half *o) { *o = __float2half_rn(v); }
+
+template <typename T>
+__device__ void rope(const T *x, const float *cos, const float *sin, T *y, int64_t pairs, int64_t seq,
+                     int64_t half, float sign) {
+  for (int64_t p = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t k = p % half;
+    const int64_t pos = (p / half) % seq;
+    const float c = cos[pos * half + k], s = sign * sin[pos * half + k];
+    const float re = to_f(x[2 * p]), im = to_f(x[2 * p + 1]);
+    store(re * c - im * s, y + 2 * p);
+    store(re * s + im * c, y + 2 * p + 1);
+  }
+}
+
+#define ROPE_KERNEL(T, NAME)                                                                          \
+  extern "C" __global__ void rope_##NAME(const T *x, const float *cos, const float *sin, T *y,      \
+                                         int64_t pairs, int64_t seq, int64_t half, float sign) {     \
+    rope<T>(x, cos, sin, y, pairs, seq, half, sign);                                                  \
+  }
+
+ROPE_KERNEL(float, f32)
+ROPE_KERNEL(__nv_bfloat16, bf16)
+ROPE_KERNEL(__half, f16)
