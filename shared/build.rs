@@ -1,6 +1,7 @@
 //! Compiles `kernels/embedding.cu` (the embedding gather and its scatter-add gradient) and
-//! `kernels/cross_entropy.cu` (the fused loss) to PTX, only with the `cuda` feature (see
-//! `build_kernels.rs`). `src/embedding.rs` and `src/cross_entropy.rs` embed them.
+//! `kernels/cross_entropy.cu` (the fused loss) and `kernels/adamw.cu` (the in-place optimiser
+//! step) to PTX, only with the `cuda` feature (see `build_kernels.rs`); the modules of the same
+//! names embed them.
 include!("build_kernels.rs");
 
 fn main() {
@@ -8,4 +9,5 @@ fn main() {
     println!("cargo:rerun-if-changed=build_kernels.rs");
     compile_kernel("embedding", &[]);
     compile_kernel("cross_entropy", &[]);
+    compile_kernel("adamw", &[]);
 }

@@ -14,9 +14,11 @@
 //! | [`corpus`] | a small deterministic corpus the project writes itself, for tests on a fresh clone |
 //! | [`cross_entropy`] | the loss over a vocabulary as one op (one pass forward, one backward; CUDA kernel on the GPU) |
 //! | [`batching`] | language-model windows and padded sequence-to-sequence batches |
+//! | [`adamw`] | AdamW's update as three in-place passes per tensor (CUDA kernels on the GPU) |
 //! | [`train`] | AdamW, cosine schedule, gradient clipping, NaN guard, evaluation, checkpoints |
 //! | [`report`] | PNG charts (lines, heatmaps, bars) and the `results.json` of every run |
 
+pub mod adamw;
 pub mod batching;
 pub mod cli;
 pub mod corpus;

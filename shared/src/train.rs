@@ -74,6 +74,12 @@ impl AdamW {
 
     /// One update with learning rate `lr`. Variables without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// One update with every gradient multiplied by `grad_scale` first (the clipping factor of
+    /// [`clip_factor`]), done in place by [`crate::adamw`]: three passes per tensor, no allocation.
+    pub fn step_scaled(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         let c = self.config;
         self.t += 1;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
@@ -82,15 +88,19 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
             let decay = if var.rank() >= 2 { c.weight_decay } else { 0.0 };
-            let theta = var.as_tensor();
-            let next = ((theta * (1.0 - lr * decay))? - (update * lr)?)?;
-            var.set(&next)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            crate::adamw::update_moment(&self.m[i], g, c.beta1, grad_scale, false)?;
+            crate::adamw::update_moment(&self.v[i], g, c.beta2, grad_scale, true)?;
+            crate::adamw::update_parameter(
+                var.as_tensor(),
+                &self.m[i],
+                &self.v[i],
+                lr,
+                decay,
+                c.eps,
+                bc1,
+                bc2,
+            )?;
         }
         Ok(())
     }
@@ -113,7 +123,11 @@ impl AdamW {
                 let saved = state
                     .get(&key)
                     .with_context(|| format!("optimizer state has no '{key}'"))?;
-                *slot = saved.to_device(var.device())?.to_dtype(var.dtype())?;
+                // A fresh copy: the moments are updated in place and must own their storage.
+                *slot = saved
+                    .to_device(var.device())?
+                    .to_dtype(var.dtype())?
+                    .copy()?;
             }
         }
         self.t = t;
@@ -154,11 +168,22 @@ pub fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
         .sqrt() as f64)
 }
 
-/// Scales all gradients by `min(1, max_norm / ‖g‖)` and returns the norm *before* clipping.
+/// The factor clipping multiplies the gradients by: `max_norm / (‖g‖ + 10⁻⁶)` when the norm is
+/// finite and above `max_norm`, else 1.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if norm.is_finite() && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+/// Scales all gradients by [`clip_factor`] and returns the norm *before* clipping. (The
+/// [`Trainer`] instead hands the factor to [`AdamW::step_scaled`], which saves a pass.)
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<f64> {
     let norm = grad_norm(grads, vars)?;
-    if norm.is_finite() && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+    let scale = clip_factor(norm, max_norm);
+    if scale != 1.0 {
         for (_, v) in vars {
             if let Some(g) = grads.get(v.as_tensor()) {
                 let scaled = (g * scale)?;
@@ -249,11 +274,8 @@ impl Trainer {
                 lr
             });
         }
-        let mut grads = loss.backward()?;
-        let norm = match self.schedule.clip_norm {
-            Some(max) => clip_grad_norm(&mut grads, self.opt.vars(), max)?,
-            None => grad_norm(&grads, self.opt.vars())?,
-        };
+        let grads = loss.backward()?;
+        let norm = grad_norm(&grads, self.opt.vars())?;
         if !norm.is_finite() {
             bail!(Diverged {
                 step: self.step,
@@ -262,7 +284,11 @@ impl Trainer {
                 lr
             });
         }
-        self.opt.step(&grads, lr)?;
+        let scale = self
+            .schedule
+            .clip_norm
+            .map_or(1.0, |max| clip_factor(norm, max));
+        self.opt.step_scaled(&grads, lr, scale)?;
         let stats = StepStats {
             step: self.step,
             loss: loss_value,
@@ -461,6 +487,69 @@ mod tests {
         assert!((after - 1.0).abs() < 1e-4, "clipped norm {after}");
         let b = grads.get(vars[1].1.as_tensor()).unwrap().to_vec1::<f64>()?;
         assert!((b[3] - 14.0 / want).abs() < 1e-6);
+        Ok(())
+    }
+
+    /// The in-place update against AdamW written as tensor ops (what `step` used to be), over
+    /// three steps with a clipping factor, weight decay on the matrix only, in f64 and f32.
+    #[test]
+    fn in_place_adamw_equals_the_composed_update() -> Result<()> {
+        let dev = crate::device::test_device();
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, dtype, &dev);
+            let w = vb.get_with_hints(
+                (3, 5),
+                "w",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?;
+            let b = vb.get_with_hints(
+                5,
+                "b",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?;
+            let c = AdamWConfig::default();
+            let mut opt = AdamW::new(&varmap, c)?;
+            // The reference keeps its own copies of θ, m, v.
+            let mut theta: Vec<Tensor> = [&w, &b]
+                .iter()
+                .map(|t| t.copy())
+                .collect::<candle_core::Result<_>>()?;
+            let mut m: Vec<Tensor> = theta
+                .iter()
+                .map(|t| t.zeros_like())
+                .collect::<candle_core::Result<_>>()?;
+            let mut v = m.clone();
+            let (lr, scale) = (0.05, 0.7);
+            for t in 1..=3 {
+                let loss = ((w.sqr()?.sum_all()? * 0.5)? + (&w.sum(0)? * &b)?.sum_all()?)?;
+                let grads = loss.backward()?;
+                opt.step_scaled(&grads, lr, scale)?;
+                let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+                for (i, p) in [&w, &b].iter().enumerate() {
+                    let g = (grads.get(p).unwrap() * scale)?;
+                    m[i] = ((&m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+                    v[i] = ((&v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+                    let step = ((&m[i] / bc1)? / ((&v[i] / bc2)?.sqrt()? + c.eps)?)?;
+                    let decay = if i == 0 { c.weight_decay } else { 0.0 };
+                    theta[i] = ((&theta[i] * (1.0 - lr * decay))? - (step * lr)?)?;
+                    let diff = (p.to_dtype(DType::F64)? - theta[i].to_dtype(DType::F64)?)?
+                        .abs()?
+                        .max_all()?
+                        .to_scalar::<f64>()?;
+                    assert!(
+                        diff < tol,
+                        "{dtype:?} step {t}, tensor {i}: differs by {diff}"
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
