@@ -10,6 +10,8 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 B=${1:-64}; STEPS=${2:-20}
+# Our implementation choices for the training rows (OURS_FLAGS="" measures the composed ops).
+OURS_FLAGS=${OURS_FLAGS---norm fused --rope fused}
 out=${OUT:-$root/gpu-results}/twin; mkdir -p "$out"
 bin=/tmp/gpu/bin
 REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
@@ -26,7 +28,7 @@ NVIDIA_TF32_OVERRIDE=0 $py scripts/pytorch_twin.py parity "$out/parity" --device
 for dt in f32 bf16; do
   echo "== training tokens/s, $dt, batch $B"
   for att in naive flash; do
-    $bin/t0806_modern_blocks --device cuda --dtype $dt --out "$out/ours" bench --batch $B --steps $STEPS --warmup 3 --attention $att > "$out/train_ours_${att}_$dt.log" 2>&1
+    $bin/t0806_modern_blocks --device cuda --dtype $dt $OURS_FLAGS --out "$out/ours" bench --batch $B --steps $STEPS --warmup 3 --attention $att --profile > "$out/train_ours_${att}_$dt.log" 2>&1
     cp "$out/ours/t0806_modern_blocks/bench/results.json" "$out/train_ours_${att}_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_${att}_$dt.log"
   done
   $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --json "$out/train_twin_eager_$dt.json"
@@ -64,6 +66,13 @@ for dt in ("bf16", "f32"):
 print(f"{'measurement':32s} {'ours tok/s':>12s} {'twin tok/s':>12s} {'ours/twin':>9s}")
 for name, o, t in rows:
     print(f"{name:32s} {o:12,.0f} {t:12,.0f} {o / t if t == t and t else float('nan'):9.2f}")
+print(f"{'memory (GiB)':32s} {'ours':>12s} {'twin':>12s}")
+for dt in ("f32", "bf16"):
+    for att in ("naive", "flash"):
+        ours = load(f"train_ours_{att}_{dt}.json"); t = load(f"train_twin_eager_{dt}.json")
+        m = ours["metrics"] if ours else {}; o = m.get("bench.device_memory_gib_after_backward", m.get("profile.memory_gib.host_ms", float("nan")))
+        print(f"{'train ' + dt + ' ' + att:32s} {o:12.2f} {t['peak_gib'] if t else float('nan'):12.2f}")
+print("(ours: the driver's count of device memory in use at the end of a backward pass, whole process; twin: torch.cuda.max_memory_allocated)")
 p = load("parity_twin.json")
 if p:
     print(f"loss parity over {len(p['rust_losses'])} steps: max relative difference {p['max_rel_diff']:.3%}, mean {p['mean_rel_diff']:.3%}")

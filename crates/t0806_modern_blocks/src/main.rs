@@ -595,6 +595,7 @@ fn profile_phases(
     let mut opt = AdamW::new(varmap, AdamWConfig::default())?;
     let names = ["forward", "backward", "clip", "adamw"];
     let mut samples: Vec<[(f64, f64); 4]> = Vec::new();
+    let mut peak_sampled = 0u64;
     println!(
         "   profiling {steps} steps phase by phase (a device synchronisation after each phase)"
     );
@@ -615,6 +616,11 @@ fn profile_phases(
         row[1].0 = t.elapsed().as_secs_f64();
         dev.synchronize()?;
         row[1].1 = t.elapsed().as_secs_f64();
+        // Device memory is read at the end of the backward pass, when the gradients exist and
+        // the loss graph (with every saved activation) is still alive.
+        if let Some(bytes) = shared::device::device_memory_in_use(dev)? {
+            peak_sampled = peak_sampled.max(bytes);
+        }
         let t = Instant::now();
         clip_grad_norm(&mut grads, opt.vars(), 1.0)?;
         row[2].0 = t.elapsed().as_secs_f64();
@@ -650,6 +656,12 @@ fn profile_phases(
         .map(|(n, h, d)| vec![n.to_string(), format!("{h:.2}"), format!("{d:.2}")])
         .collect();
     print_table(&["phase", "host enqueue ms", "until done ms"], &rows);
+    let mut phases = phases;
+    if peak_sampled > 0 {
+        let gib = peak_sampled as f64 / (1u64 << 30) as f64;
+        println!("   device memory in use after the backward pass (driver count, whole process): {gib:.2} GiB");
+        phases.push(("memory_gib", gib, gib));
+    }
     Ok(phases)
 }
 
@@ -740,6 +752,10 @@ fn bench(a: &Args) -> Result<()> {
     if profile {
         let phases = profile_phases(&varmap, &lm, &batcher, &tokens, steps, &dev)?;
         for (name, host_ms, device_ms) in &phases {
+            if *name == "memory_gib" {
+                report.metric("bench.device_memory_gib_after_backward", *host_ms);
+                continue;
+            }
             report.metric(&format!("profile.{name}.host_ms"), *host_ms);
             report.metric(&format!("profile.{name}.total_ms"), *device_ms);
         }
