@@ -199,7 +199,13 @@ impl KvStore for KvCache {
                 Ok((kb.narrow(2, 0, len + t)?, vb.narrow(2, 0, len + t)?))
             }
             Some(LayerKv::Concat { kv }) => {
-                let (k, v) = (k.to_dtype(self.dtype)?, v.to_dtype(self.dtype)?);
+                // Detached: a cached tensor must not keep the autograd graph that produced it
+                // alive (with trainable weights, that graph holds every activation of the
+                // prefill: measured 2.56 GiB for a 4 MiB cache on the H200 before this line).
+                let (k, v) = (
+                    k.to_dtype(self.dtype)?.detach(),
+                    v.to_dtype(self.dtype)?.detach(),
+                );
                 let new = match kv.take() {
                     // Drop anything a failed step may have left beyond `len`.
                     Some((ko, vo)) => (
