@@ -11,7 +11,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 B=${1:-64}; STEPS=${2:-20}
 # Our implementation choices for the training rows (OURS_FLAGS="" measures the composed ops).
-OURS_FLAGS=${OURS_FLAGS---norm fused --rope fused}
+OURS_FLAGS=${OURS_FLAGS---fused}
 out=${OUT:-$root/gpu-results}/twin; mkdir -p "$out"
 bin=/tmp/gpu/bin
 REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh

@@ -179,8 +179,9 @@ pub fn test_device() -> Device {
         .clone()
 }
 
-/// Device memory in use right now, in bytes, as the driver reports it (`total − free` after a
-/// synchronisation, so memory that Candle's stream-ordered allocator has freed is returned first).
+/// Device memory in use right now, in bytes, as the driver reports it: `total − free` after a
+/// synchronisation and after trimming the memory pool Candle allocates from, so blocks that
+/// tensors have freed are not counted.
 /// `None` on the CPU, where there is no device allocator to ask. Differences between two readings
 /// measure what a piece of code really holds on the GPU, allocator granularity included.
 pub fn device_memory_in_use(device: &Device) -> Result<Option<u64>> {
@@ -188,10 +189,26 @@ pub fn device_memory_in_use(device: &Device) -> Result<Option<u64>> {
         Device::Cpu => Ok(None),
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => {
+            use candle_core::cuda_backend::cudarc::driver::sys;
             device.synchronize()?;
-            let (free, total) = d
-                .cuda_stream()
-                .context()
+            let ctx = d.cuda_stream().context().clone();
+            // Candle allocates through the device's default stream-ordered memory pool, which
+            // keeps freed blocks for reuse; trimming it first returns every free block, so what
+            // the driver still counts is memory that live tensors hold (plus the context's own).
+            ctx.bind_to_thread()
+                .map_err(|e| anyhow::anyhow!("binding the CUDA context: {e:?}"))?;
+            // SAFETY: plain driver calls on the device of a live context; `pool` is written by
+            // the first call before the second reads it.
+            unsafe {
+                let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+                sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+                    .result()
+                    .map_err(|e| anyhow::anyhow!("cuDeviceGetDefaultMemPool: {e:?}"))?;
+                sys::cuMemPoolTrimTo(pool, 0)
+                    .result()
+                    .map_err(|e| anyhow::anyhow!("cuMemPoolTrimTo: {e:?}"))?;
+            }
+            let (free, total) = ctx
                 .mem_get_info()
                 .map_err(|e| anyhow::anyhow!("cuMemGetInfo: {e:?}"))?;
             Ok(Some((total - free) as u64))

@@ -46,6 +46,7 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod fused;
+pub mod swiglu_fused;
 pub use fused::{rms_norm_fused, rms_norm_fused_backward, FusedRmsNorm, FusedRmsNormBackward};
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
@@ -138,6 +139,8 @@ pub struct SwiGlu {
     pub w1: Tensor,
     pub w2: Tensor,
     pub w3: Tensor,
+    /// Compute the gate `SiLU(W₁x) ⊙ W₃x` with the fused op ([`swiglu_fused`]): same values.
+    pub fused: bool,
 }
 
 impl SwiGlu {
@@ -146,7 +149,14 @@ impl SwiGlu {
             w1: weight(&vb, d_ff, d_model, "w1")?,
             w2: weight(&vb, d_model, d_ff, "w2")?,
             w3: weight(&vb, d_ff, d_model, "w3")?,
+            fused: false,
         })
+    }
+
+    /// The same layer, its gate computed by the fused op (`true`) or composed ops (`false`).
+    pub fn with_fused(mut self, fused: bool) -> Self {
+        self.fused = fused;
+        self
     }
 
     pub fn from_weights(w1: Tensor, w2: Tensor, w3: Tensor) -> Result<Self> {
@@ -154,16 +164,26 @@ impl SwiGlu {
         if w3.dims2()? != (d_ff, d_model) || w2.dims2()? != (d_model, d_ff) {
             bail!("SwiGlu: W1 {:?}, W2 {:?}, W3 {:?} do not fit (W2 must be ({d_model}, {d_ff}), W3 ({d_ff}, {d_model}))", w1.dims(), w2.dims(), w3.dims());
         }
-        Ok(Self { w1, w2, w3 })
+        Ok(Self {
+            w1,
+            w2,
+            w3,
+            fused: false,
+        })
     }
 }
 
 impl Layer for SwiGlu {
     /// `(…, d_model)` → `(…, d_model)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = silu(&shared::linear(x, &self.w1)?)?; // (…, d_ff)
+        let a = shared::linear(x, &self.w1)?; // (…, d_ff)
         let up = shared::linear(x, &self.w3)?; // (…, d_ff)
-        shared::linear(&(gate * up)?, &self.w2)
+        let h = if self.fused {
+            swiglu_fused::swiglu_gate_fused(&a, &up)?
+        } else {
+            (silu(&a)? * up)?
+        };
+        shared::linear(&h, &self.w2)
     }
 }
 
@@ -204,6 +224,9 @@ pub struct ModernLmConfig {
     /// GPU). Same values as the composed rotation.
     #[serde(default)]
     pub fused_rope: bool,
+    /// LLaMA recipe: the SwiGLU gate through the fused op ([`swiglu_fused`]). Same values.
+    #[serde(default)]
+    pub fused_swiglu: bool,
 }
 
 impl ModernLmConfig {
@@ -230,6 +253,7 @@ impl ModernLmConfig {
             rope_scaling: RopeScaling::None,
             fused_norm: false,
             fused_rope: false,
+            fused_swiglu: false,
         }
     }
 
@@ -307,7 +331,7 @@ pub fn build_modern_lm(vb: VarBuilder, cfg: &ModernLmConfig) -> Result<DecoderOn
                         cfg.gqa(),
                         rope.clone(),
                     )?),
-                    Box::new(SwiGlu::new(vb.pp("ffn"), d, cfg.d_ff)?),
+                    Box::new(SwiGlu::new(vb.pp("ffn"), d, cfg.d_ff)?.with_fused(cfg.fused_swiglu)),
                 ),
                 Recipe::Gpt2 => (
                     Box::new(CausalMha {

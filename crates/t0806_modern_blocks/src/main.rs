@@ -63,6 +63,12 @@ struct Args {
     /// RoPE of the LLaMA recipe: composed tensor ops (t0808's `apply_rope`) or the fused op.
     #[arg(long, default_value = "composed", value_parser = ["composed", "fused"])]
     rope: String,
+    /// SwiGLU gate of the LLaMA recipe: composed tensor ops or the fused op.
+    #[arg(long, default_value = "composed", value_parser = ["composed", "fused"])]
+    swiglu: String,
+    /// Shorthand for `--norm fused --rope fused --swiglu fused`.
+    #[arg(long)]
+    fused: bool,
     /// Attention kernel of the LLaMA recipe: naive (t0801/t0807) or flash (t0809's custom op).
     #[arg(long = "attention", default_value = "naive", value_parser = ["naive", "flash"])]
     attention_kernel: String,
@@ -114,6 +120,13 @@ enum Cmd {
         #[arg(long)]
         profile: bool,
     },
+}
+
+/// `--norm`, `--rope`, `--swiglu` (or `--fused` for all three) onto a LLaMA-recipe config.
+fn apply_kernel_choices(cfg: &mut ModernLmConfig, a: &Args) {
+    cfg.fused_norm = a.fused || a.norm == "fused";
+    cfg.fused_rope = a.fused || a.rope == "fused";
+    cfg.fused_swiglu = a.fused || a.swiglu == "fused";
 }
 
 fn main() -> Result<()> {
@@ -283,8 +296,7 @@ fn build(
         )?),
         _ => {
             let mut cfg = ModernLmConfig::llama(vocab, a.ctx, d, a.layers, a.heads, a.heads);
-            cfg.fused_norm = a.norm == "fused";
-            cfg.fused_rope = a.rope == "fused";
+            apply_kernel_choices(&mut cfg, a);
             let (varmap, lm) = init_modern_lm(&cfg, dtype, dev)?;
             let lm = if a.attention_kernel == "flash" {
                 with_flash_attention(lm)?
@@ -691,8 +703,7 @@ fn bench(a: &Args) -> Result<()> {
     let mut cfg = ModernLmConfig::llama(vocab, seq, d_model, layers, heads, kv_heads);
     cfg.d_ff = d_ff;
     cfg.rope_theta = theta;
-    cfg.fused_norm = a.norm == "fused";
-    cfg.fused_rope = a.rope == "fused";
+    apply_kernel_choices(&mut cfg, a);
     let (varmap, lm) = init_modern_lm(&cfg, dtype, &dev)?;
     let lm = match attention.as_str() {
         "naive" => lm,

@@ -163,7 +163,7 @@ fn fused_forward_matches_f64_reference_rows() -> Result<()> {
 }
 
 #[test]
-fn llama_with_fused_norm_and_rope_gives_same_logits_and_gradients() -> anyhow::Result<()> {
+fn llama_with_fused_norm_rope_and_swiglu_gives_same_logits_and_gradients() -> anyhow::Result<()> {
     let dev = shared::device::test_device();
     let mut cfg = ModernLmConfig::llama(64, 16, 32, 2, 4, 2);
     let tokens = Tensor::new(&[[1u32, 5, 7, 9, 2, 8], [3, 3, 3, 4, 63, 0]], &dev)?;
@@ -172,6 +172,7 @@ fn llama_with_fused_norm_and_rope_gives_same_logits_and_gradients() -> anyhow::R
     let (varmap, composed) = init_modern_lm(&cfg, DType::F32, &dev)?;
     cfg.fused_norm = true;
     cfg.fused_rope = true;
+    cfg.fused_swiglu = true;
     let fused = build_modern_lm(
         candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
         &cfg,
@@ -219,5 +220,45 @@ fn fused_rejects_bad_inputs_with_clear_messages() -> Result<()> {
     // an all-zero row is finite (ε keeps the scale bounded) and maps to zero
     let y = rms_norm_fused(&x, &Tensor::ones(8, DType::F32, &dev)?, 1e-5)?;
     assert_eq!(y.sum_all()?.to_scalar::<f32>()?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn fused_swiglu_gate_equals_silu_times_up() -> Result<()> {
+    // f64 on the CPU; f32 on the GPU (the kernel's widest type).
+    let dev = shared::device::test_device();
+    let (dtype, tol) = if dev.is_cuda() {
+        (DType::F32, 1e-5)
+    } else {
+        (DType::F64, 1e-12)
+    };
+    let a = candle_core::Var::from_tensor(
+        &(Tensor::randn(0f32, 3.0, (3, 5, 67), &dev)?.to_dtype(dtype)?),
+    )?;
+    let b = candle_core::Var::from_tensor(
+        &(Tensor::randn(0f32, 1.0, (3, 5, 67), &dev)?.to_dtype(dtype)?),
+    )?;
+    let g = Tensor::randn(0f32, 1.0, (3, 5, 67), &dev)?.to_dtype(dtype)?;
+    let fused = t0806_modern_blocks::swiglu_fused::swiglu_gate_fused(a.as_tensor(), b.as_tensor())?;
+    let composed = (t0806_modern_blocks::silu(a.as_tensor())? * b.as_tensor())?;
+    assert!(
+        max_rel(&fused, &composed) < tol,
+        "values: {:.2e}",
+        max_rel(&fused, &composed)
+    );
+    let gf = (&fused * &g)?.sum_all()?.backward()?;
+    let gc = (&composed * &g)?.sum_all()?.backward()?;
+    for (name, v) in [("a", &a), ("b", &b)] {
+        let (x, y) = (
+            gf.get(v.as_tensor()).unwrap(),
+            gc.get(v.as_tensor()).unwrap(),
+        );
+        assert!(max_rel(x, y) < tol, "d{name}: {:.2e}", max_rel(x, y));
+    }
+    assert!(t0806_modern_blocks::swiglu_fused::swiglu_gate_fused(
+        a.as_tensor(),
+        &g.narrow(2, 0, 3)?
+    )
+    .is_err());
     Ok(())
 }

@@ -200,8 +200,8 @@ impl KvStore for KvCache {
             }
             Some(LayerKv::Concat { kv }) => {
                 // Detached: a cached tensor must not keep the autograd graph that produced it
-                // alive (with trainable weights, that graph holds every activation of the
-                // prefill: measured 2.56 GiB for a 4 MiB cache on the H200 before this line).
+                // alive (with trainable weights, that graph reaches every activation of the
+                // prefill, attention weights included).
                 let (k, v) = (
                     k.to_dtype(self.dtype)?.detach(),
                     v.to_dtype(self.dtype)?.detach(),

@@ -1,0 +1,55 @@
+// The SwiGLU gate h = SiLU(a) ⊙ b as one op, forward and backward, for Candle (topic 8-06).
+//
+//   forward   h  = a·σ(a)·b                                   σ(a) = 1 / (1 + e^(−a))
+//   backward  da = g·b·σ(a)·(1 + a·(1 − σ(a)))                d SiLU/da = σ(a) + a·σ(a)·(1 − σ(a))
+//             db = g·a·σ(a)
+//
+// a, b, g, h (n elements) contiguous; the backward writes [da | db] (2n) into one buffer (a custom
+// op has one output). f32 arithmetic, one rounding per stored value. Grid-stride loops.
+//
+// Build: nvcc --ptx -arch=compute_90 (build.rs).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ void store(float v, float *o) { *o = v; }
+__device__ __forceinline__ void store(float v, __nv_bfloat16 *o) { *o = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store(float v, __half *o) { *o = __float2half_rn(v); }
+
+__device__ __forceinline__ float sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
+
+#define GRID_STRIDE(i, n) \
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
+template <typename T>
+__device__ void forward(const T *a, const T *b, T *h, int64_t n) {
+  GRID_STRIDE(i, n) {
+    const float x = to_f(a[i]);
+    store(x * sigmoid(x) * to_f(b[i]), h + i);
+  }
+}
+
+template <typename T>
+__device__ void backward(const T *a, const T *b, const T *g, T *dab, int64_t n) {
+  GRID_STRIDE(i, n) {
+    const float x = to_f(a[i]), s = sigmoid(x), gi = to_f(g[i]);
+    store(gi * to_f(b[i]) * s * (1.0f + x * (1.0f - s)), dab + i);
+    store(gi * x * s, dab + n + i);
+  }
+}
+
+#define SWIGLU_KERNELS(T, NAME)                                                                        \
+  extern "C" __global__ void swiglu_fwd_##NAME(const T *a, const T *b, T *h, int64_t n) {            \
+    forward<T>(a, b, h, n);                                                                            \
+  }                                                                                                    \
+  extern "C" __global__ void swiglu_bwd_##NAME(const T *a, const T *b, const T *g, T *dab, int64_t n) { \
+    backward<T>(a, b, g, dab, n);                                                                      \
+  }
+
+SWIGLU_KERNELS(float, f32)
+SWIGLU_KERNELS(__nv_bfloat16, bf16)
+SWIGLU_KERNELS(__half, f16)
