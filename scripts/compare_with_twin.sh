@@ -70,9 +70,9 @@ print(f"{'memory (GiB)':32s} {'ours':>12s} {'twin':>12s}")
 for dt in ("f32", "bf16"):
     for att in ("naive", "flash"):
         ours = load(f"train_ours_{att}_{dt}.json"); t = load(f"train_twin_eager_{dt}.json")
-        m = ours["metrics"] if ours else {}; o = m.get("bench.device_memory_gib_after_backward", m.get("profile.memory_gib.host_ms", float("nan")))
+        m = ours["metrics"] if ours else {}; o = m.get("bench.peak_device_memory_gib", float("nan"))
         print(f"{'train ' + dt + ' ' + att:32s} {o:12.2f} {t['peak_gib'] if t else float('nan'):12.2f}")
-print("(ours: the driver's count of device memory in use at the end of a backward pass, whole process; twin: torch.cuda.max_memory_allocated)")
+print("(ours: the peak of the CUDA memory pool's in-use counter over the profiled steps; twin: torch.cuda.max_memory_allocated)")
 p = load("parity_twin.json")
 if p:
     print(f"loss parity over {len(p['rust_losses'])} steps: max relative difference {p['max_rel_diff']:.3%}, mean {p['mean_rel_diff']:.3%}")

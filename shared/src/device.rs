@@ -179,42 +179,78 @@ pub fn test_device() -> Device {
         .clone()
 }
 
-/// Device memory in use right now, in bytes, as the driver reports it: `total − free` after a
-/// synchronisation and after trimming the memory pool Candle allocates from, so blocks that
-/// tensors have freed are not counted.
-/// `None` on the CPU, where there is no device allocator to ask. Differences between two readings
-/// measure what a piece of code really holds on the GPU, allocator granularity included.
+/// Bytes of device memory that live tensors hold right now: the "used" counter of the
+/// stream-ordered memory pool Candle allocates from (`CU_MEMPOOL_ATTR_USED_MEM_CURRENT`, the
+/// analogue of `torch.cuda.memory_allocated`), read after a synchronisation. Freed blocks the
+/// pool keeps for reuse are not counted. `None` on the CPU, where there is no device allocator.
+/// Differences between two readings measure what a piece of code really holds on the GPU.
 pub fn device_memory_in_use(device: &Device) -> Result<Option<u64>> {
+    pool_counter(device, PoolCounter::UsedNow)
+}
+
+/// The most bytes live tensors have held since the last [`reset_device_memory_peak`] (or the
+/// start): the pool's `CU_MEMPOOL_ATTR_USED_MEM_HIGH`, the analogue of
+/// `torch.cuda.max_memory_allocated`. `None` on the CPU.
+pub fn device_memory_peak(device: &Device) -> Result<Option<u64>> {
+    pool_counter(device, PoolCounter::UsedPeak)
+}
+
+/// Starts a new peak for [`device_memory_peak`] (at the current use). A no-op on the CPU.
+pub fn reset_device_memory_peak(device: &Device) -> Result<()> {
+    pool_counter(device, PoolCounter::ResetPeak).map(|_| ())
+}
+
+#[derive(Clone, Copy)]
+enum PoolCounter {
+    UsedNow,
+    UsedPeak,
+    ResetPeak,
+}
+
+fn pool_counter(device: &Device, counter: PoolCounter) -> Result<Option<u64>> {
     match device {
         Device::Cpu => Ok(None),
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => {
             use candle_core::cuda_backend::cudarc::driver::sys;
+            use sys::CUmemPool_attribute::{
+                CU_MEMPOOL_ATTR_USED_MEM_CURRENT, CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            };
             device.synchronize()?;
             let ctx = d.cuda_stream().context().clone();
-            // Candle allocates through the device's default stream-ordered memory pool, which
-            // keeps freed blocks for reuse; trimming it first returns every free block, so what
-            // the driver still counts is memory that live tensors hold (plus the context's own).
             ctx.bind_to_thread()
                 .map_err(|e| anyhow::anyhow!("binding the CUDA context: {e:?}"))?;
+            let mut value: u64 = 0;
             // SAFETY: plain driver calls on the device of a live context; `pool` is written by
-            // the first call before the second reads it.
+            // the first call before the others read it; `value` is the u64 the attributes use.
             unsafe {
                 let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
                 sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
                     .result()
                     .map_err(|e| anyhow::anyhow!("cuDeviceGetDefaultMemPool: {e:?}"))?;
-                sys::cuMemPoolTrimTo(pool, 0)
-                    .result()
-                    .map_err(|e| anyhow::anyhow!("cuMemPoolTrimTo: {e:?}"))?;
+                let ptr = &mut value as *mut u64 as *mut std::ffi::c_void;
+                let r = match counter {
+                    PoolCounter::UsedNow => {
+                        sys::cuMemPoolGetAttribute(pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT, ptr)
+                    }
+                    PoolCounter::UsedPeak => {
+                        sys::cuMemPoolGetAttribute(pool, CU_MEMPOOL_ATTR_USED_MEM_HIGH, ptr)
+                    }
+                    // Setting the high-water mark to 0 resets it to the current use.
+                    PoolCounter::ResetPeak => {
+                        sys::cuMemPoolSetAttribute(pool, CU_MEMPOOL_ATTR_USED_MEM_HIGH, ptr)
+                    }
+                };
+                r.result()
+                    .map_err(|e| anyhow::anyhow!("reading the memory pool's counters: {e:?}"))?;
             }
-            let (free, total) = ctx
-                .mem_get_info()
-                .map_err(|e| anyhow::anyhow!("cuMemGetInfo: {e:?}"))?;
-            Ok(Some((total - free) as u64))
+            Ok(Some(value))
         }
         #[allow(unreachable_patterns)]
-        _ => Ok(None),
+        _ => {
+            let _ = counter;
+            Ok(None)
+        }
     }
 }
 
@@ -273,6 +309,8 @@ mod tests {
     #[test]
     fn the_cpu_has_no_device_allocator_to_read() {
         assert_eq!(device_memory_in_use(&Device::Cpu).unwrap(), None);
+        assert_eq!(device_memory_peak(&Device::Cpu).unwrap(), None);
+        reset_device_memory_peak(&Device::Cpu).unwrap();
         profiler_range(&Device::Cpu, true).unwrap();
     }
 

@@ -65,31 +65,35 @@ fn bf16_matmul_on_the_device_matches_cpu_f32() -> candle_core::Result<()> {
 }
 
 #[test]
-fn device_memory_reading_sees_a_256_mib_allocation() -> anyhow::Result<()> {
+fn device_memory_counters_see_a_256_mib_allocation() -> anyhow::Result<()> {
     let picked = pick_device(DeviceChoice::Auto)?;
     let dev = &picked.device;
-    let Some(before) = shared::device::device_memory_in_use(dev)? else {
+    use shared::device::{device_memory_in_use, device_memory_peak, reset_device_memory_peak};
+    let Some(before) = device_memory_in_use(dev)? else {
         assert!(
             dev.is_cpu(),
             "only the CPU may lack a device allocator reading"
         );
         return Ok(());
     };
+    reset_device_memory_peak(dev)?;
     let bytes = 256u64 << 20;
     let t = Tensor::ones((bytes / 4) as usize, DType::F32, dev)?;
-    let held = shared::device::device_memory_in_use(dev)?.unwrap();
-    // The driver's count includes the allocator's granularity (2 MiB pages), never less.
+    let held = device_memory_in_use(dev)?.unwrap();
+    // The pool counts whole allocations (rounded up to its granularity), never less.
     let grew = held.saturating_sub(before);
     assert!(
-        grew >= bytes && grew <= bytes + (64 << 20),
-        "allocated {bytes} B, device reading grew by {grew} B"
+        grew >= bytes && grew <= bytes + (4 << 20),
+        "allocated {bytes} B, the pool's in-use counter grew by {grew} B"
     );
     drop(t);
-    let after = shared::device::device_memory_in_use(dev)?.unwrap();
-    assert!(
-        after < held,
-        "freeing did not return memory: {after} vs {held}"
+    let after = device_memory_in_use(dev)?.unwrap();
+    assert_eq!(
+        after, before,
+        "freeing must return the pool to where it was"
     );
+    let peak = device_memory_peak(dev)?.unwrap();
+    assert!(peak >= held, "peak {peak} below the use {held} it saw");
     Ok(())
 }
 
