@@ -27,8 +27,18 @@ fn compile_kernel(name: &str, extra: &[&str]) {
         .map(|h| PathBuf::from(h).join("bin").join("nvcc"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
+    // shared/kernels (common.cuh): the first folder above the crate that holds it.
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let common = manifest
+        .ancestors()
+        .map(|dir| dir.join("shared").join("kernels"))
+        .find(|dir| dir.join("common.cuh").exists())
+        .expect("shared/kernels/common.cuh above the crate");
+    println!("cargo:rerun-if-changed={}", common.join("common.cuh").display());
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
+        .arg("-I")
+        .arg(&common)
         .args(extra)
         .arg(format!("-arch={arch}"))
         .arg(&source)

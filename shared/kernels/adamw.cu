@@ -9,21 +9,7 @@
 //
 // Build: nvcc --ptx -arch=compute_90 (build.rs).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ double to_f(double x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ void store(float v, float *o) { *o = v; }
-__device__ __forceinline__ void store(double v, double *o) { *o = v; }
-__device__ __forceinline__ void store(float v, __nv_bfloat16 *o) { *o = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store(float v, __half *o) { *o = __float2half_rn(v); }
-
-#define GRID_STRIDE(i, n) \
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+#include "common.cuh"
 
 template <typename T, typename A>
 __device__ void moment(T *m, const T *g, int64_t n, A beta, A scale, int square) {

@@ -15,16 +15,7 @@
 //
 // Build: nvcc --ptx -arch=compute_90 (build.rs).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ void store(float x, float *out) { *out = x; }
-__device__ __forceinline__ void store(float x, __nv_bfloat16 *out) { *out = __float2bfloat16_rn(x); }
-__device__ __forceinline__ void store(float x, __half *out) { *out = __float2half_rn(x); }
+#include "common.cuh"
 
 // Merge (m, s) with (m2, s2): both are "max and sum of exp(x − max)" of disjoint parts.
 __device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {

@@ -17,16 +17,7 @@
 //
 // Build: nvcc --ptx -arch=compute_90 (build.rs).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ void from_f(float x, float *out) { *out = x; }
-__device__ __forceinline__ void from_f(float x, __nv_bfloat16 *out) { *out = __float2bfloat16_rn(x); }
-__device__ __forceinline__ void from_f(float x, __half *out) { *out = __float2half_rn(x); }
+#include "common.cuh"
 
 template <typename T>
 __device__ void gather(const T *table, const uint32_t *ids, T *out, int64_t n, int64_t d, int64_t vocab) {
@@ -39,54 +30,36 @@ __device__ void gather(const T *table, const uint32_t *ids, T *out, int64_t n, i
   }
 }
 
-// dacc[ids[i], c] += dout[i, c], one thread per (i, c).
+// dacc[ids[i], c] += dout[i, c], one thread per (i, c); A = the accumulator type.
 template <typename T, typename A>
 __device__ void scatter_add(const T *dout, const uint32_t *ids, A *dacc, int64_t n, int64_t d, int64_t vocab) {
-  const int64_t total = n * d;
-  for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
+  GRID_STRIDE(k, n * d) {
     const int64_t row = k / d, c = k - row * d;
     const uint32_t id = ids[row];
     if (id < vocab) atomicAdd(dacc + id * d + c, (A)to_f(dout[k]));
   }
 }
 
-template <typename T>
-__device__ void cast_from_f32(const float *acc, T *out, int64_t count) {
-  for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < count; k += (int64_t)gridDim.x * blockDim.x)
-    from_f(acc[k], out + k);
-}
-
-#define EMBEDDING_KERNELS(T, NAME)                                                                     \
+#define EMBEDDING_KERNELS(T, A, NAME)                                                                  \
   extern "C" __global__ void embedding_fwd_##NAME(const T *table, const uint32_t *ids, T *out,       \
                                                   int64_t n, int64_t d, int64_t vocab) {              \
     gather<T>(table, ids, out, n, d, vocab);                                                           \
   }                                                                                                    \
-  extern "C" __global__ void embedding_bwd_##NAME(const T *dout, const uint32_t *ids, float *dacc,   \
+  extern "C" __global__ void embedding_bwd_##NAME(const T *dout, const uint32_t *ids, A *dacc,       \
                                                   int64_t n, int64_t d, int64_t vocab) {              \
-    scatter_add<T, float>(dout, ids, dacc, n, d, vocab);                                               \
+    scatter_add<T, A>(dout, ids, dacc, n, d, vocab);                                                   \
   }
 
-EMBEDDING_KERNELS(float, f32)
-EMBEDDING_KERNELS(__nv_bfloat16, bf16)
-EMBEDDING_KERNELS(__half, f16)
+EMBEDDING_KERNELS(float, float, f32)
+EMBEDDING_KERNELS(double, double, f64)
+EMBEDDING_KERNELS(__nv_bfloat16, float, bf16)
+EMBEDDING_KERNELS(__half, float, f16)
 
-extern "C" __global__ void embedding_fwd_f64(const double *table, const uint32_t *ids, double *out, int64_t n,
-                                             int64_t d, int64_t vocab) {
-  for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
-    const uint32_t id = ids[row];
-    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) out[row * d + c] = id < vocab ? table[id * d + c] : 0.0;
-  }
+// The fp32 accumulator of a bf16/f16 gradient, rounded once.
+template <typename T>
+__device__ void cast_from_f32(const float *acc, T *out, int64_t count) {
+  GRID_STRIDE(k, count) store(acc[k], out + k);
 }
-extern "C" __global__ void embedding_bwd_f64(const double *dout, const uint32_t *ids, double *dacc, int64_t n,
-                                             int64_t d, int64_t vocab) {
-  const int64_t total = n * d;
-  for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t row = k / d, c = k - row * d;
-    const uint32_t id = ids[row];
-    if (id < vocab) atomicAdd(dacc + id * d + c, dout[k]);
-  }
-}
-
 extern "C" __global__ void embedding_cast_bf16(const float *acc, __nv_bfloat16 *out, int64_t count) {
   cast_from_f32<__nv_bfloat16>(acc, out, count);
 }

@@ -15,6 +15,7 @@
 //! gradients need not be rescaled first. On the CPU, loops; on CUDA, `kernels/adamw.cu`.
 //! Arithmetic in f32 (f64 for f64 parameters), each stored value rounded once.
 
+use crate::custom_op::contiguous_range;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, WithDType};
 use half::{bf16, f16};
@@ -88,13 +89,6 @@ struct Update {
     bc2: f64,
 }
 
-fn range(l: &Layout, what: &str) -> Result<(usize, usize)> {
-    match l.contiguous_offsets() {
-        Some(r) => Ok(r),
-        None => bail!("AdamW: {what} must be contiguous"),
-    }
-}
-
 /// `f(x)` in `A` arithmetic (f32, or f64 for f64 tensors), rounded once to `T`.
 fn cpu_moment<T: WithDType>(m: &mut [T], g: &[T], op: Moment, f32_math: bool) {
     let round = |x: f64| if f32_math { x as f32 as f64 } else { x };
@@ -126,8 +120,8 @@ impl InplaceOp2 for Moment {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<()> {
-        let (a, b) = range(dst_l, "moment")?;
-        let (c, d) = range(gl, "gradient")?;
+        let (a, b) = contiguous_range(dst_l, "AdamW: moment")?;
+        let (c, d) = contiguous_range(gl, "AdamW: gradient")?;
         match (dst, g) {
             (CpuStorage::F32(m), CpuStorage::F32(g)) => {
                 cpu_moment(&mut m[a..b], &g[c..d], *self, true)
@@ -176,9 +170,9 @@ impl InplaceOp3 for Update {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<()> {
-        let (a, b) = range(dst_l, "parameter")?;
-        let (c, d) = range(ml, "first moment")?;
-        let (e, f) = range(vl, "second moment")?;
+        let (a, b) = contiguous_range(dst_l, "AdamW: parameter")?;
+        let (c, d) = contiguous_range(ml, "AdamW: first moment")?;
+        let (e, f) = contiguous_range(vl, "AdamW: second moment")?;
         match (dst, m, v) {
             (CpuStorage::F32(t), CpuStorage::F32(m), CpuStorage::F32(v)) => {
                 cpu_update(&mut t[a..b], &m[c..d], &v[e..f], *self)
@@ -216,21 +210,13 @@ impl InplaceOp3 for Update {
 mod cuda {
     use super::*;
     use crate::cuda::{contiguous_view, load_kernel};
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, DType};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
     const MODULE: &str = "shared_adamw";
-    const THREADS: u32 = 256;
-
-    fn config(n: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (n.div_ceil(THREADS as usize).clamp(1, 132 * 16) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
+    use crate::cuda::grid_stride as config;
 
     pub fn moment(
         dst: &mut CudaStorage,
@@ -273,7 +259,7 @@ mod cuda {
     ) -> Result<()> {
         let dev = dst.device().clone();
         let (gv, _) = contiguous_view::<T>(g, gl, "AdamW (cuda): gradient")?;
-        let (a, b) = range(dst_l, "moment")?;
+        let (a, b) = contiguous_range(dst_l, "AdamW: moment")?;
         let mut m = dst.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
         let n = b - a;
         if n == 0 {
@@ -328,7 +314,7 @@ mod cuda {
         let dev = dst.device().clone();
         let (mv, _) = contiguous_view::<T>(m, ml, "AdamW (cuda): first moment")?;
         let (vv, _) = contiguous_view::<T>(v, vl, "AdamW (cuda): second moment")?;
-        let (a, b) = range(dst_l, "parameter")?;
+        let (a, b) = contiguous_range(dst_l, "AdamW: parameter")?;
         let mut theta = dst.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
         let n = b - a;
         if n == 0 {

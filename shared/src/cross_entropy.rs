@@ -16,6 +16,7 @@
 //! instead of reducing the row again. On the CPU it is a loop over rows; on CUDA it launches
 //! `kernels/cross_entropy.cu`. Every sum is in f32 (f64 for f64 logits).
 
+use crate::custom_op::contiguous_slice;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
@@ -54,15 +55,8 @@ struct CrossEntropyBackward {
     vocab: usize,
 }
 
-fn slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("cross_entropy: {what} must be contiguous"),
-    }
-}
-
 fn cpu_targets(s: &CpuStorage, l: &Layout, vocab: usize) -> Result<Vec<usize>> {
-    slice(s.as_slice::<u32>()?, l, "targets")?
+    contiguous_slice(s.as_slice::<u32>()?, l, "cross_entropy: targets")?
         .iter()
         .map(|&t| {
             if (t as usize) < vocab {
@@ -149,7 +143,7 @@ impl CustomOp2 for CrossEntropy {
         macro_rules! run {
             ($t:ty, $a:ty) => {
                 <$a>::to_cpu_storage_owned(cpu_forward::<$t, $a>(
-                    slice(s1.as_slice::<$t>()?, l1, "logits")?,
+                    contiguous_slice(s1.as_slice::<$t>()?, l1, "cross_entropy: logits")?,
                     &t,
                     self.vocab,
                 ))
@@ -215,9 +209,10 @@ impl candle_core::CustomOp3 for CrossEntropyBackward {
         let rows = t.len();
         macro_rules! run {
             ($t:ty, $a:ty) => {{
-                let packed = slice(s3.as_slice::<$a>()?, l3, "nll and gradient")?;
+                let packed =
+                    contiguous_slice(s3.as_slice::<$a>()?, l3, "cross_entropy: nll and gradient")?;
                 <$t>::to_cpu_storage_owned(cpu_backward::<$t, $a>(
-                    slice(s1.as_slice::<$t>()?, l1, "logits")?,
+                    contiguous_slice(s1.as_slice::<$t>()?, l1, "cross_entropy: logits")?,
                     &t,
                     &packed[..rows],
                     &packed[rows..],
@@ -275,12 +270,8 @@ mod cuda {
     }
 
     fn suffix(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            dt => bail!("cross_entropy (cuda): logits dtype {dt:?} not supported (f32, bf16, f16)"),
-        })
+        use DType::*;
+        crate::cuda::dtype_suffix(dtype, &[F32, BF16, F16], "cross_entropy")
     }
 
     pub fn forward(

@@ -3,9 +3,9 @@
 //! Only built with the `cuda` feature.
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 
 /// Loads kernel `name` of PTX module `module` (loaded once per device) and allows it `smem` bytes
 /// of dynamic shared memory (opting in above the default 48 KiB).
@@ -41,4 +41,33 @@ pub fn contiguous_view<'a, T: CudaDType>(
         Some((a, b)) => Ok((slice.slice(a..b), a)),
         None => bail!("{what} must be contiguous"),
     }
+}
+
+/// Threads per block of the element-wise kernels.
+pub const THREADS: u32 = 256;
+
+/// A launch for a grid-stride loop over `n` items: blocks of [`THREADS`], at most 16 blocks per
+/// multiprocessor of a 132-SM Hopper (more would only queue).
+pub fn grid_stride(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(THREADS as usize).clamp(1, 132 * 16) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The kernel-name suffix of a dtype (`f32`, `f64`, `bf16`, `f16`), if `supported` lists it;
+/// `what` names the op in the error.
+pub fn dtype_suffix(dtype: DType, supported: &[DType], what: &str) -> Result<&'static str> {
+    let name = match dtype {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "",
+    };
+    if name.is_empty() || !supported.contains(&dtype) {
+        bail!("{what} (cuda): dtype {dtype:?} not supported (only {supported:?})");
+    }
+    Ok(name)
 }

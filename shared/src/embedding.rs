@@ -18,6 +18,7 @@
 //! Every topic's model looks its tokens up through [`embedding`]. For side-by-side measurements,
 //! `MODULE08_EMBEDDING=index-select` switches it to Candle's `index_select` (same values).
 
+use crate::custom_op::contiguous_slice;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
@@ -74,16 +75,9 @@ struct EmbeddingBackward {
     d: usize,
 }
 
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("embedding: {what} must be contiguous"),
-    }
-}
-
 /// The ids as `usize`, each checked against the vocabulary.
 fn cpu_ids(s: &CpuStorage, l: &Layout, vocab: usize) -> Result<Vec<usize>> {
-    let ids = contiguous(s.as_slice::<u32>()?, l, "ids")?;
+    let ids = contiguous_slice(s.as_slice::<u32>()?, l, "embedding: ids")?;
     ids.iter()
         .map(|&i| {
             if (i as usize) < vocab {
@@ -130,7 +124,7 @@ impl CustomOp2 for Embedding {
         macro_rules! run {
             ($t:ty) => {
                 <$t>::to_cpu_storage_owned(cpu_gather(
-                    contiguous(s1.as_slice::<$t>()?, l1, "table")?,
+                    contiguous_slice(s1.as_slice::<$t>()?, l1, "embedding: table")?,
                     &ids,
                     self.d,
                 ))
@@ -190,7 +184,7 @@ impl CustomOp2 for EmbeddingBackward {
         macro_rules! run {
             ($t:ty) => {
                 <$t>::to_cpu_storage_owned(cpu_scatter_add(
-                    contiguous(s1.as_slice::<$t>()?, l1, "gradient")?,
+                    contiguous_slice(s1.as_slice::<$t>()?, l1, "embedding: gradient")?,
                     &ids,
                     self.vocab,
                     self.d,
@@ -234,21 +228,11 @@ mod cuda {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/embedding.ptx"));
     const MODULE: &str = "shared_embedding";
-    const THREADS: u32 = 256;
+    use crate::cuda::THREADS;
 
     fn suffix(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::F64 => "f64",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            dt => bail!("embedding (cuda): dtype {dt:?} not supported (f32, f64, bf16, f16)"),
-        })
-    }
-
-    /// A grid-stride launch over `work` items, at most ~16 blocks per multiprocessor.
-    fn grid(work: usize) -> u32 {
-        work.div_ceil(THREADS as usize).clamp(1, 132 * 16) as u32
+        use DType::*;
+        crate::cuda::dtype_suffix(dtype, &[F32, F64, BF16, F16], "embedding")
     }
 
     pub fn gather(
@@ -369,11 +353,7 @@ mod cuda {
             return Ok(());
         }
         let func = load_kernel(dev, MODULE, PTX, &format!("embedding_bwd_{name}"), 0)?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(n * d), 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::grid_stride(n * d);
         let (n_i, d_i, v_i) = (n as i64, d as i64, vocab as i64);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
@@ -394,11 +374,7 @@ mod cuda {
         let mut out = unsafe { dev.alloc::<T>(count)? };
         if count > 0 {
             let func = load_kernel(dev, MODULE, PTX, &format!("embedding_cast_{name}"), 0)?;
-            let cfg = LaunchConfig {
-                grid_dim: (grid(count), 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = crate::cuda::grid_stride(count);
             let count_i = count as i64;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&func);

@@ -15,6 +15,7 @@
 //! | [`cross_entropy`] | the loss over a vocabulary as one op (one pass forward, one backward; CUDA kernel on the GPU) |
 //! | [`batching`] | language-model windows and padded sequence-to-sequence batches |
 //! | [`adamw`] | AdamW's update as three in-place passes per tensor (CUDA kernels on the GPU) |
+//! | [`custom_op`] | the contiguous-slice helpers every custom op's CPU side uses |
 //! | [`train`] | AdamW, cosine schedule, gradient clipping, NaN guard, evaluation, checkpoints |
 //! | [`report`] | PNG charts (lines, heatmaps, bars) and the `results.json` of every run |
 
@@ -25,6 +26,7 @@ pub mod corpus;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod custom_op;
 pub mod device;
 pub mod embedding;
 pub mod params;

@@ -50,7 +50,7 @@ fn suffix(dtype: DType) -> Result<(&'static str, usize)> {
 
 /// The vector width to use: `V` when `d` and every start offset allow 16-byte accesses, else 1.
 fn vector_width(v: usize, d: usize, offsets: &[usize]) -> usize {
-    if d % v == 0 && offsets.iter().all(|o| o % v == 0) {
+    if d.is_multiple_of(v) && offsets.iter().all(|o| o.is_multiple_of(v)) {
         v
     } else {
         1

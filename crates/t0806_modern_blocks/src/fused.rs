@@ -31,6 +31,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use half::{bf16, f16};
+use shared::custom_op::contiguous_slice;
 
 /// `RMSNorm(x)·g` as one op. `x (…, d)`, `g (d,)`; returns `(…, d)` in `x`'s dtype.
 /// Differentiable in `x` and `g` (through [`FusedRmsNormBackward`]).
@@ -126,14 +127,6 @@ pub(crate) fn rows_and_width(lx: &Layout, lg: &Layout) -> Result<(usize, usize)>
     Ok((lx.shape().elem_count() / d, d))
 }
 
-/// The contiguous elements of `layout` in `data`.
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("fused RMSNorm: non-contiguous input {:?}", layout.dims()),
-    }
-}
-
 /// The accumulator type of the CPU loops: f32 (for f32, bf16, f16) or f64.
 trait Acc: WithDType {
     fn sqrt(self) -> Self;
@@ -215,8 +208,8 @@ impl CustomOp2 for FusedRmsNorm {
         let (_, d) = rows_and_width(l1, l2)?;
         macro_rules! run {
             ($t:ty, $a:ty) => {{
-                let x = contiguous(s1.as_slice::<$t>()?, l1)?;
-                let g = contiguous(s2.as_slice::<$t>()?, l2)?;
+                let x = contiguous_slice(s1.as_slice::<$t>()?, l1, "fused RMSNorm: input")?;
+                let g = contiguous_slice(s2.as_slice::<$t>()?, l2, "fused RMSNorm: input")?;
                 <$t>::to_cpu_storage_owned(cpu_forward::<$t, $a>(x, g, d, self.eps))
             }};
         }
@@ -281,9 +274,9 @@ impl CustomOp3 for FusedRmsNormBackward {
         }
         macro_rules! run {
             ($t:ty, $a:ty) => {{
-                let x = contiguous(s1.as_slice::<$t>()?, l1)?;
-                let g = contiguous(s2.as_slice::<$t>()?, l2)?;
-                let dy = contiguous(s3.as_slice::<$t>()?, l3)?;
+                let x = contiguous_slice(s1.as_slice::<$t>()?, l1, "fused RMSNorm: input")?;
+                let g = contiguous_slice(s2.as_slice::<$t>()?, l2, "fused RMSNorm: input")?;
+                let dy = contiguous_slice(s3.as_slice::<$t>()?, l3, "fused RMSNorm: input")?;
                 <$t>::to_cpu_storage_owned(cpu_backward::<$t, $a>(x, g, dy, d, self.eps))
             }};
         }

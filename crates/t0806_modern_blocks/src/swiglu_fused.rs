@@ -17,6 +17,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use half::{bf16, f16};
+use shared::custom_op::contiguous_slice;
 
 /// `SiLU(a) ⊙ b` for `a`, `b` of one shape and dtype; differentiable in both.
 pub fn swiglu_gate_fused(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -38,13 +39,6 @@ struct SwiGluGate;
 /// `(a, b, g) → [da | db]` (flat, 2n elements).
 #[derive(Debug, Clone, Copy)]
 struct SwiGluGateBackward;
-
-fn slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("swiglu gate: {what} must be contiguous"),
-    }
-}
 
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
@@ -99,8 +93,8 @@ impl CustomOp2 for SwiGluGate {
         macro_rules! run {
             ($t:ty) => {
                 <$t>::to_cpu_storage_owned(cpu_forward::<$t>(
-                    slice(s1.as_slice::<$t>()?, l1, "a")?,
-                    slice(s2.as_slice::<$t>()?, l2, "b")?,
+                    contiguous_slice(s1.as_slice::<$t>()?, l1, "swiglu gate: a")?,
+                    contiguous_slice(s2.as_slice::<$t>()?, l2, "swiglu gate: b")?,
                 ))
             };
         }
@@ -157,9 +151,9 @@ impl CustomOp3 for SwiGluGateBackward {
         macro_rules! run {
             ($t:ty) => {
                 <$t>::to_cpu_storage_owned(cpu_backward::<$t>(
-                    slice(s1.as_slice::<$t>()?, l1, "a")?,
-                    slice(s2.as_slice::<$t>()?, l2, "b")?,
-                    slice(s3.as_slice::<$t>()?, l3, "gradient")?,
+                    contiguous_slice(s1.as_slice::<$t>()?, l1, "swiglu gate: a")?,
+                    contiguous_slice(s2.as_slice::<$t>()?, l2, "swiglu gate: b")?,
+                    contiguous_slice(s3.as_slice::<$t>()?, l3, "swiglu gate: gradient")?,
                 ))
             };
         }
@@ -192,30 +186,18 @@ impl CustomOp3 for SwiGluGateBackward {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::CudaStorage;
     use shared::cuda::{contiguous_view, load_kernel};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
     const MODULE: &str = "t0806_swiglu";
-    const THREADS: u32 = 256;
-
-    fn config(n: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (n.div_ceil(THREADS as usize).clamp(1, 132 * 16) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
+    use shared::cuda::grid_stride as config;
 
     fn name(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            dt => bail!("swiglu gate (cuda): dtype {dt:?} not supported (f32, bf16, f16)"),
-        })
+        use DType::*;
+        shared::cuda::dtype_suffix(dtype, &[F32, BF16, F16], "swiglu gate")
     }
 
     pub fn forward(

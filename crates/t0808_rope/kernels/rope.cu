@@ -9,22 +9,12 @@
 //
 // Build: nvcc --ptx -arch=compute_90 (build.rs).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(double x) { return (float)x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ void store(float v, float *o) { *o = v; }
-__device__ __forceinline__ void store(float v, __nv_bfloat16 *o) { *o = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store(float v, __half *o) { *o = __float2half_rn(v); }
+#include "common.cuh"
 
 template <typename T>
 __device__ void rope(const T *x, const float *cos, const float *sin, T *y, int64_t pairs, int64_t seq,
                      int64_t half, float sign) {
-  for (int64_t p = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (int64_t)gridDim.x * blockDim.x) {
+  GRID_STRIDE(p, pairs) {
     const int64_t k = p % half;
     const int64_t pos = (p / half) % seq;
     const float c = cos[pos * half + k], s = sign * sin[pos * half + k];

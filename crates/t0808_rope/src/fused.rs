@@ -15,6 +15,7 @@ use crate::RopeTables;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
+use shared::custom_op::contiguous_slice;
 
 /// RoPE of `x (batch, heads, seq, d_head)` at positions `start_pos …`, as one op: the same values
 /// as [`crate::apply_rope`] (to rounding), differentiable in `x`.
@@ -32,13 +33,6 @@ pub fn apply_rope_fused(x: &Tensor, tables: &RopeTables, start_pos: usize) -> Re
 #[derive(Debug, Clone, Copy)]
 struct FusedRope {
     inverse: bool,
-}
-
-fn slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("fused RoPE: {what} must be contiguous"),
-    }
 }
 
 /// `(seq, d/2)` of the tables, checked against `x`'s `(…, seq, d)`.
@@ -91,13 +85,13 @@ impl CustomOp3 for FusedRope {
         ls: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (seq, half) = dims(lx, lc)?;
-        let cos = slice(sc.as_slice::<f32>()?, lc, "cos")?;
-        let sin = slice(ss.as_slice::<f32>()?, ls, "sin")?;
+        let cos = contiguous_slice(sc.as_slice::<f32>()?, lc, "fused RoPE: cos")?;
+        let sin = contiguous_slice(ss.as_slice::<f32>()?, ls, "fused RoPE: sin")?;
         let sign = if self.inverse { -1.0 } else { 1.0 };
         macro_rules! run {
             ($t:ty) => {
                 <$t>::to_cpu_storage_owned(cpu_rope(
-                    slice(sx.as_slice::<$t>()?, lx, "x")?,
+                    contiguous_slice(sx.as_slice::<$t>()?, lx, "fused RoPE: x")?,
                     cos,
                     sin,
                     seq,
@@ -152,14 +146,13 @@ impl CustomOp3 for FusedRope {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::CudaStorage;
     use shared::cuda::{contiguous_view, load_kernel};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
     const MODULE: &str = "t0808_rope";
-    const THREADS: u32 = 256;
 
     #[allow(clippy::too_many_arguments)]
     pub fn rope(
@@ -204,11 +197,7 @@ mod cuda {
         let pairs = n / 2;
         if pairs > 0 {
             let func = load_kernel(&dev, MODULE, PTX, &format!("rope_{name}"), 0)?;
-            let cfg = LaunchConfig {
-                grid_dim: (pairs.div_ceil(THREADS as usize).min(132 * 32) as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = shared::cuda::grid_stride(pairs);
             let (pairs_i, seq_i, half_i) = (pairs as i64, seq as i64, half as i64);
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&func);
