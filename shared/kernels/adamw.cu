@@ -42,3 +42,37 @@ ADAMW_KERNELS(float, float, f32)
 ADAMW_KERNELS(double, double, f64)
 ADAMW_KERNELS(__nv_bfloat16, float, bf16)
 ADAMW_KERNELS(__half, float, f16)
+
+// Σ x² of a whole tensor into out[0] (f32, zeroed by the caller), for the gradient norm: each
+// thread sums its grid-stride share in f32, the warp and then the block reduce, and one atomic
+// add per block lands the block's sum.
+template <typename T>
+__device__ void sum_of_squares(const T *x, float *out, int64_t n) {
+  float s = 0.0f;
+  GRID_STRIDE(i, n) {
+    const float v = (float)to_f(x[i]);
+    s += v * v;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  __shared__ float warp_sums[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < (int)(blockDim.x / 32) ? warp_sums[lane] : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) atomicAdd(out, s);
+  }
+}
+
+#define SUMSQ_KERNEL(T, NAME)                                                                        \
+  extern "C" __global__ void sum_of_squares_##NAME(const T *x, float *out, int64_t n) {            \
+    sum_of_squares<T>(x, out, n);                                                                    \
+  }
+
+SUMSQ_KERNEL(float, f32)
+SUMSQ_KERNEL(double, f64)
+SUMSQ_KERNEL(__nv_bfloat16, bf16)
+SUMSQ_KERNEL(__half, f16)

@@ -57,6 +57,45 @@ pub fn update_parameter(
     theta.inplace_op3(m, v, &op)
 }
 
+/// `Σ x²` over every element of `x`, as a one-element f32 tensor (one pass, f32 accumulation; the
+/// CPU sums in f64): the per-tensor part of the global gradient norm.
+pub fn sum_of_squares(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&SumOfSquares)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SumOfSquares;
+
+impl candle_core::CustomOp1 for SumOfSquares {
+    fn name(&self) -> &'static str {
+        "sum-of-squares"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
+        let (a, b) = contiguous_range(l, "sum of squares: input")?;
+        fn sum<T: WithDType>(v: &[T]) -> f32 {
+            v.iter().map(|x| x.to_f64() * x.to_f64()).sum::<f64>() as f32
+        }
+        let total = match s {
+            CpuStorage::F32(v) => sum(&v[a..b]),
+            CpuStorage::F64(v) => sum(&v[a..b]),
+            CpuStorage::BF16(v) => sum(&v[a..b]),
+            CpuStorage::F16(v) => sum(&v[a..b]),
+            other => bail!("sum of squares: dtype {:?} not supported", other.dtype()),
+        };
+        Ok((CpuStorage::F32(vec![total]), candle_core::Shape::from(1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        Ok((cuda::sum_of_squares(s, l)?, candle_core::Shape::from(1)))
+    }
+}
+
 fn check(dst: &Tensor, src: &Tensor, what: &str) -> Result<()> {
     if dst.dims() != src.dims() || dst.dtype() != src.dtype() {
         bail!(
@@ -280,6 +319,42 @@ mod cuda {
         // SAFETY: argument types match the kernel; both buffers hold n elements.
         unsafe { builder.launch(config(n)) }.w()?;
         Ok(())
+    }
+
+    pub fn sum_of_squares(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+        let dev = s.device().clone();
+        let mut out = dev.alloc_zeros::<f32>(1)?;
+        let (a, b) = contiguous_range(l, "sum of squares: input")?;
+        let n = b - a;
+        if n > 0 {
+            use DType::*;
+            let name =
+                crate::cuda::dtype_suffix(s.dtype(), &[F32, F64, BF16, F16], "sum of squares")?;
+            let func = load_kernel(&dev, MODULE, PTX, &format!("sum_of_squares_{name}"), 0)?;
+            // A few blocks per multiprocessor: each thread sums many elements before the
+            // reductions, and each block ends in one atomic add.
+            let mut cfg = config(n);
+            cfg.grid_dim.0 = cfg.grid_dim.0.min(132 * 4);
+            let n_i = n as i64;
+            let stream = dev.cuda_stream();
+            let mut builder = stream.launch_builder(&func);
+            macro_rules! arg {
+                ($t:ty) => {{
+                    let (x, _) = contiguous_view::<$t>(s, l, "sum of squares: input")?;
+                    builder.arg(&x).arg(&mut out).arg(&n_i);
+                    // SAFETY: argument types match the kernel; out holds one float.
+                    unsafe { builder.launch(cfg) }.w()?;
+                }};
+            }
+            match s.dtype() {
+                F32 => arg!(f32),
+                F64 => arg!(f64),
+                BF16 => arg!(bf16),
+                F16 => arg!(f16),
+                _ => unreachable!("dtype_suffix accepted it"),
+            }
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 
     pub fn update(

@@ -157,12 +157,12 @@ pub fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
     let squares: Vec<Tensor> = vars
         .iter()
         .filter_map(|(_, v)| grads.get(v.as_tensor()))
-        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .map(crate::adamw::sum_of_squares) // (1,) f32 each: one pass per tensor
         .collect::<candle_core::Result<_>>()?;
     if squares.is_empty() {
         return Ok(0.0);
     }
-    Ok(Tensor::stack(&squares, 0)?
+    Ok(Tensor::cat(&squares, 0)?
         .sum_all()?
         .to_scalar::<f32>()?
         .sqrt() as f64)

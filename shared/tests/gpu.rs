@@ -206,3 +206,30 @@ fn fused_cross_entropy_matches_the_composed_reference() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn sum_of_squares_matches_f64() -> anyhow::Result<()> {
+    // The gradient norm's per-tensor pass (kernels/adamw.cu on the GPU): sizes below, at and far
+    // above one block's share, in f32 and bf16, against an f64 sum of the same (rounded) values.
+    let dev = shared::device::test_device();
+    for n in [1usize, 255, 1000, 1_000_003] {
+        let x = Tensor::randn(0f32, 1.0, n, &Device::Cpu)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let xr = x.to_dtype(dtype)?;
+            let want: f64 = xr
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            let got = shared::adamw::sum_of_squares(&xr.to_device(&dev)?)?
+                .to_device(&Device::Cpu)?
+                .to_vec1::<f32>()?[0] as f64;
+            let rel = (got - want).abs() / want;
+            assert!(
+                rel < 1e-5,
+                "{dtype:?}, n = {n}: {got} vs {want} (relative {rel:.1e})"
+            );
+        }
+    }
+    Ok(())
+}
