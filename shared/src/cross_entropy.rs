@@ -19,7 +19,6 @@
 use crate::custom_op::contiguous_slice;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
-use half::{bf16, f16};
 
 /// Per-row negative log-likelihood `nll (rows,)` (f32; f64 for f64 logits) of `targets (rows,)`
 /// under `logits (rows, vocab)`. Differentiable in the logits. A target outside the vocabulary is
@@ -97,13 +96,13 @@ acc!(f32);
 acc!(f64);
 
 fn cpu_forward<T: WithDType, A: Acc>(x: &[T], t: &[usize], vocab: usize) -> Vec<A> {
+    let acc = |v: &T| A::from_f64(v.to_f64());
     x.chunks_exact(vocab)
         .zip(t)
         .map(|(row, &target)| {
-            let row: Vec<A> = row.iter().map(|v| A::from_f64(v.to_f64())).collect();
-            let m = row.iter().copied().fold(A::neg_infinity(), A::maximum);
-            let s = row.iter().fold(A::zero(), |s, &v| s + (v - m).exp());
-            m + s.ln() - row[target]
+            let m = row.iter().map(acc).fold(A::neg_infinity(), A::maximum);
+            let s = row.iter().fold(A::zero(), |s, v| s + (acc(v) - m).exp());
+            m + s.ln() - acc(&row[target])
         })
         .collect()
 }
@@ -149,13 +148,7 @@ impl CustomOp2 for CrossEntropy {
                 ))
             };
         }
-        let nll = match s1.dtype() {
-            DType::F32 => run!(f32, f32),
-            DType::F64 => run!(f64, f64),
-            DType::BF16 => run!(bf16, f32),
-            DType::F16 => run!(f16, f32),
-            dt => bail!("cross_entropy: logits dtype {dt:?} not supported"),
-        };
+        let nll = crate::for_float_dtype!(s1.dtype(), "cross_entropy", run);
         Ok((nll, Shape::from(t.len())))
     }
 
@@ -220,13 +213,7 @@ impl candle_core::CustomOp3 for CrossEntropyBackward {
                 ))
             }};
         }
-        let dx = match s1.dtype() {
-            DType::F32 => run!(f32, f32),
-            DType::F64 => run!(f64, f64),
-            DType::BF16 => run!(bf16, f32),
-            DType::F16 => run!(f16, f32),
-            dt => bail!("cross_entropy backward: logits dtype {dt:?} not supported"),
-        };
+        let dx = crate::for_float_dtype!(s1.dtype(), "cross_entropy backward", run);
         Ok((dx, Shape::from((rows, self.vocab))))
     }
 
@@ -256,6 +243,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::CudaStorage;
+    use half::{bf16, f16};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));
     const MODULE: &str = "shared_cross_entropy";

@@ -17,3 +17,22 @@ pub fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Re
     let (a, b) = contiguous_range(layout, what)?;
     Ok(&data[a..b])
 }
+
+/// `match dtype { F32 => run!(f32, f32), F64 => run!(f64, f64), BF16 => run!(bf16, f32),
+/// F16 => run!(f16, f32), _ => error }`: the per-dtype dispatch of a custom op's CPU side, calling
+/// the op's own `run!(storage type, accumulator type)` macro; `what` names the op in the error.
+#[macro_export]
+macro_rules! for_float_dtype {
+    ($dtype:expr, $what:expr, $run:ident) => {
+        match $dtype {
+            candle_core::DType::F32 => $run!(f32, f32),
+            candle_core::DType::F64 => $run!(f64, f64),
+            candle_core::DType::BF16 => $run!(half::bf16, f32),
+            candle_core::DType::F16 => $run!(half::f16, f32),
+            dt => candle_core::bail!(
+                "{}: dtype {dt:?} not supported (f32, f64, bf16, f16)",
+                $what
+            ),
+        }
+    };
+}

@@ -21,7 +21,6 @@
 use crate::custom_op::contiguous_slice;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
-use half::{bf16, f16};
 
 /// Rows of `table (vocab, d)` picked by `ids` (any shape, any integer dtype): returns
 /// `ids.shape + (d,)` in the table's dtype. Differentiable in `table`. An id ≥ vocab is an error
@@ -122,7 +121,7 @@ impl CustomOp2 for Embedding {
     ) -> Result<(CpuStorage, Shape)> {
         let ids = cpu_ids(s2, l2, self.vocab)?;
         macro_rules! run {
-            ($t:ty) => {
+            ($t:ty, $_a:ty) => {
                 <$t>::to_cpu_storage_owned(cpu_gather(
                     contiguous_slice(s1.as_slice::<$t>()?, l1, "embedding: table")?,
                     &ids,
@@ -130,13 +129,7 @@ impl CustomOp2 for Embedding {
                 ))
             };
         }
-        let out = match s1.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            DType::BF16 => run!(bf16),
-            DType::F16 => run!(f16),
-            dt => bail!("embedding: table dtype {dt:?} not supported (f32, f64, bf16, f16)"),
-        };
+        let out = crate::for_float_dtype!(s1.dtype(), "embedding", run);
         Ok((out, Shape::from((ids.len(), self.d))))
     }
 
@@ -182,7 +175,7 @@ impl CustomOp2 for EmbeddingBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let ids = cpu_ids(s2, l2, self.vocab)?;
         macro_rules! run {
-            ($t:ty) => {
+            ($t:ty, $_a:ty) => {
                 <$t>::to_cpu_storage_owned(cpu_scatter_add(
                     contiguous_slice(s1.as_slice::<$t>()?, l1, "embedding: gradient")?,
                     &ids,
@@ -191,13 +184,7 @@ impl CustomOp2 for EmbeddingBackward {
                 ))
             };
         }
-        let out = match s1.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            DType::BF16 => run!(bf16),
-            DType::F16 => run!(f16),
-            dt => bail!("embedding backward: dtype {dt:?} not supported"),
-        };
+        let out = crate::for_float_dtype!(s1.dtype(), "embedding backward", run);
         Ok((out, Shape::from((self.vocab, self.d))))
     }
 
@@ -225,6 +212,7 @@ mod cuda {
     };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaDevice, CudaStorage};
+    use half::{bf16, f16};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/embedding.ptx"));
     const MODULE: &str = "shared_embedding";

@@ -553,6 +553,37 @@ mod tests {
         Ok(())
     }
 
+    /// The trainer folds clipping into the optimiser (`step_scaled`): one step must move the
+    /// parameters exactly as clipping the gradients first and then stepping does.
+    #[test]
+    fn trainer_clipping_equals_clip_then_step() -> Result<()> {
+        let schedule = ScheduleConfig {
+            max_lr: 0.1,
+            min_lr: 0.1,
+            warmup_steps: 0,
+            total_steps: 10,
+            clip_norm: Some(1.0),
+        };
+        let (varmap_a, loss_a) = two_var_problem()?;
+        let mut trainer = Trainer::new(&varmap_a, AdamWConfig::default(), schedule)?;
+        let stats = trainer.step(&loss_a)?;
+        assert!(stats.grad_norm > 1.0, "the test needs clipping to engage");
+        let (varmap_b, loss_b) = two_var_problem()?;
+        let vars = named_vars(&varmap_b);
+        let mut opt = AdamW::new(&varmap_b, AdamWConfig::default())?;
+        let mut grads = loss_b.backward()?;
+        clip_grad_norm(&mut grads, &vars, 1.0)?;
+        opt.step(&grads, 0.1)?;
+        for ((name, a), (_, b)) in named_vars(&varmap_a).iter().zip(&vars) {
+            let diff = (a.as_tensor() - b.as_tensor())?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "{name}: {diff}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn adamw_first_step_is_sign_of_gradient_times_lr() -> Result<()> {
         let (varmap, loss) = two_var_problem()?;

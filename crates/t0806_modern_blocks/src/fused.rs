@@ -280,13 +280,7 @@ impl CustomOp3 for FusedRmsNormBackward {
                 <$t>::to_cpu_storage_owned(cpu_backward::<$t, $a>(x, g, dy, d, self.eps))
             }};
         }
-        let packed = match s1.dtype() {
-            DType::F32 => run!(f32, f32),
-            DType::F64 => run!(f64, f64),
-            DType::BF16 => run!(bf16, f32),
-            DType::F16 => run!(f16, f32),
-            dt => bail!("fused RMSNorm backward: dtype {dt:?} not supported (f32, f64, bf16, f16)"),
-        };
+        let packed = shared::for_float_dtype!(s1.dtype(), "fused RMSNorm backward", run);
         Ok((packed, Shape::from(l1.shape().elem_count() + d)))
     }
 

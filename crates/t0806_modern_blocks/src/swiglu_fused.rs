@@ -16,7 +16,6 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
-use half::{bf16, f16};
 use shared::custom_op::contiguous_slice;
 
 /// `SiLU(a) ⊙ b` for `a`, `b` of one shape and dtype; differentiable in both.
@@ -91,20 +90,14 @@ impl CustomOp2 for SwiGluGate {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         macro_rules! run {
-            ($t:ty) => {
+            ($t:ty, $_a:ty) => {
                 <$t>::to_cpu_storage_owned(cpu_forward::<$t>(
                     contiguous_slice(s1.as_slice::<$t>()?, l1, "swiglu gate: a")?,
                     contiguous_slice(s2.as_slice::<$t>()?, l2, "swiglu gate: b")?,
                 ))
             };
         }
-        let h = match s1.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            DType::BF16 => run!(bf16),
-            DType::F16 => run!(f16),
-            dt => bail!("swiglu gate: dtype {dt:?} not supported"),
-        };
+        let h = shared::for_float_dtype!(s1.dtype(), "swiglu gate", run);
         Ok((h, l1.shape().clone()))
     }
 
@@ -149,7 +142,7 @@ impl CustomOp3 for SwiGluGateBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         macro_rules! run {
-            ($t:ty) => {
+            ($t:ty, $_a:ty) => {
                 <$t>::to_cpu_storage_owned(cpu_backward::<$t>(
                     contiguous_slice(s1.as_slice::<$t>()?, l1, "swiglu gate: a")?,
                     contiguous_slice(s2.as_slice::<$t>()?, l2, "swiglu gate: b")?,
@@ -157,13 +150,7 @@ impl CustomOp3 for SwiGluGateBackward {
                 ))
             };
         }
-        let out = match s1.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            DType::BF16 => run!(bf16),
-            DType::F16 => run!(f16),
-            dt => bail!("swiglu gate backward: dtype {dt:?} not supported"),
-        };
+        let out = shared::for_float_dtype!(s1.dtype(), "swiglu gate backward", run);
         Ok((out, Shape::from(2 * l1.shape().elem_count())))
     }
 
@@ -189,6 +176,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::CudaStorage;
+    use half::{bf16, f16};
     use shared::cuda::{contiguous_view, load_kernel};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));

@@ -14,7 +14,6 @@
 use crate::RopeTables;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
-use half::{bf16, f16};
 use shared::custom_op::contiguous_slice;
 
 /// RoPE of `x (batch, heads, seq, d_head)` at positions `start_pos …`, as one op: the same values
@@ -89,7 +88,7 @@ impl CustomOp3 for FusedRope {
         let sin = contiguous_slice(ss.as_slice::<f32>()?, ls, "fused RoPE: sin")?;
         let sign = if self.inverse { -1.0 } else { 1.0 };
         macro_rules! run {
-            ($t:ty) => {
+            ($t:ty, $_a:ty) => {
                 <$t>::to_cpu_storage_owned(cpu_rope(
                     contiguous_slice(sx.as_slice::<$t>()?, lx, "fused RoPE: x")?,
                     cos,
@@ -100,13 +99,7 @@ impl CustomOp3 for FusedRope {
                 ))
             };
         }
-        let y = match sx.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            DType::BF16 => run!(bf16),
-            DType::F16 => run!(f16),
-            dt => bail!("fused RoPE: dtype {dt:?} not supported"),
-        };
+        let y = shared::for_float_dtype!(sx.dtype(), "fused RoPE", run);
         Ok((y, lx.shape().clone()))
     }
 
@@ -149,6 +142,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::CudaStorage;
+    use half::{bf16, f16};
     use shared::cuda::{contiguous_view, load_kernel};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));

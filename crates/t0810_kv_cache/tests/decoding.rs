@@ -419,3 +419,22 @@ fn exceeding_the_cache_or_the_context_is_a_clear_error_and_keeps_the_cache() {
     );
     assert_eq!(big.seq_len(), 0);
 }
+
+#[test]
+fn cached_tensors_do_not_keep_the_autograd_graph() {
+    // A model built from trainable variables: every tensor it computes carries its graph. A
+    // cache that stored such a tensor would keep every activation of the prefill alive.
+    let lm = llama(2, 3);
+    for kind in [CacheKind::Preallocated, CacheKind::Concat] {
+        let mut cache = lm_cache(&lm, 1, 40, kind, DType::F32).unwrap();
+        lm_forward_cached(&lm, &row(&tokens(12, 1)), &mut cache).unwrap();
+        for layer in 0..2 {
+            let (k, v) = cache.layer(layer).unwrap().expect("filled");
+            assert_eq!(k.dims()[2], 12);
+            assert!(
+                !k.track_op() && !v.track_op(),
+                "{kind:?} cache, layer {layer}: the cached K/V still carry the autograd graph"
+            );
+        }
+    }
+}
