@@ -1,0 +1,191 @@
+//! Candle's backward pass, as this project builds it (see `third_party/README.md`: candle-core
+//! is patched so that the first gradient reaching a node is stored instead of being added into
+//! fresh zeros). These tests check the gradients themselves, independently of Candle, against
+//! float64 central finite differences and closed forms, through every accumulation path the
+//! patch touches: single consumer, fan-in, the minus rules (first and later contributions),
+//! broadcasts, reductions and views.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+const UPSTREAM_MODE: &str = "MODULE08_UPSTREAM_GRAD_ACCUMULATION";
+
+fn upstream_mode() -> bool {
+    std::env::var(UPSTREAM_MODE).is_ok_and(|v| v == "1")
+}
+
+/// A scalar function of two inputs that uses each of them several times, through the rules
+/// whose gradients carry a minus sign (`-`, `/`, `neg`, `cos`, `tanh`, `recip`), broadcasts,
+/// a transpose + matmul, reductions, a narrow and a concatenation.
+///
+/// x: (3, 4), w: (4, 4).
+fn tangle(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let h = x.matmul(&w.t()?)?; // (3, 4), x·Wᵀ
+    let row_mean = h.mean_keepdim(D::Minus1)?; // (3, 1), broadcast back below
+    let centred = h.broadcast_sub(&row_mean)?; // h used twice: fan-in through a minus rule
+    let a = centred.tanh()?.neg()?; // minus rules, first contribution
+    let b = (x.cos()? - &a)?; // x reused; `a` reaches a Sub's right-hand side
+    let c = (b.sqr()? + 2.0)?.recip()?; // recip: another minus rule
+    let d = (x / (w.narrow(0, 0, 3)?.sum_keepdim(1)?.abs()? + 1.0)?.broadcast_as((3, 4))?)?;
+    let e = Tensor::cat(&[&c, &d], 1)?; // (3, 8)
+    let rows = e.max_keepdim(1)?; // (3, 1), a max reduction
+    (e.sum_all()? - rows.sum_all()?)? + (x.sub(&x.exp()?)?.sum_all()? - a.sum_all()?)?
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    t.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
+/// Central finite difference of `f` with respect to every element of `at`, in float64.
+fn finite_difference(
+    f: &dyn Fn(&Tensor) -> Result<f64>,
+    at: &Tensor,
+    step: f64,
+) -> Result<Vec<f64>> {
+    let base: Vec<f64> = at.flatten_all()?.to_vec1()?;
+    let mut gradient = Vec::with_capacity(base.len());
+    for i in 0..base.len() {
+        let mut plus = base.clone();
+        let mut minus = base.clone();
+        plus[i] += step;
+        minus[i] -= step;
+        let f_plus = f(&Tensor::from_vec(plus, at.shape(), at.device())?)?;
+        let f_minus = f(&Tensor::from_vec(minus, at.shape(), at.device())?)?;
+        gradient.push((f_plus - f_minus) / (2.0 * step));
+    }
+    Ok(gradient)
+}
+
+fn assert_close(name: &str, autograd: &[f64], numeric: &[f64]) {
+    assert_eq!(autograd.len(), numeric.len(), "{name}: length");
+    for (i, (a, n)) in autograd.iter().zip(numeric).enumerate() {
+        let tolerance = 1e-6 * (1.0 + n.abs());
+        assert!(
+            (a - n).abs() <= tolerance,
+            "{name}[{i}]: autograd {a} vs finite difference {n}"
+        );
+    }
+}
+
+#[test]
+fn gradients_match_float64_finite_differences() -> Result<()> {
+    let device = Device::Cpu;
+    let x0 = Tensor::randn(0f64, 1.0, (3, 4), &device)?;
+    let w0 = Tensor::randn(0f64, 0.5, (4, 4), &device)?;
+    let x = Var::from_tensor(&x0)?;
+    let w = Var::from_tensor(&w0)?;
+    let grads = tangle(x.as_tensor(), w.as_tensor())?.backward()?;
+    let gx: Vec<f64> = grads
+        .get(&x)
+        .expect("x has a gradient")
+        .flatten_all()?
+        .to_vec1()?;
+    let gw: Vec<f64> = grads
+        .get(&w)
+        .expect("w has a gradient")
+        .flatten_all()?
+        .to_vec1()?;
+
+    let step = 1e-6;
+    let fx = finite_difference(&|x| scalar(&tangle(x, &w0)?), &x0, step)?;
+    let fw = finite_difference(&|w| scalar(&tangle(&x0, w)?), &w0, step)?;
+    assert_close("dL/dx", &gx, &fx);
+    assert_close("dL/dw", &gw, &fw);
+    Ok(())
+}
+
+/// y = (a − b) + (c − b) + (b − a): b's gradient is −1 − 1 + 1 = −1 (a minus rule reaches b
+/// first, then a second one, then a plus), a's is 1 − 1 = 0, c's is 1.
+#[test]
+fn fan_in_through_minus_rules_sums_every_contribution() -> Result<()> {
+    let device = Device::Cpu;
+    let a = Var::new(&[1.5f64, -2.0], &device)?;
+    let b = Var::new(&[0.25f64, 4.0], &device)?;
+    let c = Var::new(&[3.0f64, 1.0], &device)?;
+    let (a_, b_, c_) = (a.as_tensor(), b.as_tensor(), c.as_tensor());
+    let y = ((a_ - b_)? + (c_ - b_)?)?.add(&(b_ - a_)?)?.sum_all()?;
+    let grads = y.backward()?;
+    let get = |v: &Var| -> Result<Vec<f64>> { grads.get(v).expect("gradient").to_vec1() };
+    assert_eq!(get(&a)?, vec![0.0, 0.0]);
+    assert_eq!(get(&b)?, vec![-1.0, -1.0]);
+    assert_eq!(get(&c)?, vec![1.0, 1.0]);
+    Ok(())
+}
+
+/// A variable read through a transpose and a broadcast gets a contiguous gradient of its own
+/// shape, as upstream's zeros-plus-gradient always produced.
+#[test]
+fn gradients_of_views_are_contiguous_and_correct() -> Result<()> {
+    let device = Device::Cpu;
+    let w = Var::new(&[[1f64, 2., 3.], [4., 5., 6.]], &device)?; // (2, 3)
+    let bias = Var::new(&[10f64, 20.], &device)?; // (2,)
+                                                  // y = Σ (Wᵀ + bias broadcast over rows)², Wᵀ is (3, 2)
+    let y = w
+        .as_tensor()
+        .t()?
+        .broadcast_add(bias.as_tensor())?
+        .sqr()?
+        .sum_all()?;
+    let grads = y.backward()?;
+    let gw = grads.get(&w).expect("w gradient");
+    let gb = grads.get(&bias).expect("bias gradient");
+    assert!(gw.is_contiguous() && gb.is_contiguous());
+    assert_eq!(gw.dims(), &[2, 3]);
+    // dy/dW[i][j] = 2 (W[i][j] + bias[i]); dy/dbias[i] = Σ_j 2 (W[i][j] + bias[i])
+    assert_eq!(
+        gw.to_vec2::<f64>()?,
+        vec![vec![22., 24., 26.], vec![48., 50., 52.]]
+    );
+    assert_eq!(gb.to_vec1::<f64>()?, vec![72., 150.]);
+    Ok(())
+}
+
+/// The patch is in force: the two operands of `a + b` receive the very same gradient tensor,
+/// stored once, where upstream built two sums `0 + g`. Under
+/// `MODULE08_UPSTREAM_GRAD_ACCUMULATION=1` they must be two tensors again.
+#[test]
+fn first_gradient_is_stored_without_a_zero_fill() -> Result<()> {
+    let device = Device::Cpu;
+    let a = Var::new(&[1f32, 2., 3.], &device)?;
+    let b = Var::new(&[4f32, 5., 6.], &device)?;
+    let grads = (a.as_tensor() + b.as_tensor())?.sum_all()?.backward()?;
+    let ga = grads.get(&a).expect("a gradient");
+    let gb = grads.get(&b).expect("b gradient");
+    assert_eq!(ga.to_vec1::<f32>()?, vec![1., 1., 1.]);
+    assert_eq!(gb.to_vec1::<f32>()?, vec![1., 1., 1.]);
+    if upstream_mode() {
+        assert_ne!(
+            ga.id(),
+            gb.id(),
+            "upstream mode adds each gradient into zeros"
+        );
+    } else {
+        assert_eq!(
+            ga.id(),
+            gb.id(),
+            "patched candle-core stores the first gradient"
+        );
+    }
+    Ok(())
+}
+
+/// Both accumulation modes pass the same checks: rerun this file's other tests in a child
+/// process with upstream's zeros-then-add accumulation switched on.
+#[test]
+fn upstream_accumulation_mode_passes_the_same_checks() {
+    if upstream_mode() {
+        return; // this is the child
+    }
+    let exe = std::env::current_exe().expect("test executable");
+    let output = std::process::Command::new(exe)
+        .env(UPSTREAM_MODE, "1")
+        .args(["--test-threads", "1"])
+        .output()
+        .expect("rerun the gradient tests");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the gradient tests fail with {UPSTREAM_MODE}=1:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("5 passed"), "{stdout}");
+}
