@@ -10,7 +10,7 @@
 #                             binary brackets with cuProfilerStart/Stop (e.g. t0806 bench --profile):
 #                             GPU time per kernel, summarised by scripts/ncu_summary.py
 #
-# Unpacks .gpu/bundle.tar.xz into /tmp/gpu (once per machine), sources remote-env.sh, points
+# Unpacks .gpu/bundle.tar.xz into /tmp/gpu (again whenever the bundle changed), sources remote-env.sh, points
 # WIKITEXT2_DIR at the carried data, runs the steps in order (a failing step does not stop the
 # others; STEP_TIMEOUT=SECONDS stops a binary that runs longer), and leaves in $OUT (./gpu-results without the device tool): summary.txt, and
 # results.tgz with every log and the output/ folder.
@@ -19,9 +19,16 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 dest=${OUT:-$root/gpu-results}
 logs=/tmp/gpu-logs
+# A machine can come back with an earlier session's /tmp: unpack whenever the carried bundle
+# differs from the one unpacked, and start every call with an empty log folder.
+rm -rf "$logs"
 mkdir -p "$dest" /tmp/gpu "$logs"
-if [ ! -f /tmp/gpu/manifest.txt ]; then
-  xz -dc .gpu/bundle.tar.xz | tar xf - -C /tmp/gpu || { echo "cannot unpack .gpu/bundle.tar.xz (was .gpu carried?)" >&2; exit 1; }
+bundle_sum=$(sha256sum .gpu/bundle.tar.xz 2>/dev/null | cut -d' ' -f1)
+if [ -z "$bundle_sum" ]; then echo "no .gpu/bundle.tar.xz (was .gpu carried?)" >&2; exit 1; fi
+if [ "$(cat /tmp/gpu/bundle.sha256 2>/dev/null)" != "$bundle_sum" ]; then
+  rm -rf /tmp/gpu && mkdir -p /tmp/gpu
+  xz -dc .gpu/bundle.tar.xz | tar xf - -C /tmp/gpu || { echo "cannot unpack .gpu/bundle.tar.xz" >&2; exit 1; }
+  echo "$bundle_sum" > /tmp/gpu/bundle.sha256
 fi
 # shellcheck disable=SC1091
 REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh

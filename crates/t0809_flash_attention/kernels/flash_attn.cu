@@ -5,7 +5,7 @@
 // Causal masks are end-aligned: query i sees key j iff j <= i + (n_k - n_q).
 //
 // Two families of kernels:
-//   *_tc_{bf16,f16}_d{64,128}: tensor cores (mma.sync m16n8k16, fp32 accumulators), tiles in
+//   *_tc_{bf16,f16}_d{32,64,128}: tensor cores (mma.sync m16n8k16, fp32 accumulators), tiles in
 //       shared memory filled with 16-byte cp.async (XOR-swizzled, conflict-free for ldmatrix).
 //   *_simple_{f32,bf16,f16}:   fp32 FMA, any d <= 128; for f32 inputs and odd shapes.
 // Scores are handled in the log2 domain: x = s * scale * log2(e), p = exp2(x - m).
@@ -108,9 +108,14 @@ struct Ops<__half> {
 
 // Element offset of (row, col) in a [rows][D] shared tile whose 16-byte chunks are XOR-swizzled
 // by the row: the 8 rows an ldmatrix reads land in 8 different bank groups.
+//   D >= 64: a row spans 8+ chunks; chunk c of row r goes to slot c ^ (r % 8).
+//   D == 32: a row is 4 chunks (64 bytes), two rows share a 128-byte bank line; chunk c of row r
+//            goes to slot c ^ ((r / 2) % 4), so rows r..r+7 use the two halves x four slots.
 template <int D>
 __device__ __forceinline__ int swz(int row, int col) {
-  return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+  static_assert(D == 32 || D % 64 == 0, "tile rows of 32 or a multiple of 64 elements");
+  const int key = D >= 64 ? (row & 7) : ((row >> 1) & 3);
+  return row * D + ((((col >> 3) ^ key)) << 3) + (col & 7);
 }
 
 // Rows [row0, row0 + ROWS) of a (n_rows, D) matrix into a swizzled shared tile, 16 bytes per
@@ -313,8 +318,10 @@ __device__ __forceinline__ void fwd_tc(const T* __restrict__ Q, const T* __restr
                                                              float scale_log2, int causal) {          \
     fwd_tc<T, D, NW>(Q, K, V, O, LSE, n_q, n_k, scale_log2, causal);                                  \
   }
+FWD_TC(flash_fwd_tc_bf16_d32, __nv_bfloat16, 32, 4)
 FWD_TC(flash_fwd_tc_bf16_d64, __nv_bfloat16, 64, 4)
 FWD_TC(flash_fwd_tc_bf16_d128, __nv_bfloat16, 128, 4)
+FWD_TC(flash_fwd_tc_f16_d32, __half, 32, 4)
 FWD_TC(flash_fwd_tc_f16_d64, __half, 64, 4)
 FWD_TC(flash_fwd_tc_f16_d128, __half, 128, 4)
 
@@ -525,8 +532,10 @@ __device__ __forceinline__ void bwd_tc(const T* __restrict__ Q, const T* __restr
       T* dK, T* dV, int n_q, int n_k, int d, float scale, float scale_log2, int causal) {                 \
     bwd_tc<T, D, BR, NW>(Q, K, V, dO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale, scale_log2, causal);     \
   }
+BWD_TC(flash_bwd_tc_bf16_d32, __nv_bfloat16, 32, 64, 8)
 BWD_TC(flash_bwd_tc_bf16_d64, __nv_bfloat16, 64, 64, 8)
 BWD_TC(flash_bwd_tc_bf16_d128, __nv_bfloat16, 128, 32, 8)
+BWD_TC(flash_bwd_tc_f16_d32, __half, 32, 64, 8)
 BWD_TC(flash_bwd_tc_f16_d64, __half, 64, 64, 8)
 BWD_TC(flash_bwd_tc_f16_d128, __half, 128, 32, 8)
 

@@ -2,8 +2,8 @@
 //! custom ops' `cuda_fwd`. Only built with the `cuda` feature.
 //!
 //! Kernel choice:
-//! - bf16/f16 with `d = 64` or `128` and 16-byte-aligned inputs: the tensor-core kernels
-//!   `flash_{fwd,bwd}_tc_{bf16,f16}_d{64,128}` (mma.sync m16n8k16, fp32 accumulators);
+//! - bf16/f16 with `d = 32`, `64` or `128` and 16-byte-aligned inputs: the tensor-core kernels
+//!   `flash_{fwd,bwd}_tc_{bf16,f16}_d{32,64,128}` (mma.sync m16n8k16, fp32 accumulators);
 //! - everything else (f32, other head sizes ≤ 128): `flash_{fwd,bwd}_simple_{f32,bf16,f16}`,
 //!   fp32 FMA.
 //!
@@ -24,7 +24,7 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 const MODULE: &str = "t0809_flash_attn";
 
 /// Tensor-core kernels: forward 4 warps, tiles of 64 queries × 64 keys; backward 8 warps,
-/// 128 keys per block × query tiles of 64 (d = 64) or 32 (d = 128).
+/// 128 keys per block × query tiles of 64 (d ≤ 64) or 32 (d = 128).
 const TC_FWD_WARPS: u32 = 4;
 const TC_FWD_BR: usize = 64;
 const TC_BWD_WARPS: u32 = 8;
@@ -35,7 +35,7 @@ const S_TILE: usize = 32;
 const S_ROW: usize = 129;
 
 fn tc_bwd_br(d: usize) -> usize {
-    if d == 64 {
+    if d <= 64 {
         64
     } else {
         32
@@ -95,9 +95,16 @@ fn check_dims(dims: Dims) -> Result<()> {
     Ok(())
 }
 
-/// Which family runs: tensor cores for 16-bit types, d 64/128 and 16-byte aligned starts.
+/// Which family runs: tensor cores for 16-bit types, d 32/64/128 and 16-byte aligned starts.
+/// `MODULE08_FLASH_KERNEL=simple` forces the fp32-FMA kernels (to measure the difference).
 fn use_tensor_cores(suffix: &str, dims: Dims, offsets: &[usize]) -> bool {
-    suffix != "f32" && matches!(dims.d, 64 | 128) && offsets.iter().all(|o| o % 8 == 0)
+    static FORCE_SIMPLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let force_simple = *FORCE_SIMPLE
+        .get_or_init(|| std::env::var("MODULE08_FLASH_KERNEL").is_ok_and(|v| v == "simple"));
+    !force_simple
+        && suffix != "f32"
+        && matches!(dims.d, 32 | 64 | 128)
+        && offsets.iter().all(|o| o % 8 == 0)
 }
 
 /// Forward: returns `(O, L)` storages, `O (bh, n_q, d)` in the input dtype, `L (bh, n_q)` f32.
