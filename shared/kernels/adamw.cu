@@ -5,6 +5,8 @@
 //                  v ← β·v + (1 − β)·(s·g)²         (second moment, square = 1)
 //   adamw_update   θ ← θ·(1 − lr·λ) − lr · (m / c₁) / (√(v / c₂) + ε)      c₁,₂ = bias corrections
 //
+// s and the step's go-ahead come from the device: gate = {s, ok} (adamw_gate below). With ok = 0
+// (a loss or gradient norm that is not finite) every kernel returns at once: m, v and θ are kept.
 // Arithmetic in f32 (f64 for f64 tensors), one rounding per stored value. Grid-stride loops.
 //
 // Build: nvcc --ptx -arch=compute_90 (build.rs).
@@ -12,7 +14,9 @@
 #include "common.cuh"
 
 template <typename T, typename A>
-__device__ void moment(T *m, const T *g, int64_t n, A beta, A scale, int square) {
+__device__ void moment(T *m, const T *g, int64_t n, A beta, const double *gate, int square) {
+  if (gate[1] == 0.0) return;
+  const A scale = A(gate[0]);
   GRID_STRIDE(i, n) {
     A gi = scale * to_f(g[i]);
     if (square) gi = gi * gi;
@@ -21,7 +25,9 @@ __device__ void moment(T *m, const T *g, int64_t n, A beta, A scale, int square)
 }
 
 template <typename T, typename A>
-__device__ void update(T *theta, const T *m, const T *v, int64_t n, A lr, A decay, A eps, A bc1, A bc2) {
+__device__ void update(T *theta, const T *m, const T *v, int64_t n, A lr, A decay, A eps, A bc1, A bc2,
+                       const double *gate) {
+  if (gate[1] == 0.0) return;
   GRID_STRIDE(i, n) {
     const A step = (to_f(m[i]) / bc1) / (sqrt(to_f(v[i]) / bc2) + eps);
     store(to_f(theta[i]) * (A(1) - lr * decay) - lr * step, theta + i);
@@ -29,19 +35,30 @@ __device__ void update(T *theta, const T *m, const T *v, int64_t n, A lr, A deca
 }
 
 #define ADAMW_KERNELS(T, A, NAME)                                                                        \
-  extern "C" __global__ void adamw_moment_##NAME(T *m, const T *g, int64_t n, A beta, A scale,         \
-                                                 int square) {                                          \
-    moment<T, A>(m, g, n, beta, scale, square);                                                          \
+  extern "C" __global__ void adamw_moment_##NAME(T *m, const T *g, int64_t n, A beta,                  \
+                                                 const double *gate, int square) {                      \
+    moment<T, A>(m, g, n, beta, gate, square);                                                           \
   }                                                                                                      \
   extern "C" __global__ void adamw_update_##NAME(T *theta, const T *m, const T *v, int64_t n, A lr,    \
-                                                 A decay, A eps, A bc1, A bc2) {                        \
-    update<T, A>(theta, m, v, n, lr, decay, eps, bc1, bc2);                                             \
+                                                 A decay, A eps, A bc1, A bc2, const double *gate) {    \
+    update<T, A>(theta, m, v, n, lr, decay, eps, bc1, bc2, gate);                                       \
   }
 
 ADAMW_KERNELS(float, float, f32)
 ADAMW_KERNELS(double, double, f64)
 ADAMW_KERNELS(__nv_bfloat16, float, bf16)
 ADAMW_KERNELS(__half, float, f16)
+
+// gate = {s, ok} from Σg² and the loss (one thread): ‖g‖ = √Σg² (an f32 root, as the host takes
+// it), ok = ‖g‖ and the loss are finite, s = max_norm / (‖g‖ + 1e-6) when ok and ‖g‖ > max_norm
+// (max_norm <= 0: no clipping), else 1.
+extern "C" __global__ void adamw_gate(const float *sum_sq, const float *loss, double max_norm, double *gate) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  const double norm = (double)sqrtf(sum_sq[0]);
+  const bool ok = isfinite(norm) && isfinite(loss[0]);
+  gate[0] = (ok && max_norm > 0.0 && norm > max_norm) ? max_norm / (norm + 1e-6) : 1.0;
+  gate[1] = ok ? 1.0 : 0.0;
+}
 
 // Σ x² of a whole tensor into out[0] (f32, zeroed by the caller), for the gradient norm: each
 // thread sums its grid-stride share in f32, the warp and then the block reduce, and one atomic

@@ -21,19 +21,24 @@ use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tens
 use half::{bf16, f16};
 
 /// `m ← β·m + (1 − β)·(s·g)`, or with `(s·g)²` when `square`: a moment, updated in place.
-pub fn update_moment(m: &Tensor, g: &Tensor, beta: f64, scale: f64, square: bool) -> Result<()> {
+///
+/// `gate` is the step's [`step_gate`] (or [`host_gate`]): `[s, ok]` as two f64 on the moment's
+/// device; with `ok = 0` the moment is left untouched.
+pub fn update_moment(m: &Tensor, g: &Tensor, beta: f64, gate: &Tensor, square: bool) -> Result<()> {
     check(m, g, "moment")?;
+    check_gate(gate, m)?;
     m.inplace_op2(
         &g.contiguous()?,
         &Moment {
             beta,
-            scale,
             square,
+            gate: gate.clone(),
         },
     )
 }
 
-/// `θ ← θ·(1 − lr·λ) − lr·(m/c₁)/(√(v/c₂) + ε)` in place (`c₁, c₂` the bias corrections).
+/// `θ ← θ·(1 − lr·λ) − lr·(m/c₁)/(√(v/c₂) + ε)` in place (`c₁, c₂` the bias corrections), unless
+/// the `gate` says the step is skipped.
 #[allow(clippy::too_many_arguments)]
 pub fn update_parameter(
     theta: &Tensor,
@@ -44,17 +49,124 @@ pub fn update_parameter(
     eps: f64,
     bias_correction1: f64,
     bias_correction2: f64,
+    gate: &Tensor,
 ) -> Result<()> {
     check(theta, m, "parameter")?;
     check(theta, v, "parameter")?;
+    check_gate(gate, theta)?;
     let op = Update {
         lr,
         decay: weight_decay,
         eps,
         bc1: bias_correction1,
         bc2: bias_correction2,
+        gate: gate.clone(),
     };
     theta.inplace_op3(m, v, &op)
+}
+
+/// The gate of one optimiser step, computed on the device without a host synchronisation:
+/// from the total `Σ g²` of the gradients (`sum_sq`, one f32) and the `loss` (one f32),
+///
+/// `‖g‖ = √Σ g²`, `ok = ‖g‖ and loss finite`, `s = max_norm / (‖g‖ + 10⁻⁶)` if `ok` and
+/// `‖g‖ > max_norm` (gradient clipping), else 1.
+///
+/// Returns `[s, ok]` as two f64 on the device of `sum_sq`. The AdamW kernels read it there, so a
+/// training step is enqueued from loss to updated parameters without waiting for the GPU, and a
+/// step whose loss or gradient is not finite changes nothing (`ok = 0`).
+pub fn step_gate(sum_sq: &Tensor, loss: &Tensor, max_norm: Option<f64>) -> Result<Tensor> {
+    if sum_sq.elem_count() != 1 || loss.elem_count() != 1 {
+        bail!(
+            "step gate: Σg² and the loss must be single values, got shapes {:?} and {:?}",
+            sum_sq.dims(),
+            loss.dims()
+        );
+    }
+    let sum_sq = sum_sq.to_dtype(candle_core::DType::F32)?.reshape(1)?;
+    let loss = loss.to_dtype(candle_core::DType::F32)?.reshape(1)?;
+    sum_sq.apply_op2_no_bwd(
+        &loss,
+        &Gate {
+            max_norm: max_norm.unwrap_or(0.0),
+        },
+    )
+}
+
+/// A gate `[scale, 1]` from a clipping factor already known on the host.
+pub fn host_gate(scale: f64, device: &candle_core::Device) -> Result<Tensor> {
+    Tensor::new(&[scale, 1.0], device)
+}
+
+/// `[s, ok]` of [`step_gate`] from `Σ g²` and the loss, in the arithmetic the kernel uses: the
+/// norm is an f32 square root, as the host's `grad_norm` takes it.
+fn gate_values(sum_sq: f32, loss: f32, max_norm: f64) -> [f64; 2] {
+    let norm = sum_sq.sqrt() as f64;
+    let ok = norm.is_finite() && loss.is_finite();
+    let scale = if ok && max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    };
+    [scale, if ok { 1.0 } else { 0.0 }]
+}
+
+fn check_gate(gate: &Tensor, dst: &Tensor) -> Result<()> {
+    if gate.dims() != [2] || gate.dtype() != candle_core::DType::F64 || !gate.is_contiguous() {
+        bail!(
+            "AdamW: the step gate must be [scale, ok] as two contiguous f64, got {:?} {:?}",
+            gate.dims(),
+            gate.dtype()
+        );
+    }
+    if !gate.device().same_device(dst.device()) {
+        bail!("AdamW: the step gate must live on the parameters' device");
+    }
+    Ok(())
+}
+
+/// The gate read on the host (CPU tensors: no synchronisation involved).
+fn gate_on_host(gate: &Tensor) -> Result<(f64, bool)> {
+    let v = gate.to_vec1::<f64>()?;
+    Ok((v[0], v[1] != 0.0))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Gate {
+    max_norm: f64,
+}
+
+impl candle_core::CustomOp2 for Gate {
+    fn name(&self) -> &'static str {
+        "adamw-step-gate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        sl: &Layout,
+        l: &CpuStorage,
+        ll: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        let (CpuStorage::F32(s), CpuStorage::F32(l)) = (s, l) else {
+            bail!("step gate: f32 inputs expected");
+        };
+        let gate = gate_values(s[sl.start_offset()], l[ll.start_offset()], self.max_norm);
+        Ok((CpuStorage::F64(gate.to_vec()), candle_core::Shape::from(2)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        sl: &Layout,
+        l: &candle_core::CudaStorage,
+        ll: &Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        Ok((
+            cuda::gate(s, sl, l, ll, self.max_norm)?,
+            candle_core::Shape::from(2),
+        ))
+    }
 }
 
 /// `Σ x²` over every element of `x`, as a one-element f32 tensor (one pass, f32 accumulation; the
@@ -112,27 +224,29 @@ fn check(dst: &Tensor, src: &Tensor, what: &str) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Moment {
     beta: f64,
-    scale: f64,
     square: bool,
+    gate: Tensor,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Update {
     lr: f64,
     decay: f64,
     eps: f64,
     bc1: f64,
     bc2: f64,
+    gate: Tensor,
 }
 
 /// `f(x)` in `A` arithmetic (f32, or f64 for f64 tensors), rounded once to `T`.
-fn cpu_moment<T: WithDType>(m: &mut [T], g: &[T], op: Moment, f32_math: bool) {
+fn cpu_moment<T: WithDType>(m: &mut [T], g: &[T], op: &Moment, scale: f64, f32_math: bool) {
     let round = |x: f64| if f32_math { x as f32 as f64 } else { x };
+    let scale = round(scale);
     for (mi, gi) in m.iter_mut().zip(g) {
-        let mut x = round(op.scale * gi.to_f64());
+        let mut x = round(scale * gi.to_f64());
         if op.square {
             x = round(x * x);
         }
@@ -140,7 +254,7 @@ fn cpu_moment<T: WithDType>(m: &mut [T], g: &[T], op: Moment, f32_math: bool) {
     }
 }
 
-fn cpu_update<T: WithDType>(theta: &mut [T], m: &[T], v: &[T], op: Update) {
+fn cpu_update<T: WithDType>(theta: &mut [T], m: &[T], v: &[T], op: &Update) {
     for ((t, mi), vi) in theta.iter_mut().zip(m).zip(v) {
         let step = (mi.to_f64() / op.bc1) / ((vi.to_f64() / op.bc2).sqrt() + op.eps);
         *t = T::from_f64(t.to_f64() * (1.0 - op.lr * op.decay) - op.lr * step);
@@ -159,20 +273,24 @@ impl InplaceOp2 for Moment {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<()> {
+        let (scale, ok) = gate_on_host(&self.gate)?;
+        if !ok {
+            return Ok(());
+        }
         let (a, b) = contiguous_range(dst_l, "AdamW: moment")?;
         let (c, d) = contiguous_range(gl, "AdamW: gradient")?;
         match (dst, g) {
             (CpuStorage::F32(m), CpuStorage::F32(g)) => {
-                cpu_moment(&mut m[a..b], &g[c..d], *self, true)
+                cpu_moment(&mut m[a..b], &g[c..d], self, scale, true)
             }
             (CpuStorage::F64(m), CpuStorage::F64(g)) => {
-                cpu_moment(&mut m[a..b], &g[c..d], *self, false)
+                cpu_moment(&mut m[a..b], &g[c..d], self, scale, false)
             }
             (CpuStorage::BF16(m), CpuStorage::BF16(g)) => {
-                cpu_moment::<bf16>(&mut m[a..b], &g[c..d], *self, true)
+                cpu_moment::<bf16>(&mut m[a..b], &g[c..d], self, scale, true)
             }
             (CpuStorage::F16(m), CpuStorage::F16(g)) => {
-                cpu_moment::<f16>(&mut m[a..b], &g[c..d], *self, true)
+                cpu_moment::<f16>(&mut m[a..b], &g[c..d], self, scale, true)
             }
             (m, g) => bail!(
                 "AdamW moment: dtypes {:?} and {:?} not supported",
@@ -191,7 +309,7 @@ impl InplaceOp2 for Moment {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<()> {
-        cuda::moment(dst, dst_l, g, gl, *self)
+        cuda::moment(dst, dst_l, g, gl, self)
     }
 }
 
@@ -209,21 +327,24 @@ impl InplaceOp3 for Update {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<()> {
+        if !gate_on_host(&self.gate)?.1 {
+            return Ok(());
+        }
         let (a, b) = contiguous_range(dst_l, "AdamW: parameter")?;
         let (c, d) = contiguous_range(ml, "AdamW: first moment")?;
         let (e, f) = contiguous_range(vl, "AdamW: second moment")?;
         match (dst, m, v) {
             (CpuStorage::F32(t), CpuStorage::F32(m), CpuStorage::F32(v)) => {
-                cpu_update(&mut t[a..b], &m[c..d], &v[e..f], *self)
+                cpu_update(&mut t[a..b], &m[c..d], &v[e..f], self)
             }
             (CpuStorage::F64(t), CpuStorage::F64(m), CpuStorage::F64(v)) => {
-                cpu_update(&mut t[a..b], &m[c..d], &v[e..f], *self)
+                cpu_update(&mut t[a..b], &m[c..d], &v[e..f], self)
             }
             (CpuStorage::BF16(t), CpuStorage::BF16(m), CpuStorage::BF16(v)) => {
-                cpu_update(&mut t[a..b], &m[c..d], &v[e..f], *self)
+                cpu_update(&mut t[a..b], &m[c..d], &v[e..f], self)
             }
             (CpuStorage::F16(t), CpuStorage::F16(m), CpuStorage::F16(v)) => {
-                cpu_update(&mut t[a..b], &m[c..d], &v[e..f], *self)
+                cpu_update(&mut t[a..b], &m[c..d], &v[e..f], self)
             }
             (t, _, _) => bail!("AdamW update: dtype {:?} not supported", t.dtype()),
         }
@@ -240,7 +361,7 @@ impl InplaceOp3 for Update {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<()> {
-        cuda::update(dst, dst_l, m, ml, v, vl, *self)
+        cuda::update(dst, dst_l, m, ml, v, vl, self)
     }
 }
 
@@ -249,7 +370,7 @@ impl InplaceOp3 for Update {
 mod cuda {
     use super::*;
     use crate::cuda::{contiguous_view, load_kernel};
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, DType};
 
@@ -262,7 +383,7 @@ mod cuda {
         dst_l: &Layout,
         g: &CudaStorage,
         gl: &Layout,
-        op: Moment,
+        op: &Moment,
     ) -> Result<()> {
         match dst.dtype() {
             DType::F32 => moment_t::<f32, f32>(dst, dst_l, g, gl, op, "f32"),
@@ -293,11 +414,16 @@ mod cuda {
         dst_l: &Layout,
         g: &CudaStorage,
         gl: &Layout,
-        op: Moment,
+        op: &Moment,
         name: &str,
     ) -> Result<()> {
         let dev = dst.device().clone();
         let (gv, _) = contiguous_view::<T>(g, gl, "AdamW (cuda): gradient")?;
+        let (gate_storage, gate_l) = op.gate.storage_and_layout();
+        let candle_core::Storage::Cuda(gate_storage) = &*gate_storage else {
+            bail!("AdamW (cuda): the step gate is not on the GPU");
+        };
+        let (gate, _) = contiguous_view::<f64>(gate_storage, gate_l, "AdamW (cuda): step gate")?;
         let (a, b) = contiguous_range(dst_l, "AdamW: moment")?;
         let mut m = dst.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
         let n = b - a;
@@ -305,8 +431,7 @@ mod cuda {
             return Ok(());
         }
         let func = load_kernel(&dev, MODULE, PTX, &format!("adamw_moment_{name}"), 0)?;
-        let (n_i, beta, scale, square) =
-            (n as i64, A::of(op.beta), A::of(op.scale), op.square as i32);
+        let (n_i, beta, square) = (n as i64, A::of(op.beta), op.square as i32);
         let stream = dev.cuda_stream();
         let mut builder = stream.launch_builder(&func);
         builder
@@ -314,11 +439,32 @@ mod cuda {
             .arg(&gv)
             .arg(&n_i)
             .arg(&beta)
-            .arg(&scale)
+            .arg(&gate)
             .arg(&square);
         // SAFETY: argument types match the kernel; both buffers hold n elements.
         unsafe { builder.launch(config(n)) }.w()?;
         Ok(())
+    }
+
+    /// One thread computes `[s, ok]` from `Σ g²` and the loss (see `step_gate`).
+    pub fn gate(
+        s: &CudaStorage,
+        sl: &Layout,
+        l: &CudaStorage,
+        ll: &Layout,
+        max_norm: f64,
+    ) -> Result<CudaStorage> {
+        let dev = s.device().clone();
+        let (sum_sq, _) = contiguous_view::<f32>(s, sl, "step gate: Σg²")?;
+        let (loss, _) = contiguous_view::<f32>(l, ll, "step gate: loss")?;
+        let mut out = dev.alloc_zeros::<f64>(2)?;
+        let func = load_kernel(&dev, MODULE, PTX, "adamw_gate", 0)?;
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(&sum_sq).arg(&loss).arg(&max_norm).arg(&mut out);
+        // SAFETY: argument types match the kernel; out holds two doubles.
+        unsafe { builder.launch(LaunchConfig::for_num_elems(1)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 
     pub fn sum_of_squares(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
@@ -364,7 +510,7 @@ mod cuda {
         ml: &Layout,
         v: &CudaStorage,
         vl: &Layout,
-        op: Update,
+        op: &Update,
     ) -> Result<()> {
         match dst.dtype() {
             DType::F32 => update_t::<f32, f32>(dst, dst_l, m, ml, v, vl, op, "f32"),
@@ -383,10 +529,15 @@ mod cuda {
         ml: &Layout,
         v: &CudaStorage,
         vl: &Layout,
-        op: Update,
+        op: &Update,
         name: &str,
     ) -> Result<()> {
         let dev = dst.device().clone();
+        let (gate_storage, gate_l) = op.gate.storage_and_layout();
+        let candle_core::Storage::Cuda(gate_storage) = &*gate_storage else {
+            bail!("AdamW (cuda): the step gate is not on the GPU");
+        };
+        let (gate, _) = contiguous_view::<f64>(gate_storage, gate_l, "AdamW (cuda): step gate")?;
         let (mv, _) = contiguous_view::<T>(m, ml, "AdamW (cuda): first moment")?;
         let (vv, _) = contiguous_view::<T>(v, vl, "AdamW (cuda): second moment")?;
         let (a, b) = contiguous_range(dst_l, "AdamW: parameter")?;
@@ -409,7 +560,8 @@ mod cuda {
             .arg(&decay)
             .arg(&eps)
             .arg(&bc1)
-            .arg(&bc2);
+            .arg(&bc2)
+            .arg(&gate);
         // SAFETY: argument types match the kernel; all buffers hold n elements.
         unsafe { builder.launch(config(n)) }.w()?;
         Ok(())

@@ -80,6 +80,17 @@ impl AdamW {
     /// One update with every gradient multiplied by `grad_scale` first (the clipping factor of
     /// [`clip_factor`]), done in place by [`crate::adamw`]: three passes per tensor, no allocation.
     pub fn step_scaled(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        let Some((_, first)) = self.vars.first() else {
+            return Ok(());
+        };
+        let gate = crate::adamw::host_gate(grad_scale, first.device())?;
+        self.step_gated(grads, lr, &gate)
+    }
+
+    /// One update whose gradient scale and go-ahead come from `gate`, a device tensor `[s, ok]`
+    /// ([`crate::adamw::step_gate`]): nothing here waits for the device, and with `ok = 0` the
+    /// kernels leave parameters and moments as they are.
+    pub fn step_gated(&mut self, grads: &GradStore, lr: f64, gate: &Tensor) -> Result<()> {
         let c = self.config;
         self.t += 1;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
@@ -89,8 +100,8 @@ impl AdamW {
                 continue;
             };
             let decay = if var.rank() >= 2 { c.weight_decay } else { 0.0 };
-            crate::adamw::update_moment(&self.m[i], g, c.beta1, grad_scale, false)?;
-            crate::adamw::update_moment(&self.v[i], g, c.beta2, grad_scale, true)?;
+            crate::adamw::update_moment(&self.m[i], g, c.beta1, gate, false)?;
+            crate::adamw::update_moment(&self.v[i], g, c.beta2, gate, true)?;
             crate::adamw::update_parameter(
                 var.as_tensor(),
                 &self.m[i],
@@ -100,6 +111,7 @@ impl AdamW {
                 c.eps,
                 bc1,
                 bc2,
+                gate,
             )?;
         }
         Ok(())
@@ -151,21 +163,27 @@ pub fn cosine_lr(step: usize, max_lr: f64, min_lr: f64, warmup: usize, total: us
     min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (max_lr - min_lr)
 }
 
-/// The global L2 norm of all gradients, `‖g‖ = √(Σᵢ Σ gᵢ²)`, computed on the device with a single
-/// host synchronisation.
-pub fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
+/// `Σᵢ Σ gᵢ²` over all gradients, as a one-element f32 tensor on their device (no host
+/// synchronisation); `None` when no variable has a gradient.
+pub fn grad_sum_of_squares(grads: &GradStore, vars: &[(String, Var)]) -> Result<Option<Tensor>> {
     let squares: Vec<Tensor> = vars
         .iter()
         .filter_map(|(_, v)| grads.get(v.as_tensor()))
         .map(crate::adamw::sum_of_squares) // (1,) f32 each: one pass per tensor
         .collect::<candle_core::Result<_>>()?;
     if squares.is_empty() {
-        return Ok(0.0);
+        return Ok(None);
     }
-    Ok(Tensor::cat(&squares, 0)?
-        .sum_all()?
-        .to_scalar::<f32>()?
-        .sqrt() as f64)
+    Ok(Some(Tensor::cat(&squares, 0)?.sum_all()?))
+}
+
+/// The global L2 norm of all gradients, `‖g‖ = √(Σᵢ Σ gᵢ²)`, computed on the device with a single
+/// host synchronisation.
+pub fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
+    Ok(match grad_sum_of_squares(grads, vars)? {
+        Some(sum) => sum.to_scalar::<f32>()?.sqrt() as f64,
+        None => 0.0,
+    })
 }
 
 /// The factor clipping multiplies the gradients by: `max_norm / (‖g‖ + 10⁻⁶)` when the norm is
@@ -237,6 +255,16 @@ pub struct StepStats {
     pub lr: f64,
 }
 
+/// A step enqueued by [`Trainer::step_deferred`] whose loss and gradient norm have not been read
+/// yet (device tensors).
+#[derive(Debug, Clone)]
+pub struct PendingStep {
+    pub step: usize,
+    pub lr: f64,
+    loss: Tensor,
+    sum_sq: Tensor,
+}
+
 /// AdamW + schedule + clipping + NaN guard, stepping one `VarMap`.
 pub struct Trainer {
     pub opt: AdamW,
@@ -264,39 +292,69 @@ impl Trainer {
     /// Returns [`Diverged`] (as an `anyhow::Error`) without touching the parameters when the loss
     /// or the gradient is not finite.
     pub fn step(&mut self, loss: &Tensor) -> Result<StepStats> {
+        let pending = self.step_deferred(loss)?;
+        self.finish(pending)
+    }
+
+    /// [`Trainer::step`] without waiting for the device: backward, gradient norm, clipping and
+    /// AdamW are all enqueued, the clipping factor and the finite-loss check are computed on the
+    /// device ([`crate::adamw::step_gate`]) and read by the AdamW kernels there. A divergent step
+    /// changes nothing on the device; [`Trainer::finish`] reads the loss and the norm (one
+    /// synchronisation) and reports it.
+    pub fn step_deferred(&mut self, loss: &Tensor) -> Result<PendingStep> {
+        if loss.elem_count() != 1 {
+            bail!(
+                "Trainer::step: the loss must be a single value, got shape {:?}",
+                loss.dims()
+            );
+        }
         let lr = self.lr();
-        let loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
-        if !loss_value.is_finite() {
-            bail!(Diverged {
-                step: self.step,
-                loss: loss_value,
-                grad_norm: f64::NAN,
-                lr
-            });
-        }
+        let loss = loss.to_dtype(DType::F32)?;
         let grads = loss.backward()?;
-        let norm = grad_norm(&grads, self.opt.vars())?;
-        if !norm.is_finite() {
-            bail!(Diverged {
-                step: self.step,
-                loss: loss_value,
-                grad_norm: norm,
-                lr
-            });
-        }
-        let scale = self
-            .schedule
-            .clip_norm
-            .map_or(1.0, |max| clip_factor(norm, max));
-        self.opt.step_scaled(&grads, lr, scale)?;
-        let stats = StepStats {
+        let sum_sq = match grad_sum_of_squares(&grads, self.opt.vars())? {
+            Some(s) => s,
+            None => Tensor::zeros((), DType::F32, loss.device())?,
+        };
+        let gate = crate::adamw::step_gate(&sum_sq, &loss, self.schedule.clip_norm)?;
+        self.opt.step_gated(&grads, lr, &gate)?;
+        let pending = PendingStep {
             step: self.step,
-            loss: loss_value,
-            grad_norm: norm,
             lr,
+            loss: loss.detach(),
+            sum_sq,
         };
         self.step += 1;
-        Ok(stats)
+        Ok(pending)
+    }
+
+    /// Reads a [`PendingStep`]'s loss and gradient norm (a host synchronisation) and returns its
+    /// statistics, or [`Diverged`] if they were not finite: the device skipped that update, and
+    /// when it is the latest step the step counters are taken back too, so nothing was lost.
+    pub fn finish(&mut self, pending: PendingStep) -> Result<StepStats> {
+        let loss = pending.loss.to_scalar::<f32>()? as f64;
+        let grad_norm = pending.sum_sq.to_scalar::<f32>()?.sqrt() as f64;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            if pending.step + 1 == self.step {
+                self.step -= 1;
+                self.opt.t -= 1;
+            }
+            bail!(Diverged {
+                step: pending.step,
+                loss,
+                grad_norm: if loss.is_finite() {
+                    grad_norm
+                } else {
+                    f64::NAN
+                },
+                lr: pending.lr
+            });
+        }
+        Ok(StepStats {
+            step: pending.step,
+            loss,
+            grad_norm,
+            lr: pending.lr,
+        })
     }
 
     /// Writes a checkpoint folder: `model.safetensors` (parameters by name),

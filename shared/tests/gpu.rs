@@ -233,3 +233,133 @@ fn sum_of_squares_matches_f64() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Least squares `L = mean((x·Wᵀ − 1)²)` on the test device, in f32, with gradients large enough
+/// for clipping to engage: (parameters, trainer, loss of the current W).
+struct Problem {
+    w: candle_core::Var,
+    x: Tensor,
+    trainer: shared::train::Trainer,
+}
+
+impl Problem {
+    fn new(dev: &Device) -> anyhow::Result<Self> {
+        use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, dev);
+        vb.get_with_hints((8, 16), "w", candle_nn::Init::Const(0.5))?;
+        let w = varmap.all_vars().remove(0);
+        let x = Tensor::arange(0f32, 64.0, dev)?
+            .reshape((4, 16))?
+            .affine(0.05, -1.0)?;
+        let schedule = ScheduleConfig {
+            max_lr: 0.05,
+            min_lr: 0.01,
+            warmup_steps: 0,
+            total_steps: 10,
+            clip_norm: Some(1.0),
+        };
+        let trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule)?;
+        Ok(Self { w, x, trainer })
+    }
+
+    fn loss(&self) -> candle_core::Result<Tensor> {
+        (self.x.matmul(&self.w.as_tensor().t()?)? - 1.0)?
+            .sqr()?
+            .mean_all()
+    }
+
+    fn weights(&self) -> candle_core::Result<Vec<f32>> {
+        self.w.as_tensor().flatten_all()?.to_vec1()
+    }
+}
+
+/// `Trainer::step_deferred` (clipping factor and finite check computed on the device, no host
+/// synchronisation) moves the parameters exactly as `Trainer::step` does, step after step.
+#[test]
+fn deferred_trainer_steps_equal_synchronous_steps() -> anyhow::Result<()> {
+    let dev = shared::device::test_device();
+    let mut sync = Problem::new(&dev)?;
+    let mut deferred = Problem::new(&dev)?;
+    let mut pending = Vec::new();
+    for _ in 0..4 {
+        let stats = sync.trainer.step(&sync.loss()?)?;
+        assert!(stats.grad_norm > 1.0, "the test needs clipping to engage");
+        pending.push(deferred.trainer.step_deferred(&deferred.loss()?)?);
+    }
+    for (i, p) in pending.into_iter().enumerate() {
+        assert_eq!(deferred.trainer.finish(p)?.step, i);
+    }
+    assert_eq!(sync.weights()?, deferred.weights()?);
+    assert_eq!(sync.trainer.step, deferred.trainer.step);
+    Ok(())
+}
+
+/// A step whose gradient is not finite is skipped on the device (parameters and AdamW moments
+/// unchanged before the host has looked), and `finish` reports it and takes the counters back.
+#[test]
+fn a_divergent_step_changes_nothing_on_the_device() -> anyhow::Result<()> {
+    let dev = shared::device::test_device();
+    let mut p = Problem::new(&dev)?;
+    p.trainer.step(&p.loss()?)?;
+    let before = p.weights()?;
+    let moments: Vec<Vec<f32>> = p
+        .trainer
+        .opt
+        .state_tensors()
+        .values()
+        .map(|t| t.flatten_all()?.to_vec1())
+        .collect::<candle_core::Result<_>>()?;
+    // √(w − w) at 0: a finite loss (0) with an infinite gradient.
+    let bad = (p.w.as_tensor() - p.w.as_tensor().detach())?
+        .sqrt()?
+        .sum_all()?;
+    let pending = p.trainer.step_deferred(&bad)?;
+    assert_eq!(
+        p.weights()?,
+        before,
+        "parameters changed by a divergent step"
+    );
+    let after: Vec<Vec<f32>> = p
+        .trainer
+        .opt
+        .state_tensors()
+        .values()
+        .map(|t| t.flatten_all()?.to_vec1())
+        .collect::<candle_core::Result<_>>()?;
+    assert_eq!(moments.len(), after.len());
+    for m in &moments {
+        assert!(after.contains(m), "a moment changed by a divergent step");
+    }
+    let err = p.trainer.finish(pending).unwrap_err();
+    let diverged = err
+        .downcast_ref::<shared::train::Diverged>()
+        .expect("a Diverged error");
+    assert_eq!(diverged.step, 1);
+    assert!(diverged.grad_norm.is_infinite(), "{diverged:?}");
+    assert_eq!((p.trainer.step, p.trainer.opt.t), (1, 1));
+    // Training goes on from where it was.
+    assert_eq!(p.trainer.step(&p.loss()?)?.step, 1);
+    Ok(())
+}
+
+/// The device's gate `[s, ok]` equals the host's clipping factor and finite check.
+#[test]
+fn step_gate_matches_the_host_clip_factor() -> anyhow::Result<()> {
+    let dev = shared::device::test_device();
+    let gate = |sum_sq: f32, loss: f32, max: Option<f64>| -> anyhow::Result<Vec<f64>> {
+        let s = Tensor::new(&[sum_sq], &dev)?;
+        let l = Tensor::new(loss, &dev)?;
+        Ok(shared::adamw::step_gate(&s, &l, max)?.to_vec1()?)
+    };
+    let norm = 16f32.sqrt() as f64;
+    assert_eq!(
+        gate(16.0, 0.5, Some(1.0))?,
+        vec![shared::train::clip_factor(norm, 1.0), 1.0]
+    );
+    assert_eq!(gate(16.0, 0.5, Some(10.0))?, vec![1.0, 1.0]);
+    assert_eq!(gate(16.0, 0.5, None)?, vec![1.0, 1.0]);
+    assert_eq!(gate(f32::INFINITY, 0.5, Some(1.0))?, vec![1.0, 0.0]);
+    assert_eq!(gate(16.0, f32::NAN, Some(1.0))?, vec![1.0, 0.0]);
+    Ok(())
+}

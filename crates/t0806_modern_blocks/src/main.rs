@@ -119,6 +119,11 @@ enum Cmd {
         /// the region `ncu --profile-from-start off` records.
         #[arg(long)]
         profile: bool,
+        /// Time `Trainer::step` (reads the loss before the backward and the gradient norm before
+        /// AdamW: two host synchronisations per step) instead of `step_deferred` (none until the
+        /// end of the step).
+        #[arg(long)]
+        synchronous_step: bool,
     },
 }
 
@@ -687,6 +692,7 @@ fn bench(a: &Args) -> Result<()> {
         warmup,
         ref attention,
         profile,
+        synchronous_step,
     }) = a.cmd
     else {
         unreachable!()
@@ -726,11 +732,22 @@ fn bench(a: &Args) -> Result<()> {
     let mut progress = Progress::new((steps + warmup) as u64, "bench");
     for step in 0..steps + warmup {
         let b = batcher.batch(&tokens, step as u64, &dev)?;
+        // As the twin does: enqueue the whole step (the clipping factor and the finite check
+        // are computed on the device), wait for the GPU once at the end, then read the loss.
         let t = Instant::now();
-        trainer.step(&lm.loss(&b.x, &b.y)?)?;
+        let loss = lm.loss(&b.x, &b.y)?;
+        let pending = if synchronous_step {
+            trainer.step(&loss)?;
+            None
+        } else {
+            Some(trainer.step_deferred(&loss)?)
+        };
         dev.synchronize()?;
         if step >= warmup {
             elapsed += t.elapsed().as_secs_f64();
+        }
+        if let Some(pending) = pending {
+            trainer.finish(pending)?;
         }
         progress.update(step as u64 + 1, String::new());
     }
