@@ -119,9 +119,9 @@ enum Cmd {
         /// the region `ncu --profile-from-start off` records.
         #[arg(long)]
         profile: bool,
-        /// Time `Trainer::step` (reads the loss before the backward and the gradient norm before
-        /// AdamW: two host synchronisations per step) instead of `step_deferred` (none until the
-        /// end of the step).
+        /// Time the step as it was before `Trainer::step_deferred`: read the loss before the
+        /// backward and the gradient norm before AdamW (two host synchronisations inside the
+        /// step), instead of computing the clipping factor on the device.
         #[arg(long)]
         synchronous_step: bool,
     },
@@ -677,6 +677,26 @@ fn profile_phases(
     Ok(phases)
 }
 
+/// One training step with the host in the loop, as `Trainer::step` was before the device-side
+/// gate: the loss is read (a synchronisation) before the backward, the gradient norm (another)
+/// before AdamW, and the clipping factor travels from the host. For `bench --synchronous-step`.
+fn synchronous_step_of(trainer: &mut Trainer, loss: &Tensor) -> Result<()> {
+    let lr = trainer.lr();
+    let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    anyhow::ensure!(value.is_finite(), "loss {value} at step {}", trainer.step);
+    let grads = loss.backward()?;
+    let norm = shared::train::grad_norm(&grads, trainer.opt.vars())?;
+    anyhow::ensure!(
+        norm.is_finite(),
+        "gradient norm {norm} at step {}",
+        trainer.step
+    );
+    let scale = shared::train::clip_factor(norm, trainer.schedule.clip_norm.unwrap_or(f64::MAX));
+    trainer.opt.step_scaled(&grads, lr, scale)?;
+    trainer.step += 1;
+    Ok(())
+}
+
 fn bench(a: &Args) -> Result<()> {
     let Some(Cmd::Bench {
         vocab,
@@ -737,7 +757,7 @@ fn bench(a: &Args) -> Result<()> {
         let t = Instant::now();
         let loss = lm.loss(&b.x, &b.y)?;
         let pending = if synchronous_step {
-            trainer.step(&loss)?;
+            synchronous_step_of(&mut trainer, &loss)?;
             None
         } else {
             Some(trainer.step_deferred(&loss)?)
