@@ -7,8 +7,12 @@
 //! schedule and clipping, and compares the two loss curves: proof that a speed comparison
 //! compares the same computation.
 //!
-//! `cargo run --release -p t0806_modern_blocks --example parity -- --out DIR [--steps 200]
+//! `cargo run --release -p t0806_modern_blocks --example parity -- --dump DIR [--steps 200]
 //!  [--batch 16] [--device cuda] [--data-dir DIR]`
+//!
+//! Then, with the twin's result (`pytorch_twin.py parity DIR --json TWIN.json`):
+//! `... --example parity -- --plot TWIN.json --dump DIR` draws both curves and their relative
+//! difference into `DIR/loss_parity.png` and `DIR/loss_parity_difference.png`.
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -33,10 +37,78 @@ struct Args {
     batch: usize,
     #[arg(long, value_enum, default_value = "wikitext2")]
     corpus: Corpus,
+    /// Instead of training: plot the twin's parity result (its `--json` file, which carries both
+    /// loss curves) into the dump folder.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
+}
+
+/// Both loss curves and their step-by-step relative difference, as two PNG charts in `dir`.
+fn plot_parity(twin_json: &std::path::Path, dir: &std::path::Path) -> Result<()> {
+    use anyhow::Context;
+    use shared::report::{line_chart, Axes, Series};
+    let text = std::fs::read_to_string(twin_json)
+        .with_context(|| format!("reading the twin's parity result {}", twin_json.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let curve = |key: &str| -> Result<Vec<f64>> {
+        v[key]
+            .as_array()
+            .with_context(|| format!("{} has no '{key}' array", twin_json.display()))?
+            .iter()
+            .map(|x| x.as_f64().context("a loss that is not a number"))
+            .collect()
+    };
+    let (ours, twin) = (curve("rust_losses")?, curve("twin_losses")?);
+    anyhow::ensure!(
+        !ours.is_empty() && ours.len() == twin.len(),
+        "loss curves of {} and {} steps",
+        ours.len(),
+        twin.len()
+    );
+    let points = |c: &[f64]| -> Vec<(f64, f64)> {
+        c.iter().enumerate().map(|(i, &l)| (i as f64, l)).collect()
+    };
+    let device = v["device"].as_str().unwrap_or("?");
+    std::fs::create_dir_all(dir)?;
+    line_chart(
+        &dir.join("loss_parity.png"),
+        &format!("Same weights, same batches: Candle vs PyTorch ({device}, f32)"),
+        "step",
+        "training loss",
+        &[
+            Series::new("ours (Candle)", points(&ours)),
+            Series::new("PyTorch twin", points(&twin)),
+        ],
+        Axes::default(),
+    )?;
+    let rel: Vec<f64> = ours
+        .iter()
+        .zip(&twin)
+        .map(|(a, b)| 100.0 * (a - b).abs() / a.abs())
+        .collect();
+    line_chart(
+        &dir.join("loss_parity_difference.png"),
+        "|ours - twin| / ours per step (target: below 2 %)",
+        "step",
+        "relative difference (%)",
+        &[Series::new("relative difference", points(&rel))],
+        Axes::default(),
+    )?;
+    let max = rel.iter().cloned().fold(0.0, f64::max);
+    let mean = rel.iter().sum::<f64>() / rel.len() as f64;
+    println!(
+        "{} steps: max relative difference {max:.4}%, mean {mean:.4}%; wrote {}",
+        rel.len(),
+        dir.join("loss_parity.png").display()
+    );
+    Ok(())
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(twin) = &args.plot {
+        return plot_parity(twin, &args.dump);
+    }
     let ctx = args
         .common
         .setup("t0806_parity", "loss-parity dump for the PyTorch twin")?;
