@@ -256,11 +256,14 @@ pub struct StepStats {
 }
 
 /// A step enqueued by [`Trainer::step_deferred`] whose loss and gradient norm have not been read
-/// yet (device tensors).
-#[derive(Debug, Clone)]
+/// yet (device tensors). Hand it to [`Trainer::finish`].
+#[derive(Debug)]
+#[must_use = "a deferred step is only checked for divergence by Trainer::finish"]
 pub struct PendingStep {
     pub step: usize,
     pub lr: f64,
+    /// AdamW's step count after this step (to recognise the latest step on rollback).
+    adam_t: u64,
     loss: Tensor,
     sum_sq: Tensor,
 }
@@ -308,8 +311,13 @@ impl Trainer {
                 loss.dims()
             );
         }
+        if let Some(max) = self.schedule.clip_norm {
+            if !(max.is_finite() && max > 0.0) {
+                bail!("Trainer::step: clip_norm must be a positive number, got {max}");
+            }
+        }
         let lr = self.lr();
-        let loss = loss.to_dtype(DType::F32)?;
+        let loss = loss.to_dtype(DType::F32)?.reshape(())?;
         let grads = loss.backward()?;
         let sum_sq = match grad_sum_of_squares(&grads, self.opt.vars())? {
             Some(s) => s,
@@ -320,6 +328,7 @@ impl Trainer {
         let pending = PendingStep {
             step: self.step,
             lr,
+            adam_t: self.opt.t,
             loss: loss.detach(),
             sum_sq,
         };
@@ -330,11 +339,13 @@ impl Trainer {
     /// Reads a [`PendingStep`]'s loss and gradient norm (a host synchronisation) and returns its
     /// statistics, or [`Diverged`] if they were not finite: the device skipped that update, and
     /// when it is the latest step the step counters are taken back too, so nothing was lost.
+    /// (Steps enqueued after a divergent one were applied; finish each step before the next
+    /// where that matters.)
     pub fn finish(&mut self, pending: PendingStep) -> Result<StepStats> {
         let loss = pending.loss.to_scalar::<f32>()? as f64;
         let grad_norm = pending.sum_sq.to_scalar::<f32>()?.sqrt() as f64;
         if !loss.is_finite() || !grad_norm.is_finite() {
-            if pending.step + 1 == self.step {
+            if pending.step + 1 == self.step && pending.adam_t == self.opt.t {
                 self.step -= 1;
                 self.opt.t -= 1;
             }

@@ -272,26 +272,62 @@ impl Problem {
     fn weights(&self) -> candle_core::Result<Vec<f32>> {
         self.w.as_tensor().flatten_all()?.to_vec1()
     }
+
+    /// The AdamW moments by name.
+    fn moments(&self) -> candle_core::Result<Vec<(String, Vec<f32>)>> {
+        let mut named: Vec<(String, Vec<f32>)> = self
+            .trainer
+            .opt
+            .state_tensors()
+            .into_iter()
+            .map(|(name, t)| Ok((name, t.flatten_all()?.to_vec1()?)))
+            .collect::<candle_core::Result<_>>()?;
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(named)
+    }
 }
 
 /// `Trainer::step_deferred` (clipping factor and finite check computed on the device, no host
-/// synchronisation) moves the parameters exactly as `Trainer::step` does, step after step.
+/// synchronisation) moves the parameters exactly as the host-side recipe does: read the norm,
+/// compute the clipping factor on the host, step AdamW with it (`AdamW::step_scaled`).
 #[test]
-fn deferred_trainer_steps_equal_synchronous_steps() -> anyhow::Result<()> {
+fn deferred_trainer_steps_equal_host_clipping() -> anyhow::Result<()> {
+    use shared::train::{clip_factor, grad_norm};
     let dev = shared::device::test_device();
-    let mut sync = Problem::new(&dev)?;
+    let mut host = Problem::new(&dev)?;
     let mut deferred = Problem::new(&dev)?;
     let mut pending = Vec::new();
     for _ in 0..4 {
-        let stats = sync.trainer.step(&sync.loss()?)?;
-        assert!(stats.grad_norm > 1.0, "the test needs clipping to engage");
+        let lr = host.trainer.lr();
+        let grads = host.loss()?.backward()?;
+        let norm = grad_norm(&grads, host.trainer.opt.vars())?;
+        assert!(norm > 1.0, "the test needs clipping to engage");
+        host.trainer
+            .opt
+            .step_scaled(&grads, lr, clip_factor(norm, 1.0))?;
+        host.trainer.step += 1;
         pending.push(deferred.trainer.step_deferred(&deferred.loss()?)?);
     }
     for (i, p) in pending.into_iter().enumerate() {
         assert_eq!(deferred.trainer.finish(p)?.step, i);
     }
-    assert_eq!(sync.weights()?, deferred.weights()?);
-    assert_eq!(sync.trainer.step, deferred.trainer.step);
+    assert_eq!(host.weights()?, deferred.weights()?);
+    assert_eq!(host.moments()?, deferred.moments()?);
+    Ok(())
+}
+
+/// A loss of shape (1,) is a single value too; anything larger is refused before any update.
+#[test]
+fn trainer_takes_single_value_losses_only() -> anyhow::Result<()> {
+    let dev = shared::device::test_device();
+    let mut p = Problem::new(&dev)?;
+    let stats = p.trainer.step(&p.loss()?.reshape(1)?)?;
+    assert_eq!((stats.step, p.trainer.step), (0, 1));
+    let before = p.weights()?;
+    let two = Tensor::cat(&[p.loss()?.reshape(1)?, p.loss()?.reshape(1)?], 0)?;
+    let err = p.trainer.step(&two).unwrap_err().to_string();
+    assert!(err.contains("single value"), "{err}");
+    assert_eq!((p.weights()?, p.trainer.step), (before, 1));
     Ok(())
 }
 
@@ -303,13 +339,7 @@ fn a_divergent_step_changes_nothing_on_the_device() -> anyhow::Result<()> {
     let mut p = Problem::new(&dev)?;
     p.trainer.step(&p.loss()?)?;
     let before = p.weights()?;
-    let moments: Vec<Vec<f32>> = p
-        .trainer
-        .opt
-        .state_tensors()
-        .values()
-        .map(|t| t.flatten_all()?.to_vec1())
-        .collect::<candle_core::Result<_>>()?;
+    let moments = p.moments()?;
     // √(w − w) at 0: a finite loss (0) with an infinite gradient.
     let bad = (p.w.as_tensor() - p.w.as_tensor().detach())?
         .sqrt()?
@@ -320,17 +350,11 @@ fn a_divergent_step_changes_nothing_on_the_device() -> anyhow::Result<()> {
         before,
         "parameters changed by a divergent step"
     );
-    let after: Vec<Vec<f32>> = p
-        .trainer
-        .opt
-        .state_tensors()
-        .values()
-        .map(|t| t.flatten_all()?.to_vec1())
-        .collect::<candle_core::Result<_>>()?;
-    assert_eq!(moments.len(), after.len());
-    for m in &moments {
-        assert!(after.contains(m), "a moment changed by a divergent step");
-    }
+    assert_eq!(
+        p.moments()?,
+        moments,
+        "AdamW moments changed by a divergent step"
+    );
     let err = p.trainer.finish(pending).unwrap_err();
     let diverged = err
         .downcast_ref::<shared::train::Diverged>()

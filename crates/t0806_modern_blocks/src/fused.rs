@@ -65,7 +65,9 @@ pub fn rms_norm_fused_backward(
         &FusedRmsNormBackward { eps },
     )?; // [dx | dg]
     let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-    let dg = packed.narrow(0, n, d)?.to_dtype(g.dtype())?;
+    // A copy of its own: the gain's gradient lives until AdamW, and as a view it would keep the
+    // whole [dx | dg] buffer alive with it.
+    let dg = packed.narrow(0, n, d)?.to_dtype(g.dtype())?.copy()?;
     Ok((dx, dg))
 }
 

@@ -343,6 +343,7 @@ __device__ __forceinline__ void bwd_tc(const T* __restrict__ Q, const T* __restr
   constexpr int MT = BR / 16;  // m16 tiles of the dQ block
   static_assert(NW % MT == 0, "warps must split the dQ block evenly");
   constexpr int NPART = NW / MT, DP = D / NPART;  // dQ columns per warp
+  static_assert(DP % 16 == 0, "each warp's dQ columns must be whole 16-column ldmatrix tiles");
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + BC * D;

@@ -668,6 +668,37 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
+/// Module 08 patch: the checks that upstream's `zeros_like(tensor) + grad` made on the first
+/// gradient of a tensor (a gradient rule, or a custom op's backward, that returns the wrong shape,
+/// dtype or device is an error, not a silently stored gradient).
+fn check_first_gradient(tensor: &Tensor, grad: &Tensor) -> Result<()> {
+    if grad.shape() != tensor.shape() {
+        Err(Error::ShapeMismatchBinaryOp {
+            lhs: tensor.shape().clone(),
+            rhs: grad.shape().clone(),
+            op: "backward",
+        }
+        .bt())?
+    }
+    if grad.dtype() != tensor.dtype() {
+        Err(Error::DTypeMismatchBinaryOp {
+            lhs: tensor.dtype(),
+            rhs: grad.dtype(),
+            op: "backward",
+        }
+        .bt())?
+    }
+    if !grad.device().same_device(tensor.device()) {
+        Err(Error::DeviceMismatchBinaryOp {
+            lhs: tensor.device().location(),
+            rhs: grad.device().location(),
+            op: "backward",
+        }
+        .bt())?
+    }
+    Ok(())
+}
+
 /// Module 08 patch: `MODULE08_UPSTREAM_GRAD_ACCUMULATION=1` restores upstream's zeros-then-add
 /// accumulation, so a benchmark can measure the patch side by side in one run. Read once.
 fn upstream_accumulation() -> bool {
@@ -725,7 +756,9 @@ impl GradStore {
                 entry.insert(tensor.zeros_like()?.add(grad)?);
             }
             Entry::Vacant(entry) => {
-                // Upstream's `zeros + grad` always produced a contiguous tensor; keep that.
+                // Upstream's `zeros + grad` checked shape, dtype and device and always produced a
+                // contiguous tensor; keep both.
+                check_first_gradient(tensor, grad)?;
                 entry.insert(grad.contiguous()?);
             }
         }
@@ -744,6 +777,7 @@ impl GradStore {
                 entry.insert(tensor.zeros_like()?.sub(grad)?);
             }
             Entry::Vacant(entry) => {
+                check_first_gradient(tensor, grad)?;
                 entry.insert(grad.neg()?);
             }
         }
