@@ -199,10 +199,46 @@ fn upstream_accumulation_mode_passes_the_same_checks() {
         "fan_in_through_minus_rules_sums_every_contribution",
         "gradients_of_views_are_contiguous_and_correct",
         "first_gradient_is_stored_without_a_zero_fill",
+        "a_first_gradient_of_the_wrong_shape_is_an_error",
     ] {
         assert!(
             stdout.contains(&format!("test {name} ... ok")),
             "{name} did not pass in upstream mode:\n{stdout}"
         );
     }
+}
+
+/// An op whose backward returns a gradient of the wrong shape: an error, as upstream's
+/// `zeros + grad` made it, not a silently stored gradient.
+struct WrongShapeBackward;
+
+impl candle_core::CustomOp1 for WrongShapeBackward {
+    fn name(&self) -> &'static str {
+        "wrong-shape-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((storage.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let wrong = grad_res.flatten_all()?.narrow(0, 0, arg.elem_count() - 1)?;
+        Ok(Some(wrong))
+    }
+}
+
+#[test]
+fn a_first_gradient_of_the_wrong_shape_is_an_error() -> Result<()> {
+    let x = Var::new(&[1f32, 2., 3., 4.], &Device::Cpu)?;
+    let y = x.as_tensor().apply_op1(WrongShapeBackward)?.sum_all()?;
+    let err = y
+        .backward()
+        .expect_err("a wrong-shape gradient must not be stored");
+    assert!(err.to_string().contains("shape mismatch"), "{err}");
+    Ok(())
 }
