@@ -731,7 +731,15 @@ fn bench(a: &Args) -> Result<()> {
         "flash" => with_flash_attention(lm)?,
         other => anyhow::bail!("unknown --attention '{other}': use naive or flash"),
     };
-    println!("   attention: {attention}");
+    if attention == "flash" && dev.is_cuda() {
+        let family = t0809_flash_attention::cuda_kernel_family(dtype, d_model / heads, &[0]);
+        println!(
+            "   attention: flash, {family:?} kernels (d_head {})",
+            d_model / heads
+        );
+    } else {
+        println!("   attention: {attention}");
+    }
     let sched = ScheduleConfig {
         max_lr: 1e-3,
         min_lr: 1e-4,

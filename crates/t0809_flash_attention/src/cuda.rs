@@ -95,16 +95,14 @@ fn check_dims(dims: Dims) -> Result<()> {
     Ok(())
 }
 
-/// Which family runs: tensor cores for 16-bit types, d 32/64/128 and 16-byte aligned starts.
-/// `MODULE08_FLASH_KERNEL=simple` forces the fp32-FMA kernels (to measure the difference).
+/// Which family runs: [`crate::cuda_kernel_family`] (`suffix` names the kernels' dtype).
 fn use_tensor_cores(suffix: &str, dims: Dims, offsets: &[usize]) -> bool {
-    static FORCE_SIMPLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let force_simple = *FORCE_SIMPLE
-        .get_or_init(|| std::env::var("MODULE08_FLASH_KERNEL").is_ok_and(|v| v == "simple"));
-    !force_simple
-        && suffix != "f32"
-        && matches!(dims.d, 32 | 64 | 128)
-        && offsets.iter().all(|o| o % 8 == 0)
+    let dtype = match suffix {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => DType::F32,
+    };
+    crate::cuda_kernel_family(dtype, dims.d, offsets) == crate::CudaKernelFamily::TensorCores
 }
 
 /// Forward: returns `(O, L)` storages, `O (bh, n_q, d)` in the input dtype, `L (bh, n_q)` f32.

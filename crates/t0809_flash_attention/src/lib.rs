@@ -60,6 +60,34 @@ use candle_core::{bail, DType, Result, Tensor};
 pub use op::{FlashAttention, FlashAttentionBackward};
 pub use tiled::flash_attention_tensor_ops;
 
+/// Which CUDA kernel family runs for a given input (see `cuda.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CudaKernelFamily {
+    /// `mma.sync` m16n8k16 with fp32 accumulators: bf16/f16, d_head 32, 64 or 128, 16-byte
+    /// aligned starts.
+    TensorCores,
+    /// fp32 FMA, any d_head ≤ 128: f32 inputs and everything else.
+    Fp32Fma,
+}
+
+/// The CUDA kernel family [`flash_attention`] uses for `dtype` and `d_head`, with every input
+/// starting at an element offset of `offsets`. `MODULE08_FLASH_KERNEL=simple` (read once) forces
+/// the fp32-FMA kernels, to measure the difference.
+pub fn cuda_kernel_family(dtype: DType, d_head: usize, offsets: &[usize]) -> CudaKernelFamily {
+    static FORCE_SIMPLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let force_simple = *FORCE_SIMPLE
+        .get_or_init(|| std::env::var("MODULE08_FLASH_KERNEL").is_ok_and(|v| v == "simple"));
+    if !force_simple
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && matches!(d_head, 32 | 64 | 128)
+        && offsets.iter().all(|o| o % 8 == 0)
+    {
+        CudaKernelFamily::TensorCores
+    } else {
+        CudaKernelFamily::Fp32Fma
+    }
+}
+
 /// The usual softmax scale `1/√d_head`.
 pub fn default_softmax_scale(d_head: usize) -> f64 {
     1.0 / (d_head as f64).sqrt()
@@ -252,5 +280,27 @@ pub fn attention_fwd_flops(
         f / 2.0
     } else {
         f
+    }
+}
+
+#[cfg(test)]
+mod kernel_family_tests {
+    use super::*;
+
+    #[test]
+    fn tensor_cores_take_16_bit_aligned_inputs_with_d_32_64_128() {
+        if std::env::var("MODULE08_FLASH_KERNEL").is_ok_and(|v| v == "simple") {
+            return; // forced by hand: everything is fp32 FMA
+        }
+        use CudaKernelFamily::*;
+        for d in [32, 64, 128] {
+            assert_eq!(cuda_kernel_family(DType::BF16, d, &[0, 8, 16]), TensorCores);
+            assert_eq!(cuda_kernel_family(DType::F16, d, &[0, 0, 0]), TensorCores);
+            assert_eq!(cuda_kernel_family(DType::F32, d, &[0, 0, 0]), Fp32Fma);
+            assert_eq!(cuda_kernel_family(DType::BF16, d, &[0, 4, 0]), Fp32Fma);
+        }
+        for d in [16, 48, 80, 96] {
+            assert_eq!(cuda_kernel_family(DType::BF16, d, &[0, 0, 0]), Fp32Fma);
+        }
     }
 }

@@ -114,8 +114,16 @@ fn gpu_low_precision_within_twice_the_naive_error() -> Result<()> {
         return Ok(());
     };
     let mut rng = Rng::new(101);
+    let forced_simple = std::env::var("MODULE08_FLASH_KERNEL").is_ok_and(|v| v == "simple");
     for dt in [DType::BF16, DType::F16] {
         for d in [32, 64, 128, 48] {
+            // Both kernel families are covered: tensor cores for 32/64/128, fp32 FMA for 48.
+            let want = if d == 48 || forced_simple {
+                CudaKernelFamily::Fp32Fma
+            } else {
+                CudaKernelFamily::TensorCores
+            };
+            assert_eq!(cuda_kernel_family(dt, d, &[0, 0, 0]), want, "{dt:?} d {d}");
             for (b, h, n_q, n_k, d, causal) in shapes(d) {
                 let (q, k, v) = qkv(&mut rng, b, h, n_q, n_k, d, d)?;
                 let d_o = rng.tensor(&[b, h, n_q, d], 1.0)?;
