@@ -34,6 +34,10 @@ for dt in f32 bf16; do
     $bin/t0806_modern_blocks --device cuda --dtype $dt $OURS_FLAGS --out "$out/ours" bench --batch $B --steps $STEPS --warmup 3 --attention $att --profile > "$out/train_ours_${att}_$dt.log" 2>&1
     cp "$out/ours/t0806_modern_blocks/bench/results.json" "$out/train_ours_${att}_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_${att}_$dt.log"
   done
+  # The same flash step with the host reading the loss and the gradient norm inside the step (the
+  # trainer before its device-side gate): what the deferred step gains, on this machine.
+  $bin/t0806_modern_blocks --device cuda --dtype $dt $OURS_FLAGS --out "$out/ours" bench --batch $B --steps $STEPS --warmup 3 --attention flash --synchronous-step > "$out/train_ours_flashsync_$dt.log" 2>&1
+  cp "$out/ours/t0806_modern_blocks/bench/results.json" "$out/train_ours_flashsync_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_flashsync_$dt.log"
   $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --json "$out/train_twin_eager_$dt.json"
   if [ -n "${TWIN_COMPILE:-}" ]; then
     $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --compile --json "$out/train_twin_compile_$dt.json" 2>"$out/compile_$dt.err" || echo "torch.compile failed ($dt): $(tail -2 "$out/compile_$dt.err")"
@@ -62,6 +66,10 @@ for dt in ("f32", "bf16"):
             t = load(f"train_twin_{impl}_{dt}.json")
             if t:
                 rows.append((f"train {dt} {att} vs torch {impl}", o, t["tokens_per_s"]))
+for dt in ("f32", "bf16"):
+    sync, deferred = load(f"train_ours_flashsync_{dt}.json"), load(f"train_ours_flash_{dt}.json")
+    if sync and deferred:
+        rows.append((f"train {dt} flash: deferred vs synchronous step", deferred["metrics"]["bench.tokens_per_s"], sync["metrics"]["bench.tokens_per_s"]))
 for dt in ("bf16", "f32"):
     for b in (1, 32):
         ours = load(f"decode_ours_{dt}_b{b}.json"); t = load(f"decode_twin_{dt}_b{b}.json")
