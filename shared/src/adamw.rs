@@ -378,6 +378,12 @@ mod cuda {
     const MODULE: &str = "shared_adamw";
     use crate::cuda::grid_stride as config;
 
+    /// The kernels' name suffix of a dtype.
+    fn suffix(dtype: DType) -> Result<&'static str> {
+        use DType::*;
+        crate::cuda::dtype_suffix(dtype, &[F32, F64, BF16, F16], "AdamW")
+    }
+
     pub fn moment(
         dst: &mut CudaStorage,
         dst_l: &Layout,
@@ -385,13 +391,13 @@ mod cuda {
         gl: &Layout,
         op: &Moment,
     ) -> Result<()> {
-        match dst.dtype() {
-            DType::F32 => moment_t::<f32, f32>(dst, dst_l, g, gl, op, "f32"),
-            DType::F64 => moment_t::<f64, f64>(dst, dst_l, g, gl, op, "f64"),
-            DType::BF16 => moment_t::<bf16, f32>(dst, dst_l, g, gl, op, "bf16"),
-            DType::F16 => moment_t::<f16, f32>(dst, dst_l, g, gl, op, "f16"),
-            dt => bail!("AdamW moment (cuda): dtype {dt:?} not supported"),
+        let name = suffix(dst.dtype())?;
+        macro_rules! run {
+            ($t:ty, $a:ty) => {
+                moment_t::<$t, $a>(dst, dst_l, g, gl, op, name)
+            };
         }
+        crate::for_float_dtype!(dst.dtype(), "AdamW moment (cuda)", run)
     }
 
     /// Scalars travel as the kernel's accumulator type `A`.
@@ -512,13 +518,13 @@ mod cuda {
         vl: &Layout,
         op: &Update,
     ) -> Result<()> {
-        match dst.dtype() {
-            DType::F32 => update_t::<f32, f32>(dst, dst_l, m, ml, v, vl, op, "f32"),
-            DType::F64 => update_t::<f64, f64>(dst, dst_l, m, ml, v, vl, op, "f64"),
-            DType::BF16 => update_t::<bf16, f32>(dst, dst_l, m, ml, v, vl, op, "bf16"),
-            DType::F16 => update_t::<f16, f32>(dst, dst_l, m, ml, v, vl, op, "f16"),
-            dt => bail!("AdamW update (cuda): dtype {dt:?} not supported"),
+        let name = suffix(dst.dtype())?;
+        macro_rules! run {
+            ($t:ty, $a:ty) => {
+                update_t::<$t, $a>(dst, dst_l, m, ml, v, vl, op, name)
+            };
         }
+        crate::for_float_dtype!(dst.dtype(), "AdamW update (cuda)", run)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -243,7 +243,6 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::CudaStorage;
-    use half::{bf16, f16};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));
     const MODULE: &str = "shared_cross_entropy";
@@ -270,12 +269,12 @@ mod cuda {
         rows: usize,
         vocab: usize,
     ) -> Result<CudaStorage> {
-        match sx.dtype() {
-            DType::F32 => fwd::<f32>(sx, lx, st, lt, rows, vocab),
-            DType::BF16 => fwd::<bf16>(sx, lx, st, lt, rows, vocab),
-            DType::F16 => fwd::<f16>(sx, lx, st, lt, rows, vocab),
-            dt => bail!("cross_entropy (cuda): logits dtype {dt:?} not supported (f32, bf16, f16)"),
+        macro_rules! run {
+            ($t:ty, $_a:ty) => {
+                fwd::<$t>(sx, lx, st, lt, rows, vocab)
+            };
         }
+        crate::for_float_dtype!(sx.dtype(), "cross_entropy (cuda): logits", run, no_f64)
     }
 
     fn fwd<T: CudaDType + DeviceRepr>(
@@ -315,12 +314,12 @@ mod cuda {
         rows: usize,
         vocab: usize,
     ) -> Result<CudaStorage> {
-        match sx.dtype() {
-            DType::F32 => bwd::<f32>(sx, lx, st, lt, sp, lp, rows, vocab),
-            DType::BF16 => bwd::<bf16>(sx, lx, st, lt, sp, lp, rows, vocab),
-            DType::F16 => bwd::<f16>(sx, lx, st, lt, sp, lp, rows, vocab),
-            dt => bail!("cross_entropy (cuda): logits dtype {dt:?} not supported (f32, bf16, f16)"),
+        macro_rules! run {
+            ($t:ty, $_a:ty) => {
+                bwd::<$t>(sx, lx, st, lt, sp, lp, rows, vocab)
+            };
         }
+        crate::for_float_dtype!(sx.dtype(), "cross_entropy (cuda): logits", run, no_f64)
     }
 
     #[allow(clippy::too_many_arguments)]

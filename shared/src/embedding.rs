@@ -232,13 +232,12 @@ mod cuda {
         d: usize,
         vocab: usize,
     ) -> Result<CudaStorage> {
-        match st.dtype() {
-            DType::F32 => gather_t::<f32>(st, lt, si, li, n, d, vocab),
-            DType::F64 => gather_t::<f64>(st, lt, si, li, n, d, vocab),
-            DType::BF16 => gather_t::<bf16>(st, lt, si, li, n, d, vocab),
-            DType::F16 => gather_t::<f16>(st, lt, si, li, n, d, vocab),
-            dt => bail!("embedding (cuda): dtype {dt:?} not supported (f32, f64, bf16, f16)"),
+        macro_rules! run {
+            ($t:ty, $_a:ty) => {
+                gather_t::<$t>(st, lt, si, li, n, d, vocab)
+            };
         }
+        crate::for_float_dtype!(st.dtype(), "embedding (cuda)", run)
     }
 
     fn gather_t<T: CudaDType + DeviceRepr>(

@@ -17,7 +17,6 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
-use half::{bf16, f16};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rmsnorm.ptx"));
 const MODULE: &str = "t0806_rmsnorm";
@@ -82,12 +81,12 @@ pub fn forward(
             sg.dtype()
         );
     }
-    match sx.dtype() {
-        DType::F32 => fwd::<f32>(sx, lx, sg, lg, rows, d, eps),
-        DType::BF16 => fwd::<bf16>(sx, lx, sg, lg, rows, d, eps),
-        DType::F16 => fwd::<f16>(sx, lx, sg, lg, rows, d, eps),
-        dt => bail!("fused RMSNorm (cuda): dtype {dt:?} not supported (f32, bf16, f16)"),
+    macro_rules! run {
+        ($t:ty, $_a:ty) => {
+            fwd::<$t>(sx, lx, sg, lg, rows, d, eps)
+        };
     }
+    shared::for_float_dtype!(sx.dtype(), "fused RMSNorm (cuda)", run, no_f64)
 }
 
 fn fwd<T: CudaDType + DeviceRepr>(
@@ -151,12 +150,12 @@ pub fn backward(
             sdy.dtype()
         );
     }
-    match sx.dtype() {
-        DType::F32 => bwd::<f32>(sx, lx, sg, lg, sdy, ldy, rows, d, eps),
-        DType::BF16 => bwd::<bf16>(sx, lx, sg, lg, sdy, ldy, rows, d, eps),
-        DType::F16 => bwd::<f16>(sx, lx, sg, lg, sdy, ldy, rows, d, eps),
-        dt => bail!("fused RMSNorm backward (cuda): dtype {dt:?} not supported (f32, bf16, f16)"),
+    macro_rules! run {
+        ($t:ty, $_a:ty) => {
+            bwd::<$t>(sx, lx, sg, lg, sdy, ldy, rows, d, eps)
+        };
     }
+    shared::for_float_dtype!(sx.dtype(), "fused RMSNorm backward (cuda)", run, no_f64)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -176,62 +176,27 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::CudaStorage;
-    use half::{bf16, f16};
     use shared::cuda::{contiguous_view, load_kernel};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
     const MODULE: &str = "t0806_swiglu";
-    use shared::cuda::grid_stride as config;
 
-    fn name(dtype: DType) -> Result<&'static str> {
-        use DType::*;
-        shared::cuda::dtype_suffix(dtype, &[F32, BF16, F16], "swiglu gate")
-    }
-
+    /// `h = SiLU(a)·b`: `swiglu_fwd_<dtype>(a, b, h, n)`.
     pub fn forward(
         sa: &CudaStorage,
         la: &Layout,
         sb: &CudaStorage,
         lb: &Layout,
     ) -> Result<CudaStorage> {
-        match sa.dtype() {
-            DType::F32 => fwd::<f32>(sa, la, sb, lb),
-            DType::BF16 => fwd::<bf16>(sa, la, sb, lb),
-            DType::F16 => fwd::<f16>(sa, la, sb, lb),
-            dt => bail!("swiglu gate (cuda): dtype {dt:?} not supported (f32, bf16, f16)"),
+        macro_rules! run {
+            ($t:ty, $_a:ty) => {
+                launch::<$t>("swiglu_fwd", &[(sa, la, "a"), (sb, lb, "b")], 1)
+            };
         }
+        shared::for_float_dtype!(sa.dtype(), "swiglu gate (cuda)", run, no_f64)
     }
 
-    fn fwd<T: CudaDType + DeviceRepr>(
-        sa: &CudaStorage,
-        la: &Layout,
-        sb: &CudaStorage,
-        lb: &Layout,
-    ) -> Result<CudaStorage> {
-        let dev = sa.device().clone();
-        let (a, _) = contiguous_view::<T>(sa, la, "swiglu gate (cuda): a")?;
-        let (b, _) = contiguous_view::<T>(sb, lb, "swiglu gate (cuda): b")?;
-        let n = la.shape().elem_count();
-        // SAFETY: every element is written.
-        let mut h = unsafe { dev.alloc::<T>(n)? };
-        if n > 0 {
-            let func = load_kernel(
-                &dev,
-                MODULE,
-                PTX,
-                &format!("swiglu_fwd_{}", name(sa.dtype())?),
-                0,
-            )?;
-            let n_i = n as i64;
-            let stream = dev.cuda_stream();
-            let mut builder = stream.launch_builder(&func);
-            builder.arg(&a).arg(&b).arg(&mut h).arg(&n_i);
-            // SAFETY: argument types match the kernel; all buffers hold n elements.
-            unsafe { builder.launch(config(n)) }.w()?;
-        }
-        Ok(CudaStorage::wrap_cuda_slice(h, dev))
-    }
-
+    /// `[da | db]`: `swiglu_bwd_<dtype>(a, b, g, out, n)`.
     pub fn backward(
         sa: &CudaStorage,
         la: &Layout,
@@ -240,43 +205,50 @@ mod cuda {
         sg: &CudaStorage,
         lg: &Layout,
     ) -> Result<CudaStorage> {
-        match sa.dtype() {
-            DType::F32 => bwd::<f32>(sa, la, sb, lb, sg, lg),
-            DType::BF16 => bwd::<bf16>(sa, la, sb, lb, sg, lg),
-            DType::F16 => bwd::<f16>(sa, la, sb, lb, sg, lg),
-            dt => bail!("swiglu gate (cuda): dtype {dt:?} not supported (f32, bf16, f16)"),
+        macro_rules! run {
+            ($t:ty, $_a:ty) => {
+                launch::<$t>(
+                    "swiglu_bwd",
+                    &[(sa, la, "a"), (sb, lb, "b"), (sg, lg, "gradient")],
+                    2,
+                )
+            };
         }
+        shared::for_float_dtype!(sa.dtype(), "swiglu gate backward (cuda)", run, no_f64)
     }
 
-    fn bwd<T: CudaDType + DeviceRepr>(
-        sa: &CudaStorage,
-        la: &Layout,
-        sb: &CudaStorage,
-        lb: &Layout,
-        sg: &CudaStorage,
-        lg: &Layout,
+    /// Runs `<kernel>_<dtype>(inputs…, out, n)` over the `n` elements of the first input, into a
+    /// new buffer of `outputs_per_element · n` elements (every one written by the kernel).
+    fn launch<T: CudaDType + DeviceRepr>(
+        kernel: &str,
+        inputs: &[(&CudaStorage, &Layout, &str)],
+        outputs_per_element: usize,
     ) -> Result<CudaStorage> {
-        let dev = sa.device().clone();
-        let (a, _) = contiguous_view::<T>(sa, la, "swiglu gate (cuda): a")?;
-        let (b, _) = contiguous_view::<T>(sb, lb, "swiglu gate (cuda): b")?;
-        let (g, _) = contiguous_view::<T>(sg, lg, "swiglu gate (cuda): gradient")?;
-        let n = la.shape().elem_count();
-        // SAFETY: every element of [da | db] is written.
-        let mut out = unsafe { dev.alloc::<T>(2 * n)? };
+        let (first, first_l, _) = inputs[0];
+        let dev = first.device().clone();
+        let views = inputs
+            .iter()
+            .map(|&(s, l, what)| {
+                Ok(contiguous_view::<T>(s, l, &format!("swiglu gate (cuda): {what}"))?.0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let n = first_l.shape().elem_count();
+        // SAFETY: the kernel writes every element.
+        let mut out = unsafe { dev.alloc::<T>(outputs_per_element * n)? };
         if n > 0 {
-            let func = load_kernel(
-                &dev,
-                MODULE,
-                PTX,
-                &format!("swiglu_bwd_{}", name(sa.dtype())?),
-                0,
-            )?;
+            use DType::*;
+            let suffix = shared::cuda::dtype_suffix(first.dtype(), &[F32, BF16, F16], "swiglu")?;
+            let func = load_kernel(&dev, MODULE, PTX, &format!("{kernel}_{suffix}"), 0)?;
             let n_i = n as i64;
             let stream = dev.cuda_stream();
             let mut builder = stream.launch_builder(&func);
-            builder.arg(&a).arg(&b).arg(&g).arg(&mut out).arg(&n_i);
-            // SAFETY: argument types match the kernel; out holds 2n elements.
-            unsafe { builder.launch(config(n)) }.w()?;
+            for view in &views {
+                builder.arg(view);
+            }
+            builder.arg(&mut out).arg(&n_i);
+            // SAFETY: argument types and order match the kernel; the buffers hold n elements
+            // (the output outputs_per_element · n).
+            unsafe { builder.launch(shared::cuda::grid_stride(n)) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }

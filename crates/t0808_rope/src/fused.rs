@@ -142,7 +142,6 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::CudaStorage;
-    use half::{bf16, f16};
     use shared::cuda::{contiguous_view, load_kernel};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
@@ -160,12 +159,17 @@ mod cuda {
         half: usize,
         sign: f32,
     ) -> Result<CudaStorage> {
-        match sx.dtype() {
-            DType::F32 => run::<f32>(sx, lx, sc, lc, ss, ls, seq, half, sign, "f32"),
-            DType::BF16 => run::<bf16>(sx, lx, sc, lc, ss, ls, seq, half, sign, "bf16"),
-            DType::F16 => run::<f16>(sx, lx, sc, lc, ss, ls, seq, half, sign, "f16"),
-            dt => bail!("fused RoPE (cuda): dtype {dt:?} not supported (f32, bf16, f16)"),
+        let name = shared::cuda::dtype_suffix(
+            sx.dtype(),
+            &[DType::F32, DType::BF16, DType::F16],
+            "fused RoPE",
+        )?;
+        macro_rules! launch {
+            ($t:ty, $_a:ty) => {
+                run::<$t>(sx, lx, sc, lc, ss, ls, seq, half, sign, name)
+            };
         }
+        shared::for_float_dtype!(sx.dtype(), "fused RoPE (cuda)", launch, no_f64)
     }
 
     #[allow(clippy::too_many_arguments)]
