@@ -39,6 +39,8 @@ for dt in f32 bf16; do
   $bin/t0806_modern_blocks --device cuda --dtype $dt $OURS_FLAGS --out "$out/ours" bench --batch $B --steps $STEPS --warmup 3 --attention flash --synchronous-step > "$out/train_ours_flashsync_$dt.log" 2>&1
   cp "$out/ours/t0806_modern_blocks/bench/results.json" "$out/train_ours_flashsync_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_flashsync_$dt.log"
   $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --json "$out/train_twin_eager_$dt.json"
+  # The twin with its attention written out (scores, mask, softmax, @V): the like-for-like row for our naive attention
+  $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --attention naive --json "$out/train_twin_eagernaive_$dt.json"
   if [ -n "${TWIN_COMPILE:-}" ]; then
     $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --compile --json "$out/train_twin_compile_$dt.json" 2>"$out/compile_$dt.err" || echo "torch.compile failed ($dt): $(tail -2 "$out/compile_$dt.err")"
   fi
@@ -62,10 +64,11 @@ for dt in ("f32", "bf16"):
     for att in ("naive", "flash"):
         ours = load(f"train_ours_{att}_{dt}.json")
         o = ours["metrics"]["bench.tokens_per_s"] if ours else float("nan")
-        for impl in ("eager", "compile"):
+        twins = (("eagernaive", "eager naive"), ("eager", "eager SDPA")) if att == "naive" else (("eager", "eager SDPA"), ("compile", "compile SDPA"))
+        for impl, label in twins:
             t = load(f"train_twin_{impl}_{dt}.json")
             if t:
-                rows.append((f"train {dt} {att} vs torch {impl}", o, t["tokens_per_s"]))
+                rows.append((f"train {dt} {att} vs torch {label}", o, t["tokens_per_s"]))
 for dt in ("f32", "bf16"):
     sync, deferred = load(f"train_ours_flashsync_{dt}.json"), load(f"train_ours_flash_{dt}.json")
     if sync and deferred:
@@ -74,15 +77,15 @@ for dt in ("bf16", "f32"):
     for b in (1, 32):
         ours = load(f"decode_ours_{dt}_b{b}.json"); t = load(f"decode_twin_{dt}_b{b}.json")
         rows.append((f"decode {dt} batch {b}", ours["metrics"]["tokens_per_s"] if ours else float("nan"), t["tokens_per_s"] if t else float("nan")))
-print(f"{'measurement':32s} {'ours tok/s':>12s} {'twin tok/s':>12s} {'ours/twin':>9s}")
+print(f"{'measurement':44s} {'ours tok/s':>12s} {'twin tok/s':>12s} {'ours/twin':>9s}")
 for name, o, t in rows:
-    print(f"{name:32s} {o:12,.0f} {t:12,.0f} {o / t if t == t and t else float('nan'):9.2f}")
-print(f"{'memory (GiB)':32s} {'ours':>12s} {'twin':>12s}")
+    print(f"{name:44s} {o:12,.0f} {t:12,.0f} {o / t if t == t and t else float('nan'):9.2f}")
+print(f"{'memory (GiB)':44s} {'ours':>12s} {'twin':>12s}")
 for dt in ("f32", "bf16"):
     for att in ("naive", "flash"):
-        ours = load(f"train_ours_{att}_{dt}.json"); t = load(f"train_twin_eager_{dt}.json")
+        ours = load(f"train_ours_{att}_{dt}.json"); t = load(f"train_twin_{'eagernaive' if att == 'naive' else 'eager'}_{dt}.json")
         m = ours["metrics"] if ours else {}; o = m.get("bench.peak_device_memory_gib", float("nan"))
-        print(f"{'train ' + dt + ' ' + att:32s} {o:12.2f} {t['peak_gib'] if t else float('nan'):12.2f}")
+        print(f"{'train ' + dt + ' ' + att:44s} {o:12.2f} {t['peak_gib'] if t else float('nan'):12.2f}")
 print("(ours: the peak of the CUDA memory pool's in-use counter over the profiled steps; twin: torch.cuda.max_memory_allocated)")
 p = load("parity_twin.json")
 if p:

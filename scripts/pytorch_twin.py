@@ -38,9 +38,10 @@ class Twin(torch.nn.Module):
     """Pre-norm RMSNorm, grouped-query attention with interleaved RoPE, SwiGLU, untied head.
     Weights are stored (d_out, d_in) under the Rust checkpoint's names."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, naive_attention=False):
         super().__init__()
         self.cfg = cfg
+        self.naive_attention = naive_attention  # training forward: written-out softmax instead of SDPA
         d, h, kv = cfg["d_model"], cfg["n_heads"], cfg["n_kv_heads"]
         self.d_head = d // h
         P = lambda *s: torch.nn.Parameter(torch.empty(*s))
@@ -110,10 +111,23 @@ class Twin(torch.nn.Module):
         if cache is not None:
             k, v = cache.update(i, k, v, start)
         causal = cache is None or n > 1
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and k.shape[-2] == n, enable_gqa=(kv != h)) \
-            if (k.shape[-2] == n or n == 1) else self._masked(q, k, v, start)
+        if self.naive_attention and cache is None:
+            out = self._naive(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and k.shape[-2] == n, enable_gqa=(kv != h)) \
+                if (k.shape[-2] == n or n == 1) else self._masked(q, k, v, start)
         out = out.transpose(1, 2).reshape(b, n, h * dh)
         return out @ self.p(pre + "output_proj").t()
+
+    def _naive(self, q, k, v):
+        """Causal attention written out, as nanoGPT's non-flash path: the (n, n) scores are
+        materialised, masked and softmaxed (one fused PyTorch kernel), then multiplied by V."""
+        n, g = q.shape[-2], q.shape[1] // k.shape[1]
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
 
     def _masked(self, q, k, v, start):
         n, m = q.shape[-2], k.shape[-2]
@@ -212,8 +226,11 @@ def parity(args):
 def train_bench(args):
     cfg = load_config(args.config)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.dtype == "f32":  # full-precision GEMMs, as ours (no TF32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    model = Twin(cfg).to(args.device)
+    model = Twin(cfg, naive_attention=args.attention == "naive").to(args.device)
     model.init_like_rust()
     model = model.to(dtype)
     step_fn = torch.compile(model) if args.compile else model
@@ -242,8 +259,8 @@ def train_bench(args):
     flops_per_token = 6 * n_params + 12 * cfg["n_layers"] * cfg["d_model"] * ctx  # 6N + attention (causal counted fully)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
     name = "torch.compile" if args.compile else "eager"
-    print(f"pytorch {name} {args.dtype}: {tok_s:,.0f} tokens/s, {med * 1e3:.1f} ms/step, ~{tok_s * flops_per_token / 1e12:.1f} TFLOP/s, peak {peak:.2f} GiB")
-    out = {"impl": f"pytorch-{name}", "dtype": args.dtype, "batch": args.batch, "tokens_per_s": tok_s, "ms_per_step": med * 1e3,
+    print(f"pytorch {name} {args.dtype} {args.attention} attention: {tok_s:,.0f} tokens/s, {med * 1e3:.1f} ms/step, ~{tok_s * flops_per_token / 1e12:.1f} TFLOP/s, peak {peak:.2f} GiB")
+    out = {"impl": f"pytorch-{name}", "dtype": args.dtype, "attention": args.attention, "batch": args.batch, "tokens_per_s": tok_s, "ms_per_step": med * 1e3,
            "tflops": tok_s * flops_per_token / 1e12, "peak_gib": peak, "params": n_params,
            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     if args.json:
@@ -299,6 +316,8 @@ def main():
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--warmup", type=int, default=5)
     t.add_argument("--compile", action="store_true")
+    t.add_argument("--attention", default="sdpa", choices=["sdpa", "naive"],
+                   help="sdpa: F.scaled_dot_product_attention (fused kernels); naive: scores, mask, softmax, @V written out")
     d = sub.add_parser("decode-bench")
     d.add_argument("--config", required=True)
     d.add_argument("--batch", type=int, default=1)

@@ -1,6 +1,6 @@
 //! Compiles `kernels/embedding.cu` (the embedding gather and its scatter-add gradient) and
 //! `kernels/cross_entropy.cu` (the fused loss) and `kernels/adamw.cu` (the in-place optimiser
-//! step) to PTX, only with the `cuda` feature (see `build_kernels.rs`); the modules of the same
+//! step) and `kernels/heads.cu` (the head split and merge) to PTX, only with the `cuda` feature (see `build_kernels.rs`); the modules of the same
 //! names embed them.
 include!("build_kernels.rs");
 
@@ -10,4 +10,5 @@ fn main() {
     compile_kernel("embedding", &[]);
     compile_kernel("cross_entropy", &[]);
     compile_kernel("adamw", &[]);
+    compile_kernel("heads", &[]);
 }

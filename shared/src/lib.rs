@@ -29,6 +29,7 @@ pub mod cuda;
 pub mod custom_op;
 pub mod device;
 pub mod embedding;
+pub mod heads;
 pub mod params;
 pub mod report;
 pub mod tokenizer;
@@ -36,6 +37,7 @@ pub mod train;
 pub mod wikitext;
 
 pub use embedding::embedding;
+pub use heads::{merge_heads, split_heads};
 pub use params::{linear, linear_with_bias};
 
 /// The workspace root (the folder holding the top-level `Cargo.toml`), resolved at compile time.

@@ -387,3 +387,47 @@ fn step_gate_matches_the_host_clip_factor() -> anyhow::Result<()> {
     assert_eq!(gate(16.0, f32::NAN, Some(1.0))?, vec![1.0, 0.0]);
     Ok(())
 }
+
+/// The head swap moves the same bits as Candle's `transpose(1, 2).contiguous()` on the device:
+/// every float dtype, rows of 16-, 8-, 4- and 2-byte units (widths 32, 4, 2, 1 in f32 or odd in
+/// bf16), an input that starts one element into its buffer, and the gradient swapped back.
+#[test]
+fn head_swap_on_the_device_equals_transpose_contiguous() -> candle_core::Result<()> {
+    let dev = shared::device::test_device();
+    for dt in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+        for (a, b, c, r) in [
+            (2, 5, 3, 32),
+            (3, 4, 7, 4),
+            (2, 3, 5, 2),
+            (2, 6, 4, 1),
+            (1, 9, 2, 13),
+        ] {
+            let n = a * b * c * r;
+            let base = Tensor::randn(0f32, 1.0, n + 1, &dev)?.to_dtype(dt)?;
+            // offset 0, and offset one element (a contiguous view the kernel reads in 1-element units)
+            for x in [base.narrow(0, 0, n)?, base.narrow(0, 1, n)?] {
+                let x = x.reshape((a, b, c, r))?;
+                let want = x.transpose(1, 2)?.contiguous()?.to_dtype(DType::F64)?;
+                let got = shared::heads::swap_axes_1_2(&x)?;
+                assert_eq!(got.dims(), &[a, c, b, r]);
+                let diff = (got.to_dtype(DType::F64)? - &want)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f64>()?;
+                assert_eq!(diff, 0.0, "{dt:?} {:?}", (a, b, c, r));
+            }
+        }
+    }
+    // the gradient: d/dx Σ swap(x) ⊙ w = swap⁻¹(w)
+    let x = candle_core::Var::randn(0f32, 1.0, (2, 8, 4, 32), &dev)?;
+    let w = Tensor::randn(0f32, 1.0, (2, 4, 8, 32), &dev)?;
+    let grads = (shared::heads::swap_axes_1_2(&x)? * &w)?
+        .sum_all()?
+        .backward()?;
+    let diff = (grads.get(&x).expect("dx") - w.transpose(1, 2)?.contiguous()?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    assert_eq!(diff, 0.0);
+    Ok(())
+}

@@ -46,8 +46,10 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod fused;
+pub mod softmax_fused;
 pub mod swiglu_fused;
 pub use fused::{rms_norm_fused, rms_norm_fused_backward, FusedRmsNorm, FusedRmsNormBackward};
+pub use softmax_fused::{causal_softmax_fused, fused_softmax_kernel};
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
@@ -227,6 +229,10 @@ pub struct ModernLmConfig {
     /// LLaMA recipe: the SwiGLU gate through the fused op ([`swiglu_fused`]). Same values.
     #[serde(default)]
     pub fused_swiglu: bool,
+    /// LLaMA recipe, naive attention: the scale, causal mask and softmax through the fused op
+    /// ([`softmax_fused`]). Same values; FlashAttention ([`with_flash_attention`]) replaces it.
+    #[serde(default)]
+    pub fused_softmax: bool,
 }
 
 impl ModernLmConfig {
@@ -254,6 +260,7 @@ impl ModernLmConfig {
             fused_norm: false,
             fused_rope: false,
             fused_swiglu: false,
+            fused_softmax: false,
         }
     }
 
@@ -323,36 +330,41 @@ pub fn build_modern_lm(vb: VarBuilder, cfg: &ModernLmConfig) -> Result<DecoderOn
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let vb = vb.pp(format!("blocks.{i}"));
-        let (attn, ffn): (Box<dyn t0804_transformer_block::Mixer>, Box<dyn Layer>) =
-            match cfg.recipe {
-                Recipe::Llama => (
-                    Box::new(GroupedQueryAttention::new(
-                        vb.pp("attn"),
-                        cfg.gqa(),
-                        rope.clone(),
-                    )?),
+        let (attn, ffn): (Box<dyn t0804_transformer_block::Mixer>, Box<dyn Layer>) = match cfg
+            .recipe
+        {
+            Recipe::Llama => {
+                let attn = GroupedQueryAttention::new(vb.pp("attn"), cfg.gqa(), rope.clone())?;
+                let attn = if cfg.fused_softmax {
+                    attn.with_kernel(fused_softmax_kernel)
+                } else {
+                    attn
+                };
+                (
+                    Box::new(attn),
                     Box::new(SwiGlu::new(vb.pp("ffn"), d, cfg.d_ff)?.with_fused(cfg.fused_swiglu)),
-                ),
-                Recipe::Gpt2 => (
-                    Box::new(CausalMha {
-                        mha: MultiHeadAttention::new(
-                            vb.pp("attn"),
-                            MhaConfig {
-                                d_model: d,
-                                n_heads: cfg.n_heads,
-                                bias: true,
-                            },
-                        )?,
-                    }),
-                    Box::new(FeedForward::new(
-                        vb.pp("ffn"),
-                        d,
-                        cfg.d_ff,
-                        Activation::Gelu,
-                        true,
-                    )?),
-                ),
-            };
+                )
+            }
+            Recipe::Gpt2 => (
+                Box::new(CausalMha {
+                    mha: MultiHeadAttention::new(
+                        vb.pp("attn"),
+                        MhaConfig {
+                            d_model: d,
+                            n_heads: cfg.n_heads,
+                            bias: true,
+                        },
+                    )?,
+                }),
+                Box::new(FeedForward::new(
+                    vb.pp("ffn"),
+                    d,
+                    cfg.d_ff,
+                    Activation::Gelu,
+                    true,
+                )?),
+            ),
+        };
         blocks.push(DecoderOnlyBlock {
             attn_norm: norm(vb.pp("attn_norm"))?,
             attn,

@@ -66,7 +66,10 @@ struct Args {
     /// SwiGLU gate of the LLaMA recipe: composed tensor ops or the fused op.
     #[arg(long, default_value = "composed", value_parser = ["composed", "fused"])]
     swiglu: String,
-    /// Shorthand for `--norm fused --rope fused --swiglu fused`.
+    /// Causal softmax of naive attention: composed tensor ops (t0801) or the fused op.
+    #[arg(long, default_value = "composed", value_parser = ["composed", "fused"])]
+    softmax: String,
+    /// Shorthand for `--norm fused --rope fused --swiglu fused --softmax fused`.
     #[arg(long)]
     fused: bool,
     /// Attention kernel of the LLaMA recipe: naive (t0801/t0807) or flash (t0809's custom op).
@@ -127,11 +130,13 @@ enum Cmd {
     },
 }
 
-/// `--norm`, `--rope`, `--swiglu` (or `--fused` for all three) onto a LLaMA-recipe config.
+/// `--norm`, `--rope`, `--swiglu`, `--softmax` (or `--fused` for all four) onto a LLaMA-recipe
+/// config.
 fn apply_kernel_choices(cfg: &mut ModernLmConfig, a: &Args) {
     cfg.fused_norm = a.fused || a.norm == "fused";
     cfg.fused_rope = a.fused || a.rope == "fused";
     cfg.fused_swiglu = a.fused || a.swiglu == "fused";
+    cfg.fused_softmax = a.fused || a.softmax == "fused";
 }
 
 fn main() -> Result<()> {

@@ -226,19 +226,13 @@ impl GroupedQueryAttention {
         self.cfg.d_model / self.cfg.n_heads
     }
 
-    fn split(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        x.reshape((b, n, heads, self.d_head()))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
     /// `x (batch, seq, d_model)` → `q (batch, n_heads, seq, d_head)`, `k`, `v (batch, n_kv_heads, seq, d_head)`.
     pub fn project_qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         expect_last_dim(x, self.cfg.d_model, "grouped-query attention input")?;
-        let q = self.split(&shared::linear(x, &self.w_q)?, self.cfg.n_heads)?;
-        let k = self.split(&shared::linear(x, &self.w_k)?, self.cfg.n_kv_heads)?;
-        let v = self.split(&shared::linear(x, &self.w_v)?, self.cfg.n_kv_heads)?;
+        // split_heads: 8-02's reshape → transpose(1, 2) → contiguous, as one copy
+        let q = shared::split_heads(&shared::linear(x, &self.w_q)?, self.cfg.n_heads)?;
+        let k = shared::split_heads(&shared::linear(x, &self.w_k)?, self.cfg.n_kv_heads)?;
+        let v = shared::split_heads(&shared::linear(x, &self.w_v)?, self.cfg.n_kv_heads)?;
         Ok((q, k, v))
     }
 
@@ -258,14 +252,7 @@ impl GroupedQueryAttention {
 
     /// Heads `(batch, n_heads, seq, d_head)` → `(batch, seq, d_model)` through `W_o`.
     pub fn output(&self, heads: &Tensor) -> Result<Tensor> {
-        let (b, h, n, d) = heads.dims4()?;
-        shared::linear(
-            &heads
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, n, h * d))?,
-            &self.w_o,
-        )
+        shared::linear(&shared::merge_heads(heads)?, &self.w_o)
     }
 
     /// Full causal self-attention of `x (batch, seq, d_model)` whose first token is at `start_pos`.

@@ -1,0 +1,304 @@
+//! # Naive attention with a fused causal softmax
+//!
+//! Naive attention materialises the `(n_q, n_k)` scores of every head. What it costs beyond its
+//! two matmuls is the softmax: written from tensor ops (8-01's [`mask_scores`] and
+//! [`softmax_last_dim`]) it is a scale, a mask, a max, a subtraction, an `exp`, a sum and a
+//! division, each a full pass over a `(batch, heads, n_q, n_k)` tensor, and as many again in the
+//! backward. As one op:
+//!
+//! ```text
+//! forward   y  = softmax(s·x + mask)           s = 1/√d_head, mask = −∞ above the diagonal
+//! backward  dx = s · y ⊙ (g − Σ_k g_k y_k)     per row (the softmax Jacobian, times s)
+//! ```
+//!
+//! one pass forward (two reads of the scores a row may see), one backward, and the masked half of
+//! every row is written as zeros without being read. [`fused_softmax_kernel`] plugs it into
+//! t0807's attention-kernel hook: still naive attention (the score matrix exists), now at the
+//! cost PyTorch's `softmax` kernel pays. On the CPU, loops; on CUDA, `kernels/softmax.cu`
+//! (`cuda` feature only).
+//!
+//! [`mask_scores`]: t0801_self_attention::mask_scores
+//! [`softmax_last_dim`]: t0801_self_attention::softmax_last_dim
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use shared::custom_op::contiguous_slice;
+
+/// `softmax(scale · scores)` over the last dimension, keys after a row's query masked out when
+/// `causal`. `scores (…, rows, n_k)`: row `r` of the second-to-last dimension is query
+/// `r mod n_q`, the queries being the last `n_q` of the `n_k` positions (grouped-query attention
+/// stacks the `g` heads of a group as `g·n_q` rows). Differentiable.
+pub fn causal_softmax_fused(
+    scores: &Tensor,
+    scale: f64,
+    n_q: usize,
+    causal: bool,
+) -> Result<Tensor> {
+    let dims = scores.dims();
+    if dims.len() < 2 {
+        bail!("causal_softmax_fused: scores must be (…, rows, n_k), got {dims:?}");
+    }
+    let (rows, n_k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    if n_q == 0 || n_q > n_k || !rows.is_multiple_of(n_q) {
+        bail!("causal_softmax_fused: {n_q} queries must divide the {rows} rows and be at most the {n_k} keys");
+    }
+    if !scale.is_finite() {
+        bail!("causal_softmax_fused: the scale must be finite, got {scale}");
+    }
+    let op = CausalSoftmax {
+        n_q,
+        n_k,
+        scale,
+        causal,
+    };
+    scores.contiguous()?.apply_op1(op)
+}
+
+/// t0807's attention-kernel hook: [`t0807_grouped_query_attention::naive_grouped_attention`]
+/// with [`causal_softmax_fused`] in place of the composed scale, mask and softmax.
+pub fn fused_softmax_kernel(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+    let (b, n_heads, n_q, d) = q.dims4()?;
+    let (_, n_kv, _, _) = k.dims4()?;
+    if n_kv == 0 || n_heads % n_kv != 0 {
+        bail!("attention kernel: {n_kv} K/V heads cannot serve {n_heads} query heads");
+    }
+    let g = n_heads / n_kv;
+    let q = q.contiguous()?.reshape((b, n_kv, g * n_q, d))?; // rows: (head in group, query)
+    let scores = q.matmul(&k.contiguous()?.t()?)?; // (b, n_kv, g·n_q, n_k)
+    let weights = causal_softmax_fused(&scores, 1.0 / (d as f64).sqrt(), n_q, causal)?;
+    weights
+        .matmul(&v.contiguous()?)? // (b, n_kv, g·n_q, d)
+        .reshape((b, n_heads, n_q, d))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CausalSoftmax {
+    n_q: usize,
+    n_k: usize,
+    scale: f64,
+    causal: bool,
+}
+
+impl CausalSoftmax {
+    /// The last key row `r` may attend to.
+    fn last_key(&self, r: usize) -> usize {
+        if self.causal {
+            r % self.n_q + self.n_k - self.n_q
+        } else {
+            self.n_k - 1
+        }
+    }
+
+    /// One row in f32 arithmetic (f64 for f64), as the kernel.
+    fn cpu_forward<T: candle_core::WithDType>(&self, x: &[T]) -> Vec<T> {
+        let mut y = Vec::with_capacity(x.len());
+        let wide = T::DTYPE == DType::F64;
+        let round = |v: f64| if wide { v } else { v as f32 as f64 };
+        for (r, row) in x.chunks_exact(self.n_k).enumerate() {
+            let seen = &row[..=self.last_key(r)];
+            let s: Vec<f64> = seen
+                .iter()
+                .map(|v| round(self.scale * v.to_f64()))
+                .collect();
+            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum = round(s.iter().map(|v| (v - max).exp()).sum());
+            y.extend(s.iter().map(|v| T::from_f64(round((v - max).exp() / sum))));
+            y.extend((seen.len()..self.n_k).map(|_| T::zero()));
+        }
+        y
+    }
+
+    fn cpu_backward<T: candle_core::WithDType>(&self, y: &[T], g: &[T]) -> Vec<T> {
+        let mut dx = Vec::with_capacity(y.len());
+        let wide = T::DTYPE == DType::F64;
+        let round = |v: f64| if wide { v } else { v as f32 as f64 };
+        for (r, (yr, gr)) in y
+            .chunks_exact(self.n_k)
+            .zip(g.chunks_exact(self.n_k))
+            .enumerate()
+        {
+            let last = self.last_key(r);
+            let dot = round(
+                yr[..=last]
+                    .iter()
+                    .zip(&gr[..=last])
+                    .map(|(a, b)| a.to_f64() * b.to_f64())
+                    .sum(),
+            );
+            for (j, (a, b)) in yr.iter().zip(gr).enumerate() {
+                let v = if j <= last {
+                    self.scale * a.to_f64() * (b.to_f64() - dot)
+                } else {
+                    0.0
+                };
+                dx.push(T::from_f64(round(v)));
+            }
+        }
+        dx
+    }
+}
+
+/// `(y, g) → dx`, the backward of [`CausalSoftmax`] (which saves its output `y`).
+#[derive(Debug, Clone, Copy)]
+struct CausalSoftmaxBackward(CausalSoftmax);
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        macro_rules! run {
+            ($t:ty, $_a:ty) => {
+                <$t as candle_core::WithDType>::to_cpu_storage_owned(self.cpu_forward::<$t>(
+                    contiguous_slice(s.as_slice::<$t>()?, l, "causal softmax: scores")?,
+                ))
+            };
+        }
+        let y = shared::for_float_dtype!(s.dtype(), "causal softmax", run);
+        Ok((y, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::forward(self, s, l)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &CausalSoftmaxBackward(*self),
+        )?))
+    }
+}
+
+impl CustomOp2 for CausalSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "causal-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        macro_rules! run {
+            ($t:ty, $_a:ty) => {
+                <$t as candle_core::WithDType>::to_cpu_storage_owned(self.0.cpu_backward::<$t>(
+                    contiguous_slice(s1.as_slice::<$t>()?, l1, "causal softmax: output")?,
+                    contiguous_slice(s2.as_slice::<$t>()?, l2, "causal softmax: gradient")?,
+                ))
+            };
+        }
+        let dx = shared::for_float_dtype!(s1.dtype(), "causal softmax backward", run);
+        Ok((dx, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::backward(&self.0, s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+}
+
+/// Launching `kernels/softmax.cu`: one warp per row, 8 rows per block.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::CudaStorage;
+    use shared::cuda::{contiguous_view, load_kernel};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
+    const MODULE: &str = "t0806_softmax";
+    const ROWS_PER_BLOCK: usize = 8;
+
+    pub fn forward(op: &CausalSoftmax, s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+        macro_rules! run {
+            ($t:ty, $_a:ty) => {
+                launch::<$t>(op, "causal_softmax_fwd", &[(s, l, "scores")])
+            };
+        }
+        shared::for_float_dtype!(s.dtype(), "causal softmax (cuda)", run, no_f64)
+    }
+
+    pub fn backward(
+        op: &CausalSoftmax,
+        sy: &CudaStorage,
+        ly: &Layout,
+        sg: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<CudaStorage> {
+        macro_rules! run {
+            ($t:ty, $_a:ty) => {
+                launch::<$t>(
+                    op,
+                    "causal_softmax_bwd",
+                    &[(sy, ly, "output"), (sg, lg, "gradient")],
+                )
+            };
+        }
+        shared::for_float_dtype!(sy.dtype(), "causal softmax backward (cuda)", run, no_f64)
+    }
+
+    /// `<kernel>_<dtype>(inputs…, out, rows, n_q, n_k, scale, causal)` over the rows of the first
+    /// input, into a new buffer of its size.
+    fn launch<T: CudaDType + DeviceRepr>(
+        op: &CausalSoftmax,
+        kernel: &str,
+        inputs: &[(&CudaStorage, &Layout, &str)],
+    ) -> Result<CudaStorage> {
+        let (first, first_l, _) = inputs[0];
+        let dev = first.device().clone();
+        let views = inputs
+            .iter()
+            .map(|&(s, l, what)| {
+                Ok(contiguous_view::<T>(s, l, &format!("causal softmax (cuda): {what}"))?.0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let n = first_l.shape().elem_count();
+        // SAFETY: the kernel writes every element of every row.
+        let mut out = unsafe { dev.alloc::<T>(n)? };
+        let rows = n / op.n_k;
+        if rows > 0 {
+            use DType::*;
+            let suffix = shared::cuda::dtype_suffix(first.dtype(), &[F32, BF16, F16], "softmax")?;
+            let func = load_kernel(&dev, MODULE, PTX, &format!("{kernel}_{suffix}"), 0)?;
+            let (rows_i, n_q, n_k) = (rows as i64, op.n_q as i64, op.n_k as i64);
+            let (scale, causal) = (op.scale as f32, op.causal as i32);
+            let stream = dev.cuda_stream();
+            let mut builder = stream.launch_builder(&func);
+            for view in &views {
+                builder.arg(view);
+            }
+            builder
+                .arg(&mut out)
+                .arg(&rows_i)
+                .arg(&n_q)
+                .arg(&n_k)
+                .arg(&scale)
+                .arg(&causal);
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+                block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: argument types and order match the kernel; every buffer holds rows · n_k
+            // elements.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+}
