@@ -10,8 +10,10 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 B=${1:-64}; STEPS=${2:-20}
-# Our implementation choices for the training rows (OURS_FLAGS="" measures the composed ops).
+# Our implementation choices for the training and decoding rows (OURS_FLAGS="" / DECODE_FLAGS=""
+# measure the composed ops).
 OURS_FLAGS=${OURS_FLAGS---fused}
+DECODE_FLAGS=${DECODE_FLAGS---fused}
 out=${OUT:-$root/gpu-results}/twin; mkdir -p "$out"
 bin=/tmp/gpu/bin
 REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
@@ -48,7 +50,7 @@ done
 for dt in bf16 f32; do
   for b in 1 32; do
     echo "== decoding, $dt, batch $b, prompt 128, 512 new tokens"
-    $bin/t0810_kv_cache --device cuda --dtype $dt --out "$out/ours" decode-bench --batch $b --prompt 128 --new 512 > "$out/decode_ours_${dt}_b$b.log" 2>&1
+    $bin/t0810_kv_cache --device cuda --dtype $dt --out "$out/ours" decode-bench --batch $b --prompt 128 --new 512 $DECODE_FLAGS > "$out/decode_ours_${dt}_b$b.log" 2>&1
     cp "$out/ours/t0810_kv_cache/decode_bench_b${b}_$dt/results.json" "$out/decode_ours_${dt}_b$b.json" 2>/dev/null || tail -5 "$out/decode_ours_${dt}_b$b.log"
     $py scripts/pytorch_twin.py decode-bench --config "$cfg" --batch $b --prompt 128 --new 512 --dtype $dt --json "$out/decode_twin_${dt}_b$b.json"
   done

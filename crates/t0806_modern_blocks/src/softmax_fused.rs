@@ -64,11 +64,27 @@ pub fn fused_softmax_kernel(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) ->
     }
     let g = n_heads / n_kv;
     let q = q.contiguous()?.reshape((b, n_kv, g * n_q, d))?; // rows: (head in group, query)
-    let scores = q.matmul(&k.contiguous()?.t()?)?; // (b, n_kv, g·n_q, n_k)
+    let (k, v) = (gemm_operand(k)?, gemm_operand(v)?);
+    let scores = q.matmul(&k.t()?)?; // (b, n_kv, g·n_q, n_k)
     let weights = causal_softmax_fused(&scores, 1.0 / (d as f64).sqrt(), n_q, causal)?;
     weights
-        .matmul(&v.contiguous()?)? // (b, n_kv, g·n_q, d)
+        .matmul(&v)? // (b, n_kv, g·n_q, d)
         .reshape((b, n_heads, n_q, d))
+}
+
+/// `x (b, h, n, d)` as a batched-GEMM operand: as it is when its rows are contiguous and its
+/// `b·h` matrices evenly spaced — the first `n` positions of a preallocated KV cache
+/// `(b, h, max_seq, d)` are, so decoding reads the cache in place — else a contiguous copy.
+fn gemm_operand(x: &Tensor) -> Result<Tensor> {
+    let (_, h, n, d) = x.dims4()?;
+    let s = x.stride();
+    let rows_contiguous = s[3] == 1 && (s[2] == d || n == 1);
+    let evenly_spaced = s[0] == s[1] * h || x.dim(0)? == 1 || h == 1;
+    if rows_contiguous && evenly_spaced {
+        Ok(x.clone())
+    } else {
+        x.contiguous()
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -109,6 +109,9 @@ enum Cmd {
         prompt: usize,
         #[arg(long, default_value_t = 512)]
         new: usize,
+        /// 8-06's fused ops (RMSNorm, RoPE, SwiGLU gate, causal softmax), as `t0806 --fused`.
+        #[arg(long)]
+        fused: bool,
     },
 }
 
@@ -157,6 +160,7 @@ fn decode_bench(args: &Args) -> Result<()> {
         batch,
         prompt,
         new,
+        fused,
     }) = args.cmd
     else {
         unreachable!()
@@ -168,6 +172,18 @@ fn decode_bench(args: &Args) -> Result<()> {
     let dev = ctx.picked.device.clone();
     let mut cfg = ModernLmConfig::llama(vocab, prompt + new, d_model, layers, heads, kv_heads);
     cfg.d_ff = d_ff;
+    cfg.fused_norm = fused;
+    cfg.fused_rope = fused;
+    cfg.fused_swiglu = fused;
+    cfg.fused_softmax = fused;
+    println!(
+        "   ops: {}",
+        if fused {
+            "fused (RMSNorm, RoPE, SwiGLU gate, causal softmax)"
+        } else {
+            "composed"
+        }
+    );
     let (_varmap, lm) = init_modern_lm(&cfg, ctx.dtype, &dev)?;
     let ids: Vec<u32> = (0..batch * prompt)
         .map(|i| ((i * 7919 + 13) % vocab) as u32)
@@ -221,7 +237,7 @@ fn decode_bench(args: &Args) -> Result<()> {
     );
     let mut report = RunReport::start(
         TOPIC,
-        serde_json::json!({"decode_bench": cfg, "batch": batch, "prompt": prompt, "new": new}),
+        serde_json::json!({"decode_bench": cfg, "batch": batch, "prompt": prompt, "new": new, "fused": fused}),
         &ctx.picked.description,
         args.common.dtype.name(),
     );

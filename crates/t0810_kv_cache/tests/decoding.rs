@@ -438,3 +438,41 @@ fn cached_tensors_do_not_keep_the_autograd_graph() {
         }
     }
 }
+
+/// With 8-06's fused ops (the causal softmax reading the preallocated cache in place, without a
+/// copy), batched cached decoding equals the full forward pass of the composed model with the
+/// same weights, for MHA, GQA and MQA.
+#[test]
+fn fused_ops_cached_decoding_equals_composed_full_forward() {
+    let dev = test_device();
+    let batch: Vec<u32> = tokens(14, 4).into_iter().chain(tokens(14, 5)).collect();
+    let x = Tensor::from_vec(batch, (2, 14), &dev).unwrap();
+    for kv in [4, 2, 1] {
+        shared::params::set_seed(7);
+        let mut cfg = ModernLmConfig::llama(VOCAB, 40, 32, 2, 4, kv);
+        let (varmap, composed) = init_modern_lm(&cfg, DType::F32, &dev).unwrap();
+        (
+            cfg.fused_norm,
+            cfg.fused_rope,
+            cfg.fused_swiglu,
+            cfg.fused_softmax,
+        ) = (true, true, true, true);
+        let fused = t0806_modern_blocks::build_modern_lm(
+            candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+            &cfg,
+        )
+        .unwrap();
+        let full = composed.forward(&x, 0).unwrap(); // (2, 14, vocab)
+        let mut cache = lm_cache(&fused, 2, 20, CacheKind::Preallocated, DType::F32).unwrap();
+        let pre = lm_forward_cached(&fused, &x.narrow(1, 0, 5).unwrap(), &mut cache).unwrap();
+        assert!(
+            rel_err(&pre, &full.narrow(1, 0, 5).unwrap()) < 1e-5,
+            "kv {kv}: prefill"
+        );
+        for t in 5..14 {
+            let got = lm_forward_cached(&fused, &x.narrow(1, t, 1).unwrap(), &mut cache).unwrap();
+            let err = rel_err(&got, &full.narrow(1, t, 1).unwrap());
+            assert!(err < 1e-5, "kv {kv}, step {t}: relative error {err}");
+        }
+    }
+}
