@@ -94,3 +94,6 @@ if p:
     print(f"loss parity over {len(p['rust_losses'])} steps: max relative difference {p['max_rel_diff']:.3%}, mean {p['mean_rel_diff']:.3%}")
 json.dump({"rows": rows, "parity": p}, open(os.path.join(d, "summary.json"), "w"), indent=1)
 PYEOF
+# One archive instead of many files ($OUT returns a limited number of files): twin.tgz holds
+# every log, json and the parity plots.
+tar -czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"

@@ -53,7 +53,8 @@ __device__ void forward(const T *x, T *y, int64_t rows, int64_t n_q, int64_t n_k
   }
   // Combine the lanes: rescale every partial sum to the row maximum.
   const float row_max = warp_max(m);
-  const float row_sum = warp_sum(m == -INFINITY ? 0.0f : l * expf(m - row_max));
+  // (a lane that saw no key has l = 0; one that saw a NaN has l = NaN, which must reach the sum)
+  const float row_sum = warp_sum(l == 0.0f ? 0.0f : l * expf(m - row_max));
   const float inv = 1.0f / row_sum;
   for (int64_t j = lane; j < n_k; j += 32) {
     store(j <= last ? expf(scale * to_f(xr[j]) - row_max) * inv : 0.0f, yr + j);
