@@ -780,3 +780,346 @@ __device__ __forceinline__ void bwd_simple(const T* __restrict__ Q, const T* __r
 SIMPLE(f32, float)
 SIMPLE(bf16, __nv_bfloat16)
 SIMPLE(f16, __half)
+
+// ---------------------------------------------------------------------------------------------
+// Register-tiled fp32-FMA kernels for f32 inputs with d = 32 or 64 (16-byte-aligned rows).
+//
+// The simple kernels above give each thread one score at a time and read both operands of every
+// FMA from shared memory: two loads per FMA, ~6 TFLOP/s. Here a CTA of 256 threads (16 × 16:
+// ty = tid / 16, tx = tid % 16) works on 64 × 64 tiles and each thread on a 4 × 4 block of them,
+// reading its operands as float4: two 16-byte loads feed 16 FMAs. Rows in shared memory are padded
+// to D + 4 floats (64 + 4 for the score tiles), so eight consecutive rows read as float4 hit
+// eight different groups of four banks.
+//
+// Forward: thread (ty, tx) owns query rows 4·ty + i and the keys tx + 16·j of each key tile
+// (i, j < 4) for the scores, then output columns tx·(D/16) … of its four rows. The 16 threads of
+// a row are one half-warp: row maxima and sums are shuffles.
+// Backward: CTA = 64 keys, query tiles of 64. Thread (ty, tx) owns keys 4·ty + i for Sᵀ, dPᵀ, dV and
+// dK (queries tx + 16·j, columns tx·(D/16) …), then queries 4·ty + i for its dQ contribution
+// (atomics into the f32 accumulator, as the other kernels).
+// ---------------------------------------------------------------------------------------------
+#define R_TILE 64
+#define R_NT 256
+
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
+  acc = fmaf(a.x, b.x, acc);
+  acc = fmaf(a.y, b.y, acc);
+  acc = fmaf(a.z, b.z, acc);
+  return fmaf(a.w, b.w, acc);
+}
+__device__ __forceinline__ float half_warp_max(float v) {
+  for (int o = 1; o < 16; o <<= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float half_warp_sum(float v) {
+  for (int o = 1; o < 16; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// rows row0 … row0+63 of a (n, D) matrix into shared memory [64][D + 4]; rows ≥ n are zeros.
+template <int D>
+__device__ __forceinline__ void load_tile(float* dst, const float* __restrict__ src, int row0, int n) {
+  constexpr int V = D / 4;  // float4 per row
+  for (int idx = threadIdx.x; idx < R_TILE * V; idx += R_NT) {
+    const int r = idx / V, c = idx % V;
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (row0 + r < n) x = ld4(src + (size_t)(row0 + r) * D + 4 * c);
+    *reinterpret_cast<float4*>(dst + r * (D + 4) + 4 * c) = x;
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void fwd_tiled(const float* __restrict__ Q, const float* __restrict__ K,
+                                          const float* __restrict__ V, float* __restrict__ O,
+                                          float* __restrict__ LSE, int n_q, int n_k, float scale_log2,
+                                          int causal) {
+  constexpr int SP = D + 4, PP = R_TILE + 4, C = D / 16;
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* sQ = reinterpret_cast<float*>(smem);
+  float* sK = sQ + R_TILE * SP;
+  float* sV = sK + R_TILE * SP;
+  float* sP = sV + R_TILE * SP;  // [query][key]
+
+  const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+  const int bh = blockIdx.y;
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * R_TILE;  // the longest causal rows first
+  const int offset = n_k - n_q;
+  const float* Qh = Q + (size_t)bh * n_q * D;
+  const float* Kh = K + (size_t)bh * n_k * D;
+  const float* Vh = V + (size_t)bh * n_k * D;
+
+  load_tile<D>(sQ, Qh, q0, n_q);
+  const int kv_end = causal ? min(n_k, q0 + R_TILE + offset) : n_k;
+  const int n_tiles = (kv_end + R_TILE - 1) / R_TILE;
+
+  float o[4][C], m[4], l[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    m[i] = neg_inf();
+    l[i] = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; ++c) o[i][c] = 0.f;
+  }
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int k0 = t * R_TILE;
+    __syncthreads();  // the previous tile is used up (and sQ is written, the first time)
+    load_tile<D>(sK, Kh, k0, n_k);
+    load_tile<D>(sV, Vh, k0, n_k);
+    __syncthreads();
+
+    // S = Q·Kᵀ for rows 4ty+i, keys tx+16j
+    float s[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[i][j] = 0.f;
+#pragma unroll
+    for (int k = 0; k < D; k += 4) {
+      float4 a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = ld4(sQ + (4 * ty + i) * SP + k);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = ld4(sK + (tx + 16 * j) * SP + k);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[i][j] = dot4(a[i], b[j], s[i][j]);
+    }
+
+    // online softmax, row by row (the row's 64 keys are on the 16 threads of this half-warp)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = q0 + 4 * ty + i;
+      float mx = m[i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int key = k0 + tx + 16 * j;
+        const bool ok = key < n_k && !(causal && key > row + offset);
+        s[i][j] = ok ? s[i][j] * scale_log2 : neg_inf();
+        mx = fmaxf(mx, s[i][j]);
+      }
+      mx = half_warp_max(mx);
+      const float m_use = (mx == neg_inf()) ? 0.f : mx;
+      const float alpha = exp2f(m[i] - m_use);
+      m[i] = mx;
+      float ps = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float p = exp2f(s[i][j] - m_use);
+        sP[(4 * ty + i) * PP + tx + 16 * j] = p;
+        ps += p;
+      }
+      l[i] = l[i] * alpha + ps;
+#pragma unroll
+      for (int c = 0; c < C; ++c) o[i][c] *= alpha;
+    }
+    __syncwarp();  // sP rows are written and read by the same half-warp
+
+    // O += P·V for rows 4ty+i, columns tx·C + c
+#pragma unroll 4
+    for (int kk = 0; kk < R_TILE; kk += 4) {
+      float4 p[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) p[i] = ld4(sP + (4 * ty + i) * PP + kk);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        float v[C];
+#pragma unroll
+        for (int c = 0; c < C; ++c) v[c] = sV[(kk + u) * SP + tx * C + c];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float pu = u == 0 ? p[i].x : u == 1 ? p[i].y : u == 2 ? p[i].z : p[i].w;
+#pragma unroll
+          for (int c = 0; c < C; ++c) o[i][c] = fmaf(pu, v[c], o[i][c]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = q0 + 4 * ty + i;
+    const float li = half_warp_sum(l[i]);
+    if (row < n_q) {
+      const float inv = li > 0.f ? 1.f / li : 0.f;
+#pragma unroll
+      for (int c = 0; c < C; ++c) O[((size_t)bh * n_q + row) * D + tx * C + c] = o[i][c] * inv;
+      if (tx == 0) LSE[(size_t)bh * n_q + row] = (m[i] == neg_inf()) ? neg_inf() : (m[i] + log2f(li)) * LN2_F;
+    }
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void bwd_tiled(const float* __restrict__ Q, const float* __restrict__ K,
+                                          const float* __restrict__ V, const float* __restrict__ dO,
+                                          const float* __restrict__ LSE, const float* __restrict__ Dsum,
+                                          float* __restrict__ dQacc, float* __restrict__ dK,
+                                          float* __restrict__ dV, int n_q, int n_k, float scale,
+                                          float scale_log2, int causal) {
+  constexpr int SP = D + 4, PP = R_TILE + 4, C = D / 16;
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* sK = reinterpret_cast<float*>(smem);
+  float* sV = sK + R_TILE * SP;
+  float* sQ = sV + R_TILE * SP;
+  float* sdO = sQ + R_TILE * SP;
+  float* sP = sdO + R_TILE * SP;  // [key][query]
+  float* sdS = sP + R_TILE * PP;  // [key][query]
+  float* sL = sdS + R_TILE * PP;
+  float* sD = sL + R_TILE;
+
+  const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+  const int bh = blockIdx.y;
+  const int k0 = blockIdx.x * R_TILE;
+  const int offset = n_k - n_q;
+  const float* Qh = Q + (size_t)bh * n_q * D;
+  const float* dOh = dO + (size_t)bh * n_q * D;
+  load_tile<D>(sK, K + (size_t)bh * n_k * D, k0, n_k);
+  load_tile<D>(sV, V + (size_t)bh * n_k * D, k0, n_k);
+
+  float dk[4][C], dv[4][C];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int c = 0; c < C; ++c) dk[i][c] = dv[i][c] = 0.f;
+
+  const int i_first = causal ? max(0, k0 - offset) : 0;
+  for (int i0 = (i_first / R_TILE) * R_TILE; i0 < n_q; i0 += R_TILE) {
+    __syncthreads();  // the previous query tile is used up (sK, sV written, the first time)
+    load_tile<D>(sQ, Qh, i0, n_q);
+    load_tile<D>(sdO, dOh, i0, n_q);
+    for (int r = tid; r < R_TILE; r += R_NT) {
+      const bool ok = i0 + r < n_q;
+      sL[r] = ok ? LSE[(size_t)bh * n_q + i0 + r] : 0.f;
+      sD[r] = ok ? Dsum[(size_t)bh * n_q + i0 + r] : 0.f;
+    }
+    __syncthreads();
+
+    // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for keys 4ty+i, queries tx+16j
+    float s[4][4], dp[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[i][j] = dp[i][j] = 0.f;
+#pragma unroll
+    for (int k = 0; k < D; k += 4) {
+      float4 a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = ld4(sK + (4 * ty + i) * SP + k);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = ld4(sQ + (tx + 16 * j) * SP + k);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[i][j] = dot4(a[i], b[j], s[i][j]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = ld4(sV + (4 * ty + i) * SP + k);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = ld4(sdO + (tx + 16 * j) * SP + k);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) dp[i][j] = dot4(a[i], b[j], dp[i][j]);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = k0 + 4 * ty + i;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int ql = tx + 16 * j, q = i0 + ql;
+        const bool ok = q < n_q && key < n_k && !(causal && key > q + offset);
+        const float p = ok ? exp2f(s[i][j] * scale_log2 - sL[ql] * LOG2E_F) : 0.f;
+        sP[(4 * ty + i) * PP + ql] = p;
+        sdS[(4 * ty + i) * PP + ql] = p * (dp[i][j] - sD[ql]);
+      }
+    }
+    __syncthreads();
+
+    // dV += P·dO and dK += dS·Q for keys 4ty+i, columns tx·C + c
+#pragma unroll 4
+    for (int qq = 0; qq < R_TILE; qq += 4) {
+      float4 p[4], ds[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        p[i] = ld4(sP + (4 * ty + i) * PP + qq);
+        ds[i] = ld4(sdS + (4 * ty + i) * PP + qq);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        float g[C], x[C];
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          g[c] = sdO[(qq + u) * SP + tx * C + c];
+          x[c] = sQ[(qq + u) * SP + tx * C + c];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float pu = u == 0 ? p[i].x : u == 1 ? p[i].y : u == 2 ? p[i].z : p[i].w;
+          const float du = u == 0 ? ds[i].x : u == 1 ? ds[i].y : u == 2 ? ds[i].z : ds[i].w;
+#pragma unroll
+          for (int c = 0; c < C; ++c) {
+            dv[i][c] = fmaf(pu, g[c], dv[i][c]);
+            dk[i][c] = fmaf(du, x[c], dk[i][c]);
+          }
+        }
+      }
+    }
+
+    // dQ += dS·K for queries 4ty+i, columns tx·C + c (this CTA's keys only)
+    float dq[4][C];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int c = 0; c < C; ++c) dq[i][c] = 0.f;
+#pragma unroll 4
+    for (int kk = 0; kk < R_TILE; ++kk) {
+      const float4 d4 = ld4(sdS + kk * PP + 4 * ty);  // dS[key kk][queries 4ty … 4ty+3]
+      float kv[C];
+#pragma unroll
+      for (int c = 0; c < C; ++c) kv[c] = sK[kk * SP + tx * C + c];
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        dq[0][c] = fmaf(d4.x, kv[c], dq[0][c]);
+        dq[1][c] = fmaf(d4.y, kv[c], dq[1][c]);
+        dq[2][c] = fmaf(d4.z, kv[c], dq[2][c]);
+        dq[3][c] = fmaf(d4.w, kv[c], dq[3][c]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int q = i0 + 4 * ty + i;
+      if (q < n_q) {
+#pragma unroll
+        for (int c = 0; c < C; ++c) atomicAdd(dQacc + ((size_t)bh * n_q + q) * D + tx * C + c, dq[i][c]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int key = k0 + 4 * ty + i;
+    if (key < n_k) {
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        dK[((size_t)bh * n_k + key) * D + tx * C + c] = dk[i][c] * scale;
+        dV[((size_t)bh * n_k + key) * D + tx * C + c] = dv[i][c];
+      }
+    }
+  }
+}
+
+#define TILED(D)                                                                                            \
+  extern "C" __global__ void __launch_bounds__(R_NT) flash_fwd_tiled_f32_d##D(                              \
+      const float* Q, const float* K, const float* V, float* O, float* LSE, int n_q, int n_k, int d,       \
+      float scale_log2, int causal) {                                                                       \
+    fwd_tiled<D>(Q, K, V, O, LSE, n_q, n_k, scale_log2, causal);                                            \
+  }                                                                                                         \
+  extern "C" __global__ void __launch_bounds__(R_NT, 2) flash_bwd_tiled_f32_d##D(                              \
+      const float* Q, const float* K, const float* V, const float* dO, const float* LSE, const float* Dsum, \
+      float* dQacc, float* dK, float* dV, int n_q, int n_k, int d, float scale, float scale_log2,          \
+      int causal) {                                                                                         \
+    bwd_tiled<D>(Q, K, V, dO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale, scale_log2, causal);              \
+  }
+TILED(32)
+TILED(64)

@@ -4,8 +4,10 @@
 //! Kernel choice:
 //! - bf16/f16 with `d = 32`, `64` or `128` and 16-byte-aligned inputs: the tensor-core kernels
 //!   `flash_{fwd,bwd}_tc_{bf16,f16}_d{32,64,128}` (mma.sync m16n8k16, fp32 accumulators);
-//! - everything else (f32, other head sizes ≤ 128): `flash_{fwd,bwd}_simple_{f32,bf16,f16}`,
-//!   fp32 FMA.
+//! - f32 with `d = 32` or `64` and 16-byte-aligned inputs: `flash_{fwd,bwd}_tiled_f32_d{32,64}`,
+//!   fp32 FMA with a 4 × 4 block of scores per thread;
+//! - everything else (other head sizes ≤ 128): `flash_{fwd,bwd}_simple_{f32,bf16,f16}`,
+//!   fp32 FMA, one score per thread at a time.
 //!
 //! The backward is three launches plus a memset: `D = rowsum(dO∘O)` (`flash_bwd_dot_*`), the main
 //! kernel (dK, dV written directly into the packed output, dQ accumulated in an f32 buffer with
@@ -49,6 +51,15 @@ fn tc_fwd_smem(d: usize) -> usize {
 fn tc_bwd_smem(d: usize) -> usize {
     let br = tc_bwd_br(d);
     (2 * TC_BWD_BC * d + 2 * br * d + TC_BWD_BC * (br + 8)) * 2 + 2 * br * 4
+}
+/// Register-tiled f32 kernels: 256 threads, 64 × 64 tiles, rows padded to d + 4 floats.
+const R_THREADS: u32 = 256;
+const R_TILE: usize = 64;
+fn tiled_fwd_smem(d: usize) -> usize {
+    (3 * R_TILE * (d + 4) + R_TILE * (R_TILE + 4)) * 4
+}
+fn tiled_bwd_smem(d: usize) -> usize {
+    (4 * R_TILE * (d + 4) + 2 * R_TILE * (R_TILE + 4) + 2 * R_TILE) * 4
 }
 fn simple_fwd_smem() -> usize {
     (3 * S_TILE * S_ROW + S_TILE * (S_TILE + 1)) * 4
@@ -96,13 +107,13 @@ fn check_dims(dims: Dims) -> Result<()> {
 }
 
 /// Which family runs: [`crate::cuda_kernel_family`] (`suffix` names the kernels' dtype).
-fn use_tensor_cores(suffix: &str, dims: Dims, offsets: &[usize]) -> bool {
+fn family(suffix: &str, dims: Dims, offsets: &[usize]) -> crate::CudaKernelFamily {
     let dtype = match suffix {
         "bf16" => DType::BF16,
         "f16" => DType::F16,
         _ => DType::F32,
     };
-    crate::cuda_kernel_family(dtype, dims.d, offsets) == crate::CudaKernelFamily::TensorCores
+    crate::cuda_kernel_family(dtype, dims.d, offsets)
 }
 
 /// Forward: returns `(O, L)` storages, `O (bh, n_q, d)` in the input dtype, `L (bh, n_q)` f32.
@@ -150,20 +161,25 @@ fn fwd<T: CudaDType + DeviceRepr>(
     // SAFETY: every element of O and L is written by the kernel (rows < n_q, all columns).
     let mut o = unsafe { dev.alloc::<T>(bh * n_q * d)? };
     let mut lse = unsafe { dev.alloc::<f32>(bh * n_q)? };
-    let (name, rows, threads, smem) = if use_tensor_cores(suffix, dims, &[oq, ok, ov]) {
-        (
+    let (name, rows, threads, smem) = match family(suffix, dims, &[oq, ok, ov]) {
+        crate::CudaKernelFamily::TensorCores => (
             format!("flash_fwd_tc_{suffix}_d{d}"),
             TC_FWD_BR,
             32 * TC_FWD_WARPS,
             tc_fwd_smem(d),
-        )
-    } else {
-        (
+        ),
+        crate::CudaKernelFamily::Fp32Tiled => (
+            format!("flash_fwd_tiled_f32_d{d}"),
+            R_TILE,
+            R_THREADS,
+            tiled_fwd_smem(d),
+        ),
+        crate::CudaKernelFamily::Fp32Fma => (
             format!("flash_fwd_simple_{suffix}"),
             S_TILE,
             S_THREADS,
             simple_fwd_smem(),
-        )
+        ),
     };
     let func = kernel(&dev, &name, smem)?;
     let cfg = LaunchConfig {
@@ -255,20 +271,25 @@ fn bwd<T: CudaDType + DeviceRepr>(
     let mut packed = unsafe { dev.alloc::<T>(nq_el + 2 * nk_el)? };
     let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
     {
-        let (name, keys, threads, smem) = if use_tensor_cores(suffix, dims, &[oq, ok, ov, odo]) {
-            (
+        let (name, keys, threads, smem) = match family(suffix, dims, &[oq, ok, ov, odo]) {
+            crate::CudaKernelFamily::TensorCores => (
                 format!("flash_bwd_tc_{suffix}_d{d}"),
                 TC_BWD_BC,
                 32 * TC_BWD_WARPS,
                 tc_bwd_smem(d),
-            )
-        } else {
-            (
+            ),
+            crate::CudaKernelFamily::Fp32Tiled => (
+                format!("flash_bwd_tiled_f32_d{d}"),
+                R_TILE,
+                R_THREADS,
+                tiled_bwd_smem(d),
+            ),
+            crate::CudaKernelFamily::Fp32Fma => (
                 format!("flash_bwd_simple_{suffix}"),
                 S_TILE,
                 S_THREADS,
                 simple_bwd_smem(),
-            )
+            ),
         };
         let func = kernel(&dev, &name, smem)?;
         let cfg = LaunchConfig {

@@ -66,13 +66,16 @@ pub enum CudaKernelFamily {
     /// `mma.sync` m16n8k16 with fp32 accumulators: bf16/f16, d_head 32, 64 or 128, 16-byte
     /// aligned starts.
     TensorCores,
-    /// fp32 FMA, any d_head ≤ 128: f32 inputs and everything else.
+    /// fp32 FMA, register-tiled (each thread a 4 × 4 block of scores, `float4` operands): f32,
+    /// d_head 32 or 64, 16-byte-aligned starts.
+    Fp32Tiled,
+    /// fp32 FMA, one score per thread at a time, any d_head ≤ 128: everything else.
     Fp32Fma,
 }
 
 /// The CUDA kernel family [`flash_attention`] uses for `dtype` and `d_head`, with every input
 /// starting at an element offset of `offsets`. `MODULE08_FLASH_KERNEL=simple` (read once) forces
-/// the fp32-FMA kernels, to measure the difference.
+/// the simple fp32-FMA kernels, to measure the difference.
 pub fn cuda_kernel_family(dtype: DType, d_head: usize, offsets: &[usize]) -> CudaKernelFamily {
     static FORCE_SIMPLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let force_simple = *FORCE_SIMPLE
@@ -83,6 +86,12 @@ pub fn cuda_kernel_family(dtype: DType, d_head: usize, offsets: &[usize]) -> Cud
         && offsets.iter().all(|o| o % 8 == 0)
     {
         CudaKernelFamily::TensorCores
+    } else if !force_simple
+        && dtype == DType::F32
+        && matches!(d_head, 32 | 64)
+        && offsets.iter().all(|o| o % 4 == 0)
+    {
+        CudaKernelFamily::Fp32Tiled
     } else {
         CudaKernelFamily::Fp32Fma
     }
@@ -296,11 +305,16 @@ mod kernel_family_tests {
         for d in [32, 64, 128] {
             assert_eq!(cuda_kernel_family(DType::BF16, d, &[0, 8, 16]), TensorCores);
             assert_eq!(cuda_kernel_family(DType::F16, d, &[0, 0, 0]), TensorCores);
-            assert_eq!(cuda_kernel_family(DType::F32, d, &[0, 0, 0]), Fp32Fma);
             assert_eq!(cuda_kernel_family(DType::BF16, d, &[0, 4, 0]), Fp32Fma);
         }
+        for d in [32, 64] {
+            assert_eq!(cuda_kernel_family(DType::F32, d, &[0, 4, 64]), Fp32Tiled);
+            assert_eq!(cuda_kernel_family(DType::F32, d, &[0, 2, 0]), Fp32Fma);
+        }
+        assert_eq!(cuda_kernel_family(DType::F32, 128, &[0, 0, 0]), Fp32Fma);
         for d in [16, 48, 80, 96] {
             assert_eq!(cuda_kernel_family(DType::BF16, d, &[0, 0, 0]), Fp32Fma);
+            assert_eq!(cuda_kernel_family(DType::F32, d, &[0, 0, 0]), Fp32Fma);
         }
     }
 }

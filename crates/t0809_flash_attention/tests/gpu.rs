@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use common::*;
 use t0809_flash_attention::*;
 
-/// `(b, h, n_q, n_k, d, causal)`: tile edges (64-row/64-key TC tiles, 32×32 simple tiles),
+/// `(b, h, n_q, n_k, d, causal)`: tile edges (64 × 64 tensor-core and register-tiled tiles, 32 × 32
+/// simple tiles),
 /// n_q ≠ n_k, single query, exact multiples.
 fn shapes(d: usize) -> Vec<(usize, usize, usize, usize, usize, bool)> {
     vec![
@@ -70,7 +71,19 @@ fn gpu_f32_forward_and_backward_match_float64() -> Result<()> {
         return Ok(());
     };
     let mut rng = Rng::new(100);
-    for d in [64, 128, 40] {
+    let forced_simple = std::env::var("MODULE08_FLASH_KERNEL").is_ok_and(|v| v == "simple");
+    for d in [32, 64, 128, 40] {
+        // Both f32 families are covered: register-tiled for 32 and 64, simple for 128 and 40.
+        let want = if matches!(d, 32 | 64) && !forced_simple {
+            CudaKernelFamily::Fp32Tiled
+        } else {
+            CudaKernelFamily::Fp32Fma
+        };
+        assert_eq!(
+            cuda_kernel_family(DType::F32, d, &[0, 0, 0]),
+            want,
+            "f32 d {d}"
+        );
         for (b, h, n_q, n_k, d, causal) in shapes(d) {
             let (q, k, v) = qkv(&mut rng, b, h, n_q, n_k, d, d)?;
             let d_o = rng.tensor(&[b, h, n_q, d], 1.0)?;
