@@ -5,7 +5,8 @@
 #   bash scripts/compare_with_twin.sh [BATCH] [STEPS]     (TWIN_COMPILE=1 adds torch.compile rows)
 #
 # Needs in /tmp/gpu/bin: t0806_modern_blocks, t0810_kv_cache, parity (t0806 example).
-# Writes $OUT/twin.json (every measurement) and prints the table of ratios.
+# Prints the table of ratios and leaves every log and json (summary.json: the table), the parity
+# curves and their plots in one archive, $OUT/twin.tgz.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"

@@ -121,8 +121,10 @@ class Twin(torch.nn.Module):
 
     def _naive(self, q, k, v):
         """Causal attention written out, as nanoGPT's non-flash path: the (n, n) scores are
-        materialised, masked and softmaxed (one fused PyTorch kernel), then multiplied by V."""
+        materialised, scaled, masked (`masked_fill`) and softmaxed (`torch.softmax`, one fused
+        kernel), then multiplied by V. Training only: queries and keys are the same n positions."""
         n, g = q.shape[-2], q.shape[1] // k.shape[1]
+        assert k.shape[-2] == n, "the written-out attention serves the training forward (no cache)"
         if g > 1:
             k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))

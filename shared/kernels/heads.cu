@@ -4,10 +4,11 @@
 //   out[a, c, b, :] = in[a, b, c, :]          in (A, B, C, R) → out (A, C, B, R), both contiguous
 //
 // Nothing is computed: each row of R units moves as a whole, so the kernel copies raw bytes in the
-// widest unit U (16, 8, 4, 2 or 1 bytes) that divides a row and both buffers' alignment — a
+// widest unit U (16, 8, 4 or 2 bytes: every float dtype has at least 2) that divides a row and
+// both buffers' alignment — a
 // (…, 32)-element bf16 row is four 16-byte loads instead of 32 two-byte ones. One thread per unit
 // of the output: writes are coalesced, reads come in runs of R units. 32-bit index arithmetic
-// when the tensor has fewer than 2³¹ units (integer division is the cost here), 64-bit otherwise.
+// when it cannot overflow (integer division is the cost here), 64-bit otherwise.
 //
 // Build: nvcc --ptx -arch=compute_90 (build.rs).
 
@@ -27,17 +28,18 @@ __device__ void swap12(const U *in, U *out, I B, I C, I R, I n) {
   }
 }
 
-#define SWAP12_KERNELS(U, NAME)                                                                       \
-  extern "C" __global__ void swap12_##NAME##_i32(const U *in, U *out, int B, int C, int R, int n) {  \
-    swap12<U, int>(in, out, B, C, R, n);                                                              \
-  }                                                                                                   \
-  extern "C" __global__ void swap12_##NAME##_i64(const U *in, U *out, int64_t B, int64_t C, int64_t R, \
-                                                 int64_t n) {                                         \
-    swap12<U, int64_t>(in, out, B, C, R, n);                                                          \
+// One kernel per unit; 32-bit indices when the last index plus one grid stride still fits.
+#define SWAP12_KERNEL(U, NAME)                                                                        \
+  extern "C" __global__ void swap12_##NAME(const U *in, U *out, int64_t B, int64_t C, int64_t R,     \
+                                           int64_t n) {                                               \
+    if (n + (int64_t)gridDim.x * blockDim.x <= INT32_MAX) {                                           \
+      swap12<U, int>(in, out, (int)B, (int)C, (int)R, (int)n);                                        \
+    } else {                                                                                          \
+      swap12<U, int64_t>(in, out, B, C, R, n);                                                        \
+    }                                                                                                 \
   }
 
-SWAP12_KERNELS(uint4, u128)
-SWAP12_KERNELS(uint2, u64)
-SWAP12_KERNELS(unsigned int, u32)
-SWAP12_KERNELS(unsigned short, u16)
-SWAP12_KERNELS(unsigned char, u8)
+SWAP12_KERNEL(uint4, u128)
+SWAP12_KERNEL(uint2, u64)
+SWAP12_KERNEL(unsigned int, u32)
+SWAP12_KERNEL(unsigned short, u16)

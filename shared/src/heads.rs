@@ -171,33 +171,22 @@ mod cuda {
         // The widest unit dividing a row's bytes and the input's byte offset (allocations are
         // at least 256-byte aligned; the output is a fresh one).
         let (row_bytes, offset_bytes) = (r * size, offset * size);
-        let (unit, name) = [(16, "u128"), (8, "u64"), (4, "u32"), (2, "u16"), (1, "u8")]
+        // Every float dtype has at least 2 bytes, so the 2-byte unit always fits.
+        let (unit, name) = [(16, "u128"), (8, "u64"), (4, "u32"), (2, "u16")]
             .into_iter()
             .find(|&(u, _)| row_bytes % u == 0 && offset_bytes % u == 0)
-            .expect("1 divides everything");
+            .unwrap_or((2, "u16"));
         let (units_per_row, units) = (row_bytes / unit, n * size / unit);
+        let func = load_kernel(&dev, MODULE, PTX, &format!("swap12_{name}"), 0)?;
+        let args = [b, c, units_per_row, units].map(|x| x as i64);
         let stream = dev.cuda_stream();
-        if units < i32::MAX as usize {
-            let func = load_kernel(&dev, MODULE, PTX, &format!("swap12_{name}_i32"), 0)?;
-            let args = [b as i32, c as i32, units_per_row as i32, units as i32];
-            let mut builder = stream.launch_builder(&func);
-            builder.arg(&input).arg(&mut out);
-            for x in &args {
-                builder.arg(x);
-            }
-            // SAFETY: argument types and order match the kernel; both buffers hold `units` units.
-            unsafe { builder.launch(grid_stride(units)) }.w()?;
-        } else {
-            let func = load_kernel(&dev, MODULE, PTX, &format!("swap12_{name}_i64"), 0)?;
-            let args = [b as i64, c as i64, units_per_row as i64, units as i64];
-            let mut builder = stream.launch_builder(&func);
-            builder.arg(&input).arg(&mut out);
-            for x in &args {
-                builder.arg(x);
-            }
-            // SAFETY: as above, with 64-bit indices.
-            unsafe { builder.launch(grid_stride(units)) }.w()?;
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(&input).arg(&mut out);
+        for x in &args {
+            builder.arg(x);
         }
+        // SAFETY: argument types and order match the kernel; both buffers hold `units` units.
+        unsafe { builder.launch(grid_stride(units)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }

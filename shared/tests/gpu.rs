@@ -389,8 +389,10 @@ fn step_gate_matches_the_host_clip_factor() -> anyhow::Result<()> {
 }
 
 /// The head swap moves the same bits as Candle's `transpose(1, 2).contiguous()` on the device:
-/// every float dtype, rows of 16-, 8-, 4- and 2-byte units (widths 32, 4, 2, 1 in f32 or odd in
-/// bf16), an input that starts one element into its buffer, and the gradient swapped back.
+/// every float dtype; rows moved in 16-byte units (f32 widths 32 and 4), 8-byte (f32 width 2),
+/// 4-byte (f32 width 1) and 2-byte ones (bf16/f16 width 13, and any input that starts one
+/// element into its buffer); the gradient swapped back. The 64-bit-index path (more than ~2³¹
+/// units) is not exercised here.
 #[test]
 fn head_swap_on_the_device_equals_transpose_contiguous() -> candle_core::Result<()> {
     let dev = shared::device::test_device();

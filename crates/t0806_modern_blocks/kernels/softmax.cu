@@ -47,7 +47,7 @@ __device__ void forward(const T *x, T *y, int64_t rows, int64_t n_q, int64_t n_k
     if (v > m) {
       l = l * expf(m - v) + 1.0f;
       m = v;
-    } else {
+    } else if (v != -INFINITY) {  // a −∞ score adds nothing (and −∞ − −∞ would be NaN)
       l += expf(v - m);
     }
   }

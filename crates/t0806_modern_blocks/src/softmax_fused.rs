@@ -23,6 +23,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use shared::custom_op::contiguous_slice;
+use t0807_grouped_query_attention::fold_query_groups;
 
 /// `softmax(scale · scores)` over the last dimension, keys after a row's query masked out when
 /// `causal`. `scores (…, rows, n_k)`: row `r` of the second-to-last dimension is query
@@ -39,8 +40,11 @@ pub fn causal_softmax_fused(
         bail!("causal_softmax_fused: scores must be (…, rows, n_k), got {dims:?}");
     }
     let (rows, n_k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    if n_q == 0 || n_q > n_k || !rows.is_multiple_of(n_q) {
-        bail!("causal_softmax_fused: {n_q} queries must divide the {rows} rows and be at most the {n_k} keys");
+    if n_q == 0 || !rows.is_multiple_of(n_q) {
+        bail!("causal_softmax_fused: {n_q} queries must divide the {rows} rows");
+    }
+    if causal && n_q > n_k {
+        bail!("causal_softmax_fused: with the causal mask the {n_q} queries are the last of the keys, so at most {n_k}");
     }
     if !scale.is_finite() {
         bail!("causal_softmax_fused: the scale must be finite, got {scale}");
@@ -58,12 +62,7 @@ pub fn causal_softmax_fused(
 /// with [`causal_softmax_fused`] in place of the composed scale, mask and softmax.
 pub fn fused_softmax_kernel(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
     let (b, n_heads, n_q, d) = q.dims4()?;
-    let (_, n_kv, _, _) = k.dims4()?;
-    if n_kv == 0 || n_heads % n_kv != 0 {
-        bail!("attention kernel: {n_kv} K/V heads cannot serve {n_heads} query heads");
-    }
-    let g = n_heads / n_kv;
-    let q = q.contiguous()?.reshape((b, n_kv, g * n_q, d))?; // rows: (head in group, query)
+    let (q, _) = fold_query_groups(q, k.dim(1)?)?; // (b, n_kv, g·n_q, d)
     let (k, v) = (gemm_operand(k)?, gemm_operand(v)?);
     let scores = q.matmul(&k.t()?)?; // (b, n_kv, g·n_q, n_k)
     let weights = causal_softmax_fused(&scores, 1.0 / (d as f64).sqrt(), n_q, causal)?;
@@ -105,7 +104,8 @@ impl CausalSoftmax {
         }
     }
 
-    /// One row in f32 arithmetic (f64 for f64), as the kernel.
+    /// The rows in f64 arithmetic, rounded to f32 (f64 stays f64) at the scaled scores, the sum
+    /// and each output, as the kernel rounds its f32 values.
     fn cpu_forward<T: candle_core::WithDType>(&self, x: &[T]) -> Vec<T> {
         let mut y = Vec::with_capacity(x.len());
         let wide = T::DTYPE == DType::F64;

@@ -1,10 +1,17 @@
-//! The fused RMSNorm op on the CPU: values and gradients equal the composed RMSNorm (f32, f64,
-//! bf16), the backward equals central finite differences in f64, a model built with
-//! `fused_norm` computes the same logits and gradients, and bad inputs give clear errors.
+//! The fused ops of 8-06 against the composed ops they replace. RMSNorm: values and gradients
+//! equal the composed RMSNorm (f32, f64, bf16), the backward equals central finite differences in
+//! f64. The SwiGLU gate: SiLU(a)·b and its gradients. The causal softmax: t0801's scale, mask and
+//! softmax (f64 on the CPU to 1e-12; f32 and bf16 everywhere) for grouped rows, queries that are
+//! the last of more keys, rows longer than a warp and no mask, and naive attention with it equals
+//! t0807's. A model built with every fused op computes the same logits and gradients; bad inputs
+//! give clear errors. The tests that use `test_device()` run on the GPU with
+//! `MODULE08_TEST_DEVICE=cuda`.
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use t0801_self_attention::{mask_scores, softmax_last_dim};
 use t0804_transformer_block::Layer;
 use t0806_modern_blocks::*;
+use t0807_grouped_query_attention::{grouped_causal_mask, naive_grouped_attention};
 
 fn vec64(t: &Tensor) -> Vec<f64> {
     t.flatten_all()
@@ -262,5 +269,184 @@ fn fused_swiglu_gate_equals_silu_times_up() -> Result<()> {
         &g.narrow(2, 0, 3)?
     )
     .is_err());
+    Ok(())
+}
+
+// ---- the fused causal softmax (naive attention) ----
+
+/// The composed reference: t0801's mask and softmax of `scale · scores`.
+fn composed(scores: &Tensor, scale: f64, g: usize, n_q: usize, causal: bool) -> Result<Tensor> {
+    let n_k = scores.dim(D::Minus1)?;
+    let s = (scores * scale)?;
+    let s = if causal {
+        mask_scores(&s, &grouped_causal_mask(g, n_q, n_k, scores.device())?)?
+    } else {
+        s
+    };
+    softmax_last_dim(&s)
+}
+
+/// `(y, dx)` of `loss = Σ c ⊙ softmax(x)`, fused or composed.
+fn run_softmax(
+    x: &Tensor,
+    c: &Tensor,
+    scale: f64,
+    g: usize,
+    n_q: usize,
+    causal: bool,
+    fused: bool,
+) -> Result<(Tensor, Tensor)> {
+    let v = Var::from_tensor(x)?;
+    let y = if fused {
+        causal_softmax_fused(v.as_tensor(), scale, n_q, causal)?
+    } else {
+        composed(v.as_tensor(), scale, g, n_q, causal)?
+    };
+    let grads = (y.to_dtype(DType::F64)? * c)?.sum_all()?.backward()?;
+    let dx = grads.get(v.as_tensor()).expect("dx").clone();
+    Ok((y, dx))
+}
+
+#[test]
+fn fused_causal_softmax_equals_composed_mask_and_softmax() -> Result<()> {
+    let dev = shared::device::test_device();
+    let dtypes: &[(DType, f64)] = if dev.is_cuda() {
+        &[(DType::F32, 1e-5), (DType::BF16, 2e-2), (DType::F16, 3e-3)]
+    } else {
+        &[
+            (DType::F64, 1e-12),
+            (DType::F32, 1e-5),
+            (DType::BF16, 2e-2),
+            (DType::F16, 3e-3),
+        ]
+    };
+    // (heads per group, queries, keys, causal): square; queries the last 5 of 9 keys, grouped;
+    // no mask; one query (decoding); rows of more than 32 keys (several per lane); more queries
+    // than keys without the mask.
+    for (g, n_q, n_k, causal) in [
+        (1, 7, 7, true),
+        (2, 5, 9, true),
+        (3, 4, 4, false),
+        (1, 1, 40, true),
+        (2, 33, 70, true),
+        (1, 6, 3, false),
+    ] {
+        let x64 =
+            (Tensor::randn(0f64, 4.0, (2, 3, g * n_q, n_k), &Device::Cpu)?).to_device(&dev)?;
+        let c = Tensor::randn(0f64, 1.0, (2, 3, g * n_q, n_k), &Device::Cpu)?.to_device(&dev)?;
+        let scale = 0.3;
+        // The reference in f64 with the composed ops.
+        let (y_ref, dx_ref) = run_softmax(
+            &x64.to_device(&Device::Cpu)?,
+            &c.to_device(&Device::Cpu)?,
+            scale,
+            g,
+            n_q,
+            causal,
+            false,
+        )?;
+        for &(dt, tol) in dtypes {
+            let x = x64.to_dtype(dt)?;
+            let (y, dx) = run_softmax(&x, &c, scale, g, n_q, causal, true)?;
+            assert_eq!((y.dtype(), y.dims()), (dt, x.dims()));
+            let (ey, edx) = (max_rel(&y, &y_ref), max_rel(&dx, &dx_ref));
+            assert!(
+                ey < tol && edx < tol,
+                "g {g} n_q {n_q} n_k {n_k} causal {causal} {dt:?}: y {ey:.2e}, dx {edx:.2e}"
+            );
+            // masked keys are exactly zero, every row sums to one
+            let rows = y.to_dtype(DType::F64)?.sum(D::Minus1)?;
+            assert!(vec64(&rows)
+                .iter()
+                .all(|s| (s - 1.0).abs() < tol.max(1e-6) * 4.0));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn naive_attention_with_fused_softmax_equals_naive_grouped_attention() -> Result<()> {
+    let dev = shared::device::test_device();
+    let (b, h, kv, n, d) = (2, 4, 2, 9, 8);
+    let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?)?;
+    let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kv, n, d), &dev)?)?;
+    let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kv, n, d), &dev)?)?;
+    let c = Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?;
+    for causal in [true, false] {
+        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let fused = fused_softmax_kernel(qt, kt, vt, causal)?;
+        let naive = naive_grouped_attention(qt, kt, vt, causal)?;
+        assert!(max_rel(&fused, &naive) < 1e-5, "causal {causal}: output");
+        let gf = (&fused * &c)?.sum_all()?.backward()?;
+        let gn = (&naive * &c)?.sum_all()?.backward()?;
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, bb) = (
+                gf.get(var.as_tensor()).unwrap(),
+                gn.get(var.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_rel(a, bb) < 1e-5,
+                "causal {causal}: d{name} {:.2e}",
+                max_rel(a, bb)
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_nan_score_makes_its_row_nan_and_only_its_row() -> Result<()> {
+    let dev = shared::device::test_device();
+    let mut x = vec![0.5f32; 2 * 4];
+    x[1] = f32::NAN; // row 0, key 1
+    let y = causal_softmax_fused(&Tensor::from_vec(x, (2, 4), &dev)?, 1.0, 2, false)?;
+    let y = y.to_vec2::<f32>()?;
+    assert!(y[0].iter().all(|v| v.is_nan()), "{y:?}");
+    assert!(y[1].iter().all(|v| (v - 0.25).abs() < 1e-6), "{y:?}");
+    Ok(())
+}
+
+#[test]
+fn minus_infinity_scores_get_zero_weight() -> Result<()> {
+    // A score that is already −∞ (a padding mask applied before the op) is weight 0, on every
+    // lane of a row longer than a warp, as in the composed softmax.
+    let dev = shared::device::test_device();
+    let mut x: Vec<f32> = (0..2 * 40).map(|i| (i % 7) as f32 * 0.25).collect();
+    for j in [0, 1, 33, 39] {
+        x[j] = f32::NEG_INFINITY; // row 0: the first keys of lanes 0 and 1, later keys of lanes 1 and 7
+    }
+    let x = Tensor::from_vec(x, (2, 40), &dev)?;
+    let y = causal_softmax_fused(&x, 0.5, 2, false)?;
+    let want = softmax_last_dim(&(x.to_device(&Device::Cpu)? * 0.5)?)?;
+    assert!(max_rel(&y, &want) < 1e-6, "{:.2e}", max_rel(&y, &want));
+    let y = y.to_vec2::<f32>()?;
+    assert!([0, 1, 33, 39].iter().all(|&j| y[0][j] == 0.0), "{:?}", y[0]);
+    Ok(())
+}
+
+#[test]
+fn bad_arguments_are_errors() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((2, 6, 8), DType::F32, &dev)?;
+    let msg = |r: Result<Tensor>| r.unwrap_err().to_string();
+    assert!(msg(causal_softmax_fused(&x, 1.0, 4, true)).contains("divide"));
+    assert!(msg(causal_softmax_fused(&x, 1.0, 0, true)).contains("divide"));
+    assert!(msg(causal_softmax_fused(
+        &Tensor::zeros((2, 12, 8), DType::F32, &dev)?,
+        1.0,
+        12,
+        true
+    ))
+    .contains("at most"));
+    assert!(msg(causal_softmax_fused(
+        &Tensor::zeros(8, DType::F32, &dev)?,
+        1.0,
+        1,
+        true
+    ))
+    .contains("(…, rows, n_k)"));
+    assert!(msg(causal_softmax_fused(&x, f64::NAN, 3, true)).contains("finite"));
+    let ints = Tensor::zeros((2, 6, 8), DType::U32, &dev)?;
+    assert!(causal_softmax_fused(&ints, 1.0, 3, true).is_err());
     Ok(())
 }

@@ -110,11 +110,7 @@ pub fn kv_cache_bytes_per_token(
 pub fn naive_grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
     let (b, n_heads, n_q, d) = q.dims4()?;
     let (_, n_kv, n_k, _) = k.dims4()?;
-    if n_kv == 0 || n_heads % n_kv != 0 {
-        bail!("attention kernel: {n_kv} K/V heads cannot serve {n_heads} query heads");
-    }
-    let g = n_heads / n_kv;
-    let q = q.contiguous()?.reshape((b, n_kv, g * n_q, d))?; // rows: (head in group, query)
+    let (q, g) = fold_query_groups(q, n_kv)?;
     let mask = if causal {
         Some(grouped_causal_mask(g, n_q, n_k, q.device())?)
     } else {
@@ -122,6 +118,19 @@ pub fn naive_grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool)
     };
     let att = scaled_dot_product_attention(&q, &k.contiguous()?, &v.contiguous()?, mask.as_ref())?;
     att.output.reshape((b, n_heads, n_q, d))
+}
+
+/// Folds each group of `g = n_heads / n_kv_heads` query heads into the query rows:
+/// `q (b, n_heads, n_q, d)` → `(b, n_kv_heads, g·n_q, d)`, rows ordered (head in group, query),
+/// so that one batched matmul per K/V head serves its whole group. Returns the folded `q` and `g`;
+/// `reshape((b, n_heads, n_q, d))` of an output unfolds it.
+pub fn fold_query_groups(q: &Tensor, n_kv: usize) -> Result<(Tensor, usize)> {
+    let (b, n_heads, n_q, d) = q.dims4()?;
+    if n_kv == 0 || n_heads % n_kv != 0 {
+        bail!("attention kernel: {n_kv} K/V heads cannot serve {n_heads} query heads");
+    }
+    let g = n_heads / n_kv;
+    Ok((q.contiguous()?.reshape((b, n_kv, g * n_q, d))?, g))
 }
 
 /// The causal mask `(g·n_q, n_k)` for `g` stacked query groups (row `r` is query `r mod n_q`).

@@ -4,10 +4,12 @@
 // lse (bh, n_q) f32 holds the natural-log row log-sum-exp L = ln sum_j exp(s_ij).
 // Causal masks are end-aligned: query i sees key j iff j <= i + (n_k - n_q).
 //
-// Two families of kernels:
+// Three families of kernels:
 //   *_tc_{bf16,f16}_d{32,64,128}: tensor cores (mma.sync m16n8k16, fp32 accumulators), tiles in
 //       shared memory filled with 16-byte cp.async (XOR-swizzled, conflict-free for ldmatrix).
-//   *_simple_{f32,bf16,f16}:   fp32 FMA, any d <= 128; for f32 inputs and odd shapes.
+//   *_tiled_f32_d{32,64}:        fp32 FMA, register-tiled (a 4x4 block of scores per thread);
+//       f32 inputs with 16-byte-aligned rows.
+//   *_simple_{f32,bf16,f16}:     fp32 FMA, one score per thread at a time, any d <= 128; the rest.
 // Scores are handled in the log2 domain: x = s * scale * log2(e), p = exp2(x - m).
 //
 // Build: nvcc --ptx -arch=compute_90 (build.rs). See notes/flash-attention.md for versions.
@@ -541,7 +543,8 @@ BWD_TC(flash_bwd_tc_f16_d64, __half, 64, 64, 8)
 BWD_TC(flash_bwd_tc_f16_d128, __half, 128, 32, 8)
 
 // ---------------------------------------------------------------------------------------------
-// Simple fp32-FMA kernels, any d <= 128 (f32 inputs, and low precision with other head sizes).
+// Simple fp32-FMA kernels, any d <= 128 (f32 with other head sizes or misaligned rows, and low
+// precision with other head sizes).
 // Forward: CTA = 32 query rows x 8 threads per row; key tiles of 32 in padded shared memory.
 // ---------------------------------------------------------------------------------------------
 #define S_BR 32
@@ -786,8 +789,9 @@ SIMPLE(f16, __half)
 //
 // The simple kernels above give each thread one score at a time and read both operands of every
 // FMA from shared memory: two loads per FMA, ~6 TFLOP/s. Here a CTA of 256 threads (16 × 16:
-// ty = tid / 16, tx = tid % 16) works on 64 × 64 tiles and each thread on a 4 × 4 block of them,
-// reading its operands as float4: two 16-byte loads feed 16 FMAs. Rows in shared memory are padded
+// ty = tid / 16, tx = tid % 16) works on 64 × 64 tiles and each thread on a 4 × 4 block of them:
+// for the scores two 16-byte loads feed 16 FMAs, and the products with V, dO, Q and K read the
+// thread's d/16 columns as one 8- or 16-byte load. Rows in shared memory are padded
 // to D + 4 floats (64 + 4 for the score tiles), so eight consecutive rows read as float4 hit
 // eight different groups of four banks.
 //
@@ -807,6 +811,18 @@ __device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
   acc = fmaf(a.y, b.y, acc);
   acc = fmaf(a.z, b.z, acc);
   return fmaf(a.w, b.w, acc);
+}
+// C consecutive floats of a padded shared-memory row (C = 2 or 4) as one 8- or 16-byte load.
+template <int C>
+__device__ __forceinline__ void ld_cols(float (&x)[C], const float* p) {
+  if constexpr (C == 4) {
+    const float4 v = ld4(p);
+    x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+  } else {
+    static_assert(C == 2, "d = 32 or 64");
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    x[0] = v.x, x[1] = v.y;
+  }
 }
 __device__ __forceinline__ float half_warp_max(float v) {
   for (int o = 1; o < 16; o <<= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -926,8 +942,7 @@ __device__ __forceinline__ void fwd_tiled(const float* __restrict__ Q, const flo
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         float v[C];
-#pragma unroll
-        for (int c = 0; c < C; ++c) v[c] = sV[(kk + u) * SP + tx * C + c];
+        ld_cols<C>(v, sV + (kk + u) * SP + tx * C);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const float pu = u == 0 ? p[i].x : u == 1 ? p[i].y : u == 2 ? p[i].z : p[i].w;
@@ -1048,11 +1063,8 @@ __device__ __forceinline__ void bwd_tiled(const float* __restrict__ Q, const flo
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         float g[C], x[C];
-#pragma unroll
-        for (int c = 0; c < C; ++c) {
-          g[c] = sdO[(qq + u) * SP + tx * C + c];
-          x[c] = sQ[(qq + u) * SP + tx * C + c];
-        }
+        ld_cols<C>(g, sdO + (qq + u) * SP + tx * C);
+        ld_cols<C>(x, sQ + (qq + u) * SP + tx * C);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const float pu = u == 0 ? p[i].x : u == 1 ? p[i].y : u == 2 ? p[i].z : p[i].w;
@@ -1076,8 +1088,7 @@ __device__ __forceinline__ void bwd_tiled(const float* __restrict__ Q, const flo
     for (int kk = 0; kk < R_TILE; ++kk) {
       const float4 d4 = ld4(sdS + kk * PP + 4 * ty);  // dS[key kk][queries 4ty … 4ty+3]
       float kv[C];
-#pragma unroll
-      for (int c = 0; c < C; ++c) kv[c] = sK[kk * SP + tx * C + c];
+      ld_cols<C>(kv, sK + kk * SP + tx * C);
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         dq[0][c] = fmaf(d4.x, kv[c], dq[0][c]);

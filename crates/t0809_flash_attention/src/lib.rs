@@ -106,8 +106,9 @@ pub fn default_softmax_scale(d_head: usize) -> f64 {
 ///
 /// Shapes: `q (batch, heads, n_q, d)`, `k (batch, heads, n_k, d)`, `v (batch, heads, n_k, d_v)`
 /// → `(batch, heads, n_q, d_v)`. All three on one device, of one dtype: f32, f16, bf16 (f64 on
-/// the CPU). On CUDA: `d = d_v ≤ 128`; the tensor-core kernel runs for bf16/f16 with `d` 64 or
-/// 128, every other case on a simpler fp32-FMA kernel. Inputs are made contiguous here.
+/// the CPU). On CUDA: `d = d_v ≤ 128`; tensor-core kernels run for bf16/f16 with `d` 32, 64 or
+/// 128, register-tiled fp32-FMA kernels for f32 with `d` 32 or 64, a simpler fp32-FMA kernel in
+/// every other case ([`cuda_kernel_family`] says which). Inputs are made contiguous here.
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
@@ -297,7 +298,7 @@ mod kernel_family_tests {
     use super::*;
 
     #[test]
-    fn tensor_cores_take_16_bit_aligned_inputs_with_d_32_64_128() {
+    fn kernel_family_follows_dtype_head_size_and_alignment() {
         if std::env::var("MODULE08_FLASH_KERNEL").is_ok_and(|v| v == "simple") {
             return; // forced by hand: everything is fp32 FMA
         }

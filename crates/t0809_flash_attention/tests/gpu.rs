@@ -10,9 +10,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use common::*;
 use t0809_flash_attention::*;
 
-/// `(b, h, n_q, n_k, d, causal)`: tile edges (64 × 64 tensor-core and register-tiled tiles, 32 × 32
-/// simple tiles),
-/// n_q ≠ n_k, single query, exact multiples.
+/// `(b, h, n_q, n_k, d, causal)`: tile edges (64 × 64 tensor-core and register-tiled tiles,
+/// 32 × 32 simple tiles), n_q ≠ n_k, single query, exact multiples.
 fn shapes(d: usize) -> Vec<(usize, usize, usize, usize, usize, bool)> {
     vec![
         (2, 3, 200, 200, d, false),
@@ -236,6 +235,47 @@ fn gpu_misaligned_inputs_take_the_simple_path_and_agree() -> Result<()> {
     let aligned = flash_attention(&q.copy()?, &k.copy()?, &v.copy()?, 0.125, true)?;
     let e = max_abs(&to_vec(&odd)?, &to_vec(&aligned)?);
     assert!(e <= 2e-2, "misaligned vs aligned: {e:e}");
+    Ok(())
+}
+
+#[test]
+fn gpu_f32_views_at_an_offset_agree_with_contiguous_inputs() -> Result<()> {
+    let Some(dev) = gpu("gpu_f32_views_at_an_offset_agree_with_contiguous_inputs") else {
+        return Ok(());
+    };
+    let mut rng = Rng::new(104);
+    let (b, h, n, d) = (1, 2, 150, 32);
+    let n_el = b * h * n * d;
+    let d_o = rng
+        .tensor(&[b, h, n, d], 1.0)?
+        .to_dtype(DType::F32)?
+        .to_device(&dev)?;
+    // Offset 4 (16 bytes) keeps the register-tiled kernels; offset 3 sends f32 to the simple ones.
+    for (offset, family) in [
+        (4, CudaKernelFamily::Fp32Tiled),
+        (3, CudaKernelFamily::Fp32Fma),
+    ] {
+        if std::env::var("MODULE08_FLASH_KERNEL").is_err() {
+            assert_eq!(cuda_kernel_family(DType::F32, d, &[offset]), family);
+        }
+        let mk = |rng: &mut Rng| -> Result<Tensor> {
+            rng.tensor(&[n_el + offset], 1.0)?
+                .to_dtype(DType::F32)?
+                .to_device(&dev)?
+                .narrow(0, offset, n_el)?
+                .reshape((b, h, n, d))
+        };
+        let (q, k, v) = (mk(&mut rng)?, mk(&mut rng)?, mk(&mut rng)?);
+        let (o, g) = grads(flash_attention, &q, &k, &v, &d_o, 0.2, true)?;
+        let (q2, k2, v2) = (q.copy()?, k.copy()?, v.copy()?);
+        let (o2, g2) = grads(flash_attention, &q2, &k2, &v2, &d_o, 0.2, true)?;
+        let e = rel_norm(&to_vec(&o)?, &to_vec(&o2)?);
+        assert!(e <= 1e-5, "offset {offset}: output {e:e}");
+        for i in 0..3 {
+            let e = rel_norm(&to_vec(&g[i])?, &to_vec(&g2[i])?);
+            assert!(e <= 1e-5, "offset {offset}: gradient {i} {e:e}");
+        }
+    }
     Ok(())
 }
 
