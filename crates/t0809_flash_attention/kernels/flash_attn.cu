@@ -833,6 +833,29 @@ __device__ __forceinline__ float half_warp_sum(float v) {
   return v;
 }
 
+// acc = A·Bᵀ for the thread's 4 × 4 block: rows 4·ty + i of A against rows tx + 16·j of B, both
+// [64][D + 4] in shared memory, over the D columns; two 16-byte loads feed 16 FMAs.
+template <int D>
+__device__ __forceinline__ void dot_4x4(float (&acc)[4][4], const float* A, const float* B, int ty, int tx) {
+  constexpr int SP = D + 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+#pragma unroll
+  for (int k = 0; k < D; k += 4) {
+    float4 a[4], b[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = ld4(A + (4 * ty + i) * SP + k);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = ld4(B + (tx + 16 * j) * SP + k);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = dot4(a[i], b[j], acc[i][j]);
+  }
+}
+
 // rows row0 … row0+63 of a (n, D) matrix into shared memory [64][D + 4]; rows ≥ n are zeros.
 template <int D>
 __device__ __forceinline__ void load_tile(float* dst, const float* __restrict__ src, int row0, int n) {
@@ -887,22 +910,7 @@ __device__ __forceinline__ void fwd_tiled(const float* __restrict__ Q, const flo
 
     // S = Q·Kᵀ for rows 4ty+i, keys tx+16j
     float s[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) s[i][j] = 0.f;
-#pragma unroll
-    for (int k = 0; k < D; k += 4) {
-      float4 a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = ld4(sQ + (4 * ty + i) * SP + k);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = ld4(sK + (tx + 16 * j) * SP + k);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) s[i][j] = dot4(a[i], b[j], s[i][j]);
-    }
+    dot_4x4<D>(s, sQ, sK, ty, tx);
 
     // online softmax, row by row (the row's 64 keys are on the 16 threads of this half-warp)
 #pragma unroll
@@ -1013,30 +1021,8 @@ __device__ __forceinline__ void bwd_tiled(const float* __restrict__ Q, const flo
 
     // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for keys 4ty+i, queries tx+16j
     float s[4][4], dp[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) s[i][j] = dp[i][j] = 0.f;
-#pragma unroll
-    for (int k = 0; k < D; k += 4) {
-      float4 a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = ld4(sK + (4 * ty + i) * SP + k);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = ld4(sQ + (tx + 16 * j) * SP + k);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) s[i][j] = dot4(a[i], b[j], s[i][j]);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = ld4(sV + (4 * ty + i) * SP + k);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = ld4(sdO + (tx + 16 * j) * SP + k);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) dp[i][j] = dot4(a[i], b[j], dp[i][j]);
-    }
+    dot_4x4<D>(s, sK, sQ, ty, tx);
+    dot_4x4<D>(dp, sV, sdO, ty, tx);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int key = k0 + 4 * ty + i;
