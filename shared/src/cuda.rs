@@ -43,6 +43,18 @@ pub fn contiguous_view<'a, T: CudaDType>(
     }
 }
 
+/// The contiguous parts of several storages ([`contiguous_view`]), in order; an error names the
+/// input as `"{op}: {what}"`.
+pub fn contiguous_views<'a, T: CudaDType>(
+    inputs: &[(&'a CudaStorage, &Layout, &str)],
+    op: &str,
+) -> Result<Vec<CudaView<'a, T>>> {
+    inputs
+        .iter()
+        .map(|&(s, l, what)| Ok(contiguous_view::<T>(s, l, &format!("{op}: {what}"))?.0))
+        .collect()
+}
+
 /// Threads per block of the element-wise kernels.
 pub const THREADS: u32 = 256;
 

@@ -11,11 +11,12 @@
 //!
 //! Both are the same data movement, [`swap_axes_1_2`]: `out[a, c, b, :] = in[a, b, c, :]`. Its
 //! backward is the same swap of the gradient. In Candle the `contiguous()` of a transposed view is
-//! a general strided copy that computes a four-level index for every element and moves it alone;
-//! a (64, 256, 16, 32) bf16 tensor takes it ~90 µs on an H200, a quarter of the memory bandwidth,
-//! and a training step of the 8-06 model does 32 of them. The op here moves whole `d_head` rows in
-//! 16-byte units (`kernels/heads.cu`, `cuda` feature only); on the CPU it is a loop of row copies.
-//! Same values, bit for bit.
+//! a general strided copy that computes a four-level index for every element (dims and strides
+//! read from memory, a division and a remainder per level) and moves each element alone; a
+//! training step of the 8-06 model does 32 of them on (64, 256, 16, 32) activations. The op here
+//! moves whole `d_head` rows in 16-byte units (`kernels/heads.cu`, `cuda` feature only): 9.9 µs
+//! per swap in bf16 on an H200 (`ncu`, session 12), and the bf16 step went from 11.9 to 9.4 ms.
+//! On the CPU it is a loop of row copies. Same values, bit for bit.
 //!
 //! `MODULE08_HEADS=transpose` switches back to Candle's `transpose(1, 2).contiguous()` for
 //! side-by-side measurements.

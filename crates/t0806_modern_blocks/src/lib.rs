@@ -264,6 +264,18 @@ impl ModernLmConfig {
         }
     }
 
+    /// Every fused op of this topic switched on (or off): RMSNorm, RoPE, the SwiGLU gate and
+    /// naive attention's causal softmax. Same parameters and values either way.
+    pub fn with_fused_ops(self, on: bool) -> Self {
+        Self {
+            fused_norm: on,
+            fused_rope: on,
+            fused_swiglu: on,
+            fused_softmax: on,
+            ..self
+        }
+    }
+
     /// A GPT-2-recipe config with `d_ff = 4·d_model`.
     pub fn gpt2(
         vocab_size: usize,
@@ -330,41 +342,32 @@ pub fn build_modern_lm(vb: VarBuilder, cfg: &ModernLmConfig) -> Result<DecoderOn
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let vb = vb.pp(format!("blocks.{i}"));
-        let (attn, ffn): (Box<dyn t0804_transformer_block::Mixer>, Box<dyn Layer>) = match cfg
-            .recipe
-        {
-            Recipe::Llama => {
-                let attn = GroupedQueryAttention::new(vb.pp("attn"), cfg.gqa(), rope.clone())?;
-                let attn = if cfg.fused_softmax {
-                    attn.with_kernel(fused_softmax_kernel)
-                } else {
-                    attn
-                };
-                (
-                    Box::new(attn),
+        let (attn, ffn): (Box<dyn t0804_transformer_block::Mixer>, Box<dyn Layer>) =
+            match cfg.recipe {
+                Recipe::Llama => (
+                    Box::new(llama_attention(vb.pp("attn"), cfg, rope.clone())?),
                     Box::new(SwiGlu::new(vb.pp("ffn"), d, cfg.d_ff)?.with_fused(cfg.fused_swiglu)),
-                )
-            }
-            Recipe::Gpt2 => (
-                Box::new(CausalMha {
-                    mha: MultiHeadAttention::new(
-                        vb.pp("attn"),
-                        MhaConfig {
-                            d_model: d,
-                            n_heads: cfg.n_heads,
-                            bias: true,
-                        },
-                    )?,
-                }),
-                Box::new(FeedForward::new(
-                    vb.pp("ffn"),
-                    d,
-                    cfg.d_ff,
-                    Activation::Gelu,
-                    true,
-                )?),
-            ),
-        };
+                ),
+                Recipe::Gpt2 => (
+                    Box::new(CausalMha {
+                        mha: MultiHeadAttention::new(
+                            vb.pp("attn"),
+                            MhaConfig {
+                                d_model: d,
+                                n_heads: cfg.n_heads,
+                                bias: true,
+                            },
+                        )?,
+                    }),
+                    Box::new(FeedForward::new(
+                        vb.pp("ffn"),
+                        d,
+                        cfg.d_ff,
+                        Activation::Gelu,
+                        true,
+                    )?),
+                ),
+            };
         blocks.push(DecoderOnlyBlock {
             attn_norm: norm(vb.pp("attn_norm"))?,
             attn,
@@ -389,6 +392,21 @@ pub fn build_modern_lm(vb: VarBuilder, cfg: &ModernLmConfig) -> Result<DecoderOn
         lm_head: weight(&vb, cfg.vocab_size, d, "lm_head")?,
         lm_head_bias: None,
         max_seq_len: cfg.max_seq_len,
+    })
+}
+
+/// The LLaMA recipe's attention: grouped-query attention with RoPE, its softmax fused when
+/// `cfg.fused_softmax`.
+fn llama_attention(
+    vb: VarBuilder,
+    cfg: &ModernLmConfig,
+    rope: Option<Arc<RopeTables>>,
+) -> Result<GroupedQueryAttention> {
+    let attn = GroupedQueryAttention::new(vb, cfg.gqa(), rope)?;
+    Ok(if cfg.fused_softmax {
+        attn.with_kernel(fused_softmax_kernel)
+    } else {
+        attn
     })
 }
 

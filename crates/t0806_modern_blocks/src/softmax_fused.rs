@@ -235,7 +235,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::CudaStorage;
-    use shared::cuda::{contiguous_view, load_kernel};
+    use shared::cuda::{contiguous_views, load_kernel};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
     const MODULE: &str = "t0806_softmax";
@@ -278,12 +278,7 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let (first, first_l, _) = inputs[0];
         let dev = first.device().clone();
-        let views = inputs
-            .iter()
-            .map(|&(s, l, what)| {
-                Ok(contiguous_view::<T>(s, l, &format!("causal softmax (cuda): {what}"))?.0)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let views = contiguous_views::<T>(inputs, "causal softmax (cuda)")?;
         let n = first_l.shape().elem_count();
         // SAFETY: the kernel writes every element of every row.
         let mut out = unsafe { dev.alloc::<T>(n)? };

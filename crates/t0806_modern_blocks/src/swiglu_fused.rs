@@ -176,7 +176,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::CudaStorage;
-    use shared::cuda::{contiguous_view, load_kernel};
+    use shared::cuda::{contiguous_views, load_kernel};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
     const MODULE: &str = "t0806_swiglu";
@@ -226,12 +226,7 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let (first, first_l, _) = inputs[0];
         let dev = first.device().clone();
-        let views = inputs
-            .iter()
-            .map(|&(s, l, what)| {
-                Ok(contiguous_view::<T>(s, l, &format!("swiglu gate (cuda): {what}"))?.0)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let views = contiguous_views::<T>(inputs, "swiglu gate (cuda)")?;
         let n = first_l.shape().elem_count();
         // SAFETY: the kernel writes every element.
         let mut out = unsafe { dev.alloc::<T>(outputs_per_element * n)? };

@@ -173,18 +173,14 @@ fn fused_forward_matches_f64_reference_rows() -> Result<()> {
 fn llama_with_fused_norm_rope_swiglu_and_softmax_gives_same_logits_and_gradients(
 ) -> anyhow::Result<()> {
     let dev = shared::device::test_device();
-    let mut cfg = ModernLmConfig::llama(64, 16, 32, 2, 4, 2);
+    let cfg = ModernLmConfig::llama(64, 16, 32, 2, 4, 2);
     let tokens = Tensor::new(&[[1u32, 5, 7, 9, 2, 8], [3, 3, 3, 4, 63, 0]], &dev)?;
     let targets = Tensor::new(&[[5u32, 7, 9, 2, 8, 1], [3, 3, 4, 63, 0, 2]], &dev)?;
     shared::params::set_seed(3);
     let (varmap, composed) = init_modern_lm(&cfg, DType::F32, &dev)?;
-    cfg.fused_norm = true;
-    cfg.fused_rope = true;
-    cfg.fused_swiglu = true;
-    cfg.fused_softmax = true;
     let fused = build_modern_lm(
         candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
-        &cfg,
+        &cfg.with_fused_ops(true),
     )?; // same parameters
     let la = composed.forward(&tokens, 0)?;
     let lb = fused.forward(&tokens, 0)?;

@@ -170,12 +170,11 @@ fn decode_bench(args: &Args) -> Result<()> {
         "decode-bench: batched greedy decoding with the KV cache",
     )?;
     let dev = ctx.picked.device.clone();
-    let mut cfg = ModernLmConfig::llama(vocab, prompt + new, d_model, layers, heads, kv_heads);
-    cfg.d_ff = d_ff;
-    cfg.fused_norm = fused;
-    cfg.fused_rope = fused;
-    cfg.fused_swiglu = fused;
-    cfg.fused_softmax = fused;
+    let cfg = ModernLmConfig {
+        d_ff,
+        ..ModernLmConfig::llama(vocab, prompt + new, d_model, layers, heads, kv_heads)
+    }
+    .with_fused_ops(fused);
     println!(
         "   ops: {}",
         if fused {

@@ -449,17 +449,11 @@ fn fused_ops_cached_decoding_equals_composed_full_forward() {
     let x = Tensor::from_vec(batch, (2, 14), &dev).unwrap();
     for kv in [4, 2, 1] {
         shared::params::set_seed(7);
-        let mut cfg = ModernLmConfig::llama(VOCAB, 40, 32, 2, 4, kv);
+        let cfg = ModernLmConfig::llama(VOCAB, 40, 32, 2, 4, kv);
         let (varmap, composed) = init_modern_lm(&cfg, DType::F32, &dev).unwrap();
-        (
-            cfg.fused_norm,
-            cfg.fused_rope,
-            cfg.fused_swiglu,
-            cfg.fused_softmax,
-        ) = (true, true, true, true);
         let fused = t0806_modern_blocks::build_modern_lm(
             candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
-            &cfg,
+            &cfg.with_fused_ops(true),
         )
         .unwrap();
         let full = composed.forward(&x, 0).unwrap(); // (2, 14, vocab)
