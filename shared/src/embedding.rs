@@ -16,9 +16,11 @@
 //! own thread and adds rows with fp32 atomics (`kernels/embedding.cu`, `cuda` feature only).
 //!
 //! Every topic's model looks its tokens up through [`embedding`]. For side-by-side measurements,
-//! `MODULE08_EMBEDDING=index-select` switches it to Candle's `index_select` (same values).
+//! [`embedding_with`] and [`Lookup::IndexSelect`] (a field of the run's
+//! [`crate::kernels::Kernels`]) use Candle's `index_select` instead (same values).
 
 use crate::custom_op::contiguous_slice;
+use crate::kernels::Lookup;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
@@ -26,6 +28,11 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 /// `ids.shape + (d,)` in the table's dtype. Differentiable in `table`. An id ≥ vocab is an error
 /// on the CPU; on the GPU its row is zero (the check would cost a device synchronisation).
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    embedding_with(table, ids, Lookup::Gather)
+}
+
+/// [`embedding`] with the lookup chosen by `how`.
+pub fn embedding_with(table: &Tensor, ids: &Tensor, how: Lookup) -> Result<Tensor> {
     let (vocab, d) = table.dims2().map_err(|_| {
         candle_core::Error::Msg(format!(
             "embedding: the table must be (vocab, d), got {:?}",
@@ -45,19 +52,13 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let mut out_dims = ids.dims().to_vec();
     out_dims.push(d);
     let flat = ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
-    if use_index_select() {
+    if how == Lookup::IndexSelect {
         return table.index_select(&flat, 0)?.reshape(out_dims);
     }
     table
         .contiguous()?
         .apply_op2(&flat, Embedding { vocab, d })?
         .reshape(out_dims)
-}
-
-/// `MODULE08_EMBEDDING=index-select`: Candle's own op instead of ours (read once).
-fn use_index_select() -> bool {
-    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CHOICE.get_or_init(|| std::env::var("MODULE08_EMBEDDING").as_deref() == Ok("index-select"))
 }
 
 /// The gather `(table (vocab, d), ids (n,) u32) → (n, d)`; its `bwd` is [`EmbeddingBackward`].

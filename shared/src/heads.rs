@@ -15,18 +15,29 @@
 //! read from memory, a division and a remainder per level) and moves each element alone; a
 //! training step of the 8-06 model does 32 of them on (64, 256, 16, 32) activations. The op here
 //! moves whole `d_head` rows in 16-byte units (`kernels/heads.cu`, `cuda` feature only): 9.9 µs
-//! per swap in bf16 on an H200 (`ncu`, session 12), and the bf16 step went from 11.9 to 9.4 ms.
+//! per swap in bf16 on an H200 (`ncu`, 2026-11-27), and the bf16 step went from 11.9 to 9.4 ms.
 //! On the CPU it is a loop of row copies. Same values, bit for bit.
 //!
-//! `MODULE08_HEADS=transpose` switches back to Candle's `transpose(1, 2).contiguous()` for
-//! side-by-side measurements.
+//! [`HeadCopy::Transpose`] (a field of the run's [`crate::kernels::Kernels`]) uses Candle's
+//! `transpose(1, 2).contiguous()` instead, for side-by-side measurements.
 
 use crate::custom_op::contiguous_slice;
+use crate::kernels::HeadCopy;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 
 /// `(batch, seq, heads·d_head)` → `(batch, heads, seq, d_head)`, contiguous.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    split_heads_with(x, heads, HeadCopy::RowSwap)
+}
+
+/// `(batch, heads, seq, d_head)` → `(batch, seq, heads·d_head)`, contiguous.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    merge_heads_with(x, HeadCopy::RowSwap)
+}
+
+/// [`split_heads`] with the copy chosen by `how`.
+pub fn split_heads_with(x: &Tensor, heads: usize, how: HeadCopy) -> Result<Tensor> {
     let (b, n, width) = x.dims3().map_err(|_| {
         candle_core::Error::Msg(format!(
             "split_heads: expected (batch, seq, heads·d_head), got {:?}",
@@ -36,23 +47,30 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     if heads == 0 || !width.is_multiple_of(heads) {
         bail!("split_heads: {heads} heads do not divide the width {width}");
     }
-    swap_axes_1_2(&x.reshape((b, n, heads, width / heads))?)
+    swap_with(&x.reshape((b, n, heads, width / heads))?, how)
 }
 
-/// `(batch, heads, seq, d_head)` → `(batch, seq, heads·d_head)`, contiguous.
-pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+/// [`merge_heads`] with the copy chosen by `how`.
+pub fn merge_heads_with(x: &Tensor, how: HeadCopy) -> Result<Tensor> {
     let (b, h, n, d) = x.dims4().map_err(|_| {
         candle_core::Error::Msg(format!(
             "merge_heads: expected (batch, heads, seq, d_head), got {:?}",
             x.dims()
         ))
     })?;
-    swap_axes_1_2(x)?.reshape((b, n, h * d))
+    swap_with(x, how)?.reshape((b, n, h * d))
+}
+
+fn swap_with(x: &Tensor, how: HeadCopy) -> Result<Tensor> {
+    match how {
+        HeadCopy::RowSwap => swap_axes_1_2(x),
+        HeadCopy::Transpose => x.transpose(1, 2)?.contiguous(),
+    }
 }
 
 /// `(A, B, C, R)` → `(A, C, B, R)` with `out[a, c, b, :] = in[a, b, c, :]`, contiguous;
 /// differentiable (the backward swaps the gradient back). Float dtypes run the op of this module;
-/// others, and `MODULE08_HEADS=transpose`, Candle's `transpose(1, 2).contiguous()`.
+/// others Candle's `transpose(1, 2).contiguous()`.
 pub fn swap_axes_1_2(x: &Tensor) -> Result<Tensor> {
     let (a, b, c, r) = x.dims4().map_err(|_| {
         candle_core::Error::Msg(format!(
@@ -64,16 +82,10 @@ pub fn swap_axes_1_2(x: &Tensor) -> Result<Tensor> {
         // The swap moves nothing in memory: a reshape of the contiguous tensor is the answer.
         return x.contiguous()?.reshape((a, c, b, r));
     }
-    if !x.dtype().is_float() || use_transpose() {
+    if !x.dtype().is_float() {
         return x.transpose(1, 2)?.contiguous();
     }
     x.contiguous()?.apply_op1(SwapAxes12)
-}
-
-/// `MODULE08_HEADS=transpose`: Candle's strided copy instead of ours (read once).
-fn use_transpose() -> bool {
-    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CHOICE.get_or_init(|| std::env::var("MODULE08_HEADS").as_deref() == Ok("transpose"))
 }
 
 #[derive(Debug, Clone, Copy)]

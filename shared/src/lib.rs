@@ -30,14 +30,16 @@ pub mod custom_op;
 pub mod device;
 pub mod embedding;
 pub mod heads;
+pub mod kernels;
 pub mod params;
 pub mod report;
 pub mod tokenizer;
 pub mod train;
 pub mod wikitext;
 
-pub use embedding::embedding;
-pub use heads::{merge_heads, split_heads};
+pub use embedding::{embedding, embedding_with};
+pub use heads::{merge_heads, merge_heads_with, split_heads, split_heads_with};
+pub use kernels::Kernels;
 pub use params::{linear, linear_with_bias};
 
 /// The workspace root (the folder holding the top-level `Cargo.toml`), resolved at compile time.

@@ -71,9 +71,27 @@ pub fn scaled_dot_product_attention(
     v: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<Attention> {
+    attention_with_bias(q, k, v, None, mask)
+}
+
+/// Scaled dot-product attention with an additive score bias:
+/// `softmax(Q·Kᵀ/√d_k + bias [masked]) · V` — how relative position schemes (8-03's T5 bias,
+/// ALiBi) enter attention. `bias` is float and broadcastable to the scores `(…, n_q, n_k)`; it is
+/// added *before* the mask, so masked entries stay `−∞` whatever the bias.
+pub fn attention_with_bias(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    mask: Option<&Tensor>,
+) -> Result<Attention> {
     check_qkv(q, k, v)?;
     let d_k = q.dim(D::Minus1)?;
     let scores = (q.matmul(&k.t()?)? / (d_k as f64).sqrt())?; // (…, n_q, n_k)
+    let scores = match bias {
+        Some(b) => add_score_bias(&scores, b)?,
+        None => scores,
+    };
     let scores = match mask {
         Some(m) => mask_scores(&scores, m)?,
         None => scores,
@@ -81,6 +99,19 @@ pub fn scaled_dot_product_attention(
     let weights = softmax_last_dim(&scores)?;
     let output = weights.matmul(v)?; // (…, n_q, d_v)
     Ok(Attention { output, weights })
+}
+
+/// `scores + bias`, with an error naming both shapes when the bias does not broadcast.
+fn add_score_bias(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let b = bias.to_dtype(scores.dtype())?;
+    let b = b.broadcast_as(scores.shape()).map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "bias of shape {:?} does not broadcast to scores {:?}",
+            bias.dims(),
+            scores.dims()
+        ))
+    })?;
+    scores + b
 }
 
 fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {

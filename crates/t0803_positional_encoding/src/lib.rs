@@ -44,7 +44,9 @@
 //! token at `pos`: flexible, but there is no row `max_len` ([`LearnedPositions::forward`] says
 //! so instead of reading out of bounds). Relative schemes drop absolute positions altogether and
 //! add a learned scalar `b_h(bucket(j − i))` to the score of query `i` and key `j` in head `h`
-//! ([`RelativePositionBias`], [`attention_with_bias`]).
+//! ([`RelativePositionBias`]). The bias enters 8-02's attention component as a position plug
+//! ([`t0802_multi_head_attention::PositionPlug`]): the component asks it for `B` and hands it to
+//! the kernel ([`attention_with_bias`], 8-01), so no attention is written again here.
 //!
 //! [`PositionScheme`] and [`Positions`] let later crates (the transformer stack of 8-04) pick one
 //! of these by configuration.
@@ -56,9 +58,9 @@ mod sinusoidal;
 
 pub use learned::{LearnedPositions, LEARNED_INIT_STD};
 pub use relative::{
-    attention_with_bias, multi_head_attention_with_bias, relative_bucket_matrix,
-    relative_position_bucket, RelativeBiasConfig, RelativePositionBias,
+    relative_bucket_matrix, relative_position_bucket, RelativeBiasConfig, RelativePositionBias,
 };
+pub use t0801_self_attention::attention_with_bias;
 pub use scheme::{PositionConfig, PositionScheme, Positions};
 pub use sinusoidal::{
     frequencies, shift_matrix, sinusoidal, sinusoidal_at, sinusoidal_with_base, DEFAULT_BASE,

@@ -19,9 +19,10 @@ use shared::cli::CommonArgs;
 use shared::params::{count_params, truncated_normal, weight};
 use shared::report::{heatmap, line_chart, print_table, Axes, RunReport, Series};
 use shared::train::{cross_entropy, AdamWConfig, Progress, ScheduleConfig, Trainer};
-use t0802_multi_head_attention::{MhaConfig, MultiHeadAttention};
+use std::sync::Arc;
+use t0802_multi_head_attention::{MhaConfig, MultiHeadAttention, PositionPlug};
 use t0803_positional_encoding::{
-    multi_head_attention_with_bias, sinusoidal, PositionConfig, PositionScheme, Positions,
+    sinusoidal, PositionConfig, PositionScheme, Positions,
     RelativePositionBias,
 };
 
@@ -125,6 +126,15 @@ impl Model {
             .collect::<candle_core::Result<_>>()?;
         let readout = weight(&vb, args.vocab, d, "readout")?;
         let positions = Positions::new(vb.pp("positions"), &pcfg)?;
+        // A relative bias plugs into every layer's attention; absolute schemes act on the input.
+        let plug: Option<Arc<dyn PositionPlug>> = match &positions {
+            Positions::RelativeBias(r) => Some(Arc::new(r.clone())),
+            _ => None,
+        };
+        let layers = layers
+            .into_iter()
+            .map(|l: MultiHeadAttention| l.with_positions(plug.clone()))
+            .collect();
         Ok(Self {
             embed,
             positions,
@@ -138,10 +148,9 @@ impl Model {
         let (_, n) = tokens.dims2()?;
         let x = shared::embedding(&self.embed, tokens)?; // (b, n, d)
         let mut x = self.positions.add_to_input(&x, 0)?; // errors beyond a learned table
-        let bias = self.positions.attention_bias(n, n)?; // (heads, n, n) for relative bias
         let mut weights = Vec::new();
         for layer in &self.layers {
-            let att = multi_head_attention_with_bias(layer, &x, bias.as_ref(), None)?;
+            let att = layer.forward(&x, None)?; // the relative bias, if any, is the layer's plug
             x = (x + att.output)?;
             weights.push(att.weights);
         }

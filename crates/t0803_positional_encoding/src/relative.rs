@@ -12,11 +12,10 @@
 //! Shaw et al. (2018) used the simpler rule `clip(j − i, −K, K)`: the T5 rule with exact buckets up
 //! to `K` is its logarithmic refinement.
 
-use candle_core::{bail, Result, Tensor, D};
+use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 use shared::params::truncated_normal;
-use t0801_self_attention::{mask_scores, softmax_last_dim, Attention};
-use t0802_multi_head_attention::{MhaOutput, MultiHeadAttention};
+use t0802_multi_head_attention::PositionPlug;
 
 /// Shape of a relative position bias. [`RelativeBiasConfig::t5`] gives T5's values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -189,93 +188,12 @@ impl RelativePositionBias {
     }
 }
 
-/// Scaled dot-product attention with an additive score bias, built from `t0801`'s pieces:
-/// `softmax(Q·Kᵀ/√d_k + bias [masked]) · V`.
-///
-/// Shapes as in `t0801::scaled_dot_product_attention` (`q (…, n_q, d_k)`, `k (…, n_k, d_k)`,
-/// `v (…, n_k, d_v)`); `bias` is float and broadcastable to the scores `(…, n_q, n_k)` — e.g.
-/// `(heads, n_q, n_k)` from [`RelativePositionBias::forward`] against `(batch, heads, n_q, n_k)`
-/// scores; `mask` is `u8`, 1 = may attend. The bias is added *before* the mask, so masked entries
-/// stay `−∞` whatever the bias.
-pub fn attention_with_bias(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: Option<&Tensor>,
-    mask: Option<&Tensor>,
-) -> Result<Attention> {
-    let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
-    let r = qd.len();
-    if r < 2 || kd.len() != r || vd.len() != r || qd[r - 1] != kd[r - 1] || kd[r - 2] != vd[r - 2] {
-        bail!("attention_with_bias: q {qd:?}, k {kd:?}, v {vd:?} do not fit (…, n_q, d_k), (…, n_k, d_k), (…, n_k, d_v)");
+/// The relative bias as a position plug of 8-02's attention component: every layer that holds it
+/// adds `table[h, bucket(j − i)]` to its scores (queries end-aligned with the keys).
+impl PositionPlug for RelativePositionBias {
+    fn score_bias(&self, n_q: usize, n_k: usize) -> Result<Option<Tensor>> {
+        Ok(Some(self.forward(n_q, n_k)?))
     }
-    let d_k = qd[r - 1];
-    let scores = (q.matmul(&k.t()?)? / (d_k as f64).sqrt())?; // (…, n_q, n_k)
-    let scores = match bias {
-        Some(b) => {
-            let b = b.to_dtype(scores.dtype())?;
-            let b = b.broadcast_as(scores.shape()).map_err(|_| {
-                candle_core::Error::Msg(format!(
-                    "bias of shape {:?} does not broadcast to scores {:?}",
-                    b.dims(),
-                    scores.dims()
-                ))
-            })?;
-            (scores + b)?
-        }
-        None => scores,
-    };
-    let scores = match mask {
-        Some(m) => mask_scores(&scores, m)?,
-        None => scores,
-    };
-    let weights = softmax_last_dim(&scores)?;
-    let output = weights.matmul(v)?; // (…, n_q, d_v)
-    Ok(Attention { output, weights })
-}
-
-/// `t0802`'s multi-head self-attention with an additive per-head score bias
-/// `bias (heads, n, n)` (or anything broadcastable to `(batch, heads, n, n)`): the same
-/// projections, split, merge and `W_o` as `MultiHeadAttention::forward`, with
-/// [`attention_with_bias`] in the middle. With `bias = None` it equals `mha.forward(x, mask)`.
-pub fn multi_head_attention_with_bias(
-    mha: &MultiHeadAttention,
-    x: &Tensor,
-    bias: Option<&Tensor>,
-    mask: Option<&Tensor>,
-) -> Result<MhaOutput> {
-    shared::params::expect_last_dim(x, mha.cfg.d_model, "attention input")?;
-    if let Some(b) = bias {
-        let heads = if b.rank() >= 3 {
-            b.dim(D::Minus(3))?
-        } else {
-            1
-        };
-        if heads != 1 && heads != mha.cfg.n_heads {
-            bail!(
-                "score bias {:?} has {heads} heads, the layer has {}",
-                b.dims(),
-                mha.cfg.n_heads
-            );
-        }
-    }
-    let project = |w: &Tensor, i: usize| match &mha.biases {
-        Some(b) => shared::linear_with_bias(x, w, &b[i]),
-        None => shared::linear(x, w),
-    };
-    let q = mha.split_heads(&project(&mha.w_q, 0)?)?; // (batch, heads, n, d_head)
-    let k = mha.split_heads(&project(&mha.w_k, 1)?)?;
-    let v = mha.split_heads(&project(&mha.w_v, 2)?)?;
-    let att = attention_with_bias(&q, &k, &v, bias, mask)?;
-    let concat = MultiHeadAttention::merge_heads(&att.output)?; // (batch, n, d_model)
-    let output = match &mha.biases {
-        Some(b) => shared::linear_with_bias(&concat, &mha.w_o, &b[3])?,
-        None => shared::linear(&concat, &mha.w_o)?,
-    };
-    Ok(MhaOutput {
-        output,
-        weights: att.weights,
-    })
 }
 
 #[cfg(test)]

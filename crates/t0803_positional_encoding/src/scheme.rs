@@ -194,3 +194,11 @@ impl Positions {
         }
     }
 }
+
+/// A scheme as a position plug of 8-02's attention component: the relative bias adds its scores;
+/// the absolute schemes act on the embeddings instead ([`Positions::add_to_input`]) and add none.
+impl t0802_multi_head_attention::PositionPlug for Positions {
+    fn score_bias(&self, n_q: usize, n_k: usize) -> Result<Option<Tensor>> {
+        self.attention_bias(n_q, n_k)
+    }
+}

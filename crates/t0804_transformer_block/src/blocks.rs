@@ -3,7 +3,7 @@
 use candle_core::{bail, DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use shared::params::{expect_last_dim, ones, weight, zeros};
-use t0802_multi_head_attention::{MhaConfig, MultiHeadAttention};
+use t0802_multi_head_attention::{AttnMask, CacheSlot, MhaConfig, MultiHeadAttention};
 
 /// A sub-layer that maps `(batch, seq, d_model)` to the same shape (norms, feed-forwards).
 pub trait Layer: Send + Sync {
@@ -184,11 +184,7 @@ pub struct BlockConfig {
 
 impl BlockConfig {
     pub fn mha(&self) -> MhaConfig {
-        MhaConfig {
-            d_model: self.d_model,
-            n_heads: self.n_heads,
-            bias: self.bias,
-        }
+        MhaConfig::new(self.d_model, self.n_heads).with_bias(self.bias)
     }
 }
 
@@ -223,8 +219,9 @@ impl EncoderBlock {
     /// `x (batch, src, d_model)`; `src_mask` (`u8`, broadcastable to `(batch, heads, src, src)`,
     /// typically [`t0801_self_attention::key_padding_mask`]) hides padding keys.
     pub fn forward(&self, x: &Tensor, src_mask: Option<&Tensor>) -> Result<Tensor> {
+        let mask = src_mask.map_or(AttnMask::None, AttnMask::Explicit);
         let h = residual(x, &self.ln1, self.placement, |y| {
-            Ok(self.self_attn.forward(y, src_mask)?.output)
+            self.self_attn.self_attention(y, mask, 0, None)
         })?;
         residual(&h, &self.ln2, self.placement, |y| self.ffn.forward(y))
     }
@@ -272,14 +269,31 @@ impl DecoderBlock {
         self_mask: Option<&Tensor>,
         memory_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let memory_kv = self.cross_attn.project_kv(memory)?;
+        let self_mask = self_mask.map_or(AttnMask::None, AttnMask::Explicit);
+        let memory_mask = memory_mask.map_or(AttnMask::None, AttnMask::Explicit);
+        self.forward_with(x, &memory_kv, self_mask, memory_mask, None)
+    }
+
+    /// The block with the memory's cross-attention keys and values already projected
+    /// (`(batch, heads, src, d_head)` each, [`MultiHeadAttention::project_kv`]) and, when
+    /// decoding (8-10), a KV-cache slot for the self-attention (then `self_mask` is
+    /// [`AttnMask::Causal`]: the new tokens are the last ones).
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        memory_kv: &(Tensor, Tensor),
+        self_mask: AttnMask<'_>,
+        memory_mask: AttnMask<'_>,
+        cache: Option<CacheSlot<'_>>,
+    ) -> Result<Tensor> {
+        let start_pos = cache.as_ref().map_or(0, |c| c.store.seq_len());
         let h = residual(x, &self.ln1, self.placement, |y| {
-            Ok(self.self_attn.forward(y, self_mask)?.output)
+            self.self_attn.self_attention(y, self_mask, start_pos, cache)
         })?;
+        let (k, v) = memory_kv;
         let h = residual(&h, &self.ln2, self.placement, |y| {
-            Ok(self
-                .cross_attn
-                .forward_cross(y, memory, memory_mask, None)?
-                .output)
+            self.cross_attn.cross_attention(y, k, v, memory_mask)
         })?;
         residual(&h, &self.ln3, self.placement, |y| self.ffn.forward(y))
     }

@@ -14,13 +14,17 @@
 //! post-norm normalises the residual stream itself, which rescales the gradient at every layer
 //! (the experiment of this topic measures the difference).
 //!
-//! This crate also defines the **generic decoder-only stack** that later topics plug their own
-//! components into: [`DecoderOnlyLm`] is made of [`DecoderOnlyBlock`]s whose norm and
-//! feed-forward are any [`Layer`] and whose attention is any [`Mixer`] (t0806 plugs RMSNorm and
-//! SwiGLU, t0807 grouped-query attention, t0808 RoPE).
+//! This crate also defines the **generic decoder-only stack** and the first rung of the ladder,
+//! the GPT-2-style LM ([`LmConfig::gpt2`]). [`DecoderOnlyLm`] is made of [`DecoderOnlyBlock`]s
+//! whose norm and feed-forward are any [`Layer`] and whose attention is 8-02's component; later
+//! topics add their ingredient through [`Parts`] (8-06 RMSNorm and SwiGLU, 8-07 grouped-query
+//! attention, 8-08 RoPE, 8-09 FlashAttention) and 8-10 passes a KV cache to
+//! [`DecoderOnlyLm::forward_cached`].
 
 pub mod blocks;
+pub mod config;
 pub mod lm;
 
 pub use blocks::*;
+pub use config::*;
 pub use lm::*;

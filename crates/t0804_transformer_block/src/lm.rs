@@ -1,26 +1,30 @@
-//! The generic decoder-only language model: embeddings → N blocks → (final norm) → logits.
+//! The generic decoder-only language model: embeddings → N blocks → (final norm) → logits, and
+//! the ladder's builder.
 //!
-//! Every part is pluggable. A block holds two [`Layer`]s for its norms, one [`Layer`] for its
-//! feed-forward network and one [`Mixer`] for its causal self-attention; absolute position
-//! encodings (if any) are an [`AbsolutePositions`]. This topic assembles the 2017/GPT-2 style
-//! model ([`ClassicLmConfig`]); t0806 assembles the LLaMA recipe from the same stack.
+//! A block holds two [`Layer`]s for its norms, one [`Layer`] for its feed-forward network and
+//! 8-02's attention component ([`MultiHeadAttention`]) for its causal self-attention; absolute
+//! position encodings (if any) are an [`AbsolutePositions`].
+//!
+//! ## Building a rung: [`Parts`]
+//! [`build_lm`] assembles any [`LmConfig`] from a [`Parts`]: the object that knows how to make a
+//! norm, a feed-forward network, attention positions and an attention kernel. This topic's
+//! [`Gpt2Parts`] makes LayerNorm, GELU/ReLU MLPs, absolute positions and naive attention; each
+//! later topic wraps the parts of the topic below and adds its ingredient (RMSNorm and SwiGLU in
+//! 8-06, RoPE in 8-08, FlashAttention in 8-09). An ingredient that no part knows yet is an error
+//! that names the topic that brings it.
 
 use crate::blocks::*;
+use crate::config::{LmConfig, NormKind, PositionKind};
 use candle_core::{bail, DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
-use shared::params::{normal, weight, zeros};
-use t0801_self_attention::causal_mask;
-use t0802_multi_head_attention::MultiHeadAttention;
+use candle_nn::{VarBuilder, VarMap};
+use shared::kernels::{AttentionImpl, Kernels, Lookup, OpImpl};
+use shared::params::{normal, weight};
+use std::path::Path;
+use std::sync::Arc;
+use t0802_multi_head_attention::{
+    AttentionKernel, AttnMask, CacheSlot, KvStore, MultiHeadAttention, NaiveAttention, PositionPlug,
+};
 use t0803_positional_encoding::{sinusoidal, LearnedPositions};
-
-/// A causal sequence mixer: `(batch, seq, d_model)` → same shape, token `t` seeing only `≤ t`.
-/// `start_pos` is the absolute position of the first token of `x` (0 for a full forward; the
-/// cache length when decoding incrementally, 8-10).
-pub trait Mixer: Send + Sync {
-    fn forward(&self, x: &Tensor, start_pos: usize) -> Result<Tensor>;
-    /// Lets later topics (the KV cache of 8-10) reach the concrete attention type.
-    fn as_any(&self) -> &dyn std::any::Any;
-}
 
 /// Absolute position encodings added to the token embeddings: `(seq, d_model)` for positions
 /// `start_pos .. start_pos + seq`.
@@ -53,36 +57,27 @@ impl AbsolutePositions for LearnedPositions {
     }
 }
 
-/// Causal multi-head self-attention of t0802 as a [`Mixer`].
-pub struct CausalMha {
-    pub mha: MultiHeadAttention,
-}
-
-impl Mixer for CausalMha {
-    fn forward(&self, x: &Tensor, _start_pos: usize) -> Result<Tensor> {
-        let seq = x.dim(1)?;
-        let mask = causal_mask(seq, seq, x.device())?;
-        Ok(self.mha.forward(x, Some(&mask))?.output)
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
-
-/// A decoder-only block: `h = x + Mix(N₁(x))`, `y = h + FFN(N₂(h))` (pre-norm) or the
+/// A decoder-only block: `h = x + Attn(N₁(x))`, `y = h + FFN(N₂(h))` (pre-norm) or the
 /// post-norm arrangement. Parameter prefixes: `attn_norm`, `attn`, `ffn_norm`, `ffn`.
 pub struct DecoderOnlyBlock {
     pub attn_norm: Box<dyn Layer>,
-    pub attn: Box<dyn Mixer>,
+    pub attn: MultiHeadAttention,
     pub ffn_norm: Box<dyn Layer>,
     pub ffn: Box<dyn Layer>,
     pub placement: NormPlacement,
 }
 
 impl DecoderOnlyBlock {
-    pub fn forward(&self, x: &Tensor, start_pos: usize) -> Result<Tensor> {
+    /// `x (batch, seq, d_model)` whose first token sits at `start_pos`; with a cache slot the
+    /// block's keys and values are stored and the tokens attend to all cached ones too.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        start_pos: usize,
+        cache: Option<CacheSlot<'_>>,
+    ) -> Result<Tensor> {
         let h = residual(x, self.attn_norm.as_ref(), self.placement, |y| {
-            self.attn.forward(y, start_pos)
+            self.attn.self_attention(y, AttnMask::Causal, start_pos, cache)
         })?;
         residual(&h, self.ffn_norm.as_ref(), self.placement, |y| {
             self.ffn.forward(y)
@@ -91,17 +86,18 @@ impl DecoderOnlyBlock {
 }
 
 /// The decoder-only language model. Parameters: `token_embedding (vocab, d_model)`, the blocks
-/// under `blocks.<i>`, `final_norm` (pre-norm models), `lm_head (vocab, d_model)` (untied), and
-/// `lm_head_bias` when present.
+/// under `blocks.<i>`, `positions.position_embeddings` (learned positions), `final_norm`
+/// (pre-norm models), `lm_head (vocab, d_model)` (untied).
 pub struct DecoderOnlyLm {
     pub token_embedding: Tensor,
     pub positions: Option<Box<dyn AbsolutePositions>>,
     pub blocks: Vec<DecoderOnlyBlock>,
     pub final_norm: Option<Box<dyn Layer>>,
     pub lm_head: Tensor,
-    pub lm_head_bias: Option<Tensor>,
     /// Longest context the model accepts (its training context, or the learned table's size).
     pub max_seq_len: usize,
+    /// How token ids are looked up (an execution choice).
+    pub lookup: Lookup,
 }
 
 impl DecoderOnlyLm {
@@ -126,7 +122,7 @@ impl DecoderOnlyLm {
                 self.max_seq_len
             );
         }
-        let x = shared::embedding(&self.token_embedding, tokens)?; // (batch, seq, d_model)
+        let x = shared::embedding_with(&self.token_embedding, tokens, self.lookup)?; // (batch, seq, d_model)
         match &self.positions {
             Some(p) => x.broadcast_add(&p.encode(t, start_pos, x.device())?.to_dtype(x.dtype())?),
             None => Ok(x),
@@ -137,8 +133,12 @@ impl DecoderOnlyLm {
     pub fn hidden(&self, tokens: &Tensor, start_pos: usize) -> Result<Tensor> {
         let mut x = self.embed(tokens, start_pos)?;
         for block in &self.blocks {
-            x = block.forward(&x, start_pos)?;
+            x = block.forward(&x, start_pos, None)?;
         }
+        self.final_norm(x)
+    }
+
+    fn final_norm(&self, x: Tensor) -> Result<Tensor> {
         match &self.final_norm {
             Some(n) => n.forward(&x),
             None => Ok(x),
@@ -147,10 +147,7 @@ impl DecoderOnlyLm {
 
     /// Hidden states → logits `(…, vocab)`.
     pub fn logits_from_hidden(&self, h: &Tensor) -> Result<Tensor> {
-        match &self.lm_head_bias {
-            Some(b) => shared::linear_with_bias(h, &self.lm_head, b),
-            None => shared::linear(h, &self.lm_head),
-        }
+        shared::linear(h, &self.lm_head)
     }
 
     /// `tokens (batch, seq)` → logits `(batch, seq, vocab)`.
@@ -158,80 +155,151 @@ impl DecoderOnlyLm {
         self.logits_from_hidden(&self.hidden(tokens, start_pos)?)
     }
 
+    /// One incremental step (8-10): `tokens (batch, t)` are the next `t` tokens after the
+    /// `cache.seq_len()` cached ones → logits `(batch, t, vocab)`. `t` = prompt length for the
+    /// prefill, 1 per decode step. On error the cache is left as it was.
+    pub fn forward_cached(&self, tokens: &Tensor, cache: &mut dyn KvStore) -> Result<Tensor> {
+        let t = tokens.dim(1)?;
+        let start = cache.seq_len();
+        let mut x = self.embed(tokens, start)?; // checks the model's maximum context
+        cache.begin(t)?; // checks (and for a paged cache allocates) room before any write
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let slot = CacheSlot {
+                store: &mut *cache,
+                layer,
+            };
+            x = block.forward(&x, start, Some(slot))?;
+        }
+        cache.commit(t);
+        self.logits_from_hidden(&self.final_norm(x)?)
+    }
+
     /// Mean next-token cross-entropy of `targets (batch, seq)`.
     pub fn loss(&self, tokens: &Tensor, targets: &Tensor) -> Result<Tensor> {
         shared::train::cross_entropy(&self.forward(tokens, 0)?, targets, None)
     }
-}
 
-/// Which absolute position scheme a classic model adds to its embeddings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum PositionKind {
-    None,
-    Sinusoidal,
-    Learned,
-}
-
-/// The 2017 / GPT-2 style decoder-only LM: LayerNorm, multi-head attention, GELU or ReLU FFN,
-/// absolute positions, pre- or post-norm.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ClassicLmConfig {
-    pub vocab_size: usize,
-    pub max_seq_len: usize,
-    pub n_layers: usize,
-    pub block: BlockConfig,
-    pub positions: PositionKind,
-}
-
-impl ClassicLmConfig {
-    pub fn validate(&self) -> Result<()> {
-        self.block.mha().d_head()?;
-        if self.vocab_size == 0
-            || self.max_seq_len == 0
-            || self.n_layers == 0
-            || self.block.d_ff == 0
-        {
-            bail!("ClassicLmConfig: vocab_size, max_seq_len, n_layers and d_ff must be positive: {self:?}");
-        }
-        Ok(())
+    /// `(n_kv_heads, d_head)` of the attention (the same in every block): what a KV cache holds
+    /// per token and layer.
+    pub fn kv_heads(&self) -> (usize, usize) {
+        let a = &self.blocks[0].attn;
+        (a.cfg.n_kv_heads, a.d_head())
     }
 }
 
-/// Builds the classic LM through `vb` (fresh parameters or a checkpoint).
-pub fn build_classic_lm(vb: VarBuilder, cfg: &ClassicLmConfig) -> Result<DecoderOnlyLm> {
+/// How to make each part of a block for a given [`LmConfig`] and [`Kernels`]. A rung of the
+/// ladder wraps the parts of the rung below and adds its ingredient.
+pub trait Parts {
+    /// The run's execution choice.
+    fn kernels(&self) -> Kernels;
+    /// A norm of `cfg.norm`, parameters under `vb`.
+    fn norm(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>>;
+    /// A feed-forward network of `cfg.ffn`, parameters under `vb`.
+    fn ffn(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>>;
+    /// Positions inside attention (shared by every layer), or `None`.
+    fn attention_positions(
+        &self,
+        cfg: &LmConfig,
+        device: &Device,
+    ) -> Result<Option<Arc<dyn PositionPlug>>>;
+    /// The attention kernel of the run.
+    fn attention_kernel(&self, cfg: &LmConfig) -> Result<Arc<dyn AttentionKernel>>;
+}
+
+/// Rung 0's parts: LayerNorm, GELU/ReLU MLPs, absolute positions, naive attention.
+#[derive(Debug, Clone, Copy)]
+pub struct Gpt2Parts {
+    pub kernels: Kernels,
+}
+
+/// This topic's parts with the run's kernels.
+pub fn parts(kernels: Kernels) -> Gpt2Parts {
+    Gpt2Parts { kernels }
+}
+
+impl Parts for Gpt2Parts {
+    fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// LayerNorm (composed: there is no fused LayerNorm in this course, whatever `kernels.norm`).
+    fn norm(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>> {
+        match cfg.norm {
+            NormKind::LayerNorm => Ok(Box::new(LayerNorm::new(vb, cfg.d_model, cfg.norm_eps)?)),
+            NormKind::RmsNorm => bail!("RMSNorm arrives in 8-06: build with t0806_modern_blocks::parts"),
+        }
+    }
+
+    fn ffn(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>> {
+        match cfg.ffn.activation() {
+            Some(act) => Ok(Box::new(FeedForward::new(vb, cfg.d_model, cfg.d_ff, act, cfg.bias)?)),
+            None => bail!("SwiGLU arrives in 8-06: build with t0806_modern_blocks::parts"),
+        }
+    }
+
+    fn attention_positions(
+        &self,
+        cfg: &LmConfig,
+        _device: &Device,
+    ) -> Result<Option<Arc<dyn PositionPlug>>> {
+        match cfg.positions {
+            PositionKind::Rope => bail!("RoPE arrives in 8-08: build with t0808_rope::parts"),
+            _ => Ok(None), // absolute positions act on the embeddings
+        }
+    }
+
+    fn attention_kernel(&self, _cfg: &LmConfig) -> Result<Arc<dyn AttentionKernel>> {
+        match (self.kernels.attention, self.kernels.softmax) {
+            (AttentionImpl::Naive, OpImpl::Composed) => Ok(Arc::new(NaiveAttention)),
+            (AttentionImpl::Naive, OpImpl::Fused) => {
+                bail!("the fused causal softmax arrives in 8-06: build with t0806_modern_blocks::parts (or choose --softmax composed)")
+            }
+            (AttentionImpl::Flash, _) => {
+                bail!("FlashAttention arrives in 8-09: build with t0809_flash_attention::parts (or choose --attention naive)")
+            }
+        }
+    }
+}
+
+/// Builds the LM of `cfg` through `vb` (fresh parameters from a `VarMap`, or a checkpoint) with
+/// the parts of a rung.
+///
+/// Parameter names (the checkpoint format): `token_embedding (vocab, d)`; per block
+/// `blocks.<i>.attn_norm.*`, `blocks.<i>.attn.{q_proj,k_proj,v_proj,output_proj}` (+ `*_bias`),
+/// `blocks.<i>.ffn_norm.*`, `blocks.<i>.ffn.{w1,w2}` (+ `b1, b2`) or `{w1,w2,w3}` (SwiGLU);
+/// `positions.position_embeddings` (learned positions); `final_norm.*` (pre-norm); `lm_head`.
+pub fn build_lm(vb: VarBuilder, cfg: &LmConfig, parts: &dyn Parts) -> Result<DecoderOnlyLm> {
     cfg.validate()?;
-    let b = &cfg.block;
-    let d = b.d_model;
+    let kernels = parts.kernels();
+    let plug = parts.attention_positions(cfg, vb.device())?;
+    let kernel = parts.attention_kernel(cfg)?;
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let vb = vb.pp(format!("blocks.{i}"));
+        let attn = MultiHeadAttention::new(vb.pp("attn"), cfg.attention())?
+            .with_positions(plug.clone())
+            .with_kernel(kernel.clone())
+            .with_head_copy(kernels.heads);
         blocks.push(DecoderOnlyBlock {
-            attn_norm: Box::new(LayerNorm::new(vb.pp("attn_norm"), d, b.eps)?),
-            attn: Box::new(CausalMha {
-                mha: MultiHeadAttention::new(vb.pp("attn"), b.mha())?,
-            }),
-            ffn_norm: Box::new(LayerNorm::new(vb.pp("ffn_norm"), d, b.eps)?),
-            ffn: Box::new(FeedForward::new(
-                vb.pp("ffn"),
-                d,
-                b.d_ff,
-                b.activation,
-                b.bias,
-            )?),
-            placement: b.placement,
+            attn_norm: parts.norm(vb.pp("attn_norm"), cfg)?,
+            attn,
+            ffn_norm: parts.norm(vb.pp("ffn_norm"), cfg)?,
+            ffn: parts.ffn(vb.pp("ffn"), cfg)?,
+            placement: cfg.placement,
         });
     }
+    let d = cfg.d_model;
     let positions: Option<Box<dyn AbsolutePositions>> = match cfg.positions {
-        PositionKind::None => None,
         PositionKind::Sinusoidal => Some(Box::new(Sinusoidal { d_model: d })),
         PositionKind::Learned => Some(Box::new(LearnedPositions::new(
             vb.pp("positions"),
             cfg.max_seq_len,
             d,
         )?)),
+        PositionKind::None | PositionKind::Rope => None,
     };
-    let final_norm: Option<Box<dyn Layer>> = match b.placement {
-        NormPlacement::Pre => Some(Box::new(LayerNorm::new(vb.pp("final_norm"), d, b.eps)?)),
+    let final_norm = match cfg.placement {
+        NormPlacement::Pre => Some(parts.norm(vb.pp("final_norm"), cfg)?),
         NormPlacement::Post => None,
     };
     Ok(DecoderOnlyLm {
@@ -240,13 +308,55 @@ pub fn build_classic_lm(vb: VarBuilder, cfg: &ClassicLmConfig) -> Result<Decoder
         blocks,
         final_norm,
         lm_head: weight(&vb, cfg.vocab_size, d, "lm_head")?,
-        lm_head_bias: if b.bias {
-            Some(zeros(&vb, cfg.vocab_size, "lm_head_bias")?)
-        } else {
-            None
-        },
         max_seq_len: cfg.max_seq_len,
+        lookup: kernels.embedding,
     })
+}
+
+/// A fresh, trainable model: the `VarMap` holding its parameters and the model.
+pub fn init_lm(
+    cfg: &LmConfig,
+    parts: &dyn Parts,
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarMap, DecoderOnlyLm)> {
+    let varmap = VarMap::new();
+    let lm = build_lm(VarBuilder::from_varmap(&varmap, dtype, device), cfg, parts)?;
+    Ok((varmap, lm))
+}
+
+/// Writes `config.json` and `model.safetensors` into `dir` (created if needed).
+pub fn save_lm(dir: &Path, cfg: &LmConfig, varmap: &VarMap) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(cfg)?)?;
+    shared::params::save_params(varmap, &dir.join("model.safetensors"))?;
+    Ok(())
+}
+
+/// Reads the `config.json` of a model folder (see [`LmConfig::from_json`]).
+pub fn load_lm_config(dir: &Path) -> anyhow::Result<LmConfig> {
+    use anyhow::Context;
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("no model config at {}", path.display()))?;
+    LmConfig::from_json(&text).with_context(|| format!("{} is not an LM config", path.display()))
+}
+
+/// Reads a folder written by [`save_lm`]: the config and a (frozen) model on `device` in `dtype`.
+pub fn load_lm(
+    dir: &Path,
+    parts: &dyn Parts,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<(LmConfig, DecoderOnlyLm)> {
+    let cfg = load_lm_config(dir)?;
+    let weights = dir.join("model.safetensors");
+    if !weights.exists() {
+        anyhow::bail!("no weights at {}", weights.display());
+    }
+    // Safety: the file is memory-mapped read-only and not modified while the model lives.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device)? };
+    Ok((cfg, build_lm(vb, &cfg, parts)?))
 }
 
 /// Float32 helper for tests and experiments: a `(rows, cols)` tensor as nested `Vec<f64>`.

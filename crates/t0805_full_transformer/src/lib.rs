@@ -124,19 +124,25 @@ impl Transformer {
 
     /// `tokens (batch, len)` → `√d_model · E[tokens] + PE (batch, len, d_model)`.
     pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.embed_at(tokens, 0)
+    }
+
+    /// [`Self::embed`] of tokens whose first sits at position `start` (cached decoding, 8-10).
+    pub fn embed_at(&self, tokens: &Tensor, start: usize) -> Result<Tensor> {
         let (_, n) = tokens.dims2()?;
         if n == 0 {
             bail!("empty sequence: the source and the target need at least one token");
         }
-        if n > self.cfg.max_len {
+        if start + n > self.cfg.max_len {
             bail!(
-                "sequence of {n} tokens is longer than the model's maximum length {}",
+                "sequence of {} tokens is longer than the model's maximum length {}",
+                start + n,
                 self.cfg.max_len
             );
         }
         let d = self.cfg.d_model;
         let x = (shared::embedding(&self.token_embedding, tokens)? * (d as f64).sqrt())?; // (b, n, d)
-        x.broadcast_add(&sinusoidal(n, d, 0, tokens.device())?.to_dtype(x.dtype())?)
+        x.broadcast_add(&sinusoidal(n, d, start, tokens.device())?.to_dtype(x.dtype())?)
     }
 
     /// Encoder: `src (batch, S)` with `src_mask (batch, S)` → memory `(batch, S, d_model)`.

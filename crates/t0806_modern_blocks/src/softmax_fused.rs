@@ -12,9 +12,9 @@
 //! ```
 //!
 //! one pass forward (two reads of the scores a row may see), one backward, and the masked half of
-//! every row is written as zeros without being read. [`fused_softmax_kernel`] plugs it into
-//! t0807's attention-kernel hook: still naive attention (the score matrix exists), now at the
-//! cost PyTorch's `softmax` kernel pays. On the CPU, loops; on CUDA, `kernels/softmax.cu`
+//! every row is written as zeros without being read. [`FusedSoftmaxAttention`] plugs it into
+//! 8-02's attention component as a kernel: still naive attention (the score matrix exists), now
+//! at the cost PyTorch's `softmax` kernel pays. On the CPU, loops; on CUDA, `kernels/softmax.cu`
 //! (`cuda` feature only).
 //!
 //! [`mask_scores`]: t0801_self_attention::mask_scores
@@ -23,7 +23,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use shared::custom_op::contiguous_slice;
-use t0807_grouped_query_attention::fold_query_groups;
+use t0802_multi_head_attention::{
+    fold_query_groups, AttentionKernel, AttnMask, NaiveAttention,
+};
 
 /// `softmax(scale · scores)` over the last dimension, keys after a row's query masked out when
 /// `causal`. `scores (…, rows, n_k)`: row `r` of the second-to-last dimension is query
@@ -58,17 +60,40 @@ pub fn causal_softmax_fused(
     scores.contiguous()?.apply_op1(op)
 }
 
-/// t0807's attention-kernel hook: [`t0807_grouped_query_attention::naive_grouped_attention`]
-/// with [`causal_softmax_fused`] in place of the composed scale, mask and softmax.
-pub fn fused_softmax_kernel(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
-    let (b, n_heads, n_q, d) = q.dims4()?;
-    let (q, _) = fold_query_groups(q, k.dim(1)?)?; // (b, n_kv, g·n_q, d)
-    let (k, v) = (gemm_operand(k)?, gemm_operand(v)?);
-    let scores = q.matmul(&k.t()?)?; // (b, n_kv, g·n_q, n_k)
-    let weights = causal_softmax_fused(&scores, 1.0 / (d as f64).sqrt(), n_q, causal)?;
-    weights
-        .matmul(&v)? // (b, n_kv, g·n_q, d)
-        .reshape((b, n_heads, n_q, d))
+/// Naive attention with [`causal_softmax_fused`] in place of the composed scale, mask and
+/// softmax; grouped K/V heads are served by folding each group into the query rows (8-02's
+/// [`fold_query_groups`]). An explicit mask or a score bias (padding masks, relative bias) has no
+/// fused form here: those calls run [`NaiveAttention`], same values.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FusedSoftmaxAttention;
+
+impl AttentionKernel for FusedSoftmaxAttention {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: AttnMask<'_>,
+        score_bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let causal = match (mask, score_bias) {
+            (AttnMask::None, None) => false,
+            (AttnMask::Causal, None) => true,
+            _ => return NaiveAttention.attend(q, k, v, mask, score_bias),
+        };
+        let (b, n_heads, n_q, d) = q.dims4()?;
+        let (q, _) = fold_query_groups(q, k.dim(1)?)?; // (b, n_kv, g·n_q, d)
+        let (k, v) = (gemm_operand(k)?, gemm_operand(v)?);
+        let scores = q.matmul(&k.t()?)?; // (b, n_kv, g·n_q, n_k)
+        let weights = causal_softmax_fused(&scores, 1.0 / (d as f64).sqrt(), n_q, causal)?;
+        weights
+            .matmul(&v)? // (b, n_kv, g·n_q, d)
+            .reshape((b, n_heads, n_q, d))
+    }
 }
 
 /// `x (b, h, n, d)` as a batched-GEMM operand: as it is when its rows are contiguous and its

@@ -44,11 +44,20 @@
 //! `m → m/s`, so a model trained on `L` sees angles of `[0, L)` over `sL` tokens;
 //! **NTK-aware scaling** (bloc97, 2023) raises the base instead, `base → base·s^{d/(d−2)}`,
 //! stretching the slow (long-range) pairs by ≈ `s` while leaving the fast pairs almost untouched.
+//!
+//! ## Rung 3 of the ladder
+//! [`with_rope`] turns rung 2 (8-07) into the LLaMA recipe: learned positions out, RoPE in.
+//! The tables plug into 8-02's attention component as its position scheme
+//! ([`t0802_multi_head_attention::PositionPlug`]): the component rotates `q` and `k` through them
+//! at the tokens' absolute positions, in the full forward and in cached decoding alike.
 
 use candle_core::{bail, DType, Device, Result, Tensor};
+use shared::kernels::OpImpl;
 
 pub mod fused;
+pub mod ladder;
 pub use fused::apply_rope_fused;
+pub use ladder::{fastest_kernels, llama, parts, with_rope, RopeParts};
 
 /// The base of the frequencies in RoFormer and LLaMA 1/2 (LLaMA 3 uses 500 000).
 pub const DEFAULT_BASE: f64 = 10_000.0;
@@ -93,8 +102,8 @@ pub struct RopeTables {
     pub d_head: usize,
     pub base: f64,
     pub scaling: RopeScaling,
-    /// [`RopeTables::apply`] uses the fused op ([`apply_rope_fused`]) instead of the composed one.
-    pub fused: bool,
+    /// [`RopeTables::apply`] runs the composed ops or the fused op ([`apply_rope_fused`]).
+    pub imp: OpImpl,
 }
 
 impl RopeTables {
@@ -138,23 +147,22 @@ impl RopeTables {
             d_head,
             base,
             scaling,
-            fused: false,
+            imp: OpImpl::Composed,
         })
     }
 
-    /// The same tables, applied by the fused op (`true`) or the composed ops (`false`).
-    pub fn with_fused(mut self, fused: bool) -> Self {
-        self.fused = fused;
+    /// The same tables, applied by the fused op or the composed ops (same values).
+    pub fn with_impl(mut self, imp: OpImpl) -> Self {
+        self.imp = imp;
         self
     }
 
-    /// RoPE of `x (batch, heads, seq, d_head)` at positions `start_pos …`: [`apply_rope`], or
-    /// [`apply_rope_fused`] when the tables were built `with_fused(true)` (same values).
+    /// RoPE of `x (batch, heads, seq, d_head)` at positions `start_pos …`: [`apply_rope`] or
+    /// [`apply_rope_fused`], as chosen by [`Self::with_impl`].
     pub fn apply(&self, x: &Tensor, start_pos: usize) -> Result<Tensor> {
-        if self.fused {
-            apply_rope_fused(x, self, start_pos)
-        } else {
-            apply_rope(x, self, start_pos)
+        match self.imp {
+            OpImpl::Fused => apply_rope_fused(x, self, start_pos),
+            OpImpl::Composed => apply_rope(x, self, start_pos),
         }
     }
 
@@ -299,5 +307,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("even"), "{e}");
+    }
+}
+
+/// RoPE as a position plug of 8-02's attention component: `q` and `k` are rotated at their
+/// absolute positions before the scores are formed.
+impl t0802_multi_head_attention::PositionPlug for RopeTables {
+    fn rotate(&self, q: &Tensor, k: &Tensor, start_pos: usize) -> Result<(Tensor, Tensor)> {
+        Ok((self.apply(q, start_pos)?, self.apply(k, start_pos)?))
     }
 }

@@ -13,6 +13,7 @@
 //! kernel (dK, dV written directly into the packed output, dQ accumulated in an f32 buffer with
 //! atomics), then `dQ = scale·dQacc` converted into the packed output (`flash_bwd_dq_*`).
 
+use shared::kernels::FlashKernels;
 use crate::cpu::Dims;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -107,13 +108,18 @@ fn check_dims(dims: Dims) -> Result<()> {
 }
 
 /// Which family runs: [`crate::cuda_kernel_family`] (`suffix` names the kernels' dtype).
-fn family(suffix: &str, dims: Dims, offsets: &[usize]) -> crate::CudaKernelFamily {
+fn family(
+    suffix: &str,
+    dims: Dims,
+    offsets: &[usize],
+    kernels: FlashKernels,
+) -> crate::CudaKernelFamily {
     let dtype = match suffix {
         "bf16" => DType::BF16,
         "f16" => DType::F16,
         _ => DType::F32,
     };
-    crate::cuda_kernel_family(dtype, dims.d, offsets)
+    crate::cuda_kernel_family(dtype, dims.d, offsets, kernels)
 }
 
 /// Forward: returns `(O, L)` storages, `O (bh, n_q, d)` in the input dtype, `L (bh, n_q)` f32.
@@ -128,12 +134,13 @@ pub fn forward(
     dims: Dims,
     scale: f32,
     causal: bool,
+    kernels: FlashKernels,
 ) -> Result<(CudaStorage, CudaStorage)> {
     check_dims(dims)?;
     match s1.dtype() {
-        DType::F32 => fwd::<f32>(s1, l1, s2, l2, s3, l3, dims, scale, causal, "f32"),
-        DType::BF16 => fwd::<bf16>(s1, l1, s2, l2, s3, l3, dims, scale, causal, "bf16"),
-        DType::F16 => fwd::<f16>(s1, l1, s2, l2, s3, l3, dims, scale, causal, "f16"),
+        DType::F32 => fwd::<f32>(s1, l1, s2, l2, s3, l3, dims, scale, causal, kernels, "f32"),
+        DType::BF16 => fwd::<bf16>(s1, l1, s2, l2, s3, l3, dims, scale, causal, kernels, "bf16"),
+        DType::F16 => fwd::<f16>(s1, l1, s2, l2, s3, l3, dims, scale, causal, kernels, "f16"),
         dt => bail!("flash attention (cuda): dtype {dt:?} not supported (f32, f16, bf16)"),
     }
 }
@@ -149,6 +156,7 @@ fn fwd<T: CudaDType + DeviceRepr>(
     dims: Dims,
     scale: f32,
     causal: bool,
+    kernels: FlashKernels,
     suffix: &str,
 ) -> Result<(CudaStorage, CudaStorage)> {
     let dev = s1.device().clone();
@@ -161,7 +169,7 @@ fn fwd<T: CudaDType + DeviceRepr>(
     // SAFETY: every element of O and L is written by the kernel (rows < n_q, all columns).
     let mut o = unsafe { dev.alloc::<T>(bh * n_q * d)? };
     let mut lse = unsafe { dev.alloc::<f32>(bh * n_q)? };
-    let (name, rows, threads, smem) = match family(suffix, dims, &[oq, ok, ov]) {
+    let (name, rows, threads, smem) = match family(suffix, dims, &[oq, ok, ov], kernels) {
         crate::CudaKernelFamily::TensorCores => (
             format!("flash_fwd_tc_{suffix}_d{d}"),
             TC_FWD_BR,
@@ -220,12 +228,18 @@ pub struct BwdInputs<'a> {
 }
 
 /// Backward: the packed `[dQ | dK | dV]` in the input dtype.
-pub fn backward(inp: BwdInputs<'_>, dims: Dims, scale: f32, causal: bool) -> Result<CudaStorage> {
+pub fn backward(
+    inp: BwdInputs<'_>,
+    dims: Dims,
+    scale: f32,
+    causal: bool,
+    kernels: FlashKernels,
+) -> Result<CudaStorage> {
     check_dims(dims)?;
     match inp.q.0.dtype() {
-        DType::F32 => bwd::<f32>(inp, dims, scale, causal, "f32"),
-        DType::BF16 => bwd::<bf16>(inp, dims, scale, causal, "bf16"),
-        DType::F16 => bwd::<f16>(inp, dims, scale, causal, "f16"),
+        DType::F32 => bwd::<f32>(inp, dims, scale, causal, kernels, "f32"),
+        DType::BF16 => bwd::<bf16>(inp, dims, scale, causal, kernels, "bf16"),
+        DType::F16 => bwd::<f16>(inp, dims, scale, causal, kernels, "f16"),
         dt => bail!("flash attention backward (cuda): dtype {dt:?} not supported (f32, f16, bf16)"),
     }
 }
@@ -235,6 +249,7 @@ fn bwd<T: CudaDType + DeviceRepr>(
     dims: Dims,
     scale: f32,
     causal: bool,
+    kernels: FlashKernels,
     suffix: &str,
 ) -> Result<CudaStorage> {
     let dev = inp.q.0.device().clone();
@@ -271,7 +286,7 @@ fn bwd<T: CudaDType + DeviceRepr>(
     let mut packed = unsafe { dev.alloc::<T>(nq_el + 2 * nk_el)? };
     let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
     {
-        let (name, keys, threads, smem) = match family(suffix, dims, &[oq, ok, ov, odo]) {
+        let (name, keys, threads, smem) = match family(suffix, dims, &[oq, ok, ov, odo], kernels) {
             crate::CudaKernelFamily::TensorCores => (
                 format!("flash_bwd_tc_{suffix}_d{d}"),
                 TC_BWD_BC,

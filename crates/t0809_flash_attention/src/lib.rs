@@ -53,11 +53,14 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod op;
+pub mod ladder;
 pub mod tiled;
 
 use candle_core::{bail, DType, Result, Tensor};
+pub use shared::kernels::FlashKernels;
 
 pub use op::{FlashAttention, FlashAttentionBackward};
+pub use ladder::{fastest_kernels, parts, FlashAttentionKernel, FlashParts};
 pub use tiled::flash_attention_tensor_ops;
 
 /// Which CUDA kernel family runs for a given input (see `cuda.rs`).
@@ -74,12 +77,15 @@ pub enum CudaKernelFamily {
 }
 
 /// The CUDA kernel family [`flash_attention`] uses for `dtype` and `d_head`, with every input
-/// starting at an element offset of `offsets`. `MODULE08_FLASH_KERNEL=simple` (read once) forces
-/// the simple fp32-FMA kernels, to measure the difference.
-pub fn cuda_kernel_family(dtype: DType, d_head: usize, offsets: &[usize]) -> CudaKernelFamily {
-    static FORCE_SIMPLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let force_simple = *FORCE_SIMPLE
-        .get_or_init(|| std::env::var("MODULE08_FLASH_KERNEL").is_ok_and(|v| v == "simple"));
+/// starting at an element offset of `offsets`. [`FlashKernels::Simple`] forces the simple
+/// fp32-FMA kernels, to measure the difference.
+pub fn cuda_kernel_family(
+    dtype: DType,
+    d_head: usize,
+    offsets: &[usize],
+    kernels: FlashKernels,
+) -> CudaKernelFamily {
+    let force_simple = kernels == FlashKernels::Simple;
     if !force_simple
         && matches!(dtype, DType::BF16 | DType::F16)
         && matches!(d_head, 32 | 64 | 128)
@@ -116,7 +122,19 @@ pub fn flash_attention(
     softmax_scale: f64,
     causal: bool,
 ) -> Result<Tensor> {
-    Ok(flash_attention_with_lse(q, k, v, softmax_scale, causal)?.0)
+    flash_attention_with(q, k, v, softmax_scale, causal, FlashKernels::Auto)
+}
+
+/// [`flash_attention`] with the CUDA kernel families chosen by `kernels`.
+pub fn flash_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f64,
+    causal: bool,
+    kernels: FlashKernels,
+) -> Result<Tensor> {
+    Ok(run_flash(q, k, v, FlashAttention::new(softmax_scale, causal, kernels))?.0)
 }
 
 /// [`flash_attention`] that also returns the row log-sum-exp `L (batch, heads, n_q)`
@@ -129,9 +147,12 @@ pub fn flash_attention_with_lse(
     softmax_scale: f64,
     causal: bool,
 ) -> Result<(Tensor, Tensor)> {
-    check_inputs(q, k, v, softmax_scale, causal)?;
+    run_flash(q, k, v, FlashAttention::new(softmax_scale, causal, FlashKernels::Auto))
+}
+
+fn run_flash(q: &Tensor, k: &Tensor, v: &Tensor, op: FlashAttention) -> Result<(Tensor, Tensor)> {
+    check_inputs(q, k, v, op.softmax_scale, op.causal)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let op = FlashAttention::new(softmax_scale, causal);
     let lse_slot = op.lse_slot();
     let out = q.apply_op3(&k, &v, op)?;
     let lse = lse_slot.lock().expect("lse slot").clone();
@@ -250,31 +271,6 @@ pub fn naive_attention(
     Ok(t0801_self_attention::scaled_dot_product_attention(&q, k, v, mask.as_ref())?.output)
 }
 
-/// 8-02's multi-head self-attention layer with FlashAttention in place of the naive attention:
-/// the same projections, heads and output projection, `x (batch, seq, d_model)` →
-/// `(batch, seq, d_model)`, without the `(batch, heads, seq, seq)` weights.
-pub fn mha_flash_forward(
-    mha: &t0802_multi_head_attention::MultiHeadAttention,
-    x: &Tensor,
-    causal: bool,
-) -> Result<Tensor> {
-    shared::params::expect_last_dim(x, mha.cfg.d_model, "mha_flash_forward input")?;
-    let proj = |w: &Tensor, i: usize| match &mha.biases {
-        Some(b) => shared::linear_with_bias(x, w, &b[i]),
-        None => shared::linear(x, w),
-    };
-    let q = mha.split_heads(&proj(&mha.w_q, 0)?)?; // (batch, heads, seq, d_head)
-    let k = mha.split_heads(&proj(&mha.w_k, 1)?)?;
-    let v = mha.split_heads(&proj(&mha.w_v, 2)?)?;
-    let scale = default_softmax_scale(mha.cfg.d_head()?);
-    let heads = flash_attention(&q, &k, &v, scale, causal)?; // (batch, heads, seq, d_head)
-    let concat = t0802_multi_head_attention::MultiHeadAttention::merge_heads(&heads)?;
-    match &mha.biases {
-        Some(b) => shared::linear_with_bias(&concat, &mha.w_o, &b[3]),
-        None => shared::linear(&concat, &mha.w_o),
-    }
-}
-
 /// Forward FLOPs of attention as benchmarks count them: `4·batch·heads·n_q·n_k·d` (two matmuls),
 /// halved when causal. The backward is counted as 2.5× the forward (five matmuls instead of
 /// two).
@@ -299,23 +295,25 @@ mod kernel_family_tests {
 
     #[test]
     fn kernel_family_follows_dtype_head_size_and_alignment() {
-        if std::env::var("MODULE08_FLASH_KERNEL").is_ok_and(|v| v == "simple") {
-            return; // forced by hand: everything is fp32 FMA
-        }
         use CudaKernelFamily::*;
+        let family = |dt, d, offsets: &[usize]| cuda_kernel_family(dt, d, offsets, FlashKernels::Auto);
+        assert_eq!(
+            cuda_kernel_family(DType::BF16, 64, &[0, 0, 0], FlashKernels::Simple),
+            Fp32Fma
+        );
         for d in [32, 64, 128] {
-            assert_eq!(cuda_kernel_family(DType::BF16, d, &[0, 8, 16]), TensorCores);
-            assert_eq!(cuda_kernel_family(DType::F16, d, &[0, 0, 0]), TensorCores);
-            assert_eq!(cuda_kernel_family(DType::BF16, d, &[0, 4, 0]), Fp32Fma);
+            assert_eq!(family(DType::BF16, d, &[0, 8, 16]), TensorCores);
+            assert_eq!(family(DType::F16, d, &[0, 0, 0]), TensorCores);
+            assert_eq!(family(DType::BF16, d, &[0, 4, 0]), Fp32Fma);
         }
         for d in [32, 64] {
-            assert_eq!(cuda_kernel_family(DType::F32, d, &[0, 4, 64]), Fp32Tiled);
-            assert_eq!(cuda_kernel_family(DType::F32, d, &[0, 2, 0]), Fp32Fma);
+            assert_eq!(family(DType::F32, d, &[0, 4, 64]), Fp32Tiled);
+            assert_eq!(family(DType::F32, d, &[0, 2, 0]), Fp32Fma);
         }
-        assert_eq!(cuda_kernel_family(DType::F32, 128, &[0, 0, 0]), Fp32Fma);
+        assert_eq!(family(DType::F32, 128, &[0, 0, 0]), Fp32Fma);
         for d in [16, 48, 80, 96] {
-            assert_eq!(cuda_kernel_family(DType::BF16, d, &[0, 0, 0]), Fp32Fma);
-            assert_eq!(cuda_kernel_family(DType::F32, d, &[0, 0, 0]), Fp32Fma);
+            assert_eq!(family(DType::BF16, d, &[0, 0, 0]), Fp32Fma);
+            assert_eq!(family(DType::F32, d, &[0, 0, 0]), Fp32Fma);
         }
     }
 }

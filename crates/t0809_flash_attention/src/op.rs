@@ -24,6 +24,7 @@
 //! three gradients are views into it (`narrow` + `reshape`, no copy). It has no backward itself
 //! (no second derivatives).
 
+use shared::kernels::FlashKernels;
 use crate::cpu::{self, Acc, Dims};
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
@@ -43,14 +44,17 @@ pub type LseSlot = Arc<Mutex<Option<Tensor>>>;
 pub struct FlashAttention {
     pub softmax_scale: f64,
     pub causal: bool,
+    /// Which CUDA kernels run ([`crate::cuda_kernel_family`]).
+    pub kernels: FlashKernels,
     lse: LseSlot,
 }
 
 impl FlashAttention {
-    pub fn new(softmax_scale: f64, causal: bool) -> Self {
+    pub fn new(softmax_scale: f64, causal: bool, kernels: FlashKernels) -> Self {
         Self {
             softmax_scale,
             causal,
+            kernels,
             lse: Arc::new(Mutex::new(None)),
         }
     }
@@ -189,6 +193,7 @@ impl CustomOp3 for FlashAttention {
             dims,
             self.softmax_scale as f32,
             self.causal,
+            self.kernels,
         )?;
         self.save_lse(Storage::Cuda(lse), b, h, dims.n_q);
         Ok((o, Shape::from((b, h, dims.n_q, dims.d_v))))
@@ -207,7 +212,7 @@ impl CustomOp3 for FlashAttention {
             Some(lse) => lse,
             None => {
                 // Not expected (the forward always saves L); recompute it with a second forward.
-                let op = FlashAttention::new(self.softmax_scale, self.causal);
+                let op = FlashAttention::new(self.softmax_scale, self.causal, self.kernels);
                 let slot = op.lse_slot();
                 q.apply_op3_no_bwd(k, v, &op)?;
                 let lse = slot.lock().expect("lse slot").clone();
@@ -217,15 +222,11 @@ impl CustomOp3 for FlashAttention {
                 }
             }
         };
-        let (dq, dk, dv) = flash_attention_backward(
-            q,
-            k,
-            v,
-            res,
-            grad_res,
-            &lse,
+        let (dq, dk, dv) = backward_with_kernels(
+            [q, k, v, res, grad_res, &lse],
             self.softmax_scale,
             self.causal,
+            self.kernels,
         )?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
@@ -244,6 +245,18 @@ pub fn flash_attention_backward(
     lse: &Tensor,
     softmax_scale: f64,
     causal: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let inputs = [q, k, v, o, d_o, lse];
+    backward_with_kernels(inputs, softmax_scale, causal, FlashKernels::Auto)
+}
+
+/// [`flash_attention_backward`] of `[q, k, v, o, d_o, lse]` with the CUDA kernels chosen by
+/// `kernels`.
+fn backward_with_kernels(
+    [q, k, v, o, d_o, lse]: [&Tensor; 6],
+    softmax_scale: f64,
+    causal: bool,
+    kernels: FlashKernels,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, h, n_q, d) = q.dims4()?;
     let (n_k, d_v) = (k.dim(2)?, v.dim(3)?);
@@ -273,6 +286,7 @@ pub fn flash_attention_backward(
     let op = FlashAttentionBackward {
         softmax_scale,
         causal,
+        kernels,
         o: o.contiguous()?,
         d_o: d_o.contiguous()?,
         lse: lse.contiguous()?,
@@ -293,6 +307,7 @@ pub fn flash_attention_backward(
 pub struct FlashAttentionBackward {
     pub softmax_scale: f64,
     pub causal: bool,
+    pub kernels: FlashKernels,
     pub o: Tensor,
     pub d_o: Tensor,
     pub lse: Tensor,
@@ -409,6 +424,7 @@ impl CustomOp3 for FlashAttentionBackward {
             dims,
             self.softmax_scale as f32,
             self.causal,
+            self.kernels,
         )?;
         Ok((packed, Shape::from(packed_len(dims))))
     }

@@ -3,23 +3,8 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-/// Where a decoder keeps the keys and values of the tokens it has already seen.
-///
-/// One forward call over `n_new` tokens goes: [`begin`](KvStore::begin) (check room / allocate,
-/// before anything is written, so a refusal leaves the store intact) → for every layer
-/// [`append`](KvStore::append) (write the new K/V, get back all of them) →
-/// [`commit`](KvStore::commit) (the new tokens now count).
-pub trait KvStore {
-    /// Tokens already cached (= the position of the next token).
-    fn seq_len(&self) -> usize;
-    /// Makes room for `n_new` more tokens, or fails without changing anything.
-    fn begin(&mut self, n_new: usize) -> Result<()>;
-    /// Writes `k, v (batch, n_kv_heads, n_new, d_head)` of `layer` after the cached tokens and
-    /// returns the keys and values of all `seq_len() + n_new` tokens, same layout.
-    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
-    /// Counts the `n_new` tokens written by the last `append` of every layer.
-    fn commit(&mut self, n_new: usize);
-}
+/// The store the attention component writes through (defined with the component in 8-02).
+pub use t0802_multi_head_attention::KvStore;
 
 /// The two ways of growing a per-layer cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -1,0 +1,153 @@
+//! The attention *kernel*: the part of the component that turns per-head `q, k, v` into per-head
+//! outputs. The component (projections, heads, positions, cache, `W_o`) is written once; what
+//! computes `softmax(Q·Kᵀ/√d + bias, masked)·V` is a plug:
+//!
+//! * [`NaiveAttention`] (this topic): 8-01's scaled dot-product attention on every head,
+//!   materialising the `(n_q, n_k)` weights;
+//! * 8-06's fused causal softmax and 8-09's FlashAttention implement the same trait.
+//!
+//! ## Fewer K/V heads than query heads
+//! Grouped-query attention (8-07) gives `n_kv_heads < n_heads` K/V heads, each shared by a group
+//! of `g = n_heads / n_kv_heads` consecutive query heads. Every kernel accepts that layout. The
+//! naive kernel folds each group into the query rows — `q (b, n_heads, n_q, d)` →
+//! `(b, n_kv, g·n_q, d)`, a free reshape — so one batched matmul per K/V head serves its whole
+//! group and no K/V head is copied ([`fold_query_groups`]); with an explicit mask or a score bias
+//! it repeats the K/V heads instead ([`repeat_kv`]), which is simple and exact.
+
+use candle_core::{bail, Device, Result, Tensor};
+use t0801_self_attention::{attention_with_bias, causal_mask, Attention};
+
+/// What a kernel must hide.
+#[derive(Debug, Clone, Copy)]
+pub enum AttnMask<'a> {
+    /// Every query sees every key.
+    None,
+    /// The queries are the *last* `n_q` of the `n_k` positions and see only keys at or before
+    /// their own position (end-aligned, so decoding with a cache needs no other mask).
+    Causal,
+    /// A `u8` mask, 1 = may attend, broadcastable to `(batch, heads, n_q, n_k)` (padding masks,
+    /// causal-and-padding, hand-made patterns).
+    Explicit(&'a Tensor),
+}
+
+/// An attention kernel: `q (batch, n_heads, n_q, d)`, `k, v (batch, n_kv_heads, n_k, d)` with
+/// `n_kv_heads` dividing `n_heads` (query head `h` reads K/V head `h / (n_heads / n_kv_heads)`),
+/// an optional additive `score_bias` broadcastable to `(batch, n_heads, n_q, n_k)` →
+/// `(batch, n_heads, n_q, d)`, scaled by `1/√d`.
+pub trait AttentionKernel: Send + Sync {
+    /// A short name for logs (`naive`, `fused-softmax`, `flash`).
+    fn name(&self) -> &'static str;
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: AttnMask<'_>,
+        score_bias: Option<&Tensor>,
+    ) -> Result<Tensor>;
+}
+
+/// 8-01's scaled dot-product attention on every head, composed from tensor ops.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NaiveAttention;
+
+impl NaiveAttention {
+    /// The outputs *and* the attention weights `(batch, n_heads, n_q, n_k)`, for inspection.
+    pub fn attend_with_weights(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: AttnMask<'_>,
+        score_bias: Option<&Tensor>,
+    ) -> Result<Attention> {
+        let g = group_size(q, k)?;
+        let (k, v) = (repeat_kv(k, g)?, repeat_kv(v, g)?);
+        let causal = match mask {
+            AttnMask::Causal => Some(causal_mask(q.dim(2)?, k.dim(2)?, q.device())?),
+            _ => None,
+        };
+        let mask = match mask {
+            AttnMask::None => None,
+            AttnMask::Causal => causal.as_ref(),
+            AttnMask::Explicit(m) => Some(m),
+        };
+        attention_with_bias(q, &k, &v, score_bias, mask)
+    }
+}
+
+impl AttentionKernel for NaiveAttention {
+    fn name(&self) -> &'static str {
+        "naive"
+    }
+
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: AttnMask<'_>,
+        score_bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let g = group_size(q, k)?;
+        let foldable = matches!(mask, AttnMask::None | AttnMask::Causal) && score_bias.is_none();
+        if g == 1 || !foldable {
+            return Ok(self.attend_with_weights(q, k, v, mask, score_bias)?.output);
+        }
+        let (b, n_heads, n_q, d) = q.dims4()?;
+        let n_k = k.dim(2)?;
+        let (q, g) = fold_query_groups(q, k.dim(1)?)?; // (b, n_kv, g·n_q, d)
+        let mask = match mask {
+            AttnMask::Causal => Some(grouped_causal_mask(g, n_q, n_k, q.device())?),
+            _ => None,
+        };
+        let att = attention_with_bias(&q, &k.contiguous()?, &v.contiguous()?, None, mask.as_ref())?;
+        att.output.reshape((b, n_heads, n_q, d))
+    }
+}
+
+/// `g = n_heads / n_kv_heads` of `q (b, n_heads, n_q, d)` and `k (b, n_kv_heads, n_k, d)`, or an
+/// error naming both when the K/V heads cannot serve the query heads.
+pub fn group_size(q: &Tensor, k: &Tensor) -> Result<usize> {
+    let (n_heads, n_kv) = (q.dim(1)?, k.dim(1)?);
+    if n_kv == 0 || !n_heads.is_multiple_of(n_kv) {
+        bail!("attention kernel: {n_kv} K/V heads cannot serve {n_heads} query heads");
+    }
+    Ok(n_heads / n_kv)
+}
+
+/// Folds each group of `g = n_heads / n_kv_heads` query heads into the query rows:
+/// `q (b, n_heads, n_q, d)` → `(b, n_kv_heads, g·n_q, d)`, rows ordered (head in group, query),
+/// so that one batched matmul per K/V head serves its whole group. Returns the folded `q` and `g`;
+/// `reshape((b, n_heads, n_q, d))` of an output unfolds it.
+pub fn fold_query_groups(q: &Tensor, n_kv: usize) -> Result<(Tensor, usize)> {
+    let (b, n_heads, n_q, d) = q.dims4()?;
+    if n_kv == 0 || !n_heads.is_multiple_of(n_kv) {
+        bail!("attention kernel: {n_kv} K/V heads cannot serve {n_heads} query heads");
+    }
+    let g = n_heads / n_kv;
+    Ok((q.contiguous()?.reshape((b, n_kv, g * n_q, d))?, g))
+}
+
+/// The causal mask `(g·n_q, n_k)` for `g` stacked query groups (row `r` is query `r mod n_q`).
+pub fn grouped_causal_mask(g: usize, n_q: usize, n_k: usize, device: &Device) -> Result<Tensor> {
+    let m = causal_mask(n_q, n_k, device)?; // (n_q, n_k)
+    if g == 1 {
+        return Ok(m);
+    }
+    Tensor::cat(&vec![m; g], 0)
+}
+
+/// Repeats each K/V head `group` times: `(b, n_kv, n, d)` → `(b, n_kv·group, n, d)`, head `h` of
+/// the result being K/V head `h / group`. Materialises the copies that grouped-query attention
+/// saves; used where a kernel needs one K/V head per query head.
+pub fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
+    if group == 1 {
+        return Ok(x.clone());
+    }
+    let (b, n_kv, n, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, n_kv, group, n, d))?
+        .contiguous()?
+        .reshape((b, n_kv * group, n, d))
+}
