@@ -137,7 +137,7 @@ impl Kernels {
 
 /// The command-line form of a [`Kernels`] choice, flattened into every binary's arguments:
 /// `--kernels composed|fused` picks the base and `--norm/--swiglu/--softmax/--rope fused|composed`,
-/// `--attention naive|flash`, `--flash-kernels auto|simple`, `--heads row-swap|transpose` and
+/// `--attention naive|flash`, `--flash-kernels auto|simple`, `--head-copy row-swap|transpose` and
 /// `--embedding gather|index-select` override one op each.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct KernelArgs {
@@ -162,8 +162,8 @@ pub struct KernelArgs {
     /// Which FlashAttention kernels run on CUDA.
     #[arg(long, value_enum)]
     pub flash_kernels: Option<FlashKernels>,
-    /// How heads are split and merged.
-    #[arg(long, value_enum)]
+    /// How heads are split and merged (`--head-copy`: `--heads` is a model size in most binaries).
+    #[arg(id = "head_copy", long = "head-copy", value_enum)]
     pub heads: Option<HeadCopy>,
     /// How embeddings are looked up.
     #[arg(long, value_enum)]
@@ -220,8 +220,14 @@ mod tests {
         assert_eq!(k.norm, OpImpl::Fused);
         assert_eq!(k.rope, OpImpl::Composed);
         assert_eq!(k.attention, AttentionImpl::Naive);
-        assert_eq!(KernelArgs::default().resolve(Kernels::fused()), Kernels::fused());
+        assert_eq!(
+            KernelArgs::default().resolve(Kernels::fused()),
+            Kernels::fused()
+        );
         let d = Kernels::fused().describe();
-        assert!(d.contains("norm=fused") && d.contains("attention=flash"), "{d}");
+        assert!(
+            d.contains("norm=fused") && d.contains("attention=flash"),
+            "{d}"
+        );
     }
 }

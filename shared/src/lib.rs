@@ -29,6 +29,7 @@ pub mod cuda;
 pub mod custom_op;
 pub mod device;
 pub mod embedding;
+pub mod fit;
 pub mod heads;
 pub mod kernels;
 pub mod params;

@@ -9,7 +9,7 @@
 //!
 //! The name given to each parameter is its key in the checkpoint: keep names stable.
 
-use candle_core::{bail, Result, Shape, Tensor, Var, D};
+use candle_core::{bail, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::path::Path;
@@ -200,11 +200,6 @@ pub fn load_params(varmap: &mut VarMap, path: &Path) -> Result<()> {
         var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
     }
     Ok(())
-}
-
-/// Mean over the last dimension, keeping it (a tiny helper used by the norms).
-pub fn mean_last(x: &Tensor) -> Result<Tensor> {
-    x.mean_keepdim(D::Minus1)
 }
 
 #[cfg(test)]

@@ -149,11 +149,6 @@ impl Bpe {
             .decode(ids, false)
             .map_err(|e| anyhow!("decoding: {e}"))
     }
-
-    /// Decodes one id (for streaming generation).
-    pub fn id_to_token_text(&self, id: u32) -> Result<String> {
-        self.decode(&[id])
-    }
 }
 
 /// First 16 hex digits of the sha256 of `text` (cache keys).

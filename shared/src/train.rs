@@ -12,7 +12,7 @@ use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Hyper-parameters of AdamW (Loshchilov & Hutter, 2019).
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -501,11 +501,6 @@ pub fn human_rate(x: f64) -> String {
     }
 }
 
-/// The folder holding a topic's checkpoints.
-pub fn checkpoint_dir(out_dir: &Path, name: &str) -> PathBuf {
-    out_dir.join("checkpoints").join(name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -880,25 +875,8 @@ pub struct LmTrainSpec {
     pub seed: u64,
 }
 
-/// The record of one language-model training run.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct LmCurve {
-    /// `(step, training loss, gradient norm, wall seconds)` for every step.
-    pub train: Vec<(usize, f64, f64, f64)>,
-    /// `(step, validation loss, wall seconds)` at each evaluation.
-    pub valid: Vec<(usize, f64, f64)>,
-    /// Step at which the loss or gradient stopped being finite, if it did.
-    pub diverged_at: Option<usize>,
-    /// Training tokens per second (forward + backward + update; evaluation excluded).
-    pub tokens_per_s: f64,
-    pub wall_s: f64,
-}
-
-impl LmCurve {
-    pub fn final_valid_loss(&self) -> Option<f64> {
-        self.valid.last().map(|v| v.1)
-    }
-}
+/// The record of one language-model training run ([`crate::fit::Curve`]).
+pub type LmCurve = crate::fit::Curve;
 
 /// Mean loss of `loss_fn` over evaluation windows of `tokens` (no gradient is kept).
 pub fn evaluate_lm(
@@ -922,8 +900,9 @@ pub fn evaluate_lm(
 }
 
 /// Trains a language model for `spec.steps` steps on random windows of `train_tokens`, evaluating
-/// on `valid_tokens` every `eval_every` steps, with a progress bar. A divergence (NaN/Inf) ends
-/// the run early and is recorded in the curve rather than raised: experiments compare it.
+/// on `valid_tokens` every `eval_every` steps, through the one loop ([`crate::fit::fit`]). A
+/// divergence (NaN/Inf) ends the run early and is recorded in the curve rather than raised:
+/// experiments compare it.
 pub fn train_lm(
     trainer: &mut Trainer,
     train_tokens: &[u32],
@@ -932,73 +911,58 @@ pub fn train_lm(
     device: &candle_core::Device,
     loss_fn: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
 ) -> Result<LmCurve> {
-    let batcher = crate::batching::LmBatcher::new(spec.batch_size, spec.seq_len, spec.seed);
-    let mut curve = LmCurve::default();
-    let started = std::time::Instant::now();
-    let mut train_time = 0.0;
-    let mut progress = Progress::new(spec.steps as u64, &spec.label);
-    let tokens_per_step = (spec.batch_size * spec.seq_len) as f64;
-    for step in 0..spec.steps {
-        if step % spec.eval_every == 0 {
-            let v = evaluate_lm(
-                valid_tokens,
-                spec.batch_size,
-                spec.seq_len,
-                spec.eval_batches,
-                device,
-                loss_fn,
-            )?;
-            curve.valid.push((step, v, started.elapsed().as_secs_f64()));
-        }
-        let t0 = std::time::Instant::now();
-        let batch = batcher.batch(train_tokens, step as u64, device)?;
-        let loss = loss_fn(&batch.x, &batch.y)?;
-        match trainer.step(&loss) {
-            Ok(stats) => {
-                train_time += t0.elapsed().as_secs_f64();
-                curve.train.push((
-                    step,
-                    stats.loss,
-                    stats.grad_norm,
-                    started.elapsed().as_secs_f64(),
-                ));
-                let rate = tokens_per_step * (step + 1) as f64 / train_time.max(1e-9);
-                progress.update(
-                    step as u64 + 1,
-                    format!(
-                        "loss {:.3} · lr {:.1e} · {} tok/s",
-                        stats.loss,
-                        stats.lr,
-                        human_rate(rate)
-                    ),
-                );
-            }
-            Err(e) if e.downcast_ref::<Diverged>().is_some() => {
-                progress.finish();
-                eprintln!("{}: {e}", spec.label);
-                curve.diverged_at = Some(step);
-                break;
-            }
-            Err(e) => return Err(e),
-        }
+    if trainer.schedule.total_steps != spec.steps {
+        bail!(
+            "train_lm: the schedule runs {} steps, the spec {}",
+            trainer.schedule.total_steps,
+            spec.steps
+        );
     }
-    progress.finish();
-    if curve.diverged_at.is_none() {
-        let v = evaluate_lm(
-            valid_tokens,
-            spec.batch_size,
-            spec.seq_len,
-            spec.eval_batches,
-            device,
-            loss_fn,
-        )?;
-        curve
-            .valid
-            .push((spec.steps, v, started.elapsed().as_secs_f64()));
+    let mut task = LmTask {
+        batcher: crate::batching::LmBatcher::new(spec.batch_size, spec.seq_len, spec.seed),
+        train_tokens,
+        valid_tokens,
+        spec,
+        device,
+        loss_fn,
+    };
+    let fit_spec = crate::fit::FitSpec {
+        label: spec.label.clone(),
+        eval_every: spec.eval_every,
+    };
+    crate::fit::fit(trainer, &mut task, &fit_spec, None)
+}
+
+/// A language model as a [`crate::fit::Task`]: random windows of the training tokens (a function
+/// of the step and the seed), mean loss over fixed validation windows.
+struct LmTask<'a> {
+    batcher: crate::batching::LmBatcher,
+    train_tokens: &'a [u32],
+    valid_tokens: &'a [u32],
+    spec: &'a LmTrainSpec,
+    device: &'a candle_core::Device,
+    loss_fn: &'a dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+}
+
+impl crate::fit::Task for LmTask<'_> {
+    fn train_loss(&mut self, step: usize) -> Result<(Tensor, usize)> {
+        let batch = self
+            .batcher
+            .batch(self.train_tokens, step as u64, self.device)?;
+        Ok(((self.loss_fn)(&batch.x, &batch.y)?, batch.x.elem_count()))
     }
-    curve.tokens_per_s = tokens_per_step * curve.train.len() as f64 / train_time.max(1e-9);
-    curve.wall_s = started.elapsed().as_secs_f64();
-    Ok(curve)
+
+    fn valid_loss(&mut self) -> Result<f64> {
+        let s = self.spec;
+        evaluate_lm(
+            self.valid_tokens,
+            s.batch_size,
+            s.seq_len,
+            s.eval_batches,
+            self.device,
+            self.loss_fn,
+        )
+    }
 }
 
 /// The unigram entropy (nats/token) of a token stream: the loss of the best model that ignores

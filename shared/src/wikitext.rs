@@ -3,7 +3,9 @@
 //! Where the files are looked for, in order:
 //! 1. the folder given by `--data-dir`, else by `$WIKITEXT2_DIR`;
 //! 2. the project's cache, `datasets/cache/wikitext-2/` (or `$MODULE08_CACHE/wikitext-2/`);
-//! 3. a download of `Salesforce/wikitext` (`wikitext-2-raw-v1`, parquet) through hf-hub into
+//! 3. a `shared/data/wikitext-2/` folder beside the project (`../shared/data/wikitext-2`, where
+//!    this course's checkouts keep it);
+//! 4. a download of `Salesforce/wikitext` (`wikitext-2-raw-v1`, parquet) through hf-hub into
 //!    the cache — raw files only (the word-level `.tokens` files come from a folder).
 //!
 //! A folder may hold `wiki.{train,valid,test}.{raw,tokens}` plain or xz-compressed (`.xz`).
@@ -182,6 +184,10 @@ pub fn locate(data_dir: Option<&Path>, variant: Variant) -> Result<PathBuf> {
     if has_variant(&cache, variant) {
         return Ok(cache);
     }
+    let beside = beside_the_project();
+    if has_variant(&beside, variant) {
+        return Ok(beside);
+    }
     if variant == Variant::Tokens {
         bail!(
             "the word-level files (wiki.*.tokens) are only read from a folder.\n{}",
@@ -190,6 +196,15 @@ pub fn locate(data_dir: Option<&Path>, variant: Variant) -> Result<PathBuf> {
     }
     download_raw(&cache).with_context(how_to_provide)?;
     Ok(cache)
+}
+
+/// `../shared/data/wikitext-2` relative to the workspace root.
+pub fn beside_the_project() -> PathBuf {
+    crate::workspace_root()
+        .join("..")
+        .join("shared")
+        .join("data")
+        .join("wikitext-2")
 }
 
 /// Reads one split, decompressing `.xz` if needed, and verifies its sha256.

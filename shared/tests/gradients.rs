@@ -7,10 +7,15 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
-const UPSTREAM_MODE: &str = "MODULE08_UPSTREAM_GRAD_ACCUMULATION";
+/// Set (to 1) by `upstream_accumulation_mode_passes_the_same_checks` when it reruns this test
+/// binary: every test then runs with upstream's accumulation switched on.
+const UPSTREAM_MODE: &str = "GRADIENT_TESTS_UPSTREAM_ACCUMULATION";
 
+/// Whether this run checks upstream's accumulation; switches the patched backward accordingly.
 fn upstream_mode() -> bool {
-    std::env::var(UPSTREAM_MODE).is_ok_and(|v| v == "1")
+    let on = std::env::var(UPSTREAM_MODE).is_ok_and(|v| v == "1");
+    candle_core::backprop::set_upstream_grad_accumulation(on);
+    on
 }
 
 /// A scalar function of two inputs that uses each of them several times, through the rules
@@ -68,6 +73,7 @@ fn assert_close(name: &str, autograd: &[f64], numeric: &[f64]) {
 
 #[test]
 fn gradients_match_float64_finite_differences() -> Result<()> {
+    upstream_mode();
     let device = Device::Cpu;
     // Fixed, irregular inputs (no ties for the max, no zeros for the abs).
     let values = |n: usize, seed: u64, scale: f64| -> Vec<f64> {
@@ -103,6 +109,7 @@ fn gradients_match_float64_finite_differences() -> Result<()> {
 /// first, then a second one, then a plus), a's is 1 − 1 = 0, c's is 1.
 #[test]
 fn fan_in_through_minus_rules_sums_every_contribution() -> Result<()> {
+    upstream_mode();
     let device = Device::Cpu;
     let a = Var::new(&[1.5f64, -2.0], &device)?;
     let b = Var::new(&[0.25f64, 4.0], &device)?;
@@ -121,6 +128,7 @@ fn fan_in_through_minus_rules_sums_every_contribution() -> Result<()> {
 /// shape, as upstream's zeros-plus-gradient always produced.
 #[test]
 fn gradients_of_views_are_contiguous_and_correct() -> Result<()> {
+    upstream_mode();
     let device = Device::Cpu;
     let w = Var::new(&[[1f64, 2., 3.], [4., 5., 6.]], &device)?; // (2, 3)
     let bias = Var::new(&[10f64, 20.], &device)?; // (2,)
@@ -234,6 +242,7 @@ impl candle_core::CustomOp1 for WrongShapeBackward {
 
 #[test]
 fn a_first_gradient_of_the_wrong_shape_is_an_error() -> Result<()> {
+    upstream_mode();
     let x = Var::new(&[1f32, 2., 3., 4.], &Device::Cpu)?;
     let y = x.as_tensor().apply_op1(WrongShapeBackward)?.sum_all()?;
     let err = y

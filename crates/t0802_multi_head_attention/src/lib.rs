@@ -204,7 +204,11 @@ impl MultiHeadAttention {
         Ok(Self::assemble(cfg, [w_q, w_k, w_v, w_o], None))
     }
 
-    fn assemble(cfg: MhaConfig, [w_q, w_k, w_v, w_o]: [Tensor; 4], biases: Option<[Tensor; 4]>) -> Self {
+    fn assemble(
+        cfg: MhaConfig,
+        [w_q, w_k, w_v, w_o]: [Tensor; 4],
+        biases: Option<[Tensor; 4]>,
+    ) -> Self {
         Self {
             cfg,
             w_q,

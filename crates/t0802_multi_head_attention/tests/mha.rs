@@ -337,11 +337,7 @@ fn head_gate_of_ones_is_no_gate_and_a_zero_gate_removes_the_head() -> Result<()>
 #[test]
 fn biases_are_created_named_and_applied() -> Result<()> {
     let dev = test_device();
-    let cfg = MhaConfig {
-        d_model: 8,
-        n_heads: 2,
-        bias: true,
-    };
+    let cfg = MhaConfig::new(8, 2).with_bias(true);
     let varmap = VarMap::new();
     let mut mha = MultiHeadAttention::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), cfg)?;
     let names: Vec<String> = shared::params::named_vars(&varmap)
@@ -437,5 +433,66 @@ fn cross_attention_takes_keys_and_values_from_the_other_sequence() -> Result<()>
     {
         assert!((g - r).abs() <= 1e-5 * (1.0 + r.abs()), "{g} vs {r}");
     }
+    Ok(())
+}
+
+/// The training path (`self_attention`, through the kernel) equals the inspection path
+/// (`forward`, which keeps the weights) for MHA, GQA and MQA, causal and not; with fewer K/V
+/// heads it equals MHA whose K/V projections repeat each K/V head over its group.
+#[test]
+fn kernel_path_equals_inspection_path_and_grouped_heads_equal_repeated_heads() -> Result<()> {
+    let dev = test_device();
+    let (d, h, n) = (16, 4, 5);
+    let d_head = d / h;
+    let x = Tensor::randn(0f32, 1.0, (2, n, d), &dev)?;
+    let causal = causal_mask(n, n, &dev)?;
+    for kv in [4, 2, 1] {
+        let std = 1.0 / (d as f32).sqrt();
+        let w_q = Tensor::randn(0f32, std, (d, d), &dev)?;
+        let w_k = Tensor::randn(0f32, std, (kv * d_head, d), &dev)?;
+        let w_v = Tensor::randn(0f32, std, (kv * d_head, d), &dev)?;
+        let w_o = Tensor::randn(0f32, std, (d, d), &dev)?;
+        let gqa = MultiHeadAttention::from_weights(
+            h,
+            w_q.clone(),
+            w_k.clone(),
+            w_v.clone(),
+            w_o.clone(),
+        )?;
+        assert_eq!(gqa.cfg.n_kv_heads, kv);
+        // K/V head j serves query heads j·g … (j+1)·g − 1: repeat its rows g times.
+        let g = h / kv;
+        let repeat = |w: &Tensor| -> Result<Tensor> {
+            w.reshape((kv, 1, d_head, d))?
+                .broadcast_as((kv, g, d_head, d))?
+                .contiguous()?
+                .reshape((h * d_head, d))
+        };
+        let mha = MultiHeadAttention::from_weights(h, w_q, repeat(&w_k)?, repeat(&w_v)?, w_o)?;
+        for (mask, tensor_mask) in [(AttnMask::None, None), (AttnMask::Causal, Some(&causal))] {
+            let fast = gqa.self_attention(&x, mask, 0, None)?;
+            let inspected = gqa.forward(&x, tensor_mask)?.output;
+            let reference = mha.forward(&x, tensor_mask)?.output;
+            assert!(
+                max_abs_diff(&fast, &inspected)? < 1e-5,
+                "kv {kv}: kernel vs inspection"
+            );
+            assert!(
+                max_abs_diff(&fast, &reference)? < 1e-5,
+                "kv {kv}: grouped vs repeated"
+            );
+        }
+    }
+    let err = MultiHeadAttention::new(
+        VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev),
+        MhaConfig::new(16, 4).with_kv_heads(3),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("n_kv_heads (3) must divide n_heads (4)"),
+        "{err}"
+    );
     Ok(())
 }

@@ -60,8 +60,8 @@ pub use learned::{LearnedPositions, LEARNED_INIT_STD};
 pub use relative::{
     relative_bucket_matrix, relative_position_bucket, RelativeBiasConfig, RelativePositionBias,
 };
-pub use t0801_self_attention::attention_with_bias;
 pub use scheme::{PositionConfig, PositionScheme, Positions};
 pub use sinusoidal::{
     frequencies, shift_matrix, sinusoidal, sinusoidal_at, sinusoidal_with_base, DEFAULT_BASE,
 };
+pub use t0801_self_attention::attention_with_bias;

@@ -22,8 +22,7 @@ use shared::train::{cross_entropy, AdamWConfig, Progress, ScheduleConfig, Traine
 use std::sync::Arc;
 use t0802_multi_head_attention::{MhaConfig, MultiHeadAttention, PositionPlug};
 use t0803_positional_encoding::{
-    sinusoidal, PositionConfig, PositionScheme, Positions,
-    RelativePositionBias,
+    sinusoidal, PositionConfig, PositionScheme, Positions, RelativePositionBias,
 };
 
 const TOPIC: &str = "t0803_positional_encoding";
@@ -116,7 +115,7 @@ impl Model {
         // Positions are created last, so that the shared parts (embeddings, attention, readout)
         // get the same initial values whatever the scheme.
         let embed = truncated_normal(&vb, (args.vocab, d), "token_embeddings", 1.0)?;
-        let layers = (0..args.layers)
+        let layers: Vec<MultiHeadAttention> = (0..args.layers)
             .map(|l| {
                 MultiHeadAttention::new(
                     vb.pp(format!("layers.{l}.attn")),
@@ -133,7 +132,7 @@ impl Model {
         };
         let layers = layers
             .into_iter()
-            .map(|l: MultiHeadAttention| l.with_positions(plug.clone()))
+            .map(|l| l.with_positions(plug.clone()))
             .collect();
         Ok(Self {
             embed,
@@ -145,7 +144,6 @@ impl Model {
 
     /// `tokens (batch, n)` → logits `(batch, n, vocab)` and each layer's weights `(batch, heads, n, n)`.
     fn forward(&self, tokens: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
-        let (_, n) = tokens.dims2()?;
         let x = shared::embedding(&self.embed, tokens)?; // (b, n, d)
         let mut x = self.positions.add_to_input(&x, 0)?; // errors beyond a learned table
         let mut weights = Vec::new();

@@ -6,8 +6,9 @@
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use shared::device::test_device;
+use std::sync::Arc;
 use t0801_self_attention::{reference_attention, scaled_dot_product_attention};
-use t0802_multi_head_attention::{MhaConfig, MultiHeadAttention};
+use t0802_multi_head_attention::{AttnMask, MhaConfig, MultiHeadAttention, PositionPlug};
 use t0803_positional_encoding::*;
 
 /// `PE(pos, 2i) = sin(pos / base^(2i/d))`, `PE(pos, 2i+1) = cos(…)`, straight from the paper, in f64.
@@ -366,6 +367,15 @@ fn attention_with_bias_matches_a_float64_reference() -> Result<()> {
     Ok(())
 }
 
+/// A position plug that adds a fixed score bias (or none).
+struct FixedBias(Option<Tensor>);
+
+impl PositionPlug for FixedBias {
+    fn score_bias(&self, _n_q: usize, _n_k: usize) -> Result<Option<Tensor>> {
+        Ok(self.0.clone())
+    }
+}
+
 #[test]
 fn relative_bias_receives_gradients_through_multi_head_attention() -> Result<()> {
     let dev = test_device();
@@ -378,8 +388,11 @@ fn relative_bias_receives_gradients_through_multi_head_attention() -> Result<()>
         Tensor::randn(0f32, 0.5, (d, d), &dev)?,
     )?;
     let x = Tensor::randn(0f32, 1.0, (2, n, d), &dev)?;
-    // Without a bias: identical to t0802's forward.
-    let a = multi_head_attention_with_bias(&mha, &x, None, None)?
+    // A plug that adds no bias: identical to t0802's forward without a plug.
+    let a = mha
+        .clone()
+        .with_positions(Some(Arc::new(FixedBias(None))))
+        .forward(&x, None)?
         .output
         .flatten_all()?
         .to_vec1::<f32>()?;
@@ -398,7 +411,11 @@ fn relative_bias_receives_gradients_through_multi_head_attention() -> Result<()>
     };
     let table = Var::from_tensor(&Tensor::zeros((heads, 16), DType::F32, &dev)?)?;
     let rel = RelativePositionBias::from_weights(table.as_tensor().clone(), cfg)?;
-    let out = multi_head_attention_with_bias(&mha, &x, Some(&rel.forward(n, n)?), None)?.output;
+    let with_rel = mha.clone().with_positions(Some(Arc::new(rel.clone())));
+    let out = with_rel.forward(&x, None)?.output;
+    // The training path (through the kernel) computes the same as the inspection path.
+    let fast = with_rel.self_attention(&x, AttnMask::None, 0, None)?;
+    assert!((&fast - &out)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
     let grads = (out.sqr()?.sum_all()?).backward()?;
     let g = grads
         .get(table.as_tensor())
@@ -422,15 +439,17 @@ fn relative_bias_receives_gradients_through_multi_head_attention() -> Result<()>
             }
         }
     }
-    let err = multi_head_attention_with_bias(
-        &mha,
-        &x,
-        Some(&Tensor::zeros((3, n, n), DType::F32, &dev)?),
-        None,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("3 heads") && err.contains("has 2"), "{err}");
+    let three_heads = Tensor::zeros((3, n, n), DType::F32, &dev)?;
+    let err = mha
+        .clone()
+        .with_positions(Some(Arc::new(FixedBias(Some(three_heads)))))
+        .forward(&x, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("[3, 6, 6]") && err.contains("does not broadcast"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -450,8 +469,12 @@ fn positions_break_permutation_equivariance() -> Result<()> {
     let gap = |positions: &Positions| -> Result<f64> {
         let f = |x: &Tensor| -> Result<Tensor> {
             let h = positions.add_to_input(x, 0)?;
-            let bias = positions.attention_bias(n, n)?;
-            Ok(multi_head_attention_with_bias(&mha, &h, bias.as_ref(), None)?.output)
+            let plug: Arc<dyn PositionPlug> = Arc::new(positions.clone());
+            Ok(mha
+                .clone()
+                .with_positions(Some(plug))
+                .forward(&h, None)?
+                .output)
         };
         let lhs = f(&x.index_select(&perm, 1)?)?; // f(P·x)
         let rhs = f(&x)?.index_select(&perm, 1)?; // P·f(x)

@@ -289,7 +289,8 @@ impl DecoderBlock {
     ) -> Result<Tensor> {
         let start_pos = cache.as_ref().map_or(0, |c| c.store.seq_len());
         let h = residual(x, &self.ln1, self.placement, |y| {
-            self.self_attn.self_attention(y, self_mask, start_pos, cache)
+            self.self_attn
+                .self_attention(y, self_mask, start_pos, cache)
         })?;
         let (k, v) = memory_kv;
         let h = residual(&h, &self.ln2, self.placement, |y| {

@@ -149,13 +149,22 @@ impl LmConfig {
     pub fn validate(&self) -> Result<()> {
         self.attention().d_head()?;
         if self.vocab_size == 0 || self.max_seq_len == 0 || self.n_layers == 0 || self.d_ff == 0 {
-            bail!("LmConfig: vocab_size, max_seq_len, n_layers and d_ff must be positive: {self:?}");
+            bail!(
+                "LmConfig: vocab_size, max_seq_len, n_layers and d_ff must be positive: {self:?}"
+            );
         }
         if self.positions == PositionKind::Rope && !self.d_head().is_multiple_of(2) {
-            bail!("RoPE rotates pairs of dimensions: d_head ({}) must be even", self.d_head());
+            bail!(
+                "RoPE rotates pairs of dimensions: d_head ({}) must be even",
+                self.d_head()
+            );
         }
         if !(self.norm_eps > 0.0) || !(self.rope_theta > 1.0) {
-            bail!("LmConfig: norm_eps ({}) must be > 0 and rope_theta ({}) > 1", self.norm_eps, self.rope_theta);
+            bail!(
+                "LmConfig: norm_eps ({}) must be > 0 and rope_theta ({}) > 1",
+                self.norm_eps,
+                self.rope_theta
+            );
         }
         Ok(())
     }
@@ -177,7 +186,11 @@ impl LmConfig {
         } else {
             0
         };
-        let final_norm = if self.placement == NormPlacement::Pre { norm } else { 0 };
+        let final_norm = if self.placement == NormPlacement::Pre {
+            norm
+        } else {
+            0
+        };
         2 * self.vocab_size * d + positions + self.n_layers * block + final_norm
     }
 
@@ -257,20 +270,38 @@ mod tests {
             "n_kv_heads":2,"d_ff":192,"rope_theta":10000.0,"norm_eps":1e-5,"recipe":"Llama",
             "rope_scaling":"None","fused_norm":true,"fused_rope":false,"fused_swiglu":true,"fused_softmax":false}"#;
         let c = LmConfig::from_json(llama).unwrap();
-        assert_eq!((c.norm, c.ffn, c.positions), (NormKind::RmsNorm, FfnKind::SwiGlu, PositionKind::Rope));
+        assert_eq!(
+            (c.norm, c.ffn, c.positions),
+            (NormKind::RmsNorm, FfnKind::SwiGlu, PositionKind::Rope)
+        );
         assert_eq!((c.n_kv_heads, c.d_ff, c.bias), (2, 192, false));
-        let gpt2 = llama.replace("\"Llama\"", "\"Gpt2\"").replace("\"n_kv_heads\":2", "\"n_kv_heads\":4");
+        let gpt2 = llama
+            .replace("\"Llama\"", "\"Gpt2\"")
+            .replace("\"n_kv_heads\":2", "\"n_kv_heads\":4");
         let c = LmConfig::from_json(&gpt2).unwrap();
-        assert_eq!((c.norm, c.positions, c.bias), (NormKind::LayerNorm, PositionKind::Learned, true));
+        assert_eq!(
+            (c.norm, c.positions, c.bias),
+            (NormKind::LayerNorm, PositionKind::Learned, true)
+        );
         let round = LmConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(round, c);
     }
 
     #[test]
     fn bad_sizes_are_named() {
-        let mut c = LmConfig::gpt2(LmShape { vocab_size: 10, max_seq_len: 8, d_model: 64, n_layers: 1, n_heads: 4 });
+        let mut c = LmConfig::gpt2(LmShape {
+            vocab_size: 10,
+            max_seq_len: 8,
+            d_model: 64,
+            n_layers: 1,
+            n_heads: 4,
+        });
         c.n_kv_heads = 3;
-        assert!(c.validate().unwrap_err().to_string().contains("n_kv_heads (3) must divide n_heads (4)"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("n_kv_heads (3) must divide n_heads (4)"));
         c.n_kv_heads = 4;
         c.d_ff = 0;
         assert!(c.validate().unwrap_err().to_string().contains("d_ff"));

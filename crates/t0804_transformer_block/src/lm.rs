@@ -77,7 +77,8 @@ impl DecoderOnlyBlock {
         cache: Option<CacheSlot<'_>>,
     ) -> Result<Tensor> {
         let h = residual(x, self.attn_norm.as_ref(), self.placement, |y| {
-            self.attn.self_attention(y, AttnMask::Causal, start_pos, cache)
+            self.attn
+                .self_attention(y, AttnMask::Causal, start_pos, cache)
         })?;
         residual(&h, self.ffn_norm.as_ref(), self.placement, |y| {
             self.ffn.forward(y)
@@ -226,13 +227,21 @@ impl Parts for Gpt2Parts {
     fn norm(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>> {
         match cfg.norm {
             NormKind::LayerNorm => Ok(Box::new(LayerNorm::new(vb, cfg.d_model, cfg.norm_eps)?)),
-            NormKind::RmsNorm => bail!("RMSNorm arrives in 8-06: build with t0806_modern_blocks::parts"),
+            NormKind::RmsNorm => {
+                bail!("RMSNorm arrives in 8-06: build with t0806_modern_blocks::parts")
+            }
         }
     }
 
     fn ffn(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>> {
         match cfg.ffn.activation() {
-            Some(act) => Ok(Box::new(FeedForward::new(vb, cfg.d_model, cfg.d_ff, act, cfg.bias)?)),
+            Some(act) => Ok(Box::new(FeedForward::new(
+                vb,
+                cfg.d_model,
+                cfg.d_ff,
+                act,
+                cfg.bias,
+            )?)),
             None => bail!("SwiGLU arrives in 8-06: build with t0806_modern_blocks::parts"),
         }
     }

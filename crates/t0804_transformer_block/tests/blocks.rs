@@ -298,25 +298,69 @@ fn block_gradients_match_finite_differences_in_f64() -> Result<()> {
 }
 
 #[test]
-fn classic_lm_rejects_bad_configs_and_overlong_inputs() -> Result<()> {
+fn gpt2_rung_rejects_bad_configs_and_overlong_inputs() -> Result<()> {
     let dev = test_device();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let mut c = ClassicLmConfig {
+    let shape = LmShape {
         vocab_size: 50,
         max_seq_len: 8,
+        d_model: 12,
         n_layers: 2,
-        block: cfg(NormPlacement::Pre),
-        positions: PositionKind::Learned,
+        n_heads: 5,
     };
-    c.block.n_heads = 5;
-    assert!(build_classic_lm(vb.clone(), &c)
+    let rung0 = parts(shared::Kernels::composed());
+    let mut c = LmConfig::gpt2(shape);
+    assert!(build_lm(vb.clone(), &c, &rung0)
         .err()
         .unwrap()
         .to_string()
         .contains("n_heads (5) must divide d_model (12)"));
-    c.block.n_heads = 3;
-    let lm = build_classic_lm(vb, &c)?;
+    c.n_heads = 3;
+    c.n_kv_heads = 3;
+    let lm = build_lm(vb.clone(), &c, &rung0)?;
+    assert_eq!(
+        shared::params::named_vars(&varmap)
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>(),
+        c.n_params(),
+        "LmConfig::n_params counts every parameter"
+    );
+    for (what, later) in [
+        (
+            "RMSNorm arrives in 8-06",
+            LmConfig {
+                norm: NormKind::RmsNorm,
+                ..c
+            },
+        ),
+        (
+            "SwiGLU arrives in 8-06",
+            LmConfig {
+                ffn: FfnKind::SwiGlu,
+                ..c
+            },
+        ),
+        (
+            "RoPE arrives in 8-08",
+            LmConfig {
+                positions: PositionKind::Rope,
+                ..c
+            },
+        ),
+    ] {
+        let e = build_lm(vb.clone(), &later, &rung0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(what), "{e}");
+    }
+    let e = build_lm(vb.clone(), &c, &parts(shared::Kernels::fused()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("FlashAttention arrives in 8-09"), "{e}");
     let ok = Tensor::zeros((2, 8), DType::U32, &dev)?;
     assert_eq!(lm.forward(&ok, 0)?.dims(), &[2, 8, 50]);
     let long = Tensor::zeros((1, 9), DType::U32, &dev)?;

@@ -59,9 +59,7 @@ use shared::kernels::{AttentionImpl, Kernels, OpImpl};
 use shared::params::{expect_last_dim, ones, weight};
 use std::sync::Arc;
 use t0802_multi_head_attention::{AttentionKernel, PositionPlug};
-use t0804_transformer_block::{
-    FfnKind, Gpt2Parts, Layer, LmConfig, NormKind, Parts,
-};
+use t0804_transformer_block::{FfnKind, Gpt2Parts, Layer, LmConfig, NormKind, Parts};
 
 /// Root-mean-square normalisation: `x / √(mean(x²) + ε) ⊙ g`. Parameter: `weight` (g, ones).
 #[derive(Debug, Clone)]
@@ -280,17 +278,36 @@ mod tests {
     #[test]
     fn later_ingredients_name_their_topic() {
         use t0804_transformer_block::{LmShape, PositionKind};
-        let shape = LmShape { vocab_size: 50, max_seq_len: 8, d_model: 32, n_layers: 1, n_heads: 4 };
-        let rope = LmConfig { positions: PositionKind::Rope, ..modern(LmConfig::gpt2(shape)) };
-        let e = t0804_transformer_block::init_lm(&rope, &parts(Kernels::composed()), DType::F32, &Device::Cpu)
-            .err()
-            .unwrap()
-            .to_string();
+        let shape = LmShape {
+            vocab_size: 50,
+            max_seq_len: 8,
+            d_model: 32,
+            n_layers: 1,
+            n_heads: 4,
+        };
+        let rope = LmConfig {
+            positions: PositionKind::Rope,
+            ..modern(LmConfig::gpt2(shape))
+        };
+        let e = t0804_transformer_block::init_lm(
+            &rope,
+            &parts(Kernels::composed()),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("RoPE arrives in 8-08"), "{e}");
-        let e = t0804_transformer_block::init_lm(&modern(LmConfig::gpt2(shape)), &parts(Kernels::fused()), DType::F32, &Device::Cpu)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = t0804_transformer_block::init_lm(
+            &modern(LmConfig::gpt2(shape)),
+            &parts(Kernels::fused()),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("FlashAttention arrives in 8-09"), "{e}");
     }
 }

@@ -23,9 +23,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use shared::custom_op::contiguous_slice;
-use t0802_multi_head_attention::{
-    fold_query_groups, AttentionKernel, AttnMask, NaiveAttention,
-};
+use t0802_multi_head_attention::{fold_query_groups, AttentionKernel, AttnMask, NaiveAttention};
 
 /// `softmax(scale · scores)` over the last dimension, keys after a row's query masked out when
 /// `causal`. `scores (…, rows, n_k)`: row `r` of the second-to-last dimension is query

@@ -2,16 +2,25 @@
 //! equal the composed RMSNorm (f32, f64, bf16), the backward equals central finite differences in
 //! f64. The SwiGLU gate: SiLU(a)·b and its gradients. The causal softmax: t0801's scale, mask and
 //! softmax (f64 on the CPU to 1e-12; f32 and bf16 everywhere) for grouped rows, queries that are
-//! the last of more keys, rows longer than a warp and no mask, and naive attention with it equals
-//! t0807's. A model built with every fused op computes the same logits and gradients; bad inputs
-//! give clear errors. The tests that use `test_device()` run on the GPU with
+//! the last of more keys, rows longer than a warp and no mask, and the attention kernel built on it
+//! equals 8-02's naive kernel, grouped K/V heads included. A rung-1 model built with every fused op
+//! of this topic computes the same logits and gradients; bad inputs give clear errors. The tests that use `test_device()` run on the GPU with
 //! `MODULE08_TEST_DEVICE=cuda`.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
+use shared::kernels::{Kernels, OpImpl};
 use t0801_self_attention::{mask_scores, softmax_last_dim};
-use t0804_transformer_block::Layer;
+use t0802_multi_head_attention::{grouped_causal_mask, AttentionKernel, AttnMask, NaiveAttention};
+use t0804_transformer_block::{build_lm, init_lm, Layer, LmConfig, LmShape};
 use t0806_modern_blocks::*;
-use t0807_grouped_query_attention::{grouped_causal_mask, naive_grouped_attention};
+
+fn op_impl(fused: bool) -> OpImpl {
+    if fused {
+        OpImpl::Fused
+    } else {
+        OpImpl::Composed
+    }
+}
 
 fn vec64(t: &Tensor) -> Vec<f64> {
     t.flatten_all()
@@ -35,7 +44,7 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
 /// `y`, `dx`, `dg` of `loss = Σ c ⊙ norm(x, g)`, fused or composed.
 fn run(x: &Tensor, g: &Tensor, c: &Tensor, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
     let (vx, vg) = (Var::from_tensor(x)?, Var::from_tensor(g)?);
-    let norm = RmsNorm::from_weights(vg.as_tensor().clone(), 1e-5)?.with_fused(fused);
+    let norm = RmsNorm::from_weights(vg.as_tensor().clone(), 1e-5)?.with_impl(op_impl(fused));
     let y = norm.forward(vx.as_tensor())?;
     let grads = (y.to_dtype(DType::F64)? * c)?.sum_all()?.backward()?;
     let dx = grads.get(vx.as_tensor()).expect("dx").clone();
@@ -170,17 +179,31 @@ fn fused_forward_matches_f64_reference_rows() -> Result<()> {
 }
 
 #[test]
-fn llama_with_fused_norm_rope_swiglu_and_softmax_gives_same_logits_and_gradients(
-) -> anyhow::Result<()> {
+fn rung1_with_fused_norm_swiglu_and_softmax_gives_same_logits_and_gradients() -> anyhow::Result<()>
+{
     let dev = shared::device::test_device();
-    let cfg = ModernLmConfig::llama(64, 16, 32, 2, 4, 2);
+    let shape = LmShape {
+        vocab_size: 64,
+        max_seq_len: 16,
+        d_model: 32,
+        n_layers: 2,
+        n_heads: 4,
+    };
+    let cfg = modern(LmConfig::gpt2(shape));
     let tokens = Tensor::new(&[[1u32, 5, 7, 9, 2, 8], [3, 3, 3, 4, 63, 0]], &dev)?;
     let targets = Tensor::new(&[[5u32, 7, 9, 2, 8, 1], [3, 3, 4, 63, 0, 2]], &dev)?;
     shared::params::set_seed(3);
-    let (varmap, composed) = init_modern_lm(&cfg, DType::F32, &dev)?;
-    let fused = build_modern_lm(
+    let (varmap, composed) = init_lm(&cfg, &parts(Kernels::composed()), DType::F32, &dev)?;
+    let fused_ops = Kernels {
+        norm: OpImpl::Fused,
+        swiglu: OpImpl::Fused,
+        softmax: OpImpl::Fused,
+        ..Kernels::composed()
+    };
+    let fused = build_lm(
         candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
-        &cfg.with_fused_ops(true),
+        &cfg,
+        &parts(fused_ops),
     )?; // same parameters
     let la = composed.forward(&tokens, 0)?;
     let lb = fused.forward(&tokens, 0)?;
@@ -361,7 +384,7 @@ fn fused_causal_softmax_equals_composed_mask_and_softmax() -> Result<()> {
 }
 
 #[test]
-fn naive_attention_with_fused_softmax_equals_naive_grouped_attention() -> Result<()> {
+fn fused_softmax_attention_equals_naive_attention_with_grouped_heads() -> Result<()> {
     let dev = shared::device::test_device();
     let (b, h, kv, n, d) = (2, 4, 2, 9, 8);
     let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?)?;
@@ -370,8 +393,13 @@ fn naive_attention_with_fused_softmax_equals_naive_grouped_attention() -> Result
     let c = Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?;
     for causal in [true, false] {
         let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-        let fused = fused_softmax_kernel(qt, kt, vt, causal)?;
-        let naive = naive_grouped_attention(qt, kt, vt, causal)?;
+        let mask = if causal {
+            AttnMask::Causal
+        } else {
+            AttnMask::None
+        };
+        let fused = FusedSoftmaxAttention.attend(qt, kt, vt, mask, None)?;
+        let naive = NaiveAttention.attend(qt, kt, vt, mask, None)?;
         assert!(max_rel(&fused, &naive) < 1e-5, "causal {causal}: output");
         let gf = (&fused * &c)?.sum_all()?.backward()?;
         let gn = (&naive * &c)?.sum_all()?.backward()?;

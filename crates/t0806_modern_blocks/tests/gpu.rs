@@ -8,7 +8,8 @@
 //! own rounding at the reference's scale (both compute in f32 and round once).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use t0804_transformer_block::Layer;
+use shared::kernels::{Kernels, OpImpl};
+use t0804_transformer_block::{build_lm, init_lm, Layer, LmConfig, LmShape};
 use t0806_modern_blocks::*;
 
 /// The CUDA device when this build has CUDA and a GPU answers; otherwise prints why the test is
@@ -69,7 +70,11 @@ fn max_mag(a: &[f64]) -> f64 {
 fn run(x: &Tensor, g: &Tensor, dy: &Tensor, fused: bool) -> Result<[Vec<f64>; 3]> {
     let (vx, vg) = (Var::from_tensor(x)?, Var::from_tensor(g)?);
     let y = RmsNorm::from_weights(vg.as_tensor().clone(), 1e-5)?
-        .with_fused(fused)
+        .with_impl(if fused {
+            OpImpl::Fused
+        } else {
+            OpImpl::Composed
+        })
         .forward(vx.as_tensor())?;
     let grads = (&y * dy)?.sum_all()?.backward()?;
     assert_eq!(y.dtype(), x.dtype());
@@ -198,18 +203,29 @@ fn gpu_fused_rms_norm_equals_cpu_fused() -> Result<()> {
 }
 
 #[test]
-fn gpu_llama_with_fused_norm_trains_like_composed() -> anyhow::Result<()> {
-    // One LLaMA-recipe model on the GPU, bf16: the loss and every parameter's gradient are the
-    // same (to bf16 noise) with the fused norm and with the composed one.
-    let Some(dev) = gpu("gpu_llama_with_fused_norm_trains_like_composed") else {
+fn gpu_rung1_with_fused_norm_trains_like_composed() -> anyhow::Result<()> {
+    // One rung-1 model (RMSNorm + SwiGLU) on the GPU, f32 and bf16: the loss and every
+    // parameter's gradient are the same (to bf16 noise) with the fused norm and with the composed one.
+    let Some(dev) = gpu("gpu_rung1_with_fused_norm_trains_like_composed") else {
         return Ok(());
     };
+    let shape = LmShape {
+        vocab_size: 256,
+        max_seq_len: 64,
+        d_model: 128,
+        n_layers: 2,
+        n_heads: 4,
+    };
+    let cfg = modern(LmConfig::gpt2(shape));
+    let fused_norm = Kernels {
+        norm: OpImpl::Fused,
+        ..Kernels::composed()
+    };
     for dt in [DType::F32, DType::BF16] {
-        let mut cfg = ModernLmConfig::llama(256, 64, 128, 2, 4, 2);
         shared::params::set_seed(5);
-        let (varmap, composed) = init_modern_lm(&cfg, dt, &dev)?;
-        cfg.fused_norm = true;
-        let fused = build_modern_lm(candle_nn::VarBuilder::from_varmap(&varmap, dt, &dev), &cfg)?;
+        let (varmap, composed) = init_lm(&cfg, &parts(Kernels::composed()), dt, &dev)?;
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, dt, &dev);
+        let fused = build_lm(vb, &cfg, &parts(fused_norm))?;
         let ids: Vec<u32> = (0..4 * 65).map(|i| ((i * 37 + 11) % 256) as u32).collect();
         let all = Tensor::from_vec(ids, (4, 65), &dev)?;
         let (x, y) = (all.narrow(1, 0, 64)?, all.narrow(1, 1, 64)?);

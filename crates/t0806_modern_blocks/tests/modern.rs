@@ -1,10 +1,28 @@
 //! RMSNorm and SwiGLU against float64 references and candle-nn; RMSNorm gradients against finite
-//! differences; the LLaMA-recipe LM trains; checkpoints round-trip.
+//! differences; rungs 0 and 1 train; checkpoints round-trip, and a checkpoint whose config.json
+//! is the recipe-style one (with `fused_*` keys) still loads.
 
 use candle_core::{DType, Result, Tensor, Var, D};
 use shared::device::test_device;
-use t0804_transformer_block::Layer;
+use shared::kernels::Kernels;
+use t0804_transformer_block::{init_lm, load_lm, save_lm, FfnKind, Layer, LmConfig, LmShape};
 use t0806_modern_blocks::*;
+
+fn shape(
+    vocab_size: usize,
+    max_seq_len: usize,
+    d_model: usize,
+    n_layers: usize,
+    n_heads: usize,
+) -> LmShape {
+    LmShape {
+        vocab_size,
+        max_seq_len,
+        d_model,
+        n_layers,
+        n_heads,
+    }
+}
 
 fn rows64(t: &Tensor) -> Vec<Vec<f64>> {
     let d = t.dim(D::Minus1).unwrap();
@@ -126,15 +144,15 @@ fn byte_tokens() -> Vec<u32> {
 }
 
 #[test]
-fn llama_and_gpt2_recipes_train_on_tiny_corpus() -> anyhow::Result<()> {
+fn rung1_and_rung0_train_on_tiny_corpus() -> anyhow::Result<()> {
     let dev = test_device();
     let tokens = byte_tokens();
     for cfg in [
-        ModernLmConfig::llama(256, 32, 64, 2, 4, 2),
-        ModernLmConfig::gpt2(256, 32, 64, 2, 4),
+        modern(LmConfig::gpt2(shape(256, 32, 64, 2, 4))),
+        LmConfig::gpt2(shape(256, 32, 64, 2, 4)),
     ] {
         shared::params::set_seed(1);
-        let (varmap, lm) = init_modern_lm(&cfg, DType::F32, &dev)?;
+        let (varmap, lm) = init_lm(&cfg, &parts(Kernels::composed()), DType::F32, &dev)?;
         let sched = shared::train::ScheduleConfig {
             max_lr: 3e-3,
             min_lr: 3e-4,
@@ -154,9 +172,9 @@ fn llama_and_gpt2_recipes_train_on_tiny_corpus() -> anyhow::Result<()> {
         assert!(
             last < first - 1.5,
             "{:?}: loss {first:.3} → {last:.3}",
-            cfg.recipe
+            cfg.ffn
         );
-        assert!(last < 3.2, "{:?}: final loss {last:.3}", cfg.recipe);
+        assert!(last < 3.2, "{:?}: final loss {last:.3}", cfg.ffn);
     }
     Ok(())
 }
@@ -165,13 +183,14 @@ fn llama_and_gpt2_recipes_train_on_tiny_corpus() -> anyhow::Result<()> {
 fn checkpoint_round_trip_gives_identical_logits() -> anyhow::Result<()> {
     let dev = test_device();
     let dir = std::env::temp_dir().join(format!("t0806_ckpt_{}", std::process::id()));
+    let parts = parts(Kernels::composed());
     for cfg in [
-        ModernLmConfig::llama(50, 16, 32, 2, 4, 1),
-        ModernLmConfig::gpt2(50, 16, 32, 1, 2),
+        modern(LmConfig::gpt2(shape(50, 16, 32, 2, 4))),
+        LmConfig::gpt2(shape(50, 16, 32, 1, 2)),
     ] {
-        let (varmap, lm) = init_modern_lm(&cfg, DType::F32, &dev)?;
-        save_modern_lm(&dir, &cfg, &varmap)?;
-        let (cfg2, lm2) = load_modern_lm(&dir, DType::F32, &dev)?;
+        let (varmap, lm) = init_lm(&cfg, &parts, DType::F32, &dev)?;
+        save_lm(&dir, &cfg, &varmap)?;
+        let (cfg2, lm2) = load_lm(&dir, &parts, DType::F32, &dev)?;
         assert_eq!(cfg, cfg2);
         let tokens = Tensor::new(&[[1u32, 5, 7, 9, 2], [3, 3, 3, 4, 49]], &dev)?;
         let a = lm.forward(&tokens, 0)?.flatten_all()?.to_vec1::<f32>()?;
@@ -181,17 +200,42 @@ fn checkpoint_round_trip_gives_identical_logits() -> anyhow::Result<()> {
             .into_iter()
             .map(|(n, _)| n)
             .collect();
-        match cfg.recipe {
-            Recipe::Llama => assert!(
+        match cfg.ffn {
+            FfnKind::SwiGlu => assert!(
                 names.contains(&"blocks.1.ffn.w3".to_string())
                     && names.contains(&"blocks.0.attn.k_proj".to_string())
+                    && !names.contains(&"blocks.0.attn.k_proj_bias".to_string())
             ),
-            Recipe::Gpt2 => assert!(
+            _ => assert!(
                 names.contains(&"positions.position_embeddings".to_string())
                     && names.contains(&"blocks.0.ffn.b1".to_string())
             ),
         }
     }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn recipe_style_gpt2_checkpoint_loads_with_the_same_logits() -> anyhow::Result<()> {
+    // A checkpoint whose config.json has `recipe` and `fused_*` keys: the GPT-2 recipe is rung 0,
+    // and the fused flags are execution choices that the config no longer holds.
+    let dev = test_device();
+    let dir = std::env::temp_dir().join(format!("t0806_legacy_{}", std::process::id()));
+    let cfg = LmConfig::gpt2(shape(50, 16, 32, 2, 4));
+    let parts = parts(Kernels::composed());
+    let (varmap, lm) = init_lm(&cfg, &parts, DType::F32, &dev)?;
+    save_lm(&dir, &cfg, &varmap)?;
+    let legacy = r#"{"vocab_size":50,"max_seq_len":16,"d_model":32,"n_layers":2,"n_heads":4,
+        "n_kv_heads":4,"d_ff":128,"rope_theta":10000.0,"norm_eps":1e-5,"recipe":"Gpt2",
+        "rope_scaling":"None","fused_norm":true,"fused_rope":false,"fused_swiglu":true,"fused_softmax":true}"#;
+    std::fs::write(dir.join("config.json"), legacy)?;
+    let (cfg2, lm2) = load_lm(&dir, &parts, DType::F32, &dev)?;
+    assert_eq!(cfg2, cfg);
+    let tokens = Tensor::new(&[[1u32, 5, 7, 9, 2], [3, 3, 3, 4, 49]], &dev)?;
+    let a = lm.forward(&tokens, 0)?.flatten_all()?.to_vec1::<f32>()?;
+    let b = lm2.forward(&tokens, 0)?.flatten_all()?.to_vec1::<f32>()?;
+    assert_eq!(a, b);
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -1,12 +1,12 @@
-//! Grouped-query attention against t0802's MHA, a repeated-K/V MHA, and a float64 reference.
+//! Grouped-query attention as 8-02's attention component with `n_kv_heads < n_heads`: against
+//! MHA with repeated K/V heads, the repeat-K/V kernel, and a float64 reference.
+//! (RoPE with grouped K/V heads is tested in 8-08, the topic that brings RoPE.)
 
 use candle_core::{DType, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 use shared::device::test_device;
-use std::sync::Arc;
-use t0801_self_attention::{causal_mask, reference_attention, scaled_dot_product_attention};
-use t0802_multi_head_attention::MultiHeadAttention;
+use t0802_multi_head_attention::{causal_mask, AttentionKernel, AttnMask};
 use t0807_grouped_query_attention::*;
-use t0808_rope::{RopeScaling, RopeTables};
 
 fn randn(shape: (usize, usize)) -> Result<Tensor> {
     Tensor::randn(0f32, 0.3, shape, &test_device())
@@ -32,29 +32,45 @@ fn repeat_rows(w: &Tensor, n_kv: usize, g: usize) -> Result<Tensor> {
         .reshape((n_kv * g * dh, d))
 }
 
+/// The component's self-attention (through its kernel, causal, no cache) at position 0.
+fn causal_self_attention(attn: &MultiHeadAttention, x: &Tensor) -> Result<Tensor> {
+    attn.self_attention(x, AttnMask::Causal, 0, None)
+}
+
 #[test]
-fn gqa_with_all_kv_heads_equals_t0802_mha() -> Result<()> {
+fn config_with_kv_heads_sizes_the_k_v_projections() -> Result<()> {
+    let (d, h) = (32, 8);
+    for kv in [8, 4, 2, 1] {
+        let cfg = MhaConfig::new(d, h).with_kv_heads(kv);
+        assert_eq!(cfg, gqa_config(d, h, kv));
+        let varmap = VarMap::new();
+        let attn = MultiHeadAttention::new(
+            VarBuilder::from_varmap(&varmap, DType::F32, &test_device()),
+            cfg,
+        )?;
+        assert_eq!(attn.w_q.dims(), &[d, d]);
+        assert_eq!(attn.w_k.dims(), &[kv * d / h, d]);
+        assert_eq!(attn.w_v.dims(), &[kv * d / h, d]);
+        assert_eq!(shared::params::count_params(&varmap), cfg.n_params());
+    }
+    Ok(())
+}
+
+#[test]
+fn gqa_with_all_kv_heads_equals_the_inspection_path_of_mha() -> Result<()> {
     let (d, h, b, n) = (32, 4, 2, 7);
-    let (wq, wk, wv, wo) = (
-        randn((d, d))?,
-        randn((d, d))?,
-        randn((d, d))?,
-        randn((d, d))?,
-    );
-    let gqa = GroupedQueryAttention::from_weights(
+    let mha = MultiHeadAttention::from_weights(
         h,
-        h,
-        wq.clone(),
-        wk.clone(),
-        wv.clone(),
-        wo.clone(),
-        None,
+        randn((d, d))?,
+        randn((d, d))?,
+        randn((d, d))?,
+        randn((d, d))?,
     )?;
-    let mha = MultiHeadAttention::from_weights(h, wq, wk, wv, wo)?;
+    assert_eq!(mha.cfg.n_kv_heads, h);
     let x = Tensor::randn(0f32, 1.0, (b, n, d), &test_device())?;
     let mask = causal_mask(n, n, &test_device())?;
     let want = mha.forward(&x, Some(&mask))?.output;
-    let got = gqa.forward(&x, 0)?;
+    let got = causal_self_attention(&mha, &x)?;
     assert!(max_rel(&got, &want)? < 1e-5);
     Ok(())
 }
@@ -67,15 +83,9 @@ fn gqa_equals_mha_with_repeated_kv_weights() -> Result<()> {
         let dh = d / h;
         let (wq, wo) = (randn((d, d))?, randn((d, d))?);
         let (wk, wv) = (randn((n_kv * dh, d))?, randn((n_kv * dh, d))?);
-        let gqa = GroupedQueryAttention::from_weights(
-            h,
-            n_kv,
-            wq.clone(),
-            wk.clone(),
-            wv.clone(),
-            wo.clone(),
-            None,
-        )?;
+        let gqa =
+            MultiHeadAttention::from_weights(h, wq.clone(), wk.clone(), wv.clone(), wo.clone())?;
+        assert_eq!(gqa.cfg.n_kv_heads, n_kv, "n_kv read from W_k's rows");
         let mha = MultiHeadAttention::from_weights(
             h,
             wq,
@@ -86,12 +96,47 @@ fn gqa_equals_mha_with_repeated_kv_weights() -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, (b, n, d), &test_device())?;
         let mask = causal_mask(n, n, &test_device())?;
         let want = mha.forward(&x, Some(&mask))?.output;
-        let got = gqa.forward(&x, 0)?;
+        // the grouped kernel path and the inspection path (which repeats K/V heads) agree
+        let got = causal_self_attention(&gqa, &x)?;
         assert!(max_rel(&got, &want)? < 1e-5, "n_kv {n_kv}");
+        let inspected = gqa.forward(&x, Some(&mask))?;
+        assert!(max_rel(&inspected.output, &want)? < 1e-5, "n_kv {n_kv}");
+        assert_eq!(inspected.weights.dims(), &[b, h, n, n]);
         // and mean-pooling the repeated weights recovers the grouped ones exactly
         let pooled = mean_pool_kv_heads(&repeat_rows(&wk, n_kv, g)?, h, n_kv)?;
         assert!(max_rel(&pooled, &wk)? < 1e-6);
     }
+    Ok(())
+}
+
+#[test]
+fn mean_pooled_mha_is_the_gqa_layer_of_the_pooled_weights() -> Result<()> {
+    // Uptraining's starting point: pool a trained MHA's K/V heads; the result is an ordinary
+    // grouped layer whose K/V head j is the mean of the group's heads.
+    let (d, h, n_kv) = (32, 8, 2);
+    let (wq, wk, wv, wo) = (
+        randn((d, d))?,
+        randn((d, d))?,
+        randn((d, d))?,
+        randn((d, d))?,
+    );
+    let pooled_k = mean_pool_kv_heads(&wk, h, n_kv)?;
+    let pooled_v = mean_pool_kv_heads(&wv, h, n_kv)?;
+    assert_eq!(pooled_k.dims(), &[n_kv * d / h, d]);
+    let dh = d / h;
+    let g = h / n_kv;
+    for j in 0..n_kv {
+        let want = wk
+            .narrow(0, j * g * dh, g * dh)?
+            .reshape((g, dh, d))?
+            .mean(0)?;
+        let got = pooled_k.narrow(0, j * dh, dh)?;
+        assert!(max_rel(&got, &want)? < 1e-6, "K/V head {j}");
+    }
+    let gqa = MultiHeadAttention::from_weights(h, wq, pooled_k, pooled_v, wo)?;
+    assert_eq!(gqa.cfg, gqa_config(d, h, n_kv));
+    let e = mean_pool_kv_heads(&wk, h, 3).unwrap_err().to_string();
+    assert!(e.contains("into 3 K/V heads"), "{e}");
     Ok(())
 }
 
@@ -102,44 +147,53 @@ fn grouped_kernel_equals_repeat_kv_kernel_including_decode_offsets() -> Result<(
     let q = Tensor::randn(0f32, 1.0, (b, h, n_q, dh), &dev)?;
     let k = Tensor::randn(0f32, 1.0, (b, n_kv, n_k, dh), &dev)?;
     let v = Tensor::randn(0f32, 1.0, (b, n_kv, n_k, dh), &dev)?;
-    let got = naive_grouped_attention(&q, &k, &v, true)?;
+    let got = NaiveAttention.attend(&q, &k, &v, AttnMask::Causal, None)?;
     let mask = causal_mask(n_q, n_k, &dev)?;
-    let want =
-        scaled_dot_product_attention(&q, &repeat_kv(&k, 4)?, &repeat_kv(&v, 4)?, Some(&mask))?
-            .output;
+    let want = NaiveAttention
+        .attend_with_weights(
+            &q,
+            &repeat_kv(&k, 4)?,
+            &repeat_kv(&v, 4)?,
+            AttnMask::Explicit(&mask),
+            None,
+        )?
+        .output;
     assert!(max_rel(&got, &want)? < 1e-5);
     Ok(())
 }
 
+/// `softmax(q·kᵀ/√d, causal)·v` for one head, in f64.
+fn reference_head(q: &[Vec<f64>], k: &[Vec<f64>], v: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let scale = 1.0 / (q[0].len() as f64).sqrt();
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    q.iter()
+        .enumerate()
+        .map(|(i, qi)| {
+            let s: Vec<f64> = (0..=i).map(|j| dot(qi, &k[j]) * scale).collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            (0..v[0].len())
+                .map(|c| (0..=i).map(|j| e[j] / z * v[j][c]).sum())
+                .collect()
+        })
+        .collect()
+}
+
 #[test]
-fn mqa_and_gqa_match_f64_reference_with_rope() -> Result<()> {
+fn mqa_and_gqa_match_f64_reference() -> Result<()> {
     let (d, h, b, n) = (32, 4, 1, 6);
     let dh = d / h;
     for n_kv in [1, 2] {
         let g = h / n_kv;
         let (wq, wo) = (randn((d, d))?, randn((d, d))?);
         let (wk, wv) = (randn((n_kv * dh, d))?, randn((n_kv * dh, d))?);
-        let rope = Arc::new(RopeTables::new(
-            dh,
-            64,
-            10_000.0,
-            RopeScaling::None,
-            &test_device(),
-        )?);
-        let gqa = GroupedQueryAttention::from_weights(
-            h,
-            n_kv,
-            wq.clone(),
-            wk.clone(),
-            wv.clone(),
-            wo.clone(),
-            Some(rope),
-        )?;
+        let gqa =
+            MultiHeadAttention::from_weights(h, wq.clone(), wk.clone(), wv.clone(), wo.clone())?;
         let x = Tensor::randn(0f32, 1.0, (b, n, d), &test_device())?;
-        let start = 5;
-        let got = gqa.forward(&x, start)?.squeeze(0)?; // (n, d)
+        let got = causal_self_attention(&gqa, &x)?.squeeze(0)?; // (n, d)
 
-        // f64 reference: project, rotate each head vector, attend per head, concatenate, W_o.
+        // f64 reference: project, attend per head with K/V head ⌊head/g⌋, concatenate, W_o.
         let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
         let (xs, wq, wk, wv, wo) = (
             to64(&x.squeeze(0)?),
@@ -153,22 +207,15 @@ fn mqa_and_gqa_match_f64_reference_with_rope() -> Result<()> {
                 .map(|row| row.iter().zip(&xs[t]).map(|(a, b)| a * b).sum())
                 .collect()
         };
-        let mask: Vec<Vec<bool>> = (0..n).map(|i| (0..n).map(|j| j <= i).collect()).collect();
         let mut concat = vec![vec![0.0; d]; n];
         for head in 0..h {
             let kvh = head / g;
-            let rot =
-                |v: &[f64], t: usize| t0808_rope::reference_rope(v, (start + t) as f64, 10_000.0);
-            let q: Vec<Vec<f64>> = (0..n)
-                .map(|t| rot(&proj(&wq, t)[head * dh..(head + 1) * dh], t))
-                .collect();
-            let k: Vec<Vec<f64>> = (0..n)
-                .map(|t| rot(&proj(&wk, t)[kvh * dh..(kvh + 1) * dh], t))
-                .collect();
-            let v: Vec<Vec<f64>> = (0..n)
-                .map(|t| proj(&wv, t)[kvh * dh..(kvh + 1) * dh].to_vec())
-                .collect();
-            let (out, _) = reference_attention(&q, &k, &v, Some(&mask));
+            let slice = |w: &Vec<Vec<f64>>, j: usize| -> Vec<Vec<f64>> {
+                (0..n)
+                    .map(|t| proj(w, t)[j * dh..(j + 1) * dh].to_vec())
+                    .collect()
+            };
+            let out = reference_head(&slice(&wq, head), &slice(&wk, kvh), &slice(&wv, kvh));
             for t in 0..n {
                 concat[t][head * dh..(head + 1) * dh].copy_from_slice(&out[t]);
             }
@@ -190,33 +237,45 @@ fn mqa_and_gqa_match_f64_reference_with_rope() -> Result<()> {
 #[test]
 fn shape_errors_are_clear() -> Result<()> {
     let d = 32;
-    let e = GroupedQueryAttention::from_weights(
+    // W_k of 24 rows = 3 K/V heads of 8, which cannot serve 4 query heads
+    let e = MultiHeadAttention::from_weights(
         4,
-        3,
         randn((d, d))?,
         randn((24, d))?,
         randn((24, d))?,
         randn((d, d))?,
-        None,
     )
     .err()
     .unwrap()
     .to_string();
     assert!(e.contains("n_kv_heads (3) must divide n_heads (4)"), "{e}");
-    let e = GroupedQueryAttention::from_weights(
+    // W_k says 2 K/V heads, W_v has the rows of 1
+    let e = MultiHeadAttention::from_weights(
         4,
-        2,
         randn((d, d))?,
-        randn((8, d))?,
         randn((16, d))?,
+        randn((8, d))?,
         randn((d, d))?,
-        None,
     )
     .err()
     .unwrap()
     .to_string();
     assert!(
-        e.contains("W_k has shape [8, 32], expected (16, 32)"),
+        e.contains("W_v has shape [8, 32], expected (16, 32)"),
+        "{e}"
+    );
+    let e = MultiHeadAttention::from_weights(
+        4,
+        randn((d, d))?,
+        randn((12, d))?,
+        randn((12, d))?,
+        randn((d, d))?,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("W_k has 12 rows, not a multiple of d_head 8"),
         "{e}"
     );
     Ok(())

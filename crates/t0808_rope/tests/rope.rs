@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Result, Tensor, Var};
 use shared::device::test_device;
+use shared::kernels::OpImpl;
 use t0808_rope::*;
 
 fn rand_x(b: usize, h: usize, t: usize, d: usize) -> Result<Tensor> {
@@ -204,7 +205,173 @@ fn fused_op_equals_the_composed_rotation_values_and_gradients() -> Result<()> {
     let back = apply_rope_fused(gf, &tables, start)?;
     assert!(diff(&back, &dy)? < 1e-5, "R·(Rᵀ·dy) ≠ dy");
     // Through the tables' switch, the same.
-    let via = tables.with_fused(true);
+    let via = tables.with_impl(OpImpl::Fused);
     assert!(diff(&via.apply(x.as_tensor(), start)?, &composed)? < tol);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE as the position plug of 8-02's attention component.
+
+use std::sync::Arc;
+use t0801_self_attention::reference_attention;
+use t0802_multi_head_attention::{AttentionKernel, AttnMask, MultiHeadAttention, NaiveAttention};
+
+fn max_rel(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let b = b.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    assert_eq!(a.len(), b.len());
+    Ok(a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+        .fold(0.0, f64::max))
+}
+
+/// An attention layer of `n_heads` query and `n_kv` K/V heads with random weights and RoPE
+/// tables of 64 positions plugged in.
+fn rope_attention(d: usize, h: usize, n_kv: usize) -> Result<MultiHeadAttention> {
+    let dev = test_device();
+    let w = |rows: usize| Tensor::randn(0f32, 0.3, (rows, d), &dev);
+    let kv_rows = n_kv * d / h;
+    let tables = RopeTables::new(d / h, 64, DEFAULT_BASE, RopeScaling::None, &dev)?;
+    Ok(
+        MultiHeadAttention::from_weights(h, w(d)?, w(kv_rows)?, w(kv_rows)?, w(d)?)?
+            .with_positions(Some(Arc::new(tables))),
+    )
+}
+
+/// The f64 definition: project, rotate each head vector of `q` and `k` at its absolute position
+/// `start + t`, causal attention per head (query head `h` reads K/V head `h / g`), concatenate,
+/// `W_o`. `x (n, d)` → `(n, d)`.
+fn reference_rope_attention(attn: &MultiHeadAttention, x: &Tensor, start: usize) -> Result<Tensor> {
+    let to64 = |t: &Tensor| t.to_dtype(DType::F64)?.to_vec2::<f64>();
+    let (xs, wq, wk, wv, wo) = (
+        to64(x)?,
+        to64(&attn.w_q)?,
+        to64(&attn.w_k)?,
+        to64(&attn.w_v)?,
+        to64(&attn.w_o)?,
+    );
+    let (n, d) = (xs.len(), attn.cfg.d_model);
+    let (h, dh) = (attn.cfg.n_heads, attn.d_head());
+    let g = h / attn.cfg.n_kv_heads;
+    let proj = |w: &Vec<Vec<f64>>, t: usize, head: usize| -> Vec<f64> {
+        w[head * dh..(head + 1) * dh]
+            .iter()
+            .map(|row| row.iter().zip(&xs[t]).map(|(a, b)| a * b).sum())
+            .collect()
+    };
+    let rot = |v: Vec<f64>, t: usize| reference_rope(&v, (start + t) as f64, DEFAULT_BASE);
+    let mask: Vec<Vec<bool>> = (0..n).map(|i| (0..n).map(|j| j <= i).collect()).collect();
+    let mut concat = vec![vec![0.0; d]; n];
+    for head in 0..h {
+        let q: Vec<Vec<f64>> = (0..n).map(|t| rot(proj(&wq, t, head), t)).collect();
+        let k: Vec<Vec<f64>> = (0..n).map(|t| rot(proj(&wk, t, head / g), t)).collect();
+        let v: Vec<Vec<f64>> = (0..n).map(|t| proj(&wv, t, head / g)).collect();
+        let (out, _) = reference_attention(&q, &k, &v, Some(&mask));
+        for t in 0..n {
+            concat[t][head * dh..(head + 1) * dh].copy_from_slice(&out[t]);
+        }
+    }
+    let y: Vec<f64> = concat
+        .iter()
+        .flat_map(|c| {
+            wo.iter()
+                .map(move |row| row.iter().zip(c).map(|(a, b)| a * b).sum::<f64>())
+        })
+        .collect();
+    Ok(Tensor::from_vec(y, (n, d), x.device())?)
+}
+
+#[test]
+fn component_with_rope_plug_equals_f64_rotate_then_attend() -> Result<()> {
+    let (d, h, n) = (32, 4, 6);
+    let attn = rope_attention(d, h, h)?;
+    let x = Tensor::randn(0f32, 1.0, (1, n, d), &test_device())?;
+    for start in [0, 5, 40] {
+        let got = attn
+            .self_attention(&x, AttnMask::Causal, start, None)?
+            .squeeze(0)?;
+        let want = reference_rope_attention(&attn, &x.squeeze(0)?, start)?;
+        assert!(max_rel(&got, &want)? < 1e-5, "start_pos {start}");
+    }
+    Ok(())
+}
+
+#[test]
+fn gqa_and_mqa_with_rope_match_f64_reference() -> Result<()> {
+    let (d, h, n) = (32, 4, 6);
+    for n_kv in [1, 2] {
+        let attn = rope_attention(d, h, n_kv)?;
+        assert_eq!(attn.cfg.n_kv_heads, n_kv);
+        let x = Tensor::randn(0f32, 1.0, (1, n, d), &test_device())?;
+        let start = 5;
+        let got = attn
+            .self_attention(&x, AttnMask::Causal, start, None)?
+            .squeeze(0)?;
+        let want = reference_rope_attention(&attn, &x.squeeze(0)?, start)?;
+        assert!(max_rel(&got, &want)? < 1e-5, "n_kv {n_kv}");
+    }
+    Ok(())
+}
+
+#[test]
+fn rope_plug_at_start_pos_equals_rotating_by_hand() -> Result<()> {
+    // The component's path (project → plug rotates q, k at start_pos → kernel → W_o) against
+    // the same steps written out with apply_rope, for grouped K/V heads.
+    let (d, h, n_kv, b, n, start) = (48, 6, 2, 2, 7, 11);
+    let attn = rope_attention(d, h, n_kv)?;
+    let tables = RopeTables::new(d / h, 64, DEFAULT_BASE, RopeScaling::None, &test_device())?;
+    let x = Tensor::randn(0f32, 1.0, (b, n, d), &test_device())?;
+    let q = apply_rope(&attn.project_q(&x)?, &tables, start)?; // (b, h, n, d_head)
+    let (k, v) = attn.project_kv(&x)?; // (b, n_kv, n, d_head)
+    let k = apply_rope(&k, &tables, start)?;
+    let want = attn.output(&NaiveAttention.attend(&q, &k, &v, AttnMask::Causal, None)?)?;
+    let got = attn.self_attention(&x, AttnMask::Causal, start, None)?;
+    assert!(max_rel(&got, &want)? < 1e-6);
+    Ok(())
+}
+
+#[test]
+fn rope_attention_is_invariant_to_shifting_every_position() -> Result<()> {
+    // Only offsets m − n enter the scores, so the whole layer gives the same output whether the
+    // window starts at position 0 or 37 — what absolute position embeddings cannot do.
+    let attn = rope_attention(32, 4, 2)?;
+    let x = Tensor::randn(0f32, 1.0, (2, 9, 32), &test_device())?;
+    let at0 = attn.self_attention(&x, AttnMask::Causal, 0, None)?;
+    let at37 = attn.self_attention(&x, AttnMask::Causal, 37, None)?;
+    assert!(max_rel(&at0, &at37)? < 1e-4);
+    // while the rotated queries themselves do change
+    let tables = RopeTables::new(8, 64, DEFAULT_BASE, RopeScaling::None, &test_device())?;
+    let q = attn.project_q(&x)?;
+    assert!(max_rel(&apply_rope(&q, &tables, 0)?, &apply_rope(&q, &tables, 37)?)? > 1e-2);
+    Ok(())
+}
+
+#[test]
+fn llama_rung_plugs_rope_into_every_layer() -> Result<()> {
+    use t0804_transformer_block::{init_lm, LmShape, PositionKind};
+    let shape = LmShape {
+        vocab_size: 50,
+        max_seq_len: 16,
+        d_model: 32,
+        n_layers: 2,
+        n_heads: 4,
+    };
+    let cfg = llama(shape, 2);
+    assert_eq!(
+        (cfg.positions, cfg.n_kv_heads, cfg.bias),
+        (PositionKind::Rope, 2, false)
+    );
+    let kernels = shared::Kernels::composed();
+    let (_vm, lm) = init_lm(&cfg, &parts(kernels), DType::F32, &test_device())?;
+    assert!(
+        lm.positions.is_none(),
+        "no absolute positions on the embeddings"
+    );
+    assert!(lm.blocks.iter().all(|b| b.attn.positions.is_some()));
+    assert_eq!(lm.kv_heads(), (2, 8));
+    let x = Tensor::new(&[[1u32, 2, 3, 4, 5]], &test_device())?;
+    assert_eq!(lm.forward(&x, 0)?.dims(), &[1, 5, 50]);
     Ok(())
 }

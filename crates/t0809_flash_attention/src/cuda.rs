@@ -13,7 +13,6 @@
 //! kernel (dK, dV written directly into the packed output, dQ accumulated in an f32 buffer with
 //! atomics), then `dQ = scale·dQacc` converted into the packed output (`flash_bwd_dq_*`).
 
-use shared::kernels::FlashKernels;
 use crate::cpu::Dims;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -22,6 +21,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
+use shared::kernels::FlashKernels;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 const MODULE: &str = "t0809_flash_attn";

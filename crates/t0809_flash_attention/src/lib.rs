@@ -52,15 +52,15 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod op;
 pub mod ladder;
+pub mod op;
 pub mod tiled;
 
 use candle_core::{bail, DType, Result, Tensor};
 pub use shared::kernels::FlashKernels;
 
-pub use op::{FlashAttention, FlashAttentionBackward};
 pub use ladder::{fastest_kernels, parts, FlashAttentionKernel, FlashParts};
+pub use op::{FlashAttention, FlashAttentionBackward};
 pub use tiled::flash_attention_tensor_ops;
 
 /// Which CUDA kernel family runs for a given input (see `cuda.rs`).
@@ -147,7 +147,12 @@ pub fn flash_attention_with_lse(
     softmax_scale: f64,
     causal: bool,
 ) -> Result<(Tensor, Tensor)> {
-    run_flash(q, k, v, FlashAttention::new(softmax_scale, causal, FlashKernels::Auto))
+    run_flash(
+        q,
+        k,
+        v,
+        FlashAttention::new(softmax_scale, causal, FlashKernels::Auto),
+    )
 }
 
 fn run_flash(q: &Tensor, k: &Tensor, v: &Tensor, op: FlashAttention) -> Result<(Tensor, Tensor)> {
@@ -296,7 +301,8 @@ mod kernel_family_tests {
     #[test]
     fn kernel_family_follows_dtype_head_size_and_alignment() {
         use CudaKernelFamily::*;
-        let family = |dt, d, offsets: &[usize]| cuda_kernel_family(dt, d, offsets, FlashKernels::Auto);
+        let family =
+            |dt, d, offsets: &[usize]| cuda_kernel_family(dt, d, offsets, FlashKernels::Auto);
         assert_eq!(
             cuda_kernel_family(DType::BF16, 64, &[0, 0, 0], FlashKernels::Simple),
             Fp32Fma

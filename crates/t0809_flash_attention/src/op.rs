@@ -24,7 +24,6 @@
 //! three gradients are views into it (`narrow` + `reshape`, no copy). It has no backward itself
 //! (no second derivatives).
 
-use shared::kernels::FlashKernels;
 use crate::cpu::{self, Acc, Dims};
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
@@ -32,6 +31,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
 use half::{bf16, f16};
+use shared::kernels::FlashKernels;
 use std::sync::{Arc, Mutex};
 
 /// Where a forward op leaves its log-sum-exp `L (batch, heads, n_q)`.

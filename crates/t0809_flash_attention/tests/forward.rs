@@ -190,24 +190,36 @@ fn low_precision_inputs_are_computed_in_f32() -> Result<()> {
 #[test]
 fn multi_head_layer_with_flash_matches_the_naive_layer() -> Result<()> {
     use candle_nn::{VarBuilder, VarMap};
-    use t0802_multi_head_attention::{MhaConfig, MultiHeadAttention};
+    use std::sync::Arc;
+    use t0802_multi_head_attention::{AttnMask, MhaConfig, MultiHeadAttention};
     let dev = candle_core::Device::Cpu;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let mha = MultiHeadAttention::new(vb, MhaConfig::new(32, 4))?;
-    let x = Rng::new(6)
-        .tensor(&[2, 11, 32], 1.0)?
-        .to_dtype(DType::F32)?;
-    for causal in [false, true] {
-        let mask = if causal {
-            Some(t0801_self_attention::causal_mask(11, 11, &dev)?)
-        } else {
-            None
-        };
-        let want = mha.forward(&x, mask.as_ref())?.output;
-        let got = mha_flash_forward(&mha, &x, causal)?;
-        let e = max_rel(&to_vec(&got)?, &to_vec(&want)?);
-        assert!(e <= 1e-5, "causal {causal}: {e:e}");
+    // Grouped K/V heads too: the kernel repeats them to one per query head.
+    for kv in [4, 2, 1] {
+        let mha = MultiHeadAttention::new(vb.pp(kv), MhaConfig::new(32, 4).with_kv_heads(kv))?;
+        let flash = mha.clone().with_kernel(Arc::new(FlashAttentionKernel {
+            kernels: FlashKernels::Auto,
+        }));
+        let x = Rng::new(6)
+            .tensor(&[2, 11, 32], 1.0)?
+            .to_dtype(DType::F32)?;
+        for causal in [false, true] {
+            let mask = if causal {
+                Some(t0801_self_attention::causal_mask(11, 11, &dev)?)
+            } else {
+                None
+            };
+            let want = mha.forward(&x, mask.as_ref())?.output;
+            let how = if causal {
+                AttnMask::Causal
+            } else {
+                AttnMask::None
+            };
+            let got = flash.self_attention(&x, how, 0, None)?;
+            let e = max_rel(&to_vec(&got)?, &to_vec(&want)?);
+            assert!(e <= 1e-5, "kv {kv}, causal {causal}: {e:e}");
+        }
     }
     Ok(())
 }

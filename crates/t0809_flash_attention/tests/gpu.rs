@@ -64,56 +64,72 @@ fn rounding_atol(reference: &[f64], dt: DType) -> Result<f64> {
     Ok(2.0 * max_abs(&to_vec(&rounded)?, reference))
 }
 
+/// FlashAttention with the simple fp32-FMA kernels forced ([`FlashKernels::Simple`]).
+fn flash_simple(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    flash_attention_with(q, k, v, scale, causal, FlashKernels::Simple)
+}
+
+/// Every kernel choice with the function that runs it.
+fn kernel_choices() -> [(FlashKernels, Attn); 2] {
+    [
+        (FlashKernels::Auto, flash_attention as Attn),
+        (FlashKernels::Simple, flash_simple as Attn),
+    ]
+}
+
 #[test]
 fn gpu_f32_forward_and_backward_match_float64() -> Result<()> {
     let Some(dev) = gpu("gpu_f32_forward_and_backward_match_float64") else {
         return Ok(());
     };
     let mut rng = Rng::new(100);
-    let forced_simple = std::env::var("MODULE08_FLASH_KERNEL").is_ok_and(|v| v == "simple");
-    for d in [32, 64, 128, 40] {
-        // Both f32 families are covered: register-tiled for 32 and 64, simple for 128 and 40.
-        let want = if matches!(d, 32 | 64) && !forced_simple {
-            CudaKernelFamily::Fp32Tiled
-        } else {
-            CudaKernelFamily::Fp32Fma
-        };
-        assert_eq!(
-            cuda_kernel_family(DType::F32, d, &[0, 0, 0]),
-            want,
-            "f32 d {d}"
-        );
-        for (b, h, n_q, n_k, d, causal) in shapes(d) {
-            let (q, k, v) = qkv(&mut rng, b, h, n_q, n_k, d, d)?;
-            let d_o = rng.tensor(&[b, h, n_q, d], 1.0)?;
-            let scale = default_softmax_scale(d);
-            let (want_o, want_g) = grads(naive_attention, &q, &k, &v, &d_o, scale, causal)?; // f64, CPU
-            let (_, want_l) = reference(&q, &k, &v, scale, causal)?;
-            let g32 = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(&dev);
-            let (o, g) = grads(
-                flash_attention,
-                &g32(&q)?,
-                &g32(&k)?,
-                &g32(&v)?,
-                &g32(&d_o)?,
-                scale,
-                causal,
-            )?;
-            let (_, l) = flash_attention_with_lse(&g32(&q)?, &g32(&k)?, &g32(&v)?, scale, causal)?;
-            let shape = format!("{:?}", (b, h, n_q, n_k, d, causal));
-            assert!(o.device().is_cuda() && g[0].device().is_cuda());
-            let e = rel_norm(&to_vec(&o)?, &to_vec(&want_o)?);
-            assert!(e <= 1e-4, "{shape}: f32 output error {e:e}");
-            let e = max_abs(&to_vec(&l)?, &want_l);
-            assert!(
-                e <= 1e-4 * (1.0 + want_l.iter().fold(0.0f64, |a, x| a.max(x.abs()))),
-                "{shape}: f32 lse error {e:e}"
+    for (kernels, flash) in kernel_choices() {
+        let forced_simple = kernels == FlashKernels::Simple;
+        for d in [32, 64, 128, 40] {
+            // Both f32 families are covered: register-tiled for 32 and 64, simple for 128 and 40.
+            let want = if matches!(d, 32 | 64) && !forced_simple {
+                CudaKernelFamily::Fp32Tiled
+            } else {
+                CudaKernelFamily::Fp32Fma
+            };
+            assert_eq!(
+                cuda_kernel_family(DType::F32, d, &[0, 0, 0], kernels),
+                want,
+                "f32 d {d}"
             );
-            for (i, name) in ["dQ", "dK", "dV"].iter().enumerate() {
-                // dQ is exactly 0 with a single key: there the error is an RMS against the
-                // gradients' natural scale (1 for unit-normal inputs).
-                let e = rel_norm_floor(&to_vec(&g[i])?, &to_vec(&want_g[i])?, 1.0);
-                assert!(e <= 1e-4, "{shape}: f32 {name} error {e:e}");
+            for (b, h, n_q, n_k, d, causal) in shapes(d) {
+                let (q, k, v) = qkv(&mut rng, b, h, n_q, n_k, d, d)?;
+                let d_o = rng.tensor(&[b, h, n_q, d], 1.0)?;
+                let scale = default_softmax_scale(d);
+                let (want_o, want_g) = grads(naive_attention, &q, &k, &v, &d_o, scale, causal)?; // f64, CPU
+                let (_, want_l) = reference(&q, &k, &v, scale, causal)?;
+                let g32 = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(&dev);
+                let (o, g) = grads(
+                    flash,
+                    &g32(&q)?,
+                    &g32(&k)?,
+                    &g32(&v)?,
+                    &g32(&d_o)?,
+                    scale,
+                    causal,
+                )?;
+                let (_, l) =
+                    flash_attention_with_lse(&g32(&q)?, &g32(&k)?, &g32(&v)?, scale, causal)?;
+                let shape = format!("{:?}", (b, h, n_q, n_k, d, causal));
+                assert!(o.device().is_cuda() && g[0].device().is_cuda());
+                let e = rel_norm(&to_vec(&o)?, &to_vec(&want_o)?);
+                assert!(e <= 1e-4, "{shape}: f32 output error {e:e}");
+                let e = max_abs(&to_vec(&l)?, &want_l);
+                assert!(
+                    e <= 1e-4 * (1.0 + want_l.iter().fold(0.0f64, |a, x| a.max(x.abs()))),
+                    "{shape}: f32 lse error {e:e}"
+                );
+                for (i, name) in ["dQ", "dK", "dV"].iter().enumerate() {
+                    // dQ is exactly 0 with a single key: there the error is an RMS against the
+                    // gradients' natural scale (1 for unit-normal inputs).
+                    let e = rel_norm_floor(&to_vec(&g[i])?, &to_vec(&want_g[i])?, 1.0);
+                    assert!(e <= 1e-4, "{shape}: f32 {name} error {e:e}");
+                }
             }
         }
     }
@@ -126,55 +142,61 @@ fn gpu_low_precision_within_twice_the_naive_error() -> Result<()> {
         return Ok(());
     };
     let mut rng = Rng::new(101);
-    let forced_simple = std::env::var("MODULE08_FLASH_KERNEL").is_ok_and(|v| v == "simple");
-    for dt in [DType::BF16, DType::F16] {
-        for d in [32, 64, 128, 48] {
-            // Both kernel families are covered: tensor cores for 32/64/128, fp32 FMA for 48.
-            let want = if d == 48 || forced_simple {
-                CudaKernelFamily::Fp32Fma
-            } else {
-                CudaKernelFamily::TensorCores
-            };
-            assert_eq!(cuda_kernel_family(dt, d, &[0, 0, 0]), want, "{dt:?} d {d}");
-            for (b, h, n_q, n_k, d, causal) in shapes(d) {
-                let (q, k, v) = qkv(&mut rng, b, h, n_q, n_k, d, d)?;
-                let d_o = rng.tensor(&[b, h, n_q, d], 1.0)?;
-                let scale = default_softmax_scale(d);
-                // Inputs rounded to the dtype; the reference computes on exactly those, in f64.
-                let low = |t: &Tensor| t.to_dtype(dt)?.to_device(&dev);
-                let (ql, kl, vl, dol) = (low(&q)?, low(&k)?, low(&v)?, low(&d_o)?);
-                let up = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
-                let (want_o, want_g) = grads(
-                    naive_attention,
-                    &up(&ql)?,
-                    &up(&kl)?,
-                    &up(&vl)?,
-                    &up(&dol)?,
-                    scale,
-                    causal,
-                )?;
-                let (naive_o, naive_g) =
-                    grads(naive_attention, &ql, &kl, &vl, &dol, scale, causal)?;
-                let (o, g) = grads(flash_attention, &ql, &kl, &vl, &dol, scale, causal)?;
-                let shape = format!("{dt:?} {:?}", (b, h, n_q, n_k, d, causal));
-                assert_eq!(o.dtype(), dt);
-                let pairs = [
-                    ("O", &o, &naive_o, &want_o),
-                    ("dQ", &g[0], &naive_g[0], &want_g[0]),
-                    ("dK", &g[1], &naive_g[1], &want_g[1]),
-                    ("dV", &g[2], &naive_g[2], &want_g[2]),
-                ];
-                for (name, ours, naive, want) in pairs {
-                    let want = to_vec(want)?;
-                    let (e_ours, e_naive) = (
-                        max_abs(&to_vec(ours)?, &want),
-                        max_abs(&to_vec(naive)?, &want),
-                    );
-                    let atol = rounding_atol(&want, dt)?;
-                    assert!(
-                        e_ours <= 2.0 * e_naive + atol,
-                        "{shape} {name}: ours {e_ours:e}, naive {e_naive:e}, atol {atol:e}"
-                    );
+    for (kernels, flash) in kernel_choices() {
+        let forced_simple = kernels == FlashKernels::Simple;
+        for dt in [DType::BF16, DType::F16] {
+            for d in [32, 64, 128, 48] {
+                // Both kernel families are covered: tensor cores for 32/64/128, fp32 FMA for 48.
+                let want = if d == 48 || forced_simple {
+                    CudaKernelFamily::Fp32Fma
+                } else {
+                    CudaKernelFamily::TensorCores
+                };
+                assert_eq!(
+                    cuda_kernel_family(dt, d, &[0, 0, 0], kernels),
+                    want,
+                    "{dt:?} d {d}"
+                );
+                for (b, h, n_q, n_k, d, causal) in shapes(d) {
+                    let (q, k, v) = qkv(&mut rng, b, h, n_q, n_k, d, d)?;
+                    let d_o = rng.tensor(&[b, h, n_q, d], 1.0)?;
+                    let scale = default_softmax_scale(d);
+                    // Inputs rounded to the dtype; the reference computes on exactly those, in f64.
+                    let low = |t: &Tensor| t.to_dtype(dt)?.to_device(&dev);
+                    let (ql, kl, vl, dol) = (low(&q)?, low(&k)?, low(&v)?, low(&d_o)?);
+                    let up = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+                    let (want_o, want_g) = grads(
+                        naive_attention,
+                        &up(&ql)?,
+                        &up(&kl)?,
+                        &up(&vl)?,
+                        &up(&dol)?,
+                        scale,
+                        causal,
+                    )?;
+                    let (naive_o, naive_g) =
+                        grads(naive_attention, &ql, &kl, &vl, &dol, scale, causal)?;
+                    let (o, g) = grads(flash, &ql, &kl, &vl, &dol, scale, causal)?;
+                    let shape = format!("{dt:?} {:?}", (b, h, n_q, n_k, d, causal));
+                    assert_eq!(o.dtype(), dt);
+                    let pairs = [
+                        ("O", &o, &naive_o, &want_o),
+                        ("dQ", &g[0], &naive_g[0], &want_g[0]),
+                        ("dK", &g[1], &naive_g[1], &want_g[1]),
+                        ("dV", &g[2], &naive_g[2], &want_g[2]),
+                    ];
+                    for (name, ours, naive, want) in pairs {
+                        let want = to_vec(want)?;
+                        let (e_ours, e_naive) = (
+                            max_abs(&to_vec(ours)?, &want),
+                            max_abs(&to_vec(naive)?, &want),
+                        );
+                        let atol = rounding_atol(&want, dt)?;
+                        assert!(
+                            e_ours <= 2.0 * e_naive + atol,
+                            "{shape} {name}: ours {e_ours:e}, naive {e_naive:e}, atol {atol:e}"
+                        );
+                    }
                 }
             }
         }
@@ -255,9 +277,10 @@ fn gpu_f32_views_at_an_offset_agree_with_contiguous_inputs() -> Result<()> {
         (4, CudaKernelFamily::Fp32Tiled),
         (3, CudaKernelFamily::Fp32Fma),
     ] {
-        if std::env::var("MODULE08_FLASH_KERNEL").is_err() {
-            assert_eq!(cuda_kernel_family(DType::F32, d, &[offset]), family);
-        }
+        assert_eq!(
+            cuda_kernel_family(DType::F32, d, &[offset], FlashKernels::Auto),
+            family
+        );
         let mk = |rng: &mut Rng| -> Result<Tensor> {
             rng.tensor(&[n_el + offset], 1.0)?
                 .to_dtype(DType::F32)?

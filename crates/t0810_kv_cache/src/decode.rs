@@ -91,7 +91,13 @@ pub fn seq2seq_step(model: &Transformer, tgt: &Tensor, state: &mut Seq2SeqState)
             layer,
         };
         let memory_mask = AttnMask::Explicit(&state.src_pad);
-        x = block.forward_with(&x, &state.cross_kv[layer], AttnMask::Causal, memory_mask, Some(slot))?;
+        x = block.forward_with(
+            &x,
+            &state.cross_kv[layer],
+            AttnMask::Causal,
+            memory_mask,
+            Some(slot),
+        )?;
     }
     state.self_cache.commit(t);
     let x = match &model.decoder_norm {

@@ -44,9 +44,7 @@ pub mod sampling;
 pub mod sim;
 
 pub use cache::{kv_cache_bytes, CacheKind, CacheShape, KvCache, KvStore};
-pub use decode::{
-    lm_cache, lm_forward_cached, seq2seq_start, seq2seq_step, Seq2SeqState,
-};
+pub use decode::{lm_cache, lm_forward_cached, seq2seq_start, seq2seq_step, Seq2SeqState};
 pub use paged::{BlockAllocator, PagedConfig, PagedKvCache, PagedSeq, SeqId};
 pub use sampling::{allowed_tokens, Sampler, SamplingConfig};
 

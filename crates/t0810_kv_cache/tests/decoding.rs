@@ -4,9 +4,10 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use shared::device::test_device;
+use shared::kernels::{AttentionImpl, Kernels};
+use t0804_transformer_block::{build_lm, init_lm, load_lm, save_lm, LmConfig, LmShape};
 use t0804_transformer_block::{DecoderOnlyLm, NormPlacement};
 use t0805_full_transformer::{Transformer, TransformerConfig};
-use t0806_modern_blocks::{init_modern_lm, ModernLmConfig};
 use t0810_kv_cache::*;
 
 const VOCAB: usize = 61;
@@ -30,16 +31,32 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
         / scale.max(1e-30)
 }
 
+const SHAPE: LmShape = LmShape {
+    vocab_size: VOCAB,
+    max_seq_len: 40,
+    d_model: 32,
+    n_layers: 2,
+    n_heads: 4,
+};
+
+/// The top rung's parts with every op composed (naive attention).
+fn composed() -> t0809_flash_attention::FlashParts {
+    t0809_flash_attention::parts(Kernels::composed())
+}
+
 fn llama(n_kv_heads: usize, seed: u64) -> DecoderOnlyLm {
     shared::params::set_seed(seed);
-    let cfg = ModernLmConfig::llama(VOCAB, 40, 32, 2, 4, n_kv_heads);
-    init_modern_lm(&cfg, DType::F32, &test_device()).unwrap().1
+    let cfg = t0808_rope::llama(SHAPE, n_kv_heads);
+    init_lm(&cfg, &composed(), DType::F32, &test_device())
+        .unwrap()
+        .1
 }
 
 fn gpt2(seed: u64) -> DecoderOnlyLm {
     shared::params::set_seed(seed);
-    init_modern_lm(
-        &ModernLmConfig::gpt2(VOCAB, 40, 32, 2, 4),
+    init_lm(
+        &LmConfig::gpt2(SHAPE),
+        &composed(),
         DType::F32,
         &test_device(),
     )
@@ -161,7 +178,7 @@ fn preallocated_equals_concatenating_cache_in_a_batch() {
 fn paged_cache_decoding_equals_full_forward() {
     let toks = tokens(23, 4);
     for (name, lm) in [("GQA", llama(2, 7)), ("GPT-2 recipe", gpt2(8))] {
-        let (h, d) = lm_kv_heads(&lm).unwrap();
+        let (h, d) = lm.kv_heads();
         let cfg = PagedConfig {
             n_layers: 2,
             n_kv_heads: h,
@@ -439,34 +456,71 @@ fn cached_tensors_do_not_keep_the_autograd_graph() {
     }
 }
 
-/// With 8-06's fused ops (the causal softmax reading the preallocated cache in place, without a
-/// copy), batched cached decoding equals the full forward pass of the composed model with the
-/// same weights, for MHA, GQA and MQA.
+/// With every fused op (the causal softmax reading the preallocated cache in place, without a
+/// copy) and with FlashAttention, batched cached decoding equals the full forward pass of the
+/// composed model with the same weights, for MHA, GQA and MQA.
 #[test]
 fn fused_ops_cached_decoding_equals_composed_full_forward() {
     let dev = test_device();
     let batch: Vec<u32> = tokens(14, 4).into_iter().chain(tokens(14, 5)).collect();
     let x = Tensor::from_vec(batch, (2, 14), &dev).unwrap();
-    for kv in [4, 2, 1] {
+    let fused_naive = Kernels::fused().with_attention(AttentionImpl::Naive);
+    for (kernels, kv) in [fused_naive, Kernels::fused()]
+        .into_iter()
+        .flat_map(|k| [4, 2, 1].map(|kv| (k, kv)))
+    {
         shared::params::set_seed(7);
-        let cfg = ModernLmConfig::llama(VOCAB, 40, 32, 2, 4, kv);
-        let (varmap, composed) = init_modern_lm(&cfg, DType::F32, &dev).unwrap();
-        let fused = t0806_modern_blocks::build_modern_lm(
-            candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
-            &cfg.with_fused_ops(true),
-        )
-        .unwrap();
+        let cfg = t0808_rope::llama(SHAPE, kv);
+        let (varmap, composed) = init_lm(&cfg, &composed(), DType::F32, &dev).unwrap();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let fused = build_lm(vb, &cfg, &t0809_flash_attention::parts(kernels)).unwrap();
+        let what = kernels.describe();
         let full = composed.forward(&x, 0).unwrap(); // (2, 14, vocab)
         let mut cache = lm_cache(&fused, 2, 20, CacheKind::Preallocated, DType::F32).unwrap();
         let pre = lm_forward_cached(&fused, &x.narrow(1, 0, 5).unwrap(), &mut cache).unwrap();
         assert!(
             rel_err(&pre, &full.narrow(1, 0, 5).unwrap()) < 1e-5,
-            "kv {kv}: prefill"
+            "{what}, kv {kv}: prefill"
         );
         for t in 5..14 {
             let got = lm_forward_cached(&fused, &x.narrow(1, t, 1).unwrap(), &mut cache).unwrap();
             let err = rel_err(&got, &full.narrow(1, t, 1).unwrap());
-            assert!(err < 1e-5, "kv {kv}, step {t}: relative error {err}");
+            assert!(
+                err < 1e-5,
+                "{what}, kv {kv}, step {t}: relative error {err}"
+            );
         }
     }
+}
+
+/// A checkpoint whose config.json is the recipe-style one (`recipe: "Llama"`, `fused_*` keys)
+/// loads as the LLaMA recipe, with the same logits, and decodes with the cache as the full
+/// forward pass predicts.
+#[test]
+fn recipe_style_llama_checkpoint_loads_and_decodes() {
+    let dev = test_device();
+    let dir = std::env::temp_dir().join(format!("t0810_legacy_{}", std::process::id()));
+    shared::params::set_seed(11);
+    let cfg = t0808_rope::llama(SHAPE, 2);
+    let (varmap, lm) = init_lm(&cfg, &composed(), DType::F32, &dev).unwrap();
+    save_lm(&dir, &cfg, &varmap).unwrap();
+    let legacy = format!(
+        r#"{{"vocab_size":{VOCAB},"max_seq_len":40,"d_model":32,"n_layers":2,"n_heads":4,
+        "n_kv_heads":2,"d_ff":{},"rope_theta":10000.0,"norm_eps":1e-5,"recipe":"Llama",
+        "rope_scaling":"None","fused_norm":true,"fused_rope":true,"fused_swiglu":false,"fused_softmax":true}}"#,
+        cfg.d_ff
+    );
+    std::fs::write(dir.join("config.json"), legacy).unwrap();
+    let (cfg2, lm2) = load_lm(&dir, &composed(), DType::F32, &dev).unwrap();
+    assert_eq!(cfg2, cfg);
+    let toks = tokens(17, 2);
+    let (a, b) = (full_logits(&lm, &toks), full_logits(&lm2, &toks));
+    assert_eq!(
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    let mut cache = lm_cache(&lm2, 1, 40, CacheKind::Preallocated, DType::F32).unwrap();
+    let err = check_incremental(&lm2, &mut cache, &toks, 6);
+    assert!(err < 1e-5, "loaded checkpoint: cached relative error {err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -4,8 +4,9 @@
 use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use shared::device::test_device;
+use shared::kernels::Kernels;
 use t0804_transformer_block::DecoderOnlyLm;
-use t0806_modern_blocks::{init_modern_lm, ModernLmConfig};
+use t0804_transformer_block::{init_lm, LmShape};
 use t0810_kv_cache::sim::{prefix_sharing_blocks, simulate, workload, Policy};
 use t0810_kv_cache::*;
 
@@ -13,8 +14,17 @@ const VOCAB: usize = 53;
 
 fn lm() -> DecoderOnlyLm {
     shared::params::set_seed(21);
-    init_modern_lm(
-        &ModernLmConfig::llama(VOCAB, 48, 32, 2, 4, 2),
+    let shape = LmShape {
+        vocab_size: VOCAB,
+        max_seq_len: 48,
+        d_model: 32,
+        n_layers: 2,
+        n_heads: 4,
+    };
+    let parts = t0809_flash_attention::parts(Kernels::composed());
+    init_lm(
+        &t0808_rope::llama(shape, 2),
+        &parts,
         DType::F32,
         &test_device(),
     )
@@ -41,7 +51,7 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn paged(lm: &DecoderOnlyLm, block_size: usize, num_blocks: usize) -> PagedKvCache {
-    let (h, d) = lm_kv_heads(lm).unwrap();
+    let (h, d) = lm.kv_heads();
     PagedKvCache::new(
         PagedConfig {
             n_layers: lm.blocks.len(),

@@ -699,13 +699,18 @@ fn check_first_gradient(tensor: &Tensor, grad: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Module 08 patch: `MODULE08_UPSTREAM_GRAD_ACCUMULATION=1` restores upstream's zeros-then-add
-/// accumulation, so a benchmark can measure the patch side by side in one run. Read once.
+static UPSTREAM_ACCUMULATION: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Module 08 patch: `true` restores upstream's zeros-then-add accumulation for the backward
+/// passes that follow, so a benchmark can measure the patch side by side in one run (a
+/// process-wide choice, made explicitly by the program, off by default).
+pub fn set_upstream_grad_accumulation(on: bool) {
+    UPSTREAM_ACCUMULATION.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn upstream_accumulation() -> bool {
-    static UPSTREAM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *UPSTREAM.get_or_init(|| {
-        std::env::var("MODULE08_UPSTREAM_GRAD_ACCUMULATION").is_ok_and(|v| v == "1")
-    })
+    UPSTREAM_ACCUMULATION.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 impl GradStore {

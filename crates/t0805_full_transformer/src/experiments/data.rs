@@ -1,0 +1,56 @@
+//! The data of the comparison: WikiText-2 cut into (source, target) continuation pairs
+//! ([`t0805_full_transformer::task`]), `src_len` tokens of source followed by `tgt_len` of target,
+//! and the special tokens that pad and start a target.
+
+use anyhow::Result;
+use candle_core::Device;
+use shared::batching::{seq2seq_batch, Seq2SeqBatch, Seq2SeqExample};
+use shared::tokenizer::{TokenizedWikiText, BOS, PAD};
+use t0805_full_transformer::task::continuation_pairs;
+use t0805_full_transformer::Preset;
+
+/// The three splits as continuation pairs, batched on `dev`.
+pub struct Data {
+    pub train: Vec<Seq2SeqExample>,
+    pub valid: Vec<Seq2SeqExample>,
+    pub test: Vec<Seq2SeqExample>,
+    pub pad: u32,
+    pub bos: u32,
+    pub dev: Device,
+}
+
+impl Data {
+    /// The pairs of every split of `corpus` at the preset's `src_len → tgt_len`.
+    pub fn new(corpus: &TokenizedWikiText, p: &Preset, dev: &Device) -> Result<Self> {
+        let pairs = |tokens: &[u32]| continuation_pairs(tokens, p.src_len, p.tgt_len);
+        Ok(Self {
+            train: pairs(&corpus.train)?,
+            valid: pairs(&corpus.valid)?,
+            test: pairs(&corpus.test)?,
+            pad: corpus.tokenizer.special(PAD)?,
+            bos: corpus.tokenizer.special(BOS)?,
+            dev: dev.clone(),
+        })
+    }
+
+    /// A padded batch of `examples`: `src (B, src_len)`, `tgt_in`/`tgt_out (B, tgt_len)`.
+    pub fn batch(&self, examples: &[Seq2SeqExample]) -> Result<Seq2SeqBatch> {
+        seq2seq_batch(examples, self.pad, self.bos, &self.dev)
+    }
+
+    /// Prints the task and the budget.
+    pub fn describe(&self, p: &Preset, vocab: usize, h_unigram: f64) {
+        println!(
+            "   task: continue {} BPE tokens of source with the next {} (vocab {vocab}); {} train / {} valid / {} test pairs",
+            p.src_len,
+            p.tgt_len,
+            self.train.len(),
+            self.valid.len(),
+            self.test.len()
+        );
+        println!(
+            "   preset '{}': {} steps of batch {} for each model; unigram entropy {h_unigram:.3} nats",
+            p.name, p.steps, p.batch
+        );
+    }
+}

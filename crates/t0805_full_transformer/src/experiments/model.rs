@@ -1,0 +1,69 @@
+//! The two contenders behind one interface — the encoder–decoder [`Transformer`] and the
+//! [`LstmSeq2Seq`] baseline — and the evaluation both are judged by.
+
+use super::data::Data;
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use shared::batching::{Seq2SeqBatch, Seq2SeqExample};
+use t0805_full_transformer::lstm::LstmSeq2Seq;
+use t0805_full_transformer::{Preset, Transformer};
+
+/// The contenders, in the order of the tables and legends.
+pub const NAMES: [&str; 2] = ["transformer", "lstm"];
+
+/// A sequence-to-sequence model: the encoder–decoder Transformer or the LSTM.
+pub enum Model {
+    Transformer(Transformer),
+    Lstm(LstmSeq2Seq),
+}
+
+impl Model {
+    /// The contender `name` (one of [`NAMES`]) at the preset's size, its parameters in `vb`.
+    pub fn new(name: &str, vb: VarBuilder, p: &Preset, vocab: usize) -> Result<Self> {
+        Ok(match name {
+            "transformer" => Model::Transformer(Transformer::new(vb, p.transformer(vocab))?),
+            "lstm" => Model::Lstm(LstmSeq2Seq::new(vb, p.lstm(vocab))?),
+            other => anyhow::bail!("unknown model '{other}': choose one of {NAMES:?}"),
+        })
+    }
+
+    /// Mean cross-entropy over the batch's real target tokens (a single value).
+    pub fn loss(&self, b: &Seq2SeqBatch) -> candle_core::Result<Tensor> {
+        match self {
+            Model::Transformer(m) => m.loss(b),
+            Model::Lstm(m) => m.loss(b),
+        }
+    }
+
+    /// `n` tokens continuing `src`, greedily.
+    pub fn generate(&self, src: &[u32], bos: u32, n: usize) -> candle_core::Result<Vec<u32>> {
+        match self {
+            Model::Transformer(m) => m.generate(src, bos, n, 0.0, 0),
+            Model::Lstm(m) => m.generate(src, bos, n, 0.0, 0),
+        }
+    }
+}
+
+/// Mean target-token loss over (at most `max_batches` batches of `batch`) `pairs`: each batch's
+/// loss weighted by its number of real target tokens.
+pub fn evaluate(
+    model: &Model,
+    pairs: &[Seq2SeqExample],
+    data: &Data,
+    batch: usize,
+    max_batches: usize,
+) -> Result<f64> {
+    let (mut total, mut count) = (0.0, 0usize);
+    for chunk in pairs.chunks(batch).take(max_batches) {
+        let b = data.batch(chunk)?;
+        let loss = model
+            .loss(&b)?
+            .detach()
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()? as f64;
+        total += loss * b.n_target_tokens as f64;
+        count += b.n_target_tokens;
+    }
+    Ok(total / count.max(1) as f64)
+}

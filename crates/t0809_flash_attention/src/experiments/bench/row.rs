@@ -1,0 +1,83 @@
+//! One measured configuration of the benchmark, as it is stored in `results.json`.
+
+use super::measure::Case;
+
+/// One measured configuration: times in ms (medians), memory in bytes (peaks), `None` where
+/// not measured. The naive fields stay `None` when the naive path is skipped or fails, and
+/// `naive_status` says which (`ok`, `skipped`, `OOM`, `too big`, `failed`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Row {
+    pub seq: usize,
+    pub d_head: usize,
+    pub causal: bool,
+    pub batch: usize,
+    pub heads: usize,
+    pub fwd_flops: f64,
+    pub flash_fwd_ms: f64,
+    pub flash_bwd_ms: Option<f64>,
+    pub flash_fwd_bwd_ms: Option<f64>,
+    /// Forward op then backward op, called directly (no autograd bookkeeping).
+    #[serde(default)]
+    pub flash_fwd_bwd_ops_ms: Option<f64>,
+    pub flash_fwd_mem_bytes: Option<u64>,
+    pub flash_fwd_bwd_mem_bytes: Option<u64>,
+    pub naive_fwd_ms: Option<f64>,
+    pub naive_fwd_bwd_ms: Option<f64>,
+    pub naive_fwd_mem_bytes: Option<u64>,
+    pub naive_fwd_bwd_mem_bytes: Option<u64>,
+    pub naive_status: String,
+    pub max_abs_diff_vs_naive: Option<f64>,
+    #[serde(default)]
+    pub pytorch_fwd_ms: Option<f64>,
+    #[serde(default)]
+    pub pytorch_fwd_bwd_ms: Option<f64>,
+}
+
+/// TFLOP/s of `flops` done in `ms` milliseconds.
+pub fn tflops(flops: f64, ms: f64) -> f64 {
+    flops / (ms * 1e-3) / 1e12
+}
+
+impl Row {
+    /// A row for `case` with nothing measured yet (`naive_status` = `skipped`).
+    pub fn new(case: &Case, fwd_flops: f64) -> Self {
+        Self {
+            seq: case.n,
+            d_head: case.d,
+            causal: case.causal,
+            batch: case.batch,
+            heads: case.heads,
+            fwd_flops,
+            flash_fwd_ms: 0.0,
+            flash_bwd_ms: None,
+            flash_fwd_bwd_ms: None,
+            flash_fwd_bwd_ops_ms: None,
+            flash_fwd_mem_bytes: None,
+            flash_fwd_bwd_mem_bytes: None,
+            naive_fwd_ms: None,
+            naive_fwd_bwd_ms: None,
+            naive_fwd_mem_bytes: None,
+            naive_fwd_bwd_mem_bytes: None,
+            naive_status: "skipped".into(),
+            max_abs_diff_vs_naive: None,
+            pytorch_fwd_ms: None,
+            pytorch_fwd_bwd_ms: None,
+        }
+    }
+
+    /// PyTorch SDPA's times for the same (seq, d_head, causal), from the `results` of
+    /// `scripts/bench_attention_pytorch.py`'s JSON, if it has them.
+    pub fn attach_pytorch(&mut self, pt: &serde_json::Value) {
+        let found = pt["results"].as_array().and_then(|rs| {
+            rs.iter().find(|x| {
+                x["seq"].as_u64() == Some(self.seq as u64)
+                    && x["d_head"].as_u64() == Some(self.d_head as u64)
+                    && x["causal"].as_bool() == Some(self.causal)
+            })
+        });
+        if let Some(x) = found {
+            self.pytorch_fwd_ms = x["fwd_ms"].as_f64();
+            self.pytorch_fwd_bwd_ms = x["fwd_bwd_ms"].as_f64();
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! The ladder, measured: every rung of the module's decoder-only LM trained on the same
+//! WikiText-2 batches with the same budget, one after the other in one run.
+//!
+//! | rung | topic | what changes |
+//! |---|---|---|
+//! | 0 | 8-04 | GPT-2 style: LayerNorm, GELU MLP, learned positions, MHA, biases |
+//! | 1 | 8-06 | + RMSNorm + SwiGLU, no biases |
+//! | 2 | 8-07 | + grouped-query attention (half as many K/V heads) |
+//! | 3 | 8-08 | + RoPE instead of learned positions (the LLaMA recipe) |
+//! | 4 | 8-09 | + FlashAttention (same model, same values; only how attention runs) |
+//! | 5 | 8-10 | + KV cache (inference: decoding speed cached vs recomputing the prefix) |
+//!
+//! Prints the table the README shows and writes `output/ladder/results.json`.
+//!
+//! `cargo run --release -p t0810_kv_cache --example ladder -- [--quick] [--device cuda]`
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use clap::Parser;
+use shared::cli::CommonArgs;
+use shared::kernels::{AttentionImpl, KernelArgs, Kernels};
+use shared::report::{print_table, RunReport};
+use shared::tokenizer::{load_corpus, Corpus};
+use shared::train::{train_lm, AdamWConfig, LmTrainSpec, ScheduleConfig, Trainer};
+use t0804_transformer_block::{init_lm, LmConfig, LmShape};
+use t0810_kv_cache::{
+    generate_lm, generate_lm_no_cache, lm_cache, CacheKind, Sampler, SamplingConfig,
+};
+
+#[derive(Parser, Debug)]
+#[command(about = "The ladder: each rung of the decoder-only LM against the rung below")]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(flatten)]
+    kernels: KernelArgs,
+    /// Text to train on.
+    #[arg(long, value_enum, default_value = "wikitext2")]
+    corpus: Corpus,
+    /// Training steps per rung (default: 300 on the CPU, 1000 on CUDA, 20 with --quick).
+    #[arg(long)]
+    steps: Option<usize>,
+}
+
+/// Sizes and budget shared by every rung.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Budget {
+    vocab: usize,
+    d_model: usize,
+    n_layers: usize,
+    n_heads: usize,
+    seq_len: usize,
+    batch: usize,
+    steps: usize,
+    lr: f64,
+}
+
+impl Budget {
+    fn for_run(quick: bool, gpu: bool, steps: Option<usize>) -> Self {
+        let b = match (quick, gpu) {
+            (true, _) => Budget {
+                vocab: 1024,
+                d_model: 64,
+                n_layers: 2,
+                n_heads: 4,
+                seq_len: 32,
+                batch: 8,
+                steps: 20,
+                lr: 3e-3,
+            },
+            (false, false) => Budget {
+                vocab: 4096,
+                d_model: 128,
+                n_layers: 4,
+                n_heads: 4,
+                seq_len: 64,
+                batch: 16,
+                steps: 300,
+                lr: 3e-3,
+            },
+            (false, true) => Budget {
+                vocab: 8192,
+                d_model: 512,
+                n_layers: 8,
+                n_heads: 8,
+                seq_len: 256,
+                batch: 32,
+                steps: 1000,
+                lr: 1e-3,
+            },
+        };
+        Budget {
+            steps: steps.unwrap_or(b.steps),
+            ..b
+        }
+    }
+
+    fn shape(&self) -> LmShape {
+        LmShape {
+            vocab_size: self.vocab,
+            max_seq_len: self.seq_len,
+            d_model: self.d_model,
+            n_layers: self.n_layers,
+            n_heads: self.n_heads,
+        }
+    }
+}
+
+/// One rung: its config and the kernels it runs with.
+struct Rung {
+    topic: &'static str,
+    ingredient: &'static str,
+    cfg: LmConfig,
+    kernels: Kernels,
+}
+
+/// Rungs 0–4, each built from the one below by the function its topic teaches.
+fn rungs(b: &Budget, kernels: Kernels) -> Vec<Rung> {
+    let naive = kernels.with_attention(AttentionImpl::Naive);
+    let rung0 = LmConfig::gpt2(b.shape());
+    let rung1 = t0806_modern_blocks::modern(rung0);
+    let rung2 = t0807_grouped_query_attention::grouped(rung1, (b.n_heads / 2).max(1));
+    let rung3 = t0808_rope::with_rope(rung2);
+    let rung = |topic, ingredient, cfg, kernels| Rung {
+        topic,
+        ingredient,
+        cfg,
+        kernels,
+    };
+    vec![
+        rung(
+            "8-04",
+            "GPT-2 style (LayerNorm, GELU, learned positions, MHA)",
+            rung0,
+            naive,
+        ),
+        rung("8-06", "+ RMSNorm + SwiGLU, no biases", rung1, naive),
+        rung("8-07", "+ grouped-query attention", rung2, naive),
+        rung("8-08", "+ RoPE = the LLaMA recipe", rung3, naive),
+        rung(
+            "8-09",
+            "+ FlashAttention",
+            rung3,
+            kernels.with_attention(AttentionImpl::Flash),
+        ),
+    ]
+}
+
+/// What one rung measured.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Measured {
+    topic: String,
+    ingredient: String,
+    params: usize,
+    valid_loss: f64,
+    train_tokens_per_s: f64,
+    kv_bytes_per_token: usize,
+    kernels: String,
+}
+
+fn train_rung(
+    r: &Rung,
+    b: &Budget,
+    data: &shared::tokenizer::TokenizedWikiText,
+    dtype: DType,
+    dev: &Device,
+    seed: u64,
+) -> Result<(Measured, t0804_transformer_block::DecoderOnlyLm)> {
+    shared::params::set_seed(seed);
+    let parts = t0809_flash_attention::parts(r.kernels);
+    let (varmap, lm) = init_lm(&r.cfg, &parts, dtype, dev)?;
+    let schedule = ScheduleConfig {
+        max_lr: b.lr,
+        min_lr: b.lr / 10.0,
+        warmup_steps: b.steps / 10,
+        total_steps: b.steps,
+        clip_norm: Some(1.0),
+    };
+    let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule)?;
+    let spec = LmTrainSpec {
+        label: format!("rung {}", r.topic),
+        steps: b.steps,
+        batch_size: b.batch,
+        seq_len: b.seq_len,
+        eval_every: b.steps,
+        eval_batches: 16,
+        seed,
+    };
+    let curve = train_lm(
+        &mut trainer,
+        &data.train,
+        &data.valid,
+        &spec,
+        dev,
+        &|x, y| lm.loss(x, y),
+    )?;
+    let measured = Measured {
+        topic: r.topic.into(),
+        ingredient: r.ingredient.into(),
+        params: r.cfg.n_params(),
+        valid_loss: curve.final_valid_loss().unwrap_or(f64::NAN),
+        train_tokens_per_s: curve.tokens_per_s,
+        kv_bytes_per_token: r.cfg.kv_bytes_per_token(dtype.size_in_bytes()),
+        kernels: r.kernels.describe(),
+    };
+    Ok((measured, lm))
+}
+
+/// Rung 5: decoding tokens/s of the trained top rung with the KV cache and without it.
+fn decode_speeds(
+    lm: &t0804_transformer_block::DecoderOnlyLm,
+    prompt: &[u32],
+    new_tokens: usize,
+    dtype: DType,
+) -> Result<(f64, f64)> {
+    let mut sampler = Sampler::new(SamplingConfig::greedy(), 0)?;
+    let mut cache = lm_cache(
+        lm,
+        1,
+        prompt.len() + new_tokens,
+        CacheKind::Preallocated,
+        dtype,
+    )?;
+    let cached = generate_lm(
+        lm,
+        prompt,
+        new_tokens,
+        &mut sampler,
+        &mut cache,
+        &mut |_| {},
+    )?;
+    let uncached = generate_lm_no_cache(lm, prompt, new_tokens, &mut sampler, &mut |_| {})?;
+    if cached.tokens != uncached.tokens {
+        anyhow::bail!(
+            "cached and uncached greedy decoding disagree: {:?} vs {:?}",
+            cached.tokens,
+            uncached.tokens
+        );
+    }
+    Ok((cached.decode_tokens_per_s(), uncached.decode_tokens_per_s()))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let ctx = args.common.setup(
+        "ladder",
+        "every rung of the decoder-only LM, same data and budget",
+    )?;
+    let dev = &ctx.picked.device;
+    let b = Budget::for_run(args.common.quick, dev.is_cuda(), args.steps);
+    let data = load_corpus(args.corpus, args.common.data_dir.as_deref(), b.vocab)?;
+    let b = Budget {
+        vocab: data.tokenizer.vocab_size(),
+        ..b
+    };
+    let kernels = args.kernels.resolve(Kernels::for_device(dev));
+    println!("   budget {b:?}\n   kernels {}", kernels.describe());
+    let mut report = RunReport::start(
+        "ladder",
+        serde_json::json!({ "budget": b, "corpus": args.corpus }),
+        &ctx.picked.description,
+        args.common.dtype.name(),
+    );
+    let mut rows = Vec::new();
+    let mut top = None;
+    for r in rungs(&b, kernels) {
+        let (m, lm) = train_rung(&r, &b, &data, ctx.dtype, dev, args.common.seed)?;
+        rows.push(m);
+        top = Some(lm);
+    }
+    let lm = top.expect("at least one rung");
+    let prompt: Vec<u32> = data.valid[..(b.seq_len / 4).max(1)].to_vec();
+    let new_tokens = b.seq_len - prompt.len();
+    let (cached, uncached) = decode_speeds(&lm, &prompt, new_tokens, ctx.dtype)?;
+    print_ladder(&rows, cached, uncached);
+    report.metric("rungs", &rows);
+    report.metric("decode_tokens_per_s", serde_json::json!({ "cached": cached, "uncached": uncached, "prompt": prompt.len(), "new_tokens": new_tokens }));
+    let path = report.write(&ctx.out_dir)?;
+    println!("   wrote {}", path.display());
+    Ok(())
+}
+
+fn print_ladder(rows: &[Measured], cached: f64, uncached: f64) {
+    let mut table: Vec<Vec<String>> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            vec![
+                i.to_string(),
+                m.topic.clone(),
+                m.ingredient.clone(),
+                format!("{:.2} M", m.params as f64 / 1e6),
+                format!("{:.3}", m.valid_loss),
+                format!("{:.0}", m.train_tokens_per_s),
+                m.kv_bytes_per_token.to_string(),
+            ]
+        })
+        .collect();
+    table.push(vec![
+        "5".into(),
+        "8-10".into(),
+        format!("+ KV cache: decoding {cached:.0} vs {uncached:.0} tokens/s uncached"),
+        "".into(),
+        "".into(),
+        "".into(),
+        "".into(),
+    ]);
+    print_table(
+        &[
+            "rung",
+            "topic",
+            "ingredient",
+            "params",
+            "valid loss",
+            "train tok/s",
+            "KV B/token",
+        ],
+        &table,
+    );
+}

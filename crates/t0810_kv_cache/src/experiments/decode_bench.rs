@@ -1,0 +1,137 @@
+//! `decode-bench`: batched greedy decoding with the KV cache, the next tokens chosen on the
+//! device (argmax, no host round trip per step). A prefill of `prompt` tokens, then `new − 1`
+//! decode steps of one token; the second of two repetitions is timed (the first warms up kernel
+//! loading and the allocator). Written to `decode_bench_b<batch>_<dtype>/results.json`.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor, D};
+use shared::cli::CommonArgs;
+use shared::kernels::KernelArgs;
+use shared::report::{print_table, RunReport};
+use t0804_transformer_block::{DecoderOnlyLm, LmConfig, LmShape};
+use t0810_kv_cache::{lm_cache, CacheKind};
+
+/// `decode-bench` arguments (defaults: the CS336 shape).
+#[derive(clap::Args, Debug)]
+pub struct DecodeBenchArgs {
+    #[arg(long, default_value_t = 10_000)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 512)]
+    pub d_model: usize,
+    #[arg(long, default_value_t = 1344)]
+    pub d_ff: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 16)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 16)]
+    pub kv_heads: usize,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 128)]
+    pub prompt: usize,
+    #[arg(long, default_value_t = 512)]
+    pub new: usize,
+}
+
+/// The LLaMA recipe of the bench's shape, context `prompt + new`.
+fn config(a: &DecodeBenchArgs) -> LmConfig {
+    let shape = LmShape {
+        vocab_size: a.vocab,
+        max_seq_len: a.prompt + a.new,
+        d_model: a.d_model,
+        n_layers: a.layers,
+        n_heads: a.heads,
+    };
+    LmConfig {
+        d_ff: a.d_ff,
+        ..t0808_rope::llama(shape, a.kv_heads)
+    }
+}
+
+/// The greedy next tokens `(batch, 1)` of the last position of `logits (batch, t, vocab)`.
+fn next_tokens(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let t = logits.dim(1)?;
+    logits
+        .narrow(1, t - 1, 1)?
+        .argmax_keepdim(D::Minus1)?
+        .squeeze(2)
+}
+
+/// `(prefill seconds, decode seconds)` of one repetition with a fresh preallocated cache.
+fn time_once(lm: &DecoderOnlyLm, prompt: &Tensor, new: usize, dtype: DType) -> Result<(f64, f64)> {
+    let (batch, n) = prompt.dims2()?;
+    let dev = prompt.device();
+    let mut cache = lm_cache(lm, batch, n + new, CacheKind::Preallocated, dtype)?;
+    dev.synchronize()?;
+    let t0 = std::time::Instant::now();
+    let mut next = next_tokens(&lm.forward_cached(prompt, &mut cache)?)?;
+    dev.synchronize()?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    for _ in 0..new - 1 {
+        next = next_tokens(&lm.forward_cached(&next, &mut cache)?)?;
+    }
+    dev.synchronize()?;
+    Ok((prefill, t1.elapsed().as_secs_f64()))
+}
+
+/// The `decode-bench` command.
+pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -> Result<()> {
+    let ctx = common.setup(
+        crate::TOPIC,
+        "decode-bench: batched greedy decoding with the KV cache",
+    )?;
+    let dev = ctx.picked.device.clone();
+    let kernels = kernel_args.resolve(t0809_flash_attention::fastest_kernels(&dev));
+    println!("   ops: {}", kernels.describe());
+    let cfg = config(a);
+    let parts = t0809_flash_attention::parts(kernels);
+    let (_varmap, lm) = t0804_transformer_block::init_lm(&cfg, &parts, ctx.dtype, &dev)?;
+    let ids: Vec<u32> = (0..a.batch * a.prompt)
+        .map(|i| ((i * 7919 + 13) % a.vocab) as u32)
+        .collect();
+    let prompt = Tensor::from_vec(ids, (a.batch, a.prompt), &dev)?;
+    time_once(&lm, &prompt, a.new, ctx.dtype)?; // warm-up
+    let (prefill, decode) = time_once(&lm, &prompt, a.new, ctx.dtype)?;
+    let steps = (a.new - 1) as f64;
+    let tps = a.batch as f64 * steps / decode;
+    print_table(
+        &[
+            "device",
+            "dtype",
+            "batch",
+            "prompt",
+            "new",
+            "prefill ms",
+            "ms/step",
+            "tokens/s",
+        ],
+        &[vec![
+            ctx.picked.description.clone(),
+            common.dtype.name().into(),
+            a.batch.to_string(),
+            a.prompt.to_string(),
+            a.new.to_string(),
+            format!("{:.1}", prefill * 1e3),
+            format!("{:.2}", decode / steps * 1e3),
+            format!("{tps:.0}"),
+        ]],
+    );
+    let config = serde_json::json!({"decode_bench": cfg, "batch": a.batch, "prompt": a.prompt, "new": a.new, "kernels": kernels});
+    let mut report = RunReport::start(
+        crate::TOPIC,
+        config,
+        &ctx.picked.description,
+        common.dtype.name(),
+    );
+    report.metric("prefill_ms", prefill * 1e3);
+    report.metric("ms_per_token_step", decode / steps * 1e3);
+    report.metric("tokens_per_s", tps);
+    report.write(&ctx.out_dir.join(format!(
+        "decode_bench_b{}_{}",
+        a.batch,
+        common.dtype.name()
+    )))?;
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! `train-bench`: training tokens/s (forward + backward + AdamW) of the LLaMA recipe, the top
+//! rung of the ladder, at the CS336 "TinyStories" shape (vocab 10 000, context 256, d_model 512,
+//! d_ff 1344, 4 layers, 16 heads, RoPE θ 10 000) — the row `scripts/compare_with_twin.sh`
+//! compares with the PyTorch twin. How each op runs is the run's kernels (`--kernels`,
+//! `--attention naive|flash`, …).
+//!
+//! A step is enqueued whole, the clipping factor and the finite check computed on the device
+//! (`Trainer::step_deferred`), and the host waits for the GPU once at its end, as the twin does;
+//! `--synchronous-step` reads the loss and the gradient norm inside the step instead (two host
+//! synchronisations) to measure what the deferred step saves. `--profile` then times each phase.
+//! Written to `train_bench/results.json` (metrics `bench.*`, `profile.*`).
+
+use super::profile::profile_phases;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use shared::batching::LmBatcher;
+use shared::cli::CommonArgs;
+use shared::kernels::{AttentionImpl, KernelArgs, Kernels};
+use shared::params::count_params;
+use shared::report::{print_table, RunReport};
+use shared::train::{human_rate, AdamWConfig, Progress, ScheduleConfig, Trainer};
+use std::time::Instant;
+use t0804_transformer_block::{DecoderOnlyLm, LmConfig, LmShape};
+
+/// `train-bench` arguments (defaults: the CS336 shape).
+#[derive(clap::Args, Debug)]
+pub struct TrainBenchArgs {
+    #[arg(long, default_value_t = 10_000)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 256)]
+    pub ctx: usize,
+    #[arg(long, default_value_t = 512)]
+    pub d_model: usize,
+    #[arg(long, default_value_t = 1344)]
+    pub d_ff: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 16)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 16)]
+    pub kv_heads: usize,
+    #[arg(long, default_value_t = 10_000.0)]
+    pub theta: f64,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Timed steps (--quick: 2).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps first (--quick: 1).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// After the timed steps, time each phase of a step (forward, backward, clipping, AdamW)
+    /// separately, host enqueue time and device completion apart; the last profiled step is
+    /// the region `ncu --profile-from-start off` records.
+    #[arg(long)]
+    pub profile: bool,
+    /// Read the loss before the backward and the gradient norm before AdamW (two host
+    /// synchronisations inside the step) instead of computing the clipping factor on the device.
+    #[arg(long)]
+    pub synchronous_step: bool,
+}
+
+/// The LLaMA recipe of the bench's shape.
+fn config(a: &TrainBenchArgs) -> LmConfig {
+    let shape = LmShape {
+        vocab_size: a.vocab,
+        max_seq_len: a.ctx,
+        d_model: a.d_model,
+        n_layers: a.layers,
+        n_heads: a.heads,
+    };
+    LmConfig {
+        d_ff: a.d_ff,
+        rope_theta: a.theta,
+        ..t0808_rope::llama(shape, a.kv_heads)
+    }
+}
+
+/// Prints the attention kernel, and on CUDA which FlashAttention kernel family runs.
+fn describe_attention(kernels: &Kernels, cfg: &LmConfig, dtype: DType, dev: &Device) {
+    if kernels.attention == AttentionImpl::Flash && dev.is_cuda() {
+        let family =
+            t0809_flash_attention::cuda_kernel_family(dtype, cfg.d_head(), &[0], kernels.flash);
+        println!(
+            "   attention: flash, {family:?} kernels (d_head {})",
+            cfg.d_head()
+        );
+    } else {
+        println!("   attention: {:?}", kernels.attention);
+    }
+    println!("   kernels: {}", kernels.describe());
+}
+
+/// One training step with the host in the loop: the loss is read (a synchronisation) before the
+/// backward, the gradient norm (another) before AdamW, and the clipping factor travels from the
+/// host.
+fn synchronous_step(trainer: &mut Trainer, loss: &Tensor) -> Result<()> {
+    let lr = trainer.lr();
+    let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    anyhow::ensure!(value.is_finite(), "loss {value} at step {}", trainer.step);
+    let grads = loss.backward()?;
+    let norm = shared::train::grad_norm(&grads, trainer.opt.vars())?;
+    anyhow::ensure!(
+        norm.is_finite(),
+        "gradient norm {norm} at step {}",
+        trainer.step
+    );
+    let scale = shared::train::clip_factor(norm, trainer.schedule.clip_norm.unwrap_or(f64::MAX));
+    trainer.opt.step_scaled(&grads, lr, scale)?;
+    trainer.step += 1;
+    Ok(())
+}
+
+/// The bench's model, data and step budget.
+struct Bench<'a> {
+    varmap: VarMap,
+    lm: DecoderOnlyLm,
+    batcher: LmBatcher,
+    /// A fixed pseudo-random token stream, four batches long.
+    tokens: Vec<u32>,
+    steps: usize,
+    warmup: usize,
+    args: &'a TrainBenchArgs,
+}
+
+/// Seconds of the `steps` timed steps (after `warmup` untimed ones), each ending when the device
+/// has finished it.
+fn timed_steps(b: &Bench, dev: &Device) -> Result<f64> {
+    let total = b.steps + b.warmup;
+    let sched = ScheduleConfig {
+        max_lr: 1e-3,
+        min_lr: 1e-4,
+        warmup_steps: 0,
+        total_steps: total,
+        clip_norm: Some(1.0),
+    };
+    let mut trainer = Trainer::new(&b.varmap, AdamWConfig::default(), sched)?;
+    let mut elapsed = 0.0;
+    let mut progress = Progress::new(total as u64, "bench");
+    for step in 0..total {
+        let batch = b.batcher.batch(&b.tokens, step as u64, dev)?;
+        let t = Instant::now();
+        let loss = b.lm.loss(&batch.x, &batch.y)?;
+        let pending = if b.args.synchronous_step {
+            synchronous_step(&mut trainer, &loss)?;
+            None
+        } else {
+            Some(trainer.step_deferred(&loss)?)
+        };
+        dev.synchronize()?;
+        if step >= b.warmup {
+            elapsed += t.elapsed().as_secs_f64();
+        }
+        if let Some(pending) = pending {
+            trainer.finish(pending)?;
+        }
+        progress.update(step as u64 + 1, String::new());
+    }
+    progress.finish();
+    Ok(elapsed)
+}
+
+/// Adds the per-phase medians of `--profile` to the report.
+fn record_profile(b: &Bench, dev: &Device, report: &mut RunReport) -> Result<()> {
+    let phases = profile_phases(&b.varmap, &b.lm, &b.batcher, &b.tokens, b.steps, dev)?;
+    for p in &phases.phases {
+        report.metric(&format!("profile.{}.host_ms", p.name), p.host_ms);
+        report.metric(&format!("profile.{}.total_ms", p.name), p.total_ms);
+    }
+    if let Some(gib) = phases.peak_memory_gib {
+        report.metric("bench.peak_device_memory_gib", gib);
+    }
+    Ok(())
+}
+
+/// The `train-bench` command.
+pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) -> Result<()> {
+    let ctx = common.setup(crate::TOPIC, "train-bench: LLaMA-recipe training tokens/s")?;
+    let (dev, dtype) = (ctx.picked.device.clone(), ctx.dtype);
+    let kernels = kernel_args.resolve(t0809_flash_attention::fastest_kernels(&dev));
+    let cfg = config(a);
+    let (varmap, lm) = t0804_transformer_block::init_lm(
+        &cfg,
+        &t0809_flash_attention::parts(kernels),
+        dtype,
+        &dev,
+    )?;
+    describe_attention(&kernels, &cfg, dtype, &dev);
+    let (steps, warmup) = if common.quick {
+        (2, 1)
+    } else {
+        (a.steps, a.warmup)
+    };
+    let tokens = (0..(a.batch * (a.ctx + 1) * 4))
+        .map(|i| ((i * 7919) % a.vocab) as u32)
+        .collect();
+    let bench = Bench {
+        varmap,
+        lm,
+        batcher: LmBatcher::new(a.batch, a.ctx, common.seed),
+        tokens,
+        steps,
+        warmup,
+        args: a,
+    };
+    println!(
+        "   config {cfg:?}, {} parameters, batch {}",
+        count_params(&bench.varmap),
+        a.batch
+    );
+    let elapsed = timed_steps(&bench, &dev)?;
+    let tps = (steps * a.batch * a.ctx) as f64 / elapsed;
+    let ms_per_step = elapsed / steps as f64 * 1e3;
+    print_table(
+        &["device", "dtype", "batch", "ctx", "tokens/s", "ms/step"],
+        &[vec![
+            ctx.picked.description.clone(),
+            common.dtype.name().into(),
+            a.batch.to_string(),
+            a.ctx.to_string(),
+            human_rate(tps),
+            format!("{ms_per_step:.1}"),
+        ]],
+    );
+    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step});
+    let mut report = RunReport::start(
+        crate::TOPIC,
+        config,
+        &ctx.picked.description,
+        common.dtype.name(),
+    );
+    report.metric("bench.tokens_per_s", tps);
+    report.metric("bench.ms_per_step", ms_per_step);
+    if a.profile {
+        record_profile(&bench, &dev, &mut report)?;
+    }
+    let dir = ctx.out_dir.join("train_bench");
+    report.write(&dir)?;
+    println!("   wrote {}", dir.join("results.json").display());
+    Ok(())
+}

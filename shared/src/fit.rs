@@ -1,0 +1,233 @@
+//! # The one training loop
+//!
+//! Every topic that trains goes through [`fit`]: steps, evaluation, the schedule and clipping (the
+//! [`Trainer`]), checkpoints and resume, progress, and the loss curve that the topic then plots
+//! and writes to `results.json`. A topic supplies its model, its batches and its metric as a
+//! [`Task`]:
+//!
+//! ```text
+//! for step in trainer.step .. total_steps:
+//!     every eval_every steps:  valid ← task.valid_loss()
+//!     loss, tokens ← task.train_loss(step)          the batch is a function of the step
+//!     trainer.step(loss)                             backward, clip, NaN guard, AdamW
+//!     every checkpoint.every steps: save (parameters, moments, step, curve)
+//! valid ← task.valid_loss();  save
+//! ```
+//!
+//! Because a step's batch depends only on the step number (and the run's seed), a run stopped and
+//! resumed from its checkpoint sees exactly the batches an uninterrupted run sees.
+//!
+//! A divergence (NaN/Inf loss or gradient) ends the run early; it is recorded in the curve
+//! ([`Curve::diverged_at`]) rather than raised, so experiments can compare it, and with
+//! checkpoints the last good parameters are saved first.
+
+use crate::train::{human_rate, Diverged, Progress, Trainer};
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use candle_nn::VarMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// What a topic trains: the loss of a step's batch, and the validation loss.
+pub trait Task {
+    /// The loss of training step `step` (a single value) and the number of tokens it trained on.
+    /// The batch must be a function of `step` and the run's seed, so that resuming is exact.
+    fn train_loss(&mut self, step: usize) -> Result<(Tensor, usize)>;
+    /// The validation loss of the current parameters (keeping no gradient).
+    fn valid_loss(&mut self) -> Result<f64>;
+}
+
+/// How [`fit`] runs: `trainer.schedule.total_steps` steps, evaluating every `eval_every`.
+#[derive(Debug, Clone)]
+pub struct FitSpec {
+    /// Shown on the progress bar and in messages.
+    pub label: String,
+    /// Evaluate every this many steps (and always at the start and the end).
+    pub eval_every: usize,
+}
+
+/// Where and how often [`fit`] writes checkpoints, and whether it resumes from one.
+#[derive(Debug, Clone)]
+pub struct Checkpointing {
+    pub dir: PathBuf,
+    /// Save every this many steps (and always at the end).
+    pub every: usize,
+    /// Continue from the checkpoint in `dir` when there is one.
+    pub resume: bool,
+    /// Stored with the checkpoint (the model's config, the run's preset…).
+    pub meta: serde_json::Value,
+}
+
+/// The record of one training run.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Curve {
+    /// `(step, training loss, gradient norm, wall seconds)` for every step.
+    pub train: Vec<(usize, f64, f64, f64)>,
+    /// `(step, validation loss, wall seconds)` at each evaluation.
+    pub valid: Vec<(usize, f64, f64)>,
+    /// Step at which the loss or gradient stopped being finite, if it did.
+    pub diverged_at: Option<usize>,
+    /// Seconds spent in training steps (forward + backward + update; evaluation excluded).
+    pub train_seconds: f64,
+    /// Tokens the training steps consumed.
+    pub tokens: usize,
+    /// Training tokens per second.
+    pub tokens_per_s: f64,
+    pub wall_s: f64,
+}
+
+impl Curve {
+    pub fn final_valid_loss(&self) -> Option<f64> {
+        self.valid.last().map(|v| v.1)
+    }
+
+    /// Wall time of the last recorded event (where a resumed run's clock continues).
+    fn last_wall(&self) -> f64 {
+        let t = self.train.last().map_or(0.0, |t| t.3);
+        self.valid.last().map_or(t, |v| v.2.max(t))
+    }
+}
+
+/// Trains `task` with `trainer` from `trainer.step` to the schedule's `total_steps` (see the
+/// module documentation). With `checkpoints`, parameters, optimiser state, step and curve are
+/// saved in `checkpoints.1.dir` and, when asked, restored from there first.
+pub fn fit(
+    trainer: &mut Trainer,
+    task: &mut dyn Task,
+    spec: &FitSpec,
+    mut checkpoints: Option<(&mut VarMap, &Checkpointing)>,
+) -> Result<Curve> {
+    let mut curve = match checkpoints.as_mut() {
+        Some((varmap, ck)) if ck.resume => resume(trainer, varmap, ck, &spec.label)?,
+        _ => Curve::default(),
+    };
+    let total = trainer.schedule.total_steps;
+    let mut clock = Clock::new(curve.last_wall());
+    let mut progress = Progress::new(total as u64, &spec.label);
+    while trainer.step < total {
+        let step = trainer.step;
+        if step % spec.eval_every.max(1) == 0 && curve.valid.last().is_none_or(|v| v.0 != step) {
+            curve.valid.push((step, task.valid_loss()?, clock.wall()));
+        }
+        if !train_one_step(
+            trainer,
+            task,
+            &mut curve,
+            &mut clock,
+            &mut progress,
+            &spec.label,
+        )? {
+            break; // diverged: recorded in the curve
+        }
+        if let Some((varmap, ck)) = checkpoints.as_ref() {
+            if trainer.step % ck.every.max(1) == 0 {
+                save(trainer, varmap, ck, &curve)?;
+            }
+        }
+    }
+    progress.finish();
+    if curve.diverged_at.is_none() && curve.valid.last().is_none_or(|v| v.0 != total) {
+        curve.valid.push((total, task.valid_loss()?, clock.wall()));
+    }
+    if let Some((varmap, ck)) = checkpoints.as_ref() {
+        save(trainer, varmap, ck, &curve)?; // after a divergence: the last good parameters
+    }
+    curve.tokens_per_s = curve.tokens as f64 / curve.train_seconds.max(1e-9);
+    curve.wall_s = clock.wall();
+    Ok(curve)
+}
+
+/// One step: the task's loss, the trainer's update, the curve and the progress bar. Returns
+/// `false` when the step diverged (nothing was updated).
+fn train_one_step(
+    trainer: &mut Trainer,
+    task: &mut dyn Task,
+    curve: &mut Curve,
+    clock: &mut Clock,
+    progress: &mut Progress,
+    label: &str,
+) -> Result<bool> {
+    let step = trainer.step;
+    let t0 = Instant::now();
+    let (loss, tokens) = task.train_loss(step)?;
+    let stats = match trainer.step(&loss) {
+        Ok(stats) => stats,
+        Err(e) if e.downcast_ref::<Diverged>().is_some() => {
+            eprintln!("{label}: {e}");
+            curve.diverged_at = Some(step);
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    curve.train_seconds += t0.elapsed().as_secs_f64(); // `step` read the loss: the device is done
+    curve.tokens += tokens;
+    curve
+        .train
+        .push((step, stats.loss, stats.grad_norm, clock.wall()));
+    let rate = curve.tokens as f64 / curve.train_seconds.max(1e-9);
+    progress.update(
+        trainer.step as u64,
+        format!(
+            "loss {:.3} · lr {:.1e} · {} tok/s",
+            stats.loss,
+            stats.lr,
+            human_rate(rate)
+        ),
+    );
+    Ok(true)
+}
+
+/// Wall seconds since the run started, continuing a resumed run's clock.
+struct Clock {
+    offset: f64,
+    started: Instant,
+}
+
+impl Clock {
+    fn new(offset: f64) -> Self {
+        Self {
+            offset,
+            started: Instant::now(),
+        }
+    }
+
+    fn wall(&self) -> f64 {
+        self.offset + self.started.elapsed().as_secs_f64()
+    }
+}
+
+fn save(trainer: &Trainer, varmap: &VarMap, ck: &Checkpointing, curve: &Curve) -> Result<()> {
+    let meta = serde_json::json!({ "meta": ck.meta, "curve": curve });
+    trainer.save_checkpoint(varmap, &ck.dir, &meta)
+}
+
+/// Restores the checkpoint in `ck.dir` if there is one, returning its curve.
+fn resume(
+    trainer: &mut Trainer,
+    varmap: &mut VarMap,
+    ck: &Checkpointing,
+    label: &str,
+) -> Result<Curve> {
+    if !ck.dir.join("state.json").exists() {
+        return Ok(Curve::default());
+    }
+    let saved = trainer
+        .load_checkpoint(varmap, &ck.dir)
+        .with_context(|| format!("resuming {label} from {}", ck.dir.display()))?;
+    if saved["meta"] != ck.meta {
+        anyhow::bail!(
+            "{label}: the checkpoint in {} was written by another configuration ({}), not this one ({})",
+            ck.dir.display(),
+            saved["meta"],
+            ck.meta
+        );
+    }
+    let curve = serde_json::from_value(saved["curve"].clone())
+        .with_context(|| format!("{}: the checkpoint's curve is unreadable", ck.dir.display()))?;
+    println!(
+        "   resumed {label} at step {} from {}",
+        trainer.step,
+        ck.dir.display()
+    );
+    Ok(curve)
+}
