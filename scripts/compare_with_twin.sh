@@ -4,17 +4,18 @@
 #
 #   bash scripts/compare_with_twin.sh [BATCH] [STEPS]     (TWIN_COMPILE=1 adds torch.compile rows)
 #
-# Needs in /tmp/gpu/bin: t0806_modern_blocks, t0810_kv_cache, parity (t0806 example).
+# Needs in /tmp/gpu/bin: t0810_kv_cache, parity (t0810 example).
 # Prints the table of ratios and leaves every log and json (summary.json: the table), the parity
 # curves and their plots in one archive, $OUT/twin.tgz.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 B=${1:-64}; STEPS=${2:-20}
-# Our implementation choices for the training and decoding rows (OURS_FLAGS="" / DECODE_FLAGS=""
-# measure the composed ops).
-OURS_FLAGS=${OURS_FLAGS---fused}
-DECODE_FLAGS=${DECODE_FLAGS---fused}
+# Our implementation choices for the training and decoding rows, t0810's kernel flags
+# (OURS_FLAGS="--kernels composed" / DECODE_FLAGS="--kernels composed" measure the composed ops;
+# the training rows choose the attention kernel themselves).
+OURS_FLAGS=${OURS_FLAGS---kernels fused}
+DECODE_FLAGS=${DECODE_FLAGS---kernels fused --attention naive}
 out=${OUT:-$root/gpu-results}/twin; mkdir -p "$out"
 bin=/tmp/gpu/bin
 REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
@@ -34,13 +35,13 @@ rm -f "$out/parity/batches.safetensors" "$out/parity/init.safetensors"
 for dt in f32 bf16; do
   echo "== training tokens/s, $dt, batch $B"
   for att in naive flash; do
-    $bin/t0806_modern_blocks --device cuda --dtype $dt $OURS_FLAGS --out "$out/ours" bench --batch $B --steps $STEPS --warmup 3 --attention $att --profile > "$out/train_ours_${att}_$dt.log" 2>&1
-    cp "$out/ours/t0806_modern_blocks/bench/results.json" "$out/train_ours_${att}_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_${att}_$dt.log"
+    $bin/t0810_kv_cache --device cuda --dtype $dt $OURS_FLAGS --attention $att --out "$out/ours" train-bench --batch $B --steps $STEPS --warmup 3 --profile > "$out/train_ours_${att}_$dt.log" 2>&1
+    cp "$out/ours/t0810_kv_cache/train_bench/results.json" "$out/train_ours_${att}_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_${att}_$dt.log"
   done
   # The same flash step with the host reading the loss and the gradient norm inside the step (the
   # trainer before its device-side gate): what the deferred step gains, on this machine.
-  $bin/t0806_modern_blocks --device cuda --dtype $dt $OURS_FLAGS --out "$out/ours" bench --batch $B --steps $STEPS --warmup 3 --attention flash --synchronous-step > "$out/train_ours_flashsync_$dt.log" 2>&1
-  cp "$out/ours/t0806_modern_blocks/bench/results.json" "$out/train_ours_flashsync_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_flashsync_$dt.log"
+  $bin/t0810_kv_cache --device cuda --dtype $dt $OURS_FLAGS --attention flash --out "$out/ours" train-bench --batch $B --steps $STEPS --warmup 3 --synchronous-step > "$out/train_ours_flashsync_$dt.log" 2>&1
+  cp "$out/ours/t0810_kv_cache/train_bench/results.json" "$out/train_ours_flashsync_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_flashsync_$dt.log"
   $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --json "$out/train_twin_eager_$dt.json"
   # The twin with its attention written out (scores, mask, softmax, @V): the like-for-like row for our naive attention
   $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --attention naive --json "$out/train_twin_eagernaive_$dt.json"
@@ -51,7 +52,7 @@ done
 for dt in bf16 f32; do
   for b in 1 32; do
     echo "== decoding, $dt, batch $b, prompt 128, 512 new tokens"
-    $bin/t0810_kv_cache --device cuda --dtype $dt --out "$out/ours" decode-bench --batch $b --prompt 128 --new 512 $DECODE_FLAGS > "$out/decode_ours_${dt}_b$b.log" 2>&1
+    $bin/t0810_kv_cache --device cuda --dtype $dt $DECODE_FLAGS --out "$out/ours" decode-bench --batch $b --prompt 128 --new 512 > "$out/decode_ours_${dt}_b$b.log" 2>&1
     cp "$out/ours/t0810_kv_cache/decode_bench_b${b}_$dt/results.json" "$out/decode_ours_${dt}_b$b.json" 2>/dev/null || tail -5 "$out/decode_ours_${dt}_b$b.log"
     $py scripts/pytorch_twin.py decode-bench --config "$cfg" --batch $b --prompt 128 --new 512 --dtype $dt --json "$out/decode_twin_${dt}_b$b.json"
   done

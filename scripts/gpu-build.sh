@@ -7,7 +7,7 @@
 #   --tests  integration-test targets (PKG/NAME) or library unit tests (PKG/lib) to build with
 #            --features cuda (default: shared/lib shared/gpu)
 #   --bins   topic binaries to build in release with --features cuda (default: none)
-#   --examples  examples (PKG/NAME) to build likewise, e.g. t0806_modern_blocks/parity
+#   --examples  examples (PKG/NAME) to build likewise, e.g. t0810_kv_cache/parity
 #
 # Every executable embeds Candle's CUDA kernels (~43 MB each); one long-window xz over one tar
 # stores them once, so a bundle of many stays a few MB. Produces .gpu/bundle.tar.xz, a manifest

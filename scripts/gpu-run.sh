@@ -7,7 +7,7 @@
 #          | "sh SCRIPT ARGS" a script of the repository (e.g. scripts/compare_with_twin.sh)
 #          | "env VAR=VALUE …"  export variables for the steps after it (e.g. MODULE08_EMBEDDING=index-select)
 #          | "ncu NAME ARGS"  one topic binary under Nsight Compute, recording only the region the
-#                             binary brackets with cuProfilerStart/Stop (e.g. t0806 bench --profile):
+#                             binary brackets with cuProfilerStart/Stop (e.g. t0810_kv_cache train-bench --profile):
 #                             GPU time per kernel, summarised by scripts/ncu_summary.py
 #
 # Unpacks .gpu/bundle.tar.xz into /tmp/gpu (again whenever the bundle changed), sources remote-env.sh, points

@@ -106,7 +106,9 @@ pub fn fit(
     let mut progress = Progress::new(total as u64, &spec.label);
     while trainer.step < total {
         let step = trainer.step;
-        if step % spec.eval_every.max(1) == 0 && curve.valid.last().is_none_or(|v| v.0 != step) {
+        if step.is_multiple_of(spec.eval_every.max(1))
+            && curve.valid.last().is_none_or(|v| v.0 != step)
+        {
             curve.valid.push((step, task.valid_loss()?, clock.wall()));
         }
         if !train_one_step(
@@ -120,7 +122,7 @@ pub fn fit(
             break; // diverged: recorded in the curve
         }
         if let Some((varmap, ck)) = checkpoints.as_ref() {
-            if trainer.step % ck.every.max(1) == 0 {
+            if trainer.step.is_multiple_of(ck.every.max(1)) {
                 save(trainer, varmap, ck, &curve)?;
             }
         }
@@ -208,7 +210,7 @@ fn resume(
     ck: &Checkpointing,
     label: &str,
 ) -> Result<Curve> {
-    if !ck.dir.join("state.json").exists() {
+    if crate::checkpoint::latest(&ck.dir)?.is_none() {
         return Ok(Curve::default());
     }
     let saved = trainer

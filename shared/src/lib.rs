@@ -21,6 +21,7 @@
 
 pub mod adamw;
 pub mod batching;
+pub mod checkpoint;
 pub mod cli;
 pub mod corpus;
 pub mod cross_entropy;

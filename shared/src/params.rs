@@ -183,6 +183,15 @@ pub fn load_params(varmap: &mut VarMap, path: &Path) -> Result<()> {
         bail!("checkpoint {} does not exist", path.display());
     }
     let stored = candle_core::safetensors::load(path, &candle_core::Device::Cpu)?;
+    set_params(varmap, &stored, path)
+}
+
+/// Sets every parameter of `varmap` from `stored` (read from `path`, named in errors).
+pub fn set_params(
+    varmap: &mut VarMap,
+    stored: &std::collections::HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<()> {
     for (name, var) in named_vars(varmap) {
         let Some(t) = stored.get(&name) else {
             bail!(

@@ -368,54 +368,66 @@ impl Trainer {
         })
     }
 
-    /// Writes a checkpoint folder: `model.safetensors` (parameters by name),
-    /// `optimizer.safetensors` (AdamW moments) and `state.json` (step, config). Each file is
-    /// written to a temporary name and renamed; `state.json` goes last and marks the checkpoint
-    /// complete.
+    /// Writes a crash-consistent checkpoint under the root `dir` ([`crate::checkpoint`]):
+    /// parameters, AdamW moments and `state.json` (step, AdamW's count, schedule, `config`) in a
+    /// new `step-NNNNNNNN` folder, then the `latest` pointer; the previous checkpoint survives any
+    /// failure during the save.
     pub fn save_checkpoint(
         &self,
         varmap: &VarMap,
         dir: &Path,
         config: &serde_json::Value,
     ) -> Result<()> {
-        std::fs::create_dir_all(dir)?;
-        crate::params::save_params(varmap, &dir.join("model.safetensors"))?;
-        let opt_tmp = dir.join("optimizer.safetensors.tmp");
-        candle_core::safetensors::save(&self.opt.state_tensors(), &opt_tmp)?;
-        std::fs::rename(&opt_tmp, dir.join("optimizer.safetensors"))?;
+        self.save_checkpoint_failing_at(varmap, dir, config, None)
+    }
+
+    /// [`Trainer::save_checkpoint`] with an I/O error injected at `fault` (fault-injection tests).
+    pub fn save_checkpoint_failing_at(
+        &self,
+        varmap: &VarMap,
+        dir: &Path,
+        config: &serde_json::Value,
+        fault: Option<crate::checkpoint::Stage>,
+    ) -> Result<()> {
+        let model: HashMap<String, Tensor> = crate::params::named_vars(varmap)
+            .into_iter()
+            .map(|(name, var)| (name, var.as_tensor().clone()))
+            .collect();
         let state = serde_json::json!({ "step": self.step, "adam_t": self.opt.t, "schedule": self.schedule, "config": config });
-        let tmp = dir.join("state.json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&state)?)?;
-        std::fs::rename(&tmp, dir.join("state.json"))?;
+        let contents = crate::checkpoint::Contents {
+            step: self.step,
+            model: &model,
+            optimizer: &self.opt.state_tensors(),
+            state: &state,
+        };
+        crate::checkpoint::save_failing_at(dir, &contents, fault)?;
         Ok(())
     }
 
-    /// Restores parameters, optimiser moments and step from [`Trainer::save_checkpoint`]'s folder;
-    /// returns the stored model config for the caller to compare with its own.
+    /// Restores parameters, optimiser moments and step from the latest checkpoint under `dir`
+    /// (refusing one whose files disagree on the step); returns the stored config for the caller
+    /// to compare with its own.
     pub fn load_checkpoint(
         &mut self,
         varmap: &mut VarMap,
         dir: &Path,
     ) -> Result<serde_json::Value> {
-        let state_path = dir.join("state.json");
-        let state: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&state_path).with_context(|| {
-                format!("no checkpoint at {} (state.json missing)", dir.display())
-            })?)?;
-        crate::params::load_params(varmap, &dir.join("model.safetensors"))?;
+        let folder = crate::checkpoint::latest(dir)?
+            .with_context(|| format!("no checkpoint under {}", dir.display()))?;
         let device = self
             .opt
             .vars()
             .first()
             .map(|(_, v)| v.device().clone())
             .unwrap_or(candle_core::Device::Cpu);
-        let opt = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)?;
-        let adam_t = state["adam_t"]
+        let loaded = crate::checkpoint::load(&folder, &device)?;
+        crate::params::set_params(varmap, &loaded.model, &folder.join("model.safetensors"))?;
+        let adam_t = loaded.state["adam_t"]
             .as_u64()
             .context("state.json has no adam_t")?;
-        self.opt.load_state(&opt, adam_t)?;
-        self.step = state["step"].as_u64().context("state.json has no step")? as usize;
-        Ok(state["config"].clone())
+        self.opt.load_state(&loaded.optimizer, adam_t)?;
+        self.step = loaded.step;
+        Ok(loaded.state["config"].clone())
     }
 }
 

@@ -159,7 +159,7 @@ impl LmConfig {
                 self.d_head()
             );
         }
-        if !(self.norm_eps > 0.0) || !(self.rope_theta > 1.0) {
+        if !(self.norm_eps > 0.0 && self.rope_theta > 1.0) {
             bail!(
                 "LmConfig: norm_eps ({}) must be > 0 and rope_theta ({}) > 1",
                 self.norm_eps,

@@ -277,6 +277,14 @@ pub fn rope_score(q: &[f64], m: f64, k: &[f64], n: f64, base: f64) -> f64 {
         .sum()
 }
 
+/// RoPE as a position plug of 8-02's attention component: `q` and `k` are rotated at their
+/// absolute positions before the scores are formed.
+impl t0802_multi_head_attention::PositionPlug for RopeTables {
+    fn rotate(&self, q: &Tensor, k: &Tensor, start_pos: usize) -> Result<(Tensor, Tensor)> {
+        Ok((self.apply(q, start_pos)?, self.apply(k, start_pos)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,13 +315,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("even"), "{e}");
-    }
-}
-
-/// RoPE as a position plug of 8-02's attention component: `q` and `k` are rotated at their
-/// absolute positions before the scores are formed.
-impl t0802_multi_head_attention::PositionPlug for RopeTables {
-    fn rotate(&self, q: &Tensor, k: &Tensor, start_pos: usize) -> Result<(Tensor, Tensor)> {
-        Ok((self.apply(q, start_pos)?, self.apply(k, start_pos)?))
     }
 }

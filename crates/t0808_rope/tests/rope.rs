@@ -3,6 +3,9 @@
 use candle_core::{DType, Result, Tensor, Var};
 use shared::device::test_device;
 use shared::kernels::OpImpl;
+use std::sync::Arc;
+use t0801_self_attention::reference_attention;
+use t0802_multi_head_attention::{AttentionKernel, AttnMask, MultiHeadAttention, NaiveAttention};
 use t0808_rope::*;
 
 fn rand_x(b: usize, h: usize, t: usize, d: usize) -> Result<Tensor> {
@@ -213,10 +216,6 @@ fn fused_op_equals_the_composed_rotation_values_and_gradients() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // RoPE as the position plug of 8-02's attention component.
 
-use std::sync::Arc;
-use t0801_self_attention::reference_attention;
-use t0802_multi_head_attention::{AttentionKernel, AttnMask, MultiHeadAttention, NaiveAttention};
-
 fn max_rel(a: &Tensor, b: &Tensor) -> Result<f64> {
     let a = a.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     let b = b.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
@@ -280,7 +279,7 @@ fn reference_rope_attention(attn: &MultiHeadAttention, x: &Tensor, start: usize)
                 .map(move |row| row.iter().zip(c).map(|(a, b)| a * b).sum::<f64>())
         })
         .collect();
-    Ok(Tensor::from_vec(y, (n, d), x.device())?)
+    Tensor::from_vec(y, (n, d), x.device())
 }
 
 #[test]

@@ -30,6 +30,7 @@ use std::path::Path;
 use t0804_transformer_block::{init_lm, save_lm, DecoderOnlyLm, LmConfig, LmShape};
 
 #[derive(Parser, Debug)]
+#[command(about = "Loss-parity dump for the PyTorch twin (scripts/pytorch_twin.py parity DIR)")]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,

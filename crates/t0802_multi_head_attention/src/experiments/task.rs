@@ -113,3 +113,17 @@ impl SplitMix {
         ((z ^ (z >> 31)) % n as u64) as usize
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Skipping `n` draws lands where `n` draws in a row do.
+    #[test]
+    fn skipped_matches_sequential_draws() {
+        let mut seq = SplitMix(42);
+        for n in 0..20u64 {
+            assert_eq!(SplitMix::skipped(42, n).below(1000), seq.below(1000));
+        }
+    }
+}

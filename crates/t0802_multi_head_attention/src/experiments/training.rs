@@ -134,7 +134,7 @@ fn smoothed(curve: &Curve) -> Vec<(f64, f64)> {
         } else {
             0.95 * s + 0.05 * loss
         };
-        if step % 10 == 0 || step == last {
+        if step.is_multiple_of(10) || step == last {
             points.push((step as f64 + 1.0, s));
         }
     }

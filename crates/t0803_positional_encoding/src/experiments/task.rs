@@ -100,3 +100,23 @@ impl BatchStream {
         self.task.batch(&mut self.rng, self.batch, self.len, dev)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reading a step out of order (a resume) gives the batch an in-order run gives.
+    #[test]
+    fn stream_batches_depend_on_the_step_only() -> Result<()> {
+        let task = CopyBack { vocab: 7, shift: 1 };
+        let mut in_order = BatchStream::new(task, 3, 2, 5);
+        let batches: Vec<Vec<Vec<u32>>> = (0..4)
+            .map(|s| Ok(in_order.at(s, &Device::Cpu)?.0.to_vec2::<u32>()?))
+            .collect::<Result<_>>()?;
+        let mut resumed = BatchStream::new(task, 3, 2, 5);
+        for s in [2, 3, 1, 0] {
+            assert_eq!(resumed.at(s, &Device::Cpu)?.0.to_vec2::<u32>()?, batches[s]);
+        }
+        Ok(())
+    }
+}

@@ -49,6 +49,19 @@ pub struct RecipeArgs {
     pub high_lr: f64,
 }
 
+impl RecipeArgs {
+    /// The shape of all three models.
+    fn shape(&self, vocab_size: usize) -> LmShape {
+        LmShape {
+            vocab_size,
+            max_seq_len: self.ctx,
+            d_model: self.d_model,
+            n_layers: self.layers,
+            n_heads: self.n_heads,
+        }
+    }
+}
+
 /// The three models, in the order of the tables and legends.
 pub const MODELS: [&str; 3] = [
     "post-norm (2017)",
@@ -223,18 +236,12 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &RecipeArgs) -> Res
             batcher: LmBatcher::new(a.batch, a.ctx, common.seed),
             device: dev.clone(),
         },
-        shape: LmShape {
-            vocab_size: vocab,
-            max_seq_len: a.ctx,
-            d_model: a.d_model,
-            n_layers: a.layers,
-            n_heads: a.n_heads,
-        },
+        shape: a.shape(vocab),
         kernels,
         dtype: ctx.dtype,
         seed: common.seed,
     };
-    // 1. Same budget, side by side.
+    // 1. Same budget, side by side: clipping at 1, validation every tenth of the run.
     let same = Budget {
         steps,
         lr: a.lr,

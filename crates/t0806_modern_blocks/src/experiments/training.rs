@@ -1,15 +1,16 @@
-//! The training run every model of the recipe comparison goes through: AdamW with warm-up and
-//! cosine decay, optional gradient clipping, validation every few steps, and a recorded
-//! divergence instead of an error (the high-learning-rate runs compare exactly that).
+//! One training run of the recipe comparison, through the one training loop ([`shared::fit`]):
+//! AdamW with warm-up and cosine decay, optional gradient clipping, validation every few steps,
+//! and a divergence recorded instead of raised (the high-learning-rate runs compare exactly that).
 
 use anyhow::Result;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use shared::batching::{LmBatch, LmBatcher};
 use shared::cli::CommonArgs;
+use shared::fit::{fit, FitSpec, Task};
 use shared::params::count_params;
 use shared::tokenizer::TokenizedWikiText;
-use shared::train::{human_rate, AdamWConfig, Diverged, Progress, ScheduleConfig, Trainer};
+use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
 use shared::wikitext::{Variant, Verify, WikiText2};
 use std::time::Instant;
 use t0804_transformer_block::DecoderOnlyLm;
@@ -71,8 +72,9 @@ impl Budget {
     }
 }
 
-/// The record of one run: curves `(step, loss)`, the last validation loss, training tokens/s
-/// (forward + backward + AdamW, evaluation excluded) and where it diverged, if it did.
+/// The record of one run: curves `(step, loss)`, the last validation loss after training began
+/// (NaN when there is none), training tokens/s (forward + backward + AdamW, evaluation excluded)
+/// and where it diverged, if it did.
 pub struct RunResult {
     pub name: String,
     pub params: usize,
@@ -95,6 +97,24 @@ pub fn evaluate(lm: &DecoderOnlyLm, batches: &[LmBatch]) -> Result<f64> {
     Ok(total / batches.len() as f64)
 }
 
+/// The language-modelling task of one model: step `s` trains on the batcher's batch `s`.
+struct LmTask<'a> {
+    lm: &'a DecoderOnlyLm,
+    data: &'a TrainData<'a>,
+}
+
+impl Task for LmTask<'_> {
+    fn train_loss(&mut self, step: usize) -> Result<(Tensor, usize)> {
+        let d = self.data;
+        let b = d.batcher.batch(d.train, step as u64, &d.device)?;
+        Ok((self.lm.loss(&b.x, &b.y)?, d.tokens_per_step()))
+    }
+
+    fn valid_loss(&mut self) -> Result<f64> {
+        evaluate(self.lm, &self.data.valid)
+    }
+}
+
 /// Trains `lm` (parameters in `varmap`) for `budget.steps` steps; a non-finite loss or gradient
 /// ends the run and is recorded in `diverged_at`.
 pub fn train(
@@ -105,39 +125,25 @@ pub fn train(
     budget: &Budget,
 ) -> Result<RunResult> {
     let mut trainer = Trainer::new(varmap, AdamWConfig::default(), budget.schedule())?;
-    let mut progress = Progress::new(budget.steps as u64, name);
-    let (mut val_curve, mut train_curve) = (vec![], vec![]);
-    let (mut diverged_at, mut train_time) = (None, 0.0);
-    for step in 0..budget.steps {
-        let b = data.batcher.batch(data.train, step as u64, &data.device)?;
-        let t = Instant::now();
-        let stats = match trainer.step(&lm.loss(&b.x, &b.y)?) {
-            Ok(s) => s,
-            Err(e) if e.downcast_ref::<Diverged>().is_some() => {
-                diverged_at = Some(step);
-                break;
-            }
-            Err(e) => return Err(e),
-        };
-        train_time += t.elapsed().as_secs_f64();
-        train_curve.push((step as f64, stats.loss));
-        if (step + 1) % budget.eval_every == 0 || step + 1 == budget.steps {
-            val_curve.push(((step + 1) as f64, evaluate(lm, &data.valid)?));
-        }
-        let tps = ((step + 1) * data.tokens_per_step()) as f64 / train_time;
-        let msg = format!("loss {:.3} · {} tok/s", stats.loss, human_rate(tps));
-        progress.update(step as u64 + 1, msg);
-    }
-    progress.finish();
-    let trained_tokens = train_curve.len() * data.tokens_per_step();
+    let spec = FitSpec {
+        label: name.to_string(),
+        eval_every: budget.eval_every,
+    };
+    let curve = fit(&mut trainer, &mut LmTask { lm, data }, &spec, None)?;
+    let val_curve: Vec<(f64, f64)> = curve
+        .valid
+        .iter()
+        .map(|&(step, loss, _)| (step as f64, loss))
+        .collect();
+    let after_start = val_curve.iter().rev().find(|p| p.0 > 0.0);
     Ok(RunResult {
         name: name.to_string(),
         params: count_params(varmap),
-        final_val: val_curve.last().map_or(f64::NAN, |p| p.1),
+        final_val: after_start.map_or(f64::NAN, |p| p.1),
+        train_curve: curve.train.iter().map(|t| (t.0 as f64, t.1)).collect(),
         val_curve,
-        train_curve,
-        tokens_per_s: trained_tokens as f64 / train_time.max(1e-9),
-        diverged_at,
+        tokens_per_s: curve.tokens_per_s,
+        diverged_at: curve.diverged_at,
     })
 }
 

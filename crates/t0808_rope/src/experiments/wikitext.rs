@@ -7,11 +7,12 @@
 use super::{bucket_means, per_position, Models, SCHEMES};
 use anyhow::Result;
 use candle_core::{DType, Tensor};
+use candle_nn::VarMap;
 use shared::batching::{eval_batches, LmBatch};
 use shared::params::count_params;
 use shared::report::{line_chart, print_table, Axes, RunReport, Series};
 use shared::tokenizer::TokenizedWikiText;
-use shared::train::{train_lm, AdamWConfig, LmTrainSpec, ScheduleConfig, Trainer};
+use shared::train::{train_lm, AdamWConfig, LmCurve, LmTrainSpec, ScheduleConfig, Trainer};
 use std::path::Path;
 use t0804_transformer_block::DecoderOnlyLm;
 
@@ -57,32 +58,7 @@ pub fn run(
     let (mut curves, mut per_pos_series, mut rows) = (vec![], vec![], vec![]);
     for (scheme, kind) in SCHEMES {
         let (varmap, lm) = models.init(budget.vocab, 2 * ctx, kind)?;
-        let schedule = ScheduleConfig {
-            max_lr: models.lr,
-            min_lr: models.lr / 10.0,
-            warmup_steps: steps / 10,
-            total_steps: steps,
-            clip_norm: Some(1.0),
-        };
-        let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule)?;
-        let spec = LmTrainSpec {
-            label: format!("WikiText-2 {scheme}"),
-            steps,
-            batch_size: batch,
-            seq_len: ctx,
-            eval_every: (steps / 6).max(1),
-            eval_batches: if quick { 2 } else { 8 },
-            seed: models.seed,
-        };
-        let loss_fn = |x: &Tensor, y: &Tensor| lm.loss(x, y);
-        let curve = train_lm(
-            &mut trainer,
-            &data.train,
-            &data.valid,
-            &spec,
-            &models.device,
-            &loss_fn,
-        )?;
+        let curve = train(models, budget, data, &varmap, &lm, scheme, quick)?;
         let val = curve.final_valid_loss().unwrap_or(f64::NAN);
         let points: Vec<(f64, f64)> = curve.valid.iter().map(|v| (v.0 as f64, v.1)).collect();
         let per_pos = loss_by_position(&lm, &long, ctx)?;
@@ -120,6 +96,48 @@ pub fn run(
         &rows,
     );
     plot(out_dir, budget, &curves, &per_pos_series)
+}
+
+/// `budget.steps` steps of `shared::train::train_lm` (AdamW, cosine schedule, warm-up 10 %,
+/// clip 1), evaluated 6 times on the validation split.
+fn train(
+    models: &Models,
+    budget: &LmBudget,
+    data: &TokenizedWikiText,
+    varmap: &VarMap,
+    lm: &DecoderOnlyLm,
+    scheme: &str,
+    quick: bool,
+) -> Result<LmCurve> {
+    let LmBudget {
+        ctx, steps, batch, ..
+    } = *budget;
+    let schedule = ScheduleConfig {
+        max_lr: models.lr,
+        min_lr: models.lr / 10.0,
+        warmup_steps: steps / 10,
+        total_steps: steps,
+        clip_norm: Some(1.0),
+    };
+    let mut trainer = Trainer::new(varmap, AdamWConfig::default(), schedule)?;
+    let spec = LmTrainSpec {
+        label: format!("WikiText-2 {scheme}"),
+        steps,
+        batch_size: batch,
+        seq_len: ctx,
+        eval_every: (steps / 6).max(1),
+        eval_batches: if quick { 2 } else { 8 },
+        seed: models.seed,
+    };
+    let loss_fn = |x: &Tensor, y: &Tensor| lm.loss(x, y);
+    train_lm(
+        &mut trainer,
+        &data.train,
+        &data.valid,
+        &spec,
+        &models.device,
+        &loss_fn,
+    )
 }
 
 /// Mean loss at each of the `2·ctx` positions of the windows `long` (positions ≥ ctx were

@@ -87,7 +87,10 @@ fn describe_attention(kernels: &Kernels, cfg: &LmConfig, dtype: DType, dev: &Dev
             cfg.d_head()
         );
     } else {
-        println!("   attention: {:?}", kernels.attention);
+        println!(
+            "   attention: {}",
+            format!("{:?}", kernels.attention).to_lowercase()
+        );
     }
     println!("   kernels: {}", kernels.describe());
 }
