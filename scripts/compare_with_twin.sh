@@ -45,8 +45,13 @@ for dt in f32 bf16; do
   $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --json "$out/train_twin_eager_$dt.json"
   # The twin with its attention written out (scores, mask, softmax, @V): the like-for-like row for our naive attention
   $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --attention naive --json "$out/train_twin_eagernaive_$dt.json"
+  # The strongest configuration a practitioner would choose: torch.compile, AdamW(fused=True),
+  # and for bf16 autocast over f32 master weights and moments.
+  amp=""; [ $dt = bf16 ] && amp="--amp"
+  $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt $amp --fused-adamw --json "$out/train_twin_eagerbest_$dt.json"
   if [ -n "${TWIN_COMPILE:-}" ]; then
     $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --compile --json "$out/train_twin_compile_$dt.json" 2>"$out/compile_$dt.err" || echo "torch.compile failed ($dt): $(tail -2 "$out/compile_$dt.err")"
+    $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt $amp --fused-adamw --compile --json "$out/train_twin_best_$dt.json" 2>"$out/compilebest_$dt.err" || echo "torch.compile (best) failed ($dt): $(tail -2 "$out/compilebest_$dt.err")"
   fi
 done
 for dt in bf16 f32; do
@@ -55,6 +60,7 @@ for dt in bf16 f32; do
     $bin/t0810_kv_cache --device cuda --dtype $dt $DECODE_FLAGS --out "$out/ours" decode-bench --batch $b --prompt 128 --new 512 > "$out/decode_ours_${dt}_b$b.log" 2>&1
     cp "$out/ours/t0810_kv_cache/decode_bench_b${b}_$dt/results.json" "$out/decode_ours_${dt}_b$b.json" 2>/dev/null || tail -5 "$out/decode_ours_${dt}_b$b.log"
     $py scripts/pytorch_twin.py decode-bench --config "$cfg" --batch $b --prompt 128 --new 512 --dtype $dt --json "$out/decode_twin_${dt}_b$b.json"
+    $py scripts/pytorch_twin.py decode-bench --config "$cfg" --batch $b --prompt 128 --new 512 --dtype $dt --graphs --json "$out/decode_twingraphs_${dt}_b$b.json" 2>"$out/graphs_${dt}_b$b.err" || echo "CUDA-graph decoding failed ($dt, batch $b): $(tail -2 "$out/graphs_${dt}_b$b.err")"
   done
 done
 $py - "$out" <<'PYEOF'
@@ -68,7 +74,8 @@ for dt in ("f32", "bf16"):
     for att in ("naive", "flash"):
         ours = load(f"train_ours_{att}_{dt}.json")
         o = ours["metrics"]["bench.tokens_per_s"] if ours else float("nan")
-        twins = (("eagernaive", "eager naive"), ("eager", "eager SDPA")) if att == "naive" else (("eager", "eager SDPA"), ("compile", "compile SDPA"))
+        twins = (("eagernaive", "eager naive"), ("eager", "eager SDPA")) if att == "naive" else (
+            ("eager", "eager SDPA"), ("compile", "compile SDPA"), ("eagerbest", "eager best (amp, fused AdamW)"), ("best", "compile best (amp, fused AdamW)"))
         for impl, label in twins:
             t = load(f"train_twin_{impl}_{dt}.json")
             if t:
@@ -79,8 +86,10 @@ for dt in ("f32", "bf16"):
         rows.append((f"train {dt} flash: deferred vs synchronous step", deferred["metrics"]["bench.tokens_per_s"], sync["metrics"]["bench.tokens_per_s"]))
 for dt in ("bf16", "f32"):
     for b in (1, 32):
-        ours = load(f"decode_ours_{dt}_b{b}.json"); t = load(f"decode_twin_{dt}_b{b}.json")
-        rows.append((f"decode {dt} batch {b}", ours["metrics"]["tokens_per_s"] if ours else float("nan"), t["tokens_per_s"] if t else float("nan")))
+        ours = load(f"decode_ours_{dt}_b{b}.json"); o = ours["metrics"]["tokens_per_s"] if ours else float("nan")
+        for impl, label in (("twin", "eager"), ("twingraphs", "CUDA graphs")):
+            t = load(f"decode_{impl}_{dt}_b{b}.json")
+            rows.append((f"decode {dt} batch {b} vs torch {label}", o, t["tokens_per_s"] if t else float("nan")))
 print(f"{'measurement':44s} {'ours tok/s':>12s} {'twin tok/s':>12s} {'ours/twin':>9s}")
 for name, o, t in rows:
     print(f"{name:44s} {o:12,.0f} {t:12,.0f} {o / t if t == t and t else float('nan'):9.2f}")

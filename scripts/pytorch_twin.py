@@ -1,23 +1,27 @@
 #!/usr/bin/env python3
-"""PyTorch twin of the LLaMA-recipe decoder-only LM of t0806 (same config, same parameter names,
-same initial weights, same batches), for honest side-by-side comparisons on the same card.
+"""PyTorch twin of the ladder's LLaMA rung (t0808's `llama`, trained in t0810; same config, same
+parameter names, same initial weights, same batches), for honest side-by-side comparisons on the
+same card, in the configurations a practitioner would choose.
 
 Usage (on the GPU host, whose python3 has torch + safetensors):
 
   # 1. loss parity: train from the initial weights and batches that the Rust side dumped with
-  #    `t0806_modern_blocks parity --out DIR`, and compare with its loss curve
+  #    `t0810_kv_cache`'s `parity` example (--dump DIR), and compare with its loss curve
   python3 scripts/pytorch_twin.py parity DIR [--device cuda] [--dtype f32]
 
-  # 2. training throughput (forward + backward + AdamW), eager and torch.compile
-  python3 scripts/pytorch_twin.py train-bench --config DIR/config.json --batch 64 --steps 30 --dtype bf16 [--compile]
+  # 2. training throughput (forward + backward + AdamW): eager or torch.compile; the model cast to
+  #    the dtype ("pure" bf16) or kept in f32 under autocast (--amp); AdamW foreach or fused
+  python3 scripts/pytorch_twin.py train-bench --config DIR/config.json --batch 64 --steps 30 --dtype bf16 [--compile] [--amp] [--fused-adamw]
 
-  # 3. decode throughput with a KV cache (prompt 128, 512 new tokens), batch 1 and 32
-  python3 scripts/pytorch_twin.py decode-bench --config DIR/config.json --batch 1 --prompt 128 --new 512 --dtype bf16
+  # 3. decode throughput with a static KV cache (prompt 128, 512 new tokens), batch 1 and 32:
+  #    eager, or the decode step compiled with mode="reduce-overhead" (CUDA graphs, as gpt-fast)
+  python3 scripts/pytorch_twin.py decode-bench --config DIR/config.json --batch 1 --prompt 128 --new 512 --dtype bf16 [--graphs]
 
 Each command prints a table and writes JSON (--json PATH) so scripts/compare_with_twin.py can print ratios.
 Nothing here is needed to build or test the Rust workspace.
 """
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -27,10 +31,13 @@ import torch.nn.functional as F
 
 
 def load_config(path):
+    """An `LmConfig` (t0804) of the LLaMA rung, or the older recipe-style config."""
     with open(path) as f:
         cfg = json.load(f)
-    if cfg.get("recipe", "Llama") != "Llama":
-        raise SystemExit("the twin implements the LLaMA recipe only")
+    llama = {"norm": "RmsNorm", "ffn": "SwiGlu", "positions": "Rope", "bias": False, "placement": "Pre"}
+    wrong = {k: cfg[k] for k, v in llama.items() if k in cfg and cfg[k] != v}
+    if cfg.get("recipe", "Llama") != "Llama" or wrong:
+        raise SystemExit(f"the twin implements the LLaMA rung only (RMSNorm, SwiGLU, RoPE, no biases, pre-norm); the config has {wrong or cfg.get('recipe')}")
     return cfg
 
 
@@ -162,12 +169,52 @@ class KvCache:
         return self.k[layer, :, :, :start + n], self.v[layer, :, :, :start + n]
 
 
-def adamw(model, cfg_opt):
+class StaticDecode:
+    """One decode step over the whole preallocated cache, with the position as a device tensor:
+    fixed shapes, no host decisions, so torch.compile(mode="reduce-overhead") can capture it in
+    a CUDA graph (as gpt-fast does). Greedy: the next token is chosen on the device."""
+
+    def __init__(self, model, cache):
+        self.m, self.cache = model, cache
+        self.max_len = cache.k.shape[3]
+
+    def step(self, tok, pos):
+        m, cfg = self.m, self.m.cfg
+        b = tok.shape[0]
+        h, kv, dh = cfg["n_heads"], cfg["n_kv_heads"], m.d_head
+        cos, sin = m.cos[pos].to(self.cache.k.dtype), m.sin[pos].to(self.cache.k.dtype)  # (1, dh/2)
+        mask = (torch.arange(self.max_len, device=tok.device) <= pos)[None, None, None, :]
+        x = F.embedding(tok, m.params["token_embedding"])  # (b, 1, d)
+        for i in range(cfg["n_layers"]):
+            pre = f"blocks.{i}."
+            y = m.rms(x, m.p(pre + "attn_norm.weight"))
+            q = (y @ m.p(pre + "attn.q_proj").t()).view(b, 1, h, dh).transpose(1, 2)
+            k = (y @ m.p(pre + "attn.k_proj").t()).view(b, 1, kv, dh).transpose(1, 2)
+            v = (y @ m.p(pre + "attn.v_proj").t()).view(b, 1, kv, dh).transpose(1, 2)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            self.cache.k[i].index_copy_(2, pos, k)
+            self.cache.v[i].index_copy_(2, pos, v)
+            out = F.scaled_dot_product_attention(q, self.cache.k[i], self.cache.v[i], attn_mask=mask, enable_gqa=(kv != h))
+            x = x + out.transpose(1, 2).reshape(b, 1, h * dh) @ m.p(pre + "attn.output_proj").t()
+            hdn = m.rms(x, m.p(pre + "ffn_norm.weight"))
+            gate = F.silu(hdn @ m.p(pre + "ffn.w1").t()) * (hdn @ m.p(pre + "ffn.w3").t())
+            x = x + gate @ m.p(pre + "ffn.w2").t()
+        x = m.rms(x, m.params["final_norm__weight"])
+        return (x @ m.params["lm_head"].t())[:, -1].argmax(-1, keepdim=True)
+
+
+def rotate(x, cos, sin):
+    """Interleaved RoPE of x (…, n, dh) with cos, sin (n, dh/2)."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
+def adamw(model, cfg_opt, fused=False):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg_opt["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg_opt["lr"], betas=(cfg_opt["beta1"], cfg_opt["beta2"]), eps=cfg_opt["eps"])
+        lr=cfg_opt["lr"], betas=(cfg_opt["beta1"], cfg_opt["beta2"]), eps=cfg_opt["eps"], fused=fused)
 
 
 def cosine_lr(step, max_lr, min_lr, warmup, total):
@@ -234,9 +281,13 @@ def train_bench(args):
     torch.manual_seed(0)
     model = Twin(cfg, naive_attention=args.attention == "naive").to(args.device)
     model.init_like_rust()
-    model = model.to(dtype)
+    # --amp: f32 master weights and moments, bf16 compute under autocast (what practitioners run);
+    # else the whole model, moments included, in the dtype.
+    amp = args.amp and args.dtype == "bf16"
+    model = model.to(torch.float32 if amp else dtype)
     step_fn = torch.compile(model) if args.compile else model
-    opt = adamw(model, {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1})
+    opt = adamw(model, {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}, fused=args.fused_adamw)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     ctx = cfg["max_seq_len"]
     torch.cuda.reset_peak_memory_stats() if args.device.startswith("cuda") else None
     times = []
@@ -245,7 +296,8 @@ def train_bench(args):
         y = torch.randint(0, cfg["vocab_size"], (args.batch, ctx), device=args.device)
         sync(args.device)
         t0 = time.perf_counter()
-        logits = step_fn(x)
+        with autocast():
+            logits = step_fn(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -260,7 +312,7 @@ def train_bench(args):
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = 6 * n_params + 12 * cfg["n_layers"] * cfg["d_model"] * ctx  # 6N + attention (causal counted fully)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
-    name = "torch.compile" if args.compile else "eager"
+    name = ("torch.compile" if args.compile else "eager") + (" autocast" if amp else "") + (" fused-AdamW" if args.fused_adamw else "")
     print(f"pytorch {name} {args.dtype} {args.attention} attention: {tok_s:,.0f} tokens/s, {med * 1e3:.1f} ms/step, ~{tok_s * flops_per_token / 1e12:.1f} TFLOP/s, peak {peak:.2f} GiB")
     out = {"impl": f"pytorch-{name}", "dtype": args.dtype, "attention": args.attention, "batch": args.batch, "tokens_per_s": tok_s, "ms_per_step": med * 1e3,
            "tflops": tok_s * flops_per_token / 1e12, "peak_gib": peak, "params": n_params,
@@ -279,8 +331,12 @@ def decode_bench(args):
     model.init_like_rust()
     model = model.to(dtype).eval()
     results = []
-    for rep in range(2):  # the first repetition warms up
-        cache = KvCache(cfg, args.batch, args.prompt + args.new, dtype, args.device)
+    cache = KvCache(cfg, args.batch, args.prompt + args.new, dtype, args.device)
+    step = None
+    if args.graphs:
+        static = StaticDecode(model, cache)
+        step = torch.compile(static.step, mode="reduce-overhead", fullgraph=True)
+    for rep in range(3 if args.graphs else 2):  # the first repetitions warm up (and compile)
         prompt = torch.randint(0, cfg["vocab_size"], (args.batch, args.prompt), device=args.device)
         sync(args.device)
         t0 = time.perf_counter()
@@ -289,15 +345,19 @@ def decode_bench(args):
         sync(args.device)
         t1 = time.perf_counter()
         for i in range(args.new - 1):
-            logits = model(tok, args.prompt + i, cache)
-            tok = logits[:, -1].argmax(-1, keepdim=True)
+            if step is None:
+                logits = model(tok, args.prompt + i, cache)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+            else:
+                tok = step(tok, torch.tensor([args.prompt + i], device=args.device)).clone()
         sync(args.device)
         t2 = time.perf_counter()
         results.append((t1 - t0, t2 - t1))
     prefill, decode = results[-1]
     tok_s = args.batch * (args.new - 1) / decode
-    print(f"pytorch eager decode {args.dtype} batch {args.batch}: prefill {prefill * 1e3:.1f} ms, {decode / (args.new - 1) * 1e3:.2f} ms/step, {tok_s:,.0f} tokens/s")
-    out = {"impl": "pytorch-eager", "dtype": args.dtype, "batch": args.batch, "prefill_ms": prefill * 1e3,
+    name = "compile reduce-overhead (CUDA graphs)" if args.graphs else "eager"
+    print(f"pytorch {name} decode {args.dtype} batch {args.batch}: prefill {prefill * 1e3:.1f} ms, {decode / (args.new - 1) * 1e3:.2f} ms/step, {tok_s:,.0f} tokens/s")
+    out = {"impl": f"pytorch-{name}", "dtype": args.dtype, "batch": args.batch, "prefill_ms": prefill * 1e3,
            "ms_per_token_step": decode / (args.new - 1) * 1e3, "tokens_per_s": tok_s,
            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     if args.json:
@@ -318,6 +378,8 @@ def main():
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--warmup", type=int, default=5)
     t.add_argument("--compile", action="store_true")
+    t.add_argument("--amp", action="store_true", help="bf16 autocast over f32 weights and moments (with --dtype bf16)")
+    t.add_argument("--fused-adamw", action="store_true", help="torch.optim.AdamW(fused=True)")
     t.add_argument("--attention", default="sdpa", choices=["sdpa", "naive"],
                    help="sdpa: F.scaled_dot_product_attention (fused kernels); naive: scores, mask, softmax, @V written out")
     d = sub.add_parser("decode-bench")
@@ -325,6 +387,7 @@ def main():
     d.add_argument("--batch", type=int, default=1)
     d.add_argument("--prompt", type=int, default=128)
     d.add_argument("--new", type=int, default=512)
+    d.add_argument("--graphs", action="store_true", help="decode step compiled with mode='reduce-overhead' (CUDA graphs)")
     for q in (p, t, d):
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         q.add_argument("--dtype", default="f32", choices=["f32", "bf16"])

@@ -42,6 +42,11 @@ impl CommonArgs {
     pub fn setup(&self, topic: &str, what: &str) -> Result<RunContext> {
         let picked = pick_device(self.device)?;
         let dtype = check_dtype(&picked.device, self.dtype)?;
+        crate::report::set_figure_context(&format!(
+            "{}, {}",
+            picked.description,
+            self.dtype.name()
+        ));
         crate::params::set_seed(self.seed);
         if picked.device.is_cuda() {
             picked.device.set_seed(self.seed)?;

@@ -102,7 +102,10 @@ fn fresh(
     Ok((varmap, model, trainer, ck))
 }
 
-fn params(varmap: &VarMap) -> Result<Vec<(String, Vec<f32>)>> {
+/// Every parameter by name, as plain numbers.
+type Params = Vec<(String, Vec<f32>)>;
+
+fn params(varmap: &VarMap) -> Result<Params> {
     shared::params::named_vars(varmap)
         .into_iter()
         .map(|(n, v)| Ok((n, v.as_tensor().flatten_all()?.to_vec1::<f32>()?)))
@@ -174,7 +177,7 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() -> Result<()> {
 }
 
 /// Saves at step 3, then tries to save at step 5 with a failure at `stage`.
-fn save_then_fail(root: &Path, stage: Stage) -> Result<(VarMap, Vec<(String, Vec<f32>)>)> {
+fn save_then_fail(root: &Path, stage: Stage) -> Result<(VarMap, Params)> {
     let (varmap, mut model, mut trainer, _) = fresh(10, root, false)?;
     for s in 0..3 {
         trainer.step(&model.train_loss(s)?.0)?;
