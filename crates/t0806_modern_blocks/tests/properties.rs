@@ -274,7 +274,27 @@ fn fused_rms_norm_equals_composed_over_random_shapes_layouts_and_dtypes() -> Res
             );
             for (i, name) in ["y", "dx", "dg"].iter().enumerate() {
                 let (a, b) = (vec64(&fused[i]), vec64(&composed[i]));
-                if matches!(dt, DType::BF16 | DType::F16) {
+                if matches!(dt, DType::BF16 | DType::F16) && dev.is_cuda() {
+                    // The CUDA kernels reduce in another order: judged against float64 as
+                    // tests/gpu.rs does, within twice the composed error + the dtype's rounding.
+                    let w = vec64(&want[i]);
+                    let abs = |p: &[f64]| {
+                        p.iter()
+                            .zip(&w)
+                            .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+                    };
+                    let scale = w.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
+                    let rounding = if dt == DType::BF16 {
+                        2f64.powi(-8)
+                    } else {
+                        2f64.powi(-11)
+                    };
+                    let (err_f, err_c) = (abs(&a), abs(&b));
+                    assert!(
+                        err_f <= 2.0 * err_c + 2.0 * rounding * scale,
+                        "{who}: {name} fused error {err_f:.3e}, composed error {err_c:.3e}, scale {scale:.3e}"
+                    );
+                } else if matches!(dt, DType::BF16 | DType::F16) {
                     // Both compute in f32 and round once: one unit in the last place of the
                     // 16-bit type apart, plus f32 cancellation noise at the tensor's scale
                     // (tests/fused.rs).

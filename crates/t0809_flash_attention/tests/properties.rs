@@ -511,7 +511,9 @@ fn flash_kernel_in_multi_head_attention_matches_naive_kernel_with_grouped_heads(
     let mut grouped = 0;
     for _ in 0..cases {
         let n_heads = 1 + rng.below(4);
-        let divisors: Vec<usize> = (1..=n_heads).filter(|k| n_heads % k == 0).collect();
+        let divisors: Vec<usize> = (1..=n_heads)
+            .filter(|&k| n_heads.is_multiple_of(k))
+            .collect();
         let n_kv = divisors[rng.below(divisors.len())];
         let d_head = [8, 16, 32, 40, 64][rng.below(5)];
         let d_model = n_heads * d_head;

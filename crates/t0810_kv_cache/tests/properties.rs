@@ -120,7 +120,9 @@ fn draw_config(rng: &mut Rng) -> (String, LmConfig) {
         n_layers: 1 + rng.below(2),
         n_heads,
     };
-    let divisors: Vec<usize> = (1..=n_heads).filter(|k| n_heads % k == 0).collect();
+    let divisors: Vec<usize> = (1..=n_heads)
+        .filter(|&k| n_heads.is_multiple_of(k))
+        .collect();
     let kv = rng.pick(&divisors);
     let rung0 = LmConfig::gpt2(shape);
     match rng.below(4) {
