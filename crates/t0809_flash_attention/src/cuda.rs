@@ -244,6 +244,35 @@ pub fn backward(
     }
 }
 
+/// The backward kernel of `family` for head size `d`: its name, key rows per block, threads per
+/// block and dynamic shared memory in bytes.
+fn bwd_launch_shape(
+    family: crate::CudaKernelFamily,
+    suffix: &str,
+    d: usize,
+) -> (String, usize, u32, usize) {
+    match family {
+        crate::CudaKernelFamily::TensorCores => (
+            format!("flash_bwd_tc_{suffix}_d{d}"),
+            TC_BWD_BC,
+            32 * TC_BWD_WARPS,
+            tc_bwd_smem(d),
+        ),
+        crate::CudaKernelFamily::Fp32Tiled => (
+            format!("flash_bwd_tiled_f32_d{d}"),
+            R_TILE,
+            R_THREADS,
+            tiled_bwd_smem(d),
+        ),
+        crate::CudaKernelFamily::Fp32Fma => (
+            format!("flash_bwd_simple_{suffix}"),
+            S_TILE,
+            S_THREADS,
+            simple_bwd_smem(),
+        ),
+    }
+}
+
 fn bwd<T: CudaDType + DeviceRepr>(
     inp: BwdInputs<'_>,
     dims: Dims,
@@ -286,26 +315,8 @@ fn bwd<T: CudaDType + DeviceRepr>(
     let mut packed = unsafe { dev.alloc::<T>(nq_el + 2 * nk_el)? };
     let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
     {
-        let (name, keys, threads, smem) = match family(suffix, dims, &[oq, ok, ov, odo], kernels) {
-            crate::CudaKernelFamily::TensorCores => (
-                format!("flash_bwd_tc_{suffix}_d{d}"),
-                TC_BWD_BC,
-                32 * TC_BWD_WARPS,
-                tc_bwd_smem(d),
-            ),
-            crate::CudaKernelFamily::Fp32Tiled => (
-                format!("flash_bwd_tiled_f32_d{d}"),
-                R_TILE,
-                R_THREADS,
-                tiled_bwd_smem(d),
-            ),
-            crate::CudaKernelFamily::Fp32Fma => (
-                format!("flash_bwd_simple_{suffix}"),
-                S_TILE,
-                S_THREADS,
-                simple_bwd_smem(),
-            ),
-        };
+        let family = family(suffix, dims, &[oq, ok, ov, odo], kernels);
+        let (name, keys, threads, smem) = bwd_launch_shape(family, suffix, d);
         let func = kernel(&dev, &name, smem)?;
         let cfg = LaunchConfig {
             grid_dim: (n_k.div_ceil(keys) as u32, bh as u32, 1),

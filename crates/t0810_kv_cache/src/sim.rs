@@ -93,7 +93,7 @@ pub fn simulate(
             );
         }
     }
-    let mut alloc = match policy {
+    let alloc = match policy {
         Policy::Paged { block_size } => Some(BlockAllocator::new(
             block_size,
             budget / block_size,
@@ -101,20 +101,89 @@ pub fn simulate(
         )?),
         Policy::Contiguous => None,
     };
-    let (mut queue, mut running): (VecDeque<usize>, Vec<Running>) = (VecDeque::new(), Vec::new());
-    let (mut next, mut step, mut finished, mut generated, mut preemptions) = (0, 0, 0, 0, 0);
-    let (mut used_sum, mut reserved_sum, mut batch_sum, mut max_batch) =
-        (0usize, 0usize, 0usize, 0usize);
-    while finished < requests.len() {
-        while next < requests.len() && requests[next].arrival <= step {
-            queue.push_back(next);
+    let mut sim = Simulator {
+        requests,
+        budget,
+        max_seq,
+        alloc,
+        queue: VecDeque::new(),
+        running: Vec::new(),
+        tally: Tally::default(),
+    };
+    let mut next = 0;
+    while sim.tally.finished < requests.len() {
+        while next < requests.len() && requests[next].arrival <= sim.tally.steps {
+            sim.queue.push_back(next);
             next += 1;
         }
-        // Admission, first come first served: the head of the queue must fit its prompt + 1 token.
-        while let Some(&r) = queue.front() {
-            let need = requests[r].prompt + 1;
-            let seq = match alloc.as_mut() {
-                None if (running.len() + 1) * max_seq <= budget => None,
+        sim.admit()?;
+        sim.grow()?;
+        sim.record();
+        sim.complete()?;
+        sim.tally.steps += 1;
+        if sim.tally.steps > 100 * (requests.len() + max_seq) {
+            candle_core::bail!(
+                "simulation does not progress (budget {budget} too small for max_seq {max_seq}?)"
+            );
+        }
+    }
+    if let Some(a) = &sim.alloc {
+        debug_assert_eq!(a.free_blocks(), a.num_blocks, "blocks leaked");
+    }
+    Ok(sim.tally.result(policy, budget))
+}
+
+/// Counters summed over the steps of a simulation.
+#[derive(Default)]
+struct Tally {
+    steps: usize,
+    finished: usize,
+    generated: usize,
+    preemptions: usize,
+    used_sum: usize,
+    reserved_sum: usize,
+    batch_sum: usize,
+    max_batch: usize,
+}
+
+impl Tally {
+    fn result(&self, policy: Policy, budget: usize) -> SimResult {
+        let used_fraction = self.used_sum as f64 / self.reserved_sum.max(1) as f64;
+        SimResult {
+            policy,
+            steps: self.steps,
+            finished: self.finished,
+            generated_tokens: self.generated,
+            mean_batch: self.batch_sum as f64 / self.steps as f64,
+            max_batch: self.max_batch,
+            used_fraction,
+            waste_pct: 100.0 * (1.0 - used_fraction),
+            budget_utilisation: self.reserved_sum as f64 / (self.steps * budget) as f64,
+            preemptions: self.preemptions,
+            tokens_per_step: self.generated as f64 / self.steps as f64,
+        }
+    }
+}
+
+/// The state of a serving simulation between steps.
+struct Simulator<'a> {
+    requests: &'a [Request],
+    budget: usize,
+    max_seq: usize,
+    /// The block pool (paged policy) or `None` (contiguous reservations of `max_seq` slots).
+    alloc: Option<BlockAllocator>,
+    queue: VecDeque<usize>,
+    running: Vec<Running>,
+    tally: Tally,
+}
+
+impl Simulator<'_> {
+    /// Admission, first come first served: the head of the queue must fit its prompt + 1 token.
+    fn admit(&mut self) -> Result<()> {
+        while let Some(&r) = self.queue.front() {
+            let need = self.requests[r].prompt + 1;
+            let seq = match self.alloc.as_mut() {
+                None if (self.running.len() + 1) * self.max_seq <= self.budget => None,
                 None => break,
                 Some(a) => {
                     let s = a.add_sequence();
@@ -125,84 +194,75 @@ pub fn simulate(
                     Some(s)
                 }
             };
-            queue.pop_front();
-            running.push(Running {
+            self.queue.pop_front();
+            self.running.push(Running {
                 req: r,
                 len: 0,
                 generated: 0,
                 seq,
             });
         }
-        // Every running sequence grows by its prompt (first step) or one token; paged ones may
-        // need a block, preempting the newest sequences when the pool is empty.
+        Ok(())
+    }
+
+    /// Every running sequence grows by its prompt (first step) or one token; paged ones may
+    /// need a block, preempting the newest sequences when the pool is empty.
+    fn grow(&mut self) -> Result<()> {
         let mut i = 0;
-        while i < running.len() {
-            let grow = if running[i].len == 0 {
-                requests[running[i].req].prompt + 1
+        while i < self.running.len() {
+            let grow = if self.running[i].len == 0 {
+                self.requests[self.running[i].req].prompt + 1
             } else {
                 1
             };
-            if let (Some(a), Some(s)) = (alloc.as_mut(), running[i].seq) {
+            if let (Some(a), Some(s)) = (self.alloc.as_mut(), self.running[i].seq) {
                 let have = a.seq(s)?.table.len() * a.block_size - a.seq(s)?.len;
                 if have < grow && a.reserve(s, grow).is_err() {
                     // Preempt the newest (last) sequence and retry; if that is us, we are requeued.
-                    let victim = running.pop().expect("non-empty");
+                    let victim = self.running.pop().expect("non-empty");
                     a.free_sequence(victim.seq.expect("paged"))?;
-                    queue.push_front(victim.req);
-                    preemptions += 1;
+                    self.queue.push_front(victim.req);
+                    self.tally.preemptions += 1;
                     continue;
                 }
                 a.advance(s, grow)?;
             }
-            running[i].len += grow;
-            running[i].generated += 1;
+            self.running[i].len += grow;
+            self.running[i].generated += 1;
             i += 1;
         }
-        batch_sum += running.len();
-        max_batch = max_batch.max(running.len());
-        used_sum += running.iter().map(|r| r.len).sum::<usize>();
-        reserved_sum += match &alloc {
-            None => running.len() * max_seq,
+        Ok(())
+    }
+
+    /// Batch size, used and reserved slots of this step.
+    fn record(&mut self) {
+        let t = &mut self.tally;
+        t.batch_sum += self.running.len();
+        t.max_batch = t.max_batch.max(self.running.len());
+        t.used_sum += self.running.iter().map(|r| r.len).sum::<usize>();
+        t.reserved_sum += match &self.alloc {
+            None => self.running.len() * self.max_seq,
             Some(a) => a.used_blocks() * a.block_size,
         };
-        // Completion frees memory.
+    }
+
+    /// Completion frees memory.
+    fn complete(&mut self) -> Result<()> {
         let mut j = 0;
-        while j < running.len() {
-            if running[j].generated >= requests[running[j].req].output {
-                let done = running.swap_remove(j);
-                if let (Some(a), Some(s)) = (alloc.as_mut(), done.seq) {
+        while j < self.running.len() {
+            if self.running[j].generated >= self.requests[self.running[j].req].output {
+                let done = self.running.swap_remove(j);
+                if let (Some(a), Some(s)) = (self.alloc.as_mut(), done.seq) {
                     a.free_sequence(s)?;
                 }
-                finished += 1;
-                generated += requests[done.req].output;
+                self.tally.finished += 1;
+                self.tally.generated += self.requests[done.req].output;
             } else {
                 j += 1;
             }
         }
-        step += 1;
-        if step > 100 * (requests.len() + max_seq) {
-            candle_core::bail!(
-                "simulation does not progress (budget {budget} too small for max_seq {max_seq}?)"
-            );
-        }
+        Ok(())
     }
-    if let Some(a) = &alloc {
-        debug_assert_eq!(a.free_blocks(), a.num_blocks, "blocks leaked");
-    }
-    let used_fraction = used_sum as f64 / reserved_sum.max(1) as f64;
-    Ok(SimResult {
-        policy,
-        steps: step,
-        finished,
-        generated_tokens: generated,
-        mean_batch: batch_sum as f64 / step as f64,
-        max_batch,
-        used_fraction,
-        waste_pct: 100.0 * (1.0 - used_fraction),
-        budget_utilisation: reserved_sum as f64 / (step * budget) as f64,
-        preemptions,
-        tokens_per_step: generated as f64 / step as f64,
-    })
 }
 
 /// Blocks used by `n` sequences of `prefix + own[i]` tokens, without and with sharing the
