@@ -4,7 +4,8 @@
 //! an aggressive one without). Records loss and gradient-norm curves, whether and when each run
 //! diverges, and the gradient norm reaching each layer at initialisation.
 //!
-//! `cargo run -p t0804_transformer_block -- [--quick] [--corpus tiny] [--device cuda]`
+//! `cargo run -p t0804_transformer_block -- [--quick] [--corpus tiny]`; on a GPU
+//! `cargo run --release -p t0804_transformer_block --features cuda -- --device cuda`
 //!
 //! The experiments live in `src/experiments/`: [`experiments::grad_at_init`] (gradient per block
 //! at initialisation) and [`experiments::regimes`] (the four training runs), both on the model of

@@ -1,7 +1,8 @@
 //! 8-05 experiment, the project's main job: the encoder–decoder Transformer against an LSTM
 //! seq2seq on WikiText-2 continuation, same data, same tokenizer, same budget, side by side.
 //!
-//! `cargo run -p t0805_full_transformer -- [--preset quick|cpu|full] [--resume] [--device cuda]`
+//! `cargo run -p t0805_full_transformer -- [--preset quick|cpu|full] [--resume]`; on a GPU
+//! `cargo run --release -p t0805_full_transformer --features cuda -- --device cuda`
 //!
 //! The steps live in `src/experiments/`: the continuation pairs ([`experiments::data`]), the
 //! contenders ([`experiments::model`]), training through the one loop with checkpoints

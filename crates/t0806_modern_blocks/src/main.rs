@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run -p t0806_modern_blocks --release -- [--quick] [--device cpu|cuda] [--norm composed|fused]
-//! cargo run -p t0806_modern_blocks --release -- --device cuda --dtype bf16 norm-bench --rows 50000 --widths 1024,2048,4096
+//! cargo run -p t0806_modern_blocks --release --features cuda -- --device cuda --dtype bf16 norm-bench --rows 50000 --widths 1024,2048,4096
 //! ```
 //!
 //! Grouped-query attention and RoPE arrive in 8-07 and 8-08; the training-speed bench of the full

@@ -12,7 +12,8 @@
 //!
 //! Prints the table the README shows and writes `output/ladder/results.json`.
 //!
-//! `cargo run --release -p t0810_kv_cache --example ladder -- [--quick] [--device cuda]`
+//! `cargo run --release -p t0810_kv_cache --example ladder -- [--quick]`; on a GPU
+//! `cargo run --release -p t0810_kv_cache --example ladder --features cuda -- --device cuda`
 
 use anyhow::Result;
 use candle_core::{DType, Device};

@@ -4,11 +4,11 @@
 //!
 //! ```text
 //! cargo run --release -p t0810_kv_cache                       # the experiments (CPU: ~1-2 min)
-//! cargo run --release -p t0810_kv_cache -- --max-context 2048 --device cuda
+//! cargo run --release -p t0810_kv_cache --features cuda -- --max-context 2048 --device cuda
 //! cargo run --release -p t0810_kv_cache -- generate --checkpoint DIR --prompt "The game"
 //! cargo run --release -p t0810_kv_cache -- save-random --checkpoint DIR --tokenizer FILE
-//! cargo run --release -p t0810_kv_cache -- --device cuda --dtype bf16 decode-bench --batch 32
-//! cargo run --release -p t0810_kv_cache -- --device cuda --dtype bf16 --attention flash train-bench --batch 32
+//! cargo run --release -p t0810_kv_cache --features cuda -- --device cuda --dtype bf16 decode-bench --batch 32
+//! cargo run --release -p t0810_kv_cache --features cuda -- --device cuda --dtype bf16 train-bench --batch 32
 //! ```
 //!
 //! Every command builds the top rung of the ladder (the LLaMA recipe, `t0808_rope::llama`) with

@@ -59,6 +59,10 @@ pub struct TrainBenchArgs {
     /// synchronisations inside the step) instead of computing the clipping factor on the device.
     #[arg(long)]
     pub synchronous_step: bool,
+    /// Accumulate gradients as upstream Candle does (into fresh zeros) instead of the patched
+    /// backward's storing of the first gradient (third_party/README.md), to measure the patch.
+    #[arg(long)]
+    pub upstream_grad_accumulation: bool,
 }
 
 /// The LLaMA recipe of the bench's shape.
@@ -182,6 +186,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
     let ctx = common.setup(crate::TOPIC, "train-bench: LLaMA-recipe training tokens/s")?;
     let (dev, dtype) = (ctx.picked.device.clone(), ctx.dtype);
     let kernels = kernel_args.resolve(t0809_flash_attention::fastest_kernels(&dev));
+    candle_core::backprop::set_upstream_grad_accumulation(a.upstream_grad_accumulation);
     let cfg = config(a);
     let (varmap, lm) = t0804_transformer_block::init_lm(
         &cfg,
@@ -226,7 +231,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
             format!("{ms_per_step:.1}"),
         ]],
     );
-    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step});
+    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation});
     let mut report = RunReport::start(
         crate::TOPIC,
         config,

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every CUDA kernel of the project under compute-sanitizer (memcheck, racecheck, initcheck), through
+# the GPU tests that launch them. Run on the GPU host after scripts/gpu-run.sh has unpacked the
+# bundle (as a step: "sh scripts/sanitize.sh"), or directly:
+#
+#   bash scripts/sanitize.sh [TEST ...]      (default: the tests below)
+#
+# The tests and the kernels they reach:
+#   shared__gpu                      embedding, cross-entropy, AdamW + step gate, head swap
+#   t0806_modern_blocks__gpu         fused RMSNorm, SwiGLU gate, causal softmax
+#   t0808_rope__rope                 fused RoPE (with MODULE08_TEST_DEVICE=cuda)
+#   t0809_flash_attention__gpu       FlashAttention: tensor-core, register-tiled and simple kernels
+# Writes sanitize-summary.txt (one line per tool and test) into $OUT (or ./gpu-results).
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+dest=${OUT:-$root/gpu-results}
+mkdir -p "$dest"
+REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
+export MODULE08_TEST_DEVICE=cuda MODULE08_EXPECT_GPU=1 MODULE08_CACHE=/tmp/module08-cache
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+tests=${*:-"shared__gpu t0806_modern_blocks__gpu t0808_rope__rope t0809_flash_attention__gpu"}
+summary="$dest/sanitize-summary.txt"
+echo "compute-sanitizer: $($sanitizer --version 2>&1 | tail -1)" | tee "$summary"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$summary"
+for t in $tests; do
+  exe=/tmp/gpu/tests/$t
+  [ -x "$exe" ] || { echo "$t: not in the bundle" | tee -a "$summary"; continue; }
+  pkg=${t%%__*}; dir="$root/crates/$pkg"; [ "$pkg" = shared ] && dir="$root/shared"
+  for tool in memcheck racecheck initcheck; do
+    log=/tmp/sanitize-$t-$tool.log
+    started=$(date +%s)
+    (cd "$dir" && timeout "${SANITIZE_TIMEOUT:-600}" "$sanitizer" --tool "$tool" --error-exitcode 99 \
+      "$exe" --test-threads=1) > "$log" 2>&1
+    rc=$?
+    errors=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
+    tests_line=$(grep -E "^test result" "$log" | tail -1)
+    echo "$t $tool: rc=$rc ($(( $(date +%s) - started )) s) ${errors:-no summary} | ${tests_line:-no test result}" | tee -a "$summary"
+  done
+done
+tar -czf "$dest/sanitize-logs.tgz" -C /tmp $(cd /tmp && ls sanitize-*.log 2>/dev/null)
