@@ -189,22 +189,47 @@ impl DecoderOnlyLm {
 }
 
 /// How to make each part of a block for a given [`LmConfig`] and [`Kernels`]. A rung of the
-/// ladder wraps the parts of the rung below and adds its ingredient.
+/// ladder wraps the parts of the rung below ([`Parts::below`]) and overrides only what its topic
+/// adds; every other part comes from the rung below.
 pub trait Parts {
+    /// The parts of the rung below (`None` for rung 0, which makes every part itself).
+    fn below(&self) -> Option<&dyn Parts>;
+
     /// The run's execution choice.
-    fn kernels(&self) -> Kernels;
+    fn kernels(&self) -> Kernels {
+        rung_below(self).kernels()
+    }
+
     /// A norm of `cfg.norm`, parameters under `vb`.
-    fn norm(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>>;
+    fn norm(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>> {
+        rung_below(self).norm(vb, cfg)
+    }
+
     /// A feed-forward network of `cfg.ffn`, parameters under `vb`.
-    fn ffn(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>>;
+    fn ffn(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>> {
+        rung_below(self).ffn(vb, cfg)
+    }
+
     /// Positions inside attention (shared by every layer), or `None`.
     fn attention_positions(
         &self,
         cfg: &LmConfig,
         device: &Device,
-    ) -> Result<Option<Arc<dyn PositionPlug>>>;
+    ) -> Result<Option<Arc<dyn PositionPlug>>> {
+        rung_below(self).attention_positions(cfg, device)
+    }
+
     /// The attention kernel of the run.
-    fn attention_kernel(&self, cfg: &LmConfig) -> Result<Arc<dyn AttentionKernel>>;
+    fn attention_kernel(&self, cfg: &LmConfig) -> Result<Arc<dyn AttentionKernel>> {
+        rung_below(self).attention_kernel(cfg)
+    }
+}
+
+/// The rung below `parts`; rung 0 overrides every method, so it is never asked for one.
+fn rung_below<P: Parts + ?Sized>(parts: &P) -> &dyn Parts {
+    parts
+        .below()
+        .expect("a rung without a rung below must make every part itself")
 }
 
 /// Rung 0's parts: LayerNorm, GELU/ReLU MLPs, absolute positions, naive attention.
@@ -219,6 +244,10 @@ pub fn parts(kernels: Kernels) -> Gpt2Parts {
 }
 
 impl Parts for Gpt2Parts {
+    fn below(&self) -> Option<&dyn Parts> {
+        None
+    }
+
     fn kernels(&self) -> Kernels {
         self.kernels
     }

@@ -58,7 +58,7 @@ use candle_nn::VarBuilder;
 use shared::kernels::{AttentionImpl, Kernels, OpImpl};
 use shared::params::{expect_last_dim, ones, weight};
 use std::sync::Arc;
-use t0802_multi_head_attention::{AttentionKernel, PositionPlug};
+use t0802_multi_head_attention::AttentionKernel;
 use t0804_transformer_block::{FfnKind, Gpt2Parts, Layer, LmConfig, NormKind, Parts};
 
 /// Root-mean-square normalisation: `x / √(mean(x²) + ε) ⊙ g`. Parameter: `weight` (g, ones).
@@ -215,8 +215,8 @@ pub fn parts(kernels: Kernels) -> ModernParts {
 }
 
 impl Parts for ModernParts {
-    fn kernels(&self) -> Kernels {
-        self.below.kernels()
+    fn below(&self) -> Option<&dyn Parts> {
+        Some(&self.below)
     }
 
     fn norm(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>> {
@@ -235,14 +235,6 @@ impl Parts for ModernParts {
             )),
             _ => self.below.ffn(vb, cfg),
         }
-    }
-
-    fn attention_positions(
-        &self,
-        cfg: &LmConfig,
-        device: &Device,
-    ) -> Result<Option<Arc<dyn PositionPlug>>> {
-        self.below.attention_positions(cfg, device)
     }
 
     fn attention_kernel(&self, cfg: &LmConfig) -> Result<Arc<dyn AttentionKernel>> {

@@ -2,11 +2,10 @@
 
 use crate::{RopeScaling, RopeTables};
 use candle_core::{Device, Result};
-use candle_nn::VarBuilder;
 use shared::kernels::Kernels;
 use std::sync::Arc;
-use t0802_multi_head_attention::{AttentionKernel, PositionPlug};
-use t0804_transformer_block::{Layer, LmConfig, LmShape, Parts, PositionKind};
+use t0802_multi_head_attention::PositionPlug;
+use t0804_transformer_block::{LmConfig, LmShape, Parts, PositionKind};
 use t0806_modern_blocks::ModernParts;
 
 /// Rung 3 of the ladder: the rung below with RoPE (base `cfg.rope_theta`) in place of absolute
@@ -45,16 +44,8 @@ pub fn parts(kernels: Kernels) -> RopeParts {
 }
 
 impl Parts for RopeParts {
-    fn kernels(&self) -> Kernels {
-        self.below.kernels()
-    }
-
-    fn norm(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>> {
-        self.below.norm(vb, cfg)
-    }
-
-    fn ffn(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>> {
-        self.below.ffn(vb, cfg)
+    fn below(&self) -> Option<&dyn Parts> {
+        Some(&self.below)
     }
 
     fn attention_positions(
@@ -74,9 +65,5 @@ impl Parts for RopeParts {
         )?
         .with_impl(self.kernels().rope);
         Ok(Some(Arc::new(tables)))
-    }
-
-    fn attention_kernel(&self, cfg: &LmConfig) -> Result<Arc<dyn AttentionKernel>> {
-        self.below.attention_kernel(cfg)
     }
 }

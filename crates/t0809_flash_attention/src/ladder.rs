@@ -4,11 +4,10 @@
 
 use crate::{default_softmax_scale, flash_attention_with};
 use candle_core::{bail, Device, Result, Tensor};
-use candle_nn::VarBuilder;
 use shared::kernels::{AttentionImpl, FlashKernels, Kernels};
 use std::sync::Arc;
-use t0802_multi_head_attention::{repeat_kv, AttentionKernel, AttnMask, PositionPlug};
-use t0804_transformer_block::{Layer, LmConfig, Parts};
+use t0802_multi_head_attention::{repeat_kv, AttentionKernel, AttnMask};
+use t0804_transformer_block::{LmConfig, Parts};
 use t0808_rope::RopeParts;
 
 /// FlashAttention as 8-02's attention kernel. Grouped K/V heads are repeated to one per query
@@ -69,24 +68,8 @@ pub fn parts(kernels: Kernels) -> FlashParts {
 }
 
 impl Parts for FlashParts {
-    fn kernels(&self) -> Kernels {
-        self.below.kernels()
-    }
-
-    fn norm(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>> {
-        self.below.norm(vb, cfg)
-    }
-
-    fn ffn(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>> {
-        self.below.ffn(vb, cfg)
-    }
-
-    fn attention_positions(
-        &self,
-        cfg: &LmConfig,
-        device: &Device,
-    ) -> Result<Option<Arc<dyn PositionPlug>>> {
-        self.below.attention_positions(cfg, device)
+    fn below(&self) -> Option<&dyn Parts> {
+        Some(&self.below)
     }
 
     fn attention_kernel(&self, cfg: &LmConfig) -> Result<Arc<dyn AttentionKernel>> {

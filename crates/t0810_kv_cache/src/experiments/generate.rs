@@ -83,21 +83,31 @@ fn load_decoder_only(
     Ok((Loaded::DecoderOnly(lm), bpe))
 }
 
-/// t0805's encoder–decoder checkpoint: the preset named in `state.json`, the weights.
+/// The folder of t0805's latest checkpoint under `path` (a checkpoint root with a `latest`
+/// pointer, or one `step-…` folder), if `path` holds one.
+fn seq2seq_folder(path: &std::path::Path) -> Result<Option<std::path::PathBuf>> {
+    if let Some(dir) = shared::checkpoint::latest(path)? {
+        return Ok(Some(dir));
+    }
+    Ok(path.join("state.json").exists().then(|| path.to_path_buf()))
+}
+
+/// t0805's encoder–decoder checkpoint: the preset recorded with it, the weights.
 fn load_seq2seq(
     a: &GenerateArgs,
+    folder: &std::path::Path,
     common: &CommonArgs,
     dtype: DType,
     dev: &Device,
 ) -> Result<(Loaded, Bpe)> {
     let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(a.checkpoint.join("state.json"))?)?;
-    let name = state["config"]["preset"]["name"]
+        serde_json::from_str(&std::fs::read_to_string(folder.join("state.json"))?)?;
+    let name = state["config"]["meta"]["preset"]["name"]
         .as_str()
-        .context("state.json has no config.preset.name: not a t0805 checkpoint")?;
+        .context("state.json has no config.meta.preset.name: not a t0805 checkpoint")?;
     let p = Preset::by_name(name)?;
     let bpe = tokenizer_for(a, common.data_dir.as_deref(), p.vocab)?;
-    let weights = a.checkpoint.join("model.safetensors");
+    let weights = folder.join("model.safetensors");
     // Safety: read-only memory map of a file nobody modifies while the model lives.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, dev)? };
     let model = Transformer::new(vb, p.transformer(bpe.vocab_size()))?;
@@ -167,11 +177,11 @@ pub fn run(common: &CommonArgs, kernels: &KernelArgs, a: &GenerateArgs) -> Resul
     let dev = &ctx.picked.device;
     let (model, bpe) = if a.checkpoint.join("config.json").exists() {
         load_decoder_only(a, common, kernels, ctx.dtype, dev)?
-    } else if a.checkpoint.join("state.json").exists() {
-        load_seq2seq(a, common, ctx.dtype, dev)?
+    } else if let Some(folder) = seq2seq_folder(&a.checkpoint)? {
+        load_seq2seq(a, &folder, common, ctx.dtype, dev)?
     } else {
         bail!(
-            "{} holds neither config.json (decoder-only LM) nor state.json (t0805)",
+            "{} holds neither config.json (decoder-only LM) nor a t0805 checkpoint (latest, state.json)",
             a.checkpoint.display()
         );
     };
