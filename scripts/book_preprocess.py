@@ -118,6 +118,23 @@ LINK = re.compile(r"(!?\[(?:[^\]\\]|\\.)*\])\(\s*([^)\s]+)(\s+\"[^\"]*\")?\s*\)"
 PLACEHOLDER = re.compile(r"«[^»\n]*»")
 
 
+def math_spans(content):
+    """The TeX of every `$…$` / `$$…$$` span of a Markdown text, outside code (for the check)."""
+    stash, block, fence = [], [], None
+    for line in content.split("\n") + [""]:
+        m = FENCE.match(line)
+        if fence is None and m:
+            protect("\n".join(block), stash)
+            block, fence = [], m.group(1)
+        elif fence is not None:
+            if line.strip().startswith(fence[0] * len(fence)) and line.strip().strip(fence[0]) == "":
+                fence = None
+        else:
+            block.append(line)
+    protect("\n".join(block), stash)
+    return [re.sub(r"\\(.)", r"\1", s[3:-3], flags=re.S) for s in stash if s.startswith(("\\\\(", "\\\\["))]
+
+
 class Book:
     def __init__(self, root, src, build_dir):
         self.root, self.src, self.build_dir = root, src, build_dir

@@ -32,8 +32,22 @@ pub struct CommonArgs {
 /// What a binary needs after parsing [`CommonArgs`]: the device, the dtype and the output folder.
 pub struct RunContext {
     pub picked: PickedDevice,
+    /// The parameters' dtype.
     pub dtype: DType,
+    /// The activations' dtype (bf16 under `--dtype bf16-mixed`, else `dtype`).
+    pub compute_dtype: DType,
     pub out_dir: PathBuf,
+}
+
+impl RunContext {
+    /// For binaries whose models are built in one dtype: refuses `--dtype bf16-mixed` with a
+    /// message naming where mixed precision is available.
+    pub fn require_one_dtype(&self) -> Result<()> {
+        if self.compute_dtype != self.dtype {
+            anyhow::bail!("--dtype bf16-mixed is available in t0810_kv_cache (train-bench, decode-bench, its experiments) and its ladder example; here use f32, bf16 or f16");
+        }
+        Ok(())
+    }
 }
 
 impl CommonArgs {
@@ -65,6 +79,7 @@ impl CommonArgs {
         Ok(RunContext {
             picked,
             dtype,
+            compute_dtype: self.dtype.compute_dtype(),
             out_dir,
         })
     }

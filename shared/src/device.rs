@@ -116,8 +116,12 @@ pub fn gpu_name(index: usize) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DTypeChoice {
     F32,
+    /// Everything in bf16: parameters, activations, AdamW moments ("pure" bf16).
     Bf16,
     F16,
+    /// Mixed precision: f32 parameters and AdamW moments (the master copy, updated and clipped
+    /// in f32), bf16 matmuls and activations; each weight is cast to bf16 where it is used.
+    Bf16Mixed,
 }
 
 impl FromStr for DTypeChoice {
@@ -127,24 +131,36 @@ impl FromStr for DTypeChoice {
             "f32" | "float32" => Ok(Self::F32),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "f16" | "float16" | "half" => Ok(Self::F16),
-            other => bail!("unknown dtype '{other}': use f32, bf16 or f16"),
+            "bf16-mixed" | "mixed" => Ok(Self::Bf16Mixed),
+            other => bail!("unknown dtype '{other}': use f32, bf16, f16 or bf16-mixed"),
         }
     }
 }
 
 impl DTypeChoice {
+    /// The dtype of the parameters (and of the optimiser's moments).
     pub fn dtype(self) -> DType {
         match self {
-            Self::F32 => DType::F32,
+            Self::F32 | Self::Bf16Mixed => DType::F32,
             Self::Bf16 => DType::BF16,
             Self::F16 => DType::F16,
         }
     }
+
+    /// The dtype of the activations and matmuls.
+    pub fn compute_dtype(self) -> DType {
+        match self {
+            Self::Bf16Mixed => DType::BF16,
+            other => other.dtype(),
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
             Self::F16 => "f16",
+            Self::Bf16Mixed => "bf16-mixed",
         }
     }
 }

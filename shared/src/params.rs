@@ -125,6 +125,9 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         );
     }
     let rows = x.elem_count() / d_in;
+    // The weight in the activation's dtype: a no-op unless a mixed-precision model keeps f32
+    // master weights and computes in bf16 (the cast's backward returns an f32 gradient).
+    let w = w.to_dtype(x.dtype())?;
     let y = x.reshape((rows, d_in))?.matmul(&w.t()?)?; // (rows, d_out)
     let mut out_dims = x_dims.to_vec();
     *out_dims.last_mut().unwrap() = d_out;
@@ -133,7 +136,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// `y = x · Wᵀ + b` with `b` of shape `(d_out,)`.
 pub fn linear_with_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    linear(x, w)?.broadcast_add(b)
+    linear(x, w)?.broadcast_add(&b.to_dtype(x.dtype())?)
 }
 
 /// Checks that `t` has exactly `expected` dims, naming the tensor in the error.

@@ -99,6 +99,9 @@ pub struct DecoderOnlyLm {
     pub max_seq_len: usize,
     /// How token ids are looked up (an execution choice).
     pub lookup: Lookup,
+    /// The activations' dtype: the parameters' dtype, or bf16 over f32 parameters for mixed
+    /// precision ([`DecoderOnlyLm::with_compute_dtype`]).
+    pub compute_dtype: DType,
 }
 
 impl DecoderOnlyLm {
@@ -108,6 +111,14 @@ impl DecoderOnlyLm {
 
     pub fn d_model(&self) -> usize {
         self.token_embedding.dims()[1]
+    }
+
+    /// The same model computing in `dtype` (bf16 over f32 parameters: mixed precision). The
+    /// parameters, their gradients and the optimiser stay in their own dtype: every weight is
+    /// cast where it is used, and the cast's backward returns the gradient in the weight's dtype.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
     }
 
     /// Token embeddings (+ absolute positions): `tokens (batch, seq)` → `(batch, seq, d_model)`.
@@ -123,7 +134,8 @@ impl DecoderOnlyLm {
                 self.max_seq_len
             );
         }
-        let x = shared::embedding_with(&self.token_embedding, tokens, self.lookup)?; // (batch, seq, d_model)
+        let x = shared::embedding_with(&self.token_embedding, tokens, self.lookup)?
+            .to_dtype(self.compute_dtype)?; // (batch, seq, d_model)
         match &self.positions {
             Some(p) => x.broadcast_add(&p.encode(t, start_pos, x.device())?.to_dtype(x.dtype())?),
             None => Ok(x),
@@ -348,6 +360,7 @@ pub fn build_lm(vb: VarBuilder, cfg: &LmConfig, parts: &dyn Parts) -> Result<Dec
         lm_head: weight(&vb, cfg.vocab_size, d, "lm_head")?,
         max_seq_len: cfg.max_seq_len,
         lookup: kernels.embedding,
+        compute_dtype: vb.dtype(),
     })
 }
 

@@ -51,6 +51,7 @@ fn main() -> Result<()> {
         TOPIC,
         "pre-norm vs post-norm at a standard and an aggressive learning rate",
     )?;
+    ctx.require_one_dtype()?;
     let dev = &ctx.picked.device;
     let mut shape = Shape::for_run(args.common.quick, dev.is_cuda());
     shape.steps = args.steps.unwrap_or(shape.steps);

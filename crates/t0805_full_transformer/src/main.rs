@@ -69,6 +69,7 @@ fn main() -> Result<()> {
         TOPIC,
         "encoder-decoder Transformer vs LSTM seq2seq, WikiText-2 continuation",
     )?;
+    ctx.require_one_dtype()?;
     let p = preset(&args, ctx.picked.device.is_cuda())?;
     let corpus = load_corpus(args.corpus, args.common.data_dir.as_deref(), p.vocab)?;
     let vocab = corpus.tokenizer.vocab_size();

@@ -61,6 +61,7 @@ fn main() -> Result<()> {
         TOPIC,
         "MHA / GQA / MQA: KV-cache size, quality, uptraining, decode speed",
     )?;
+    run.require_one_dtype()?;
     let device = run.picked.device.clone();
     let kernels = a
         .kernels

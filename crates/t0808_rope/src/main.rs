@@ -84,6 +84,7 @@ fn main() -> Result<()> {
         TOPIC,
         "RoPE: formulations, relative positions, task comparison, extrapolation",
     )?;
+    run.require_one_dtype()?;
     let device = run.picked.device.clone();
     let kernels = a.kernels.resolve(t0808_rope::fastest_kernels(&device));
     println!("   kernels: {}", kernels.describe());

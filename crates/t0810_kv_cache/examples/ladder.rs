@@ -163,13 +163,14 @@ fn train_rung(
     r: &Rung,
     b: &Budget,
     data: &shared::tokenizer::TokenizedWikiText,
-    dtype: DType,
+    (dtype, compute): (DType, DType),
     dev: &Device,
     seed: u64,
 ) -> Result<(Measured, t0804_transformer_block::DecoderOnlyLm)> {
     shared::params::set_seed(seed);
     let parts = t0809_flash_attention::parts(r.kernels);
     let (varmap, lm) = init_lm(&r.cfg, &parts, dtype, dev)?;
+    let lm = lm.with_compute_dtype(compute);
     let schedule = ScheduleConfig {
         max_lr: b.lr,
         min_lr: b.lr / 10.0,
@@ -201,7 +202,7 @@ fn train_rung(
         params: r.cfg.n_params(),
         valid_loss: curve.final_valid_loss().unwrap_or(f64::NAN),
         train_tokens_per_s: curve.tokens_per_s,
-        kv_bytes_per_token: r.cfg.kv_bytes_per_token(dtype.size_in_bytes()),
+        kv_bytes_per_token: r.cfg.kv_bytes_per_token(compute.size_in_bytes()),
         kernels: r.kernels.describe(),
     };
     Ok((measured, lm))
@@ -265,14 +266,21 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     let mut top = None;
     for r in rungs(&b, kernels) {
-        let (m, lm) = train_rung(&r, &b, &data, ctx.dtype, dev, args.common.seed)?;
+        let (m, lm) = train_rung(
+            &r,
+            &b,
+            &data,
+            (ctx.dtype, ctx.compute_dtype),
+            dev,
+            args.common.seed,
+        )?;
         rows.push(m);
         top = Some(lm);
     }
     let lm = top.expect("at least one rung");
     let prompt: Vec<u32> = data.valid[..(b.seq_len / 4).max(1)].to_vec();
     let new_tokens = b.seq_len - prompt.len();
-    let (cached, uncached) = decode_speeds(&lm, &prompt, new_tokens, ctx.dtype)?;
+    let (cached, uncached) = decode_speeds(&lm, &prompt, new_tokens, ctx.compute_dtype)?;
     print_ladder(&rows, cached, uncached);
     report.metric("rungs", &rows);
     report.metric("decode_tokens_per_s", serde_json::json!({ "cached": cached, "uncached": uncached, "prompt": prompt.len(), "new_tokens": new_tokens }));

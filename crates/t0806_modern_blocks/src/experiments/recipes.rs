@@ -215,6 +215,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &RecipeArgs) -> Res
         crate::TOPIC,
         "post-norm vs GPT-2 (rung 0) vs + RMSNorm + SwiGLU (rung 1), RMSNorm vs LayerNorm",
     )?;
+    ctx.require_one_dtype()?;
     let dev = ctx.picked.device.clone();
     let kernels = kernel_args.resolve(t0806_modern_blocks::fastest_kernels(&dev));
     println!("   kernels: {}", kernels.describe());

@@ -88,12 +88,13 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -
     let cfg = config(a);
     let parts = t0809_flash_attention::parts(kernels);
     let (_varmap, lm) = t0804_transformer_block::init_lm(&cfg, &parts, ctx.dtype, &dev)?;
+    let lm = lm.with_compute_dtype(ctx.compute_dtype);
     let ids: Vec<u32> = (0..a.batch * a.prompt)
         .map(|i| ((i * 7919 + 13) % a.vocab) as u32)
         .collect();
     let prompt = Tensor::from_vec(ids, (a.batch, a.prompt), &dev)?;
-    time_once(&lm, &prompt, a.new, ctx.dtype)?; // warm-up
-    let (prefill, decode) = time_once(&lm, &prompt, a.new, ctx.dtype)?;
+    time_once(&lm, &prompt, a.new, ctx.compute_dtype)?; // warm-up
+    let (prefill, decode) = time_once(&lm, &prompt, a.new, ctx.compute_dtype)?;
     let steps = (a.new - 1) as f64;
     let tps = a.batch as f64 * steps / decode;
     print_table(

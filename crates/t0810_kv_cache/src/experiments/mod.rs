@@ -118,7 +118,7 @@ fn init_speed_model(cfg: &LmConfig, kernels: Kernels, ctx: &RunContext) -> Resul
     let parts = t0809_flash_attention::parts(kernels);
     let (_varmap, lm) =
         t0804_transformer_block::init_lm(cfg, &parts, ctx.dtype, &ctx.picked.device)?;
-    Ok(lm)
+    Ok(lm.with_compute_dtype(ctx.compute_dtype))
 }
 
 /// `1536` → `"1.5 KiB"`, binary units up to GiB.

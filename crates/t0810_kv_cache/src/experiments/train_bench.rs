@@ -194,6 +194,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
         dtype,
         &dev,
     )?;
+    let lm = lm.with_compute_dtype(ctx.compute_dtype);
     describe_attention(&kernels, &cfg, dtype, &dev);
     let (steps, warmup) = if common.quick {
         (2, 1)
