@@ -16,7 +16,7 @@
 use crate::cpu::Dims;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
@@ -244,6 +244,31 @@ pub fn backward(
     }
 }
 
+/// `D = rowsum(dO ∘ O)` of `rows` rows of width `d`, one warp per row: `(rows,)` in f32.
+fn row_dots<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    d_o: &CudaView<'_, T>,
+    o: &CudaView<'_, T>,
+    rows: usize,
+    d: usize,
+    suffix: &str,
+) -> Result<CudaSlice<f32>> {
+    // SAFETY: the kernel writes every one of the `rows` entries.
+    let mut dsum = unsafe { dev.alloc::<f32>(rows)? };
+    let func = kernel(dev, &format!("flash_bwd_dot_{suffix}"), 0)?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (rows_i, d_i) = (rows as i32, d as i32);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(d_o).arg(o).arg(&mut dsum).arg(&rows_i).arg(&d_i);
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(dsum)
+}
+
 /// The backward kernel of `family` for head size `d`: its name, key rows per block, threads per
 /// block and dynamic shared memory in bytes.
 fn bwd_launch_shape(
@@ -295,20 +320,7 @@ fn bwd<T: CudaDType + DeviceRepr>(
     let stream = dev.cuda_stream();
 
     // 1. D = rowsum(dO ∘ O), one warp per row.
-    let rows = bh * n_q;
-    let mut dsum = unsafe { dev.alloc::<f32>(rows)? };
-    {
-        let func = kernel(&dev, &format!("flash_bwd_dot_{suffix}"), 0)?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (rows_i, d_i) = (rows as i32, d as i32);
-        let mut b = stream.launch_builder(&func);
-        b.arg(&d_o).arg(&o).arg(&mut dsum).arg(&rows_i).arg(&d_i);
-        unsafe { b.launch(cfg) }.w()?;
-    }
+    let dsum = row_dots(&dev, &d_o, &o, bh * n_q, d, suffix)?;
 
     // 2. The main kernel: dK, dV into the packed output; dQ into an f32 accumulator.
     // SAFETY: dK, dV (every key row) and dQ (step 3) cover the whole packed buffer.

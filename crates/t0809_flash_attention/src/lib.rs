@@ -209,6 +209,12 @@ pub fn check_inputs(
     if !softmax_scale.is_finite() || softmax_scale <= 0.0 {
         bail!("flash_attention: softmax_scale must be finite and > 0, got {softmax_scale}");
     }
+    check_dtypes_and_devices(q, k, v)
+}
+
+/// The dtype and device rules of [`check_inputs`]: one float dtype, one device, CUDA limits.
+fn check_dtypes_and_devices(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+    let (qd, vd) = (q.dims(), v.dims());
     let dt = q.dtype();
     if k.dtype() != dt || v.dtype() != dt {
         bail!(
