@@ -68,10 +68,14 @@ def matches(printed, unit, value):
     return abs(shown - value) <= tolerance
 
 
-def fill(text):
+def fill(text, where):
     def repl(m):
         topic, path, fmt = m.group(1), m.group(2), m.group(3) or ".3f"
-        value = lookup(topic, path)
+        try:
+            value = lookup(topic, path)
+        except (KeyError, ValueError, IndexError) as e:
+            print(f"{where}: left {m.group(0)}: {e}")
+            return m.group(0)
         unit = ""
         if fmt.endswith("%"):
             return f"{value * 100:{fmt[:-1]}}%<!--n:{topic}:{path}-->"
@@ -101,7 +105,7 @@ def main():
     if "--fill" in sys.argv:
         for p in LESSONS:
             text = p.read_text()
-            new = fill(text)
+            new = fill(text, p.name)
             if new != text:
                 p.write_text(new)
                 print(f"filled {p.relative_to(ROOT)}")
