@@ -12,6 +12,16 @@ use shared::fit::{fit, Checkpointing, Curve, FitSpec, Task};
 use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
 use std::path::{Path, PathBuf};
 
+/// The tests of this file initialise models from the process-wide seeded generator
+/// (`shared::params::set_seed`): they take turns, so that no test draws from another's sequence.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SEEDED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn temp_root(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("module08-ckpt-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -121,6 +131,7 @@ fn spec() -> FitSpec {
 
 #[test]
 fn resume_equals_an_uninterrupted_run_bit_for_bit() -> Result<()> {
+    let _turn = one_at_a_time();
     let total = 20;
     // Straight through.
     let root_a = temp_root("straight");
@@ -197,6 +208,7 @@ fn save_then_fail(root: &Path, stage: Stage) -> Result<(VarMap, Params)> {
 
 #[test]
 fn a_failure_at_any_point_of_a_save_keeps_the_previous_checkpoint() -> Result<()> {
+    let _turn = one_at_a_time();
     for stage in Stage::ALL {
         let root = temp_root(&format!("fault-{stage:?}"));
         let (_, saved) = save_then_fail(&root, stage)?;
@@ -221,6 +233,7 @@ fn a_failure_at_any_point_of_a_save_keeps_the_previous_checkpoint() -> Result<()
 
 #[test]
 fn torn_and_mixed_checkpoints_are_refused_by_name() -> Result<()> {
+    let _turn = one_at_a_time();
     let root = temp_root("torn");
     let (varmap, mut model, mut trainer, _) = fresh(10, &root, false)?;
     let config = serde_json::json!({});

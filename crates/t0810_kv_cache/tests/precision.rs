@@ -13,6 +13,16 @@ use shared::kernels::Kernels;
 use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
 use t0804_transformer_block::{init_lm, DecoderOnlyLm, LmConfig, LmShape};
 
+/// Both tests initialise models from the process-wide seeded generator: they take turns, so that
+/// two models built with one seed get the same values.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SEEDED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn llama() -> LmConfig {
     let shape = LmShape {
         vocab_size: 64,
@@ -61,6 +71,7 @@ fn trainer(varmap: &VarMap, lr: f64, weight_decay: f64) -> Result<Trainer> {
 
 #[test]
 fn mixed_precision_tracks_f32_over_120_steps() -> Result<()> {
+    let _turn = one_at_a_time();
     let (vm_f32, lm_f32) = model(DType::F32, DType::F32)?;
     let (vm_mix, lm_mix) = model(DType::F32, DType::BF16)?;
     let (mut t_f32, mut t_mix) = (trainer(&vm_f32, 3e-3, 0.1)?, trainer(&vm_mix, 3e-3, 0.1)?);
@@ -129,6 +140,7 @@ fn changed_fraction(params: DType, compute: DType, lr: f64) -> Result<f64> {
 
 #[test]
 fn a_tiny_update_that_pure_bf16_drops_is_kept() -> Result<()> {
+    let _turn = one_at_a_time();
     let lr = 1e-5; // AdamW's first step moves every entry by ≈ lr
     let pure = changed_fraction(DType::BF16, DType::BF16, lr)?;
     let mixed = changed_fraction(DType::F32, DType::BF16, lr)?;
