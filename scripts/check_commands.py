@@ -6,7 +6,7 @@ fenced code block or in inline code, runs the already built executable (target/d
 target/debug/examples/NAME, as `cargo test --workspace` leaves them) with `ARGS… --help`: clap
 rejects an unknown subcommand, flag or value before it prints the help, so a command that would not
 run as written fails here. Placeholders in capitals (DIR, FILE, N, …) are replaced by a harmless
-value first.
+value first. `shared`'s examples (small utilities with positional arguments) are skipped.
 
     python3 scripts/check_commands.py [--target-dir target]
 
@@ -40,8 +40,8 @@ def executable(words, target):
             crate = words[i + 1]
         if w == "--example" and i + 1 < len(words):
             example = words[i + 1]
-    if crate is None:
-        return None
+    if crate is None or crate == "shared":
+        return None  # shared's examples are small utilities with positional arguments, not clap
     return target / "debug" / ("examples/" + example if example else crate)
 
 
