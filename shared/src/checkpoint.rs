@@ -14,8 +14,9 @@
 //! A save writes the three files into a fresh temporary folder, flushes each to disk, renames the
 //! folder to `step-NNNNNNNN` (atomic), flushes the root, then replaces `latest` the same way
 //! (write a temporary file, flush, rename). A crash or an I/O error at any point leaves the
-//! previous complete checkpoint and its pointer as they were. The last [`KEEP`] checkpoints are
-//! kept.
+//! previous complete checkpoint and its pointer as they were (a re-save of the same step moves
+//! the old folder aside before the new one takes its name). The [`KEEP`] newest checkpoints up to
+//! the one just written are kept; later ones (a previous run's) are removed.
 //!
 //! Every file records its step — the safetensors files in their metadata (`"step"`), `state.json`
 //! in its `step` field — and loading refuses a folder whose files disagree, naming them.
@@ -91,15 +92,22 @@ pub fn save_failing_at(root: &Path, c: &Contents<'_>, fault: Option<Stage>) -> R
     check(Stage::RenameFolder)?;
     let dest = root.join(&name);
     if dest.exists() {
-        std::fs::remove_dir_all(&dest)?; // a re-save of the same step replaces it
+        // A re-save of the same step: move the old folder aside first, so that a crash leaves
+        // either folder complete under the name `latest` may point at.
+        let old = root.join(format!(".old-{name}-{}", std::process::id()));
+        std::fs::rename(&dest, &old)?;
+        std::fs::rename(&tmp, &dest)?;
+        sync_dir(root)?;
+        std::fs::remove_dir_all(&old).ok();
+    } else {
+        std::fs::rename(&tmp, &dest)?;
+        sync_dir(root)?;
     }
-    std::fs::rename(&tmp, &dest)?;
-    sync_dir(root)?;
     check(Stage::WritePointer)?;
     write_synced(&root.join("latest.tmp"), name.as_bytes())?;
     std::fs::rename(root.join("latest.tmp"), root.join("latest"))?;
     sync_dir(root)?;
-    prune(root, KEEP)?;
+    prune(root, &name, KEEP);
     Ok(dest)
 }
 
@@ -207,26 +215,33 @@ fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes all but the newest `keep` complete checkpoints, and temporary folders of failed saves.
-fn prune(root: &Path, keep: usize) -> Result<()> {
-    let mut steps: Vec<PathBuf> = Vec::new();
-    for entry in std::fs::read_dir(root)? {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .to_string();
-        if name.starts_with("step-") && path.is_dir() {
-            steps.push(path);
-        } else if name.starts_with(".tmp-step-") {
+/// Removes leftovers of failed saves and all complete checkpoints but the newest `keep` at or
+/// below `latest` (the one just written); folders of later steps (an older run's, in a folder a
+/// fresh run reuses) go too. Best effort: a folder that cannot be removed stays.
+fn prune(root: &Path, latest: &str, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    let mut steps: Vec<String> = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with(".tmp-step-") || name.starts_with(".old-step-") {
             std::fs::remove_dir_all(&path).ok(); // left by a save that failed
+        } else if name.starts_with("step-") && path.is_dir() {
+            steps.push(name);
         }
     }
     steps.sort();
-    let excess = steps.len().saturating_sub(keep);
-    for old in &steps[..excess] {
-        std::fs::remove_dir_all(old)?;
+    let kept: Vec<&String> = steps
+        .iter()
+        .filter(|s| s.as_str() <= latest)
+        .rev()
+        .take(keep)
+        .collect();
+    for s in &steps {
+        if !kept.contains(&s) {
+            std::fs::remove_dir_all(root.join(s)).ok();
+        }
     }
-    Ok(())
 }

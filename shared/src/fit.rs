@@ -122,7 +122,7 @@ pub fn fit(
             break; // diverged: recorded in the curve
         }
         if let Some((varmap, ck)) = checkpoints.as_ref() {
-            if trainer.step.is_multiple_of(ck.every.max(1)) {
+            if trainer.step.is_multiple_of(ck.every.max(1)) && trainer.step < total {
                 save(trainer, varmap, ck, &curve)?;
             }
         }
@@ -210,26 +210,52 @@ fn resume(
     ck: &Checkpointing,
     label: &str,
 ) -> Result<Curve> {
-    if crate::checkpoint::latest(&ck.dir)?.is_none() {
+    let Some(folder) = crate::checkpoint::latest(&ck.dir)? else {
         return Ok(Curve::default());
-    }
+    };
+    check_same_run(trainer, ck, &folder, label)?; // before anything is overwritten
     let saved = trainer
         .load_checkpoint(varmap, &ck.dir)
         .with_context(|| format!("resuming {label} from {}", ck.dir.display()))?;
-    if saved["meta"] != ck.meta {
-        anyhow::bail!(
-            "{label}: the checkpoint in {} was written by another configuration ({}), not this one ({})",
-            ck.dir.display(),
-            saved["meta"],
-            ck.meta
-        );
-    }
-    let curve = serde_json::from_value(saved["curve"].clone())
+    let mut curve: Curve = serde_json::from_value(saved["curve"].clone())
         .with_context(|| format!("{}: the checkpoint's curve is unreadable", ck.dir.display()))?;
+    curve.diverged_at = None; // the resumed run trains on from the last good step
     println!(
         "   resumed {label} at step {} from {}",
         trainer.step,
         ck.dir.display()
     );
     Ok(curve)
+}
+
+/// Refuses a checkpoint written by another configuration or with another schedule, reading only
+/// its `state.json`, so that nothing is overwritten first.
+fn check_same_run(
+    trainer: &Trainer,
+    ck: &Checkpointing,
+    folder: &std::path::Path,
+    label: &str,
+) -> Result<()> {
+    let path = folder.join("state.json");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )?;
+    if state["config"]["meta"] != ck.meta {
+        anyhow::bail!(
+            "{label}: the checkpoint in {} was written by another configuration ({}), not this one ({})",
+            folder.display(),
+            state["config"]["meta"],
+            ck.meta
+        );
+    }
+    let schedule = serde_json::to_value(&trainer.schedule)?;
+    if state["schedule"] != schedule {
+        anyhow::bail!(
+            "{label}: the checkpoint in {} was trained with the schedule {}, this run has {}",
+            folder.display(),
+            state["schedule"],
+            schedule
+        );
+    }
+    Ok(())
 }

@@ -273,3 +273,50 @@ fn torn_and_mixed_checkpoints_are_refused_by_name() -> Result<()> {
     std::fs::remove_dir_all(&root)?;
     Ok(())
 }
+
+#[test]
+fn a_fresh_run_in_a_used_folder_keeps_its_own_checkpoint() -> Result<()> {
+    let _turn = one_at_a_time();
+    let root = temp_root("reused");
+    let (varmap, mut model, mut trainer, _) = fresh(10, &root, false)?;
+    let config = serde_json::json!({});
+    // An older, longer run left steps 600 and 700 in the folder.
+    trainer.step = 600;
+    trainer.save_checkpoint(&varmap, &root, &config)?;
+    trainer.step = 700;
+    trainer.save_checkpoint(&varmap, &root, &config)?;
+    // A fresh run saves step 1, then step 1 again (the loop's save and the final one).
+    trainer.step = 0;
+    trainer.step(&model.train_loss(0)?.0)?;
+    trainer.save_checkpoint(&varmap, &root, &config)?;
+    trainer.save_checkpoint(&varmap, &root, &config)?;
+    let (mut varmap_b, _, mut trainer_b, _) = fresh(10, &root, false)?;
+    trainer_b.load_checkpoint(&mut varmap_b, &root)?;
+    assert_eq!(trainer_b.step, 1, "latest is the fresh run's step");
+    assert!(!root.join(shared::checkpoint::folder_name(700)).exists());
+    std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+#[test]
+fn resume_refuses_another_schedule_before_touching_anything() -> Result<()> {
+    let _turn = one_at_a_time();
+    let root = temp_root("schedule");
+    let (mut varmap, mut model, mut trainer, ck) = fresh(8, &root, false)?;
+    fit(&mut trainer, &mut model, &spec(), Some((&mut varmap, &ck)))?;
+    let (mut varmap_b, mut model_b, mut trainer_b, ck_b) = fresh(12, &root, true)?;
+    let before = params(&varmap_b)?;
+    let err = fit(
+        &mut trainer_b,
+        &mut model_b,
+        &spec(),
+        Some((&mut varmap_b, &ck_b)),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("schedule"), "{err}");
+    assert_eq!(params(&varmap_b)?, before, "nothing was loaded");
+    assert_eq!(trainer_b.step, 0);
+    std::fs::remove_dir_all(&root)?;
+    Ok(())
+}

@@ -101,7 +101,8 @@ impl AttentionKernel for NaiveAttention {
             AttnMask::Causal => Some(grouped_causal_mask(g, n_q, n_k, q.device())?),
             _ => None,
         };
-        let att = attention_with_bias(&q, &k.contiguous()?, &v.contiguous()?, None, mask.as_ref())?;
+        let (k, v) = (gemm_operand(k)?, gemm_operand(v)?);
+        let att = attention_with_bias(&q, &k, &v, None, mask.as_ref())?;
         att.output.reshape((b, n_heads, n_q, d))
     }
 }
@@ -150,4 +151,19 @@ pub fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
         .broadcast_as((b, n_kv, group, n, d))?
         .contiguous()?
         .reshape((b, n_kv * group, n, d))
+}
+
+/// `x (b, h, n, d)` as a batched-GEMM operand: as it is when its rows are contiguous and its
+/// `b·h` matrices evenly spaced — the first `n` positions of a preallocated KV cache
+/// `(b, h, max_seq, d)` are, so decoding reads the cache in place — else a contiguous copy.
+pub fn gemm_operand(x: &Tensor) -> Result<Tensor> {
+    let (_, h, n, d) = x.dims4()?;
+    let s = x.stride();
+    let rows_contiguous = s[3] == 1 && (s[2] == d || n == 1);
+    let evenly_spaced = s[0] == s[1] * h || x.dim(0)? == 1 || h == 1;
+    if rows_contiguous && evenly_spaced {
+        Ok(x.clone())
+    } else {
+        x.contiguous()
+    }
 }

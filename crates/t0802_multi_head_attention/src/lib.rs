@@ -36,8 +36,8 @@ pub mod kernel;
 pub mod plugs;
 
 pub use kernel::{
-    fold_query_groups, group_size, grouped_causal_mask, repeat_kv, AttentionKernel, AttnMask,
-    NaiveAttention,
+    fold_query_groups, gemm_operand, group_size, grouped_causal_mask, repeat_kv, AttentionKernel,
+    AttnMask, NaiveAttention,
 };
 pub use plugs::{CacheSlot, KvStore, PositionPlug};
 pub use t0801_self_attention::{and_masks, causal_mask, key_padding_mask};

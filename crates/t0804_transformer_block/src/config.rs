@@ -205,6 +205,13 @@ impl LmConfig {
         let value: serde_json::Value = serde_json::from_str(text)?;
         if value.get("recipe").is_some() {
             let r: RecipeConfig = serde_json::from_value(value)?;
+            if let Some(s) = r
+                .rope_scaling
+                .as_ref()
+                .filter(|s| s.as_str() != Some("None"))
+            {
+                anyhow::bail!("this config asks for RoPE scaling {s}, which the ladder's LmConfig does not describe (scaling is an evaluation-time choice of t0808's RopeTables)");
+            }
             return Ok(r.into_lm_config());
         }
         Ok(serde_json::from_value(value)?)
@@ -224,6 +231,9 @@ struct RecipeConfig {
     rope_theta: f64,
     norm_eps: f64,
     recipe: Recipe,
+    /// RoPE scaling of the old format; only `"None"` (the only value ever trained) is read.
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]

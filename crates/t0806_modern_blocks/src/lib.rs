@@ -40,6 +40,7 @@
 //!
 //! ## Fused RMSNorm ([`fused`])
 //! The composed RMSNorm is half a dozen element-wise passes over memory; [`rms_norm_fused`] is
+//! one custom op (forward and backward), a CUDA kernel on the GPU (`kernels/rmsnorm.cu`, `cuda`
 //! feature) and a plain loop on the CPU. The SwiGLU gate ([`swiglu_fused`]) and naive
 //! attention's causal softmax ([`softmax_fused`]) are fused the same way. Which form runs is the
 //! run's [`Kernels`] (`norm`, `swiglu`, `softmax`), never the model's config: the math, the

@@ -23,7 +23,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use shared::custom_op::contiguous_slice;
-use t0802_multi_head_attention::{fold_query_groups, AttentionKernel, AttnMask, NaiveAttention};
+use t0802_multi_head_attention::{
+    fold_query_groups, gemm_operand, AttentionKernel, AttnMask, NaiveAttention,
+};
 
 /// `softmax(scale · scores)` over the last dimension, keys after a row's query masked out when
 /// `causal`. `scores (…, rows, n_k)`: row `r` of the second-to-last dimension is query
@@ -91,21 +93,6 @@ impl AttentionKernel for FusedSoftmaxAttention {
         weights
             .matmul(&v)? // (b, n_kv, g·n_q, d)
             .reshape((b, n_heads, n_q, d))
-    }
-}
-
-/// `x (b, h, n, d)` as a batched-GEMM operand: as it is when its rows are contiguous and its
-/// `b·h` matrices evenly spaced — the first `n` positions of a preallocated KV cache
-/// `(b, h, max_seq, d)` are, so decoding reads the cache in place — else a contiguous copy.
-fn gemm_operand(x: &Tensor) -> Result<Tensor> {
-    let (_, h, n, d) = x.dims4()?;
-    let s = x.stride();
-    let rows_contiguous = s[3] == 1 && (s[2] == d || n == 1);
-    let evenly_spaced = s[0] == s[1] * h || x.dim(0)? == 1 || h == 1;
-    if rows_contiguous && evenly_spaced {
-        Ok(x.clone())
-    } else {
-        x.contiguous()
     }
 }
 

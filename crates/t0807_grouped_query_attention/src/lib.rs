@@ -30,8 +30,9 @@
 //! reshape, because the heads of a group are consecutive), so **one batched matmul per K/V
 //! head** serves its whole group: `(g·n_q, d)·(d, n_k)`. The causal mask is the `(n_q, n_k)`
 //! mask stacked `g` times. 8-02's attention component was built for this from the start: its
-//! config has `n_kv_heads`, and its kernels ([`NaiveAttention`], 8-06's fused softmax, 8-09's
-//! FlashAttention) accept fewer K/V heads than query heads ([`fold_query_groups`]). This topic
+//! config has `n_kv_heads`, and its kernels accept fewer K/V heads than query heads — the naive
+//! kernel and 8-06's fused softmax by folding each group into the query rows
+//! ([`fold_query_groups`]), 8-09's FlashAttention by repeating the K/V heads ([`repeat_kv`]). This topic
 //! is **rung 2 of the ladder** ([`grouped`]): rung 1 with `n_kv_heads < n_heads`.
 //!
 //! ## Uptraining
