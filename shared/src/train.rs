@@ -516,6 +516,31 @@ pub fn human_rate(x: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn corpus_nll_predicts_every_token_but_the_first_once() -> Result<()> {
+        // A uniform model over V tokens pays exactly ln V per prediction.
+        let vocab = 7usize;
+        let uniform = |x: &Tensor, y: &Tensor| -> candle_core::Result<Tensor> {
+            let (b, n) = x.dims2()?;
+            let logits = Tensor::zeros((b, n, vocab), DType::F32, x.device())?;
+            cross_entropy(&logits, y, None)
+        };
+        let dev = candle_core::Device::Cpu;
+        for (n, ctx, batch) in [(2, 4, 3), (17, 4, 2), (40, 8, 3), (41, 8, 5), (9, 1, 4)] {
+            let tokens: Vec<u32> = (0..n).map(|i| (i * 3 % vocab) as u32).collect();
+            let (total, count) = corpus_nll(&tokens, ctx, batch, &dev, &uniform)?;
+            assert_eq!(count, n - 1, "n {n}, ctx {ctx}");
+            let want = (vocab as f64).ln() * (n - 1) as f64;
+            assert!(
+                (total - want).abs() < 1e-5 * want,
+                "n {n}, ctx {ctx}: {total} vs {want}"
+            );
+        }
+        assert!((word_level_perplexity(2.0 * 10.0, 10) - 2f64.exp()).abs() < 1e-12);
+        assert!(corpus_nll(&[1], 4, 2, &dev, &uniform).is_err());
+        Ok(())
+    }
     use candle_core::Device;
     use candle_nn::VarBuilder;
 
@@ -909,6 +934,72 @@ pub fn evaluate_lm(
         parts.push((loss, b.x.elem_count()));
     }
     Ok(mean_loss_and_ppl(&parts).0)
+}
+
+/// The total negative log-likelihood (nats) of every token of `tokens` but the first, under a
+/// model evaluated on consecutive non-overlapping windows of `ctx` predictions (each window sees
+/// only its own `ctx` previous tokens), and the number of tokens predicted. `loss_fn(x, y)` is the
+/// mean next-token cross-entropy of a batch `(batch, len)`.
+pub fn corpus_nll(
+    tokens: &[u32],
+    ctx: usize,
+    batch: usize,
+    device: &candle_core::Device,
+    loss_fn: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> Result<(f64, usize)> {
+    if ctx == 0 || batch == 0 || tokens.len() < 2 {
+        bail!("corpus_nll: need ctx > 0, batch > 0 and at least two tokens (got ctx {ctx}, batch {batch}, {} tokens)", tokens.len());
+    }
+    let starts: Vec<usize> = (0..tokens.len() - 1).step_by(ctx).collect();
+    let (mut total, mut count) = (0f64, 0usize);
+    let full: Vec<usize> = starts
+        .iter()
+        .copied()
+        .filter(|&s| s + ctx < tokens.len())
+        .collect();
+    for group in full.chunks(batch) {
+        let (x, y) = window_batch(tokens, group, ctx, device)?;
+        let mean = loss_fn(&x, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        total += mean * (group.len() * ctx) as f64;
+        count += group.len() * ctx;
+    }
+    if let Some(&last) = starts.iter().find(|&&s| s + ctx >= tokens.len()) {
+        let len = tokens.len() - 1 - last; // the shorter last window
+        let (x, y) = window_batch(tokens, &[last], len, device)?;
+        let mean = loss_fn(&x, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        total += mean * len as f64;
+        count += len;
+    }
+    Ok((total, count))
+}
+
+/// Inputs and targets `(starts.len(), len)` of the windows `tokens[s .. s + len + 1]`.
+fn window_batch(
+    tokens: &[u32],
+    starts: &[usize],
+    len: usize,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let x: Vec<u32> = starts
+        .iter()
+        .flat_map(|&s| tokens[s..s + len].to_vec())
+        .collect();
+    let y: Vec<u32> = starts
+        .iter()
+        .flat_map(|&s| tokens[s + 1..s + len + 1].to_vec())
+        .collect();
+    let shape = (starts.len(), len);
+    Ok((
+        Tensor::from_vec(x, shape, device)?,
+        Tensor::from_vec(y, shape, device)?,
+    ))
+}
+
+/// Word-level perplexity: `exp(total NLL of the split / its word count)` (the normalisation that
+/// makes sub-word models comparable with published word-level results). The word count of a
+/// WikiText split is [`crate::wikitext::stats`]`(text).words_plus_eos` (245,569 for test).
+pub fn word_level_perplexity(total_nll: f64, n_words: usize) -> f64 {
+    (total_nll / n_words.max(1) as f64).exp()
 }
 
 /// Trains a language model for `spec.steps` steps on random windows of `train_tokens`, evaluating

@@ -54,6 +54,8 @@ struct Budget {
     batch: usize,
     steps: usize,
     lr: f64,
+    /// Words (+ end-of-lines) of the test split, the denominator of word-level perplexity.
+    test_words: usize,
 }
 
 impl Budget {
@@ -68,6 +70,7 @@ impl Budget {
                 batch: 8,
                 steps: 20,
                 lr: 3e-3,
+                test_words: 0,
             },
             (false, false) => Budget {
                 vocab: 4096,
@@ -78,6 +81,7 @@ impl Budget {
                 batch: 16,
                 steps: 300,
                 lr: 3e-3,
+                test_words: 0,
             },
             (false, true) => Budget {
                 vocab: 8192,
@@ -88,6 +92,7 @@ impl Budget {
                 batch: 32,
                 steps: 1000,
                 lr: 1e-3,
+                test_words: 0,
             },
         };
         Budget {
@@ -155,6 +160,8 @@ struct Measured {
     params: usize,
     valid_loss: f64,
     train_tokens_per_s: f64,
+    /// WikiText-2 test split: total NLL over its word count (words + end-of-lines), exponentiated.
+    test_word_ppl: f64,
     kv_bytes_per_token: usize,
     kernels: String,
 }
@@ -196,12 +203,15 @@ fn train_rung(
         dev,
         &|x, y| lm.loss(x, y),
     )?;
+    let (test_nll, _) =
+        shared::train::corpus_nll(&data.test, b.seq_len, b.batch, dev, &|x, y| lm.loss(x, y))?;
     let measured = Measured {
         topic: r.topic.into(),
         ingredient: r.ingredient.into(),
         params: r.cfg.n_params(),
         valid_loss: curve.final_valid_loss().unwrap_or(f64::NAN),
         train_tokens_per_s: curve.tokens_per_s,
+        test_word_ppl: shared::train::word_level_perplexity(test_nll, b.test_words),
         kv_bytes_per_token: r.cfg.kv_bytes_per_token(compute.size_in_bytes()),
         kernels: r.kernels.describe(),
     };
@@ -251,8 +261,12 @@ fn main() -> Result<()> {
     let dev = &ctx.picked.device;
     let b = Budget::for_run(args.common.quick, dev.is_cuda(), args.steps);
     let data = load_corpus(args.corpus, args.common.data_dir.as_deref(), b.vocab)?;
+    // Word-level perplexity divides by the test split's words (+ end-of-lines): the BPE tokens
+    // decode back to the exact text.
+    let test_text = data.tokenizer.decode(&data.test)?;
     let b = Budget {
         vocab: data.tokenizer.vocab_size(),
+        test_words: shared::wikitext::stats(&test_text).words_plus_eos,
         ..b
     };
     let kernels = args.kernels.resolve(Kernels::for_device(dev));
@@ -300,6 +314,7 @@ fn print_ladder(rows: &[Measured], cached: f64, uncached: f64) {
                 m.ingredient.clone(),
                 format!("{:.2} M", m.params as f64 / 1e6),
                 format!("{:.3}", m.valid_loss),
+                format!("{:.1}", m.test_word_ppl),
                 format!("{:.0}", m.train_tokens_per_s),
                 m.kv_bytes_per_token.to_string(),
             ]
@@ -313,6 +328,7 @@ fn print_ladder(rows: &[Measured], cached: f64, uncached: f64) {
         "".into(),
         "".into(),
         "".into(),
+        "".into(),
     ]);
     print_table(
         &[
@@ -321,6 +337,7 @@ fn print_ladder(rows: &[Measured], cached: f64, uncached: f64) {
             "ingredient",
             "params",
             "valid loss",
+            "test word ppl",
             "train tok/s",
             "KV B/token",
         ],
