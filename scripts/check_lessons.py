@@ -14,6 +14,8 @@ printed precision (a trailing %, ×, k or M scales as written: "12.5k" is 12 500
 fraction 0.032 — write the marker's path to the value as stored).
 
     python3 scripts/check_lessons.py            check every marker (CI)
+    python3 scripts/check_lessons.py --refresh  rewrite every marked number with the committed value
+                                                (same decimals, thousands separators and unit)
     python3 scripts/check_lessons.py --fill     replace «topic:path» and «topic:path|FMT»
                                                 placeholders by the value (FMT: a Python format
                                                 spec, default .3f) followed by its marker
@@ -83,6 +85,20 @@ def fill(text, where):
     return PLACEHOLDER.sub(repl, text)
 
 
+def refresh(text, where):
+    def repl(m):
+        printed, unit, topic, key = m.groups()
+        try:
+            value = lookup(topic, key) / SCALE[unit]
+        except (KeyError, ValueError, IndexError) as e:
+            print(f"{where}: kept {printed}: {e}")
+            return m.group(0)
+        decimals = len(printed.split(".")[1]) if "." in printed else 0
+        new = f"{value:,.{decimals}f}" if "," in printed else f"{value:.{decimals}f}"
+        return m.group(0).replace(printed, new, 1)
+    return MARKER.sub(repl, text)
+
+
 def check(path):
     problems, count = [], 0
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
@@ -102,6 +118,13 @@ def check(path):
 
 
 def main():
+    if "--refresh" in sys.argv:
+        for p in LESSONS:
+            text = p.read_text()
+            new = refresh(text, p.name)
+            if new != text:
+                p.write_text(new)
+                print(f"refreshed {p.relative_to(ROOT)}")
     if "--fill" in sys.argv:
         for p in LESSONS:
             text = p.read_text()
