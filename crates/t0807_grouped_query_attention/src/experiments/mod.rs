@@ -74,20 +74,17 @@ impl Lab {
         }
     }
 
-    /// Trains `lm` for `steps` steps (cosine schedule from `lr`, warm-up 10 %, clip 1) through
-    /// `shared::train::train_lm` on windows drawn with `seed`; evaluates 6 times on the
-    /// validation split.
-    #[allow(clippy::too_many_arguments)]
+    /// Trains `lm` (parameters in `varmap`) for `budget.steps` steps (cosine schedule from
+    /// `budget.lr`, warm-up 10 %, clip 1) through `shared::train::train_lm` on windows drawn with
+    /// `budget.seed`; evaluates 6 times on the validation split.
     pub fn train(
         &self,
         label: &str,
-        varmap: &VarMap,
-        lm: &DecoderOnlyLm,
+        (varmap, lm): (&VarMap, &DecoderOnlyLm),
         data: &TokenizedWikiText,
-        steps: usize,
-        lr: f64,
-        seed: u64,
+        budget: TrainBudget,
     ) -> Result<LmCurve> {
+        let TrainBudget { steps, lr, seed } = budget;
         let schedule = ScheduleConfig {
             max_lr: lr,
             min_lr: lr / 10.0,
@@ -148,4 +145,13 @@ pub fn variant_name(n_kv: usize, n_heads: usize) -> String {
 /// A validation curve as `(step, loss)` points.
 pub fn valid_points(curve: &LmCurve) -> Vec<(f64, f64)> {
     curve.valid.iter().map(|v| (v.0 as f64, v.1)).collect()
+}
+
+/// How long, how fast and on which batches a model trains.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainBudget {
+    pub steps: usize,
+    pub lr: f64,
+    /// Seed of the training windows.
+    pub seed: u64,
 }

@@ -1,7 +1,7 @@
 //! Experiment 2: quality at equal budget. MHA (rung 1), GQA and MQA variants of rung 2, same
 //! data, same initial random stream, same steps: validation loss against K/V heads.
 
-use super::{kv_variants, valid_points, variant_name, Lab};
+use super::{kv_variants, valid_points, variant_name, Lab, TrainBudget};
 use anyhow::Result;
 use candle_nn::VarMap;
 use shared::params::count_params;
@@ -32,7 +32,12 @@ pub fn run(lab: &Lab, data: &TokenizedWikiText, report: &mut RunReport) -> Resul
     for k in kv_variants(h, &[4, 2, 1]) {
         let name = variant_name(k, h);
         let (varmap, lm) = lab.init(k)?;
-        let curve = lab.train(&name, &varmap, &lm, data, lab.steps, lab.lr, lab.seed)?;
+        let budget = TrainBudget {
+            steps: lab.steps,
+            lr: lab.lr,
+            seed: lab.seed,
+        };
+        let curve = lab.train(&name, (&varmap, &lm), data, budget)?;
         let points = valid_points(&curve);
         let val_loss = curve.final_valid_loss().unwrap_or(f64::NAN);
         let params = count_params(&varmap);

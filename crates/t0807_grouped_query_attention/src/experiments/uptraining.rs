@@ -4,7 +4,7 @@
 //! short fine-tune (a fifth of the budget at a third of the learning rate) recovers the loss.
 
 use super::quality::Quality;
-use super::{valid_points, Lab};
+use super::{valid_points, Lab, TrainBudget};
 use anyhow::Result;
 use candle_core::Tensor;
 use candle_nn::VarMap;
@@ -31,15 +31,12 @@ pub fn run(
     let before = lab.evaluate(&up_lm, data)?;
     let up_steps = (lab.steps / 5).max(5);
     // fresh windows: a different batch seed than pre-training
-    let curve = lab.train(
-        "uptrain",
-        &up_vm,
-        &up_lm,
-        data,
-        up_steps,
-        lab.lr / 3.0,
-        lab.seed + 1,
-    )?;
+    let budget = TrainBudget {
+        steps: up_steps,
+        lr: lab.lr / 3.0,
+        seed: lab.seed + 1,
+    };
+    let curve = lab.train("uptrain", (&up_vm, &up_lm), data, budget)?;
     let after = curve.final_valid_loss().unwrap_or(f64::NAN);
     let scratch = quality
         .variants
