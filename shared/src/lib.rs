@@ -35,6 +35,7 @@ pub mod heads;
 pub mod kernels;
 pub mod params;
 pub mod report;
+pub mod rng;
 pub mod tokenizer;
 pub mod train;
 pub mod wikitext;

@@ -23,40 +23,7 @@ use t0806_modern_blocks::*;
 /// Cases per property (dev profile, 2 cores: the file runs well under 30 s).
 const CASES: usize = 150;
 
-/// splitmix64 + Box–Muller: the same draws on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(f64::MIN_POSITIVE);
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.uniform() * n as f64) as usize % n
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len())]
-    }
-    /// `mean + std·N(0, 1)` of `shape`, f64 on the CPU.
-    fn tensor(&mut self, shape: &[usize], mean: f64, std: f64) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let data: Vec<f64> = (0..n).map(|_| mean + std * self.normal()).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu)
-    }
-}
+use shared::rng::Rng;
 
 /// How an input tensor is laid out in memory (the values are the same).
 #[derive(Debug, Clone, Copy)]
@@ -236,9 +203,9 @@ fn fused_rms_norm_equals_composed_over_random_shapes_layouts_and_dtypes() -> Res
         let eps = rng.pick(&[1e-5, 1e-6, 1e-2]);
         let (mean, std) = (rng.normal(), 0.1 + 3.0 * rng.uniform());
         let layout = Layout::draw(&mut rng);
-        let x64 = rng.tensor(&shape, mean, std)?;
-        let g64 = rng.tensor(&[d], 1.0, 0.5)?;
-        let c = rng.tensor(&shape, 0.0, 1.0)?.to_device(&dev)?;
+        let x64 = rng.shifted_tensor(&shape, mean, std)?;
+        let g64 = rng.shifted_tensor(&[d], 1.0, 0.5)?;
+        let c = rng.shifted_tensor(&shape, 0.0, 1.0)?.to_device(&dev)?;
         for dt in dtypes(&dev, true) {
             let who = format!(
                 "case {case}: x {shape:?} {layout:?} mean {mean:.2} std {std:.2} eps {eps:e} {dt:?}"
@@ -339,9 +306,9 @@ fn fused_swiglu_gate_equals_silu_times_b_over_random_shapes() -> Result<()> {
         let shape = leading_dims(&mut rng, last);
         let std_a = 0.1 + 6.0 * rng.uniform(); // saturating sigmoids too
         let (la, lb) = (Layout::draw(&mut rng), Layout::draw(&mut rng));
-        let a64 = rng.tensor(&shape, 0.0, std_a)?;
-        let b64 = rng.tensor(&shape, 0.0, 1.0)?;
-        let c64 = rng.tensor(&shape, 0.0, 1.0)?;
+        let a64 = rng.shifted_tensor(&shape, 0.0, std_a)?;
+        let b64 = rng.shifted_tensor(&shape, 0.0, 1.0)?;
+        let c64 = rng.shifted_tensor(&shape, 0.0, 1.0)?;
         for dt in dtypes(&dev, false) {
             let who = format!("case {case}: {shape:?} std(a) {std_a:.2} a {la:?} b {lb:?} {dt:?}");
             let (a, b) = (la.input(&a64, dt, &dev)?, lb.input(&b64, dt, &dev)?);
@@ -443,8 +410,8 @@ fn fused_causal_softmax_equals_composed_masked_softmax_for_random_groups_and_len
         let scale = 0.05 + rng.uniform();
         let layout = Layout::draw(&mut rng);
         let shape = [b, h, g * n_q, n_k];
-        let x64 = rng.tensor(&shape, 0.0, 4.0)?;
-        let c = rng.tensor(&shape, 0.0, 1.0)?;
+        let x64 = rng.shifted_tensor(&shape, 0.0, 4.0)?;
+        let c = rng.shifted_tensor(&shape, 0.0, 1.0)?;
         let x_ref = Layout::Contiguous.input(&x64, DType::F64, &Device::Cpu)?;
         let (y_ref, dx_ref) = softmax_run(&x_ref, &c, scale, g, n_q, causal, false)?;
         let (y_ref, dx_ref) = (vec64(&y_ref), vec64(&dx_ref));
@@ -520,10 +487,10 @@ fn fused_softmax_attention_kernel_equals_naive_kernel_with_random_groups() -> Re
             "case {case}: b {b} heads {n_heads} kv {n_kv} n_q {n_q} n_k {n_k} d {d} causal {causal} {dt:?}"
         );
         let on = |t: Tensor| t.to_dtype(dt)?.to_device(&dev);
-        let q = Var::from_tensor(&on(rng.tensor(&[b, n_heads, n_q, d], 0.0, 1.0)?)?)?;
-        let k = Var::from_tensor(&on(rng.tensor(&[b, n_kv, n_k, d], 0.0, 1.0)?)?)?;
-        let v = Var::from_tensor(&on(rng.tensor(&[b, n_kv, n_k, d], 0.0, 1.0)?)?)?;
-        let c = on(rng.tensor(&[b, n_heads, n_q, d], 0.0, 1.0)?)?;
+        let q = Var::from_tensor(&on(rng.shifted_tensor(&[b, n_heads, n_q, d], 0.0, 1.0)?)?)?;
+        let k = Var::from_tensor(&on(rng.shifted_tensor(&[b, n_kv, n_k, d], 0.0, 1.0)?)?)?;
+        let v = Var::from_tensor(&on(rng.shifted_tensor(&[b, n_kv, n_k, d], 0.0, 1.0)?)?)?;
+        let c = on(rng.shifted_tensor(&[b, n_heads, n_q, d], 0.0, 1.0)?)?;
         let mask = if causal {
             AttnMask::Causal
         } else {

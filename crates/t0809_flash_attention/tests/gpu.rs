@@ -6,7 +6,7 @@
 //! do: max |ours − ref| ≤ 2·max |naive in the same dtype − ref| + 2·(rounding of ref in the dtype).
 
 mod common;
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor};
 use common::*;
 use t0809_flash_attention::*;
 
@@ -23,45 +23,6 @@ fn shapes(d: usize) -> Vec<(usize, usize, usize, usize, usize, bool)> {
         (1, 3, 1, 190, d, true),
         (2, 1, 130, 65, d, false),
     ]
-}
-
-type Attn = fn(&Tensor, &Tensor, &Tensor, f64, bool) -> Result<Tensor>;
-
-fn grads(
-    f: Attn,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    d_o: &Tensor,
-    scale: f64,
-    causal: bool,
-) -> Result<(Tensor, [Tensor; 3])> {
-    let (vq, vk, vv) = (
-        Var::from_tensor(q)?,
-        Var::from_tensor(k)?,
-        Var::from_tensor(v)?,
-    );
-    let o = f(
-        vq.as_tensor(),
-        vk.as_tensor(),
-        vv.as_tensor(),
-        scale,
-        causal,
-    )?;
-    let g = (&o * d_o)?.sum_all()?.backward()?;
-    let get = |x: &Var| {
-        g.get(x.as_tensor())
-            .cloned()
-            .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))
-    };
-    Ok((o, [get(&vq)?, get(&vk)?, get(&vv)?]))
-}
-
-/// 2·max |round_dtype(ref + 0.3) − 0.3 − ref|: the dtype's own rounding noise at ref's scale.
-fn rounding_atol(reference: &[f64], dt: DType) -> Result<f64> {
-    let r = Tensor::new(reference, &Device::Cpu)?;
-    let rounded = ((r.clone() + 0.3)?.to_dtype(dt)?.to_dtype(DType::F64)? - 0.3)?;
-    Ok(2.0 * max_abs(&to_vec(&rounded)?, reference))
 }
 
 /// FlashAttention with the simple fp32-FMA kernels forced ([`FlashKernels::Simple`]).

@@ -22,8 +22,6 @@ const CPU_CASES: usize = 200;
 /// Cases per property on the GPU (every kernel family, both kernel choices, three dtypes).
 const GPU_CASES: usize = 60;
 
-type Attn = fn(&Tensor, &Tensor, &Tensor, f64, bool) -> Result<Tensor>;
-
 fn flash_auto(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     flash_attention_with(q, k, v, scale, causal, FlashKernels::Auto)
 }
@@ -188,45 +186,6 @@ fn grads_at_offsets(
     )?;
     let g = (&o * d_o)?.sum_all()?.backward()?;
     Ok((o, [ins[0].grad(&g)?, ins[1].grad(&g)?, ins[2].grad(&g)?]))
-}
-
-/// `(O, [dQ, dK, dV])` of `loss = Σ O ⊙ dO` through Candle's autograd.
-fn grads(
-    f: Attn,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    d_o: &Tensor,
-    scale: f64,
-    causal: bool,
-) -> Result<(Tensor, [Tensor; 3])> {
-    let (vq, vk, vv) = (
-        Var::from_tensor(q)?,
-        Var::from_tensor(k)?,
-        Var::from_tensor(v)?,
-    );
-    let o = f(
-        vq.as_tensor(),
-        vk.as_tensor(),
-        vv.as_tensor(),
-        scale,
-        causal,
-    )?;
-    let g = (&o * d_o)?.sum_all()?.backward()?;
-    let get = |x: &Var| {
-        g.get(x.as_tensor())
-            .cloned()
-            .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))
-    };
-    Ok((o, [get(&vq)?, get(&vk)?, get(&vv)?]))
-}
-
-/// 2·max |round_dtype(ref + 0.3) − 0.3 − ref|: the dtype's own rounding noise at ref's scale
-/// (as in `tests/gpu.rs`).
-fn rounding_atol(reference: &[f64], dt: DType) -> Result<f64> {
-    let r = Tensor::new(reference, &Device::Cpu)?;
-    let rounded = ((r.clone() + 0.3)?.to_dtype(dt)?.to_dtype(DType::F64)? - 0.3)?;
-    Ok(2.0 * max_abs(&to_vec(&rounded)?, reference))
 }
 
 fn up(t: &Tensor) -> Result<Tensor> {

@@ -26,42 +26,7 @@ const LM_CASES: usize = 60;
 /// Random RoPE cases.
 const ROPE_CASES: usize = 200;
 
-/// splitmix64: the same draws on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(f64::MIN_POSITIVE);
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.uniform() * n as f64) as usize % n
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len())]
-    }
-    fn coin(&mut self) -> bool {
-        self.below(2) == 1
-    }
-    fn tensor(&mut self, shape: &[usize], std: f64) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let data: Vec<f64> = (0..n).map(|_| std * self.normal()).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu)
-    }
-}
+use shared::rng::Rng;
 
 fn vec64(t: &Tensor) -> Vec<f64> {
     t.to_device(&Device::Cpu)

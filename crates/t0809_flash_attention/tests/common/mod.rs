@@ -2,40 +2,9 @@
 //! log-sum-exp, error measures, and the GPU probe.
 #![allow(dead_code)]
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
-/// A small seeded generator (splitmix64 + Box–Muller), so every test draws the same inputs.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(f64::MIN_POSITIVE);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.uniform() * n as f64) as usize % n
-    }
-    /// A standard-normal tensor of `shape` (f64 on the CPU), times `std`.
-    pub fn tensor(&mut self, shape: &[usize], std: f64) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let data: Vec<f64> = (0..n).map(|_| self.normal() * std).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu)
-    }
-}
+pub use shared::rng::Rng;
 
 /// `(q, k, v)` in f64 on the CPU, drawn from `rng`.
 pub fn qkv(
@@ -199,4 +168,45 @@ pub fn gpu(test: &str) -> Option<Device> {
             None
         }
     }
+}
+
+/// An attention function `(q, k, v, scale, causal) → O`: FlashAttention or a reference.
+pub type Attn = fn(&Tensor, &Tensor, &Tensor, f64, bool) -> Result<Tensor>;
+
+/// `(O, [dQ, dK, dV])` of `loss = Σ O ⊙ dO` through Candle's autograd.
+pub fn grads(
+    f: Attn,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d_o: &Tensor,
+    scale: f64,
+    causal: bool,
+) -> Result<(Tensor, [Tensor; 3])> {
+    let (vq, vk, vv) = (
+        Var::from_tensor(q)?,
+        Var::from_tensor(k)?,
+        Var::from_tensor(v)?,
+    );
+    let o = f(
+        vq.as_tensor(),
+        vk.as_tensor(),
+        vv.as_tensor(),
+        scale,
+        causal,
+    )?;
+    let g = (&o * d_o)?.sum_all()?.backward()?;
+    let get = |x: &Var| {
+        g.get(x.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))
+    };
+    Ok((o, [get(&vq)?, get(&vk)?, get(&vv)?]))
+}
+
+/// 2·max |round_dtype(ref + 0.3) − 0.3 − ref|: the dtype's own rounding noise at ref's scale.
+pub fn rounding_atol(reference: &[f64], dt: DType) -> Result<f64> {
+    let r = Tensor::new(reference, &Device::Cpu)?;
+    let rounded = ((r.clone() + 0.3)?.to_dtype(dt)?.to_dtype(DType::F64)? - 0.3)?;
+    Ok(2.0 * max_abs(&to_vec(&rounded)?, reference))
 }
