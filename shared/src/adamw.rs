@@ -15,6 +15,7 @@
 //! gradients need not be rescaled first. On the CPU, loops; on CUDA, `kernels/adamw.cu`.
 //! Arithmetic in f32 (f64 for f64 parameters), each stored value rounded once.
 
+use crate::cpu::{for_each_row, Real};
 use crate::custom_op::contiguous_range;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, WithDType};
@@ -186,7 +187,7 @@ impl candle_core::CustomOp1 for SumOfSquares {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
         let (a, b) = contiguous_range(l, "sum of squares: input")?;
         fn sum<T: WithDType>(v: &[T]) -> f32 {
-            v.iter().map(|x| x.to_f64() * x.to_f64()).sum::<f64>() as f32
+            crate::cpu::sum_by(v, |x| x.to_f64() * x.to_f64()) as f32
         }
         let total = match s {
             CpuStorage::F32(v) => sum(&v[a..b]),
@@ -241,25 +242,40 @@ struct Update {
     gate: Tensor,
 }
 
-/// `f(x)` in `A` arithmetic (f32, or f64 for f64 tensors), rounded once to `T`.
-fn cpu_moment<T: WithDType>(m: &mut [T], g: &[T], op: &Moment, scale: f64, f32_math: bool) {
-    let round = |x: f64| if f32_math { x as f32 as f64 } else { x };
-    let scale = round(scale);
-    for (mi, gi) in m.iter_mut().zip(g) {
-        let mut x = round(scale * gi.to_f64());
-        if op.square {
-            x = round(x * x);
+/// `m ← β·m + (1 − β)·x` with `x = s·g` (or `(s·g)²`), in `A` arithmetic (f32, or f64 for f64
+/// tensors), rounded once to `T`.
+fn cpu_moment<T: WithDType, A: Real>(m: &mut [T], g: &[T], op: &Moment, scale: f64) {
+    let (beta, scale) = (A::from_f64(op.beta), A::from_f64(scale));
+    let one_minus_beta = A::from_f64(1.0 - op.beta);
+    let square = op.square;
+    for_each_row(m, CHUNK, |i, m| {
+        for (mi, &gi) in m.iter_mut().zip(&g[i * CHUNK..]) {
+            let x = scale * A::of(gi);
+            let x = if square { x * x } else { x };
+            *mi = (beta * A::of(*mi) + one_minus_beta * x).to();
         }
-        *mi = T::from_f64(op.beta * mi.to_f64() + (1.0 - op.beta) * x);
-    }
+    });
 }
 
-fn cpu_update<T: WithDType>(theta: &mut [T], m: &[T], v: &[T], op: &Update) {
-    for ((t, mi), vi) in theta.iter_mut().zip(m).zip(v) {
-        let step = (mi.to_f64() / op.bc1) / ((vi.to_f64() / op.bc2).sqrt() + op.eps);
-        *t = T::from_f64(t.to_f64() * (1.0 - op.lr * op.decay) - op.lr * step);
-    }
+/// `θ ← θ·(1 − lr·λ) − lr·(m/bc₁)/(√(v/bc₂) + ε)`, in `A` arithmetic, rounded once to `T`.
+fn cpu_update<T: WithDType, A: Real>(theta: &mut [T], m: &[T], v: &[T], op: &Update) {
+    let (bc1, bc2, eps) = (
+        A::from_f64(op.bc1),
+        A::from_f64(op.bc2),
+        A::from_f64(op.eps),
+    );
+    let (lr, keep) = (A::from_f64(op.lr), A::from_f64(1.0 - op.lr * op.decay));
+    for_each_row(theta, CHUNK, |i, theta| {
+        let at = i * CHUNK;
+        for ((t, &mi), &vi) in theta.iter_mut().zip(&m[at..]).zip(&v[at..]) {
+            let step = (A::of(mi) / bc1) / ((A::of(vi) / bc2).sqrt() + eps);
+            *t = (A::of(*t) * keep - lr * step).to();
+        }
+    });
 }
+
+/// Elements per task of the element-wise CPU loops.
+const CHUNK: usize = 4096;
 
 impl InplaceOp2 for Moment {
     fn name(&self) -> &'static str {
@@ -281,16 +297,16 @@ impl InplaceOp2 for Moment {
         let (c, d) = contiguous_range(gl, "AdamW: gradient")?;
         match (dst, g) {
             (CpuStorage::F32(m), CpuStorage::F32(g)) => {
-                cpu_moment(&mut m[a..b], &g[c..d], self, scale, true)
+                cpu_moment::<f32, f32>(&mut m[a..b], &g[c..d], self, scale)
             }
             (CpuStorage::F64(m), CpuStorage::F64(g)) => {
-                cpu_moment(&mut m[a..b], &g[c..d], self, scale, false)
+                cpu_moment::<f64, f64>(&mut m[a..b], &g[c..d], self, scale)
             }
             (CpuStorage::BF16(m), CpuStorage::BF16(g)) => {
-                cpu_moment::<bf16>(&mut m[a..b], &g[c..d], self, scale, true)
+                cpu_moment::<bf16, f32>(&mut m[a..b], &g[c..d], self, scale)
             }
             (CpuStorage::F16(m), CpuStorage::F16(g)) => {
-                cpu_moment::<f16>(&mut m[a..b], &g[c..d], self, scale, true)
+                cpu_moment::<f16, f32>(&mut m[a..b], &g[c..d], self, scale)
             }
             (m, g) => bail!(
                 "AdamW moment: dtypes {:?} and {:?} not supported",
@@ -335,16 +351,16 @@ impl InplaceOp3 for Update {
         let (e, f) = contiguous_range(vl, "AdamW: second moment")?;
         match (dst, m, v) {
             (CpuStorage::F32(t), CpuStorage::F32(m), CpuStorage::F32(v)) => {
-                cpu_update(&mut t[a..b], &m[c..d], &v[e..f], self)
+                cpu_update::<f32, f32>(&mut t[a..b], &m[c..d], &v[e..f], self)
             }
             (CpuStorage::F64(t), CpuStorage::F64(m), CpuStorage::F64(v)) => {
-                cpu_update(&mut t[a..b], &m[c..d], &v[e..f], self)
+                cpu_update::<f64, f64>(&mut t[a..b], &m[c..d], &v[e..f], self)
             }
             (CpuStorage::BF16(t), CpuStorage::BF16(m), CpuStorage::BF16(v)) => {
-                cpu_update(&mut t[a..b], &m[c..d], &v[e..f], self)
+                cpu_update::<bf16, f32>(&mut t[a..b], &m[c..d], &v[e..f], self)
             }
             (CpuStorage::F16(t), CpuStorage::F16(m), CpuStorage::F16(v)) => {
-                cpu_update(&mut t[a..b], &m[c..d], &v[e..f], self)
+                cpu_update::<f16, f32>(&mut t[a..b], &m[c..d], &v[e..f], self)
             }
             (t, _, _) => bail!("AdamW update: dtype {:?} not supported", t.dtype()),
         }

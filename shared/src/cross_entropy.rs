@@ -16,6 +16,7 @@
 //! instead of reducing the row again. On the CPU it is a loop over rows; on CUDA it launches
 //! `kernels/cross_entropy.cu`. Every sum is in f32 (f64 for f64 logits).
 
+use crate::cpu::{for_each_row, for_each_row_costing, max_of, sum_by, Real};
 use crate::custom_op::contiguous_slice;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -67,62 +68,39 @@ fn cpu_targets(s: &CpuStorage, l: &Layout, vocab: usize) -> Result<Vec<usize>> {
         .collect()
 }
 
-/// The accumulator of the CPU loops: f32, or f64 for f64 logits.
-trait Acc: WithDType {
-    fn exp(self) -> Self;
-    fn ln(self) -> Self;
-    fn maximum(self, other: Self) -> Self;
-    fn neg_infinity() -> Self;
-}
-macro_rules! acc {
-    ($t:ty) => {
-        impl Acc for $t {
-            fn exp(self) -> Self {
-                <$t>::exp(self)
-            }
-            fn ln(self) -> Self {
-                <$t>::ln(self)
-            }
-            fn maximum(self, other: Self) -> Self {
-                <$t>::max(self, other)
-            }
-            fn neg_infinity() -> Self {
-                <$t>::NEG_INFINITY
-            }
-        }
-    };
-}
-acc!(f32);
-acc!(f64);
-
-fn cpu_forward<T: WithDType, A: Acc>(x: &[T], t: &[usize], vocab: usize) -> Vec<A> {
-    let acc = |v: &T| A::from_f64(v.to_f64());
-    x.chunks_exact(vocab)
-        .zip(t)
-        .map(|(row, &target)| {
-            let m = row.iter().map(acc).fold(A::neg_infinity(), A::maximum);
-            let s = row.iter().fold(A::zero(), |s, v| s + (acc(v) - m).exp());
-            m + s.ln() - acc(&row[target])
-        })
-        .collect()
+/// `nll_r = log Σⱼ e^{x_rj} − x_r,target`, row by row (max-shifted), in the loop's arithmetic `A`
+/// (f32, or f64 for f64 logits).
+fn cpu_forward<T: WithDType, A: Real>(x: &[T], t: &[usize], vocab: usize) -> Vec<A> {
+    let mut nll = vec![A::zero(); t.len()];
+    for_each_row_costing(&mut nll, 1, vocab, |r, out| {
+        let row = &x[r * vocab..(r + 1) * vocab];
+        let m: A = max_of(row);
+        let s = sum_by(row, |v| (A::of(v) - m).exp());
+        out[0] = m + s.ln() - A::of(row[t[r]]);
+    });
+    nll
 }
 
-fn cpu_backward<T: WithDType, A: Acc>(
+/// `dx_rj = (softmax(x_r)_j − [j = target_r])·g_r`, with `log Σ e^x` recovered from the forward's
+/// `nll` (no second reduction).
+fn cpu_backward<T: WithDType, A: Real>(
     x: &[T],
     t: &[usize],
     nll: &[A],
     g: &[A],
     vocab: usize,
 ) -> Vec<T> {
-    let mut dx = Vec::with_capacity(x.len());
-    for (((row, &target), &l), &gi) in x.chunks_exact(vocab).zip(t).zip(nll).zip(g) {
-        let lse = l + A::from_f64(row[target].to_f64());
-        dx.extend(row.iter().enumerate().map(|(j, v)| {
-            let p = (A::from_f64(v.to_f64()) - lse).exp();
-            let onehot = if j == target { A::one() } else { A::zero() };
-            T::from_f64(((p - onehot) * gi).to_f64())
-        }));
-    }
+    let mut dx = crate::cpu::zeros::<T>(x.len());
+    for_each_row(&mut dx, vocab, |r, out| {
+        let row = &x[r * vocab..(r + 1) * vocab];
+        let (target, gr) = (t[r], g[r]);
+        let lse = nll[r] + A::of(row[target]);
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o = ((A::of(v) - lse).exp() * gr).to();
+        }
+        let p_target = (A::of(row[target]) - lse).exp();
+        out[target] = ((p_target - A::one()) * gr).to();
+    });
     dx
 }
 

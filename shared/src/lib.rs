@@ -15,6 +15,7 @@
 //! | [`cross_entropy`] | the loss over a vocabulary as one op (one pass forward, one backward; CUDA kernel on the GPU) |
 //! | [`batching`] | language-model windows and padded sequence-to-sequence batches |
 //! | [`adamw`] | AdamW's update as three in-place passes per tensor (CUDA kernels on the GPU) |
+//! | [`cpu`] | the arithmetic of the custom ops' CPU loops: a vectorisable `exp`, rows spread over the cores |
 //! | [`custom_op`] | the contiguous-slice helpers every custom op's CPU side uses |
 //! | [`train`] | AdamW, cosine schedule, gradient clipping, NaN guard, evaluation, checkpoints |
 //! | [`report`] | PNG charts (lines, heatmaps, bars) and the `results.json` of every run |
@@ -24,6 +25,7 @@ pub mod batching;
 pub mod checkpoint;
 pub mod cli;
 pub mod corpus;
+pub mod cpu;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;

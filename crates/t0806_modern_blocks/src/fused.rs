@@ -31,6 +31,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use half::{bf16, f16};
+use shared::cpu::{for_each_row, for_each_row_costing, sum_by, Real};
 use shared::custom_op::contiguous_slice;
 
 /// `RMSNorm(x)·g` as one op. `x (…, d)`, `g (d,)`; returns `(…, d)` in `x`'s dtype.
@@ -129,70 +130,74 @@ pub(crate) fn rows_and_width(lx: &Layout, lg: &Layout) -> Result<(usize, usize)>
     Ok((lx.shape().elem_count() / d, d))
 }
 
-/// The accumulator type of the CPU loops: f32 (for f32, bf16, f16) or f64.
-trait Acc: WithDType {
-    fn sqrt(self) -> Self;
-}
-impl Acc for f32 {
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-}
-impl Acc for f64 {
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-}
-
-fn acc<T: WithDType, A: Acc>(v: T) -> A {
-    A::from_f64(v.to_f64())
-}
-
-/// `r = 1/√(Σx²/d + ε)` of one row, accumulated in `A`.
-fn inv_rms<T: WithDType, A: Acc>(row: &[T], eps: f64) -> A {
-    let ss = row.iter().fold(A::zero(), |s, &v| {
-        let f: A = acc(v);
-        s + f * f
-    });
+/// `r = 1/√(Σx²/d + ε)` of one row, in the loop's arithmetic `A` (f32 for f32, bf16 and f16,
+/// as the kernel computes; f64 for f64).
+fn inv_rms<T: WithDType, A: Real>(row: &[T], eps: f64) -> A {
+    let ss: A = sum_by(row, |v| A::of(v) * A::of(v));
     A::one() / (ss / A::from_f64(row.len() as f64) + A::from_f64(eps)).sqrt()
 }
 
-/// Forward on the CPU, row by row: `y = x·r·g`.
-fn cpu_forward<T: WithDType, A: Acc>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
-    let mut y = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(d) {
+/// Forward on the CPU, rows over the cores: `y = x·r·g`.
+fn cpu_forward<T: WithDType, A: Real>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
+    let mut y = shared::cpu::zeros::<T>(x.len());
+    for_each_row(&mut y, d, |i, out| {
+        let row = &x[i * d..(i + 1) * d];
         let r: A = inv_rms(row, eps);
-        y.extend(
-            row.iter()
-                .zip(g)
-                .map(|(&v, &w)| T::from_f64((acc::<T, A>(v) * r * acc(w)).to_f64())),
-        );
-    }
+        for ((o, &v), &w) in out.iter_mut().zip(row).zip(g) {
+            *o = (A::of(v) * r * A::of(w)).to();
+        }
+    });
     y
 }
 
-/// Backward on the CPU: `[dx | dg]`.
-fn cpu_backward<T: WithDType, A: Acc>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
-    let mut out = Vec::with_capacity(x.len() + d);
-    let mut dg = vec![A::zero(); d];
-    for (row, drow) in x.chunks_exact(d).zip(dy.chunks_exact(d)) {
-        let r: A = inv_rms(row, eps);
-        let dot = row
-            .iter()
-            .zip(g)
-            .zip(drow)
-            .fold(A::zero(), |s, ((&v, &w), &e)| {
-                s + acc::<T, A>(e) * acc(w) * acc(v)
-            });
-        let c = r * r * r * dot / A::from_f64(d as f64); // r³·mean(dy ⊙ g ⊙ x)
-        for (j, ((&v, &w), &e)) in row.iter().zip(g).zip(drow).enumerate() {
-            let (xf, ef): (A, A) = (acc(v), acc(e));
-            out.push(T::from_f64((r * ef * acc(w) - c * xf).to_f64()));
-            dg[j] += ef * xf * r;
+/// Backward on the CPU: `[dx | dg]` with `dx = r·dy⊙g − r³·mean(dy⊙g⊙x)·x` (rows over the
+/// cores) and `dg = Σ_rows dy⊙x·r` (a second pass, down the rows).
+fn cpu_backward<T: WithDType, A: Real>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
+    let rows = x.len() / d;
+    let mut r = vec![A::zero(); rows];
+    for_each_row_costing(&mut r, 1, d, |i, out| {
+        out[0] = inv_rms(&x[i * d..(i + 1) * d], eps)
+    });
+    let mut out = shared::cpu::zeros::<T>(x.len() + d);
+    let (dx, dg) = out.split_at_mut(x.len());
+    for_each_row(dx, d, |i, out| {
+        let (row, drow, r) = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d], r[i]);
+        let dot: A = dot3(drow, g, row);
+        let c = r * r * r * dot / A::from_f64(d as f64);
+        for (((o, &v), &w), &e) in out.iter_mut().zip(row).zip(g).zip(drow) {
+            *o = (r * A::of(e) * A::of(w) - c * A::of(v)).to();
+        }
+    });
+    let mut dg_acc = vec![A::zero(); d];
+    for ((row, drow), &r) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(&r) {
+        for ((acc, &v), &e) in dg_acc.iter_mut().zip(row).zip(drow) {
+            *acc += A::of(e) * A::of(v) * r;
         }
     }
-    out.extend(dg.iter().map(|v| T::from_f64(v.to_f64())));
+    for (o, a) in dg.iter_mut().zip(dg_acc) {
+        *o = a.to();
+    }
     out
+}
+
+/// `Σⱼ aⱼ·bⱼ·cⱼ` in eight partial sums (as [`shared::cpu::sum_by`]), three slices of one length.
+fn dot3<T: WithDType, A: Real>(a: &[T], b: &[T], c: &[T]) -> A {
+    let mut lanes = [A::zero(); 8];
+    let (mut ca, mut cb, mut cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    for ((x, y), z) in (&mut ca).zip(&mut cb).zip(&mut cc) {
+        for (((l, &x), &y), &z) in lanes.iter_mut().zip(x).zip(y).zip(z) {
+            *l += A::of(x) * A::of(y) * A::of(z);
+        }
+    }
+    let tail = (ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder()))
+    .fold(A::zero(), |s, ((&x, &y), &z)| {
+        s + A::of(x) * A::of(y) * A::of(z)
+    });
+    lanes.iter().fold(tail, |s, &l| s + l)
 }
 
 impl CustomOp2 for FusedRmsNorm {

@@ -21,7 +21,10 @@
 //! [`softmax_last_dim`]: t0801_self_attention::softmax_last_dim
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
+};
+use shared::cpu::{for_each_row, max_of, sum_zip, Real};
 use shared::custom_op::contiguous_slice;
 use t0802_multi_head_attention::{
     fold_query_groups, gemm_operand, AttentionKernel, AttnMask, NaiveAttention,
@@ -114,52 +117,41 @@ impl CausalSoftmax {
         }
     }
 
-    /// The rows in f64 arithmetic, rounded to f32 (f64 stays f64) at the scaled scores, the sum
-    /// and each output, as the kernel rounds its f32 values.
-    fn cpu_forward<T: candle_core::WithDType>(&self, x: &[T]) -> Vec<T> {
-        let mut y = Vec::with_capacity(x.len());
-        let wide = T::DTYPE == DType::F64;
-        let round = |v: f64| if wide { v } else { v as f32 as f64 };
-        for (r, row) in x.chunks_exact(self.n_k).enumerate() {
-            let seen = &row[..=self.last_key(r)];
-            let s: Vec<f64> = seen
-                .iter()
-                .map(|v| round(self.scale * v.to_f64()))
-                .collect();
-            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let sum = round(s.iter().map(|v| (v - max).exp()).sum());
-            y.extend(s.iter().map(|v| T::from_f64(round((v - max).exp() / sum))));
-            y.extend((seen.len()..self.n_k).map(|_| T::zero()));
-        }
+    /// The rows over the cores, in the loop's arithmetic `A` (f32 for f32, bf16 and f16, as the
+    /// kernel computes; f64 for f64). The keys a row may not see are written as zeros unread.
+    fn cpu_forward<T: WithDType, A: Real>(&self, x: &[T]) -> Vec<T> {
+        let mut y = shared::cpu::zeros::<T>(x.len());
+        let (n_k, scale) = (self.n_k, A::from_f64(self.scale));
+        for_each_row(&mut y, n_k, |r, out| {
+            let seen = &x[r * n_k..r * n_k + self.last_key(r) + 1];
+            let max = max_of::<T, A>(seen) * scale;
+            let out = &mut out[..seen.len()];
+            let mut sum = A::zero();
+            for (o, &v) in out.iter_mut().zip(seen) {
+                let e = (A::of(v) * scale - max).exp();
+                sum += e;
+                *o = e.to();
+            }
+            let inv = A::one() / sum;
+            for o in out.iter_mut() {
+                *o = (A::of(*o) * inv).to();
+            }
+        });
         y
     }
 
-    fn cpu_backward<T: candle_core::WithDType>(&self, y: &[T], g: &[T]) -> Vec<T> {
-        let mut dx = Vec::with_capacity(y.len());
-        let wide = T::DTYPE == DType::F64;
-        let round = |v: f64| if wide { v } else { v as f32 as f64 };
-        for (r, (yr, gr)) in y
-            .chunks_exact(self.n_k)
-            .zip(g.chunks_exact(self.n_k))
-            .enumerate()
-        {
-            let last = self.last_key(r);
-            let dot = round(
-                yr[..=last]
-                    .iter()
-                    .zip(&gr[..=last])
-                    .map(|(a, b)| a.to_f64() * b.to_f64())
-                    .sum(),
-            );
-            for (j, (a, b)) in yr.iter().zip(gr).enumerate() {
-                let v = if j <= last {
-                    self.scale * a.to_f64() * (b.to_f64() - dot)
-                } else {
-                    0.0
-                };
-                dx.push(T::from_f64(round(v)));
+    /// `dx = s · y ⊙ (g − Σ_k g_k y_k)` per row, over the cores.
+    fn cpu_backward<T: WithDType, A: Real>(&self, y: &[T], g: &[T]) -> Vec<T> {
+        let mut dx = shared::cpu::zeros::<T>(y.len());
+        let (n_k, scale) = (self.n_k, A::from_f64(self.scale));
+        for_each_row(&mut dx, n_k, |r, out| {
+            let seen = self.last_key(r) + 1;
+            let (yr, gr) = (&y[r * n_k..r * n_k + seen], &g[r * n_k..r * n_k + seen]);
+            let dot: A = sum_zip(yr, gr, |a, b| A::of(a) * A::of(b));
+            for ((o, &a), &b) in out.iter_mut().zip(yr).zip(gr) {
+                *o = (scale * A::of(a) * (A::of(b) - dot)).to();
             }
-        }
+        });
         dx
     }
 }
@@ -175,8 +167,8 @@ impl CustomOp1 for CausalSoftmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         macro_rules! run {
-            ($t:ty, $_a:ty) => {
-                <$t as candle_core::WithDType>::to_cpu_storage_owned(self.cpu_forward::<$t>(
+            ($t:ty, $a:ty) => {
+                <$t as candle_core::WithDType>::to_cpu_storage_owned(self.cpu_forward::<$t, $a>(
                     contiguous_slice(s.as_slice::<$t>()?, l, "causal softmax: scores")?,
                 ))
             };
@@ -215,8 +207,8 @@ impl CustomOp2 for CausalSoftmaxBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         macro_rules! run {
-            ($t:ty, $_a:ty) => {
-                <$t as candle_core::WithDType>::to_cpu_storage_owned(self.0.cpu_backward::<$t>(
+            ($t:ty, $a:ty) => {
+                <$t as candle_core::WithDType>::to_cpu_storage_owned(self.0.cpu_backward::<$t, $a>(
                     contiguous_slice(s1.as_slice::<$t>()?, l1, "causal softmax: output")?,
                     contiguous_slice(s2.as_slice::<$t>()?, l2, "causal softmax: gradient")?,
                 ))
@@ -244,7 +236,7 @@ mod cuda {
     use super::*;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::CudaStorage;
+    use candle_core::{CudaStorage, DType};
     use shared::cuda::{contiguous_views, load_kernel};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));

@@ -10,12 +10,13 @@
 //! ```
 //!
 //! one pass forward, one backward (writing `[da | db]` into one buffer: a custom op has one
-//! output). On the CPU, loops; on CUDA, `kernels/swiglu.cu` (`cuda` feature only).
+//! output). On the CPU, loops in f32 over the cores ([`shared::cpu`]); on CUDA, `kernels/swiglu.cu` (`cuda` feature only).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
+use shared::cpu::Real;
 use shared::custom_op::contiguous_slice;
 
 /// `SiLU(a) ⊙ b` for `a`, `b` of one shape and dtype; differentiable in both.
@@ -39,41 +40,48 @@ struct SwiGluGate;
 #[derive(Debug, Clone, Copy)]
 struct SwiGluGateBackward;
 
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
+/// `σ(x) = 1/(1 + e⁻ˣ)` in the loop's arithmetic `A` (f32, or f64 for f64 tensors).
+#[inline(always)]
+fn sigmoid<A: Real>(x: A) -> A {
+    A::one() / (A::one() + (A::zero() - x).exp())
 }
 
-/// Values in f32 arithmetic for f32/bf16/f16 (rounded to f32 like the kernel), f64 for f64.
-fn round<T: WithDType>(x: f64) -> f64 {
-    if T::DTYPE == DType::F64 {
-        x
-    } else {
-        x as f32 as f64
-    }
+/// Elements per task of the row-parallel loops (the gate is element-wise: any split will do).
+const CHUNK: usize = 4096;
+
+/// `h = a·σ(a)·b`, in f32 arithmetic for f32/bf16/f16 (as the kernel computes), f64 for f64.
+fn cpu_forward<T: WithDType, A: Real>(a: &[T], b: &[T]) -> Vec<T> {
+    let mut h = shared::cpu::zeros::<T>(a.len());
+    shared::cpu::for_each_row(&mut h, CHUNK, |i, out| {
+        let (a, b) = (&a[i * CHUNK..], &b[i * CHUNK..]);
+        for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+            let x = A::of(a);
+            *o = (x * sigmoid(x) * A::of(b)).to();
+        }
+    });
+    h
 }
 
-fn cpu_forward<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
-    a.iter()
-        .zip(b)
-        .map(|(&a, &b)| {
-            let x = a.to_f64();
-            T::from_f64(round::<T>(x * sigmoid(x) * b.to_f64()))
-        })
-        .collect()
-}
-
-fn cpu_backward<T: WithDType>(a: &[T], b: &[T], g: &[T]) -> Vec<T> {
-    let mut out = Vec::with_capacity(2 * a.len());
-    let sig: Vec<f64> = a.iter().map(|x| sigmoid(x.to_f64())).collect();
-    for ((&x, &y), (&gi, &s)) in a.iter().zip(b).zip(g.iter().zip(&sig)) {
-        let (x, gi) = (x.to_f64(), gi.to_f64());
-        out.push(T::from_f64(round::<T>(
-            gi * y.to_f64() * s * (1.0 + x * (1.0 - s)),
-        )));
-    }
-    for ((&x, &gi), &s) in a.iter().zip(g).zip(&sig) {
-        out.push(T::from_f64(round::<T>(gi.to_f64() * x.to_f64() * s)));
-    }
+/// `[da | db]` with `da = g·b·σ(a)·(1 + a·(1 − σ(a)))` and `db = g·a·σ(a)`.
+fn cpu_backward<T: WithDType, A: Real>(a: &[T], b: &[T], g: &[T]) -> Vec<T> {
+    let n = a.len();
+    let mut out = shared::cpu::zeros::<T>(2 * n);
+    let (da, db) = out.split_at_mut(n);
+    shared::cpu::for_each_row(da, CHUNK, |i, da| {
+        let at = i * CHUNK;
+        let (a, b, g) = (&a[at..], &b[at..], &g[at..]);
+        for (((d, &x), &y), &gi) in da.iter_mut().zip(a).zip(b).zip(g) {
+            let (x, s) = (A::of(x), sigmoid(A::of(x)));
+            *d = (A::of(gi) * A::of(y) * s * (A::one() + x * (A::one() - s))).to();
+        }
+    });
+    shared::cpu::for_each_row(db, CHUNK, |i, db| {
+        let at = i * CHUNK;
+        for ((d, &x), &gi) in db.iter_mut().zip(&a[at..]).zip(&g[at..]) {
+            let x = A::of(x);
+            *d = (A::of(gi) * x * sigmoid(x)).to();
+        }
+    });
     out
 }
 
@@ -90,8 +98,8 @@ impl CustomOp2 for SwiGluGate {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         macro_rules! run {
-            ($t:ty, $_a:ty) => {
-                <$t>::to_cpu_storage_owned(cpu_forward::<$t>(
+            ($t:ty, $a:ty) => {
+                <$t>::to_cpu_storage_owned(cpu_forward::<$t, $a>(
                     contiguous_slice(s1.as_slice::<$t>()?, l1, "swiglu gate: a")?,
                     contiguous_slice(s2.as_slice::<$t>()?, l2, "swiglu gate: b")?,
                 ))
@@ -142,8 +150,8 @@ impl CustomOp3 for SwiGluGateBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         macro_rules! run {
-            ($t:ty, $_a:ty) => {
-                <$t>::to_cpu_storage_owned(cpu_backward::<$t>(
+            ($t:ty, $a:ty) => {
+                <$t>::to_cpu_storage_owned(cpu_backward::<$t, $a>(
                     contiguous_slice(s1.as_slice::<$t>()?, l1, "swiglu gate: a")?,
                     contiguous_slice(s2.as_slice::<$t>()?, l2, "swiglu gate: b")?,
                     contiguous_slice(s3.as_slice::<$t>()?, l3, "swiglu gate: gradient")?,
@@ -175,7 +183,7 @@ mod cuda {
     use super::*;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::CudaStorage;
+    use candle_core::{CudaStorage, DType};
     use shared::cuda::{contiguous_views, load_kernel};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));

@@ -14,6 +14,7 @@
 use crate::RopeTables;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use shared::cpu::{for_each_row, Real};
 use shared::custom_op::contiguous_slice;
 
 /// RoPE of `x (batch, heads, seq, d_head)` at positions `start_pos …`, as one op: the same values
@@ -47,7 +48,9 @@ fn dims(lx: &Layout, lc: &Layout) -> Result<(usize, usize)> {
     Ok((seq, half))
 }
 
-fn cpu_rope<T: WithDType>(
+/// `(x₂ₖ, x₂ₖ₊₁) → (x₂ₖ·cos − x₂ₖ₊₁·sin, x₂ₖ·sin + x₂ₖ₊₁·cos)` at each row's position, in f32
+/// (f64 for f64 tensors), rows of `(batch·heads·seq)` over the cores.
+fn cpu_rope<T: WithDType, A: Real>(
     x: &[T],
     cos: &[f32],
     sin: &[f32],
@@ -55,17 +58,25 @@ fn cpu_rope<T: WithDType>(
     half: usize,
     sign: f64,
 ) -> Vec<T> {
-    let mut y = Vec::with_capacity(x.len());
-    for (p, pair) in x.chunks_exact(2).enumerate() {
-        let (k, pos) = (p % half, (p / half) % seq);
-        let (c, s) = (
-            cos[pos * half + k] as f64,
-            sign * sin[pos * half + k] as f64,
-        );
-        let (re, im) = (pair[0].to_f64(), pair[1].to_f64());
-        y.push(T::from_f64(re * c - im * s));
-        y.push(T::from_f64(re * s + im * c));
-    }
+    let mut y = shared::cpu::zeros::<T>(x.len());
+    let d = 2 * half;
+    let sign = A::from_f64(sign);
+    for_each_row(&mut y, d, |row, out| {
+        let pos = row % seq;
+        let (cos, sin) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+        let xr = &x[row * d..][..d];
+        for (((o, p), &c), &s) in out
+            .chunks_exact_mut(2)
+            .zip(xr.chunks_exact(2))
+            .zip(cos)
+            .zip(sin)
+        {
+            let (c, s) = (A::from_f64(c as f64), sign * A::from_f64(s as f64));
+            let (re, im) = (A::of(p[0]), A::of(p[1]));
+            o[0] = (re * c - im * s).to();
+            o[1] = (re * s + im * c).to();
+        }
+    });
     y
 }
 
@@ -88,8 +99,8 @@ impl CustomOp3 for FusedRope {
         let sin = contiguous_slice(ss.as_slice::<f32>()?, ls, "fused RoPE: sin")?;
         let sign = if self.inverse { -1.0 } else { 1.0 };
         macro_rules! run {
-            ($t:ty, $_a:ty) => {
-                <$t>::to_cpu_storage_owned(cpu_rope(
+            ($t:ty, $a:ty) => {
+                <$t>::to_cpu_storage_owned(cpu_rope::<$t, $a>(
                     contiguous_slice(sx.as_slice::<$t>()?, lx, "fused RoPE: x")?,
                     cos,
                     sin,
