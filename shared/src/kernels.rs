@@ -13,8 +13,8 @@
 //!
 //! Defaults: [`Kernels::for_device`] gives the fastest correct choice, every fused op plus
 //! FlashAttention, on CUDA and on the CPU alike (each op's CPU loops are vectorised and spread
-//! over the cores, [`crate::cpu`]). Binaries take `--kernels composed|fused` and per-op overrides; the
-//! composed ops are the ones a learner reads line by line.
+//! over the cores, [`crate::cpu`]). Binaries take `--kernels composed|fused` and per-op
+//! overrides; the composed ops are the ones a learner reads line by line.
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
@@ -139,7 +139,7 @@ impl Kernels {
 /// `--embedding gather|index-select` override one op each.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct KernelArgs {
-    /// Base choice for every op (default: composed on the CPU, fused + FlashAttention on CUDA).
+    /// Base choice for every op (default: every fused op + FlashAttention, on the CPU and CUDA).
     #[arg(long, value_enum)]
     pub kernels: Option<KernelBase>,
     /// RMSNorm (8-06).

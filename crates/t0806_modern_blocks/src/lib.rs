@@ -196,8 +196,8 @@ pub fn modern(cfg: LmConfig) -> LmConfig {
     }
 }
 
-/// The fastest kernels this rung builds on `device`: on CUDA the fused RMSNorm, SwiGLU gate and
-/// causal softmax (naive attention: FlashAttention arrives in 8-09); on the CPU the composed ops.
+/// The fastest kernels this rung builds on `device`, the CPU or CUDA: the fused RMSNorm, SwiGLU
+/// gate and causal softmax, with naive attention (FlashAttention arrives in 8-09).
 pub fn fastest_kernels(device: &Device) -> Kernels {
     Kernels::for_device(device).with_attention(AttentionImpl::Naive)
 }

@@ -29,7 +29,7 @@ const TOPIC: &str = "t0806_modern_blocks";
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// How the ops run (default: fused RMSNorm, SwiGLU gate and softmax on CUDA, composed on the CPU).
+    /// How the ops run (default: the fused RMSNorm, SwiGLU gate and softmax, on the CPU and CUDA).
     #[command(flatten)]
     kernels: KernelArgs,
     #[command(flatten)]

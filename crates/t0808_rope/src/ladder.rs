@@ -24,8 +24,8 @@ pub fn llama(shape: LmShape, n_kv_heads: usize) -> LmConfig {
     with_rope(t0807_grouped_query_attention::grouped(rung1, n_kv_heads))
 }
 
-/// The fastest kernels up to this rung on `device` (fused norm, SwiGLU, softmax and RoPE on CUDA;
-/// composed on the CPU; naive attention until 8-09).
+/// The fastest kernels up to this rung on `device` (fused norm, SwiGLU, softmax and RoPE, on the
+/// CPU and on CUDA; naive attention until 8-09).
 pub fn fastest_kernels(device: &Device) -> Kernels {
     t0806_modern_blocks::fastest_kernels(device)
 }

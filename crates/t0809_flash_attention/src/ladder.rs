@@ -48,8 +48,8 @@ impl AttentionKernel for FlashAttentionKernel {
     }
 }
 
-/// The fastest kernels of the whole ladder on `device`: every fused op and FlashAttention on
-/// CUDA, composed ops on the CPU.
+/// The fastest kernels of the whole ladder on `device`: every fused op and FlashAttention, on
+/// the CPU and on CUDA.
 pub fn fastest_kernels(device: &Device) -> Kernels {
     Kernels::for_device(device)
 }

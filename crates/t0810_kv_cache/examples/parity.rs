@@ -10,8 +10,8 @@
 //! `cargo run --release -p t0810_kv_cache --example parity -- --dump DIR [--steps 200]
 //!  [--batch 16] [--device cuda] [--data-dir DIR] [--kernels composed|fused] [--attention naive|flash]`
 //!
-//! How the ops run is the run's kernels (default: fused ops and FlashAttention on CUDA, composed
-//! ops on the CPU); the parameters, batches and schedule are the same whatever they are.
+//! How the ops run is the run's kernels (default: every fused op and FlashAttention, on the CPU
+//! and on CUDA); the parameters, batches and schedule are the same whatever they are.
 //!
 //! Then, with the twin's result (`pytorch_twin.py parity DIR --json TWIN.json`):
 //! `... --example parity -- --plot TWIN.json --dump DIR` draws both curves and their relative

@@ -12,8 +12,8 @@
 //! ```
 //!
 //! Every command builds the top rung of the ladder (the LLaMA recipe, `t0808_rope::llama`) with
-//! 8-09's parts; `--kernels`, `--norm`, `--attention`, … choose how its ops run (default: fused
-//! ops and FlashAttention on CUDA, composed ops on the CPU).
+//! 8-09's parts; `--kernels`, `--norm`, `--attention`, … choose how its ops run (default: every
+//! fused op and FlashAttention, on the CPU and on CUDA; `--kernels composed` for the composed ops).
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
