@@ -101,18 +101,16 @@ fn cpu() -> PickedDevice {
 /// Candle's CPU backend has two pools: its own for element-wise ops, whose workers spin for a
 /// while after each op waiting for the next, and rayon's, which runs matrix products (and this
 /// project's CPU kernels, [`crate::cpu`]). Both are as large as the machine, so while a matmul
-/// runs on rayon's threads the other pool's workers spin on the same cores. Measured on the
-/// 2-core build machine (2026-12-05, `t0810_kv_cache train-bench` at the small LLaMA shape, fused
-/// ops): 16–18.5k training tokens/s with both pools, 19–21k with element-wise ops on the calling
-/// thread (`reports/cpu-bench/`). So candle's element-wise pool is given one thread (the caller);
-/// the cores go to the matmuls and the fused kernels, which are where the time is. This must run
-/// before candle's first element-wise op (it reads the variable once): [`pick_device`] is the
+/// runs on rayon's threads the other pool's workers spin on the same cores (`perf` on the 2-core
+/// build machine: 37 % of all samples, `reports/cpu-bench/runs/2026-12-05/perf/`). So candle's
+/// element-wise pool is given one thread (the caller); the cores go to the matmuls and the fused
+/// kernels, which are where the time is. This must run before candle's first element-wise op (it reads the variable once): [`pick_device`] is the
 /// first thing every binary does.
 ///
 /// The matmul's thread count is set as well (`RAYON_NUM_THREADS`, to the cores this process may
 /// use, which is also rayon's own default): without it candle works the count out again for every
-/// matmul by parsing `/proc/cpuinfo`, a quarter of the time of a CPU decode step (measured with
-/// `perf` on the same machine and date).
+/// matmul by parsing `/proc/cpuinfo`, about a quarter of a CPU decode step's `perf` samples (same
+/// folder).
 fn one_cpu_thread_pool() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
