@@ -15,7 +15,7 @@
 //! gradients need not be rescaled first. On the CPU, loops; on CUDA, `kernels/adamw.cu`.
 //! Arithmetic in f32 (f64 for f64 parameters), each stored value rounded once.
 
-use crate::cpu::{for_each_row, Real};
+use crate::cpu::{for_each_row, Element, Real};
 use crate::custom_op::contiguous_range;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, WithDType};
@@ -244,7 +244,7 @@ struct Update {
 
 /// `m ← β·m + (1 − β)·x` with `x = s·g` (or `(s·g)²`), in `A` arithmetic (f32, or f64 for f64
 /// tensors), rounded once to `T`.
-fn cpu_moment<T: WithDType, A: Real>(m: &mut [T], g: &[T], op: &Moment, scale: f64) {
+fn cpu_moment<T: Element, A: Real>(m: &mut [T], g: &[T], op: &Moment, scale: f64) {
     let (beta, scale) = (A::from_f64(op.beta), A::from_f64(scale));
     let one_minus_beta = A::from_f64(1.0 - op.beta);
     let square = op.square;
@@ -258,7 +258,7 @@ fn cpu_moment<T: WithDType, A: Real>(m: &mut [T], g: &[T], op: &Moment, scale: f
 }
 
 /// `θ ← θ·(1 − lr·λ) − lr·(m/bc₁)/(√(v/bc₂) + ε)`, in `A` arithmetic, rounded once to `T`.
-fn cpu_update<T: WithDType, A: Real>(theta: &mut [T], m: &[T], v: &[T], op: &Update) {
+fn cpu_update<T: Element, A: Real>(theta: &mut [T], m: &[T], v: &[T], op: &Update) {
     let (bc1, bc2, eps) = (
         A::from_f64(op.bc1),
         A::from_f64(op.bc2),

@@ -2,8 +2,9 @@
 //!
 //! - [`Real`], the arithmetic they compute in: f32 for f32, bf16 and f16 tensors (as the CUDA
 //!   kernels do), f64 for f64 tensors (the tests' references);
-//! - [`exp_f32`], an `eˣ` the compiler can vectorise: libm's `expf` is a call per element, and a
-//!   softmax, a SiLU or a cross-entropy spends most of its time there;
+//! - [`exp_f32`] and [`tanh_f32`], an `eˣ` and a `tanh` the compiler can vectorise: libm's `expf`
+//!   and `tanhf` are a call per element, and a softmax, a SiLU, a GELU, an LSTM cell or a
+//!   cross-entropy spends most of its time there;
 //! - [`for_each_row`], which spreads the rows of an output over the cores when there are enough
 //!   of them to pay for the hand-over.
 //!
@@ -16,26 +17,88 @@ use rayon::prelude::*;
 /// The arithmetic of a CPU loop: `f32` or `f64`, with the few functions the ops need.
 pub trait Real: WithDType + PartialOrd + std::ops::AddAssign + Send + Sync {
     fn exp(self) -> Self;
+    fn tanh(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     fn maximum(self, other: Self) -> Self;
     fn neg_infinity() -> Self;
+    /// The logistic function `σ(x) = 1/(1 + e⁻ˣ)` (0 and 1 at the infinities).
+    #[inline(always)]
+    fn sigmoid(self) -> Self {
+        Self::one() / (Self::one() + (Self::zero() - self).exp())
+    }
     /// From a tensor element of type `T` (exact for f32 → f32, f64 → f64 and the halves → f32).
-    #[inline(always)]
-    fn of<T: WithDType>(v: T) -> Self {
-        Self::from_f64(v.to_f64())
-    }
+    fn of<T: Element>(v: T) -> Self;
     /// Back to a tensor element of type `T` (rounded once).
-    #[inline(always)]
-    fn to<T: WithDType>(self) -> T {
-        T::from_f64(self.to_f64())
-    }
+    fn to<T: Element>(self) -> T;
 }
+
+/// A tensor element the CPU loops read and write (f32, f64, bf16, f16), with conversions the
+/// compiler always inlines: Candle's `WithDType::to_f64`/`from_f64` are calls into another crate,
+/// which a dev build does not inline, and a call per element stops a loop from being vectorised.
+pub trait Element: WithDType {
+    fn as_f32(self) -> f32;
+    fn as_f64(self) -> f64;
+    fn of_f32(v: f32) -> Self;
+    fn of_f64(v: f64) -> Self;
+}
+
+macro_rules! element {
+    ($t:ty, $to32:expr, $to64:expr, $from32:expr, $from64:expr) => {
+        impl Element for $t {
+            #[inline(always)]
+            fn as_f32(self) -> f32 {
+                $to32(self)
+            }
+            #[inline(always)]
+            fn as_f64(self) -> f64 {
+                $to64(self)
+            }
+            #[inline(always)]
+            fn of_f32(v: f32) -> Self {
+                $from32(v)
+            }
+            #[inline(always)]
+            fn of_f64(v: f64) -> Self {
+                $from64(v)
+            }
+        }
+    };
+}
+
+element!(f32, |v| v, |v: f32| v as f64, |v| v, |v: f64| v as f32);
+element!(f64, |v: f64| v as f32, |v| v, |v: f32| v as f64, |v| v);
+element!(
+    half::bf16,
+    half::bf16::to_f32,
+    half::bf16::to_f64,
+    half::bf16::from_f32,
+    half::bf16::from_f64
+);
+element!(
+    half::f16,
+    half::f16::to_f32,
+    half::f16::to_f64,
+    half::f16::from_f32,
+    half::f16::from_f64
+);
 
 impl Real for f32 {
     #[inline(always)]
+    fn of<T: Element>(v: T) -> Self {
+        v.as_f32()
+    }
+    #[inline(always)]
+    fn to<T: Element>(self) -> T {
+        T::of_f32(self)
+    }
+    #[inline(always)]
     fn exp(self) -> Self {
         exp_f32(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        tanh_f32(self)
     }
     #[inline(always)]
     fn ln(self) -> Self {
@@ -56,8 +119,20 @@ impl Real for f32 {
 
 impl Real for f64 {
     #[inline(always)]
+    fn of<T: Element>(v: T) -> Self {
+        v.as_f64()
+    }
+    #[inline(always)]
+    fn to<T: Element>(self) -> T {
+        T::of_f64(self)
+    }
+    #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        f64::tanh(self)
     }
     #[inline(always)]
     fn ln(self) -> Self {
@@ -114,6 +189,33 @@ pub fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// `tanh x` in f32, within a few ulp of the exact value, without a branch or a library call (as
+/// [`exp_f32`]). Two formulas, both computed and one selected:
+///
+/// - `|x| ≥ 0.4`: `tanh|x| = (1 − e^(−2|x|)) / (1 + e^(−2|x|))` with the sign put back. The
+///   numerator loses no precision there (`e^(−0.8) ≈ 0.45`), and `e^(−2|x|)` underflows to 0 for
+///   large `|x|`, which gives exactly ±1.
+/// - `|x| < 0.4`: the odd Taylor series to `x¹³`, `x − x³/3 + 2x⁵/15 − …` (the next term is below
+///   `0.0015·0.4¹⁵ ≈ 1.6·10⁻⁹`), because near 0 the quotient above would subtract two numbers
+///   close to 1.
+#[inline(always)]
+pub fn tanh_f32(x: f32) -> f32 {
+    let a = x.abs();
+    let e = exp_f32(-2.0 * a);
+    let far = (1.0 - e) / (1.0 + e);
+    let z = x * x;
+    let near = a
+        * (1.0
+            + z * (-1.0 / 3.0
+                + z * (2.0 / 15.0
+                    + z * (-17.0 / 315.0
+                        + z * (62.0 / 2835.0
+                            + z * (-1382.0 / 155_925.0 + z * (21_844.0 / 6_081_075.0)))))));
+    let t = if a < 0.4 { near } else { far };
+    let t = if x.is_nan() { x } else { t };
+    t.copysign(x)
+}
+
 /// `Σᵢ f(xᵢ)` in eight interleaved partial sums, which the compiler keeps in SIMD registers (a
 /// single running sum is a chain of dependent additions it may not reorder).
 #[inline(always)]
@@ -150,7 +252,7 @@ pub fn sum_zip<T: Copy, U: Copy, A: Real>(xs: &[T], ys: &[U], f: impl Fn(T, U) -
 
 /// `maxᵢ xᵢ` (as `A`) in eight interleaved lanes, as [`sum_by`]; `−∞` for an empty slice.
 #[inline(always)]
-pub fn max_of<T: WithDType, A: Real>(xs: &[T]) -> A {
+pub fn max_of<T: Element, A: Real>(xs: &[T]) -> A {
     let mut lanes = [A::neg_infinity(); 8];
     let mut chunks = xs.chunks_exact(8);
     for c in &mut chunks {
@@ -252,6 +354,51 @@ mod tests {
         assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
         assert_eq!(exp_f32(100.0), f32::INFINITY);
         assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn tanh_f32_is_within_a_few_ulp_of_the_exact_value() {
+        let mut worst = 0;
+        let mut x = -12.0f32;
+        while x <= 12.0 {
+            let exact = (x as f64).tanh() as f32;
+            worst = worst.max(ulps(tanh_f32(x), exact));
+            x += 0.000_71;
+        }
+        for x in [
+            1e-30f32,
+            1e-8,
+            1e-3,
+            0.399_999_98,
+            0.4,
+            0.400_000_1,
+            9.0,
+            20.0,
+        ] {
+            for x in [x, -x] {
+                worst = worst.max(ulps(tanh_f32(x), (x as f64).tanh() as f32));
+            }
+        }
+        assert!(worst <= 3, "worst error {worst} ulp");
+        assert_eq!(tanh_f32(0.0), 0.0);
+        assert_eq!(tanh_f32(f32::INFINITY), 1.0);
+        assert_eq!(tanh_f32(f32::NEG_INFINITY), -1.0);
+        assert_eq!(tanh_f32(-100.0), -1.0);
+        assert!(tanh_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn sigmoid_saturates_to_zero_and_one() {
+        assert_eq!(Real::sigmoid(f32::NEG_INFINITY), 0.0f32);
+        assert_eq!(Real::sigmoid(f32::INFINITY), 1.0f32);
+        assert_eq!(Real::sigmoid(0.0f32), 0.5);
+        for x in [-20.0f32, -3.0, -0.1, 0.7, 5.0] {
+            let exact = 1.0 / (1.0 + (-(x as f64)).exp());
+            assert!(
+                (Real::sigmoid(x) as f64 - exact).abs() <= 2e-7 * exact,
+                "σ({x})"
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! instead of reducing the row again. On the CPU it is a loop over rows; on CUDA it launches
 //! `kernels/cross_entropy.cu`. Every sum is in f32 (f64 for f64 logits).
 
-use crate::cpu::{for_each_row, for_each_row_costing, max_of, sum_by, Real};
+use crate::cpu::{for_each_row, for_each_row_costing, max_of, sum_by, Element, Real};
 use crate::custom_op::contiguous_slice;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -70,7 +70,7 @@ fn cpu_targets(s: &CpuStorage, l: &Layout, vocab: usize) -> Result<Vec<usize>> {
 
 /// `nll_r = log Σⱼ e^{x_rj} − x_r,target`, row by row (max-shifted), in the loop's arithmetic `A`
 /// (f32, or f64 for f64 logits).
-fn cpu_forward<T: WithDType, A: Real>(x: &[T], t: &[usize], vocab: usize) -> Vec<A> {
+fn cpu_forward<T: Element, A: Real>(x: &[T], t: &[usize], vocab: usize) -> Vec<A> {
     let mut nll = vec![A::zero(); t.len()];
     for_each_row_costing(&mut nll, 1, vocab, |r, out| {
         let row = &x[r * vocab..(r + 1) * vocab];
@@ -83,7 +83,7 @@ fn cpu_forward<T: WithDType, A: Real>(x: &[T], t: &[usize], vocab: usize) -> Vec
 
 /// `dx_rj = (softmax(x_r)_j − [j = target_r])·g_r`, with `log Σ e^x` recovered from the forward's
 /// `nll` (no second reduction).
-fn cpu_backward<T: WithDType, A: Real>(
+fn cpu_backward<T: Element, A: Real>(
     x: &[T],
     t: &[usize],
     nll: &[A],

@@ -74,7 +74,7 @@ impl Activation {
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Activation::Relu => x.relu(),
-            Activation::Gelu => x.gelu(),
+            Activation::Gelu => crate::gelu::gelu(x),
         }
     }
 }

@@ -23,6 +23,7 @@
 
 pub mod blocks;
 pub mod config;
+pub mod gelu;
 pub mod lm;
 
 pub use blocks::*;

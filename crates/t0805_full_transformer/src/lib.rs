@@ -18,10 +18,11 @@
 //!
 //! During training the decoder is **teacher-forced**: its input is `<s>` followed by the target
 //! shifted right, and all positions are predicted in one parallel pass. At inference it runs
-//! autoregressively ([`Transformer::generate`]). The LSTM baseline is in [`lstm`], the WikiText-2
+//! autoregressively ([`Transformer::generate`]). The LSTM baseline is in [`lstm`] (its cell in [`lstm_cell`]), the WikiText-2
 //! continuation task in [`task`].
 
 pub mod lstm;
+pub mod lstm_cell;
 pub mod task;
 
 use candle_core::{bail, DType, Result, Tensor, D};

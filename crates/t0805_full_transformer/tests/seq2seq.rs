@@ -314,3 +314,65 @@ fn checkpoint_resume_reproduces_the_next_step_loss() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// Our LSTM layer (raw parameters, input projection hoisted out of the time loop) against
+/// candle-nn's `LSTM` given the same weights: same hidden states at every step, same final state,
+/// with the composed and the fused cell.
+#[test]
+fn lstm_layer_equals_candle_nn_lstm() -> anyhow::Result<()> {
+    use candle_nn::rnn::{LSTMConfig, LSTMState, RNN};
+    use shared::kernels::OpImpl;
+    use t0805_full_transformer::lstm::LstmLayer;
+    use t0805_full_transformer::lstm_cell::LstmState;
+    let dev = candle_core::Device::Cpu;
+    let (batch, len, d_in, hidden) = (3, 6, 5, 4);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let mut ours = LstmLayer::new(vb, d_in, hidden)?;
+    let b_ih = Tensor::randn(0f64, 0.5, 4 * hidden, &dev)?;
+    let b_hh = Tensor::randn(0f64, 0.5, 4 * hidden, &dev)?;
+    ours.bias = (&b_ih + &b_hh)?;
+    let tensors = std::collections::HashMap::from([
+        ("weight_ih_l0".to_string(), ours.w_ih.clone()),
+        ("weight_hh_l0".to_string(), ours.w_hh.clone()),
+        ("bias_ih_l0".to_string(), b_ih),
+        ("bias_hh_l0".to_string(), b_hh),
+    ]);
+    let reference = candle_nn::lstm(
+        d_in,
+        hidden,
+        LSTMConfig::default(),
+        VarBuilder::from_tensors(tensors, DType::F64, &dev),
+    )?;
+    let x = Tensor::randn(0f64, 1.0, (batch, len, d_in), &dev)?;
+    let h0 = Tensor::randn(0f64, 1.0, (batch, hidden), &dev)?;
+    let c0 = Tensor::randn(0f64, 1.0, (batch, hidden), &dev)?;
+    let states = reference.seq_init(
+        &x,
+        &LSTMState {
+            h: h0.clone(),
+            c: c0.clone(),
+        },
+    )?;
+    let expected = reference.states_to_tensor(&states)?;
+    let last = states.last().expect("steps");
+    for cell in [OpImpl::Composed, OpImpl::Fused] {
+        let init = LstmState {
+            h: h0.clone(),
+            c: c0.clone(),
+        };
+        let (out, fin) = ours.forward(&x, Some(&init), cell)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+        };
+        assert!(diff(&out, &expected)? < 1e-12, "{cell:?}: outputs");
+        assert!(diff(&fin.h, last.h())? < 1e-12, "{cell:?}: final h");
+        assert!(diff(&fin.c, last.c())? < 1e-12, "{cell:?}: final c");
+        let stepped = ours.step(&x.narrow(1, 0, 1)?.squeeze(1)?, &init, cell)?;
+        assert!(
+            diff(&stepped.h, &states[0].h)? < 1e-12,
+            "{cell:?}: one step"
+        );
+    }
+    Ok(())
+}

@@ -31,7 +31,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use half::{bf16, f16};
-use shared::cpu::{for_each_row, for_each_row_costing, sum_by, Real};
+use shared::cpu::{for_each_row, for_each_row_costing, sum_by, Element, Real};
 use shared::custom_op::contiguous_slice;
 
 /// `RMSNorm(x)·g` as one op. `x (…, d)`, `g (d,)`; returns `(…, d)` in `x`'s dtype.
@@ -132,13 +132,13 @@ pub(crate) fn rows_and_width(lx: &Layout, lg: &Layout) -> Result<(usize, usize)>
 
 /// `r = 1/√(Σx²/d + ε)` of one row, in the loop's arithmetic `A` (f32 for f32, bf16 and f16,
 /// as the kernel computes; f64 for f64).
-fn inv_rms<T: WithDType, A: Real>(row: &[T], eps: f64) -> A {
+fn inv_rms<T: Element, A: Real>(row: &[T], eps: f64) -> A {
     let ss: A = sum_by(row, |v| A::of(v) * A::of(v));
     A::one() / (ss / A::from_f64(row.len() as f64) + A::from_f64(eps)).sqrt()
 }
 
 /// Forward on the CPU, rows over the cores: `y = x·r·g`.
-fn cpu_forward<T: WithDType, A: Real>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
+fn cpu_forward<T: Element, A: Real>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
     let mut y = shared::cpu::zeros::<T>(x.len());
     for_each_row(&mut y, d, |i, out| {
         let row = &x[i * d..(i + 1) * d];
@@ -152,7 +152,7 @@ fn cpu_forward<T: WithDType, A: Real>(x: &[T], g: &[T], d: usize, eps: f64) -> V
 
 /// Backward on the CPU: `[dx | dg]` with `dx = r·dy⊙g − r³·mean(dy⊙g⊙x)·x` (rows over the
 /// cores) and `dg = Σ_rows dy⊙x·r` (a second pass, down the rows).
-fn cpu_backward<T: WithDType, A: Real>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
+fn cpu_backward<T: Element, A: Real>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
     let rows = x.len() / d;
     let mut r = vec![A::zero(); rows];
     for_each_row_costing(&mut r, 1, d, |i, out| {
@@ -181,7 +181,7 @@ fn cpu_backward<T: WithDType, A: Real>(x: &[T], g: &[T], dy: &[T], d: usize, eps
 }
 
 /// `Σⱼ aⱼ·bⱼ·cⱼ` in eight partial sums (as [`shared::cpu::sum_by`]), three slices of one length.
-fn dot3<T: WithDType, A: Real>(a: &[T], b: &[T], c: &[T]) -> A {
+fn dot3<T: Element, A: Real>(a: &[T], b: &[T], c: &[T]) -> A {
     let mut lanes = [A::zero(); 8];
     let (mut ca, mut cb, mut cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
     for ((x, y), z) in (&mut ca).zip(&mut cb).zip(&mut cc) {

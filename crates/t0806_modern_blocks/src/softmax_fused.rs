@@ -21,10 +21,8 @@
 //! [`softmax_last_dim`]: t0801_self_attention::softmax_last_dim
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
-};
-use shared::cpu::{for_each_row, max_of, sum_zip, Real};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use shared::cpu::{for_each_row, max_of, sum_zip, Element, Real};
 use shared::custom_op::contiguous_slice;
 use t0802_multi_head_attention::{
     fold_query_groups, gemm_operand, AttentionKernel, AttnMask, NaiveAttention,
@@ -119,7 +117,7 @@ impl CausalSoftmax {
 
     /// The rows over the cores, in the loop's arithmetic `A` (f32 for f32, bf16 and f16, as the
     /// kernel computes; f64 for f64). The keys a row may not see are written as zeros unread.
-    fn cpu_forward<T: WithDType, A: Real>(&self, x: &[T]) -> Vec<T> {
+    fn cpu_forward<T: Element, A: Real>(&self, x: &[T]) -> Vec<T> {
         let mut y = shared::cpu::zeros::<T>(x.len());
         let (n_k, scale) = (self.n_k, A::from_f64(self.scale));
         for_each_row(&mut y, n_k, |r, out| {
@@ -141,7 +139,7 @@ impl CausalSoftmax {
     }
 
     /// `dx = s · y ⊙ (g − Σ_k g_k y_k)` per row, over the cores.
-    fn cpu_backward<T: WithDType, A: Real>(&self, y: &[T], g: &[T]) -> Vec<T> {
+    fn cpu_backward<T: Element, A: Real>(&self, y: &[T], g: &[T]) -> Vec<T> {
         let mut dx = shared::cpu::zeros::<T>(y.len());
         let (n_k, scale) = (self.n_k, A::from_f64(self.scale));
         for_each_row(&mut dx, n_k, |r, out| {

@@ -16,7 +16,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
-use shared::cpu::Real;
+use shared::cpu::{Element, Real};
 use shared::custom_op::contiguous_slice;
 
 /// `SiLU(a) ⊙ b` for `a`, `b` of one shape and dtype; differentiable in both.
@@ -50,7 +50,7 @@ fn sigmoid<A: Real>(x: A) -> A {
 const CHUNK: usize = 4096;
 
 /// `h = a·σ(a)·b`, in f32 arithmetic for f32/bf16/f16 (as the kernel computes), f64 for f64.
-fn cpu_forward<T: WithDType, A: Real>(a: &[T], b: &[T]) -> Vec<T> {
+fn cpu_forward<T: Element, A: Real>(a: &[T], b: &[T]) -> Vec<T> {
     let mut h = shared::cpu::zeros::<T>(a.len());
     shared::cpu::for_each_row(&mut h, CHUNK, |i, out| {
         let (a, b) = (&a[i * CHUNK..], &b[i * CHUNK..]);
@@ -63,7 +63,7 @@ fn cpu_forward<T: WithDType, A: Real>(a: &[T], b: &[T]) -> Vec<T> {
 }
 
 /// `[da | db]` with `da = g·b·σ(a)·(1 + a·(1 − σ(a)))` and `db = g·a·σ(a)`.
-fn cpu_backward<T: WithDType, A: Real>(a: &[T], b: &[T], g: &[T]) -> Vec<T> {
+fn cpu_backward<T: Element, A: Real>(a: &[T], b: &[T], g: &[T]) -> Vec<T> {
     let n = a.len();
     let mut out = shared::cpu::zeros::<T>(2 * n);
     let (da, db) = out.split_at_mut(n);

@@ -14,7 +14,7 @@
 use crate::RopeTables;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
-use shared::cpu::{for_each_row, Real};
+use shared::cpu::{for_each_row, Element, Real};
 use shared::custom_op::contiguous_slice;
 
 /// RoPE of `x (batch, heads, seq, d_head)` at positions `start_pos …`, as one op: the same values
@@ -50,7 +50,7 @@ fn dims(lx: &Layout, lc: &Layout) -> Result<(usize, usize)> {
 
 /// `(x₂ₖ, x₂ₖ₊₁) → (x₂ₖ·cos − x₂ₖ₊₁·sin, x₂ₖ·sin + x₂ₖ₊₁·cos)` at each row's position, in f32
 /// (f64 for f64 tensors), rows of `(batch·heads·seq)` over the cores.
-fn cpu_rope<T: WithDType, A: Real>(
+fn cpu_rope<T: Element, A: Real>(
     x: &[T],
     cos: &[f32],
     sin: &[f32],
