@@ -58,7 +58,8 @@ pub fn sample_normal(n: usize, std: f64, bound: f64) -> Vec<f32> {
     out
 }
 
-/// Creates (or loads) parameter `name` and, when it is a fresh variable, fills it with `values`.
+/// Creates (or loads) parameter `name` and, when it is a fresh variable, fills it with
+/// `values(element_count)` (a loaded parameter keeps its stored value).
 fn fresh_param(
     vb: &VarBuilder,
     shape: Shape,
@@ -89,6 +90,22 @@ pub fn truncated_normal<S: Into<Shape>>(
     std: f64,
 ) -> Result<Tensor> {
     fresh_param(vb, shape.into(), name, |n| sample_normal(n, std, 3.0))
+}
+
+/// A parameter drawn uniformly from `[-bound, bound]`.
+pub fn uniform<S: Into<Shape>>(
+    vb: &VarBuilder,
+    shape: S,
+    name: &str,
+    bound: f64,
+) -> Result<Tensor> {
+    fresh_param(vb, shape.into(), name, |n| {
+        let mut guard = INIT_RNG.lock().expect("init rng poisoned");
+        let rng = guard.get_or_insert_with(|| StdRng::seed_from_u64(0));
+        (0..n)
+            .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+            .collect()
+    })
 }
 
 /// A parameter drawn from `N(0, std²)`.

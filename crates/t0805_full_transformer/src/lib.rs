@@ -22,6 +22,7 @@
 //! continuation task in [`task`].
 
 pub mod lstm;
+pub mod lstm_bptt;
 pub mod lstm_cell;
 pub mod task;
 

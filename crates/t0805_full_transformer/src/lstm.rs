@@ -17,12 +17,13 @@
 //! Sources are expected without padding (the continuation task has equal-length sources); the
 //! target padding mask is honoured by the loss.
 
+use crate::lstm_bptt::lstm_recurrence;
 use crate::lstm_cell::LstmState;
 use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use shared::batching::Seq2SeqBatch;
 use shared::kernels::OpImpl;
-use shared::params::{linear, normal, weight, zeros};
+use shared::params::{linear, normal, uniform, weight, zeros};
 
 /// Sizes of the LSTM baseline.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -33,21 +34,31 @@ pub struct LstmConfig {
     pub n_layers: usize,
 }
 
-/// One LSTM layer. Parameters: `w_ih (4·hidden, d_in)`, `w_hh (4·hidden, hidden)` (Glorot
-/// initialisation, as every projection of the module) and `bias (4·hidden)` (zeros).
+/// One LSTM layer. Parameters (PyTorch's layout): `w_ih (4·hidden, d_in)`, `w_hh (4·hidden,
+/// hidden)`, drawn from `U(−√(6/fan_in), √(6/fan_in))` (He's uniform initialisation, as
+/// candle-nn's LSTM draws them: an LSTM trains faster here from it than from the Glorot
+/// initialisation of the module's projections), and the biases `b_ih`, `b_hh (4·hidden)` (zeros;
+/// only their sum acts, as in PyTorch).
 #[derive(Debug, Clone)]
 pub struct LstmLayer {
     pub w_ih: Tensor,
     pub w_hh: Tensor,
-    pub bias: Tensor,
+    pub b_ih: Tensor,
+    pub b_hh: Tensor,
 }
 
 impl LstmLayer {
     pub fn new(vb: VarBuilder, d_in: usize, hidden: usize) -> Result<Self> {
         Ok(Self {
-            w_ih: weight(&vb, 4 * hidden, d_in, "w_ih")?,
-            w_hh: weight(&vb, 4 * hidden, hidden, "w_hh")?,
-            bias: zeros(&vb, 4 * hidden, "bias")?,
+            w_ih: uniform(&vb, (4 * hidden, d_in), "w_ih", (6.0 / d_in as f64).sqrt())?,
+            w_hh: uniform(
+                &vb,
+                (4 * hidden, hidden),
+                "w_hh",
+                (6.0 / hidden as f64).sqrt(),
+            )?,
+            b_ih: zeros(&vb, 4 * hidden, "b_ih")?,
+            b_hh: zeros(&vb, 4 * hidden, "b_hh")?,
         })
     }
 
@@ -55,41 +66,59 @@ impl LstmLayer {
         self.w_hh.dim(1).expect("w_hh is (4·hidden, hidden)")
     }
 
-    /// Runs the layer over `x (batch, len, d_in)` from `init` (zeros when `None`); returns the
-    /// hidden states of every step `(batch, len, hidden)` and the final state.
+    /// Runs the layer over the time-major `x (len, batch, d_in)` from `init` (zeros when `None`);
+    /// returns the hidden states of every step `(len, batch, hidden)` and the final state.
+    ///
+    /// `Composed` runs the loop below, step by step, and leaves the gradients to autograd;
+    /// `Fused` runs the same loop with the fused cell and backpropagates through time by hand
+    /// ([`crate::lstm_bptt`]). Same values, same gradients.
     pub fn forward(
         &self,
         x: &Tensor,
         init: Option<&LstmState>,
         cell: OpImpl,
     ) -> Result<(Tensor, LstmState)> {
-        let (batch, len, _) = x.dims3()?;
-        let from_input = linear(x, &self.w_ih)?.broadcast_add(&self.bias)?; // (batch, len, 4·hidden)
-        let from_input = from_input.transpose(0, 1)?.contiguous()?; // (len, batch, 4·hidden)
-        let mut state = match init {
+        let (len, batch, _) = x.dims3()?;
+        let from_input = linear(x, &self.w_ih)?.broadcast_add(&(&self.b_ih + &self.b_hh)?)?; // (len, batch, 4·hidden)
+        let init = match init {
             Some(s) => s.clone(),
             None => LstmState::zeros(batch, self.hidden(), x)?,
         };
+        if cell == OpImpl::Fused {
+            let hc = lstm_recurrence(
+                &from_input,
+                &self.w_hh,
+                &init,
+                LstmState::cell_on(cell, x.device()),
+            )?;
+            let (h, c) = (hc.get(0)?, hc.get(1)?); // (len, batch, hidden) each
+            let last = LstmState {
+                h: h.get(len - 1)?,
+                c: c.get(len - 1)?,
+            };
+            return Ok((h, last));
+        }
+        let mut state = init;
         let mut outputs = Vec::with_capacity(len);
         for t in 0..len {
             let gates = (from_input.get(t)? + linear(&state.h, &self.w_hh)?)?; // (batch, 4·hidden)
-            state = state.next(&gates, cell)?;
+            state = state.next(&gates, LstmState::cell_on(cell, x.device()))?;
             outputs.push(state.h.clone());
         }
-        Ok((Tensor::stack(&outputs, 1)?, state))
+        Ok((Tensor::stack(&outputs, 0)?, state))
     }
 
     /// One step for `x (batch, d_in)` (generation).
     pub fn step(&self, x: &Tensor, state: &LstmState, cell: OpImpl) -> Result<LstmState> {
-        let gates =
-            (linear(x, &self.w_ih)?.broadcast_add(&self.bias)? + linear(&state.h, &self.w_hh)?)?;
-        state.next(&gates, cell)
+        let gates = (linear(x, &self.w_ih)?.broadcast_add(&(&self.b_ih + &self.b_hh)?)?
+            + linear(&state.h, &self.w_hh)?)?;
+        state.next(&gates, LstmState::cell_on(cell, x.device()))
     }
 }
 
 /// LSTM encoder–decoder. Parameters: `token_embedding`, `encoder.<i>.*`, `decoder.<i>.*`
-/// ([`LstmLayer`]), `lm_head (vocab, hidden)`. `cell` says how the cell runs (fused or composed,
-/// the same values): execution, not part of the model.
+/// ([`LstmLayer`]), `lm_head (vocab, hidden)`. `cell` says how the layers run (the same values
+/// and gradients either way, see [`LstmLayer::forward`]): execution, not part of the model.
 pub struct LstmSeq2Seq {
     pub cfg: LstmConfig,
     pub token_embedding: Tensor,
@@ -100,7 +129,7 @@ pub struct LstmSeq2Seq {
 }
 
 impl LstmSeq2Seq {
-    /// The model of `cfg`, with the fastest cell for the builder's device.
+    /// The model of `cfg`, run `Fused` (the fused cell and backpropagation through time by hand).
     pub fn new(vb: VarBuilder, cfg: LstmConfig) -> Result<Self> {
         if cfg.n_layers == 0 || cfg.hidden == 0 || cfg.d_embed == 0 || cfg.vocab_size == 0 {
             bail!("LstmConfig: sizes must be positive: {cfg:?}");
@@ -119,7 +148,7 @@ impl LstmSeq2Seq {
             encoder: stack("encoder")?,
             decoder: stack("decoder")?,
             lm_head: weight(&vb, cfg.vocab_size, cfg.hidden, "lm_head")?,
-            cell: LstmState::cell_for(vb.device()),
+            cell: OpImpl::Fused,
         })
     }
 
@@ -138,20 +167,22 @@ impl LstmSeq2Seq {
 
     /// Runs a stack of layers over `x (batch, len, d)`, starting layer `i` from `init[i]` (or
     /// zeros); returns the top layer's outputs `(batch, len, hidden)` and each layer's final state.
+    /// Inside the stack the sequence is time-major, `(len, batch, ·)`, so that step `t` is one
+    /// contiguous block.
     fn run_stack(
         &self,
         stack: &[LstmLayer],
         x: &Tensor,
         init: Option<&[LstmState]>,
     ) -> Result<(Tensor, Vec<LstmState>)> {
-        let mut x = x.clone();
+        let mut x = x.transpose(0, 1)?.contiguous()?; // (len, batch, d)
         let mut finals = Vec::with_capacity(stack.len());
         for (i, layer) in stack.iter().enumerate() {
             let (out, last) = layer.forward(&x, init.map(|s| &s[i]), self.cell)?;
             x = out;
             finals.push(last);
         }
-        Ok((x, finals))
+        Ok((x.transpose(0, 1)?, finals))
     }
 
     /// Teacher-forced logits `(batch, T, vocab)`.

@@ -23,7 +23,7 @@
 //!
 //! The fused op runs on the CPU (loops in f32, or f64 for f64 tensors, with the vectorised `exp`
 //! and `tanh` of [`shared::cpu`]); there is no CUDA kernel for it yet, so the GPU uses the
-//! composed cell ([`LstmState::cell_for`]).
+//! composed cell ([`LstmState::cell_on`]).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -57,12 +57,12 @@ impl LstmState {
         }
     }
 
-    /// The fastest cell on `device`: fused on the CPU, composed on CUDA (no kernel yet).
-    pub fn cell_for(device: &candle_core::Device) -> OpImpl {
-        if device.is_cpu() {
-            OpImpl::Fused
-        } else {
-            OpImpl::Composed
+    /// The cell op for a run that asked for `how` on `device`: the fused op exists on the CPU
+    /// only (no CUDA kernel yet), so CUDA computes the cell composed.
+    pub fn cell_on(how: OpImpl, device: &candle_core::Device) -> OpImpl {
+        match how {
+            OpImpl::Fused if device.is_cpu() => OpImpl::Fused,
+            _ => OpImpl::Composed,
         }
     }
 }
@@ -104,6 +104,47 @@ pub fn lstm_cell_fused(gates: &Tensor, c: &Tensor) -> Result<LstmState> {
         h: hc.get(0)?,
         c: hc.get(1)?,
     })
+}
+
+/// The gradients `(dgates, dc₋₁)` of one step from those reaching its outputs, `dh` and `dc`
+/// (the module header's formulas): one op on the CPU (`Fused`), tensor ops otherwise.
+pub fn lstm_cell_backward(
+    gates: &Tensor,
+    c_prev: &Tensor,
+    dh: &Tensor,
+    dc: &Tensor,
+    how: OpImpl,
+) -> Result<(Tensor, Tensor)> {
+    let hidden = check(gates, c_prev)?;
+    match how {
+        OpImpl::Fused => {
+            let grad = Tensor::stack(&[dh, dc], 0)?; // (2, batch, hidden)
+            let packed = gates.contiguous()?.apply_op3_no_bwd(
+                &c_prev.contiguous()?,
+                &grad,
+                &LstmCellBackward,
+            )?;
+            Ok((
+                packed.narrow(1, 0, 4 * hidden)?.contiguous()?,
+                packed.narrow(1, 4 * hidden, hidden)?.contiguous()?,
+            ))
+        }
+        OpImpl::Composed => {
+            let a = gates.chunk(4, 1)?;
+            let i = candle_nn::ops::sigmoid(&a[0])?;
+            let f = candle_nn::ops::sigmoid(&a[1])?;
+            let g = a[2].tanh()?;
+            let o = candle_nn::ops::sigmoid(&a[3])?;
+            let tc = ((&f * c_prev)? + (&i * &g)?)?.tanh()?;
+            let sigmoid_slope = |s: &Tensor| s * (1.0 - s)?; // σ′ = σ(1 − σ)
+            let dct = (dc + (dh * &o)? * (1.0 - tc.sqr()?)?)?;
+            let da_i = ((&dct * &g)? * sigmoid_slope(&i)?)?;
+            let da_f = ((&dct * c_prev)? * sigmoid_slope(&f)?)?;
+            let da_g = ((&dct * &i)? * (1.0 - g.sqr()?)?)?;
+            let da_o = ((dh * &tc)? * sigmoid_slope(&o)?)?;
+            Ok((Tensor::cat(&[da_i, da_f, da_g, da_o], 1)?, (dct * f)?))
+        }
+    }
 }
 
 /// `(gates, c₋₁) → [h; c]`, shape `(2, batch, hidden)`.
@@ -218,10 +259,8 @@ impl CustomOp2 for LstmCell {
         _hc: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let hidden = c_prev.dim(1)?;
-        let packed = gates.apply_op3_no_bwd(c_prev, &grad.contiguous()?, &LstmCellBackward)?;
-        let d_gates = packed.narrow(1, 0, 4 * hidden)?.contiguous()?;
-        let d_c_prev = packed.narrow(1, 4 * hidden, hidden)?.contiguous()?;
+        let (dh, dc) = (grad.get(0)?, grad.get(1)?);
+        let (d_gates, d_c_prev) = lstm_cell_backward(gates, c_prev, &dh, &dc, OpImpl::Fused)?;
         Ok((Some(d_gates), Some(d_c_prev)))
     }
 }

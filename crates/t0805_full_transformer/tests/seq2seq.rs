@@ -331,7 +331,8 @@ fn lstm_layer_equals_candle_nn_lstm() -> anyhow::Result<()> {
     let mut ours = LstmLayer::new(vb, d_in, hidden)?;
     let b_ih = Tensor::randn(0f64, 0.5, 4 * hidden, &dev)?;
     let b_hh = Tensor::randn(0f64, 0.5, 4 * hidden, &dev)?;
-    ours.bias = (&b_ih + &b_hh)?;
+    ours.b_ih = b_ih.clone();
+    ours.b_hh = b_hh.clone();
     let tensors = std::collections::HashMap::from([
         ("weight_ih_l0".to_string(), ours.w_ih.clone()),
         ("weight_hh_l0".to_string(), ours.w_hh.clone()),
@@ -361,7 +362,8 @@ fn lstm_layer_equals_candle_nn_lstm() -> anyhow::Result<()> {
             h: h0.clone(),
             c: c0.clone(),
         };
-        let (out, fin) = ours.forward(&x, Some(&init), cell)?;
+        let (out, fin) = ours.forward(&x.transpose(0, 1)?.contiguous()?, Some(&init), cell)?;
+        let out = out.transpose(0, 1)?; // (batch, len, hidden), as candle-nn's
         let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
             (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
         };
@@ -373,6 +375,60 @@ fn lstm_layer_equals_candle_nn_lstm() -> anyhow::Result<()> {
             diff(&stepped.h, &states[0].h)? < 1e-12,
             "{cell:?}: one step"
         );
+    }
+    Ok(())
+}
+
+/// Backpropagation through time written out (`Fused`) gives autograd's gradients (`Composed`)
+/// for every parameter and for the initial state, in f64.
+#[test]
+fn lstm_bptt_by_hand_equals_autograd() -> anyhow::Result<()> {
+    use candle_core::Var;
+    use shared::kernels::OpImpl;
+    use t0805_full_transformer::lstm::LstmLayer;
+    use t0805_full_transformer::lstm_cell::LstmState;
+    let dev = candle_core::Device::Cpu;
+    let (batch, len, d_in, hidden) = (3, 7, 5, 4);
+    let varmap = VarMap::new();
+    let layer = LstmLayer::new(
+        VarBuilder::from_varmap(&varmap, DType::F64, &dev),
+        d_in,
+        hidden,
+    )?;
+    let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (len, batch, d_in), &dev)?)?;
+    let h0 = Var::from_tensor(&Tensor::randn(0f64, 1.0, (batch, hidden), &dev)?)?;
+    let c0 = Var::from_tensor(&Tensor::randn(0f64, 1.0, (batch, hidden), &dev)?)?;
+    // Uneven weights on every output and on the final state, so that all paths carry gradient.
+    let w_out = Tensor::randn(0f64, 1.0, (len, batch, hidden), &dev)?;
+    let w_c = Tensor::randn(0f64, 1.0, (batch, hidden), &dev)?;
+    let mut grads = vec![];
+    for cell in [OpImpl::Composed, OpImpl::Fused] {
+        let init = LstmState {
+            h: h0.as_tensor().clone(),
+            c: c0.as_tensor().clone(),
+        };
+        let (out, last) = layer.forward(x.as_tensor(), Some(&init), cell)?;
+        let loss = ((out * &w_out)?.sum_all()? + (last.c * &w_c)?.sum_all()?)?;
+        let g = loss.backward()?;
+        let mut all = vec![];
+        for t in [
+            x.as_tensor(),
+            h0.as_tensor(),
+            c0.as_tensor(),
+            &layer.w_ih,
+            &layer.w_hh,
+            &layer.b_ih,
+            &layer.b_hh,
+        ] {
+            all.push(g.get(t).expect("every input has a gradient").clone());
+        }
+        grads.push((loss.to_scalar::<f64>()?, all));
+    }
+    let ((l_auto, g_auto), (l_hand, g_hand)) = (&grads[0], &grads[1]);
+    assert!((l_auto - l_hand).abs() < 1e-12, "loss {l_auto} vs {l_hand}");
+    for (k, (a, b)) in g_auto.iter().zip(g_hand).enumerate() {
+        let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        assert!(d < 1e-12, "gradient {k}: differs by {d}");
     }
     Ok(())
 }
