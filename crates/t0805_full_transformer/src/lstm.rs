@@ -79,7 +79,8 @@ impl LstmLayer {
         cell: OpImpl,
     ) -> Result<(Tensor, LstmState)> {
         let (len, batch, _) = x.dims3()?;
-        let from_input = linear(x, &self.w_ih)?.broadcast_add(&(&self.b_ih + &self.b_hh)?)?; // (len, batch, 4·hidden)
+        // The input's share of every gate at every step, in one product: (len, batch, 4·hidden).
+        let from_input = linear(x, &self.w_ih)?.broadcast_add(&(&self.b_ih + &self.b_hh)?)?;
         let init = match init {
             Some(s) => s.clone(),
             None => LstmState::zeros(batch, self.hidden(), x)?,

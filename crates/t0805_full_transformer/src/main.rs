@@ -12,6 +12,7 @@
 use anyhow::Result;
 use clap::Parser;
 use shared::cli::CommonArgs;
+use shared::kernels::OpImpl;
 use shared::report::RunReport;
 use shared::tokenizer::{load_corpus, Corpus};
 use shared::train::unigram_entropy;
@@ -48,6 +49,10 @@ struct Args {
     /// Write a checkpoint every N steps (and always at the end).
     #[arg(long, default_value_t = 500)]
     checkpoint_every: usize,
+    /// How the LSTM runs: fused (the cell as one op, backpropagation through time written out)
+    /// or composed (tensor ops, gradients by autograd). Same values, different speed.
+    #[arg(long, value_enum, default_value = "fused")]
+    lstm: OpImpl,
 }
 
 /// The preset asked for, else `quick` with `--quick`, `full` on a GPU, `cpu` otherwise;
@@ -97,6 +102,7 @@ fn main() -> Result<()> {
         resume: args.resume,
         seed: args.common.seed,
         eval_batches,
+        lstm: args.lstm,
     };
     let contenders = NAMES
         .into_iter()

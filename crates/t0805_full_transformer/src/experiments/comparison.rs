@@ -48,6 +48,7 @@ impl Contender {
             VarBuilder::from_varmap(&varmap, dtype, &data.dev),
             p,
             vocab,
+            run.lstm,
         )?;
         let n_params = shared::params::count_params(&varmap);
         println!("-- {name}: {n_params} parameters");

@@ -6,6 +6,7 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use shared::batching::{Seq2SeqBatch, Seq2SeqExample};
+use shared::kernels::OpImpl;
 use t0805_full_transformer::lstm::LstmSeq2Seq;
 use t0805_full_transformer::{Preset, Transformer};
 
@@ -19,11 +20,12 @@ pub enum Model {
 }
 
 impl Model {
-    /// The contender `name` (one of [`NAMES`]) at the preset's size, its parameters in `vb`.
-    pub fn new(name: &str, vb: VarBuilder, p: &Preset, vocab: usize) -> Result<Self> {
+    /// The contender `name` (one of [`NAMES`]) at the preset's size, its parameters in `vb`;
+    /// the LSTM runs `lstm` (fused, or composed tensor ops and autograd).
+    pub fn new(name: &str, vb: VarBuilder, p: &Preset, vocab: usize, lstm: OpImpl) -> Result<Self> {
         Ok(match name {
             "transformer" => Model::Transformer(Transformer::new(vb, p.transformer(vocab))?),
-            "lstm" => Model::Lstm(LstmSeq2Seq::new(vb, p.lstm(vocab))?),
+            "lstm" => Model::Lstm(LstmSeq2Seq::new(vb, p.lstm(vocab))?.with_cell(lstm)),
             other => anyhow::bail!("unknown model '{other}': choose one of {NAMES:?}"),
         })
     }

@@ -17,6 +17,7 @@ use anyhow::{anyhow, Result};
 use candle_core::Tensor;
 use candle_nn::VarMap;
 use shared::fit::{fit, Checkpointing, Curve, FitSpec, Task};
+use shared::kernels::OpImpl;
 use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
 use std::path::PathBuf;
 use t0805_full_transformer::task::batch_for_step;
@@ -31,6 +32,8 @@ pub struct RunSettings {
     pub seed: u64,
     /// Validation batches during training.
     pub eval_batches: usize,
+    /// How the LSTM runs (the same values either way).
+    pub lstm: OpImpl,
 }
 
 /// A sequence-to-sequence model on the continuation pairs, as the one loop sees it.
