@@ -10,7 +10,9 @@
 //! | 4 | 8-09 | + FlashAttention (same model, same values; only how attention runs) |
 //! | 5 | 8-10 | + KV cache (inference: decoding speed cached vs recomputing the prefix) |
 //!
-//! Prints the table the README shows and writes `output/ladder/results.json`.
+//! Prints the table the README shows and writes `output/ladder/results.json`. Every trained rung
+//! is kept in `output/ladder/checkpoints/rung-<topic>/` (config, weights, tokenizer), which
+//! `t0810_kv_cache generate --checkpoint …` continues; the top rung's samples are in the results.
 //!
 //! `cargo run --release -p t0810_kv_cache --example ladder -- [--quick]`; on a GPU
 //! `cargo run --release -p t0810_kv_cache --example ladder --features cuda -- --device cuda`
@@ -173,6 +175,7 @@ fn train_rung(
     (dtype, compute): (DType, DType),
     dev: &Device,
     seed: u64,
+    keep_in: &std::path::Path,
 ) -> Result<(Measured, t0804_transformer_block::DecoderOnlyLm)> {
     shared::params::set_seed(seed);
     let parts = t0809_flash_attention::parts(r.kernels);
@@ -203,6 +206,9 @@ fn train_rung(
         dev,
         &|x, y| lm.loss(x, y),
     )?;
+    t0804_transformer_block::save_lm(keep_in, &r.cfg, &varmap)?;
+    data.tokenizer.save(&keep_in.join("tokenizer.json"))?;
+    println!("   kept in {}", keep_in.display());
     let (test_nll, _) =
         shared::train::corpus_nll(&data.test, b.seq_len, b.batch, dev, &|x, y| lm.loss(x, y))?;
     let measured = Measured {
@@ -252,6 +258,49 @@ fn decode_speeds(
     Ok((cached.decode_tokens_per_s(), uncached.decode_tokens_per_s()))
 }
 
+/// Prompts the samples continue (the same for every run, so that runs compare).
+const PROMPTS: [&str; 2] = ["The history of the city", "In 1997 , the band released"];
+
+/// Continuations of [`PROMPTS`] by `lm`, greedy and sampled (temperature 0.8, top-p 0.95), 48
+/// new tokens each, with the KV cache.
+fn samples(
+    lm: &t0804_transformer_block::DecoderOnlyLm,
+    tokenizer: &shared::tokenizer::Bpe,
+    dtype: DType,
+    seed: u64,
+) -> Result<Vec<serde_json::Value>> {
+    let sampled = SamplingConfig {
+        temperature: 0.8,
+        top_k: None,
+        top_p: Some(0.95),
+    };
+    let mut out = Vec::new();
+    for prompt in PROMPTS {
+        let ids = tokenizer.encode(prompt)?;
+        for (name, cfg) in [
+            ("greedy", SamplingConfig::greedy()),
+            ("T=0.8, top-p 0.95", sampled),
+        ] {
+            let mut sampler = Sampler::new(cfg, seed)?;
+            let new_tokens = 48.min(lm.max_seq_len.saturating_sub(ids.len()));
+            let mut cache = lm_cache(
+                lm,
+                1,
+                ids.len() + new_tokens,
+                CacheKind::Preallocated,
+                dtype,
+            )?;
+            let g = generate_lm(lm, &ids, new_tokens, &mut sampler, &mut cache, &mut |_| {})?;
+            out.push(serde_json::json!({
+                "prompt": prompt,
+                "sampling": name,
+                "continuation": tokenizer.decode(&g.tokens)?,
+            }));
+        }
+    }
+    Ok(out)
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let ctx = args.common.setup(
@@ -287,15 +336,28 @@ fn main() -> Result<()> {
             (ctx.dtype, ctx.compute_dtype),
             dev,
             args.common.seed,
+            &ctx.out_dir.join(format!("checkpoints/rung-{}", r.topic)),
         )?;
         rows.push(m);
-        top = Some(lm);
+        top = Some((lm, r.topic));
     }
-    let lm = top.expect("at least one rung");
+    let (lm, top_topic) = top.expect("at least one rung");
     let prompt: Vec<u32> = data.valid[..(b.seq_len / 4).max(1)].to_vec();
     let new_tokens = b.seq_len - prompt.len();
     let (cached, uncached) = decode_speeds(&lm, &prompt, new_tokens, ctx.compute_dtype)?;
     print_ladder(&rows, cached, uncached);
+    let samples = samples(&lm, &data.tokenizer, ctx.compute_dtype, args.common.seed)?;
+    println!("\n   samples of the top rung ({top_topic}), 48 new tokens each:");
+    for s in &samples {
+        let field = |k: &str| s[k].as_str().unwrap_or_default().to_string();
+        println!(
+            "   [{}] {} ⟶ {}",
+            field("sampling"),
+            field("prompt"),
+            field("continuation")
+        );
+    }
+    report.metric("samples", &samples);
     report.metric("rungs", &rows);
     report.metric("decode_tokens_per_s", serde_json::json!({ "cached": cached, "uncached": uncached, "prompt": prompt.len(), "new_tokens": new_tokens }));
     let path = report.write(&ctx.out_dir)?;
