@@ -10,6 +10,20 @@ use t0802_multi_head_attention::{key_padding_mask, AttnMask, CacheSlot};
 use t0804_transformer_block::{DecoderOnlyLm, Layer};
 use t0805_full_transformer::Transformer;
 
+/// The default kernels for decoding on `device`: 8-09's fastest kernels, with naive attention on
+/// the CPU. A decoding step has one query per sequence, so FlashAttention's tiles save no memory
+/// traffic there, and the fused causal softmax that reads the cache in place decoded 1.7× more
+/// tokens per second on the 2-core build machine (`decode-bench` at the CPU bench's shape,
+/// `reports/cpu-bench/README.md`). On CUDA the fastest kernels stay the default.
+pub fn decoding_kernels(device: &candle_core::Device) -> shared::kernels::Kernels {
+    let fastest = t0809_flash_attention::fastest_kernels(device);
+    if device.is_cpu() {
+        fastest.with_attention(shared::kernels::AttentionImpl::Naive)
+    } else {
+        fastest
+    }
+}
+
 /// A contiguous cache sized for `lm`: `(batch, n_kv_heads, max_seq, d_head)` per layer.
 pub fn lm_cache(
     lm: &DecoderOnlyLm,

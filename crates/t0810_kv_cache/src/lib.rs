@@ -44,7 +44,9 @@ pub mod sampling;
 pub mod sim;
 
 pub use cache::{kv_cache_bytes, CacheKind, CacheShape, KvCache, KvStore};
-pub use decode::{lm_cache, lm_forward_cached, seq2seq_start, seq2seq_step, Seq2SeqState};
+pub use decode::{
+    decoding_kernels, lm_cache, lm_forward_cached, seq2seq_start, seq2seq_step, Seq2SeqState,
+};
 pub use paged::{BlockAllocator, PagedConfig, PagedKvCache, PagedSeq, SeqId};
 pub use sampling::{allowed_tokens, Sampler, SamplingConfig};
 

@@ -83,7 +83,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -
         "decode-bench: batched greedy decoding with the KV cache",
     )?;
     let dev = ctx.picked.device.clone();
-    let kernels = kernel_args.resolve(t0809_flash_attention::fastest_kernels(&dev));
+    let kernels = kernel_args.resolve(t0810_kv_cache::decoding_kernels(&dev));
     println!("   ops: {}", kernels.describe());
     let cfg = config(a);
     let parts = t0809_flash_attention::parts(kernels);

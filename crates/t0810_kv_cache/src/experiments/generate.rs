@@ -73,7 +73,7 @@ fn load_decoder_only(
     dev: &Device,
 ) -> Result<(Loaded, Bpe)> {
     let parts =
-        t0809_flash_attention::parts(kernels.resolve(t0809_flash_attention::fastest_kernels(dev)));
+        t0809_flash_attention::parts(kernels.resolve(t0810_kv_cache::decoding_kernels(dev)));
     let (cfg, lm) = t0804_transformer_block::load_lm(&a.checkpoint, &parts, dtype, dev)?;
     println!(
         "   model: {:?} + {:?} + {:?} positions, d_model {}, {} layers, {} heads / {} K/V heads, context {}",

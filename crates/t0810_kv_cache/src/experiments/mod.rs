@@ -78,7 +78,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &ExperimentArgs) ->
     let max_context = a.max_context.unwrap_or(if quick { 128 } else { 512 });
     let n_gen = if quick { 4 } else { a.n_gen.max(2) };
     let cfg = speed_model(quick, max_context, n_gen);
-    let kernels = kernel_args.resolve(t0809_flash_attention::fastest_kernels(&ctx.picked.device));
+    let kernels = kernel_args.resolve(t0810_kv_cache::decoding_kernels(&ctx.picked.device));
     println!("   kernels: {}", kernels.describe());
     let config = serde_json::json!({ "max_context": max_context, "n_gen": n_gen, "speed_model": cfg, "kernels": kernels, "quick": quick });
     let mut report = RunReport::start(
