@@ -11,10 +11,11 @@
 //! `attention` by 8-09 (FlashAttention), `heads` and `embedding` by `shared` itself. A topic
 //! that is asked for a kernel it cannot provide yet says which topic brings it.
 //!
-//! Defaults: [`Kernels::for_device`] gives the fastest correct choice, every fused op plus
-//! FlashAttention, on CUDA and on the CPU alike (each op's CPU loops are vectorised and spread
-//! over the cores, [`crate::cpu`]). Binaries take `--kernels composed|fused` and per-op
-//! overrides; the composed ops are the ones a learner reads line by line.
+//! Defaults: [`Kernels::for_device`] gives the fastest correct choice for training, every fused
+//! op plus FlashAttention, on CUDA and on the CPU alike (each op's CPU loops are vectorised and
+//! spread over the cores, [`crate::cpu`]); 8-10's decoding commands use naive attention on the
+//! CPU instead (`t0810_kv_cache::decoding_kernels`). Binaries take `--kernels composed|fused`
+//! and per-op overrides; the composed ops are the ones a learner reads line by line.
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
