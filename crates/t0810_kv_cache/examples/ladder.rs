@@ -43,6 +43,9 @@ struct Args {
     /// Training steps per rung (default: 300 on the CPU, 1000 on CUDA, 20 with --quick).
     #[arg(long)]
     steps: Option<usize>,
+    /// Train only these rungs, by topic (`--rung 8-08`; repeatable); default: every rung.
+    #[arg(long = "rung", value_name = "TOPIC")]
+    only: Vec<String>,
 }
 
 /// Sizes and budget shared by every rung.
@@ -116,6 +119,8 @@ impl Budget {
 
 /// One rung: its config and the kernels it runs with.
 struct Rung {
+    /// 0 (8-04) … 4 (8-09).
+    index: usize,
     topic: &'static str,
     ingredient: &'static str,
     cfg: LmConfig,
@@ -129,7 +134,8 @@ fn rungs(b: &Budget, kernels: Kernels) -> Vec<Rung> {
     let rung1 = t0806_modern_blocks::modern(rung0);
     let rung2 = t0807_grouped_query_attention::grouped(rung1, (b.n_heads / 2).max(1));
     let rung3 = t0808_rope::with_rope(rung2);
-    let rung = |topic, ingredient, cfg, kernels| Rung {
+    let rung = |index, topic, ingredient, cfg, kernels| Rung {
+        index,
         topic,
         ingredient,
         cfg,
@@ -137,15 +143,17 @@ fn rungs(b: &Budget, kernels: Kernels) -> Vec<Rung> {
     };
     vec![
         rung(
+            0,
             "8-04",
             "GPT-2 style (LayerNorm, GELU, learned positions, MHA)",
             rung0,
             naive,
         ),
-        rung("8-06", "+ RMSNorm + SwiGLU, no biases", rung1, naive),
-        rung("8-07", "+ grouped-query attention", rung2, naive),
-        rung("8-08", "+ RoPE = the LLaMA recipe", rung3, naive),
+        rung(1, "8-06", "+ RMSNorm + SwiGLU, no biases", rung1, naive),
+        rung(2, "8-07", "+ grouped-query attention", rung2, naive),
+        rung(3, "8-08", "+ RoPE = the LLaMA recipe", rung3, naive),
         rung(
+            4,
             "8-09",
             "+ FlashAttention",
             rung3,
@@ -157,6 +165,7 @@ fn rungs(b: &Budget, kernels: Kernels) -> Vec<Rung> {
 /// What one rung measured.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Measured {
+    rung: usize,
     topic: String,
     ingredient: String,
     params: usize,
@@ -212,6 +221,7 @@ fn train_rung(
     let (test_nll, _) =
         shared::train::corpus_nll(&data.test, b.seq_len, b.batch, dev, &|x, y| lm.loss(x, y))?;
     let measured = Measured {
+        rung: r.index,
         topic: r.topic.into(),
         ingredient: r.ingredient.into(),
         params: r.cfg.n_params(),
@@ -328,7 +338,19 @@ fn main() -> Result<()> {
     );
     let mut rows = Vec::new();
     let mut top = None;
-    for r in rungs(&b, kernels) {
+    let all = rungs(&b, kernels);
+    if let Some(unknown) = args
+        .only
+        .iter()
+        .find(|t| all.iter().all(|r| r.topic != t.as_str()))
+    {
+        let topics: Vec<_> = all.iter().map(|r| r.topic).collect();
+        anyhow::bail!("--rung {unknown}: no such rung; choose among {topics:?}");
+    }
+    let chosen = all
+        .into_iter()
+        .filter(|r| args.only.is_empty() || args.only.iter().any(|t| t == r.topic));
+    for r in chosen {
         let (m, lm) = train_rung(
             &r,
             &b,
@@ -368,10 +390,9 @@ fn main() -> Result<()> {
 fn print_ladder(rows: &[Measured], cached: f64, uncached: f64) {
     let mut table: Vec<Vec<String>> = rows
         .iter()
-        .enumerate()
-        .map(|(i, m)| {
+        .map(|m| {
             vec![
-                i.to_string(),
+                m.rung.to_string(),
                 m.topic.clone(),
                 m.ingredient.clone(),
                 format!("{:.2} M", m.params as f64 / 1e6),
