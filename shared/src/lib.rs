@@ -9,6 +9,7 @@
 //! | [`embedding`] | the token-embedding lookup (a row gather) and its scatter-add gradient, one fused op on the GPU |
 //! | [`device`] | `--device auto\|cpu\|cuda[:N]` and `--dtype f32\|bf16\|f16` |
 //! | [`cli`] | the command-line flags every topic binary shares |
+//! | [`compare`] | the largest absolute difference between two tensors, what the tests compare with |
 //! | [`wikitext`] | WikiText-2 found, verified (sha256), decompressed, or downloaded |
 //! | [`tokenizer`] | byte-level BPE trained on WikiText-2 (cached), and the word-level v1 vocabulary |
 //! | [`corpus`] | a small deterministic corpus the project writes itself, for tests on a fresh clone |
@@ -24,6 +25,7 @@ pub mod adamw;
 pub mod batching;
 pub mod checkpoint;
 pub mod cli;
+pub mod compare;
 pub mod corpus;
 pub mod cpu;
 pub mod cross_entropy;

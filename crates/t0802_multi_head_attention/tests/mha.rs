@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use shared::compare::max_abs_diff;
 use shared::device::test_device;
 use t0801_self_attention::{reference_attention, SelfAttention};
 use t0802_multi_head_attention::*;
@@ -13,15 +14,6 @@ fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     let num = (&a - &b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
     let den = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
     Ok(num / den.max(1e-30))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    (a - b)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()
 }
 
 /// Random `(d, d)` matrices scaled like the CS336 init (std ≈ 1/√d).

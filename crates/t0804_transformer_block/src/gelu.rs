@@ -128,15 +128,7 @@ impl CustomOp2 for GeluBackward {
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        (a - b)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()
-    }
+    use shared::compare::max_abs_diff;
 
     #[test]
     fn gelu_equals_candles_values_and_gradients() -> Result<()> {
@@ -153,7 +145,10 @@ mod tests {
                 + 0.3)?;
             let ours = gelu(x.as_tensor())?;
             let candles = x.as_tensor().gelu()?;
-            assert!(max_diff(&ours, &candles)? <= tol * 10.0, "{dtype:?} values");
+            assert!(
+                max_abs_diff(&ours, &candles)? <= tol * 10.0,
+                "{dtype:?} values"
+            );
             let g_ours = (&ours * &w)?.sum_all()?.backward()?;
             let g_candle = (&candles * &w)?.sum_all()?.backward()?;
             let (a, b) = (
@@ -161,7 +156,7 @@ mod tests {
                 g_candle.get(x.as_tensor()).expect("grad"),
             );
             // Candle's backward rounds its constants to six digits.
-            assert!(max_diff(a, b)? <= 2e-5, "{dtype:?} gradients");
+            assert!(max_abs_diff(a, b)? <= 2e-5, "{dtype:?} gradients");
         }
         Ok(())
     }
@@ -193,7 +188,7 @@ mod tests {
         let x = Tensor::arange(-8f32, 8f32, &Device::Cpu)?
             .reshape((4, 4))?
             .t()?;
-        let d = max_diff(&gelu(&x)?, &x.contiguous()?.gelu()?)?;
+        let d = max_abs_diff(&gelu(&x)?, &x.contiguous()?.gelu()?)?;
         assert!(d <= 1e-6, "{d}");
         Ok(())
     }

@@ -299,6 +299,7 @@ impl CustomOp3 for LstmCellBackward {
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
+    use shared::compare::max_abs_diff;
 
     /// Gates spread over the sigmoid's and tanh's curved and saturated ranges.
     fn inputs(b: usize, hidden: usize, dtype: DType) -> Result<(Var, Var)> {
@@ -325,15 +326,6 @@ mod tests {
         (&s.h * &w)?.sum_all()? + (&s.c * (w * 1.3)?)?.sum_all()?
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        (a - b)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()
-    }
-
     #[test]
     fn fused_cell_equals_the_composed_cell_values_and_gradients() -> Result<()> {
         for (dtype, tol) in [(DType::F64, 1e-14), (DType::F32, 2e-6)] {
@@ -341,8 +333,8 @@ mod tests {
                 let (gates, c) = inputs(b, hidden, dtype)?;
                 let composed = lstm_cell(gates.as_tensor(), c.as_tensor())?;
                 let fused = lstm_cell_fused(gates.as_tensor(), c.as_tensor())?;
-                assert!(max_diff(&composed.h, &fused.h)? <= tol, "{dtype:?} h");
-                assert!(max_diff(&composed.c, &fused.c)? <= tol, "{dtype:?} c");
+                assert!(max_abs_diff(&composed.h, &fused.h)? <= tol, "{dtype:?} h");
+                assert!(max_abs_diff(&composed.c, &fused.c)? <= tol, "{dtype:?} c");
                 let g_composed = objective(&composed)?.backward()?;
                 let g_fused = objective(&fused)?.backward()?;
                 for (what, v) in [("gates", &gates), ("c", &c)] {
@@ -350,7 +342,7 @@ mod tests {
                         g_composed.get(v.as_tensor()).expect("grad"),
                         g_fused.get(v.as_tensor()).expect("grad"),
                     );
-                    let d = max_diff(x, y)?;
+                    let d = max_abs_diff(x, y)?;
                     assert!(
                         d <= 10.0 * tol * (b * hidden) as f64,
                         "{dtype:?} d{what}: {d}"

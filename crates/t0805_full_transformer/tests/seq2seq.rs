@@ -3,6 +3,7 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use shared::batching::{seq2seq_batch, Seq2SeqExample};
+use shared::compare::max_abs_diff;
 use shared::device::test_device;
 use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
 use t0804_transformer_block::NormPlacement;
@@ -33,10 +34,6 @@ fn model(placement: NormPlacement) -> Result<(VarMap, Transformer)> {
         small(placement),
     )?;
     Ok((varmap, m))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
 }
 
 #[test]
@@ -364,15 +361,12 @@ fn lstm_layer_equals_candle_nn_lstm() -> anyhow::Result<()> {
         };
         let (out, fin) = ours.forward(&x.transpose(0, 1)?.contiguous()?, Some(&init), cell)?;
         let out = out.transpose(0, 1)?; // (batch, len, hidden), as candle-nn's
-        let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
-            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
-        };
-        assert!(diff(&out, &expected)? < 1e-12, "{cell:?}: outputs");
-        assert!(diff(&fin.h, last.h())? < 1e-12, "{cell:?}: final h");
-        assert!(diff(&fin.c, last.c())? < 1e-12, "{cell:?}: final c");
+        assert!(max_abs_diff(&out, &expected)? < 1e-12, "{cell:?}: outputs");
+        assert!(max_abs_diff(&fin.h, last.h())? < 1e-12, "{cell:?}: final h");
+        assert!(max_abs_diff(&fin.c, last.c())? < 1e-12, "{cell:?}: final c");
         let stepped = ours.step(&x.narrow(1, 0, 1)?.squeeze(1)?, &init, cell)?;
         assert!(
-            diff(&stepped.h, &states[0].h)? < 1e-12,
+            max_abs_diff(&stepped.h, &states[0].h)? < 1e-12,
             "{cell:?}: one step"
         );
     }
