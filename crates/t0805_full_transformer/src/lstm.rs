@@ -35,9 +35,8 @@ pub struct LstmConfig {
 }
 
 /// One LSTM layer. Parameters (PyTorch's layout): `w_ih (4·hidden, d_in)`, `w_hh (4·hidden,
-/// hidden)`, drawn from `U(−√(6/fan_in), √(6/fan_in))` (He's uniform initialisation, as
-/// candle-nn's LSTM draws them: an LSTM trains faster here from it than from the Glorot
-/// initialisation of the module's projections), and the biases `b_ih`, `b_hh (4·hidden)` (zeros;
+/// hidden)`, drawn from `U(−√(6/fan_in), √(6/fan_in))` (He's uniform initialisation, the
+/// one candle-nn's LSTM uses), and the biases `b_ih`, `b_hh (4·hidden)` (zeros;
 /// only their sum acts, as in PyTorch).
 #[derive(Debug, Clone)]
 pub struct LstmLayer {

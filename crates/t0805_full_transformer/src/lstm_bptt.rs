@@ -34,7 +34,7 @@ pub fn lstm_recurrence(
     init: &LstmState,
     cell: OpImpl,
 ) -> Result<Tensor> {
-    let (len, batch, four_h) = from_input.dims3()?;
+    let (len, _batch, four_h) = from_input.dims3()?;
     let (w_rows, hidden) = w_hh.dims2()?;
     if len == 0 || four_h != 4 * hidden || w_rows != four_h {
         bail!(
@@ -61,7 +61,6 @@ pub fn lstm_recurrence(
     let recorded = Recurrence {
         out: out.clone(),
         gates: Tensor::stack(&gates, 0)?,
-        batch,
         cell,
     };
     // One graph node: its value is `out`, its backward the loop of the module header.
@@ -76,7 +75,6 @@ pub fn lstm_recurrence(
 struct Recurrence {
     out: Tensor,
     gates: Tensor,
-    batch: usize,
     cell: OpImpl,
 }
 
@@ -110,7 +108,7 @@ impl Recurrence {
         d_gates.reverse();
         let d_gates = Tensor::stack(&d_gates, 0)?; // (T, batch, 4·hidden)
         let h_prev = Tensor::cat(&[h0.unsqueeze(0)?, h_all.narrow(0, 0, len - 1)?], 0)?;
-        let rows = len * self.batch;
+        let rows = len * self.gates.dim(1)?;
         let d_w = d_gates
             .reshape((rows, ()))?
             .t()?
