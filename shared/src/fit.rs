@@ -21,9 +21,10 @@
 //! ([`Curve::diverged_at`]) rather than raised, so experiments can compare it, and with
 //! checkpoints the last good parameters are saved first.
 
+use crate::device::{device_memory_peak, reset_device_memory_peak};
 use crate::train::{human_rate, Diverged, Progress, Trainer};
 use anyhow::{Context, Result};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -74,11 +75,28 @@ pub struct Curve {
     /// Training tokens per second.
     pub tokens_per_s: f64,
     pub wall_s: f64,
+    /// `(step, bytes)` at each evaluation: the most device memory live tensors held since the
+    /// previous evaluation (the CUDA pool's high-water mark, [`device_memory_peak`]); empty on the
+    /// CPU. A flat series is a run that does not leak.
+    #[serde(default)]
+    pub memory_peak: Vec<(usize, u64)>,
 }
 
 impl Curve {
     pub fn final_valid_loss(&self) -> Option<f64> {
         self.valid.last().map(|v| v.1)
+    }
+
+    /// The first and the last entries of [`Curve::memory_peak`] after the start (the peaks of
+    /// the first and the last evaluation intervals), `None` on the CPU or before two evaluations.
+    pub fn memory_peak_first_last(&self) -> Option<(u64, u64)> {
+        let trained: Vec<u64> = self
+            .memory_peak
+            .iter()
+            .filter(|m| m.0 > 0)
+            .map(|m| m.1)
+            .collect();
+        Some((*trained.first()?, *trained.last()?))
     }
 
     /// Wall time of the last recorded event (where a resumed run's clock continues).
@@ -102,6 +120,7 @@ pub fn fit(
         _ => Curve::default(),
     };
     let total = trainer.schedule.total_steps;
+    let device = trainer.opt.vars().first().map(|(_, v)| v.device().clone());
     let mut clock = Clock::new(curve.last_wall());
     let mut progress = Progress::new(total as u64, &spec.label);
     while trainer.step < total {
@@ -110,6 +129,7 @@ pub fn fit(
             && curve.valid.last().is_none_or(|v| v.0 != step)
         {
             curve.valid.push((step, task.valid_loss()?, clock.wall()));
+            record_memory_peak(device.as_ref(), step, &mut curve)?;
         }
         if !train_one_step(
             trainer,
@@ -130,6 +150,7 @@ pub fn fit(
     progress.finish();
     if curve.diverged_at.is_none() && curve.valid.last().is_none_or(|v| v.0 != total) {
         curve.valid.push((total, task.valid_loss()?, clock.wall()));
+        record_memory_peak(device.as_ref(), total, &mut curve)?;
     }
     if let Some((varmap, ck)) = checkpoints.as_ref() {
         save(trainer, varmap, ck, &curve)?; // after a divergence: the last good parameters
@@ -137,6 +158,17 @@ pub fn fit(
     curve.tokens_per_s = curve.tokens as f64 / curve.train_seconds.max(1e-9);
     curve.wall_s = clock.wall();
     Ok(curve)
+}
+
+/// Appends the device's memory high-water mark since the last call to `curve.memory_peak` and
+/// starts a new one (nothing on the CPU).
+fn record_memory_peak(device: Option<&Device>, step: usize, curve: &mut Curve) -> Result<()> {
+    let Some(device) = device else { return Ok(()) };
+    if let Some(peak) = device_memory_peak(device)? {
+        curve.memory_peak.push((step, peak));
+        reset_device_memory_peak(device)?;
+    }
+    Ok(())
 }
 
 /// One step: the task's loss, the trainer's update, the curve and the progress bar. Returns

@@ -433,3 +433,67 @@ fn head_swap_on_the_device_equals_transpose_contiguous() -> candle_core::Result<
     assert_eq!(diff, 0.0);
     Ok(())
 }
+
+/// A least-squares fit `y = x·wᵀ` on the test device: the smallest [`shared::fit::Task`].
+struct DeviceRegression {
+    w: candle_core::Var,
+    x: Tensor,
+    y: Tensor,
+}
+
+impl shared::fit::Task for DeviceRegression {
+    fn train_loss(&mut self, _step: usize) -> anyhow::Result<(Tensor, usize)> {
+        let err = (self.x.matmul(&self.w.t()?)? - &self.y)?;
+        Ok((err.sqr()?.mean_all()?, self.x.dim(0)?))
+    }
+
+    fn valid_loss(&mut self) -> anyhow::Result<f64> {
+        let (loss, _) = self.train_loss(0)?;
+        Ok(loss.to_scalar::<f32>()? as f64)
+    }
+}
+
+#[test]
+fn fit_records_the_device_memory_peak_at_each_evaluation() -> anyhow::Result<()> {
+    use shared::fit::{fit, FitSpec};
+    use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
+    let dev = shared::device::test_device();
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    vb.get_with_hints((64, 256), "w", candle_nn::Init::Const(0.0))?;
+    let w = varmap.all_vars().remove(0);
+    let x = Tensor::randn(0f32, 1.0, (512, 256), &dev)?;
+    let y = Tensor::randn(0f32, 1.0, (512, 64), &dev)?;
+    let mut task = DeviceRegression { w, x, y };
+    let schedule = ScheduleConfig {
+        max_lr: 1e-2,
+        min_lr: 1e-3,
+        warmup_steps: 0,
+        total_steps: 20,
+        clip_norm: None,
+    };
+    let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule)?;
+    let spec = FitSpec {
+        label: "memory".into(),
+        eval_every: 5,
+    };
+    let curve = fit(&mut trainer, &mut task, &spec, None)?;
+    let valid_steps: Vec<usize> = curve.valid.iter().map(|v| v.0).collect();
+    assert_eq!(valid_steps, [0, 5, 10, 15, 20]);
+    if dev.is_cpu() {
+        assert!(curve.memory_peak.is_empty(), "{:?}", curve.memory_peak);
+        assert!(curve.memory_peak_first_last().is_none());
+        return Ok(());
+    }
+    let steps: Vec<usize> = curve.memory_peak.iter().map(|m| m.0).collect();
+    assert_eq!(steps, valid_steps, "one peak per evaluation");
+    // Every training interval holds at least the inputs (512 KiB) and the weight's gradient.
+    let (first, last) = curve.memory_peak_first_last().unwrap();
+    println!("memory peaks {:?}", curve.memory_peak);
+    assert!(first >= 512 << 10 && last >= 512 << 10, "{first} {last}");
+    assert!(
+        last <= first,
+        "the same steps came to hold more memory: {first} B, then {last} B"
+    );
+    Ok(())
+}

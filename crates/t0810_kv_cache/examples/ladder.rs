@@ -175,6 +175,13 @@ struct Measured {
     test_word_ppl: f64,
     kv_bytes_per_token: usize,
     kernels: String,
+    /// `(step, validation loss)` every tenth of the run.
+    valid_curve: Vec<(usize, f64)>,
+    /// The step whose loss or gradient was not finite (the run stopped there), if any.
+    diverged_at: Option<usize>,
+    /// `(step, MiB)`: the most device memory tensors held in each evaluation interval (CUDA only;
+    /// step 0 is the model before training).
+    memory_peak_mib: Vec<(usize, f64)>,
 }
 
 fn train_rung(
@@ -203,7 +210,7 @@ fn train_rung(
         steps: b.steps,
         batch_size: b.batch,
         seq_len: b.seq_len,
-        eval_every: b.steps,
+        eval_every: (b.steps / 10).max(1),
         eval_batches: 16,
         seed,
     };
@@ -230,7 +237,25 @@ fn train_rung(
         test_word_ppl: shared::train::word_level_perplexity(test_nll, b.test_words),
         kv_bytes_per_token: r.cfg.kv_bytes_per_token(compute.size_in_bytes()),
         kernels: r.kernels.describe(),
+        valid_curve: curve.valid.iter().map(|v| (v.0, v.1)).collect(),
+        diverged_at: curve.diverged_at,
+        memory_peak_mib: curve
+            .memory_peak
+            .iter()
+            .map(|m| (m.0, m.1 as f64 / (1u64 << 20) as f64))
+            .collect(),
     };
+    if let Some((first, last)) = curve.memory_peak_first_last() {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        println!(
+            "   device memory peak: {:.0} MiB in the first tenth of the run, {:.0} MiB in the last",
+            mib(first),
+            mib(last)
+        );
+    }
+    if let Some(step) = curve.diverged_at {
+        println!("   diverged at step {step} (the loss or a gradient was not finite)");
+    }
     Ok((measured, lm))
 }
 
