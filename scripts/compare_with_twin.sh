@@ -4,6 +4,10 @@
 #
 #   bash scripts/compare_with_twin.sh [BATCH] [STEPS]     (TWIN_COMPILE=1 adds torch.compile rows)
 #
+# TRAIN_DTYPES (default "f32 bf16") and DECODE_DTYPES (default "bf16 f32") choose the rows' dtypes;
+# with bf16 the training rows include ours in bf16-mixed (bf16 compute, f32 master weights and
+# moments), the counterpart of the twin's autocast + fused AdamW.
+#
 # Needs in /tmp/gpu/bin: t0810_kv_cache, parity (t0810 example).
 # Prints the table of ratios and leaves every log and json (summary.json: the table), the parity
 # curves and their plots in one archive, $OUT/twin.tgz.
@@ -32,12 +36,16 @@ NVIDIA_TF32_OVERRIDE=0 $py scripts/pytorch_twin.py parity "$out/parity" --device
 $bin/parity --plot "$out/parity_twin.json" --dump "$out/plots" || echo "parity plot failed"
 rm -f "$out/parity/batches.safetensors" "$out/parity/init.safetensors"
 
-for dt in f32 bf16; do
+for dt in ${TRAIN_DTYPES:-f32 bf16}; do
   echo "== training tokens/s, $dt, batch $B"
   for att in naive flash; do
     $bin/t0810_kv_cache --device cuda --dtype $dt $OURS_FLAGS --attention $att --out "$out/ours" train-bench --batch $B --steps $STEPS --warmup 3 --profile > "$out/train_ours_${att}_$dt.log" 2>&1
     cp "$out/ours/t0810_kv_cache/train_bench/results.json" "$out/train_ours_${att}_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_${att}_$dt.log"
   done
+  if [ $dt = bf16 ]; then
+    $bin/t0810_kv_cache --device cuda --dtype bf16-mixed $OURS_FLAGS --attention flash --out "$out/ours" train-bench --batch $B --steps $STEPS --warmup 3 --profile > "$out/train_ours_flashmixed_$dt.log" 2>&1
+    cp "$out/ours/t0810_kv_cache/train_bench/results.json" "$out/train_ours_flashmixed_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_flashmixed_$dt.log"
+  fi
   # The same flash step with the host reading the loss and the gradient norm inside the step (the
   # trainer before its device-side gate): what the deferred step gains, on this machine.
   $bin/t0810_kv_cache --device cuda --dtype $dt $OURS_FLAGS --attention flash --out "$out/ours" train-bench --batch $B --steps $STEPS --warmup 3 --synchronous-step > "$out/train_ours_flashsync_$dt.log" 2>&1
@@ -54,7 +62,7 @@ for dt in f32 bf16; do
     $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt $amp --fused-adamw --compile --json "$out/train_twin_best_$dt.json" 2>"$out/compilebest_$dt.err" || echo "torch.compile (best) failed ($dt): $(tail -2 "$out/compilebest_$dt.err")"
   fi
 done
-for dt in bf16 f32; do
+for dt in ${DECODE_DTYPES:-bf16 f32}; do
   for b in 1 32; do
     echo "== decoding, $dt, batch $b, prompt 128, 512 new tokens"
     $bin/t0810_kv_cache --device cuda --dtype $dt $DECODE_FLAGS --out "$out/ours" decode-bench --batch $b --prompt 128 --new 512 > "$out/decode_ours_${dt}_b$b.log" 2>&1
@@ -80,6 +88,12 @@ for dt in ("f32", "bf16"):
             t = load(f"train_twin_{impl}_{dt}.json")
             if t:
                 rows.append((f"train {dt} {att} vs torch {label}", o, t["tokens_per_s"]))
+mixed = load("train_ours_flashmixed_bf16.json")
+if mixed:
+    for impl, label in (("eagerbest", "eager best (amp, fused AdamW)"), ("best", "compile best (amp, fused AdamW)")):
+        t = load(f"train_twin_{impl}_bf16.json")
+        if t:
+            rows.append((f"train bf16-mixed flash vs torch {label}", mixed["metrics"]["bench.tokens_per_s"], t["tokens_per_s"]))
 for dt in ("f32", "bf16"):
     sync, deferred = load(f"train_ours_flashsync_{dt}.json"), load(f"train_ours_flash_{dt}.json")
     if sync and deferred:
@@ -99,6 +113,9 @@ for dt in ("f32", "bf16"):
         ours = load(f"train_ours_{att}_{dt}.json"); t = load(f"train_twin_{'eagernaive' if att == 'naive' else 'eager'}_{dt}.json")
         m = ours["metrics"] if ours else {}; o = m.get("bench.peak_device_memory_gib", float("nan"))
         print(f"{'train ' + dt + ' ' + att:44s} {o:12.2f} {t['peak_gib'] if t else float('nan'):12.2f}")
+best = load("train_twin_eagerbest_bf16.json")
+if mixed:
+    print(f"{'train bf16-mixed flash (twin: amp, fused AdamW)':44s} {mixed['metrics'].get('bench.peak_device_memory_gib', float('nan')):12.2f} {best['peak_gib'] if best else float('nan'):12.2f}")
 print("(ours: the peak of the CUDA memory pool's in-use counter over the profiled steps; twin: torch.cuda.max_memory_allocated)")
 p = load("parity_twin.json")
 if p:

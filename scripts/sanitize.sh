@@ -4,6 +4,7 @@
 # bundle (as a step: "sh scripts/sanitize.sh"), or directly:
 #
 #   bash scripts/sanitize.sh [TEST ...]      (default: the tests below)
+#   SANITIZE_TOOLS="memcheck racecheck initcheck" (default), SANITIZE_TIMEOUT=SECONDS per run (600)
 #
 # The tests and the kernels they reach:
 #   shared__gpu                      embedding, cross-entropy, AdamW + step gate, head swap
@@ -23,11 +24,13 @@ tests=${*:-"shared__gpu t0806_modern_blocks__gpu t0808_rope__rope t0809_flash_at
 summary="$dest/sanitize-summary.txt"
 echo "compute-sanitizer: $($sanitizer --version 2>&1 | tail -1)" | tee "$summary"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$summary"
-for t in $tests; do
-  exe=/tmp/gpu/tests/$t
-  [ -x "$exe" ] || { echo "$t: not in the bundle" | tee -a "$summary"; continue; }
-  pkg=${t%%__*}; dir="$root/crates/$pkg"; [ "$pkg" = shared ] && dir="$root/shared"
-  for tool in memcheck racecheck initcheck; do
+# Tool by tool (memcheck over every test first), so that a run cut short still covers every kernel
+# with the first tools.
+for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
+  for t in $tests; do
+    exe=/tmp/gpu/tests/$t
+    [ -x "$exe" ] || { echo "$t: not in the bundle" | tee -a "$summary"; continue; }
+    pkg=${t%%__*}; dir="$root/crates/$pkg"; [ "$pkg" = shared ] && dir="$root/shared"
     log=/tmp/sanitize-$t-$tool.log
     started=$(date +%s)
     (cd "$dir" && timeout "${SANITIZE_TIMEOUT:-600}" "$sanitizer" --tool "$tool" --error-exitcode 99 \
