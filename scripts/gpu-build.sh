@@ -32,6 +32,9 @@ if ! command -v nvcc >/dev/null 2>&1; then
   eval "$("$shared_gpu/setup-cuda-toolkit.sh")"
 fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target-cuda}"
+# The executables run on another machine: no `-C target-cpu=native` from .cargo/config.toml (an
+# empty RUSTFLAGS replaces it), unless the caller asks for flags of its own.
+export RUSTFLAGS="${RUSTFLAGS-}"
 rm -rf .gpu && mkdir -p .gpu/stage/tests .gpu/stage/bin
 : > .gpu/stage/manifest.txt
 for t in $tests; do

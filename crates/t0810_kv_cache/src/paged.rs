@@ -318,6 +318,7 @@ impl PagedKvCache {
                 .reshape((n_blocks * bs, h, d))?
                 .narrow(0, 0, len)?
                 .transpose(0, 1)? // (heads, len, d_head)
+                .contiguous()? // a standard layout: CUDA's matmul (cuBLAS) takes no other
                 .unsqueeze(0)
         };
         Ok((pick(k)?, pick(v)?))
