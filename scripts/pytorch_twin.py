@@ -155,12 +155,17 @@ class Twin(torch.nn.Module):
         return x @ self.params["lm_head"].t()
 
 
-class KvCache:
+class KvCache(torch.nn.Module):
+    """The preallocated cache as module buffers: torch.compile treats buffers as static inputs, so
+    the CUDA graph of the decode step may write into them (a plain tensor attribute is an input
+    whose mutation makes `reduce-overhead` skip the graph)."""
+
     def __init__(self, cfg, batch, max_len, dtype, device):
+        super().__init__()
         dh = cfg["d_model"] // cfg["n_heads"]
         shape = (cfg["n_layers"], batch, cfg["n_kv_heads"], max_len, dh)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, layer, k, v, start):
         n = k.shape[-2]
@@ -169,14 +174,19 @@ class KvCache:
         return self.k[layer, :, :, :start + n], self.v[layer, :, :, :start + n]
 
 
-class StaticDecode:
+class StaticDecode(torch.nn.Module):
     """One decode step over the whole preallocated cache, with the position as a device tensor:
     fixed shapes, no host decisions, so torch.compile(mode="reduce-overhead") can capture it in
-    a CUDA graph (as gpt-fast does). Greedy: the next token is chosen on the device."""
+    a CUDA graph (as gpt-fast does: the model and the cache are submodules, their tensors static).
+    Greedy: the next token is chosen on the device."""
 
     def __init__(self, model, cache):
+        super().__init__()
         self.m, self.cache = model, cache
         self.max_len = cache.k.shape[3]
+
+    def forward(self, tok, pos):
+        return self.step(tok, pos)
 
     def step(self, tok, pos):
         m, cfg = self.m, self.m.cfg
@@ -334,8 +344,7 @@ def decode_bench(args):
     cache = KvCache(cfg, args.batch, args.prompt + args.new, dtype, args.device)
     step = None
     if args.graphs:
-        static = StaticDecode(model, cache)
-        step = torch.compile(static.step, mode="reduce-overhead", fullgraph=True)
+        step = torch.compile(StaticDecode(model, cache), mode="reduce-overhead", fullgraph=True)
     for rep in range(3 if args.graphs else 2):  # the first repetitions warm up (and compile)
         prompt = torch.randint(0, cfg["vocab_size"], (args.batch, args.prompt), device=args.device)
         sync(args.device)
