@@ -63,6 +63,8 @@ for e in $examples; do
   cp "$CARGO_TARGET_DIR/release/examples/$name" .gpu/stage/bin/
   echo "bin $name bin/$name" >> .gpu/stage/manifest.txt
 done
+# The revision the executables are built from (gpu-run.sh reports it and hands it to results.json).
+git describe --always --dirty > .gpu/stage/git-rev.txt 2>/dev/null || echo unknown > .gpu/stage/git-rev.txt
 echo "== compressing $(du -sh .gpu/stage | cut -f1) (one long-window xz stores the shared kernels once)" >&2
 tar -C .gpu/stage -cf - . | xz -T1 --lzma2=preset=6,dict=256MiB > .gpu/bundle.tar.xz
 cp "$shared_gpu/remote-env.sh" .gpu/

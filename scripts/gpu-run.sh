@@ -37,6 +37,9 @@ export MODULE08_EXPECT_GPU=1 MODULE08_TEST_DEVICE=cuda MODULE08_CACHE=/tmp/modul
 [ -f .gpu/font.ttf ] && export MODULE08_FONT="$root/.gpu/font.ttf"
 summary="$dest/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$summary"
+# The revision the executables were built from (this copy's git state can be another one).
+export MODULE08_GIT_REV="${MODULE08_GIT_REV:-$(cat /tmp/gpu/git-rev.txt 2>/dev/null || echo unknown)}"
+echo "executables built from $MODULE08_GIT_REV" | tee -a "$summary"
 status=0
 n=0
 for step in "$@"; do

@@ -1107,8 +1107,15 @@ impl RunReport {
     }
 }
 
-/// The git revision of the workspace (`git describe --always --dirty`), or `"unknown"`.
+/// The git revision of the code: `MODULE08_GIT_REV` when set (scripts/gpu-run.sh sets it to the
+/// revision the carried executables were built from), else `git describe --always --dirty` of the
+/// workspace, else `"unknown"`.
 pub fn git_rev() -> String {
+    if let Ok(rev) = std::env::var("MODULE08_GIT_REV") {
+        if !rev.trim().is_empty() {
+            return rev.trim().to_string();
+        }
+    }
     std::process::Command::new("git")
         .args(["describe", "--always", "--dirty"])
         .current_dir(crate::workspace_root())
