@@ -39,15 +39,18 @@ rm -f "$out/parity/batches.safetensors" "$out/parity/init.safetensors"
 for dt in ${TRAIN_DTYPES:-f32 bf16}; do
   echo "== training tokens/s, $dt, batch $B"
   for att in naive flash; do
+    rm -f "$out/ours/t0810_kv_cache/train_bench/results.json"  # a failed run must not leave the previous one's
     $bin/t0810_kv_cache --device cuda --dtype $dt $OURS_FLAGS --attention $att --out "$out/ours" train-bench --batch $B --steps $STEPS --warmup 3 --profile > "$out/train_ours_${att}_$dt.log" 2>&1
     cp "$out/ours/t0810_kv_cache/train_bench/results.json" "$out/train_ours_${att}_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_${att}_$dt.log"
   done
   if [ $dt = bf16 ]; then
+    rm -f "$out/ours/t0810_kv_cache/train_bench/results.json"
     $bin/t0810_kv_cache --device cuda --dtype bf16-mixed $OURS_FLAGS --attention flash --out "$out/ours" train-bench --batch $B --steps $STEPS --warmup 3 --profile > "$out/train_ours_flashmixed_$dt.log" 2>&1
     cp "$out/ours/t0810_kv_cache/train_bench/results.json" "$out/train_ours_flashmixed_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_flashmixed_$dt.log"
   fi
   # The same flash step with the host reading the loss and the gradient norm inside the step (the
   # trainer before its device-side gate): what the deferred step gains, on this machine.
+  rm -f "$out/ours/t0810_kv_cache/train_bench/results.json"
   $bin/t0810_kv_cache --device cuda --dtype $dt $OURS_FLAGS --attention flash --out "$out/ours" train-bench --batch $B --steps $STEPS --warmup 3 --synchronous-step > "$out/train_ours_flashsync_$dt.log" 2>&1
   cp "$out/ours/t0810_kv_cache/train_bench/results.json" "$out/train_ours_flashsync_$dt.json" 2>/dev/null || tail -5 "$out/train_ours_flashsync_$dt.log"
   $py scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype $dt --json "$out/train_twin_eager_$dt.json"
@@ -65,6 +68,7 @@ done
 for dt in ${DECODE_DTYPES:-bf16 f32}; do
   for b in 1 32; do
     echo "== decoding, $dt, batch $b, prompt 128, 512 new tokens"
+    rm -f "$out/ours/t0810_kv_cache/decode_bench_b${b}_$dt/results.json"
     $bin/t0810_kv_cache --device cuda --dtype $dt $DECODE_FLAGS --out "$out/ours" decode-bench --batch $b --prompt 128 --new 512 > "$out/decode_ours_${dt}_b$b.log" 2>&1
     cp "$out/ours/t0810_kv_cache/decode_bench_b${b}_$dt/results.json" "$out/decode_ours_${dt}_b$b.json" 2>/dev/null || tail -5 "$out/decode_ours_${dt}_b$b.log"
     $py scripts/pytorch_twin.py decode-bench --config "$cfg" --batch $b --prompt 128 --new 512 --dtype $dt --json "$out/decode_twin_${dt}_b$b.json"

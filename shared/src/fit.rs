@@ -76,8 +76,10 @@ pub struct Curve {
     pub tokens_per_s: f64,
     pub wall_s: f64,
     /// `(step, bytes)` at each evaluation: the most device memory live tensors held since the
-    /// previous evaluation (the CUDA pool's high-water mark, [`device_memory_peak`]); empty on the
-    /// CPU. A flat series is a run that does not leak.
+    /// previous evaluation (the CUDA pool's high-water mark, [`device_memory_peak`]), the first
+    /// entry since [`fit`] started (the first evaluation's own memory); empty on the CPU. A flat
+    /// series is a run that does not leak. The pool is one per device: runs on one device at the
+    /// same time see each other's memory.
     #[serde(default)]
     pub memory_peak: Vec<(usize, u64)>,
 }
@@ -121,6 +123,9 @@ pub fn fit(
     };
     let total = trainer.schedule.total_steps;
     let device = trainer.opt.vars().first().map(|(_, v)| v.device().clone());
+    if let Some(device) = &device {
+        reset_device_memory_peak(device)?; // the first interval starts here, not at the process start
+    }
     let mut clock = Clock::new(curve.last_wall());
     let mut progress = Progress::new(total as u64, &spec.label);
     while trainer.step < total {

@@ -64,8 +64,20 @@ fn bf16_matmul_on_the_device_matches_cpu_f32() -> candle_core::Result<()> {
     Ok(())
 }
 
+/// The tests that read the device's memory counters (one pool per process) take turns. Run the
+/// GPU tests with `--test-threads=1` (as scripts/gpu-run.sh does) so that no other test allocates
+/// meanwhile either.
+static MEMORY_COUNTERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn memory_counters() -> std::sync::MutexGuard<'static, ()> {
+    MEMORY_COUNTERS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[test]
 fn device_memory_counters_see_a_256_mib_allocation() -> anyhow::Result<()> {
+    let _turn = memory_counters();
     let picked = pick_device(DeviceChoice::Auto)?;
     let dev = &picked.device;
     use shared::device::{device_memory_in_use, device_memory_peak, reset_device_memory_peak};
@@ -457,7 +469,12 @@ impl shared::fit::Task for DeviceRegression {
 fn fit_records_the_device_memory_peak_at_each_evaluation() -> anyhow::Result<()> {
     use shared::fit::{fit, FitSpec};
     use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
+    let _turn = memory_counters();
     let dev = shared::device::test_device();
+    // A 64 MiB high-water mark before the run: `fit` must start a new one, and every evaluation
+    // interval must report its own, far below it.
+    let big = 64usize << 20;
+    drop(Tensor::zeros(big / 4, DType::F32, &dev)?);
     let varmap = candle_nn::VarMap::new();
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     vb.get_with_hints((64, 256), "w", candle_nn::Init::Const(0.0))?;
@@ -487,6 +504,12 @@ fn fit_records_the_device_memory_peak_at_each_evaluation() -> anyhow::Result<()>
     }
     let steps: Vec<usize> = curve.memory_peak.iter().map(|m| m.0).collect();
     assert_eq!(steps, valid_steps, "one peak per evaluation");
+    for &(step, peak) in &curve.memory_peak {
+        assert!(
+            (peak as usize) < big,
+            "step {step}: peak {peak} B carries the earlier 64 MiB high-water mark (no reset)"
+        );
+    }
     // Every training interval holds at least the inputs (512 KiB) and the weight's gradient.
     let (first, last) = curve.memory_peak_first_last().unwrap();
     println!("memory peaks {:?}", curve.memory_peak);

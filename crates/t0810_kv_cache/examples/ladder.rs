@@ -180,7 +180,7 @@ struct Measured {
     /// The step whose loss or gradient was not finite (the run stopped there), if any.
     diverged_at: Option<usize>,
     /// `(step, MiB)`: the most device memory tensors held in each evaluation interval (CUDA only;
-    /// step 0 is the model before training).
+    /// step 0 is the first evaluation, before training).
     memory_peak_mib: Vec<(usize, f64)>,
 }
 
