@@ -35,6 +35,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target-cuda}"
 # The executables run on another machine: no `-C target-cpu=native` from .cargo/config.toml (an
 # empty RUSTFLAGS replaces it), unless the caller asks for flags of its own.
 export RUSTFLAGS="${RUSTFLAGS-}"
+unset CARGO_ENCODED_RUSTFLAGS  # it would take precedence over RUSTFLAGS
 rm -rf .gpu && mkdir -p .gpu/stage/tests .gpu/stage/bin
 : > .gpu/stage/manifest.txt
 for t in $tests; do
