@@ -259,6 +259,26 @@ fn train_rung(
     Ok((measured, lm))
 }
 
+/// `new_tokens` after `prompt` (batch 1) with a preallocated KV cache sized for them.
+fn generate_cached(
+    lm: &t0804_transformer_block::DecoderOnlyLm,
+    prompt: &[u32],
+    new_tokens: usize,
+    sampler: &mut Sampler,
+    dtype: DType,
+) -> Result<t0810_kv_cache::GenStats> {
+    let len = prompt.len() + new_tokens;
+    let mut cache = lm_cache(lm, 1, len, CacheKind::Preallocated, dtype)?;
+    Ok(generate_lm(
+        lm,
+        prompt,
+        new_tokens,
+        sampler,
+        &mut cache,
+        &mut |_| {},
+    )?)
+}
+
 /// Rung 5: decoding tokens/s of the trained top rung with the KV cache and without it.
 fn decode_speeds(
     lm: &t0804_transformer_block::DecoderOnlyLm,
@@ -267,21 +287,7 @@ fn decode_speeds(
     dtype: DType,
 ) -> Result<(f64, f64)> {
     let mut sampler = Sampler::new(SamplingConfig::greedy(), 0)?;
-    let mut cache = lm_cache(
-        lm,
-        1,
-        prompt.len() + new_tokens,
-        CacheKind::Preallocated,
-        dtype,
-    )?;
-    let cached = generate_lm(
-        lm,
-        prompt,
-        new_tokens,
-        &mut sampler,
-        &mut cache,
-        &mut |_| {},
-    )?;
+    let cached = generate_cached(lm, prompt, new_tokens, &mut sampler, dtype)?;
     let uncached = generate_lm_no_cache(lm, prompt, new_tokens, &mut sampler, &mut |_| {})?;
     if cached.tokens != uncached.tokens {
         anyhow::bail!(
@@ -318,14 +324,7 @@ fn samples(
         ] {
             let mut sampler = Sampler::new(cfg, seed)?;
             let new_tokens = 48.min(lm.max_seq_len.saturating_sub(ids.len()));
-            let mut cache = lm_cache(
-                lm,
-                1,
-                ids.len() + new_tokens,
-                CacheKind::Preallocated,
-                dtype,
-            )?;
-            let g = generate_lm(lm, &ids, new_tokens, &mut sampler, &mut cache, &mut |_| {})?;
+            let g = generate_cached(lm, &ids, new_tokens, &mut sampler, dtype)?;
             out.push(serde_json::json!({
                 "prompt": prompt,
                 "sampling": name,
