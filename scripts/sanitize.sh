@@ -5,6 +5,8 @@
 #
 #   bash scripts/sanitize.sh [TEST ...]      (default: the tests below)
 #   SANITIZE_TOOLS="memcheck racecheck initcheck" (default), SANITIZE_TIMEOUT=SECONDS per run (600)
+#   SANITIZE_SPLIT=1: each test function of an executable in its own sanitizer process, all of them
+#   at once (slow tools finish within the limit; one summary line per test function)
 #
 # The tests and the kernels they reach:
 #   shared__gpu                      embedding, cross-entropy, AdamW + step gate, head swap
@@ -26,19 +28,34 @@ echo "compute-sanitizer: $($sanitizer --version 2>&1 | tail -1)" | tee "$summary
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$summary"
 # Tool by tool (memcheck over every test first), so that a run cut short still covers every kernel
 # with the first tools.
+# One sanitizer run: tool $1, test executable $2, log $3, then the test-name filter (if any).
+run_one() {
+  local tool=$1 t=$2 log=$3; shift 3
+  local pkg=${t%%__*} dir started rc errors tests_line
+  dir="$root/crates/$pkg"; [ "$pkg" = shared ] && dir="$root/shared"
+  started=$(date +%s)
+  (cd "$dir" && timeout "${SANITIZE_TIMEOUT:-600}" "$sanitizer" --tool "$tool" --error-exitcode 99 \
+    "/tmp/gpu/tests/$t" --test-threads=1 "$@") > "$log" 2>&1
+  rc=$?
+  errors=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
+  tests_line=$(grep -E "^test result" "$log" | tail -1)
+  echo "$t${1:+ $1} $tool: rc=$rc ($(( $(date +%s) - started )) s) ${errors:-no summary} | ${tests_line:-no test result}" >> "$summary"
+}
+# Tool by tool (memcheck over every test first), so that a run cut short still covers every kernel
+# with the first tools.
 for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
   for t in $tests; do
     exe=/tmp/gpu/tests/$t
     [ -x "$exe" ] || { echo "$t: not in the bundle" | tee -a "$summary"; continue; }
-    pkg=${t%%__*}; dir="$root/crates/$pkg"; [ "$pkg" = shared ] && dir="$root/shared"
-    log=/tmp/sanitize-$t-$tool.log
-    started=$(date +%s)
-    (cd "$dir" && timeout "${SANITIZE_TIMEOUT:-600}" "$sanitizer" --tool "$tool" --error-exitcode 99 \
-      "$exe" --test-threads=1) > "$log" 2>&1
-    rc=$?
-    errors=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
-    tests_line=$(grep -E "^test result" "$log" | tail -1)
-    echo "$t $tool: rc=$rc ($(( $(date +%s) - started )) s) ${errors:-no summary} | ${tests_line:-no test result}" | tee -a "$summary"
+    if [ -n "${SANITIZE_SPLIT:-}" ]; then
+      for name in $("$exe" --list --format terse 2>/dev/null | sed -n 's/: test$//p'); do
+        run_one "$tool" "$t" "/tmp/sanitize-$t-$name-$tool.log" "$name" --exact &
+      done
+      wait
+    else
+      run_one "$tool" "$t" "/tmp/sanitize-$t-$tool.log"
+    fi
   done
 done
+cat "$summary"
 tar -czf "$dest/sanitize-logs.tgz" -C /tmp $(cd /tmp && ls sanitize-*.log 2>/dev/null)

@@ -910,6 +910,8 @@ pub struct LmTrainSpec {
     pub eval_every: usize,
     pub eval_batches: usize,
     pub seed: u64,
+    /// Early stopping ([`crate::fit::FitSpec::patience`]), in evaluations.
+    pub patience: Option<usize>,
 }
 
 /// The record of one language-model training run ([`crate::fit::Curve`]).
@@ -1032,6 +1034,7 @@ pub fn train_lm(
     let fit_spec = crate::fit::FitSpec {
         label: spec.label.clone(),
         eval_every: spec.eval_every,
+        patience: spec.patience,
     };
     crate::fit::fit(trainer, &mut task, &fit_spec, None)
 }

@@ -126,6 +126,7 @@ fn spec() -> FitSpec {
     FitSpec {
         label: "regression".into(),
         eval_every: 5,
+        patience: None,
     }
 }
 

@@ -493,6 +493,7 @@ fn fit_records_the_device_memory_peak_at_each_evaluation() -> anyhow::Result<()>
     let spec = FitSpec {
         label: "memory".into(),
         eval_every: 5,
+        patience: None,
     };
     let curve = fit(&mut trainer, &mut task, &spec, None)?;
     let valid_steps: Vec<usize> = curve.valid.iter().map(|v| v.0).collect();

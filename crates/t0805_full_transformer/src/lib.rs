@@ -89,6 +89,9 @@ pub struct Transformer {
     pub encoder_norm: Option<LayerNorm>,
     pub decoder_norm: Option<LayerNorm>,
     pub lm_head: Tensor,
+    /// The activations' dtype: the parameters' own, or bf16 over f32 parameters (mixed
+    /// precision: every weight is cast where it is used; gradients and AdamW stay in f32).
+    pub compute_dtype: DType,
 }
 
 impl Transformer {
@@ -121,7 +124,16 @@ impl Transformer {
             encoder_norm: final_norm("encoder_norm")?,
             decoder_norm: final_norm("decoder_norm")?,
             lm_head: weight(&vb, cfg.vocab_size, cfg.d_model, "lm_head")?,
+            compute_dtype: vb.dtype(),
         })
+    }
+
+    /// The same model computing in `dtype` (bf16 over f32 parameters: mixed precision).
+    pub fn with_compute_dtype(self, compute_dtype: DType) -> Self {
+        Self {
+            compute_dtype,
+            ..self
+        }
     }
 
     /// `tokens (batch, len)` → `√d_model · E[tokens] + PE (batch, len, d_model)`.
@@ -143,7 +155,9 @@ impl Transformer {
             );
         }
         let d = self.cfg.d_model;
-        let x = (shared::embedding(&self.token_embedding, tokens)? * (d as f64).sqrt())?; // (b, n, d)
+        let x = (shared::embedding(&self.token_embedding, tokens)?
+            .to_dtype(self.compute_dtype)?
+            * (d as f64).sqrt())?; // (b, n, d)
         x.broadcast_add(&sinusoidal(n, d, start, tokens.device())?.to_dtype(x.dtype())?)
     }
 

@@ -79,7 +79,8 @@ impl LstmLayer {
     ) -> Result<(Tensor, LstmState)> {
         let (len, batch, _) = x.dims3()?;
         // The input's share of every gate at every step, in one product: (len, batch, 4·hidden).
-        let from_input = linear(x, &self.w_ih)?.broadcast_add(&(&self.b_ih + &self.b_hh)?)?;
+        let from_input = linear(x, &self.w_ih)?.broadcast_add(&self.bias(x.dtype())?)?;
+        let w_hh = self.w_hh.to_dtype(x.dtype())?; // mixed precision: the weight in the compute dtype
         let init = match init {
             Some(s) => s.clone(),
             None => LstmState::zeros(batch, self.hidden(), x)?,
@@ -87,7 +88,7 @@ impl LstmLayer {
         if cell == OpImpl::Fused {
             let hc = lstm_recurrence(
                 &from_input,
-                &self.w_hh,
+                &w_hh,
                 &init,
                 LstmState::cell_on(cell, x.device()),
             )?;
@@ -101,7 +102,7 @@ impl LstmLayer {
         let mut state = init;
         let mut outputs = Vec::with_capacity(len);
         for t in 0..len {
-            let gates = (from_input.get(t)? + linear(&state.h, &self.w_hh)?)?; // (batch, 4·hidden)
+            let gates = (from_input.get(t)? + linear(&state.h, &w_hh)?)?; // (batch, 4·hidden)
             state = state.next(&gates, LstmState::cell_on(cell, x.device()))?;
             outputs.push(state.h.clone());
         }
@@ -110,15 +111,21 @@ impl LstmLayer {
 
     /// One step for `x (batch, d_in)` (generation).
     pub fn step(&self, x: &Tensor, state: &LstmState, cell: OpImpl) -> Result<LstmState> {
-        let gates = (linear(x, &self.w_ih)?.broadcast_add(&(&self.b_ih + &self.b_hh)?)?
+        let gates = (linear(x, &self.w_ih)?.broadcast_add(&self.bias(x.dtype())?)?
             + linear(&state.h, &self.w_hh)?)?;
         state.next(&gates, LstmState::cell_on(cell, x.device()))
+    }
+
+    /// `b_ih + b_hh (4·hidden)` in `dtype` (the compute dtype under mixed precision).
+    fn bias(&self, dtype: DType) -> Result<Tensor> {
+        (&self.b_ih + &self.b_hh)?.to_dtype(dtype)
     }
 }
 
 /// LSTM encoder–decoder. Parameters: `token_embedding`, `encoder.<i>.*`, `decoder.<i>.*`
 /// ([`LstmLayer`]), `lm_head (vocab, hidden)`. `cell` says how the layers run (the same values
-/// and gradients either way, see [`LstmLayer::forward`]): execution, not part of the model.
+/// and gradients either way, see [`LstmLayer::forward`]) and `compute_dtype` in which dtype:
+/// execution, not part of the model.
 pub struct LstmSeq2Seq {
     pub cfg: LstmConfig,
     pub token_embedding: Tensor,
@@ -126,6 +133,9 @@ pub struct LstmSeq2Seq {
     pub decoder: Vec<LstmLayer>,
     pub lm_head: Tensor,
     pub cell: OpImpl,
+    /// The activations' dtype: the parameters' own, or bf16 over f32 parameters (mixed
+    /// precision: every weight is cast where it is used; gradients and AdamW stay in f32).
+    pub compute_dtype: DType,
 }
 
 impl LstmSeq2Seq {
@@ -149,6 +159,7 @@ impl LstmSeq2Seq {
             decoder: stack("decoder")?,
             lm_head: weight(&vb, cfg.vocab_size, cfg.hidden, "lm_head")?,
             cell: OpImpl::Fused,
+            compute_dtype: vb.dtype(),
         })
     }
 
@@ -157,12 +168,21 @@ impl LstmSeq2Seq {
         Self { cell, ..self }
     }
 
+    /// The same model computing in `dtype` (bf16 over f32 parameters: mixed precision).
+    pub fn with_compute_dtype(self, compute_dtype: DType) -> Self {
+        Self {
+            compute_dtype,
+            ..self
+        }
+    }
+
     fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
         let (_, n) = tokens.dims2()?;
         if n == 0 {
             bail!("empty sequence");
         }
-        shared::embedding(&self.token_embedding, tokens) // (b, n, d_embed)
+        shared::embedding(&self.token_embedding, tokens)?.to_dtype(self.compute_dtype)
+        // (b, n, d_embed)
     }
 
     /// Runs a stack of layers over `x (batch, len, d)`, starting layer `i` from `init[i]` (or

@@ -74,7 +74,6 @@ fn main() -> Result<()> {
         TOPIC,
         "encoder-decoder Transformer vs LSTM seq2seq, WikiText-2 continuation",
     )?;
-    ctx.require_one_dtype()?;
     let p = preset(&args, ctx.picked.device.is_cuda())?;
     let corpus = load_corpus(args.corpus, args.common.data_dir.as_deref(), p.vocab)?;
     let vocab = corpus.tokenizer.vocab_size();
@@ -107,7 +106,8 @@ fn main() -> Result<()> {
     let contenders = NAMES
         .into_iter()
         .map(|name| {
-            Contender::train_and_test(name, &data, &p, vocab, &run, ctx.dtype, final_batches)
+            let dtypes = (ctx.dtype, ctx.compute_dtype);
+            Contender::train_and_test(name, &data, &p, vocab, &run, dtypes, final_batches)
         })
         .collect::<Result<Vec<_>>>()?;
 

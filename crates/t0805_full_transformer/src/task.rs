@@ -38,6 +38,33 @@ pub fn continuation_pairs(
         .collect())
 }
 
+/// Pairs that predict every token of `tokens` after the first `src_len` exactly once: window `i`
+/// starts at `i·tgt_len`, its source is the `src_len` tokens there and its target the (up to)
+/// `tgt_len` that follow (the last one may be shorter). Each target token is predicted from
+/// `src_len` tokens of source and the target tokens before it — the context and stride of the
+/// word-level perplexity over a whole split.
+pub fn stream_pairs(tokens: &[u32], src_len: usize, tgt_len: usize) -> Result<Vec<Seq2SeqExample>> {
+    if src_len == 0 || tgt_len == 0 {
+        bail!("continuation task: src_len ({src_len}) and tgt_len ({tgt_len}) must be positive");
+    }
+    if tokens.len() <= src_len {
+        bail!(
+            "continuation task: {} tokens leave nothing to predict after a source of {src_len}",
+            tokens.len()
+        );
+    }
+    Ok((0..tokens.len() - src_len)
+        .step_by(tgt_len)
+        .map(|s| {
+            let end = (s + src_len + tgt_len).min(tokens.len());
+            Seq2SeqExample {
+                src: tokens[s..s + src_len].to_vec(),
+                tgt: tokens[s + src_len..end].to_vec(),
+            }
+        })
+        .collect())
+}
+
 /// The examples of training step `step`: a deterministic shuffle per epoch, so a resumed run
 /// sees the same batches.
 pub fn batch_for_step(
@@ -74,6 +101,18 @@ mod tests {
         assert_eq!(pairs[1].tgt, vec![8, 9]);
         assert!(continuation_pairs(&tokens, 0, 2).is_err());
         assert!(continuation_pairs(&tokens[..3], 3, 2).is_err());
+    }
+
+    #[test]
+    fn stream_pairs_predict_every_token_after_the_first_source_once() {
+        let tokens: Vec<u32> = (0..23).collect();
+        let pairs = stream_pairs(&tokens, 3, 5).unwrap();
+        let predicted: Vec<u32> = pairs.iter().flat_map(|p| p.tgt.clone()).collect();
+        assert_eq!(predicted, (3..23).collect::<Vec<_>>());
+        assert_eq!(pairs[1].src, vec![5, 6, 7]);
+        assert_eq!(pairs[3].tgt, vec![18, 19, 20, 21, 22]);
+        assert!(pairs.iter().all(|p| p.src.len() == 3));
+        assert!(stream_pairs(&tokens[..3], 3, 5).is_err());
     }
 
     #[test]

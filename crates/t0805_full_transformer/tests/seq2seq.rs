@@ -426,3 +426,74 @@ fn lstm_bptt_by_hand_equals_autograd() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Mixed precision (bf16 activations over f32 parameters, gradients and AdamW): both contenders
+/// compute in bf16 — their logits are bf16 — while the parameters stay f32, and 30 training steps
+/// track the same steps in f32 (same initial values, same batches) within 2 %.
+#[test]
+fn mixed_precision_tracks_f32_for_both_models() -> anyhow::Result<()> {
+    let data = shared::tokenizer::load_corpus(shared::tokenizer::Corpus::Tiny, None, 300)?;
+    let pairs = continuation_pairs(&data.train, 12, 8)?;
+    let pad = data.tokenizer.special(shared::tokenizer::PAD)?;
+    let bos = data.tokenizer.special(shared::tokenizer::BOS)?;
+    let vocab = data.tokenizer.vocab_size();
+    let batch =
+        |s: usize| seq2seq_batch(&batch_for_step(&pairs, 8, s, 1), pad, bos, &test_device());
+    let transformer = |compute: DType| -> anyhow::Result<(VarMap, Transformer)> {
+        shared::params::set_seed(7);
+        let varmap = VarMap::new();
+        let cfg = TransformerConfig {
+            vocab_size: vocab,
+            ..small(NormPlacement::Pre)
+        };
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &test_device());
+        Ok((
+            varmap,
+            Transformer::new(vb, cfg)?.with_compute_dtype(compute),
+        ))
+    };
+    let lstm = |compute: DType| -> anyhow::Result<(VarMap, LstmSeq2Seq)> {
+        shared::params::set_seed(7);
+        let varmap = VarMap::new();
+        let cfg = LstmConfig {
+            vocab_size: vocab,
+            d_embed: 16,
+            hidden: 32,
+            n_layers: 2,
+        };
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &test_device());
+        Ok((
+            varmap,
+            LstmSeq2Seq::new(vb, cfg)?.with_compute_dtype(compute),
+        ))
+    };
+    let close = |name: &str, f32_losses: &[f64], mixed: &[f64]| {
+        for (s, (a, b)) in f32_losses.iter().zip(mixed).enumerate() {
+            assert!(
+                (a - b).abs() <= 0.02 * a.abs(),
+                "{name}, step {s}: f32 loss {a}, mixed {b}"
+            );
+        }
+        assert!(
+            mixed[29] < mixed[0] - 0.3,
+            "{name} mixed did not learn: {mixed:?}"
+        );
+    };
+
+    let (vm, t) = transformer(DType::F32)?;
+    let reference = train(&vm, 30, 3e-3, |s| Ok(t.loss(&batch(s)?)?))?;
+    let (vm, t) = transformer(DType::BF16)?;
+    assert_eq!(t.forward(&batch(0)?)?.dtype(), DType::BF16);
+    let mixed = train(&vm, 30, 3e-3, |s| Ok(t.loss(&batch(s)?)?))?;
+    assert!(vm.all_vars().iter().all(|v| v.dtype() == DType::F32));
+    close("transformer", &reference, &mixed);
+
+    let (vm, l) = lstm(DType::F32)?;
+    let reference = train(&vm, 30, 1e-2, |s| Ok(l.loss(&batch(s)?)?))?;
+    let (vm, l) = lstm(DType::BF16)?;
+    assert_eq!(l.forward(&batch(0)?)?.dtype(), DType::BF16);
+    let mixed = train(&vm, 30, 1e-2, |s| Ok(l.loss(&batch(s)?)?))?;
+    assert!(vm.all_vars().iter().all(|v| v.dtype() == DType::F32));
+    close("lstm", &reference, &mixed);
+    Ok(())
+}

@@ -46,6 +46,10 @@ struct Args {
     /// Train only these rungs, by topic (`--rung 8-08`; repeatable); default: every rung.
     #[arg(long = "rung", value_name = "TOPIC")]
     only: Vec<String>,
+    /// Early stopping: evaluate every twentieth of the run, stop after this many evaluations
+    /// without a better validation loss, and keep the best evaluation's parameters.
+    #[arg(long, value_name = "EVALUATIONS")]
+    patience: Option<usize>,
 }
 
 /// Sizes and budget shared by every rung.
@@ -59,12 +63,14 @@ struct Budget {
     batch: usize,
     steps: usize,
     lr: f64,
+    /// Early stopping's patience, in evaluations (see `--patience`).
+    patience: Option<usize>,
     /// Words (+ end-of-lines) of the test split, the denominator of word-level perplexity.
     test_words: usize,
 }
 
 impl Budget {
-    fn for_run(quick: bool, gpu: bool, steps: Option<usize>) -> Self {
+    fn for_run(quick: bool, gpu: bool, steps: Option<usize>, patience: Option<usize>) -> Self {
         let b = match (quick, gpu) {
             (true, _) => Budget {
                 vocab: 1024,
@@ -75,6 +81,7 @@ impl Budget {
                 batch: 8,
                 steps: 20,
                 lr: 3e-3,
+                patience: None,
                 test_words: 0,
             },
             (false, false) => Budget {
@@ -86,6 +93,7 @@ impl Budget {
                 batch: 16,
                 steps: 300,
                 lr: 3e-3,
+                patience: None,
                 test_words: 0,
             },
             (false, true) => Budget {
@@ -97,11 +105,13 @@ impl Budget {
                 batch: 32,
                 steps: 1000,
                 lr: 1e-3,
+                patience: None,
                 test_words: 0,
             },
         };
         Budget {
             steps: steps.unwrap_or(b.steps),
+            patience,
             ..b
         }
     }
@@ -175,8 +185,12 @@ struct Measured {
     test_word_ppl: f64,
     kv_bytes_per_token: usize,
     kernels: String,
-    /// `(step, validation loss)` every tenth of the run.
+    /// `(step, validation loss)` every tenth of the run (twentieth with early stopping).
     valid_curve: Vec<(usize, f64)>,
+    /// With early stopping: the step whose parameters the rung kept (its best validation loss)
+    /// and the step it stopped at, if it stopped before the budget.
+    best_step: Option<usize>,
+    stopped_early_at: Option<usize>,
     /// The step whose loss or gradient was not finite (the run stopped there), if any.
     diverged_at: Option<usize>,
     /// `(step, MiB)`: the most device memory tensors held in each evaluation interval (CUDA only;
@@ -210,9 +224,10 @@ fn train_rung(
         steps: b.steps,
         batch_size: b.batch,
         seq_len: b.seq_len,
-        eval_every: (b.steps / 10).max(1),
+        eval_every: (b.steps / if b.patience.is_some() { 20 } else { 10 }).max(1),
         eval_batches: 16,
         seed,
+        patience: b.patience,
     };
     let curve = train_lm(
         &mut trainer,
@@ -238,6 +253,8 @@ fn train_rung(
         kv_bytes_per_token: r.cfg.kv_bytes_per_token(compute.size_in_bytes()),
         kernels: r.kernels.describe(),
         valid_curve: curve.valid.iter().map(|v| (v.0, v.1)).collect(),
+        best_step: curve.best.map(|b| b.0),
+        stopped_early_at: curve.stopped_early_at,
         diverged_at: curve.diverged_at,
         memory_peak_mib: curve
             .memory_peak
@@ -252,6 +269,9 @@ fn train_rung(
             mib(first),
             mib(last)
         );
+    }
+    if let Some((step, loss)) = curve.best {
+        println!("   kept the parameters of step {step} (validation loss {loss:.3})");
     }
     if let Some(step) = curve.diverged_at {
         println!("   diverged at step {step} (the loss or a gradient was not finite)");
@@ -342,7 +362,7 @@ fn main() -> Result<()> {
         "every rung of the decoder-only LM, same data and budget",
     )?;
     let dev = &ctx.picked.device;
-    let b = Budget::for_run(args.common.quick, dev.is_cuda(), args.steps);
+    let b = Budget::for_run(args.common.quick, dev.is_cuda(), args.steps, args.patience);
     let data = load_corpus(args.corpus, args.common.data_dir.as_deref(), b.vocab)?;
     // Word-level perplexity divides by the test split's words (+ end-of-lines): the BPE tokens
     // decode back to the exact text.

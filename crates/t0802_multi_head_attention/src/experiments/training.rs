@@ -98,6 +98,7 @@ fn train(lab: &Lab, n_heads: usize, eval: &[Batch]) -> Result<Trained> {
     let spec = FitSpec {
         label: format!("{n_heads} head(s)"),
         eval_every: lab.steps, // at the start and the end
+        patience: None,
     };
     let curve = fit(&mut trainer, &mut task, &spec, None)?;
     let final_eval = match (task.last_eval, curve.diverged_at) {

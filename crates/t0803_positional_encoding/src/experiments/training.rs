@@ -114,6 +114,7 @@ fn train(lab: &Lab, scheme: PositionScheme) -> Result<Trained> {
     let spec = FitSpec {
         label: scheme.name().to_string(),
         eval_every: lab.steps, // at the start and the end
+        patience: None,
     };
     let curve = fit(&mut trainer, &mut task, &spec, None)?;
     let losses: Vec<(f64, f64)> = curve.train.iter().map(|t| (t.0 as f64, t.1)).collect();

@@ -98,6 +98,7 @@ fn train_one(setup: &Setup, regime: &Regime, placement: NormPlacement) -> Result
         eval_every: (s.steps / 10).max(1),
         eval_batches: setup.eval_batches,
         seed: setup.seed,
+        patience: None,
     };
     let loss_fn = |x: &Tensor, y: &Tensor| lm.loss(x, y);
     let (train, valid) = (&setup.data.train, &setup.data.valid);

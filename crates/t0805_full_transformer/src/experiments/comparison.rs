@@ -7,7 +7,7 @@
 //! against seconds); metrics `models`, `time_to_loss_target`.
 
 use super::data::Data;
-use super::model::{evaluate, Model};
+use super::model::{evaluate, test_word_ppl, Model};
 use super::training::{train_model, RunSettings};
 use anyhow::Result;
 use candle_core::DType;
@@ -26,10 +26,13 @@ pub struct Contender {
     pub curve: Curve,
     pub valid_loss: f64,
     pub test_loss: f64,
+    /// WikiText-2 word-level test perplexity ([`test_word_ppl`]).
+    pub test_word_ppl: f64,
 }
 
 impl Contender {
-    /// Builds contender `name` from `seed`, trains it ([`train_model`]) and evaluates it on the
+    /// Builds contender `name` from `seed` (parameters in `dtype`, activations in `compute`),
+    /// trains it ([`train_model`]) and evaluates it on the
     /// validation and test pairs (all of them when `final_batches` is `usize::MAX`, else the
     /// last validation loss of the curve and `final_batches` test batches).
     pub fn train_and_test(
@@ -38,7 +41,7 @@ impl Contender {
         p: &Preset,
         vocab: usize,
         run: &RunSettings,
-        dtype: DType,
+        (dtype, compute): (DType, DType),
         final_batches: usize,
     ) -> Result<Self> {
         shared::params::set_seed(run.seed);
@@ -48,7 +51,7 @@ impl Contender {
             VarBuilder::from_varmap(&varmap, dtype, &data.dev),
             p,
             vocab,
-            run.lstm,
+            (run.lstm, compute),
         )?;
         let n_params = shared::params::count_params(&varmap);
         println!("-- {name}: {n_params} parameters");
@@ -58,6 +61,7 @@ impl Contender {
             _ => curve.final_valid_loss().unwrap_or(f64::NAN),
         };
         let test_loss = evaluate(&model, &data.test, data, p.batch, final_batches)?;
+        let test_word_ppl = test_word_ppl(&model, data, 4 * p.batch)?;
         Ok(Self {
             name,
             model,
@@ -65,6 +69,7 @@ impl Contender {
             curve,
             valid_loss,
             test_loss,
+            test_word_ppl,
         })
     }
 
@@ -73,7 +78,7 @@ impl Contender {
         let (valid, test) = (self.valid_loss, self.test_loss);
         serde_json::json!({
             "model": self.name, "params": self.n_params, "valid_loss": valid, "valid_ppl": valid.exp(),
-            "test_loss": test, "test_ppl": test.exp(), "train_tokens_per_s": self.curve.tokens_per_s,
+            "test_loss": test, "test_ppl": test.exp(), "test_word_ppl": self.test_word_ppl, "train_tokens_per_s": self.curve.tokens_per_s,
             "train_seconds": self.curve.train_seconds, "curve": self.curve,
         })
     }
@@ -100,6 +105,7 @@ pub fn print_summary(contenders: &[Contender], target: f64, h_unigram: f64) {
                 format!("{:.2}M", c.n_params as f64 / 1e6),
                 format!("{:.3} / {:.1}", c.valid_loss, c.valid_loss.exp()),
                 format!("{:.3} / {:.1}", c.test_loss, c.test_loss.exp()),
+                format!("{:.1}", c.test_word_ppl),
                 human_rate(c.curve.tokens_per_s),
                 time_to_reach(&c.curve, target).map_or("-".into(), |s| format!("{s:.0} s")),
             ]
@@ -112,6 +118,7 @@ pub fn print_summary(contenders: &[Contender], target: f64, h_unigram: f64) {
         "params",
         "valid loss / ppl",
         "test loss / ppl",
+        "test word ppl",
         "train tok/s",
         &reach,
     ];

@@ -20,12 +20,25 @@ pub enum Model {
 }
 
 impl Model {
-    /// The contender `name` (one of [`NAMES`]) at the preset's size, its parameters in `vb`;
-    /// the LSTM runs `lstm` (fused, or composed tensor ops and autograd).
-    pub fn new(name: &str, vb: VarBuilder, p: &Preset, vocab: usize, lstm: OpImpl) -> Result<Self> {
+    /// The contender `name` (one of [`NAMES`]) at the preset's size, its parameters in `vb`,
+    /// computing in `compute` (bf16 over f32 parameters: mixed precision); the LSTM runs `lstm`
+    /// (fused, or composed tensor ops and autograd).
+    pub fn new(
+        name: &str,
+        vb: VarBuilder,
+        p: &Preset,
+        vocab: usize,
+        (lstm, compute): (OpImpl, DType),
+    ) -> Result<Self> {
         Ok(match name {
-            "transformer" => Model::Transformer(Transformer::new(vb, p.transformer(vocab))?),
-            "lstm" => Model::Lstm(LstmSeq2Seq::new(vb, p.lstm(vocab))?.with_cell(lstm)),
+            "transformer" => Model::Transformer(
+                Transformer::new(vb, p.transformer(vocab))?.with_compute_dtype(compute),
+            ),
+            "lstm" => Model::Lstm(
+                LstmSeq2Seq::new(vb, p.lstm(vocab))?
+                    .with_cell(lstm)
+                    .with_compute_dtype(compute),
+            ),
             other => anyhow::bail!("unknown model '{other}': choose one of {NAMES:?}"),
         })
     }
@@ -56,16 +69,41 @@ pub fn evaluate(
     batch: usize,
     max_batches: usize,
 ) -> Result<f64> {
+    let (total, count) = target_nll(model, pairs, data, batch, max_batches)?;
+    Ok(total / count.max(1) as f64)
+}
+
+/// Total negative log-likelihood (nats) of the real target tokens of (at most `max_batches`
+/// batches of `batch`) `pairs`, and their number.
+pub fn target_nll(
+    model: &Model,
+    pairs: &[Seq2SeqExample],
+    data: &Data,
+    batch: usize,
+    max_batches: usize,
+) -> Result<(f64, usize)> {
     let (mut total, mut count) = (0.0, 0usize);
     for chunk in pairs.chunks(batch).take(max_batches) {
         let b = data.batch(chunk)?;
         let loss = model
             .loss(&b)?
             .detach()
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()? as f64;
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
         total += loss * b.n_target_tokens as f64;
         count += b.n_target_tokens;
     }
-    Ok(total / count.max(1) as f64)
+    Ok((total, count))
+}
+
+/// WikiText-2 word-level test perplexity: the total NLL of the test split's tokens (all but the
+/// first `src_len`, each predicted from the `src_len` tokens before its window and the target
+/// tokens before it, [`Data::test_stream`]) over the words they spell — comparable with published
+/// word-level results.
+pub fn test_word_ppl(model: &Model, data: &Data, batch: usize) -> Result<f64> {
+    let (nll, _) = target_nll(model, &data.test_stream, data, batch, usize::MAX)?;
+    Ok(shared::train::word_level_perplexity(
+        nll,
+        data.test_stream_words,
+    ))
 }

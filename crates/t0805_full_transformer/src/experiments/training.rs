@@ -92,6 +92,7 @@ pub fn train_model(
     let spec = FitSpec {
         label: name.to_string(),
         eval_every: (p.steps / 12).max(1),
+        patience: None,
     };
     let checkpoints = Checkpointing {
         dir: run.checkpoints.join(name),

@@ -128,6 +128,7 @@ pub fn train(
     let spec = FitSpec {
         label: name.to_string(),
         eval_every: budget.eval_every,
+        patience: None,
     };
     let curve = fit(&mut trainer, &mut LmTask { lm, data }, &spec, None)?;
     let val_curve: Vec<(f64, f64)> = curve

@@ -101,6 +101,7 @@ impl Lab {
             eval_every: (steps / 6).max(1),
             eval_batches: self.eval_batches(),
             seed,
+            patience: None,
         };
         let loss_fn = |x: &Tensor, y: &Tensor| lm.loss(x, y);
         train_lm(

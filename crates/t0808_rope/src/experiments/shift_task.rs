@@ -183,6 +183,7 @@ fn train(
     let spec = FitSpec {
         label: label.to_string(),
         eval_every: task.steps,
+        patience: None,
     };
     fit(&mut trainer, &mut training, &spec, None)?;
     Ok(())

@@ -128,6 +128,7 @@ fn train(
         eval_every: (steps / 6).max(1),
         eval_batches: if quick { 2 } else { 8 },
         seed: models.seed,
+        patience: None,
     };
     let loss_fn = |x: &Tensor, y: &Tensor| lm.loss(x, y);
     train_lm(

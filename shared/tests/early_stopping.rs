@@ -1,0 +1,97 @@
+//! Early stopping in the one training loop: the run stops after `patience` evaluations without a
+//! better validation loss and ends with the parameters of its best evaluation.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use shared::fit::{fit, FitSpec, Task};
+use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
+
+/// One weight pulled towards 1 by the training loss; the validation losses are scripted, and the
+/// weight is recorded at every evaluation.
+struct Scripted {
+    w: Tensor,
+    valid: Vec<f64>,
+    seen: Vec<f32>,
+}
+
+impl Task for Scripted {
+    fn train_loss(&mut self, _step: usize) -> Result<(Tensor, usize)> {
+        Ok(((&self.w - 1.0)?.sqr()?.sum_all()?, 1))
+    }
+
+    fn valid_loss(&mut self) -> Result<f64> {
+        self.seen.push(self.w.flatten_all()?.to_vec1::<f32>()?[0]);
+        Ok(self.valid[self.seen.len() - 1])
+    }
+}
+
+fn run(valid: Vec<f64>, patience: Option<usize>) -> Result<(shared::fit::Curve, Scripted, f32)> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let w = vb.get_with_hints((1, 1), "w", candle_nn::Init::Const(-2.0))?;
+    let mut task = Scripted {
+        w,
+        valid,
+        seen: Vec::new(),
+    };
+    let schedule = ScheduleConfig {
+        max_lr: 0.05,
+        min_lr: 0.05,
+        warmup_steps: 0,
+        total_steps: 40,
+        clip_norm: None,
+    };
+    let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule)?;
+    let spec = FitSpec {
+        label: "scripted".into(),
+        eval_every: 5,
+        patience,
+    };
+    let curve = fit(&mut trainer, &mut task, &spec, None)?;
+    let end = task.w.flatten_all()?.to_vec1::<f32>()?[0];
+    assert_eq!(
+        trainer.step,
+        curve.train.len(),
+        "one step per recorded step"
+    );
+    Ok((curve, task, end))
+}
+
+#[test]
+fn stops_after_patience_evaluations_and_keeps_the_best_parameters() -> Result<()> {
+    // Evaluations at steps 0, 5, 10, 15, 20, 25: the best is step 10's, then three worse.
+    let (curve, task, end) = run(vec![3.0, 2.0, 1.0, 1.5, 1.2, 1.1, 0.5, 0.4, 0.3], Some(3))?;
+    assert_eq!(curve.best, Some((10, 1.0)));
+    assert_eq!(curve.stopped_early_at, Some(25));
+    assert_eq!(curve.train.len(), 25, "no step after the stop");
+    assert_eq!(curve.final_valid_loss(), Some(1.0));
+    assert_eq!(task.seen.len(), 6, "no evaluation after the stop");
+    assert_ne!(
+        task.seen[2], task.seen[5],
+        "the weight moved after the best evaluation"
+    );
+    assert_eq!(
+        end, task.seen[2],
+        "the run ends with the best evaluation's weight"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_best_final_evaluation_keeps_the_last_parameters_and_without_patience_nothing_changes(
+) -> Result<()> {
+    // Nine evaluations (steps 0, 5, …, 40), improving to the end: no stop, the last is the best.
+    let improving: Vec<f64> = (0..9).map(|i| 10.0 - i as f64).collect();
+    let (curve, task, end) = run(improving.clone(), Some(2))?;
+    assert_eq!(curve.best, Some((40, 2.0)));
+    assert_eq!(curve.stopped_early_at, None);
+    assert_eq!(end, task.seen[8]);
+    // Without patience: every step, the last parameters, no best recorded.
+    let (plain, task, end) = run(vec![3.0, 2.0, 1.0, 1.5, 1.2, 1.1, 1.3, 1.4, 1.6], None)?;
+    assert_eq!((plain.best, plain.stopped_early_at), (None, None));
+    assert_eq!(plain.train.len(), 40);
+    assert_eq!(plain.final_valid_loss(), Some(1.6));
+    assert_eq!(end, task.seen[8]);
+    Ok(())
+}
