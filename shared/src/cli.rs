@@ -44,7 +44,7 @@ impl RunContext {
     /// message naming where mixed precision is available.
     pub fn require_one_dtype(&self) -> Result<()> {
         if self.compute_dtype != self.dtype {
-            anyhow::bail!("--dtype bf16-mixed is available in t0810_kv_cache (train-bench, decode-bench, its experiments) and its ladder example; here use f32, bf16 or f16");
+            anyhow::bail!("--dtype bf16-mixed is available in t0805_full_transformer, t0810_kv_cache (train-bench, decode-bench, its experiments) and its ladder example; here use f32, bf16 or f16");
         }
         Ok(())
     }
