@@ -1,5 +1,5 @@
 //! The flags every topic binary shares:
-//! `[--device auto|cpu|cuda[:N]] [--dtype f32|bf16|f16] [--seed N] [--quick] [--out output/] [--data-dir DIR]`.
+//! `[--device auto|cpu|cuda[:N]] [--dtype auto|f32|bf16|f16|bf16-mixed] [--seed N] [--quick] [--out output/] [--data-dir DIR]`.
 
 use crate::device::{check_dtype, pick_device, DTypeChoice, DeviceChoice, PickedDevice};
 use anyhow::Result;
@@ -12,8 +12,10 @@ pub struct CommonArgs {
     /// Where to run: auto (CUDA if built with it and present, else CPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
-    /// Precision of parameters and activations (bf16/f16 on the GPU only).
-    #[arg(long, default_value = "f32")]
+    /// Precision of parameters and activations: auto (f32 on the CPU; on a GPU bf16-mixed where
+    /// the binary trains in mixed precision, else f32), f32, bf16, f16, bf16-mixed (bf16 compute
+    /// over f32 parameters and AdamW moments); all but f32 on the GPU only.
+    #[arg(long, default_value = "auto")]
     pub dtype: DTypeChoice,
     /// Seed of every random draw (initialisation, batches, sampling).
     #[arg(long, default_value_t = 42)]
@@ -36,12 +38,19 @@ pub struct RunContext {
     pub dtype: DType,
     /// The activations' dtype (bf16 under `--dtype bf16-mixed`, else `dtype`).
     pub compute_dtype: DType,
+    /// The precision chosen, `auto` resolved for the device.
+    pub dtype_choice: DTypeChoice,
     pub out_dir: PathBuf,
 }
 
 impl RunContext {
     /// For binaries whose models are built in one dtype: refuses `--dtype bf16-mixed` with a
     /// message naming where mixed precision is available.
+    /// The precision's name for logs and `results.json` (`f32`, `bf16-mixed`, …).
+    pub fn dtype_name(&self) -> &'static str {
+        self.dtype_choice.name()
+    }
+
     pub fn require_one_dtype(&self) -> Result<()> {
         if self.compute_dtype != self.dtype {
             anyhow::bail!("--dtype bf16-mixed is available in t0805_full_transformer, t0810_kv_cache (train-bench, decode-bench, its experiments) and its ladder example; here use f32, bf16 or f16");
@@ -51,16 +60,32 @@ impl RunContext {
 }
 
 impl CommonArgs {
-    /// Picks the device, checks the dtype, seeds the device RNG, creates `<out>/<topic>/`, and
-    /// prints what is being run.
+    /// Picks the device, checks the dtype (`--dtype auto`: f32), seeds the device RNG, creates
+    /// `<out>/<topic>/`, and prints what is being run.
     pub fn setup(&self, topic: &str, what: &str) -> Result<RunContext> {
+        self.setup_with_gpu_default(topic, what, DTypeChoice::F32)
+    }
+
+    /// [`Self::setup`] for binaries that train in mixed precision: `--dtype auto` is bf16-mixed on
+    /// a GPU (f32 on the CPU).
+    pub fn setup_mixed(&self, topic: &str, what: &str) -> Result<RunContext> {
+        self.setup_with_gpu_default(topic, what, DTypeChoice::Bf16Mixed)
+    }
+
+    fn setup_with_gpu_default(
+        &self,
+        topic: &str,
+        what: &str,
+        gpu_default: DTypeChoice,
+    ) -> Result<RunContext> {
         let picked = pick_device(self.device)?;
-        let dtype = check_dtype(&picked.device, self.dtype)?;
-        crate::report::set_figure_context(&format!(
-            "{}, {}",
-            picked.description,
-            self.dtype.name()
-        ));
+        let choice = match self.dtype {
+            DTypeChoice::Auto if picked.device.is_cuda() => gpu_default,
+            DTypeChoice::Auto => DTypeChoice::F32,
+            chosen => chosen,
+        };
+        let dtype = check_dtype(&picked.device, choice)?;
+        crate::report::set_figure_context(&format!("{}, {}", picked.description, choice.name()));
         crate::params::set_seed(self.seed);
         if picked.device.is_cuda() {
             picked.device.set_seed(self.seed)?;
@@ -71,7 +96,7 @@ impl CommonArgs {
         println!(
             "   device {} · dtype {} · seed {}{} · output {}",
             picked.description,
-            self.dtype.name(),
+            choice.name(),
             self.seed,
             if self.quick { " · quick" } else { "" },
             out_dir.display()
@@ -79,8 +104,50 @@ impl CommonArgs {
         Ok(RunContext {
             picked,
             dtype,
-            compute_dtype: self.dtype.compute_dtype(),
+            compute_dtype: choice.compute_dtype(),
+            dtype_choice: choice,
             out_dir,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+
+    fn parse(args: &[&str]) -> CommonArgs {
+        let out = std::env::temp_dir().join(format!("module08-cli-{}", std::process::id()));
+        let out = out.to_str().unwrap().to_string();
+        let mut argv = vec!["bin", "--device", "cpu", "--out", out.as_str()];
+        argv.extend_from_slice(args);
+        Cli::parse_from(argv).common
+    }
+
+    #[test]
+    fn auto_dtype_is_f32_on_the_cpu_and_explicit_choices_are_kept_or_refused() -> Result<()> {
+        let auto = parse(&[]);
+        assert_eq!(auto.dtype, DTypeChoice::Auto);
+        for ctx in [auto.setup("t", "w")?, auto.setup_mixed("t", "w")?] {
+            assert_eq!((ctx.dtype, ctx.compute_dtype), (DType::F32, DType::F32));
+            assert_eq!(ctx.dtype_name(), "f32");
+        }
+        let f32 = parse(&["--dtype", "f32"]).setup_mixed("t", "w")?;
+        assert_eq!(f32.dtype_name(), "f32");
+        let err = parse(&["--dtype", "bf16-mixed"])
+            .setup("t", "w")
+            .err()
+            .expect("bf16-mixed on the CPU is refused");
+        assert!(
+            err.to_string().contains("use --dtype f32 on the CPU"),
+            "{err}"
+        );
+        Ok(())
     }
 }

@@ -144,6 +144,9 @@ pub fn gpu_name(index: usize) -> String {
 /// Floating-point precisions the binaries accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DTypeChoice {
+    /// f32 on the CPU; on CUDA the binary's GPU default ([`crate::cli::CommonArgs::setup_mixed`]:
+    /// bf16-mixed where the binary trains in mixed precision, else f32).
+    Auto,
     F32,
     /// Everything in bf16: parameters, activations, AdamW moments ("pure" bf16).
     Bf16,
@@ -157,20 +160,22 @@ impl FromStr for DTypeChoice {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
+            "auto" => Ok(Self::Auto),
             "f32" | "float32" => Ok(Self::F32),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "f16" | "float16" | "half" => Ok(Self::F16),
             "bf16-mixed" | "mixed" => Ok(Self::Bf16Mixed),
-            other => bail!("unknown dtype '{other}': use f32, bf16, f16 or bf16-mixed"),
+            other => bail!("unknown dtype '{other}': use auto, f32, bf16, f16 or bf16-mixed"),
         }
     }
 }
 
 impl DTypeChoice {
-    /// The dtype of the parameters (and of the optimiser's moments).
+    /// The dtype of the parameters (and of the optimiser's moments); `Auto` before it is resolved
+    /// on a device reads as f32.
     pub fn dtype(self) -> DType {
         match self {
-            Self::F32 | Self::Bf16Mixed => DType::F32,
+            Self::Auto | Self::F32 | Self::Bf16Mixed => DType::F32,
             Self::Bf16 => DType::BF16,
             Self::F16 => DType::F16,
         }
@@ -186,6 +191,7 @@ impl DTypeChoice {
 
     pub fn name(self) -> &'static str {
         match self {
+            Self::Auto => "auto",
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
             Self::F16 => "f16",
@@ -197,7 +203,7 @@ impl DTypeChoice {
 /// Checks that `dtype` is usable on `device`: Candle computes bf16/f16 on the CPU too, but
 /// slowly and only for some ops, so the binaries train in f32 on the CPU and say so.
 pub fn check_dtype(device: &Device, choice: DTypeChoice) -> Result<DType> {
-    if device.is_cpu() && choice != DTypeChoice::F32 {
+    if device.is_cpu() && !matches!(choice, DTypeChoice::F32 | DTypeChoice::Auto) {
         bail!(
             "--dtype {} is for the GPU: Candle's CPU backend has no fast {} kernels; use --dtype f32 on the CPU",
             choice.name(),

@@ -60,7 +60,7 @@ fn main() -> Result<()> {
         "d_head": args.d_head, "reps": args.reps, "noise": args.noise,
     });
     let description = &ctx.picked.description;
-    let mut report = RunReport::start(TOPIC, config, description, args.common.dtype.name());
+    let mut report = RunReport::start(TOPIC, config, description, ctx.dtype_name());
     let mut summary = Summary::default();
 
     println!("\n-- 1. soft dictionary lookup: 8 keys, 8 values, 8 noisy shuffled queries");

@@ -103,12 +103,7 @@ fn main() -> Result<()> {
         "steps": lab.steps, "batch": args.batch, "lr": args.lr, "threads": args.threads, "seed": args.common.seed, "quick": quick,
         "task": "y_p = t_{p-1} + V * [t_p occurred earlier]; strict causal mask with BOS sink",
     });
-    let mut report = RunReport::start(
-        TOPIC,
-        config,
-        &ctx.picked.description,
-        args.common.dtype.name(),
-    );
+    let mut report = RunReport::start(TOPIC, config, &ctx.picked.description, ctx.dtype_name());
 
     let eval = experiments::task_baselines::run(&lab, &mut report)?;
     experiments::param_counts::run(&lab, &args.heads, &mut report)?;

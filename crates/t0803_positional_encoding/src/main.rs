@@ -95,12 +95,7 @@ fn main() -> Result<()> {
         "n_heads": args.n_heads, "layers": args.layers, "threads": args.threads, "steps": lab.steps, "batch": args.batch, "lr": args.lr,
         "learned_table_rows": 2 * l, "eval_sequences_per_length": lab.eval_batches * EVAL_BATCH, "quick": quick,
     });
-    let mut report = RunReport::start(
-        TOPIC,
-        config,
-        &ctx.picked.description,
-        args.common.dtype.name(),
-    );
+    let mut report = RunReport::start(TOPIC, config, &ctx.picked.description, ctx.dtype_name());
 
     experiments::sinusoidal::run(&ctx.out_dir, args.d_model, &mut report)?;
     let trained = experiments::training::run(&lab)?;

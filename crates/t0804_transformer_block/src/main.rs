@@ -77,7 +77,7 @@ fn main() -> Result<()> {
             "lr": args.lr, "aggressive_lr": args.aggressive_lr, "seed": args.common.seed,
         }),
         &ctx.picked.description,
-        args.common.dtype.name(),
+        ctx.dtype_name(),
     );
 
     // 1. Gradient reaching each block at initialisation (a deeper stack shows it best).

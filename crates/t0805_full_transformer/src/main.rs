@@ -70,7 +70,7 @@ fn preset(args: &Args, gpu: bool) -> Result<Preset> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let ctx = args.common.setup(
+    let ctx = args.common.setup_mixed(
         TOPIC,
         "encoder-decoder Transformer vs LSTM seq2seq, WikiText-2 continuation",
     )?;
@@ -84,7 +84,7 @@ fn main() -> Result<()> {
         TOPIC,
         serde_json::json!({ "preset": p, "corpus": args.corpus, "vocab": vocab, "seed": args.common.seed }),
         &ctx.picked.description,
-        args.common.dtype.name(),
+        ctx.dtype_name(),
     );
 
     // Evaluation during training uses a fixed slice of the validation pairs; the final numbers use

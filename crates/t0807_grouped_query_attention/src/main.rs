@@ -72,12 +72,7 @@ fn main() -> Result<()> {
     let config = serde_json::json!({"vocab": vocab, "d_model": a.d_model, "layers": a.layers,
         "heads": a.heads, "ctx": a.ctx, "batch": a.batch, "steps": steps, "lr": a.lr,
         "kernels": kernels.describe()});
-    let mut report = RunReport::start(
-        TOPIC,
-        config,
-        &run.picked.description,
-        a.common.dtype.name(),
-    );
+    let mut report = RunReport::start(TOPIC, config, &run.picked.description, run.dtype_name());
     let lab = Lab {
         shape: LmShape {
             vocab_size: vocab,

@@ -100,12 +100,7 @@ fn main() -> Result<()> {
         "steps": steps, "batch": a.batch, "lr": a.lr, "kernels": kernels.describe(),
         "lm": {"vocab": lm.vocab, "ctx": lm.ctx, "steps": lm.steps, "batch": lm.batch, "skipped": a.no_lm},
         "quick": quick});
-    let mut report = RunReport::start(
-        TOPIC,
-        config,
-        &run.picked.description,
-        a.common.dtype.name(),
-    );
+    let mut report = RunReport::start(TOPIC, config, &run.picked.description, run.dtype_name());
     let models = Models {
         d_model: a.d_model,
         n_layers: a.layers,

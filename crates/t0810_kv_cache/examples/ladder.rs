@@ -357,7 +357,7 @@ fn samples(
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let ctx = args.common.setup(
+    let ctx = args.common.setup_mixed(
         "ladder",
         "every rung of the decoder-only LM, same data and budget",
     )?;
@@ -378,7 +378,7 @@ fn main() -> Result<()> {
         "ladder",
         serde_json::json!({ "budget": b, "corpus": args.corpus }),
         &ctx.picked.description,
-        args.common.dtype.name(),
+        ctx.dtype_name(),
     );
     let mut rows = Vec::new();
     let mut top = None;

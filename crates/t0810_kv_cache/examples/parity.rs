@@ -201,7 +201,7 @@ fn main() -> Result<()> {
         train_recording(&lm, &mut trainer, &batcher, &data.train, args.steps, dev)?;
     candle_core::safetensors::save(&batches, args.dump.join("batches.safetensors"))?;
     let spec = serde_json::json!({
-        "steps": args.steps, "batch": args.batch, "device": ctx.picked.description, "dtype": args.common.dtype.name(),
+        "steps": args.steps, "batch": args.batch, "device": ctx.picked.description, "dtype": ctx.dtype_name(),
         "kernels": kernels, "adamw": adamw, "schedule": schedule, "losses": losses,
     });
     std::fs::write(

@@ -42,7 +42,7 @@ pub fn run(common: &CommonArgs, a: &NormBenchArgs) -> Result<()> {
         crate::TOPIC,
         config,
         &ctx.picked.description,
-        common.dtype.name(),
+        ctx.dtype_name(),
     );
     let dir = ctx.out_dir.join("norm_bench");
     std::fs::create_dir_all(&dir)?;

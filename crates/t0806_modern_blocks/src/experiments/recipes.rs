@@ -226,7 +226,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &RecipeArgs) -> Res
         crate::TOPIC,
         config,
         &ctx.picked.description,
-        common.dtype.name(),
+        ctx.dtype_name(),
     );
     let tok = load_tokens(common, vocab)?;
     let n_valid = if quick { 2 } else { 8 };

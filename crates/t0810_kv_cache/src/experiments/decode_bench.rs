@@ -110,7 +110,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -
         ],
         &[vec![
             ctx.picked.description.clone(),
-            common.dtype.name().into(),
+            ctx.dtype_name().into(),
             a.batch.to_string(),
             a.prompt.to_string(),
             a.new.to_string(),
@@ -124,15 +124,14 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -
         crate::TOPIC,
         config,
         &ctx.picked.description,
-        common.dtype.name(),
+        ctx.dtype_name(),
     );
     report.metric("prefill_ms", prefill * 1e3);
     report.metric("ms_per_token_step", decode / steps * 1e3);
     report.metric("tokens_per_s", tps);
-    report.write(&ctx.out_dir.join(format!(
-        "decode_bench_b{}_{}",
-        a.batch,
-        common.dtype.name()
-    )))?;
+    report.write(
+        &ctx.out_dir
+            .join(format!("decode_bench_b{}_{}", a.batch, ctx.dtype_name())),
+    )?;
     Ok(())
 }

@@ -70,7 +70,7 @@ fn speed_model(quick: bool, max_context: usize, n_gen: usize) -> LmConfig {
 
 /// The default command: sections 1–3 and `results.json`.
 pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &ExperimentArgs) -> Result<()> {
-    let ctx = common.setup(
+    let ctx = common.setup_mixed(
         crate::TOPIC,
         "KV cache memory, cached vs uncached decoding, paged vs contiguous serving",
     )?;
@@ -85,15 +85,16 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &ExperimentArgs) ->
         crate::TOPIC,
         config,
         &ctx.picked.description,
-        common.dtype.name(),
+        ctx.dtype_name(),
     );
     shared::params::set_seed(common.seed);
     let lm = init_speed_model(&cfg, kernels, &ctx)?;
+    let dtype_name = ctx.dtype_name();
     let env = Env {
         ctx,
         quick,
         seed: common.seed,
-        dtype_name: common.dtype.name(),
+        dtype_name,
         max_context,
         n_gen,
         cfg,

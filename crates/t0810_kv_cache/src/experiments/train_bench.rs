@@ -183,7 +183,7 @@ fn record_profile(b: &Bench, dev: &Device, report: &mut RunReport) -> Result<()>
 
 /// The `train-bench` command.
 pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) -> Result<()> {
-    let ctx = common.setup(crate::TOPIC, "train-bench: LLaMA-recipe training tokens/s")?;
+    let ctx = common.setup_mixed(crate::TOPIC, "train-bench: LLaMA-recipe training tokens/s")?;
     let (dev, dtype) = (ctx.picked.device.clone(), ctx.dtype);
     let kernels = kernel_args.resolve(t0809_flash_attention::fastest_kernels(&dev));
     candle_core::backprop::set_upstream_grad_accumulation(a.upstream_grad_accumulation);
@@ -225,7 +225,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
         &["device", "dtype", "batch", "ctx", "tokens/s", "ms/step"],
         &[vec![
             ctx.picked.description.clone(),
-            common.dtype.name().into(),
+            ctx.dtype_name().into(),
             a.batch.to_string(),
             a.ctx.to_string(),
             human_rate(tps),
@@ -237,7 +237,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
         crate::TOPIC,
         config,
         &ctx.picked.description,
-        common.dtype.name(),
+        ctx.dtype_name(),
     );
     report.metric("bench.tokens_per_s", tps);
     report.metric("bench.ms_per_step", ms_per_step);
