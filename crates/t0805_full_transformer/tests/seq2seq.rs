@@ -223,15 +223,40 @@ fn tiny_transformer_overfits_a_tiny_batch() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The generated small corpus as 12 → 8 continuation pairs, batched 8 at a time per step.
+struct TinyPairs {
+    pairs: Vec<Seq2SeqExample>,
+    pad: u32,
+    bos: u32,
+    vocab: usize,
+}
+
+impl TinyPairs {
+    fn load() -> anyhow::Result<Self> {
+        let data = shared::tokenizer::load_corpus(shared::tokenizer::Corpus::Tiny, None, 300)?;
+        Ok(Self {
+            pairs: continuation_pairs(&data.train, 12, 8)?,
+            pad: data.tokenizer.special(shared::tokenizer::PAD)?,
+            bos: data.tokenizer.special(shared::tokenizer::BOS)?,
+            vocab: data.tokenizer.vocab_size(),
+        })
+    }
+
+    fn batch(&self, step: usize) -> anyhow::Result<shared::batching::Seq2SeqBatch> {
+        seq2seq_batch(
+            &batch_for_step(&self.pairs, 8, step, 1),
+            self.pad,
+            self.bos,
+            &test_device(),
+        )
+    }
+}
+
 #[test]
 fn training_on_the_small_corpus_lowers_the_loss_for_both_models() -> anyhow::Result<()> {
-    let data = shared::tokenizer::load_corpus(shared::tokenizer::Corpus::Tiny, None, 300)?;
-    let pairs = continuation_pairs(&data.train, 12, 8)?;
-    let pad = data.tokenizer.special(shared::tokenizer::PAD)?;
-    let bos = data.tokenizer.special(shared::tokenizer::BOS)?;
-    let vocab = data.tokenizer.vocab_size();
-    let batch =
-        |s: usize| seq2seq_batch(&batch_for_step(&pairs, 8, s, 1), pad, bos, &test_device());
+    let tiny = TinyPairs::load()?;
+    let vocab = tiny.vocab;
+    let batch = |s: usize| tiny.batch(s);
     shared::params::set_seed(1);
     let varmap = VarMap::new();
     let t = Transformer::new(
@@ -432,13 +457,9 @@ fn lstm_bptt_by_hand_equals_autograd() -> anyhow::Result<()> {
 /// track the same steps in f32 (same initial values, same batches) within 2 %.
 #[test]
 fn mixed_precision_tracks_f32_for_both_models() -> anyhow::Result<()> {
-    let data = shared::tokenizer::load_corpus(shared::tokenizer::Corpus::Tiny, None, 300)?;
-    let pairs = continuation_pairs(&data.train, 12, 8)?;
-    let pad = data.tokenizer.special(shared::tokenizer::PAD)?;
-    let bos = data.tokenizer.special(shared::tokenizer::BOS)?;
-    let vocab = data.tokenizer.vocab_size();
-    let batch =
-        |s: usize| seq2seq_batch(&batch_for_step(&pairs, 8, s, 1), pad, bos, &test_device());
+    let tiny = TinyPairs::load()?;
+    let vocab = tiny.vocab;
+    let batch = |s: usize| tiny.batch(s);
     let transformer = |compute: DType| -> anyhow::Result<(VarMap, Transformer)> {
         shared::params::set_seed(7);
         let varmap = VarMap::new();
