@@ -6,7 +6,7 @@ Run under initcheck, once per mode (on the GPU host, from the repository root):
     compute-sanitizer --tool initcheck python3 scripts/initcheck_cublas_probe.py copy
 
 `gemm`: a bf16 matrix product (cuBLAS writes the output), then a cast kernel reads every element.
-`copy`: the same cast over a buffer a plain copy kernel wrote (the control). If initcheck reports
+`copy`: the same cast over a buffer written by a device-to-device copy (the control). If initcheck reports
 uninitialized reads in the cast after `gemm` and none after `copy`, it does not see the GEMM's
 stores: its reports of reads of cuBLAS outputs in our tests (scripts/sanitize.sh) are that
 artifact, not uninitialized memory.
@@ -23,7 +23,7 @@ if mode == "gemm":
     written = a @ b  # every element written by cuBLAS
 elif mode == "copy":
     written = torch.empty_like(a)
-    written.copy_(a)  # every element written by a plain kernel
+    written.copy_(a)  # every element written by a device-to-device copy, not cuBLAS
 else:
     sys.exit(f"unknown mode {mode!r}: gemm or copy")
 read = written.float()  # a plain kernel reads every element

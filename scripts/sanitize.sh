@@ -5,8 +5,9 @@
 #
 #   bash scripts/sanitize.sh [TEST ...]      (default: the tests below)
 #   SANITIZE_TOOLS="memcheck racecheck initcheck" (default), SANITIZE_TIMEOUT=SECONDS per run (600)
-#   SANITIZE_SPLIT=1: each test function of an executable in its own sanitizer process, all of them
-#   at once (slow tools finish within the limit; one summary line per test function)
+#   SANITIZE_SPLIT=1: each test function of an executable in its own sanitizer process, up to
+#   SANITIZE_JOBS (4) at a time, each with its own limit (one summary line per test function; a
+#   slow function no longer stops the others, though contention makes each slower)
 #
 # The tests and the kernels they reach:
 #   shared__gpu                      embedding, cross-entropy, AdamW + step gate, head swap
@@ -26,8 +27,6 @@ tests=${*:-"shared__gpu t0806_modern_blocks__gpu t0808_rope__rope t0809_flash_at
 summary="$dest/sanitize-summary.txt"
 echo "compute-sanitizer: $($sanitizer --version 2>&1 | tail -1)" | tee "$summary"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$summary"
-# Tool by tool (memcheck over every test first), so that a run cut short still covers every kernel
-# with the first tools.
 # One sanitizer run: tool $1, test executable $2, log $3, then the test-name filter (if any).
 run_one() {
   local tool=$1 t=$2 log=$3; shift 3
@@ -39,7 +38,7 @@ run_one() {
   rc=$?
   errors=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
   tests_line=$(grep -E "^test result" "$log" | tail -1)
-  echo "$t${1:+ $1} $tool: rc=$rc ($(( $(date +%s) - started )) s) ${errors:-no summary} | ${tests_line:-no test result}" >> "$summary"
+  echo "$t${1:+ $1} $tool: rc=$rc ($(( $(date +%s) - started )) s) ${errors:-no summary} | ${tests_line:-no test result}" | tee -a "$summary"
 }
 # Tool by tool (memcheck over every test first), so that a run cut short still covers every kernel
 # with the first tools.
@@ -48,7 +47,10 @@ for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
     exe=/tmp/gpu/tests/$t
     [ -x "$exe" ] || { echo "$t: not in the bundle" | tee -a "$summary"; continue; }
     if [ -n "${SANITIZE_SPLIT:-}" ]; then
-      for name in $("$exe" --list --format terse 2>/dev/null | sed -n 's/: test$//p'); do
+      names=$("$exe" --list --format terse 2>&1 | sed -n 's/: test$//p')
+      [ -n "$names" ] || { echo "$t $tool: no tests listed" | tee -a "$summary"; continue; }
+      for name in $names; do
+        while [ "$(jobs -rp | wc -l)" -ge "${SANITIZE_JOBS:-4}" ]; do wait -n; done
         run_one "$tool" "$t" "/tmp/sanitize-$t-$name-$tool.log" "$name" --exact &
       done
       wait
@@ -57,5 +59,4 @@ for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
     fi
   done
 done
-cat "$summary"
 tar -czf "$dest/sanitize-logs.tgz" -C /tmp $(cd /tmp && ls sanitize-*.log 2>/dev/null)

@@ -44,16 +44,16 @@ pub struct RunContext {
 }
 
 impl RunContext {
-    /// For binaries whose models are built in one dtype: refuses `--dtype bf16-mixed` with a
-    /// message naming where mixed precision is available.
     /// The precision's name for logs and `results.json` (`f32`, `bf16-mixed`, …).
     pub fn dtype_name(&self) -> &'static str {
         self.dtype_choice.name()
     }
 
+    /// For binaries whose models are built in one dtype: refuses `--dtype bf16-mixed` with a
+    /// message naming where mixed precision is available.
     pub fn require_one_dtype(&self) -> Result<()> {
         if self.compute_dtype != self.dtype {
-            anyhow::bail!("--dtype bf16-mixed is available in t0805_full_transformer, t0810_kv_cache (train-bench, decode-bench, its experiments) and its ladder example; here use f32, bf16 or f16");
+            anyhow::bail!("--dtype bf16-mixed is available in t0805_full_transformer, t0810_kv_cache (train-bench, decode-bench, its experiments) and its ladder example; here use auto, f32, bf16 or f16");
         }
         Ok(())
     }
@@ -79,11 +79,7 @@ impl CommonArgs {
         gpu_default: DTypeChoice,
     ) -> Result<RunContext> {
         let picked = pick_device(self.device)?;
-        let choice = match self.dtype {
-            DTypeChoice::Auto if picked.device.is_cuda() => gpu_default,
-            DTypeChoice::Auto => DTypeChoice::F32,
-            chosen => chosen,
-        };
+        let choice = resolve_dtype(self.dtype, picked.device.is_cuda(), gpu_default);
         let dtype = check_dtype(&picked.device, choice)?;
         crate::report::set_figure_context(&format!("{}, {}", picked.description, choice.name()));
         crate::params::set_seed(self.seed);
@@ -111,6 +107,15 @@ impl CommonArgs {
     }
 }
 
+/// `--dtype auto` made concrete: f32 on the CPU, `gpu_default` on a GPU; any other choice as given.
+pub fn resolve_dtype(choice: DTypeChoice, cuda: bool, gpu_default: DTypeChoice) -> DTypeChoice {
+    match choice {
+        DTypeChoice::Auto if cuda => gpu_default,
+        DTypeChoice::Auto => DTypeChoice::F32,
+        chosen => chosen,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +133,19 @@ mod tests {
         let mut argv = vec!["bin", "--device", "cpu", "--out", out.as_str()];
         argv.extend_from_slice(args);
         Cli::parse_from(argv).common
+    }
+
+    #[test]
+    fn auto_resolves_to_f32_on_the_cpu_and_to_the_binarys_default_on_a_gpu() {
+        use DTypeChoice::*;
+        for gpu_default in [F32, Bf16Mixed] {
+            assert_eq!(resolve_dtype(Auto, false, gpu_default), F32);
+            assert_eq!(resolve_dtype(Auto, true, gpu_default), gpu_default);
+            for chosen in [F32, Bf16, F16, Bf16Mixed] {
+                assert_eq!(resolve_dtype(chosen, true, gpu_default), chosen);
+                assert_eq!(resolve_dtype(chosen, false, gpu_default), chosen);
+            }
+        }
     }
 
     #[test]

@@ -133,6 +133,13 @@ pub fn fit(
     spec: &FitSpec,
     mut checkpoints: Option<(&mut VarMap, &Checkpointing)>,
 ) -> Result<Curve> {
+    if spec.patience.is_some() && checkpoints.is_some() {
+        // The best parameters live in memory only: a resumed run would not know them.
+        anyhow::bail!(
+            "{}: early stopping (patience) and checkpoints cannot be combined: train with one or the other",
+            spec.label
+        );
+    }
     let mut curve = match checkpoints.as_mut() {
         Some((varmap, ck)) if ck.resume => resume(trainer, varmap, ck, &spec.label)?,
         _ => Curve::default(),
@@ -196,7 +203,7 @@ pub fn fit(
         curve.best = best.restore(trainer)?;
     }
     if let Some((varmap, ck)) = checkpoints.as_ref() {
-        save(trainer, varmap, ck, &curve)?; // after a divergence: the last good parameters
+        save(trainer, varmap, ck, &curve)?; // after a divergence: the last good step's parameters
     }
     curve.tokens_per_s = curve.tokens as f64 / curve.train_seconds.max(1e-9);
     curve.wall_s = clock.wall();

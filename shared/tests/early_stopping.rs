@@ -95,3 +95,54 @@ fn a_best_final_evaluation_keeps_the_last_parameters_and_without_patience_nothin
     assert_eq!(end, task.seen[8]);
     Ok(())
 }
+
+#[test]
+fn without_a_stop_the_run_still_ends_with_its_best_evaluation() -> Result<()> {
+    // Patience 10 never runs out in nine evaluations; the best is step 10's, the last is worse.
+    let (curve, task, end) = run(vec![3.0, 2.0, 1.0, 1.5, 1.2, 1.3, 1.4, 1.6, 1.7], Some(10))?;
+    assert_eq!(curve.stopped_early_at, None);
+    assert_eq!(curve.train.len(), 40);
+    assert_eq!(curve.best, Some((10, 1.0)));
+    assert_eq!(curve.final_valid_loss(), Some(1.0));
+    assert_eq!(
+        end, task.seen[2],
+        "the run ends with step 10's weight, not the last"
+    );
+    Ok(())
+}
+
+#[test]
+fn early_stopping_with_checkpoints_is_refused_before_training() -> Result<()> {
+    let mut varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let w = vb.get_with_hints((1, 1), "w", candle_nn::Init::Const(0.0))?;
+    let mut task = Scripted {
+        w,
+        valid: vec![1.0; 4],
+        seen: Vec::new(),
+    };
+    let schedule = ScheduleConfig {
+        max_lr: 0.05,
+        min_lr: 0.05,
+        warmup_steps: 0,
+        total_steps: 10,
+        clip_norm: None,
+    };
+    let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule)?;
+    let spec = FitSpec {
+        label: "scripted".into(),
+        eval_every: 5,
+        patience: Some(2),
+    };
+    let ck = shared::fit::Checkpointing {
+        dir: std::env::temp_dir().join(format!("module08-early-{}", std::process::id())),
+        every: 5,
+        resume: false,
+        meta: serde_json::json!({}),
+    };
+    let err = fit(&mut trainer, &mut task, &spec, Some((&mut varmap, &ck)))
+        .expect_err("patience with checkpoints is refused");
+    assert!(err.to_string().contains("cannot be combined"), "{err}");
+    assert_eq!((trainer.step, task.seen.len()), (0, 0), "nothing ran");
+    Ok(())
+}

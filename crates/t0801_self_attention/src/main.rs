@@ -53,6 +53,7 @@ fn main() -> Result<()> {
         TOPIC,
         "soft dictionary lookup, causal attention maps, O(n²·d) cost",
     )?;
+    ctx.require_one_dtype()?;
     let (dev, dtype, out) = (&ctx.picked.device, ctx.dtype, ctx.out_dir.as_path());
     let (seed, quick) = (args.common.seed, args.common.quick);
     let config = json!({

@@ -76,6 +76,7 @@ fn main() -> Result<()> {
         TOPIC,
         "multi-head attention on a task needing two relations",
     )?;
+    ctx.require_one_dtype()?;
     if args.heads.is_empty() {
         bail!("--heads must name at least one head count");
     }

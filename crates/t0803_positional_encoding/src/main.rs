@@ -64,6 +64,7 @@ fn main() -> Result<()> {
         TOPIC,
         "position information for attention: sinusoidal, learned, relative bias",
     )?;
+    ctx.require_one_dtype()?;
     if !ctx.picked.device.is_cuda() {
         println!(
             "   Candle CPU kernels: {} thread(s) (--threads)",

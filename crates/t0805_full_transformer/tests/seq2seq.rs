@@ -511,10 +511,20 @@ fn mixed_precision_tracks_f32_for_both_models() -> anyhow::Result<()> {
 
     let (vm, l) = lstm(DType::F32)?;
     let reference = train(&vm, 30, 1e-2, |s| Ok(l.loss(&batch(s)?)?))?;
-    let (vm, l) = lstm(DType::BF16)?;
-    assert_eq!(l.forward(&batch(0)?)?.dtype(), DType::BF16);
-    let mixed = train(&vm, 30, 1e-2, |s| Ok(l.loss(&batch(s)?)?))?;
-    assert!(vm.all_vars().iter().all(|v| v.dtype() == DType::F32));
-    close("lstm", &reference, &mixed);
+    for cell in [
+        shared::kernels::OpImpl::Fused,
+        shared::kernels::OpImpl::Composed,
+    ] {
+        let (vm, l) = lstm(DType::BF16)?;
+        let l = l.with_cell(cell);
+        assert_eq!(l.forward(&batch(0)?)?.dtype(), DType::BF16);
+        let mixed = train(&vm, 30, 1e-2, |s| Ok(l.loss(&batch(s)?)?))?;
+        assert!(vm.all_vars().iter().all(|v| v.dtype() == DType::F32));
+        close(&format!("lstm ({cell:?} cell)"), &reference, &mixed);
+        // Generation runs the one-step path in bf16 too.
+        assert_eq!(l.generate(&[5, 6, 7], tiny.bos, 4, 0.0, 0)?.len(), 4);
+    }
+    let (_, t) = transformer(DType::BF16)?;
+    assert_eq!(t.generate(&[5, 6, 7], tiny.bos, 4, 0.0, 0)?.len(), 4);
     Ok(())
 }

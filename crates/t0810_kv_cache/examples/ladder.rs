@@ -265,7 +265,7 @@ fn train_rung(
     if let Some((first, last)) = curve.memory_peak_first_last() {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         println!(
-            "   device memory peak: {:.0} MiB in the first tenth of the run, {:.0} MiB in the last",
+            "   device memory peak: {:.0} MiB in the first evaluation interval, {:.0} MiB in the last",
             mib(first),
             mib(last)
         );

@@ -34,6 +34,7 @@ pub fn run(common: &CommonArgs, a: &NormBenchArgs) -> Result<()> {
         crate::TOPIC,
         "norm micro-benchmark: RMSNorm composed vs fused vs LayerNorm",
     )?;
+    ctx.require_one_dtype()?;
     let dev = ctx.picked.device.clone();
     let rows = a.rows.unwrap_or(if dev.is_cuda() { 50_000 } else { 4096 });
     let config =

@@ -27,6 +27,7 @@ impl Lesson {
             TOPIC,
             "FlashAttention: exact attention without the n×n matrix",
         )?;
+        ctx.require_one_dtype()?;
         if !ctx.picked.device.is_cpu() {
             println!(
                 "   note: the default run is the CPU lesson; on the GPU use the `bench` subcommand"

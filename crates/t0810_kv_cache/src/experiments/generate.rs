@@ -174,6 +174,7 @@ fn generate_with(
 /// The `generate` command.
 pub fn run(common: &CommonArgs, kernels: &KernelArgs, a: &GenerateArgs) -> Result<()> {
     let ctx = common.setup(crate::TOPIC, "generate")?;
+    ctx.require_one_dtype()?;
     let dev = &ctx.picked.device;
     let (model, bpe) = if a.checkpoint.join("config.json").exists() {
         load_decoder_only(a, common, kernels, ctx.dtype, dev)?
