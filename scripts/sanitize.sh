@@ -21,7 +21,8 @@ cd "$root"
 dest=${OUT:-$root/gpu-results}
 mkdir -p "$dest"
 REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
-export MODULE08_TEST_DEVICE=cuda MODULE08_EXPECT_GPU=1 MODULE08_CACHE=/tmp/module08-cache
+# MODULE08_SANITIZER: the FlashAttention sweeps run three shapes instead of eight (tests/gpu.rs)
+export MODULE08_TEST_DEVICE=cuda MODULE08_EXPECT_GPU=1 MODULE08_CACHE=/tmp/module08-cache MODULE08_SANITIZER=1
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 tests=${*:-"shared__gpu t0806_modern_blocks__gpu t0808_rope__rope t0809_flash_attention__gpu"}
 summary="$dest/sanitize-summary.txt"

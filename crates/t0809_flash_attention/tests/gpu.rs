@@ -11,9 +11,12 @@ use common::*;
 use t0809_flash_attention::*;
 
 /// `(b, h, n_q, n_k, d, causal)`: tile edges (64 × 64 tensor-core and register-tiled tiles,
-/// 32 × 32 simple tiles), n_q ≠ n_k, single query, exact multiples.
+/// 32 × 32 simple tiles), n_q ≠ n_k, single query, exact multiples. Under compute-sanitizer
+/// (`MODULE08_SANITIZER=1`, set by `scripts/sanitize.sh`, where every kernel runs a hundred times
+/// slower) three of them, which still reach every kernel family with partial tiles, causal
+/// masking with n_q ≠ n_k, a single query and more queries than keys.
 fn shapes(d: usize) -> Vec<(usize, usize, usize, usize, usize, bool)> {
-    vec![
+    let all = vec![
         (2, 3, 200, 200, d, false),
         (2, 3, 200, 200, d, true),
         (1, 2, 77, 333, d, false),
@@ -22,7 +25,11 @@ fn shapes(d: usize) -> Vec<(usize, usize, usize, usize, usize, bool)> {
         (1, 1, 1, 1, d, false),
         (1, 3, 1, 190, d, true),
         (2, 1, 130, 65, d, false),
-    ]
+    ];
+    if std::env::var_os("MODULE08_SANITIZER").is_some() {
+        return vec![all[3], all[6], all[7]];
+    }
+    all
 }
 
 /// FlashAttention with the simple fp32-FMA kernels forced ([`FlashKernels::Simple`]).
