@@ -32,6 +32,7 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod custom_op;
+pub mod data_parallel;
 pub mod device;
 pub mod embedding;
 pub mod fit;

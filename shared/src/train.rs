@@ -305,6 +305,26 @@ impl Trainer {
     /// changes nothing on the device; [`Trainer::finish`] reads the loss and the norm (one
     /// synchronisation) and reports it.
     pub fn step_deferred(&mut self, loss: &Tensor) -> Result<PendingStep> {
+        self.step_deferred_in(loss, None)
+    }
+
+    /// [`Trainer::step`] for one rank of a data-parallel group ([`crate::data_parallel`]): the
+    /// gradients and the loss are averaged over the ranks before clipping and AdamW, so every
+    /// rank makes the same update (and the same decision on a non-finite loss or gradient).
+    pub fn step_data_parallel(
+        &mut self,
+        loss: &Tensor,
+        group: &dyn crate::data_parallel::Collective,
+    ) -> Result<StepStats> {
+        let pending = self.step_deferred_in(loss, Some(group))?;
+        self.finish(pending)
+    }
+
+    fn step_deferred_in(
+        &mut self,
+        loss: &Tensor,
+        group: Option<&dyn crate::data_parallel::Collective>,
+    ) -> Result<PendingStep> {
         if loss.elem_count() != 1 {
             bail!(
                 "Trainer::step: the loss must be a single value, got shape {:?}",
@@ -318,7 +338,14 @@ impl Trainer {
         }
         let lr = self.lr();
         let loss = loss.to_dtype(DType::F32)?.reshape(())?;
-        let grads = loss.backward()?;
+        let mut grads = loss.backward()?;
+        let loss = match group {
+            Some(group) => {
+                crate::data_parallel::average_gradients(&mut grads, self.opt.vars(), group)?;
+                (group.all_reduce_sum(&loss.detach())? / group.world() as f64)?
+            }
+            None => loss,
+        };
         let sum_sq = match grad_sum_of_squares(&grads, self.opt.vars())? {
             Some(s) => s,
             None => Tensor::zeros((), DType::F32, loss.device())?,

@@ -1,0 +1,179 @@
+//! # Data parallelism: the same step on several workers, gradients averaged
+//!
+//! Each of `world` workers (ranks) holds a full copy of the model and trains on its own share of
+//! the batch. After the backward pass the ranks average their gradients (an all-reduce), so every
+//! rank applies the same update and the copies never drift apart:
+//!
+//! ```text
+//! rank r:  loss_r = L(θ; batch_r)        g_r = ∇θ loss_r              (batch_r: B rows of N·B)
+//! all:     ḡ = (g_0 + … + g_{N−1}) / N   ℓ̄ = (loss_0 + … + loss_{N−1}) / N
+//! rank r:  θ ← AdamW(θ, ḡ)                                            (clipping on ḡ)
+//! ```
+//!
+//! With equal shares and a loss that is a mean over its rows, `ḡ` is the gradient of the mean
+//! loss over the whole `N·B` batch: a world of `N` trains exactly as one worker with `N×` the
+//! batch, up to the order of floating-point additions. The parameters start equal by a
+//! broadcast from rank 0.
+//!
+//! How the ranks talk is a [`Collective`]: [`LocalGroup`] runs the ranks as threads of one
+//! process (the CPU tests and the lesson's demonstration); a GPU collective (NCCL, one process
+//! per GPU) plugs in behind the same trait. Gradients travel as one flat bucket per step (one
+//! all-reduce instead of one per parameter).
+
+use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use std::sync::{Arc, Barrier, Mutex};
+
+/// The operations data parallelism needs from the ranks of a group.
+pub trait Collective: Send + Sync {
+    /// This worker's index, `0 ≤ rank < world`.
+    fn rank(&self) -> usize;
+    /// The number of workers.
+    fn world(&self) -> usize;
+    /// The element-wise sum of `t` over every rank; the same tensor (bit for bit) on each rank.
+    /// Every rank must call it, with tensors of one shape and dtype.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+    /// Rank `root`'s `t` on every rank.
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
+}
+
+/// The ranks of a [`LocalGroup`] share one table of contributions and a barrier.
+struct Exchange {
+    slots: Mutex<Vec<Option<Tensor>>>,
+    barrier: Barrier,
+}
+
+/// One rank of a group of threads in one process (see [`LocalGroup::new`]).
+pub struct LocalGroup {
+    rank: usize,
+    world: usize,
+    exchange: Arc<Exchange>,
+}
+
+impl LocalGroup {
+    /// `world` connected ranks; hand one to each thread.
+    pub fn new(world: usize) -> Result<Vec<LocalGroup>> {
+        if world == 0 {
+            bail!("LocalGroup: a group needs at least one rank");
+        }
+        let exchange = Arc::new(Exchange {
+            slots: Mutex::new(vec![None; world]),
+            barrier: Barrier::new(world),
+        });
+        Ok((0..world)
+            .map(|rank| LocalGroup {
+                rank,
+                world,
+                exchange: exchange.clone(),
+            })
+            .collect())
+    }
+
+    /// Puts this rank's tensor in its slot, waits for every rank, lets `read` see all slots, and
+    /// waits again so that no rank overwrites a slot another has not read.
+    fn exchange<R>(&self, t: &Tensor, read: impl FnOnce(&[Option<Tensor>]) -> R) -> R {
+        self.exchange.slots.lock().expect("exchange lock")[self.rank] = Some(t.clone());
+        self.exchange.barrier.wait();
+        let out = read(&self.exchange.slots.lock().expect("exchange lock"));
+        self.exchange.barrier.wait();
+        out
+    }
+}
+
+impl Collective for LocalGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        // Every rank adds the contributions in rank order: the same sum everywhere.
+        self.exchange(t, |slots| {
+            let mut parts = slots.iter().map(|s| s.as_ref().expect("every rank wrote"));
+            let first = parts.next().expect("a group has a rank").clone();
+            parts.try_fold(first, |acc, p| acc.add(p))
+        })
+        .map_err(Into::into)
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        if root >= self.world {
+            bail!(
+                "broadcast: root {root} is not a rank of a world of {}",
+                self.world
+            );
+        }
+        Ok(self.exchange(t, |slots| slots[root].clone().expect("the root wrote")))
+    }
+}
+
+/// Replaces each gradient in `grads` (of `vars`) by its mean over the ranks: the gradients are
+/// flattened into one f32 bucket, summed by one all-reduce, divided by the world size, and put
+/// back in their shapes and dtypes. Variables without a gradient contribute zeros, so every rank
+/// sends a bucket of the same size.
+pub fn average_gradients(
+    grads: &mut GradStore,
+    vars: &[(String, Var)],
+    group: &dyn Collective,
+) -> Result<()> {
+    if group.world() == 1 {
+        return Ok(());
+    }
+    let Some((_, first)) = vars.first() else {
+        return Ok(());
+    };
+    let device = first.device().clone();
+    let flat = vars
+        .iter()
+        .map(|(_, v)| match grads.get(v.as_tensor()) {
+            Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
+            None => Tensor::zeros(v.elem_count(), DType::F32, &device),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let bucket = Tensor::cat(&flat, 0)?;
+    let mean = (group.all_reduce_sum(&bucket)? / group.world() as f64)?;
+    let mut offset = 0;
+    for (_, v) in vars {
+        let n = v.elem_count();
+        let g = mean
+            .narrow(0, offset, n)?
+            .reshape(v.shape())?
+            .to_dtype(v.dtype())?;
+        grads.insert(v.as_tensor(), g);
+        offset += n;
+    }
+    Ok(())
+}
+
+/// Sets every variable to rank `root`'s value (the same initial parameters on every rank).
+pub fn broadcast_parameters(
+    vars: &[(String, Var)],
+    group: &dyn Collective,
+    root: usize,
+) -> Result<()> {
+    for (_, v) in vars {
+        let value = group.broadcast(v.as_tensor(), root)?;
+        if group.rank() != root {
+            v.set(&value)?; // the root keeps its own (a variable cannot be set from itself)
+        }
+    }
+    Ok(())
+}
+
+/// The rows of a global batch of `global_rows` that rank `rank` of `world` trains on:
+/// `rank·B .. (rank+1)·B` with `B = global_rows / world` (the global batch must divide evenly,
+/// so that the mean of the ranks' mean losses is the global mean).
+pub fn shard_rows(global_rows: usize, world: usize, rank: usize) -> Result<std::ops::Range<usize>> {
+    if world == 0 || rank >= world {
+        bail!("shard_rows: rank {rank} is not a rank of a world of {world}");
+    }
+    if !global_rows.is_multiple_of(world) {
+        bail!("shard_rows: a global batch of {global_rows} rows does not split evenly over {world} ranks");
+    }
+    let b = global_rows / world;
+    Ok(rank * b..(rank + 1) * b)
+}

@@ -1,0 +1,217 @@
+//! Data parallelism on the CPU, with the ranks as threads ([`LocalGroup`]):
+//! - a world of N, each rank on its N-th of the batch, trains as one worker on the whole batch;
+//! - every rank ends with the same parameters, bit for bit;
+//! - the broadcast gives every rank rank 0's initial parameters; bad shards are refused.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use shared::data_parallel::{broadcast_parameters, shard_rows, Collective, LocalGroup};
+use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
+
+const ROWS: usize = 32;
+
+/// Models are initialised from the process-wide seeded generator: the tests take turns, and the
+/// ranks' models are built one after the other before their threads start.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SEEDED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A two-layer MLP `x (rows, 8) → tanh → (rows, 1)`, regressing `sin(Σx)`.
+struct Mlp {
+    w1: Tensor,
+    w2: Tensor,
+}
+
+impl Mlp {
+    fn new(varmap: &VarMap, seed: u64) -> Result<Self> {
+        shared::params::set_seed(seed);
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+        Ok(Self {
+            w1: shared::params::weight(&vb, 16, 8, "w1")?,
+            w2: shared::params::weight(&vb, 1, 16, "w2")?,
+        })
+    }
+
+    /// Mean squared error on `rows` of step `step`'s global batch.
+    fn loss(&self, step: usize, rows: std::ops::Range<usize>) -> Result<Tensor> {
+        let (x, y) = batch(step)?;
+        let (x, y) = (
+            x.narrow(0, rows.start, rows.len())?,
+            y.narrow(0, rows.start, rows.len())?,
+        );
+        let h = shared::linear(&x, &self.w1)?.tanh()?;
+        Ok((shared::linear(&h, &self.w2)? - y)?.sqr()?.mean_all()?)
+    }
+}
+
+/// The global batch of `step`: `ROWS` inputs from a seeded generator, targets `sin(Σx)`.
+fn batch(step: usize) -> Result<(Tensor, Tensor)> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64 ^ (step as u64 + 1);
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
+    };
+    let x: Vec<f32> = (0..ROWS * 8).map(|_| next()).collect();
+    let y: Vec<f32> = x.chunks(8).map(|r| r.iter().sum::<f32>().sin()).collect();
+    Ok((
+        Tensor::from_vec(x, (ROWS, 8), &Device::Cpu)?,
+        Tensor::from_vec(y, (ROWS, 1), &Device::Cpu)?,
+    ))
+}
+
+fn trainer(varmap: &VarMap) -> Result<Trainer> {
+    let schedule = ScheduleConfig {
+        max_lr: 1e-2,
+        min_lr: 1e-3,
+        warmup_steps: 2,
+        total_steps: 12,
+        clip_norm: Some(0.5), // small enough to clip: clipping must see the averaged gradient
+    };
+    Trainer::new(varmap, AdamWConfig::default(), schedule)
+}
+
+fn values(varmap: &VarMap) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    for (_, v) in shared::params::named_vars(varmap) {
+        out.extend(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// One worker on the whole batch: parameters after 12 steps, and the losses.
+fn single() -> Result<(Vec<f32>, Vec<f64>)> {
+    let varmap = VarMap::new();
+    let model = Mlp::new(&varmap, 3)?;
+    let mut t = trainer(&varmap)?;
+    let losses = (0..12)
+        .map(|s| Ok(t.step(&model.loss(s, 0..ROWS)?)?.loss))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((values(&varmap)?, losses))
+}
+
+/// A world of `world` threads, rank r initialised from seed 100 + r and then given rank 0's
+/// parameters by broadcast; each rank's parameters after 12 steps and its losses.
+fn data_parallel(world: usize) -> Result<Vec<(Vec<f32>, Vec<f64>)>> {
+    let ranks = LocalGroup::new(world)?;
+    // Different seeds per rank (only rank 0's is the single worker's 3): the broadcast must make
+    // them equal.
+    let models = (0..world)
+        .map(|r| {
+            let varmap = VarMap::new();
+            let model = Mlp::new(&varmap, if r == 0 { 3 } else { 100 + r as u64 })?;
+            Ok((varmap, model))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .zip(models)
+            .map(|(group, (varmap, model))| {
+                scope.spawn(move || -> Result<(Vec<f32>, Vec<f64>)> {
+                    let mut t = trainer(&varmap)?;
+                    broadcast_parameters(t.opt.vars(), &group, 0)?;
+                    let rows = shard_rows(ROWS, group.world(), group.rank())?;
+                    let losses = (0..12)
+                        .map(|s| {
+                            let loss = model.loss(s, rows.clone())?;
+                            Ok(t.step_data_parallel(&loss, &group)?.loss)
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok((values(&varmap)?, losses))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    })
+}
+
+#[test]
+fn a_world_of_n_trains_as_one_worker_with_n_times_the_batch() -> Result<()> {
+    let _turn = one_at_a_time();
+    let (want, want_losses) = single()?;
+    for world in [1, 2, 4] {
+        let ranks = data_parallel(world)?;
+        for (rank, (got, losses)) in ranks.iter().enumerate() {
+            let worst = want
+                .iter()
+                .zip(got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 1e-5,
+                "world {world}, rank {rank}: parameters differ by {worst}"
+            );
+            for (s, (a, b)) in want_losses.iter().zip(losses).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-5 * a.abs().max(1.0),
+                    "world {world}, step {s}: loss {a} vs {b}"
+                );
+            }
+        }
+        // Every rank applied the same averaged update: identical copies.
+        assert!(
+            ranks.iter().all(|r| r.0 == ranks[0].0),
+            "world {world}: ranks drifted apart"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn without_the_broadcast_or_the_average_the_ranks_drift_apart() -> Result<()> {
+    // The control that shows the test above can fail: ranks that step on their own shards with
+    // plain `step` end with different parameters.
+    let _turn = one_at_a_time();
+    let (a, b) = (VarMap::new(), VarMap::new());
+    let (ma, mb) = (Mlp::new(&a, 3)?, Mlp::new(&b, 3)?);
+    let (mut ta, mut tb) = (trainer(&a)?, trainer(&b)?);
+    for s in 0..3 {
+        ta.step(&ma.loss(s, 0..ROWS / 2)?)?;
+        tb.step(&mb.loss(s, ROWS / 2..ROWS)?)?;
+    }
+    assert_ne!(values(&a)?, values(&b)?);
+    Ok(())
+}
+
+#[test]
+fn collectives_sum_and_broadcast_and_bad_shards_are_refused() -> Result<()> {
+    let ranks = LocalGroup::new(3)?;
+    let out: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ranks
+            .iter()
+            .map(|g| {
+                scope.spawn(move || -> Result<(Vec<f32>, Vec<f32>)> {
+                    let mine =
+                        Tensor::new(&[g.rank() as f32, 10.0 * g.rank() as f32], &Device::Cpu)?;
+                    let sum = g.all_reduce_sum(&mine)?.to_vec1::<f32>()?;
+                    let root = g.broadcast(&mine, 2)?.to_vec1::<f32>()?;
+                    Ok((sum, root))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank"))
+            .collect::<Result<_>>()
+    })?;
+    for (sum, root) in out {
+        assert_eq!(sum, vec![3.0, 30.0]);
+        assert_eq!(root, vec![2.0, 20.0]);
+    }
+    assert!(LocalGroup::new(0).is_err());
+    assert_eq!(shard_rows(32, 4, 3)?, 24..32);
+    assert!(shard_rows(30, 4, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("does not split evenly"));
+    assert!(shard_rows(32, 4, 4).is_err());
+    Ok(())
+}
