@@ -131,8 +131,23 @@ pub fn fit(
     trainer: &mut Trainer,
     task: &mut dyn Task,
     spec: &FitSpec,
-    mut checkpoints: Option<(&mut VarMap, &Checkpointing)>,
+    checkpoints: Option<(&mut VarMap, &Checkpointing)>,
 ) -> Result<Curve> {
+    fit_in_group(trainer, task, spec, checkpoints, None)
+}
+
+/// [`fit`] for one rank of a data-parallel group ([`crate::data_parallel`]): each step averages
+/// the gradients and the loss over the ranks ([`Trainer::step_data_parallel`]); the task gives
+/// this rank its share of each batch. Every rank evaluates and keeps the same curve; only rank 0
+/// writes checkpoints, and every rank resumes from them. With `group` `None`, [`fit`].
+pub fn fit_in_group(
+    trainer: &mut Trainer,
+    task: &mut dyn Task,
+    spec: &FitSpec,
+    mut checkpoints: Option<(&mut VarMap, &Checkpointing)>,
+    group: Option<&dyn crate::data_parallel::Collective>,
+) -> Result<Curve> {
+    let writes_checkpoints = group.is_none_or(|g| g.rank() == 0);
     if spec.patience.is_some() && checkpoints.is_some() {
         // The best parameters live in memory only: a resumed run would not know them.
         anyhow::bail!(
@@ -174,6 +189,7 @@ pub fn fit(
         if !train_one_step(
             trainer,
             task,
+            group,
             &mut curve,
             &mut clock,
             &mut progress,
@@ -181,7 +197,7 @@ pub fn fit(
         )? {
             break; // diverged: recorded in the curve
         }
-        if let Some((varmap, ck)) = checkpoints.as_ref() {
+        if let Some((varmap, ck)) = checkpoints.as_ref().filter(|_| writes_checkpoints) {
             if trainer.step.is_multiple_of(ck.every.max(1)) && trainer.step < total {
                 save(trainer, varmap, ck, &curve)?;
             }
@@ -202,7 +218,7 @@ pub fn fit(
     if let Some(best) = best {
         curve.best = best.restore(trainer)?;
     }
-    if let Some((varmap, ck)) = checkpoints.as_ref() {
+    if let Some((varmap, ck)) = checkpoints.as_ref().filter(|_| writes_checkpoints) {
         save(trainer, varmap, ck, &curve)?; // after a divergence: the last good step's parameters
     }
     curve.tokens_per_s = curve.tokens as f64 / curve.train_seconds.max(1e-9);
@@ -272,6 +288,7 @@ fn record_memory_peak(device: Option<&Device>, step: usize, curve: &mut Curve) -
 fn train_one_step(
     trainer: &mut Trainer,
     task: &mut dyn Task,
+    group: Option<&dyn crate::data_parallel::Collective>,
     curve: &mut Curve,
     clock: &mut Clock,
     progress: &mut Progress,
@@ -280,7 +297,11 @@ fn train_one_step(
     let step = trainer.step;
     let t0 = Instant::now();
     let (loss, tokens) = task.train_loss(step)?;
-    let stats = match trainer.step(&loss) {
+    let stepped = match group {
+        Some(group) => trainer.step_data_parallel(&loss, group),
+        None => trainer.step(&loss),
+    };
+    let stats = match stepped {
         Ok(stats) => stats,
         Err(e) if e.downcast_ref::<Diverged>().is_some() => {
             eprintln!("{label}: {e}");

@@ -215,3 +215,114 @@ fn collectives_sum_and_broadcast_and_bad_shards_are_refused() -> Result<()> {
     assert!(shard_rows(32, 4, 4).is_err());
     Ok(())
 }
+
+/// The MLP as the one loop's task, on `rows` of each step's global batch.
+struct Shard<'a> {
+    model: &'a Mlp,
+    rows: std::ops::Range<usize>,
+}
+
+impl shared::fit::Task for Shard<'_> {
+    fn train_loss(&mut self, step: usize) -> Result<(Tensor, usize)> {
+        Ok((self.model.loss(step, self.rows.clone())?, self.rows.len()))
+    }
+
+    fn valid_loss(&mut self) -> Result<f64> {
+        Ok(self.model.loss(999, 0..ROWS)?.to_scalar::<f32>()? as f64)
+    }
+}
+
+#[test]
+fn the_one_loop_in_a_group_equals_the_one_loop_on_the_whole_batch_and_rank_0_checkpoints(
+) -> Result<()> {
+    use shared::fit::{fit, fit_in_group, Checkpointing, FitSpec};
+    let _turn = one_at_a_time();
+    let spec = FitSpec {
+        label: "mlp".into(),
+        eval_every: 4,
+        patience: None,
+    };
+    // One worker, the whole batch.
+    let varmap = VarMap::new();
+    let model = Mlp::new(&varmap, 3)?;
+    let mut t = trainer(&varmap)?;
+    let single = fit(
+        &mut t,
+        &mut Shard {
+            model: &model,
+            rows: 0..ROWS,
+        },
+        &spec,
+        None,
+    )?;
+    let want = values(&varmap)?;
+    // Two ranks, half the batch each, checkpoints into one folder.
+    let dir = std::env::temp_dir().join(format!("module08-dp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ck = Checkpointing {
+        dir: dir.clone(),
+        every: 4,
+        resume: false,
+        meta: serde_json::json!({ "model": "mlp" }),
+    };
+    let models = (0..2)
+        .map(|_| {
+            let varmap = VarMap::new();
+            let model = Mlp::new(&varmap, 3)?;
+            Ok((varmap, model))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ranks = LocalGroup::new(2)?;
+    let results: Vec<(Vec<f32>, shared::fit::Curve)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .zip(models)
+            .map(|(group, (mut varmap, model))| {
+                let (spec, ck) = (&spec, &ck);
+                scope.spawn(move || -> Result<(Vec<f32>, shared::fit::Curve)> {
+                    let mut t = trainer(&varmap)?;
+                    let rows = shard_rows(ROWS, 2, group.rank())?;
+                    let mut task = Shard {
+                        model: &model,
+                        rows,
+                    };
+                    let curve = fit_in_group(
+                        &mut t,
+                        &mut task,
+                        spec,
+                        Some((&mut varmap, ck)),
+                        Some(&group),
+                    )?;
+                    Ok((values(&varmap)?, curve))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank"))
+            .collect::<Result<_>>()
+    })?;
+    for (rank, (got, curve)) in results.iter().enumerate() {
+        let worst = want
+            .iter()
+            .zip(got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "rank {rank}: parameters differ by {worst}");
+        let (a, b) = (
+            single.final_valid_loss().unwrap(),
+            curve.final_valid_loss().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-5, "rank {rank}: valid loss {a} vs {b}");
+    }
+    // Rank 0's checkpoint holds the final parameters, and loads.
+    let varmap = VarMap::new();
+    let _model = Mlp::new(&varmap, 77)?;
+    let mut t = trainer(&varmap)?;
+    let mut restore = varmap.clone();
+    t.load_checkpoint(&mut restore, &dir)?;
+    assert_eq!(t.step, 12);
+    assert_eq!(values(&varmap)?, results[0].0);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
