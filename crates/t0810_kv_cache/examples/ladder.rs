@@ -184,6 +184,9 @@ struct Measured {
     /// WikiText-2 test split: total NLL over its word count (words + end-of-lines), exponentiated.
     test_word_ppl: f64,
     kv_bytes_per_token: usize,
+    /// Greedy decoding of the trained rung with its KV cache, batch 1, tokens/s (a quarter of the
+    /// context as prompt, the rest generated): what its cache size costs at inference.
+    decode_tokens_per_s: f64,
     kernels: String,
     /// `(step, validation loss)` every tenth of the run (twentieth with early stopping).
     valid_curve: Vec<(usize, f64)>,
@@ -242,6 +245,9 @@ fn train_rung(
     println!("   kept in {}", keep_in.display());
     let (test_nll, _) =
         shared::train::corpus_nll(&data.test, b.seq_len, b.batch, dev, &|x, y| lm.loss(x, y))?;
+    let prompt = &data.valid[..(b.seq_len / 4).max(1)];
+    let mut greedy = Sampler::new(SamplingConfig::greedy(), seed)?;
+    let decoded = generate_cached(&lm, prompt, b.seq_len - prompt.len(), &mut greedy, compute)?;
     let measured = Measured {
         rung: r.index,
         topic: r.topic.into(),
@@ -251,6 +257,7 @@ fn train_rung(
         train_tokens_per_s: curve.tokens_per_s,
         test_word_ppl: shared::train::word_level_perplexity(test_nll, b.test_words),
         kv_bytes_per_token: r.cfg.kv_bytes_per_token(compute.size_in_bytes()),
+        decode_tokens_per_s: decoded.decode_tokens_per_s(),
         kernels: r.kernels.describe(),
         valid_curve: curve.valid.iter().map(|v| (v.0, v.1)).collect(),
         best_step: curve.best.map(|b| b.0),
@@ -444,6 +451,7 @@ fn print_ladder(rows: &[Measured], cached: f64, uncached: f64) {
                 format!("{:.1}", m.test_word_ppl),
                 format!("{:.0}", m.train_tokens_per_s),
                 m.kv_bytes_per_token.to_string(),
+                format!("{:.0}", m.decode_tokens_per_s),
             ]
         })
         .collect();
@@ -451,6 +459,7 @@ fn print_ladder(rows: &[Measured], cached: f64, uncached: f64) {
         "5".into(),
         "8-10".into(),
         format!("+ KV cache: decoding {cached:.0} vs {uncached:.0} tokens/s uncached"),
+        "".into(),
         "".into(),
         "".into(),
         "".into(),
@@ -467,6 +476,7 @@ fn print_ladder(rows: &[Measured], cached: f64, uncached: f64) {
             "test word ppl",
             "train tok/s",
             "KV B/token",
+            "decode tok/s",
         ],
         &table,
     );
