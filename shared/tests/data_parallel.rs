@@ -75,6 +75,31 @@ fn trainer(varmap: &VarMap) -> Result<Trainer> {
     Trainer::new(varmap, AdamWConfig::default(), schedule)
 }
 
+/// Runs `f` on each input in its own thread (one per rank) and collects the results in order.
+fn on_threads<I: Send, T: Send>(
+    inputs: Vec<I>,
+    f: impl Fn(I) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = inputs
+            .into_iter()
+            .map(|input| scope.spawn(move || f(input)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    })
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 fn values(varmap: &VarMap) -> Result<Vec<f32>> {
     let mut out = Vec::new();
     for (_, v) in shared::params::named_vars(varmap) {
@@ -107,29 +132,18 @@ fn data_parallel(world: usize) -> Result<Vec<(Vec<f32>, Vec<f64>)>> {
             Ok((varmap, model))
         })
         .collect::<Result<Vec<_>>>()?;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = ranks
-            .into_iter()
-            .zip(models)
-            .map(|(group, (varmap, model))| {
-                scope.spawn(move || -> Result<(Vec<f32>, Vec<f64>)> {
-                    let mut t = trainer(&varmap)?;
-                    broadcast_parameters(t.opt.vars(), &group, 0)?;
-                    let rows = shard_rows(ROWS, group.world(), group.rank())?;
-                    let losses = (0..12)
-                        .map(|s| {
-                            let loss = model.loss(s, rows.clone())?;
-                            Ok(t.step_data_parallel(&loss, &group)?.loss)
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    Ok((values(&varmap)?, losses))
-                })
+    let inputs: Vec<_> = ranks.into_iter().zip(models).collect();
+    on_threads(inputs, |(group, (varmap, model))| {
+        let mut t = trainer(&varmap)?;
+        broadcast_parameters(t.opt.vars(), &group, 0)?;
+        let rows = shard_rows(ROWS, group.world(), group.rank())?;
+        let losses = (0..12)
+            .map(|s| {
+                let loss = model.loss(s, rows.clone())?;
+                Ok(t.step_data_parallel(&loss, &group)?.loss)
             })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank thread"))
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok((values(&varmap)?, losses))
     })
 }
 
@@ -140,11 +154,7 @@ fn a_world_of_n_trains_as_one_worker_with_n_times_the_batch() -> Result<()> {
     for world in [1, 2, 4] {
         let ranks = data_parallel(world)?;
         for (rank, (got, losses)) in ranks.iter().enumerate() {
-            let worst = want
-                .iter()
-                .zip(got)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = max_abs_diff(&want, got);
             assert!(
                 worst < 1e-5,
                 "world {world}, rank {rank}: parameters differ by {worst}"
@@ -184,23 +194,11 @@ fn without_the_broadcast_or_the_average_the_ranks_drift_apart() -> Result<()> {
 #[test]
 fn collectives_sum_and_broadcast_and_bad_shards_are_refused() -> Result<()> {
     let ranks = LocalGroup::new(3)?;
-    let out: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ranks
-            .iter()
-            .map(|g| {
-                scope.spawn(move || -> Result<(Vec<f32>, Vec<f32>)> {
-                    let mine =
-                        Tensor::new(&[g.rank() as f32, 10.0 * g.rank() as f32], &Device::Cpu)?;
-                    let sum = g.all_reduce_sum(&mine)?.to_vec1::<f32>()?;
-                    let root = g.broadcast(&mine, 2)?.to_vec1::<f32>()?;
-                    Ok((sum, root))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank"))
-            .collect::<Result<_>>()
+    let out = on_threads(ranks, |g| {
+        let mine = Tensor::new(&[g.rank() as f32, 10.0 * g.rank() as f32], &Device::Cpu)?;
+        let sum = g.all_reduce_sum(&mine)?.to_vec1::<f32>()?;
+        let root = g.broadcast(&mine, 2)?.to_vec1::<f32>()?;
+        Ok((sum, root))
     })?;
     for (sum, root) in out {
         assert_eq!(sum, vec![3.0, 30.0]);
@@ -273,41 +271,20 @@ fn the_one_loop_in_a_group_equals_the_one_loop_on_the_whole_batch_and_rank_0_che
         })
         .collect::<Result<Vec<_>>>()?;
     let ranks = LocalGroup::new(2)?;
-    let results: Vec<(Vec<f32>, shared::fit::Curve)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ranks
-            .into_iter()
-            .zip(models)
-            .map(|(group, (mut varmap, model))| {
-                let (spec, ck) = (&spec, &ck);
-                scope.spawn(move || -> Result<(Vec<f32>, shared::fit::Curve)> {
-                    let mut t = trainer(&varmap)?;
-                    let rows = shard_rows(ROWS, 2, group.rank())?;
-                    let mut task = Shard {
-                        model: &model,
-                        rows,
-                    };
-                    let curve = fit_in_group(
-                        &mut t,
-                        &mut task,
-                        spec,
-                        Some((&mut varmap, ck)),
-                        Some(&group),
-                    )?;
-                    Ok((values(&varmap)?, curve))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank"))
-            .collect::<Result<_>>()
+    let inputs: Vec<_> = ranks.into_iter().zip(models).collect();
+    let results = on_threads(inputs, |(group, (mut varmap, model))| {
+        let mut t = trainer(&varmap)?;
+        let rows = shard_rows(ROWS, 2, group.rank())?;
+        let mut task = Shard {
+            model: &model,
+            rows,
+        };
+        let ck = Some((&mut varmap, &ck));
+        let curve = fit_in_group(&mut t, &mut task, &spec, ck, Some(&group))?;
+        Ok((values(&varmap)?, curve))
     })?;
     for (rank, (got, curve)) in results.iter().enumerate() {
-        let worst = want
-            .iter()
-            .zip(got)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = max_abs_diff(&want, got);
         assert!(worst < 1e-5, "rank {rank}: parameters differ by {worst}");
         let (a, b) = (
             single.final_valid_loss().unwrap(),
