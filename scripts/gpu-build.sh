@@ -8,6 +8,8 @@
 #            --features cuda (default: shared/lib shared/gpu)
 #   --bins   topic binaries to build in release with --features cuda (default: none)
 #   --examples  examples (PKG/NAME) to build likewise, e.g. t0810_kv_cache/parity
+#   GPU_FEATURES=nccl  build with NCCL (shared::nccl, test shared/nccl); the link needs libnccl.so
+#               on LIBRARY_PATH (e.g. a folder with a libnccl.so link to PyTorch's nvidia/nccl/lib/libnccl.so.2)
 #
 # Every executable embeds Candle's CUDA kernels (~43 MB each); one long-window xz over one tar
 # stores them once, so a bundle of many stays a few MB. Produces .gpu/bundle.tar.xz, a manifest
@@ -42,12 +44,12 @@ for t in $tests; do
   pkg=${t%%/*}; name=${t#*/}
   if [ "$name" = lib ]; then sel=(--lib); else sel=(--test "$name"); fi
   echo "== test $pkg/$name" >&2
-  exe=$(cargo test --release --features cuda -p "$pkg" "${sel[@]}" --no-run --message-format=json 2>/dev/null \
+  exe=$(cargo test --release --features "${GPU_FEATURES:-cuda}" -p "$pkg" "${sel[@]}" --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["profile"]["test"]: print(m["executable"])' | tail -1)
-  [ -n "$exe" ] || { echo "build of $t failed:" >&2; cargo test --release --features cuda -p "$pkg" "${sel[@]}" --no-run >&2; exit 1; }
+  [ -n "$exe" ] || { echo "build of $t failed:" >&2; cargo test --release --features "${GPU_FEATURES:-cuda}" -p "$pkg" "${sel[@]}" --no-run >&2; exit 1; }
   cp "$exe" ".gpu/stage/tests/${pkg}__${name}"
   echo "test $pkg tests/${pkg}__${name}" >> .gpu/stage/manifest.txt
 done

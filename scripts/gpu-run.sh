@@ -32,6 +32,10 @@ if [ "$(cat /tmp/gpu/bundle.sha256 2>/dev/null)" != "$bundle_sum" ]; then
 fi
 # shellcheck disable=SC1091
 REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
+# libnccl.so.2 for executables built with --features nccl (GPU_FEATURES=nccl): PyTorch's wheel has it
+for p in $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
+  if [ -e "$p/nvidia/nccl/lib/libnccl.so.2" ]; then export LD_LIBRARY_PATH="$p/nvidia/nccl/lib:$LD_LIBRARY_PATH"; break; fi
+done
 export MODULE08_EXPECT_GPU=1 MODULE08_TEST_DEVICE=cuda MODULE08_CACHE=/tmp/module08-cache
 [ -d .gpu/data ] && export WIKITEXT2_DIR="$root/.gpu/data"
 [ -f .gpu/font.ttf ] && export MODULE08_FONT="$root/.gpu/font.ttf"

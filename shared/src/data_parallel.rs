@@ -16,8 +16,8 @@
 //! broadcast from rank 0.
 //!
 //! How the ranks talk is a [`Collective`]: [`LocalGroup`] runs the ranks as threads of one
-//! process (the CPU tests and the lesson's demonstration); a GPU collective (NCCL, one process
-//! per GPU) plugs in behind the same trait. Gradients travel as one flat bucket per step (one
+//! process (the CPU tests); `shared::nccl::NcclGroup` (feature `nccl`, one process per GPU)
+//! implements the same trait over NCCL. Gradients travel as one flat bucket per step (one
 //! all-reduce instead of one per parameter).
 
 use anyhow::{bail, Result};

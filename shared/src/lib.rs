@@ -38,6 +38,8 @@ pub mod embedding;
 pub mod fit;
 pub mod heads;
 pub mod kernels;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod params;
 pub mod report;
 pub mod rng;
