@@ -1478,7 +1478,16 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // gemm below writes every element of dst (read_dst = false) when k > 0: no zero fill then.
+        let mut dst = if k > 0 {
+            let mut dst = Vec::with_capacity(b * m * n);
+            // SAFETY: T is a plain float (any bits are a value) and gemm writes all of dst before
+            // anything reads it.
+            unsafe { dst.set_len(b * m * n) };
+            dst
+        } else {
+            vec![T::zero(); b * m * n]
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
