@@ -20,18 +20,17 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 /// `a (b, m, k) · c (b, k, n)` in f64 from the tensors' f32 values.
 fn reference(a: &Tensor, c: &Tensor) -> Result<Vec<f64>> {
-    let (b, m, k) = a.dims3()?;
     let n = c.dim(2)?;
     let (a, c) = (a.to_vec3::<f32>()?, c.to_vec3::<f32>()?);
-    let mut out = Vec::with_capacity(b * m * n);
-    for bi in 0..b {
-        for i in 0..m {
+    let mut out = Vec::new();
+    for (a_b, c_b) in a.iter().zip(&c) {
+        for row in a_b {
             for j in 0..n {
-                out.push(
-                    (0..k)
-                        .map(|p| a[bi][i][p] as f64 * c[bi][p][j] as f64)
-                        .sum(),
-                );
+                let dot = row
+                    .iter()
+                    .zip(c_b)
+                    .map(|(x, c_row)| *x as f64 * c_row[j] as f64);
+                out.push(dot.sum());
             }
         }
     }
