@@ -18,7 +18,7 @@
 //! How the ranks talk is a [`Collective`]: [`LocalGroup`] runs the ranks as threads of one
 //! process (the CPU tests); `shared::nccl::NcclGroup` (feature `nccl`, one process per GPU)
 //! implements the same trait over NCCL. Gradients travel as one flat bucket per step (one
-//! all-reduce instead of one per parameter).
+//! all-reduce, the loss included, instead of one per parameter).
 
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
@@ -111,30 +111,29 @@ impl Collective for LocalGroup {
     }
 }
 
-/// Replaces each gradient in `grads` (of `vars`) by its mean over the ranks: the gradients are
-/// flattened into one f32 bucket, summed by one all-reduce, divided by the world size, and put
-/// back in their shapes and dtypes. Variables without a gradient contribute zeros, so every rank
-/// sends a bucket of the same size.
-pub fn average_gradients(
+/// Replaces each gradient in `grads` (of `vars`) by its mean over the ranks and returns the mean
+/// of `loss` (a single f32 value): the gradients and the loss travel as one flat f32 bucket,
+/// summed by one all-reduce, divided by the world size, and put back in their shapes and dtypes.
+/// Variables without a gradient contribute zeros, so every rank sends a bucket of the same size.
+pub fn average_gradients_and_loss(
     grads: &mut GradStore,
     vars: &[(String, Var)],
+    loss: &Tensor,
     group: &dyn Collective,
-) -> Result<()> {
+) -> Result<Tensor> {
     if group.world() == 1 {
-        return Ok(());
+        return Ok(loss.clone());
     }
-    let Some((_, first)) = vars.first() else {
-        return Ok(());
-    };
-    let device = first.device().clone();
-    let flat = vars
+    let device = loss.device();
+    let mut flat = vars
         .iter()
         .map(|(_, v)| match grads.get(v.as_tensor()) {
             Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
-            None => Tensor::zeros(v.elem_count(), DType::F32, &device),
+            None => Tensor::zeros(v.elem_count(), DType::F32, device),
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let bucket = Tensor::cat(&flat, 0)?;
+    flat.push(loss.to_dtype(DType::F32)?.detach().reshape(1)?);
+    let bucket = Tensor::cat(&flat, 0)?; // (Σ parameters + 1,)
     let mean = (group.all_reduce_sum(&bucket)? / group.world() as f64)?;
     let mut offset = 0;
     for (_, v) in vars {
@@ -146,7 +145,7 @@ pub fn average_gradients(
         grads.insert(v.as_tensor(), g);
         offset += n;
     }
-    Ok(())
+    Ok(mean.narrow(0, offset, 1)?.reshape(())?)
 }
 
 /// Sets every variable to rank `root`'s value (the same initial parameters on every rank).

@@ -340,10 +340,12 @@ impl Trainer {
         let loss = loss.to_dtype(DType::F32)?.reshape(())?;
         let mut grads = loss.backward()?;
         let loss = match group {
-            Some(group) => {
-                crate::data_parallel::average_gradients(&mut grads, self.opt.vars(), group)?;
-                (group.all_reduce_sum(&loss.detach())? / group.world() as f64)?
-            }
+            Some(group) => crate::data_parallel::average_gradients_and_loss(
+                &mut grads,
+                self.opt.vars(),
+                &loss,
+                group,
+            )?,
             None => loss,
         };
         let sum_sq = match grad_sum_of_squares(&grads, self.opt.vars())? {

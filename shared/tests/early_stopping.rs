@@ -26,11 +26,13 @@ impl Task for Scripted {
     }
 }
 
-fn run(valid: Vec<f64>, patience: Option<usize>) -> Result<(shared::fit::Curve, Scripted, f32)> {
+/// The weight (from −2), its scripted task, a trainer for 40 steps at a constant learning rate, and
+/// the loop's spec (an evaluation every 5 steps).
+fn setup(valid: Vec<f64>, patience: Option<usize>) -> Result<(VarMap, Scripted, Trainer, FitSpec)> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let w = vb.get_with_hints((1, 1), "w", candle_nn::Init::Const(-2.0))?;
-    let mut task = Scripted {
+    let task = Scripted {
         w,
         valid,
         seen: Vec::new(),
@@ -42,12 +44,17 @@ fn run(valid: Vec<f64>, patience: Option<usize>) -> Result<(shared::fit::Curve, 
         total_steps: 40,
         clip_norm: None,
     };
-    let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule)?;
+    let trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule)?;
     let spec = FitSpec {
         label: "scripted".into(),
         eval_every: 5,
         patience,
     };
+    Ok((varmap, task, trainer, spec))
+}
+
+fn run(valid: Vec<f64>, patience: Option<usize>) -> Result<(shared::fit::Curve, Scripted, f32)> {
+    let (_varmap, mut task, mut trainer, spec) = setup(valid, patience)?;
     let curve = fit(&mut trainer, &mut task, &spec, None)?;
     let end = task.w.flatten_all()?.to_vec1::<f32>()?[0];
     assert_eq!(
@@ -113,27 +120,7 @@ fn without_a_stop_the_run_still_ends_with_its_best_evaluation() -> Result<()> {
 
 #[test]
 fn early_stopping_with_checkpoints_is_refused_before_training() -> Result<()> {
-    let mut varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let w = vb.get_with_hints((1, 1), "w", candle_nn::Init::Const(0.0))?;
-    let mut task = Scripted {
-        w,
-        valid: vec![1.0; 4],
-        seen: Vec::new(),
-    };
-    let schedule = ScheduleConfig {
-        max_lr: 0.05,
-        min_lr: 0.05,
-        warmup_steps: 0,
-        total_steps: 10,
-        clip_norm: None,
-    };
-    let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule)?;
-    let spec = FitSpec {
-        label: "scripted".into(),
-        eval_every: 5,
-        patience: Some(2),
-    };
+    let (mut varmap, mut task, mut trainer, spec) = setup(vec![1.0; 9], Some(2))?;
     let ck = shared::fit::Checkpointing {
         dir: std::env::temp_dir().join(format!("module08-early-{}", std::process::id())),
         every: 5,
