@@ -264,7 +264,7 @@ impl Parts for Gpt2Parts {
         self.kernels
     }
 
-    /// LayerNorm (composed: there is no fused LayerNorm in this course, whatever `kernels.norm`).
+    /// LayerNorm, composed whatever `kernels.norm` (8-06's parts run it fused).
     fn norm(&self, vb: VarBuilder, cfg: &LmConfig) -> Result<Box<dyn Layer>> {
         match cfg.norm {
             NormKind::LayerNorm => Ok(Box::new(LayerNorm::new(vb, cfg.d_model, cfg.norm_eps)?)),

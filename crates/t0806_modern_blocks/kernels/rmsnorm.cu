@@ -199,3 +199,143 @@ __device__ __forceinline__ void rmsnorm_dg_reduce(const float* __restrict__ part
 RMSNORM_KERNELS(float, f32, 4)
 RMSNORM_KERNELS(__nv_bfloat16, bf16, 8)
 RMSNORM_KERNELS(__half, f16, 8)
+
+// =============================================================================================
+// Fused LayerNorm (8-04's norm, fused here beside RMSNorm): the same one-warp-per-row layout,
+// one more reduction (the mean) and a bias.
+//
+//   y  = x̂ ⊙ g + b,               x̂ = (x − μ)·r,  r = 1 / sqrt(mean((x − μ)²) + eps)
+//   dx = r · (dy⊙g − mean(dy⊙g) − x̂ · mean(dy⊙g⊙x̂))
+//   dg = Σ_rows dy ⊙ x̂,           db = Σ_rows dy
+//
+// The backward's partial rows are 2d wide, [dg | db] (shared memory 2d floats, each half stored
+// transposed as above), summed by rmsnorm_dg_reduce over width 2d into the packed [dg | db] tail.
+// =============================================================================================
+
+// μ and r of one row (three passes would read the row three times; the row is in L1 after the
+// first): the two-pass mean and variance, as the composed LayerNorm computes them.
+template <typename T, int V>
+__device__ __forceinline__ void row_mean_rstd(const Pack<T, V>* xp, int packs, int lane, int d, float eps,
+                                              float& mean, float& r) {
+  float s = 0.f;
+  for (int p = lane; p < packs; p += 32) {
+    const Pack<T, V> a = xp[p];
+#pragma unroll
+    for (int i = 0; i < V; ++i) s += Cvt<T>::to_f(a.v[i]);
+  }
+  mean = warp_sum(s) / (float)d;
+  float ss = 0.f;
+  for (int p = lane; p < packs; p += 32) {
+    const Pack<T, V> a = xp[p];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float c = Cvt<T>::to_f(a.v[i]) - mean;
+      ss = fmaf(c, c, ss);
+    }
+  }
+  r = 1.0f / sqrtf(warp_sum(ss) / (float)d + eps);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void layernorm_fwd(const T* __restrict__ x, const T* __restrict__ g,
+                                              const T* __restrict__ b, T* __restrict__ y, int rows, int d,
+                                              float eps) {
+  typedef Pack<T, V> P;
+  const int warps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int packs = d / V;
+  const P* gp = reinterpret_cast<const P*>(g);
+  const P* bp = reinterpret_cast<const P*>(b);
+  for (int row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
+    const P* xp = reinterpret_cast<const P*>(x + (size_t)row * d);
+    P* yp = reinterpret_cast<P*>(y + (size_t)row * d);
+    float mean, r;
+    row_mean_rstd<T, V>(xp, packs, lane, d, eps, mean, r);
+    for (int p = lane; p < packs; p += 32) {
+      const P a = xp[p], w = gp[p], c = bp[p];
+      P out;
+#pragma unroll
+      for (int i = 0; i < V; ++i)
+        out.v[i] = Cvt<T>::from_f((Cvt<T>::to_f(a.v[i]) - mean) * r * Cvt<T>::to_f(w.v[i]) + Cvt<T>::to_f(c.v[i]));
+      yp[p] = out;
+    }
+  }
+}
+
+// Dynamic shared memory: 2d floats ([dg | db], each half transposed).
+template <typename T, int V>
+__device__ __forceinline__ void layernorm_bwd(const T* __restrict__ x, const T* __restrict__ g,
+                                              const T* __restrict__ dy, T* __restrict__ dx,
+                                              float* __restrict__ partial, int rows, int d, float eps) {
+  typedef Pack<T, V> P;
+  extern __shared__ float s_mem[];
+  float* dg_s = s_mem;
+  float* db_s = s_mem + d;
+  for (int j = threadIdx.x; j < 2 * d; j += blockDim.x) s_mem[j] = 0.f;
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int packs = d / V;
+  const P* gp = reinterpret_cast<const P*>(g);
+  for (int row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
+    const P* xp = reinterpret_cast<const P*>(x + (size_t)row * d);
+    const P* dyp = reinterpret_cast<const P*>(dy + (size_t)row * d);
+    P* dxp = reinterpret_cast<P*>(dx + (size_t)row * d);
+    float mean, r;
+    row_mean_rstd<T, V>(xp, packs, lane, d, eps, mean, r);
+    // Σ dy·g and Σ dy·g·x̂.
+    float sum_dg = 0.f, dot = 0.f;
+    for (int p = lane; p < packs; p += 32) {
+      const P a = xp[p], w = gp[p], e = dyp[p];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float eg = Cvt<T>::to_f(e.v[i]) * Cvt<T>::to_f(w.v[i]);
+        sum_dg += eg;
+        dot = fmaf(eg, (Cvt<T>::to_f(a.v[i]) - mean) * r, dot);
+      }
+    }
+    const float m1 = warp_sum(sum_dg) / (float)d;
+    const float m2 = warp_sum(dot) / (float)d;
+    for (int p = lane; p < packs; p += 32) {
+      const P a = xp[p], w = gp[p], e = dyp[p];
+      P out;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float xh = (Cvt<T>::to_f(a.v[i]) - mean) * r;
+        const float ef = Cvt<T>::to_f(e.v[i]);
+        out.v[i] = Cvt<T>::from_f(r * (ef * Cvt<T>::to_f(w.v[i]) - m1 - xh * m2));
+        atomicAdd(&dg_s[i * packs + p], ef * xh);
+        atomicAdd(&db_s[i * packs + p], ef);
+      }
+      dxp[p] = out;
+    }
+  }
+  __syncthreads();
+  float* mine = partial + (size_t)blockIdx.x * 2 * d;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    mine[j] = dg_s[(j % V) * packs + j / V];
+    mine[d + j] = db_s[(j % V) * packs + j / V];
+  }
+}
+
+#define LAYERNORM_KERNELS(T, NAME, V)                                                                     \
+  extern "C" __global__ void layernorm_fwd_##NAME##_v1(const T* x, const T* g, const T* b, T* y, int rows, \
+                                                       int d, float eps) {                                \
+    layernorm_fwd<T, 1>(x, g, b, y, rows, d, eps);                                                        \
+  }                                                                                                       \
+  extern "C" __global__ void layernorm_fwd_##NAME##_v##V(const T* x, const T* g, const T* b, T* y,        \
+                                                         int rows, int d, float eps) {                    \
+    layernorm_fwd<T, V>(x, g, b, y, rows, d, eps);                                                        \
+  }                                                                                                       \
+  extern "C" __global__ void layernorm_bwd_##NAME##_v1(const T* x, const T* g, const T* dy, T* dx,        \
+                                                       float* partial, int rows, int d, float eps) {      \
+    layernorm_bwd<T, 1>(x, g, dy, dx, partial, rows, d, eps);                                             \
+  }                                                                                                       \
+  extern "C" __global__ void layernorm_bwd_##NAME##_v##V(const T* x, const T* g, const T* dy, T* dx,      \
+                                                         float* partial, int rows, int d, float eps) {    \
+    layernorm_bwd<T, V>(x, g, dy, dx, partial, rows, d, eps);                                             \
+  }
+
+LAYERNORM_KERNELS(float, f32, 4)
+LAYERNORM_KERNELS(__nv_bfloat16, bf16, 8)
+LAYERNORM_KERNELS(__half, f16, 8)

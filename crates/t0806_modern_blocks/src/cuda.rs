@@ -1,5 +1,5 @@
-//! Launching `kernels/rmsnorm.cu` (compiled to PTX by `build.rs`) from the fused RMSNorm ops'
-//! `cuda_fwd`. Only built with the `cuda` feature.
+//! Launching `kernels/rmsnorm.cu` (compiled to PTX by `build.rs`) from the fused RMSNorm and
+//! LayerNorm ops' `cuda_fwd`. Only built with the `cuda` feature.
 //!
 //! - Forward: `rmsnorm_fwd_{f32,bf16,f16}_v{1,V}`, 8 warps (rows) per block of 256 threads,
 //!   one grid-stride sweep. The `_v4` (f32) / `_v8` (bf16, f16) variants move 16 bytes per lane
@@ -9,6 +9,9 @@
 //!   `rmsnorm_dg_reduce_*` sums the partial rows into the `dg` tail. The backward grid is one
 //!   wave: `#SMs × resident blocks per SM` (from the occupancy calculator), at most one block per
 //!   8 rows.
+//! - LayerNorm ([`NormKernel::Layer`]) runs `layernorm_*` with the same grid: its forward adds the
+//!   bias, its backward's partial rows are `[dg | db]` (2d floats) and the packed output
+//!   `[dx | dg | db]`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
@@ -22,6 +25,32 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rmsnorm.ptx"));
 const MODULE: &str = "t0806_rmsnorm";
 const THREADS: u32 = 256;
 const WARPS: usize = THREADS as usize / 32;
+
+/// Which fused norm a launch runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKernel {
+    /// `x·r ⊙ g` (`rmsnorm_*`): one parameter vector.
+    Rms,
+    /// `(x − μ)·r ⊙ g + b` (`layernorm_*`): gain and bias.
+    Layer,
+}
+
+impl NormKernel {
+    fn prefix(self) -> &'static str {
+        match self {
+            NormKernel::Rms => "rmsnorm",
+            NormKernel::Layer => "layernorm",
+        }
+    }
+
+    /// Parameter vectors of width `d` whose gradients the backward packs after `dx`.
+    fn n_params(self) -> usize {
+        match self {
+            NormKernel::Rms => 1,
+            NormKernel::Layer => 2,
+        }
+    }
+}
 
 /// Loads a kernel of our module (see `shared::cuda::load_kernel`).
 fn kernel(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction> {
@@ -63,18 +92,24 @@ fn check_sizes(rows: usize, d: usize) -> Result<()> {
     Ok(())
 }
 
-/// Forward: `y (rows, d)` in the input dtype.
+/// Forward: `y (rows, d)` in the input dtype; `bias` is LayerNorm's (and required by it).
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
+    norm: NormKernel,
     sx: &CudaStorage,
     lx: &Layout,
     sg: &CudaStorage,
     lg: &Layout,
+    bias: Option<(&CudaStorage, &Layout)>,
     rows: usize,
     d: usize,
     eps: f32,
 ) -> Result<CudaStorage> {
     check_sizes(rows, d)?;
-    if sx.dtype() != sg.dtype() {
+    if (norm == NormKernel::Layer) != bias.is_some() {
+        bail!("fused norm (cuda): LayerNorm takes a bias, RMSNorm none");
+    }
+    if sx.dtype() != sg.dtype() || bias.is_some_and(|(sb, _)| sb.dtype() != sx.dtype()) {
         bail!(
             "fused RMSNorm (cuda): x is {:?}, the gain {:?}",
             sx.dtype(),
@@ -83,17 +118,20 @@ pub fn forward(
     }
     macro_rules! run {
         ($t:ty, $_a:ty) => {
-            fwd::<$t>(sx, lx, sg, lg, rows, d, eps)
+            fwd::<$t>(norm, sx, lx, sg, lg, bias, rows, d, eps)
         };
     }
     shared::for_float_dtype!(sx.dtype(), "fused RMSNorm (cuda)", run, no_f64)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn fwd<T: CudaDType + DeviceRepr>(
+    norm: NormKernel,
     sx: &CudaStorage,
     lx: &Layout,
     sg: &CudaStorage,
     lg: &Layout,
+    bias: Option<(&CudaStorage, &Layout)>,
     rows: usize,
     d: usize,
     eps: f32,
@@ -101,14 +139,16 @@ fn fwd<T: CudaDType + DeviceRepr>(
     let dev = sx.device().clone();
     let (x, ox) = view::<T>(sx, lx, "x")?;
     let (g, og) = view::<T>(sg, lg, "gain")?;
+    let b = bias.map(|(sb, lb)| view::<T>(sb, lb, "bias")).transpose()?;
     let (name, v) = suffix(sx.dtype())?;
-    let v = vector_width(v, d, &[ox, og]);
+    let ob = b.as_ref().map_or(0, |(_, o)| *o);
+    let v = vector_width(v, d, &[ox, og, ob]);
     // SAFETY: every element of y is written (every row, every column).
     let mut y = unsafe { dev.alloc::<T>(rows * d)? };
     if rows == 0 {
         return Ok(CudaStorage::wrap_cuda_slice(y, dev));
     }
-    let func = kernel(&dev, &format!("rmsnorm_fwd_{name}_v{v}"), 0)?;
+    let func = kernel(&dev, &format!("{}_fwd_{name}_v{v}", norm.prefix()), 0)?;
     let cfg = LaunchConfig {
         grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -116,21 +156,22 @@ fn fwd<T: CudaDType + DeviceRepr>(
     };
     let (rows_i, d_i) = (rows as i32, d as i32);
     let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&func);
-    b.arg(&x)
-        .arg(&g)
-        .arg(&mut y)
-        .arg(&rows_i)
-        .arg(&d_i)
-        .arg(&eps);
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&x).arg(&g);
+    if let Some((bias, _)) = &b {
+        launch.arg(bias);
+    }
+    launch.arg(&mut y).arg(&rows_i).arg(&d_i).arg(&eps);
     // SAFETY: the arguments match the kernel's signature; y holds rows·d elements.
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { launch.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev))
 }
 
-/// Backward: the packed `[dx (rows·d) | dg (d)]` in the input dtype.
+/// Backward: the packed `[dx (rows·d) | dg (d)]` (RMSNorm) or `[dx | dg | db]` (LayerNorm) in
+/// the input dtype.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
+    norm: NormKernel,
     sx: &CudaStorage,
     lx: &Layout,
     sg: &CudaStorage,
@@ -152,7 +193,7 @@ pub fn backward(
     }
     macro_rules! run {
         ($t:ty, $_a:ty) => {
-            bwd::<$t>(sx, lx, sg, lg, sdy, ldy, rows, d, eps)
+            bwd::<$t>(norm, sx, lx, sg, lg, sdy, ldy, rows, d, eps)
         };
     }
     shared::for_float_dtype!(sx.dtype(), "fused RMSNorm backward (cuda)", run, no_f64)
@@ -160,6 +201,7 @@ pub fn backward(
 
 #[allow(clippy::too_many_arguments)]
 fn bwd<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+    norm: NormKernel,
     sx: &CudaStorage,
     lx: &Layout,
     sg: &CudaStorage,
@@ -177,14 +219,15 @@ fn bwd<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let (name, v) = suffix(sx.dtype())?;
     let v = vector_width(v, d, &[ox, og, ody]);
     let stream = dev.cuda_stream();
+    let pd = norm.n_params() * d; // width of the parameters' gradients, [dg] or [dg | db]
     if rows == 0 {
-        // No rows: dx is empty and dg = 0.
-        return Ok(CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<T>(d)?, dev));
+        // No rows: dx is empty and the parameters' gradients are 0.
+        return Ok(CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<T>(pd)?, dev));
     }
 
-    // 1. dx and per-block partial dg.
-    let smem = d * std::mem::size_of::<f32>();
-    let func = kernel(&dev, &format!("rmsnorm_bwd_{name}_v{v}"), smem)?;
+    // 1. dx and per-block partial parameter gradients.
+    let smem = pd * std::mem::size_of::<f32>();
+    let func = kernel(&dev, &format!("{}_bwd_{name}_v{v}", norm.prefix()), smem)?;
     let per_sm = func
         .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)
         .w()?;
@@ -196,10 +239,10 @@ fn bwd<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .w()? as usize;
     let blocks = rows.div_ceil(WARPS).min(sms * per_sm as usize).max(1);
-    // SAFETY: dx (every row) and dg (step 2) cover the whole packed buffer; every block writes
-    // its whole row of partial sums.
-    let mut packed = unsafe { dev.alloc::<T>(rows * d + d)? };
-    let mut partial = unsafe { dev.alloc::<f32>(blocks * d)? };
+    // SAFETY: dx (every row) and the parameter gradients (step 2) cover the whole packed buffer;
+    // every block writes its whole row of partial sums.
+    let mut packed = unsafe { dev.alloc::<T>(rows * d + pd)? };
+    let mut partial = unsafe { dev.alloc::<f32>(blocks * pd)? };
     {
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
@@ -221,19 +264,19 @@ fn bwd<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         unsafe { b.launch(cfg) }.w()?;
     }
 
-    // 2. dg = column sums of the partial rows.
+    // 2. dg (and db) = column sums of the partial rows.
     {
         let func = kernel(&dev, &format!("rmsnorm_dg_reduce_{name}"), 0)?;
         let cfg = LaunchConfig {
-            grid_dim: (d.div_ceil(32) as u32, 1, 1),
+            grid_dim: (pd.div_ceil(32) as u32, 1, 1),
             block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         };
-        let (parts_i, d_i) = (blocks as i32, d as i32);
+        let (parts_i, d_i) = (blocks as i32, pd as i32);
         let mut dg = packed.slice_mut(rows * d..);
         let mut b = stream.launch_builder(&func);
         b.arg(&partial).arg(&mut dg).arg(&parts_i).arg(&d_i);
-        // SAFETY: partial holds blocks·d floats, dg d elements.
+        // SAFETY: partial holds blocks·pd floats, dg pd elements.
         unsafe { b.launch(cfg) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(packed, dev))

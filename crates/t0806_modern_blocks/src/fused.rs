@@ -181,7 +181,7 @@ fn cpu_backward<T: Element, A: Real>(x: &[T], g: &[T], dy: &[T], d: usize, eps: 
 }
 
 /// `Σⱼ aⱼ·bⱼ·cⱼ` in eight partial sums (as [`shared::cpu::sum_by`]), three slices of one length.
-fn dot3<T: Element, A: Real>(a: &[T], b: &[T], c: &[T]) -> A {
+pub(crate) fn dot3<T: Element, A: Real>(a: &[T], b: &[T], c: &[T]) -> A {
     let mut lanes = [A::zero(); 8];
     let (mut ca, mut cb, mut cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
     for ((x, y), z) in (&mut ca).zip(&mut cb).zip(&mut cc) {
@@ -241,7 +241,17 @@ impl CustomOp2 for FusedRmsNorm {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, d) = rows_and_width(l1, l2)?;
-        let y = crate::cuda::forward(s1, l1, s2, l2, rows, d, self.eps as f32)?;
+        let y = crate::cuda::forward(
+            crate::cuda::NormKernel::Rms,
+            s1,
+            l1,
+            s2,
+            l2,
+            None,
+            rows,
+            d,
+            self.eps as f32,
+        )?;
         Ok((y, l1.shape().clone()))
     }
 
@@ -309,7 +319,18 @@ impl CustomOp3 for FusedRmsNormBackward {
                 l1.dims()
             );
         }
-        let packed = crate::cuda::backward(s1, l1, s2, l2, s3, l3, rows, d, self.eps as f32)?;
+        let packed = crate::cuda::backward(
+            crate::cuda::NormKernel::Rms,
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3,
+            rows,
+            d,
+            self.eps as f32,
+        )?;
         Ok((packed, Shape::from(rows * d + d)))
     }
 }

@@ -42,16 +42,20 @@
 //! The composed RMSNorm is half a dozen element-wise passes over memory; [`rms_norm_fused`] is
 //! one custom op (forward and backward), a CUDA kernel on the GPU (`kernels/rmsnorm.cu`, `cuda`
 //! feature) and a plain loop on the CPU. The SwiGLU gate ([`swiglu_fused`]) and naive
-//! attention's causal softmax ([`softmax_fused`]) are fused the same way. Which form runs is the
+//! attention's causal softmax ([`softmax_fused`]) are fused the same way, and so is 8-04's
+//! LayerNorm ([`layernorm_fused`]: one more reduction, the mean, and a bias), which this rung's
+//! parts give the GPT-2-style rung and 8-05's encoder–decoder. Which form runs is the
 //! run's [`Kernels`] (`norm`, `swiglu`, `softmax`), never the model's config: the math, the
 //! parameters and the checkpoints are the same.
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod fused;
+pub mod layernorm_fused;
 pub mod softmax_fused;
 pub mod swiglu_fused;
 pub use fused::{rms_norm_fused, rms_norm_fused_backward, FusedRmsNorm, FusedRmsNormBackward};
+pub use layernorm_fused::{layer_norm_fused, layer_norm_fused_backward, FusedLayerNormLayer};
 pub use softmax_fused::{causal_softmax_fused, FusedSoftmaxAttention};
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
@@ -60,7 +64,7 @@ use shared::kernels::{AttentionImpl, Kernels, OpImpl};
 use shared::params::{expect_last_dim, ones, weight};
 use std::sync::Arc;
 use t0802_multi_head_attention::AttentionKernel;
-use t0804_transformer_block::{FfnKind, Gpt2Parts, Layer, LmConfig, NormKind, Parts};
+use t0804_transformer_block::{FfnKind, Gpt2Parts, Layer, LayerNorm, LmConfig, NormKind, Parts};
 
 /// Root-mean-square normalisation: `x / √(mean(x²) + ε) ⊙ g`. Parameter: `weight` (g, ones).
 #[derive(Debug, Clone)]
@@ -202,7 +206,8 @@ pub fn fastest_kernels(device: &Device) -> Kernels {
     Kernels::for_device(device).with_attention(AttentionImpl::Naive)
 }
 
-/// Rung 1's parts: 8-04's, plus RMSNorm, SwiGLU and the fused causal softmax.
+/// Rung 1's parts: 8-04's, plus RMSNorm, SwiGLU, the fused causal softmax and the fused
+/// LayerNorm (for the rung below and 8-05's encoder–decoder when they run here).
 #[derive(Debug, Clone, Copy)]
 pub struct ModernParts {
     pub below: Gpt2Parts,
@@ -225,7 +230,12 @@ impl Parts for ModernParts {
             NormKind::RmsNorm => Ok(Box::new(
                 RmsNorm::new(vb, cfg.d_model, cfg.norm_eps)?.with_impl(self.kernels().norm),
             )),
-            _ => self.below.norm(vb, cfg),
+            NormKind::LayerNorm if self.kernels().norm == OpImpl::Fused => {
+                Ok(Box::new(FusedLayerNormLayer {
+                    norm: LayerNorm::new(vb, cfg.d_model, cfg.norm_eps)?,
+                }))
+            }
+            NormKind::LayerNorm => self.below.norm(vb, cfg),
         }
     }
 
