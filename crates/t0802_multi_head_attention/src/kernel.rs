@@ -14,8 +14,8 @@
 //! group and no K/V head is copied ([`fold_query_groups`]); with an explicit mask or a score bias
 //! it repeats the K/V heads instead ([`repeat_kv`]), which is simple and exact.
 
-use candle_core::{bail, Device, Result, Tensor};
-use t0801_self_attention::{attention_with_bias, causal_mask, Attention};
+use candle_core::{bail, DType, Device, Result, Tensor};
+use t0801_self_attention::{and_masks, attention_with_bias, causal_mask, Attention};
 
 /// What a kernel must hide.
 #[derive(Debug, Clone, Copy)]
@@ -25,9 +25,124 @@ pub enum AttnMask<'a> {
     /// The queries are the *last* `n_q` of the `n_k` positions and see only keys at or before
     /// their own position (end-aligned, so decoding with a cache needs no other mask).
     Causal,
-    /// A `u8` mask, 1 = may attend, broadcastable to `(batch, heads, n_q, n_k)` (padding masks,
-    /// causal-and-padding, hand-made patterns).
+    /// A `u8` mask, 1 = may attend, broadcastable to `(batch, heads, n_q, n_k)` (hand-made
+    /// patterns).
     Explicit(&'a Tensor),
+    /// Padding at the end of each sequence's keys (the batches of `shared::batching`), and
+    /// causal on top when `causal` is set: a kernel that knows the lengths skips the padding
+    /// (FlashAttention), the others get it as an explicit mask ([`AttnMask::lowered`]).
+    Padding { keys: &'a KeyPadding, causal: bool },
+}
+
+/// Key padding of a batch: sequence `b` has `lengths[b]` real keys of `n_keys`, then padding.
+/// Holds the lengths (host) and the `u8` mask `(batch, 1, 1, n_keys)` built from them.
+#[derive(Debug, Clone)]
+pub struct KeyPadding {
+    lengths: std::sync::Arc<[usize]>,
+    n_keys: usize,
+    mask: Tensor,
+}
+
+impl KeyPadding {
+    /// `lengths[b]` real keys (each in `1..=n_keys`: a sequence with no key has no attention).
+    pub fn new(lengths: &[usize], n_keys: usize, device: &Device) -> Result<Self> {
+        if lengths.is_empty() {
+            bail!("key padding: no sequences");
+        }
+        if let Some((b, &n)) = lengths
+            .iter()
+            .enumerate()
+            .find(|(_, &n)| n == 0 || n > n_keys)
+        {
+            bail!("key padding: sequence {b} has {n} real keys, not in 1..={n_keys}");
+        }
+        let data: Vec<u8> = lengths
+            .iter()
+            .flat_map(|&n| (0..n_keys).map(move |j| u8::from(j < n)))
+            .collect();
+        let mask = Tensor::from_vec(data, (lengths.len(), 1, 1, n_keys), device)?;
+        Ok(Self {
+            lengths: lengths.into(),
+            n_keys,
+            mask,
+        })
+    }
+
+    /// From a `(batch, n_keys)` mask, 1 = real token, whose ones come first in every row (read
+    /// back to the host); a mask with a hole is an error.
+    pub fn from_mask(key_mask: &Tensor) -> Result<Self> {
+        let (_, n_keys) = key_mask.dims2()?;
+        let rows = key_mask.to_dtype(DType::U8)?.to_vec2::<u8>()?;
+        let mut lengths = Vec::with_capacity(rows.len());
+        for (b, row) in rows.iter().enumerate() {
+            let n = row.iter().take_while(|&&m| m != 0).count();
+            if row[n..].iter().any(|&m| m != 0) {
+                bail!("key padding: the mask of sequence {b} has padding before a real token (padding must come last)");
+            }
+            lengths.push(n);
+        }
+        Self::new(&lengths, n_keys, key_mask.device())
+    }
+
+    /// Real keys of each sequence.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+
+    /// The lengths, shareable with an op that outlives this value.
+    pub fn shared_lengths(&self) -> std::sync::Arc<[usize]> {
+        self.lengths.clone()
+    }
+
+    /// Keys per sequence, padding included.
+    pub fn n_keys(&self) -> usize {
+        self.n_keys
+    }
+
+    /// `(batch, 1, 1, n_keys)` `u8`, 1 = real key.
+    pub fn mask(&self) -> &Tensor {
+        &self.mask
+    }
+
+    /// Whether no sequence has padding.
+    pub fn is_full(&self) -> bool {
+        self.lengths.iter().all(|&n| n == self.n_keys)
+    }
+}
+
+/// An [`AttnMask`] without its [`AttnMask::Padding`] form (see [`AttnMask::lowered`]).
+pub enum LoweredMask<'a> {
+    Borrowed(AttnMask<'a>),
+    Owned(Tensor),
+}
+
+impl LoweredMask<'_> {
+    pub fn get(&self) -> AttnMask<'_> {
+        match self {
+            LoweredMask::Borrowed(m) => *m,
+            LoweredMask::Owned(t) => AttnMask::Explicit(t),
+        }
+    }
+}
+
+impl<'a> AttnMask<'a> {
+    /// The same mask for kernels that take no lengths: padding of which nothing is padded
+    /// becomes `None` or `Causal`, other padding the explicit mask (causal ∧ key padding) for
+    /// `n_q` queries over the padding's keys.
+    pub fn lowered(self, n_q: usize) -> Result<LoweredMask<'a>> {
+        let AttnMask::Padding { keys, causal } = self else {
+            return Ok(LoweredMask::Borrowed(self));
+        };
+        Ok(match (keys.is_full(), causal) {
+            (true, false) => LoweredMask::Borrowed(AttnMask::None),
+            (true, true) => LoweredMask::Borrowed(AttnMask::Causal),
+            (false, false) => LoweredMask::Borrowed(AttnMask::Explicit(keys.mask())),
+            (false, true) => {
+                let causal = causal_mask(n_q, keys.n_keys(), keys.mask().device())?;
+                LoweredMask::Owned(and_masks(&causal, keys.mask())?) // (batch, 1, n_q, n_keys)
+            }
+        })
+    }
 }
 
 /// An attention kernel: `q (batch, n_heads, n_q, d)`, `k, v (batch, n_kv_heads, n_k, d)` with
@@ -61,6 +176,8 @@ impl NaiveAttention {
         mask: AttnMask<'_>,
         score_bias: Option<&Tensor>,
     ) -> Result<Attention> {
+        let lowered = mask.lowered(q.dim(2)?)?;
+        let mask = lowered.get();
         let g = group_size(q, k)?;
         let (k, v) = (repeat_kv(k, g)?, repeat_kv(v, g)?);
         let causal = match mask {
@@ -71,6 +188,7 @@ impl NaiveAttention {
             AttnMask::None => None,
             AttnMask::Causal => causal.as_ref(),
             AttnMask::Explicit(m) => Some(m),
+            AttnMask::Padding { .. } => bail!("naive attention: key padding left unlowered"),
         };
         attention_with_bias(q, &k, &v, score_bias, mask)
     }
@@ -89,6 +207,8 @@ impl AttentionKernel for NaiveAttention {
         mask: AttnMask<'_>,
         score_bias: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let lowered = mask.lowered(q.dim(2)?)?;
+        let mask = lowered.get();
         let g = group_size(q, k)?;
         let foldable = matches!(mask, AttnMask::None | AttnMask::Causal) && score_bias.is_none();
         if g == 1 || !foldable {

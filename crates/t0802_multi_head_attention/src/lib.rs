@@ -37,7 +37,7 @@ pub mod plugs;
 
 pub use kernel::{
     fold_query_groups, gemm_operand, group_size, grouped_causal_mask, repeat_kv, AttentionKernel,
-    AttnMask, NaiveAttention,
+    AttnMask, KeyPadding, LoweredMask, NaiveAttention,
 };
 pub use plugs::{CacheSlot, KvStore, PositionPlug};
 pub use t0801_self_attention::{and_masks, causal_mask, key_padding_mask};

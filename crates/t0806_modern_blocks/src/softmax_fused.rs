@@ -81,6 +81,8 @@ impl AttentionKernel for FusedSoftmaxAttention {
         mask: AttnMask<'_>,
         score_bias: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let lowered = mask.lowered(q.dim(2)?)?; // key padding: an explicit mask, or none
+        let mask = lowered.get();
         let causal = match (mask, score_bias) {
             (AttnMask::None, None) => false,
             (AttnMask::Causal, None) => true,

@@ -3,6 +3,9 @@
 // Layout: q (bh, n_q, d), k (bh, n_k, d), v (bh, n_k, d), o (bh, n_q, d), all contiguous;
 // lse (bh, n_q) f32 holds the natural-log row log-sum-exp L = ln sum_j exp(s_ij).
 // Causal masks are end-aligned: query i sees key j iff j <= i + (n_k - n_q).
+// Key padding: kv_len (bh,) int, or null. Head bh has kv_len[bh] real keys; keys from there on
+// are padding (seen by no query; loaded as zeros; their dK, dV written as 0). The causal offset
+// stays n_k - n_q. Every kernel takes it as its last argument.
 //
 // Three families of kernels:
 //   *_tc_{bf16,f16}_d{32,64,128}: tensor cores (mma.sync m16n8k16, fp32 accumulators), tiles in
@@ -148,7 +151,7 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int row0, int n_rows
 template <typename T, int D, int NW>
 __device__ __forceinline__ void fwd_tc(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
                                        T* __restrict__ O, float* __restrict__ LSE, int n_q, int n_k,
-                                       float scale_log2, int causal) {
+                                       float scale_log2, int causal, const int* __restrict__ kv_len) {
   constexpr int BR = 16 * NW, BC = 64, NT = 32 * NW;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
@@ -160,16 +163,17 @@ __device__ __forceinline__ void fwd_tc(const T* __restrict__ Q, const T* __restr
   const int bh = blockIdx.y;
   const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;  // longest causal blocks first
   const int offset = n_k - n_q;                       // causal: j <= i + offset (>= 0 then)
+  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;  // real keys: the rest is padding
   const T* Qh = Q + (size_t)bh * n_q * D;
   const T* Kh = K + (size_t)bh * n_k * D;
   const T* Vh = V + (size_t)bh * n_k * D;
 
   // Causal: keys past the last row's diagonal are never loaded (whole tiles skipped).
-  const int kv_end = causal ? min(n_k, q0 + BR + offset) : n_k;
+  const int kv_end = causal ? min(n_kr, q0 + BR + offset) : n_kr;
   const int n_tiles = (kv_end + BC - 1) / BC;
 
   load_tile<T, D, BR, NT>(sQ, Qh, q0, n_q, tid);
-  load_tile<T, D, BC, NT>(sK, Kh, 0, n_k, tid);
+  load_tile<T, D, BC, NT>(sK, Kh, 0, n_kr, tid);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -188,7 +192,7 @@ __device__ __forceinline__ void fwd_tc(const T* __restrict__ Q, const T* __restr
 
   for (int j = 0; j < n_tiles; ++j) {
     const int k0 = j * BC;
-    load_tile<T, D, BC, NT>(sV, Vh, k0, n_k, tid);
+    load_tile<T, D, BC, NT>(sV, Vh, k0, n_kr, tid);
     cp_async_commit();
 
     // S = Q K^T for this warp: 16 x 64
@@ -208,7 +212,7 @@ __device__ __forceinline__ void fwd_tc(const T* __restrict__ Q, const T* __restr
 
     // Mask keys past the end and above the diagonal (raw scores: the scale is applied below,
     // inside the exponent, as one FFMA per element).
-    const bool need_mask = (k0 + BC > n_k) || (causal && (k0 + BC - 1 > row_w0 + offset));
+    const bool need_mask = (k0 + BC > n_kr) || (causal && (k0 + BC - 1 > row_w0 + offset));
     if (need_mask) {
 #pragma unroll
       for (int n = 0; n < BC / 8; ++n) {
@@ -216,7 +220,7 @@ __device__ __forceinline__ void fwd_tc(const T* __restrict__ Q, const T* __restr
         for (int e = 0; e < 4; ++e) {
           const int col = k0 + n * 8 + 2 * t + (e & 1);
           const int row = row_w0 + g + ((e >> 1) << 3);
-          if (col >= n_k || (causal && col > row + offset)) s[n][e] = neg_inf();
+          if (col >= n_kr || (causal && col > row + offset)) s[n][e] = neg_inf();
         }
       }
     }
@@ -253,7 +257,7 @@ __device__ __forceinline__ void fwd_tc(const T* __restrict__ Q, const T* __restr
     cp_async_wait<0>();  // V_j has landed
     __syncthreads();     // ... for every thread; and every warp is done with sK
     if (j + 1 < n_tiles) {
-      load_tile<T, D, BC, NT>(sK, Kh, k0 + BC, n_k, tid);
+      load_tile<T, D, BC, NT>(sK, Kh, k0 + BC, n_kr, tid);
       cp_async_commit();
     }
 
@@ -317,8 +321,8 @@ __device__ __forceinline__ void fwd_tc(const T* __restrict__ Q, const T* __restr
 #define FWD_TC(NAME, T, D, NW)                                                                           \
   extern "C" __global__ void __launch_bounds__(32 * NW) NAME(const T* Q, const T* K, const T* V, T* O, \
                                                              float* LSE, int n_q, int n_k, int d,      \
-                                                             float scale_log2, int causal) {          \
-    fwd_tc<T, D, NW>(Q, K, V, O, LSE, n_q, n_k, scale_log2, causal);                                  \
+                                                             float scale_log2, int causal, const int* kv_len) {          \
+    fwd_tc<T, D, NW>(Q, K, V, O, LSE, n_q, n_k, scale_log2, causal, kv_len);                                  \
   }
 FWD_TC(flash_fwd_tc_bf16_d32, __nv_bfloat16, 32, 4)
 FWD_TC(flash_fwd_tc_bf16_d64, __nv_bfloat16, 64, 4)
@@ -339,7 +343,7 @@ __device__ __forceinline__ void bwd_tc(const T* __restrict__ Q, const T* __restr
                                        const T* __restrict__ dO, const float* __restrict__ LSE,
                                        const float* __restrict__ Dsum, float* __restrict__ dQacc, T* __restrict__ dK,
                                        T* __restrict__ dV, int n_q, int n_k, float scale, float scale_log2,
-                                       int causal) {
+                                       int causal, const int* __restrict__ kv_len) {
   constexpr int BC = 16 * NW, NT = 32 * NW;
   constexpr int SDS = BR + 8;  // padded row of the dS^T tile (conflict-free ldmatrix.trans)
   constexpr int MT = BR / 16;  // m16 tiles of the dQ block
@@ -360,6 +364,7 @@ __device__ __forceinline__ void bwd_tc(const T* __restrict__ Q, const T* __restr
   const int bh = blockIdx.y;
   const int k0 = blockIdx.x * BC;
   const int offset = n_k - n_q;
+  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;  // real keys: dK = dV = 0 beyond
   const T* Qh = Q + (size_t)bh * n_q * D;
   const T* Kh = K + (size_t)bh * n_k * D;
   const T* Vh = V + (size_t)bh * n_k * D;
@@ -384,8 +389,8 @@ __device__ __forceinline__ void bwd_tc(const T* __restrict__ Q, const T* __restr
     }
   };
 
-  load_tile<T, D, BC, NT>(sK, Kh, k0, n_k, tid);
-  load_tile<T, D, BC, NT>(sV, Vh, k0, n_k, tid);
+  load_tile<T, D, BC, NT>(sK, Kh, k0, n_kr, tid);
+  load_tile<T, D, BC, NT>(sV, Vh, k0, n_kr, tid);
   if (qb_first < n_qb) load_q_tile(qb_first);
   cp_async_commit();
   cp_async_wait<0>();
@@ -426,7 +431,7 @@ __device__ __forceinline__ void bwd_tc(const T* __restrict__ Q, const T* __restr
     }
 
     // P^T (recomputed from L) and dS^T = P^T (dP^T - D), masked where the pair does not exist.
-    const bool need_mask = (i0 + BR > n_q) || (k0 + BC > n_k) || (causal && (key_w0 + 15 > i0 + offset));
+    const bool need_mask = (i0 + BR > n_q) || (k0 + BC > n_kr) || (causal && (key_w0 + 15 > i0 + offset));
 #pragma unroll
     for (int n = 0; n < BR / 8; ++n) {
 #pragma unroll
@@ -436,7 +441,7 @@ __device__ __forceinline__ void bwd_tc(const T* __restrict__ Q, const T* __restr
         if (need_mask) {
           const int key = key_w0 + g + ((e >> 1) << 3);
           const int q = i0 + qi;
-          if (q >= n_q || key >= n_k || (causal && key > q + offset)) p = 0.f;
+          if (q >= n_q || key >= n_kr || (causal && key > q + offset)) p = 0.f;
         }
         st[n][e] = p;
         dpt[n][e] = p * (dpt[n][e] - sD[qi]);
@@ -532,8 +537,8 @@ __device__ __forceinline__ void bwd_tc(const T* __restrict__ Q, const T* __restr
 #define BWD_TC(NAME, T, D, BR, NW)                                                                          \
   extern "C" __global__ void __launch_bounds__(32 * NW) NAME(                                               \
       const T* Q, const T* K, const T* V, const T* dO, const float* LSE, const float* Dsum, float* dQacc, \
-      T* dK, T* dV, int n_q, int n_k, int d, float scale, float scale_log2, int causal) {                 \
-    bwd_tc<T, D, BR, NW>(Q, K, V, dO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale, scale_log2, causal);     \
+      T* dK, T* dV, int n_q, int n_k, int d, float scale, float scale_log2, int causal, const int* kv_len) {                 \
+    bwd_tc<T, D, BR, NW>(Q, K, V, dO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale, scale_log2, causal, kv_len);     \
   }
 BWD_TC(flash_bwd_tc_bf16_d32, __nv_bfloat16, 32, 64, 8)
 BWD_TC(flash_bwd_tc_bf16_d64, __nv_bfloat16, 64, 64, 8)
@@ -556,7 +561,7 @@ BWD_TC(flash_bwd_tc_f16_d128, __half, 128, 32, 8)
 template <typename T>
 __device__ __forceinline__ void fwd_simple(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
                                            T* __restrict__ O, float* __restrict__ LSE, int n_q, int n_k, int d,
-                                           float scale_log2, int causal) {
+                                           float scale_log2, int causal, const int* __restrict__ kv_len) {
   extern __shared__ __align__(128) unsigned char smem[];
   float* sQ = reinterpret_cast<float*>(smem);
   float* sK = sQ + S_BR * S_SP;
@@ -567,6 +572,7 @@ __device__ __forceinline__ void fwd_simple(const T* __restrict__ Q, const T* __r
   const int bh = blockIdx.y;
   const int q0 = (gridDim.x - 1 - blockIdx.x) * S_BR;
   const int offset = n_k - n_q;
+  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
   const int row = q0 + r;
   const T* Qh = Q + (size_t)bh * n_q * d;
   const T* Kh = K + (size_t)bh * n_k * d;
@@ -576,7 +582,7 @@ __device__ __forceinline__ void fwd_simple(const T* __restrict__ Q, const T* __r
     const int rr = idx / d, c = idx % d;
     sQ[rr * S_SP + c] = (q0 + rr < n_q) ? Ops<T>::to_f(Qh[(size_t)(q0 + rr) * d + c]) : 0.f;
   }
-  const int kv_end = causal ? min(n_k, q0 + S_BR + offset) : n_k;
+  const int kv_end = causal ? min(n_kr, q0 + S_BR + offset) : n_kr;
   const int n_tiles = (kv_end + S_BC - 1) / S_BC;
 
   float o[S_DMAX / 8];
@@ -589,7 +595,7 @@ __device__ __forceinline__ void fwd_simple(const T* __restrict__ Q, const T* __r
     __syncthreads();  // previous tile fully used (and sQ written, first time)
     for (int idx = tid; idx < S_BC * d; idx += S_NT) {
       const int kr = idx / d, c = idx % d;
-      const bool ok = k0 + kr < n_k;
+      const bool ok = k0 + kr < n_kr;
       sK[kr * S_SP + c] = ok ? Ops<T>::to_f(Kh[(size_t)(k0 + kr) * d + c]) : 0.f;
       sV[kr * S_SP + c] = ok ? Ops<T>::to_f(Vh[(size_t)(k0 + kr) * d + c]) : 0.f;
     }
@@ -602,7 +608,7 @@ __device__ __forceinline__ void fwd_simple(const T* __restrict__ Q, const T* __r
       const int kl = sub + 8 * u, key = k0 + kl;
       float acc = 0.f;
       for (int c = 0; c < d; ++c) acc = fmaf(sQ[r * S_SP + c], sK[kl * S_SP + c], acc);
-      const bool ok = key < n_k && !(causal && key > row + offset);
+      const bool ok = key < n_kr && !(causal && key > row + offset);
       s[u] = ok ? acc * scale_log2 : neg_inf();
       mx = fmaxf(mx, s[u]);
     }
@@ -652,7 +658,7 @@ __device__ __forceinline__ void bwd_simple(const T* __restrict__ Q, const T* __r
                                            const T* __restrict__ dO, const float* __restrict__ LSE,
                                            const float* __restrict__ Dsum, float* __restrict__ dQacc,
                                            T* __restrict__ dK, T* __restrict__ dV, int n_q, int n_k, int d,
-                                           float scale, float scale_log2, int causal) {
+                                           float scale, float scale_log2, int causal, const int* __restrict__ kv_len) {
   extern __shared__ __align__(128) unsigned char smem[];
   float* sK = reinterpret_cast<float*>(smem);
   float* sV = sK + S_BC * S_SP;
@@ -667,6 +673,7 @@ __device__ __forceinline__ void bwd_simple(const T* __restrict__ Q, const T* __r
   const int bh = blockIdx.y;
   const int k0 = blockIdx.x * S_BC;
   const int offset = n_k - n_q;
+  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
   const int key = k0 + jl;
   const T* Qh = Q + (size_t)bh * n_q * d;
   const T* Kh = K + (size_t)bh * n_k * d;
@@ -675,7 +682,7 @@ __device__ __forceinline__ void bwd_simple(const T* __restrict__ Q, const T* __r
 
   for (int idx = tid; idx < S_BC * d; idx += S_NT) {
     const int kr = idx / d, c = idx % d;
-    const bool ok = k0 + kr < n_k;
+    const bool ok = k0 + kr < n_kr;
     sK[kr * S_SP + c] = ok ? Ops<T>::to_f(Kh[(size_t)(k0 + kr) * d + c]) : 0.f;
     sV[kr * S_SP + c] = ok ? Ops<T>::to_f(Vh[(size_t)(k0 + kr) * d + c]) : 0.f;
   }
@@ -707,7 +714,7 @@ __device__ __forceinline__ void bwd_simple(const T* __restrict__ Q, const T* __r
         s = fmaf(sK[jl * S_SP + c], sQ[il * S_SP + c], s);
         dp = fmaf(sV[jl * S_SP + c], sdO[il * S_SP + c], dp);
       }
-      const bool ok = q < n_q && key < n_k && !(causal && key > q + offset);
+      const bool ok = q < n_q && key < n_kr && !(causal && key > q + offset);
       const float p = ok ? exp2f(s * scale_log2 - sL[il] * LOG2E_F) : 0.f;
       sP[jl * (S_BR + 1) + il] = p;
       sdS[jl * (S_BR + 1) + il] = p * (dp - sD[il]);
@@ -757,13 +764,13 @@ __device__ __forceinline__ void bwd_simple(const T* __restrict__ Q, const T* __r
 #define SIMPLE(SUFFIX, T)                                                                                   \
   extern "C" __global__ void __launch_bounds__(S_NT) flash_fwd_simple_##SUFFIX(                             \
       const T* Q, const T* K, const T* V, T* O, float* LSE, int n_q, int n_k, int d, float scale_log2,      \
-      int causal) {                                                                                         \
-    fwd_simple<T>(Q, K, V, O, LSE, n_q, n_k, d, scale_log2, causal);                                        \
+      int causal, const int* kv_len) {                                                                                         \
+    fwd_simple<T>(Q, K, V, O, LSE, n_q, n_k, d, scale_log2, causal, kv_len);                                        \
   }                                                                                                         \
   extern "C" __global__ void __launch_bounds__(S_NT) flash_bwd_simple_##SUFFIX(                             \
       const T* Q, const T* K, const T* V, const T* dO, const float* LSE, const float* Dsum, float* dQacc, \
-      T* dK, T* dV, int n_q, int n_k, int d, float scale, float scale_log2, int causal) {                 \
-    bwd_simple<T>(Q, K, V, dO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, d, scale, scale_log2, causal);          \
+      T* dK, T* dV, int n_q, int n_k, int d, float scale, float scale_log2, int causal, const int* kv_len) {                 \
+    bwd_simple<T>(Q, K, V, dO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, d, scale, scale_log2, causal, kv_len);          \
   }                                                                                                         \
   /* D_i = rowsum(dO * O), one warp per row. */                                                             \
   extern "C" __global__ void flash_bwd_dot_##SUFFIX(const T* dO, const T* O, float* Dsum, int rows, int d) { \
@@ -872,7 +879,7 @@ template <int D>
 __device__ __forceinline__ void fwd_tiled(const float* __restrict__ Q, const float* __restrict__ K,
                                           const float* __restrict__ V, float* __restrict__ O,
                                           float* __restrict__ LSE, int n_q, int n_k, float scale_log2,
-                                          int causal) {
+                                          int causal, const int* __restrict__ kv_len) {
   constexpr int SP = D + 4, PP = R_TILE + 4, C = D / 16;
   extern __shared__ __align__(128) unsigned char smem[];
   float* sQ = reinterpret_cast<float*>(smem);
@@ -884,12 +891,13 @@ __device__ __forceinline__ void fwd_tiled(const float* __restrict__ Q, const flo
   const int bh = blockIdx.y;
   const int q0 = (gridDim.x - 1 - blockIdx.x) * R_TILE;  // the longest causal rows first
   const int offset = n_k - n_q;
+  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
   const float* Qh = Q + (size_t)bh * n_q * D;
   const float* Kh = K + (size_t)bh * n_k * D;
   const float* Vh = V + (size_t)bh * n_k * D;
 
   load_tile<D>(sQ, Qh, q0, n_q);
-  const int kv_end = causal ? min(n_k, q0 + R_TILE + offset) : n_k;
+  const int kv_end = causal ? min(n_kr, q0 + R_TILE + offset) : n_kr;
   const int n_tiles = (kv_end + R_TILE - 1) / R_TILE;
 
   float o[4][C], m[4], l[4];
@@ -904,8 +912,8 @@ __device__ __forceinline__ void fwd_tiled(const float* __restrict__ Q, const flo
   for (int t = 0; t < n_tiles; ++t) {
     const int k0 = t * R_TILE;
     __syncthreads();  // the previous tile is used up (and sQ is written, the first time)
-    load_tile<D>(sK, Kh, k0, n_k);
-    load_tile<D>(sV, Vh, k0, n_k);
+    load_tile<D>(sK, Kh, k0, n_kr);
+    load_tile<D>(sV, Vh, k0, n_kr);
     __syncthreads();
 
     // S = Q·Kᵀ for rows 4ty+i, keys tx+16j
@@ -920,7 +928,7 @@ __device__ __forceinline__ void fwd_tiled(const float* __restrict__ Q, const flo
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int key = k0 + tx + 16 * j;
-        const bool ok = key < n_k && !(causal && key > row + offset);
+        const bool ok = key < n_kr && !(causal && key > row + offset);
         s[i][j] = ok ? s[i][j] * scale_log2 : neg_inf();
         mx = fmaxf(mx, s[i][j]);
       }
@@ -980,7 +988,7 @@ __device__ __forceinline__ void bwd_tiled(const float* __restrict__ Q, const flo
                                           const float* __restrict__ LSE, const float* __restrict__ Dsum,
                                           float* __restrict__ dQacc, float* __restrict__ dK,
                                           float* __restrict__ dV, int n_q, int n_k, float scale,
-                                          float scale_log2, int causal) {
+                                          float scale_log2, int causal, const int* __restrict__ kv_len) {
   constexpr int SP = D + 4, PP = R_TILE + 4, C = D / 16;
   extern __shared__ __align__(128) unsigned char smem[];
   float* sK = reinterpret_cast<float*>(smem);
@@ -996,10 +1004,11 @@ __device__ __forceinline__ void bwd_tiled(const float* __restrict__ Q, const flo
   const int bh = blockIdx.y;
   const int k0 = blockIdx.x * R_TILE;
   const int offset = n_k - n_q;
+  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
   const float* Qh = Q + (size_t)bh * n_q * D;
   const float* dOh = dO + (size_t)bh * n_q * D;
-  load_tile<D>(sK, K + (size_t)bh * n_k * D, k0, n_k);
-  load_tile<D>(sV, V + (size_t)bh * n_k * D, k0, n_k);
+  load_tile<D>(sK, K + (size_t)bh * n_k * D, k0, n_kr);
+  load_tile<D>(sV, V + (size_t)bh * n_k * D, k0, n_kr);
 
   float dk[4][C], dv[4][C];
 #pragma unroll
@@ -1029,7 +1038,7 @@ __device__ __forceinline__ void bwd_tiled(const float* __restrict__ Q, const flo
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int ql = tx + 16 * j, q = i0 + ql;
-        const bool ok = q < n_q && key < n_k && !(causal && key > q + offset);
+        const bool ok = q < n_q && key < n_kr && !(causal && key > q + offset);
         const float p = ok ? exp2f(s[i][j] * scale_log2 - sL[ql] * LOG2E_F) : 0.f;
         sP[(4 * ty + i) * PP + ql] = p;
         sdS[(4 * ty + i) * PP + ql] = p * (dp[i][j] - sD[ql]);
@@ -1109,14 +1118,14 @@ __device__ __forceinline__ void bwd_tiled(const float* __restrict__ Q, const flo
 #define TILED(D)                                                                                            \
   extern "C" __global__ void __launch_bounds__(R_NT) flash_fwd_tiled_f32_d##D(                              \
       const float* Q, const float* K, const float* V, float* O, float* LSE, int n_q, int n_k, int d,       \
-      float scale_log2, int causal) {                                                                       \
-    fwd_tiled<D>(Q, K, V, O, LSE, n_q, n_k, scale_log2, causal);                                            \
+      float scale_log2, int causal, const int* kv_len) {                                                                       \
+    fwd_tiled<D>(Q, K, V, O, LSE, n_q, n_k, scale_log2, causal, kv_len);                                            \
   }                                                                                                         \
   extern "C" __global__ void __launch_bounds__(R_NT, 2) flash_bwd_tiled_f32_d##D(                              \
       const float* Q, const float* K, const float* V, const float* dO, const float* LSE, const float* Dsum, \
       float* dQacc, float* dK, float* dV, int n_q, int n_k, int d, float scale, float scale_log2,          \
-      int causal) {                                                                                         \
-    bwd_tiled<D>(Q, K, V, dO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale, scale_log2, causal);              \
+      int causal, const int* kv_len) {                                                                                         \
+    bwd_tiled<D>(Q, K, V, dO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale, scale_log2, causal, kv_len);              \
   }
 TILED(32)
 TILED(64)

@@ -125,6 +125,8 @@ fn axpy<A: Acc>(y: &mut [A], a: A, x: &[A]) {
 }
 
 /// Forward of one head: `q (n_q, d)`, `k (n_k, d)`, `v (n_k, d_v)` → `o (n_q, d_v)`, `lse (n_q)`.
+/// Only the first `keys` keys are real (key padding: the rest are seen by no query); the causal
+/// diagonal stays end-aligned to all `n_k`.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_head<A: Acc>(
     q: &[A],
@@ -133,12 +135,11 @@ pub fn forward_head<A: Acc>(
     dims: Dims,
     scale: A,
     causal: bool,
+    keys: usize,
     o: &mut [A],
     lse: &mut [A],
 ) {
-    let Dims {
-        n_q, n_k, d, d_v, ..
-    } = dims;
+    let Dims { n_q, d, d_v, .. } = dims;
     let mut s = [A::ZERO; BLOCK_K]; // one row of one tile of scores
     let mut m = [A::NEG_INF; BLOCK_Q]; // running max per row
     let mut l = [A::ZERO; BLOCK_Q]; // running sum of exp per row
@@ -150,9 +151,9 @@ pub fn forward_head<A: Acc>(
         acc.fill(A::ZERO);
         // Causal: keys past the last row's diagonal are never visited (whole tiles skipped).
         let k_end = if causal {
-            (i0 + rows + dims.causal_offset()).min(n_k)
+            (i0 + rows + dims.causal_offset()).min(keys)
         } else {
-            n_k
+            keys
         };
         for j0 in (0..k_end).step_by(BLOCK_K) {
             let cols = BLOCK_K.min(k_end - j0);
@@ -197,7 +198,8 @@ pub fn forward_head<A: Acc>(
     }
 }
 
-/// Forward of all `bh` heads in parallel: returns `(O (bh·n_q·d_v), L (bh·n_q))`.
+/// Forward of all `bh` heads in parallel: returns `(O (bh·n_q·d_v), L (bh·n_q))`. Head `h` has
+/// `key_lengths[h]` real keys (all `n_k` without lengths).
 pub fn forward<A: Acc>(
     q: &[A],
     k: &[A],
@@ -205,6 +207,7 @@ pub fn forward<A: Acc>(
     dims: Dims,
     scale: A,
     causal: bool,
+    key_lengths: Option<&[usize]>,
 ) -> (Vec<A>, Vec<A>) {
     let Dims {
         bh,
@@ -228,6 +231,7 @@ pub fn forward<A: Acc>(
                 dims,
                 scale,
                 causal,
+                key_lengths.map_or(n_k, |l| l[h].min(n_k)),
                 o_h,
                 lse_h,
             );
@@ -243,7 +247,8 @@ pub struct HeadGrads<'a, A> {
 }
 
 /// Backward of one head (FlashAttention-2 order: key blocks outside, queries inside), given the
-/// forward's output `o`, its row log-sum-exp `lse` and the output gradient `d_o`.
+/// forward's output `o`, its row log-sum-exp `lse` and the output gradient `d_o`; keys from
+/// `keys` on are padding (their `dK`, `dV` stay 0).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_head<A: Acc>(
     q: &[A],
@@ -255,6 +260,7 @@ pub fn backward_head<A: Acc>(
     dims: Dims,
     scale: A,
     causal: bool,
+    keys: usize,
     g: HeadGrads<'_, A>,
 ) {
     let Dims {
@@ -268,8 +274,8 @@ pub fn backward_head<A: Acc>(
     dq.fill(A::ZERO);
     dk.fill(A::ZERO);
     dv.fill(A::ZERO);
-    for j0 in (0..n_k).step_by(BLOCK_K) {
-        let cols = BLOCK_K.min(n_k - j0);
+    for j0 in (0..keys.min(n_k)).step_by(BLOCK_K) {
+        let cols = BLOCK_K.min(keys.min(n_k) - j0);
         // Causal: the first query that sees key j0 has i + offset ≥ j0; earlier ones are skipped.
         let i_start = if causal {
             j0.saturating_sub(dims.causal_offset())
@@ -305,6 +311,7 @@ pub fn backward<A: Acc>(
     dims: Dims,
     scale: A,
     causal: bool,
+    key_lengths: Option<&[usize]>,
 ) -> (Vec<A>, Vec<A>, Vec<A>) {
     let Dims {
         bh,
@@ -332,6 +339,7 @@ pub fn backward<A: Acc>(
                 dims,
                 scale,
                 causal,
+                key_lengths.map_or(n_k, |l| l[h].min(n_k)),
                 HeadGrads { dq, dk, dv },
             );
         });

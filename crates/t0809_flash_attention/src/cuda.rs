@@ -122,44 +122,65 @@ fn family(
     crate::cuda_kernel_family(dtype, dims.d, offsets, kernels)
 }
 
+/// `q`, `k`, `v`: storage and layout of each.
+pub type Qkv<'a> = [(&'a CudaStorage, &'a Layout); 3];
+
+/// The masking of one call: causal or not, and the real keys of each `(batch, head)` (key
+/// padding), `None` when every key is real.
+pub type Masking<'a> = (bool, Option<&'a [usize]>);
+
+/// The per-`(batch, head)` key lengths on the device (`int`), or `None`.
+fn device_lengths(dev: &CudaDevice, lengths: Option<&[usize]>) -> Result<Option<CudaSlice<i32>>> {
+    let Some(lengths) = lengths else {
+        return Ok(None);
+    };
+    let host: Vec<i32> = lengths
+        .iter()
+        .map(|&n| n.min(i32::MAX as usize) as i32)
+        .collect();
+    Ok(Some(dev.cuda_stream().clone_htod(&host).w()?))
+}
+
+/// Pushes the kernels' last argument, `const int* kv_len`: the lengths, or a null pointer.
+fn push_lengths<'a>(
+    b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>,
+    lengths: &'a Option<CudaSlice<i32>>,
+    null: &'a u64,
+) {
+    match lengths {
+        Some(l) => b.arg(l),
+        None => b.arg(null),
+    };
+}
+
 /// Forward: returns `(O, L)` storages, `O (bh, n_q, d)` in the input dtype, `L (bh, n_q)` f32.
-#[allow(clippy::too_many_arguments)]
 pub fn forward(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
+    qkv: Qkv<'_>,
     dims: Dims,
     scale: f32,
-    causal: bool,
+    masking: Masking<'_>,
     kernels: FlashKernels,
 ) -> Result<(CudaStorage, CudaStorage)> {
     check_dims(dims)?;
-    match s1.dtype() {
-        DType::F32 => fwd::<f32>(s1, l1, s2, l2, s3, l3, dims, scale, causal, kernels, "f32"),
-        DType::BF16 => fwd::<bf16>(s1, l1, s2, l2, s3, l3, dims, scale, causal, kernels, "bf16"),
-        DType::F16 => fwd::<f16>(s1, l1, s2, l2, s3, l3, dims, scale, causal, kernels, "f16"),
+    match qkv[0].0.dtype() {
+        DType::F32 => fwd::<f32>(qkv, dims, scale, masking, kernels, "f32"),
+        DType::BF16 => fwd::<bf16>(qkv, dims, scale, masking, kernels, "bf16"),
+        DType::F16 => fwd::<f16>(qkv, dims, scale, masking, kernels, "f16"),
         dt => bail!("flash attention (cuda): dtype {dt:?} not supported (f32, f16, bf16)"),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn fwd<T: CudaDType + DeviceRepr>(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
+    [(s1, l1), (s2, l2), (s3, l3)]: Qkv<'_>,
     dims: Dims,
     scale: f32,
-    causal: bool,
+    (causal, lengths): Masking<'_>,
     kernels: FlashKernels,
     suffix: &str,
 ) -> Result<(CudaStorage, CudaStorage)> {
     let dev = s1.device().clone();
+    let kv_len = device_lengths(&dev, lengths)?;
+    let null = 0u64;
     let (q, oq) = view::<T>(s1, l1, "q")?;
     let (k, ok) = view::<T>(s2, l2, "k")?;
     let (v, ov) = view::<T>(s3, l3, "v")?;
@@ -209,7 +230,9 @@ fn fwd<T: CudaDType + DeviceRepr>(
         .arg(&d_i)
         .arg(&scale_log2)
         .arg(&causal_i);
-    // SAFETY: argument list matches the kernel signature; buffers are sized above.
+    push_lengths(&mut b, &kv_len, &null);
+    // SAFETY: argument list matches the kernel signature; buffers are sized above; kv_len holds
+    // bh entries.
     unsafe { b.launch(cfg) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(o, dev.clone()),
@@ -232,14 +255,14 @@ pub fn backward(
     inp: BwdInputs<'_>,
     dims: Dims,
     scale: f32,
-    causal: bool,
+    masking: Masking<'_>,
     kernels: FlashKernels,
 ) -> Result<CudaStorage> {
     check_dims(dims)?;
     match inp.q.0.dtype() {
-        DType::F32 => bwd::<f32>(inp, dims, scale, causal, kernels, "f32"),
-        DType::BF16 => bwd::<bf16>(inp, dims, scale, causal, kernels, "bf16"),
-        DType::F16 => bwd::<f16>(inp, dims, scale, causal, kernels, "f16"),
+        DType::F32 => bwd::<f32>(inp, dims, scale, masking, kernels, "f32"),
+        DType::BF16 => bwd::<bf16>(inp, dims, scale, masking, kernels, "bf16"),
+        DType::F16 => bwd::<f16>(inp, dims, scale, masking, kernels, "f16"),
         dt => bail!("flash attention backward (cuda): dtype {dt:?} not supported (f32, f16, bf16)"),
     }
 }
@@ -302,11 +325,13 @@ fn bwd<T: CudaDType + DeviceRepr>(
     inp: BwdInputs<'_>,
     dims: Dims,
     scale: f32,
-    causal: bool,
+    (causal, lengths): Masking<'_>,
     kernels: FlashKernels,
     suffix: &str,
 ) -> Result<CudaStorage> {
     let dev = inp.q.0.device().clone();
+    let kv_len = device_lengths(&dev, lengths)?;
+    let null = 0u64;
     let (q, oq) = view::<T>(inp.q.0, inp.q.1, "q")?;
     let (k, ok) = view::<T>(inp.k.0, inp.k.1, "k")?;
     let (v, ov) = view::<T>(inp.v.0, inp.v.1, "v")?;
@@ -355,6 +380,7 @@ fn bwd<T: CudaDType + DeviceRepr>(
             .arg(&scale)
             .arg(&scale_log2)
             .arg(&causal_i);
+        push_lengths(&mut b, &kv_len, &null);
         unsafe { b.launch(cfg) }.w()?;
     }
 

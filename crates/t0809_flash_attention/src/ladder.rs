@@ -2,7 +2,7 @@
 //! attention component's kernel. Same config, same parameters, same values: only how attention
 //! runs changes (and the `(n_q, n_k)` score matrix never exists).
 
-use crate::{default_softmax_scale, flash_attention_with};
+use crate::{default_softmax_scale, flash_attention_padded, flash_attention_with};
 use candle_core::{bail, Device, Result, Tensor};
 use shared::kernels::{AttentionImpl, FlashKernels, Kernels};
 use std::sync::Arc;
@@ -11,8 +11,9 @@ use t0804_transformer_block::{LmConfig, Parts};
 use t0808_rope::RopeParts;
 
 /// FlashAttention as 8-02's attention kernel. Grouped K/V heads are repeated to one per query
-/// head (the op takes equal head counts); explicit masks and score biases have no flash form and
-/// are refused with an error that says so.
+/// head (the op takes equal head counts); key padding (8-05's batches) runs as per-sequence key
+/// lengths, causal or not; explicit masks and score biases have no flash form and are refused
+/// with an error that says so.
 #[derive(Debug, Clone, Copy)]
 pub struct FlashAttentionKernel {
     pub kernels: FlashKernels,
@@ -34,17 +35,24 @@ impl AttentionKernel for FlashAttentionKernel {
         if score_bias.is_some() {
             bail!("FlashAttention takes no score bias (relative positions): use naive attention");
         }
-        let causal = match mask {
-            AttnMask::None => false,
-            AttnMask::Causal => true,
+        let (causal, padding) = match mask {
+            AttnMask::None => (false, None),
+            AttnMask::Causal => (true, None),
+            AttnMask::Padding { keys, causal } if keys.is_full() => (causal, None),
+            AttnMask::Padding { keys, causal } => (causal, Some(keys)),
             AttnMask::Explicit(_) => {
-                bail!("FlashAttention supports no mask or the causal mask, not an explicit mask: use naive attention")
+                bail!("FlashAttention takes no mask, the causal mask or key padding, not an explicit mask: use naive attention")
             }
         };
         let g = t0802_multi_head_attention::group_size(q, k)?;
         let (k, v) = (repeat_kv(k, g)?, repeat_kv(v, g)?);
         let scale = default_softmax_scale(q.dim(3)?);
-        flash_attention_with(q, &k, &v, scale, causal, self.kernels)
+        match padding {
+            None => flash_attention_with(q, &k, &v, scale, causal, self.kernels),
+            Some(keys) => {
+                flash_attention_padded(q, &k, &v, scale, causal, self.kernels, keys.lengths())
+            }
+        }
     }
 }
 

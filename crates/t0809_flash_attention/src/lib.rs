@@ -137,6 +137,38 @@ pub fn flash_attention_with(
     Ok(run_flash(q, k, v, FlashAttention::new(softmax_scale, causal, kernels))?.0)
 }
 
+/// [`flash_attention_with`] over padded keys: sequence `b` has `key_lengths[b]` real keys (each
+/// in `1..=n_k`), then padding that no query sees and whose `dK`, `dV` are zero. The causal
+/// diagonal stays end-aligned to all `n_k` keys (for a decoder's self-attention over a padded
+/// target, `n_q = n_k`: query `i` sees keys `0..=min(i, len − 1)`).
+pub fn flash_attention_padded(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f64,
+    causal: bool,
+    kernels: FlashKernels,
+    key_lengths: &[usize],
+) -> Result<Tensor> {
+    let (b, n_k) = (q.dim(0)?, k.dim(2)?);
+    if key_lengths.len() != b {
+        bail!(
+            "flash_attention_padded: {} key lengths for a batch of {b}",
+            key_lengths.len()
+        );
+    }
+    if let Some((i, &n)) = key_lengths
+        .iter()
+        .enumerate()
+        .find(|(_, &n)| n == 0 || n > n_k)
+    {
+        bail!("flash_attention_padded: sequence {i} has {n} real keys, not in 1..={n_k}");
+    }
+    let op = FlashAttention::new(softmax_scale, causal, kernels)
+        .with_key_lengths(Some(key_lengths.into()));
+    Ok(run_flash(q, k, v, op)?.0)
+}
+
 /// [`flash_attention`] that also returns the row log-sum-exp `L (batch, heads, n_q)`
 /// (`L = ln Σⱼ exp(sᵢⱼ)` over the keys query `i` may attend, in f32, f64 for f64 inputs).
 /// `L` is detached: gradients flow through the output only.

@@ -46,6 +46,8 @@ pub struct FlashAttention {
     pub causal: bool,
     /// Which CUDA kernels run ([`crate::cuda_kernel_family`]).
     pub kernels: FlashKernels,
+    /// Key padding: `key_lengths[b]` real keys in sequence `b` (all `n_k` when `None`).
+    pub key_lengths: Option<Arc<[usize]>>,
     lse: LseSlot,
 }
 
@@ -55,7 +57,16 @@ impl FlashAttention {
             softmax_scale,
             causal,
             kernels,
+            key_lengths: None,
             lse: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The same op with key padding: `lengths[b]` real keys in sequence `b`.
+    pub fn with_key_lengths(self, lengths: Option<Arc<[usize]>>) -> Self {
+        Self {
+            key_lengths: lengths,
+            ..self
         }
     }
 
@@ -102,6 +113,30 @@ pub(crate) fn problem_dims(l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usi
     ))
 }
 
+/// Per-`(batch, head)` key lengths from per-batch ones: head `h` of sequence `b` has
+/// `lengths[b]` real keys.
+pub(crate) fn per_head(
+    lengths: Option<&[usize]>,
+    b: usize,
+    h: usize,
+) -> Result<Option<Vec<usize>>> {
+    let Some(lengths) = lengths else {
+        return Ok(None);
+    };
+    if lengths.len() != b {
+        bail!(
+            "flash attention op: {} key lengths for a batch of {b}",
+            lengths.len()
+        );
+    }
+    Ok(Some(
+        lengths
+            .iter()
+            .flat_map(|&n| std::iter::repeat_n(n, h))
+            .collect(),
+    ))
+}
+
 /// The contiguous elements of `layout` in `data`.
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
@@ -136,14 +171,23 @@ impl CustomOp3 for FlashAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, h, dims) = problem_dims(l1, l2, l3)?;
+        let lengths = per_head(self.key_lengths.as_deref(), b, h)?;
+        let lengths = lengths.as_deref();
         // f32/f64 run in place; f16/bf16 are widened to f32 and the output narrowed back.
         macro_rules! run {
             ($t:ty) => {{
                 let q = contiguous(s1.as_slice::<$t>()?, l1)?;
                 let k = contiguous(s2.as_slice::<$t>()?, l2)?;
                 let v = contiguous(s3.as_slice::<$t>()?, l3)?;
-                let (o, lse) =
-                    cpu::forward::<$t>(q, k, v, dims, self.softmax_scale as $t, self.causal);
+                let (o, lse) = cpu::forward::<$t>(
+                    q,
+                    k,
+                    v,
+                    dims,
+                    self.softmax_scale as $t,
+                    self.causal,
+                    lengths,
+                );
                 (
                     <$t>::to_cpu_storage_owned(o),
                     <$t>::to_cpu_storage_owned(lse),
@@ -153,8 +197,15 @@ impl CustomOp3 for FlashAttention {
                 let q = widen::<$t, $a>(contiguous(s1.as_slice::<$t>()?, l1)?);
                 let k = widen::<$t, $a>(contiguous(s2.as_slice::<$t>()?, l2)?);
                 let v = widen::<$t, $a>(contiguous(s3.as_slice::<$t>()?, l3)?);
-                let (o, lse) =
-                    cpu::forward::<$a>(&q, &k, &v, dims, self.softmax_scale as $a, self.causal);
+                let (o, lse) = cpu::forward::<$a>(
+                    &q,
+                    &k,
+                    &v,
+                    dims,
+                    self.softmax_scale as $a,
+                    self.causal,
+                    lengths,
+                );
                 (
                     <$t>::to_cpu_storage_owned(narrow_to::<$t, $a>(&o)),
                     <$a>::to_cpu_storage_owned(lse),
@@ -183,16 +234,12 @@ impl CustomOp3 for FlashAttention {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, h, dims) = problem_dims(l1, l2, l3)?;
+        let lengths = per_head(self.key_lengths.as_deref(), b, h)?;
         let (o, lse) = crate::cuda::forward(
-            s1,
-            l1,
-            s2,
-            l2,
-            s3,
-            l3,
+            [(s1, l1), (s2, l2), (s3, l3)],
             dims,
             self.softmax_scale as f32,
-            self.causal,
+            (self.causal, lengths.as_deref()),
             self.kernels,
         )?;
         self.save_lse(Storage::Cuda(lse), b, h, dims.n_q);
@@ -212,7 +259,8 @@ impl CustomOp3 for FlashAttention {
             Some(lse) => lse,
             None => {
                 // Not expected (the forward always saves L); recompute it with a second forward.
-                let op = FlashAttention::new(self.softmax_scale, self.causal, self.kernels);
+                let op = FlashAttention::new(self.softmax_scale, self.causal, self.kernels)
+                    .with_key_lengths(self.key_lengths.clone());
                 let slot = op.lse_slot();
                 q.apply_op3_no_bwd(k, v, &op)?;
                 let lse = slot.lock().expect("lse slot").clone();
@@ -227,6 +275,7 @@ impl CustomOp3 for FlashAttention {
             self.softmax_scale,
             self.causal,
             self.kernels,
+            self.key_lengths.clone(),
         )?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
@@ -247,16 +296,17 @@ pub fn flash_attention_backward(
     causal: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let inputs = [q, k, v, o, d_o, lse];
-    backward_with_kernels(inputs, softmax_scale, causal, FlashKernels::Auto)
+    backward_with_kernels(inputs, softmax_scale, causal, FlashKernels::Auto, None)
 }
 
 /// [`flash_attention_backward`] of `[q, k, v, o, d_o, lse]` with the CUDA kernels chosen by
-/// `kernels`.
+/// `kernels` and the forward's key padding.
 fn backward_with_kernels(
     [q, k, v, o, d_o, lse]: [&Tensor; 6],
     softmax_scale: f64,
     causal: bool,
     kernels: FlashKernels,
+    key_lengths: Option<Arc<[usize]>>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, h, n_q, d) = q.dims4()?;
     let (n_k, d_v) = (k.dim(2)?, v.dim(3)?);
@@ -287,6 +337,7 @@ fn backward_with_kernels(
         softmax_scale,
         causal,
         kernels,
+        key_lengths,
         o: o.contiguous()?,
         d_o: d_o.contiguous()?,
         lse: lse.contiguous()?,
@@ -308,6 +359,8 @@ pub struct FlashAttentionBackward {
     pub softmax_scale: f64,
     pub causal: bool,
     pub kernels: FlashKernels,
+    /// The forward's key padding (see [`FlashAttention::key_lengths`]).
+    pub key_lengths: Option<Arc<[usize]>>,
     pub o: Tensor,
     pub d_o: Tensor,
     pub lse: Tensor,
@@ -327,7 +380,9 @@ impl CustomOp3 for FlashAttentionBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, _, dims) = problem_dims(l1, l2, l3)?;
+        let (b, h, dims) = problem_dims(l1, l2, l3)?;
+        let lengths = per_head(self.key_lengths.as_deref(), b, h)?;
+        let lengths = lengths.as_deref();
         let (o_guard, o_layout) = self.o.storage_and_layout();
         let (do_guard, do_layout) = self.d_o.storage_and_layout();
         let (lse_guard, lse_layout) = self.lse.storage_and_layout();
@@ -354,6 +409,7 @@ impl CustomOp3 for FlashAttentionBackward {
                     dims,
                     self.softmax_scale as $t,
                     self.causal,
+                    lengths,
                 );
                 <$t>::to_cpu_storage_owned([dq, dk, dv].concat())
             }};
@@ -374,6 +430,7 @@ impl CustomOp3 for FlashAttentionBackward {
                     dims,
                     self.softmax_scale as $a,
                     self.causal,
+                    lengths,
                 );
                 let mut packed: Vec<$t> = Vec::with_capacity(dq.len() + dk.len() + dv.len());
                 for g in [&dq, &dk, &dv] {
@@ -403,7 +460,8 @@ impl CustomOp3 for FlashAttentionBackward {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (_, _, dims) = problem_dims(l1, l2, l3)?;
+        let (b, h, dims) = problem_dims(l1, l2, l3)?;
+        let lengths = per_head(self.key_lengths.as_deref(), b, h)?;
         let (o_guard, o_layout) = self.o.storage_and_layout();
         let (do_guard, do_layout) = self.d_o.storage_and_layout();
         let (lse_guard, lse_layout) = self.lse.storage_and_layout();
@@ -423,7 +481,7 @@ impl CustomOp3 for FlashAttentionBackward {
             },
             dims,
             self.softmax_scale as f32,
-            self.causal,
+            (self.causal, lengths.as_deref()),
             self.kernels,
         )?;
         Ok((packed, Shape::from(packed_len(dims))))

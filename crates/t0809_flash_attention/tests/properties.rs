@@ -1,7 +1,8 @@
 //! Randomized equivalence tests (seeded, bounded): FlashAttention forward and backward against
 //! the float64 naive path over random shapes, dtypes, causal flags and inputs that start at
 //! non-zero element offsets of a larger buffer; FlashAttention as 8-02's attention kernel against
-//! the naive kernel with random grouped K/V heads.
+//! the naive kernel with random grouped K/V heads; padded keys (random lengths per sequence,
+//! causal or not) against 8-02's naive kernel with the padding mask, padded keys' gradients zero.
 //!
 //! On the CPU (the default) the dtypes are f32 and f64. With `MODULE08_TEST_DEVICE=cuda` the same
 //! tests run on the GPU with f32, bf16 and f16, the kernel choice `Auto` or `Simple`, and head
@@ -15,6 +16,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use common::*;
 use shared::device::test_device;
 use std::collections::BTreeSet;
+use t0802_multi_head_attention::{AttentionKernel, AttnMask, KeyPadding, NaiveAttention};
 use t0809_flash_attention::*;
 
 /// Cases per property on the CPU (dev profile, 2 cores: each file well under 30 s).
@@ -550,5 +552,151 @@ fn flash_kernel_in_multi_head_attention_matches_naive_kernel_with_grouped_heads(
         assert!(e <= 1e-12, "{who}: naive kernel vs inspection path {e:e}");
     }
     assert!(grouped > 0, "no case with fewer K/V heads than query heads");
+    Ok(())
+}
+
+/// `(O, [dQ, dK, dV])` of `loss = Σ O ⊙ dO` for an attention function of `(q, k, v)`.
+fn grads_of(
+    f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    [q, k, v]: [&Tensor; 3],
+    d_o: &Tensor,
+) -> Result<(Tensor, [Tensor; 3])> {
+    let vars = [
+        Var::from_tensor(q)?,
+        Var::from_tensor(k)?,
+        Var::from_tensor(v)?,
+    ];
+    let o = f(
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+    )?;
+    let g = (&o * d_o)?.sum_all()?.backward()?;
+    let get = |x: &Var| {
+        g.get(x.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))
+    };
+    Ok((o, [get(&vars[0])?, get(&vars[1])?, get(&vars[2])?]))
+}
+
+/// 8-02's naive kernel with key padding (lowered to the explicit mask, causal ∧ padding).
+fn naive_padded(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    keys: &KeyPadding,
+    causal: bool,
+) -> Result<Tensor> {
+    NaiveAttention.attend(q, k, v, AttnMask::Padding { keys, causal }, None)
+}
+
+#[test]
+fn padded_keys_match_float64_naive_with_the_padding_mask() -> Result<()> {
+    let dev = test_device();
+    let on_gpu = dev.is_cuda();
+    let mut rng = Rng::new(0x0809_0005);
+    let cases = if on_gpu { GPU_CASES } else { CPU_CASES / 2 };
+    let (mut families, mut padded) = (BTreeSet::new(), 0);
+    for _ in 0..cases {
+        let c = Case {
+            offsets: [0; 3],
+            ..Case::draw(&mut rng, on_gpu)
+        };
+        let Case {
+            b,
+            h,
+            n_q,
+            n_k,
+            d,
+            causal,
+            dtype,
+            ..
+        } = c;
+        let lengths: Vec<usize> = (0..b).map(|_| 1 + rng.below(n_k)).collect();
+        padded += lengths.iter().any(|&n| n < n_k) as usize;
+        let who = format!("{c:?} lengths {lengths:?}");
+        let draw = |rng: &mut Rng, n: usize| -> Result<Tensor> {
+            rng.tensor(&[b, h, n, d], 1.0)?
+                .to_dtype(dtype)?
+                .to_device(&dev)
+        };
+        let (q, k, v, d_o) = (
+            draw(&mut rng, n_q)?,
+            draw(&mut rng, n_k)?,
+            draw(&mut rng, n_k)?,
+            draw(&mut rng, n_q)?,
+        );
+        let scale = default_softmax_scale(d); // the attention kernels' scale
+        let flash = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            flash_attention_padded(q, k, v, scale, causal, c.kernels, &lengths)
+        };
+        let (o, g) = grads_of(flash, [&q, &k, &v], &d_o)?;
+        // The float64 reference on the CPU, on exactly the rounded inputs.
+        let keys64 = KeyPadding::new(&lengths, n_k, &Device::Cpu)?;
+        let naive64 = |q: &Tensor, k: &Tensor, v: &Tensor| naive_padded(q, k, v, &keys64, causal);
+        let (want_o, want_g) = grads_of(naive64, [&up(&q)?, &up(&k)?, &up(&v)?], &up(&d_o)?)?;
+        // Padded keys get exactly zero gradients.
+        for (name, grad) in [("dK", &g[1]), ("dV", &g[2])] {
+            let rows = to_vec(grad)?;
+            for (bi, &len) in lengths.iter().enumerate() {
+                let per_seq = h * n_k * d;
+                for hi in 0..h {
+                    let start = bi * per_seq + hi * n_k * d + len * d;
+                    let end = bi * per_seq + (hi + 1) * n_k * d;
+                    assert!(
+                        rows[start..end].iter().all(|&x| x == 0.0),
+                        "{who}: {name} of padded keys is not zero"
+                    );
+                }
+            }
+        }
+        let ours = [&o, &g[0], &g[1], &g[2]];
+        let wants = [&want_o, &want_g[0], &want_g[1], &want_g[2]];
+        let keys = KeyPadding::new(&lengths, n_k, &dev)?;
+        let naive = |q: &Tensor, k: &Tensor, v: &Tensor| naive_padded(q, k, v, &keys, causal);
+        let (naive_o, naive_g) = grads_of(naive, [&q, &k, &v], &d_o)?;
+        let naives = [&naive_o, &naive_g[0], &naive_g[1], &naive_g[2]];
+        for (i, name) in ["O", "dQ", "dK", "dV"].iter().enumerate() {
+            let (a, want) = (to_vec(ours[i])?, to_vec(wants[i])?);
+            match (dtype, on_gpu) {
+                (DType::F64, _) => {
+                    let e = max_rel(&a, &want);
+                    assert!(e <= 1e-10, "{who}: f64 {name} error {e:e}");
+                }
+                (DType::F32, false) => {
+                    let e = max_rel(&a, &want);
+                    assert!(e <= 1e-5, "{who}: f32 {name} error {e:e}");
+                }
+                (DType::F32, true) => {
+                    let e = rel_norm_floor(&a, &want, 1.0);
+                    assert!(e <= 1e-4, "{who}: f32 {name} error {e:e}");
+                }
+                _ => {
+                    let e_ours = max_abs(&a, &want);
+                    let e_naive = max_abs(&to_vec(naives[i])?, &want);
+                    let atol = rounding_atol(&want, dtype)?;
+                    assert!(
+                        e_ours <= 2.0 * e_naive + atol,
+                        "{who}: {name} ours {e_ours:e}, naive {e_naive:e}, atol {atol:e}"
+                    );
+                }
+            }
+        }
+        families.insert(format!("{:?}", c.family()));
+    }
+    assert!(
+        padded > cases / 2,
+        "only {padded}/{cases} cases had padding"
+    );
+    if on_gpu {
+        for f in ["TensorCores", "Fp32Tiled", "Fp32Fma"] {
+            assert!(
+                families.contains(f),
+                "family {f} never padded: {families:?}"
+            );
+        }
+    }
+    println!("{cases} padded cases, {padded} with padding; families {families:?}");
     Ok(())
 }
