@@ -124,6 +124,10 @@ pub struct Seq2SeqBatch {
     pub tgt_mask: Tensor,
     /// Number of real target tokens (the loss is averaged over these).
     pub n_target_tokens: usize,
+    /// Real tokens of each source and target (the masks' ones, known here without reading the
+    /// masks back from the device).
+    pub src_lengths: Vec<usize>,
+    pub tgt_lengths: Vec<usize>,
 }
 
 /// Pads a list of examples into a [`Seq2SeqBatch`].
@@ -168,6 +172,8 @@ pub fn seq2seq_batch(
         tgt_out: Tensor::from_vec(tgt_out, (b, t), device)?,
         tgt_mask: Tensor::from_vec(tgt_mask, (b, t), device)?,
         n_target_tokens,
+        src_lengths: examples.iter().map(|e| e.src.len()).collect(),
+        tgt_lengths: examples.iter().map(|e| e.tgt.len()).collect(),
     })
 }
 

@@ -1,7 +1,9 @@
 //! LayerNorm, the feed-forward network, and the encoder and decoder blocks.
 
+use crate::{FfnKind, LmConfig, LmShape, Parts, PositionKind};
 use candle_core::{bail, DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use shared::kernels::Kernels;
 use shared::params::{expect_last_dim, ones, weight, zeros};
 use t0802_multi_head_attention::{AttnMask, CacheSlot, MhaConfig, MultiHeadAttention};
 
@@ -186,75 +188,119 @@ impl BlockConfig {
     pub fn mha(&self) -> MhaConfig {
         MhaConfig::new(self.d_model, self.n_heads).with_bias(self.bias)
     }
+
+    /// The block in the ladder's vocabulary, for a rung's [`Parts`] to build its norms and
+    /// attention kernel: a one-layer [`LmConfig`] with this block's sizes, LayerNorm and its
+    /// two-matrix MLP. (Its vocabulary and length are placeholders that no part reads.)
+    pub fn as_lm_block(&self) -> LmConfig {
+        let ffn = match self.activation {
+            Activation::Relu => FfnKind::Relu,
+            Activation::Gelu => FfnKind::Gelu,
+        };
+        LmConfig {
+            d_ff: self.d_ff,
+            ffn,
+            positions: PositionKind::Sinusoidal,
+            placement: self.placement,
+            bias: self.bias,
+            norm_eps: self.eps,
+            ..LmConfig::gpt2(LmShape {
+                vocab_size: 1,
+                max_seq_len: 1,
+                d_model: self.d_model,
+                n_layers: 1,
+                n_heads: self.n_heads,
+            })
+        }
+    }
+
+    /// An attention layer of this block with the rung's kernel and head copy.
+    fn attention(&self, vb: VarBuilder, parts: &dyn Parts) -> Result<MultiHeadAttention> {
+        Ok(MultiHeadAttention::new(vb, self.mha())?
+            .with_kernel(parts.attention_kernel(&self.as_lm_block())?)
+            .with_head_copy(parts.kernels().heads))
+    }
+
+    fn feed_forward(&self, vb: VarBuilder) -> Result<FeedForward> {
+        FeedForward::new(vb, self.d_model, self.d_ff, self.activation, self.bias)
+    }
 }
 
 /// Encoder block: bidirectional self-attention + FFN, each in a residual sub-layer.
-/// Parameters: `self_attn.*`, `ln1.*`, `ffn.*`, `ln2.*`.
-#[derive(Debug, Clone)]
+/// Parameters: `self_attn.*`, `ln1.*`, `ffn.*`, `ln2.*`. The norms (LayerNorm) and the attention
+/// kernel come from a rung's [`Parts`]: 8-04's composed ones, or 8-06's fused LayerNorm and
+/// 8-09's FlashAttention (same parameters, same values).
 pub struct EncoderBlock {
     pub self_attn: MultiHeadAttention,
-    pub ln1: LayerNorm,
+    pub ln1: Box<dyn Layer>,
     pub ffn: FeedForward,
-    pub ln2: LayerNorm,
+    pub ln2: Box<dyn Layer>,
     pub placement: NormPlacement,
 }
 
 impl EncoderBlock {
+    /// With this topic's composed parts.
     pub fn new(vb: VarBuilder, cfg: &BlockConfig) -> Result<Self> {
+        Self::with_parts(vb, cfg, &crate::parts(Kernels::composed()))
+    }
+
+    pub fn with_parts(vb: VarBuilder, cfg: &BlockConfig, parts: &dyn Parts) -> Result<Self> {
+        let lm = cfg.as_lm_block();
         Ok(Self {
-            self_attn: MultiHeadAttention::new(vb.pp("self_attn"), cfg.mha())?,
-            ln1: LayerNorm::new(vb.pp("ln1"), cfg.d_model, cfg.eps)?,
-            ffn: FeedForward::new(
-                vb.pp("ffn"),
-                cfg.d_model,
-                cfg.d_ff,
-                cfg.activation,
-                cfg.bias,
-            )?,
-            ln2: LayerNorm::new(vb.pp("ln2"), cfg.d_model, cfg.eps)?,
+            self_attn: cfg.attention(vb.pp("self_attn"), parts)?,
+            ln1: parts.norm(vb.pp("ln1"), &lm)?,
+            ffn: cfg.feed_forward(vb.pp("ffn"))?,
+            ln2: parts.norm(vb.pp("ln2"), &lm)?,
             placement: cfg.placement,
         })
     }
 
-    /// `x (batch, src, d_model)`; `src_mask` (`u8`, broadcastable to `(batch, heads, src, src)`,
-    /// typically [`t0801_self_attention::key_padding_mask`]) hides padding keys.
+    /// `x (batch, src, d_model)`; `src_mask` (`u8`, broadcastable to `(batch, heads, src, src)`)
+    /// hides padding keys.
     pub fn forward(&self, x: &Tensor, src_mask: Option<&Tensor>) -> Result<Tensor> {
-        let mask = src_mask.map_or(AttnMask::None, AttnMask::Explicit);
-        let h = residual(x, &self.ln1, self.placement, |y| {
+        self.forward_masked(x, src_mask.map_or(AttnMask::None, AttnMask::Explicit))
+    }
+
+    /// [`Self::forward`] with any mask: the source's key padding ([`AttnMask::Padding`]) lets
+    /// FlashAttention skip the padding instead of masking it.
+    pub fn forward_masked(&self, x: &Tensor, mask: AttnMask<'_>) -> Result<Tensor> {
+        let h = residual(x, self.ln1.as_ref(), self.placement, |y| {
             self.self_attn.self_attention(y, mask, 0, None)
         })?;
-        residual(&h, &self.ln2, self.placement, |y| self.ffn.forward(y))
+        residual(&h, self.ln2.as_ref(), self.placement, |y| {
+            self.ffn.forward(y)
+        })
     }
 }
 
 /// Decoder block: causal self-attention, cross-attention to the encoder output, FFN.
-/// Parameters: `self_attn.*`, `ln1.*`, `cross_attn.*`, `ln2.*`, `ffn.*`, `ln3.*`.
-#[derive(Debug, Clone)]
+/// Parameters: `self_attn.*`, `ln1.*`, `cross_attn.*`, `ln2.*`, `ffn.*`, `ln3.*`; norms and
+/// attention kernel from a rung's [`Parts`], as in [`EncoderBlock`].
 pub struct DecoderBlock {
     pub self_attn: MultiHeadAttention,
-    pub ln1: LayerNorm,
+    pub ln1: Box<dyn Layer>,
     pub cross_attn: MultiHeadAttention,
-    pub ln2: LayerNorm,
+    pub ln2: Box<dyn Layer>,
     pub ffn: FeedForward,
-    pub ln3: LayerNorm,
+    pub ln3: Box<dyn Layer>,
     pub placement: NormPlacement,
 }
 
 impl DecoderBlock {
+    /// With this topic's composed parts.
     pub fn new(vb: VarBuilder, cfg: &BlockConfig) -> Result<Self> {
+        Self::with_parts(vb, cfg, &crate::parts(Kernels::composed()))
+    }
+
+    pub fn with_parts(vb: VarBuilder, cfg: &BlockConfig, parts: &dyn Parts) -> Result<Self> {
+        let lm = cfg.as_lm_block();
         Ok(Self {
-            self_attn: MultiHeadAttention::new(vb.pp("self_attn"), cfg.mha())?,
-            ln1: LayerNorm::new(vb.pp("ln1"), cfg.d_model, cfg.eps)?,
-            cross_attn: MultiHeadAttention::new(vb.pp("cross_attn"), cfg.mha())?,
-            ln2: LayerNorm::new(vb.pp("ln2"), cfg.d_model, cfg.eps)?,
-            ffn: FeedForward::new(
-                vb.pp("ffn"),
-                cfg.d_model,
-                cfg.d_ff,
-                cfg.activation,
-                cfg.bias,
-            )?,
-            ln3: LayerNorm::new(vb.pp("ln3"), cfg.d_model, cfg.eps)?,
+            self_attn: cfg.attention(vb.pp("self_attn"), parts)?,
+            ln1: parts.norm(vb.pp("ln1"), &lm)?,
+            cross_attn: cfg.attention(vb.pp("cross_attn"), parts)?,
+            ln2: parts.norm(vb.pp("ln2"), &lm)?,
+            ffn: cfg.feed_forward(vb.pp("ffn"))?,
+            ln3: parts.norm(vb.pp("ln3"), &lm)?,
             placement: cfg.placement,
         })
     }
@@ -276,8 +322,9 @@ impl DecoderBlock {
     }
 
     /// The block with the memory's cross-attention keys and values already projected
-    /// (`(batch, heads, src, d_head)` each, [`MultiHeadAttention::project_kv`]) and, when
-    /// decoding (8-10), a KV-cache slot for the self-attention (then `self_mask` is
+    /// (`(batch, heads, src, d_head)` each, [`MultiHeadAttention::project_kv`]), any masks
+    /// (8-05 passes the target's and the source's key padding, causal for the self-attention)
+    /// and, when decoding (8-10), a KV-cache slot for the self-attention (then `self_mask` is
     /// [`AttnMask::Causal`]: the new tokens are the last ones).
     pub fn forward_with(
         &self,
@@ -288,14 +335,16 @@ impl DecoderBlock {
         cache: Option<CacheSlot<'_>>,
     ) -> Result<Tensor> {
         let start_pos = cache.as_ref().map_or(0, |c| c.store.seq_len());
-        let h = residual(x, &self.ln1, self.placement, |y| {
+        let h = residual(x, self.ln1.as_ref(), self.placement, |y| {
             self.self_attn
                 .self_attention(y, self_mask, start_pos, cache)
         })?;
         let (k, v) = memory_kv;
-        let h = residual(&h, &self.ln2, self.placement, |y| {
+        let h = residual(&h, self.ln2.as_ref(), self.placement, |y| {
             self.cross_attn.cross_attention(y, k, v, memory_mask)
         })?;
-        residual(&h, &self.ln3, self.placement, |y| self.ffn.forward(y))
+        residual(&h, self.ln3.as_ref(), self.placement, |y| {
+            self.ffn.forward(y)
+        })
     }
 }

@@ -128,7 +128,18 @@ fn encoder_block_matches_float64_reference_pre_and_post() -> Result<()> {
         let bs = a.biases.as_ref().unwrap();
         let p = [vec2(&a.w_q), vec2(&a.w_k), vec2(&a.w_v), vec2(&a.w_o)];
         let pb = [vec1(&bs[0]), vec1(&bs[1]), vec1(&bs[2]), vec1(&bs[3])];
-        let ln = |l: &LayerNorm, r: &[f64]| ln_ref(r, &vec1(&l.gain), &vec1(&l.bias), 1e-5);
+        let vars = shared::params::named_vars(&varmap);
+        let param = |name: &str| -> Vec<f64> {
+            let (_, v) = vars.iter().find(|(n, _)| n == name).expect(name);
+            vec1(v.as_tensor())
+        };
+        let ln = |prefix: &str, r: &[f64]| {
+            let (g, b) = (
+                param(&format!("{prefix}.weight")),
+                param(&format!("{prefix}.bias")),
+            );
+            ln_ref(r, &g, &b, 1e-5)
+        };
         let (b1, b2) = block.ffn.biases.as_ref().unwrap();
         let ffn = |r: &[f64]| -> Vec<f64> {
             let h: Vec<f64> = matvec(&vec2(&block.ffn.w1), r, Some(&vec1(b1)))
@@ -146,18 +157,18 @@ fn encoder_block_matches_float64_reference_pre_and_post() -> Result<()> {
         };
         let want = match placement {
             NormPlacement::Pre => {
-                let n1: Vec<Vec<f64>> = xs.iter().map(|r| ln(&block.ln1, r)).collect();
+                let n1: Vec<Vec<f64>> = xs.iter().map(|r| ln("ln1", r)).collect();
                 let h = add(&xs, &mha_ref(&n1, &n1, &p, &pb, 3, None));
-                let f: Vec<Vec<f64>> = h.iter().map(|r| ffn(&ln(&block.ln2, r))).collect();
+                let f: Vec<Vec<f64>> = h.iter().map(|r| ffn(&ln("ln2", r))).collect();
                 add(&h, &f)
             }
             NormPlacement::Post => {
                 let h: Vec<Vec<f64>> = add(&xs, &mha_ref(&xs, &xs, &p, &pb, 3, None))
                     .iter()
-                    .map(|r| ln(&block.ln1, r))
+                    .map(|r| ln("ln1", r))
                     .collect();
                 let f: Vec<Vec<f64>> = h.iter().map(|r| ffn(r)).collect();
-                add(&h, &f).iter().map(|r| ln(&block.ln2, r)).collect()
+                add(&h, &f).iter().map(|r| ln("ln2", r)).collect()
             }
         };
         for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {

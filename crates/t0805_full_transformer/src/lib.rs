@@ -24,17 +24,19 @@
 pub mod lstm;
 pub mod lstm_bptt;
 pub mod lstm_cell;
+pub mod main_job;
 pub mod task;
 
 use candle_core::{bail, DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use shared::batching::Seq2SeqBatch;
+use shared::kernels::Kernels;
 use shared::params::{normal, weight};
-use t0801_self_attention::{and_masks, causal_mask, key_padding_mask};
+use t0802_multi_head_attention::{AttnMask, KeyPadding};
 use t0803_positional_encoding::sinusoidal;
 use t0804_transformer_block::{
-    Activation, BlockConfig, DecoderBlock, EncoderBlock, Layer, LayerNorm, NormPlacement,
+    Activation, BlockConfig, DecoderBlock, EncoderBlock, Layer, NormPlacement, Parts,
 };
 
 /// Shape of the encoder–decoder model.
@@ -81,13 +83,18 @@ impl TransformerConfig {
 /// The encoder–decoder Transformer. Parameters: `token_embedding (vocab, d_model)`,
 /// `encoder.<i>.*`, `decoder.<i>.*` (see t0804's blocks), `encoder_norm.*`, `decoder_norm.*`
 /// (pre-norm only), `lm_head (vocab, d_model)`.
+///
+/// How its norms and attention run is a rung's [`Parts`] ([`Transformer::with_parts`]): this
+/// topic's composed LayerNorm and naive attention by default; with 8-06's and 8-09's parts (from
+/// `t0810_kv_cache`'s `main_job` example) the fused LayerNorm and FlashAttention over the key
+/// padding. Same parameters and values either way.
 pub struct Transformer {
     pub cfg: TransformerConfig,
     pub token_embedding: Tensor,
     pub encoder: Vec<EncoderBlock>,
     pub decoder: Vec<DecoderBlock>,
-    pub encoder_norm: Option<LayerNorm>,
-    pub decoder_norm: Option<LayerNorm>,
+    pub encoder_norm: Option<Box<dyn Layer>>,
+    pub decoder_norm: Option<Box<dyn Layer>>,
     pub lm_head: Tensor,
     /// The activations' dtype: the parameters' own, or bf16 over f32 parameters (mixed
     /// precision: every weight is cast where it is used; gradients and AdamW stay in f32).
@@ -95,18 +102,28 @@ pub struct Transformer {
 }
 
 impl Transformer {
+    /// The model with this topic's parts: composed LayerNorm, naive attention.
     pub fn new(vb: VarBuilder, cfg: TransformerConfig) -> Result<Self> {
+        Self::with_parts(
+            vb,
+            cfg,
+            &t0804_transformer_block::parts(Kernels::composed()),
+        )
+    }
+
+    /// The model with a rung's parts (its norms and attention kernel).
+    pub fn with_parts(vb: VarBuilder, cfg: TransformerConfig, parts: &dyn Parts) -> Result<Self> {
         cfg.validate()?;
         let b = cfg.block();
         let encoder = (0..cfg.n_encoder_layers)
-            .map(|i| EncoderBlock::new(vb.pp(format!("encoder.{i}")), &b))
+            .map(|i| EncoderBlock::with_parts(vb.pp(format!("encoder.{i}")), &b, parts))
             .collect::<Result<_>>()?;
         let decoder = (0..cfg.n_decoder_layers)
-            .map(|i| DecoderBlock::new(vb.pp(format!("decoder.{i}")), &b))
+            .map(|i| DecoderBlock::with_parts(vb.pp(format!("decoder.{i}")), &b, parts))
             .collect::<Result<_>>()?;
-        let final_norm = |name: &str| -> Result<Option<LayerNorm>> {
+        let final_norm = |name: &str| -> Result<Option<Box<dyn Layer>>> {
             match cfg.placement {
-                NormPlacement::Pre => Ok(Some(LayerNorm::new(vb.pp(name), cfg.d_model, b.eps)?)),
+                NormPlacement::Pre => Ok(Some(parts.norm(vb.pp(name), &b.as_lm_block())?)),
                 NormPlacement::Post => Ok(None),
             }
         };
@@ -161,12 +178,21 @@ impl Transformer {
         x.broadcast_add(&sinusoidal(n, d, start, tokens.device())?.to_dtype(x.dtype())?)
     }
 
-    /// Encoder: `src (batch, S)` with `src_mask (batch, S)` → memory `(batch, S, d_model)`.
+    /// Encoder: `src (batch, S)` with `src_mask (batch, S)` (1 = real token, padding last) →
+    /// memory `(batch, S, d_model)`.
     pub fn encode(&self, src: &Tensor, src_mask: &Tensor) -> Result<Tensor> {
-        let pad = key_padding_mask(src_mask)?; // (batch, 1, 1, S)
+        self.encode_padded(src, &KeyPadding::from_mask(src_mask)?)
+    }
+
+    /// [`Self::encode`] with the source's key padding: every self-attention hides the padding.
+    pub fn encode_padded(&self, src: &Tensor, src_keys: &KeyPadding) -> Result<Tensor> {
+        let mask = AttnMask::Padding {
+            keys: src_keys,
+            causal: false,
+        };
         let mut x = self.embed(src)?;
         for block in &self.encoder {
-            x = block.forward(&x, Some(&pad))?;
+            x = block.forward_masked(&x, mask)?;
         }
         match &self.encoder_norm {
             Some(n) => n.forward(&x),
@@ -182,15 +208,31 @@ impl Transformer {
         memory: &Tensor,
         src_mask: &Tensor,
     ) -> Result<Tensor> {
-        let t = tgt_in.dim(1)?;
-        let self_mask = and_masks(
-            &causal_mask(t, t, tgt_in.device())?,
-            &key_padding_mask(tgt_mask)?,
-        )?; // (batch,1,T,T)
-        let memory_mask = key_padding_mask(src_mask)?;
+        let tgt_keys = KeyPadding::from_mask(tgt_mask)?;
+        self.decode_padded(tgt_in, &tgt_keys, memory, &KeyPadding::from_mask(src_mask)?)
+    }
+
+    /// [`Self::decode`] with the target's and the source's key padding: the self-attention is
+    /// causal over the real target tokens, the cross-attention sees the real source tokens.
+    pub fn decode_padded(
+        &self,
+        tgt_in: &Tensor,
+        tgt_keys: &KeyPadding,
+        memory: &Tensor,
+        src_keys: &KeyPadding,
+    ) -> Result<Tensor> {
+        let self_mask = AttnMask::Padding {
+            keys: tgt_keys,
+            causal: true,
+        };
+        let memory_mask = AttnMask::Padding {
+            keys: src_keys,
+            causal: false,
+        };
         let mut x = self.embed(tgt_in)?;
         for block in &self.decoder {
-            x = block.forward(&x, memory, Some(&self_mask), Some(&memory_mask))?;
+            let memory_kv = block.cross_attn.project_kv(memory)?;
+            x = block.forward_with(&x, &memory_kv, self_mask, memory_mask, None)?;
         }
         let x = match &self.decoder_norm {
             Some(n) => n.forward(&x)?,
@@ -199,10 +241,14 @@ impl Transformer {
         shared::linear(&x, &self.lm_head)
     }
 
-    /// Teacher-forced logits for a padded batch.
+    /// Teacher-forced logits for a padded batch (its lengths give the key padding; the masks
+    /// are not read back from the device).
     pub fn forward(&self, batch: &Seq2SeqBatch) -> Result<Tensor> {
-        let memory = self.encode(&batch.src, &batch.src_mask)?;
-        self.decode(&batch.tgt_in, &batch.tgt_mask, &memory, &batch.src_mask)
+        let dev = batch.src.device();
+        let src_keys = KeyPadding::new(&batch.src_lengths, batch.src.dim(1)?, dev)?;
+        let tgt_keys = KeyPadding::new(&batch.tgt_lengths, batch.tgt_in.dim(1)?, dev)?;
+        let memory = self.encode_padded(&batch.src, &src_keys)?;
+        self.decode_padded(&batch.tgt_in, &tgt_keys, &memory, &src_keys)
     }
 
     /// Mean cross-entropy over the real target tokens.

@@ -6,8 +6,8 @@
 
 use crate::cache::{CacheKind, CacheShape, KvCache, KvStore};
 use candle_core::{DType, Result, Tensor};
-use t0802_multi_head_attention::{key_padding_mask, AttnMask, CacheSlot};
-use t0804_transformer_block::{DecoderOnlyLm, Layer};
+use t0802_multi_head_attention::{AttnMask, CacheSlot, KeyPadding};
+use t0804_transformer_block::DecoderOnlyLm;
 use t0805_full_transformer::Transformer;
 
 /// The default kernels for decoding on `device`: 8-09's fastest kernels, with naive attention on
@@ -58,8 +58,8 @@ pub fn lm_forward_cached(
 pub struct Seq2SeqState {
     /// Per decoder layer `(K, V)`, each `(batch, heads, src_len, d_head)`.
     pub cross_kv: Vec<(Tensor, Tensor)>,
-    /// `(batch, 1, 1, src_len)`, 1 = real source token.
-    pub src_pad: Tensor,
+    /// The sources' key padding, for every cross-attention.
+    pub src_keys: KeyPadding,
     pub self_cache: KvCache,
 }
 
@@ -72,7 +72,8 @@ pub fn seq2seq_start(
     kind: CacheKind,
     dtype: DType,
 ) -> Result<Seq2SeqState> {
-    let memory = model.encode(src, src_mask)?; // (batch, S, d_model)
+    let src_keys = KeyPadding::from_mask(src_mask)?;
+    let memory = model.encode_padded(src, &src_keys)?; // (batch, S, d_model)
     let cross_kv = model
         .decoder
         .iter()
@@ -88,7 +89,7 @@ pub fn seq2seq_start(
     };
     Ok(Seq2SeqState {
         cross_kv,
-        src_pad: key_padding_mask(src_mask)?,
+        src_keys,
         self_cache: KvCache::new(shape, kind, dtype, src.device())?,
     })
 }
@@ -104,7 +105,10 @@ pub fn seq2seq_step(model: &Transformer, tgt: &Tensor, state: &mut Seq2SeqState)
             store: &mut state.self_cache,
             layer,
         };
-        let memory_mask = AttnMask::Explicit(&state.src_pad);
+        let memory_mask = AttnMask::Padding {
+            keys: &state.src_keys,
+            causal: false,
+        };
         x = block.forward_with(
             &x,
             &state.cross_kv[layer],

@@ -2,13 +2,14 @@
 //! [`LstmSeq2Seq`] baseline — and the evaluation both are judged by.
 
 use super::data::Data;
+use crate::lstm::LstmSeq2Seq;
+use crate::{Preset, Transformer};
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use shared::batching::{Seq2SeqBatch, Seq2SeqExample};
 use shared::kernels::OpImpl;
-use t0805_full_transformer::lstm::LstmSeq2Seq;
-use t0805_full_transformer::{Preset, Transformer};
+use t0804_transformer_block::Parts;
 
 /// The contenders, in the order of the tables and legends.
 pub const NAMES: [&str; 2] = ["transformer", "lstm"];
@@ -21,18 +22,20 @@ pub enum Model {
 
 impl Model {
     /// The contender `name` (one of [`NAMES`]) at the preset's size, its parameters in `vb`,
-    /// computing in `compute` (bf16 over f32 parameters: mixed precision); the LSTM runs `lstm`
-    /// (fused, or composed tensor ops and autograd).
+    /// computing in `compute` (bf16 over f32 parameters: mixed precision); the Transformer's
+    /// norms and attention from `parts`, the LSTM's cell `lstm` (fused, or composed tensor ops
+    /// and autograd).
     pub fn new(
         name: &str,
         vb: VarBuilder,
         p: &Preset,
         vocab: usize,
-        (lstm, compute): (OpImpl, DType),
+        (parts, lstm, compute): (&dyn Parts, OpImpl, DType),
     ) -> Result<Self> {
         Ok(match name {
             "transformer" => Model::Transformer(
-                Transformer::new(vb, p.transformer(vocab))?.with_compute_dtype(compute),
+                Transformer::with_parts(vb, p.transformer(vocab), parts)?
+                    .with_compute_dtype(compute),
             ),
             "lstm" => Model::Lstm(
                 LstmSeq2Seq::new(vb, p.lstm(vocab))?

@@ -1,14 +1,14 @@
 //! The data of the comparison: WikiText-2 cut into (source, target) continuation pairs
-//! ([`t0805_full_transformer::task`]), `src_len` tokens of source followed by `tgt_len` of target,
+//! ([`crate::task`]), `src_len` tokens of source followed by `tgt_len` of target,
 //! and the special tokens that pad and start a target. For the word-level perplexity, the test
 //! split also as overlapping windows whose targets cover it once ([`stream_pairs`]).
 
+use crate::task::{continuation_pairs, stream_pairs};
+use crate::Preset;
 use anyhow::Result;
 use candle_core::Device;
 use shared::batching::{seq2seq_batch, Seq2SeqBatch, Seq2SeqExample};
 use shared::tokenizer::{TokenizedWikiText, BOS, PAD};
-use t0805_full_transformer::task::{continuation_pairs, stream_pairs};
-use t0805_full_transformer::Preset;
 
 /// The three splits as continuation pairs, batched on `dev`.
 pub struct Data {

@@ -13,6 +13,8 @@
 
 use super::data::Data;
 use super::model::{evaluate, Model};
+use crate::task::batch_for_step;
+use crate::Preset;
 use anyhow::{anyhow, Result};
 use candle_core::Tensor;
 use candle_nn::VarMap;
@@ -20,11 +22,13 @@ use shared::fit::{fit, Checkpointing, Curve, FitSpec, Task};
 use shared::kernels::OpImpl;
 use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
 use std::path::PathBuf;
-use t0805_full_transformer::task::batch_for_step;
-use t0805_full_transformer::Preset;
+use t0804_transformer_block::Parts;
 
 /// How both contenders are run, beside the preset.
-pub struct RunSettings {
+pub struct RunSettings<'a> {
+    /// How the Transformer's norms and attention run (a rung's parts: 8-04's composed ones, or
+    /// the fused LayerNorm and FlashAttention of 8-06 and 8-09).
+    pub parts: &'a dyn Parts,
     /// Checkpoints go to `checkpoints/<model>/`.
     pub checkpoints: PathBuf,
     pub checkpoint_every: usize,
@@ -72,7 +76,7 @@ pub fn train_model(
     varmap: &mut VarMap,
     data: &Data,
     p: &Preset,
-    run: &RunSettings,
+    run: &RunSettings<'_>,
 ) -> Result<Curve> {
     let schedule = ScheduleConfig {
         max_lr: p.lr,

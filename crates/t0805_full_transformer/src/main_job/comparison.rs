@@ -9,6 +9,7 @@
 use super::data::Data;
 use super::model::{evaluate, test_word_ppl, Model};
 use super::training::{train_model, RunSettings};
+use crate::Preset;
 use anyhow::Result;
 use candle_core::DType;
 use candle_nn::{VarBuilder, VarMap};
@@ -16,7 +17,6 @@ use shared::fit::Curve;
 use shared::report::{line_chart, print_table, Axes, Series};
 use shared::train::human_rate;
 use std::path::Path;
-use t0805_full_transformer::Preset;
 
 /// One trained contender and its final numbers.
 pub struct Contender {
@@ -40,7 +40,7 @@ impl Contender {
         data: &Data,
         p: &Preset,
         vocab: usize,
-        run: &RunSettings,
+        run: &RunSettings<'_>,
         (dtype, compute): (DType, DType),
         final_batches: usize,
     ) -> Result<Self> {
@@ -51,7 +51,7 @@ impl Contender {
             VarBuilder::from_varmap(&varmap, dtype, &data.dev),
             p,
             vocab,
-            (run.lstm, compute),
+            (run.parts, run.lstm, compute),
         )?;
         let n_params = shared::params::count_params(&varmap);
         println!("-- {name}: {n_params} parameters");
