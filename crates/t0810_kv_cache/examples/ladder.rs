@@ -9,7 +9,10 @@
 //! | 3 | 8-08 | + RoPE instead of learned positions (the LLaMA recipe) |
 //! | 4 | 8-09 | + FlashAttention (same model, same values; only how attention runs) |
 //! | 5 | 8-10 | + KV cache (inference: decoding speed cached vs recomputing the prefix) |
+//! | 2′ | 8-07-mqa | rung 1 with multi-query attention (one K/V head), beside rung 2 |
 //!
+//! Every rung's KV-cache bytes per token and cached decoding speed are measured on the trained
+//! model, so MHA (rungs 0, 1), GQA (rung 2) and MQA (2′) compare at inference too.
 //! Prints the table the README shows and writes `output/ladder/results.json`. Every trained rung
 //! is kept in `output/ladder/checkpoints/rung-<topic>/` (config, weights, tokenizer), which
 //! `t0810_kv_cache generate --checkpoint …` continues; the top rung's samples are in the results.
@@ -168,6 +171,15 @@ fn rungs(b: &Budget, kernels: Kernels) -> Vec<Rung> {
             "+ FlashAttention",
             rung3,
             kernels.with_attention(AttentionImpl::Flash),
+        ),
+        // Beside rung 2: the far end of grouped-query attention, one K/V head for every query
+        // head (MQA), so that MHA (rung 1), GQA (rung 2) and MQA compare trained.
+        rung(
+            2,
+            "8-07-mqa",
+            "+ multi-query attention (1 K/V head; beside rung 2)",
+            t0807_grouped_query_attention::grouped(rung1, 1),
+            naive,
         ),
     ]
 }
@@ -412,9 +424,11 @@ fn main() -> Result<()> {
             &ctx.out_dir.join(format!("checkpoints/rung-{}", r.topic)),
         )?;
         rows.push(m);
-        top = Some((lm, r.topic));
+        if top.as_ref().is_none_or(|(_, _, index)| r.index >= *index) {
+            top = Some((lm, r.topic, r.index)); // the highest rung trained
+        }
     }
-    let (lm, top_topic) = top.expect("at least one rung");
+    let (lm, top_topic, _) = top.expect("at least one rung");
     let prompt: Vec<u32> = data.valid[..(b.seq_len / 4).max(1)].to_vec();
     let new_tokens = b.seq_len - prompt.len();
     let (cached, uncached) = decode_speeds(&lm, &prompt, new_tokens, ctx.compute_dtype)?;
