@@ -12,8 +12,10 @@
 # The tests and the kernels they reach:
 #   shared__gpu                      embedding, cross-entropy, AdamW + step gate, head swap
 #   t0806_modern_blocks__gpu         fused RMSNorm, SwiGLU gate, causal softmax
+#   t0806_modern_blocks__layernorm   fused LayerNorm (forward, backward, [dg | db] reduction)
 #   t0808_rope__rope                 fused RoPE (with MODULE08_TEST_DEVICE=cuda)
 #   t0809_flash_attention__gpu       FlashAttention: tensor-core, register-tiled and simple kernels
+#   t0809_flash_attention__properties  every family again over random shapes, and with key padding
 # Writes sanitize-summary.txt (one line per tool and test) into $OUT (or ./gpu-results).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,7 +26,7 @@ REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
 # MODULE08_SANITIZER: the FlashAttention sweeps run three shapes instead of eight (tests/gpu.rs)
 export MODULE08_TEST_DEVICE=cuda MODULE08_EXPECT_GPU=1 MODULE08_CACHE=/tmp/module08-cache MODULE08_SANITIZER=1
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-tests=${*:-"shared__gpu t0806_modern_blocks__gpu t0808_rope__rope t0809_flash_attention__gpu"}
+tests=${*:-"shared__gpu t0806_modern_blocks__gpu t0806_modern_blocks__layernorm t0808_rope__rope t0809_flash_attention__gpu t0809_flash_attention__properties"}
 summary="$dest/sanitize-summary.txt"
 echo "compute-sanitizer: $($sanitizer --version 2>&1 | tail -1)" | tee "$summary"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$summary"
