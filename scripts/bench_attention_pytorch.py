@@ -125,7 +125,13 @@ def main():
                     with sdpa_kernel(backend):
                         return F.scaled_dot_product_attention(q_, k_, v_, is_causal=causal)
 
-                fwd, fb, mem = measure(sdpa, q, k, v, do, a.warmup, a.reps, a.fwd_only)
+                try:
+                    fwd, fb, mem = measure(sdpa, q, k, v, do, a.warmup, a.reps, a.fwd_only)
+                except RuntimeError as e:  # a backend that does not take this shape
+                    print(f"seq {n} d {d} causal {causal}: {backend.name} failed: {str(e).splitlines()[0]}")
+                    del q, k, v, do
+                    torch.cuda.empty_cache()
+                    continue
                 row.update({"fwd_ms": fwd, "fwd_bwd_ms": fb, "fwd_bwd_peak_bytes": mem,
                             "fwd_tflops": row["fwd_flops"] / fwd / 1e9,
                             "fwd_bwd_tflops": 3.5 * row["fwd_flops"] / fb / 1e9 if fb else None})

@@ -6,8 +6,10 @@
 //! FLOPs = 4·b·h·n²·d (halved when causal) for the forward and 2.5× that for the backward; peak
 //! device memory of each path from the CUDA memory pool's high-water mark. The naive path is
 //! 8-01's matmul–softmax–matmul; when it runs out of memory the row says OOM.
-//! With `--pytorch FILE` (the JSON of `scripts/bench_attention_pytorch.py` on the same card),
-//! the ratio ours / PyTorch SDPA is printed next to our numbers.
+//! With `--pytorch FILE` (the JSON of `scripts/bench_attention_pytorch.py` on the same card, its
+//! FlashAttention-2 backend) and `--pytorch-cudnn FILE` (the same script with `--backend cudnn`),
+//! the ratios ours / PyTorch SDPA are printed next to our numbers and drawn in the plots.
+//! `scripts/attention_bench.sh` runs all three on the GPU host in one step.
 //!
 //! The steps: [`measure`] times one configuration into a [`row::Row`], [`table`] prints the
 //! rows, [`plot`] draws them (also from a saved `results.json`, for `bench-plot`), and [`pool`]
@@ -65,9 +67,13 @@ pub struct BenchArgs {
     /// (the driver's default); by default the bench keeps it cached, like PyTorch.
     #[arg(long)]
     pub pool_release: bool,
-    /// JSON written by scripts/bench_attention_pytorch.py, for the ratio columns.
+    /// JSON written by scripts/bench_attention_pytorch.py (FlashAttention-2 backend), for the
+    /// ratio columns.
     #[arg(long)]
     pub pytorch: Option<std::path::PathBuf>,
+    /// The same script's JSON with `--backend cudnn` (PyTorch SDPA on cuDNN), for two more.
+    #[arg(long)]
+    pub pytorch_cudnn: Option<std::path::PathBuf>,
 }
 
 /// The benchmark: every (head size, causal flag, sequence length), then the table,
@@ -84,12 +90,11 @@ pub fn run(common: &CommonArgs, a: &BenchArgs) -> Result<()> {
     let dev = ctx.picked.device.clone();
     keep_pool_cached(&dev, a);
     let causal_set = causal_set(&a.causal)?;
-    let pytorch = match &a.pytorch {
-        Some(p) => Some(serde_json::from_str::<serde_json::Value>(
-            &std::fs::read_to_string(p)?,
-        )?),
-        None => None,
+    let read = |p: &std::path::PathBuf| -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
     };
+    let pytorch = a.pytorch.as_ref().map(read).transpose()?;
+    let cudnn = a.pytorch_cudnn.as_ref().map(read).transpose()?;
     println!(
         "   dtype {dt:?} · tokens per call {} · reps {} (median) after {} warm-up",
         a.tokens, a.reps, a.warmup
@@ -98,9 +103,13 @@ pub fn run(common: &CommonArgs, a: &BenchArgs) -> Result<()> {
     if let Some(pt) = &pytorch {
         rows.iter_mut().for_each(|r| r.attach_pytorch(pt));
     }
+    if let Some(pt) = &cudnn {
+        rows.iter_mut().for_each(|r| r.attach_cudnn(pt));
+    }
     let device = &ctx.picked.description;
     table::print_rows(&rows, &format!("{dt:?} on {device}"));
-    let written = write_results(&rows, a, pytorch.as_ref(), device, dt, &ctx.out_dir)?;
+    let pytorch_runs = [pytorch.as_ref(), cudnn.as_ref()];
+    let written = write_results(&rows, a, pytorch_runs, device, dt, &ctx.out_dir)?;
     plot_or_say_how(&rows, &ctx.out_dir, &format!("{dt:?}, {device}"), &written);
     Ok(())
 }
@@ -187,14 +196,16 @@ fn sweep(dev: &Device, dt: DType, a: &BenchArgs, causal_set: &[bool]) -> Result<
 fn write_results(
     rows: &[Row],
     a: &BenchArgs,
-    pytorch: Option<&serde_json::Value>,
+    pytorch: [Option<&serde_json::Value>; 2],
     device: &str,
     dt: DType,
     out_dir: &Path,
 ) -> Result<PathBuf> {
-    let pytorch = pytorch.map(|p| {
-        serde_json::json!({"device": p["device"], "torch": p["torch"], "backend": p["backend"]})
-    });
+    let pytorch: Vec<serde_json::Value> = pytorch
+        .iter()
+        .flatten()
+        .map(|p| serde_json::json!({"device": p["device"], "torch": p["torch"], "backend": p["backend"]}))
+        .collect();
     let mut report = RunReport::start(
         TOPIC,
         serde_json::json!({"bench": format!("{a:?}"), "pytorch": pytorch}),

@@ -14,13 +14,13 @@ use std::path::Path;
 type Pick = fn(&Row) -> Option<f64>;
 
 /// One throughput figure: what it shows, its file name (`_d{d_head}` is inserted before
-/// `.png`), the FLOP multiple of the forward, and the three lines (each drawn non-causal and
-/// causal).
+/// `.png`), the FLOP multiple of the forward, and the four lines (each drawn non-causal and
+/// causal; PyTorch's where its JSONs were given).
 struct TflopsPlot {
     what: &'static str,
     file: &'static str,
     flop_multiple: f64,
-    lines: [(&'static str, Pick); 3],
+    lines: [(&'static str, Pick); 4],
 }
 
 const TFLOPS_PLOTS: [TflopsPlot; 2] = [
@@ -31,7 +31,8 @@ const TFLOPS_PLOTS: [TflopsPlot; 2] = [
         lines: [
             ("flash", |r| Some(r.flash_fwd_ms)),
             ("naive", |r| r.naive_fwd_ms),
-            ("PyTorch SDPA", |r| r.pytorch_fwd_ms),
+            ("PyTorch SDPA (FA2)", |r| r.pytorch_fwd_ms),
+            ("PyTorch SDPA (cuDNN)", |r| r.cudnn_fwd_ms),
         ],
     },
     TflopsPlot {
@@ -41,7 +42,8 @@ const TFLOPS_PLOTS: [TflopsPlot; 2] = [
         lines: [
             ("flash", |r| r.flash_fwd_bwd_ops_ms),
             ("naive (autograd)", |r| r.naive_fwd_bwd_ms),
-            ("PyTorch SDPA", |r| r.pytorch_fwd_bwd_ms),
+            ("PyTorch SDPA (FA2)", |r| r.pytorch_fwd_bwd_ms),
+            ("PyTorch SDPA (cuDNN)", |r| r.cudnn_fwd_bwd_ms),
         ],
     },
 ];

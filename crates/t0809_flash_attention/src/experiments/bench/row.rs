@@ -31,6 +31,11 @@ pub struct Row {
     pub pytorch_fwd_ms: Option<f64>,
     #[serde(default)]
     pub pytorch_fwd_bwd_ms: Option<f64>,
+    /// PyTorch SDPA with the cuDNN backend (`--pytorch-cudnn`).
+    #[serde(default)]
+    pub cudnn_fwd_ms: Option<f64>,
+    #[serde(default)]
+    pub cudnn_fwd_bwd_ms: Option<f64>,
 }
 
 /// TFLOP/s of `flops` done in `ms` milliseconds.
@@ -62,22 +67,33 @@ impl Row {
             max_abs_diff_vs_naive: None,
             pytorch_fwd_ms: None,
             pytorch_fwd_bwd_ms: None,
+            cudnn_fwd_ms: None,
+            cudnn_fwd_bwd_ms: None,
         }
     }
 
     /// PyTorch SDPA's times for the same (seq, d_head, causal), from the `results` of
     /// `scripts/bench_attention_pytorch.py`'s JSON, if it has them.
     pub fn attach_pytorch(&mut self, pt: &serde_json::Value) {
-        let found = pt["results"].as_array().and_then(|rs| {
-            rs.iter().find(|x| {
-                x["seq"].as_u64() == Some(self.seq as u64)
-                    && x["d_head"].as_u64() == Some(self.d_head as u64)
-                    && x["causal"].as_bool() == Some(self.causal)
-            })
-        });
-        if let Some(x) = found {
-            self.pytorch_fwd_ms = x["fwd_ms"].as_f64();
-            self.pytorch_fwd_bwd_ms = x["fwd_bwd_ms"].as_f64();
+        if let Some((fwd, fwd_bwd)) = self.find_in(pt) {
+            (self.pytorch_fwd_ms, self.pytorch_fwd_bwd_ms) = (fwd, fwd_bwd);
         }
+    }
+
+    /// The same from a run of the script with `--backend cudnn`.
+    pub fn attach_cudnn(&mut self, pt: &serde_json::Value) {
+        if let Some((fwd, fwd_bwd)) = self.find_in(pt) {
+            (self.cudnn_fwd_ms, self.cudnn_fwd_bwd_ms) = (fwd, fwd_bwd);
+        }
+    }
+
+    /// `(fwd_ms, fwd_bwd_ms)` of this row's configuration in a PyTorch results JSON.
+    fn find_in(&self, pt: &serde_json::Value) -> Option<(Option<f64>, Option<f64>)> {
+        let x = pt["results"].as_array()?.iter().find(|x| {
+            x["seq"].as_u64() == Some(self.seq as u64)
+                && x["d_head"].as_u64() == Some(self.d_head as u64)
+                && x["causal"].as_bool() == Some(self.causal)
+        })?;
+        Some((x["fwd_ms"].as_f64(), x["fwd_bwd_ms"].as_f64()))
     }
 }

@@ -4,7 +4,7 @@ use super::row::{tflops, Row};
 use crate::experiments::common::mib;
 use shared::report::print_table;
 
-const HEADER: [&str; 15] = [
+const HEADER: [&str; 17] = [
     "seq",
     "d",
     "causal",
@@ -19,6 +19,8 @@ const HEADER: [&str; 15] = [
     "naive MiB",
     "ours/pt fwd",
     "ours/pt f+b",
+    "ours/cudnn fwd",
+    "ours/cudnn f+b",
     "|flash-naive|",
 ];
 
@@ -31,7 +33,10 @@ pub fn print_rows(rows: &[Row], what: &str) {
     println!("   flash fwd / bwd / fwd+bwd: our ops called directly; 'autograd': Σ O∘dO through Candle's backward (adds its bookkeeping)");
     print_table(&HEADER, &table);
     if rows.iter().any(|r| r.pytorch_fwd_ms.is_some()) {
-        println!("   ours/pt = our throughput / PyTorch SDPA's on the same card (= PyTorch time / our time)");
+        println!("   ours/pt = our throughput / PyTorch SDPA's (FlashAttention-2 backend) on the same card (= PyTorch time / our time)");
+    }
+    if rows.iter().any(|r| r.cudnn_fwd_ms.is_some()) {
+        println!("   ours/cudnn = the same against PyTorch SDPA's cuDNN backend");
     }
 }
 
@@ -65,6 +70,11 @@ fn table_row(r: &Row) -> Vec<String> {
         ratio(r.pytorch_fwd_ms, Some(r.flash_fwd_ms)),
         ratio(
             r.pytorch_fwd_bwd_ms,
+            r.flash_fwd_bwd_ops_ms.or(r.flash_fwd_bwd_ms),
+        ),
+        ratio(r.cudnn_fwd_ms, Some(r.flash_fwd_ms)),
+        ratio(
+            r.cudnn_fwd_bwd_ms,
             r.flash_fwd_bwd_ops_ms.or(r.flash_fwd_bwd_ms),
         ),
         r.max_abs_diff_vs_naive
