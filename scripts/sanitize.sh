@@ -16,7 +16,8 @@
 #   t0808_rope__rope                 fused RoPE (with MODULE08_TEST_DEVICE=cuda)
 #   t0809_flash_attention__gpu       FlashAttention: tensor-core, register-tiled and simple kernels
 #   t0809_flash_attention__properties  every family again over random shapes, and with key padding
-# Writes sanitize-summary.txt (one line per tool and test) into $OUT (or ./gpu-results).
+# Writes sanitize-summary.txt (one line per tool and test) and sanitize-logs.tgz into $OUT (or
+# ./gpu-results); SANITIZE_NAME=NAME names them NAME-summary.txt and NAME-logs.tgz instead.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -27,7 +28,9 @@ REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
 export MODULE08_TEST_DEVICE=cuda MODULE08_EXPECT_GPU=1 MODULE08_CACHE=/tmp/module08-cache MODULE08_SANITIZER=1
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 tests=${*:-"shared__gpu t0806_modern_blocks__gpu t0806_modern_blocks__layernorm t0808_rope__rope t0809_flash_attention__gpu t0809_flash_attention__properties"}
-summary="$dest/sanitize-summary.txt"
+# SANITIZE_NAME=NAME: write NAME-summary.txt and NAME-logs.tgz (two runs in one call keep both)
+label=${SANITIZE_NAME:-sanitize}
+summary="$dest/$label-summary.txt"
 echo "compute-sanitizer: $($sanitizer --version 2>&1 | tail -1)" | tee "$summary"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$summary"
 # One sanitizer run: tool $1, test executable $2, log $3, then the test-name filter (if any).
@@ -62,4 +65,4 @@ for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
     fi
   done
 done
-tar -czf "$dest/sanitize-logs.tgz" -C /tmp $(cd /tmp && ls sanitize-*.log 2>/dev/null)
+tar -czf "$dest/$label-logs.tgz" -C /tmp $(cd /tmp && ls sanitize-*.log 2>/dev/null)
