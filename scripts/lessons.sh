@@ -3,7 +3,9 @@
 #
 #   scripts/lessons.sh [TOPIC ...]        (default: every topic, then the ladder)
 #
-# TOPIC is a crate name (t0801_self_attention …) or `ladder` (t0810's ladder example). Each run
+# TOPIC is a crate name (t0801_self_attention …), `ladder` (t0810's ladder example) or
+# `t0805_full_transformer_fused` (8-05's main job with the fused LayerNorm and FlashAttention,
+# t0810's main_job example). Each run
 # goes to output/lessons/<topic>/ and is copied into reports/lessons/<topic>/: results.json, the
 # full log, and run.json (the command, the machine, the date, the git revision). Its figures are
 # copied into notebooks-md/figures/<topic>/cpu/, where the lessons link them.
@@ -14,7 +16,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 all="t0801_self_attention t0802_multi_head_attention t0803_positional_encoding t0804_transformer_block
-t0805_full_transformer t0806_modern_blocks t0807_grouped_query_attention t0808_rope t0809_flash_attention
+t0805_full_transformer t0805_full_transformer_fused t0806_modern_blocks t0807_grouped_query_attention t0808_rope t0809_flash_attention
 t0810_kv_cache ladder"
 topics=${*:-$all}
 out=output/lessons
@@ -22,6 +24,8 @@ cargo build --release --bins --examples -q
 for t in $topics; do
   if [ "$t" = ladder ]; then
     cmd=(cargo run --release -q -p t0810_kv_cache --example ladder -- --device cpu --out "$out")
+  elif [ "$t" = t0805_full_transformer_fused ]; then
+    cmd=(cargo run --release -q -p t0810_kv_cache --example main_job -- --device cpu --out "$out")
   else
     cmd=(cargo run --release -q -p "$t" -- --device cpu --out "$out")
   fi
