@@ -1,5 +1,9 @@
 //! Draws a small labelled heatmap and a line chart (a smoke test of the plotting helpers).
 fn main() -> anyhow::Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> anyhow::Result<()> {
     let m: Vec<Vec<f64>> = (0..4)
         .map(|r| {
             (0..5)

@@ -6,6 +6,10 @@ use shared::tokenizer::{load_corpus, Corpus};
 use shared::train::unigram_entropy;
 
 fn main() -> anyhow::Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> anyhow::Result<()> {
     let vocabs: Vec<usize> = std::env::args()
         .skip(1)
         .map(|a| a.parse())

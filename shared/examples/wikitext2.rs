@@ -7,6 +7,10 @@ use shared::tokenizer::WordVocab;
 use shared::wikitext::{self, Split, Variant, WikiText2};
 
 fn main() -> Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let data_dir = args
         .iter()

@@ -6,7 +6,9 @@
 //!   and `tanhf` are a call per element, and a softmax, a SiLU, a GELU, an LSTM cell or a
 //!   cross-entropy spends most of its time there;
 //! - [`for_each_row`], which spreads the rows of an output over the cores when there are enough
-//!   of them to pay for the hand-over.
+//!   of them to pay for the hand-over;
+//! - [`in_pool`], which runs a whole program on a worker of rayon's pool, so that every one of
+//!   those loops, and every matmul, forks inside the pool instead of being handed to it.
 //!
 //! Written as plain loops over slices, with no `unsafe` and no intrinsics: the compiler turns
 //! them into SIMD code for the target it builds for.
@@ -425,4 +427,27 @@ mod tests {
             }
         }
     }
+}
+
+/// The stack of the pool's threads: the main thread's usual 8 MiB (Candle's backward walks the
+/// graph recursively; rayon's default for its workers is 2 MiB).
+const POOL_STACK_BYTES: usize = 8 << 20;
+
+/// Runs `f` on a worker thread of rayon's global pool and returns what it returns. Every binary's
+/// `main` runs its work this way.
+///
+/// This project's CPU loops ([`for_each_row`]) and Candle's matmuls fork their work onto rayon's
+/// pool. From the main thread each fork is a hand-off: the job is queued for the pool, a worker
+/// is woken, and the main thread sleeps on a latch until the job is done — two futex round trips
+/// per op, thousands per training step of a small model. From a worker thread the same fork is
+/// rayon's work stealing: the calling thread does its share, the other workers steal the rest,
+/// and nobody sleeps. The thread pools are set up first (see [`crate::device`]: one pool, of
+/// the machine's cores), before any thread exists.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    crate::device::one_cpu_thread_pool();
+    // Fails only when the global pool already exists (a second call): it is then used as it is.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(POOL_STACK_BYTES)
+        .build_global();
+    rayon::join(f, || ()).0
 }

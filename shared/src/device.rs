@@ -111,7 +111,7 @@ fn cpu() -> PickedDevice {
 /// use, which is also rayon's own default): without it candle works the count out again for every
 /// matmul by parsing `/proc/cpuinfo`, about a quarter of a CPU decode step's `perf` samples (same
 /// folder).
-fn one_cpu_thread_pool() {
+pub(crate) fn one_cpu_thread_pool() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if std::env::var_os("CANDLE_NUM_THREADS").is_none() {

@@ -48,6 +48,10 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     let ctx = args.common.setup(
         TOPIC,

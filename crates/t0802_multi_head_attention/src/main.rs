@@ -67,6 +67,10 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     if args.threads > 0 {
         // Read by Candle's CPU matmul at every call; set before any tensor work.

@@ -55,6 +55,10 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     if args.threads > 0 {
         // Candle's CPU kernels read RAYON_NUM_THREADS on every call; set before any work starts.

@@ -19,6 +19,10 @@ use t0805_full_transformer::main_job::{self, Args};
 const TOPIC: &str = "t0805_full_transformer";
 
 fn main() -> Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     let composed = t0804_transformer_block::parts(Kernels::composed());
     main_job::run(&args, TOPIC, &composed)

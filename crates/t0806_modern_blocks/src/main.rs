@@ -45,6 +45,10 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     match &args.cmd {
         Some(Cmd::NormBench(bench)) => norm_bench::run(&args.common, bench),

@@ -55,6 +55,10 @@ struct Args {
 const MAX_SEQ: usize = 512;
 
 fn main() -> Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let a = Args::parse();
     let quick = a.common.quick;
     let run = a.common.setup(

@@ -78,6 +78,10 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let a = Args::parse();
     let quick = a.common.quick;
     let run = a.common.setup(

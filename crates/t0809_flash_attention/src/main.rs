@@ -39,6 +39,10 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     match &args.cmd {
         Some(Cmd::Bench(b)) => bench::run(&args.common, b),

@@ -375,6 +375,10 @@ fn samples(
 }
 
 fn main() -> Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     let ctx = args.common.setup_mixed(
         "ladder",

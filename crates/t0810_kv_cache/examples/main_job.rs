@@ -20,6 +20,10 @@ use t0805_full_transformer::main_job::{self, Args};
 const TOPIC: &str = "t0805_full_transformer_fused";
 
 fn main() -> Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     let fastest = t0809_flash_attention::parts(Kernels::fused());
     main_job::run(&args, TOPIC, &fastest)

@@ -171,6 +171,10 @@ fn save_initial(dir: &Path, cfg: &LmConfig, varmap: &candle_nn::VarMap) -> Resul
 }
 
 fn main() -> Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     if let Some(twin) = &args.plot {
         return plot_parity(twin, &args.dump);

@@ -59,6 +59,10 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    shared::cpu::in_pool(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     let (common, kernels) = (&args.common, &args.kernels);
     match &args.cmd {
