@@ -314,6 +314,29 @@ pub fn zeros<T: WithDType>(len: usize) -> Vec<T> {
     vec![T::zero(); len]
 }
 
+/// The stack of the pool's threads: the main thread's usual 8 MiB (Candle's backward walks the
+/// graph recursively; rayon's default for its workers is 2 MiB).
+const POOL_STACK_BYTES: usize = 8 << 20;
+
+/// Runs `f` on a worker thread of rayon's global pool and returns what it returns. Every binary's
+/// `main` runs its work this way.
+///
+/// This project's CPU loops ([`for_each_row`]) and Candle's matmuls fork their work onto rayon's
+/// pool. From the main thread each fork is a hand-off: the job is queued for the pool, a worker
+/// is woken, and the main thread sleeps on a latch until the job is done — two futex round trips
+/// per op, thousands per training step of a small model. From a worker thread the same fork is
+/// rayon's work stealing: the calling thread does its share, the other workers steal the rest,
+/// and nobody sleeps. The thread pools are set up first (see [`crate::device`]: one pool, of
+/// the machine's cores), before any thread exists.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    crate::device::one_cpu_thread_pool();
+    // Fails only when the global pool already exists (a second call): it is then used as it is.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(POOL_STACK_BYTES)
+        .build_global();
+    rayon::join(f, || ()).0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,27 +450,17 @@ mod tests {
             }
         }
     }
-}
 
-/// The stack of the pool's threads: the main thread's usual 8 MiB (Candle's backward walks the
-/// graph recursively; rayon's default for its workers is 2 MiB).
-const POOL_STACK_BYTES: usize = 8 << 20;
-
-/// Runs `f` on a worker thread of rayon's global pool and returns what it returns. Every binary's
-/// `main` runs its work this way.
-///
-/// This project's CPU loops ([`for_each_row`]) and Candle's matmuls fork their work onto rayon's
-/// pool. From the main thread each fork is a hand-off: the job is queued for the pool, a worker
-/// is woken, and the main thread sleeps on a latch until the job is done — two futex round trips
-/// per op, thousands per training step of a small model. From a worker thread the same fork is
-/// rayon's work stealing: the calling thread does its share, the other workers steal the rest,
-/// and nobody sleeps. The thread pools are set up first (see [`crate::device`]: one pool, of
-/// the machine's cores), before any thread exists.
-pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    crate::device::one_cpu_thread_pool();
-    // Fails only when the global pool already exists (a second call): it is then used as it is.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .stack_size(POOL_STACK_BYTES)
-        .build_global();
-    rayon::join(f, || ()).0
+    #[test]
+    fn in_pool_runs_on_a_worker_and_returns_the_result() {
+        assert_eq!(rayon::current_thread_index(), None); // the test's own thread
+        let (index, sum) = in_pool(|| {
+            let v: Vec<u64> = (0..10_000).collect();
+            let mut out = vec![0u64; 100];
+            for_each_row(&mut out, 1, |i, o| o[0] = v[i * 100..(i + 1) * 100].iter().sum());
+            (rayon::current_thread_index(), out.iter().sum::<u64>())
+        });
+        assert!(index.is_some(), "in_pool ran its closure outside rayon's pool");
+        assert_eq!(sum, 10_000 * 9_999 / 2);
+    }
 }
