@@ -59,11 +59,13 @@ lines = [f"# CPU bench, {len(next(iter(rows.values())))} interleaved rounds, med
 for k in sorted(med):
     lines.append(f"| {k} | {med[k]:,.0f} | {', '.join(f'{v:,.0f}' for v in rows[k])} |")
 lines += ["", "| ratio | value |", "|---|---|"]
+ratios = {}
 for a, b in [("train_ours", "train_twin"), ("train_ours", "train_twin_fused"), ("train_ours", "train_twin_compile"),
              ("decode_ours", "decode_twin"), ("decode_ours", "decode_twin_compiled")]:
     if a in med and b in med:
+        ratios[f"{a}/{b}"] = med[a] / med[b]
         lines.append(f"| {a} / {b} | {med[a] / med[b]:.2f}x |")
 open(os.path.join(out, "summary.md"), "w").write("\n".join(lines) + "\n")
-json.dump({"medians": med, "runs": rows}, open(os.path.join(out, "summary.json"), "w"), indent=1)
+json.dump({"medians": med, "ratios": ratios, "runs": rows}, open(os.path.join(out, "summary.json"), "w"), indent=1)
 print("\n".join(lines))
 PY
