@@ -457,10 +457,15 @@ mod tests {
         let (index, sum) = in_pool(|| {
             let v: Vec<u64> = (0..10_000).collect();
             let mut out = vec![0u64; 100];
-            for_each_row(&mut out, 1, |i, o| o[0] = v[i * 100..(i + 1) * 100].iter().sum());
+            for_each_row(&mut out, 1, |i, o| {
+                o[0] = v[i * 100..(i + 1) * 100].iter().sum()
+            });
             (rayon::current_thread_index(), out.iter().sum::<u64>())
         });
-        assert!(index.is_some(), "in_pool ran its closure outside rayon's pool");
+        assert!(
+            index.is_some(),
+            "in_pool ran its closure outside rayon's pool"
+        );
         assert_eq!(sum, 10_000 * 9_999 / 2);
     }
 }
