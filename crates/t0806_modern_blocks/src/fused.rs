@@ -73,6 +73,16 @@ pub fn rms_norm_fused_backward(
 }
 
 fn check_args(x: &Tensor, g: &Tensor, eps: f64, what: &str) -> Result<()> {
+    check_gain_and_input(x, g, what)?;
+    if !(eps >= 0.0 && eps.is_finite()) {
+        bail!("{what}: eps must be finite and ≥ 0, got {eps}");
+    }
+    Ok(())
+}
+
+/// A 1-D gain `g (d,)` and an input `x (…, d)` on its device: the checks every fused norm makes
+/// at its public boundary, with messages that name `what` and the shapes.
+pub(crate) fn check_gain_and_input(x: &Tensor, g: &Tensor, what: &str) -> Result<()> {
     if g.rank() != 1 {
         bail!("{what}: the gain must be 1-D, got {:?}", g.dims());
     }
@@ -82,9 +92,6 @@ fn check_args(x: &Tensor, g: &Tensor, eps: f64, what: &str) -> Result<()> {
             "{what}: x {:?} must end in the gain's width {d} (> 0)",
             x.dims()
         );
-    }
-    if !(eps >= 0.0 && eps.is_finite()) {
-        bail!("{what}: eps must be finite and ≥ 0, got {eps}");
     }
     if x.device().location() != g.device().location() {
         bail!(

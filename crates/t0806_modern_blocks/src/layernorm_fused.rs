@@ -73,25 +73,9 @@ pub fn layer_norm_fused_backward(
 }
 
 fn check_args(x: &Tensor, g: &Tensor, eps: f64, what: &str) -> Result<()> {
-    if g.rank() != 1 {
-        bail!("{what}: the gain must be 1-D, got {:?}", g.dims());
-    }
-    let d = g.dim(0)?;
-    if x.rank() == 0 || x.dim(x.rank() - 1)? != d || d == 0 {
-        bail!(
-            "{what}: x {:?} must end in the gain's width {d} (> 0)",
-            x.dims()
-        );
-    }
+    crate::fused::check_gain_and_input(x, g, what)?;
     if !(eps > 0.0 && eps.is_finite()) {
         bail!("{what}: eps must be finite and > 0 (a constant row has zero variance), got {eps}");
-    }
-    if x.device().location() != g.device().location() {
-        bail!(
-            "{what}: x is on {:?}, the gain on {:?}",
-            x.device().location(),
-            g.device().location()
-        );
     }
     Ok(())
 }
