@@ -56,6 +56,11 @@ fn fused_layer_norm_equals_composed_in_f64_and_f32() -> Result<()> {
             if dt == DType::F64 && dev.is_cuda() {
                 continue; // the CUDA kernels compute f32, bf16 and f16
             }
+            if dt == DType::F32 && d == 1 {
+                // One column: x − μ is 0 and r = 1/√ε ≈ 316, so dx is f32 rounding noise times
+                // 316 on both sides (~3e-5); f64 checks this shape.
+                continue;
+            }
             let cast = |t: &Tensor| t.to_dtype(dt);
             let (x, g, b) = (cast(&x64)?, cast(&g64)?, cast(&b64)?);
             let fused = run(&x, &g, &b, &c, true)?;
