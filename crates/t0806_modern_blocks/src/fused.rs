@@ -50,9 +50,32 @@ pub fn rms_norm_fused_backward(
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
     check_args(x, g, eps, "rms_norm_fused_backward")?;
+    let (dx, mut params) = packed_backward(
+        x,
+        g,
+        dy,
+        &FusedRmsNormBackward { eps },
+        1,
+        "rms_norm_fused_backward",
+    )?; // [dx | dg]
+    Ok((dx, params.remove(0)))
+}
+
+/// Runs a fused norm's backward op on `(x, g, dy)` after checking `dy` against `x`, and splits its
+/// packed output `[dx | p₁ | … | pₙ]` into `dx` (shaped like `x`) and the `n_params` parameter
+/// gradients, each of `g`'s shape and dtype and a copy of its own: a parameter's gradient lives
+/// until AdamW, and as a view it would keep the whole packed buffer alive with it.
+pub(crate) fn packed_backward(
+    x: &Tensor,
+    g: &Tensor,
+    dy: &Tensor,
+    op: &impl CustomOp3,
+    n_params: usize,
+    what: &str,
+) -> Result<(Tensor, Vec<Tensor>)> {
     if dy.dims() != x.dims() || dy.dtype() != x.dtype() {
         bail!(
-            "rms_norm_fused_backward: dy {:?} {:?} must match x {:?} {:?}",
+            "{what}: dy {:?} {:?} must match x {:?} {:?}",
             dy.dims(),
             dy.dtype(),
             x.dims(),
@@ -63,13 +86,13 @@ pub fn rms_norm_fused_backward(
     let packed = x.contiguous()?.apply_op3_no_bwd(
         &g.to_dtype(x.dtype())?.contiguous()?,
         &dy.contiguous()?,
-        &FusedRmsNormBackward { eps },
-    )?; // [dx | dg]
+        op,
+    )?;
     let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-    // A copy of its own: the gain's gradient lives until AdamW, and as a view it would keep the
-    // whole [dx | dg] buffer alive with it.
-    let dg = packed.narrow(0, n, d)?.to_dtype(g.dtype())?.copy()?;
-    Ok((dx, dg))
+    let params = (0..n_params)
+        .map(|i| packed.narrow(0, n + i * d, d)?.to_dtype(g.dtype())?.copy())
+        .collect::<Result<Vec<_>>>()?;
+    Ok((dx, params))
 }
 
 fn check_args(x: &Tensor, g: &Tensor, eps: f64, what: &str) -> Result<()> {

@@ -50,25 +50,11 @@ pub fn layer_norm_fused_backward(
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     check_args(x, g, eps, "layer_norm_fused_backward")?;
-    if dy.dims() != x.dims() || dy.dtype() != x.dtype() {
-        bail!(
-            "layer_norm_fused_backward: dy {:?} {:?} must match x {:?} {:?}",
-            dy.dims(),
-            dy.dtype(),
-            x.dims(),
-            x.dtype()
-        );
-    }
-    let (d, n) = (g.dim(0)?, x.elem_count());
-    let packed = x.contiguous()?.apply_op3_no_bwd(
-        &g.to_dtype(x.dtype())?.contiguous()?,
-        &dy.contiguous()?,
-        &FusedLayerNormBackward { eps },
-    )?; // [dx | dg | db]
-    let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-    // Copies of their own, so that the parameters' gradients do not keep [dx | …] alive.
-    let dg = packed.narrow(0, n, d)?.to_dtype(g.dtype())?.copy()?;
-    let db = packed.narrow(0, n + d, d)?.to_dtype(g.dtype())?.copy()?;
+    let what = "layer_norm_fused_backward";
+    let op = FusedLayerNormBackward { eps };
+    let (dx, mut params) = crate::fused::packed_backward(x, g, dy, &op, 2, what)?; // [dx | dg | db]
+    let db = params.pop().expect("two parameter gradients");
+    let dg = params.pop().expect("two parameter gradients");
     Ok((dx, dg, db))
 }
 
