@@ -127,8 +127,11 @@ def main():
 
                 try:
                     fwd, fb, mem = measure(sdpa, q, k, v, do, a.warmup, a.reps, a.fwd_only)
-                except RuntimeError as e:  # a backend that does not take this shape
-                    print(f"seq {n} d {d} causal {causal}: {backend.name} failed: {str(e).splitlines()[0]}")
+                except RuntimeError as e:  # a shape the backend refuses, or out of memory
+                    status = "OOM" if isinstance(e, torch.cuda.OutOfMemoryError) else f"refused: {str(e).splitlines()[0]}"
+                    print(f"seq {n} d {d} causal {causal}: {backend.name} {status}")
+                    row.update({"fwd_ms": None, "fwd_bwd_ms": None, "status": status})
+                    results.append(row)
                     del q, k, v, do
                     torch.cuda.empty_cache()
                     continue
@@ -152,6 +155,9 @@ def main():
         hdr += f" {'naive fwd':>10} {'naive f+b':>10}"
     print(hdr)
     for r in results:
+        if r.get("fwd_ms") is None:
+            print(f"{r['seq']:>6} {r['d_head']:>4} {str(r['causal']):>6} {r['batch']:>3}x{r['heads']:<3} {r['status']}")
+            continue
         line = (f"{r['seq']:>6} {r['d_head']:>4} {str(r['causal']):>6} {r['batch']:>3}x{r['heads']:<3} "
                 f"{r['fwd_ms']:>9.3f} {r['fwd_tflops']:>8.1f} "
                 f"{(r['fwd_bwd_ms'] or float('nan')):>9.3f} {(r['fwd_bwd_tflops'] or float('nan')):>8.1f} "

@@ -57,12 +57,12 @@ for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
       [ -n "$names" ] || { echo "$t $tool: no tests listed" | tee -a "$summary"; continue; }
       for name in $names; do
         while [ "$(jobs -rp | wc -l)" -ge "${SANITIZE_JOBS:-4}" ]; do wait -n; done
-        run_one "$tool" "$t" "/tmp/sanitize-$t-$name-$tool.log" "$name" --exact &
+        run_one "$tool" "$t" "/tmp/sanitize-$label-$t-$name-$tool.log" "$name" --exact &
       done
       wait
     else
-      run_one "$tool" "$t" "/tmp/sanitize-$t-$tool.log"
+      run_one "$tool" "$t" "/tmp/sanitize-$label-$t-$tool.log"
     fi
   done
 done
-tar -czf "$dest/$label-logs.tgz" -C /tmp $(cd /tmp && ls sanitize-*.log 2>/dev/null)
+tar -czf "$dest/$label-logs.tgz" -C /tmp $(cd /tmp && ls "sanitize-$label-"*.log 2>/dev/null)

@@ -454,11 +454,14 @@ mod tests {
     #[test]
     fn in_pool_runs_on_a_worker_and_returns_the_result() {
         assert_eq!(rayon::current_thread_index(), None); // the test's own thread
+                                                         // Enough rows of enough work that for_each_row forks them over the pool.
+        let (rows, width) = (64u64, 4096u64);
         let (index, sum) = in_pool(|| {
-            let v: Vec<u64> = (0..10_000).collect();
-            let mut out = vec![0u64; 100];
-            for_each_row(&mut out, 1, |i, o| {
-                o[0] = v[i * 100..(i + 1) * 100].iter().sum()
+            let v: Vec<u64> = (0..rows * width).collect();
+            let mut out = vec![0u64; (rows * width) as usize];
+            for_each_row(&mut out, width as usize, |i, o| {
+                let row = &v[i * width as usize..(i + 1) * width as usize];
+                o.copy_from_slice(row);
             });
             (rayon::current_thread_index(), out.iter().sum::<u64>())
         });
@@ -466,6 +469,7 @@ mod tests {
             index.is_some(),
             "in_pool ran its closure outside rayon's pool"
         );
-        assert_eq!(sum, 10_000 * 9_999 / 2);
+        let n = rows * width;
+        assert_eq!(sum, n * (n - 1) / 2);
     }
 }

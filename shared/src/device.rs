@@ -104,8 +104,9 @@ fn cpu() -> PickedDevice {
 /// runs on rayon's threads the other pool's workers spin on the same cores (`perf` on the 2-core
 /// build machine: 37 % of all samples, `reports/cpu-bench/runs/2026-12-05/perf/`). So candle's
 /// element-wise pool is given one thread (the caller); the cores go to the matmuls and the fused
-/// kernels, which are where the time is. This must run before candle's first element-wise op (it reads the variable once): [`pick_device`] is the
-/// first thing every binary does.
+/// kernels, which are where the time is. This must run before candle's first element-wise op and before rayon's pool exists (both read
+/// the variables once): [`crate::cpu::in_pool`], which every binary's `main` calls first, runs it;
+/// [`pick_device`] runs it again for library users (a no-op the second time).
 ///
 /// The matmul's thread count is set as well (`RAYON_NUM_THREADS`, to the cores this process may
 /// use, which is also rayon's own default): without it candle works the count out again for every

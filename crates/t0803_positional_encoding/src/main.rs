@@ -55,15 +55,16 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    shared::cpu::in_pool(run)
-}
-
-fn run() -> Result<()> {
     let args = Args::parse();
     if args.threads > 0 {
-        // Candle's CPU kernels read RAYON_NUM_THREADS on every call; set before any work starts.
+        // Sizes rayon's pool (built by `in_pool`) and Candle's CPU matmul, which reads it at
+        // every call: set before any thread exists.
         std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
     }
+    shared::cpu::in_pool(|| run(args))
+}
+
+fn run(args: Args) -> Result<()> {
     let ctx = args.common.setup(
         TOPIC,
         "position information for attention: sinusoidal, learned, relative bias",

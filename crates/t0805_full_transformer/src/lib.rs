@@ -268,15 +268,18 @@ impl Transformer {
         seed: u64,
     ) -> Result<Vec<u32>> {
         let dev = self.token_embedding.device();
+        if src.is_empty() {
+            bail!("empty sequence: the source and the target need at least one token");
+        }
         let src_t = Tensor::new(src, dev)?.unsqueeze(0)?;
-        let src_mask = Tensor::ones((1, src.len()), DType::U8, dev)?;
-        let memory = self.encode(&src_t, &src_mask)?;
+        let src_keys = KeyPadding::new(&[src.len()], src.len(), dev)?; // one source, no padding
+        let memory = self.encode_padded(&src_t, &src_keys)?;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut out = vec![bos];
         for _ in 0..max_new.min(self.cfg.max_len) {
             let tgt = Tensor::new(out.as_slice(), dev)?.unsqueeze(0)?;
-            let tgt_mask = Tensor::ones((1, out.len()), DType::U8, dev)?;
-            let logits = self.decode(&tgt, &tgt_mask, &memory, &src_mask)?;
+            let tgt_keys = KeyPadding::new(&[out.len()], out.len(), dev)?;
+            let logits = self.decode_padded(&tgt, &tgt_keys, &memory, &src_keys)?;
             let last = logits.get(0)?.get(out.len() - 1)?.to_dtype(DType::F32)?;
             out.push(sample_token(&last, temperature, &mut rng)?);
         }

@@ -130,10 +130,20 @@ pub type Qkv<'a> = [(&'a CudaStorage, &'a Layout); 3];
 pub type Masking<'a> = (bool, Option<&'a [usize]>);
 
 /// The per-`(batch, head)` key lengths on the device (`int`), or `None`.
-fn device_lengths(dev: &CudaDevice, lengths: Option<&[usize]>) -> Result<Option<CudaSlice<i32>>> {
+fn device_lengths(
+    dev: &CudaDevice,
+    lengths: Option<&[usize]>,
+    bh: usize,
+) -> Result<Option<CudaSlice<i32>>> {
     let Some(lengths) = lengths else {
         return Ok(None);
     };
+    if lengths.len() != bh {
+        bail!(
+            "flash attention (cuda): {} key lengths for {bh} (batch, head) pairs",
+            lengths.len()
+        );
+    }
     let host: Vec<i32> = lengths
         .iter()
         .map(|&n| n.min(i32::MAX as usize) as i32)
@@ -179,7 +189,7 @@ fn fwd<T: CudaDType + DeviceRepr>(
     suffix: &str,
 ) -> Result<(CudaStorage, CudaStorage)> {
     let dev = s1.device().clone();
-    let kv_len = device_lengths(&dev, lengths)?;
+    let kv_len = device_lengths(&dev, lengths, dims.bh)?;
     let null = 0u64;
     let (q, oq) = view::<T>(s1, l1, "q")?;
     let (k, ok) = view::<T>(s2, l2, "k")?;
@@ -330,7 +340,7 @@ fn bwd<T: CudaDType + DeviceRepr>(
     suffix: &str,
 ) -> Result<CudaStorage> {
     let dev = inp.q.0.device().clone();
-    let kv_len = device_lengths(&dev, lengths)?;
+    let kv_len = device_lengths(&dev, lengths, dims.bh)?;
     let null = 0u64;
     let (q, oq) = view::<T>(inp.q.0, inp.q.1, "q")?;
     let (k, ok) = view::<T>(inp.k.0, inp.k.1, "k")?;

@@ -39,6 +39,13 @@ impl AttentionKernel for FlashAttentionKernel {
             AttnMask::None => (false, None),
             AttnMask::Causal => (true, None),
             AttnMask::Padding { keys, causal } if keys.is_full() => (causal, None),
+            AttnMask::Padding { keys, .. } if keys.n_keys() != k.dim(2)? => {
+                bail!(
+                    "FlashAttention: key padding for {} keys, but {} keys were given",
+                    keys.n_keys(),
+                    k.dim(2)?
+                )
+            }
             AttnMask::Padding { keys, causal } => (causal, Some(keys)),
             AttnMask::Explicit(_) => {
                 bail!("FlashAttention takes no mask, the causal mask or key padding, not an explicit mask: use naive attention")

@@ -119,6 +119,7 @@ pub(crate) fn per_head(
     lengths: Option<&[usize]>,
     b: usize,
     h: usize,
+    n_k: usize,
 ) -> Result<Option<Vec<usize>>> {
     let Some(lengths) = lengths else {
         return Ok(None);
@@ -128,6 +129,9 @@ pub(crate) fn per_head(
             "flash attention op: {} key lengths for a batch of {b}",
             lengths.len()
         );
+    }
+    if let Some(n) = lengths.iter().find(|&&n| n == 0 || n > n_k) {
+        bail!("flash attention op: a key length of {n} is not in 1..={n_k}");
     }
     Ok(Some(
         lengths
@@ -171,7 +175,7 @@ impl CustomOp3 for FlashAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, h, dims) = problem_dims(l1, l2, l3)?;
-        let lengths = per_head(self.key_lengths.as_deref(), b, h)?;
+        let lengths = per_head(self.key_lengths.as_deref(), b, h, dims.n_k)?;
         let lengths = lengths.as_deref();
         // f32/f64 run in place; f16/bf16 are widened to f32 and the output narrowed back.
         macro_rules! run {
@@ -234,7 +238,7 @@ impl CustomOp3 for FlashAttention {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, h, dims) = problem_dims(l1, l2, l3)?;
-        let lengths = per_head(self.key_lengths.as_deref(), b, h)?;
+        let lengths = per_head(self.key_lengths.as_deref(), b, h, dims.n_k)?;
         let (o, lse) = crate::cuda::forward(
             [(s1, l1), (s2, l2), (s3, l3)],
             dims,
@@ -381,7 +385,7 @@ impl CustomOp3 for FlashAttentionBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, h, dims) = problem_dims(l1, l2, l3)?;
-        let lengths = per_head(self.key_lengths.as_deref(), b, h)?;
+        let lengths = per_head(self.key_lengths.as_deref(), b, h, dims.n_k)?;
         let lengths = lengths.as_deref();
         let (o_guard, o_layout) = self.o.storage_and_layout();
         let (do_guard, do_layout) = self.d_o.storage_and_layout();
@@ -461,7 +465,7 @@ impl CustomOp3 for FlashAttentionBackward {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, h, dims) = problem_dims(l1, l2, l3)?;
-        let lengths = per_head(self.key_lengths.as_deref(), b, h)?;
+        let lengths = per_head(self.key_lengths.as_deref(), b, h, dims.n_k)?;
         let (o_guard, o_layout) = self.o.storage_and_layout();
         let (do_guard, do_layout) = self.d_o.storage_and_layout();
         let (lse_guard, lse_layout) = self.lse.storage_and_layout();

@@ -428,7 +428,7 @@ fn run() -> Result<()> {
             &ctx.out_dir.join(format!("checkpoints/rung-{}", r.topic)),
         )?;
         rows.push(m);
-        if top.as_ref().is_none_or(|(_, _, index)| r.index >= *index) {
+        if top.as_ref().is_none_or(|(_, _, index)| r.index > *index) {
             top = Some((lm, r.topic, r.index)); // the highest rung trained
         }
     }
