@@ -111,9 +111,10 @@ pub fn forward(
     }
     if sx.dtype() != sg.dtype() || bias.is_some_and(|(sb, _)| sb.dtype() != sx.dtype()) {
         bail!(
-            "fused RMSNorm (cuda): x is {:?}, the gain {:?}",
+            "fused {norm:?}Norm (cuda): x is {:?}, the gain {:?}, the bias {:?}",
             sx.dtype(),
-            sg.dtype()
+            sg.dtype(),
+            bias.map(|(sb, _)| sb.dtype())
         );
     }
     macro_rules! run {
