@@ -35,12 +35,13 @@ pub enum AttnMask<'a> {
 }
 
 /// Key padding of a batch: sequence `b` has `lengths[b]` real keys of `n_keys`, then padding.
-/// Holds the lengths (host) and the `u8` mask `(batch, 1, 1, n_keys)` built from them.
+/// Holds the lengths (host) and, when some sequence is padded, the `u8` mask
+/// `(batch, 1, 1, n_keys)` built from them (a batch without padding makes no tensor).
 #[derive(Debug, Clone)]
 pub struct KeyPadding {
     lengths: std::sync::Arc<[usize]>,
     n_keys: usize,
-    mask: Tensor,
+    mask: Option<Tensor>,
 }
 
 impl KeyPadding {
@@ -56,11 +57,19 @@ impl KeyPadding {
         {
             bail!("key padding: sequence {b} has {n} real keys, not in 1..={n_keys}");
         }
-        let data: Vec<u8> = lengths
-            .iter()
-            .flat_map(|&n| (0..n_keys).map(move |j| u8::from(j < n)))
-            .collect();
-        let mask = Tensor::from_vec(data, (lengths.len(), 1, 1, n_keys), device)?;
+        let mask = if lengths.iter().all(|&n| n == n_keys) {
+            None
+        } else {
+            let data: Vec<u8> = lengths
+                .iter()
+                .flat_map(|&n| (0..n_keys).map(move |j| u8::from(j < n)))
+                .collect();
+            Some(Tensor::from_vec(
+                data,
+                (lengths.len(), 1, 1, n_keys),
+                device,
+            )?)
+        };
         Ok(Self {
             lengths: lengths.into(),
             n_keys,
@@ -99,14 +108,14 @@ impl KeyPadding {
         self.n_keys
     }
 
-    /// `(batch, 1, 1, n_keys)` `u8`, 1 = real key.
-    pub fn mask(&self) -> &Tensor {
-        &self.mask
+    /// `(batch, 1, 1, n_keys)` `u8`, 1 = real key; `None` when no sequence has padding.
+    pub fn mask(&self) -> Option<&Tensor> {
+        self.mask.as_ref()
     }
 
     /// Whether no sequence has padding.
     pub fn is_full(&self) -> bool {
-        self.lengths.iter().all(|&n| n == self.n_keys)
+        self.mask.is_none()
     }
 }
 
@@ -133,13 +142,13 @@ impl<'a> AttnMask<'a> {
         let AttnMask::Padding { keys, causal } = self else {
             return Ok(LoweredMask::Borrowed(self));
         };
-        Ok(match (keys.is_full(), causal) {
-            (true, false) => LoweredMask::Borrowed(AttnMask::None),
-            (true, true) => LoweredMask::Borrowed(AttnMask::Causal),
-            (false, false) => LoweredMask::Borrowed(AttnMask::Explicit(keys.mask())),
-            (false, true) => {
-                let causal = causal_mask(n_q, keys.n_keys(), keys.mask().device())?;
-                LoweredMask::Owned(and_masks(&causal, keys.mask())?) // (batch, 1, n_q, n_keys)
+        Ok(match (keys.mask(), causal) {
+            (None, false) => LoweredMask::Borrowed(AttnMask::None),
+            (None, true) => LoweredMask::Borrowed(AttnMask::Causal),
+            (Some(mask), false) => LoweredMask::Borrowed(AttnMask::Explicit(mask)),
+            (Some(mask), true) => {
+                let causal = causal_mask(n_q, keys.n_keys(), mask.device())?;
+                LoweredMask::Owned(and_masks(&causal, mask)?) // (batch, 1, n_q, n_keys)
             }
         })
     }

@@ -488,3 +488,45 @@ fn kernel_path_equals_inspection_path_and_grouped_heads_equal_repeated_heads() -
     );
     Ok(())
 }
+
+#[test]
+fn key_padding_reads_lengths_and_lowers_to_the_explicit_mask() -> Result<()> {
+    let dev = test_device();
+    let mask = Tensor::new(&[[1u8, 1, 1, 0], [1, 1, 1, 1]], &dev)?;
+    let keys = KeyPadding::from_mask(&mask)?;
+    assert_eq!(keys.lengths(), &[3, 4]);
+    assert!(!keys.is_full());
+    // Causal ∧ padding for 2 queries that are the last of 4 keys: query i sees keys ≤ i + 2.
+    let lowered = AttnMask::Padding {
+        keys: &keys,
+        causal: true,
+    }
+    .lowered(2)?;
+    let AttnMask::Explicit(m) = lowered.get() else {
+        panic!("padding should lower to an explicit mask");
+    };
+    let want = [[[1u8, 1, 1, 0], [1, 1, 1, 0]], [[1, 1, 1, 0], [1, 1, 1, 1]]];
+    assert_eq!(m.squeeze(1)?.to_vec3::<u8>()?, want);
+    // Nothing padded: no mask tensor, and the mask lowers to none or causal.
+    let full = KeyPadding::new(&[4, 4], 4, &dev)?;
+    assert!(full.is_full() && full.mask().is_none());
+    let none = AttnMask::Padding {
+        keys: &full,
+        causal: false,
+    }
+    .lowered(4)?;
+    assert!(matches!(none.get(), AttnMask::None));
+    let causal = AttnMask::Padding {
+        keys: &full,
+        causal: true,
+    }
+    .lowered(4)?;
+    assert!(matches!(causal.get(), AttnMask::Causal));
+    // Bad input: padding before a real token, a sequence without keys.
+    let hole = Tensor::new(&[[1u8, 0, 1]], &dev)?;
+    let e = KeyPadding::from_mask(&hole).unwrap_err().to_string();
+    assert!(e.contains("padding must come last"), "{e}");
+    let e = KeyPadding::new(&[0], 3, &dev).unwrap_err().to_string();
+    assert!(e.contains("0 real keys"), "{e}");
+    Ok(())
+}

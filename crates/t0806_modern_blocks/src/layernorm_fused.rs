@@ -141,13 +141,24 @@ fn cpu_backward<T: Element, A: Real>(x: &[T], g: &[T], dy: &[T], d: usize, eps: 
     out
 }
 
-/// `(rows, d)` of `x (…, d)` with a gain and a second `(…, d)` or `(d,)` operand, all contiguous.
-fn rows_and_width(lx: &Layout, lg: &Layout, l3: &Layout, third: &str) -> Result<(usize, usize)> {
+/// The third operand of the two ops: the forward's bias (shaped like the gain) or the backward's
+/// `dy` (shaped like `x`).
+#[derive(Clone, Copy)]
+enum Third {
+    Bias,
+    Dy,
+}
+
+/// `(rows, d)` of `x (…, d)` with a gain `(d,)` and the third operand, all contiguous.
+fn rows_and_width(lx: &Layout, lg: &Layout, l3: &Layout, third: Third) -> Result<(usize, usize)> {
     let (rows, d) = crate::fused::rows_and_width(lx, lg)?;
-    let expected: &[usize] = if third == "dy" { lx.dims() } else { lg.dims() };
+    let (name, expected) = match third {
+        Third::Bias => ("bias", lg.dims()),
+        Third::Dy => ("dy", lx.dims()),
+    };
     if l3.dims() != expected || !l3.is_contiguous() {
         bail!(
-            "fused LayerNorm: {third} {:?} must be {expected:?} and contiguous",
+            "fused LayerNorm: {name} {:?} must be {expected:?} and contiguous",
             l3.dims()
         );
     }
@@ -168,7 +179,7 @@ impl CustomOp3 for FusedLayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, d) = rows_and_width(l1, l2, l3, "bias")?;
+        let (_, d) = rows_and_width(l1, l2, l3, Third::Bias)?;
         macro_rules! run {
             ($t:ty, $a:ty) => {{
                 let what = "fused LayerNorm: input";
@@ -200,7 +211,7 @@ impl CustomOp3 for FusedLayerNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, d) = rows_and_width(l1, l2, l3, "bias")?;
+        let (rows, d) = rows_and_width(l1, l2, l3, Third::Bias)?;
         let y = crate::cuda::forward(
             crate::cuda::NormKernel::Layer,
             s1,
@@ -242,7 +253,7 @@ impl CustomOp3 for FusedLayerNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, d) = rows_and_width(l1, l2, l3, "dy")?;
+        let (_, d) = rows_and_width(l1, l2, l3, Third::Dy)?;
         if s2.dtype() != s1.dtype() || s3.dtype() != s1.dtype() {
             bail!(
                 "fused LayerNorm backward: x {:?}, gain {:?} and dy {:?} must share a dtype",
@@ -274,7 +285,7 @@ impl CustomOp3 for FusedLayerNormBackward {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, d) = rows_and_width(l1, l2, l3, "dy")?;
+        let (rows, d) = rows_and_width(l1, l2, l3, Third::Dy)?;
         let packed = crate::cuda::backward(
             crate::cuda::NormKernel::Layer,
             s1,
