@@ -6,8 +6,9 @@
 //! the same values faster. Every choice gives the same parameters and, up to rounding, the same
 //! numbers, so a checkpoint trained with one loads with any other.
 //!
-//! Each field is interpreted by the topic that teaches the op: `norm` and `swiglu` and `softmax`
-//! by 8-06 (RMSNorm, the SwiGLU gate, naive attention's causal softmax), `rope` by 8-08,
+//! Each field is interpreted by the topic that teaches the op: `norm`, `swiglu`, `gelu` and
+//! `softmax` by 8-06 (RMSNorm and LayerNorm, the SwiGLU gate, bias + GELU, naive attention's causal
+//! softmax), `rope` by 8-08,
 //! `attention` by 8-09 (FlashAttention), `heads` and `embedding` by `shared` itself. A topic
 //! that is asked for a kernel it cannot provide yet says which topic brings it.
 //!
@@ -63,11 +64,19 @@ pub enum Lookup {
     IndexSelect,
 }
 
+/// `OpImpl::Composed`, the serde default of a field newer than some saved results.
+fn composed() -> OpImpl {
+    OpImpl::Composed
+}
+
 /// The execution choice of every op of the course's models.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Kernels {
     pub norm: OpImpl,
     pub swiglu: OpImpl,
+    /// Bias + GELU of the GPT-2-style MLP (absent in older `results.json`: composed).
+    #[serde(default = "composed")]
+    pub gelu: OpImpl,
     pub softmax: OpImpl,
     pub rope: OpImpl,
     pub attention: AttentionImpl,
@@ -88,6 +97,7 @@ impl Kernels {
         Self {
             norm: OpImpl::Composed,
             swiglu: OpImpl::Composed,
+            gelu: OpImpl::Composed,
             softmax: OpImpl::Composed,
             rope: OpImpl::Composed,
             attention: AttentionImpl::Naive,
@@ -102,6 +112,7 @@ impl Kernels {
         Self {
             norm: OpImpl::Fused,
             swiglu: OpImpl::Fused,
+            gelu: OpImpl::Fused,
             softmax: OpImpl::Fused,
             rope: OpImpl::Fused,
             attention: AttentionImpl::Flash,
@@ -135,7 +146,7 @@ impl Kernels {
 }
 
 /// The command-line form of a [`Kernels`] choice, flattened into every binary's arguments:
-/// `--kernels composed|fused` picks the base and `--norm/--swiglu/--softmax/--rope fused|composed`,
+/// `--kernels composed|fused` picks the base and `--norm/--swiglu/--gelu/--softmax/--rope fused|composed`,
 /// `--attention naive|flash`, `--flash-kernels auto|simple`, `--head-copy row-swap|transpose` and
 /// `--embedding gather|index-select` override one op each.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -143,12 +154,15 @@ pub struct KernelArgs {
     /// Base choice for every op (default: every fused op + FlashAttention, on the CPU and CUDA).
     #[arg(long, value_enum)]
     pub kernels: Option<KernelBase>,
-    /// RMSNorm (8-06).
+    /// RMSNorm and LayerNorm (8-06).
     #[arg(long, value_enum)]
     pub norm: Option<OpImpl>,
     /// The SwiGLU gate (8-06).
     #[arg(long, value_enum)]
     pub swiglu: Option<OpImpl>,
+    /// Bias + GELU of the GPT-2-style MLP (8-06).
+    #[arg(long, value_enum)]
+    pub gelu: Option<OpImpl>,
     /// Naive attention's scale + causal mask + softmax (8-06).
     #[arg(long, value_enum)]
     pub softmax: Option<OpImpl>,
@@ -192,6 +206,7 @@ impl KernelArgs {
         };
         set(&mut k.norm, self.norm);
         set(&mut k.swiglu, self.swiglu);
+        set(&mut k.gelu, self.gelu);
         set(&mut k.softmax, self.softmax);
         set(&mut k.rope, self.rope);
         k.attention = self.attention.unwrap_or(k.attention);

@@ -6,6 +6,7 @@
 //! | module | what it gives a topic |
 //! |---|---|
 //! | [`params`] | raw parameters (`(d_out, d_in)` weights, CS336 truncated-normal init), the one [`params::linear`] helper `x·Wᵀ`, parameter counts, safetensors save/load |
+//! | [`bias`] | a bias added to every row, its gradient one GEMV (`1ᵀ·G`) instead of a strided column reduction |
 //! | [`embedding`] | the token-embedding lookup (a row gather) and its scatter-add gradient, one fused op on the GPU |
 //! | [`device`] | `--device auto\|cpu\|cuda[:N]` and `--dtype f32\|bf16\|f16` |
 //! | [`cli`] | the command-line flags every topic binary shares |
@@ -23,6 +24,7 @@
 
 pub mod adamw;
 pub mod batching;
+pub mod bias;
 pub mod checkpoint;
 pub mod cli;
 pub mod compare;

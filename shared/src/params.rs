@@ -151,9 +151,10 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(out_dims)
 }
 
-/// `y = x · Wᵀ + b` with `b` of shape `(d_out,)`.
+/// `y = x · Wᵀ + b` with `b` of shape `(d_out,)` (added by [`crate::bias::add_bias`], whose
+/// gradient for `b` is one GEMV).
 pub fn linear_with_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    linear(x, w)?.broadcast_add(&b.to_dtype(x.dtype())?)
+    crate::bias::add_bias(&linear(x, w)?, &b.to_dtype(x.dtype())?)
 }
 
 /// Checks that `t` has exactly `expected` dims, naming the tensor in the error.

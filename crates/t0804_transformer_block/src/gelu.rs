@@ -39,20 +39,33 @@ struct GeluBackward;
 /// Elements per task of the parallel loops (element-wise: any split will do).
 const CHUNK: usize = 4096;
 
-/// `(tanh u, x)` for the element `x`.
+/// `tanh u` for the element `x`.
 #[inline(always)]
 fn tanh_u<A: Real>(x: A) -> A {
     let (k, c) = (A::from_f64(SQRT_2_OVER_PI), A::from_f64(CUBIC));
     (k * (x + c * x * x * x)).tanh()
 }
 
+/// `GELU(x) = ½·x·(1 + tanh u)` in the arithmetic `A` (8-06's fused bias + GELU loops use it too).
+#[inline(always)]
+pub fn gelu_value<A: Real>(x: A) -> A {
+    A::from_f64(0.5) * x * (A::one() + tanh_u(x))
+}
+
+/// `GELU′(x) = ½·(1 + tanh u) + ½·x·(1 − tanh²u)·√(2/π)·(1 + 3·0.044715·x²)`.
+#[inline(always)]
+pub fn gelu_slope<A: Real>(x: A) -> A {
+    let (half, k) = (A::from_f64(0.5), A::from_f64(SQRT_2_OVER_PI));
+    let t = tanh_u(x);
+    let du = k * (A::one() + A::from_f64(3.0 * CUBIC) * x * x);
+    half * (A::one() + t) + half * x * (A::one() - t * t) * du
+}
+
 fn cpu_forward<T: Element, A: Real>(x: &[T]) -> Vec<T> {
     let mut y = shared::cpu::zeros::<T>(x.len());
     shared::cpu::for_each_row(&mut y, CHUNK, |i, out| {
-        let half = A::from_f64(0.5);
         for (o, &x) in out.iter_mut().zip(&x[i * CHUNK..]) {
-            let x = A::of(x);
-            *o = (half * x * (A::one() + tanh_u(x))).to();
+            *o = gelu_value(A::of(x)).to();
         }
     });
     y
@@ -61,15 +74,9 @@ fn cpu_forward<T: Element, A: Real>(x: &[T]) -> Vec<T> {
 fn cpu_backward<T: Element, A: Real>(x: &[T], g: &[T]) -> Vec<T> {
     let mut dx = shared::cpu::zeros::<T>(x.len());
     shared::cpu::for_each_row(&mut dx, CHUNK, |i, out| {
-        let (half, k) = (A::from_f64(0.5), A::from_f64(SQRT_2_OVER_PI));
-        let c3 = A::from_f64(3.0 * CUBIC);
         let (x, g) = (&x[i * CHUNK..], &g[i * CHUNK..]);
         for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
-            let x = A::of(x);
-            let t = tanh_u(x);
-            let du = k * (A::one() + c3 * x * x);
-            let slope = half * (A::one() + t) + half * x * (A::one() - t * t) * du;
-            *o = (A::of(g) * slope).to();
+            *o = (A::of(g) * gelu_slope(A::of(x))).to();
         }
     });
     dx

@@ -79,7 +79,7 @@ impl LstmLayer {
     ) -> Result<(Tensor, LstmState)> {
         let (len, batch, _) = x.dims3()?;
         // The input's share of every gate at every step, in one product: (len, batch, 4·hidden).
-        let from_input = linear(x, &self.w_ih)?.broadcast_add(&self.bias(x.dtype())?)?;
+        let from_input = shared::bias::add_bias(&linear(x, &self.w_ih)?, &self.bias(x.dtype())?)?;
         let w_hh = self.w_hh.to_dtype(x.dtype())?; // mixed precision: the weight in the compute dtype
         let init = match init {
             Some(s) => s.clone(),
@@ -111,7 +111,7 @@ impl LstmLayer {
 
     /// One step for `x (batch, d_in)` (generation).
     pub fn step(&self, x: &Tensor, state: &LstmState, cell: OpImpl) -> Result<LstmState> {
-        let gates = (linear(x, &self.w_ih)?.broadcast_add(&self.bias(x.dtype())?)?
+        let gates = (shared::bias::add_bias(&linear(x, &self.w_ih)?, &self.bias(x.dtype())?)?
             + linear(&state.h, &self.w_hh)?)?;
         state.next(&gates, LstmState::cell_on(cell, x.device()))
     }

@@ -43,18 +43,21 @@
 //! one custom op (forward and backward), a CUDA kernel on the GPU (`kernels/rmsnorm.cu`, `cuda`
 //! feature) and a plain loop on the CPU. The SwiGLU gate ([`swiglu_fused`]) and naive
 //! attention's causal softmax ([`softmax_fused`]) are fused the same way, and so is 8-04's
-//! LayerNorm ([`layernorm_fused`]: one more reduction, the mean, and a bias), which this rung's
-//! parts give the GPT-2-style rung and 8-05's encoder–decoder. Which form runs is the
-//! run's [`Kernels`] (`norm`, `swiglu`, `softmax`), never the model's config: the math, the
-//! parameters and the checkpoints are the same.
+//! LayerNorm ([`layernorm_fused`]: one more reduction, the mean, and a bias) and its GELU MLP's
+//! bias + GELU ([`gelu_fused`]), which this rung's parts give the GPT-2-style rung and 8-05's
+//! encoder–decoder. Which form runs is the run's [`Kernels`] (`norm`, `swiglu`, `gelu`,
+//! `softmax`), never the model's config: the math, the parameters and the checkpoints are the
+//! same.
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod fused;
+pub mod gelu_fused;
 pub mod layernorm_fused;
 pub mod softmax_fused;
 pub mod swiglu_fused;
 pub use fused::{rms_norm_fused, rms_norm_fused_backward, FusedRmsNorm, FusedRmsNormBackward};
+pub use gelu_fused::bias_gelu_fused;
 pub use layernorm_fused::{layer_norm_fused, layer_norm_fused_backward, FusedLayerNormLayer};
 pub use softmax_fused::{causal_softmax_fused, FusedSoftmaxAttention};
 
@@ -64,7 +67,9 @@ use shared::kernels::{AttentionImpl, Kernels, OpImpl};
 use shared::params::{expect_last_dim, ones, weight};
 use std::sync::Arc;
 use t0802_multi_head_attention::AttentionKernel;
-use t0804_transformer_block::{FfnKind, Gpt2Parts, Layer, LayerNorm, LmConfig, NormKind, Parts};
+use t0804_transformer_block::{
+    Activation, FeedForward, FfnKind, Gpt2Parts, Layer, LayerNorm, LmConfig, NormKind, Parts,
+};
 
 /// Root-mean-square normalisation: `x / √(mean(x²) + ε) ⊙ g`. Parameter: `weight` (g, ones).
 #[derive(Debug, Clone)]
@@ -188,6 +193,44 @@ impl Layer for SwiGlu {
     }
 }
 
+/// 8-04's GELU MLP `GELU(x·W₁ᵀ + b₁)·W₂ᵀ + b₂` with bias + GELU as one op ([`bias_gelu_fused`]);
+/// the same parameters and names as [`FeedForward`] (an MLP without biases adds zeros).
+#[derive(Debug, Clone)]
+pub struct FusedGeluMlp {
+    pub ffn: FeedForward,
+}
+
+impl FusedGeluMlp {
+    /// The fused form of `ffn`, which must be a GELU MLP.
+    pub fn new(ffn: FeedForward) -> Result<Self> {
+        if ffn.activation != Activation::Gelu {
+            bail!(
+                "FusedGeluMlp: the MLP's activation is {:?}, not GELU",
+                ffn.activation
+            );
+        }
+        Ok(Self { ffn })
+    }
+}
+
+impl Layer for FusedGeluMlp {
+    /// `(…, d_model)` → `(…, d_model)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let f = &self.ffn;
+        let h = shared::linear(x, &f.w1)?; // (…, d_ff), before the bias
+        match &f.biases {
+            Some((b1, b2)) => {
+                let a = bias_gelu_fused(&h, &b1.to_dtype(h.dtype())?)?;
+                shared::linear_with_bias(&a, &f.w2, b2)
+            }
+            None => {
+                let zeros = Tensor::zeros(f.w1.dim(0)?, h.dtype(), h.device())?;
+                shared::linear(&bias_gelu_fused(&h, &zeros)?, &f.w2)
+            }
+        }
+    }
+}
+
 /// Rung 1 of the ladder: the rung below (`cfg`) with RMSNorm, a SwiGLU feed-forward of
 /// [`swiglu_d_ff`] (same parameter count as the `4·d` MLP) and no biases.
 pub fn modern(cfg: LmConfig) -> LmConfig {
@@ -206,8 +249,8 @@ pub fn fastest_kernels(device: &Device) -> Kernels {
     Kernels::for_device(device).with_attention(AttentionImpl::Naive)
 }
 
-/// Rung 1's parts: 8-04's, plus RMSNorm, SwiGLU, the fused causal softmax and the fused
-/// LayerNorm (for the rung below and 8-05's encoder–decoder when they run here).
+/// Rung 1's parts: 8-04's, plus RMSNorm, SwiGLU, the fused causal softmax, and the fused
+/// LayerNorm and bias + GELU (for the rung below and 8-05's encoder–decoder when they run here).
 #[derive(Debug, Clone, Copy)]
 pub struct ModernParts {
     pub below: Gpt2Parts,
@@ -244,6 +287,15 @@ impl Parts for ModernParts {
             FfnKind::SwiGlu => Ok(Box::new(
                 SwiGlu::new(vb, cfg.d_model, cfg.d_ff)?.with_impl(self.kernels().swiglu),
             )),
+            FfnKind::Gelu if self.kernels().gelu == OpImpl::Fused => {
+                Ok(Box::new(FusedGeluMlp::new(FeedForward::new(
+                    vb,
+                    cfg.d_model,
+                    cfg.d_ff,
+                    Activation::Gelu,
+                    cfg.bias,
+                )?)?))
+            }
             _ => self.below.ffn(vb, cfg),
         }
     }

@@ -117,7 +117,7 @@ fn fused_layer_norm_bf16_and_f16_round_like_the_composed_norm() -> Result<()> {
 }
 
 #[test]
-fn gpt2_rung_with_fused_layer_norm_gives_same_logits_and_gradients() -> anyhow::Result<()> {
+fn gpt2_rung_with_fused_layer_norm_and_gelu_gives_same_logits_and_gradients() -> anyhow::Result<()> {
     let dev = shared::device::test_device();
     let cfg = LmConfig::gpt2(LmShape {
         vocab_size: 64,
@@ -130,12 +130,13 @@ fn gpt2_rung_with_fused_layer_norm_gives_same_logits_and_gradients() -> anyhow::
     let targets = Tensor::new(&[[5u32, 7, 9, 2, 8, 1], [3, 3, 4, 63, 0, 2]], &dev)?;
     shared::params::set_seed(5);
     let (varmap, composed) = init_lm(&cfg, &parts(Kernels::composed()), DType::F32, &dev)?;
-    let fused_norm = Kernels {
+    let fused_ops = Kernels {
         norm: OpImpl::Fused,
+        gelu: OpImpl::Fused,
         ..Kernels::composed()
     };
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let fused = build_lm(vb, &cfg, &parts(fused_norm))?; // same parameters
+    let fused = build_lm(vb, &cfg, &parts(fused_ops))?; // same parameters
     let (la, lb) = (composed.forward(&tokens, 0)?, fused.forward(&tokens, 0)?);
     let diff = vec64(&(&lb - &la)?)
         .iter()

@@ -3,6 +3,7 @@
 //! transposed view) and dtypes, forward and gradients:
 //! - `rms_norm_fused` (through `RmsNorm::with_impl(Fused)`) vs the composed `RmsNorm`;
 //! - the SwiGLU gate `swiglu_gate_fused(a, b)` vs `silu(a) * b`;
+//! - bias + GELU `bias_gelu_fused(h, b)` and shared's `add_bias` vs `broadcast_add` and 8-04's GELU;
 //! - `causal_softmax_fused` vs t0801's scale, (grouped, end-aligned) causal mask and softmax, for
 //!   random `n_q ≤ n_k` and head groups, and the `FusedSoftmaxAttention` kernel vs the naive one.
 //!
@@ -345,6 +346,78 @@ fn fused_swiglu_gate_equals_silu_times_b_over_random_shapes() -> Result<()> {
                 assert!(e <= tol(dt), "{who}: {name} fused vs composed {e:.2e}");
                 let e = max_rel(&fused[i], wants[i]);
                 assert!(e <= tol(dt), "{who}: {name} fused vs float64 {e:.2e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- bias + GELU, and the bias add ----
+
+#[test]
+fn fused_bias_gelu_and_add_bias_equal_broadcast_add_and_gelu_over_random_shapes() -> Result<()> {
+    let dev = test_device();
+    let mut rng = Rng::new(0x0806_0005);
+    for case in 0..CASES {
+        let last = rng.pick(&[1, 3, 16, 67, 128, 300]);
+        let shape = leading_dims(&mut rng, last);
+        let std_h = 0.1 + 4.0 * rng.uniform(); // the flat tails of GELU too
+        let lh = Layout::draw(&mut rng);
+        let h64 = rng.shifted_tensor(&shape, 0.0, std_h)?;
+        let b64 = rng.shifted_tensor(&[last], 0.0, 1.0)?;
+        let b2_64 = rng.shifted_tensor(&[last], 0.0, 1.0)?;
+        let c64 = rng.shifted_tensor(&shape, 0.0, 1.0)?;
+        for dt in dtypes(&dev, false) {
+            let who = format!("case {case}: {shape:?} std(h) {std_h:.2} h {lh:?} {dt:?}");
+            let h = lh.input(&h64, dt, &dev)?;
+            let b = Var::from_tensor(&b64.to_dtype(dt)?.to_device(&dev)?)?;
+            let b2 = Var::from_tensor(&b2_64.to_dtype(dt)?.to_device(&dev)?)?;
+            let c = c64.to_dtype(dt)?.to_device(&dev)?;
+            // The float64 reference, written out: y = GELU(h + b) + b₂,
+            // dh = c·GELU′(h + b), db = Σ_rows dh, db₂ = Σ_rows c.
+            let (hv, bv, cv) = (vec64(&h.view()?), vec64(&b), vec64(&c));
+            let b2v = vec64(&b2);
+            let k = (2.0 / std::f64::consts::PI).sqrt();
+            let tanh_u = |x: f64| (k * (x + 0.044715 * x * x * x)).tanh();
+            let gelu = |x: f64| 0.5 * x * (1.0 + tanh_u(x));
+            let slope = |x: f64| {
+                let t = tanh_u(x);
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * x * x)
+            };
+            let want_y: Vec<f64> = (0..hv.len())
+                .map(|i| gelu(hv[i] + bv[i % last]) + b2v[i % last])
+                .collect();
+            let want_dh: Vec<f64> = (0..hv.len())
+                .map(|i| cv[i] * slope(hv[i] + bv[i % last]))
+                .collect();
+            let column_sums = |v: &[f64]| -> Vec<f64> {
+                (0..last)
+                    .map(|j| v.iter().skip(j).step_by(last).sum())
+                    .collect()
+            };
+            let (want_db, want_db2) = (column_sums(&want_dh), column_sums(&cv));
+            let run = |fused: bool| -> Result<[Vec<f64>; 4]> {
+                let hv = h.view()?;
+                let y = if fused {
+                    shared::bias::add_bias(&bias_gelu_fused(&hv, &b)?, &b2)?
+                } else {
+                    t0804_transformer_block::gelu::gelu(&hv.broadcast_add(&b)?)?
+                        .broadcast_add(&b2)?
+                };
+                assert_eq!((y.dims(), y.dtype()), (shape.as_slice(), dt), "{who}");
+                let g = (&y * &c)?.sum_all()?.backward()?;
+                let grad = |v: &Var| vec64(g.get(v).expect("a bias gradient"));
+                Ok([vec64(&y), vec64(&h.grad(&g)?), grad(&b), grad(&b2)])
+            };
+            let (fused, composed) = (run(true)?, run(false)?);
+            let wants = [&want_y, &want_dh, &want_db, &want_db2];
+            for (i, name) in ["y", "dh", "db", "db2"].iter().enumerate() {
+                // Column sums of up to 500 rows: relative to the sum's scale, not one element's.
+                let t = if i >= 2 { 50.0 * tol(dt) } else { tol(dt) };
+                let e = max_rel(&fused[i], &composed[i]);
+                assert!(e <= t, "{who}: {name} fused vs composed {e:.2e}");
+                let e = max_rel(&fused[i], wants[i]);
+                assert!(e <= t, "{who}: {name} fused vs float64 {e:.2e}");
             }
         }
     }

@@ -113,6 +113,7 @@ fn draw_kernels(rng: &mut Rng) -> Kernels {
     Kernels {
         norm: op(rng),
         swiglu: op(rng),
+        gelu: op(rng),
         softmax: op(rng),
         rope: op(rng),
         attention: if rng.coin() {
