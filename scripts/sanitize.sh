@@ -12,7 +12,8 @@
 # The tests and the kernels they reach:
 #   shared__gpu                      embedding, cross-entropy, AdamW + step gate, head swap
 #   t0806_modern_blocks__gpu         fused RMSNorm, SwiGLU gate, causal softmax
-#   t0806_modern_blocks__layernorm   fused LayerNorm (forward, backward, [dg | db] reduction)
+#   t0806_modern_blocks__layernorm   fused LayerNorm (forward, backward, [dg | db] reduction), bias + GELU
+#   t0806_modern_blocks__properties  fused RMSNorm, SwiGLU gate, bias + GELU, causal softmax, random shapes
 #   t0808_rope__rope                 fused RoPE (with MODULE08_TEST_DEVICE=cuda)
 #   t0809_flash_attention__gpu       FlashAttention: tensor-core, register-tiled and simple kernels
 #   t0809_flash_attention__properties  every family again over random shapes, and with key padding
@@ -24,10 +25,11 @@ cd "$root"
 dest=${OUT:-$root/gpu-results}
 mkdir -p "$dest"
 REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
-# MODULE08_SANITIZER: the FlashAttention sweeps run three shapes instead of eight (tests/gpu.rs)
+# MODULE08_SANITIZER: the FlashAttention sweeps run one shape instead of eight (tests/gpu.rs)
+# and a third of the property cases
 export MODULE08_TEST_DEVICE=cuda MODULE08_EXPECT_GPU=1 MODULE08_CACHE=/tmp/module08-cache MODULE08_SANITIZER=1
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-tests=${*:-"shared__gpu t0806_modern_blocks__gpu t0806_modern_blocks__layernorm t0808_rope__rope t0809_flash_attention__gpu t0809_flash_attention__properties"}
+tests=${*:-"shared__gpu t0806_modern_blocks__gpu t0806_modern_blocks__layernorm t0806_modern_blocks__properties t0808_rope__rope t0809_flash_attention__gpu t0809_flash_attention__properties"}
 # SANITIZE_NAME=NAME: write NAME-summary.txt and NAME-logs.tgz (two runs in one call keep both)
 label=${SANITIZE_NAME:-sanitize}
 summary="$dest/$label-summary.txt"
