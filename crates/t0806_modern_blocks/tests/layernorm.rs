@@ -117,7 +117,7 @@ fn fused_layer_norm_bf16_and_f16_round_like_the_composed_norm() -> Result<()> {
 }
 
 #[test]
-fn gpt2_rung_with_fused_layer_norm_and_gelu_gives_same_logits_and_gradients() -> anyhow::Result<()> {
+fn gpt2_rung_with_fused_norm_and_gelu_gives_same_logits_and_gradients() -> anyhow::Result<()> {
     let dev = shared::device::test_device();
     let cfg = LmConfig::gpt2(LmShape {
         vocab_size: 64,

@@ -1,6 +1,6 @@
 //! 8-05's main job with every fast path of the module: the encoder–decoder Transformer built
-//! with the top rung's parts — 8-06's fused LayerNorm and 8-09's FlashAttention, which runs the
-//! encoder's self-attention, the decoder's causal self-attention and the cross-attention over
+//! with the top rung's parts — 8-06's fused LayerNorm and bias + GELU, and 8-09's
+//! FlashAttention, which runs the encoder's self-attention, the decoder's causal self-attention and the cross-attention over
 //! each sequence's real keys (key padding as lengths, never a mask) — against the same LSTM, on
 //! the same data, preset and seed as `cargo run -p t0805_full_transformer`.
 //!
