@@ -9,6 +9,14 @@
 //! `--synchronous-step` reads the loss and the gradient norm inside the step instead (two host
 //! synchronisations) to measure what the deferred step saves. `--profile` then times each phase.
 //! Written to `train_bench/results.json` (metrics `bench.*`, `profile.*`).
+//!
+//! The model's FLOPs per token are counted as in PaLM (Chowdhery et al., 2022, appendix B) and
+//! nanoGPT: `6·N + 12·L·d·T` for forward and backward, `N` the parameters that multiply
+//! (everything but the token-embedding table, whose lookup is a gather), `L` layers of width `d`,
+//! context `T` (the attention scores and their weighted sum, causal masking not discounted). The
+//! model FLOP/s over the card's dense bf16 peak (`--peak-tflops`, 989.4 for an H100 or H200 SXM)
+//! is the model FLOPs utilisation (MFU). `scripts/shape_bench.sh` runs the bench and the PyTorch
+//! twin at another shape, e.g. GPT-2 small (`scripts/gpt2_small_config.json`).
 
 use super::profile::profile_phases;
 use anyhow::Result;
@@ -63,6 +71,17 @@ pub struct TrainBenchArgs {
     /// backward's storing of the first gradient (third_party/README.md), to measure the patch.
     #[arg(long)]
     pub upstream_grad_accumulation: bool,
+    /// The card's dense bf16 tensor-core peak in TFLOP/s, the denominator of the MFU (989.4:
+    /// an H100 or H200 SXM).
+    #[arg(long, default_value_t = 989.4)]
+    pub peak_tflops: f64,
+}
+
+/// Training FLOPs per token (forward and backward), PaLM's count: `6·N + 12·L·d·T` with `N` the
+/// parameters that multiply (all but the token-embedding table).
+pub fn flops_per_token(cfg: &LmConfig, n_params: usize) -> f64 {
+    let multiplying = n_params - cfg.vocab_size * cfg.d_model;
+    6.0 * multiplying as f64 + 12.0 * (cfg.n_layers * cfg.d_model * cfg.max_seq_len) as f64
 }
 
 /// The LLaMA recipe of the bench's shape.
@@ -213,16 +232,27 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
         warmup,
         args: a,
     };
+    let n_params = count_params(&bench.varmap);
     println!(
-        "   config {cfg:?}, {} parameters, batch {}",
-        count_params(&bench.varmap),
+        "   config {cfg:?}, {n_params} parameters, batch {}",
         a.batch
     );
     let elapsed = timed_steps(&bench, &dev)?;
     let tps = (steps * a.batch * a.ctx) as f64 / elapsed;
     let ms_per_step = elapsed / steps as f64 * 1e3;
+    let model_tflops = flops_per_token(&cfg, n_params) * tps / 1e12;
+    let mfu = model_tflops / a.peak_tflops;
     print_table(
-        &["device", "dtype", "batch", "ctx", "tokens/s", "ms/step"],
+        &[
+            "device",
+            "dtype",
+            "batch",
+            "ctx",
+            "tokens/s",
+            "ms/step",
+            "model TFLOP/s",
+            "MFU",
+        ],
         &[vec![
             ctx.picked.description.clone(),
             ctx.dtype_name().into(),
@@ -230,9 +260,11 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
             a.ctx.to_string(),
             human_rate(tps),
             format!("{ms_per_step:.1}"),
+            format!("{model_tflops:.1}"),
+            format!("{:.1} %", 100.0 * mfu),
         ]],
     );
-    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation});
+    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "peak_tflops": a.peak_tflops, "params": n_params});
     let mut report = RunReport::start(
         crate::TOPIC,
         config,
@@ -241,6 +273,9 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
     );
     report.metric("bench.tokens_per_s", tps);
     report.metric("bench.ms_per_step", ms_per_step);
+    report.metric("bench.flops_per_token", flops_per_token(&cfg, n_params));
+    report.metric("bench.model_tflops", model_tflops);
+    report.metric("bench.mfu", mfu);
     if a.profile {
         record_profile(&bench, &dev, &mut report)?;
     }
@@ -248,4 +283,27 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
     report.write(&dir)?;
     println!("   wrote {}", dir.join("results.json").display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_per_token_counts_the_multiplying_parameters_and_attention() {
+        // The CS336 shape: 22.7 M parameters of which 5.12 M are the embedding table.
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: TrainBenchArgs,
+        }
+        let a = <Cli as clap::Parser>::parse_from(["train-bench"]).a;
+        let cfg = config(&a);
+        let n = cfg.n_params();
+        let want = 6.0 * (n - 10_000 * 512) as f64 + 12.0 * (4 * 512 * 256) as f64;
+        assert_eq!(flops_per_token(&cfg, n), want);
+        // Attention's share at this shape: 12·L·d·T over the total.
+        let share = 12.0 * (4 * 512 * 256) as f64 / want;
+        assert!((0.05..0.1).contains(&share), "{share}");
+    }
 }

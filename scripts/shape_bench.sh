@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Ours against the PyTorch twin at one model shape: training tokens/s, model TFLOP/s and MFU, back
+# to back on one GPU (run on the GPU host as a scripts/gpu-run.sh step, after the bundle is unpacked):
+#
+#   "sh scripts/shape_bench.sh [CONFIG] [BATCH] [STEPS]"   (default: scripts/gpt2_small_config.json 16 10)
+#
+# CONFIG is a twin config (the LLaMA recipe's sizes: vocab_size, max_seq_len, d_model, n_layers,
+# n_heads, n_kv_heads, d_ff, rope_theta). Rows: ours `t0810_kv_cache train-bench` in bf16-mixed
+# (bf16 compute, f32 master weights and moments) and in bf16, FlashAttention; the twin with bf16
+# autocast + AdamW(fused=True), eager and under torch.compile (its strongest configuration).
+# Writes $OUT/shape-<config name>/: every log and json, and summary.json / summary.txt (the table;
+# MFU from ours' FLOPs per token, PaLM's 6·N + 12·L·d·T, over 989.4 TFLOP/s dense bf16).
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+cfg=${1:-scripts/gpt2_small_config.json}; B=${2:-16}; STEPS=${3:-10}
+name=$(basename "$cfg" .json)
+out=${OUT:-$root/gpu-results}/shape-$name; mkdir -p "$out"
+bin=/tmp/gpu/bin
+REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
+export MODULE08_CACHE=/tmp/module08-cache
+args=$(python3 -c "
+import json; c = json.load(open('$cfg'))
+print(f\"--vocab {c['vocab_size']} --ctx {c['max_seq_len']} --d-model {c['d_model']} --d-ff {c['d_ff']} --layers {c['n_layers']} --heads {c['n_heads']} --kv-heads {c['n_kv_heads']} --theta {c['rope_theta']}\")")
+echo "== $name: $args, batch $B, $STEPS steps" | tee "$out/summary.txt"
+for dt in bf16-mixed bf16; do
+  rm -rf "$out/ours-$dt"
+  $bin/t0810_kv_cache --device cuda --dtype $dt --attention flash --out "$out/ours-$dt" train-bench $args --batch $B --steps $STEPS --warmup 3 > "$out/ours_$dt.log" 2>&1
+  cp "$out/ours-$dt/t0810_kv_cache/train_bench/results.json" "$out/ours_$dt.json" 2>/dev/null || echo "ours $dt failed: $(tail -3 "$out/ours_$dt.log")" | tee -a "$out/summary.txt"
+done
+python3 scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype bf16 --amp --fused-adamw --device cuda --json "$out/twin_eager.json" > "$out/twin_eager.log" 2>&1 || echo "twin eager failed: $(tail -2 "$out/twin_eager.log")" | tee -a "$out/summary.txt"
+python3 scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype bf16 --amp --fused-adamw --compile --device cuda --json "$out/twin_compile.json" > "$out/twin_compile.log" 2>&1 || echo "twin compile failed: $(tail -2 "$out/twin_compile.log")" | tee -a "$out/summary.txt"
+python3 - "$out" <<'PY' | tee -a "$out/summary.txt"
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    p = os.path.join(out, name)
+    return json.load(open(p)) if os.path.exists(p) else None
+ours = {dt: load(f"ours_{dt}.json") for dt in ["bf16-mixed", "bf16"]}
+twin = {k: load(f"twin_{k}.json") for k in ["eager", "compile"]}
+ref = next((o for o in ours.values() if o), None)
+if ref is None:
+    sys.exit("no run of ours finished")
+fpt, peak = ref["metrics"]["bench.flops_per_token"], ref["config"]["peak_tflops"]
+rows = [(f"ours {dt}", o["metrics"]["bench.tokens_per_s"]) for dt, o in ours.items() if o]
+rows += [(f"twin autocast + fused AdamW, {k}", t["tokens_per_s"]) for k, t in twin.items() if t]
+best_twin = max((t["tokens_per_s"] for t in twin.values() if t), default=None)
+summary = {"flops_per_token": fpt, "peak_tflops": peak, "params": ref["config"]["params"], "rows": []}
+print(f"{'':44s} {'tokens/s':>12s} {'TFLOP/s':>8s} {'MFU':>6s} {'vs best twin':>12s}")
+for label, tps in rows:
+    tf = fpt * tps / 1e12
+    ratio = tps / best_twin if best_twin else None
+    summary["rows"].append({"label": label, "tokens_per_s": tps, "model_tflops": tf, "mfu": tf / peak, "vs_best_twin": ratio})
+    print(f"{label:44s} {tps:12,.0f} {tf:8.1f} {100 * tf / peak:5.1f}% {('%.2f' % ratio) if ratio else '-':>12s}")
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
+PY
