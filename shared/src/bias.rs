@@ -20,20 +20,27 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 /// `x + b` for `x: (…, d)` and `b: (d,)` of `x`'s dtype; differentiable in both, `b`'s gradient
 /// computed by [`column_sums`].
 pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    check_bias(x, b, "add_bias")?;
+    x.apply_op2(&b.contiguous()?, BiasAdd)
+}
+
+/// Checks that `b` is a `(d,)` bias of `x: (…, d)` in `x`'s dtype, naming `op` in the error;
+/// returns `d`.
+pub fn check_bias(x: &Tensor, b: &Tensor, op: &str) -> Result<usize> {
     let d = match x.dims().last() {
         Some(&d) => d,
-        None => bail!("add_bias: x is a scalar, expected (…, d)"),
+        None => bail!("{op}: the input is a scalar, expected (…, d)"),
     };
     if b.dims() != [d] || b.dtype() != x.dtype() {
         bail!(
-            "add_bias: the bias {:?} {:?} must be ({d},) in x's dtype {:?} (x {:?})",
+            "{op}: the bias {:?} {:?} must be ({d},) in the input's dtype {:?} (input {:?})",
             b.dims(),
             b.dtype(),
             x.dtype(),
             x.dims()
         );
     }
-    x.apply_op2(&b.contiguous()?, BiasAdd)
+    Ok(d)
 }
 
 /// `Σ_rows g` of `g: (…, d)` as the product `(1, rows)·(rows, d)`, shape `(d,)`, in `g`'s dtype.

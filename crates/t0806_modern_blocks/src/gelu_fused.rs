@@ -17,28 +17,14 @@
 //! (`cuda` feature only).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use shared::cpu::{Element, Real};
 use shared::custom_op::contiguous_slice;
 use t0804_transformer_block::gelu::{gelu_slope, gelu_value};
 
 /// `GELU(h + b)` for `h: (…, n)` and `b: (n,)` of `h`'s dtype; differentiable in both.
 pub fn bias_gelu_fused(h: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let n = match h.dims().last() {
-        Some(&n) => n,
-        None => bail!("bias_gelu_fused: h is a scalar, expected (…, n)"),
-    };
-    if b.dims() != [n] || b.dtype() != h.dtype() {
-        bail!(
-            "bias_gelu_fused: the bias {:?} {:?} must be ({n},) in h's dtype {:?} (h {:?})",
-            b.dims(),
-            b.dtype(),
-            h.dtype(),
-            h.dims()
-        );
-    }
+    shared::bias::check_bias(h, b, "bias_gelu_fused")?;
     h.contiguous()?.apply_op2(&b.contiguous()?, BiasGelu)
 }
 
