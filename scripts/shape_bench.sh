@@ -8,14 +8,16 @@
 # n_heads, n_kv_heads, d_ff, rope_theta). Rows: ours `t0810_kv_cache train-bench` in bf16-mixed
 # (bf16 compute, f32 master weights and moments) and in bf16, FlashAttention; the twin with bf16
 # autocast + AdamW(fused=True), eager and under torch.compile (its strongest configuration).
-# Writes $OUT/shape-<config name>/: every log and json, and summary.json / summary.txt (the table;
-# MFU from ours' FLOPs per token, PaLM's 6·N + 12·L·d·T, over 989.4 TFLOP/s dense bf16).
+# Writes $OUT/shape-<config name>.tgz (every log and json) beside shape-<config name>-summary.json
+# and -summary.txt (the table; MFU from ours' FLOPs per token, PaLM's 6·N + 12·L·d·T, over
+# 989.4 TFLOP/s dense bf16).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cfg=${1:-scripts/gpt2_small_config.json}; B=${2:-16}; STEPS=${3:-10}
 name=$(basename "$cfg" .json)
-out=${OUT:-$root/gpu-results}/shape-$name; mkdir -p "$out"
+dest=${OUT:-$root/gpu-results}; mkdir -p "$dest"
+out=/tmp/shape-$name; rm -rf "$out"; mkdir -p "$out"
 bin=/tmp/gpu/bin
 REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
 export MODULE08_CACHE=/tmp/module08-cache
@@ -54,3 +56,5 @@ for label, tps in rows:
     print(f"{label:44s} {tps:12,.0f} {tf:8.1f} {100 * tf / peak:5.1f}% {('%.2f' % ratio) if ratio else '-':>12s}")
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 PY
+cp "$out/summary.txt" "$dest/shape-$name-summary.txt"; cp "$out/summary.json" "$dest/shape-$name-summary.json" 2>/dev/null
+tar -czf "$dest/shape-$name.tgz" -C /tmp "shape-$name"
