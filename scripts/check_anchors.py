@@ -63,16 +63,14 @@ def definitions(lines, name):
     hits = [i for i, line in enumerate(lines) if pat.search(line)]
     if len(parts) >= 2 and hits:
         owner = parts[-2]
-        impl = re.compile(rf"^\s*impl\b[^{{]*\b{re.escape(owner)}\b")
-        inside = []
-        for i in hits:
-            # the nearest impl/trait header above at indentation 0
-            for j in range(i - 1, -1, -1):
-                if re.match(r"^(impl|pub trait|trait)\b", lines[j]):
-                    if impl.search(lines[j]) or re.search(rf"\btrait\s+{re.escape(owner)}\b", lines[j]):
-                        inside.append(i)
-                    break
-        hits = inside or hits
+        header = re.compile(
+            rf"^(?:impl\b[^{{]*\bfor\s+{re.escape(owner)}\b|impl(?:<[^>]*>)?\s+{re.escape(owner)}\b"
+            rf"|(?:pub\s+)?trait\s+{re.escape(owner)}\b)"
+        )
+        blocks = [(j, extent(lines, j)[1]) for j, line in enumerate(lines) if header.match(line)]
+        if blocks:  # `Type::method`: a method inside an impl of Type (or the trait Type)
+            return [i for i in hits if any(j < i <= end for j, end in blocks)]
+        # no impl of that name here: `module::item`, the item itself
     # A struct and its impl both match a type name: the definition (struct/enum/trait/fn) first.
     defs = [i for i in hits if not re.match(r"^\s*impl\b", lines[i])]
     return defs or hits
@@ -118,11 +116,16 @@ def with_impls(lines, name, first, last):
 def main():
     fix = "--fix" in sys.argv
     only = [pathlib.Path(a).resolve() for a in sys.argv[1:] if a != "--fix"]
+    known = {d.resolve() for d in DOCS}
+    unknown = [str(o) for o in only if o not in known]
+    if unknown:
+        sys.exit(f"not among the checked documents: {', '.join(unknown)}")
     problems, fixed, checked = [], 0, 0
     for doc in DOCS:
         if only and doc.resolve() not in only:
             continue
         if not doc.exists():
+            problems.append(f"{doc.relative_to(ROOT)}: missing")
             continue
         text = doc.read_text()
         out_lines = []
@@ -151,7 +154,7 @@ def main():
                 for i in defs:
                     f, l = extent(lines, i)
                     spans.append((f + 1, i + 1, l + 1, with_impls(lines, name, f, l) + 1))
-                if any(a in (f, d) and l <= b <= li for f, d, l, li in spans):
+                if any(a in (f, d) and b in (l, li) for f, d, l, li in spans):
                     return m.group(0)
                 f, d, l, li = min(spans, key=lambda s: abs(s[0] - a))
                 end = li if b - a > l - f else l  # a span that held the methods keeps them

@@ -26,7 +26,7 @@ dest=${OUT:-$root/gpu-results}
 mkdir -p "$dest"
 REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
 # MODULE08_SANITIZER: the FlashAttention sweeps run one shape instead of eight (tests/gpu.rs)
-# and a third of the property cases
+# and the property tests fewer cases (8-06 a fifth, 8-09 a third)
 export MODULE08_TEST_DEVICE=cuda MODULE08_EXPECT_GPU=1 MODULE08_CACHE=/tmp/module08-cache MODULE08_SANITIZER=1
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 tests=${*:-"shared__gpu t0806_modern_blocks__gpu t0806_modern_blocks__layernorm t0806_modern_blocks__properties t0808_rope__rope t0809_flash_attention__gpu t0809_flash_attention__properties"}

@@ -2,7 +2,9 @@
 # Ours against the PyTorch twin at one model shape: training tokens/s, model TFLOP/s and MFU, back
 # to back on one GPU (run on the GPU host as a scripts/gpu-run.sh step, after the bundle is unpacked):
 #
-#   "sh scripts/shape_bench.sh [CONFIG] [BATCH] [STEPS]"   (default: scripts/gpt2_small_config.json 16 10)
+#   "sh scripts/shape_bench.sh [CONFIG] [BATCH] [STEPS]"   (a gpu-run.sh step, which runs it with bash)
+#   bash scripts/shape_bench.sh [CONFIG] [BATCH] [STEPS]   (directly; default: scripts/gpt2_small_config.json 16 10)
+# Exits non-zero when any row failed.
 #
 # CONFIG is a twin config (the LLaMA recipe's sizes: vocab_size, max_seq_len, d_model, n_layers,
 # n_heads, n_kv_heads, d_ff, rope_theta). Rows: ours `t0810_kv_cache train-bench` in bf16-mixed
@@ -21,18 +23,23 @@ out=/tmp/shape-$name; rm -rf "$out"; mkdir -p "$out"
 bin=/tmp/gpu/bin
 REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
 export MODULE08_CACHE=/tmp/module08-cache
-args=$(python3 -c "
-import json; c = json.load(open('$cfg'))
-print(f\"--vocab {c['vocab_size']} --ctx {c['max_seq_len']} --d-model {c['d_model']} --d-ff {c['d_ff']} --layers {c['n_layers']} --heads {c['n_heads']} --kv-heads {c['n_kv_heads']} --theta {c['rope_theta']}\")")
+args=$(python3 - "$cfg" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+print(f"--vocab {c['vocab_size']} --ctx {c['max_seq_len']} --d-model {c['d_model']} --d-ff {c['d_ff']} "
+      f"--layers {c['n_layers']} --heads {c['n_heads']} --kv-heads {c['n_kv_heads']} --theta {c['rope_theta']}")
+PY
+) && [ -n "$args" ] || { echo "cannot read the sizes of $cfg" >&2; exit 1; }
+status=0
 echo "== $name: $args, batch $B, $STEPS steps" | tee "$out/summary.txt"
 for dt in bf16-mixed bf16; do
   rm -rf "$out/ours-$dt"
   $bin/t0810_kv_cache --device cuda --dtype $dt --attention flash --out "$out/ours-$dt" train-bench $args --batch $B --steps $STEPS --warmup 3 > "$out/ours_$dt.log" 2>&1
-  cp "$out/ours-$dt/t0810_kv_cache/train_bench/results.json" "$out/ours_$dt.json" 2>/dev/null || echo "ours $dt failed: $(tail -3 "$out/ours_$dt.log")" | tee -a "$out/summary.txt"
+  cp "$out/ours-$dt/t0810_kv_cache/train_bench/results.json" "$out/ours_$dt.json" 2>/dev/null || { status=1; echo "ours $dt failed: $(tail -3 "$out/ours_$dt.log")" | tee -a "$out/summary.txt"; }
 done
-python3 scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype bf16 --amp --fused-adamw --device cuda --json "$out/twin_eager.json" > "$out/twin_eager.log" 2>&1 || echo "twin eager failed: $(tail -2 "$out/twin_eager.log")" | tee -a "$out/summary.txt"
-python3 scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype bf16 --amp --fused-adamw --compile --device cuda --json "$out/twin_compile.json" > "$out/twin_compile.log" 2>&1 || echo "twin compile failed: $(tail -2 "$out/twin_compile.log")" | tee -a "$out/summary.txt"
-python3 - "$out" <<'PY' | tee -a "$out/summary.txt"
+python3 scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype bf16 --amp --fused-adamw --device cuda --json "$out/twin_eager.json" > "$out/twin_eager.log" 2>&1 || { status=1; echo "twin eager failed: $(tail -2 "$out/twin_eager.log")" | tee -a "$out/summary.txt"; }
+python3 scripts/pytorch_twin.py train-bench --config "$cfg" --batch $B --steps $STEPS --dtype bf16 --amp --fused-adamw --compile --device cuda --json "$out/twin_compile.json" > "$out/twin_compile.log" 2>&1 || { status=1; echo "twin compile failed: $(tail -2 "$out/twin_compile.log")" | tee -a "$out/summary.txt"; }
+python3 - "$out" <<'PY' | tee -a "$out/summary.txt" || status=1
 import json, os, sys
 out = sys.argv[1]
 def load(name):
@@ -58,3 +65,4 @@ json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 PY
 cp "$out/summary.txt" "$dest/shape-$name-summary.txt"; cp "$out/summary.json" "$dest/shape-$name-summary.json" 2>/dev/null
 tar -czf "$dest/shape-$name.tgz" -C /tmp "shape-$name"
+exit $status

@@ -93,11 +93,17 @@ impl CustomOp2 for BiasAdd {
     fn bwd(
         &self,
         _x: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(g.clone()), Some(column_sums(g)?)))
+        // A constant bias needs no gradient.
+        let db = if b.track_op() {
+            Some(column_sums(g)?)
+        } else {
+            None
+        };
+        Ok((Some(g.clone()), db))
     }
 }
 

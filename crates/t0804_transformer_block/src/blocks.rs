@@ -220,20 +220,16 @@ impl BlockConfig {
             .with_kernel(parts.attention_kernel(&self.as_lm_block())?)
             .with_head_copy(parts.kernels().heads))
     }
-
-    fn feed_forward(&self, vb: VarBuilder) -> Result<FeedForward> {
-        FeedForward::new(vb, self.d_model, self.d_ff, self.activation, self.bias)
-    }
 }
 
 /// Encoder block: bidirectional self-attention + FFN, each in a residual sub-layer.
-/// Parameters: `self_attn.*`, `ln1.*`, `ffn.*`, `ln2.*`. The norms (LayerNorm) and the attention
-/// kernel come from a rung's [`Parts`]: 8-04's composed ones, or 8-06's fused LayerNorm and
-/// 8-09's FlashAttention (same parameters, same values).
+/// Parameters: `self_attn.*`, `ln1.*`, `ffn.*`, `ln2.*`. The norms (LayerNorm), the feed-forward
+/// network and the attention kernel come from a rung's [`Parts`]: 8-04's composed ones, or 8-06's
+/// fused LayerNorm and bias + GELU and 8-09's FlashAttention (same parameters, same values).
 pub struct EncoderBlock {
     pub self_attn: MultiHeadAttention,
     pub ln1: Box<dyn Layer>,
-    pub ffn: FeedForward,
+    pub ffn: Box<dyn Layer>,
     pub ln2: Box<dyn Layer>,
     pub placement: NormPlacement,
 }
@@ -249,7 +245,7 @@ impl EncoderBlock {
         Ok(Self {
             self_attn: cfg.attention(vb.pp("self_attn"), parts)?,
             ln1: parts.norm(vb.pp("ln1"), &lm)?,
-            ffn: cfg.feed_forward(vb.pp("ffn"))?,
+            ffn: parts.ffn(vb.pp("ffn"), &lm)?,
             ln2: parts.norm(vb.pp("ln2"), &lm)?,
             placement: cfg.placement,
         })
@@ -274,14 +270,14 @@ impl EncoderBlock {
 }
 
 /// Decoder block: causal self-attention, cross-attention to the encoder output, FFN.
-/// Parameters: `self_attn.*`, `ln1.*`, `cross_attn.*`, `ln2.*`, `ffn.*`, `ln3.*`; norms and
-/// attention kernel from a rung's [`Parts`], as in [`EncoderBlock`].
+/// Parameters: `self_attn.*`, `ln1.*`, `cross_attn.*`, `ln2.*`, `ffn.*`, `ln3.*`; norms,
+/// feed-forward network and attention kernel from a rung's [`Parts`], as in [`EncoderBlock`].
 pub struct DecoderBlock {
     pub self_attn: MultiHeadAttention,
     pub ln1: Box<dyn Layer>,
     pub cross_attn: MultiHeadAttention,
     pub ln2: Box<dyn Layer>,
-    pub ffn: FeedForward,
+    pub ffn: Box<dyn Layer>,
     pub ln3: Box<dyn Layer>,
     pub placement: NormPlacement,
 }
@@ -299,7 +295,7 @@ impl DecoderBlock {
             ln1: parts.norm(vb.pp("ln1"), &lm)?,
             cross_attn: cfg.attention(vb.pp("cross_attn"), parts)?,
             ln2: parts.norm(vb.pp("ln2"), &lm)?,
-            ffn: cfg.feed_forward(vb.pp("ffn"))?,
+            ffn: parts.ffn(vb.pp("ffn"), &lm)?,
             ln3: parts.norm(vb.pp("ln3"), &lm)?,
             placement: cfg.placement,
         })

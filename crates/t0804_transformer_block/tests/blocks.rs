@@ -140,13 +140,18 @@ fn encoder_block_matches_float64_reference_pre_and_post() -> Result<()> {
             );
             ln_ref(r, &g, &b, 1e-5)
         };
-        let (b1, b2) = block.ffn.biases.as_ref().unwrap();
+        let matrix = |name: &str| -> Vec<Vec<f64>> {
+            let (_, v) = vars.iter().find(|(n, _)| n == name).expect(name);
+            vec2(v.as_tensor())
+        };
+        let (w1, w2) = (matrix("ffn.w1"), matrix("ffn.w2"));
+        let (b1, b2) = (param("ffn.b1"), param("ffn.b2"));
         let ffn = |r: &[f64]| -> Vec<f64> {
-            let h: Vec<f64> = matvec(&vec2(&block.ffn.w1), r, Some(&vec1(b1)))
+            let h: Vec<f64> = matvec(&w1, r, Some(&b1))
                 .into_iter()
                 .map(|v| v.max(0.0))
                 .collect();
-            matvec(&vec2(&block.ffn.w2), &h, Some(&vec1(b2)))
+            matvec(&w2, &h, Some(&b2))
         };
         let xs = vec2(&x.squeeze(0)?);
         let add = |a: &[Vec<f64>], b: &[Vec<f64>]| -> Vec<Vec<f64>> {

@@ -236,10 +236,10 @@ mod tests {
     #[test]
     fn fused_equals_composed_in_f64_values_and_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        // 6 rows of 1,500: tasks of two rows, a last task of one.
-        let h = Var::from_tensor(&(Tensor::randn(0f64, 1., (2, 3, 1500), &dev)? * 2.0)?)?;
+        // 11 rows of 1,500 (16,500 elements: the parallel path): tasks of two rows, the last of one.
+        let h = Var::from_tensor(&(Tensor::randn(0f64, 1., (11, 1, 1500), &dev)? * 2.0)?)?;
         let b = Var::from_tensor(&Tensor::randn(0f64, 1., 1500, &dev)?)?;
-        let w = Tensor::randn(0f64, 1., (2, 3, 1500), &dev)?;
+        let w = Tensor::randn(0f64, 1., (11, 1, 1500), &dev)?;
         let fused = bias_gelu_fused(&h, &b)?;
         let reference = composed(&h, &b)?;
         assert!(max_abs_diff(&fused, &reference)? < 1e-14);

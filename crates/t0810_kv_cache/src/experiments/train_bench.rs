@@ -241,7 +241,9 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
     let tps = (steps * a.batch * a.ctx) as f64 / elapsed;
     let ms_per_step = elapsed / steps as f64 * 1e3;
     let model_tflops = flops_per_token(&cfg, n_params) * tps / 1e12;
-    let mfu = model_tflops / a.peak_tflops;
+    // The peak is a bf16 tensor-core rate: an MFU only for a bf16 (or bf16-mixed) run on a GPU.
+    let mfu =
+        (dev.is_cuda() && ctx.compute_dtype == DType::BF16).then(|| model_tflops / a.peak_tflops);
     print_table(
         &[
             "device",
@@ -261,7 +263,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
             human_rate(tps),
             format!("{ms_per_step:.1}"),
             format!("{model_tflops:.1}"),
-            format!("{:.1} %", 100.0 * mfu),
+            mfu.map_or("–".into(), |m| format!("{:.1} %", 100.0 * m)),
         ]],
     );
     let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "peak_tflops": a.peak_tflops, "params": n_params});
@@ -275,7 +277,9 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
     report.metric("bench.ms_per_step", ms_per_step);
     report.metric("bench.flops_per_token", flops_per_token(&cfg, n_params));
     report.metric("bench.model_tflops", model_tflops);
-    report.metric("bench.mfu", mfu);
+    if let Some(mfu) = mfu {
+        report.metric("bench.mfu", mfu);
+    }
     if a.profile {
         record_profile(&bench, &dev, &mut report)?;
     }
