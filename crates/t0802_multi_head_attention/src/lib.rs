@@ -292,16 +292,35 @@ impl MultiHeadAttention {
     ) -> Result<Tensor> {
         let q = self.project_q(x)?; // (batch, n_heads, n, d_head)
         let (k, v) = self.project_kv(x)?; // (batch, n_kv_heads, n, d_head)
-        let (q, k) = match &self.positions {
-            Some(p) => p.rotate(&q, &k, start_pos)?,
-            None => (q, k),
+        let device_pos = cache
+            .as_ref()
+            .and_then(|slot| slot.store.device_position().cloned());
+        let (q, k) = match (&self.positions, &device_pos) {
+            (Some(p), Some(pos)) => p.rotate_at(&q, &k, pos)?,
+            (Some(p), None) => p.rotate(&q, &k, start_pos)?,
+            (None, _) => (q, k),
         };
-        let (k, v) = match cache {
-            Some(slot) => slot.store.append(slot.layer, &k, &v)?, // (batch, n_kv_heads, past + n, d_head)
-            None => (k, v),
+        let (k, v, key_bias) = match cache {
+            Some(slot) => {
+                let (k, v) = slot.store.append(slot.layer, &k, &v)?; // (batch, n_kv_heads, past + n, d_head)
+                (k, v, slot.store.key_bias().cloned())
+            }
+            None => (k, v, None),
         };
         let bias = self.score_bias(q.dim(2)?, k.dim(2)?)?;
-        self.output(&self.kernel.attend(&q, &k, &v, mask, bias.as_ref())?)
+        let heads = match (key_bias, bias) {
+            (None, bias) => self.kernel.attend(&q, &k, &v, mask, bias.as_ref())?,
+            // A static cache returned its whole buffer: its key bias hides the empty slots, and
+            // with one new token per step there is nothing later for a causal mask to hide.
+            (Some(key_bias), None) => {
+                self.kernel
+                    .attend(&q, &k, &v, AttnMask::None, Some(&key_bias))?
+            }
+            (Some(_), Some(_)) => bail!(
+                "a score-bias position scheme (relative positions) cannot decode from a device position"
+            ),
+        };
+        self.output(&heads)
     }
 
     /// Cross-attention: queries from `x_q (batch, n_q, d_model)` over precomputed keys and values

@@ -12,6 +12,17 @@ pub trait PositionPlug: Send + Sync {
         Ok((q.clone(), k.clone()))
     }
 
+    /// Rotates one new token per sequence whose position is the `(1,)` `u32` device tensor
+    /// `pos` rather than a host number: the form a decode step captured into a CUDA graph
+    /// needs (8-10), whose position changes at every replay while its kernels' arguments do
+    /// not. Schemes without a device form say so.
+    fn rotate_at(&self, q: &Tensor, k: &Tensor, pos: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _ = (q, k, pos);
+        candle_core::bail!(
+            "this position scheme reads its position on the host; it cannot rotate at a device position"
+        )
+    }
+
     /// An additive score bias broadcastable to `(batch, n_heads, n_q, n_k)` for queries that are
     /// the last `n_q` of `n_k` positions (`None` by default).
     fn score_bias(&self, n_q: usize, n_k: usize) -> Result<Option<Tensor>> {
@@ -32,7 +43,21 @@ pub trait KvStore {
     /// returns the keys and values of all `seq_len() + n_new` tokens, same layout.
     fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
     /// Counts the `n_new` tokens written by the last `append` of every layer.
-    fn commit(&mut self, n_new: usize);
+    fn commit(&mut self, n_new: usize) -> Result<()>;
+
+    /// For a store whose position lives on the device (8-10's static cache, decoding one token
+    /// per step): the `(1,)` `u32` position of the token being written. `append` then returns
+    /// the store's whole buffer and [`Self::key_bias`] hides what is not written yet, so that
+    /// every step has the same shapes. `None` (the default): the position is `seq_len()`.
+    fn device_position(&self) -> Option<&Tensor> {
+        None
+    }
+
+    /// With [`Self::device_position`]: an additive bias `(1, 1, 1, n_keys)` over the keys
+    /// `append` returned, 0 for a written slot and −∞ for an empty one.
+    fn key_bias(&self) -> Option<&Tensor> {
+        None
+    }
 }
 
 /// One layer's slot in a [`KvStore`], handed to the attention component's forward.

@@ -176,6 +176,9 @@ impl DecoderOnlyLm {
         let start = cache.seq_len();
         let mut x = self.embed(tokens, start)?; // checks the model's maximum context
         cache.begin(t)?; // checks (and for a paged cache allocates) room before any write
+        if self.positions.is_some() && cache.device_position().is_some() {
+            bail!("a cache that keeps its position on the device needs positions inside attention (RoPE): this model's learned position table is indexed on the host");
+        }
         for (layer, block) in self.blocks.iter().enumerate() {
             let slot = CacheSlot {
                 store: &mut *cache,
@@ -183,7 +186,7 @@ impl DecoderOnlyLm {
             };
             x = block.forward(&x, start, Some(slot))?;
         }
-        cache.commit(t);
+        cache.commit(t)?;
         self.logits_from_hidden(&self.final_norm(x)?)
     }
 

@@ -63,10 +63,18 @@ pub fn causal_softmax_fused(
 
 /// Naive attention with [`causal_softmax_fused`] in place of the composed scale, mask and
 /// softmax; grouped K/V heads are served by folding each group into the query rows (8-02's
-/// [`fold_query_groups`]). An explicit mask or a score bias (padding masks, relative bias) has no
-/// fused form here: those calls run [`NaiveAttention`], same values.
+/// [`fold_query_groups`]). A bias over the keys alone, `(…, 1, 1, n_k)` (8-10's static cache
+/// hiding its empty slots), is added to the scores before the fused softmax, divided by the
+/// scale that the softmax multiplies back. Other masks and biases (explicit padding masks,
+/// relative positions) have no fused form here: those calls run [`NaiveAttention`], same values.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FusedSoftmaxAttention;
+
+/// Whether `bias` is `(batch or 1, 1, 1, n_k)`: one value per key, the same for every head and
+/// query (so it broadcasts over the folded query groups too).
+fn is_key_bias(bias: &Tensor) -> bool {
+    matches!(bias.dims(), [_, 1, 1, _])
+}
 
 impl AttentionKernel for FusedSoftmaxAttention {
     fn name(&self) -> &'static str {
@@ -83,16 +91,23 @@ impl AttentionKernel for FusedSoftmaxAttention {
     ) -> Result<Tensor> {
         let lowered = mask.lowered(q.dim(2)?)?; // key padding: an explicit mask, or none
         let mask = lowered.get();
-        let causal = match (mask, score_bias) {
-            (AttnMask::None, None) => false,
-            (AttnMask::Causal, None) => true,
+        let (causal, key_bias) = match (mask, score_bias) {
+            (AttnMask::None, None) => (false, None),
+            (AttnMask::Causal, None) => (true, None),
+            (AttnMask::None, Some(bias)) if is_key_bias(bias) => (false, Some(bias)),
             _ => return NaiveAttention.attend(q, k, v, mask, score_bias),
         };
         let (b, n_heads, n_q, d) = q.dims4()?;
+        let scale = 1.0 / (d as f64).sqrt();
         let (q, _) = fold_query_groups(q, k.dim(1)?)?; // (b, n_kv, g·n_q, d)
         let (k, v) = (gemm_operand(k)?, gemm_operand(v)?);
         let scores = q.matmul(&k.t()?)?; // (b, n_kv, g·n_q, n_k)
-        let weights = causal_softmax_fused(&scores, 1.0 / (d as f64).sqrt(), n_q, causal)?;
+        let scores = match key_bias {
+            // softmax(scale·(s + bias/scale)) = softmax(scale·s + bias)
+            Some(bias) => scores.broadcast_add(&(bias.to_dtype(scores.dtype())? / scale)?)?,
+            None => scores,
+        };
+        let weights = causal_softmax_fused(&scores, scale, n_q, causal)?;
         weights
             .matmul(&v)? // (b, n_kv, g·n_q, d)
             .reshape((b, n_heads, n_q, d))

@@ -474,3 +474,46 @@ fn bad_arguments_are_errors() -> Result<()> {
     assert!(causal_softmax_fused(&ints, 1.0, 3, true).is_err());
     Ok(())
 }
+
+/// A bias over the keys alone (8-10's static cache: 0 for written slots, −∞ for empty ones, or
+/// any finite values) goes into the fused softmax and gives naive attention's output, one query
+/// per sequence and several, grouped K/V heads, values and gradients.
+#[test]
+fn fused_softmax_attention_takes_a_key_bias_like_naive_attention() -> Result<()> {
+    let dev = shared::device::test_device();
+    let (b, h, kv, n_k, d) = (2, 4, 2, 11, 8);
+    for n_q in [1, 3] {
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, n_q, d), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kv, n_k, d), &dev)?)?;
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kv, n_k, d), &dev)?)?;
+        let c = Tensor::randn(0f32, 1.0, (b, h, n_q, d), &dev)?;
+        let hidden: Vec<f32> = (0..n_k)
+            .map(|j| if j < 6 { 0.0 } else { f32::NEG_INFINITY })
+            .collect();
+        let graded: Vec<f32> = (0..n_k).map(|j| 0.3 * j as f32 - 1.0).collect();
+        for (name, bias) in [("0/−∞", hidden), ("finite", graded)] {
+            let bias = Tensor::from_vec(bias, (1, 1, 1, n_k), &dev)?;
+            let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+            let fused = FusedSoftmaxAttention.attend(qt, kt, vt, AttnMask::None, Some(&bias))?;
+            let naive = NaiveAttention.attend(qt, kt, vt, AttnMask::None, Some(&bias))?;
+            assert!(
+                max_rel(&fused, &naive) < 1e-5,
+                "{name}, {n_q} queries: output"
+            );
+            let gf = (&fused * &c)?.sum_all()?.backward()?;
+            let gn = (&naive * &c)?.sum_all()?.backward()?;
+            for (g, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (x, y) = (
+                    gf.get(var.as_tensor()).unwrap(),
+                    gn.get(var.as_tensor()).unwrap(),
+                );
+                assert!(
+                    max_rel(x, y) < 1e-5,
+                    "{name}, {n_q} queries: d{g} {:.2e}",
+                    max_rel(x, y)
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -22,6 +22,11 @@ use shared::custom_op::contiguous_slice;
 pub fn apply_rope_fused(x: &Tensor, tables: &RopeTables, start_pos: usize) -> Result<Tensor> {
     let (_, _, t, _) = crate::check_input(x, tables)?;
     let (cos, sin) = tables.rows(start_pos, t, DType::F32)?; // (seq, d/2)
+    apply_rope_fused_rows(x, &cos, &sin)
+}
+
+/// [`apply_rope_fused`] with the `f32` table rows `cos, sin (seq, d_head/2)` given.
+pub fn apply_rope_fused_rows(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &cos.contiguous()?,
         &sin.contiguous()?,

@@ -167,6 +167,42 @@ impl RopeTables {
     }
 
     /// Number of positions covered.
+    /// RoPE of one token per sequence, `x (batch, heads, 1, d_head)`, with the `f32` rows
+    /// `cos, sin (1, d/2)` of its position ([`Self::rows_at`]): a captured decode step's form.
+    pub fn apply_rows(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (_, _, t, _) = check_input(x, self)?;
+        if t != 1 || cos.dims() != [1, self.d_head / 2] {
+            bail!(
+                "RoPE at a device position rotates one token per sequence: x {:?}, rows {:?}",
+                x.dims(),
+                cos.dims()
+            );
+        }
+        match self.imp {
+            OpImpl::Fused => fused::apply_rope_fused_rows(x, cos, sin),
+            OpImpl::Composed => {
+                rotate_pairs(x, &cos.to_dtype(x.dtype())?, &sin.to_dtype(x.dtype())?)
+            }
+        }
+    }
+
+    /// The table rows `(1, d/2)` of the position in `pos` (`(1,)` `u32`), gathered on the
+    /// device: no host number enters the kernels' arguments. The position must be below
+    /// [`Self::max_seq`] (the caller's cache checks its capacity on the host).
+    pub fn rows_at(&self, pos: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        if pos.dims() != [1] || pos.dtype() != DType::U32 {
+            bail!(
+                "RoPE: a device position is a (1,) u32 tensor, got {:?} {:?}",
+                pos.dims(),
+                pos.dtype()
+            );
+        }
+        Ok((
+            self.cos.index_select(pos, 0)?.to_dtype(dtype)?,
+            self.sin.index_select(pos, 0)?.to_dtype(dtype)?,
+        ))
+    }
+
     pub fn max_seq(&self) -> usize {
         self.cos.dims()[0]
     }
@@ -207,13 +243,19 @@ pub(crate) fn check_input(x: &Tensor, tables: &RopeTables) -> Result<(usize, usi
 /// RoPE as complex multiplication: pair `k` of the token at position `start_pos + t` becomes
 /// `(re·cos − im·sin, re·sin + im·cos)`. `x (batch, heads, seq, d_head)` → same shape.
 pub fn apply_rope(x: &Tensor, tables: &RopeTables, start_pos: usize) -> Result<Tensor> {
-    let (b, h, t, d) = check_input(x, tables)?;
+    let (_, _, t, _) = check_input(x, tables)?;
     let (cos, sin) = tables.rows(start_pos, t, x.dtype())?; // (seq, d/2)
+    rotate_pairs(x, &cos, &sin)
+}
+
+/// [`apply_rope`] with the table rows given: `cos, sin (seq, d_head/2)` in `x`'s dtype.
+fn rotate_pairs(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
     let pairs = x.contiguous()?.reshape((b, h, t, d / 2, 2))?;
     let re = pairs.narrow(4, 0, 1)?.squeeze(4)?; // (batch, heads, seq, d/2): x[2k]
     let im = pairs.narrow(4, 1, 1)?.squeeze(4)?; //                          x[2k+1]
-    let new_re = (re.broadcast_mul(&cos)? - im.broadcast_mul(&sin)?)?;
-    let new_im = (re.broadcast_mul(&sin)? + im.broadcast_mul(&cos)?)?;
+    let new_re = (re.broadcast_mul(cos)? - im.broadcast_mul(sin)?)?;
+    let new_im = (re.broadcast_mul(sin)? + im.broadcast_mul(cos)?)?;
     Tensor::stack(&[new_re, new_im], 4)?.reshape((b, h, t, d)) // interleave back
 }
 
@@ -282,6 +324,14 @@ pub fn rope_score(q: &[f64], m: f64, k: &[f64], n: f64, base: f64) -> f64 {
 impl t0802_multi_head_attention::PositionPlug for RopeTables {
     fn rotate(&self, q: &Tensor, k: &Tensor, start_pos: usize) -> Result<(Tensor, Tensor)> {
         Ok((self.apply(q, start_pos)?, self.apply(k, start_pos)?))
+    }
+
+    fn rotate_at(&self, q: &Tensor, k: &Tensor, pos: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = self.rows_at(pos, DType::F32)?; // (1, d/2), gathered once for q and k
+        Ok((
+            self.apply_rows(q, &cos, &sin)?,
+            self.apply_rows(k, &cos, &sin)?,
+        ))
     }
 }
 

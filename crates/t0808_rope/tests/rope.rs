@@ -374,3 +374,38 @@ fn llama_rung_plugs_rope_into_every_layer() -> Result<()> {
     assert_eq!(lm.forward(&x, 0)?.dims(), &[1, 5, 50]);
     Ok(())
 }
+
+/// The device-position form (a gathered table row, 8-10's static cache) rotates exactly like the
+/// host offset, composed and fused; positions outside one token per sequence are refused.
+#[test]
+fn rotate_at_a_device_position_equals_the_host_offset() -> Result<()> {
+    use t0802_multi_head_attention::PositionPlug;
+    let dev = test_device();
+    for imp in [OpImpl::Composed, OpImpl::Fused] {
+        let tables = RopeTables::new(16, 40, DEFAULT_BASE, RopeScaling::None, &dev)?.with_impl(imp);
+        let (q, k) = (rand_x(2, 4, 1, 16)?, rand_x(2, 2, 1, 16)?);
+        for pos in [0u32, 1, 17, 39] {
+            let (qh, kh) = tables.rotate(&q, &k, pos as usize)?;
+            let (qd, kd) = tables.rotate_at(&q, &k, &Tensor::new(&[pos], &dev)?)?;
+            for (a, b) in [(qh, qd), (kh, kd)] {
+                let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert_eq!(diff, 0.0, "{imp:?} position {pos}");
+            }
+        }
+        let e = tables
+            .rotate_at(
+                &rand_x(1, 4, 2, 16)?,
+                &rand_x(1, 4, 2, 16)?,
+                &Tensor::new(&[3u32], &dev)?,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("one token per sequence"), "{e}");
+        let e = tables
+            .rotate_at(&q, &k, &Tensor::new(&[3i64], &dev)?)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(1,) u32"), "{e}");
+    }
+    Ok(())
+}

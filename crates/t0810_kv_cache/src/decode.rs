@@ -117,7 +117,7 @@ pub fn seq2seq_step(model: &Transformer, tgt: &Tensor, state: &mut Seq2SeqState)
             Some(slot),
         )?;
     }
-    state.self_cache.commit(t);
+    state.self_cache.commit(t)?;
     let x = match &model.decoder_norm {
         Some(n) => n.forward(&x)?,
         None => x,

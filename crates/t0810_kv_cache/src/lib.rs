@@ -32,6 +32,8 @@
 //!   naive concatenating one; the [`KvStore`] trait the decoders write through.
 //! * [`decode`]: incremental forward passes of the decoder-only LM (RoPE positions offset by the
 //!   cache length, only `n_kv_heads` cached) and of the encoder–decoder (cross-attention K/V once).
+//! * [`static_cache`]: the static cache whose position lives on the device, and [`graph`]:
+//!   greedy decoding with it, its step captured into a CUDA graph and replayed on CUDA.
 //! * [`sampling`]: greedy, temperature, top-k, top-p.
 //! * [`paged`]: the paged cache of PagedAttention (block pool, block tables, copy-on-write).
 //! * [`sim`]: the serving simulation (contiguous reservation vs paged blocks).
@@ -39,16 +41,20 @@
 
 pub mod cache;
 pub mod decode;
+pub mod graph;
 pub mod paged;
 pub mod sampling;
 pub mod sim;
+pub mod static_cache;
 
 pub use cache::{kv_cache_bytes, CacheKind, CacheShape, KvCache, KvStore};
 pub use decode::{
     decoding_kernels, lm_cache, lm_forward_cached, seq2seq_start, seq2seq_step, Seq2SeqState,
 };
+pub use graph::{greedy_next, prepare_for_graphs, GraphNodes, GreedyDecoder};
 pub use paged::{BlockAllocator, PagedConfig, PagedKvCache, PagedSeq, SeqId};
 pub use sampling::{allowed_tokens, Sampler, SamplingConfig};
+pub use static_cache::StaticKvCache;
 
 use candle_core::{bail, DType, Result, Tensor};
 use std::time::Instant;

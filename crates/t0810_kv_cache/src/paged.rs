@@ -398,10 +398,7 @@ impl KvStore for PagedSeq<'_> {
         self.cache.gather(self.seq, layer, start + t)
     }
 
-    fn commit(&mut self, n_new: usize) {
-        self.cache
-            .alloc
-            .advance(self.seq, n_new)
-            .expect("reserved by begin");
+    fn commit(&mut self, n_new: usize) -> Result<()> {
+        self.cache.alloc.advance(self.seq, n_new) // reserved by `begin`
     }
 }

@@ -231,17 +231,17 @@ fn paged_gather_equals_contiguous_cache() -> Result<()> {
         let mut sa = paged.seq(a)?;
         sa.begin(n)?;
         let (pk, pv) = sa.append(0, &k, &v)?;
-        sa.commit(n);
+        sa.commit(n)?;
         contiguous.begin(n)?;
         let (ck, cv) = contiguous.append(0, &k, &v)?;
-        contiguous.commit(n);
+        contiguous.commit(n)?;
         assert_eq!(rel_err(&pk, &ck.contiguous()?), 0.0);
         assert_eq!(rel_err(&pv, &cv.contiguous()?), 0.0);
         let mut sb = paged.seq(b)?;
         sb.begin(i + 1)?;
         let noise = Tensor::randn(0f32, 1.0, (1, 2, i + 1, 3), &dev)?;
         sb.append(0, &noise, &noise)?;
-        sb.commit(i + 1);
+        sb.commit(i + 1)?;
     }
     let table = &paged.alloc.seq(a)?.table;
     assert!(

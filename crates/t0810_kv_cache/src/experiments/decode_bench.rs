@@ -1,15 +1,18 @@
 //! `decode-bench`: batched greedy decoding with the KV cache, the next tokens chosen on the
 //! device (argmax, no host round trip per step). A prefill of `prompt` tokens, then `new − 1`
 //! decode steps of one token; the second of two repetitions is timed (the first warms up kernel
-//! loading and the allocator). Written to `decode_bench_b<batch>_<dtype>/results.json`.
+//! loading and the allocator). With `--graphs` the steps run through the static cache
+//! ([`t0810_kv_cache::GreedyDecoder`]), captured into a CUDA graph on CUDA (during the first
+//! repetition) and replayed. Written to `decode_bench_b<batch>_<dtype>[_graphs]/results.json`.
 
 use anyhow::Result;
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use shared::cli::CommonArgs;
+use shared::kernels::AttentionImpl;
 use shared::kernels::KernelArgs;
 use shared::report::{print_table, RunReport};
 use t0804_transformer_block::{DecoderOnlyLm, LmConfig, LmShape};
-use t0810_kv_cache::{lm_cache, CacheKind};
+use t0810_kv_cache::{greedy_next, lm_cache, CacheKind, GreedyDecoder};
 
 /// `decode-bench` arguments (defaults: the CS336 shape).
 #[derive(clap::Args, Debug)]
@@ -32,6 +35,11 @@ pub struct DecodeBenchArgs {
     pub prompt: usize,
     #[arg(long, default_value_t = 512)]
     pub new: usize,
+    /// Decode with the static cache (position on the device), the step captured into a CUDA
+    /// graph and replayed on CUDA (attention defaults to naive with the fused softmax, which
+    /// takes the static cache's key bias).
+    #[arg(long)]
+    pub graphs: bool,
 }
 
 /// The LLaMA recipe of the bench's shape, context `prompt + new`.
@@ -49,15 +57,6 @@ fn config(a: &DecodeBenchArgs) -> LmConfig {
     }
 }
 
-/// The greedy next tokens `(batch, 1)` of the last position of `logits (batch, t, vocab)`.
-fn next_tokens(logits: &Tensor) -> candle_core::Result<Tensor> {
-    let t = logits.dim(1)?;
-    logits
-        .narrow(1, t - 1, 1)?
-        .argmax_keepdim(D::Minus1)?
-        .squeeze(2)
-}
-
 /// `(prefill seconds, decode seconds)` of one repetition with a fresh preallocated cache.
 fn time_once(lm: &DecoderOnlyLm, prompt: &Tensor, new: usize, dtype: DType) -> Result<(f64, f64)> {
     let (batch, n) = prompt.dims2()?;
@@ -65,12 +64,34 @@ fn time_once(lm: &DecoderOnlyLm, prompt: &Tensor, new: usize, dtype: DType) -> R
     let mut cache = lm_cache(lm, batch, n + new, CacheKind::Preallocated, dtype)?;
     dev.synchronize()?;
     let t0 = std::time::Instant::now();
-    let mut next = next_tokens(&lm.forward_cached(prompt, &mut cache)?)?;
+    let mut next = greedy_next(&lm.forward_cached(prompt, &mut cache)?)?;
     dev.synchronize()?;
     let prefill = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     for _ in 0..new - 1 {
-        next = next_tokens(&lm.forward_cached(&next, &mut cache)?)?;
+        next = greedy_next(&lm.forward_cached(&next, &mut cache)?)?;
+    }
+    dev.synchronize()?;
+    Ok((prefill, t1.elapsed().as_secs_f64()))
+}
+
+/// `(prefill seconds, decode seconds)` of one repetition of the static-cache decoder; on CUDA
+/// the first call captures its step (after one real step), later calls replay it.
+fn time_static(dec: &mut GreedyDecoder, prompt: &Tensor, new: usize) -> Result<(f64, f64)> {
+    let dev = prompt.device();
+    dev.synchronize()?;
+    let t0 = std::time::Instant::now();
+    dec.prefill(prompt)?;
+    dev.synchronize()?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let mut steps = new - 1;
+    if dev.is_cuda() && !dec.is_captured() {
+        dec.capture()?; // one real step, then the recording
+        steps -= 1;
+    }
+    for _ in 0..steps {
+        dec.step()?;
     }
     dev.synchronize()?;
     Ok((prefill, t1.elapsed().as_secs_f64()))
@@ -83,7 +104,13 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -
         "decode-bench: batched greedy decoding with the KV cache",
     )?;
     let dev = ctx.picked.device.clone();
-    let kernels = kernel_args.resolve(t0810_kv_cache::decoding_kernels(&dev));
+    let default = t0810_kv_cache::decoding_kernels(&dev);
+    let kernels = if a.graphs {
+        t0810_kv_cache::prepare_for_graphs(&dev)?; // before any tensor of the model exists
+        kernel_args.resolve(default.with_attention(AttentionImpl::Naive))
+    } else {
+        kernel_args.resolve(default)
+    };
     println!("   ops: {}", kernels.describe());
     let cfg = config(a);
     let parts = t0809_flash_attention::parts(kernels);
@@ -93,13 +120,33 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -
         .map(|i| ((i * 7919 + 13) % a.vocab) as u32)
         .collect();
     let prompt = Tensor::from_vec(ids, (a.batch, a.prompt), &dev)?;
-    time_once(&lm, &prompt, a.new, ctx.compute_dtype)?; // warm-up
-    let (prefill, decode) = time_once(&lm, &prompt, a.new, ctx.compute_dtype)?;
+    if a.new < 3 {
+        anyhow::bail!("decode-bench: --new must be at least 3 (a capture takes one real step)");
+    }
+    let mut nodes = None;
+    let (prefill, decode) = if a.graphs {
+        let mut dec = GreedyDecoder::new(&lm, a.batch, a.prompt + a.new, ctx.compute_dtype)?;
+        time_static(&mut dec, &prompt, a.new)?; // warm-up (and the capture)
+        nodes = dec.graph_nodes()?;
+        if let Some(n) = nodes {
+            println!("   the captured step: {n:?}");
+        }
+        time_static(&mut dec, &prompt, a.new)?
+    } else {
+        time_once(&lm, &prompt, a.new, ctx.compute_dtype)?; // warm-up
+        time_once(&lm, &prompt, a.new, ctx.compute_dtype)?
+    };
+    let step_kind = match (a.graphs, dev.is_cuda()) {
+        (false, _) => "eager",
+        (true, false) => "static cache, eager",
+        (true, true) => "static cache, CUDA graph",
+    };
     let steps = (a.new - 1) as f64;
     let tps = a.batch as f64 * steps / decode;
     print_table(
         &[
             "device",
+            "step",
             "dtype",
             "batch",
             "prompt",
@@ -110,6 +157,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -
         ],
         &[vec![
             ctx.picked.description.clone(),
+            step_kind.into(),
             ctx.dtype_name().into(),
             a.batch.to_string(),
             a.prompt.to_string(),
@@ -119,7 +167,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -
             format!("{tps:.0}"),
         ]],
     );
-    let config = serde_json::json!({"decode_bench": cfg, "batch": a.batch, "prompt": a.prompt, "new": a.new, "kernels": kernels});
+    let config = serde_json::json!({"decode_bench": cfg, "batch": a.batch, "prompt": a.prompt, "new": a.new, "kernels": kernels, "graphs": a.graphs, "step": step_kind, "graph_nodes": nodes});
     let mut report = RunReport::start(
         crate::TOPIC,
         config,
@@ -129,9 +177,11 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -
     report.metric("prefill_ms", prefill * 1e3);
     report.metric("ms_per_token_step", decode / steps * 1e3);
     report.metric("tokens_per_s", tps);
-    report.write(
-        &ctx.out_dir
-            .join(format!("decode_bench_b{}_{}", a.batch, ctx.dtype_name())),
-    )?;
+    report.write(&ctx.out_dir.join(format!(
+        "decode_bench_b{}_{}{}",
+        a.batch,
+        ctx.dtype_name(),
+        if a.graphs { "_graphs" } else { "" }
+    )))?;
     Ok(())
 }

@@ -1,0 +1,232 @@
+//! The static cache (position on the device, attention over every slot behind a key bias) and
+//! the greedy decoder built on it, against the host-position cache and the full forward pass;
+//! on CUDA (`MODULE08_TEST_DEVICE=cuda`), the decoder replayed from a CUDA graph against the
+//! same decoder run eagerly.
+
+use candle_core::{DType, Device, Result, Tensor};
+use shared::device::test_device;
+use shared::kernels::{AttentionImpl, Kernels};
+use t0804_transformer_block::{init_lm, DecoderOnlyLm, LmConfig, LmShape};
+use t0810_kv_cache::*;
+
+const VOCAB: usize = 61;
+
+const SHAPE: LmShape = LmShape {
+    vocab_size: VOCAB,
+    max_seq_len: 48,
+    d_model: 32,
+    n_layers: 2,
+    n_heads: 4,
+};
+
+fn prompt(batch: usize, n: usize, dev: &Device) -> Tensor {
+    let ids: Vec<u32> = (0..batch * n)
+        .map(|i| ((i * 37 + 5) % VOCAB) as u32)
+        .collect();
+    Tensor::from_vec(ids, (batch, n), dev).unwrap()
+}
+
+/// A LLaMA rung (RoPE, RMSNorm, SwiGLU, `n_kv_heads` K/V heads) with `kernels`.
+fn llama(kernels: Kernels, n_kv_heads: usize, dtype: DType, dev: &Device) -> DecoderOnlyLm {
+    shared::params::set_seed(7);
+    let cfg = t0808_rope::llama(SHAPE, n_kv_heads);
+    init_lm(&cfg, &t0809_flash_attention::parts(kernels), dtype, dev)
+        .unwrap()
+        .1
+}
+
+/// The kernels a static cache can decode with: every op composed, and every op fused with the
+/// fused-softmax attention (FlashAttention takes no key bias).
+fn kernel_choices() -> [Kernels; 2] {
+    [
+        Kernels::composed(),
+        Kernels::fused().with_attention(AttentionImpl::Naive),
+    ]
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Step by step, the static cache's logits equal the host-position cache's: the empty slots it
+/// attends over weigh exactly zero (float64, both kernel choices, MHA and GQA, batch 2).
+#[test]
+fn static_cache_steps_equal_the_host_position_cache() -> Result<()> {
+    let dev = Device::Cpu;
+    for kernels in kernel_choices() {
+        for n_kv_heads in [4, 2] {
+            let lm = llama(kernels, n_kv_heads, DType::F64, &dev);
+            let mut host = lm_cache(&lm, 2, 20, CacheKind::Preallocated, DType::F64)?;
+            let (n_kv, d_head) = lm.kv_heads();
+            let shape = CacheShape {
+                n_layers: SHAPE.n_layers,
+                batch: 2,
+                n_kv_heads: n_kv,
+                max_seq: 20,
+                d_head,
+            };
+            let mut stat = StaticKvCache::new(shape, DType::F64, &dev)?;
+            let p = prompt(2, 6, &dev);
+            let a = lm.forward_cached(&p, &mut host)?;
+            let b = lm.forward_cached(&p, &mut stat)?;
+            assert!(max_abs_diff(&a, &b) < 1e-12, "prefill");
+            let mut next = greedy_next(&a)?;
+            for step in 0..10 {
+                let a = lm.forward_cached(&next, &mut host)?;
+                let b = lm.forward_cached(&next, &mut stat)?;
+                let err = max_abs_diff(&a, &b);
+                assert!(
+                    err < 1e-12,
+                    "{} kv heads {n_kv_heads}, step {step}: {err:e}",
+                    kernels.describe()
+                );
+                assert_eq!(stat.seq_len(), host.seq_len());
+                let pos: Vec<u32> = stat.position().to_vec1()?;
+                assert_eq!(pos, [stat.seq_len() as u32], "device position follows");
+                next = greedy_next(&a)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The greedy decoder produces the tokens of the full forward pass re-run on each prefix (no
+/// cache at all), for every sequence of a batch, with both kernel choices.
+#[test]
+fn greedy_decoder_matches_the_full_forward() -> Result<()> {
+    let dev = Device::Cpu;
+    for kernels in kernel_choices() {
+        let lm = llama(kernels, 2, DType::F64, &dev);
+        let p = prompt(2, 5, &dev);
+        let mut dec = GreedyDecoder::new(&lm, 2, 16, DType::F64)?;
+        dec.prefill(&p)?;
+        while dec.steps_left() > 0 {
+            dec.step()?;
+        }
+        let got = dec.sequences()?;
+        assert_eq!(
+            got[0].len(),
+            17,
+            "16 positions cached + the last token produced"
+        );
+        let mut seq = p.clone();
+        for _ in 0..12 {
+            let next = greedy_next(&lm.forward(&seq, 0)?)?;
+            seq = Tensor::cat(&[&seq, &next], 1)?;
+        }
+        let want: Vec<Vec<u32>> = seq.to_vec2()?;
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(&g[..w.len()], &w[..], "{}", kernels.describe());
+        }
+        assert_eq!(dec.generated()?[0].len(), 12, "17 tokens − a prompt of 5");
+        // A second prompt reuses the buffers: the old entries are hidden, not cleared.
+        dec.prefill(&p.narrow(1, 0, 3)?)?;
+        dec.step()?;
+        let again = dec.sequences()?;
+        let mut seq = p.narrow(1, 0, 3)?;
+        for _ in 0..2 {
+            let next = greedy_next(&lm.forward(&seq, 0)?)?;
+            seq = Tensor::cat(&[&seq, &next], 1)?;
+        }
+        assert_eq!(again, seq.to_vec2::<u32>()?);
+    }
+    Ok(())
+}
+
+/// Misuse gets a clear error and changes nothing.
+#[test]
+fn static_decoding_errors_are_clear() -> Result<()> {
+    let dev = Device::Cpu;
+    let lm = llama(Kernels::composed(), 4, DType::F32, &dev);
+    let mut dec = GreedyDecoder::new(&lm, 1, 8, DType::F32)?;
+    let e = dec.step().unwrap_err().to_string();
+    assert!(e.contains("prefill"), "{e}");
+    let e = dec.prefill(&prompt(2, 3, &dev)).unwrap_err().to_string();
+    assert!(e.contains("batch 1"), "{e}");
+    dec.prefill(&prompt(1, 7, &dev))?;
+    dec.step()?;
+    let e = dec.step().unwrap_err().to_string();
+    assert!(e.contains("KV cache full"), "{e}");
+    assert_eq!(dec.seq_len(), 8, "the failed step changed nothing");
+    if !cfg!(feature = "cuda") {
+        let e = dec.capture().unwrap_err().to_string();
+        assert!(e.contains("cuda"), "{e}");
+    }
+    // Learned absolute positions are looked up on the host: no device-position form.
+    shared::params::set_seed(3);
+    let gpt2 = init_lm(
+        &LmConfig::gpt2(SHAPE),
+        &t0809_flash_attention::parts(Kernels::composed()),
+        DType::F32,
+        &dev,
+    )?
+    .1;
+    let mut dec = GreedyDecoder::new(&gpt2, 1, 8, DType::F32)?;
+    dec.prefill(&prompt(1, 3, &dev))?;
+    let e = dec.step().unwrap_err().to_string();
+    assert!(e.contains("positions inside attention"), "{e}");
+    // FlashAttention takes no key bias.
+    let lm = llama(Kernels::fused(), 4, DType::F32, &dev);
+    let mut dec = GreedyDecoder::new(&lm, 1, 8, DType::F32)?;
+    dec.prefill(&prompt(1, 3, &dev))?;
+    let e = dec.step().unwrap_err().to_string();
+    assert!(e.contains("naive attention"), "{e}");
+    Ok(())
+}
+
+/// On CUDA: the decoder replayed from a CUDA graph writes the same tokens as the same decoder
+/// run eagerly, in f32 and bf16, batch 1 and 3, composed and fused ops.
+#[test]
+fn captured_decoding_equals_eager_decoding() -> Result<()> {
+    let dev = test_device();
+    if dev.is_cpu() {
+        return Ok(()); // capture needs CUDA; the eager path is tested above
+    }
+    prepare_for_graphs(&dev)?;
+    for kernels in kernel_choices() {
+        for dtype in [DType::F32, DType::BF16] {
+            for batch in [1, 3] {
+                let lm = llama(kernels, 2, dtype, &dev);
+                let p = prompt(batch, 9, &dev);
+                let run = |captured: bool| -> Result<Vec<Vec<u32>>> {
+                    let mut dec = GreedyDecoder::new(&lm, batch, 40, dtype)?;
+                    dec.prefill(&p)?;
+                    if captured {
+                        dec.capture()?;
+                        assert!(dec.is_captured());
+                    }
+                    while dec.steps_left() > 0 {
+                        dec.step()?;
+                    }
+                    // Replays survive a new prompt: same buffers, position reset on the device.
+                    dec.prefill(&p.narrow(1, 0, 4)?)?;
+                    for _ in 0..5 {
+                        dec.step()?;
+                    }
+                    let mut out = dec.sequences()?;
+                    out.extend(dec.generated()?);
+                    Ok(out)
+                };
+                let (eager, captured) = (run(false)?, run(true)?);
+                assert_eq!(
+                    eager,
+                    captured,
+                    "{} {dtype:?} batch {batch}",
+                    kernels.describe()
+                );
+            }
+        }
+    }
+    Ok(())
+}
