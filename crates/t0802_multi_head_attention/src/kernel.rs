@@ -32,6 +32,11 @@ pub enum AttnMask<'a> {
     /// causal on top when `causal` is set: a kernel that knows the lengths skips the padding
     /// (FlashAttention), the others get it as an explicit mask ([`AttnMask::lowered`]).
     Padding { keys: &'a KeyPadding, causal: bool },
+    /// Keys `0 ..= last` only, `last` being a `(1,)` `u32` tensor on the device (8-10's static
+    /// cache: its write position). The queries' count of keys lives on the device, so a step
+    /// captured into a CUDA graph replays it for any position. A kernel that reads it there
+    /// (8-06's fused softmax) needs nothing more; the others get the explicit mask.
+    KeysUpTo(&'a Tensor),
 }
 
 /// Key padding of a batch: sequence `b` has `lengths[b]` real keys of `n_keys`, then padding.
@@ -137,8 +142,14 @@ impl LoweredMask<'_> {
 impl<'a> AttnMask<'a> {
     /// The same mask for kernels that take no lengths: padding of which nothing is padded
     /// becomes `None` or `Causal`, other padding the explicit mask (causal ∧ key padding) for
-    /// `n_q` queries over the padding's keys.
-    pub fn lowered(self, n_q: usize) -> Result<LoweredMask<'a>> {
+    /// `n_q` queries over the padding's keys; keys up to a device index, the explicit mask
+    /// `(1, 1, 1, n_k)` over `n_k` keys.
+    pub fn lowered(self, n_q: usize, n_k: usize) -> Result<LoweredMask<'a>> {
+        if let AttnMask::KeysUpTo(last) = self {
+            let slots = Tensor::arange(0u32, n_k as u32, last.device())?.reshape((1, 1, 1, n_k))?;
+            let last = last.reshape((1, 1, 1, 1))?;
+            return Ok(LoweredMask::Owned(slots.broadcast_le(&last)?));
+        }
         let AttnMask::Padding { keys, causal } = self else {
             return Ok(LoweredMask::Borrowed(self));
         };
@@ -185,7 +196,7 @@ impl NaiveAttention {
         mask: AttnMask<'_>,
         score_bias: Option<&Tensor>,
     ) -> Result<Attention> {
-        let lowered = mask.lowered(q.dim(2)?)?;
+        let lowered = mask.lowered(q.dim(2)?, k.dim(2)?)?;
         let mask = lowered.get();
         let g = group_size(q, k)?;
         let (k, v) = (repeat_kv(k, g)?, repeat_kv(v, g)?);
@@ -197,7 +208,9 @@ impl NaiveAttention {
             AttnMask::None => None,
             AttnMask::Causal => causal.as_ref(),
             AttnMask::Explicit(m) => Some(m),
-            AttnMask::Padding { .. } => bail!("naive attention: key padding left unlowered"),
+            AttnMask::Padding { .. } | AttnMask::KeysUpTo(_) => {
+                bail!("naive attention: a mask left unlowered")
+            }
         };
         attention_with_bias(q, &k, &v, score_bias, mask)
     }
@@ -216,7 +229,7 @@ impl AttentionKernel for NaiveAttention {
         mask: AttnMask<'_>,
         score_bias: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let lowered = mask.lowered(q.dim(2)?)?;
+        let lowered = mask.lowered(q.dim(2)?, k.dim(2)?)?;
         let mask = lowered.get();
         let g = group_size(q, k)?;
         let foldable = matches!(mask, AttnMask::None | AttnMask::Causal) && score_bias.is_none();

@@ -300,22 +300,18 @@ impl MultiHeadAttention {
             (Some(p), None) => p.rotate(&q, &k, start_pos)?,
             (None, _) => (q, k),
         };
-        let (k, v, key_bias) = match cache {
-            Some(slot) => {
-                let (k, v) = slot.store.append(slot.layer, &k, &v)?; // (batch, n_kv_heads, past + n, d_head)
-                (k, v, slot.store.key_bias().cloned())
-            }
-            None => (k, v, None),
+        let (k, v) = match cache {
+            Some(slot) => slot.store.append(slot.layer, &k, &v)?, // (batch, n_kv_heads, past + n, d_head)
+            None => (k, v),
         };
         let bias = self.score_bias(q.dim(2)?, k.dim(2)?)?;
-        let heads = match (key_bias, bias) {
+        let heads = match (&device_pos, bias) {
             (None, bias) => self.kernel.attend(&q, &k, &v, mask, bias.as_ref())?,
-            // A static cache returned its whole buffer: its key bias hides the empty slots, and
-            // with one new token per step there is nothing later for a causal mask to hide.
-            (Some(key_bias), None) => {
-                self.kernel
-                    .attend(&q, &k, &v, AttnMask::None, Some(&key_bias))?
-            }
+            // The store returned its whole buffer, written up to the new token's slot; with one
+            // new token per step there is nothing later for a causal mask to hide.
+            (Some(pos), None) => self
+                .kernel
+                .attend(&q, &k, &v, AttnMask::KeysUpTo(pos), None)?,
             (Some(_), Some(_)) => bail!(
                 "a score-bias position scheme (relative positions) cannot decode from a device position"
             ),

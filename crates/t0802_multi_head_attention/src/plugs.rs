@@ -47,15 +47,10 @@ pub trait KvStore {
 
     /// For a store whose position lives on the device (8-10's static cache, decoding one token
     /// per step): the `(1,)` `u32` position of the token being written. `append` then returns
-    /// the store's whole buffer and [`Self::key_bias`] hides what is not written yet, so that
-    /// every step has the same shapes. `None` (the default): the position is `seq_len()`.
+    /// the store's whole buffer, of which slots `0 ..= position` are written
+    /// ([`crate::AttnMask::KeysUpTo`]), so that every step has the same shapes and arguments.
+    /// `None` (the default): the position is `seq_len()` on the host.
     fn device_position(&self) -> Option<&Tensor> {
-        None
-    }
-
-    /// With [`Self::device_position`]: an additive bias `(1, 1, 1, n_keys)` over the keys
-    /// `append` returned, 0 for a written slot and −∞ for an empty one.
-    fn key_bias(&self) -> Option<&Tensor> {
         None
     }
 }

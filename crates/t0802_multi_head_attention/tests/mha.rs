@@ -501,7 +501,7 @@ fn key_padding_reads_lengths_and_lowers_to_the_explicit_mask() -> Result<()> {
         keys: &keys,
         causal: true,
     }
-    .lowered(2)?;
+    .lowered(2, 4)?;
     let AttnMask::Explicit(m) = lowered.get() else {
         panic!("padding should lower to an explicit mask");
     };
@@ -514,14 +514,21 @@ fn key_padding_reads_lengths_and_lowers_to_the_explicit_mask() -> Result<()> {
         keys: &full,
         causal: false,
     }
-    .lowered(4)?;
+    .lowered(4, 4)?;
     assert!(matches!(none.get(), AttnMask::None));
     let causal = AttnMask::Padding {
         keys: &full,
         causal: true,
     }
-    .lowered(4)?;
+    .lowered(4, 4)?;
     assert!(matches!(causal.get(), AttnMask::Causal));
+    // Keys up to a device index lower to the explicit mask of slots 0..=last.
+    let last = Tensor::new(&[2u32], &dev)?;
+    let up_to = AttnMask::KeysUpTo(&last).lowered(1, 5)?;
+    let AttnMask::Explicit(m) = up_to.get() else {
+        panic!("keys up to a device index should lower to an explicit mask");
+    };
+    assert_eq!(m.flatten_all()?.to_vec1::<u8>()?, [1, 1, 1, 0, 0]);
     // Bad input: padding before a real token, a sequence without keys.
     let hole = Tensor::new(&[[1u8, 0, 1]], &dev)?;
     let e = KeyPadding::from_mask(&hole).unwrap_err().to_string();

@@ -31,15 +31,18 @@ __device__ __forceinline__ int64_t last_key(int64_t r, int64_t n_q, int64_t n_k,
   return causal ? (r % n_q) + n_k - n_q : n_k - 1;
 }
 
+// `last_slot`, when not null, points at a key index on the device that no row sees past (8-10's
+// static cache: its write position, read here so that a captured CUDA graph replays any position).
 template <typename T>
 __device__ void forward(const T *x, T *y, int64_t rows, int64_t n_q, int64_t n_k, float scale,
-                        int causal) {
+                        int causal, const uint32_t *last_slot) {
   const int lane = threadIdx.x % 32;
   const int64_t r = (int64_t)blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32;
   if (r >= rows) return;
   const T *xr = x + r * n_k;
   T *yr = y + r * n_k;
-  const int64_t last = last_key(r, n_q, n_k, causal);
+  int64_t last = last_key(r, n_q, n_k, causal);
+  if (last_slot != nullptr && (int64_t)*last_slot < last) last = (int64_t)*last_slot;
   // Online max and sum over this lane's keys (m = −∞ until the first one).
   float m = -INFINITY, l = 0.0f;
   for (int64_t j = lane; j <= last; j += 32) {
@@ -80,8 +83,9 @@ __device__ void backward(const T *y, const T *g, T *dx, int64_t rows, int64_t n_
 
 #define SOFTMAX_KERNELS(T, NAME)                                                                    \
   extern "C" __global__ void causal_softmax_fwd_##NAME(const T *x, T *y, int64_t rows, int64_t n_q, \
-                                                       int64_t n_k, float scale, int causal) {      \
-    forward<T>(x, y, rows, n_q, n_k, scale, causal);                                                \
+                                                       int64_t n_k, float scale, int causal,        \
+                                                       const uint32_t *last_slot) {                 \
+    forward<T>(x, y, rows, n_q, n_k, scale, causal, last_slot);                                     \
   }                                                                                                 \
   extern "C" __global__ void causal_softmax_bwd_##NAME(const T *y, const T *g, T *dx, int64_t rows, \
                                                        int64_t n_q, int64_t n_k, float scale,       \

@@ -59,7 +59,7 @@ pub mod swiglu_fused;
 pub use fused::{rms_norm_fused, rms_norm_fused_backward, FusedRmsNorm, FusedRmsNormBackward};
 pub use gelu_fused::bias_gelu_fused;
 pub use layernorm_fused::{layer_norm_fused, layer_norm_fused_backward, FusedLayerNormLayer};
-pub use softmax_fused::{causal_softmax_fused, FusedSoftmaxAttention};
+pub use softmax_fused::{causal_softmax_fused, softmax_fused_up_to, FusedSoftmaxAttention};
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;

@@ -61,20 +61,40 @@ pub fn causal_softmax_fused(
     scores.contiguous()?.apply_op1(op)
 }
 
+/// `softmax(scale · scores)` over keys `0 ..= last` of each row (the rest weigh 0), `last` being
+/// a `(1,)` `u32` tensor on the device that the kernel reads (8-10's static cache: its write
+/// position). Differentiable in `scores`.
+pub fn softmax_fused_up_to(scores: &Tensor, scale: f64, last: &Tensor) -> Result<Tensor> {
+    let dims = scores.dims();
+    if dims.len() < 2 {
+        bail!("softmax_fused_up_to: scores must be (…, rows, n_k), got {dims:?}");
+    }
+    if last.dims() != [1] || last.dtype() != candle_core::DType::U32 {
+        bail!(
+            "softmax_fused_up_to: the last key is a (1,) u32 tensor, got {:?} {:?}",
+            last.dims(),
+            last.dtype()
+        );
+    }
+    if !scale.is_finite() {
+        bail!("softmax_fused_up_to: the scale must be finite, got {scale}");
+    }
+    let op = CausalSoftmax {
+        n_q: 1,
+        n_k: dims[dims.len() - 1],
+        scale,
+        causal: false,
+    };
+    scores.contiguous()?.apply_op2(&last.contiguous()?, op)
+}
+
 /// Naive attention with [`causal_softmax_fused`] in place of the composed scale, mask and
 /// softmax; grouped K/V heads are served by folding each group into the query rows (8-02's
-/// [`fold_query_groups`]). A bias over the keys alone, `(…, 1, 1, n_k)` (8-10's static cache
-/// hiding its empty slots), is added to the scores before the fused softmax, divided by the
-/// scale that the softmax multiplies back. Other masks and biases (explicit padding masks,
-/// relative positions) have no fused form here: those calls run [`NaiveAttention`], same values.
+/// [`fold_query_groups`]). Keys up to a device index ([`AttnMask::KeysUpTo`], 8-10's static
+/// cache) go to [`softmax_fused_up_to`]. Explicit masks and score biases (padding masks, relative
+/// positions) have no fused form here: those calls run [`NaiveAttention`], same values.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FusedSoftmaxAttention;
-
-/// Whether `bias` is `(batch or 1, 1, 1, n_k)`: one value per key, the same for every head and
-/// query (so it broadcasts over the folded query groups too).
-fn is_key_bias(bias: &Tensor) -> bool {
-    matches!(bias.dims(), [_, 1, 1, _])
-}
 
 impl AttentionKernel for FusedSoftmaxAttention {
     fn name(&self) -> &'static str {
@@ -89,25 +109,31 @@ impl AttentionKernel for FusedSoftmaxAttention {
         mask: AttnMask<'_>,
         score_bias: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let lowered = mask.lowered(q.dim(2)?)?; // key padding: an explicit mask, or none
-        let mask = lowered.get();
-        let (causal, key_bias) = match (mask, score_bias) {
-            (AttnMask::None, None) => (false, None),
-            (AttnMask::Causal, None) => (true, None),
-            (AttnMask::None, Some(bias)) if is_key_bias(bias) => (false, Some(bias)),
-            _ => return NaiveAttention.attend(q, k, v, mask, score_bias),
+        let up_to = match (mask, score_bias) {
+            (AttnMask::KeysUpTo(last), None) => Some(last),
+            _ => None,
+        };
+        let causal = match up_to {
+            Some(_) => false,
+            None => {
+                // key padding: an explicit mask, or none
+                let lowered = mask.lowered(q.dim(2)?, k.dim(2)?)?;
+                match (lowered.get(), score_bias) {
+                    (AttnMask::None, None) => false,
+                    (AttnMask::Causal, None) => true,
+                    (mask, bias) => return NaiveAttention.attend(q, k, v, mask, bias),
+                }
+            }
         };
         let (b, n_heads, n_q, d) = q.dims4()?;
         let scale = 1.0 / (d as f64).sqrt();
         let (q, _) = fold_query_groups(q, k.dim(1)?)?; // (b, n_kv, g·n_q, d)
         let (k, v) = (gemm_operand(k)?, gemm_operand(v)?);
         let scores = q.matmul(&k.t()?)?; // (b, n_kv, g·n_q, n_k)
-        let scores = match key_bias {
-            // softmax(scale·(s + bias/scale)) = softmax(scale·s + bias)
-            Some(bias) => scores.broadcast_add(&(bias.to_dtype(scores.dtype())? / scale)?)?,
-            None => scores,
+        let weights = match up_to {
+            Some(last) => softmax_fused_up_to(&scores, scale, last)?,
+            None => causal_softmax_fused(&scores, scale, n_q, causal)?,
         };
-        let weights = causal_softmax_fused(&scores, scale, n_q, causal)?;
         weights
             .matmul(&v)? // (b, n_kv, g·n_q, d)
             .reshape((b, n_heads, n_q, d))
@@ -133,12 +159,13 @@ impl CausalSoftmax {
     }
 
     /// The rows over the cores, in the loop's arithmetic `A` (f32 for f32, bf16 and f16, as the
-    /// kernel computes; f64 for f64). The keys a row may not see are written as zeros unread.
-    fn cpu_forward<T: Element, A: Real>(&self, x: &[T]) -> Vec<T> {
+    /// kernel computes; f64 for f64), no row seeing past key `limit`. The keys a row may not see
+    /// are written as zeros unread.
+    fn cpu_forward<T: Element, A: Real>(&self, x: &[T], limit: usize) -> Vec<T> {
         let mut y = shared::cpu::zeros::<T>(x.len());
         let (n_k, scale) = (self.n_k, A::from_f64(self.scale));
         for_each_row(&mut y, n_k, |r, out| {
-            let seen = &x[r * n_k..r * n_k + self.last_key(r) + 1];
+            let seen = &x[r * n_k..r * n_k + self.last_key(r).min(limit) + 1];
             let max = max_of::<T, A>(seen) * scale;
             let out = &mut out[..seen.len()];
             let mut sum = A::zero();
@@ -185,6 +212,7 @@ impl CustomOp1 for CausalSoftmax {
             ($t:ty, $a:ty) => {
                 <$t as candle_core::WithDType>::to_cpu_storage_owned(self.cpu_forward::<$t, $a>(
                     contiguous_slice(s.as_slice::<$t>()?, l, "causal softmax: scores")?,
+                    usize::MAX,
                 ))
             };
         }
@@ -198,7 +226,7 @@ impl CustomOp1 for CausalSoftmax {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::forward(self, s, l)?, l.shape().clone()))
+        Ok((cuda::forward(self, s, l, None)?, l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -206,6 +234,61 @@ impl CustomOp1 for CausalSoftmax {
             &g.contiguous()?,
             &CausalSoftmaxBackward(*self),
         )?))
+    }
+}
+
+/// The same softmax over keys `0 ..= last` only, `last` the op's second input (a `(1,)` `u32`
+/// device tensor the kernel reads; [`softmax_fused_up_to`]).
+impl CustomOp2 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "softmax-up-to"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        s_last: &CpuStorage,
+        l_last: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let last = contiguous_slice(s_last.as_slice::<u32>()?, l_last, "softmax: last key")?[0];
+        macro_rules! run {
+            ($t:ty, $a:ty) => {
+                <$t as candle_core::WithDType>::to_cpu_storage_owned(self.cpu_forward::<$t, $a>(
+                    contiguous_slice(s.as_slice::<$t>()?, l, "softmax: scores")?,
+                    last as usize,
+                ))
+            };
+        }
+        let y = shared::for_float_dtype!(s.dtype(), "softmax up to a key", run);
+        Ok((y, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        s_last: &candle_core::CudaStorage,
+        l_last: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            cuda::forward(self, s, l, Some((s_last, l_last)))?,
+            l.shape().clone(),
+        ))
+    }
+
+    /// The keys past `last` have `y = 0`, so the backward of the unlimited softmax gives them a
+    /// zero gradient without knowing `last`.
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _last: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = y.apply_op2_no_bwd(&g.contiguous()?, &CausalSoftmaxBackward(*self))?;
+        Ok((Some(dx), None))
     }
 }
 
@@ -258,10 +341,16 @@ mod cuda {
     const MODULE: &str = "t0806_softmax";
     const ROWS_PER_BLOCK: usize = 8;
 
-    pub fn forward(op: &CausalSoftmax, s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    /// The forward kernel; `last`: the `(1,)` `u32` key index no row sees past (else none).
+    pub fn forward(
+        op: &CausalSoftmax,
+        s: &CudaStorage,
+        l: &Layout,
+        last: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<CudaStorage> {
         macro_rules! run {
             ($t:ty, $_a:ty) => {
-                launch::<$t>(op, "causal_softmax_fwd", &[(s, l, "scores")])
+                launch::<$t>(op, "causal_softmax_fwd", &[(s, l, "scores")], Some(last))
             };
         }
         shared::for_float_dtype!(s.dtype(), "causal softmax (cuda)", run, no_f64)
@@ -280,22 +369,32 @@ mod cuda {
                     op,
                     "causal_softmax_bwd",
                     &[(sy, ly, "output"), (sg, lg, "gradient")],
+                    None,
                 )
             };
         }
         shared::for_float_dtype!(sy.dtype(), "causal softmax backward (cuda)", run, no_f64)
     }
 
-    /// `<kernel>_<dtype>(inputs…, out, rows, n_q, n_k, scale, causal)` over the rows of the first
-    /// input, into a new buffer of its size.
+    /// `<kernel>_<dtype>(inputs…, out, rows, n_q, n_k, scale, causal[, last])` over the rows of
+    /// the first input, into a new buffer of its size. `last`: `Some` for the forward kernel,
+    /// whose last argument points at the key index no row sees past (null for none).
     fn launch<T: CudaDType + DeviceRepr>(
         op: &CausalSoftmax,
         kernel: &str,
         inputs: &[(&CudaStorage, &Layout, &str)],
+        last: Option<Option<(&CudaStorage, &Layout)>>,
     ) -> Result<CudaStorage> {
         let (first, first_l, _) = inputs[0];
         let dev = first.device().clone();
         let views = contiguous_views::<T>(inputs, "causal softmax (cuda)")?;
+        let last_view = match last.flatten() {
+            Some((s, l)) => {
+                Some(shared::cuda::contiguous_view::<u32>(s, l, "softmax: last key")?.0)
+            }
+            None => None,
+        };
+        let null = 0u64; // a null `const uint32_t *`
         let n = first_l.shape().elem_count();
         // SAFETY: the kernel writes every element of every row.
         let mut out = unsafe { dev.alloc::<T>(n)? };
@@ -318,6 +417,15 @@ mod cuda {
                 .arg(&n_k)
                 .arg(&scale)
                 .arg(&causal);
+            match (&last, &last_view) {
+                (Some(_), Some(view)) => {
+                    builder.arg(view);
+                }
+                (Some(_), None) => {
+                    builder.arg(&null);
+                }
+                (None, _) => {}
+            }
             let cfg = LaunchConfig {
                 grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
                 block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),

@@ -475,45 +475,51 @@ fn bad_arguments_are_errors() -> Result<()> {
     Ok(())
 }
 
-/// A bias over the keys alone (8-10's static cache: 0 for written slots, −∞ for empty ones, or
-/// any finite values) goes into the fused softmax and gives naive attention's output, one query
-/// per sequence and several, grouped K/V heads, values and gradients.
+/// Keys up to a device index (8-10's static cache: slots `0 ..= pos` written, the rest stale):
+/// the fused softmax reads the index on the device and gives naive attention's output over the
+/// explicit mask, one query per sequence and several, grouped K/V heads, values and gradients;
+/// the stale slots weigh exactly zero.
 #[test]
-fn fused_softmax_attention_takes_a_key_bias_like_naive_attention() -> Result<()> {
+fn fused_softmax_attention_reads_the_last_key_from_the_device() -> Result<()> {
     let dev = shared::device::test_device();
     let (b, h, kv, n_k, d) = (2, 4, 2, 11, 8);
-    for n_q in [1, 3] {
+    for (n_q, last) in [(1, 5u32), (3, 10), (1, 0)] {
         let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, n_q, d), &dev)?)?;
         let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kv, n_k, d), &dev)?)?;
         let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kv, n_k, d), &dev)?)?;
         let c = Tensor::randn(0f32, 1.0, (b, h, n_q, d), &dev)?;
-        let hidden: Vec<f32> = (0..n_k)
-            .map(|j| if j < 6 { 0.0 } else { f32::NEG_INFINITY })
-            .collect();
-        let graded: Vec<f32> = (0..n_k).map(|j| 0.3 * j as f32 - 1.0).collect();
-        for (name, bias) in [("0/−∞", hidden), ("finite", graded)] {
-            let bias = Tensor::from_vec(bias, (1, 1, 1, n_k), &dev)?;
-            let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-            let fused = FusedSoftmaxAttention.attend(qt, kt, vt, AttnMask::None, Some(&bias))?;
-            let naive = NaiveAttention.attend(qt, kt, vt, AttnMask::None, Some(&bias))?;
-            assert!(
-                max_rel(&fused, &naive) < 1e-5,
-                "{name}, {n_q} queries: output"
+        let last_t = Tensor::new(&[last], &dev)?;
+        let mask = AttnMask::KeysUpTo(&last_t);
+        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let fused = FusedSoftmaxAttention.attend(qt, kt, vt, mask, None)?;
+        let naive = NaiveAttention.attend(qt, kt, vt, mask, None)?;
+        let what = format!("{n_q} queries, keys up to {last}");
+        assert!(max_rel(&fused, &naive) < 1e-5, "{what}: output");
+        // Only the first last+1 keys count: changing the others changes nothing.
+        let stale = Tensor::cat(
+            &[
+                &kt.narrow(2, 0, last as usize + 1)?,
+                &(kt.narrow(2, last as usize + 1, n_k - last as usize - 1)? * 7.0)?,
+            ],
+            2,
+        )?;
+        let again = FusedSoftmaxAttention.attend(qt, &stale, vt, mask, None)?;
+        assert_eq!(max_rel(&again, &fused), 0.0, "{what}: stale keys");
+        let gf = (&fused * &c)?.sum_all()?.backward()?;
+        let gn = (&naive * &c)?.sum_all()?.backward()?;
+        for (g, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (x, y) = (
+                gf.get(var.as_tensor()).unwrap(),
+                gn.get(var.as_tensor()).unwrap(),
             );
-            let gf = (&fused * &c)?.sum_all()?.backward()?;
-            let gn = (&naive * &c)?.sum_all()?.backward()?;
-            for (g, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                let (x, y) = (
-                    gf.get(var.as_tensor()).unwrap(),
-                    gn.get(var.as_tensor()).unwrap(),
-                );
-                assert!(
-                    max_rel(x, y) < 1e-5,
-                    "{name}, {n_q} queries: d{g} {:.2e}",
-                    max_rel(x, y)
-                );
-            }
+            assert!(max_rel(x, y) < 1e-5, "{what}: d{g} {:.2e}", max_rel(x, y));
         }
     }
+    let bad = Tensor::new(&[3i64], &dev)?;
+    let scores = Tensor::zeros((1, 1, 1, 4), DType::F32, &dev)?;
+    let e = softmax_fused_up_to(&scores, 1.0, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("(1,) u32"), "{e}");
     Ok(())
 }

@@ -50,6 +50,9 @@ impl AttentionKernel for FlashAttentionKernel {
             AttnMask::Explicit(_) => {
                 bail!("FlashAttention takes no mask, the causal mask or key padding, not an explicit mask: use naive attention")
             }
+            AttnMask::KeysUpTo(_) => {
+                bail!("FlashAttention takes its key lengths on the host, not a key index on the device (a static cache): use naive attention")
+            }
         };
         let g = t0802_multi_head_attention::group_size(q, k)?;
         let (k, v) = (repeat_kv(k, g)?, repeat_kv(v, g)?);

@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! writes    K[:, :, pos] ← k          a scatter whose index is read from the device tensor pos
-//! attends   over all max_seq slots    with key_bias[j] = 0 if j ≤ pos else −∞
+//! attends   over all max_seq slots    keys 0 ..= pos only (8-02's `AttnMask::KeysUpTo(pos)`)
 //! rotates   q, k by RoPE's row pos    a gather of the table row (8-08's `rotate_at`)
 //! advances  pos ← pos + 1             on the device
 //! ```
@@ -18,15 +18,6 @@
 
 use crate::cache::{CacheShape, KvStore};
 use candle_core::{bail, DType, Device, Result, Tensor};
-
-/// What a single-token step computes from the device position in [`KvStore::begin`], shared by
-/// every layer.
-struct StepTensors {
-    /// `(batch, n_kv_heads, 1, d_head)` `u32`, every entry `pos`: the scatter's index.
-    write_index: Tensor,
-    /// `(1, 1, 1, max_seq)`: 0 for the slots `0 ..= pos`, −∞ after.
-    key_bias: Tensor,
-}
 
 /// A preallocated KV cache, `(batch, n_kv_heads, max_seq, d_head)` per layer for K and for V,
 /// whose single-token steps read and advance a position held on the device.
@@ -39,12 +30,10 @@ pub struct StaticKvCache {
     len: usize,
     /// `(1,)` `u32`: the position of the next token, on the device.
     pos: Tensor,
-    /// `(1, 1, 1, max_seq)` `u32`: `0, 1, …, max_seq − 1`.
-    slots: Tensor,
-    /// `(1, 1, 1, max_seq)` in `dtype`: zeros and −∞, the two values of the key bias.
-    open: Tensor,
-    closed: Tensor,
-    step: Option<StepTensors>,
+    /// During a single-token step (from [`KvStore::begin`] to [`KvStore::commit`]): the
+    /// scatter's index `(batch, n_kv_heads, 1, d_head)` `u32`, every entry `pos`, shared by
+    /// every layer.
+    write_index: Option<Tensor>,
 }
 
 impl StaticKvCache {
@@ -68,7 +57,6 @@ impl StaticKvCache {
                 .map(|_| Tensor::zeros((batch, n_kv_heads, max_seq, d_head), dtype, device))
                 .collect::<Result<Vec<_>>>()
         };
-        let row = (1, 1, 1, max_seq);
         Ok(Self {
             shape,
             dtype,
@@ -76,10 +64,7 @@ impl StaticKvCache {
             v: buffers()?,
             len: 0,
             pos: Tensor::zeros(1, DType::U32, device)?,
-            slots: Tensor::arange(0u32, max_seq as u32, device)?.reshape(row)?,
-            open: Tensor::zeros(row, dtype, device)?,
-            closed: Tensor::full(f32::NEG_INFINITY, row, device)?.to_dtype(dtype)?,
-            step: None,
+            write_index: None,
         })
     }
 
@@ -88,10 +73,11 @@ impl StaticKvCache {
         &self.pos
     }
 
-    /// Forgets every cached token (the buffers are kept; old entries are hidden by the bias).
+    /// Forgets every cached token (the buffers are kept; old entries beyond the position are
+    /// never attended to).
     pub fn reset(&mut self) -> Result<()> {
         self.len = 0;
-        self.step = None;
+        self.write_index = None;
         self.pos.slice_set(&self.pos.zeros_like()?, 0, 0)
     }
 
@@ -104,7 +90,7 @@ impl StaticKvCache {
     /// Drops a begun step's tensors (a capture must free what it allocated before it ends).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn clear_step(&mut self) {
-        self.step = None;
+        self.write_index = None;
     }
 
     fn check_new(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<usize> {
@@ -129,7 +115,7 @@ impl KvStore for StaticKvCache {
     }
 
     /// Checks room on the host; a single-token step also computes, from the device position,
-    /// the scatter index and the key bias every layer uses.
+    /// the scatter index every layer uses.
     fn begin(&mut self, n_new: usize) -> Result<()> {
         let s = self.shape;
         if self.len + n_new > s.max_seq {
@@ -139,14 +125,10 @@ impl KvStore for StaticKvCache {
                 s.max_seq
             );
         }
-        self.step = if n_new == 1 {
+        self.write_index = if n_new == 1 {
             let index_shape = (s.batch, s.n_kv_heads, 1, s.d_head);
             let pos = self.pos.reshape((1, 1, 1, 1))?;
-            let written = self.slots.broadcast_le(&pos)?; // (1, 1, 1, max_seq): j ≤ pos
-            Some(StepTensors {
-                write_index: pos.broadcast_as(index_shape)?.contiguous()?,
-                key_bias: written.where_cond(&self.open, &self.closed)?,
-            })
+            Some(pos.broadcast_as(index_shape)?.contiguous()?)
         } else {
             None
         };
@@ -160,11 +142,11 @@ impl KvStore for StaticKvCache {
             k.to_dtype(self.dtype)?.contiguous()?,
             v.to_dtype(self.dtype)?.contiguous()?,
         );
-        match &self.step {
-            Some(step) if t == 1 => {
-                kb.scatter_set(&step.write_index, &k, 2)?; // K[:, :, pos] ← k
-                vb.scatter_set(&step.write_index, &v, 2)?;
-                Ok((kb.clone(), vb.clone())) // every slot; the key bias hides the empty ones
+        match &self.write_index {
+            Some(index) if t == 1 => {
+                kb.scatter_set(index, &k, 2)?; // K[:, :, pos] ← k
+                vb.scatter_set(index, &v, 2)?;
+                Ok((kb.clone(), vb.clone())) // every slot; attention reads 0 ..= pos
             }
             Some(_) => bail!("StaticKvCache: begin(1) was called, but {t} tokens were appended"),
             None => {
@@ -187,17 +169,13 @@ impl KvStore for StaticKvCache {
 
     /// Advances the host mirror and, on the device, `pos ← pos + n_new`.
     fn commit(&mut self, n_new: usize) -> Result<()> {
-        self.step = None;
+        self.write_index = None;
         self.pos.slice_set(&(&self.pos + n_new as f64)?, 0, 0)?;
         self.len += n_new;
         Ok(())
     }
 
     fn device_position(&self) -> Option<&Tensor> {
-        self.step.as_ref().map(|_| &self.pos)
-    }
-
-    fn key_bias(&self) -> Option<&Tensor> {
-        self.step.as_ref().map(|s| &s.key_bias)
+        self.write_index.as_ref().map(|_| &self.pos)
     }
 }

@@ -40,6 +40,10 @@ pub struct DecodeBenchArgs {
     /// takes the static cache's key bias).
     #[arg(long)]
     pub graphs: bool,
+    /// After the timing, a prefill and three steps inside the region that
+    /// `ncu --profile-from-start off` records (per-kernel GPU times of a step).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// The LLaMA recipe of the bench's shape, context `prompt + new`.
@@ -97,6 +101,18 @@ fn time_static(dec: &mut GreedyDecoder, prompt: &Tensor, new: usize) -> Result<(
     Ok((prefill, t1.elapsed().as_secs_f64()))
 }
 
+/// Three decode steps inside the region `ncu --profile-from-start off` records.
+fn profiled_steps(
+    dev: &candle_core::Device,
+    mut step: impl FnMut() -> candle_core::Result<()>,
+) -> Result<()> {
+    shared::device::profiler_range(dev, true)?;
+    for _ in 0..3 {
+        step()?;
+    }
+    shared::device::profiler_range(dev, false)
+}
+
 /// The `decode-bench` command.
 pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -> Result<()> {
     let ctx = common.setup(
@@ -131,10 +147,30 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -
         if let Some(n) = nodes {
             println!("   the captured step: {n:?}");
         }
-        time_static(&mut dec, &prompt, a.new)?
+        let timed = time_static(&mut dec, &prompt, a.new)?;
+        if a.profile {
+            dec.prefill(&prompt)?;
+            profiled_steps(&dev, || dec.step().map(|_| ()))?;
+        }
+        timed
     } else {
         time_once(&lm, &prompt, a.new, ctx.compute_dtype)?; // warm-up
-        time_once(&lm, &prompt, a.new, ctx.compute_dtype)?
+        let timed = time_once(&lm, &prompt, a.new, ctx.compute_dtype)?;
+        if a.profile {
+            let mut cache = lm_cache(
+                &lm,
+                a.batch,
+                a.prompt + 4,
+                CacheKind::Preallocated,
+                ctx.compute_dtype,
+            )?;
+            let mut next = greedy_next(&lm.forward_cached(&prompt, &mut cache)?)?;
+            profiled_steps(&dev, || {
+                next = greedy_next(&lm.forward_cached(&next, &mut cache)?)?;
+                Ok(())
+            })?;
+        }
+        timed
     };
     let step_kind = match (a.graphs, dev.is_cuda()) {
         (false, _) => "eager",
