@@ -30,27 +30,71 @@ pub fn apply_rope_fused_rows(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<T
     x.contiguous()?.apply_op3(
         &cos.contiguous()?,
         &sin.contiguous()?,
-        FusedRope { inverse: false },
+        FusedRope {
+            inverse: false,
+            at: None,
+        },
     )
 }
 
-/// `(x, cos, sin) → y`: rotate every pair by `+mθ` (or by `−mθ` when `inverse`).
-#[derive(Debug, Clone, Copy)]
-struct FusedRope {
-    inverse: bool,
+/// RoPE of `x (batch, heads, seq, d_head)` at positions `pos, pos + 1, …`, `pos` being a `(1,)`
+/// `u32` tensor on the device that the kernel reads (8-10's captured decode step): one op over the
+/// whole tables, no gather of rows. The positions must lie inside the tables, which only the
+/// caller can check on the host (the static cache's capacity).
+pub fn apply_rope_fused_at(x: &Tensor, tables: &RopeTables, pos: &Tensor) -> Result<Tensor> {
+    crate::check_input(x, tables)?;
+    crate::check_device_position(pos)?;
+    x.contiguous()?.apply_op3(
+        &tables.cos.contiguous()?,
+        &tables.sin.contiguous()?,
+        FusedRope {
+            inverse: false,
+            at: Some(pos.clone()),
+        },
+    )
 }
 
-/// `(seq, d/2)` of the tables, checked against `x`'s `(…, seq, d)`.
-fn dims(lx: &Layout, lc: &Layout) -> Result<(usize, usize)> {
-    let (seq, half) = lc.shape().dims2()?;
-    let xd = lx.dims();
-    if xd.len() != 4 || xd[2] != seq || xd[3] != 2 * half {
-        bail!(
-            "fused RoPE: x {xd:?} must be (batch, heads, {seq}, {}) for tables of ({seq}, {half})",
-            2 * half
-        );
+/// `(x, cos, sin) → y`: rotate every pair by `+mθ` (or by `−mθ` when `inverse`); `m` counts from
+/// 0 with table rows per position, or, with `at`, from the device position it holds over the
+/// whole tables.
+#[derive(Debug, Clone)]
+struct FusedRope {
+    inverse: bool,
+    at: Option<Tensor>,
+}
+
+impl FusedRope {
+    /// `(seq, d/2)`: `x`'s `(…, seq, d)` checked against the tables, whose rows are the
+    /// sequence's positions (without `at`) or all positions (with it).
+    fn dims(&self, lx: &Layout, lc: &Layout) -> Result<(usize, usize)> {
+        let (rows, half) = lc.shape().dims2()?;
+        let xd = lx.dims();
+        let seq = if self.at.is_some() {
+            xd.get(2).copied().unwrap_or(0)
+        } else {
+            rows
+        };
+        if xd.len() != 4 || xd[2] != seq || xd[3] != 2 * half || seq > rows {
+            bail!(
+                "fused RoPE: x {xd:?} must be (batch, heads, {seq}, {}) for tables of ({rows}, {half})",
+                2 * half
+            );
+        }
+        Ok((seq, half))
     }
-    Ok((seq, half))
+
+    /// The first position on the CPU: 0, or the device position read back.
+    fn cpu_start(&self, rows: usize, seq: usize) -> Result<usize> {
+        let Some(at) = &self.at else { return Ok(0) };
+        let start = at.to_vec1::<u32>()?[0] as usize;
+        if start + seq > rows {
+            bail!(
+                "fused RoPE: positions {start}..{} exceed the tables' {rows}",
+                start + seq
+            );
+        }
+        Ok(start)
+    }
 }
 
 /// `(x₂ₖ, x₂ₖ₊₁) → (x₂ₖ·cos − x₂ₖ₊₁·sin, x₂ₖ·sin + x₂ₖ₊₁·cos)` at each row's position, in f32
@@ -59,15 +103,14 @@ fn cpu_rope<T: Element, A: Real>(
     x: &[T],
     cos: &[f32],
     sin: &[f32],
-    seq: usize,
-    half: usize,
+    (start, seq, half): (usize, usize, usize),
     sign: f64,
 ) -> Vec<T> {
     let mut y = shared::cpu::zeros::<T>(x.len());
     let d = 2 * half;
     let sign = A::from_f64(sign);
     for_each_row(&mut y, d, |row, out| {
-        let pos = row % seq;
+        let pos = start + row % seq;
         let (cos, sin) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
         let xr = &x[row * d..][..d];
         for (((o, p), &c), &s) in out
@@ -99,7 +142,8 @@ impl CustomOp3 for FusedRope {
         ss: &CpuStorage,
         ls: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (seq, half) = dims(lx, lc)?;
+        let (seq, half) = self.dims(lx, lc)?;
+        let start = self.cpu_start(lc.dims()[0], seq)?;
         let cos = contiguous_slice(sc.as_slice::<f32>()?, lc, "fused RoPE: cos")?;
         let sin = contiguous_slice(ss.as_slice::<f32>()?, ls, "fused RoPE: sin")?;
         let sign = if self.inverse { -1.0 } else { 1.0 };
@@ -109,8 +153,7 @@ impl CustomOp3 for FusedRope {
                     contiguous_slice(sx.as_slice::<$t>()?, lx, "fused RoPE: x")?,
                     cos,
                     sin,
-                    seq,
-                    half,
+                    (start, seq, half),
                     sign,
                 ))
             };
@@ -129,9 +172,9 @@ impl CustomOp3 for FusedRope {
         ss: &candle_core::CudaStorage,
         ls: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (seq, half) = dims(lx, lc)?;
+        let (seq, half) = self.dims(lx, lc)?;
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        let y = cuda::rope(sx, lx, sc, lc, ss, ls, seq, half, sign)?;
+        let y = cuda::rope(sx, lx, sc, lc, ss, ls, seq, half, sign, self.at.as_ref())?;
         Ok((y, lx.shape().clone()))
     }
 
@@ -145,6 +188,7 @@ impl CustomOp3 for FusedRope {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let back = FusedRope {
             inverse: !self.inverse,
+            at: self.at.clone(),
         };
         let dx = dy.contiguous()?.apply_op3_no_bwd(cos, sin, &back)?;
         Ok((Some(dx), None, None))
@@ -174,6 +218,7 @@ mod cuda {
         seq: usize,
         half: usize,
         sign: f32,
+        at: Option<&Tensor>,
     ) -> Result<CudaStorage> {
         let name = shared::cuda::dtype_suffix(
             sx.dtype(),
@@ -182,7 +227,7 @@ mod cuda {
         )?;
         macro_rules! launch {
             ($t:ty, $_a:ty) => {
-                run::<$t>(sx, lx, sc, lc, ss, ls, seq, half, sign, name)
+                run::<$t>(sx, lx, sc, lc, ss, ls, seq, half, sign, at, name)
             };
         }
         shared::for_float_dtype!(sx.dtype(), "fused RoPE (cuda)", launch, no_f64)
@@ -199,9 +244,22 @@ mod cuda {
         seq: usize,
         half: usize,
         sign: f32,
+        at: Option<&Tensor>,
         name: &str,
     ) -> Result<CudaStorage> {
         let dev = sx.device().clone();
+        // The device position's storage, held for the launch (a null pointer without one).
+        let at = at.map(|t| t.storage_and_layout());
+        let start = match &at {
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cuda(s) => {
+                    Some(contiguous_view::<u32>(s, layout, "fused RoPE (cuda): position")?.0)
+                }
+                _ => bail!("fused RoPE (cuda): the device position is not on the GPU"),
+            },
+            None => None,
+        };
+        let null = 0u64;
         let (x, _) = contiguous_view::<T>(sx, lx, "fused RoPE (cuda): x")?;
         let (cos, _) = contiguous_view::<f32>(sc, lc, "fused RoPE (cuda): cos")?;
         let (sin, _) = contiguous_view::<f32>(ss, ls, "fused RoPE (cuda): sin")?;
@@ -223,6 +281,10 @@ mod cuda {
                 .arg(&seq_i)
                 .arg(&half_i)
                 .arg(&sign);
+            match &start {
+                Some(view) => b.arg(view),
+                None => b.arg(&null),
+            };
             // SAFETY: argument types match the kernel; y holds n elements.
             unsafe { b.launch(cfg) }.w()?;
         }

@@ -56,7 +56,7 @@ use shared::kernels::OpImpl;
 
 pub mod fused;
 pub mod ladder;
-pub use fused::apply_rope_fused;
+pub use fused::{apply_rope_fused, apply_rope_fused_at};
 pub use ladder::{fastest_kernels, llama, parts, with_rope, RopeParts};
 
 /// The base of the frequencies in RoFormer and LLaMA 1/2 (LLaMA 3 uses 500 000).
@@ -190,13 +190,7 @@ impl RopeTables {
     /// device: no host number enters the kernels' arguments. The position must be below
     /// [`Self::max_seq`] (the caller's cache checks its capacity on the host).
     pub fn rows_at(&self, pos: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
-        if pos.dims() != [1] || pos.dtype() != DType::U32 {
-            bail!(
-                "RoPE: a device position is a (1,) u32 tensor, got {:?} {:?}",
-                pos.dims(),
-                pos.dtype()
-            );
-        }
+        check_device_position(pos)?;
         Ok((
             self.cos.index_select(pos, 0)?.to_dtype(dtype)?,
             self.sin.index_select(pos, 0)?.to_dtype(dtype)?,
@@ -222,6 +216,18 @@ impl RopeTables {
             self.sin.narrow(0, start_pos, len)?.to_dtype(dtype)?,
         ))
     }
+}
+
+/// A device position is a `(1,)` `u32` tensor.
+pub(crate) fn check_device_position(pos: &Tensor) -> Result<()> {
+    if pos.dims() != [1] || pos.dtype() != DType::U32 {
+        bail!(
+            "RoPE: a device position is a (1,) u32 tensor, got {:?} {:?}",
+            pos.dims(),
+            pos.dtype()
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn check_input(x: &Tensor, tables: &RopeTables) -> Result<(usize, usize, usize, usize)> {
@@ -326,7 +332,21 @@ impl t0802_multi_head_attention::PositionPlug for RopeTables {
         Ok((self.apply(q, start_pos)?, self.apply(k, start_pos)?))
     }
 
+    /// The fused form reads the position inside its kernel; the composed one gathers the rows.
     fn rotate_at(&self, q: &Tensor, k: &Tensor, pos: &Tensor) -> Result<(Tensor, Tensor)> {
+        if q.dim(2)? != 1 || k.dim(2)? != 1 {
+            bail!(
+                "RoPE at a device position rotates one token per sequence: q {:?}, k {:?}",
+                q.dims(),
+                k.dims()
+            );
+        }
+        if self.imp == OpImpl::Fused {
+            return Ok((
+                fused::apply_rope_fused_at(q, self, pos)?,
+                fused::apply_rope_fused_at(k, self, pos)?,
+            ));
+        }
         let (cos, sin) = self.rows_at(pos, DType::F32)?; // (1, d/2), gathered once for q and k
         Ok((
             self.apply_rows(q, &cos, &sin)?,

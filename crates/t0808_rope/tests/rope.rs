@@ -409,3 +409,36 @@ fn rotate_at_a_device_position_equals_the_host_offset() -> Result<()> {
     }
     Ok(())
 }
+
+/// The fused op at a device position (the whole tables, the row chosen inside the kernel) has the
+/// host offset's values and gradient, for several tokens from the position on; positions past the
+/// tables are refused on the CPU, where they can be read.
+#[test]
+fn fused_rope_at_a_device_position_has_the_host_offsets_gradient() -> Result<()> {
+    let dev = test_device();
+    let tables = RopeTables::new(8, 20, DEFAULT_BASE, RopeScaling::None, &dev)?;
+    let x = Var::from_tensor(&rand_x(2, 3, 4, 8)?)?;
+    let c = rand_x(2, 3, 4, 8)?;
+    let at = apply_rope_fused_at(x.as_tensor(), &tables, &Tensor::new(&[11u32], &dev)?)?;
+    let host = apply_rope_fused(x.as_tensor(), &tables, 11)?;
+    let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    };
+    assert_eq!(diff(&at, &host)?, 0.0);
+    let g_at = (&at * &c)?.sum_all()?.backward()?;
+    let g_host = (&host * &c)?.sum_all()?.backward()?;
+    assert_eq!(
+        diff(
+            g_at.get(x.as_tensor()).unwrap(),
+            g_host.get(x.as_tensor()).unwrap()
+        )?,
+        0.0
+    );
+    if dev.is_cpu() {
+        let e = apply_rope_fused_at(x.as_tensor(), &tables, &Tensor::new(&[17u32], &dev)?)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exceed"), "{e}");
+    }
+    Ok(())
+}
