@@ -42,7 +42,7 @@ pub use kernel::{
 pub use plugs::{CacheSlot, KvStore, PositionPlug};
 pub use t0801_self_attention::{and_masks, causal_mask, key_padding_mask};
 
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use shared::kernels::HeadCopy;
 use shared::params::{expect_last_dim, expect_shape, weight, zeros};
@@ -139,6 +139,10 @@ pub struct MultiHeadAttention {
     pub kernel: Arc<dyn AttentionKernel>,
     /// How heads are split and merged (an execution choice; same values).
     pub heads: HeadCopy,
+    /// `[W_q; W_k; W_v]` stacked, `(n_heads·d_head + 2·n_kv_heads·d_head, d_model)`, with the
+    /// biases likewise, when packed for inference ([`Self::with_packed_qkv`]): one GEMM instead
+    /// of three.
+    pub packed_qkv: Option<(Tensor, Option<Tensor>)>,
 }
 
 impl std::fmt::Debug for MultiHeadAttention {
@@ -219,7 +223,26 @@ impl MultiHeadAttention {
             positions: None,
             kernel: Arc::new(NaiveAttention),
             heads: HeadCopy::RowSwap,
+            packed_qkv: None,
         }
+    }
+
+    /// The same layer projecting queries, keys and values with one GEMM through `[W_q; W_k;
+    /// W_v]` stacked (what inference engines do), stored in `dtype` (the activations' dtype: no
+    /// cast per call). The stack is a detached copy of today's weights, for decoding: training
+    /// goes on updating the three weights, not the copy, so a model that trains is built without
+    /// it.
+    pub fn with_packed_qkv(mut self, dtype: DType) -> Result<Self> {
+        let pack = |parts: [&Tensor; 3]| -> Result<Tensor> {
+            Ok(Tensor::cat(&parts, 0)?.to_dtype(dtype)?.detach())
+        };
+        let w = pack([&self.w_q, &self.w_k, &self.w_v])?;
+        let b = match &self.biases {
+            Some([b_q, b_k, b_v, _]) => Some(pack([b_q, b_k, b_v])?),
+            None => None,
+        };
+        self.packed_qkv = Some((w, b));
+        Ok(self)
     }
 
     /// The same layer with another attention kernel (8-06's fused softmax, 8-09's FlashAttention).
@@ -275,6 +298,29 @@ impl MultiHeadAttention {
         Ok((k, v))
     }
 
+    /// Queries `(batch, n_heads, n, d_head)`, keys and values `(batch, n_kv_heads, n, d_head)` of
+    /// `x (batch, n, d_model)`: one GEMM through the packed weight when the layer has one
+    /// ([`Self::with_packed_qkv`]), else [`Self::project_q`] and [`Self::project_kv`].
+    pub fn project_qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let Some((w, b)) = &self.packed_qkv else {
+            let (k, v) = self.project_kv(x)?;
+            return Ok((self.project_q(x)?, k, v));
+        };
+        expect_last_dim(x, self.cfg.d_model, "attention input")?;
+        let y = match b {
+            Some(b) => shared::linear_with_bias(x, w, b)?,
+            None => shared::linear(x, w)?,
+        }; // (batch, n, q_width + 2·kv_width)
+        let (q_width, kv_width) = (self.cfg.n_heads * self.d_head(), self.cfg.kv_width());
+        let q = self.split_heads(&y.narrow(2, 0, q_width)?, self.cfg.n_heads)?;
+        let k = self.split_heads(&y.narrow(2, q_width, kv_width)?, self.cfg.n_kv_heads)?;
+        let v = self.split_heads(
+            &y.narrow(2, q_width + kv_width, kv_width)?,
+            self.cfg.n_kv_heads,
+        )?;
+        Ok((q, k, v))
+    }
+
     /// Heads `(batch, n_heads, n, d_head)` → `(batch, n, d_model)` through `W_o`.
     pub fn output(&self, heads: &Tensor) -> Result<Tensor> {
         self.project(&self.merge_heads(heads)?, &self.w_o, 3)
@@ -290,8 +336,8 @@ impl MultiHeadAttention {
         start_pos: usize,
         cache: Option<CacheSlot<'_>>,
     ) -> Result<Tensor> {
-        let q = self.project_q(x)?; // (batch, n_heads, n, d_head)
-        let (k, v) = self.project_kv(x)?; // (batch, n_kv_heads, n, d_head)
+        // q (batch, n_heads, n, d_head); k, v (batch, n_kv_heads, n, d_head)
+        let (q, k, v) = self.project_qkv(x)?;
         let device_pos = cache
             .as_ref()
             .and_then(|slot| slot.store.device_position().cloned());

@@ -537,3 +537,41 @@ fn key_padding_reads_lengths_and_lowers_to_the_explicit_mask() -> Result<()> {
     assert!(e.contains("0 real keys"), "{e}");
     Ok(())
 }
+
+/// `[W_q; W_k; W_v]` packed into one GEMM gives the three projections' queries, keys, values and
+/// attention output, with and without biases, grouped K/V heads, batch 2 and one token (the
+/// views of the packed output are then contiguous; with more rows they are copied).
+#[test]
+fn packed_qkv_projection_equals_the_three_projections() -> Result<()> {
+    let dev = test_device();
+    for (bias, n_kv, n) in [(false, 4, 5), (true, 2, 1), (true, 4, 3), (false, 1, 1)] {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let cfg = MhaConfig::new(16, 4).with_kv_heads(n_kv).with_bias(bias);
+        let mha = MultiHeadAttention::new(vb, cfg)?;
+        if let Some(bs) = &mha.biases {
+            for b in bs {
+                b.slice_set(&Tensor::randn(0f32, 0.5, b.dims(), &dev)?, 0, 0)?;
+            }
+        }
+        let packed = mha.clone().with_packed_qkv(DType::F32)?;
+        let x = Tensor::randn(0f32, 1.0, (2, n, 16), &dev)?;
+        let (q, k, v) = packed.project_qkv(&x)?;
+        let (k0, v0) = mha.project_kv(&x)?;
+        for (name, a, b) in [
+            ("q", &q, &mha.project_q(&x)?),
+            ("k", &k, &k0),
+            ("v", &v, &v0),
+        ] {
+            assert_eq!(a.dims(), b.dims(), "{name}");
+            assert!(
+                rel_err(a, b)? < 1e-6,
+                "bias {bias}, {n_kv} kv heads, {n} tokens: {name}"
+            );
+        }
+        let out = packed.self_attention(&x, AttnMask::Causal, 0, None)?;
+        let want = mha.self_attention(&x, AttnMask::Causal, 0, None)?;
+        assert!(rel_err(&out, &want)? < 1e-6, "bias {bias}: output");
+    }
+    Ok(())
+}

@@ -18,7 +18,7 @@
 
 use crate::cache::{CacheShape, KvStore};
 use crate::static_cache::StaticKvCache;
-use candle_core::{bail, DType, Device, Result, Tensor, D};
+use candle_core::{bail, DType, Device, Result, Tensor};
 use t0804_transformer_block::DecoderOnlyLm;
 
 #[cfg(feature = "cuda")]
@@ -40,13 +40,11 @@ pub fn prepare_for_graphs(device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// The greedy next tokens `(batch, 1)` `u32` of the last position of `logits (batch, t, vocab)`.
+/// The greedy next tokens `(batch, 1)` `u32` of the last position of `logits (batch, t, vocab)`
+/// (the first of equal maxima; [`crate::argmax::argmax_last`]).
 pub fn greedy_next(logits: &Tensor) -> Result<Tensor> {
     let t = logits.dim(1)?;
-    logits
-        .narrow(1, t - 1, 1)?
-        .argmax_keepdim(D::Minus1)?
-        .squeeze(2)
+    crate::argmax::argmax_last(&logits.narrow(1, t - 1, 1)?)
 }
 
 /// The nodes of a captured decode step, by kind.

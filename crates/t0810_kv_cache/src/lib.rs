@@ -39,6 +39,7 @@
 //! * [`sim`]: the serving simulation (contiguous reservation vs paged blocks).
 //! * the generation loops below.
 
+pub mod argmax;
 pub mod cache;
 pub mod decode;
 pub mod graph;
@@ -47,6 +48,7 @@ pub mod sampling;
 pub mod sim;
 pub mod static_cache;
 
+pub use argmax::argmax_last;
 pub use cache::{kv_cache_bytes, CacheKind, CacheShape, KvCache, KvStore};
 pub use decode::{
     decoding_kernels, lm_cache, lm_forward_cached, seq2seq_start, seq2seq_step, Seq2SeqState,

@@ -107,7 +107,7 @@ fn static_cache_steps_equal_the_host_position_cache() -> Result<()> {
 fn greedy_decoder_matches_the_full_forward() -> Result<()> {
     let dev = Device::Cpu;
     for kernels in kernel_choices() {
-        let lm = llama(kernels, 2, DType::F64, &dev);
+        let lm = llama(kernels, 2, DType::F64, &dev).with_packed_qkv()?;
         let p = prompt(2, 5, &dev);
         let mut dec = GreedyDecoder::new(&lm, 2, 16, DType::F64)?;
         dec.prefill(&p)?;
@@ -186,7 +186,8 @@ fn static_decoding_errors_are_clear() -> Result<()> {
 }
 
 /// On CUDA: the decoder replayed from a CUDA graph writes the same tokens as the same decoder
-/// run eagerly, in f32 and bf16, batch 1 and 3, composed and fused ops.
+/// run eagerly, in f32 and bf16, batch 1 and 3, composed ops and fused ops with `W_q, W_k, W_v`
+/// packed (decode-bench's configuration).
 #[test]
 fn captured_decoding_equals_eager_decoding() -> Result<()> {
     let dev = test_device();
@@ -197,7 +198,10 @@ fn captured_decoding_equals_eager_decoding() -> Result<()> {
     for kernels in kernel_choices() {
         for dtype in [DType::F32, DType::BF16] {
             for batch in [1, 3] {
-                let lm = llama(kernels, 2, dtype, &dev);
+                let mut lm = llama(kernels, 2, dtype, &dev);
+                if kernels.norm == shared::kernels::OpImpl::Fused {
+                    lm = lm.with_packed_qkv()?;
+                }
                 let p = prompt(batch, 9, &dev);
                 let run = |captured: bool| -> Result<Vec<Vec<u32>>> {
                     let mut dec = GreedyDecoder::new(&lm, batch, 40, dtype)?;
@@ -228,5 +232,44 @@ fn captured_decoding_equals_eager_decoding() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The argmax op of greedy decoding picks what Candle's `argmax` picks on rows without ties
+/// (f32, bf16; batch rows of a 10,000-token vocabulary and odd sizes), the first of equal maxima,
+/// and refuses an empty row.
+#[test]
+fn argmax_op_matches_candles_argmax() -> Result<()> {
+    let dev = test_device();
+    for dtype in [DType::F32, DType::BF16] {
+        for (rows, n) in [(1, 10_000), (3, 10_000), (5, 1), (2, 1_031)] {
+            // Distinct values (a permutation), so that no rounding makes a tie.
+            let ids: Vec<f32> = (0..rows * n)
+                .map(|i| ((i * 7_919) % (rows * n)) as f32 / 64.0)
+                .collect();
+            let x = Tensor::from_vec(ids, (rows, n), &dev)?.to_dtype(dtype)?;
+            let ours: Vec<u32> = argmax_last(&x)?.to_vec1()?;
+            // bf16 keeps 8 bits and makes ties: the first index of the rounded maximum.
+            let host: Vec<Vec<f32>> = x.to_dtype(DType::F32)?.to_vec2()?;
+            let want: Vec<u32> = host
+                .iter()
+                .map(|r| {
+                    let m = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    r.iter().position(|&v| v == m).unwrap() as u32
+                })
+                .collect();
+            assert_eq!(ours, want, "{dtype:?} {rows}×{n}");
+            if dtype == DType::F32 {
+                let candle: Vec<u32> = x.argmax(1)?.to_vec1()?;
+                assert_eq!(ours, candle, "{rows}×{n}: Candle's argmax");
+            }
+        }
+    }
+    let tie = Tensor::new(&[[1f32, 5.0, 5.0, 0.0]], &dev)?;
+    assert_eq!(argmax_last(&tie)?.to_vec1::<u32>()?, [1]);
+    let e = argmax_last(&Tensor::zeros((2, 0), DType::F32, &dev)?)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at least one score"), "{e}");
     Ok(())
 }

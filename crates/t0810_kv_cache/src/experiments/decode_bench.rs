@@ -3,7 +3,8 @@
 //! decode steps of one token; the second of two repetitions is timed (the first warms up kernel
 //! loading and the allocator). With `--graphs` the steps run through the static cache
 //! ([`t0810_kv_cache::GreedyDecoder`]), captured into a CUDA graph on CUDA (during the first
-//! repetition) and replayed. Written to `decode_bench_b<batch>_<dtype>[_graphs]/results.json`.
+//! repetition) and replayed. Both pack each layer's `W_q, W_k, W_v` into one matrix (one GEMM).
+//! Written to `decode_bench_b<batch>_<dtype>[_graphs]/results.json`.
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -131,7 +132,8 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -
     let cfg = config(a);
     let parts = t0809_flash_attention::parts(kernels);
     let (_varmap, lm) = t0804_transformer_block::init_lm(&cfg, &parts, ctx.dtype, &dev)?;
-    let lm = lm.with_compute_dtype(ctx.compute_dtype);
+    // One GEMM for q, k and v per layer (a detached copy of the weights, as inference engines pack them).
+    let lm = lm.with_compute_dtype(ctx.compute_dtype).with_packed_qkv()?;
     let ids: Vec<u32> = (0..a.batch * a.prompt)
         .map(|i| ((i * 7919 + 13) % a.vocab) as u32)
         .collect();
