@@ -13,7 +13,7 @@ use shared::kernels::AttentionImpl;
 use shared::kernels::KernelArgs;
 use shared::report::{print_table, RunReport};
 use t0804_transformer_block::{DecoderOnlyLm, LmConfig, LmShape};
-use t0810_kv_cache::{greedy_next, lm_cache, CacheKind, GreedyDecoder};
+use t0810_kv_cache::{greedy_next, lm_cache, CacheKind, GraphNodes, GreedyDecoder};
 
 /// `decode-bench` arguments (defaults: the CS336 shape).
 #[derive(clap::Args, Debug)]
@@ -102,6 +102,49 @@ fn time_static(dec: &mut GreedyDecoder, prompt: &Tensor, new: usize) -> Result<(
     Ok((prefill, t1.elapsed().as_secs_f64()))
 }
 
+/// The static-cache decoder: a warm-up repetition (which captures the step on CUDA), the timed
+/// one, and with `--profile` three more steps for ncu. `(prefill s, decode s, graph nodes)`.
+fn measure_captured(
+    lm: &DecoderOnlyLm,
+    prompt: &Tensor,
+    a: &DecodeBenchArgs,
+    dtype: DType,
+) -> Result<(f64, f64, Option<GraphNodes>)> {
+    let mut dec = GreedyDecoder::new(lm, a.batch, a.prompt + a.new, dtype)?;
+    time_static(&mut dec, prompt, a.new)?; // warm-up (and the capture)
+    let nodes = dec.graph_nodes()?;
+    if let Some(n) = nodes {
+        println!("   the captured step: {n:?}");
+    }
+    let (prefill, decode) = time_static(&mut dec, prompt, a.new)?;
+    if a.profile {
+        dec.prefill(prompt)?;
+        profiled_steps(prompt.device(), || dec.step())?;
+    }
+    Ok((prefill, decode, nodes))
+}
+
+/// The eager loop with the preallocated cache: a warm-up repetition, the timed one, and with
+/// `--profile` three more steps for ncu. `(prefill s, decode s)`.
+fn measure_eager(
+    lm: &DecoderOnlyLm,
+    prompt: &Tensor,
+    a: &DecodeBenchArgs,
+    dtype: DType,
+) -> Result<(f64, f64)> {
+    time_once(lm, prompt, a.new, dtype)?; // warm-up
+    let timed = time_once(lm, prompt, a.new, dtype)?;
+    if a.profile {
+        let mut cache = lm_cache(lm, a.batch, a.prompt + 4, CacheKind::Preallocated, dtype)?;
+        let mut next = greedy_next(&lm.forward_cached(prompt, &mut cache)?)?;
+        profiled_steps(prompt.device(), || {
+            next = greedy_next(&lm.forward_cached(&next, &mut cache)?)?;
+            Ok(())
+        })?;
+    }
+    Ok(timed)
+}
+
 /// Three decode steps inside the region `ncu --profile-from-start off` records.
 fn profiled_steps(
     dev: &candle_core::Device,
@@ -120,6 +163,9 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -
         crate::TOPIC,
         "decode-bench: batched greedy decoding with the KV cache",
     )?;
+    if a.new < 3 {
+        anyhow::bail!("decode-bench: --new must be at least 3 (a capture takes one real step)");
+    }
     let dev = ctx.picked.device.clone();
     let default = t0810_kv_cache::decoding_kernels(&dev);
     let kernels = if a.graphs {
@@ -138,41 +184,11 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &DecodeBenchArgs) -
         .map(|i| ((i * 7919 + 13) % a.vocab) as u32)
         .collect();
     let prompt = Tensor::from_vec(ids, (a.batch, a.prompt), &dev)?;
-    if a.new < 3 {
-        anyhow::bail!("decode-bench: --new must be at least 3 (a capture takes one real step)");
-    }
-    let mut nodes = None;
-    let (prefill, decode) = if a.graphs {
-        let mut dec = GreedyDecoder::new(&lm, a.batch, a.prompt + a.new, ctx.compute_dtype)?;
-        time_static(&mut dec, &prompt, a.new)?; // warm-up (and the capture)
-        nodes = dec.graph_nodes()?;
-        if let Some(n) = nodes {
-            println!("   the captured step: {n:?}");
-        }
-        let timed = time_static(&mut dec, &prompt, a.new)?;
-        if a.profile {
-            dec.prefill(&prompt)?;
-            profiled_steps(&dev, || dec.step().map(|_| ()))?;
-        }
-        timed
+    let (prefill, decode, nodes) = if a.graphs {
+        measure_captured(&lm, &prompt, a, ctx.compute_dtype)?
     } else {
-        time_once(&lm, &prompt, a.new, ctx.compute_dtype)?; // warm-up
-        let timed = time_once(&lm, &prompt, a.new, ctx.compute_dtype)?;
-        if a.profile {
-            let mut cache = lm_cache(
-                &lm,
-                a.batch,
-                a.prompt + 4,
-                CacheKind::Preallocated,
-                ctx.compute_dtype,
-            )?;
-            let mut next = greedy_next(&lm.forward_cached(&prompt, &mut cache)?)?;
-            profiled_steps(&dev, || {
-                next = greedy_next(&lm.forward_cached(&next, &mut cache)?)?;
-                Ok(())
-            })?;
-        }
-        timed
+        let (prefill, decode) = measure_eager(&lm, &prompt, a, ctx.compute_dtype)?;
+        (prefill, decode, None)
     };
     let step_kind = match (a.graphs, dev.is_cuda()) {
         (false, _) => "eager",
