@@ -35,8 +35,30 @@ pub enum AttnMask<'a> {
     /// Keys `0 ..= last` only, `last` being a `(1,)` `u32` tensor on the device (8-10's static
     /// cache: its write position). The queries' count of keys lives on the device, so a step
     /// captured into a CUDA graph replays it for any position. A kernel that reads it there
-    /// (8-06's fused softmax) needs nothing more; the others get the explicit mask.
+    /// (8-06's fused softmax) needs nothing more; naive attention gets the explicit mask;
+    /// FlashAttention, whose key lengths are host numbers, refuses it.
     KeysUpTo(&'a Tensor),
+}
+
+/// `0, 1, …, n − 1` as a `(1, 1, 1, n)` `u32` tensor on `device`, made once per device and
+/// length and then shared: lowering [`AttnMask::KeysUpTo`] compares it with the last key, and a
+/// step captured into a CUDA graph may not upload it from the host.
+fn slot_indices(n: usize, device: &Device) -> Result<Tensor> {
+    use std::sync::{Mutex, OnceLock};
+    static MADE: OnceLock<Mutex<Vec<Tensor>>> = OnceLock::new();
+    let mut made = MADE
+        .get_or_init(|| Mutex::new(Vec::new()))
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("slot indices: a thread panicked".into()))?;
+    if let Some(t) = made
+        .iter()
+        .find(|t| t.dim(3).ok() == Some(n) && t.device().same_device(device))
+    {
+        return Ok(t.clone());
+    }
+    let t = Tensor::arange(0u32, n as u32, device)?.reshape((1, 1, 1, n))?;
+    made.push(t.clone());
+    Ok(t)
 }
 
 /// Key padding of a batch: sequence `b` has `lengths[b]` real keys of `n_keys`, then padding.
@@ -146,7 +168,7 @@ impl<'a> AttnMask<'a> {
     /// `(1, 1, 1, n_k)` over `n_k` keys.
     pub fn lowered(self, n_q: usize, n_k: usize) -> Result<LoweredMask<'a>> {
         if let AttnMask::KeysUpTo(last) = self {
-            let slots = Tensor::arange(0u32, n_k as u32, last.device())?.reshape((1, 1, 1, n_k))?;
+            let slots = slot_indices(n_k, last.device())?;
             let last = last.reshape((1, 1, 1, 1))?;
             return Ok(LoweredMask::Owned(slots.broadcast_le(&last)?));
         }

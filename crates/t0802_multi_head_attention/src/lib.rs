@@ -355,9 +355,13 @@ impl MultiHeadAttention {
             (None, bias) => self.kernel.attend(&q, &k, &v, mask, bias.as_ref())?,
             // The store returned its whole buffer, written up to the new token's slot; with one
             // new token per step there is nothing later for a causal mask to hide.
-            (Some(pos), None) => self
-                .kernel
-                .attend(&q, &k, &v, AttnMask::KeysUpTo(pos), None)?,
+            (Some(pos), None) => match mask {
+                AttnMask::None | AttnMask::Causal => {
+                    self.kernel
+                        .attend(&q, &k, &v, AttnMask::KeysUpTo(pos), None)?
+                }
+                _ => bail!("a store with a device position masks its own keys: the call's mask must be none or causal"),
+            },
             (Some(_), Some(_)) => bail!(
                 "a score-bias position scheme (relative positions) cannot decode from a device position"
             ),

@@ -539,8 +539,8 @@ fn key_padding_reads_lengths_and_lowers_to_the_explicit_mask() -> Result<()> {
 }
 
 /// `[W_q; W_k; W_v]` packed into one GEMM gives the three projections' queries, keys, values and
-/// attention output, with and without biases, grouped K/V heads, batch 2 and one token (the
-/// views of the packed output are then contiguous; with more rows they are copied).
+/// attention output, with and without biases, grouped K/V heads, one token and several (the
+/// views of the packed output are copied where they are not contiguous).
 #[test]
 fn packed_qkv_projection_equals_the_three_projections() -> Result<()> {
     let dev = test_device();

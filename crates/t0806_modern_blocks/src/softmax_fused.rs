@@ -43,6 +43,9 @@ pub fn causal_softmax_fused(
         bail!("causal_softmax_fused: scores must be (…, rows, n_k), got {dims:?}");
     }
     let (rows, n_k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    if n_k == 0 {
+        bail!("causal_softmax_fused: rows of no score, {dims:?}");
+    }
     if n_q == 0 || !rows.is_multiple_of(n_q) {
         bail!("causal_softmax_fused: {n_q} queries must divide the {rows} rows");
     }
@@ -66,8 +69,8 @@ pub fn causal_softmax_fused(
 /// position). Differentiable in `scores`.
 pub fn softmax_fused_up_to(scores: &Tensor, scale: f64, last: &Tensor) -> Result<Tensor> {
     let dims = scores.dims();
-    if dims.len() < 2 {
-        bail!("softmax_fused_up_to: scores must be (…, rows, n_k), got {dims:?}");
+    if dims.len() < 2 || dims[dims.len() - 1] == 0 {
+        bail!("softmax_fused_up_to: scores must be (…, rows, n_k ≥ 1), got {dims:?}");
     }
     if last.dims() != [1] || last.dtype() != candle_core::DType::U32 {
         bail!(

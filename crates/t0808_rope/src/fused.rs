@@ -40,7 +40,10 @@ pub fn apply_rope_fused_rows(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<T
 /// RoPE of `x (batch, heads, seq, d_head)` at positions `pos, pos + 1, …`, `pos` being a `(1,)`
 /// `u32` tensor on the device that the kernel reads (8-10's captured decode step): one op over the
 /// whole tables, no gather of rows. The positions must lie inside the tables, which only the
-/// caller can check on the host (the static cache's capacity).
+/// caller can check on the host (the static cache's capacity, at most the model's context, for
+/// which the model builds its tables). The op reads `pos` when it runs, its backward too: a
+/// backward after the cache has advanced `pos` would rotate at the new position (nothing trains
+/// through the static cache).
 pub fn apply_rope_fused_at(x: &Tensor, tables: &RopeTables, pos: &Tensor) -> Result<Tensor> {
     crate::check_input(x, tables)?;
     crate::check_device_position(pos)?;

@@ -166,12 +166,13 @@ impl RopeTables {
         }
     }
 
-    /// Number of positions covered.
     /// RoPE of one token per sequence, `x (batch, heads, 1, d_head)`, with the `f32` rows
-    /// `cos, sin (1, d/2)` of its position ([`Self::rows_at`]): a captured decode step's form.
+    /// `cos, sin (1, d/2)` of its position ([`Self::rows_at`]). (`rotate_at` of fused tables
+    /// skips the rows: its kernel reads the position itself.)
     pub fn apply_rows(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (_, _, t, _) = check_input(x, self)?;
-        if t != 1 || cos.dims() != [1, self.d_head / 2] {
+        let row = [1, self.d_head / 2];
+        if t != 1 || cos.dims() != row || sin.dims() != row {
             bail!(
                 "RoPE at a device position rotates one token per sequence: x {:?}, rows {:?}",
                 x.dims(),
@@ -197,6 +198,7 @@ impl RopeTables {
         ))
     }
 
+    /// Number of positions covered.
     pub fn max_seq(&self) -> usize {
         self.cos.dims()[0]
     }

@@ -7,8 +7,8 @@
 //!
 //! ```text
 //! the input token      read from `tokens (batch, 1)`, which the step itself overwrites
-//! the position         the static cache's device counter (RoPE row, cache slot, key bias)
-//! the shapes           attention always spans the cache's max_seq slots (key bias hides the rest)
+//! the position         the static cache's device counter (RoPE row, cache slot, last key)
+//! the shapes           attention always spans the cache's max_seq slots, masked to 0 ..= pos
 //! the output           argmax on the device, scattered into `history[:, pos]`
 //! ```
 //!
@@ -43,7 +43,10 @@ pub fn prepare_for_graphs(device: &Device) -> Result<()> {
 /// The greedy next tokens `(batch, 1)` `u32` of the last position of `logits (batch, t, vocab)`
 /// (the first of equal maxima; [`crate::argmax::argmax_last`]).
 pub fn greedy_next(logits: &Tensor) -> Result<Tensor> {
-    let t = logits.dim(1)?;
+    let (_, t, _) = logits.dims3()?;
+    if t == 0 {
+        bail!("greedy_next: logits of no position");
+    }
     crate::argmax::argmax_last(&logits.narrow(1, t - 1, 1)?)
 }
 
@@ -106,6 +109,7 @@ impl<'a> GreedyDecoder<'a> {
             );
         }
         let prompt = prompt.to_dtype(DType::U32)?.contiguous()?;
+        self.prompt_len = 0; // no step until this prefill succeeds
         self.cache.reset()?;
         let next = greedy_next(&self.lm.forward_cached(&prompt, &mut self.cache)?)?;
         self.history.slice_set(&prompt, 1, 0)?;

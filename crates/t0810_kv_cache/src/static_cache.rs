@@ -9,7 +9,7 @@
 //! ```text
 //! writes    K[:, :, pos] ← k          a scatter whose index is read from the device tensor pos
 //! attends   over all max_seq slots    keys 0 ..= pos only (8-02's `AttnMask::KeysUpTo(pos)`)
-//! rotates   q, k by RoPE's row pos    a gather of the table row (8-08's `rotate_at`)
+//! rotates   q, k by RoPE's row pos    read on the device (8-08's `rotate_at`)
 //! advances  pos ← pos + 1             on the device
 //! ```
 //!

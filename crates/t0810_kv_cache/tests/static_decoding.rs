@@ -1,4 +1,4 @@
-//! The static cache (position on the device, attention over every slot behind a key bias) and
+//! The static cache (position on the device, attention over its slots up to that position) and
 //! the greedy decoder built on it, against the host-position cache and the full forward pass;
 //! on CUDA (`MODULE08_TEST_DEVICE=cuda`), the decoder replayed from a CUDA graph against the
 //! same decoder run eagerly.
@@ -36,7 +36,7 @@ fn llama(kernels: Kernels, n_kv_heads: usize, dtype: DType, dev: &Device) -> Dec
 }
 
 /// The kernels a static cache can decode with: every op composed, and every op fused with the
-/// fused-softmax attention (FlashAttention takes no key bias).
+/// fused-softmax attention (FlashAttention takes no device key index).
 fn kernel_choices() -> [Kernels; 2] {
     [
         Kernels::composed(),
@@ -176,7 +176,7 @@ fn static_decoding_errors_are_clear() -> Result<()> {
     dec.prefill(&prompt(1, 3, &dev))?;
     let e = dec.step().unwrap_err().to_string();
     assert!(e.contains("positions inside attention"), "{e}");
-    // FlashAttention takes no key bias.
+    // FlashAttention takes its key lengths on the host.
     let lm = llama(Kernels::fused(), 4, DType::F32, &dev);
     let mut dec = GreedyDecoder::new(&lm, 1, 8, DType::F32)?;
     dec.prefill(&prompt(1, 3, &dev))?;
@@ -190,6 +190,7 @@ fn static_decoding_errors_are_clear() -> Result<()> {
 /// packed (decode-bench's configuration).
 #[test]
 fn captured_decoding_equals_eager_decoding() -> Result<()> {
+    let _turn = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let dev = test_device();
     if dev.is_cpu() {
         return Ok(()); // capture needs CUDA; the eager path is tested above
@@ -235,11 +236,16 @@ fn captured_decoding_equals_eager_decoding() -> Result<()> {
     Ok(())
 }
 
+/// Tests that use the CUDA device take turns: a capture records everything the stream runs,
+/// another test's kernels included.
+static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The argmax op of greedy decoding picks what Candle's `argmax` picks on rows without ties
 /// (f32, bf16; batch rows of a 10,000-token vocabulary and odd sizes), the first of equal maxima,
 /// and refuses an empty row.
 #[test]
 fn argmax_op_matches_candles_argmax() -> Result<()> {
+    let _turn = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let dev = test_device();
     for dtype in [DType::F32, DType::BF16] {
         for (rows, n) in [(1, 10_000), (3, 10_000), (5, 1), (2, 1_031)] {
@@ -265,8 +271,27 @@ fn argmax_op_matches_candles_argmax() -> Result<()> {
             }
         }
     }
-    let tie = Tensor::new(&[[1f32, 5.0, 5.0, 0.0]], &dev)?;
-    assert_eq!(argmax_last(&tie)?.to_vec1::<u32>()?, [1]);
+    // The rules, on every device: the first of equal maxima (also when one thread of the kernel
+    // holds both, 1024 apart, and when they are in different threads), NaN skipped, a row of
+    // NaN or of −∞ gives 0.
+    let (nan, inf) = (f32::NAN, f32::NEG_INFINITY);
+    let mut far = vec![0f32; 3000];
+    far[5] = 9.0;
+    far[5 + 1024] = 9.0;
+    far[2000] = 9.0;
+    let rows: [(Vec<f32>, u32); 6] = [
+        (vec![1.0, 5.0, 5.0, 0.0], 1),
+        (vec![nan, -1.0, nan, -2.0], 1),
+        (vec![nan; 4], 0),
+        (vec![inf; 4], 0),
+        (far.clone(), 5),
+        ([vec![0f32; 40], vec![3.0; 2]].concat(), 40),
+    ];
+    for (row, want) in rows {
+        let n = row.len();
+        let x = Tensor::from_vec(row, (1, n), &dev)?;
+        assert_eq!(argmax_last(&x)?.to_vec1::<u32>()?, [want], "{n} scores");
+    }
     let e = argmax_last(&Tensor::zeros((2, 0), DType::F32, &dev)?)
         .unwrap_err()
         .to_string();

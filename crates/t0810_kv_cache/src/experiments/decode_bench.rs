@@ -38,7 +38,7 @@ pub struct DecodeBenchArgs {
     pub new: usize,
     /// Decode with the static cache (position on the device), the step captured into a CUDA
     /// graph and replayed on CUDA (attention defaults to naive with the fused softmax, which
-    /// takes the static cache's key bias).
+    /// reads the static cache's last key on the device; FlashAttention cannot).
     #[arg(long)]
     pub graphs: bool,
     /// After the timing, a prefill and three steps inside the region that
