@@ -185,6 +185,25 @@ impl CausalSoftmax {
         y
     }
 
+    /// [`Self::cpu_forward`] of a storage, in its dtype.
+    fn cpu_forward_storage(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        limit: usize,
+    ) -> Result<(CpuStorage, Shape)> {
+        macro_rules! run {
+            ($t:ty, $a:ty) => {
+                <$t as candle_core::WithDType>::to_cpu_storage_owned(self.cpu_forward::<$t, $a>(
+                    contiguous_slice(s.as_slice::<$t>()?, l, "softmax: scores")?,
+                    limit,
+                ))
+            };
+        }
+        let y = shared::for_float_dtype!(s.dtype(), "fused softmax", run);
+        Ok((y, l.shape().clone()))
+    }
+
     /// `dx = s · y ⊙ (g − Σ_k g_k y_k)` per row, over the cores.
     fn cpu_backward<T: Element, A: Real>(&self, y: &[T], g: &[T]) -> Vec<T> {
         let mut dx = shared::cpu::zeros::<T>(y.len());
@@ -211,16 +230,7 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        macro_rules! run {
-            ($t:ty, $a:ty) => {
-                <$t as candle_core::WithDType>::to_cpu_storage_owned(self.cpu_forward::<$t, $a>(
-                    contiguous_slice(s.as_slice::<$t>()?, l, "causal softmax: scores")?,
-                    usize::MAX,
-                ))
-            };
-        }
-        let y = shared::for_float_dtype!(s.dtype(), "causal softmax", run);
-        Ok((y, l.shape().clone()))
+        self.cpu_forward_storage(s, l, usize::MAX)
     }
 
     #[cfg(feature = "cuda")]
@@ -255,16 +265,7 @@ impl CustomOp2 for CausalSoftmax {
         l_last: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let last = contiguous_slice(s_last.as_slice::<u32>()?, l_last, "softmax: last key")?[0];
-        macro_rules! run {
-            ($t:ty, $a:ty) => {
-                <$t as candle_core::WithDType>::to_cpu_storage_owned(self.cpu_forward::<$t, $a>(
-                    contiguous_slice(s.as_slice::<$t>()?, l, "softmax: scores")?,
-                    last as usize,
-                ))
-            };
-        }
-        let y = shared::for_float_dtype!(s.dtype(), "softmax up to a key", run);
-        Ok((y, l.shape().clone()))
+        self.cpu_forward_storage(s, l, last as usize)
     }
 
     #[cfg(feature = "cuda")]

@@ -28,6 +28,15 @@ pub struct CacheShape {
 }
 
 impl CacheShape {
+    /// Refuses a zero size, naming the cache `what`.
+    pub fn check(&self, what: &str) -> Result<()> {
+        let s = self;
+        if [s.n_layers, s.batch, s.n_kv_heads, s.max_seq, s.d_head].contains(&0) {
+            bail!("{what}: every size must be positive, got {self:?}");
+        }
+        Ok(())
+    }
+
     /// `2 × batch × layers × n_kv_heads × seq × d_head × bytes`: the memory formula.
     pub fn bytes(&self, seq: usize, bytes_per_element: usize) -> usize {
         kv_cache_bytes(
@@ -72,6 +81,7 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache; [`CacheKind::Preallocated`] allocates all `2 × n_layers` buffers now.
     pub fn new(shape: CacheShape, kind: CacheKind, dtype: DType, device: &Device) -> Result<Self> {
+        shape.check("KvCache")?;
         let CacheShape {
             n_layers,
             batch,
@@ -79,9 +89,6 @@ impl KvCache {
             max_seq,
             d_head,
         } = shape;
-        if n_layers == 0 || batch == 0 || n_kv_heads == 0 || max_seq == 0 || d_head == 0 {
-            bail!("KvCache: every size must be positive, got {shape:?}");
-        }
         let layers = (0..n_layers)
             .map(|_| match kind {
                 CacheKind::Preallocated => {

@@ -24,7 +24,20 @@ pub fn decoding_kernels(device: &candle_core::Device) -> shared::kernels::Kernel
     }
 }
 
-/// A contiguous cache sized for `lm`: `(batch, n_kv_heads, max_seq, d_head)` per layer.
+/// The cache shape of `lm` for `batch` sequences of up to `max_seq` positions (at most the
+/// model's context): `(batch, n_kv_heads, max_seq, d_head)` per layer.
+pub fn lm_cache_shape(lm: &DecoderOnlyLm, batch: usize, max_seq: usize) -> CacheShape {
+    let (n_kv_heads, d_head) = lm.kv_heads();
+    CacheShape {
+        n_layers: lm.blocks.len(),
+        batch,
+        n_kv_heads,
+        max_seq: max_seq.min(lm.max_seq_len),
+        d_head,
+    }
+}
+
+/// A contiguous cache sized for `lm` ([`lm_cache_shape`]).
 pub fn lm_cache(
     lm: &DecoderOnlyLm,
     batch: usize,
@@ -32,14 +45,7 @@ pub fn lm_cache(
     kind: CacheKind,
     dtype: DType,
 ) -> Result<KvCache> {
-    let (n_kv_heads, d_head) = lm.kv_heads();
-    let shape = CacheShape {
-        n_layers: lm.blocks.len(),
-        batch,
-        n_kv_heads,
-        max_seq: max_seq.min(lm.max_seq_len),
-        d_head,
-    };
+    let shape = lm_cache_shape(lm, batch, max_seq);
     KvCache::new(shape, kind, dtype, lm.token_embedding.device())
 }
 

@@ -16,7 +16,7 @@
 //! host-position cache); on CUDA, [`GreedyDecoder::capture`] records it after one real warm-up
 //! step and every later [`GreedyDecoder::step`] is one graph launch.
 
-use crate::cache::{CacheShape, KvStore};
+use crate::cache::KvStore;
 use crate::static_cache::StaticKvCache;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use t0804_transformer_block::DecoderOnlyLm;
@@ -78,14 +78,7 @@ impl<'a> GreedyDecoder<'a> {
     /// A decoder for `batch` sequences of up to `max_seq` positions (at most the model's
     /// context), its cache in `dtype`.
     pub fn new(lm: &'a DecoderOnlyLm, batch: usize, max_seq: usize, dtype: DType) -> Result<Self> {
-        let (n_kv_heads, d_head) = lm.kv_heads();
-        let shape = CacheShape {
-            n_layers: lm.blocks.len(),
-            batch,
-            n_kv_heads,
-            max_seq: max_seq.min(lm.max_seq_len),
-            d_head,
-        };
+        let shape = crate::decode::lm_cache_shape(lm, batch, max_seq);
         let dev = lm.token_embedding.device();
         Ok(Self {
             lm,

@@ -51,7 +51,8 @@ pub mod static_cache;
 pub use argmax::argmax_last;
 pub use cache::{kv_cache_bytes, CacheKind, CacheShape, KvCache, KvStore};
 pub use decode::{
-    decoding_kernels, lm_cache, lm_forward_cached, seq2seq_start, seq2seq_step, Seq2SeqState,
+    decoding_kernels, lm_cache, lm_cache_shape, lm_forward_cached, seq2seq_start, seq2seq_step,
+    Seq2SeqState,
 };
 pub use graph::{greedy_next, prepare_for_graphs, GraphNodes, GreedyDecoder};
 pub use paged::{BlockAllocator, PagedConfig, PagedKvCache, PagedSeq, SeqId};

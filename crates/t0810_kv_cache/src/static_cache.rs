@@ -39,6 +39,7 @@ pub struct StaticKvCache {
 impl StaticKvCache {
     /// An empty cache with all `2 × n_layers` buffers allocated now.
     pub fn new(shape: CacheShape, dtype: DType, device: &Device) -> Result<Self> {
+        shape.check("StaticKvCache")?;
         let CacheShape {
             n_layers,
             batch,
@@ -46,9 +47,6 @@ impl StaticKvCache {
             max_seq,
             d_head,
         } = shape;
-        if n_layers == 0 || batch == 0 || n_kv_heads == 0 || max_seq == 0 || d_head == 0 {
-            bail!("StaticKvCache: every size must be positive, got {shape:?}");
-        }
         if max_seq > u32::MAX as usize {
             bail!("StaticKvCache: max_seq {max_seq} does not fit a u32 position");
         }
