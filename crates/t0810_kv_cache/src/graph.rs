@@ -252,6 +252,11 @@ impl<'a> GreedyDecoder<'a> {
         bail!("CUDA graphs need the `cuda` feature and a CUDA device")
     }
 
+    /// The token each sequence feeds the next step (the newest one produced), read to the host.
+    pub fn next_tokens(&self) -> Result<Vec<u32>> {
+        self.tokens.flatten_all()?.to_vec1()
+    }
+
     /// Every sequence's tokens so far, prompt included: `(batch, seq_len + 1)` read to the host.
     pub fn sequences(&self) -> Result<Vec<Vec<u32>>> {
         self.history

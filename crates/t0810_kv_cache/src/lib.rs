@@ -142,6 +142,49 @@ pub fn generate_lm(
     Ok(stats)
 }
 
+/// Greedy generation with the static cache ([`GreedyDecoder`]): on CUDA the decode step is
+/// captured into a CUDA graph after one real step and replayed (build the model after
+/// [`prepare_for_graphs`], with naive attention), elsewhere it runs eagerly. The tokens of
+/// [`generate_lm`] with a greedy sampler; each one is read back to the host for `on_token`.
+pub fn generate_lm_greedy_static(
+    lm: &DecoderOnlyLm,
+    prompt: &[u32],
+    max_new: usize,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<GenStats> {
+    check_prompt(prompt, lm.max_seq_len)?;
+    let dev = lm.token_embedding.device();
+    let mut stats = GenStats {
+        prompt_len: prompt.len(),
+        ..Default::default()
+    };
+    if max_new == 0 {
+        return Ok(stats);
+    }
+    let max_seq = prompt.len() + max_new;
+    let mut dec = GreedyDecoder::new(lm, 1, max_seq, lm.compute_dtype)?;
+    let start = Instant::now();
+    dec.prefill(&Tensor::new(prompt, dev)?.unsqueeze(0)?)?;
+    let mut emit = |dec: &GreedyDecoder, stats: &mut GenStats| -> Result<()> {
+        let next = dec.next_tokens()?[0];
+        stats.tokens.push(next);
+        on_token(next);
+        Ok(())
+    };
+    emit(&dec, &mut stats)?;
+    stats.prefill_s = start.elapsed().as_secs_f64();
+    while stats.tokens.len() < max_new && dec.steps_left() > 0 {
+        if dev.is_cuda() && !dec.is_captured() && dec.steps_left() >= 2 {
+            dec.capture()?; // one real step, then the recording
+        } else {
+            dec.step()?;
+        }
+        emit(&dec, &mut stats)?;
+    }
+    stats.decode_s = start.elapsed().as_secs_f64() - stats.prefill_s;
+    Ok(stats)
+}
+
 /// The same loop without a cache: every step re-runs the model on the whole prefix.
 pub fn generate_lm_no_cache(
     lm: &DecoderOnlyLm,

@@ -298,3 +298,39 @@ fn argmax_op_matches_candles_argmax() -> Result<()> {
     assert!(e.contains("at least one score"), "{e}");
     Ok(())
 }
+
+/// `generate_lm_greedy_static` (the `generate --graphs` loop: captured on CUDA, eager elsewhere)
+/// streams the tokens of `generate_lm` with a greedy sampler, and stops at `max_new` or at the
+/// model's context.
+#[test]
+fn greedy_static_generation_streams_generate_lms_greedy_tokens() -> Result<()> {
+    let _turn = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = test_device();
+    prepare_for_graphs(&dev)?;
+    let lm = llama(
+        Kernels::fused().with_attention(AttentionImpl::Naive),
+        2,
+        DType::F32,
+        &dev,
+    )
+    .with_packed_qkv()?;
+    let prompt: Vec<u32> = (0..7).map(|i| (i * 13 + 2) % VOCAB as u32).collect();
+    for max_new in [1, 2, 20, 100] {
+        let mut streamed = Vec::new();
+        let ours = generate_lm_greedy_static(&lm, &prompt, max_new, &mut |t| streamed.push(t))?;
+        let mut cache = lm_cache(
+            &lm,
+            1,
+            SHAPE.max_seq_len,
+            CacheKind::Preallocated,
+            DType::F32,
+        )?;
+        let mut greedy = Sampler::new(SamplingConfig::greedy(), 0)?;
+        let want = generate_lm(&lm, &prompt, max_new, &mut greedy, &mut cache, &mut |_| {})?;
+        assert_eq!(ours.tokens, want.tokens, "max_new {max_new}");
+        assert_eq!(streamed, ours.tokens);
+        let room = SHAPE.max_seq_len - prompt.len() + 1;
+        assert_eq!(ours.tokens.len(), max_new.min(room), "max_new {max_new}");
+    }
+    Ok(())
+}

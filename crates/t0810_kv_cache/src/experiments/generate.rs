@@ -34,6 +34,10 @@ pub struct GenerateArgs {
     /// Recompute the whole prefix at every step (for comparison).
     #[arg(long)]
     pub no_cache: bool,
+    /// Greedy decoding (`--temperature 0`) of a decoder-only LM with the static cache, its step
+    /// captured into a CUDA graph on CUDA (attention defaults to naive with the fused softmax).
+    #[arg(long)]
+    pub graphs: bool,
     /// BPE tokenizer file; default: <checkpoint>/tokenizer.json, else the cached BPE of --corpus
     /// with the checkpoint's vocabulary size.
     #[arg(long)]
@@ -72,9 +76,18 @@ fn load_decoder_only(
     dtype: DType,
     dev: &Device,
 ) -> Result<(Loaded, Bpe)> {
-    let parts =
-        t0809_flash_attention::parts(kernels.resolve(t0810_kv_cache::decoding_kernels(dev)));
+    let default = t0810_kv_cache::decoding_kernels(dev);
+    let default = if a.graphs {
+        // The static cache's key index is read on the device by the fused softmax; FlashAttention
+        // takes host lengths. Event tracking goes off before the model's tensors exist.
+        t0810_kv_cache::prepare_for_graphs(dev)?;
+        default.with_attention(shared::kernels::AttentionImpl::Naive)
+    } else {
+        default
+    };
+    let parts = t0809_flash_attention::parts(kernels.resolve(default));
     let (cfg, lm) = t0804_transformer_block::load_lm(&a.checkpoint, &parts, dtype, dev)?;
+    let lm = if a.graphs { lm.with_packed_qkv()? } else { lm };
     println!(
         "   model: {:?} + {:?} + {:?} positions, d_model {}, {} layers, {} heads / {} K/V heads, context {}",
         cfg.norm, cfg.ffn, cfg.positions, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.max_seq_len
@@ -152,9 +165,15 @@ fn generate_with(
         Loaded::DecoderOnly(lm) if a.no_cache => {
             generate_lm_no_cache(lm, ids, a.max_new, sampler, on_token)?
         }
+        Loaded::DecoderOnly(lm) if a.graphs => {
+            generate_lm_greedy_static(lm, ids, a.max_new, on_token)?
+        }
         Loaded::DecoderOnly(lm) => {
             let mut cache = lm_cache(lm, 1, lm.max_seq_len, CacheKind::Preallocated, dtype)?;
             generate_lm(lm, ids, a.max_new, sampler, &mut cache, on_token)?
+        }
+        Loaded::Seq2Seq(_) if a.graphs => {
+            bail!("--graphs decodes decoder-only LMs (the encoder-decoder's cross-attention has no static form here)")
         }
         Loaded::Seq2Seq(m) => {
             let src = &ids[ids.len().saturating_sub(m.cfg.max_len)..]; // the model's source window
@@ -175,6 +194,11 @@ fn generate_with(
 pub fn run(common: &CommonArgs, kernels: &KernelArgs, a: &GenerateArgs) -> Result<()> {
     let ctx = common.setup(crate::TOPIC, "generate")?;
     ctx.require_one_dtype()?;
+    if a.graphs && (a.temperature != 0.0 || a.no_cache) {
+        bail!(
+            "--graphs decodes greedily with the cache: add --temperature 0 (and drop --no-cache)"
+        );
+    }
     let dev = &ctx.picked.device;
     let (model, bpe) = if a.checkpoint.join("config.json").exists() {
         load_decoder_only(a, common, kernels, ctx.dtype, dev)?
@@ -193,7 +217,11 @@ pub fn run(common: &CommonArgs, kernels: &KernelArgs, a: &GenerateArgs) -> Resul
         top_p: a.top_p,
     };
     let mut sampler = Sampler::new(cfg, common.seed)?;
-    let cache = if a.no_cache { "off" } else { "on" };
+    let cache = match (a.no_cache, a.graphs) {
+        (true, _) => "off",
+        (false, true) => "static (CUDA graph on CUDA)",
+        (false, false) => "on",
+    };
     println!(
         "   prompt: {} tokens · sampling {cfg:?} · seed {} · cache {cache}",
         ids.len(),
