@@ -1045,6 +1045,47 @@ pub fn train_lm(
     device: &candle_core::Device,
     loss_fn: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
 ) -> Result<LmCurve> {
+    let data = LmData {
+        train_tokens,
+        valid_tokens,
+        device,
+        loss_fn,
+    };
+    train_lm_with(trainer, &data, spec, None)
+}
+
+/// [`train_lm`] for one rank of a data-parallel group ([`crate::data_parallel`]): every rank
+/// draws the same global batch of `spec.batch_size` windows (a function of the step and the
+/// seed) and builds only its rows ([`crate::data_parallel::shard_rows`]); the gradients and the
+/// loss are averaged over the ranks, so a world of `N` trains as one worker on the whole batch.
+/// Start the ranks equal first ([`crate::data_parallel::broadcast_parameters`]).
+pub fn train_lm_in_group(
+    trainer: &mut Trainer,
+    data: &LmData,
+    spec: &LmTrainSpec,
+    group: &dyn crate::data_parallel::Collective,
+) -> Result<LmCurve> {
+    train_lm_with(trainer, data, spec, Some(group))
+}
+
+/// What a language model trains and evaluates on, and how its loss is computed.
+pub struct LmData<'a> {
+    pub train_tokens: &'a [u32],
+    pub valid_tokens: &'a [u32],
+    pub device: &'a candle_core::Device,
+    pub loss_fn: &'a dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+}
+
+fn train_lm_with(
+    trainer: &mut Trainer,
+    data: &LmData,
+    spec: &LmTrainSpec,
+    group: Option<&dyn crate::data_parallel::Collective>,
+) -> Result<LmCurve> {
+    let rows = match group {
+        Some(g) => crate::data_parallel::shard_rows(spec.batch_size, g.world(), g.rank())?,
+        None => 0..spec.batch_size,
+    };
     if trainer.schedule.total_steps != spec.steps {
         bail!(
             "train_lm: the schedule runs {} steps, the spec {}",
@@ -1054,48 +1095,50 @@ pub fn train_lm(
     }
     let mut task = LmTask {
         batcher: crate::batching::LmBatcher::new(spec.batch_size, spec.seq_len, spec.seed),
-        train_tokens,
-        valid_tokens,
+        rows,
+        data,
         spec,
-        device,
-        loss_fn,
     };
     let fit_spec = crate::fit::FitSpec {
         label: spec.label.clone(),
         eval_every: spec.eval_every,
         patience: spec.patience,
     };
-    crate::fit::fit(trainer, &mut task, &fit_spec, None)
+    crate::fit::fit_in_group(trainer, &mut task, &fit_spec, None, group)
 }
 
-/// A language model as a [`crate::fit::Task`]: random windows of the training tokens (a function
-/// of the step and the seed), mean loss over fixed validation windows.
+/// A language model as a [`crate::fit::Task`]: `rows` of each step's random windows of the
+/// training tokens (a function of the step and the seed; all of them without a group), mean loss
+/// over fixed validation windows.
 struct LmTask<'a> {
     batcher: crate::batching::LmBatcher,
-    train_tokens: &'a [u32],
-    valid_tokens: &'a [u32],
+    rows: std::ops::Range<usize>,
+    data: &'a LmData<'a>,
     spec: &'a LmTrainSpec,
-    device: &'a candle_core::Device,
-    loss_fn: &'a dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
 }
 
 impl crate::fit::Task for LmTask<'_> {
     fn train_loss(&mut self, step: usize) -> Result<(Tensor, usize)> {
-        let batch = self
-            .batcher
-            .batch(self.train_tokens, step as u64, self.device)?;
-        Ok(((self.loss_fn)(&batch.x, &batch.y)?, batch.x.elem_count()))
+        let d = self.data;
+        let offsets = self.batcher.offsets(d.train_tokens.len(), step as u64)?;
+        let batch = crate::batching::windows_to_batch(
+            d.train_tokens,
+            &offsets[self.rows.clone()],
+            self.spec.seq_len,
+            d.device,
+        )?;
+        Ok(((d.loss_fn)(&batch.x, &batch.y)?, batch.x.elem_count()))
     }
 
     fn valid_loss(&mut self) -> Result<f64> {
-        let s = self.spec;
+        let (s, d) = (self.spec, self.data);
         evaluate_lm(
-            self.valid_tokens,
+            d.valid_tokens,
             s.batch_size,
             s.seq_len,
             s.eval_batches,
-            self.device,
-            self.loss_fn,
+            d.device,
+            d.loss_fn,
         )
     }
 }

@@ -1,0 +1,124 @@
+//! Data-parallel training of the ladder's LM on the CPU, ranks as threads (`LocalGroup`): a world
+//! of N, each rank on its N-th of every batch and started from rank 0's parameters by a
+//! broadcast, trains as one worker on the whole batch (`shared::train::train_lm_in_group`
+//! against `train_lm`).
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use shared::data_parallel::{broadcast_parameters, Collective, LocalGroup};
+use shared::train::{
+    train_lm, train_lm_in_group, AdamWConfig, LmData, LmTrainSpec, ScheduleConfig, Trainer,
+};
+use t0804_transformer_block::{init_lm, LmShape};
+
+/// Models are initialised from the process-wide seeded generator: one at a time.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+const SHAPE: LmShape = LmShape {
+    vocab_size: 53,
+    max_seq_len: 32,
+    d_model: 32,
+    n_layers: 2,
+    n_heads: 4,
+};
+
+fn spec() -> LmTrainSpec {
+    LmTrainSpec {
+        label: "dp".into(),
+        steps: 6,
+        batch_size: 8,
+        seq_len: 16,
+        eval_every: 3,
+        eval_batches: 1,
+        seed: 5,
+        patience: None,
+    }
+}
+
+fn trainer(varmap: &candle_nn::VarMap) -> Result<Trainer> {
+    let schedule = ScheduleConfig {
+        max_lr: 3e-3,
+        min_lr: 3e-4,
+        warmup_steps: 2,
+        total_steps: 6,
+        clip_norm: Some(0.5),
+    };
+    Trainer::new(varmap, AdamWConfig::default(), schedule)
+}
+
+fn tokens(n: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 31 + i / 7 + salt) % SHAPE.vocab_size) as u32)
+        .collect()
+}
+
+/// Trains a LLaMA rung initialised with `seed`, in `group` (or alone), and returns its
+/// parameters and final validation loss.
+fn run(seed: u64, group: Option<&dyn Collective>) -> Result<(Vec<f32>, f64)> {
+    let (varmap, lm) = {
+        let _one = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+        shared::params::set_seed(seed);
+        let cfg = t0808_rope::llama(SHAPE, 2);
+        let parts = t0809_flash_attention::parts(shared::kernels::Kernels::fused());
+        init_lm(&cfg, &parts, DType::F32, &Device::Cpu)?
+    };
+    let vars = shared::params::named_vars(&varmap);
+    let (train, valid) = (tokens(3000, 0), tokens(600, 3));
+    let loss_fn = |x: &candle_core::Tensor, y: &candle_core::Tensor| lm.loss(x, y);
+    let mut t = trainer(&varmap)?;
+    let curve = match group {
+        Some(g) => {
+            broadcast_parameters(&vars, g, 0)?;
+            let data = LmData {
+                train_tokens: &train,
+                valid_tokens: &valid,
+                device: &Device::Cpu,
+                loss_fn: &loss_fn,
+            };
+            train_lm_in_group(&mut t, &data, &spec(), g)?
+        }
+        None => train_lm(&mut t, &train, &valid, &spec(), &Device::Cpu, &loss_fn)?,
+    };
+    let mut values = Vec::new();
+    for (_, v) in vars {
+        values.extend(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok((values, curve.valid.last().map_or(f64::NAN, |v| v.1)))
+}
+
+#[test]
+fn a_world_of_n_trains_the_lm_as_one_worker_on_the_whole_batch() -> Result<()> {
+    let (want, want_valid) = run(11, None)?;
+    for world in [2, 4] {
+        let groups = LocalGroup::new(world)?;
+        // Every rank but 0 starts elsewhere: the broadcast must bring it to rank 0's parameters.
+        let ranks: Vec<(Vec<f32>, f64)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = groups
+                .into_iter()
+                .map(|g| scope.spawn(move || run(11 + g.rank() as u64 * 100, Some(&g))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("rank thread"))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let diff = ranks[0]
+            .0
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "world {world}: {diff:e} from one worker");
+        assert!(
+            (ranks[0].1 - want_valid).abs() < 1e-5,
+            "world {world}: valid loss"
+        );
+        for (r, rank) in ranks.iter().enumerate().skip(1) {
+            assert_eq!(
+                rank.0, ranks[0].0,
+                "world {world}: rank {r} differs from rank 0"
+            );
+        }
+    }
+    Ok(())
+}
