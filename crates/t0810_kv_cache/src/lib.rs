@@ -89,6 +89,15 @@ fn last_logits(logits: &Tensor) -> Result<Tensor> {
     logits.get(0)?.get(t - 1)
 }
 
+/// Checks `prompt` against `lm`'s context and starts a generation's statistics.
+fn start_generation(lm: &DecoderOnlyLm, prompt: &[u32]) -> Result<GenStats> {
+    check_prompt(prompt, lm.max_seq_len)?;
+    Ok(GenStats {
+        prompt_len: prompt.len(),
+        ..Default::default()
+    })
+}
+
 fn check_prompt(prompt: &[u32], max_context: usize) -> Result<()> {
     if prompt.is_empty() {
         bail!("empty prompt: generation needs at least one token");
@@ -114,12 +123,8 @@ pub fn generate_lm(
     cache: &mut dyn KvStore,
     on_token: &mut dyn FnMut(u32),
 ) -> Result<GenStats> {
-    check_prompt(prompt, lm.max_seq_len)?;
+    let mut stats = start_generation(lm, prompt)?;
     let dev = lm.token_embedding.device();
-    let mut stats = GenStats {
-        prompt_len: prompt.len(),
-        ..Default::default()
-    };
     let start = Instant::now();
     let mut logits = lm_forward_cached(lm, &Tensor::new(prompt, dev)?.unsqueeze(0)?, cache)?; // prefill
     while stats.tokens.len() < max_new {
@@ -152,12 +157,8 @@ pub fn generate_lm_greedy_static(
     max_new: usize,
     on_token: &mut dyn FnMut(u32),
 ) -> Result<GenStats> {
-    check_prompt(prompt, lm.max_seq_len)?;
+    let mut stats = start_generation(lm, prompt)?;
     let dev = lm.token_embedding.device();
-    let mut stats = GenStats {
-        prompt_len: prompt.len(),
-        ..Default::default()
-    };
     if max_new == 0 {
         return Ok(stats);
     }
@@ -193,12 +194,8 @@ pub fn generate_lm_no_cache(
     sampler: &mut Sampler,
     on_token: &mut dyn FnMut(u32),
 ) -> Result<GenStats> {
-    check_prompt(prompt, lm.max_seq_len)?;
+    let mut stats = start_generation(lm, prompt)?;
     let dev = lm.token_embedding.device();
-    let mut stats = GenStats {
-        prompt_len: prompt.len(),
-        ..Default::default()
-    };
     let mut seq = prompt.to_vec();
     let start = Instant::now();
     while stats.tokens.len() < max_new && seq.len() <= lm.max_seq_len {
