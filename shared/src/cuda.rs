@@ -2,8 +2,11 @@
 //! loading a kernel from a crate's embedded PTX, and borrowing the contiguous part of a storage.
 //! Only built with the `cuda` feature.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 
@@ -82,4 +85,55 @@ pub fn dtype_suffix(dtype: DType, supported: &[DType], what: &str) -> Result<&'s
         bail!("{what} (cuda): dtype {dtype:?} not supported (only {supported:?})");
     }
     Ok(name)
+}
+
+/// A crate's embedded PTX module: its name (loaded once per device) and text.
+pub struct PtxModule {
+    pub name: &'static str,
+    pub ptx: &'static str,
+}
+
+/// Runs the element-wise kernel `<kernel>_<dtype>(inputs…, out, sizes…)` of `module` as a
+/// grid-stride loop over `n` items: the inputs' contiguous parts in order (the first one's dtype
+/// picks the kernel: f32, bf16 or f16), `out` a new buffer of `out_len` elements that the kernel
+/// writes entirely, then each size as an `i64`.
+pub fn launch_elementwise<T: CudaDType + DeviceRepr>(
+    module: &PtxModule,
+    kernel: &str,
+    inputs: &[(&CudaStorage, &Layout, &str)],
+    out_len: usize,
+    n: usize,
+    sizes: &[i64],
+) -> Result<CudaStorage> {
+    let Some(&(first, _, _)) = inputs.first() else {
+        bail!("{kernel}: no inputs");
+    };
+    let dev = first.device().clone();
+    let views = contiguous_views::<T>(inputs, kernel)?;
+    // SAFETY: the kernel writes every element of `out` (the caller's contract).
+    let mut out = unsafe { dev.alloc::<T>(out_len)? };
+    if n > 0 {
+        use DType::*;
+        let suffix = dtype_suffix(first.dtype(), &[F32, BF16, F16], kernel)?;
+        let func = load_kernel(
+            &dev,
+            module.name,
+            module.ptx,
+            &format!("{kernel}_{suffix}"),
+            0,
+        )?;
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
+        for view in &views {
+            builder.arg(view);
+        }
+        builder.arg(&mut out);
+        for size in sizes {
+            builder.arg(size);
+        }
+        // SAFETY: the kernel takes the inputs, the output and the sizes in this order, as the
+        // caller states; the buffers hold what the caller's sizes say.
+        unsafe { builder.launch(grid_stride(n)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }

@@ -184,52 +184,26 @@ impl CustomOp3 for BiasGeluBackward {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CudaStorage, DType};
-    use shared::cuda::{contiguous_views, load_kernel};
+    use candle_core::CudaStorage;
+    use shared::cuda::{launch_elementwise, PtxModule};
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gelu.ptx"));
-    const MODULE: &str = "t0806_gelu";
+    const GELU: PtxModule = PtxModule {
+        name: "t0806_gelu",
+        ptx: include_str!(concat!(env!("OUT_DIR"), "/gelu.ptx")),
+    };
 
     /// Runs `<kernel>_<dtype>(h, b, [g,] out, n_elements, n_columns)`: the first input is `h`
-    /// (its elements are the output's), the second the bias (its length the row width).
+    /// (its elements are the output's), the second the bias (its length the row width; `n` is a
+    /// multiple of it, checked by `bias_gelu_fused`).
     pub fn launch(kernel: &str, inputs: &[(&CudaStorage, &Layout, &str)]) -> Result<CudaStorage> {
+        let n = inputs[0].1.shape().elem_count();
+        let sizes = [n as i64, inputs[1].1.shape().elem_count() as i64];
         macro_rules! run {
             ($t:ty, $_a:ty) => {
-                launch_typed::<$t>(kernel, inputs)
+                launch_elementwise::<$t>(&GELU, kernel, inputs, n, n, &sizes)
             };
         }
         shared::for_float_dtype!(inputs[0].0.dtype(), "bias + GELU (cuda)", run, no_f64)
-    }
-
-    fn launch_typed<T: CudaDType + DeviceRepr>(
-        kernel: &str,
-        inputs: &[(&CudaStorage, &Layout, &str)],
-    ) -> Result<CudaStorage> {
-        let (first, first_l, _) = inputs[0];
-        let dev = first.device().clone();
-        let views = contiguous_views::<T>(inputs, "bias + GELU (cuda)")?;
-        let n = first_l.shape().elem_count();
-        let cols = inputs[1].1.shape().elem_count();
-        // SAFETY: the kernel writes every element.
-        let mut out = unsafe { dev.alloc::<T>(n)? };
-        if n > 0 {
-            use DType::*;
-            let suffix = shared::cuda::dtype_suffix(first.dtype(), &[F32, BF16, F16], "gelu")?;
-            let func = load_kernel(&dev, MODULE, PTX, &format!("{kernel}_{suffix}"), 0)?;
-            let (n_i, cols_i) = (n as i64, cols as i64);
-            let stream = dev.cuda_stream();
-            let mut builder = stream.launch_builder(&func);
-            for view in &views {
-                builder.arg(view);
-            }
-            builder.arg(&mut out).arg(&n_i).arg(&cols_i);
-            // SAFETY: argument types and order match the kernel; h, g and out hold n elements,
-            // b holds cols (n is a multiple of cols: checked by bias_gelu_fused).
-            unsafe { builder.launch(shared::cuda::grid_stride(n)) }.w()?;
-        }
-        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }
 

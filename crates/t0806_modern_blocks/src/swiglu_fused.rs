@@ -181,13 +181,13 @@ impl CustomOp3 for SwiGluGateBackward {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CudaStorage, DType};
-    use shared::cuda::{contiguous_views, load_kernel};
+    use candle_core::CudaStorage;
+    use shared::cuda::{launch_elementwise, PtxModule};
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
-    const MODULE: &str = "t0806_swiglu";
+    const SWIGLU: PtxModule = PtxModule {
+        name: "t0806_swiglu",
+        ptx: include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx")),
+    };
 
     /// `h = SiLU(a)·b`: `swiglu_fwd_<dtype>(a, b, h, n)`.
     pub fn forward(
@@ -196,15 +196,17 @@ mod cuda {
         sb: &CudaStorage,
         lb: &Layout,
     ) -> Result<CudaStorage> {
+        let n = la.shape().elem_count();
+        let inputs = [(sa, la, "a"), (sb, lb, "b")];
         macro_rules! run {
             ($t:ty, $_a:ty) => {
-                launch::<$t>("swiglu_fwd", &[(sa, la, "a"), (sb, lb, "b")], 1)
+                launch_elementwise::<$t>(&SWIGLU, "swiglu_fwd", &inputs, n, n, &[n as i64])
             };
         }
         shared::for_float_dtype!(sa.dtype(), "swiglu gate (cuda)", run, no_f64)
     }
 
-    /// `[da | db]`: `swiglu_bwd_<dtype>(a, b, g, out, n)`.
+    /// `[da | db]` (`2n` elements): `swiglu_bwd_<dtype>(a, b, g, out, n)`.
     pub fn backward(
         sa: &CudaStorage,
         la: &Layout,
@@ -213,46 +215,13 @@ mod cuda {
         sg: &CudaStorage,
         lg: &Layout,
     ) -> Result<CudaStorage> {
+        let n = la.shape().elem_count();
+        let inputs = [(sa, la, "a"), (sb, lb, "b"), (sg, lg, "gradient")];
         macro_rules! run {
             ($t:ty, $_a:ty) => {
-                launch::<$t>(
-                    "swiglu_bwd",
-                    &[(sa, la, "a"), (sb, lb, "b"), (sg, lg, "gradient")],
-                    2,
-                )
+                launch_elementwise::<$t>(&SWIGLU, "swiglu_bwd", &inputs, 2 * n, n, &[n as i64])
             };
         }
         shared::for_float_dtype!(sa.dtype(), "swiglu gate backward (cuda)", run, no_f64)
-    }
-
-    /// Runs `<kernel>_<dtype>(inputs…, out, n)` over the `n` elements of the first input, into a
-    /// new buffer of `outputs_per_element · n` elements (every one written by the kernel).
-    fn launch<T: CudaDType + DeviceRepr>(
-        kernel: &str,
-        inputs: &[(&CudaStorage, &Layout, &str)],
-        outputs_per_element: usize,
-    ) -> Result<CudaStorage> {
-        let (first, first_l, _) = inputs[0];
-        let dev = first.device().clone();
-        let views = contiguous_views::<T>(inputs, "swiglu gate (cuda)")?;
-        let n = first_l.shape().elem_count();
-        // SAFETY: the kernel writes every element.
-        let mut out = unsafe { dev.alloc::<T>(outputs_per_element * n)? };
-        if n > 0 {
-            use DType::*;
-            let suffix = shared::cuda::dtype_suffix(first.dtype(), &[F32, BF16, F16], "swiglu")?;
-            let func = load_kernel(&dev, MODULE, PTX, &format!("{kernel}_{suffix}"), 0)?;
-            let n_i = n as i64;
-            let stream = dev.cuda_stream();
-            let mut builder = stream.launch_builder(&func);
-            for view in &views {
-                builder.arg(view);
-            }
-            builder.arg(&mut out).arg(&n_i);
-            // SAFETY: argument types and order match the kernel; the buffers hold n elements
-            // (the output outputs_per_element · n).
-            unsafe { builder.launch(shared::cuda::grid_stride(n)) }.w()?;
-        }
-        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }
