@@ -3,7 +3,8 @@
 //! fresh zeros). These tests check the gradients themselves, independently of Candle, against
 //! float64 central finite differences and closed forms, through every accumulation path the
 //! patch touches: single consumer, fan-in, the minus rules (first and later contributions),
-//! broadcasts, reductions and views.
+//! broadcasts, reductions and views, and the matmul rule for transposed operands (`x · Wᵀ`'s
+//! `dW` written in `W`'s layout).
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
@@ -15,6 +16,7 @@ const UPSTREAM_MODE: &str = "GRADIENT_TESTS_UPSTREAM_ACCUMULATION";
 fn upstream_mode() -> bool {
     let on = std::env::var(UPSTREAM_MODE).is_ok_and(|v| v == "1");
     candle_core::backprop::set_upstream_grad_accumulation(on);
+    candle_core::backprop::set_upstream_matmul_grads(on);
     on
 }
 
@@ -182,8 +184,71 @@ fn first_gradient_is_stored_without_a_zero_fill() -> Result<()> {
     Ok(())
 }
 
-/// Both accumulation modes pass the same checks: rerun this file's other tests in a child
-/// process with upstream's zeros-then-add accumulation switched on.
+/// Products against transposed views, every case of the matmul rule: `x · Wᵀ` (the
+/// projection), `aᵀ · x` (a transposed left operand), a batched `q · kᵀ`, and a `Wᵀ` that is
+/// also read by another op (its gradient then reaches `W` through both paths).
+///
+/// x: (3, 4), w: (5, 4), a: (3, 2), q: (2, 3, 4), k: (2, 5, 4).
+fn transposed_products(vars: &[Tensor]) -> Result<Tensor> {
+    let [x, w, a, q, k] = vars else {
+        candle_core::bail!("five inputs")
+    };
+    let wt = w.t()?; // (4, 5), read twice
+    let projection = x.matmul(&wt)?.tanh()?.sum_all()?; // (3, 5)
+    let other_reader = wt.exp()?.sum_all()?;
+    let left = a.t()?.matmul(x)?.sqr()?.sum_all()?; // (2, 4)
+    let scores = q.matmul(&k.t()?)?.sin()?.sum_all()?; // (2, 3, 5)
+    ((projection + other_reader)? + left)? + scores
+}
+
+#[test]
+fn matmul_against_transposed_views_matches_finite_differences() -> Result<()> {
+    upstream_mode();
+    let device = Device::Cpu;
+    let shapes: [&[usize]; 5] = [&[3, 4], &[5, 4], &[3, 2], &[2, 3, 4], &[2, 5, 4]];
+    let inputs: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, shape)| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f64> = (0..n)
+                .map(|j| (((j * 37 + i * 11) % 17) as f64 / 17.0 - 0.45) * 0.8)
+                .collect();
+            Tensor::from_vec(v, *shape, &device)
+        })
+        .collect::<Result<_>>()?;
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = transposed_products(&tensors)?.backward()?;
+    for (i, name) in ["x", "w", "a", "q", "k"].iter().enumerate() {
+        let g = grads.get(&vars[i]).expect("every input has a gradient");
+        assert!(g.is_contiguous(), "d{name} is contiguous");
+        let at = |t: &Tensor| -> Result<f64> {
+            let mut vs = inputs.clone();
+            vs[i] = t.clone();
+            scalar(&transposed_products(&vs)?)
+        };
+        let numeric = finite_difference(&at, &inputs[i], 1e-6)?;
+        assert_close(
+            &format!("d/d{name}"),
+            &g.flatten_all()?.to_vec1()?,
+            &numeric,
+        );
+    }
+    // The projection alone, whose dW has a closed form.
+    let x = vars[0].as_tensor();
+    let grads = x.matmul(&vars[1].as_tensor().t()?)?.sum_all()?.backward()?;
+    let gw = grads.get(&vars[1]).expect("dW");
+    // d(Σ x·Wᵀ)/dW[o][i] = Σ_rows x[row][i]: every row of dW is x's column sums.
+    let column_sums: Vec<f64> = x.sum(0)?.to_vec1()?;
+    for row in gw.to_vec2::<f64>()? {
+        assert_close("dW row", &row, &column_sums);
+    }
+    Ok(())
+}
+
+/// Both modes pass the same checks: rerun this file's other tests in a child process with
+/// upstream's zeros-then-add accumulation and upstream's matmul rule switched on.
 #[test]
 fn upstream_accumulation_mode_passes_the_same_checks() {
     if upstream_mode() {
@@ -208,6 +273,7 @@ fn upstream_accumulation_mode_passes_the_same_checks() {
         "gradients_of_views_are_contiguous_and_correct",
         "first_gradient_is_stored_without_a_zero_fill",
         "a_first_gradient_of_the_wrong_shape_is_an_error",
+        "matmul_against_transposed_views_matches_finite_differences",
     ] {
         assert!(
             stdout.contains(&format!("test {name} ... ok")),

@@ -170,9 +170,11 @@ impl Tensor {
             if node.is_variable() {
                 continue;
             }
-            let grad = grads
-                .remove(node)
-                .expect("candle internal error - grad not populated");
+            // Module 08 patch: a node can be left without a gradient when the matmul rule below
+            // wrote its operand's gradient straight into the tensor the node transposes.
+            let Some(grad) = grads.remove(node) else {
+                continue;
+            };
             // https://github.com/huggingface/candle/issues/1241
             // Ideally, we would make these operations in place where possible to ensure that we
             // do not have to allocate too often. Here we just call `.detach` to avoid computing
@@ -432,11 +434,26 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        // Module 08 patch: an operand that is a transposed view (`x · Wᵀ`, with
+                        // `Wᵀ = W.t()`) gets its gradient written in the layout of the tensor it
+                        // views, `dW = dYᵀ · X`, one GEMM with no copy, instead of `Xᵀ · dY`
+                        // followed by the transpose rule's copy into `W`'s layout.
+                        // (When that GEMM's operand layouts are not ones the backend takes,
+                        // upstream's rule runs.)
+                        // lhs = aᵀ: da = (dY · rhsᵀ)ᵀ = rhs · dYᵀ
+                        match last_two_dims_transposed(lhs)
+                            .and_then(|a| Some((a, rhs.matmul(&grad.t().ok()?).ok()?)))
+                        {
+                            Some((a, a_grad)) => grads.accumulate(a, &a_grad)?,
+                            None => grads.accumulate(lhs, &grad.matmul(&rhs.t()?)?)?,
+                        }
+                        // rhs = bᵀ: db = (lhsᵀ · dY)ᵀ = dYᵀ · lhs
+                        match last_two_dims_transposed(rhs)
+                            .and_then(|b| Some((b, grad.t().ok()?.matmul(lhs).ok()?)))
+                        {
+                            Some((b, b_grad)) => grads.accumulate(b, &b_grad)?,
+                            None => grads.accumulate(rhs, &lhs.t()?.matmul(&grad)?)?,
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -711,6 +728,37 @@ pub fn set_upstream_grad_accumulation(on: bool) {
 
 fn upstream_accumulation() -> bool {
     UPSTREAM_ACCUMULATION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static UPSTREAM_MATMUL_GRADS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Module 08 patch: `true` restores upstream's matmul rule for transposed operands (the
+/// gradient of `Wᵀ` formed as `Xᵀ · dY`, then copied into `W`'s layout by the transpose rule),
+/// so a benchmark can measure the change side by side in one run (process-wide, off by default).
+pub fn set_upstream_matmul_grads(on: bool) {
+    UPSTREAM_MATMUL_GRADS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn upstream_matmul_grads() -> bool {
+    UPSTREAM_MATMUL_GRADS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Module 08 patch: the tensor `t` transposes, when `t` is the transpose of its last two dims
+/// (`W.t()`).
+fn last_two_dims_transposed(t: &Tensor) -> Option<&Tensor> {
+    let rank = t.rank();
+    if upstream_matmul_grads() {
+        return None;
+    }
+    match t.op() {
+        Some(Op::Transpose(arg, d1, d2))
+            if rank >= 2 && (*d1).min(*d2) == rank - 2 && (*d1).max(*d2) == rank - 1 =>
+        {
+            Some(arg)
+        }
+        _ => None,
+    }
 }
 
 impl GradStore {

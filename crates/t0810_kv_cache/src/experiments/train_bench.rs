@@ -71,6 +71,11 @@ pub struct TrainBenchArgs {
     /// backward's storing of the first gradient (third_party/README.md), to measure the patch.
     #[arg(long)]
     pub upstream_grad_accumulation: bool,
+    /// Form the gradient of a transposed matmul operand as upstream Candle does (`Xᵀ · dY`, then
+    /// a copy into `W`'s layout) instead of the patched rule's `dW = dYᵀ · X` in place
+    /// (third_party/README.md), to measure the patch.
+    #[arg(long)]
+    pub upstream_matmul_grads: bool,
     /// The card's dense bf16 tensor-core peak in TFLOP/s, the denominator of the MFU (989.4:
     /// an H100 or H200 SXM).
     #[arg(long, default_value_t = 989.4)]
@@ -206,6 +211,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
     let (dev, dtype) = (ctx.picked.device.clone(), ctx.dtype);
     let kernels = kernel_args.resolve(t0809_flash_attention::fastest_kernels(&dev));
     candle_core::backprop::set_upstream_grad_accumulation(a.upstream_grad_accumulation);
+    candle_core::backprop::set_upstream_matmul_grads(a.upstream_matmul_grads);
     let cfg = config(a);
     let (varmap, lm) = t0804_transformer_block::init_lm(
         &cfg,
@@ -266,7 +272,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
             mfu.map_or("–".into(), |m| format!("{:.1} %", 100.0 * m)),
         ]],
     );
-    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "peak_tflops": a.peak_tflops, "params": n_params});
+    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "upstream_matmul_grads": a.upstream_matmul_grads, "peak_tflops": a.peak_tflops, "params": n_params});
     let mut report = RunReport::start(
         crate::TOPIC,
         config,
