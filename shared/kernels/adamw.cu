@@ -1,5 +1,6 @@
 // AdamW in place, for Candle (shared::adamw). Three element-wise kernels per parameter tensor
-// instead of a dozen composed ops, and no new allocation:
+// instead of a dozen composed ops, and no new allocation (adamw_multi below: one kernel for every
+// tensor of the model):
 //
 //   adamw_moment   m ← β·m + (1 − β)·(s·g)          (first moment; s = gradient-clipping scale)
 //                  v ← β·v + (1 − β)·(s·g)²         (second moment, square = 1)
@@ -93,3 +94,83 @@ SUMSQ_KERNEL(float, f32)
 SUMSQ_KERNEL(double, f64)
 SUMSQ_KERNEL(__nv_bfloat16, bf16)
 SUMSQ_KERNEL(__half, f16)
+
+// ---- Every tensor in one launch --------------------------------------------------------------
+//
+// A model has dozens of parameter tensors, most of them small: one launch each (three for AdamW,
+// one for Σg²) costs more host time and tail than the arithmetic. The multi-tensor kernels take a
+// table of the tensors in device memory (u64 words):
+//
+//   adamw_multi:           [θ ptrs | m ptrs | v ptrs | g ptrs | start (tensors + 1) | decay (f64 bits)]
+//   sum_of_squares_multi:  [g ptrs | start (tensors + 1)]
+//
+// where start[t] is the index of tensor t's first element in the concatenation of all of them and
+// start[tensors] the total. Each thread walks the concatenation with a grid-stride loop and moves
+// to the next tensor when its index passes the tensor's end (the index only grows). The
+// arithmetic is the per-tensor kernels', rounding m and v before the update reads them, so both
+// paths store the same values.
+
+template <typename T, typename A>
+__device__ void adamw_multi(const uint64_t *table, int tensors, A lr, A beta1, A beta2, A eps, A bc1, A bc2,
+                            const double *gate) {
+  if (gate[1] == 0.0) return;
+  T *const *theta = reinterpret_cast<T *const *>(table);
+  T *const *m = reinterpret_cast<T *const *>(table + tensors);
+  T *const *v = reinterpret_cast<T *const *>(table + 2 * tensors);
+  const T *const *g = reinterpret_cast<const T *const *>(table + 3 * tensors);
+  const int64_t *start = reinterpret_cast<const int64_t *>(table + 4 * tensors);
+  const double *decay = reinterpret_cast<const double *>(table + 5 * tensors + 1);
+  const A scale = A(gate[0]);
+  int t = 0;
+  GRID_STRIDE(i, start[tensors]) {
+    while (i >= start[t + 1]) ++t;
+    const int64_t j = i - start[t];
+    const A gi = scale * to_f(g[t][j]);
+    T mj, vj;
+    store(beta1 * to_f(m[t][j]) + (A(1) - beta1) * gi, &mj);
+    store(beta2 * to_f(v[t][j]) + (A(1) - beta2) * (gi * gi), &vj);
+    m[t][j] = mj;
+    v[t][j] = vj;
+    const A step = (to_f(mj) / bc1) / (sqrt(to_f(vj) / bc2) + eps);
+    store(to_f(theta[t][j]) * (A(1) - lr * A(decay[t])) - lr * step, theta[t] + j);
+  }
+}
+
+template <typename T>
+__device__ void sum_of_squares_multi(const uint64_t *table, int tensors, float *out) {
+  const T *const *g = reinterpret_cast<const T *const *>(table);
+  const int64_t *start = reinterpret_cast<const int64_t *>(table + tensors);
+  float s = 0.0f;
+  int t = 0;
+  GRID_STRIDE(i, start[tensors]) {
+    while (i >= start[t + 1]) ++t;
+    const float x = (float)to_f(g[t][i - start[t]]);
+    s += x * x;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  __shared__ float warp_sums[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < (int)(blockDim.x / 32) ? warp_sums[lane] : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) atomicAdd(out, s);
+  }
+}
+
+#define MULTI_KERNELS(T, A, NAME)                                                                         \
+  extern "C" __global__ void adamw_multi_##NAME(const uint64_t *table, int tensors, A lr, A beta1,      \
+                                                A beta2, A eps, A bc1, A bc2, const double *gate) {     \
+    adamw_multi<T, A>(table, tensors, lr, beta1, beta2, eps, bc1, bc2, gate);                            \
+  }                                                                                                       \
+  extern "C" __global__ void sum_of_squares_multi_##NAME(const uint64_t *table, int tensors, float *out) { \
+    sum_of_squares_multi<T>(table, tensors, out);                                                         \
+  }
+
+MULTI_KERNELS(float, float, f32)
+MULTI_KERNELS(double, double, f64)
+MULTI_KERNELS(__nv_bfloat16, float, bf16)
+MULTI_KERNELS(__half, float, f16)

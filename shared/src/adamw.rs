@@ -66,6 +66,84 @@ pub fn update_parameter(
     theta.inplace_op3(m, v, &op)
 }
 
+/// One parameter tensor's share of [`update_all`]: the tensor, its gradient, its two moments and
+/// its weight decay `λ`.
+#[derive(Debug, Clone, Copy)]
+pub struct Slot<'a> {
+    pub theta: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    pub weight_decay: f64,
+}
+
+/// The scalars of one AdamW step (`c₁ = 1 − β₁ᵗ`, `c₂ = 1 − β₂ᵗ` the bias corrections).
+#[derive(Debug, Clone, Copy)]
+pub struct StepScalars {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub bias_correction1: f64,
+    pub bias_correction2: f64,
+}
+
+/// The AdamW step of every tensor in `slots`: [`update_moment`] for `m` and `v`, then
+/// [`update_parameter`], for each. On CUDA all of it is one kernel per dtype over every tensor
+/// (`adamw_multi` in `kernels/adamw.cu`: read `θ, g, m, v` once, write `θ, m, v` once, the same
+/// arithmetic and roundings), instead of three launches per tensor; elsewhere the three ops run
+/// tensor by tensor.
+pub fn update_all(slots: &[Slot], step: &StepScalars, gate: &Tensor) -> Result<()> {
+    for s in slots {
+        check(s.m, s.grad, "moment")?;
+        check(s.v, s.grad, "moment")?;
+        check(s.theta, s.m, "parameter")?;
+        check_gate(gate, s.theta)?;
+    }
+    #[cfg(feature = "cuda")]
+    if slots.first().is_some_and(|s| s.theta.device().is_cuda()) {
+        return cuda::update_all(slots, step, gate);
+    }
+    slots.iter().try_for_each(|s| update_one(s, step, gate))
+}
+
+/// One tensor's AdamW step as three passes: [`update_moment`] for `m` and `v`, then
+/// [`update_parameter`].
+pub fn update_one(s: &Slot, step: &StepScalars, gate: &Tensor) -> Result<()> {
+    update_moment(s.m, s.grad, step.beta1, gate, false)?;
+    update_moment(s.v, s.grad, step.beta2, gate, true)?;
+    update_parameter(
+        s.theta,
+        s.m,
+        s.v,
+        step.lr,
+        s.weight_decay,
+        step.eps,
+        step.bias_correction1,
+        step.bias_correction2,
+        gate,
+    )
+}
+
+/// `Σ x²` over every element of every tensor in `xs`, as an f32 scalar tensor on their device;
+/// `None` for no tensors. On CUDA one kernel per dtype reads all of them (`sum_of_squares_multi`);
+/// elsewhere [`sum_of_squares`] per tensor, then their sum.
+pub fn sum_of_squares_all(xs: &[&Tensor]) -> Result<Option<Tensor>> {
+    let Some(first) = xs.first() else {
+        return Ok(None);
+    };
+    #[cfg(feature = "cuda")]
+    if first.device().is_cuda() {
+        return cuda::sum_of_squares_all(xs).map(Some);
+    }
+    let _ = first;
+    let squares: Vec<Tensor> = xs
+        .iter()
+        .map(|x| sum_of_squares(x))
+        .collect::<Result<_>>()?;
+    Ok(Some(Tensor::cat(&squares, 0)?.sum_all()?))
+}
+
 /// The gate of one optimiser step, computed on the device without a host synchronisation:
 /// from the total `Σ g²` of the gradients (`sum_sq`, one f32) and the `loss` (one f32),
 ///
@@ -386,7 +464,9 @@ impl InplaceOp3 for Update {
 mod cuda {
     use super::*;
     use crate::cuda::{contiguous_view, load_kernel};
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, DType};
 
@@ -523,6 +603,182 @@ mod cuda {
             }
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+
+    /// The distinct dtypes of `dtypes`, in order of first appearance.
+    fn distinct(dtypes: impl Iterator<Item = DType>) -> Vec<DType> {
+        let mut out: Vec<DType> = Vec::new();
+        for d in dtypes {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    /// The device pointers of `tensors` (each contiguous, on the GPU), as the table words of
+    /// `kernels/adamw.cu`, and runs `launch` with them. The storages stay locked and cudarc's
+    /// stream guards alive until `launch` has enqueued the kernel. (The parameters and moments
+    /// are written through these pointers in place, as Candle's `InplaceOp`s write through
+    /// theirs; the optimizer owns them and nothing else runs on them meanwhile.)
+    fn with_pointers<T: CudaDType>(
+        tensors: &[&Tensor],
+        stream: &std::sync::Arc<CudaStream>,
+        launch: impl FnOnce(Vec<u64>) -> Result<()>,
+    ) -> Result<()> {
+        let storages: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let mut views = Vec::with_capacity(storages.len());
+        for (storage, layout) in &storages {
+            let candle_core::Storage::Cuda(cs) = &**storage else {
+                bail!("AdamW (cuda): a tensor is not on the GPU");
+            };
+            let (a, b) = contiguous_range(layout, "AdamW (cuda): multi-tensor operand")?;
+            views.push(cs.as_cuda_slice::<T>()?.slice(a..b));
+        }
+        let guarded: Vec<_> = views.iter().map(|v| v.device_ptr(stream)).collect();
+        launch(guarded.iter().map(|(ptr, _)| *ptr).collect())
+    }
+
+    pub fn update_all(slots: &[Slot], step: &StepScalars, gate: &Tensor) -> Result<()> {
+        for dtype in distinct(slots.iter().map(|s| s.theta.dtype())) {
+            let group: Vec<&Slot> = slots.iter().filter(|s| s.theta.dtype() == dtype).collect();
+            macro_rules! run {
+                ($t:ty, $a:ty) => {
+                    update_group::<$t, $a>(&group, step, gate, dtype)?
+                };
+            }
+            crate::for_float_dtype!(dtype, "AdamW multi-tensor (cuda)", run);
+        }
+        Ok(())
+    }
+
+    fn update_group<T: CudaDType + DeviceRepr, A: Scalar>(
+        group: &[&Slot],
+        step: &StepScalars,
+        gate: &Tensor,
+        dtype: DType,
+    ) -> Result<()> {
+        let candle_core::Device::Cuda(dev) = group[0].theta.device() else {
+            bail!("AdamW (cuda): the parameters are not on the GPU");
+        };
+        let total: usize = group.iter().map(|s| s.theta.elem_count()).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let grads: Vec<Tensor> = group
+            .iter()
+            .map(|s| s.grad.contiguous())
+            .collect::<Result<_>>()?;
+        let tensors: Vec<&Tensor> = [
+            group.iter().map(|s| s.theta).collect::<Vec<_>>(),
+            group.iter().map(|s| s.m).collect(),
+            group.iter().map(|s| s.v).collect(),
+            grads.iter().collect(),
+        ]
+        .concat();
+        let n_t = group.len();
+        let stream = dev.cuda_stream();
+        let (gate_storage, gate_l) = gate.storage_and_layout();
+        let candle_core::Storage::Cuda(gate_storage) = &*gate_storage else {
+            bail!("AdamW (cuda): the step gate is not on the GPU");
+        };
+        let (gate, _) = contiguous_view::<f64>(gate_storage, gate_l, "AdamW (cuda): step gate")?;
+        let func = load_kernel(
+            dev,
+            MODULE,
+            PTX,
+            &format!("adamw_multi_{}", suffix(dtype)?),
+            0,
+        )?;
+        with_pointers::<T>(&tensors, &stream, |mut table| {
+            // [θ | m | v | g] pointers, then start (n_t + 1), then the decays' f64 bits.
+            let mut start = 0u64;
+            for s in group {
+                table.push(start);
+                start += s.theta.elem_count() as u64;
+            }
+            table.push(start);
+            table.extend(group.iter().map(|s| s.weight_decay.to_bits()));
+            let table = stream.clone_htod(&table).w()?;
+            let n_i = n_t as i32;
+            let [lr, b1, b2, eps, c1, c2] = [
+                step.lr,
+                step.beta1,
+                step.beta2,
+                step.eps,
+                step.bias_correction1,
+                step.bias_correction2,
+            ]
+            .map(A::of);
+            let mut builder = stream.launch_builder(&func);
+            builder
+                .arg(&table)
+                .arg(&n_i)
+                .arg(&lr)
+                .arg(&b1)
+                .arg(&b2)
+                .arg(&eps)
+                .arg(&c1)
+                .arg(&c2)
+                .arg(&gate);
+            // SAFETY: argument types match the kernel; the table holds n_t pointers to each of
+            // θ, m, v, g (each `start` elements apart in the concatenation, contiguous), the
+            // n_t + 1 starts and n_t decays, as the kernel reads it.
+            unsafe { builder.launch(config(total)) }.w()?;
+            Ok(())
+        })
+    }
+
+    pub fn sum_of_squares_all(xs: &[&Tensor]) -> Result<Tensor> {
+        let candle_core::Device::Cuda(dev) = xs[0].device() else {
+            bail!("sum of squares (cuda): the tensors are not on the GPU");
+        };
+        let stream = dev.cuda_stream();
+        let mut out = dev.alloc_zeros::<f32>(1)?;
+        let xs: Vec<Tensor> = xs.iter().map(|x| x.contiguous()).collect::<Result<_>>()?;
+        for dtype in distinct(xs.iter().map(|x| x.dtype())) {
+            let group: Vec<&Tensor> = xs.iter().filter(|x| x.dtype() == dtype).collect();
+            let total: usize = group.iter().map(|x| x.elem_count()).sum();
+            if total == 0 {
+                continue;
+            }
+            let func = load_kernel(
+                dev,
+                MODULE,
+                PTX,
+                &format!("sum_of_squares_multi_{}", suffix(dtype)?),
+                0,
+            )?;
+            let mut cfg = config(total);
+            cfg.grid_dim.0 = cfg.grid_dim.0.min(132 * 4); // one atomic add per block
+            macro_rules! run {
+                ($t:ty, $a:ty) => {
+                    with_pointers::<$t>(&group, &stream, |mut table| {
+                        let mut start = 0u64;
+                        for x in &group {
+                            table.push(start);
+                            start += x.elem_count() as u64;
+                        }
+                        table.push(start);
+                        let table = stream.clone_htod(&table).w()?;
+                        let n_i = group.len() as i32;
+                        let mut builder = stream.launch_builder(&func);
+                        builder.arg(&table).arg(&n_i).arg(&mut out);
+                        // SAFETY: argument types match the kernel; the table holds the tensors'
+                        // pointers and their n + 1 starts; out holds one float.
+                        unsafe { builder.launch(cfg) }.w()?;
+                        Ok(())
+                    })?
+                };
+            }
+            crate::for_float_dtype!(dtype, "sum of squares (cuda)", run);
+        }
+        Ok(Tensor::from_storage(
+            candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone())),
+            (), // a scalar, as `sum_all` gives on the CPU
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
     }
 
     pub fn update(

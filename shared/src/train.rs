@@ -40,6 +40,10 @@ impl Default for AdamWConfig {
 /// Weight decay applies to matrices only (rank ≥ 2), not to gains and biases.
 pub struct AdamW {
     pub config: AdamWConfig,
+    /// One launch for every tensor ([`crate::adamw::update_all`] and
+    /// [`crate::adamw::sum_of_squares_all`], the default) or three launches per tensor and one for
+    /// each tensor's `Σ g²` (`false`; on the CPU both are the same loops).
+    pub multi_tensor: bool,
     vars: Vec<(String, Var)>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
@@ -61,6 +65,7 @@ impl AdamW {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             config,
+            multi_tensor: true,
             vars,
             m,
             v,
@@ -93,28 +98,53 @@ impl AdamW {
     pub fn step_gated(&mut self, grads: &GradStore, lr: f64, gate: &Tensor) -> Result<()> {
         let c = self.config;
         self.t += 1;
-        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
-        for (i, (_, var)) in self.vars.iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else {
-                continue;
-            };
-            let decay = if var.rank() >= 2 { c.weight_decay } else { 0.0 };
-            crate::adamw::update_moment(&self.m[i], g, c.beta1, gate, false)?;
-            crate::adamw::update_moment(&self.v[i], g, c.beta2, gate, true)?;
-            crate::adamw::update_parameter(
-                var.as_tensor(),
-                &self.m[i],
-                &self.v[i],
-                lr,
-                decay,
-                c.eps,
-                bc1,
-                bc2,
-                gate,
-            )?;
+        let step = crate::adamw::StepScalars {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            bias_correction1: 1.0 - c.beta1.powi(self.t as i32),
+            bias_correction2: 1.0 - c.beta2.powi(self.t as i32),
+        };
+        let slots: Vec<crate::adamw::Slot> = self
+            .vars
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, var))| {
+                Some(crate::adamw::Slot {
+                    theta: var.as_tensor(),
+                    grad: grads.get(var.as_tensor())?,
+                    m: &self.m[i],
+                    v: &self.v[i],
+                    weight_decay: if var.rank() >= 2 { c.weight_decay } else { 0.0 },
+                })
+            })
+            .collect();
+        if self.multi_tensor {
+            return Ok(crate::adamw::update_all(&slots, &step, gate)?);
+        }
+        for s in &slots {
+            crate::adamw::update_one(s, &step, gate)?;
         }
         Ok(())
+    }
+
+    /// `Σ g²` over every variable's gradient (the clipping norm's square), on the device: one
+    /// launch for all of them, or one per tensor without [`AdamW::multi_tensor`].
+    pub fn grad_sum_of_squares(&self, grads: &GradStore) -> Result<Option<Tensor>> {
+        if self.multi_tensor {
+            return grad_sum_of_squares(grads, &self.vars);
+        }
+        let squares: Vec<Tensor> = self
+            .vars
+            .iter()
+            .filter_map(|(_, v)| grads.get(v.as_tensor()))
+            .map(crate::adamw::sum_of_squares)
+            .collect::<candle_core::Result<_>>()?;
+        if squares.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::cat(&squares, 0)?.sum_all()?))
     }
 
     /// The moments as named tensors (`m.<name>`, `v.<name>`) for checkpoints.
@@ -166,15 +196,11 @@ pub fn cosine_lr(step: usize, max_lr: f64, min_lr: f64, warmup: usize, total: us
 /// `Σᵢ Σ gᵢ²` over all gradients, as a one-element f32 tensor on their device (no host
 /// synchronisation); `None` when no variable has a gradient.
 pub fn grad_sum_of_squares(grads: &GradStore, vars: &[(String, Var)]) -> Result<Option<Tensor>> {
-    let squares: Vec<Tensor> = vars
+    let present: Vec<&Tensor> = vars
         .iter()
         .filter_map(|(_, v)| grads.get(v.as_tensor()))
-        .map(crate::adamw::sum_of_squares) // (1,) f32 each: one pass per tensor
-        .collect::<candle_core::Result<_>>()?;
-    if squares.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(Tensor::cat(&squares, 0)?.sum_all()?))
+        .collect();
+    Ok(crate::adamw::sum_of_squares_all(&present)?)
 }
 
 /// The global L2 norm of all gradients, `‖g‖ = √(Σᵢ Σ gᵢ²)`, computed on the device with a single
@@ -348,7 +374,7 @@ impl Trainer {
             )?,
             None => loss,
         };
-        let sum_sq = match grad_sum_of_squares(&grads, self.opt.vars())? {
+        let sum_sq = match self.opt.grad_sum_of_squares(&grads)? {
             Some(s) => s,
             None => Tensor::zeros((), DType::F32, loss.device())?,
         };

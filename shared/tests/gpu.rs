@@ -246,6 +246,148 @@ fn sum_of_squares_matches_f64() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A tensor of `n` pseudo-random values in `[lo, lo + 1)`, as `dtype` on `dev`, in a buffer of
+/// its own.
+fn filled(
+    n: usize,
+    seed: usize,
+    lo: f32,
+    dtype: DType,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    let v: Vec<f32> = (0..n)
+        .map(|i| lo + ((i * 7919 + seed * 104_729) % 1000) as f32 / 1000.0)
+        .collect();
+    Tensor::from_vec(v, n, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(dev)?
+        .copy()
+}
+
+/// The multi-tensor AdamW (one kernel over every tensor on the GPU) stores what the three
+/// per-tensor kernels store, over tensors of mixed sizes (empty, one element, above a block's
+/// share), two dtypes (two launches), per-tensor decays and a clipping scale, for two steps; and
+/// the multi-tensor `Σ g²` equals an f64 sum of the same values.
+#[test]
+fn multi_tensor_adamw_equals_the_per_tensor_kernels() -> anyhow::Result<()> {
+    use shared::adamw::{update_all, update_one, Slot, StepScalars};
+    let dev = shared::device::test_device();
+    let sizes = [1000usize, 0, 1, 70_001, 255, 4096];
+    let dtype_of = |i: usize| {
+        if i.is_multiple_of(2) {
+            DType::F32
+        } else {
+            DType::BF16
+        }
+    };
+    // (θ, g, m, v) twice: for the multi-tensor kernel and for the per-tensor ones.
+    let make = || -> candle_core::Result<Vec<[Tensor; 4]>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let dt = dtype_of(i);
+                Ok([
+                    filled(n, i, -0.5, dt, &dev)?,
+                    filled(n, i + 10, -0.5, dt, &dev)?,
+                    filled(n, i + 20, -0.5, dt, &dev)?.affine(0.1, 0.0)?,
+                    filled(n, i + 30, 0.0, dt, &dev)?.affine(0.01, 0.0)?,
+                ])
+            })
+            .collect()
+    };
+    let (multi, single) = (make()?, make()?);
+    let gate = shared::adamw::host_gate(0.5, &dev)?; // gradients scaled by 0.5 (clipping)
+    fn slots(set: &[[Tensor; 4]]) -> Vec<Slot<'_>> {
+        set.iter()
+            .enumerate()
+            .map(|(i, [theta, grad, m, v])| Slot {
+                theta,
+                grad,
+                m,
+                v,
+                weight_decay: if i.is_multiple_of(3) { 0.0 } else { 0.1 },
+            })
+            .collect()
+    }
+    for t in 1..=2 {
+        let step = StepScalars {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            bias_correction1: 1.0 - 0.9f64.powi(t),
+            bias_correction2: 1.0 - 0.95f64.powi(t),
+        };
+        update_all(&slots(&multi), &step, &gate)?;
+        for s in slots(&single) {
+            update_one(&s, &step, &gate)?;
+        }
+    }
+    for (i, (a, b)) in multi.iter().zip(&single).enumerate() {
+        for (what, x, y) in [
+            ("θ", &a[0], &b[0]),
+            ("m", &a[2], &b[2]),
+            ("v", &a[3], &b[3]),
+        ] {
+            let x: Vec<f32> = x.to_dtype(DType::F32)?.to_vec1()?;
+            let y: Vec<f32> = y.to_dtype(DType::F32)?.to_vec1()?;
+            // The same arithmetic; the compiler may contract it into FMAs differently in the
+            // two kernels, so one rounding step of the stored type apart at most.
+            let ulp = if dtype_of(i) == DType::F32 {
+                2e-7
+            } else {
+                8e-3
+            };
+            for (j, (p, q)) in x.iter().zip(&y).enumerate() {
+                assert!(
+                    (p - q).abs() <= ulp * q.abs().max(1e-30),
+                    "tensor {i} ({:?}, n = {}) {what}[{j}]: multi {p} vs per-tensor {q}",
+                    dtype_of(i),
+                    sizes[i]
+                );
+            }
+        }
+    }
+    let grads: Vec<&Tensor> = multi.iter().map(|s| &s[1]).collect();
+    let want: f64 = grads
+        .iter()
+        .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>())
+        .sum::<candle_core::Result<f64>>()?;
+    let got = shared::adamw::sum_of_squares_all(&grads)?
+        .expect("a sum for six tensors")
+        .to_scalar::<f32>()? as f64;
+    assert!((got - want).abs() <= 1e-5 * want, "Σg² {got} vs {want}");
+    assert!(shared::adamw::sum_of_squares_all(&[])?.is_none());
+    Ok(())
+}
+
+/// `AdamW::multi_tensor` on and off move a trainer's parameters and moments alike.
+#[test]
+fn adamw_multi_tensor_switch_keeps_the_trajectory() -> anyhow::Result<()> {
+    let dev = shared::device::test_device();
+    let mut on = Problem::new(&dev)?;
+    let mut off = Problem::new(&dev)?;
+    off.trainer.opt.multi_tensor = false;
+    for _ in 0..3 {
+        on.trainer.step(&on.loss()?)?;
+        off.trainer.step(&off.loss()?)?;
+    }
+    let close = |a: Vec<f32>, b: Vec<f32>, what: &str| {
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-6 * y.abs().max(1e-3),
+                "{what}: {x} vs {y}"
+            );
+        }
+    };
+    close(on.weights()?, off.weights()?, "weights");
+    for ((name, a), (_, b)) in on.moments()?.into_iter().zip(off.moments()?) {
+        close(a, b, &name);
+    }
+    Ok(())
+}
+
 /// Least squares `L = mean((x·Wᵀ − 1)²)` on the test device, in f32, with gradients large enough
 /// for clipping to engage: (parameters, trainer, loss of the current W).
 struct Problem {

@@ -4,12 +4,12 @@
 //! phase is bound by the host, not by the GPU. The last profiled step is bracketed by
 //! `cuProfilerStart/Stop` (the region `ncu --profile-from-start off` records).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Device;
 use candle_nn::VarMap;
 use shared::batching::LmBatcher;
 use shared::report::print_table;
-use shared::train::{clip_grad_norm, AdamW, AdamWConfig};
+use shared::train::{AdamW, AdamWConfig};
 use std::time::Instant;
 use t0804_transformer_block::DecoderOnlyLm;
 
@@ -48,12 +48,15 @@ fn profile_step(
     dev: &Device,
 ) -> Result<[(f64, f64); 4]> {
     let (loss, forward) = timed(dev, || Ok(lm.loss(x, y)?))?;
-    let (mut grads, backward) = timed(dev, || Ok(loss.backward()?))?;
-    let ((), clip) = timed(dev, || {
-        clip_grad_norm(&mut grads, opt.vars(), 1.0)?;
-        Ok(())
+    let (grads, backward) = timed(dev, || Ok(loss.backward()?))?;
+    // As the trainer's step: Σ g² and the clipping gate on the device, read by AdamW there.
+    let (gate, clip) = timed(dev, || {
+        let sum_sq = opt
+            .grad_sum_of_squares(&grads)?
+            .context("no parameter has a gradient")?;
+        Ok(shared::adamw::step_gate(&sum_sq, &loss, Some(1.0))?)
     })?;
-    let ((), adamw) = timed(dev, || opt.step(&grads, 1e-4))?;
+    let ((), adamw) = timed(dev, || opt.step_gated(&grads, 1e-4, &gate))?;
     Ok([forward, backward, clip, adamw])
 }
 
@@ -69,9 +72,11 @@ pub fn profile_phases(
     batcher: &LmBatcher,
     tokens: &[u32],
     steps: usize,
+    multi_tensor: bool,
     dev: &Device,
 ) -> Result<Phases> {
     let mut opt = AdamW::new(varmap, AdamWConfig::default())?;
+    opt.multi_tensor = multi_tensor;
     let mut samples: Vec<[(f64, f64); 4]> = Vec::new();
     shared::device::reset_device_memory_peak(dev)?;
     println!(

@@ -76,6 +76,14 @@ pub struct TrainBenchArgs {
     /// (third_party/README.md), to measure the patch.
     #[arg(long)]
     pub upstream_matmul_grads: bool,
+    /// Keep cudarc's default of two CUDA events per allocated buffer, which `shared::device`
+    /// turns off (host time only on Candle's one stream), to measure that.
+    #[arg(long)]
+    pub cuda_event_tracking: bool,
+    /// AdamW and the gradient norm with one launch per tensor (three for AdamW) instead of one
+    /// launch for all of them, to measure the multi-tensor kernels.
+    #[arg(long)]
+    pub per_tensor_adamw: bool,
     /// The card's dense bf16 tensor-core peak in TFLOP/s, the denominator of the MFU (989.4:
     /// an H100 or H200 SXM).
     #[arg(long, default_value_t = 989.4)]
@@ -167,6 +175,7 @@ fn timed_steps(b: &Bench, dev: &Device) -> Result<f64> {
         clip_norm: Some(1.0),
     };
     let mut trainer = Trainer::new(&b.varmap, AdamWConfig::default(), sched)?;
+    trainer.opt.multi_tensor = !b.args.per_tensor_adamw;
     let mut elapsed = 0.0;
     let mut progress = Progress::new(total as u64, "bench");
     for step in 0..total {
@@ -194,7 +203,15 @@ fn timed_steps(b: &Bench, dev: &Device) -> Result<f64> {
 
 /// Adds the per-phase medians of `--profile` to the report.
 fn record_profile(b: &Bench, dev: &Device, report: &mut RunReport) -> Result<()> {
-    let phases = profile_phases(&b.varmap, &b.lm, &b.batcher, &b.tokens, b.steps, dev)?;
+    let phases = profile_phases(
+        &b.varmap,
+        &b.lm,
+        &b.batcher,
+        &b.tokens,
+        b.steps,
+        !b.args.per_tensor_adamw,
+        dev,
+    )?;
     for p in &phases.phases {
         report.metric(&format!("profile.{}.host_ms", p.name), p.host_ms);
         report.metric(&format!("profile.{}.total_ms", p.name), p.total_ms);
@@ -212,6 +229,9 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
     let kernels = kernel_args.resolve(t0809_flash_attention::fastest_kernels(&dev));
     candle_core::backprop::set_upstream_grad_accumulation(a.upstream_grad_accumulation);
     candle_core::backprop::set_upstream_matmul_grads(a.upstream_matmul_grads);
+    if a.cuda_event_tracking {
+        shared::device::restore_event_tracking(&dev);
+    }
     let cfg = config(a);
     let (varmap, lm) = t0804_transformer_block::init_lm(
         &cfg,
@@ -272,7 +292,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
             mfu.map_or("–".into(), |m| format!("{:.1} %", 100.0 * m)),
         ]],
     );
-    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "upstream_matmul_grads": a.upstream_matmul_grads, "peak_tflops": a.peak_tflops, "params": n_params});
+    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "upstream_matmul_grads": a.upstream_matmul_grads, "cuda_event_tracking": a.cuda_event_tracking, "per_tensor_adamw": a.per_tensor_adamw, "peak_tflops": a.peak_tflops, "params": n_params});
     let mut report = RunReport::start(
         crate::TOPIC,
         config,
