@@ -21,3 +21,37 @@ __device__ __forceinline__ void store(float v, __half *o) { *o = __float2half_rn
 // for (i = this thread's first index; i < n; i += every thread of the grid)
 #define GRID_STRIDE(i, n) \
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
+// ---- 16-byte vector access ----------------------------------------------------------------------
+// An element-wise kernel that loads and stores one 2-byte value per thread leaves most of the
+// memory system's width unused; loading 16 bytes at a time (8 bf16/f16 or 4 f32 values) is what
+// lets such a kernel approach the card's bandwidth. The vector path needs every pointer 16-byte
+// aligned (Candle's buffers are; views at an offset may not be): kernels check with aligned16 and
+// fall back to one element at a time.
+
+// Values of T in 16 bytes.
+template <typename T>
+struct Pack {
+  static constexpr int N = 16 / sizeof(T);
+};
+
+__device__ __forceinline__ bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// N values at p (16-byte aligned) as f32.
+template <typename T, int N = Pack<T>::N>
+__device__ __forceinline__ void load16(const T *p, float (&out)[N]) {
+  const uint4 raw = *reinterpret_cast<const uint4 *>(p);
+  const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = to_f(e[k]);
+}
+
+// N f32 values rounded once to T and stored at p (16-byte aligned) in one 16-byte store.
+template <typename T, int N = Pack<T>::N>
+__device__ __forceinline__ void store16(const float (&v)[N], T *p) {
+  uint4 raw;
+  T *e = reinterpret_cast<T *>(&raw);
+#pragma unroll
+  for (int k = 0; k < N; ++k) store(v[k], e + k);
+  *reinterpret_cast<uint4 *>(p) = raw;
+}

@@ -4,7 +4,7 @@
 //   backward  dx[i, j] = (exp(x[i, j] − lse_i) − [j = t_i]) · g[i],       lse_i = nll[i] + x[i, t_i]
 //
 // x (rows, vocab) in f32/bf16/f16, t (rows,) u32, nll and g (rows,) f32. One block per row
-// (grid-stride). The forward makes one pass over the row with an online max/sum (each thread
+// (grid-stride), reading the row 16 bytes at a time where it is aligned. The forward makes one pass over the row with an online max/sum (each thread
 // keeps (m, s) and rescales s when m grows; the block merges the pairs the same way), so the
 // logits are read once; the backward reads the row once more and writes the gradient once: no
 // (rows, vocab) f32 copy, no intermediate. All arithmetic in f32. The backward needs no second
@@ -51,20 +51,46 @@ __device__ void block_merge(float &m, float &s) {
   }
 }
 
+// Folds one logit into a thread's (m, s). NaN propagates into s (and so into the loss).
+__device__ __forceinline__ void fold(float &m, float &s, float v) {
+  if (v > m) {
+    s = s * __expf(m - v) + 1.0f;
+    m = v;
+  } else if (v > -INFINITY || v != v) {
+    s += __expf(v - m);
+  }
+}
+
+// Folds N logits at once: their max first (one rescale of s at most), then their exps.
+template <int N>
+__device__ __forceinline__ void fold_pack(float &m, float &s, const float (&v)[N]) {
+  float pm = v[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) pm = fmaxf(pm, v[k]);
+  if (pm > m) {
+    s *= __expf(m - pm);
+    m = pm;
+  }
+  // A −inf logit adds nothing (also while m is still −inf); fmaxf skips NaN, the sum keeps it.
+#pragma unroll
+  for (int k = 0; k < N; ++k) s += v[k] == -INFINITY ? 0.0f : __expf(v[k] - m);
+}
+
+// The logits of a row are read 16 bytes at a time when the row is 16-byte aligned (load16;
+// vocab · sizeof(T) a multiple of 16, as 10,000 bf16 are), else one at a time.
 template <typename T>
 __device__ void forward(const T *x, const uint32_t *t, float *nll, int64_t rows, int64_t vocab) {
+  constexpr int N = Pack<T>::N;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T *row = x + r * vocab;
     float m = -INFINITY, s = 0.0f;
-    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-      const float v = to_f(row[j]);
-      if (v > m) {
-        s = s * __expf(m - v) + 1.0f;
-        m = v;
-      } else if (v > -INFINITY) {
-        s += __expf(v - m);
-      }
+    const int64_t packs = aligned16(row) ? vocab / N : 0;
+    for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+      float v[N];
+      load16(row + p * N, v);
+      fold_pack(m, s, v);
     }
+    for (int64_t j = packs * N + threadIdx.x; j < vocab; j += blockDim.x) fold(m, s, to_f(row[j]));
     block_merge(m, s);
     if (threadIdx.x == 0) {
       const uint32_t target = t[r];
@@ -76,6 +102,7 @@ __device__ void forward(const T *x, const uint32_t *t, float *nll, int64_t rows,
 template <typename T>
 __device__ void backward(const T *x, const uint32_t *t, const float *nll, const float *g, T *dx, int64_t rows,
                          int64_t vocab) {
+  constexpr int N = Pack<T>::N;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T *row = x + r * vocab;
     T *drow = dx + r * vocab;
@@ -83,7 +110,18 @@ __device__ void backward(const T *x, const uint32_t *t, const float *nll, const 
     const bool ok = target < vocab;
     const float lse = ok ? nll[r] + to_f(row[target]) : 0.0f;
     const float gr = ok ? g[r] : 0.0f;
-    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+    const int64_t packs = (aligned16(row) && aligned16(drow)) ? vocab / N : 0;
+    for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+      float v[N];
+      load16(row + p * N, v);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float prob = __expf(v[k] - lse);
+        v[k] = ok ? (prob - (p * N + k == target ? 1.0f : 0.0f)) * gr : 0.0f;
+      }
+      store16(v, drow + p * N);
+    }
+    for (int64_t j = packs * N + threadIdx.x; j < vocab; j += blockDim.x) {
       const float p = __expf(to_f(row[j]) - lse);
       store(ok ? (p - (j == target ? 1.0f : 0.0f)) * gr : 0.0f, drow + j);
     }
