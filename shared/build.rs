@@ -1,6 +1,7 @@
 //! Compiles `kernels/embedding.cu` (the embedding gather and its scatter-add gradient) and
 //! `kernels/cross_entropy.cu` (the fused loss) and `kernels/adamw.cu` (the in-place optimiser
-//! step) and `kernels/heads.cu` (the head split and merge) to PTX, only with the `cuda` feature (see `build_kernels.rs`); the modules of the same
+//! step) and `kernels/heads.cu` (the head split and merge) and `kernels/add.cu` (the gradient
+//! sums of the backward pass) to PTX, only with the `cuda` feature (see `build_kernels.rs`); the modules of the same
 //! names embed them.
 include!("build_kernels.rs");
 
@@ -11,4 +12,5 @@ fn main() {
     compile_kernel("cross_entropy", &[]);
     compile_kernel("adamw", &[]);
     compile_kernel("heads", &[]);
+    compile_kernel("add", &[]);
 }

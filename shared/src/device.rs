@@ -85,37 +85,13 @@ pub fn pick_device(choice: DeviceChoice) -> Result<PickedDevice> {
     Ok(picked)
 }
 
-/// Opens CUDA device `n` the way every program here uses it: Candle's device, with cudarc's
-/// per-allocation event tracking off.
-///
-/// cudarc gives every buffer it allocates two CUDA events (`cuEventCreate` twice, and twice
-/// `cuEventDestroy` when it is freed) so that it can order a buffer's uses across streams. It
-/// records and waits on them only once a second stream exists in the context; Candle runs each
-/// device's ops on one stream and never makes a second, so the events are host time and nothing
-/// else, at every one of a training step's hundreds of allocations. A program that does use
-/// several streams can turn tracking back on (`CudaDevice::enable_event_tracking`) for the
-/// buffers it allocates afterwards (`train-bench --cuda-event-tracking` does, to measure this).
+/// Opens CUDA device `n` the way every program here uses it: Candle's device, with the backward
+/// pass's gradient sums formed by [`crate::add::add`] (16 bytes per thread;
+/// [`crate::add::install_gradient_sum`]).
 pub fn open_cuda(n: usize) -> Result<Device> {
     let device = Device::new_cuda(n)?;
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(dev) = &device {
-        // SAFETY: cudarc needs the events only to synchronise several streams; Candle runs this
-        // device's every op on its one stream, so stream order keeps each buffer's uses in order.
-        unsafe { dev.disable_event_tracking() };
-    }
+    crate::add::install_gradient_sum();
     Ok(device)
-}
-
-/// Turns cudarc's per-allocation event tracking back on (its default) for the buffers `device`
-/// allocates from now on: what [`open_cuda`] turns off, for a side-by-side measurement. A no-op
-/// on the CPU.
-pub fn restore_event_tracking(device: &Device) {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(dev) = device {
-        // SAFETY: turning tracking on only adds synchronisation.
-        unsafe { dev.cuda_stream().context().enable_event_tracking() };
-    }
-    let _ = device;
 }
 
 fn cpu() -> PickedDevice {

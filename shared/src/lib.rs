@@ -23,6 +23,7 @@
 //! | [`report`] | PNG charts (lines, heatmaps, bars) and the `results.json` of every run |
 
 pub mod adamw;
+pub mod add;
 pub mod batching;
 pub mod bias;
 pub mod checkpoint;

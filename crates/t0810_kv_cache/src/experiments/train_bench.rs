@@ -76,14 +76,14 @@ pub struct TrainBenchArgs {
     /// (third_party/README.md), to measure the patch.
     #[arg(long)]
     pub upstream_matmul_grads: bool,
-    /// Keep cudarc's default of two CUDA events per allocated buffer, which `shared::device`
-    /// turns off (host time only on Candle's one stream), to measure that.
-    #[arg(long)]
-    pub cuda_event_tracking: bool,
     /// AdamW and the gradient norm with one launch per tensor (three for AdamW) instead of one
     /// launch for all of them, to measure the multi-tensor kernels.
     #[arg(long)]
     pub per_tensor_adamw: bool,
+    /// Form the backward pass's gradient sums with Candle's addition instead of
+    /// `shared::add::add` (16 bytes per thread), to measure that.
+    #[arg(long)]
+    pub candle_gradient_sum: bool,
     /// The card's dense bf16 tensor-core peak in TFLOP/s, the denominator of the MFU (989.4:
     /// an H100 or H200 SXM).
     #[arg(long, default_value_t = 989.4)]
@@ -229,8 +229,8 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
     let kernels = kernel_args.resolve(t0809_flash_attention::fastest_kernels(&dev));
     candle_core::backprop::set_upstream_grad_accumulation(a.upstream_grad_accumulation);
     candle_core::backprop::set_upstream_matmul_grads(a.upstream_matmul_grads);
-    if a.cuda_event_tracking {
-        shared::device::restore_event_tracking(&dev);
+    if a.candle_gradient_sum {
+        candle_core::backprop::set_gradient_sum(None);
     }
     let cfg = config(a);
     let (varmap, lm) = t0804_transformer_block::init_lm(
@@ -292,7 +292,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
             mfu.map_or("–".into(), |m| format!("{:.1} %", 100.0 * m)),
         ]],
     );
-    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "upstream_matmul_grads": a.upstream_matmul_grads, "cuda_event_tracking": a.cuda_event_tracking, "per_tensor_adamw": a.per_tensor_adamw, "peak_tflops": a.peak_tflops, "params": n_params});
+    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "upstream_matmul_grads": a.upstream_matmul_grads, "per_tensor_adamw": a.per_tensor_adamw, "candle_gradient_sum": a.candle_gradient_sum, "peak_tflops": a.peak_tflops, "params": n_params});
     let mut report = RunReport::start(
         crate::TOPIC,
         config,
