@@ -29,12 +29,7 @@ export MODULE08_CACHE=/tmp/module08-cache
 py=python3
 cfg=$out/parity/config.json
 
-echo "== loss parity (f32, 200 steps, batch 16): ours, then the twin from the same weights and batches"
-$bin/parity --device cuda --dump "$out/parity" --steps 200 --batch 16 > "$out/parity_rust.log" 2>&1 || echo "parity (ours) failed: $(tail -3 "$out/parity_rust.log")"
-NVIDIA_TF32_OVERRIDE=0 $py scripts/pytorch_twin.py parity "$out/parity" --device cuda --dtype f32 --json "$out/parity_twin.json"
-# The two curves and their difference as PNGs, next to the json (few files: $OUT returns a limited number)
-$bin/parity --plot "$out/parity_twin.json" --dump "$out/plots" || echo "parity plot failed"
-rm -f "$out/parity/batches.safetensors" "$out/parity/init.safetensors"
+bash scripts/parity.sh "$out"
 
 for dt in ${TRAIN_DTYPES:-f32 bf16}; do
   echo "== training tokens/s, $dt, batch $B"
