@@ -325,6 +325,9 @@ fn multi_tensor_adamw_equals_the_per_tensor_kernels() -> anyhow::Result<()> {
         }
     }
     for (i, (a, b)) in multi.iter().zip(&single).enumerate() {
+        if sizes[i] == 0 {
+            continue; // nothing to compare (and Candle's CUDA casts refuse empty tensors)
+        }
         for (what, x, y) in [
             ("θ", &a[0], &b[0]),
             ("m", &a[2], &b[2]),
@@ -353,6 +356,7 @@ fn multi_tensor_adamw_equals_the_per_tensor_kernels() -> anyhow::Result<()> {
     let grads: Vec<&Tensor> = multi.iter().map(|s| &s[1]).collect();
     let want: f64 = grads
         .iter()
+        .filter(|g| g.elem_count() > 0)
         .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>())
         .sum::<candle_core::Result<f64>>()?;
     let got = shared::adamw::sum_of_squares_all(&grads)?
