@@ -12,7 +12,10 @@
 //! ```
 //!
 //! where `s` is the gradient-clipping factor `min(1, max_norm/‖g‖)`, folded in here so the
-//! gradients need not be rescaled first. On the CPU, loops; on CUDA, `kernels/adamw.cu`.
+//! gradients need not be rescaled first. On the CPU, loops; on CUDA, `kernels/adamw.cu`, where
+//! [`update_all`] does all three for every parameter tensor of a model in one kernel (and
+//! [`sum_of_squares_all`] the gradient norm's `Σ g²` in another): a model's dozens of small
+//! tensors would otherwise cost a launch each, three times over.
 //! Arithmetic in f32 (f64 for f64 parameters), each stored value rounded once.
 
 use crate::cpu::{for_each_row, Element, Real};
