@@ -85,11 +85,12 @@ pub fn pick_device(choice: DeviceChoice) -> Result<PickedDevice> {
     Ok(picked)
 }
 
-/// Opens CUDA device `n` the way every program here uses it: Candle's device, with the backward
-/// pass's gradient sums formed by [`crate::add::add`] (16 bytes per thread;
-/// [`crate::add::install_gradient_sum`]).
+/// Opens CUDA device `n` the way every program here uses it: Candle's device, with freed memory
+/// kept in the pool for reuse ([`keep_freed_memory`]) and the backward pass's gradient sums formed
+/// by [`crate::add::add`] (16 bytes per thread; [`crate::add::install_gradient_sum`]).
 pub fn open_cuda(n: usize) -> Result<Device> {
     let device = Device::new_cuda(n)?;
+    keep_freed_memory(&device, true)?;
     crate::add::install_gradient_sum();
     Ok(device)
 }
@@ -261,11 +262,39 @@ pub fn reset_device_memory_peak(device: &Device) -> Result<()> {
     pool_counter(device, PoolCounter::ResetPeak).map(|_| ())
 }
 
+/// Bytes the CUDA memory pool holds from the driver right now, in use or kept for reuse
+/// (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`, the analogue of `torch.cuda.memory_reserved`), read
+/// after a synchronisation. `None` on the CPU.
+pub fn device_memory_reserved(device: &Device) -> Result<Option<u64>> {
+    pool_counter(device, PoolCounter::ReservedNow)
+}
+
+/// Whether device memory that tensors free stays in the CUDA memory pool for the next
+/// allocations (`keep = true`, what [`open_cuda`] sets) or goes back to the driver at every
+/// synchronisation (`false`, the driver's default: release threshold 0). A no-op on the CPU.
+///
+/// Candle allocates every tensor with `cuMemAllocAsync` from the device's default pool. With the
+/// driver's default, a training loop that synchronises once per step hands all of a step's
+/// activations back to the driver at that point, and the next step's forward pass must have each
+/// buffer mapped afresh, on the host, before its kernel can be enqueued. PyTorch's caching
+/// allocator keeps freed blocks for the same reason.
+pub fn keep_freed_memory(device: &Device, keep: bool) -> Result<()> {
+    let op = if keep {
+        PoolCounter::KeepFreed
+    } else {
+        PoolCounter::ReleaseFreed
+    };
+    pool_counter(device, op).map(|_| ())
+}
+
 #[derive(Clone, Copy)]
 enum PoolCounter {
     UsedNow,
+    ReservedNow,
     UsedPeak,
     ResetPeak,
+    KeepFreed,
+    ReleaseFreed,
 }
 
 fn pool_counter(device: &Device, counter: PoolCounter) -> Result<Option<u64>> {
@@ -275,6 +304,7 @@ fn pool_counter(device: &Device, counter: PoolCounter) -> Result<Option<u64>> {
         Device::Cuda(d) => {
             use candle_core::cuda_backend::cudarc::driver::sys;
             use sys::CUmemPool_attribute::{
+                CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
                 CU_MEMPOOL_ATTR_USED_MEM_CURRENT, CU_MEMPOOL_ATTR_USED_MEM_HIGH,
             };
             device.synchronize()?;
@@ -294,12 +324,21 @@ fn pool_counter(device: &Device, counter: PoolCounter) -> Result<Option<u64>> {
                     PoolCounter::UsedNow => {
                         sys::cuMemPoolGetAttribute(pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT, ptr)
                     }
+                    PoolCounter::ReservedNow => {
+                        sys::cuMemPoolGetAttribute(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, ptr)
+                    }
                     PoolCounter::UsedPeak => {
                         sys::cuMemPoolGetAttribute(pool, CU_MEMPOOL_ATTR_USED_MEM_HIGH, ptr)
                     }
                     // Setting the high-water mark to 0 resets it to the current use.
                     PoolCounter::ResetPeak => {
                         sys::cuMemPoolSetAttribute(pool, CU_MEMPOOL_ATTR_USED_MEM_HIGH, ptr)
+                    }
+                    PoolCounter::KeepFreed | PoolCounter::ReleaseFreed => {
+                        if matches!(counter, PoolCounter::KeepFreed) {
+                            value = u64::MAX;
+                        }
+                        sys::cuMemPoolSetAttribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, ptr)
                     }
                 };
                 r.result()

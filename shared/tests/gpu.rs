@@ -109,6 +109,41 @@ fn device_memory_counters_see_a_256_mib_allocation() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Freed memory stays in the pool when kept (what `open_cuda` sets), and goes back to the driver
+/// at the next synchronisation when not (the driver's default).
+#[test]
+fn freed_memory_stays_in_the_pool_when_kept() -> anyhow::Result<()> {
+    let _turn = memory_counters();
+    let dev = shared::device::test_device();
+    use shared::device::{device_memory_reserved, keep_freed_memory};
+    let Some(start) = device_memory_reserved(&dev)? else {
+        assert!(dev.is_cpu(), "only the CPU may lack a pool reading");
+        keep_freed_memory(&dev, false)?; // a no-op there
+        return Ok(());
+    };
+    let bytes = 256u64 << 20;
+    let allocate_and_free = || -> anyhow::Result<()> {
+        drop(Tensor::ones((bytes / 4) as usize, DType::F32, &dev)?);
+        dev.synchronize()?;
+        Ok(())
+    };
+    allocate_and_free()?;
+    let kept = device_memory_reserved(&dev)?.unwrap();
+    assert!(
+        kept >= bytes,
+        "kept: the pool holds {kept} B after a {bytes} B tensor was freed (before: {start} B)"
+    );
+    keep_freed_memory(&dev, false)?;
+    allocate_and_free()?;
+    let released = device_memory_reserved(&dev)?.unwrap();
+    keep_freed_memory(&dev, true)?;
+    assert!(
+        released < bytes,
+        "released: the pool still holds {released} B after a synchronisation"
+    );
+    Ok(())
+}
+
 #[test]
 fn integration_tests_run_on_the_gpu_on_the_gpu_host() {
     // gpu-run.sh sets both variables on the GPU host: then every topic's tests must really run

@@ -84,6 +84,11 @@ pub struct TrainBenchArgs {
     /// `shared::add::add` (16 bytes per thread), to measure that.
     #[arg(long)]
     pub candle_gradient_sum: bool,
+    /// Hand freed device memory back to the driver at every synchronisation (the driver's
+    /// default) instead of keeping it in the pool (`shared::device::keep_freed_memory`), to
+    /// measure that.
+    #[arg(long)]
+    pub release_pool_memory: bool,
     /// The card's dense bf16 tensor-core peak in TFLOP/s, the denominator of the MFU (989.4:
     /// an H100 or H200 SXM).
     #[arg(long, default_value_t = 989.4)]
@@ -229,6 +234,9 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
     let kernels = kernel_args.resolve(t0809_flash_attention::fastest_kernels(&dev));
     candle_core::backprop::set_upstream_grad_accumulation(a.upstream_grad_accumulation);
     candle_core::backprop::set_upstream_matmul_grads(a.upstream_matmul_grads);
+    if a.release_pool_memory {
+        shared::device::keep_freed_memory(&dev, false)?;
+    }
     if a.candle_gradient_sum {
         candle_core::backprop::set_gradient_sum(None);
     }
@@ -292,7 +300,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
             mfu.map_or("–".into(), |m| format!("{:.1} %", 100.0 * m)),
         ]],
     );
-    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "upstream_matmul_grads": a.upstream_matmul_grads, "per_tensor_adamw": a.per_tensor_adamw, "candle_gradient_sum": a.candle_gradient_sum, "peak_tflops": a.peak_tflops, "params": n_params});
+    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "upstream_matmul_grads": a.upstream_matmul_grads, "per_tensor_adamw": a.per_tensor_adamw, "candle_gradient_sum": a.candle_gradient_sum, "release_pool_memory": a.release_pool_memory, "peak_tflops": a.peak_tflops, "params": n_params});
     let mut report = RunReport::start(
         crate::TOPIC,
         config,

@@ -88,7 +88,7 @@ pub fn run(common: &CommonArgs, a: &BenchArgs) -> Result<()> {
     };
     let ctx = common.setup(TOPIC, "bench: FlashAttention kernel vs naive attention")?;
     let dev = ctx.picked.device.clone();
-    keep_pool_cached(&dev, a);
+    keep_pool_cached(&dev, a)?;
     let causal_set = causal_set(&a.causal)?;
     let read = |p: &std::path::PathBuf| -> Result<serde_json::Value> {
         Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
@@ -130,20 +130,16 @@ fn bench_dtype(common: &CommonArgs, a: &BenchArgs) -> Result<DType> {
     })
 }
 
-/// Unless `--pool-release`, freed device memory stays in the CUDA pool between timed runs.
-fn keep_pool_cached(dev: &Device, a: &BenchArgs) {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(cd) = dev {
+/// Freed device memory stays in the CUDA pool between timed runs (`shared::device::open_cuda`
+/// sets that), unless `--pool-release` hands it back at every synchronisation.
+fn keep_pool_cached(dev: &Device, a: &BenchArgs) -> Result<()> {
+    if dev.is_cuda() {
+        shared::device::keep_freed_memory(dev, !a.pool_release)?;
         if !a.pool_release {
-            match pool::keep_cached(cd) {
-                Some(()) => {
-                    println!("   memory pool: freed memory stays cached (release threshold = max)")
-                }
-                None => println!("   memory pool: could not set the release threshold"),
-            }
+            println!("   memory pool: freed memory stays cached (release threshold = max)");
         }
     }
-    let _ = (dev, a);
+    Ok(())
 }
 
 /// `--causal`: both → `[false, true]`, causal → `[true]`, full → `[false]`.

@@ -1,6 +1,6 @@
 //! The device's current memory pool (Candle allocates with `cuMemAllocAsync`, from it): its
-//! high-water mark of bytes in use, for peak memory, and its release threshold, so that freed
-//! memory stays cached between timed runs.
+//! high-water mark of bytes in use, for peak memory (the release threshold, which keeps freed
+//! memory cached between timed runs, is `shared::device::keep_freed_memory`).
 
 use candle_core::cuda_backend::cudarc::driver::{result, sys};
 use candle_core::CudaDevice;
@@ -34,22 +34,6 @@ pub fn reset_peak(dev: &CudaDevice) -> Option<u64> {
         pool,
         sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
     )
-}
-
-/// Freed memory stays in the pool instead of going back to the driver at every
-/// synchronisation (release threshold = max), as PyTorch's caching allocator keeps it:
-/// otherwise each timed run pays for mapping its buffers afresh.
-pub fn keep_cached(dev: &CudaDevice) -> Option<()> {
-    let pool = handle(dev)?;
-    let mut max: u64 = u64::MAX;
-    unsafe {
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut max as *mut u64 as *mut _,
-        )
-    }
-    .ok()
 }
 
 /// The high-water mark of bytes in use since the last [`reset_peak`].
