@@ -64,13 +64,9 @@ extern "C" __global__ void adamw_gate(const float *sum_sq, const float *loss, do
 // Σ x² of a whole tensor into out[0] (f32, zeroed by the caller), for the gradient norm: each
 // thread sums its grid-stride share in f32, the warp and then the block reduce, and one atomic
 // add per block lands the block's sum.
-template <typename T>
-__device__ void sum_of_squares(const T *x, float *out, int64_t n) {
-  float s = 0.0f;
-  GRID_STRIDE(i, n) {
-    const float v = (float)to_f(x[i]);
-    s += v * v;
-  }
+// Adds the sum of every thread's s in the block to *out: the warp reduces by shuffles, the first
+// warp reduces the warps' sums, and one atomic add per block lands the block's sum.
+__device__ __forceinline__ void block_sum_into(float s, float *out) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   __shared__ float warp_sums[32];
@@ -83,6 +79,16 @@ __device__ void sum_of_squares(const T *x, float *out, int64_t n) {
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     if (lane == 0) atomicAdd(out, s);
   }
+}
+
+template <typename T>
+__device__ void sum_of_squares(const T *x, float *out, int64_t n) {
+  float s = 0.0f;
+  GRID_STRIDE(i, n) {
+    const float v = (float)to_f(x[i]);
+    s += v * v;
+  }
+  block_sum_into(s, out);
 }
 
 #define SUMSQ_KERNEL(T, NAME)                                                                        \
@@ -147,18 +153,7 @@ __device__ void sum_of_squares_multi(const uint64_t *table, int tensors, float *
     const float x = (float)to_f(g[t][i - start[t]]);
     s += x * x;
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  __shared__ float warp_sums[32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_sums[warp] = s;
-  __syncthreads();
-  if (warp == 0) {
-    s = lane < (int)(blockDim.x / 32) ? warp_sums[lane] : 0.0f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) atomicAdd(out, s);
-  }
+  block_sum_into(s, out);
 }
 
 #define MULTI_KERNELS(T, A, NAME)                                                                         \
