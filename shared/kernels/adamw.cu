@@ -108,6 +108,7 @@ SUMSQ_KERNEL(__half, f16)
 // table of the tensors in device memory (u64 words):
 //
 //   adamw_multi:           [θ ptrs | m ptrs | v ptrs | g ptrs | start (tensors + 1) | decay (f64 bits)]
+//   adamw_multi_master:    the same, then [copy ptrs]
 //   sum_of_squares_multi:  [g ptrs | start (tensors + 1)]
 //
 // where start[t] is the index of tensor t's first element in the concatenation of all of them and
@@ -116,16 +117,22 @@ SUMSQ_KERNEL(__half, f16)
 // arithmetic is the per-tensor kernels', rounding m and v before the update reads them, so both
 // paths store the same values.
 
-template <typename T, typename A>
+//
+// Mixed precision with master weights (adamw_multi_master): θ, m, v are the f32 master weights and
+// moments; the model computes with copies of θ in G (bf16 or f16), whose gradients g are in G too.
+// The kernel reads g in G and, after the update, writes θ rounded to G into the copy: the cast the
+// next forward pass would otherwise make, in the same pass.
+template <typename T, typename G, typename A, bool COPY>
 __device__ void adamw_multi(const uint64_t *table, int tensors, A lr, A beta1, A beta2, A eps, A bc1, A bc2,
                             const double *gate) {
   if (gate[1] == 0.0) return;
   T *const *theta = reinterpret_cast<T *const *>(table);
   T *const *m = reinterpret_cast<T *const *>(table + tensors);
   T *const *v = reinterpret_cast<T *const *>(table + 2 * tensors);
-  const T *const *g = reinterpret_cast<const T *const *>(table + 3 * tensors);
+  const G *const *g = reinterpret_cast<const G *const *>(table + 3 * tensors);
   const int64_t *start = reinterpret_cast<const int64_t *>(table + 4 * tensors);
   const double *decay = reinterpret_cast<const double *>(table + 5 * tensors + 1);
+  G *const *copy = reinterpret_cast<G *const *>(table + 6 * tensors + 1);
   const A scale = A(gate[0]);
   int t = 0;
   GRID_STRIDE(i, start[tensors]) {
@@ -138,7 +145,10 @@ __device__ void adamw_multi(const uint64_t *table, int tensors, A lr, A beta1, A
     m[t][j] = mj;
     v[t][j] = vj;
     const A step = (to_f(mj) / bc1) / (sqrt(to_f(vj) / bc2) + eps);
-    store(to_f(theta[t][j]) * (A(1) - lr * A(decay[t])) - lr * step, theta[t] + j);
+    T tj;
+    store(to_f(theta[t][j]) * (A(1) - lr * A(decay[t])) - lr * step, &tj);
+    theta[t][j] = tj;
+    if (COPY) store(to_f(tj), copy[t] + j);
   }
 }
 
@@ -159,7 +169,7 @@ __device__ void sum_of_squares_multi(const uint64_t *table, int tensors, float *
 #define MULTI_KERNELS(T, A, NAME)                                                                         \
   extern "C" __global__ void adamw_multi_##NAME(const uint64_t *table, int tensors, A lr, A beta1,      \
                                                 A beta2, A eps, A bc1, A bc2, const double *gate) {     \
-    adamw_multi<T, A>(table, tensors, lr, beta1, beta2, eps, bc1, bc2, gate);                            \
+    adamw_multi<T, T, A, false>(table, tensors, lr, beta1, beta2, eps, bc1, bc2, gate);                  \
   }                                                                                                       \
   extern "C" __global__ void sum_of_squares_multi_##NAME(const uint64_t *table, int tensors, float *out) { \
     sum_of_squares_multi<T>(table, tensors, out);                                                         \
@@ -169,3 +179,13 @@ MULTI_KERNELS(float, float, f32)
 MULTI_KERNELS(double, double, f64)
 MULTI_KERNELS(__nv_bfloat16, float, bf16)
 MULTI_KERNELS(__half, float, f16)
+
+#define MASTER_KERNEL(G, NAME)                                                                           \
+  extern "C" __global__ void adamw_multi_master_f32_##NAME(const uint64_t *table, int tensors, float lr, \
+                                                           float beta1, float beta2, float eps, float bc1, \
+                                                           float bc2, const double *gate) {              \
+    adamw_multi<float, G, float, true>(table, tensors, lr, beta1, beta2, eps, bc1, bc2, gate);            \
+  }
+
+MASTER_KERNEL(__nv_bfloat16, bf16)
+MASTER_KERNEL(__half, f16)

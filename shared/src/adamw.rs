@@ -71,6 +71,10 @@ pub fn update_parameter(
 
 /// One parameter tensor's share of [`update_all`]: the tensor, its gradient, its two moments and
 /// its weight decay `λ`.
+///
+/// With master weights (mixed precision), `theta`, `m` and `v` are f32 and the model computes with
+/// `copy`, a bf16 (or f16) copy of `theta` whose gradient `grad` is in that dtype too; the step
+/// reads the gradient as it is and writes the updated `theta`, rounded, into `copy`.
 #[derive(Debug, Clone, Copy)]
 pub struct Slot<'a> {
     pub theta: &'a Tensor,
@@ -78,6 +82,36 @@ pub struct Slot<'a> {
     pub m: &'a Tensor,
     pub v: &'a Tensor,
     pub weight_decay: f64,
+    pub copy: Option<&'a Tensor>,
+}
+
+/// The checks of one slot: moments like the parameter, the gradient of its shape in its dtype
+/// (or in the copy's), the copy contiguous and of its shape.
+fn check_slot(s: &Slot) -> Result<()> {
+    check(s.theta, s.m, "parameter")?;
+    check(s.theta, s.v, "parameter")?;
+    check(s.m, s.m, "moment")?;
+    check(s.v, s.v, "moment")?;
+    let grad_dtype = s.copy.map_or(s.theta.dtype(), |c| c.dtype());
+    if s.grad.dims() != s.theta.dims() || s.grad.dtype() != grad_dtype {
+        bail!(
+            "AdamW: gradient {:?} {:?} for a parameter {:?} {:?} (expected {grad_dtype:?})",
+            s.grad.dims(),
+            s.grad.dtype(),
+            s.theta.dims(),
+            s.theta.dtype()
+        );
+    }
+    if let Some(c) = s.copy {
+        if c.dims() != s.theta.dims() || !c.is_contiguous() {
+            bail!(
+                "AdamW: the compute copy {:?} of a parameter {:?} must have its shape and be contiguous",
+                c.dims(),
+                s.theta.dims()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The scalars of one AdamW step (`c₁ = 1 − β₁ᵗ`, `c₂ = 1 − β₂ᵗ` the bias corrections).
@@ -98,9 +132,7 @@ pub struct StepScalars {
 /// tensor by tensor.
 pub fn update_all(slots: &[Slot], step: &StepScalars, gate: &Tensor) -> Result<()> {
     for s in slots {
-        check(s.m, s.grad, "moment")?;
-        check(s.v, s.grad, "moment")?;
-        check(s.theta, s.m, "parameter")?;
+        check_slot(s)?;
         check_gate(gate, s.theta)?;
     }
     #[cfg(feature = "cuda")]
@@ -112,9 +144,14 @@ pub fn update_all(slots: &[Slot], step: &StepScalars, gate: &Tensor) -> Result<(
 
 /// One tensor's AdamW step as three passes: [`update_moment`] for `m` and `v`, then
 /// [`update_parameter`].
+///
+/// With a compute copy, the gradient is cast to the parameter's dtype first and the updated
+/// parameter is cast into the copy after (two more passes; [`update_all`] does both in its one).
 pub fn update_one(s: &Slot, step: &StepScalars, gate: &Tensor) -> Result<()> {
-    update_moment(s.m, s.grad, step.beta1, gate, false)?;
-    update_moment(s.v, s.grad, step.beta2, gate, true)?;
+    check_slot(s)?;
+    let grad = s.grad.to_dtype(s.theta.dtype())?;
+    update_moment(s.m, &grad, step.beta1, gate, false)?;
+    update_moment(s.v, &grad, step.beta2, gate, true)?;
     update_parameter(
         s.theta,
         s.m,
@@ -125,7 +162,13 @@ pub fn update_one(s: &Slot, step: &StepScalars, gate: &Tensor) -> Result<()> {
         step.bias_correction1,
         step.bias_correction2,
         gate,
-    )
+    )?;
+    match s.copy {
+        // In place: the copy is the model's parameter (a variable); a skipped step (`ok = 0`)
+        // left θ as it was, so the copy stays what it was too.
+        Some(c) => c.slice_set(&s.theta.to_dtype(c.dtype())?, 0, 0),
+        None => Ok(()),
+    }
 }
 
 /// `Σ x²` over every element of every tensor in `xs`, as an f32 scalar tensor on their device;
@@ -643,16 +686,127 @@ mod cuda {
     }
 
     pub fn update_all(slots: &[Slot], step: &StepScalars, gate: &Tensor) -> Result<()> {
+        // One launch per (parameter dtype, copy dtype): slots without a copy, then with one.
         for dtype in distinct(slots.iter().map(|s| s.theta.dtype())) {
-            let group: Vec<&Slot> = slots.iter().filter(|s| s.theta.dtype() == dtype).collect();
-            macro_rules! run {
-                ($t:ty, $a:ty) => {
-                    update_group::<$t, $a>(&group, step, gate, dtype)?
-                };
+            let group: Vec<&Slot> = slots
+                .iter()
+                .filter(|s| s.theta.dtype() == dtype && s.copy.is_none())
+                .collect();
+            if !group.is_empty() {
+                macro_rules! run {
+                    ($t:ty, $a:ty) => {
+                        update_group::<$t, $a>(&group, step, gate, dtype)?
+                    };
+                }
+                crate::for_float_dtype!(dtype, "AdamW multi-tensor (cuda)", run);
             }
-            crate::for_float_dtype!(dtype, "AdamW multi-tensor (cuda)", run);
+        }
+        let with_copy: Vec<&Slot> = slots.iter().filter(|s| s.copy.is_some()).collect();
+        for copy_dtype in distinct(with_copy.iter().filter_map(|s| s.copy.map(|c| c.dtype()))) {
+            let group: Vec<&Slot> = with_copy
+                .iter()
+                .copied()
+                .filter(|s| s.copy.is_some_and(|c| c.dtype() == copy_dtype))
+                .collect();
+            if group.iter().any(|s| s.theta.dtype() != DType::F32) {
+                bail!("AdamW (cuda): master weights must be f32");
+            }
+            match copy_dtype {
+                DType::BF16 => update_master_group::<half::bf16>(&group, step, gate, "bf16")?,
+                DType::F16 => update_master_group::<half::f16>(&group, step, gate, "f16")?,
+                dt => bail!("AdamW (cuda): compute copies in {dt:?} (bf16 or f16)"),
+            }
         }
         Ok(())
+    }
+
+    /// f32 master weights and moments, gradients and compute copies in `G`: one
+    /// `adamw_multi_master_f32_<g>` launch.
+    fn update_master_group<G: CudaDType + DeviceRepr>(
+        group: &[&Slot],
+        step: &StepScalars,
+        gate: &Tensor,
+        g_name: &str,
+    ) -> Result<()> {
+        let candle_core::Device::Cuda(dev) = group[0].theta.device() else {
+            bail!("AdamW (cuda): the parameters are not on the GPU");
+        };
+        let total: usize = group.iter().map(|s| s.theta.elem_count()).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let grads: Vec<Tensor> = group
+            .iter()
+            .map(|s| s.grad.contiguous())
+            .collect::<Result<_>>()?;
+        let f32s: Vec<&Tensor> = [
+            group.iter().map(|s| s.theta).collect::<Vec<_>>(),
+            group.iter().map(|s| s.m).collect(),
+            group.iter().map(|s| s.v).collect(),
+        ]
+        .concat();
+        let halves: Vec<&Tensor> = [
+            grads.iter().collect::<Vec<_>>(),
+            group.iter().filter_map(|s| s.copy).collect(),
+        ]
+        .concat();
+        let n_t = group.len();
+        let stream = dev.cuda_stream();
+        let (gate_storage, gate_l) = gate.storage_and_layout();
+        let candle_core::Storage::Cuda(gate_storage) = &*gate_storage else {
+            bail!("AdamW (cuda): the step gate is not on the GPU");
+        };
+        let (gate, _) = contiguous_view::<f64>(gate_storage, gate_l, "AdamW (cuda): step gate")?;
+        let func = load_kernel(
+            dev,
+            MODULE,
+            PTX,
+            &format!("adamw_multi_master_f32_{g_name}"),
+            0,
+        )?;
+        with_pointers::<f32>(&f32s, &stream, |wide| {
+            with_pointers::<G>(&halves, &stream, |narrow| {
+                // [θ | m | v] (f32), [g] (G), start (n_t + 1), decays, [copy] (G).
+                let mut table = wide;
+                table.extend_from_slice(&narrow[..n_t]);
+                let mut start = 0u64;
+                for s in group {
+                    table.push(start);
+                    start += s.theta.elem_count() as u64;
+                }
+                table.push(start);
+                table.extend(group.iter().map(|s| s.weight_decay.to_bits()));
+                table.extend_from_slice(&narrow[n_t..]);
+                let table = stream.clone_htod(&table).w()?;
+                let n_i = n_t as i32;
+                let [lr, b1, b2, eps, c1, c2] = [
+                    step.lr,
+                    step.beta1,
+                    step.beta2,
+                    step.eps,
+                    step.bias_correction1,
+                    step.bias_correction2,
+                ]
+                .map(|x| x as f32);
+                let mut builder = stream.launch_builder(&func);
+                builder
+                    .arg(&table)
+                    .arg(&n_i)
+                    .arg(&lr)
+                    .arg(&b1)
+                    .arg(&b2)
+                    .arg(&eps)
+                    .arg(&c1)
+                    .arg(&c2)
+                    .arg(&gate);
+                // SAFETY: argument types match the kernel; the table holds n_t f32 pointers to
+                // each of θ, m, v, n_t pointers in G to the gradients, the n_t + 1 starts, n_t
+                // decays and n_t pointers in G to the copies, every tensor contiguous and of
+                // its slot's length.
+                unsafe { builder.launch(config(total)) }.w()?;
+                Ok(())
+            })
+        })
     }
 
     fn update_group<T: CudaDType + DeviceRepr, A: Scalar>(

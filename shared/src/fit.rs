@@ -252,7 +252,7 @@ impl BestSoFar {
             self.best = Some((step, loss));
             self.parameters = trainer
                 .opt
-                .vars()
+                .parameters()
                 .iter()
                 .map(|(_, v)| v.as_tensor().copy())
                 .collect::<candle_core::Result<_>>()?;
@@ -265,9 +265,10 @@ impl BestSoFar {
 
     /// Puts the best evaluation's parameters back; returns its `(step, loss)`.
     fn restore(self, trainer: &Trainer) -> Result<Option<(usize, f64)>> {
-        for ((_, var), saved) in trainer.opt.vars().iter().zip(&self.parameters) {
+        for ((_, var), saved) in trainer.opt.parameters().iter().zip(&self.parameters) {
             var.set(saved)?;
         }
+        trainer.opt.refresh_copies()?;
         Ok(self.best)
     }
 }

@@ -59,13 +59,17 @@ pub fn sample_normal(n: usize, std: f64, bound: f64) -> Vec<f32> {
 }
 
 /// Creates (or loads) parameter `name` and, when it is a fresh variable, fills it with
-/// `values(element_count)` (a loaded parameter keeps its stored value).
+/// `values(element_count)` (a loaded parameter, or a variable the `VarMap` already holds, e.g.
+/// a compute copy of a master weight, keeps its value).
 fn fresh_param(
     vb: &VarBuilder,
     shape: Shape,
     name: &str,
     values: impl FnOnce(usize) -> Vec<f32>,
 ) -> Result<Tensor> {
+    if vb.contains_tensor(name) {
+        return vb.get_with_hints(shape, name, Init::Const(0.0));
+    }
     let t = vb.get_with_hints(shape.clone(), name, Init::Const(0.0))?;
     if !t.is_variable() {
         return Ok(t); // loaded from a checkpoint: keep the stored value

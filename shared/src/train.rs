@@ -45,6 +45,9 @@ pub struct AdamW {
     /// each tensor's `Σ g²` (`false`; on the CPU both are the same loops).
     pub multi_tensor: bool,
     vars: Vec<(String, Var)>,
+    /// With master weights ([`AdamW::with_master_weights`]): the f32 parameter of each variable
+    /// in `vars`, which are then the model's bf16/f16 copies.
+    masters: Option<Vec<Var>>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     /// Number of updates taken so far.
@@ -67,10 +70,91 @@ impl AdamW {
             config,
             multi_tensor: true,
             vars,
+            masters: None,
             m,
             v,
             t: 0,
         })
+    }
+
+    /// Mixed precision with master weights. `compute` holds the model's parameters in the compute
+    /// dtype (bf16 or f16, made by [`compute_copies`]); `masters` holds the same names in f32.
+    /// Gradients arrive for the compute copies, in their dtype; each step updates the f32 masters
+    /// and moments and writes the masters, rounded, back into the copies (one kernel on CUDA).
+    /// The model never casts a weight, and no gradient is cast.
+    pub fn with_master_weights(
+        compute: &VarMap,
+        masters: &VarMap,
+        config: AdamWConfig,
+    ) -> Result<Self> {
+        let vars = named_vars(compute);
+        let by_name: HashMap<String, Var> = named_vars(masters).into_iter().collect();
+        let mut master_vars = Vec::with_capacity(vars.len());
+        for (name, var) in &vars {
+            let master = by_name
+                .get(name)
+                .with_context(|| format!("no master weight for the parameter '{name}'"))?;
+            if master.dims() != var.dims() || master.dtype() != candle_core::DType::F32 {
+                anyhow::bail!(
+                    "master weight '{name}' is {:?} {:?}; expected f32 of the copy's shape {:?}",
+                    master.dims(),
+                    master.dtype(),
+                    var.dims()
+                );
+            }
+            master_vars.push(master.clone());
+        }
+        if by_name.len() != vars.len() {
+            anyhow::bail!(
+                "{} master weights for {} parameters",
+                by_name.len(),
+                vars.len()
+            );
+        }
+        let zeros = |v: &Var| v.as_tensor().zeros_like();
+        let m = master_vars
+            .iter()
+            .map(zeros)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = master_vars
+            .iter()
+            .map(zeros)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            config,
+            multi_tensor: true,
+            vars,
+            masters: Some(master_vars),
+            m,
+            v,
+            t: 0,
+        })
+    }
+
+    /// The parameters as the optimizer keeps them: the f32 masters with master weights, else the
+    /// variables themselves (what to save, restore and broadcast).
+    pub fn parameters(&self) -> Vec<(String, Var)> {
+        match &self.masters {
+            Some(masters) => self
+                .vars
+                .iter()
+                .zip(masters)
+                .map(|((name, _), m)| (name.clone(), m.clone()))
+                .collect(),
+            None => self.vars.clone(),
+        }
+    }
+
+    /// With master weights, writes each master, rounded, into its compute copy (after the
+    /// masters were set from outside: a checkpoint, a restored best, a broadcast). A no-op
+    /// without.
+    pub fn refresh_copies(&self) -> Result<()> {
+        if let Some(masters) = &self.masters {
+            for ((_, copy), master) in self.vars.iter().zip(masters) {
+                copy.set(&master.as_tensor().to_dtype(copy.dtype())?)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn vars(&self) -> &[(String, Var)] {
@@ -111,12 +195,14 @@ impl AdamW {
             .iter()
             .enumerate()
             .filter_map(|(i, (_, var))| {
+                let master = self.masters.as_ref().map(|m| m[i].as_tensor());
                 Some(crate::adamw::Slot {
-                    theta: var.as_tensor(),
+                    theta: master.unwrap_or(var.as_tensor()),
                     grad: grads.get(var.as_tensor())?,
                     m: &self.m[i],
                     v: &self.v[i],
                     weight_decay: if var.rank() >= 2 { c.weight_decay } else { 0.0 },
+                    copy: master.map(|_| var.as_tensor()),
                 })
             })
             .collect();
@@ -159,7 +245,7 @@ impl AdamW {
 
     /// Restores moments saved by [`AdamW::state_tensors`].
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, t: u64) -> Result<()> {
-        for (i, (name, var)) in self.vars.iter().enumerate() {
+        for (i, (name, var)) in self.parameters().iter().enumerate() {
             for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
                 let key = format!("{prefix}.{name}");
                 let saved = state
@@ -175,6 +261,22 @@ impl AdamW {
         self.t = t;
         Ok(())
     }
+}
+
+/// A `VarMap` of fresh variables holding `masters`' parameters in `dtype`, under the same names:
+/// the compute copies of [`AdamW::with_master_weights`]. Build the model on it (a `VarBuilder`
+/// returns the variables already present).
+pub fn compute_copies(masters: &VarMap, dtype: candle_core::DType) -> Result<VarMap> {
+    let copies = VarMap::new();
+    {
+        let mut data = copies.data().lock().expect("VarMap lock poisoned");
+        for (name, var) in named_vars(masters) {
+            // A copy in every case (`to_dtype` to the same dtype would return the variable).
+            let value = var.as_tensor().to_dtype(dtype)?.copy()?;
+            data.insert(name, Var::from_tensor(&value)?);
+        }
+    }
+    Ok(copies)
 }
 
 /// Learning rate at `step` (0-based): linear warm-up from 0 to `max_lr` over `warmup` steps,
@@ -306,6 +408,21 @@ impl Trainer {
     pub fn new(varmap: &VarMap, adamw: AdamWConfig, schedule: ScheduleConfig) -> Result<Self> {
         Ok(Self {
             opt: AdamW::new(varmap, adamw)?,
+            schedule,
+            step: 0,
+        })
+    }
+
+    /// A trainer whose optimizer keeps f32 master weights for a model built on their compute
+    /// copies ([`AdamW::with_master_weights`]).
+    pub fn with_master_weights(
+        compute: &VarMap,
+        masters: &VarMap,
+        adamw: AdamWConfig,
+        schedule: ScheduleConfig,
+    ) -> Result<Self> {
+        Ok(Self {
+            opt: AdamW::with_master_weights(compute, masters, adamw)?,
             schedule,
             step: 0,
         })
@@ -477,6 +594,7 @@ impl Trainer {
             .unwrap_or(candle_core::Device::Cpu);
         let loaded = crate::checkpoint::load(&folder, &device)?;
         crate::params::set_params(varmap, &loaded.model, &folder.join("model.safetensors"))?;
+        self.opt.refresh_copies()?;
         let adam_t = loaded.state["adam_t"]
             .as_u64()
             .context("state.json has no adam_t")?;

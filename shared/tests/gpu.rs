@@ -342,6 +342,7 @@ fn multi_tensor_adamw_equals_the_per_tensor_kernels() -> anyhow::Result<()> {
                 m,
                 v,
                 weight_decay: if i.is_multiple_of(3) { 0.0 } else { 0.1 },
+                copy: None,
             })
             .collect()
     }
@@ -399,6 +400,100 @@ fn multi_tensor_adamw_equals_the_per_tensor_kernels() -> anyhow::Result<()> {
         .to_scalar::<f32>()? as f64;
     assert!((got - want).abs() <= 1e-5 * want, "Σg² {got} vs {want}");
     assert!(shared::adamw::sum_of_squares_all(&[])?.is_none());
+    Ok(())
+}
+
+/// Master weights in the multi-tensor step (on the GPU `adamw_multi_master`: f32 θ, m, v, the
+/// gradient and the compute copy in bf16 or f16) store what the per-tensor path stores (the
+/// gradient cast to f32, three passes, the copy cast from θ), and the copy is θ rounded.
+#[test]
+fn multi_tensor_adamw_with_master_weights_equals_the_per_tensor_path() -> anyhow::Result<()> {
+    use shared::adamw::{update_all, update_one, Slot, StepScalars};
+    let dev = shared::device::test_device();
+    let sizes = [1000usize, 3, 70_001];
+    let half = |i: usize| if i == 1 { DType::F16 } else { DType::BF16 };
+    // (θ, g, m, v, copy)
+    let make = || -> candle_core::Result<Vec<[Tensor; 5]>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let theta = filled(n, i, -0.5, DType::F32, &dev)?;
+                Ok([
+                    theta.clone(),
+                    filled(n, i + 10, -0.5, half(i), &dev)?,
+                    filled(n, i + 20, -0.5, DType::F32, &dev)?.affine(0.1, 0.0)?,
+                    filled(n, i + 30, 0.0, DType::F32, &dev)?.affine(0.01, 0.0)?,
+                    theta.to_dtype(half(i))?.copy()?,
+                ])
+            })
+            .collect()
+    };
+    let (multi, single) = (make()?, make()?);
+    let gate = shared::adamw::host_gate(0.5, &dev)?;
+    fn slots(set: &[[Tensor; 5]]) -> Vec<Slot<'_>> {
+        set.iter()
+            .map(|[theta, grad, m, v, copy]| Slot {
+                theta,
+                grad,
+                m,
+                v,
+                weight_decay: 0.1,
+                copy: Some(copy),
+            })
+            .collect()
+    }
+    for t in 1..=2 {
+        let step = StepScalars {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            bias_correction1: 1.0 - 0.9f64.powi(t),
+            bias_correction2: 1.0 - 0.95f64.powi(t),
+        };
+        update_all(&slots(&multi), &step, &gate)?;
+        for s in slots(&single) {
+            update_one(&s, &step, &gate)?;
+        }
+    }
+    let f32s = |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.to_dtype(DType::F32)?.to_vec1() };
+    for (i, (a, b)) in multi.iter().zip(&single).enumerate() {
+        for k in [0usize, 2, 3] {
+            for (p, q) in f32s(&a[k])?.iter().zip(&f32s(&b[k])?) {
+                assert!(
+                    (p - q).abs() <= 1e-6 * (q.abs() + 1e-2),
+                    "tensor {i}, part {k}: {p} vs {q}"
+                );
+            }
+        }
+        // The copy is θ rounded to the half type.
+        assert_eq!(
+            f32s(&a[4])?,
+            f32s(&a[0].to_dtype(half(i))?)?,
+            "tensor {i}: copy"
+        );
+    }
+    // A gradient in the parameter's dtype where a copy is given is refused, before any update.
+    let bad = &multi[0];
+    let err = update_all(
+        &[Slot {
+            grad: &bad[0],
+            ..slots(&multi)[0]
+        }],
+        &StepScalars {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            bias_correction1: 0.1,
+            bias_correction2: 0.05,
+        },
+        &gate,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("gradient"), "{err}");
     Ok(())
 }
 

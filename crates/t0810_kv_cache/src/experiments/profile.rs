@@ -6,10 +6,9 @@
 
 use anyhow::{Context, Result};
 use candle_core::Device;
-use candle_nn::VarMap;
 use shared::batching::LmBatcher;
 use shared::report::print_table;
-use shared::train::{AdamW, AdamWConfig};
+use shared::train::AdamW;
 use std::time::Instant;
 use t0804_transformer_block::DecoderOnlyLm;
 
@@ -65,18 +64,15 @@ fn median_ms(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2] * 1e3
 }
 
-/// Profiles `steps` steps of `lm` (AdamW on `varmap`, clipping at 1) and prints the medians.
+/// Profiles `steps` steps of `lm` (updated by `opt`, clipping at 1) and prints the medians.
 pub fn profile_phases(
-    varmap: &VarMap,
+    mut opt: AdamW,
     lm: &DecoderOnlyLm,
     batcher: &LmBatcher,
     tokens: &[u32],
     steps: usize,
-    multi_tensor: bool,
     dev: &Device,
 ) -> Result<Phases> {
-    let mut opt = AdamW::new(varmap, AdamWConfig::default())?;
-    opt.multi_tensor = multi_tensor;
     let mut samples: Vec<[(f64, f64); 4]> = Vec::new();
     shared::device::reset_device_memory_peak(dev)?;
     println!(

@@ -27,7 +27,7 @@ use shared::cli::CommonArgs;
 use shared::kernels::{AttentionImpl, KernelArgs, Kernels};
 use shared::params::count_params;
 use shared::report::{print_table, RunReport};
-use shared::train::{human_rate, AdamWConfig, Progress, ScheduleConfig, Trainer};
+use shared::train::{human_rate, AdamW, AdamWConfig, Progress, ScheduleConfig, Trainer};
 use std::time::Instant;
 use t0804_transformer_block::{DecoderOnlyLm, LmConfig, LmShape};
 
@@ -89,6 +89,11 @@ pub struct TrainBenchArgs {
     /// measure that.
     #[arg(long)]
     pub release_pool_memory: bool,
+    /// In bf16-mixed, cast each f32 weight to bf16 where it is used (and each gradient back)
+    /// instead of keeping bf16 copies that AdamW refreshes from the f32 master weights, to
+    /// measure that.
+    #[arg(long)]
+    pub cast_weights: bool,
     /// The card's dense bf16 tensor-core peak in TFLOP/s, the denominator of the MFU (989.4:
     /// an H100 or H200 SXM).
     #[arg(long, default_value_t = 989.4)]
@@ -159,6 +164,8 @@ fn synchronous_step(trainer: &mut Trainer, loss: &Tensor) -> Result<()> {
 /// The bench's model, data and step budget.
 struct Bench<'a> {
     varmap: VarMap,
+    /// With master weights: the model's bf16 copies of `varmap`'s f32 parameters.
+    compute: Option<VarMap>,
     lm: DecoderOnlyLm,
     batcher: LmBatcher,
     /// A fixed pseudo-random token stream, four batches long.
@@ -179,7 +186,12 @@ fn timed_steps(b: &Bench, dev: &Device) -> Result<f64> {
         total_steps: total,
         clip_norm: Some(1.0),
     };
-    let mut trainer = Trainer::new(&b.varmap, AdamWConfig::default(), sched)?;
+    let mut trainer = match &b.compute {
+        Some(compute) => {
+            Trainer::with_master_weights(compute, &b.varmap, AdamWConfig::default(), sched)?
+        }
+        None => Trainer::new(&b.varmap, AdamWConfig::default(), sched)?,
+    };
     trainer.opt.multi_tensor = !b.args.per_tensor_adamw;
     let mut elapsed = 0.0;
     let mut progress = Progress::new(total as u64, "bench");
@@ -208,15 +220,12 @@ fn timed_steps(b: &Bench, dev: &Device) -> Result<f64> {
 
 /// Adds the per-phase medians of `--profile` to the report.
 fn record_profile(b: &Bench, dev: &Device, report: &mut RunReport) -> Result<()> {
-    let phases = profile_phases(
-        &b.varmap,
-        &b.lm,
-        &b.batcher,
-        &b.tokens,
-        b.steps,
-        !b.args.per_tensor_adamw,
-        dev,
-    )?;
+    let mut opt = match &b.compute {
+        Some(compute) => AdamW::with_master_weights(compute, &b.varmap, AdamWConfig::default())?,
+        None => AdamW::new(&b.varmap, AdamWConfig::default())?,
+    };
+    opt.multi_tensor = !b.args.per_tensor_adamw;
+    let phases = profile_phases(opt, &b.lm, &b.batcher, &b.tokens, b.steps, dev)?;
     for p in &phases.phases {
         report.metric(&format!("profile.{}.host_ms", p.name), p.host_ms);
         report.metric(&format!("profile.{}.total_ms", p.name), p.total_ms);
@@ -247,7 +256,21 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
         dtype,
         &dev,
     )?;
-    let lm = lm.with_compute_dtype(ctx.compute_dtype);
+    // Mixed precision: the model computes with bf16 copies of the f32 parameters, which AdamW
+    // keeps in step with its f32 master weights (or, with --cast-weights, casts every weight
+    // where it is used).
+    let mixed = ctx.compute_dtype != dtype;
+    let (compute, lm) = if mixed && !a.cast_weights {
+        let compute = shared::train::compute_copies(&varmap, ctx.compute_dtype)?;
+        let lm = t0804_transformer_block::build_lm(
+            candle_nn::VarBuilder::from_varmap(&compute, ctx.compute_dtype, &dev),
+            &cfg,
+            &t0809_flash_attention::parts(kernels),
+        )?;
+        (Some(compute), lm)
+    } else {
+        (None, lm.with_compute_dtype(ctx.compute_dtype))
+    };
     describe_attention(&kernels, &cfg, dtype, &dev);
     let (steps, warmup) = if common.quick {
         (2, 1)
@@ -259,6 +282,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
         .collect();
     let bench = Bench {
         varmap,
+        compute,
         lm,
         batcher: LmBatcher::new(a.batch, a.ctx, common.seed),
         tokens,
@@ -300,7 +324,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
             mfu.map_or("–".into(), |m| format!("{:.1} %", 100.0 * m)),
         ]],
     );
-    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "upstream_matmul_grads": a.upstream_matmul_grads, "per_tensor_adamw": a.per_tensor_adamw, "candle_gradient_sum": a.candle_gradient_sum, "release_pool_memory": a.release_pool_memory, "peak_tflops": a.peak_tflops, "params": n_params});
+    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "upstream_matmul_grads": a.upstream_matmul_grads, "per_tensor_adamw": a.per_tensor_adamw, "candle_gradient_sum": a.candle_gradient_sum, "release_pool_memory": a.release_pool_memory, "cast_weights": a.cast_weights, "peak_tflops": a.peak_tflops, "params": n_params});
     let mut report = RunReport::start(
         crate::TOPIC,
         config,

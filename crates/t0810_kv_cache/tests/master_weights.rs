@@ -1,0 +1,119 @@
+//! Mixed precision two ways, the same training: the ladder's LLaMA rung in bf16 over f32
+//! parameters, (a) casting every f32 weight where it is used (`with_compute_dtype`), and (b)
+//! built on bf16 copies that AdamW refreshes from its f32 master weights
+//! (`Trainer::with_master_weights`), from the same initial weights, on the same batches. The
+//! masters of (b) end where the parameters of (a) end (bit for bit on the CPU, where both update
+//! with the same per-tensor loops; within f32 rounding on the GPU, where (b) is one kernel), and
+//! each copy is its master rounded to bf16.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use shared::params::named_vars;
+use shared::train::{compute_copies, AdamWConfig, ScheduleConfig, Trainer};
+use t0804_transformer_block::{build_lm, init_lm, LmShape};
+
+const SHAPE: LmShape = LmShape {
+    vocab_size: 61,
+    max_seq_len: 16,
+    d_model: 32,
+    n_layers: 2,
+    n_heads: 4,
+};
+
+fn schedule() -> ScheduleConfig {
+    ScheduleConfig {
+        max_lr: 3e-3,
+        min_lr: 3e-4,
+        warmup_steps: 1,
+        total_steps: 4,
+        clip_norm: Some(0.5),
+    }
+}
+
+fn flat(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
+
+#[test]
+fn master_weights_train_as_casting_every_weight() -> Result<()> {
+    let dev = shared::device::test_device();
+    let cfg = t0808_rope::llama(SHAPE, 2);
+    let kernels = shared::kernels::Kernels::for_device(&dev);
+    let parts = t0809_flash_attention::parts(kernels);
+    shared::params::set_seed(11);
+    let (cast_params, lm) = init_lm(&cfg, &parts, DType::F32, &dev)?;
+    let cast_lm = lm.with_compute_dtype(DType::BF16);
+    // (b) starts from the same values: f32 masters copied from (a), bf16 copies of those.
+    let masters = compute_copies(&cast_params, DType::F32)?;
+    let copies = compute_copies(&masters, DType::BF16)?;
+    let copy_lm = build_lm(
+        candle_nn::VarBuilder::from_varmap(&copies, DType::BF16, &dev),
+        &cfg,
+        &parts,
+    )?;
+    let mut cast = Trainer::new(&cast_params, AdamWConfig::default(), schedule())?;
+    let mut master =
+        Trainer::with_master_weights(&copies, &masters, AdamWConfig::default(), schedule())?;
+    for step in 0..4u32 {
+        let ids: Vec<u32> = (0..4 * 9).map(|i| (i * 7 + step * 13) % 61).collect();
+        let batch = Tensor::from_vec(ids, (4, 9), &dev)?;
+        let (x, y) = (batch.narrow(1, 0, 8)?, batch.narrow(1, 1, 8)?);
+        let a = cast.step(&cast_lm.loss(&x, &y)?)?;
+        let b = master.step(&copy_lm.loss(&x, &y)?)?;
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-6 * a.loss.abs(),
+            "step {step}: loss {} with casts, {} with master weights",
+            a.loss,
+            b.loss
+        );
+    }
+    let exact = dev.is_cpu();
+    for ((name, a), (_, b)) in named_vars(&cast_params).iter().zip(named_vars(&masters)) {
+        let (a, b) = (flat(a.as_tensor())?, flat(b.as_tensor())?);
+        if exact {
+            assert_eq!(
+                a, b,
+                "{name}: master weights differ from the cast path's parameters"
+            );
+        } else {
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * (x.abs() + 1e-2),
+                    "{name}: {x} vs {y}"
+                );
+            }
+        }
+    }
+    for ((name, copy), (_, m)) in named_vars(&copies).iter().zip(named_vars(&masters)) {
+        assert_eq!(copy.dtype(), DType::BF16);
+        assert_eq!(
+            flat(copy.as_tensor())?,
+            flat(&m.as_tensor().to_dtype(DType::BF16)?)?,
+            "{name}: the copy is not its master rounded to bf16"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn master_weights_need_every_parameter_in_f32() -> Result<()> {
+    let dev = candle_core::Device::Cpu;
+    let cfg = t0808_rope::llama(SHAPE, 2);
+    let parts = t0809_flash_attention::parts(shared::kernels::Kernels::fused());
+    let (params, _) = init_lm(&cfg, &parts, DType::F32, &dev)?;
+    let copies = compute_copies(&params, DType::BF16)?;
+    // Masters in bf16: refused.
+    let err = Trainer::with_master_weights(&copies, &copies, AdamWConfig::default(), schedule())
+        .err()
+        .expect("bf16 masters refused");
+    assert!(err.to_string().contains("expected f32"), "{err}");
+    // A missing master: refused with its name.
+    let fewer = compute_copies(&params, DType::F32)?;
+    let first = named_vars(&fewer)[0].0.clone();
+    fewer.data().lock().unwrap().remove(&first);
+    let err = Trainer::with_master_weights(&copies, &fewer, AdamWConfig::default(), schedule())
+        .err()
+        .expect("a missing master refused");
+    assert!(err.to_string().contains(&first), "{err}");
+    Ok(())
+}
