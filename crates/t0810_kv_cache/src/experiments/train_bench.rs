@@ -236,41 +236,52 @@ fn record_profile(b: &Bench, dev: &Device, report: &mut RunReport) -> Result<()>
     Ok(())
 }
 
+/// The process-wide A/B switches (each turns one optimisation off, to measure it).
+fn set_switches(a: &TrainBenchArgs, dev: &Device) -> Result<()> {
+    candle_core::backprop::set_upstream_grad_accumulation(a.upstream_grad_accumulation);
+    candle_core::backprop::set_upstream_matmul_grads(a.upstream_matmul_grads);
+    if a.release_pool_memory {
+        shared::device::keep_freed_memory(dev, false)?;
+    }
+    if a.candle_gradient_sum {
+        candle_core::backprop::set_gradient_sum(None);
+    }
+    Ok(())
+}
+
+/// The model and its parameters: `(parameters in dtype, compute copies, model)`. In mixed
+/// precision the model computes with bf16 copies of the f32 parameters, which AdamW keeps in step
+/// with its f32 master weights (or, with `--cast-weights`, casts every weight where it is used).
+fn model(
+    cfg: &LmConfig,
+    kernels: Kernels,
+    dtype: DType,
+    compute_dtype: DType,
+    a: &TrainBenchArgs,
+    dev: &Device,
+) -> Result<(VarMap, Option<VarMap>, DecoderOnlyLm)> {
+    let parts = t0809_flash_attention::parts(kernels);
+    let (varmap, lm) = t0804_transformer_block::init_lm(cfg, &parts, dtype, dev)?;
+    if compute_dtype == dtype || a.cast_weights {
+        return Ok((varmap, None, lm.with_compute_dtype(compute_dtype)));
+    }
+    let compute = shared::train::compute_copies(&varmap, compute_dtype)?;
+    let lm = t0804_transformer_block::build_lm(
+        candle_nn::VarBuilder::from_varmap(&compute, compute_dtype, dev),
+        cfg,
+        &parts,
+    )?;
+    Ok((varmap, Some(compute), lm))
+}
+
 /// The `train-bench` command.
 pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) -> Result<()> {
     let ctx = common.setup_mixed(crate::TOPIC, "train-bench: LLaMA-recipe training tokens/s")?;
     let (dev, dtype) = (ctx.picked.device.clone(), ctx.dtype);
     let kernels = kernel_args.resolve(t0809_flash_attention::fastest_kernels(&dev));
-    candle_core::backprop::set_upstream_grad_accumulation(a.upstream_grad_accumulation);
-    candle_core::backprop::set_upstream_matmul_grads(a.upstream_matmul_grads);
-    if a.release_pool_memory {
-        shared::device::keep_freed_memory(&dev, false)?;
-    }
-    if a.candle_gradient_sum {
-        candle_core::backprop::set_gradient_sum(None);
-    }
+    set_switches(a, &dev)?;
     let cfg = config(a);
-    let (varmap, lm) = t0804_transformer_block::init_lm(
-        &cfg,
-        &t0809_flash_attention::parts(kernels),
-        dtype,
-        &dev,
-    )?;
-    // Mixed precision: the model computes with bf16 copies of the f32 parameters, which AdamW
-    // keeps in step with its f32 master weights (or, with --cast-weights, casts every weight
-    // where it is used).
-    let mixed = ctx.compute_dtype != dtype;
-    let (compute, lm) = if mixed && !a.cast_weights {
-        let compute = shared::train::compute_copies(&varmap, ctx.compute_dtype)?;
-        let lm = t0804_transformer_block::build_lm(
-            candle_nn::VarBuilder::from_varmap(&compute, ctx.compute_dtype, &dev),
-            &cfg,
-            &t0809_flash_attention::parts(kernels),
-        )?;
-        (Some(compute), lm)
-    } else {
-        (None, lm.with_compute_dtype(ctx.compute_dtype))
-    };
+    let (varmap, compute, lm) = model(&cfg, kernels, dtype, ctx.compute_dtype, a, &dev)?;
     describe_attention(&kernels, &cfg, dtype, &dev);
     let (steps, warmup) = if common.quick {
         (2, 1)
