@@ -152,8 +152,28 @@ __device__ void adamw_multi(const uint64_t *table, int tensors, A lr, A beta1, A
   }
 }
 
+// The block's sum of every thread's s, valid in thread 0 (a fixed order of additions).
+__device__ __forceinline__ float block_sum(float s) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  __shared__ float warp_sums[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = s;
+  __syncthreads();
+  s = 0.0f;
+  if (warp == 0) {
+    s = lane < (int)(blockDim.x / 32) ? warp_sums[lane] : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  }
+  return s;
+}
+
+// Σ g² over every tensor of the table, deterministically (the clipping factor, and so the whole
+// training run, must not depend on the order in which blocks finish): each block writes its
+// partial sum to partials[block]; sum_partials then adds the partials in a fixed order.
 template <typename T>
-__device__ void sum_of_squares_multi(const uint64_t *table, int tensors, float *out) {
+__device__ void sum_of_squares_multi(const uint64_t *table, int tensors, float *partials) {
   const T *const *g = reinterpret_cast<const T *const *>(table);
   const int64_t *start = reinterpret_cast<const int64_t *>(table + tensors);
   float s = 0.0f;
@@ -163,7 +183,16 @@ __device__ void sum_of_squares_multi(const uint64_t *table, int tensors, float *
     const float x = (float)to_f(g[t][i - start[t]]);
     s += x * x;
   }
-  block_sum_into(s, out);
+  s = block_sum(s);
+  if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+// *out += Σ partials[0..n), one block, in a fixed order.
+extern "C" __global__ void sum_partials(const float *partials, int n, float *out) {
+  float s = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s += partials[i];
+  s = block_sum(s);
+  if (threadIdx.x == 0) *out += s;
 }
 
 #define MULTI_KERNELS(T, A, NAME)                                                                         \
@@ -171,8 +200,9 @@ __device__ void sum_of_squares_multi(const uint64_t *table, int tensors, float *
                                                 A beta2, A eps, A bc1, A bc2, const double *gate) {     \
     adamw_multi<T, T, A, false>(table, tensors, lr, beta1, beta2, eps, bc1, bc2, gate);                  \
   }                                                                                                       \
-  extern "C" __global__ void sum_of_squares_multi_##NAME(const uint64_t *table, int tensors, float *out) { \
-    sum_of_squares_multi<T>(table, tensors, out);                                                         \
+  extern "C" __global__ void sum_of_squares_multi_##NAME(const uint64_t *table, int tensors,              \
+                                                         float *partials) {                              \
+    sum_of_squares_multi<T>(table, tensors, partials);                                                    \
   }
 
 MULTI_KERNELS(float, float, f32)

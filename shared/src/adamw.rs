@@ -172,8 +172,9 @@ pub fn update_one(s: &Slot, step: &StepScalars, gate: &Tensor) -> Result<()> {
 }
 
 /// `Σ x²` over every element of every tensor in `xs`, as an f32 scalar tensor on their device;
-/// `None` for no tensors. On CUDA one kernel per dtype reads all of them (`sum_of_squares_multi`);
-/// elsewhere [`sum_of_squares`] per tensor, then their sum.
+/// `None` for no tensors. On CUDA one kernel per dtype reads all of them (`sum_of_squares_multi`,
+/// then `sum_partials`: deterministic, the same total in every run); elsewhere
+/// [`sum_of_squares`] per tensor, then their sum.
 pub fn sum_of_squares_all(xs: &[&Tensor]) -> Result<Option<Tensor>> {
     let Some(first) = xs.first() else {
         return Ok(None);
@@ -906,8 +907,13 @@ mod cuda {
                 &format!("sum_of_squares_multi_{}", suffix(dtype)?),
                 0,
             )?;
+            // One partial sum per block, then one block adds them in a fixed order: the same
+            // total every run (atomic adds would depend on the order blocks finish in).
             let mut cfg = config(total);
-            cfg.grid_dim.0 = cfg.grid_dim.0.min(132 * 4); // one atomic add per block
+            cfg.grid_dim.0 = cfg.grid_dim.0.min(132 * 4);
+            let blocks = cfg.grid_dim.0 as usize;
+            // SAFETY: every block writes its partial before sum_partials reads them.
+            let mut partials = unsafe { dev.alloc::<f32>(blocks)? };
             macro_rules! run {
                 ($t:ty, $a:ty) => {
                     with_pointers::<$t>(&group, &stream, |mut table| {
@@ -920,15 +926,26 @@ mod cuda {
                         let table = stream.clone_htod(&table).w()?;
                         let n_i = group.len() as i32;
                         let mut builder = stream.launch_builder(&func);
-                        builder.arg(&table).arg(&n_i).arg(&mut out);
+                        builder.arg(&table).arg(&n_i).arg(&mut partials);
                         // SAFETY: argument types match the kernel; the table holds the tensors'
-                        // pointers and their n + 1 starts; out holds one float.
+                        // pointers and their n + 1 starts; partials holds one float per block.
                         unsafe { builder.launch(cfg) }.w()?;
                         Ok(())
                     })?
                 };
             }
             crate::for_float_dtype!(dtype, "sum of squares (cuda)", run);
+            let add = load_kernel(dev, MODULE, PTX, "sum_partials", 0)?;
+            let n_blocks = blocks as i32;
+            let mut builder = stream.launch_builder(&add);
+            builder.arg(&partials).arg(&n_blocks).arg(&mut out);
+            let one_block = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: partials holds n_blocks floats, out one.
+            unsafe { builder.launch(one_block) }.w()?;
         }
         Ok(Tensor::from_storage(
             candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone())),

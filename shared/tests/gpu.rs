@@ -399,6 +399,13 @@ fn multi_tensor_adamw_equals_the_per_tensor_kernels() -> anyhow::Result<()> {
         .expect("a sum for six tensors")
         .to_scalar::<f32>()? as f64;
     assert!((got - want).abs() <= 1e-5 * want, "Σg² {got} vs {want}");
+    // The same total bit for bit, every time (a resumed run must clip exactly as the original).
+    for _ in 0..20 {
+        let again = shared::adamw::sum_of_squares_all(&grads)?
+            .expect("a sum")
+            .to_scalar::<f32>()? as f64;
+        assert_eq!(again, got, "Σg² changed between two identical calls");
+    }
     assert!(shared::adamw::sum_of_squares_all(&[])?.is_none());
     Ok(())
 }
