@@ -64,21 +64,27 @@ extern "C" __global__ void adamw_gate(const float *sum_sq, const float *loss, do
 // Σ x² of a whole tensor into out[0] (f32, zeroed by the caller), for the gradient norm: each
 // thread sums its grid-stride share in f32, the warp and then the block reduce, and one atomic
 // add per block lands the block's sum.
-// Adds the sum of every thread's s in the block to *out: the warp reduces by shuffles, the first
-// warp reduces the warps' sums, and one atomic add per block lands the block's sum.
-__device__ __forceinline__ void block_sum_into(float s, float *out) {
+// The block's sum of every thread's s, valid in thread 0 (a fixed order of additions).
+__device__ __forceinline__ float block_sum(float s) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   __shared__ float warp_sums[32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_sums[warp] = s;
   __syncthreads();
+  s = 0.0f;
   if (warp == 0) {
     s = lane < (int)(blockDim.x / 32) ? warp_sums[lane] : 0.0f;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) atomicAdd(out, s);
   }
+  return s;
+}
+
+// Adds the block's sum of every thread's s to *out with one atomic add.
+__device__ __forceinline__ void block_sum_into(float s, float *out) {
+  s = block_sum(s);
+  if (threadIdx.x == 0) atomicAdd(out, s);
 }
 
 template <typename T>
@@ -150,23 +156,6 @@ __device__ void adamw_multi(const uint64_t *table, int tensors, A lr, A beta1, A
     theta[t][j] = tj;
     if (COPY) store(to_f(tj), copy[t] + j);
   }
-}
-
-// The block's sum of every thread's s, valid in thread 0 (a fixed order of additions).
-__device__ __forceinline__ float block_sum(float s) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  __shared__ float warp_sums[32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_sums[warp] = s;
-  __syncthreads();
-  s = 0.0f;
-  if (warp == 0) {
-    s = lane < (int)(blockDim.x / 32) ? warp_sums[lane] : 0.0f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  }
-  return s;
 }
 
 // Σ g² over every tensor of the table, deterministically (the clipping factor, and so the whole

@@ -694,9 +694,10 @@ mod cuda {
                 .filter(|s| s.theta.dtype() == dtype && s.copy.is_none())
                 .collect();
             if !group.is_empty() {
+                let kernel = format!("adamw_multi_{}", suffix(dtype)?);
                 macro_rules! run {
                     ($t:ty, $a:ty) => {
-                        update_group::<$t, $a>(&group, step, gate, dtype)?
+                        launch_multi::<$t, $t, $a>(&kernel, &group, step, gate)?
                     };
                 }
                 crate::for_float_dtype!(dtype, "AdamW multi-tensor (cuda)", run);
@@ -713,21 +714,32 @@ mod cuda {
                 bail!("AdamW (cuda): master weights must be f32");
             }
             match copy_dtype {
-                DType::BF16 => update_master_group::<half::bf16>(&group, step, gate, "bf16")?,
-                DType::F16 => update_master_group::<half::f16>(&group, step, gate, "f16")?,
+                DType::BF16 => launch_multi::<f32, half::bf16, f32>(
+                    "adamw_multi_master_f32_bf16",
+                    &group,
+                    step,
+                    gate,
+                )?,
+                DType::F16 => launch_multi::<f32, half::f16, f32>(
+                    "adamw_multi_master_f32_f16",
+                    &group,
+                    step,
+                    gate,
+                )?,
                 dt => bail!("AdamW (cuda): compute copies in {dt:?} (bf16 or f16)"),
             }
         }
         Ok(())
     }
 
-    /// f32 master weights and moments, gradients and compute copies in `G`: one
-    /// `adamw_multi_master_f32_<g>` launch.
-    fn update_master_group<G: CudaDType + DeviceRepr>(
+    /// One launch of `kernel` for `group`: `θ, m, v` in `T`, the gradients in `G` (the compute
+    /// copies' dtype with master weights, else `T`), the step's scalars in `A`. The table is
+    /// `[θ | m | v]`, `[g]`, the starts, the decays, then (with master weights) `[copy]`.
+    fn launch_multi<T: CudaDType + DeviceRepr, G: CudaDType + DeviceRepr, A: Scalar>(
+        kernel: &str,
         group: &[&Slot],
         step: &StepScalars,
         gate: &Tensor,
-        g_name: &str,
     ) -> Result<()> {
         let candle_core::Device::Cuda(dev) = group[0].theta.device() else {
             bail!("AdamW (cuda): the parameters are not on the GPU");
@@ -740,13 +752,13 @@ mod cuda {
             .iter()
             .map(|s| s.grad.contiguous())
             .collect::<Result<_>>()?;
-        let f32s: Vec<&Tensor> = [
+        let wide: Vec<&Tensor> = [
             group.iter().map(|s| s.theta).collect::<Vec<_>>(),
             group.iter().map(|s| s.m).collect(),
             group.iter().map(|s| s.v).collect(),
         ]
         .concat();
-        let halves: Vec<&Tensor> = [
+        let narrow: Vec<&Tensor> = [
             grads.iter().collect::<Vec<_>>(),
             group.iter().filter_map(|s| s.copy).collect(),
         ]
@@ -758,17 +770,9 @@ mod cuda {
             bail!("AdamW (cuda): the step gate is not on the GPU");
         };
         let (gate, _) = contiguous_view::<f64>(gate_storage, gate_l, "AdamW (cuda): step gate")?;
-        let func = load_kernel(
-            dev,
-            MODULE,
-            PTX,
-            &format!("adamw_multi_master_f32_{g_name}"),
-            0,
-        )?;
-        with_pointers::<f32>(&f32s, &stream, |wide| {
-            with_pointers::<G>(&halves, &stream, |narrow| {
-                // [θ | m | v] (f32), [g] (G), start (n_t + 1), decays, [copy] (G).
-                let mut table = wide;
+        let func = load_kernel(dev, MODULE, PTX, kernel, 0)?;
+        with_pointers::<T>(&wide, &stream, |mut table| {
+            with_pointers::<G>(&narrow, &stream, |narrow| {
                 table.extend_from_slice(&narrow[..n_t]);
                 let mut start = 0u64;
                 for s in group {
@@ -777,7 +781,7 @@ mod cuda {
                 }
                 table.push(start);
                 table.extend(group.iter().map(|s| s.weight_decay.to_bits()));
-                table.extend_from_slice(&narrow[n_t..]);
+                table.extend_from_slice(&narrow[n_t..]); // the copies, if any
                 let table = stream.clone_htod(&table).w()?;
                 let n_i = n_t as i32;
                 let [lr, b1, b2, eps, c1, c2] = [
@@ -788,7 +792,7 @@ mod cuda {
                     step.bias_correction1,
                     step.bias_correction2,
                 ]
-                .map(|x| x as f32);
+                .map(A::of);
                 let mut builder = stream.launch_builder(&func);
                 builder
                     .arg(&table)
@@ -800,90 +804,13 @@ mod cuda {
                     .arg(&c1)
                     .arg(&c2)
                     .arg(&gate);
-                // SAFETY: argument types match the kernel; the table holds n_t f32 pointers to
-                // each of θ, m, v, n_t pointers in G to the gradients, the n_t + 1 starts, n_t
-                // decays and n_t pointers in G to the copies, every tensor contiguous and of
-                // its slot's length.
+                // SAFETY: argument types match the kernel; the table holds n_t pointers in T
+                // to each of θ, m, v, n_t pointers in G to the gradients, the n_t + 1 starts,
+                // n_t decays and, for the master kernel, n_t pointers in G to the copies, every
+                // tensor contiguous and of its slot's length.
                 unsafe { builder.launch(config(total)) }.w()?;
                 Ok(())
             })
-        })
-    }
-
-    fn update_group<T: CudaDType + DeviceRepr, A: Scalar>(
-        group: &[&Slot],
-        step: &StepScalars,
-        gate: &Tensor,
-        dtype: DType,
-    ) -> Result<()> {
-        let candle_core::Device::Cuda(dev) = group[0].theta.device() else {
-            bail!("AdamW (cuda): the parameters are not on the GPU");
-        };
-        let total: usize = group.iter().map(|s| s.theta.elem_count()).sum();
-        if total == 0 {
-            return Ok(());
-        }
-        let grads: Vec<Tensor> = group
-            .iter()
-            .map(|s| s.grad.contiguous())
-            .collect::<Result<_>>()?;
-        let tensors: Vec<&Tensor> = [
-            group.iter().map(|s| s.theta).collect::<Vec<_>>(),
-            group.iter().map(|s| s.m).collect(),
-            group.iter().map(|s| s.v).collect(),
-            grads.iter().collect(),
-        ]
-        .concat();
-        let n_t = group.len();
-        let stream = dev.cuda_stream();
-        let (gate_storage, gate_l) = gate.storage_and_layout();
-        let candle_core::Storage::Cuda(gate_storage) = &*gate_storage else {
-            bail!("AdamW (cuda): the step gate is not on the GPU");
-        };
-        let (gate, _) = contiguous_view::<f64>(gate_storage, gate_l, "AdamW (cuda): step gate")?;
-        let func = load_kernel(
-            dev,
-            MODULE,
-            PTX,
-            &format!("adamw_multi_{}", suffix(dtype)?),
-            0,
-        )?;
-        with_pointers::<T>(&tensors, &stream, |mut table| {
-            // [θ | m | v | g] pointers, then start (n_t + 1), then the decays' f64 bits.
-            let mut start = 0u64;
-            for s in group {
-                table.push(start);
-                start += s.theta.elem_count() as u64;
-            }
-            table.push(start);
-            table.extend(group.iter().map(|s| s.weight_decay.to_bits()));
-            let table = stream.clone_htod(&table).w()?;
-            let n_i = n_t as i32;
-            let [lr, b1, b2, eps, c1, c2] = [
-                step.lr,
-                step.beta1,
-                step.beta2,
-                step.eps,
-                step.bias_correction1,
-                step.bias_correction2,
-            ]
-            .map(A::of);
-            let mut builder = stream.launch_builder(&func);
-            builder
-                .arg(&table)
-                .arg(&n_i)
-                .arg(&lr)
-                .arg(&b1)
-                .arg(&b2)
-                .arg(&eps)
-                .arg(&c1)
-                .arg(&c2)
-                .arg(&gate);
-            // SAFETY: argument types match the kernel; the table holds n_t pointers to each of
-            // θ, m, v, g (each `start` elements apart in the concatenation, contiguous), the
-            // n_t + 1 starts and n_t decays, as the kernel reads it.
-            unsafe { builder.launch(config(total)) }.w()?;
-            Ok(())
         })
     }
 
