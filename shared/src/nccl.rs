@@ -7,8 +7,9 @@
 //! side calls `ncclAllReduce` into a fresh buffer.
 //!
 //! Built only with `--features nccl` (which links `libnccl.so.2`; the GPU host has PyTorch's).
-//! Not yet run on a GPU: the CPU implementation of the same trait, [`crate::data_parallel::LocalGroup`],
-//! is what the tests exercise.
+//! Run on a GPU as a world of one (`shared/tests/nccl.rs`, one H100); worlds of several GPUs
+//! have not run. The CPU implementation of the same trait,
+//! [`crate::data_parallel::LocalGroup`], is what the multi-rank tests exercise.
 
 use crate::data_parallel::Collective;
 use anyhow::{anyhow, bail, Result};
