@@ -44,6 +44,7 @@ pub mod kernels;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod params;
+pub mod process_group;
 pub mod report;
 pub mod rng;
 pub mod tokenizer;

@@ -1,7 +1,7 @@
-//! Data-parallel training of the ladder's LM on the CPU, ranks as threads (`LocalGroup`): a world
-//! of N, each rank on its N-th of every batch and started from rank 0's parameters by a
-//! broadcast, trains as one worker on the whole batch (`shared::train::train_lm_in_group`
-//! against `train_lm`).
+//! Data-parallel training of the ladder's LM on the CPU, ranks as threads (`LocalGroup`) and as
+//! processes (`TcpGroup`, started by `shared::process_group::launch`): a world of N, each rank on
+//! its N-th of every batch and started from rank 0's parameters by a broadcast, trains as one
+//! worker on the whole batch (`shared::train::train_lm_in_group` against `train_lm`).
 
 use anyhow::Result;
 use candle_core::{DType, Device};
@@ -120,5 +120,60 @@ fn a_world_of_n_trains_the_lm_as_one_worker_on_the_whole_batch() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Where a child rank 0 of the process test writes its parameters and validation loss.
+const PARAMS_OUT: &str = "MODULE08_TEST_PARAMS_OUT";
+
+/// Ranks as processes: this test executable started twice by `launch`, each copy joining the
+/// group from its environment (`TcpGroup::from_env`) and training its half of every batch; rank 0
+/// writes what it ends with, which must be what one worker on the whole batch ends with.
+#[test]
+fn two_processes_train_the_lm_as_one_worker_on_the_whole_batch() -> Result<()> {
+    use shared::process_group::{free_local_address, launch, TcpGroup};
+    if let Some(group) = TcpGroup::from_env()? {
+        // One rank of the launched world: start elsewhere, as the thread test does.
+        let (values, valid) = run(11 + group.rank() as u64 * 100, Some(&group))?;
+        if group.rank() == 0 {
+            let mut bytes: Vec<u8> = valid.to_le_bytes().to_vec();
+            bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            std::fs::write(std::env::var(PARAMS_OUT)?, bytes)?;
+        }
+        return Ok(());
+    }
+    let (want, want_valid) = run(11, None)?;
+    let out = std::env::temp_dir().join(format!("module08-dp-{}.bin", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let name = "two_processes_train_the_lm_as_one_worker_on_the_whole_batch";
+    let args: Vec<String> = [name, "--exact", "--test-threads", "1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    launch(
+        2,
+        &free_local_address()?,
+        &std::env::current_exe()?,
+        &args,
+        &[(PARAMS_OUT, out.display().to_string())],
+    )?;
+    let bytes = std::fs::read(&out)?;
+    std::fs::remove_file(&out)?;
+    let valid = f64::from_le_bytes(bytes[..8].try_into()?);
+    let values: Vec<f32> = bytes[8..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    assert_eq!(values.len(), want.len(), "rank 0 wrote every parameter");
+    let diff = values
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-5, "two processes: {diff:e} from one worker");
+    assert!(
+        (valid - want_valid).abs() < 1e-5,
+        "two processes: valid loss {valid} vs {want_valid}"
+    );
     Ok(())
 }
