@@ -51,7 +51,10 @@ __device__ void block_merge(float &m, float &s) {
   }
 }
 
-// Folds one logit into a thread's (m, s). NaN propagates into s (and so into the loss).
+// Folds one logit into a thread's (m, s). A NaN logit makes s NaN; the block merge may still
+// drop a thread whose whole share is NaN or −inf (its m stays −inf), so a NaN logit is not sure
+// to make the loss NaN, but it does make the backward's gradients NaN (and the step gate then
+// skips the step).
 __device__ __forceinline__ void fold(float &m, float &s, float v) {
   if (v > m) {
     s = s * __expf(m - v) + 1.0f;

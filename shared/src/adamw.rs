@@ -664,7 +664,9 @@ mod cuda {
     }
 
     /// The device pointers of `tensors` (each contiguous, on the GPU), as the table words of
-    /// `kernels/adamw.cu`, and runs `launch` with them. The storages stay locked and cudarc's
+    /// `kernels/adamw.cu`, and runs `launch` with them. (They are taken with cudarc's read intent
+    /// even where the kernel writes: that matters only to cudarc's event tracking across
+    /// streams, and Candle runs a device on one stream.) The storages stay locked and cudarc's
     /// stream guards alive until `launch` has enqueued the kernel. (The parameters and moments
     /// are written through these pointers in place, as Candle's `InplaceOp`s write through
     /// theirs; the optimizer owns them and nothing else runs on them meanwhile.)

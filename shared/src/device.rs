@@ -319,6 +319,11 @@ fn pool_counter(device: &Device, counter: PoolCounter) -> Result<Option<u64>> {
                 sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
                     .result()
                     .map_err(|e| anyhow::anyhow!("cuDeviceGetDefaultMemPool: {e:?}"))?;
+                // The release threshold to set (kept: the maximum; released: 0, the default),
+                // written before the pointer to it is taken.
+                if matches!(counter, PoolCounter::KeepFreed) {
+                    value = u64::MAX;
+                }
                 let ptr = &mut value as *mut u64 as *mut std::ffi::c_void;
                 let r = match counter {
                     PoolCounter::UsedNow => {
@@ -335,9 +340,6 @@ fn pool_counter(device: &Device, counter: PoolCounter) -> Result<Option<u64>> {
                         sys::cuMemPoolSetAttribute(pool, CU_MEMPOOL_ATTR_USED_MEM_HIGH, ptr)
                     }
                     PoolCounter::KeepFreed | PoolCounter::ReleaseFreed => {
-                        if matches!(counter, PoolCounter::KeepFreed) {
-                            value = u64::MAX;
-                        }
                         sys::cuMemPoolSetAttribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, ptr)
                     }
                 };

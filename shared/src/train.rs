@@ -428,6 +428,26 @@ impl Trainer {
         })
     }
 
+    /// A checkpoint is written from, and read into, the optimizer's own parameters: with master
+    /// weights the f32 masters, not the model's bf16 copies (which would lose the masters'
+    /// precision on saving, and be overwritten by the old masters after loading).
+    fn check_is_parameters(&self, varmap: &VarMap, what: &str) -> Result<()> {
+        let given = named_vars(varmap);
+        let own = self.opt.parameters();
+        let same = given.len() == own.len()
+            && given
+                .iter()
+                .zip(&own)
+                .all(|((a, x), (b, y))| a == b && x.as_tensor().id() == y.as_tensor().id());
+        if !same {
+            anyhow::bail!(
+                "{what}: the VarMap given is not the one this trainer updates (with master \
+                 weights, pass the f32 masters' VarMap, not the model's compute copies)"
+            );
+        }
+        Ok(())
+    }
+
     /// The learning rate the next step will use.
     pub fn lr(&self) -> f64 {
         let s = &self.schedule;
@@ -561,6 +581,7 @@ impl Trainer {
         config: &serde_json::Value,
         fault: Option<crate::checkpoint::Stage>,
     ) -> Result<()> {
+        self.check_is_parameters(varmap, "save_checkpoint")?;
         let model: HashMap<String, Tensor> = crate::params::named_vars(varmap)
             .into_iter()
             .map(|(name, var)| (name, var.as_tensor().clone()))
@@ -584,6 +605,7 @@ impl Trainer {
         varmap: &mut VarMap,
         dir: &Path,
     ) -> Result<serde_json::Value> {
+        self.check_is_parameters(varmap, "load_checkpoint")?;
         let folder = crate::checkpoint::latest(dir)?
             .with_context(|| format!("no checkpoint under {}", dir.display()))?;
         let device = self

@@ -198,7 +198,8 @@ fn transposed_products(vars: &[Tensor]) -> Result<Tensor> {
     let other_reader = wt.exp()?.sum_all()?;
     let left = a.t()?.matmul(x)?.sqr()?.sum_all()?; // (2, 4)
     let scores = q.matmul(&k.t()?)?.sin()?.sum_all()?; // (2, 3, 5)
-    ((projection + other_reader)? + left)? + scores
+    let gram = x.matmul(&x.t()?)?.cos()?.sum_all()?; // (3, 3): x on both sides, one transposed
+    (((projection + other_reader)? + left)? + scores)? + gram
 }
 
 #[test]

@@ -117,3 +117,61 @@ fn master_weights_need_every_parameter_in_f32() -> Result<()> {
     assert!(err.to_string().contains(&first), "{err}");
     Ok(())
 }
+
+/// With master weights a checkpoint holds the f32 masters: a run stopped after two steps and
+/// resumed into a differently initialised model takes its third step exactly as the run that
+/// never stopped (masters and copies, bit for bit), and the model's copies are refused as the
+/// checkpoint's parameters.
+#[test]
+fn master_weights_resume_from_a_checkpoint_as_if_never_stopped() -> Result<()> {
+    let dev = candle_core::Device::Cpu;
+    let cfg = t0808_rope::llama(SHAPE, 2);
+    let parts = t0809_flash_attention::parts(shared::kernels::Kernels::for_device(&dev));
+    let build = |seed: u64| -> Result<(candle_nn::VarMap, candle_nn::VarMap, _)> {
+        shared::params::set_seed(seed);
+        let (masters, _) = init_lm(&cfg, &parts, DType::F32, &dev)?;
+        let copies = compute_copies(&masters, DType::BF16)?;
+        let vb = candle_nn::VarBuilder::from_varmap(&copies, DType::BF16, &dev);
+        let lm = build_lm(vb, &cfg, &parts)?;
+        Ok((masters, copies, lm))
+    };
+    let batch = |step: u32| -> Result<(Tensor, Tensor)> {
+        let ids: Vec<u32> = (0..4 * 9).map(|i| (i * 5 + step * 11) % 61).collect();
+        let b = Tensor::from_vec(ids, (4, 9), &dev)?;
+        Ok((b.narrow(1, 0, 8)?, b.narrow(1, 1, 8)?))
+    };
+    let dir = std::env::temp_dir().join(format!("module08-master-resume-{}", std::process::id()));
+    let config = serde_json::json!({"test": "master weights"});
+    let (masters, copies, lm) = build(11)?;
+    let mut a =
+        Trainer::with_master_weights(&copies, &masters, AdamWConfig::default(), schedule())?;
+    for step in 0..2 {
+        let (x, y) = batch(step)?;
+        a.step(&lm.loss(&x, &y)?)?;
+    }
+    let err = a
+        .save_checkpoint(&copies, &dir, &config)
+        .expect_err("the copies are not the trainer's parameters");
+    assert!(err.to_string().contains("masters"), "{err}");
+    a.save_checkpoint(&masters, &dir, &config)?;
+    let (x, y) = batch(2)?;
+    a.step(&lm.loss(&x, &y)?)?;
+
+    let (mut masters_b, copies_b, lm_b) = build(99)?;
+    let mut b =
+        Trainer::with_master_weights(&copies_b, &masters_b, AdamWConfig::default(), schedule())?;
+    b.load_checkpoint(&mut masters_b, &dir)?;
+    std::fs::remove_dir_all(&dir)?;
+    assert_eq!(b.step, 2);
+    b.step(&lm_b.loss(&x, &y)?)?;
+    for (theirs, ours) in [(&masters, &masters_b), (&copies, &copies_b)] {
+        for ((name, v), (_, w)) in named_vars(theirs).iter().zip(named_vars(ours)) {
+            assert_eq!(
+                flat(v.as_tensor())?,
+                flat(w.as_tensor())?,
+                "{name} after the resumed step"
+            );
+        }
+    }
+    Ok(())
+}

@@ -170,10 +170,13 @@ impl Tensor {
             if node.is_variable() {
                 continue;
             }
-            // Module 08 patch: a node can be left without a gradient when the matmul rule below
-            // wrote its operand's gradient straight into the tensor the node transposes.
-            let Some(grad) = grads.remove(node) else {
-                continue;
+            // Module 08 patch: a transpose can be left without a gradient when the matmul rule
+            // below wrote its gradient straight into the tensor it transposes; any other node
+            // without one is the internal error upstream reports.
+            let grad = match grads.remove(node) {
+                Some(grad) => grad,
+                None if matches!(node.op(), Some(Op::Transpose(..))) => continue,
+                None => panic!("candle internal error - grad not populated"),
             };
             // https://github.com/huggingface/candle/issues/1241
             // Ideally, we would make these operations in place where possible to ensure that we
@@ -745,8 +748,10 @@ pub fn set_gradient_sum(f: Option<GradientSum>) {
 
 fn gradient_sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let f = *GRADIENT_SUM.read().unwrap_or_else(|e| e.into_inner());
+    // A backward that keeps its own graph (second-order gradients) needs the sum as a tracked op.
+    let keeps_graph = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
     match f {
-        Some(f) if !upstream_accumulation() => f(a, b),
+        Some(f) if !upstream_accumulation() && !keeps_graph => f(a, b),
         _ => a.add(b),
     }
 }
