@@ -299,13 +299,25 @@ fn filled(
         .copy()
 }
 
+/// AdamW's scalars at update `t` (lr 10⁻², β = (0.9, 0.95), ε = 10⁻⁸).
+fn adamw_step(t: i32) -> shared::adamw::StepScalars {
+    shared::adamw::StepScalars {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        bias_correction1: 1.0 - 0.9f64.powi(t),
+        bias_correction2: 1.0 - 0.95f64.powi(t),
+    }
+}
+
 /// The multi-tensor AdamW (one kernel over every tensor on the GPU) stores what the three
 /// per-tensor kernels store, over tensors of mixed sizes (empty, one element, above a block's
 /// share), two dtypes (two launches), per-tensor decays and a clipping scale, for two steps; and
 /// the multi-tensor `Σ g²` equals an f64 sum of the same values.
 #[test]
 fn multi_tensor_adamw_equals_the_per_tensor_kernels() -> anyhow::Result<()> {
-    use shared::adamw::{update_all, update_one, Slot, StepScalars};
+    use shared::adamw::{update_all, update_one, Slot};
     let dev = shared::device::test_device();
     let sizes = [1000usize, 0, 1, 70_001, 255, 4096];
     let dtype_of = |i: usize| {
@@ -347,14 +359,7 @@ fn multi_tensor_adamw_equals_the_per_tensor_kernels() -> anyhow::Result<()> {
             .collect()
     }
     for t in 1..=2 {
-        let step = StepScalars {
-            lr: 1e-2,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            bias_correction1: 1.0 - 0.9f64.powi(t),
-            bias_correction2: 1.0 - 0.95f64.powi(t),
-        };
+        let step = adamw_step(t);
         update_all(&slots(&multi), &step, &gate)?;
         for s in slots(&single) {
             update_one(&s, &step, &gate)?;
@@ -415,7 +420,7 @@ fn multi_tensor_adamw_equals_the_per_tensor_kernels() -> anyhow::Result<()> {
 /// gradient cast to f32, three passes, the copy cast from θ), and the copy is θ rounded.
 #[test]
 fn multi_tensor_adamw_with_master_weights_equals_the_per_tensor_path() -> anyhow::Result<()> {
-    use shared::adamw::{update_all, update_one, Slot, StepScalars};
+    use shared::adamw::{update_all, update_one, Slot};
     let dev = shared::device::test_device();
     let sizes = [1000usize, 3, 70_001];
     let half = |i: usize| if i == 1 { DType::F16 } else { DType::BF16 };
@@ -451,14 +456,7 @@ fn multi_tensor_adamw_with_master_weights_equals_the_per_tensor_path() -> anyhow
             .collect()
     }
     for t in 1..=2 {
-        let step = StepScalars {
-            lr: 1e-2,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            bias_correction1: 1.0 - 0.9f64.powi(t),
-            bias_correction2: 1.0 - 0.95f64.powi(t),
-        };
+        let step = adamw_step(t);
         update_all(&slots(&multi), &step, &gate)?;
         for s in slots(&single) {
             update_one(&s, &step, &gate)?;
@@ -488,14 +486,7 @@ fn multi_tensor_adamw_with_master_weights_equals_the_per_tensor_path() -> anyhow
             grad: &bad[0],
             ..slots(&multi)[0]
         }],
-        &StepScalars {
-            lr: 1e-2,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            bias_correction1: 0.1,
-            bias_correction2: 0.05,
-        },
+        &adamw_step(1),
         &gate,
     )
     .unwrap_err()
