@@ -37,6 +37,17 @@ impl CacheShape {
         Ok(())
     }
 
+    /// One layer's K (or V) buffer, all `max_seq` slots, zeroed:
+    /// `(batch, n_kv_heads, max_seq, d_head)`.
+    pub fn layer_buffer(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let s = self;
+        Tensor::zeros(
+            (s.batch, s.n_kv_heads, s.max_seq, s.d_head),
+            dtype,
+            device,
+        )
+    }
+
     /// `2 × batch × layers × n_kv_heads × seq × d_head × bytes`: the memory formula.
     pub fn bytes(&self, seq: usize, bytes_per_element: usize) -> usize {
         kv_cache_bytes(
@@ -82,22 +93,12 @@ impl KvCache {
     /// An empty cache; [`CacheKind::Preallocated`] allocates all `2 × n_layers` buffers now.
     pub fn new(shape: CacheShape, kind: CacheKind, dtype: DType, device: &Device) -> Result<Self> {
         shape.check("KvCache")?;
-        let CacheShape {
-            n_layers,
-            batch,
-            n_kv_heads,
-            max_seq,
-            d_head,
-        } = shape;
-        let layers = (0..n_layers)
+        let layers = (0..shape.n_layers)
             .map(|_| match kind {
-                CacheKind::Preallocated => {
-                    let buf = || Tensor::zeros((batch, n_kv_heads, max_seq, d_head), dtype, device);
-                    Ok(LayerKv::Preallocated {
-                        k: buf()?,
-                        v: buf()?,
-                    })
-                }
+                CacheKind::Preallocated => Ok(LayerKv::Preallocated {
+                    k: shape.layer_buffer(dtype, device)?,
+                    v: shape.layer_buffer(dtype, device)?,
+                }),
                 CacheKind::Concat => Ok(LayerKv::Concat { kv: None }),
             })
             .collect::<Result<_>>()?;

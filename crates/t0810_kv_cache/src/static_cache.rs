@@ -40,19 +40,15 @@ impl StaticKvCache {
     /// An empty cache with all `2 × n_layers` buffers allocated now.
     pub fn new(shape: CacheShape, dtype: DType, device: &Device) -> Result<Self> {
         shape.check("StaticKvCache")?;
-        let CacheShape {
-            n_layers,
-            batch,
-            n_kv_heads,
-            max_seq,
-            d_head,
-        } = shape;
-        if max_seq > u32::MAX as usize {
-            bail!("StaticKvCache: max_seq {max_seq} does not fit a u32 position");
+        if shape.max_seq > u32::MAX as usize {
+            bail!(
+                "StaticKvCache: max_seq {} does not fit a u32 position",
+                shape.max_seq
+            );
         }
         let buffers = || {
-            (0..n_layers)
-                .map(|_| Tensor::zeros((batch, n_kv_heads, max_seq, d_head), dtype, device))
+            (0..shape.n_layers)
+                .map(|_| shape.layer_buffer(dtype, device))
                 .collect::<Result<Vec<_>>>()
         };
         Ok(Self {
