@@ -41,11 +41,7 @@ impl CacheShape {
     /// `(batch, n_kv_heads, max_seq, d_head)`.
     pub fn layer_buffer(&self, dtype: DType, device: &Device) -> Result<Tensor> {
         let s = self;
-        Tensor::zeros(
-            (s.batch, s.n_kv_heads, s.max_seq, s.d_head),
-            dtype,
-            device,
-        )
+        Tensor::zeros((s.batch, s.n_kv_heads, s.max_seq, s.d_head), dtype, device)
     }
 
     /// `2 × batch × layers × n_kv_heads × seq × d_head × bytes`: the memory formula.
