@@ -25,9 +25,12 @@ use candle_core::{DType, Device};
 use clap::Parser;
 use shared::cli::CommonArgs;
 use shared::kernels::{AttentionImpl, KernelArgs, Kernels};
+use shared::process_group::TcpGroup;
 use shared::report::{print_table, RunReport};
 use shared::tokenizer::{load_corpus, Corpus};
-use shared::train::{train_lm, AdamWConfig, LmTrainSpec, ScheduleConfig, Trainer};
+use shared::train::{
+    train_lm, train_lm_in_group, AdamWConfig, LmData, LmTrainSpec, ScheduleConfig, Trainer,
+};
 use t0804_transformer_block::{init_lm, LmConfig, LmShape};
 use t0810_kv_cache::{
     generate_lm, generate_lm_no_cache, lm_cache, CacheKind, Sampler, SamplingConfig,
@@ -213,6 +216,9 @@ struct Measured {
     memory_peak_mib: Vec<(usize, f64)>,
 }
 
+/// Trains one rung; in a launched group (`shared::process_group::launch`) every rank trains its
+/// share of each batch from rank 0's initial parameters, and only rank 0 keeps the model.
+#[allow(clippy::too_many_arguments)]
 fn train_rung(
     r: &Rung,
     b: &Budget,
@@ -221,7 +227,8 @@ fn train_rung(
     dev: &Device,
     seed: u64,
     keep_in: &std::path::Path,
-) -> Result<(Measured, t0804_transformer_block::DecoderOnlyLm)> {
+    group: Option<&TcpGroup>,
+) -> Result<Option<(Measured, t0804_transformer_block::DecoderOnlyLm)>> {
     shared::params::set_seed(seed);
     let parts = t0809_flash_attention::parts(r.kernels);
     let (varmap, lm) = init_lm(&r.cfg, &parts, dtype, dev)?;
@@ -244,14 +251,25 @@ fn train_rung(
         seed,
         patience: b.patience,
     };
-    let curve = train_lm(
-        &mut trainer,
-        &data.train,
-        &data.valid,
-        &spec,
-        dev,
-        &|x, y| lm.loss(x, y),
-    )?;
+    let loss_fn = |x: &candle_core::Tensor, y: &candle_core::Tensor| lm.loss(x, y);
+    let curve = match group {
+        Some(g) => {
+            use shared::data_parallel::{broadcast_parameters, Collective};
+            broadcast_parameters(&shared::params::named_vars(&varmap), g, 0)?;
+            let lm_data = LmData {
+                train_tokens: &data.train,
+                valid_tokens: &data.valid,
+                device: dev,
+                loss_fn: &loss_fn,
+            };
+            let curve = train_lm_in_group(&mut trainer, &lm_data, &spec, g)?;
+            if g.rank() != 0 {
+                return Ok(None); // rank 0 evaluates, keeps and reports
+            }
+            curve
+        }
+        None => train_lm(&mut trainer, &data.train, &data.valid, &spec, dev, &loss_fn)?,
+    };
     t0804_transformer_block::save_lm(keep_in, &r.cfg, &varmap)?;
     data.tokenizer.save(&keep_in.join("tokenizer.json"))?;
     println!("   kept in {}", keep_in.display());
@@ -295,7 +313,7 @@ fn train_rung(
     if let Some(step) = curve.diverged_at {
         println!("   diverged at step {step} (the loss or a gradient was not finite)");
     }
-    Ok((measured, lm))
+    Ok(Some((measured, lm)))
 }
 
 /// `new_tokens` after `prompt` (batch 1) with a preallocated KV cache sized for them.
@@ -397,6 +415,17 @@ fn run() -> Result<()> {
     };
     let kernels = args.kernels.resolve(Kernels::for_device(dev));
     println!("   budget {b:?}\n   kernels {}", kernels.describe());
+    // Started by `shared::process_group::launch` (or `cargo run -p shared --bin launch`): one
+    // rank of a data-parallel group.
+    let group = TcpGroup::from_env()?;
+    if let Some(g) = &group {
+        use shared::data_parallel::Collective;
+        println!(
+            "   rank {} of a data-parallel group of {}",
+            g.rank(),
+            g.world()
+        );
+    }
     let mut report = RunReport::start(
         "ladder",
         serde_json::json!({ "budget": b, "corpus": args.corpus }),
@@ -418,7 +447,7 @@ fn run() -> Result<()> {
         .into_iter()
         .filter(|r| args.only.is_empty() || args.only.iter().any(|t| t == r.topic));
     for r in chosen {
-        let (m, lm) = train_rung(
+        let Some((m, lm)) = train_rung(
             &r,
             &b,
             &data,
@@ -426,13 +455,20 @@ fn run() -> Result<()> {
             dev,
             args.common.seed,
             &ctx.out_dir.join(format!("checkpoints/rung-{}", r.topic)),
-        )?;
+            group.as_ref(),
+        )?
+        else {
+            continue; // a rank other than 0 of a group
+        };
         rows.push(m);
         if top.as_ref().is_none_or(|(_, _, index)| r.index > *index) {
             top = Some((lm, r.topic, r.index)); // the highest rung trained
         }
     }
-    let (lm, top_topic, _) = top.expect("at least one rung");
+    let Some((lm, top_topic, _)) = top else {
+        println!("   trained every rung as a rank of the group; rank 0 reports");
+        return Ok(());
+    };
     let prompt: Vec<u32> = data.valid[..(b.seq_len / 4).max(1)].to_vec();
     let new_tokens = b.seq_len - prompt.len();
     let (cached, uncached) = decode_speeds(&lm, &prompt, new_tokens, ctx.compute_dtype)?;
