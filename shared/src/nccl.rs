@@ -43,6 +43,28 @@ impl NcclGroup {
             .internal())
     }
 
+    /// Joins the group a launcher described in the environment (`shared::process_group`): the
+    /// ranks meet at the rendezvous, rank 0 makes the NCCL id and hands it to the others there,
+    /// and every rank joins on `device`. `None` outside a launched group.
+    pub fn from_env(device: &Device) -> Result<Option<Self>> {
+        let Some(rendezvous) = crate::process_group::TcpGroup::from_env()? else {
+            return Ok(None);
+        };
+        let mine = if rendezvous.rank() == 0 {
+            Self::new_id()?
+        } else {
+            [0; 128]
+        };
+        // The id's bytes as f32 values (exact for every byte), rank 0's to every rank.
+        let bytes: Vec<f32> = mine.iter().map(|&c| c as f32).collect();
+        let sent = rendezvous.broadcast(&Tensor::from_vec(bytes, 128, &Device::Cpu)?, 0)?;
+        let mut id = [0 as c_char; 128];
+        for (slot, v) in id.iter_mut().zip(sent.to_vec1::<f32>()?) {
+            *slot = v as c_char;
+        }
+        Self::join(device, rendezvous.rank(), rendezvous.world(), id).map(Some)
+    }
+
     /// Joins the group `id` as `rank` of `world` on `device` (blocks until every rank joined).
     pub fn join(device: &Device, rank: usize, world: usize, id: [c_char; 128]) -> Result<Self> {
         let Device::Cuda(dev) = device else {

@@ -24,6 +24,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::Parser;
 use shared::cli::CommonArgs;
+use shared::data_parallel::Collective;
 use shared::kernels::{AttentionImpl, KernelArgs, Kernels};
 use shared::process_group::TcpGroup;
 use shared::report::{print_table, RunReport};
@@ -227,7 +228,7 @@ fn train_rung(
     dev: &Device,
     seed: u64,
     keep_in: &std::path::Path,
-    group: Option<&TcpGroup>,
+    group: Option<&dyn Collective>,
 ) -> Result<Option<(Measured, t0804_transformer_block::DecoderOnlyLm)>> {
     shared::params::set_seed(seed);
     let parts = t0809_flash_attention::parts(r.kernels);
@@ -254,7 +255,7 @@ fn train_rung(
     let loss_fn = |x: &candle_core::Tensor, y: &candle_core::Tensor| lm.loss(x, y);
     let curve = match group {
         Some(g) => {
-            use shared::data_parallel::{broadcast_parameters, Collective};
+            use shared::data_parallel::broadcast_parameters;
             broadcast_parameters(&shared::params::named_vars(&varmap), g, 0)?;
             let lm_data = LmData {
                 train_tokens: &data.train,
@@ -417,9 +418,8 @@ fn run() -> Result<()> {
     println!("   budget {b:?}\n   kernels {}", kernels.describe());
     // Started by `shared::process_group::launch` (or `cargo run -p shared --bin launch`): one
     // rank of a data-parallel group.
-    let group = TcpGroup::from_env()?;
+    let group = join_group(dev)?;
     if let Some(g) = &group {
-        use shared::data_parallel::Collective;
         println!(
             "   rank {} of a data-parallel group of {}",
             g.rank(),
@@ -455,7 +455,7 @@ fn run() -> Result<()> {
             dev,
             args.common.seed,
             &ctx.out_dir.join(format!("checkpoints/rung-{}", r.topic)),
-            group.as_ref(),
+            group.as_deref(),
         )?
         else {
             continue; // a rank other than 0 of a group
@@ -490,6 +490,18 @@ fn run() -> Result<()> {
     let path = report.write(&ctx.out_dir)?;
     println!("   wrote {}", path.display());
     Ok(())
+}
+
+/// The launched group this process is a rank of, if any: NCCL on a GPU (with `--features
+/// nccl`), else the ranks' TCP connections (which move every gradient through host memory).
+fn join_group(dev: &Device) -> Result<Option<Box<dyn Collective>>> {
+    #[cfg(feature = "nccl")]
+    if dev.is_cuda() {
+        let group = shared::nccl::NcclGroup::from_env(dev)?;
+        return Ok(group.map(|g| Box::new(g) as Box<dyn Collective>));
+    }
+    let _ = dev;
+    Ok(TcpGroup::from_env()?.map(|g| Box::new(g) as Box<dyn Collective>))
 }
 
 fn print_ladder(rows: &[Measured], cached: f64, uncached: f64) {
