@@ -90,8 +90,9 @@ pub struct Slot<'a> {
 fn check_slot(s: &Slot) -> Result<()> {
     check(s.theta, s.m, "parameter")?;
     check(s.theta, s.v, "parameter")?;
-    check(s.m, s.m, "moment")?;
-    check(s.v, s.v, "moment")?;
+    if !s.m.is_contiguous() || !s.v.is_contiguous() {
+        bail!("AdamW: the moments must be contiguous (they are updated in place)");
+    }
     let grad_dtype = s.copy.map_or(s.theta.dtype(), |c| c.dtype());
     if s.grad.dims() != s.theta.dims() || s.grad.dtype() != grad_dtype {
         bail!(
@@ -184,6 +185,15 @@ pub fn sum_of_squares_all(xs: &[&Tensor]) -> Result<Option<Tensor>> {
         return cuda::sum_of_squares_all(xs).map(Some);
     }
     let _ = first;
+    sum_of_squares_each(xs)
+}
+
+/// `Σ x²` over every tensor in `xs` as [`sum_of_squares`] per tensor (one launch each on CUDA),
+/// then their sum; `None` for no tensors.
+pub fn sum_of_squares_each(xs: &[&Tensor]) -> Result<Option<Tensor>> {
+    if xs.is_empty() {
+        return Ok(None);
+    }
     let squares: Vec<Tensor> = xs
         .iter()
         .map(|x| sum_of_squares(x))

@@ -221,16 +221,12 @@ impl AdamW {
         if self.multi_tensor {
             return grad_sum_of_squares(grads, &self.vars);
         }
-        let squares: Vec<Tensor> = self
+        let present: Vec<&Tensor> = self
             .vars
             .iter()
             .filter_map(|(_, v)| grads.get(v.as_tensor()))
-            .map(crate::adamw::sum_of_squares)
-            .collect::<candle_core::Result<_>>()?;
-        if squares.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(Tensor::cat(&squares, 0)?.sum_all()?))
+            .collect();
+        Ok(crate::adamw::sum_of_squares_each(&present)?)
     }
 
     /// The moments as named tensors (`m.<name>`, `v.<name>`) for checkpoints.
