@@ -6,11 +6,35 @@
 // `kernels/NAME.cu` becomes `$OUT_DIR/NAME.ptx`, which the crate embeds with
 // `include_str!(concat!(env!("OUT_DIR"), "/NAME.ptx"))`. Target: `compute_90` PTX (Hopper,
 // H100/H200), JIT-compiled by the driver when the module is loaded; `MODULE08_CUDA_ARCH`
-// overrides it (e.g. `compute_80` for an A100). `nvcc` is `$CUDA_HOME/bin/nvcc`, else the one
-// on the PATH.
+// overrides it (e.g. `compute_80` for an A100). Kernels written for Hopper only (`wgmma`) are
+// compiled for `compute_90a` by `compile_hopper_kernel`, and left out (an empty module) when
+// `MODULE08_CUDA_ARCH` names another card. `nvcc` is `$CUDA_HOME/bin/nvcc`, else the one on the
+// PATH.
+
+/// The `-arch` of `compile_kernel`: `MODULE08_CUDA_ARCH`, else `compute_90`.
+fn kernel_arch() -> String {
+    std::env::var("MODULE08_CUDA_ARCH").unwrap_or_else(|_| "compute_90".to_string())
+}
 
 /// Compiles `kernels/<name>.cu` to `$OUT_DIR/<name>.ptx` with `nvcc --ptx -O3` and `extra` flags.
 fn compile_kernel(name: &str, extra: &[&str]) {
+    compile_kernel_for(name, extra, &kernel_arch());
+}
+
+/// [`compile_kernel`] for a file of Hopper-only kernels: `compute_90a` (the `a` features:
+/// `wgmma`), or a module without kernels when the build targets another card.
+#[allow(dead_code)]
+fn compile_hopper_kernel(name: &str, extra: &[&str]) {
+    if kernel_arch().starts_with("compute_90") {
+        compile_kernel_for(name, extra, "compute_90a");
+    } else if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+        let empty = ".version 8.0\n.target sm_80\n.address_size 64\n";
+        std::fs::write(out_dir.join(format!("{name}.ptx")), empty).expect("write the empty module");
+    }
+}
+
+fn compile_kernel_for(name: &str, extra: &[&str], arch: &str) {
     use std::path::PathBuf;
     use std::process::Command;
     let source = format!("kernels/{name}.cu");
@@ -22,7 +46,6 @@ fn compile_kernel(name: &str, extra: &[&str]) {
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let ptx = out_dir.join(format!("{name}.ptx"));
-    let arch = std::env::var("MODULE08_CUDA_ARCH").unwrap_or_else(|_| "compute_90".to_string());
     let nvcc = std::env::var_os("CUDA_HOME")
         .map(|h| PathBuf::from(h).join("bin").join("nvcc"))
         .filter(|p| p.exists())

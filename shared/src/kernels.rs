@@ -40,8 +40,12 @@ pub enum AttentionImpl {
 /// Which FlashAttention kernels run on CUDA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum FlashKernels {
-    /// The fastest family for the dtype and head size (tensor cores, register tiles, or fp32 FMA).
+    /// The fastest family for the dtype, head size and card (warpgroup MMA on Hopper, `mma.sync`
+    /// tensor cores, register tiles, or fp32 FMA).
     Auto,
+    /// The `mma.sync` tensor-core kernels even on a Hopper card (the kernels every card since
+    /// Ampere runs; for side-by-side measurements).
+    MmaSync,
     /// Always the simple fp32-FMA kernels (for side-by-side measurements).
     Simple,
 }

@@ -2,6 +2,9 @@
 //! custom ops' `cuda_fwd`. Only built with the `cuda` feature.
 //!
 //! Kernel choice:
+//! - on a Hopper card (sm_90), bf16/f16 with `d = 64` or `128` and 16-byte-aligned inputs: the
+//!   forward `flash_fwd_wgmma_{bf16,f16}_d{64,128}` (`kernels/flash_attn_hopper.cu`: warpgroup
+//!   MMA from shared memory), the backward as below;
 //! - bf16/f16 with `d = 32`, `64` or `128` and 16-byte-aligned inputs: the tensor-core kernels
 //!   `flash_{fwd,bwd}_tc_{bf16,f16}_d{32,64,128}` (mma.sync m16n8k16, fp32 accumulators);
 //! - f32 with `d = 32` or `64` and 16-byte-aligned inputs: `flash_{fwd,bwd}_tiled_f32_d{32,64}`,
@@ -25,6 +28,32 @@ use shared::kernels::FlashKernels;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 const MODULE: &str = "t0809_flash_attn";
+/// The Hopper kernels (`compute_90a`; a module without kernels in a build for another card).
+const HOPPER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn_hopper.ptx"));
+const HOPPER_MODULE: &str = "t0809_flash_attn_hopper";
+
+/// Warpgroup-MMA forward: 2 warpgroups, 128 queries per block; key tiles of 64 (d 64) or 128
+/// (d 128), double-buffered.
+const WG_FWD_THREADS: u32 = 256;
+const WG_FWD_BR: usize = 128;
+fn wg_fwd_bc(d: usize) -> usize {
+    if d <= 64 {
+        64
+    } else {
+        128
+    }
+}
+/// Q, two K and two V tiles in 16-bit elements, and 1024 bytes to align them to the swizzle
+/// pattern (`fwd_smem_bytes` in the `.cu` file).
+fn wg_fwd_smem(d: usize) -> usize {
+    (WG_FWD_BR * d + 4 * wg_fwd_bc(d) * d) * 2 + 1024
+}
+
+/// Whether `dev` runs the Hopper kernels: compute capability 9.x and a build that has them.
+pub fn hopper_kernels_on(dev: &CudaDevice) -> bool {
+    HOPPER_PTX.contains("flash_fwd_wgmma")
+        && matches!(dev.cuda_stream().context().compute_capability(), Ok((9, _)))
+}
 
 /// Tensor-core kernels: forward 4 warps, tiles of 64 queries × 64 keys; backward 8 warps,
 /// 128 keys per block × query tiles of 64 (d ≤ 64) or 32 (d = 128).
@@ -107,8 +136,9 @@ fn check_dims(dims: Dims) -> Result<()> {
     Ok(())
 }
 
-/// Which family runs: [`crate::cuda_kernel_family`] (`suffix` names the kernels' dtype).
+/// Which family runs on `dev`: [`crate::cuda_kernel_family`] (`suffix` names the kernels' dtype).
 fn family(
+    dev: &CudaDevice,
     suffix: &str,
     dims: Dims,
     offsets: &[usize],
@@ -119,7 +149,7 @@ fn family(
         "f16" => DType::F16,
         _ => DType::F32,
     };
-    crate::cuda_kernel_family(dtype, dims.d, offsets, kernels)
+    crate::cuda_kernel_family(dtype, dims.d, offsets, kernels, hopper_kernels_on(dev))
 }
 
 /// `q`, `k`, `v`: storage and layout of each.
@@ -200,7 +230,14 @@ fn fwd<T: CudaDType + DeviceRepr>(
     // SAFETY: every element of O and L is written by the kernel (rows < n_q, all columns).
     let mut o = unsafe { dev.alloc::<T>(bh * n_q * d)? };
     let mut lse = unsafe { dev.alloc::<f32>(bh * n_q)? };
-    let (name, rows, threads, smem) = match family(suffix, dims, &[oq, ok, ov], kernels) {
+    let family = family(&dev, suffix, dims, &[oq, ok, ov], kernels);
+    let (name, rows, threads, smem) = match family {
+        crate::CudaKernelFamily::WarpgroupMma => (
+            format!("flash_fwd_wgmma_{suffix}_d{d}"),
+            WG_FWD_BR,
+            WG_FWD_THREADS,
+            wg_fwd_smem(d),
+        ),
         crate::CudaKernelFamily::TensorCores => (
             format!("flash_fwd_tc_{suffix}_d{d}"),
             TC_FWD_BR,
@@ -220,7 +257,11 @@ fn fwd<T: CudaDType + DeviceRepr>(
             simple_fwd_smem(),
         ),
     };
-    let func = kernel(&dev, &name, smem)?;
+    let func = if family == crate::CudaKernelFamily::WarpgroupMma {
+        shared::cuda::load_kernel(&dev, HOPPER_MODULE, HOPPER_PTX, &name, smem)?
+    } else {
+        kernel(&dev, &name, smem)?
+    };
     let cfg = LaunchConfig {
         grid_dim: (n_q.div_ceil(rows) as u32, bh as u32, 1),
         block_dim: (threads, 1, 1),
@@ -310,7 +351,8 @@ fn bwd_launch_shape(
     d: usize,
 ) -> (String, usize, u32, usize) {
     match family {
-        crate::CudaKernelFamily::TensorCores => (
+        // Hopper's backward is the mma.sync one.
+        crate::CudaKernelFamily::WarpgroupMma | crate::CudaKernelFamily::TensorCores => (
             format!("flash_bwd_tc_{suffix}_d{d}"),
             TC_BWD_BC,
             32 * TC_BWD_WARPS,
@@ -362,7 +404,7 @@ fn bwd<T: CudaDType + DeviceRepr>(
     let mut packed = unsafe { dev.alloc::<T>(nq_el + 2 * nk_el)? };
     let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
     {
-        let family = family(suffix, dims, &[oq, ok, ov, odo], kernels);
+        let family = family(&dev, suffix, dims, &[oq, ok, ov, odo], kernels);
         let (name, keys, threads, smem) = bwd_launch_shape(family, suffix, d);
         let func = kernel(&dev, &name, smem)?;
         let cfg = LaunchConfig {

@@ -66,6 +66,10 @@ pub use tiled::flash_attention_tensor_ops;
 /// Which CUDA kernel family runs for a given input (see `cuda.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CudaKernelFamily {
+    /// Hopper (sm_90): the forward on warpgroup MMA (`wgmma`, operands read from shared memory,
+    /// `kernels/flash_attn_hopper.cu`), the backward on the `mma.sync` kernels. bf16/f16,
+    /// d_head 64 or 128, 16-byte-aligned starts.
+    WarpgroupMma,
     /// `mma.sync` m16n8k16 with fp32 accumulators: bf16/f16, d_head 32, 64 or 128, 16-byte
     /// aligned starts.
     TensorCores,
@@ -77,20 +81,23 @@ pub enum CudaKernelFamily {
 }
 
 /// The CUDA kernel family [`flash_attention`] uses for `dtype` and `d_head`, with every input
-/// starting at an element offset of `offsets`. [`FlashKernels::Simple`] forces the simple
-/// fp32-FMA kernels, to measure the difference.
+/// starting at an element offset of `offsets`, on a card that runs the Hopper kernels or not
+/// (`hopper`: [`hopper_kernels_on`]). [`FlashKernels::MmaSync`] keeps Hopper on the `mma.sync`
+/// kernels and [`FlashKernels::Simple`] forces the simple fp32-FMA ones, to measure the
+/// difference.
 pub fn cuda_kernel_family(
     dtype: DType,
     d_head: usize,
     offsets: &[usize],
     kernels: FlashKernels,
+    hopper: bool,
 ) -> CudaKernelFamily {
     let force_simple = kernels == FlashKernels::Simple;
-    if !force_simple
-        && matches!(dtype, DType::BF16 | DType::F16)
-        && matches!(d_head, 32 | 64 | 128)
-        && offsets.iter().all(|o| o % 8 == 0)
-    {
+    let half = matches!(dtype, DType::BF16 | DType::F16);
+    let aligned_16 = offsets.iter().all(|o| o % 8 == 0);
+    if hopper && kernels == FlashKernels::Auto && half && matches!(d_head, 64 | 128) && aligned_16 {
+        CudaKernelFamily::WarpgroupMma
+    } else if !force_simple && half && matches!(d_head, 32 | 64 | 128) && aligned_16 {
         CudaKernelFamily::TensorCores
     } else if !force_simple
         && dtype == DType::F32
@@ -103,6 +110,17 @@ pub fn cuda_kernel_family(
     }
 }
 
+/// Whether `device` runs the Hopper kernels: a CUDA card of compute capability 9.x, with this
+/// build's `sm_90a` kernels (built unless `MODULE08_CUDA_ARCH` asked for another card).
+pub fn hopper_kernels_on(device: &candle_core::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        return cuda::hopper_kernels_on(dev);
+    }
+    let _ = device;
+    false
+}
+
 /// The usual softmax scale `1/√d_head`.
 pub fn default_softmax_scale(d_head: usize) -> f64 {
     1.0 / (d_head as f64).sqrt()
@@ -113,8 +131,9 @@ pub fn default_softmax_scale(d_head: usize) -> f64 {
 /// Shapes: `q (batch, heads, n_q, d)`, `k (batch, heads, n_k, d)`, `v (batch, heads, n_k, d_v)`
 /// → `(batch, heads, n_q, d_v)`. All three on one device, of one dtype: f32, f16, bf16 (f64 on
 /// the CPU). On CUDA: `d = d_v ≤ 128`; tensor-core kernels run for bf16/f16 with `d` 32, 64 or
-/// 128, register-tiled fp32-FMA kernels for f32 with `d` 32 or 64, a simpler fp32-FMA kernel in
-/// every other case ([`cuda_kernel_family`] says which). Inputs are made contiguous here.
+/// 128 (on a Hopper card the forward at `d` 64 and 128 on warpgroup MMA), register-tiled
+/// fp32-FMA kernels for f32 with `d` 32 or 64, a simpler fp32-FMA kernel in every other case
+/// ([`cuda_kernel_family`] says which). Inputs are made contiguous here.
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
@@ -339,10 +358,27 @@ mod kernel_family_tests {
     #[test]
     fn kernel_family_follows_dtype_head_size_and_alignment() {
         use CudaKernelFamily::*;
-        let family =
-            |dt, d, offsets: &[usize]| cuda_kernel_family(dt, d, offsets, FlashKernels::Auto);
+        let family = |dt, d, offsets: &[usize]| {
+            cuda_kernel_family(dt, d, offsets, FlashKernels::Auto, false)
+        };
+        let hopper = |dt, d, kernels| cuda_kernel_family(dt, d, &[0, 8, 0], kernels, true);
         assert_eq!(
-            cuda_kernel_family(DType::BF16, 64, &[0, 0, 0], FlashKernels::Simple),
+            cuda_kernel_family(DType::BF16, 64, &[0, 0, 0], FlashKernels::Simple, false),
+            Fp32Fma
+        );
+        for d in [64, 128] {
+            assert_eq!(hopper(DType::BF16, d, FlashKernels::Auto), WarpgroupMma);
+            assert_eq!(hopper(DType::F16, d, FlashKernels::Auto), WarpgroupMma);
+            assert_eq!(hopper(DType::BF16, d, FlashKernels::MmaSync), TensorCores);
+            assert_eq!(hopper(DType::BF16, d, FlashKernels::Simple), Fp32Fma);
+            assert_eq!(
+                hopper(DType::F32, d, FlashKernels::Auto),
+                family(DType::F32, d, &[0])
+            );
+        }
+        assert_eq!(hopper(DType::BF16, 32, FlashKernels::Auto), TensorCores);
+        assert_eq!(
+            cuda_kernel_family(DType::BF16, 64, &[0, 4], FlashKernels::Auto, true),
             Fp32Fma
         );
         for d in [32, 64, 128] {

@@ -38,10 +38,17 @@ fn flash_simple(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) ->
     flash_attention_with(q, k, v, scale, causal, FlashKernels::Simple)
 }
 
+/// FlashAttention with the `mma.sync` tensor-core kernels forced ([`FlashKernels::MmaSync`]):
+/// on a Hopper card the automatic choice is the warpgroup-MMA forward instead.
+fn flash_mma_sync(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    flash_attention_with(q, k, v, scale, causal, FlashKernels::MmaSync)
+}
+
 /// Every kernel choice with the function that runs it.
-fn kernel_choices() -> [(FlashKernels, Attn); 2] {
+fn kernel_choices() -> [(FlashKernels, Attn); 3] {
     [
         (FlashKernels::Auto, flash_attention as Attn),
+        (FlashKernels::MmaSync, flash_mma_sync as Attn),
         (FlashKernels::Simple, flash_simple as Attn),
     ]
 }
@@ -62,7 +69,7 @@ fn gpu_f32_forward_and_backward_match_float64() -> Result<()> {
                 CudaKernelFamily::Fp32Fma
             };
             assert_eq!(
-                cuda_kernel_family(DType::F32, d, &[0, 0, 0], kernels),
+                cuda_kernel_family(DType::F32, d, &[0, 0, 0], kernels, hopper_kernels_on(&dev)),
                 want,
                 "f32 d {d}"
             );
@@ -111,18 +118,22 @@ fn gpu_low_precision_within_twice_the_naive_error() -> Result<()> {
         return Ok(());
     };
     let mut rng = Rng::new(101);
+    let hopper = hopper_kernels_on(&dev);
     for (kernels, flash) in kernel_choices() {
         let forced_simple = kernels == FlashKernels::Simple;
         for dt in [DType::BF16, DType::F16] {
             for d in [32, 64, 128, 48] {
-                // Both kernel families are covered: tensor cores for 32/64/128, fp32 FMA for 48.
+                // Every family is covered: warpgroup MMA for 64/128 on Hopper, mma.sync tensor
+                // cores for 32 (and 64/128 elsewhere or when forced), fp32 FMA for 48.
                 let want = if d == 48 || forced_simple {
                     CudaKernelFamily::Fp32Fma
+                } else if hopper && kernels == FlashKernels::Auto && d != 32 {
+                    CudaKernelFamily::WarpgroupMma
                 } else {
                     CudaKernelFamily::TensorCores
                 };
                 assert_eq!(
-                    cuda_kernel_family(dt, d, &[0, 0, 0], kernels),
+                    cuda_kernel_family(dt, d, &[0, 0, 0], kernels, hopper),
                     want,
                     "{dt:?} d {d}"
                 );
@@ -247,7 +258,7 @@ fn gpu_f32_views_at_an_offset_agree_with_contiguous_inputs() -> Result<()> {
         (3, CudaKernelFamily::Fp32Fma),
     ] {
         assert_eq!(
-            cuda_kernel_family(DType::F32, d, &[offset], FlashKernels::Auto),
+            cuda_kernel_family(DType::F32, d, &[offset], FlashKernels::Auto, false),
             family
         );
         let mk = |rng: &mut Rng| -> Result<Tensor> {

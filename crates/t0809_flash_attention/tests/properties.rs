@@ -40,6 +40,10 @@ fn flash_simple(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) ->
     flash_attention_with(q, k, v, scale, causal, FlashKernels::Simple)
 }
 
+fn flash_mma_sync(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    flash_attention_with(q, k, v, scale, causal, FlashKernels::MmaSync)
+}
+
 /// One random case of the attention op.
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -101,10 +105,10 @@ impl Case {
             &[DType::F32, DType::F64]
         };
         let dtype = dtypes[rng.below(dtypes.len())];
-        let kernels = if rng.below(4) == 0 {
-            FlashKernels::Simple
-        } else {
-            FlashKernels::Auto
+        let kernels = match rng.below(6) {
+            0 => FlashKernels::Simple,
+            1 => FlashKernels::MmaSync,
+            _ => FlashKernels::Auto,
         };
         // Two thirds of the cases start every input 16-byte aligned for 16-bit types (multiples of
         // 8 elements); the rest start anywhere in 1..=20.
@@ -135,12 +139,15 @@ impl Case {
     fn flash(&self) -> Attn {
         match self.kernels {
             FlashKernels::Auto => flash_auto,
+            FlashKernels::MmaSync => flash_mma_sync,
             FlashKernels::Simple => flash_simple,
         }
     }
 
-    fn family(&self) -> CudaKernelFamily {
-        cuda_kernel_family(self.dtype, self.d, &self.offsets, self.kernels)
+    /// The family that runs this case on `dev`.
+    fn family(&self, dev: &Device) -> CudaKernelFamily {
+        let hopper = hopper_kernels_on(dev);
+        cuda_kernel_family(self.dtype, self.d, &self.offsets, self.kernels, hopper)
     }
 }
 
@@ -352,7 +359,7 @@ fn random_shapes_offsets_and_dtypes_forward_and_backward_match_float64_naive() -
     for i in 0..cases {
         let c = Case::draw_nth(&mut rng, on_gpu, i);
         check_case(&mut rng, &c, &dev)?;
-        families.insert(format!("{:?}", c.family()));
+        families.insert(format!("{:?}", c.family(&dev)));
         dtypes.insert(format!("{:?}", c.dtype));
         causal += c.causal as usize;
         offset += c.offsets.iter().any(|&o| o > 0) as usize;
@@ -376,7 +383,7 @@ fn random_shapes_offsets_and_dtypes_forward_and_backward_match_float64_naive() -
         assert!(dtypes.contains(*dt), "dtype {dt} never drawn: {dtypes:?}");
     }
     if on_gpu {
-        for f in ["TensorCores", "Fp32Tiled", "Fp32Fma"] {
+        for f in gpu_families(&dev) {
             assert!(
                 families.contains(f),
                 "CUDA kernel family {f} never exercised: {families:?}"
@@ -385,6 +392,15 @@ fn random_shapes_offsets_and_dtypes_forward_and_backward_match_float64_naive() -
     }
     println!("{cases} cases; CUDA families (if on the GPU): {families:?}; dtypes {dtypes:?}");
     Ok(())
+}
+
+/// The CUDA kernel families a random draw must reach on `dev`: warpgroup MMA too on Hopper.
+fn gpu_families(dev: &Device) -> Vec<&'static str> {
+    let mut f = vec!["TensorCores", "Fp32Tiled", "Fp32Fma"];
+    if hopper_kernels_on(dev) {
+        f.push("WarpgroupMma");
+    }
+    f
 }
 
 #[test]
@@ -465,8 +481,30 @@ fn every_cuda_kernel_family_matches_float64_naive() -> Result<()> {
             FlashKernels::Simple,
             CudaKernelFamily::Fp32Fma,
         ),
+        (
+            DType::BF16,
+            64,
+            [8, 0, 8],
+            FlashKernels::MmaSync,
+            CudaKernelFamily::TensorCores,
+        ),
+        (
+            DType::F16,
+            128,
+            [0, 0, 0],
+            FlashKernels::MmaSync,
+            CudaKernelFamily::TensorCores,
+        ),
     ];
+    let hopper = hopper_kernels_on(&dev);
     for &(dtype, d, offsets, kernels, family) in plans {
+        // On Hopper the automatic choice for 16-bit types at d 64 and 128 is warpgroup MMA.
+        let family = match family {
+            CudaKernelFamily::TensorCores if hopper && kernels == FlashKernels::Auto && d != 32 => {
+                CudaKernelFamily::WarpgroupMma
+            }
+            f => f,
+        };
         if !on_gpu && matches!(dtype, DType::BF16 | DType::F16) {
             continue; // low precision is judged on the GPU only
         }
@@ -479,7 +517,7 @@ fn every_cuda_kernel_family_matches_float64_naive() -> Result<()> {
         c.offsets = offsets;
         c.kernels = kernels;
         c.scale = default_softmax_scale(d);
-        assert_eq!(c.family(), family, "{c:?}: kernel family");
+        assert_eq!(c.family(&dev), family, "{c:?}: kernel family");
         check_case(&mut rng, &c, &dev)?;
         if !on_gpu {
             // The same case in f64 on the CPU.
@@ -509,10 +547,10 @@ fn flash_kernel_in_multi_head_attention_matches_naive_kernel_with_grouped_heads(
         let d_model = n_heads * d_head;
         let (b, n) = (1 + rng.below(2), 1 + rng.below(40));
         let causal = rng.below(2) == 1;
-        let kernels = if rng.below(4) == 0 {
-            FlashKernels::Simple
-        } else {
-            FlashKernels::Auto
+        let kernels = match rng.below(6) {
+            0 => FlashKernels::Simple,
+            1 => FlashKernels::MmaSync,
+            _ => FlashKernels::Auto,
         };
         let dtypes: &[DType] = if on_gpu {
             &[DType::F32]
@@ -712,14 +750,14 @@ fn padded_keys_match_float64_naive_with_the_padding_mask() -> Result<()> {
                 }
             }
         }
-        families.insert(format!("{:?}", c.family()));
+        families.insert(format!("{:?}", c.family(&dev)));
     }
     assert!(
         padded > cases / 2,
         "only {padded}/{cases} cases had padding"
     );
     if on_gpu {
-        for f in ["TensorCores", "Fp32Tiled", "Fp32Fma"] {
+        for f in gpu_families(&dev) {
             assert!(
                 families.contains(f),
                 "family {f} never padded: {families:?}"

@@ -126,8 +126,14 @@ fn config(a: &TrainBenchArgs) -> LmConfig {
 /// Prints the attention kernel, and on CUDA which FlashAttention kernel family runs.
 fn describe_attention(kernels: &Kernels, cfg: &LmConfig, dtype: DType, dev: &Device) {
     if kernels.attention == AttentionImpl::Flash && dev.is_cuda() {
-        let family =
-            t0809_flash_attention::cuda_kernel_family(dtype, cfg.d_head(), &[0], kernels.flash);
+        let hopper = t0809_flash_attention::hopper_kernels_on(dev);
+        let family = t0809_flash_attention::cuda_kernel_family(
+            dtype,
+            cfg.d_head(),
+            &[0],
+            kernels.flash,
+            hopper,
+        );
         println!(
             "   attention: flash, {family:?} kernels (d_head {})",
             cfg.d_head()

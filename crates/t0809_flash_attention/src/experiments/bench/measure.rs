@@ -79,6 +79,18 @@ fn measure_flash(
     row.flash_fwd_ms = time_ms(dev, a.warmup, a.reps, || {
         flash_attention(&x.q, &x.k, &x.v, scale, causal).map(|_| ())
     })?;
+    let auto = cuda_kernel_family(
+        x.q.dtype(),
+        d,
+        &[0],
+        FlashKernels::Auto,
+        hopper_kernels_on(dev),
+    );
+    if auto == CudaKernelFamily::WarpgroupMma {
+        row.mma_sync_fwd_ms = Some(time_ms(dev, a.warmup, a.reps, || {
+            flash_attention_with(&x.q, &x.k, &x.v, scale, causal, FlashKernels::MmaSync).map(|_| ())
+        })?);
+    }
     if !a.fwd_only {
         measure_flash_backward(dev, a, x, &o, causal, scale, row)?;
     }

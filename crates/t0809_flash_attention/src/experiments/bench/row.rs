@@ -14,6 +14,10 @@ pub struct Row {
     pub heads: usize,
     pub fwd_flops: f64,
     pub flash_fwd_ms: f64,
+    /// Our forward on the `mma.sync` kernels, measured where the automatic choice is another
+    /// family (Hopper's warpgroup MMA): the step the Hopper kernels take.
+    #[serde(default)]
+    pub mma_sync_fwd_ms: Option<f64>,
     pub flash_bwd_ms: Option<f64>,
     pub flash_fwd_bwd_ms: Option<f64>,
     /// Forward op then backward op, called directly (no autograd bookkeeping).
@@ -54,6 +58,7 @@ impl Row {
             heads: case.heads,
             fwd_flops,
             flash_fwd_ms: 0.0,
+            mma_sync_fwd_ms: None,
             flash_bwd_ms: None,
             flash_fwd_bwd_ms: None,
             flash_fwd_bwd_ops_ms: None,

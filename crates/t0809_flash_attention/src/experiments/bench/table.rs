@@ -4,12 +4,13 @@ use super::row::{tflops, Row};
 use crate::experiments::common::mib;
 use shared::report::print_table;
 
-const HEADER: [&str; 17] = [
+const HEADER: [&str; 18] = [
     "seq",
     "d",
     "causal",
     "b x h",
     "flash fwd",
+    "mma.sync fwd",
     "flash bwd",
     "flash fwd+bwd",
     "flash f+b autograd",
@@ -31,6 +32,9 @@ pub fn print_rows(rows: &[Row], what: &str) {
         "\n-- FlashAttention (ours) vs naive, {what}: ms (TFLOP/s); memory = peak MiB of fwd+bwd"
     );
     println!("   flash fwd / bwd / fwd+bwd: our ops called directly; 'autograd': Σ O∘dO through Candle's backward (adds its bookkeeping)");
+    if rows.iter().any(|r| r.mma_sync_fwd_ms.is_some()) {
+        println!("   flash fwd on this Hopper card: the warpgroup-MMA kernel; 'mma.sync fwd': the same forward on the mma.sync kernel (FlashKernels::MmaSync); the backward is mma.sync's");
+    }
     print_table(&HEADER, &table);
     if rows.iter().any(|r| r.pytorch_fwd_ms.is_some()) {
         println!("   ours/pt = our throughput / PyTorch SDPA's (FlashAttention-2 backend) on the same card (= PyTorch time / our time)");
@@ -56,6 +60,7 @@ fn table_row(r: &Row) -> Vec<String> {
         if r.causal { "yes".into() } else { "no".into() },
         format!("{}x{}", r.batch, r.heads),
         ms_tflops(Some(r.flash_fwd_ms), r.fwd_flops),
+        ms_tflops(r.mma_sync_fwd_ms, r.fwd_flops),
         ms_tflops(r.flash_bwd_ms, 2.5 * r.fwd_flops),
         ms_tflops(r.flash_fwd_bwd_ops_ms, 3.5 * r.fwd_flops),
         ms_tflops(r.flash_fwd_bwd_ms, 3.5 * r.fwd_flops),
