@@ -1,10 +1,12 @@
-// FlashAttention forward for Hopper (sm_90a): warpgroup MMA (`wgmma`) reading its operands
-// straight from shared memory (topic 8-09, issue "FlashAttention for Hopper").
+// FlashAttention forward for Hopper (sm_90a): warpgroup MMA (`wgmma`) reading its operands from
+// shared memory, the tensor-memory accelerator (TMA) filling it, and warp specialisation
+// (topic 8-09).
 //
 // Same contract as the forward kernels of flash_attn.cu: q (bh, n_q, d), k and v (bh, n_k, d),
 // o (bh, n_q, d), all contiguous; lse (bh, n_q) f32 = natural-log row log-sum-exp; end-aligned
 // causal mask (query i sees key j iff j <= i + n_k - n_q); kv_len (bh,) int or null (keys from
-// kv_len[bh] on are padding). bf16/f16 inputs, d 64 or 128, fp32 accumulators.
+// kv_len[bh] on are padding). bf16/f16 inputs, d 64 or 128, fp32 accumulators. Q, K and V come
+// as TMA tensor maps (built by src/cuda.rs), O and L as pointers.
 //
 // What changes against the mma.sync kernel:
 //   * A warpgroup (4 warps, 128 threads) issues one `wgmma.mma_async` for a whole 64 × N × 16
@@ -12,16 +14,21 @@
 //     descriptors instead of each warp loading fragments with ldmatrix. S = Q·Kᵀ is one wgmma per
 //     16 columns of d (N = the key tile), O += P·V one wgmma per 16 keys (N = d) with P from
 //     registers: the score accumulators of S, rounded to 16 bits, are already laid out as the A
-//     operand.
+//     operand. Both are asynchronous: a warpgroup computes S_j's softmax while the tensor cores
+//     still run P_{j-1}·V_{j-1}.
 //   * Shared tiles use the layout wgmma expects, "128-byte swizzle": a tile of ROWS × D is D/64
 //     panels of ROWS rows × 64 elements (128 bytes); the 16-byte chunk c of row r sits at slot
-//     c ^ (r % 8). Each panel starts on a 1024-byte boundary, where the pattern repeats.
-//   * Q·Kᵀ reads both operands K-major (d contiguous). P·V reads V as it lies in memory, d
-//     contiguous, which for B = V (keys × d) is N-major: the `imm-trans-b = 1` form.
-//
-// One CTA = NWG warpgroups; warpgroup w owns query rows 64w..64w+63 of the CTA's BR = 64·NWG.
-// Key tiles of BC, double-buffered: K_{j+1} loads (cp.async) while S_j and its softmax run,
-// V_{j+1} while P_j·V_j runs.
+//     c ^ (r % 8). Each panel starts on a 1024-byte boundary, where the pattern repeats. Q·Kᵀ
+//     reads both operands K-major (d contiguous); P·V reads V as it lies in memory, d contiguous,
+//     which for B = V (keys × d) is N-major: the `imm-trans-b = 1` form.
+//   * The TMA copies a whole panel (64 columns × ROWS rows of one head) with one instruction,
+//     swizzling on the way and writing zeros past the head's last row; completion is counted in
+//     bytes on an mbarrier.
+//   * Warp specialisation: warpgroup 0 is the producer (one thread issues every TMA copy, its
+//     registers handed to the others with setmaxnreg); warpgroups 1 and 2 are consumers, each
+//     owning 64 query rows. K and V tiles go through rings of NS stages, each with a "full"
+//     barrier (the producer's bytes have landed) and an "empty" one (both consumers are done
+//     with it). No barrier of the whole CTA remains in the loop.
 //
 // Build: nvcc --ptx -arch=compute_90a (build.rs); the kernels need an sm_90 card.
 
@@ -38,20 +45,6 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-
-// 16-byte async copy global -> shared; pred = false writes zeros (rows past the end).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
-  const int n = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Shared-memory writes of this thread (generic proxy) visible to wgmma (async proxy).
-__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // wgmma bookkeeping: order register writes before the next wgmma, close a group of issued
 // wgmmas, wait until at most N groups are in flight.
@@ -163,28 +156,6 @@ struct Ops<__half> {
   WGMMA_OPS("f16")
 };
 
-// Rows [row0, row0 + ROWS) of a (n_rows, D) matrix into a panel-layout tile, 16 bytes per thread
-// per step, consecutive threads on consecutive chunks of a row (coalesced); rows >= n_rows -> 0.
-template <typename T, int D, int ROWS, int NT>
-__device__ __forceinline__ void load_panels(T* s, const T* g, int row0, int n_rows, int tid) {
-  constexpr int CH = D / 8;
-  static_assert(ROWS * CH % NT == 0, "whole steps");
-#pragma unroll
-  for (int it = 0; it < ROWS * CH / NT; ++it) {
-    const int idx = it * NT + tid;
-    const int r = idx / CH, c = idx % CH;
-    const int gr = row0 + r;
-    const bool ok = gr < n_rows;
-    cp_async16(smem_u32(s + panel_offset<ROWS>(r, c * 8)), g + (size_t)(ok ? gr : 0) * D + c * 8, ok);
-  }
-}
-
-// Shared memory of one CTA in bytes: Q, two K tiles, two V tiles, and 1024 bytes of alignment.
-template <typename T, int D, int BC, int NWG>
-constexpr int fwd_smem_bytes() {
-  return (64 * NWG * D + 4 * BC * D) * (int)sizeof(T) + 1024;
-}
-
 // Masks scores of keys past the end and above the diagonal (rows of this thread: row_w0 + g and
 // row_w0 + g + 8; columns k0 + 8n + 2t + {0, 1}).
 template <int BC>
@@ -264,92 +235,166 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 8][4], const uint32_t (&
   for (int kk = 0; kk < BC / 16; ++kk) Ops<T>::rs(o, p[kk], descriptor(v_tile + kk * 16 * 128, BC * 128, 1024));
 }
 
-// The forward. Pipeline (FlashAttention-3's intra-warpgroup overlap): iteration j issues S_j =
-// Q K_jᵀ and O += P_{j-1} V_{j-1} together, waits for S_j only, and computes S_j's softmax while
-// the tensor cores still work on P_{j-1} V_{j-1}; only then does it wait for O, rescale it, and
-// round P_j. K_{j+1} and V_j load during the whole iteration; one barrier per iteration.
-template <typename T, int D, int BC, int NWG>
-__device__ __forceinline__ void fwd_wgmma(const T* __restrict__ Q, const T* __restrict__ K,
-                                          const T* __restrict__ V, T* __restrict__ O, float* __restrict__ LSE,
-                                          int n_q, int n_k, float scale_log2, int causal,
-                                          const int* __restrict__ kv_len) {
-  constexpr int BR = 64 * NWG, NT = 128 * NWG, TILE_BYTES = BC * D * (int)sizeof(T);
-  static_assert(D == 64 || D == 128, "d 64 or 128");
-  static_assert(BC == 64 || BC == 128, "key tiles of 64 or 128");
+// ---- TMA copies and mbarriers -------------------------------------------------------------
+// An mbarrier is a 64-bit word in shared memory that completes a phase when its expected number
+// of arrivals (and, with expect_tx, of bytes written by the TMA) has come; waiting on parity P
+// returns once the phase of parity P has completed.
+
+// A CUtensorMap (cuda.h), opaque: 128 bytes, 64-byte aligned, passed by value.
+struct alignas(64) TensorMap {
+  unsigned long long opaque[16];
+};
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+// One box of a 3-D tensor map (coordinates: column, row, head) into shared memory; completion
+// counted in bytes on `bar`.
+__device__ __forceinline__ void tma_load_3d(void* dst, const TensorMap* map, int c0, int c1, int c2, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
+      : "memory");
+}
+// Rows [row0, row0 + ROWS) of head bh, all D columns, as D/64 boxes of 64 columns: the panels.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void tma_tile(T* s, const TensorMap* map, int row0, int bh, uint64_t* bar) {
+#pragma unroll
+  for (int p = 0; p < D / 64; ++p) tma_load_3d(s + p * ROWS * 64, map, p * 64, row0, bh, bar);
+}
+
+// Shared memory of one CTA in bytes: Q (128 rows), NS K and NS V tiles, 1024 bytes to align them,
+// and the mbarriers (Q full; K and V full and empty per stage).
+template <typename T, int D, int BC, int NS>
+constexpr int fwd_smem_bytes() {
+  return (128 * D + 2 * NS * BC * D) * (int)sizeof(T) + 1024 + 8 * (1 + 4 * NS);
+}
+
+// The forward. The producer loads Q once and then K_j, V_j into stage j % NS as soon as both
+// consumers have released that stage. Each consumer: S_0 and its softmax; then for every further
+// tile j, S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} issued together, S_j's softmax while the second
+// still runs, then O rescaled and P_j rounded (FlashAttention-3's intra-warpgroup overlap); at
+// the end the last P V, O / l and L = m + ln l.
+template <typename T, int D, int BC, int NS>
+__device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
+                                             T* __restrict__ O, float* __restrict__ LSE, int n_q, int n_k,
+                                             float scale_log2, int causal, const int* __restrict__ kv_len) {
+  constexpr int BR = 128, TILE = BC * D, TILE_BYTES = TILE * (int)sizeof(T);
   extern __shared__ unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
-  T* sK = sQ + BR * D;      // two buffers of BC × D
-  T* sV = sK + 2 * BC * D;  // two buffers of BC × D
+  T* sK = sQ + BR * D;       // NS stages of BC × D
+  T* sV = sK + NS * TILE;    // NS stages of BC × D
+  uint64_t* bars = reinterpret_cast<uint64_t*>(sV + NS * TILE);
+  uint64_t* q_full = bars;
+  uint64_t* k_full = bars + 1;
+  uint64_t* k_empty = k_full + NS;
+  uint64_t* v_full = k_empty + NS;
+  uint64_t* v_empty = v_full + NS;
 
-  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int tid = threadIdx.x, wg = tid >> 7;
   const int bh = blockIdx.y;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;  // longest causal blocks first
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
   const int offset = n_k - n_q;
   const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
-  const T* Qh = Q + (size_t)bh * n_q * D;
-  const T* Kh = K + (size_t)bh * n_k * D;
-  const T* Vh = V + (size_t)bh * n_k * D;
-
-  // Causal: keys past the last row's diagonal are never loaded (whole tiles skipped).
   const int kv_end = causal ? min(n_kr, q0 + BR + offset) : n_kr;
-  const int n_tiles = max(1, (kv_end + BC - 1) / BC);  // tile 0 is always run (all masked if empty)
+  const int n_tiles = max(1, (kv_end + BC - 1) / BC);
 
-  const uint32_t q_base = smem_u32(sQ) + wg * 64 * 128;  // this warpgroup's 64 rows of each panel
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < NS; ++s) {
+      mbar_init(k_full + s, 1);
+      mbar_init(v_full + s, 1);
+      mbar_init(k_empty + s, 256);
+      mbar_init(v_empty + s, 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // Producer: one thread issues every load; the others of the warpgroup have nothing to do.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+    if (tid == 0) {
+      mbar_expect_tx(q_full, BR * D * sizeof(T));
+      tma_tile<T, D, BR>(sQ, tmQ, q0, bh, q_full);
+      for (int j = 0; j < n_tiles; ++j) {
+        const int s = j % NS;
+        const uint32_t phase = (j / NS) & 1;
+        if (j >= NS) mbar_wait(k_empty + s, phase ^ 1);
+        mbar_expect_tx(k_full + s, TILE_BYTES);
+        tma_tile<T, D, BC>(sK + s * TILE, tmK, j * BC, bh, k_full + s);
+        if (j >= NS) mbar_wait(v_empty + s, phase ^ 1);
+        mbar_expect_tx(v_full + s, TILE_BYTES);
+        tma_tile<T, D, BC>(sV + s * TILE, tmV, j * BC, bh, v_full + s);
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+
+  // Consumers: warpgroup c = wg - 1 owns query rows 64c..64c+63.
+  const int c = wg - 1, ctid = tid - 128, warp = (ctid >> 5) & 3, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const uint32_t q_base = smem_u32(sQ) + c * 64 * 128;
   const uint32_t k_base = smem_u32(sK), v_base = smem_u32(sV);
-  const int row_w0 = q0 + wg * 64 + warp * 16;
+  const int row_w0 = q0 + c * 64 + warp * 16;
 
   float o[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m_r[2] = {neg_inf(), neg_inf()};  // running max of rows g and g+8 (raw scores)
-  float l_r[2] = {0.f, 0.f};              // running sum over this thread's columns
+  float m_r[2] = {neg_inf(), neg_inf()};
+  float l_r[2] = {0.f, 0.f};
   float alpha[2];
   float s[BC / 8][4];
   uint32_t p[BC / 16][4];
 
-  // Tile 0: Q and K_0, then S_0 and its softmax while K_1 and V_0 load.
-  load_panels<T, D, BR, NT>(sQ, Qh, q0, n_q, tid);
-  load_panels<T, D, BC, NT>(sK, Kh, 0, n_kr, tid);
-  cp_async_commit();
-  cp_async_wait<0>();
-  fence_async_shared();
-  __syncthreads();
-  if (n_tiles > 1) load_panels<T, D, BC, NT>(sK + BC * D, Kh, BC, n_kr, tid);
-  load_panels<T, D, BC, NT>(sV, Vh, 0, n_kr, tid);
-  cp_async_commit();
+  mbar_wait(q_full, 0);
+  mbar_wait(k_full, 0);
   wgmma_fence();
   issue_scores<T, D, BC, BR>(s, q_base, k_base);
   wgmma_commit();
   wgmma_wait<0>();
   pin(s);
+  mbar_arrive(k_empty);
   mask_tile<BC>(s, 0, row_w0, g, t, n_kr, causal, offset);
   softmax_tile<BC>(s, m_r, l_r, alpha, scale_log2);
   pack_p<T, BC>(p, s);
 
   for (int j = 1; j < n_tiles; ++j) {
-    const int k0 = j * BC, buf = j & 1;
-    cp_async_wait<0>();  // K_j and V_{j-1}
-    fence_async_shared();
-    __syncthreads();  // ... for every thread; every warpgroup is done with K_{j-1} and V_{j-2}
-    if (j + 1 < n_tiles) load_panels<T, D, BC, NT>(sK + (buf ^ 1) * BC * D, Kh, k0 + BC, n_kr, tid);
-    load_panels<T, D, BC, NT>(sV + buf * BC * D, Vh, k0, n_kr, tid);
-    cp_async_commit();
-
+    const int sj = j % NS, sp = (j - 1) % NS;
+    mbar_wait(k_full + sj, (j / NS) & 1);
     wgmma_fence();
-    issue_scores<T, D, BC, BR>(s, q_base, k_base + buf * TILE_BYTES);
+    issue_scores<T, D, BC, BR>(s, q_base, k_base + sj * TILE_BYTES);
     wgmma_commit();
-    issue_pv<T, D, BC>(o, p, v_base + (buf ^ 1) * TILE_BYTES);
+    mbar_wait(v_full + sp, ((j - 1) / NS) & 1);
+    issue_pv<T, D, BC>(o, p, v_base + sp * TILE_BYTES);
     wgmma_commit();
 
-    wgmma_wait<1>();  // S_j (P_{j-1} V_{j-1} may still run)
+    wgmma_wait<1>();
     pin(s);
-    mask_tile<BC>(s, k0, row_w0, g, t, n_kr, causal, offset);
+    mbar_arrive(k_empty + sj);
+    mask_tile<BC>(s, j * BC, row_w0, g, t, n_kr, causal, offset);
     softmax_tile<BC>(s, m_r, l_r, alpha, scale_log2);
 
-    wgmma_wait<0>();  // O and the registers of P_{j-1} are free again
+    wgmma_wait<0>();
     pin(o);
     pin(p);
+    mbar_arrive(v_empty + sp);
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
       o[dn][0] *= alpha[0];
@@ -359,19 +404,19 @@ __device__ __forceinline__ void fwd_wgmma(const T* __restrict__ Q, const T* __re
     }
     pack_p<T, BC>(p, s);
   }
+  {
+    const int sp = (n_tiles - 1) % NS;
+    mbar_wait(v_full + sp, ((n_tiles - 1) / NS) & 1);
+    wgmma_fence();
+    issue_pv<T, D, BC>(o, p, v_base + sp * TILE_BYTES);
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin(o);
+    pin(p);
+    mbar_arrive(v_empty + sp);
+  }
 
-  // The last tile's O += P V.
-  cp_async_wait<0>();
-  fence_async_shared();
-  __syncthreads();
-  wgmma_fence();
-  issue_pv<T, D, BC>(o, p, v_base + ((n_tiles - 1) & 1) * TILE_BYTES);
-  wgmma_commit();
-  wgmma_wait<0>();
-  pin(o);
-  pin(p);
-
-  // Epilogue: O = acc / l staged through this warpgroup's rows of sQ (16-byte stores), L = m + ln l.
+  // Epilogue: this warpgroup's rows of O through its rows of sQ (only it read them), L = m + ln l.
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -381,12 +426,11 @@ __device__ __forceinline__ void fwd_wgmma(const T* __restrict__ Q, const T* __re
     l_r[r] = l;
     inv[r] = l > 0.f ? 1.f / l : 0.f;
   }
-  __syncthreads();  // every wgmma that read sQ is done
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = wg * 64 + warp * 16 + g + 8 * r;
+      const int row = c * 64 + warp * 16 + g + 8 * r;
       *reinterpret_cast<uint32_t*>(sQ + panel_offset<BR>(row, dn * 8 + 2 * t)) =
           Ops<T>::pack2(o[dn][2 * r] * inv[r], o[dn][2 * r + 1] * inv[r]);
     }
@@ -400,32 +444,32 @@ __device__ __forceinline__ void fwd_wgmma(const T* __restrict__ Q, const T* __re
             (m_r[r] == neg_inf()) ? neg_inf() : (m_r[r] * scale_log2 + log2f(l_r[r])) * LN2;
     }
   }
-  __syncthreads();
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory");  // this warpgroup's rows are staged
   constexpr int CH = D / 8;
 #pragma unroll
-  for (int it = 0; it < BR * CH / NT; ++it) {
-    const int idx = it * NT + tid;
-    const int r = idx / CH, c = idx % CH;
+  for (int it = 0; it < 64 * CH / 128; ++it) {
+    const int idx = it * 128 + (ctid & 127);
+    const int r = c * 64 + idx / CH, col = idx % CH;
     const int gr = q0 + r;
     if (gr < n_q)
-      *reinterpret_cast<uint4*>(O + ((size_t)bh * n_q + gr) * D + c * 8) =
-          *reinterpret_cast<const uint4*>(sQ + panel_offset<BR>(r, c * 8));
+      *reinterpret_cast<uint4*>(O + ((size_t)bh * n_q + gr) * D + col * 8) =
+          *reinterpret_cast<const uint4*>(sQ + panel_offset<BR>(r, col * 8));
   }
 }
 
 }  // namespace hopper
 
-// The kernels: flash_fwd_wgmma_{bf16,f16}_d{64,128}, two warpgroups (128 queries) per CTA, one CTA
-// per SM. Key tiles of 64 at d 64 and of 128 at d 128: the fastest of the variants timed by
-// scripts/flash_hopper_probe.cu on an H100 (d 64: 64 keys beat 128 by 1.1x; d 128: 128 beat 64 by
-// 1.04x; one warpgroup per CTA with two or three CTAs per SM was slower at both).
-#define FWD_WGMMA(NAME, T, D, BC, NWG, MIN_CTAS)                                                            \
-  extern "C" __global__ void __launch_bounds__(128 * NWG, MIN_CTAS)                                         \
-      NAME(const T* Q, const T* K, const T* V, T* O, float* LSE, int n_q, int n_k, int d, float scale_log2, \
-           int causal, const int* kv_len) {                                                                 \
-    hopper::fwd_wgmma<T, D, BC, NWG>(Q, K, V, O, LSE, n_q, n_k, scale_log2, causal, kv_len);                \
+// The kernels: flash_fwd_wgmma_{bf16,f16}_d{64,128}; 384 threads (a producer and two consumer
+// warpgroups), 128 queries per CTA, one CTA per SM, key tiles of 128 in rings of 2 stages (the
+// fastest of the variants scripts/flash_hopper_probe.cu times on an H100).
+#define FWD_WGMMA(NAME, T, D, BC, NS)                                                                     \
+  extern "C" __global__ void __launch_bounds__(384, 1)                                                      \
+      NAME(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,    \
+           const __grid_constant__ hopper::TensorMap tmV, T* O, float* LSE, int n_q, int n_k, int d,         \
+           float scale_log2, int causal, const int* kv_len) {                                               \
+    hopper::fwd_wgmma<T, D, BC, NS>(&tmQ, &tmK, &tmV, O, LSE, n_q, n_k, scale_log2, causal, kv_len);     \
   }
-FWD_WGMMA(flash_fwd_wgmma_bf16_d64, __nv_bfloat16, 64, 64, 2, 1)
-FWD_WGMMA(flash_fwd_wgmma_bf16_d128, __nv_bfloat16, 128, 128, 2, 1)
-FWD_WGMMA(flash_fwd_wgmma_f16_d64, __half, 64, 64, 2, 1)
-FWD_WGMMA(flash_fwd_wgmma_f16_d128, __half, 128, 128, 2, 1)
+FWD_WGMMA(flash_fwd_wgmma_bf16_d64, __nv_bfloat16, 64, 128, 2)
+FWD_WGMMA(flash_fwd_wgmma_bf16_d128, __nv_bfloat16, 128, 128, 2)
+FWD_WGMMA(flash_fwd_wgmma_f16_d64, __half, 64, 128, 2)
+FWD_WGMMA(flash_fwd_wgmma_f16_d128, __half, 128, 128, 2)

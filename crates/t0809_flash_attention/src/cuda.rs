@@ -32,21 +32,62 @@ const MODULE: &str = "t0809_flash_attn";
 const HOPPER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn_hopper.ptx"));
 const HOPPER_MODULE: &str = "t0809_flash_attn_hopper";
 
-/// Warpgroup-MMA forward: 2 warpgroups, 128 queries per block; key tiles of 64 (d 64) or 128
-/// (d 128), double-buffered.
-const WG_FWD_THREADS: u32 = 256;
+/// Warpgroup-MMA forward: a producer and two consumer warpgroups, 128 queries per block, key
+/// tiles of 128 in rings of 2 stages.
+const WG_FWD_THREADS: u32 = 384;
 const WG_FWD_BR: usize = 128;
-fn wg_fwd_bc(d: usize) -> usize {
-    if d <= 64 {
-        64
-    } else {
-        128
-    }
-}
-/// Q, two K and two V tiles in 16-bit elements, and 1024 bytes to align them to the swizzle
-/// pattern (`fwd_smem_bytes` in the `.cu` file).
+const WG_FWD_BC: usize = 128;
+const WG_FWD_STAGES: usize = 2;
+/// Q and the K and V rings in 16-bit elements, 1024 bytes to align them to the swizzle pattern,
+/// and the mbarriers (`fwd_smem_bytes` in the `.cu` file).
 fn wg_fwd_smem(d: usize) -> usize {
-    (WG_FWD_BR * d + 4 * wg_fwd_bc(d) * d) * 2 + 1024
+    (WG_FWD_BR * d + 2 * WG_FWD_STAGES * WG_FWD_BC * d) * 2 + 1024 + 8 * (1 + 4 * WG_FWD_STAGES)
+}
+
+/// A TMA tensor map (`CUtensorMap`): 128 opaque bytes the kernel takes by value.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct TensorMap([u64; 16]);
+
+// SAFETY: plain bytes, laid out as the driver's CUtensorMap.
+unsafe impl DeviceRepr for TensorMap {}
+
+/// The tensor map of a contiguous `(bh, n, d)` bf16/f16 tensor at device address `ptr`, seen as
+/// three dimensions (column, row, head): boxes of 64 columns × `rows` rows of one head, copied
+/// with the 128-byte swizzle; rows past a head's end read as zeros.
+fn tensor_map(ptr: u64, dtype: DType, [bh, n, d]: [usize; 3], rows: usize) -> Result<TensorMap> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let data_type = match dtype {
+        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        DType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        dt => bail!("flash attention (cuda): no tensor map for {dt:?}"),
+    };
+    let dims = [d as u64, n as u64, bh as u64];
+    let strides = [(d * 2) as u64, (n * d * 2) as u64]; // bytes, of dimensions 1 and 2
+    let boxes = [64u32, rows as u32, 1];
+    let element_strides = [1u32; 3];
+    let mut map = TensorMap([0; 16]);
+    // SAFETY: every array has the rank's length (strides one less); `map` is 128 bytes, 64-byte
+    // aligned; the driver only encodes (the memory at `ptr` is read by the kernel later).
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            (&mut map as *mut TensorMap).cast::<sys::CUtensorMap>(),
+            data_type,
+            3,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .w()?;
+    }
+    Ok(map)
 }
 
 /// Whether `dev` runs the Hopper kernels: compute capability 9.x and a build that has them.
@@ -232,12 +273,22 @@ fn fwd<T: CudaDType + DeviceRepr>(
     let mut lse = unsafe { dev.alloc::<f32>(bh * n_q)? };
     let family = family(&dev, suffix, dims, &[oq, ok, ov], kernels);
     let (name, rows, threads, smem) = match family {
-        crate::CudaKernelFamily::WarpgroupMma => (
-            format!("flash_fwd_wgmma_{suffix}_d{d}"),
-            WG_FWD_BR,
-            WG_FWD_THREADS,
-            wg_fwd_smem(d),
-        ),
+        crate::CudaKernelFamily::WarpgroupMma => {
+            let outputs = (&mut o, &mut lse);
+            fwd_wgmma(
+                &dev,
+                [&q, &k, &v],
+                dims,
+                outputs,
+                (scale, causal),
+                &kv_len,
+                suffix,
+            )?;
+            return Ok((
+                CudaStorage::wrap_cuda_slice(o, dev.clone()),
+                CudaStorage::wrap_cuda_slice(lse, dev),
+            ));
+        }
         crate::CudaKernelFamily::TensorCores => (
             format!("flash_fwd_tc_{suffix}_d{d}"),
             TC_FWD_BR,
@@ -257,11 +308,7 @@ fn fwd<T: CudaDType + DeviceRepr>(
             simple_fwd_smem(),
         ),
     };
-    let func = if family == crate::CudaKernelFamily::WarpgroupMma {
-        shared::cuda::load_kernel(&dev, HOPPER_MODULE, HOPPER_PTX, &name, smem)?
-    } else {
-        kernel(&dev, &name, smem)?
-    };
+    let func = kernel(&dev, &name, smem)?;
     let cfg = LaunchConfig {
         grid_dim: (n_q.div_ceil(rows) as u32, bh as u32, 1),
         block_dim: (threads, 1, 1),
@@ -289,6 +336,60 @@ fn fwd<T: CudaDType + DeviceRepr>(
         CudaStorage::wrap_cuda_slice(o, dev.clone()),
         CudaStorage::wrap_cuda_slice(lse, dev),
     ))
+}
+
+/// The Hopper forward `flash_fwd_wgmma_{suffix}_d{d}`: Q, K and V handed over as tensor maps,
+/// O and L as pointers.
+fn fwd_wgmma<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    [q, k, v]: [&CudaView<'_, T>; 3],
+    dims: Dims,
+    (o, lse): (&mut CudaSlice<T>, &mut CudaSlice<f32>),
+    (scale, causal): (f32, bool),
+    kv_len: &Option<CudaSlice<i32>>,
+    suffix: &str,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let Dims {
+        bh, n_q, n_k, d, ..
+    } = dims;
+    let dtype = if suffix == "bf16" {
+        DType::BF16
+    } else {
+        DType::F16
+    };
+    let stream = dev.cuda_stream();
+    let (q_ptr, _q_read) = q.device_ptr(&stream);
+    let (k_ptr, _k_read) = k.device_ptr(&stream);
+    let (v_ptr, _v_read) = v.device_ptr(&stream);
+    let maps = [
+        tensor_map(q_ptr, dtype, [bh, n_q, d], WG_FWD_BR)?,
+        tensor_map(k_ptr, dtype, [bh, n_k, d], WG_FWD_BC)?,
+        tensor_map(v_ptr, dtype, [bh, n_k, d], WG_FWD_BC)?,
+    ];
+    let name = format!("flash_fwd_wgmma_{suffix}_d{d}");
+    let smem = wg_fwd_smem(d);
+    let func = shared::cuda::load_kernel(dev, HOPPER_MODULE, HOPPER_PTX, &name, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n_q.div_ceil(WG_FWD_BR) as u32, bh as u32, 1),
+        block_dim: (WG_FWD_THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let (n_q_i, n_k_i, d_i, causal_i) = (n_q as i32, n_k as i32, d as i32, causal as i32);
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let null = 0u64;
+    let mut b = stream.launch_builder(&func);
+    b.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(o).arg(lse);
+    b.arg(&n_q_i)
+        .arg(&n_k_i)
+        .arg(&d_i)
+        .arg(&scale_log2)
+        .arg(&causal_i);
+    push_lengths(&mut b, kv_len, &null);
+    // SAFETY: the arguments match the kernel's signature; the maps describe q, k and v, whose
+    // pointers stay valid (and ordered on this stream) until the guards drop after the launch.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
 }
 
 /// Storages and layouts the backward reads.
