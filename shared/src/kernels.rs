@@ -151,39 +151,40 @@ impl Kernels {
 
 /// The command-line form of a [`Kernels`] choice, flattened into every binary's arguments:
 /// `--kernels composed|fused` picks the base and `--norm/--swiglu/--gelu/--softmax/--rope fused|composed`,
-/// `--attention naive|flash`, `--flash-kernels auto|simple`, `--head-copy row-swap|transpose` and
-/// `--embedding gather|index-select` override one op each.
+/// `--attention naive|flash`, `--flash-kernels auto|mma-sync|simple`, `--head-copy row-swap|transpose` and
+/// `--embedding gather|index-select` override one op each. They are global: they may follow a
+/// subcommand (`t0810_kv_cache train-bench --flash-kernels mma-sync`).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct KernelArgs {
     /// Base choice for every op (default: every fused op + FlashAttention, on the CPU and CUDA).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     pub kernels: Option<KernelBase>,
     /// RMSNorm and LayerNorm (8-06).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     pub norm: Option<OpImpl>,
     /// The SwiGLU gate (8-06).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     pub swiglu: Option<OpImpl>,
     /// Bias + GELU of the GPT-2-style MLP (8-06).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     pub gelu: Option<OpImpl>,
     /// Naive attention's scale + causal mask + softmax (8-06).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     pub softmax: Option<OpImpl>,
     /// The RoPE rotation (8-08).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     pub rope: Option<OpImpl>,
     /// Naive attention or FlashAttention (8-09).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     pub attention: Option<AttentionImpl>,
     /// Which FlashAttention kernels run on CUDA.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     pub flash_kernels: Option<FlashKernels>,
     /// How heads are split and merged (`--head-copy`: `--heads` is a model size in most binaries).
-    #[arg(id = "head_copy", long = "head-copy", value_enum)]
+    #[arg(id = "head_copy", long = "head-copy", value_enum, global = true)]
     pub heads: Option<HeadCopy>,
     /// How embeddings are looked up.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     pub embedding: Option<Lookup>,
 }
 

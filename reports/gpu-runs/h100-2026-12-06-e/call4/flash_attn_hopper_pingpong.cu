@@ -1,0 +1,498 @@
+// FlashAttention forward for Hopper (sm_90a): warpgroup MMA (`wgmma`) reading its operands from
+// shared memory, the tensor-memory accelerator (TMA) filling it, and warp specialisation
+// (topic 8-09).
+//
+// Same contract as the forward kernels of flash_attn.cu: q (bh, n_q, d), k and v (bh, n_k, d),
+// o (bh, n_q, d), all contiguous; lse (bh, n_q) f32 = natural-log row log-sum-exp; end-aligned
+// causal mask (query i sees key j iff j <= i + n_k - n_q); kv_len (bh,) int or null (keys from
+// kv_len[bh] on are padding). bf16/f16 inputs, d 64 or 128, fp32 accumulators. Q, K and V come
+// as TMA tensor maps (built by src/cuda.rs), O and L as pointers.
+//
+// What changes against the mma.sync kernel:
+//   * A warpgroup (4 warps, 128 threads) issues one `wgmma.mma_async` for a whole 64 × N × 16
+//     product; the tensor cores read Q, K and V from shared memory through 64-bit matrix
+//     descriptors instead of each warp loading fragments with ldmatrix. S = Q·Kᵀ is one wgmma per
+//     16 columns of d (N = the key tile), O += P·V one wgmma per 16 keys (N = d) with P from
+//     registers: the score accumulators of S, rounded to 16 bits, are already laid out as the A
+//     operand. Both are asynchronous: a warpgroup computes S_j's softmax while the tensor cores
+//     still run P_{j-1}·V_{j-1}.
+//   * Shared tiles use the layout wgmma expects, "128-byte swizzle": a tile of ROWS × D is D/64
+//     panels of ROWS rows × 64 elements (128 bytes); the 16-byte chunk c of row r sits at slot
+//     c ^ (r % 8). Each panel starts on a 1024-byte boundary, where the pattern repeats. Q·Kᵀ
+//     reads both operands K-major (d contiguous); P·V reads V as it lies in memory, d contiguous,
+//     which for B = V (keys × d) is N-major: the `imm-trans-b = 1` form.
+//   * The TMA copies a whole panel (64 columns × ROWS rows of one head) with one instruction,
+//     swizzling on the way and writing zeros past the head's last row; completion is counted in
+//     bytes on an mbarrier.
+//   * Warp specialisation: warpgroup 0 is the producer (one thread issues every TMA copy, its
+//     registers handed to the others with setmaxnreg); warpgroups 1 and 2 are consumers, each
+//     owning 64 query rows. K and V tiles go through rings of NS stages, each with a "full"
+//     barrier (the producer's bytes have landed) and an "empty" one (both consumers are done
+//     with it). No barrier of the whole CTA remains in the loop.
+//
+// Build: nvcc --ptx -arch=compute_90a (build.rs); the kernels need an sm_90 card.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace hopper {
+
+constexpr float LN2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// wgmma bookkeeping: order register writes before the next wgmma, close a group of issued
+// wgmmas, wait until at most N groups are in flight.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Keeps the compiler from moving reads or writes of registers that an in-flight wgmma owns
+// across this point.
+template <int NCH>
+__device__ __forceinline__ void pin(float (&a)[NCH][4]) {
+#pragma unroll
+  for (int i = 0; i < NCH; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(a[i][e])::"memory");
+}
+template <int NCH>
+__device__ __forceinline__ void pin(uint32_t (&a)[NCH][4]) {
+#pragma unroll
+  for (int i = 0; i < NCH; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
+}
+
+// Element offset of (row, col) in a ROWS-row tile in the 128-byte-swizzle panel layout.
+template <int ROWS>
+__device__ __forceinline__ int panel_offset(int row, int col) {
+  return (col >> 6) * (ROWS * 64) + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
+}
+
+// Matrix descriptor of a 128-byte-swizzled operand at shared address `addr`: bits 0-13 the
+// address, 16-29 the leading-dimension byte offset, 32-45 the stride-dimension byte offset (all
+// in 16-byte units), bits 62-63 = 1 (128-byte swizzle).
+//   K-major (Q and K): stride = 1024 bytes from one group of 8 rows to the next; leading unused.
+//   N-major (V):       leading = bytes from one 64-column panel to the next, stride = 1024 bytes
+//                      from one group of 8 keys to the next.
+__device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, uint32_t stride) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)((leading & 0x3FFFF) >> 4) << 16) |
+         ((uint64_t)((stride & 0x3FFFF) >> 4) << 32) | (1ull << 62);
+}
+
+// The accumulator registers of one thread for an N-column wgmma: N/8 chunks of 4 floats. Chunk i,
+// element e holds row 16·(warp in the warpgroup) + lane/4 + 8·(e/2), column 8i + 2·(lane%4) + e%2
+// — the same places as mma.sync m16n8's accumulators, so the softmax code is unchanged.
+#define ACC_32                                                                                                \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define ACC_64                                                                                                \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "   \
+  "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define F4(a, i) "+f"(a[i][0]), "+f"(a[i][1]), "+f"(a[i][2]), "+f"(a[i][3])
+#define F_32(a) F4(a, 0), F4(a, 1), F4(a, 2), F4(a, 3), F4(a, 4), F4(a, 5), F4(a, 6), F4(a, 7)
+#define F_64(a) \
+  F_32(a), F4(a, 8), F4(a, 9), F4(a, 10), F4(a, 11), F4(a, 12), F4(a, 13), F4(a, 14), F4(a, 15)
+
+// d (64 × N) = A·B (+ d when accumulate): A and B from shared memory, both K-major.
+// d (64 × N) = A·B (+ d when accumulate): A from registers (4 × 2 halves per thread, mma.sync's
+// A layout), B from shared memory N-major.
+#define WGMMA_OPS(TY)                                                                                          \
+  static __device__ __forceinline__ void ss(float (&d)[8][4], uint64_t a, uint64_t b, int accumulate) {              \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                  \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " ACC_32 ", %32, %33, p, 1, 1, 0, 0;\n}\n" \
+                 : F_32(d)                                                                                     \
+                 : "l"(a), "l"(b), "r"(accumulate));                                                          \
+  }                                                                                                            \
+  static __device__ __forceinline__ void ss(float (&d)[16][4], uint64_t a, uint64_t b, int accumulate) {             \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                  \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " ACC_64 ", %64, %65, p, 1, 1, 0, 0;\n}\n" \
+                 : F_64(d)                                                                                     \
+                 : "l"(a), "l"(b), "r"(accumulate));                                                          \
+  }                                                                                                            \
+  static __device__ __forceinline__ void rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {                  \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                  \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " ACC_32                            \
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                              \
+                 : F_32(d)                                                                                     \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));                               \
+  }                                                                                                            \
+  static __device__ __forceinline__ void rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b) {                 \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                  \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " ACC_64                           \
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                              \
+                 : F_64(d)                                                                                     \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));                               \
+  }
+
+template <typename T>
+struct Ops;
+
+template <>
+struct Ops<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  WGMMA_OPS("bf16")
+};
+
+template <>
+struct Ops<__half> {
+  static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  WGMMA_OPS("f16")
+};
+
+// Masks scores of keys past the end and above the diagonal (rows of this thread: row_w0 + g and
+// row_w0 + g + 8; columns k0 + 8n + 2t + {0, 1}).
+template <int BC>
+__device__ __forceinline__ void mask_tile(float (&s)[BC / 8][4], int k0, int row_w0, int g, int t, int n_kr,
+                                          int causal, int offset) {
+  if (!((k0 + BC > n_kr) || (causal && (k0 + BC - 1 > row_w0 + offset)))) return;
+#pragma unroll
+  for (int n = 0; n < BC / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = k0 + n * 8 + 2 * t + (e & 1);
+      const int row = row_w0 + g + ((e >> 1) << 3);
+      if (col >= n_kr || (causal && col > row + offset)) s[n][e] = neg_inf();
+    }
+  }
+}
+
+// Online softmax of one tile, in place: s becomes p = exp2(s·scale·log2e − m·scale·log2e) with m
+// the new running max of its row (a row's scores sit in the 4 threads of a quad); l is rescaled
+// and gains this tile's row sums; alpha[r] is the factor O must be rescaled by.
+template <int BC>
+__device__ __forceinline__ void softmax_tile(float (&s)[BC / 8][4], float (&m_r)[2], float (&l_r)[2],
+                                             float (&alpha)[2], float scale_log2) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = m_r[r];
+#pragma unroll
+    for (int n = 0; n < BC / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_use = (mx == neg_inf()) ? 0.f : mx * scale_log2;  // nothing visible yet
+    alpha[r] = exp2f(fmaf(m_r[r], scale_log2, -m_use));
+    m_r[r] = mx;
+    float rs = 0.f;
+#pragma unroll
+    for (int n = 0; n < BC / 8; ++n) {
+      const float p0 = exp2f(fmaf(s[n][2 * r], scale_log2, -m_use));
+      const float p1 = exp2f(fmaf(s[n][2 * r + 1], scale_log2, -m_use));
+      s[n][2 * r] = p0;
+      s[n][2 * r + 1] = p1;
+      rs += p0 + p1;
+    }
+    l_r[r] = l_r[r] * alpha[r] + rs;
+  }
+}
+
+// P in 16 bits, laid out as wgmma's register A operand (mma.sync's A layout): 16 keys per step.
+template <typename T, int BC>
+__device__ __forceinline__ void pack_p(uint32_t (&p)[BC / 16][4], const float (&s)[BC / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < BC / 16; ++kk) {
+    p[kk][0] = Ops<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
+    p[kk][1] = Ops<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
+    p[kk][2] = Ops<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    p[kk][3] = Ops<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  }
+}
+
+// Issues S = Q Kᵀ for one key tile (not waited for): one wgmma per 16 columns of d, both operands
+// K-major; 32 bytes further per step inside a panel, the next panel after 64 columns.
+template <typename T, int D, int BC, int BR>
+__device__ __forceinline__ void issue_scores(float (&s)[BC / 8][4], uint32_t q_base, uint32_t k_tile) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t in_panel = (kk & 3) * 32;
+    const uint64_t a = descriptor(q_base + (kk >> 2) * BR * 128 + in_panel, 16, 1024);
+    const uint64_t b = descriptor(k_tile + (kk >> 2) * BC * 128 + in_panel, 16, 1024);
+    Ops<T>::ss(s, a, b, kk > 0);
+  }
+}
+
+// Issues O += P V for one key tile (not waited for): V N-major, 16 keys (two groups of 8 rows,
+// 2048 bytes) per step; its two 64-column panels (d 128) BC·128 bytes apart.
+template <typename T, int D, int BC>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 8][4], const uint32_t (&p)[BC / 16][4], uint32_t v_tile) {
+#pragma unroll
+  for (int kk = 0; kk < BC / 16; ++kk) Ops<T>::rs(o, p[kk], descriptor(v_tile + kk * 16 * 128, BC * 128, 1024));
+}
+
+// ---- TMA copies and mbarriers -------------------------------------------------------------
+// An mbarrier is a 64-bit word in shared memory that completes a phase when its expected number
+// of arrivals (and, with expect_tx, of bytes written by the TMA) has come; waiting on parity P
+// returns once the phase of parity P has completed.
+
+// A CUtensorMap (cuda.h), opaque: 128 bytes, 64-byte aligned, passed by value.
+struct alignas(64) TensorMap {
+  unsigned long long opaque[16];
+};
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+// One box of a 3-D tensor map (coordinates: column, row, head) into shared memory; completion
+// counted in bytes on `bar`.
+__device__ __forceinline__ void tma_load_3d(void* dst, const TensorMap* map, int c0, int c1, int c2, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
+      : "memory");
+}
+// Rows [row0, row0 + ROWS) of head bh, all D columns, as D/64 boxes of 64 columns: the panels.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void tma_tile(T* s, const TensorMap* map, int row0, int bh, uint64_t* bar) {
+#pragma unroll
+  for (int p = 0; p < D / 64; ++p) tma_load_3d(s + p * ROWS * 64, map, p * 64, row0, bh, bar);
+}
+
+// Shared memory of one CTA in bytes: Q (128 rows), NS K and NS V tiles, 1024 bytes to align them,
+// and the mbarriers (Q full; K and V full and empty per stage).
+template <typename T, int D, int BC, int NS>
+constexpr int fwd_smem_bytes() {
+  return (128 * D + 2 * NS * BC * D) * (int)sizeof(T) + 1024 + 8 * (1 + 4 * NS);
+}
+
+// The forward. The producer loads Q once and then K_j, V_j into stage j % NS as soon as both
+// consumers have released that stage. Each consumer: S_0 and its softmax; then for every further
+// tile j, S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} issued together, S_j's softmax while the second
+// still runs, then O rescaled and P_j rounded (FlashAttention-3's intra-warpgroup overlap); at
+// the end the last P V, O / l and L = m + ln l.
+// Ping-pong between the two consumers (FlashAttention-3's inter-warpgroup overlap): a consumer
+// waits for its turn before issuing its wgmmas and hands the turn over right after, so the tensor
+// cores alternate between the two and one warpgroup's softmax runs under the other's products.
+// Named barriers 3 (consumer 0's turn) and 4 (consumer 1's), 256 threads each: 128 waiting, 128
+// arriving.
+__device__ __forceinline__ void wait_turn(int c) { asm volatile("bar.sync %0, 256;\n" ::"r"(3 + c) : "memory"); }
+__device__ __forceinline__ void pass_turn(int c) { asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - c) : "memory"); }
+
+template <typename T, int D, int BC, int NS, bool PP = false>
+__device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
+                                             T* __restrict__ O, float* __restrict__ LSE, int n_q, int n_k,
+                                             float scale_log2, int causal, const int* __restrict__ kv_len) {
+  constexpr int BR = 128, TILE = BC * D, TILE_BYTES = TILE * (int)sizeof(T);
+  extern __shared__ unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
+  T* sK = sQ + BR * D;       // NS stages of BC × D
+  T* sV = sK + NS * TILE;    // NS stages of BC × D
+  uint64_t* bars = reinterpret_cast<uint64_t*>(sV + NS * TILE);
+  uint64_t* q_full = bars;
+  uint64_t* k_full = bars + 1;
+  uint64_t* k_empty = k_full + NS;
+  uint64_t* v_full = k_empty + NS;
+  uint64_t* v_empty = v_full + NS;
+
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int bh = blockIdx.y;
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+  const int offset = n_k - n_q;
+  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
+  const int kv_end = causal ? min(n_kr, q0 + BR + offset) : n_kr;
+  const int n_tiles = max(1, (kv_end + BC - 1) / BC);
+
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < NS; ++s) {
+      mbar_init(k_full + s, 1);
+      mbar_init(v_full + s, 1);
+      mbar_init(k_empty + s, 256);
+      mbar_init(v_empty + s, 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // Producer: one thread issues every load; the others of the warpgroup have nothing to do.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+    if (tid == 0) {
+      mbar_expect_tx(q_full, BR * D * sizeof(T));
+      tma_tile<T, D, BR>(sQ, tmQ, q0, bh, q_full);
+      for (int j = 0; j < n_tiles; ++j) {
+        const int s = j % NS;
+        const uint32_t phase = (j / NS) & 1;
+        if (j >= NS) mbar_wait(k_empty + s, phase ^ 1);
+        mbar_expect_tx(k_full + s, TILE_BYTES);
+        tma_tile<T, D, BC>(sK + s * TILE, tmK, j * BC, bh, k_full + s);
+        if (j >= NS) mbar_wait(v_empty + s, phase ^ 1);
+        mbar_expect_tx(v_full + s, TILE_BYTES);
+        tma_tile<T, D, BC>(sV + s * TILE, tmV, j * BC, bh, v_full + s);
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+
+  // Consumers: warpgroup c = wg - 1 owns query rows 64c..64c+63.
+  const int c = wg - 1, ctid = tid - 128, warp = (ctid >> 5) & 3, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const uint32_t q_base = smem_u32(sQ) + c * 64 * 128;
+  const uint32_t k_base = smem_u32(sK), v_base = smem_u32(sV);
+  const int row_w0 = q0 + c * 64 + warp * 16;
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_r[2] = {neg_inf(), neg_inf()};
+  float l_r[2] = {0.f, 0.f};
+  float alpha[2];
+  float s[BC / 8][4];
+  uint32_t p[BC / 16][4];
+
+  if (PP && c == 1) pass_turn(c);  // consumer 0 goes first
+  mbar_wait(q_full, 0);
+  mbar_wait(k_full, 0);
+  if (PP) wait_turn(c);
+  wgmma_fence();
+  issue_scores<T, D, BC, BR>(s, q_base, k_base);
+  wgmma_commit();
+  if (PP) pass_turn(c);
+  wgmma_wait<0>();
+  pin(s);
+  mbar_arrive(k_empty);
+  mask_tile<BC>(s, 0, row_w0, g, t, n_kr, causal, offset);
+  softmax_tile<BC>(s, m_r, l_r, alpha, scale_log2);
+  pack_p<T, BC>(p, s);
+
+  for (int j = 1; j < n_tiles; ++j) {
+    const int sj = j % NS, sp = (j - 1) % NS;
+    mbar_wait(k_full + sj, (j / NS) & 1);
+    mbar_wait(v_full + sp, ((j - 1) / NS) & 1);
+    if (PP) wait_turn(c);
+    wgmma_fence();
+    issue_scores<T, D, BC, BR>(s, q_base, k_base + sj * TILE_BYTES);
+    wgmma_commit();
+    issue_pv<T, D, BC>(o, p, v_base + sp * TILE_BYTES);
+    wgmma_commit();
+    if (PP) pass_turn(c);
+
+    wgmma_wait<1>();
+    pin(s);
+    mbar_arrive(k_empty + sj);
+    mask_tile<BC>(s, j * BC, row_w0, g, t, n_kr, causal, offset);
+    softmax_tile<BC>(s, m_r, l_r, alpha, scale_log2);
+
+    wgmma_wait<0>();
+    pin(o);
+    pin(p);
+    mbar_arrive(v_empty + sp);
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      o[dn][0] *= alpha[0];
+      o[dn][1] *= alpha[0];
+      o[dn][2] *= alpha[1];
+      o[dn][3] *= alpha[1];
+    }
+    pack_p<T, BC>(p, s);
+  }
+  {
+    const int sp = (n_tiles - 1) % NS;
+    mbar_wait(v_full + sp, ((n_tiles - 1) / NS) & 1);
+    if (PP) wait_turn(c);
+    wgmma_fence();
+    issue_pv<T, D, BC>(o, p, v_base + sp * TILE_BYTES);
+    wgmma_commit();
+    if (PP) pass_turn(c);
+    if (PP && c == 0) wait_turn(c);  // consumer 1's last hand-over, so no arrival is left behind
+    wgmma_wait<0>();
+    pin(o);
+    pin(p);
+    mbar_arrive(v_empty + sp);
+  }
+
+  // Epilogue: this warpgroup's rows of O through its rows of sQ (only it read them), L = m + ln l.
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_r[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    l_r[r] = l;
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+  }
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = c * 64 + warp * 16 + g + 8 * r;
+      *reinterpret_cast<uint32_t*>(sQ + panel_offset<BR>(row, dn * 8 + 2 * t)) =
+          Ops<T>::pack2(o[dn][2 * r] * inv[r], o[dn][2 * r + 1] * inv[r]);
+    }
+  }
+  if (t == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row_w0 + g + 8 * r;
+      if (row < n_q)
+        LSE[(size_t)bh * n_q + row] =
+            (m_r[r] == neg_inf()) ? neg_inf() : (m_r[r] * scale_log2 + log2f(l_r[r])) * LN2;
+    }
+  }
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory");  // this warpgroup's rows are staged
+  constexpr int CH = D / 8;
+#pragma unroll
+  for (int it = 0; it < 64 * CH / 128; ++it) {
+    const int idx = it * 128 + (ctid & 127);
+    const int r = c * 64 + idx / CH, col = idx % CH;
+    const int gr = q0 + r;
+    if (gr < n_q)
+      *reinterpret_cast<uint4*>(O + ((size_t)bh * n_q + gr) * D + col * 8) =
+          *reinterpret_cast<const uint4*>(sQ + panel_offset<BR>(r, col * 8));
+  }
+}
+
+}  // namespace hopper
+
+// The kernels: flash_fwd_wgmma_{bf16,f16}_d{64,128}; 384 threads (a producer and two consumer
+// warpgroups), 128 queries per CTA, one CTA per SM, key tiles of 128 in rings of 2 stages (the
+// fastest of the variants scripts/flash_hopper_probe.cu times on an H100).
+#define FWD_WGMMA_PP(NAME, T, D, BC, NS)                                                                  \
+  extern "C" __global__ void __launch_bounds__(384, 1)                                                      \
+      NAME(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,    \
+           const __grid_constant__ hopper::TensorMap tmV, T* O, float* LSE, int n_q, int n_k, int d,         \
+           float scale_log2, int causal, const int* kv_len) {                                               \
+    hopper::fwd_wgmma<T, D, BC, NS, true>(&tmQ, &tmK, &tmV, O, LSE, n_q, n_k, scale_log2, causal, kv_len);  \
+  }
+#define FWD_WGMMA(NAME, T, D, BC, NS)                                                                     \
+  extern "C" __global__ void __launch_bounds__(384, 1)                                                      \
+      NAME(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,    \
+           const __grid_constant__ hopper::TensorMap tmV, T* O, float* LSE, int n_q, int n_k, int d,         \
+           float scale_log2, int causal, const int* kv_len) {                                               \
+    hopper::fwd_wgmma<T, D, BC, NS>(&tmQ, &tmK, &tmV, O, LSE, n_q, n_k, scale_log2, causal, kv_len);     \
+  }
+FWD_WGMMA(flash_fwd_wgmma_bf16_d64, __nv_bfloat16, 64, 128, 2)
+FWD_WGMMA(flash_fwd_wgmma_bf16_d128, __nv_bfloat16, 128, 128, 2)
+FWD_WGMMA(flash_fwd_wgmma_f16_d64, __half, 64, 128, 2)
+FWD_WGMMA(flash_fwd_wgmma_f16_d128, __half, 128, 128, 2)
