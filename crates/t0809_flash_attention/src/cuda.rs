@@ -4,7 +4,8 @@
 //! Kernel choice:
 //! - on a Hopper card (sm_90), bf16/f16 with `d = 64` or `128` and 16-byte-aligned inputs: the
 //!   forward `flash_fwd_wgmma_{bf16,f16}_d{64,128}` (`kernels/flash_attn_hopper.cu`: warpgroup
-//!   MMA from shared memory), the backward as below;
+//!   MMA from shared memory, TMA loads, warp specialisation), the backward
+//!   `flash_bwd_wgmma_{bf16,f16}_d64` at `d = 64` and the mma.sync one below at `d = 128`;
 //! - bf16/f16 with `d = 32`, `64` or `128` and 16-byte-aligned inputs: the tensor-core kernels
 //!   `flash_{fwd,bwd}_tc_{bf16,f16}_d{32,64,128}` (mma.sync m16n8k16, fp32 accumulators);
 //! - f32 with `d = 32` or `64` and 16-byte-aligned inputs: `flash_{fwd,bwd}_tiled_f32_d{32,64}`,
@@ -19,7 +20,7 @@
 use crate::cpu::Dims;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
@@ -42,6 +43,16 @@ const WG_FWD_STAGES: usize = 2;
 /// and the mbarriers (`fwd_smem_bytes` in the `.cu` file).
 fn wg_fwd_smem(d: usize) -> usize {
     (WG_FWD_BR * d + 2 * WG_FWD_STAGES * WG_FWD_BC * d) * 2 + 1024 + 8 * (1 + 4 * WG_FWD_STAGES)
+}
+/// Warpgroup-MMA backward (d 64): the same three warpgroups, 128 keys per block, query tiles of 64
+/// in rings of 2 stages.
+const WG_BWD_BC: usize = 128;
+const WG_BWD_BR: usize = 64;
+/// K and V, the Q and dO rings and dSᵀ in 16-bit elements, both consumers' f32 dQ tiles, 1024
+/// bytes of alignment and the mbarriers (`bwd_smem_bytes` in the `.cu` file).
+fn wg_bwd_smem(d: usize) -> usize {
+    let halves = 2 * WG_BWD_BC * d + 2 * WG_FWD_STAGES * WG_BWD_BR * d + WG_BWD_BC * WG_BWD_BR;
+    halves * 2 + 2 * WG_BWD_BR * d * 4 + 1024 + 8 * (1 + 2 * WG_FWD_STAGES)
 }
 
 /// A TMA tensor map (`CUtensorMap`): 128 opaque bytes the kernel takes by value.
@@ -392,6 +403,72 @@ fn fwd_wgmma<T: CudaDType + DeviceRepr>(
     Ok(())
 }
 
+/// The Hopper backward `flash_bwd_wgmma_{suffix}_d64`: Q, K, V and dO as tensor maps, L and D
+/// (`stats`) as pointers; writes dK and dV and adds into the f32 dQ buffer (`outputs`).
+fn bwd_wgmma<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    [q, k, v, d_o]: [&CudaView<'_, T>; 4],
+    (lse, dsum): (&CudaView<'_, f32>, &CudaSlice<f32>),
+    (dq_acc, dk, dv): BwdOutputs<'_, '_, T>,
+    (dims, scale, causal): (Dims, f32, bool),
+    kv_len: &Option<CudaSlice<i32>>,
+    suffix: &str,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let Dims {
+        bh, n_q, n_k, d, ..
+    } = dims;
+    let dtype = if suffix == "bf16" {
+        DType::BF16
+    } else {
+        DType::F16
+    };
+    let stream = dev.cuda_stream();
+    let (q_ptr, _q_read) = q.device_ptr(&stream);
+    let (k_ptr, _k_read) = k.device_ptr(&stream);
+    let (v_ptr, _v_read) = v.device_ptr(&stream);
+    let (do_ptr, _do_read) = d_o.device_ptr(&stream);
+    let maps = [
+        tensor_map(q_ptr, dtype, [bh, n_q, d], WG_BWD_BR)?,
+        tensor_map(k_ptr, dtype, [bh, n_k, d], WG_BWD_BC)?,
+        tensor_map(v_ptr, dtype, [bh, n_k, d], WG_BWD_BC)?,
+        tensor_map(do_ptr, dtype, [bh, n_q, d], WG_BWD_BR)?,
+    ];
+    let name = format!("flash_bwd_wgmma_{suffix}_d{d}");
+    let smem = wg_bwd_smem(d);
+    let func = shared::cuda::load_kernel(dev, HOPPER_MODULE, HOPPER_PTX, &name, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n_k.div_ceil(WG_BWD_BC) as u32, bh as u32, 1),
+        block_dim: (WG_FWD_THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let (n_q_i, n_k_i, d_i, causal_i) = (n_q as i32, n_k as i32, d as i32, causal as i32);
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let null = 0u64;
+    let mut b = stream.launch_builder(&func);
+    b.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&maps[3]);
+    b.arg(lse).arg(dsum).arg(dq_acc).arg(dk).arg(dv);
+    b.arg(&n_q_i)
+        .arg(&n_k_i)
+        .arg(&d_i)
+        .arg(&scale)
+        .arg(&scale_log2)
+        .arg(&causal_i);
+    push_lengths(&mut b, kv_len, &null);
+    // SAFETY: the arguments match the kernel's signature; the maps describe q, k, v and d_o, whose
+    // pointers stay valid (and ordered on this stream) until the guards drop after the launch;
+    // dK and dV have n_k rows per head, the dQ buffer n_q.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// The backward's outputs: the f32 dQ buffer, dK and dV.
+type BwdOutputs<'a, 'b, T> = (
+    &'a mut CudaSlice<f32>,
+    &'a mut CudaViewMut<'b, T>,
+    &'a mut CudaViewMut<'b, T>,
+);
+
 /// Storages and layouts the backward reads.
 pub struct BwdInputs<'a> {
     pub q: (&'a CudaStorage, &'a Layout),
@@ -452,7 +529,7 @@ fn bwd_launch_shape(
     d: usize,
 ) -> (String, usize, u32, usize) {
     match family {
-        // Hopper's backward is the mma.sync one.
+        // Hopper's backward at d 128 (and 32) is the mma.sync one.
         crate::CudaKernelFamily::WarpgroupMma | crate::CudaKernelFamily::TensorCores => (
             format!("flash_bwd_tc_{suffix}_d{d}"),
             TC_BWD_BC,
@@ -504,8 +581,22 @@ fn bwd<T: CudaDType + DeviceRepr>(
     // SAFETY: dK, dV (every key row) and dQ (step 3) cover the whole packed buffer.
     let mut packed = unsafe { dev.alloc::<T>(nq_el + 2 * nk_el)? };
     let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
-    {
-        let family = family(&dev, suffix, dims, &[oq, ok, ov, odo], kernels);
+    let family = family(&dev, suffix, dims, &[oq, ok, ov, odo], kernels);
+    if family == crate::CudaKernelFamily::WarpgroupMma && d == 64 {
+        let (_, mut rest) = packed.split_at_mut(nq_el);
+        let (mut dk, mut dv) = rest.split_at_mut(nk_el);
+        let outputs = (&mut dq_acc, &mut dk, &mut dv);
+        let shape = (dims, scale, causal);
+        bwd_wgmma(
+            &dev,
+            [&q, &k, &v, &d_o],
+            (&lse, &dsum),
+            outputs,
+            shape,
+            &kv_len,
+            suffix,
+        )?;
+    } else {
         let (name, keys, threads, smem) = bwd_launch_shape(family, suffix, d);
         let func = kernel(&dev, &name, smem)?;
         let cfg = LaunchConfig {

@@ -67,8 +67,8 @@ pub use tiled::flash_attention_tensor_ops;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CudaKernelFamily {
     /// Hopper (sm_90): the forward on warpgroup MMA (`wgmma`, operands read from shared memory,
-    /// `kernels/flash_attn_hopper.cu`), the backward on the `mma.sync` kernels. bf16/f16,
-    /// d_head 64 or 128, 16-byte-aligned starts.
+    /// `kernels/flash_attn_hopper.cu`), the backward too at d_head 64 and on the `mma.sync`
+    /// kernels at 128. bf16/f16, d_head 64 or 128, 16-byte-aligned starts.
     WarpgroupMma,
     /// `mma.sync` m16n8k16 with fp32 accumulators: bf16/f16, d_head 32, 64 or 128, 16-byte
     /// aligned starts.

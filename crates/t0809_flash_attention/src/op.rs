@@ -304,6 +304,17 @@ pub fn flash_attention_backward(
 }
 
 /// [`flash_attention_backward`] of `[q, k, v, o, d_o, lse]` with the CUDA kernels chosen by
+/// `kernels` (to measure one family against another).
+pub fn flash_attention_backward_with(
+    inputs: [&Tensor; 6],
+    softmax_scale: f64,
+    causal: bool,
+    kernels: FlashKernels,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    backward_with_kernels(inputs, softmax_scale, causal, kernels, None)
+}
+
+/// [`flash_attention_backward`] of `[q, k, v, o, d_o, lse]` with the CUDA kernels chosen by
 /// `kernels` and the forward's key padding.
 fn backward_with_kernels(
     [q, k, v, o, d_o, lse]: [&Tensor; 6],

@@ -116,6 +116,15 @@ fn measure_flash_backward(
     row.flash_bwd_ms = Some(time_ms(dev, a.warmup, a.reps, || {
         op::flash_attention_backward(&x.q, &x.k, &x.v, o, &x.d_o, &lse, scale, causal).map(|_| ())
     })?);
+    let hopper = hopper_kernels_on(dev);
+    let auto = cuda_kernel_family(x.q.dtype(), x.q.dim(3)?, &[0], FlashKernels::Auto, hopper);
+    if auto == CudaKernelFamily::WarpgroupMma && x.q.dim(3)? == 64 {
+        let inputs = [&x.q, &x.k, &x.v, o, &x.d_o, &lse];
+        row.mma_sync_bwd_ms = Some(time_ms(dev, a.warmup, a.reps, || {
+            op::flash_attention_backward_with(inputs, scale, causal, FlashKernels::MmaSync)
+                .map(|_| ())
+        })?);
+    }
     row.flash_fwd_bwd_ops_ms = Some(time_ms(dev, a.warmup, a.reps, || {
         let (o, lse) = flash_attention_with_lse(&x.q, &x.k, &x.v, scale, causal)?;
         op::flash_attention_backward(&x.q, &x.k, &x.v, &o, &x.d_o, &lse, scale, causal).map(|_| ())

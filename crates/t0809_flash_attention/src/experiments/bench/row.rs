@@ -18,6 +18,10 @@ pub struct Row {
     /// family (Hopper's warpgroup MMA): the step the Hopper kernels take.
     #[serde(default)]
     pub mma_sync_fwd_ms: Option<f64>,
+    /// The backward op on the `mma.sync` kernels, measured where the automatic choice is
+    /// Hopper's (d 64).
+    #[serde(default)]
+    pub mma_sync_bwd_ms: Option<f64>,
     pub flash_bwd_ms: Option<f64>,
     pub flash_fwd_bwd_ms: Option<f64>,
     /// Forward op then backward op, called directly (no autograd bookkeeping).
@@ -59,6 +63,7 @@ impl Row {
             fwd_flops,
             flash_fwd_ms: 0.0,
             mma_sync_fwd_ms: None,
+            mma_sync_bwd_ms: None,
             flash_bwd_ms: None,
             flash_fwd_bwd_ms: None,
             flash_fwd_bwd_ops_ms: None,
