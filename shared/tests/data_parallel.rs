@@ -1,7 +1,9 @@
 //! Data parallelism on the CPU, with the ranks as threads ([`LocalGroup`]):
 //! - a world of N, each rank on its N-th of the batch, trains as one worker on the whole batch;
 //! - every rank ends with the same parameters, bit for bit;
-//! - the broadcast gives every rank rank 0's initial parameters; bad shards are refused.
+//! - the broadcast gives every rank rank 0's initial parameters; bad shards are refused;
+//! - rank 0 writes the checkpoints, and a group killed mid-run resumes from them to the same
+//!   parameters and losses as a group that was never stopped, bit for bit.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -218,10 +220,15 @@ fn collectives_sum_and_broadcast_and_bad_shards_are_refused() -> Result<()> {
 struct Shard<'a> {
     model: &'a Mlp,
     rows: std::ops::Range<usize>,
+    /// Fail while fetching this step's batch, as a killed job would (every rank at once).
+    crash_at: Option<usize>,
 }
 
 impl shared::fit::Task for Shard<'_> {
     fn train_loss(&mut self, step: usize) -> Result<(Tensor, usize)> {
+        if self.crash_at == Some(step) {
+            anyhow::bail!("killed at step {step}");
+        }
         Ok((self.model.loss(step, self.rows.clone())?, self.rows.len()))
     }
 
@@ -249,6 +256,7 @@ fn the_one_loop_in_a_group_equals_the_one_loop_on_the_whole_batch_and_rank_0_che
         &mut Shard {
             model: &model,
             rows: 0..ROWS,
+            crash_at: None,
         },
         &spec,
         None,
@@ -278,6 +286,7 @@ fn the_one_loop_in_a_group_equals_the_one_loop_on_the_whole_batch_and_rank_0_che
         let mut task = Shard {
             model: &model,
             rows,
+            crash_at: None,
         };
         let ck = Some((&mut varmap, &ck));
         let curve = fit_in_group(&mut t, &mut task, &spec, ck, Some(&group))?;
@@ -301,5 +310,93 @@ fn the_one_loop_in_a_group_equals_the_one_loop_on_the_whole_batch_and_rank_0_che
     assert_eq!(t.step, 12);
     assert_eq!(values(&varmap)?, results[0].0);
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A group of two ranks as threads, each from a fresh model of `seed`, trained with `fit_in_group`
+/// on its half of the batch with checkpoints every 4 steps in `ck_dir` (resuming from there when
+/// `resume`), the task failing at `crash_at`: each rank's parameters and curve, or the first error.
+fn group_run(
+    seed: u64,
+    ck_dir: &std::path::Path,
+    resume: bool,
+    crash_at: Option<usize>,
+) -> Result<Vec<(Vec<f32>, shared::fit::Curve)>> {
+    use shared::fit::{fit_in_group, Checkpointing, FitSpec};
+    let spec = FitSpec {
+        label: "mlp".into(),
+        eval_every: 4,
+        patience: None,
+    };
+    let ck = Checkpointing {
+        dir: ck_dir.to_path_buf(),
+        every: 4,
+        resume,
+        meta: serde_json::json!({ "model": "mlp" }),
+    };
+    let models = (0..2)
+        .map(|_| {
+            let varmap = VarMap::new();
+            let model = Mlp::new(&varmap, seed)?;
+            Ok((varmap, model))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let inputs: Vec<_> = LocalGroup::new(2)?.into_iter().zip(models).collect();
+    on_threads(inputs, |(group, (mut varmap, model))| {
+        let mut t = trainer(&varmap)?;
+        let rows = shard_rows(ROWS, 2, group.rank())?;
+        let mut task = Shard {
+            model: &model,
+            rows,
+            crash_at,
+        };
+        let curve = fit_in_group(
+            &mut t,
+            &mut task,
+            &spec,
+            Some((&mut varmap, &ck)),
+            Some(&group),
+        )?;
+        assert_eq!(t.step, 12);
+        Ok((values(&varmap)?, curve))
+    })
+}
+
+#[test]
+fn a_group_killed_mid_run_resumes_from_rank_0s_checkpoint_as_if_never_stopped() -> Result<()> {
+    let _turn = one_at_a_time();
+    let root = std::env::temp_dir().join(format!("module08-dp-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let straight = group_run(3, &root.join("straight"), false, None)?;
+    // Killed while fetching step 10's batch: the last checkpoint is step 8's, written by rank 0.
+    let stopped = root.join("stopped");
+    let killed = group_run(3, &stopped, false, Some(10));
+    assert!(killed
+        .unwrap_err()
+        .to_string()
+        .contains("killed at step 10"));
+    let last = shared::checkpoint::latest(&stopped)?.expect("a checkpoint");
+    assert!(last.ends_with("step-00000008"), "{}", last.display());
+    // Resumed by fresh ranks whose own initialisation (seed 77) differs: every rank loads rank
+    // 0's checkpoint and goes on.
+    let resumed = group_run(77, &stopped, true, None)?;
+    let losses = |c: &shared::fit::Curve| {
+        c.train
+            .iter()
+            .map(|t| (t.0, t.1.to_bits()))
+            .collect::<Vec<_>>()
+    };
+    for rank in 0..2 {
+        assert_eq!(
+            resumed[rank].0, straight[rank].0,
+            "rank {rank}: parameters, bit for bit"
+        );
+        assert_eq!(
+            losses(&resumed[rank].1),
+            losses(&straight[rank].1),
+            "rank {rank}: every step's loss, bit for bit"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }

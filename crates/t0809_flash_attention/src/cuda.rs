@@ -5,7 +5,8 @@
 //! - on a Hopper card (sm_90), bf16/f16 with `d = 64` or `128` and 16-byte-aligned inputs: the
 //!   forward `flash_fwd_wgmma_{bf16,f16}_d{64,128}` (`kernels/flash_attn_hopper.cu`: warpgroup
 //!   MMA from shared memory, TMA loads, warp specialisation), the backward
-//!   `flash_bwd_wgmma_{bf16,f16}_d64` at `d = 64` and the mma.sync one below at `d = 128`;
+//!   `flash_bwd_wgmma_{bf16,f16}_d64` at `d = 64` over 8,192 keys or more
+//!   ([`crate::hopper_backward`]), else the mma.sync one below;
 //! - bf16/f16 with `d = 32`, `64` or `128` and 16-byte-aligned inputs: the tensor-core kernels
 //!   `flash_{fwd,bwd}_tc_{bf16,f16}_d{32,64,128}` (mma.sync m16n8k16, fp32 accumulators);
 //! - f32 with `d = 32` or `64` and 16-byte-aligned inputs: `flash_{fwd,bwd}_tiled_f32_d{32,64}`,
@@ -582,7 +583,7 @@ fn bwd<T: CudaDType + DeviceRepr>(
     let mut packed = unsafe { dev.alloc::<T>(nq_el + 2 * nk_el)? };
     let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
     let family = family(&dev, suffix, dims, &[oq, ok, ov, odo], kernels);
-    if family == crate::CudaKernelFamily::WarpgroupMma && d == 64 {
+    if family == crate::CudaKernelFamily::WarpgroupMma && crate::hopper_backward(d, n_k) {
         let (_, mut rest) = packed.split_at_mut(nq_el);
         let (mut dk, mut dv) = rest.split_at_mut(nk_el);
         let outputs = (&mut dq_acc, &mut dk, &mut dv);

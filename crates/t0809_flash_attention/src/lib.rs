@@ -67,8 +67,9 @@ pub use tiled::flash_attention_tensor_ops;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CudaKernelFamily {
     /// Hopper (sm_90): the forward on warpgroup MMA (`wgmma`, operands read from shared memory,
-    /// `kernels/flash_attn_hopper.cu`), the backward too at d_head 64 and on the `mma.sync`
-    /// kernels at 128. bf16/f16, d_head 64 or 128, 16-byte-aligned starts.
+    /// `kernels/flash_attn_hopper.cu`); the backward too where [`hopper_backward`] says so (d_head
+    /// 64, long sequences), else on the `mma.sync` kernels. bf16/f16, d_head 64 or 128,
+    /// 16-byte-aligned starts.
     WarpgroupMma,
     /// `mma.sync` m16n8k16 with fp32 accumulators: bf16/f16, d_head 32, 64 or 128, 16-byte
     /// aligned starts.
@@ -108,6 +109,18 @@ pub fn cuda_kernel_family(
     } else {
         CudaKernelFamily::Fp32Fma
     }
+}
+
+/// The fewest keys for which the backward of a [`CudaKernelFamily::WarpgroupMma`] call runs on
+/// warpgroup MMA as well (at d_head 64; at 128 it is always the `mma.sync` backward). Measured on
+/// an H100 against the `mma.sync` backward: 1.08–1.10× at 16,384 keys, 0.86–1.08× at 1,024 and
+/// 4,096 (reports/gpu-runs/h100-2026-12-06-e/call9/bench_results.json).
+pub const HOPPER_BACKWARD_MIN_KEYS: usize = 8192;
+
+/// Whether the backward of a [`CudaKernelFamily::WarpgroupMma`] call with head size `d_head` over
+/// `n_k` keys runs on the Hopper backward kernel.
+pub fn hopper_backward(d_head: usize, n_k: usize) -> bool {
+    d_head == 64 && n_k >= HOPPER_BACKWARD_MIN_KEYS
 }
 
 /// Whether `device` runs the Hopper kernels: a CUDA card of compute capability 9.x, with this

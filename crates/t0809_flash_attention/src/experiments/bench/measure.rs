@@ -118,7 +118,7 @@ fn measure_flash_backward(
     })?);
     let hopper = hopper_kernels_on(dev);
     let auto = cuda_kernel_family(x.q.dtype(), x.q.dim(3)?, &[0], FlashKernels::Auto, hopper);
-    if auto == CudaKernelFamily::WarpgroupMma && x.q.dim(3)? == 64 {
+    if auto == CudaKernelFamily::WarpgroupMma && hopper_backward(x.q.dim(3)?, x.k.dim(2)?) {
         let inputs = [&x.q, &x.k, &x.v, o, &x.d_o, &lse];
         row.mma_sync_bwd_ms = Some(time_ms(dev, a.warmup, a.reps, || {
             op::flash_attention_backward_with(inputs, scale, causal, FlashKernels::MmaSync)

@@ -19,7 +19,7 @@ pub struct Row {
     #[serde(default)]
     pub mma_sync_fwd_ms: Option<f64>,
     /// The backward op on the `mma.sync` kernels, measured where the automatic choice is
-    /// Hopper's (d 64).
+    /// Hopper's ([`t0809_flash_attention::hopper_backward`]).
     #[serde(default)]
     pub mma_sync_bwd_ms: Option<f64>,
     pub flash_bwd_ms: Option<f64>,
