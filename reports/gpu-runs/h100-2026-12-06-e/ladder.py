@@ -6,6 +6,8 @@ H100) the forward TFLOP/s of every step of the ladder and the ratios the lesson 
   mma_sync, wgmma_v1        call3/bench_results.json (built from c6f088f: cp.async, CTA barriers)
   wgmma_ws, fa2, cudnn      call4/bench_results.json (built from 838e649: TMA, warp specialisation;
                             mma_sync again in the same run; PyTorch SDPA's two backends)
+  hopper_bwd.{h100,h200}    call9 (H100, the backward at every length) and call10 (H200, from
+                            8,192 keys): our backward, mma.sync's and PyTorch's backends
   probe ratios              call1/probe.txt (v0: no overlap) and call4/probe_pp.txt (ping-pong),
                             each against the kernel it replaced, in the same call
 Run: python3 ladder.py (from this folder).
@@ -55,5 +57,29 @@ for name, (a, b) in probe("call1/probe.txt", r"([\d.]+) TFLOP/s").items():
 # call4: "shipped bc128 X | pp bc128 Y | pp bc64 Z": ping-pong vs the warp-specialised kernel.
 for name, v in probe("call4/probe_pp.txt", r"\| [a-z0-9 ]+ (\d+)").items():
     out[name]["pingpong_vs_ws_probe"] = v[1] / v[0]
+# The Hopper backward (d 64): call9 on the H100 (every length), call10 on an H200 (8192, 16384),
+# against the mma.sync backward and PyTorch's backends in the same run.
+def backward(path, card):
+    runs = {k: v for k, v in bench(path + "/bench_results.json").items() if v.get("mma_sync_bwd_ms")}
+    pt = {(r["d_head"], r["causal"], r["seq"]): r for r in json.load(open(path + "/pytorch_flash.json"))["results"]}
+    cd = {(r["d_head"], r["causal"], r["seq"]): r for r in json.load(open(path + "/pytorch_cudnn.json"))["results"]}
+    for key, r in sorted(runs.items()):
+        d, causal, seq = key
+        fa2_bwd = pt[key]["fwd_bwd_ms"] - pt[key]["fwd_ms"]
+        out.setdefault("hopper_bwd", {}).setdefault(card, {})[f"d{d}_{'causal' if causal else 'full'}_{seq}"] = {
+            "bwd_ms": r["flash_bwd_ms"],
+            "mma_sync_bwd_ms": r["mma_sync_bwd_ms"],
+            "vs_mma_sync": r["mma_sync_bwd_ms"] / r["flash_bwd_ms"],
+            "fa2_bwd_ms": fa2_bwd,
+            "vs_fa2": fa2_bwd / r["flash_bwd_ms"],
+            "cudnn_bwd_ms": cd[key]["fwd_bwd_ms"] - cd[key]["fwd_ms"],
+            "fwd_bwd_ms": r["flash_fwd_bwd_ops_ms"],
+            "fa2_fwd_bwd_ms": pt[key]["fwd_bwd_ms"],
+            "cudnn_fwd_bwd_ms": cd[key]["fwd_bwd_ms"],
+            "fwd_bwd_vs_fa2": pt[key]["fwd_bwd_ms"] / r["flash_fwd_bwd_ops_ms"],
+        }
+
+backward("call9", "h100")
+backward("call10", "h200")
 json.dump(out, open("ladder.json", "w"), indent=1, sort_keys=True)
 print(json.dumps(out["d64_causal_16384"], indent=1))
