@@ -21,7 +21,8 @@
 use crate::cpu::Dims;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
@@ -34,9 +35,9 @@ const MODULE: &str = "t0809_flash_attn";
 const HOPPER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn_hopper.ptx"));
 const HOPPER_MODULE: &str = "t0809_flash_attn_hopper";
 
-/// Warpgroup-MMA forward: a producer and two consumer warpgroups, 128 queries per block, key
-/// tiles of 128 in rings of 2 stages.
-const WG_FWD_THREADS: u32 = 384;
+/// Warpgroup-MMA forward: a producer and two consumer warpgroups (`WG_THREADS`), 128 queries per
+/// block, key tiles of 128 in rings of 2 stages.
+const WG_THREADS: u32 = 384;
 const WG_FWD_BR: usize = 128;
 const WG_FWD_BC: usize = 128;
 const WG_FWD_STAGES: usize = 2;
@@ -350,6 +351,48 @@ fn fwd<T: CudaDType + DeviceRepr>(
     ))
 }
 
+/// The tensor maps of `tiles` — (tensor, its rows per head, the rows of one box) — of the 16-bit
+/// dtype `suffix` with `bh` heads of width `d`, and the guards that keep the tensors' memory
+/// ordered on `stream`; drop them after the launch.
+fn tensor_maps<'a, T: CudaDType>(
+    stream: &'a CudaStream,
+    suffix: &str,
+    bh: usize,
+    d: usize,
+    tiles: &[(&'a CudaView<'_, T>, usize, usize)],
+) -> Result<(Vec<TensorMap>, Vec<SyncOnDrop<'a>>)> {
+    let dtype = if suffix == "bf16" {
+        DType::BF16
+    } else {
+        DType::F16
+    };
+    let mut maps = Vec::with_capacity(tiles.len());
+    let mut reads = Vec::with_capacity(tiles.len());
+    for &(view, n, rows) in tiles {
+        let (ptr, read) = view.device_ptr(stream);
+        maps.push(tensor_map(ptr, dtype, [bh, n, d], rows)?);
+        reads.push(read);
+    }
+    Ok((maps, reads))
+}
+
+/// A kernel of the Hopper module and its launch shape: `grid`, 384 threads (a producer and two
+/// consumer warpgroups), `smem` bytes of dynamic shared memory.
+fn hopper_kernel(
+    dev: &CudaDevice,
+    name: &str,
+    smem: usize,
+    grid: (u32, u32, u32),
+) -> Result<(CudaFunction, LaunchConfig)> {
+    let func = shared::cuda::load_kernel(dev, HOPPER_MODULE, HOPPER_PTX, name, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: grid,
+        block_dim: (WG_THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    Ok((func, cfg))
+}
+
 /// The Hopper forward `flash_fwd_wgmma_{suffix}_d{d}`: Q, K and V handed over as tensor maps,
 /// O and L as pointers.
 fn fwd_wgmma<T: CudaDType + DeviceRepr>(
@@ -361,32 +404,23 @@ fn fwd_wgmma<T: CudaDType + DeviceRepr>(
     kv_len: &Option<CudaSlice<i32>>,
     suffix: &str,
 ) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let Dims {
         bh, n_q, n_k, d, ..
     } = dims;
-    let dtype = if suffix == "bf16" {
-        DType::BF16
-    } else {
-        DType::F16
-    };
     let stream = dev.cuda_stream();
-    let (q_ptr, _q_read) = q.device_ptr(&stream);
-    let (k_ptr, _k_read) = k.device_ptr(&stream);
-    let (v_ptr, _v_read) = v.device_ptr(&stream);
-    let maps = [
-        tensor_map(q_ptr, dtype, [bh, n_q, d], WG_FWD_BR)?,
-        tensor_map(k_ptr, dtype, [bh, n_k, d], WG_FWD_BC)?,
-        tensor_map(v_ptr, dtype, [bh, n_k, d], WG_FWD_BC)?,
+    let tiles = [
+        (q, n_q, WG_FWD_BR),
+        (k, n_k, WG_FWD_BC),
+        (v, n_k, WG_FWD_BC),
     ];
-    let name = format!("flash_fwd_wgmma_{suffix}_d{d}");
-    let smem = wg_fwd_smem(d);
-    let func = shared::cuda::load_kernel(dev, HOPPER_MODULE, HOPPER_PTX, &name, smem)?;
-    let cfg = LaunchConfig {
-        grid_dim: (n_q.div_ceil(WG_FWD_BR) as u32, bh as u32, 1),
-        block_dim: (WG_FWD_THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let (maps, _reads) = tensor_maps(&stream, suffix, bh, d, &tiles)?;
+    let grid = (n_q.div_ceil(WG_FWD_BR) as u32, bh as u32, 1);
+    let (func, cfg) = hopper_kernel(
+        dev,
+        &format!("flash_fwd_wgmma_{suffix}_d{d}"),
+        wg_fwd_smem(d),
+        grid,
+    )?;
     let (n_q_i, n_k_i, d_i, causal_i) = (n_q as i32, n_k as i32, d as i32, causal as i32);
     let scale_log2 = scale * std::f32::consts::LOG2_E;
     let null = 0u64;
@@ -415,34 +449,24 @@ fn bwd_wgmma<T: CudaDType + DeviceRepr>(
     kv_len: &Option<CudaSlice<i32>>,
     suffix: &str,
 ) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let Dims {
         bh, n_q, n_k, d, ..
     } = dims;
-    let dtype = if suffix == "bf16" {
-        DType::BF16
-    } else {
-        DType::F16
-    };
     let stream = dev.cuda_stream();
-    let (q_ptr, _q_read) = q.device_ptr(&stream);
-    let (k_ptr, _k_read) = k.device_ptr(&stream);
-    let (v_ptr, _v_read) = v.device_ptr(&stream);
-    let (do_ptr, _do_read) = d_o.device_ptr(&stream);
-    let maps = [
-        tensor_map(q_ptr, dtype, [bh, n_q, d], WG_BWD_BR)?,
-        tensor_map(k_ptr, dtype, [bh, n_k, d], WG_BWD_BC)?,
-        tensor_map(v_ptr, dtype, [bh, n_k, d], WG_BWD_BC)?,
-        tensor_map(do_ptr, dtype, [bh, n_q, d], WG_BWD_BR)?,
+    let tiles = [
+        (q, n_q, WG_BWD_BR),
+        (k, n_k, WG_BWD_BC),
+        (v, n_k, WG_BWD_BC),
+        (d_o, n_q, WG_BWD_BR),
     ];
-    let name = format!("flash_bwd_wgmma_{suffix}_d{d}");
-    let smem = wg_bwd_smem(d);
-    let func = shared::cuda::load_kernel(dev, HOPPER_MODULE, HOPPER_PTX, &name, smem)?;
-    let cfg = LaunchConfig {
-        grid_dim: (n_k.div_ceil(WG_BWD_BC) as u32, bh as u32, 1),
-        block_dim: (WG_FWD_THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let (maps, _reads) = tensor_maps(&stream, suffix, bh, d, &tiles)?;
+    let grid = (n_k.div_ceil(WG_BWD_BC) as u32, bh as u32, 1);
+    let (func, cfg) = hopper_kernel(
+        dev,
+        &format!("flash_bwd_wgmma_{suffix}_d{d}"),
+        wg_bwd_smem(d),
+        grid,
+    )?;
     let (n_q_i, n_k_i, d_i, causal_i) = (n_q as i32, n_k as i32, d as i32, causal as i32);
     let scale_log2 = scale * std::f32::consts::LOG2_E;
     let null = 0u64;
