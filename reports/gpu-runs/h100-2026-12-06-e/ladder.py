@@ -79,6 +79,10 @@ def backward(path, card):
             "fwd_bwd_vs_fa2": pt[key]["fwd_bwd_ms"] / r["flash_fwd_bwd_ops_ms"],
         }
 
+# The LM step at GPT-2-small size (d_head 64) with the Hopper forward over the mma.sync one.
+lm = json.load(open("call8/shape-gpt2_small_config-summary.json"))["rows"]
+out["lm_step_gpt2_small"] = {"hopper_vs_mma_sync": lm[0]["tokens_per_s"] / lm[2]["tokens_per_s"]}
+
 backward("call9", "h100")
 backward("call10", "h200")
 json.dump(out, open("ladder.json", "w"), indent=1, sort_keys=True)
