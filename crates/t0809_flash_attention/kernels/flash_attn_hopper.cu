@@ -1,14 +1,18 @@
-// FlashAttention forward for Hopper (sm_90a): warpgroup MMA (`wgmma`) reading its operands from
-// shared memory, the tensor-memory accelerator (TMA) filling it, and warp specialisation
-// (topic 8-09).
+// FlashAttention for Hopper (sm_90a), forward and backward: warpgroup MMA (`wgmma`) reading its
+// operands from shared memory, the tensor-memory accelerator (TMA) filling it, and warp
+// specialisation (topic 8-09).
 //
 // Same contract as the forward kernels of flash_attn.cu: q (bh, n_q, d), k and v (bh, n_k, d),
 // o (bh, n_q, d), all contiguous; lse (bh, n_q) f32 = natural-log row log-sum-exp; end-aligned
 // causal mask (query i sees key j iff j <= i + n_k - n_q); kv_len (bh,) int or null (keys from
 // kv_len[bh] on are padding). bf16/f16 inputs, d 64 or 128, fp32 accumulators. Q, K and V come
-// as TMA tensor maps (built by src/cuda.rs), O and L as pointers. At d 64 the backward runs here
-// too (flash_bwd_wgmma_*: the same machinery, keys per CTA, queries streamed; the contract of
-// flash_attn.cu's mma.sync backward); at d 128 the backward is flash_attn.cu's.
+// as TMA tensor maps (built by src/cuda.rs), O and L as pointers. One difference: the TMA copies
+// whole tiles of the tensor, so key rows from kv_len[bh] to n_k are read as they are in memory,
+// not as zeros; their probabilities are exactly 0, but a NaN or Inf there reaches O and dQ
+// (0 · NaN).
+// At d 64 from 8,192 keys the backward runs here too (flash_bwd_wgmma_*: the same machinery, keys
+// per CTA, queries streamed; the contract of flash_attn.cu's mma.sync backward); otherwise the
+// backward is flash_attn.cu's.
 //
 // What changes against the mma.sync kernel:
 //   * A warpgroup (4 warps, 128 threads) issues one `wgmma.mma_async` for a whole 64 × N × 16
@@ -237,6 +241,9 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 8][4], const uint32_t (&
   for (int kk = 0; kk < BC / 16; ++kk) Ops<T>::rs(o, p[kk], descriptor(v_tile + kk * 16 * 128, BC * 128, 1024));
 }
 
+// Waits for the 128 threads of consumer warpgroup c (named barrier 1 + c; 0 is __syncthreads).
+__device__ __forceinline__ void consumer_sync(int c) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory"); }
+
 // ---- TMA copies and mbarriers -------------------------------------------------------------
 // An mbarrier is a 64-bit word in shared memory that completes a phase when its expected number
 // of arrivals (and, with expect_tx, of bytes written by the TMA) has come; waiting on parity P
@@ -446,7 +453,7 @@ __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap*
             (m_r[r] == neg_inf()) ? neg_inf() : (m_r[r] * scale_log2 + log2f(l_r[r])) * LN2;
     }
   }
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory");  // this warpgroup's rows are staged
+  consumer_sync(c);  // this warpgroup's rows are staged
   constexpr int CH = D / 8;
 #pragma unroll
   for (int it = 0; it < 64 * CH / 128; ++it) {
@@ -597,15 +604,15 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
   for (int qb = qb_first, j = 0; qb < n_qb; ++qb, ++j) {
     const int s = j % NS, i0 = qb * BR;
     const uint32_t q_s = smem_u32(sQ + s * QT), do_s = smem_u32(sdO + s * QT);
-    // L and D of this thread's query columns 8n + 2t + {0, 1}.
-    float lq[BR / 8][2], dq_[BR / 8][2];
+    // L (in log2 units) and D = rowsum(dO∘O) of this thread's query columns 8n + 2t + {0, 1}.
+    float lq[BR / 8][2], d_row[BR / 8][2];
 #pragma unroll
     for (int n = 0; n < BR / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int q = i0 + n * 8 + 2 * t + e;
         lq[n][e] = q < n_q ? Lh[q] * 1.4426950408889634f : 0.f;
-        dq_[n][e] = q < n_q ? Dh[q] : 0.f;
+        d_row[n][e] = q < n_q ? Dh[q] : 0.f;
       }
     wgmma_wait<0>();
     pin(st);
@@ -619,7 +626,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
       for (int e = 0; e < 4; ++e) {
         const int qi = n * 8 + 2 * t + (e & 1);
         float p = exp2f(fmaf(st[n][e], scale_log2, -lq[n][e & 1]));
-        float ds = p * (dpt[n][e] - dq_[n][e & 1]);
+        float ds = p * (dpt[n][e] - d_row[n][e & 1]);
         if (need_mask) {
           const int key = key_w0 + g + ((e >> 1) << 3), q = i0 + qi;
           if (q >= n_q || key >= n_kr || (causal && key > q + offset)) p = ds = 0.f;
@@ -633,7 +640,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     pack_p<T, BR>(da, dpt);
     // dSᵀ into shared memory (this consumer's 64 key rows), for dQ; every warp of the consumer is
     // past the previous tile's dQ product before it is overwritten.
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory");
+    consumer_sync(c);
 #pragma unroll
     for (int n = 0; n < BR / 8; ++n)
 #pragma unroll
@@ -643,7 +650,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
             Ops<T>::pack2(dpt[n][2 * r], dpt[n][2 * r + 1]);
       }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory");
+    consumer_sync(c);
 
     // dV += Pᵀ dO_i, dK += dSᵀ Q_i (B N-major), dQ_i(c) = dS_c K_c (A = dSᵀ read M-major).
     float dqc[D / 8][4];
@@ -680,7 +687,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     // the dQ buffer by the TMA unit (cp.reduce.async.bulk), which runs on while we go on.
     float* my_dq = sdQ + c * 64 * D;
     if (ctid == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // the previous one has read it
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory");
+    consumer_sync(c);
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn)
 #pragma unroll
@@ -689,7 +696,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
         *reinterpret_cast<float2*>(my_dq + row * D + dn * 8 + 2 * t) = make_float2(dqc[dn][2 * r], dqc[dn][2 * r + 1]);
       }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory");
+    consumer_sync(c);
     if (ctid == 0) {
       const int rows = min(BR, n_q - i0);
       asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"

@@ -1,5 +1,6 @@
-//! Launching our kernels (`kernels/flash_attn.cu`, compiled to PTX by `build.rs`) from the
-//! custom ops' `cuda_fwd`. Only built with the `cuda` feature.
+//! Launching our kernels (`kernels/flash_attn.cu` and, for Hopper, `kernels/flash_attn_hopper.cu`,
+//! compiled to PTX by `build.rs`) from the custom ops' `cuda_fwd`. Only built with the `cuda`
+//! feature.
 //!
 //! Kernel choice:
 //! - on a Hopper card (sm_90), bf16/f16 with `d = 64` or `128` and 16-byte-aligned inputs: the
@@ -15,8 +16,13 @@
 //!   fp32 FMA, one score per thread at a time.
 //!
 //! The backward is three launches plus a memset: `D = rowsum(dO∘O)` (`flash_bwd_dot_*`), the main
-//! kernel (dK, dV written directly into the packed output, dQ accumulated in an f32 buffer with
-//! atomics), then `dQ = scale·dQacc` converted into the packed output (`flash_bwd_dq_*`).
+//! kernel (dK, dV written directly into the packed output, dQ accumulated in an f32 buffer: with
+//! atomics, or on Hopper with the TMA's bulk reduce-add), then `dQ = scale·dQacc` converted into
+//! the packed output (`flash_bwd_dq_*`).
+//!
+//! The Hopper kernels read their tiles through TMA tensor maps of the whole `(bh, n, d)` tensors:
+//! padded key rows (from a head's key length to `n_k`) are read as they are in memory, not as
+//! zeros, and must be finite.
 
 use crate::cpu::Dims;
 use candle_core::backend::BackendStorage;
@@ -40,11 +46,11 @@ const HOPPER_MODULE: &str = "t0809_flash_attn_hopper";
 const WG_THREADS: u32 = 384;
 const WG_FWD_BR: usize = 128;
 const WG_FWD_BC: usize = 128;
-const WG_FWD_STAGES: usize = 2;
+const WG_STAGES: usize = 2;
 /// Q and the K and V rings in 16-bit elements, 1024 bytes to align them to the swizzle pattern,
 /// and the mbarriers (`fwd_smem_bytes` in the `.cu` file).
 fn wg_fwd_smem(d: usize) -> usize {
-    (WG_FWD_BR * d + 2 * WG_FWD_STAGES * WG_FWD_BC * d) * 2 + 1024 + 8 * (1 + 4 * WG_FWD_STAGES)
+    (WG_FWD_BR * d + 2 * WG_STAGES * WG_FWD_BC * d) * 2 + 1024 + 8 * (1 + 4 * WG_STAGES)
 }
 /// Warpgroup-MMA backward (d 64): the same three warpgroups, 128 keys per block, query tiles of 64
 /// in rings of 2 stages.
@@ -53,8 +59,8 @@ const WG_BWD_BR: usize = 64;
 /// K and V, the Q and dO rings and dSᵀ in 16-bit elements, both consumers' f32 dQ tiles, 1024
 /// bytes of alignment and the mbarriers (`bwd_smem_bytes` in the `.cu` file).
 fn wg_bwd_smem(d: usize) -> usize {
-    let halves = 2 * WG_BWD_BC * d + 2 * WG_FWD_STAGES * WG_BWD_BR * d + WG_BWD_BC * WG_BWD_BR;
-    halves * 2 + 2 * WG_BWD_BR * d * 4 + 1024 + 8 * (1 + 2 * WG_FWD_STAGES)
+    let halves = 2 * WG_BWD_BC * d + 2 * WG_STAGES * WG_BWD_BR * d + WG_BWD_BC * WG_BWD_BR;
+    halves * 2 + 2 * WG_BWD_BR * d * 4 + 1024 + 8 * (1 + 2 * WG_STAGES)
 }
 
 /// A TMA tensor map (`CUtensorMap`): 128 opaque bytes the kernel takes by value.
@@ -106,7 +112,7 @@ fn tensor_map(ptr: u64, dtype: DType, [bh, n, d]: [usize; 3], rows: usize) -> Re
 /// Whether `dev` runs the Hopper kernels: compute capability 9.x and a build that has them.
 pub fn hopper_kernels_on(dev: &CudaDevice) -> bool {
     HOPPER_PTX.contains("flash_fwd_wgmma")
-        && matches!(dev.cuda_stream().context().compute_capability(), Ok((9, _)))
+        && matches!(dev.cuda_stream().context().compute_capability(), Ok((9, 0)))
 }
 
 /// Tensor-core kernels: forward 4 warps, tiles of 64 queries × 64 keys; backward 8 warps,

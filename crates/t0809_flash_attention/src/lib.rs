@@ -30,8 +30,9 @@
 //! This crate has the algorithm three times:
 //! - [`flash_attention_tensor_ops`]: the tiled loop written with Candle tensor ops, to read;
 //! - [`FlashAttention`]: a Candle `CustomOp3` whose CPU forward is the tiled loop in plain Rust
-//!   ([`cpu`]) and whose CUDA forward launches our kernel (`kernels/flash_attn.cu`), with a
-//!   backward ([`FlashAttentionBackward`]) on both;
+//!   ([`cpu`]) and whose CUDA forward launches our kernels (`kernels/flash_attn.cu`, and on a
+//!   Hopper card `kernels/flash_attn_hopper.cu`), with a backward ([`FlashAttentionBackward`]) on
+//!   both;
 //! - [`flash_attention`]: the public, differentiable entry point with its checks.
 //!
 //! ## The backward pass (FlashAttention-2)
@@ -112,9 +113,10 @@ pub fn cuda_kernel_family(
 }
 
 /// The fewest keys for which the backward of a [`CudaKernelFamily::WarpgroupMma`] call runs on
-/// warpgroup MMA as well (at d_head 64; at 128 it is always the `mma.sync` backward). Measured on
-/// an H100 against the `mma.sync` backward: 1.08–1.10× at 16,384 keys, 0.86–1.08× at 1,024 and
-/// 4,096 (reports/gpu-runs/h100-2026-12-06-e/call9/bench_results.json).
+/// warpgroup MMA as well (at d_head 64; at 128 it is always the `mma.sync` backward). Measured
+/// against the `mma.sync` backward: 1.06–1.12× at 8,192 and 16,384 keys on an H200
+/// (reports/gpu-runs/h100-2026-12-06-e/call10/bench_results.json); on an H100 1.08–1.10× at
+/// 16,384 keys and 0.87–1.08× at 1,024 and 4,096 (…/call9/bench_results.json).
 pub const HOPPER_BACKWARD_MIN_KEYS: usize = 8192;
 
 /// Whether the backward of a [`CudaKernelFamily::WarpgroupMma`] call with head size `d_head` over
@@ -144,7 +146,8 @@ pub fn default_softmax_scale(d_head: usize) -> f64 {
 /// Shapes: `q (batch, heads, n_q, d)`, `k (batch, heads, n_k, d)`, `v (batch, heads, n_k, d_v)`
 /// → `(batch, heads, n_q, d_v)`. All three on one device, of one dtype: f32, f16, bf16 (f64 on
 /// the CPU). On CUDA: `d = d_v ≤ 128`; tensor-core kernels run for bf16/f16 with `d` 32, 64 or
-/// 128 (on a Hopper card the forward at `d` 64 and 128 on warpgroup MMA), register-tiled
+/// 128 (on a Hopper card the forward at `d` 64 and 128 on warpgroup MMA, and the backward at 64
+/// from [`HOPPER_BACKWARD_MIN_KEYS`] keys), register-tiled
 /// fp32-FMA kernels for f32 with `d` 32 or 64, a simpler fp32-FMA kernel in every other case
 /// ([`cuda_kernel_family`] says which). Inputs are made contiguous here.
 pub fn flash_attention(
