@@ -17,8 +17,14 @@
 //!
 //! How the ranks talk is a [`Collective`]: [`LocalGroup`] runs the ranks as threads of one
 //! process (the CPU tests); `shared::nccl::NcclGroup` (feature `nccl`, one process per GPU)
-//! implements the same trait over NCCL. Gradients travel as one flat bucket per step (one
-//! all-reduce, the loss included, instead of one per parameter).
+//! implements the same trait over NCCL.
+//!
+//! Gradients travel in buckets, and the buckets travel during the backward pass
+//! ([`backward_averaged`]): Candle's backward (patched, `third_party/README.md`) hands each
+//! variable's gradient over as soon as it is final — the last layers' first — and once a bucket
+//! holds [`BUCKET_ELEMS`] numbers a communication thread starts summing it over the ranks while
+//! the backward goes on through the earlier layers. [`average_gradients_and_loss`] is the same
+//! average with one flat bucket after the backward.
 
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
@@ -146,6 +152,179 @@ pub fn average_gradients_and_loss(
         offset += n;
     }
     Ok(mean.narrow(0, offset, 1)?.reshape(())?)
+}
+
+/// The size of a gradient bucket, in numbers: 4 MiB of f32. Big enough that a bucket's all-reduce
+/// is not all latency, small enough that the first one leaves while most of the backward is
+/// still to run.
+pub const BUCKET_ELEMS: usize = 1 << 20;
+
+/// How a [`backward_averaged`] call sent its buckets: how many, and how many left while the
+/// backward pass was still running (the overlap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketReport {
+    pub buckets: usize,
+    pub sent_during_backward: usize,
+}
+
+/// `loss.backward()` with every gradient of `vars` replaced by its mean over the ranks, and the
+/// mean loss. Gradients are grouped, in the order the backward finishes them (the same on every
+/// rank: one graph), into f32 buckets of at least `bucket_elems` numbers; a thread of this rank
+/// all-reduces each bucket as soon as it is full, while the backward goes on. Variables without a
+/// gradient go last, as zeros, so every rank sends the same buckets. The sums are the ones
+/// [`average_gradients_and_loss`] forms (each number is added over the ranks in the
+/// collective's order): the same bits, sooner.
+pub fn backward_averaged(
+    loss: &Tensor,
+    vars: &[(String, Var)],
+    group: &dyn Collective,
+    bucket_elems: usize,
+) -> Result<(GradStore, Tensor, BucketReport)> {
+    if group.world() == 1 {
+        let report = BucketReport {
+            buckets: 0,
+            sent_during_backward: 0,
+        };
+        return Ok((loss.backward()?, loss.clone(), report));
+    }
+    let index: std::collections::HashMap<_, _> = vars
+        .iter()
+        .enumerate()
+        .map(|(i, (_, v))| (v.as_tensor().id(), i))
+        .collect();
+    let (to_comm, from_backward) = std::sync::mpsc::channel::<Bucket>();
+    std::thread::scope(|scope| {
+        let comm = scope.spawn(move || -> Result<Vec<(Vec<usize>, Tensor)>> {
+            let mut summed = Vec::new();
+            for bucket in from_backward {
+                let flat = Tensor::cat(&bucket.grads, 0)?; // (Σ elements,) f32
+                summed.push((bucket.vars, group.all_reduce_sum(&flat)?));
+            }
+            Ok(summed)
+        });
+        let filler = BucketFiller::new(to_comm.clone(), bucket_elems, vars.len());
+        let filling = Arc::new(Mutex::new(filler));
+        let hook_filler = filling.clone();
+        let previous =
+            candle_core::backprop::set_gradient_ready(Some(Box::new(move |var, grad| match index
+                .get(&var.id())
+            {
+                Some(&i) => hook_filler
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .add(i, grad),
+                None => Ok(()),
+            })));
+        let backward = loss.backward();
+        let _ = candle_core::backprop::set_gradient_ready(previous);
+        let mut grads = backward?;
+        let mut filler = Arc::try_unwrap(filling)
+            .map_err(|_| anyhow::anyhow!("backward_averaged: the gradient hook is still held"))?
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        let sent_during_backward = filler.sent;
+        // Variables the backward did not reach: zeros, in the order of `vars`.
+        for (i, (_, v)) in vars.iter().enumerate() {
+            if !filler.seen[i] {
+                let zeros = Tensor::zeros(v.shape(), DType::F32, loss.device())?;
+                filler.add(i, &zeros)?;
+            }
+        }
+        filler.flush()?;
+        let buckets = filler.sent;
+        drop(filler);
+        drop(to_comm);
+        let summed = comm.join().map_err(|_| {
+            anyhow::anyhow!("backward_averaged: the communication thread panicked")
+        })??;
+        let world = group.world() as f64;
+        for (members, sum) in summed {
+            let mean = (sum / world)?;
+            let mut offset = 0;
+            for i in members {
+                let v = &vars[i].1;
+                let n = v.elem_count();
+                let g = mean
+                    .narrow(0, offset, n)?
+                    .reshape(v.shape())?
+                    .to_dtype(v.dtype())?;
+                grads.insert(v.as_tensor(), g);
+                offset += n;
+            }
+        }
+        let loss_sum = group.all_reduce_sum(&loss.to_dtype(DType::F32)?.detach().reshape(1)?)?;
+        let mean_loss = (loss_sum / world)?.reshape(())?;
+        let report = BucketReport {
+            buckets,
+            sent_during_backward,
+        };
+        Ok((grads, mean_loss, report))
+    })
+}
+
+/// A bucket on its way to the communication thread: its variables (indices into `vars`) and their
+/// gradients, flattened to f32.
+struct Bucket {
+    vars: Vec<usize>,
+    grads: Vec<Tensor>,
+}
+
+/// Collects final gradients into buckets and sends each full one.
+struct BucketFiller {
+    to_comm: std::sync::mpsc::Sender<Bucket>,
+    bucket_elems: usize,
+    current: Bucket,
+    elems: usize,
+    seen: Vec<bool>,
+    sent: usize,
+}
+
+impl BucketFiller {
+    fn new(to_comm: std::sync::mpsc::Sender<Bucket>, bucket_elems: usize, n_vars: usize) -> Self {
+        Self {
+            to_comm,
+            bucket_elems: bucket_elems.max(1),
+            current: Bucket {
+                vars: Vec::new(),
+                grads: Vec::new(),
+            },
+            elems: 0,
+            seen: vec![false; n_vars],
+            sent: 0,
+        }
+    }
+
+    /// Adds variable `i`'s gradient; sends the bucket once it holds `bucket_elems` numbers.
+    fn add(&mut self, i: usize, grad: &Tensor) -> candle_core::Result<()> {
+        self.seen[i] = true;
+        let flat = grad.to_dtype(DType::F32)?.flatten_all()?;
+        self.elems += flat.elem_count();
+        self.current.vars.push(i);
+        self.current.grads.push(flat);
+        if self.elems >= self.bucket_elems {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Sends what the current bucket holds, if anything.
+    fn flush(&mut self) -> candle_core::Result<()> {
+        if self.current.vars.is_empty() {
+            return Ok(());
+        }
+        let bucket = std::mem::replace(
+            &mut self.current,
+            Bucket {
+                vars: Vec::new(),
+                grads: Vec::new(),
+            },
+        );
+        self.elems = 0;
+        self.sent += 1;
+        self.to_comm.send(bucket).map_err(|_| {
+            candle_core::Error::Msg("backward_averaged: the communication thread stopped".into())
+        })
+    }
 }
 
 /// Sets every variable to rank `root`'s value (the same initial parameters on every rank).

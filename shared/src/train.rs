@@ -497,15 +497,17 @@ impl Trainer {
         }
         let lr = self.lr();
         let loss = loss.to_dtype(DType::F32)?.reshape(())?;
-        let mut grads = loss.backward()?;
-        let loss = match group {
-            Some(group) => crate::data_parallel::average_gradients_and_loss(
-                &mut grads,
-                self.opt.vars(),
-                &loss,
-                group,
-            )?,
-            None => loss,
+        // In a group the gradients are averaged over the ranks in buckets that leave while the
+        // backward still runs.
+        let (grads, loss) = match group {
+            Some(group) => {
+                let vars = self.opt.vars();
+                let bucket = crate::data_parallel::BUCKET_ELEMS;
+                let (grads, loss, _) =
+                    crate::data_parallel::backward_averaged(&loss, vars, group, bucket)?;
+                (grads, loss)
+            }
+            None => (loss.backward()?, loss),
         };
         let sum_sq = match self.opt.grad_sum_of_squares(&grads)? {
             Some(s) => s,

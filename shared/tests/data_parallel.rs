@@ -8,7 +8,10 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use shared::data_parallel::{broadcast_parameters, shard_rows, Collective, LocalGroup};
+use shared::data_parallel::{
+    average_gradients_and_loss, backward_averaged, broadcast_parameters, shard_rows, Collective,
+    LocalGroup,
+};
 use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
 
 const ROWS: usize = 32;
@@ -398,5 +401,55 @@ fn a_group_killed_mid_run_resumes_from_rank_0s_checkpoint_as_if_never_stopped() 
         );
     }
     let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+#[test]
+fn buckets_sent_during_the_backward_average_to_the_bits_of_one_flat_bucket() -> Result<()> {
+    // Each rank: the flat average after the backward, then the bucketed one whose buckets leave
+    // while the backward runs; the same gradients and loss, bit for bit. Buckets of 16 numbers
+    // split the MLP's two weights (w2: 16 numbers, final first; w1: 128), and a variable the loss
+    // never reaches goes as zeros.
+    let _turn = one_at_a_time();
+    let models = (0..2)
+        .map(|_| {
+            let varmap = VarMap::new();
+            let model = Mlp::new(&varmap, 3)?;
+            Ok((varmap, model))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let inputs: Vec<_> = LocalGroup::new(2)?.into_iter().zip(models).collect();
+    let out = on_threads(inputs, |(group, (varmap, model))| {
+        let mut vars = shared::params::named_vars(&varmap);
+        vars.push((
+            "unused".into(),
+            candle_core::Var::ones(3, DType::F32, &Device::Cpu)?,
+        ));
+        let rows = shard_rows(ROWS, 2, group.rank())?;
+        let loss = model.loss(0, rows)?;
+        let mut flat = loss.backward()?;
+        let flat_loss = average_gradients_and_loss(&mut flat, &vars, &loss, &group)?;
+        let (bucketed, bucketed_loss, report) = backward_averaged(&loss, &vars, &group, 16)?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|x| x.to_bits())
+                .collect())
+        };
+        for (name, v) in &vars {
+            let (a, b) = (flat.get(v.as_tensor()), bucketed.get(v.as_tensor()));
+            let (a, b) = (a.expect("flat gradient"), b.expect("bucketed gradient"));
+            assert_eq!(bits(a)?, bits(b)?, "rank {}: {name}", group.rank());
+        }
+        assert_eq!(bits(&flat_loss)?, bits(&bucketed_loss)?);
+        Ok(report)
+    })?;
+    for report in out {
+        // w2's bucket left before the backward had formed w1's gradient; w1's when it was final;
+        // the unused variable's after the backward.
+        assert_eq!(report.buckets, 3, "{report:?}");
+        assert_eq!(report.sent_during_backward, 2, "{report:?}");
+    }
     Ok(())
 }

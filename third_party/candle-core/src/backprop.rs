@@ -168,6 +168,11 @@ impl Tensor {
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {
             if node.is_variable() {
+                // Module 08 patch: every op that reads this variable has been walked, so its
+                // gradient is final; a program may start using it now (see `set_gradient_ready`).
+                if let Some(grad) = grads.get(node) {
+                    gradient_ready(node, grad)?;
+                }
                 continue;
             }
             // Module 08 patch: a transpose can be left without a gradient when the matmul rule
@@ -731,6 +736,29 @@ pub fn set_upstream_grad_accumulation(on: bool) {
 
 fn upstream_accumulation() -> bool {
     UPSTREAM_ACCUMULATION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Module 08 patch: a function [`Tensor::backward`] calls with each variable and its gradient as
+/// soon as that gradient is final, while the rest of the backward pass still runs (e.g. to start
+/// summing it over the ranks of a data-parallel group).
+pub type GradientReady = Box<dyn FnMut(&Tensor, &Tensor) -> Result<()>>;
+
+thread_local! {
+    static GRADIENT_READY: std::cell::RefCell<Option<GradientReady>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Module 08 patch: sets the function the backward passes of this thread call with each final
+/// variable gradient ([`GradientReady`]), or none; returns the one it replaces.
+pub fn set_gradient_ready(f: Option<GradientReady>) -> Option<GradientReady> {
+    GRADIENT_READY.with(|h| std::mem::replace(&mut *h.borrow_mut(), f))
+}
+
+fn gradient_ready(var: &Tensor, grad: &Tensor) -> Result<()> {
+    GRADIENT_READY.with(|h| match h.borrow_mut().as_mut() {
+        Some(f) => f(var, grad),
+        None => Ok(()),
+    })
 }
 
 /// Module 08 patch: a function that adds two gradients of one tensor (`a.add(b)` unless set).
