@@ -294,36 +294,25 @@ constexpr int fwd_smem_bytes() {
   return (128 * D + 2 * NS * BC * D) * (int)sizeof(T) + 1024 + 8 * (1 + 4 * NS);
 }
 
-// The forward. The producer loads Q once and then K_j, V_j into stage j % NS as soon as both
-// consumers have released that stage. Each consumer: S_0 and its softmax; then for every further
-// tile j, S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} issued together, S_j's softmax while the second
-// still runs, then O rescaled and P_j rounded (FlashAttention-3's intra-warpgroup overlap); at
-// the end the last P V, O / l and L = m + ln l.
+// The forward's shared memory: Q (128 rows), NS K and NS V tiles, each panel 1024-byte aligned,
+// then the mbarriers (Q full; K and V full and empty per stage). Sizes: fwd_smem_bytes.
 template <typename T, int D, int BC, int NS>
-__device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
-                                             T* __restrict__ O, float* __restrict__ LSE, int n_q, int n_k,
-                                             float scale_log2, int causal, const int* __restrict__ kv_len) {
-  constexpr int BR = 128, TILE = BC * D, TILE_BYTES = TILE * (int)sizeof(T);
-  extern __shared__ unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
-  T* sK = sQ + BR * D;       // NS stages of BC × D
-  T* sV = sK + NS * TILE;    // NS stages of BC × D
-  uint64_t* bars = reinterpret_cast<uint64_t*>(sV + NS * TILE);
-  uint64_t* q_full = bars;
-  uint64_t* k_full = bars + 1;
-  uint64_t* k_empty = k_full + NS;
-  uint64_t* v_full = k_empty + NS;
-  uint64_t* v_empty = v_full + NS;
-
-  const int tid = threadIdx.x, wg = tid >> 7;
-  const int bh = blockIdx.y;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
-  const int offset = n_k - n_q;
-  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
-  const int kv_end = causal ? min(n_kr, q0 + BR + offset) : n_kr;
-  const int n_tiles = max(1, (kv_end + BC - 1) / BC);
-
-  if (tid == 0) {
+struct FwdShared {
+  T *q, *k, *v;
+  uint64_t *q_full, *k_full, *k_empty, *v_full, *v_empty;
+  __device__ __forceinline__ explicit FwdShared(unsigned char* raw) {
+    q = reinterpret_cast<T*>(raw + ((1024 - (smem_u32(raw) & 1023)) & 1023));
+    k = q + 128 * D;     // NS stages of BC × D
+    v = k + NS * BC * D;  // NS stages of BC × D
+    q_full = reinterpret_cast<uint64_t*>(v + NS * BC * D);
+    k_full = q_full + 1;
+    k_empty = k_full + NS;
+    v_full = k_empty + NS;
+    v_empty = v_full + NS;
+  }
+  // Full barriers wait for the producer's one arrival (and the bytes), empty ones for all 256
+  // consumer threads.
+  __device__ __forceinline__ void init_barriers() const {
     mbar_init(q_full, 1);
     for (int s = 0; s < NS; ++s) {
       mbar_init(k_full + s, 1);
@@ -333,99 +322,40 @@ __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap*
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+};
 
-  if (wg == 0) {
-    // Producer: one thread issues every load; the others of the warpgroup have nothing to do.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-    if (tid == 0) {
-      mbar_expect_tx(q_full, BR * D * sizeof(T));
-      tma_tile<T, D, BR>(sQ, tmQ, q0, bh, q_full);
-      for (int j = 0; j < n_tiles; ++j) {
-        const int s = j % NS;
-        const uint32_t phase = (j / NS) & 1;
-        if (j >= NS) mbar_wait(k_empty + s, phase ^ 1);
-        mbar_expect_tx(k_full + s, TILE_BYTES);
-        tma_tile<T, D, BC>(sK + s * TILE, tmK, j * BC, bh, k_full + s);
-        if (j >= NS) mbar_wait(v_empty + s, phase ^ 1);
-        mbar_expect_tx(v_full + s, TILE_BYTES);
-        tma_tile<T, D, BC>(sV + s * TILE, tmV, j * BC, bh, v_full + s);
-      }
-    }
-    return;
+// A producer's claim on fill number j of a ring stage: wait until both consumers have released
+// the stage's previous fill (none to wait for in the first NS), then announce the bytes coming.
+template <int NS>
+__device__ __forceinline__ void claim_stage(uint64_t* full, uint64_t* empty, int j, uint32_t bytes) {
+  if (j >= NS) mbar_wait(empty, ((j / NS) & 1) ^ 1);
+  mbar_expect_tx(full, bytes);
+}
+
+// The forward's producer (one thread): Q once, then K_j and V_j into stage j % NS of their rings.
+template <typename T, int D, int BC, int NS>
+__device__ __forceinline__ void fwd_producer(const FwdShared<T, D, BC, NS>& sh, const TensorMap* tmQ,
+                                             const TensorMap* tmK, const TensorMap* tmV, int q0, int bh,
+                                             int n_tiles) {
+  constexpr int TILE = BC * D, TILE_BYTES = TILE * (int)sizeof(T);
+  mbar_expect_tx(sh.q_full, 128 * D * sizeof(T));
+  tma_tile<T, D, 128>(sh.q, tmQ, q0, bh, sh.q_full);
+  for (int j = 0; j < n_tiles; ++j) {
+    const int s = j % NS;
+    claim_stage<NS>(sh.k_full + s, sh.k_empty + s, j, TILE_BYTES);
+    tma_tile<T, D, BC>(sh.k + s * TILE, tmK, j * BC, bh, sh.k_full + s);
+    claim_stage<NS>(sh.v_full + s, sh.v_empty + s, j, TILE_BYTES);
+    tma_tile<T, D, BC>(sh.v + s * TILE, tmV, j * BC, bh, sh.v_full + s);
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+}
 
-  // Consumers: warpgroup c = wg - 1 owns query rows 64c..64c+63.
-  const int c = wg - 1, ctid = tid - 128, warp = (ctid >> 5) & 3, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const uint32_t q_base = smem_u32(sQ) + c * 64 * 128;
-  const uint32_t k_base = smem_u32(sK), v_base = smem_u32(sV);
-  const int row_w0 = q0 + c * 64 + warp * 16;
-
-  float o[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m_r[2] = {neg_inf(), neg_inf()};
-  float l_r[2] = {0.f, 0.f};
-  float alpha[2];
-  float s[BC / 8][4];
-  uint32_t p[BC / 16][4];
-
-  mbar_wait(q_full, 0);
-  mbar_wait(k_full, 0);
-  wgmma_fence();
-  issue_scores<T, D, BC, BR>(s, q_base, k_base);
-  wgmma_commit();
-  wgmma_wait<0>();
-  pin(s);
-  mbar_arrive(k_empty);
-  mask_tile<BC>(s, 0, row_w0, g, t, n_kr, causal, offset);
-  softmax_tile<BC>(s, m_r, l_r, alpha, scale_log2);
-  pack_p<T, BC>(p, s);
-
-  for (int j = 1; j < n_tiles; ++j) {
-    const int sj = j % NS, sp = (j - 1) % NS;
-    mbar_wait(k_full + sj, (j / NS) & 1);
-    wgmma_fence();
-    issue_scores<T, D, BC, BR>(s, q_base, k_base + sj * TILE_BYTES);
-    wgmma_commit();
-    mbar_wait(v_full + sp, ((j - 1) / NS) & 1);
-    issue_pv<T, D, BC>(o, p, v_base + sp * TILE_BYTES);
-    wgmma_commit();
-
-    wgmma_wait<1>();
-    pin(s);
-    mbar_arrive(k_empty + sj);
-    mask_tile<BC>(s, j * BC, row_w0, g, t, n_kr, causal, offset);
-    softmax_tile<BC>(s, m_r, l_r, alpha, scale_log2);
-
-    wgmma_wait<0>();
-    pin(o);
-    pin(p);
-    mbar_arrive(v_empty + sp);
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      o[dn][0] *= alpha[0];
-      o[dn][1] *= alpha[0];
-      o[dn][2] *= alpha[1];
-      o[dn][3] *= alpha[1];
-    }
-    pack_p<T, BC>(p, s);
-  }
-  {
-    const int sp = (n_tiles - 1) % NS;
-    mbar_wait(v_full + sp, ((n_tiles - 1) / NS) & 1);
-    wgmma_fence();
-    issue_pv<T, D, BC>(o, p, v_base + sp * TILE_BYTES);
-    wgmma_commit();
-    wgmma_wait<0>();
-    pin(o);
-    pin(p);
-    mbar_arrive(v_empty + sp);
-  }
-
-  // Epilogue: this warpgroup's rows of O through its rows of sQ (only it read them), L = m + ln l.
+// The forward's epilogue for consumer c: O = acc / l staged through this warpgroup's rows of sQ
+// (only it read them) and written with 16-byte stores, rows before n_q; L = m + ln l per row.
+template <typename T, int D, int BR>
+__device__ __forceinline__ void store_o_and_lse(T* sQ, T* O, float* LSE, const float (&o)[D / 8][4],
+                                                const float (&m_r)[2], float (&l_r)[2], float scale_log2, int bh,
+                                                int q0, int row_w0, int n_q, int c, int ctid, int warp, int g,
+                                                int t) {
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -464,6 +394,110 @@ __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap*
       *reinterpret_cast<uint4*>(O + ((size_t)bh * n_q + gr) * D + col * 8) =
           *reinterpret_cast<const uint4*>(sQ + panel_offset<BR>(r, col * 8));
   }
+}
+
+// The forward. The producer loads Q once and then K_j, V_j into stage j % NS as soon as both
+// consumers have released that stage. Each consumer: S_0 and its softmax; then for every further
+// tile j, S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} issued together, S_j's softmax while the second
+// still runs, then O rescaled and P_j rounded (FlashAttention-3's intra-warpgroup overlap); at
+// the end the last P V, O / l and L = m + ln l.
+template <typename T, int D, int BC, int NS>
+__device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
+                                             T* __restrict__ O, float* __restrict__ LSE, int n_q, int n_k,
+                                             float scale_log2, int causal, const int* __restrict__ kv_len) {
+  constexpr int BR = 128, TILE = BC * D, TILE_BYTES = TILE * (int)sizeof(T);
+  extern __shared__ unsigned char smem_raw[];
+  const FwdShared<T, D, BC, NS> sh(smem_raw);
+
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int bh = blockIdx.y;
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+  const int offset = n_k - n_q;
+  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
+  const int kv_end = causal ? min(n_kr, q0 + BR + offset) : n_kr;
+  const int n_tiles = max(1, (kv_end + BC - 1) / BC);
+
+  if (tid == 0) sh.init_barriers();
+  __syncthreads();
+
+  if (wg == 0) {
+    // Producer: one thread issues every load; the others of the warpgroup have nothing to do.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+    if (tid == 0) fwd_producer<T, D, BC, NS>(sh, tmQ, tmK, tmV, q0, bh, n_tiles);
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+
+  // Consumers: warpgroup c = wg - 1 owns query rows 64c..64c+63.
+  const int c = wg - 1, ctid = tid - 128, warp = (ctid >> 5) & 3, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const uint32_t q_base = smem_u32(sh.q) + c * 64 * 128;
+  const uint32_t k_base = smem_u32(sh.k), v_base = smem_u32(sh.v);
+  const int row_w0 = q0 + c * 64 + warp * 16;
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_r[2] = {neg_inf(), neg_inf()};
+  float l_r[2] = {0.f, 0.f};
+  float alpha[2];
+  float s[BC / 8][4];
+  uint32_t p[BC / 16][4];
+
+  mbar_wait(sh.q_full, 0);
+  mbar_wait(sh.k_full, 0);
+  wgmma_fence();
+  issue_scores<T, D, BC, BR>(s, q_base, k_base);
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin(s);
+  mbar_arrive(sh.k_empty);
+  mask_tile<BC>(s, 0, row_w0, g, t, n_kr, causal, offset);
+  softmax_tile<BC>(s, m_r, l_r, alpha, scale_log2);
+  pack_p<T, BC>(p, s);
+
+  for (int j = 1; j < n_tiles; ++j) {
+    const int sj = j % NS, sp = (j - 1) % NS;
+    mbar_wait(sh.k_full + sj, (j / NS) & 1);
+    wgmma_fence();
+    issue_scores<T, D, BC, BR>(s, q_base, k_base + sj * TILE_BYTES);
+    wgmma_commit();
+    mbar_wait(sh.v_full + sp, ((j - 1) / NS) & 1);
+    issue_pv<T, D, BC>(o, p, v_base + sp * TILE_BYTES);
+    wgmma_commit();
+
+    wgmma_wait<1>();
+    pin(s);
+    mbar_arrive(sh.k_empty + sj);
+    mask_tile<BC>(s, j * BC, row_w0, g, t, n_kr, causal, offset);
+    softmax_tile<BC>(s, m_r, l_r, alpha, scale_log2);
+
+    wgmma_wait<0>();
+    pin(o);
+    pin(p);
+    mbar_arrive(sh.v_empty + sp);
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      o[dn][0] *= alpha[0];
+      o[dn][1] *= alpha[0];
+      o[dn][2] *= alpha[1];
+      o[dn][3] *= alpha[1];
+    }
+    pack_p<T, BC>(p, s);
+  }
+  {
+    const int sp = (n_tiles - 1) % NS;
+    mbar_wait(sh.v_full + sp, ((n_tiles - 1) / NS) & 1);
+    wgmma_fence();
+    issue_pv<T, D, BC>(o, p, v_base + sp * TILE_BYTES);
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin(o);
+    pin(p);
+    mbar_arrive(sh.v_empty + sp);
+  }
+
+  store_o_and_lse<T, D, BR>(sh.q, O, LSE, o, m_r, l_r, scale_log2, bh, q0, row_w0, n_q, c, ctid, warp, g, t);
 }
 
 // ---- Backward (d 64) -------------------------------------------------------------------------
@@ -518,6 +552,166 @@ __device__ __forceinline__ void issue_s_dp(float (&st)[BR / 8][4], float (&dpt)[
   wgmma_commit();
 }
 
+// Issues dV += Pᵀ dO_i and dK += dSᵀ Q_i (Pᵀ, dSᵀ from registers; dO_i, Q_i read N-major) and
+// dQ_i(c) = dS_c K_c (dSᵀ read M-major from shared memory, K_c N-major); not waited for.
+template <typename T, int D, int BC, int BR>
+__device__ __forceinline__ void issue_dv_dk_dq(float (&dv)[D / 8][4], float (&dk)[D / 8][4], float (&dqc)[D / 8][4],
+                                               const uint32_t (&pa)[BR / 16][4], const uint32_t (&da)[BR / 16][4],
+                                               uint32_t do_s, uint32_t q_s, uint32_t ds_c, uint32_t k_c) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < BR / 16; ++kk) Ops<T>::rs(dv, pa[kk], mn_major<BR>(do_s, kk));
+#pragma unroll
+  for (int kk = 0; kk < BR / 16; ++kk) Ops<T>::rs(dk, da[kk], mn_major<BR>(q_s, kk));
+#pragma unroll
+  for (int kk = 0; kk < 64 / 16; ++kk) OpsT<T>::ss_tt(dqc, mn_major<BC>(ds_c, kk), mn_major<BC>(k_c, kk), kk > 0);
+  wgmma_commit();
+}
+
+// The backward's shared memory: K and V (128 keys), NS stages of Q and dO (64 queries), dSᵀ (128
+// keys × 64 queries), each consumer's f32 dQ tile (64 × D), then the mbarriers (K/V full; Q/dO
+// full and empty per stage). Sizes: bwd_smem_bytes.
+template <typename T, int D, int NS>
+struct BwdShared {
+  T *k, *v, *q, *d_o, *ds;
+  float* dq;
+  uint64_t *kv_full, *q_full, *q_empty;
+  __device__ __forceinline__ explicit BwdShared(unsigned char* raw) {
+    k = reinterpret_cast<T*>(raw + ((1024 - (smem_u32(raw) & 1023)) & 1023));
+    v = k + 128 * D;
+    q = v + 128 * D;       // NS stages of 64 × D
+    d_o = q + NS * 64 * D;  // NS stages of 64 × D
+    ds = d_o + NS * 64 * D;  // 128 keys × 64 queries
+    dq = reinterpret_cast<float*>(ds + 128 * 64);
+    kv_full = reinterpret_cast<uint64_t*>(dq + 2 * 64 * D);
+    q_full = kv_full + 1;
+    q_empty = q_full + NS;
+  }
+  __device__ __forceinline__ void init_barriers() const {
+    mbar_init(kv_full, 1);
+    for (int s = 0; s < NS; ++s) {
+      mbar_init(q_full + s, 1);
+      mbar_init(q_empty + s, 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+};
+
+// The backward's producer (one thread): this CTA's K and V once, then Q_i and dO_i of query tiles
+// qb_first.. into stage j % NS of their ring.
+template <typename T, int D, int NS>
+__device__ __forceinline__ void bwd_producer(const BwdShared<T, D, NS>& sh, const TensorMap* tmQ,
+                                             const TensorMap* tmK, const TensorMap* tmV, const TensorMap* tmdO,
+                                             int k0, int bh, int qb_first, int n_qb) {
+  constexpr int BC = 128, BR = 64, QT = BR * D;
+  mbar_expect_tx(sh.kv_full, 2 * BC * D * sizeof(T));
+  tma_tile<T, D, BC>(sh.k, tmK, k0, bh, sh.kv_full);
+  tma_tile<T, D, BC>(sh.v, tmV, k0, bh, sh.kv_full);
+  for (int qb = qb_first, j = 0; qb < n_qb; ++qb, ++j) {
+    const int s = j % NS;
+    claim_stage<NS>(sh.q_full + s, sh.q_empty + s, j, 2 * QT * sizeof(T));
+    tma_tile<T, D, BR>(sh.q + s * QT, tmQ, qb * BR, bh, sh.q_full + s);
+    tma_tile<T, D, BR>(sh.d_o + s * QT, tmdO, qb * BR, bh, sh.q_full + s);
+  }
+}
+
+// L (in log2 units) and D = rowsum(dO∘O) of this thread's query columns 8n + 2t + {0, 1} of the
+// tile from query i0 (0 past the end).
+template <int BR>
+__device__ __forceinline__ void load_row_stats(float (&lq)[BR / 8][2], float (&d_row)[BR / 8][2],
+                                               const float* Lh, const float* Dh, int i0, int n_q, int t) {
+#pragma unroll
+  for (int n = 0; n < BR / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int q = i0 + n * 8 + 2 * t + e;
+      lq[n][e] = q < n_q ? Lh[q] * 1.4426950408889634f : 0.f;
+      d_row[n][e] = q < n_q ? Dh[q] : 0.f;
+    }
+}
+
+// Pᵀ = exp2(Sᵀ·scale·log2e − L·log2e) and dSᵀ = Pᵀ∘(dPᵀ − D) in place of Sᵀ and dPᵀ, zero where
+// the (key, query) pair does not exist (past an end, padding, above the causal diagonal). Rows of
+// this thread: keys key_w0 + g (+ 8); columns: queries i0 + 8n + 2t + {0, 1}.
+template <int BR>
+__device__ __forceinline__ void probabilities(float (&st)[BR / 8][4], float (&dpt)[BR / 8][4],
+                                              const float (&lq)[BR / 8][2], const float (&d_row)[BR / 8][2],
+                                              float scale_log2, int key_w0, int i0, int g, int t, int n_q,
+                                              int n_kr, int causal, int offset) {
+  const bool need_mask = (i0 + BR > n_q) || (key_w0 + 16 > n_kr) || (causal && (key_w0 + 15 > i0 + offset));
+#pragma unroll
+  for (int n = 0; n < BR / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int qi = n * 8 + 2 * t + (e & 1);
+      float p = exp2f(fmaf(st[n][e], scale_log2, -lq[n][e & 1]));
+      float ds = p * (dpt[n][e] - d_row[n][e & 1]);
+      if (need_mask) {
+        const int key = key_w0 + g + ((e >> 1) << 3), q = i0 + qi;
+        if (q >= n_q || key >= n_kr || (causal && key > q + offset)) p = ds = 0.f;
+      }
+      st[n][e] = p;
+      dpt[n][e] = ds;
+    }
+  }
+}
+
+// This consumer's 64 key rows of dSᵀ into shared memory (16 bits), for dQ = dS·K.
+template <typename T, int BC, int BR>
+__device__ __forceinline__ void stage_ds(T* sdS, const float (&dpt)[BR / 8][4], int c, int warp, int g, int t) {
+#pragma unroll
+  for (int n = 0; n < BR / 8; ++n)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = c * 64 + warp * 16 + g + 8 * r;
+      *reinterpret_cast<uint32_t*>(sdS + panel_offset<BC>(row, n * 8 + 2 * t)) =
+          Ops<T>::pack2(dpt[n][2 * r], dpt[n][2 * r + 1]);
+    }
+}
+
+// This consumer's share of dQ_i (f32, 64 queries × D) into its shared buffer, then one bulk
+// reduce-add of the tile's rows (those before n_q) into the f32 dQ buffer by the TMA unit, which
+// runs on while the warps go on. The buffer is rewritten only once the previous one has read it.
+template <int D, int BR>
+__device__ __forceinline__ void send_dq(float* my_dq, const float (&dqc)[D / 8][4], float* dQh, int i0, int n_q,
+                                        int c, int ctid, int warp, int g, int t) {
+  if (ctid == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+  consumer_sync(c);
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp * 16 + g + 8 * r;
+      *reinterpret_cast<float2*>(my_dq + row * D + dn * 8 + 2 * t) = make_float2(dqc[dn][2 * r], dqc[dn][2 * r + 1]);
+    }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  consumer_sync(c);
+  if (ctid == 0) {
+    const int rows = min(BR, n_q - i0);
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                 "cp.async.bulk.commit_group;\n" ::"l"(dQh + (size_t)i0 * D),
+                 "r"(smem_u32(my_dq)), "r"(rows * D * 4)
+                 : "memory");
+  }
+}
+
+// dK = scale · dSᵀ Q and dV = Pᵀ dO of this thread's keys (key_w0 + g, + 8), those before n_k.
+template <typename T, int D>
+__device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D / 8][4], const float (&dv)[D / 8][4],
+                                            float scale, int key_w0, int n_k, int g, int t) {
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = key_w0 + g + 8 * r;
+      if (key < n_k) {
+        const size_t off = (size_t)key * D + dn * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(dKh + off) = Ops<T>::pack2(dk[dn][2 * r] * scale, dk[dn][2 * r + 1] * scale);
+        *reinterpret_cast<uint32_t*>(dVh + off) = Ops<T>::pack2(dv[dn][2 * r], dv[dn][2 * r + 1]);
+      }
+    }
+}
+
 // The backward (FlashAttention-2's order, warp-specialised like the forward). CTA = 128 keys of
 // one (batch, head); consumer c owns keys 64c..64c+63 with their dK, dV accumulators. The producer
 // loads K and V once, then Q_i and dO_i of each query tile (64 rows) into an NS-stage ring. Per tile
@@ -534,16 +728,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
                                           float scale_log2, int causal, const int* __restrict__ kv_len) {
   constexpr int BC = 128, BR = 64, QT = BR * D;
   extern __shared__ unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023));
-  T* sV = sK + BC * D;
-  T* sQ = sV + BC * D;        // NS stages of BR × D
-  T* sdO = sQ + NS * QT;      // NS stages of BR × D
-  T* sdS = sdO + NS * QT;     // BC keys × BR queries
-  float* sdQ = reinterpret_cast<float*>(sdS + BC * BR);  // per consumer: 64 queries × D, f32
-  uint64_t* bars = reinterpret_cast<uint64_t*>(sdQ + 2 * 64 * D);
-  uint64_t* kv_full = bars;
-  uint64_t* q_full = bars + 1;
-  uint64_t* q_empty = q_full + NS;
+  const BwdShared<T, D, NS> sh(smem_raw);
 
   const int tid = threadIdx.x, wg = tid >> 7;
   const int bh = blockIdx.y, k0 = blockIdx.x * BC;
@@ -552,30 +737,12 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
   const int qb_first = causal ? max(0, k0 - offset) / BR : 0;
   const int n_qb = (n_q + BR - 1) / BR;
 
-  if (tid == 0) {
-    mbar_init(kv_full, 1);
-    for (int s = 0; s < NS; ++s) {
-      mbar_init(q_full + s, 1);
-      mbar_init(q_empty + s, 256);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
+  if (tid == 0) sh.init_barriers();
   __syncthreads();
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-    if (tid == 0) {
-      mbar_expect_tx(kv_full, 2 * BC * D * sizeof(T));
-      tma_tile<T, D, BC>(sK, tmK, k0, bh, kv_full);
-      tma_tile<T, D, BC>(sV, tmV, k0, bh, kv_full);
-      for (int qb = qb_first, j = 0; qb < n_qb; ++qb, ++j) {
-        const int s = j % NS;
-        if (j >= NS) mbar_wait(q_empty + s, ((j / NS) & 1) ^ 1);
-        mbar_expect_tx(q_full + s, 2 * QT * sizeof(T));
-        tma_tile<T, D, BR>(sQ + s * QT, tmQ, qb * BR, bh, q_full + s);
-        tma_tile<T, D, BR>(sdO + s * QT, tmdO, qb * BR, bh, q_full + s);
-      }
-    }
+    if (tid == 0) bwd_producer<T, D, NS>(sh, tmQ, tmK, tmV, tmdO, k0, bh, qb_first, n_qb);
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
@@ -583,8 +750,8 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
   const int c = wg - 1, ctid = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int key_w0 = k0 + c * 64 + warp * 16;  // this warp's 16 keys
-  const uint32_t k_c = smem_u32(sK) + c * 64 * 128, v_c = smem_u32(sV) + c * 64 * 128;
-  const uint32_t ds_c = smem_u32(sdS) + c * 64 * 128;
+  const uint32_t k_c = smem_u32(sh.k) + c * 64 * 128, v_c = smem_u32(sh.v) + c * 64 * 128;
+  const uint32_t ds_c = smem_u32(sh.ds) + c * 64 * 128;
   const float* Lh = LSE + (size_t)bh * n_q;
   const float* Dh = Dsum + (size_t)bh * n_q;
   float* dQh = dQacc + (size_t)bh * n_q * D;
@@ -596,59 +763,28 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
   float st[BR / 8][4], dpt[BR / 8][4];
-  mbar_wait(kv_full, 0);
+  mbar_wait(sh.kv_full, 0);
   if (qb_first < n_qb) {
-    mbar_wait(q_full, 0);
-    issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sQ), smem_u32(sdO));
+    mbar_wait(sh.q_full, 0);
+    issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sh.q), smem_u32(sh.d_o));
   }
   for (int qb = qb_first, j = 0; qb < n_qb; ++qb, ++j) {
     const int s = j % NS, i0 = qb * BR;
-    const uint32_t q_s = smem_u32(sQ + s * QT), do_s = smem_u32(sdO + s * QT);
-    // L (in log2 units) and D = rowsum(dO∘O) of this thread's query columns 8n + 2t + {0, 1}.
+    const uint32_t q_s = smem_u32(sh.q + s * QT), do_s = smem_u32(sh.d_o + s * QT);
     float lq[BR / 8][2], d_row[BR / 8][2];
-#pragma unroll
-    for (int n = 0; n < BR / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int q = i0 + n * 8 + 2 * t + e;
-        lq[n][e] = q < n_q ? Lh[q] * 1.4426950408889634f : 0.f;
-        d_row[n][e] = q < n_q ? Dh[q] : 0.f;
-      }
+    load_row_stats<BR>(lq, d_row, Lh, Dh, i0, n_q, t);
     wgmma_wait<0>();
     pin(st);
     pin(dpt);
 
-    // Pᵀ and dSᵀ, zero where the (key, query) pair does not exist.
-    const bool need_mask = (i0 + BR > n_q) || (key_w0 + 16 > n_kr) || (causal && (key_w0 + 15 > i0 + offset));
-#pragma unroll
-    for (int n = 0; n < BR / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qi = n * 8 + 2 * t + (e & 1);
-        float p = exp2f(fmaf(st[n][e], scale_log2, -lq[n][e & 1]));
-        float ds = p * (dpt[n][e] - d_row[n][e & 1]);
-        if (need_mask) {
-          const int key = key_w0 + g + ((e >> 1) << 3), q = i0 + qi;
-          if (q >= n_q || key >= n_kr || (causal && key > q + offset)) p = ds = 0.f;
-        }
-        st[n][e] = p;
-        dpt[n][e] = ds;
-      }
-    }
+    probabilities<BR>(st, dpt, lq, d_row, scale_log2, key_w0, i0, g, t, n_q, n_kr, causal, offset);
     uint32_t pa[BR / 16][4], da[BR / 16][4];
     pack_p<T, BR>(pa, st);
     pack_p<T, BR>(da, dpt);
     // dSᵀ into shared memory (this consumer's 64 key rows), for dQ; every warp of the consumer is
     // past the previous tile's dQ product before it is overwritten.
     consumer_sync(c);
-#pragma unroll
-    for (int n = 0; n < BR / 8; ++n)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = c * 64 + warp * 16 + g + 8 * r;
-        *reinterpret_cast<uint32_t*>(sdS + panel_offset<BC>(row, n * 8 + 2 * t)) =
-            Ops<T>::pack2(dpt[n][2 * r], dpt[n][2 * r + 1]);
-      }
+    stage_ds<T, BC, BR>(sh.ds, dpt, c, warp, g, t);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     consumer_sync(c);
 
@@ -656,73 +792,34 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     float dqc[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) dqc[i][0] = dqc[i][1] = dqc[i][2] = dqc[i][3] = 0.f;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BR / 16; ++kk) Ops<T>::rs(dv, pa[kk], mn_major<BR>(do_s, kk));
-#pragma unroll
-    for (int kk = 0; kk < BR / 16; ++kk) Ops<T>::rs(dk, da[kk], mn_major<BR>(q_s, kk));
-#pragma unroll
-    for (int kk = 0; kk < 64 / 16; ++kk) OpsT<T>::ss_tt(dqc, mn_major<BC>(ds_c, kk), mn_major<BC>(k_c, kk), kk > 0);
-    wgmma_commit();
+    issue_dv_dk_dq<T, D, BC, BR>(dv, dk, dqc, pa, da, do_s, q_s, ds_c, k_c);
     wgmma_wait<0>();
     pin(dv);
     pin(dk);
     pin(dqc);
     pin(pa);
     pin(da);
-    mbar_arrive(q_empty + s);  // Q_i and dO_i are free
+    mbar_arrive(sh.q_empty + s);  // Q_i and dO_i are free
 
     // The next tile's products run while this tile's dQ goes out. After the last tile the same
     // products run on K and V alone (their result is dropped), so that every iteration starts
     // with them in flight: one shape of pipeline for the compiler.
     if (qb + 1 < n_qb) {
       const int s1 = (j + 1) % NS;
-      mbar_wait(q_full + s1, ((j + 1) / NS) & 1);
-      issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sQ + s1 * QT), smem_u32(sdO + s1 * QT));
+      mbar_wait(sh.q_full + s1, ((j + 1) / NS) & 1);
+      issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sh.q + s1 * QT), smem_u32(sh.d_o + s1 * QT));
     } else {
       issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, k_c, v_c);
     }
 
-    // dQ_i(c) into this consumer's f32 buffer, then one bulk reduce-add of the tile's rows into
-    // the dQ buffer by the TMA unit (cp.reduce.async.bulk), which runs on while we go on.
-    float* my_dq = sdQ + c * 64 * D;
-    if (ctid == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // the previous one has read it
-    consumer_sync(c);
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = warp * 16 + g + 8 * r;
-        *reinterpret_cast<float2*>(my_dq + row * D + dn * 8 + 2 * t) = make_float2(dqc[dn][2 * r], dqc[dn][2 * r + 1]);
-      }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    consumer_sync(c);
-    if (ctid == 0) {
-      const int rows = min(BR, n_q - i0);
-      asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-                   "cp.async.bulk.commit_group;\n" ::"l"(dQh + (size_t)i0 * D),
-                   "r"(smem_u32(my_dq)), "r"(rows * D * 4)
-                   : "memory");
-    }
+    // dQ_i(c) out, by the TMA unit, while the next tile's products run.
+    send_dq<D, BR>(sh.dq + c * 64 * D, dqc, dQh, i0, n_q, c, ctid, warp, g, t);
   }
 
   wgmma_wait<0>();  // the dropped products of the last iteration
   if (ctid == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 
-  // dK = scale · dSᵀ Q, dV = Pᵀ dO for the keys that exist in the tensor.
-  T* dKh = dK + (size_t)bh * n_k * D;
-  T* dVh = dV + (size_t)bh * n_k * D;
-#pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int key = key_w0 + g + 8 * r;
-      if (key < n_k) {
-        const size_t off = (size_t)key * D + dn * 8 + 2 * t;
-        *reinterpret_cast<uint32_t*>(dKh + off) = Ops<T>::pack2(dk[dn][2 * r] * scale, dk[dn][2 * r + 1] * scale);
-        *reinterpret_cast<uint32_t*>(dVh + off) = Ops<T>::pack2(dv[dn][2 * r], dv[dn][2 * r + 1]);
-      }
-    }
+  store_dk_dv<T, D>(dK + (size_t)bh * n_k * D, dV + (size_t)bh * n_k * D, dk, dv, scale, key_w0, n_k, g, t);
 }
 
 }  // namespace hopper
