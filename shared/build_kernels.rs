@@ -22,10 +22,12 @@ fn compile_kernel(name: &str, extra: &[&str]) {
 }
 
 /// [`compile_kernel`] for a file of Hopper-only kernels: `compute_90a` (the `a` features:
-/// `wgmma`), or a module without kernels when the build targets another card.
+/// `wgmma`) when the build targets sm_90 (`MODULE08_CUDA_ARCH` unset, `compute_90…` or
+/// `sm_90…`), else a module without kernels.
 #[allow(dead_code)]
 fn compile_hopper_kernel(name: &str, extra: &[&str]) {
-    if kernel_arch().starts_with("compute_90") {
+    let arch = kernel_arch();
+    if arch.starts_with("compute_90") || arch.starts_with("sm_90") {
         compile_kernel_for(name, extra, "compute_90a");
     } else if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
