@@ -109,9 +109,11 @@ fn tensor_map(ptr: u64, dtype: DType, [bh, n, d]: [usize; 3], rows: usize) -> Re
     Ok(map)
 }
 
-/// Whether `dev` runs the Hopper kernels: compute capability 9.x and a build that has them.
+/// Whether `dev` runs the Hopper kernels: compute capability 9.0 and a build that has them.
 pub fn hopper_kernels_on(dev: &CudaDevice) -> bool {
-    HOPPER_PTX.contains("flash_fwd_wgmma")
+    // The module's text is searched once (a megabyte), not on every attention call.
+    static BUILT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *BUILT.get_or_init(|| HOPPER_PTX.contains("flash_fwd_wgmma"))
         && matches!(dev.cuda_stream().context().compute_capability(), Ok((9, 0)))
 }
 
