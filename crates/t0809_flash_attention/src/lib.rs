@@ -125,8 +125,8 @@ pub fn hopper_backward(d_head: usize, n_k: usize) -> bool {
     d_head == 64 && n_k >= HOPPER_BACKWARD_MIN_KEYS
 }
 
-/// Whether `device` runs the Hopper kernels: a CUDA card of compute capability 9.0 (H100, H200), with this
-/// build's `sm_90a` kernels (built unless `MODULE08_CUDA_ARCH` asked for another card).
+/// Whether `device` runs the Hopper kernels: a CUDA card of compute capability 9.0 (H100, H200),
+/// with this build's `sm_90a` kernels (built unless `MODULE08_CUDA_ARCH` asked for another card).
 pub fn hopper_kernels_on(device: &candle_core::Device) -> bool {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(dev) = device {
