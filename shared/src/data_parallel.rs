@@ -141,17 +141,30 @@ pub fn average_gradients_and_loss(
     flat.push(loss.to_dtype(DType::F32)?.detach().reshape(1)?);
     let bucket = Tensor::cat(&flat, 0)?; // (Σ parameters + 1,)
     let mean = (group.all_reduce_sum(&bucket)? / group.world() as f64)?;
+    let offset = insert_bucket(grads, vars, 0..vars.len(), &mean)?;
+    Ok(mean.narrow(0, offset, 1)?.reshape(())?)
+}
+
+/// Puts the gradients of `members` (indices into `vars`, in bucket order) back from the flat f32
+/// `bucket`, each in its variable's shape and dtype; returns how many numbers they took.
+fn insert_bucket(
+    grads: &mut GradStore,
+    vars: &[(String, Var)],
+    members: impl IntoIterator<Item = usize>,
+    bucket: &Tensor,
+) -> Result<usize> {
     let mut offset = 0;
-    for (_, v) in vars {
+    for i in members {
+        let v = &vars[i].1;
         let n = v.elem_count();
-        let g = mean
+        let g = bucket
             .narrow(0, offset, n)?
             .reshape(v.shape())?
             .to_dtype(v.dtype())?;
         grads.insert(v.as_tensor(), g);
         offset += n;
     }
-    Ok(mean.narrow(0, offset, 1)?.reshape(())?)
+    Ok(offset)
 }
 
 /// The size of a gradient bucket, in numbers: 4 MiB of f32. Big enough that a bucket's all-reduce
@@ -239,18 +252,7 @@ pub fn backward_averaged(
         })??;
         let world = group.world() as f64;
         for (members, sum) in summed {
-            let mean = (sum / world)?;
-            let mut offset = 0;
-            for i in members {
-                let v = &vars[i].1;
-                let n = v.elem_count();
-                let g = mean
-                    .narrow(0, offset, n)?
-                    .reshape(v.shape())?
-                    .to_dtype(v.dtype())?;
-                grads.insert(v.as_tensor(), g);
-                offset += n;
-            }
+            insert_bucket(&mut grads, vars, members, &(sum / world)?)?;
         }
         let loss_sum = group.all_reduce_sum(&loss.to_dtype(DType::F32)?.detach().reshape(1)?)?;
         let mean_loss = (loss_sum / world)?.reshape(())?;
