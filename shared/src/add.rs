@@ -10,23 +10,53 @@
 //! its gradient as a sum, about twenty activation-sized sums per training step of the ladder's
 //! model. [`install_gradient_sum`] makes the patched candle-core (`third_party/README.md`) form
 //! those sums with [`add`].
+//!
+//! The forward pass has sums of its own: the residual connections, `x + f(norm(x))`, two per
+//! block. [`residual_add`] is [`add`] with a gradient (both inputs receive the output's
+//! gradient unchanged), what every block of the course adds its branches with.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `a + b` for tensors of one shape and dtype.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let fast = a.device().is_cuda()
-        && a.shape() == b.shape()
-        && a.dtype() == b.dtype()
-        && matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && a.is_contiguous()
-        && b.is_contiguous();
-    if fast {
+    if fast(a, b) {
         a.apply_op2_no_bwd(b, &Add)
     } else {
         a.add(b)
     }
+}
+
+/// Whether `a + b` can take the kernel: CUDA, one shape and dtype (f32, bf16, f16), contiguous.
+fn fast(a: &Tensor, b: &Tensor) -> bool {
+    a.device().is_cuda()
+        && a.shape() == b.shape()
+        && a.dtype() == b.dtype()
+        && matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && a.is_contiguous()
+        && b.is_contiguous()
+}
+
+/// Whether [`residual_add`] takes the 16-byte kernel (the default) or Candle's addition (for
+/// `train-bench --candle-residual-add`, which measures the difference).
+static FAST_RESIDUAL: AtomicBool = AtomicBool::new(true);
+
+/// `x + y` for the residual connections, differentiable: [`add`]'s kernel on the GPU for
+/// contiguous operands of one shape and dtype, Candle's addition for everything else (and on the
+/// CPU). The gradient of the sum reaches `x` and `y` as it is.
+pub fn residual_add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    if FAST_RESIDUAL.load(Ordering::Relaxed) && fast(x, y) {
+        x.apply_op2(y, Add)
+    } else {
+        x.add(y)
+    }
+}
+
+/// Makes [`residual_add`] use Candle's addition everywhere (`false`) or its own kernel where it
+/// can (`true`, the default): a process-wide switch to measure the kernel.
+pub fn set_fast_residual_add(fast: bool) {
+    FAST_RESIDUAL.store(fast, Ordering::Relaxed);
 }
 
 /// Makes `Tensor::backward` form every gradient sum with [`add`] (a process-wide choice, see
@@ -36,12 +66,23 @@ pub fn install_gradient_sum() {
     candle_core::backprop::set_gradient_sum(Some(add));
 }
 
-/// The sum as a custom op (no backward: gradient sums are not differentiated again).
+/// The sum as a custom op. Its backward hands the output's gradient to both inputs; gradient
+/// sums apply it without recording it ([`add`]: they are not differentiated again).
 struct Add;
 
 impl candle_core::CustomOp2 for Add {
     fn name(&self) -> &'static str {
         "add"
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _sum: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), Some(grad.clone())))
     }
 
     fn cpu_fwd(

@@ -275,6 +275,18 @@ pub fn compute_copies(masters: &VarMap, dtype: candle_core::DType) -> Result<Var
     Ok(copies)
 }
 
+/// Mixed precision with master weights: compute copies of `params` ([`compute_copies`]) when the
+/// model is to compute in `compute` and the parameters are in another dtype; `None` when they are
+/// already in `compute` (the model is built on `params` itself). Build the model on the copies
+/// and train with [`Trainer::for_params`].
+pub fn copies_for(params: &VarMap, compute: candle_core::DType) -> Result<Option<VarMap>> {
+    let stored = named_vars(params).first().map(|(_, v)| v.dtype());
+    match stored {
+        Some(dtype) if dtype != compute => Ok(Some(compute_copies(params, compute)?)),
+        _ => Ok(None),
+    }
+}
+
 /// Learning rate at `step` (0-based): linear warm-up from 0 to `max_lr` over `warmup` steps,
 /// then a cosine decay to `min_lr` at `total`, and `min_lr` after.
 ///
@@ -422,6 +434,20 @@ impl Trainer {
             schedule,
             step: 0,
         })
+    }
+
+    /// [`Trainer::new`] for `params`, or, with `copies` ([`copies_for`]), a trainer keeping
+    /// `params` as the f32 master weights of a model built on the copies.
+    pub fn for_params(
+        params: &VarMap,
+        copies: Option<&VarMap>,
+        adamw: AdamWConfig,
+        schedule: ScheduleConfig,
+    ) -> Result<Self> {
+        match copies {
+            Some(copies) => Self::with_master_weights(copies, params, adamw, schedule),
+            None => Self::new(params, adamw, schedule),
+        }
     }
 
     /// A checkpoint is written from, and read into, the optimizer's own parameters: with master

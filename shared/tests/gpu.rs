@@ -544,6 +544,44 @@ fn add_equals_candles_addition() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `shared::add::residual_add` is differentiable: the sum and the gradients of both inputs equal
+/// Candle's addition's on the test device (`L = Σ (x + y)·w` for a fixed weight `w`), in f32 and
+/// bf16, for operands the 16-byte kernel takes and for a transposed view it leaves to Candle.
+#[test]
+fn residual_add_passes_the_gradient_to_both_inputs() -> anyhow::Result<()> {
+    use candle_core::Var;
+    let dev = shared::device::test_device();
+    let f = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        for transposed in [false, true] {
+            let x = Var::from_tensor(&filled(120, 1, -0.5, dtype, &dev)?.reshape((3, 40))?)?;
+            let y = filled(120, 2, -0.5, dtype, &dev)?;
+            let y = match transposed {
+                false => Var::from_tensor(&y.reshape((3, 40))?)?,
+                true => Var::from_tensor(&y.reshape((40, 3))?)?,
+            };
+            let y_view = if transposed {
+                y.t()?
+            } else {
+                y.as_tensor().clone()
+            };
+            let w = filled(120, 3, -0.5, dtype, &dev)?.reshape((3, 40))?;
+            let run = |sum: Tensor| -> anyhow::Result<Vec<Vec<f32>>> {
+                let grads = (&sum * &w)?.sum_all()?.backward()?;
+                let (gx, gy) = (grads.get(&x), grads.get(&y));
+                let (gx, gy) = (gx.expect("x has a gradient"), gy.expect("y has a gradient"));
+                Ok(vec![f(&sum)?, f(gx)?, f(gy)?])
+            };
+            let got = run(shared::add::residual_add(&x, &y_view)?)?;
+            let want = run((x.as_tensor() + &y_view)?)?;
+            assert_eq!(got, want, "{dtype:?}, y transposed: {transposed}");
+        }
+    }
+    Ok(())
+}
+
 /// Least squares `L = mean((x·Wᵀ − 1)²)` on the test device, in f32, with gradients large enough
 /// for clipping to engage: (parameters, trainer, loss of the current W).
 struct Problem {

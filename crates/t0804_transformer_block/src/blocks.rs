@@ -3,6 +3,7 @@
 use crate::{FfnKind, LmConfig, LmShape, Parts, PositionKind};
 use candle_core::{bail, DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use shared::add::residual_add;
 use shared::kernels::Kernels;
 use shared::params::{expect_last_dim, ones, weight, zeros};
 use t0802_multi_head_attention::{AttnMask, CacheSlot, MhaConfig, MultiHeadAttention};
@@ -159,7 +160,8 @@ pub enum NormPlacement {
     Post,
 }
 
-/// One residual sub-layer: `x + f(norm(x))` (pre) or `norm(x + f(x))` (post).
+/// One residual sub-layer: `x + f(norm(x))` (pre) or `norm(x + f(x))` (post). The `+` is
+/// [`residual_add`]: Candle's addition, or on the GPU a kernel moving 16 bytes per thread.
 pub fn residual(
     x: &Tensor,
     norm: &dyn Layer,
@@ -167,8 +169,8 @@ pub fn residual(
     f: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     match placement {
-        NormPlacement::Pre => x + f(&norm.forward(x)?)?,
-        NormPlacement::Post => norm.forward(&(x + f(x)?)?),
+        NormPlacement::Pre => residual_add(x, &f(&norm.forward(x)?)?),
+        NormPlacement::Post => norm.forward(&residual_add(x, &f(x)?)?),
     }
 }
 

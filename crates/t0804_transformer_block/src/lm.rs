@@ -389,6 +389,26 @@ pub fn init_lm(
     Ok((varmap, lm))
 }
 
+/// A fresh model for mixed-precision training: its parameters in `dtype` and, when the model is
+/// to compute in another dtype `compute`, the model built on `compute` copies of them
+/// ([`shared::train::copies_for`]): `(parameters, copies, model)`. Train it with
+/// `Trainer::for_params(&parameters, copies.as_ref(), …)`, which keeps the parameters as the f32
+/// master weights and refreshes the copies after every step.
+pub fn init_lm_mixed(
+    cfg: &LmConfig,
+    parts: &dyn Parts,
+    (dtype, compute): (DType, DType),
+    device: &Device,
+) -> anyhow::Result<(VarMap, Option<VarMap>, DecoderOnlyLm)> {
+    let (params, lm) = init_lm(cfg, parts, dtype, device)?;
+    let copies = shared::train::copies_for(&params, compute)?;
+    let lm = match &copies {
+        Some(copies) => build_lm(VarBuilder::from_varmap(copies, compute, device), cfg, parts)?,
+        None => lm,
+    };
+    Ok((params, copies, lm))
+}
+
 /// Writes `config.json` and `model.safetensors` into `dir` (created if needed).
 pub fn save_lm(dir: &Path, cfg: &LmConfig, varmap: &VarMap) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;

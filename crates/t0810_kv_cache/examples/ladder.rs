@@ -32,7 +32,7 @@ use shared::tokenizer::{load_corpus, Corpus};
 use shared::train::{
     train_lm, train_lm_in_group, AdamWConfig, LmData, LmTrainSpec, ScheduleConfig, Trainer,
 };
-use t0804_transformer_block::{init_lm, LmConfig, LmShape};
+use t0804_transformer_block::{init_lm_mixed, LmConfig, LmShape};
 use t0810_kv_cache::{
     generate_lm, generate_lm_no_cache, lm_cache, CacheKind, Sampler, SamplingConfig,
 };
@@ -232,8 +232,9 @@ fn train_rung(
 ) -> Result<Option<(Measured, t0804_transformer_block::DecoderOnlyLm)>> {
     shared::params::set_seed(seed);
     let parts = t0809_flash_attention::parts(r.kernels);
-    let (varmap, lm) = init_lm(&r.cfg, &parts, dtype, dev)?;
-    let lm = lm.with_compute_dtype(compute);
+    // Mixed precision keeps f32 master weights in `varmap` (what AdamW updates, what is saved)
+    // and builds the model on bf16 copies of them, which AdamW refreshes after every step.
+    let (varmap, copies, lm) = init_lm_mixed(&r.cfg, &parts, (dtype, compute), dev)?;
     let schedule = ScheduleConfig {
         max_lr: b.lr,
         min_lr: b.lr / 10.0,
@@ -241,7 +242,8 @@ fn train_rung(
         total_steps: b.steps,
         clip_norm: Some(1.0),
     };
-    let mut trainer = Trainer::new(&varmap, AdamWConfig::default(), schedule)?;
+    let mut trainer =
+        Trainer::for_params(&varmap, copies.as_ref(), AdamWConfig::default(), schedule)?;
     let spec = LmTrainSpec {
         label: format!("rung {}", r.topic),
         steps: b.steps,
@@ -257,6 +259,7 @@ fn train_rung(
         Some(g) => {
             use shared::data_parallel::broadcast_parameters;
             broadcast_parameters(&shared::params::named_vars(&varmap), g, 0)?;
+            trainer.opt.refresh_copies()?; // the model's copies of the broadcast masters
             let lm_data = LmData {
                 train_tokens: &data.train,
                 valid_tokens: &data.valid,

@@ -15,7 +15,7 @@ use candle_core::DType;
 use candle_nn::{VarBuilder, VarMap};
 use shared::fit::Curve;
 use shared::report::{line_chart, print_table, Axes, Series};
-use shared::train::human_rate;
+use shared::train::{copies_for, human_rate};
 use std::path::Path;
 
 /// One trained contender and its final numbers.
@@ -53,9 +53,23 @@ impl Contender {
             vocab,
             (run.parts, run.lstm, compute),
         )?;
+        // Mixed precision keeps f32 master weights in `varmap` (what AdamW updates and the
+        // checkpoints hold) and builds the model again on bf16 copies of them.
+        let copies = copies_for(&varmap, compute)?;
+        let model = match &copies {
+            Some(copies) => Model::new(
+                name,
+                VarBuilder::from_varmap(copies, compute, &data.dev),
+                p,
+                vocab,
+                (run.parts, run.lstm, compute),
+            )?,
+            None => model,
+        };
         let n_params = shared::params::count_params(&varmap);
         println!("-- {name}: {n_params} parameters");
-        let curve = train_model(name, &model, &mut varmap, data, p, run)?;
+        let params = (&mut varmap, copies.as_ref());
+        let curve = train_model(name, &model, params, data, p, run)?;
         let valid_loss = match final_batches {
             usize::MAX => evaluate(&model, &data.valid, data, p.batch, final_batches)?,
             _ => curve.final_valid_loss().unwrap_or(f64::NAN),

@@ -68,12 +68,15 @@ impl Task for Seq2SeqTask<'_> {
     }
 }
 
-/// Trains `model` (its parameters in `varmap`) for `p.steps` steps and returns its curve; a
-/// divergence is an error that names the folder of the last good checkpoint.
+/// Trains `model` for `p.steps` steps and returns its curve; a divergence is an error that names
+/// the folder of the last good checkpoint. The model's parameters are `varmap`, or, under mixed
+/// precision, `copies` of them, with `varmap` as the f32 master weights ([`copies_for`]).
+///
+/// [`copies_for`]: shared::train::copies_for
 pub fn train_model(
     name: &str,
     model: &Model,
-    varmap: &mut VarMap,
+    (varmap, copies): (&mut VarMap, Option<&VarMap>),
     data: &Data,
     p: &Preset,
     run: &RunSettings<'_>,
@@ -85,7 +88,7 @@ pub fn train_model(
         total_steps: p.steps,
         clip_norm: Some(1.0),
     };
-    let mut trainer = Trainer::new(varmap, AdamWConfig::default(), schedule)?;
+    let mut trainer = Trainer::for_params(varmap, copies, AdamWConfig::default(), schedule)?;
     let mut task = Seq2SeqTask {
         model,
         data,

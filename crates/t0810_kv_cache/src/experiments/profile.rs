@@ -12,14 +12,19 @@ use shared::train::AdamW;
 use std::time::Instant;
 use t0804_transformer_block::DecoderOnlyLm;
 
-/// Median milliseconds of one phase.
+/// Median milliseconds of one phase, and the device memory around it (GPU only).
 pub struct Phase {
     pub name: &'static str,
     /// Until the host has enqueued the phase.
     pub host_ms: f64,
     /// Until the device has finished it.
     pub total_ms: f64,
+    /// GiB held by tensors when the phase starts, and the most they hold during it.
+    pub memory_gib: Option<(f64, f64)>,
 }
+
+/// One phase of one step: `(host s, total s)` and, on the GPU, `(bytes at start, peak bytes)`.
+type Sample = ((f64, f64), Option<(u64, u64)>);
 
 /// The phases of a step and the peak device memory held by tensors (GPU only).
 pub struct Phases {
@@ -29,23 +34,29 @@ pub struct Phases {
 
 const NAMES: [&str; 4] = ["forward", "backward", "clip", "adamw"];
 
-/// Runs `f`, returns its value and `(host seconds, seconds until the device is done)`.
-fn timed<T>(dev: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, (f64, f64))> {
+/// Runs `f`, returns its value, `(host seconds, seconds until the device is done)` and, on the
+/// GPU, the bytes tensors held when it started and at most while it ran.
+fn timed<T>(dev: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, Sample)> {
+    use shared::device::{device_memory_in_use, device_memory_peak, reset_device_memory_peak};
+    reset_device_memory_peak(dev)?;
+    let before = device_memory_in_use(dev)?;
     let t = Instant::now();
     let out = f()?;
     let host = t.elapsed().as_secs_f64();
     dev.synchronize()?;
-    Ok((out, (host, t.elapsed().as_secs_f64())))
+    let seconds = (host, t.elapsed().as_secs_f64());
+    let memory = before.zip(device_memory_peak(dev)?);
+    Ok((out, (seconds, memory)))
 }
 
-/// One profiled step: the four phases' `(host, total)` seconds.
+/// One profiled step: the four phases' timings and memory.
 fn profile_step(
     lm: &DecoderOnlyLm,
     opt: &mut AdamW,
     x: &candle_core::Tensor,
     y: &candle_core::Tensor,
     dev: &Device,
-) -> Result<[(f64, f64); 4]> {
+) -> Result<[Sample; 4]> {
     let (loss, forward) = timed(dev, || Ok(lm.loss(x, y)?))?;
     let (grads, backward) = timed(dev, || Ok(loss.backward()?))?;
     // As the trainer's step: Σ g² and the clipping gate on the device, read by AdamW there.
@@ -73,8 +84,7 @@ pub fn profile_phases(
     steps: usize,
     dev: &Device,
 ) -> Result<Phases> {
-    let mut samples: Vec<[(f64, f64); 4]> = Vec::new();
-    shared::device::reset_device_memory_peak(dev)?;
+    let mut samples: Vec<[Sample; 4]> = Vec::new();
     println!(
         "   profiling {steps} steps phase by phase (a device synchronisation after each phase)"
     );
@@ -95,10 +105,16 @@ pub fn profile_phases(
         .enumerate()
         .map(|(i, &name)| Phase {
             name,
-            host_ms: median_ms(samples.iter().map(|r| r[i].0).collect()),
-            total_ms: median_ms(samples.iter().map(|r| r[i].1).collect()),
+            host_ms: median_ms(samples.iter().map(|r| r[i].0 .0).collect()),
+            total_ms: median_ms(samples.iter().map(|r| r[i].0 .1).collect()),
+            // The last step's (every step allocates alike).
+            memory_gib: samples.last().and_then(|r| r[i].1).map(|(at_start, peak)| {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                (gib(at_start), gib(peak))
+            }),
         })
         .collect();
+    let gib = |v: Option<f64>| v.map_or("-".into(), |g| format!("{g:.2}"));
     let rows: Vec<Vec<String>> = phases
         .iter()
         .map(|p| {
@@ -106,12 +122,21 @@ pub fn profile_phases(
                 p.name.to_string(),
                 format!("{:.2}", p.host_ms),
                 format!("{:.2}", p.total_ms),
+                gib(p.memory_gib.map(|m| m.0)),
+                gib(p.memory_gib.map(|m| m.1)),
             ]
         })
         .collect();
-    print_table(&["phase", "host enqueue ms", "until done ms"], &rows);
-    let peak_memory_gib =
-        shared::device::device_memory_peak(dev)?.map(|peak| peak as f64 / (1u64 << 30) as f64);
+    let header = [
+        "phase",
+        "host enqueue ms",
+        "until done ms",
+        "GiB at start",
+        "peak GiB",
+    ];
+    print_table(&header, &rows);
+    let peaks = samples.iter().flatten().filter_map(|s| s.1.map(|m| m.1));
+    let peak_memory_gib = peaks.max().map(|peak| peak as f64 / (1u64 << 30) as f64);
     if let Some(gib) = peak_memory_gib {
         println!("   peak device memory held by tensors over the profiled steps: {gib:.2} GiB");
     }

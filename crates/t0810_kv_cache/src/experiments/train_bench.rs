@@ -84,6 +84,10 @@ pub struct TrainBenchArgs {
     /// `shared::add::add` (16 bytes per thread), to measure that.
     #[arg(long)]
     pub candle_gradient_sum: bool,
+    /// Add the residual connections with Candle's addition instead of
+    /// `shared::add::residual_add` (16 bytes per thread), to measure that.
+    #[arg(long)]
+    pub candle_residual_add: bool,
     /// Hand freed device memory back to the driver at every synchronisation (the driver's
     /// default) instead of keeping it in the pool (`shared::device::keep_freed_memory`), to
     /// measure that.
@@ -235,6 +239,10 @@ fn record_profile(b: &Bench, dev: &Device, report: &mut RunReport) -> Result<()>
     for p in &phases.phases {
         report.metric(&format!("profile.{}.host_ms", p.name), p.host_ms);
         report.metric(&format!("profile.{}.total_ms", p.name), p.total_ms);
+        if let Some((at_start, peak)) = p.memory_gib {
+            report.metric(&format!("profile.{}.memory_at_start_gib", p.name), at_start);
+            report.metric(&format!("profile.{}.memory_peak_gib", p.name), peak);
+        }
     }
     if let Some(gib) = phases.peak_memory_gib {
         report.metric("bench.peak_device_memory_gib", gib);
@@ -252,6 +260,7 @@ fn set_switches(a: &TrainBenchArgs, dev: &Device) -> Result<()> {
     if a.candle_gradient_sum {
         candle_core::backprop::set_gradient_sum(None);
     }
+    shared::add::set_fast_residual_add(!a.candle_residual_add);
     Ok(())
 }
 
@@ -267,17 +276,11 @@ fn model(
     dev: &Device,
 ) -> Result<(VarMap, Option<VarMap>, DecoderOnlyLm)> {
     let parts = t0809_flash_attention::parts(kernels);
-    let (varmap, lm) = t0804_transformer_block::init_lm(cfg, &parts, dtype, dev)?;
-    if compute_dtype == dtype || a.cast_weights {
+    if a.cast_weights {
+        let (varmap, lm) = t0804_transformer_block::init_lm(cfg, &parts, dtype, dev)?;
         return Ok((varmap, None, lm.with_compute_dtype(compute_dtype)));
     }
-    let compute = shared::train::compute_copies(&varmap, compute_dtype)?;
-    let lm = t0804_transformer_block::build_lm(
-        candle_nn::VarBuilder::from_varmap(&compute, compute_dtype, dev),
-        cfg,
-        &parts,
-    )?;
-    Ok((varmap, Some(compute), lm))
+    t0804_transformer_block::init_lm_mixed(cfg, &parts, (dtype, compute_dtype), dev)
 }
 
 /// The `train-bench` command.
