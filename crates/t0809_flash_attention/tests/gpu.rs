@@ -184,11 +184,25 @@ fn gpu_low_precision_within_twice_the_naive_error() -> Result<()> {
     Ok(())
 }
 
+/// Keys of the Hopper backward test: 77 past the threshold (a partial last tile).
+const HOPPER_KEYS: usize = HOPPER_BACKWARD_MIN_KEYS + 77;
+/// Its padded case keeps the first `HOPPER_KEYS - 300` keys (padding spans the last three tiles).
+const HOPPER_KEPT: usize = HOPPER_KEYS - 300;
+
+fn padded_auto(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    flash_attention_padded(q, k, v, scale, causal, FlashKernels::Auto, &[HOPPER_KEPT])
+}
+
+fn padded_mma_sync(q: &Tensor, k: &Tensor, v: &Tensor, s: f64, causal: bool) -> Result<Tensor> {
+    flash_attention_padded(q, k, v, s, causal, FlashKernels::MmaSync, &[HOPPER_KEPT])
+}
+
 #[test]
 fn gpu_hopper_backward_within_twice_the_mma_sync_error() -> Result<()> {
     // The Hopper backward runs from HOPPER_BACKWARD_MIN_KEYS keys on: the shapes above are too
-    // short for it. Here 77 keys past the threshold (a partial last tile), d 64, bf16, causal or
-    // not, against float64 on the CPU; the mma.sync backward on the same inputs sets the bar.
+    // short for it. Here d 64 past the threshold, against float64 on the CPU, the mma.sync
+    // backward on the same inputs setting the bar: bf16 causal and not, f16 with 333 queries
+    // (n_q ≠ n_k), and bf16 with the last 300 keys padding (whose dK, dV must be zero).
     let Some(dev) = gpu("gpu_hopper_backward_within_twice_the_mma_sync_error") else {
         return Ok(());
     };
@@ -196,36 +210,51 @@ fn gpu_hopper_backward_within_twice_the_mma_sync_error() -> Result<()> {
         println!("gpu_hopper_backward_within_twice_the_mma_sync_error: not a Hopper card, skipped");
         return Ok(());
     }
-    let n = HOPPER_BACKWARD_MIN_KEYS + 77;
-    let d = 64;
+    let (n, d) = (HOPPER_KEYS, 64);
     assert!(hopper_backward(d, n));
     let mut rng = Rng::new(106);
-    for causal in [true, false] {
-        let (q, k, v) = qkv(&mut rng, 1, 2, n, n, d, d)?;
-        let d_o = rng.tensor(&[1, 2, n, d], 1.0)?;
+    let cases = [
+        (DType::BF16, n, true, false),
+        (DType::BF16, n, false, false),
+        (DType::F16, 333, false, false),
+        (DType::BF16, n, false, true),
+    ];
+    for (dtype, n_q, causal, padded) in cases {
+        let case = format!("{dtype:?} n_q {n_q} causal {causal} padded {padded}");
+        let (q, k, v) = qkv(&mut rng, 1, 2, n_q, n, d, d)?;
+        let d_o = rng.tensor(&[1, 2, n_q, d], 1.0)?;
         let scale = default_softmax_scale(d);
-        let low = |t: &Tensor| t.to_dtype(DType::BF16)?.to_device(&dev);
+        let low = |t: &Tensor| t.to_dtype(dtype)?.to_device(&dev);
         let (ql, kl, vl, dol) = (low(&q)?, low(&k)?, low(&v)?, low(&d_o)?);
         let up = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
-        let (_, want) = grads(
+        let kept = if padded { HOPPER_KEPT } else { n };
+        let (_, mut want) = grads(
             naive_attention,
             &up(&ql)?,
-            &up(&kl)?,
-            &up(&vl)?,
+            &up(&kl)?.narrow(2, 0, kept)?,
+            &up(&vl)?.narrow(2, 0, kept)?,
             &up(&dol)?,
             scale,
             causal,
         )?;
-        let (_, hopper) = grads(flash_attention, &ql, &kl, &vl, &dol, scale, causal)?;
-        let (_, mma) = grads(flash_mma_sync, &ql, &kl, &vl, &dol, scale, causal)?;
+        for g in &mut want[1..] {
+            let padding = Tensor::zeros((1, 2, n - kept, d), DType::F64, &Device::Cpu)?;
+            *g = Tensor::cat(&[&*g, &padding], 2)?; // no gradient reaches a padding key
+        }
+        let (ours, mma): (Attn, Attn) = match padded {
+            false => (flash_attention, flash_mma_sync),
+            true => (padded_auto, padded_mma_sync),
+        };
+        let (_, hopper) = grads(ours, &ql, &kl, &vl, &dol, scale, causal)?;
+        let (_, mma) = grads(mma, &ql, &kl, &vl, &dol, scale, causal)?;
         for (i, name) in ["dQ", "dK", "dV"].iter().enumerate() {
             let want = to_vec(&want[i])?;
             let e_hopper = max_abs(&to_vec(&hopper[i])?, &want);
             let e_mma = max_abs(&to_vec(&mma[i])?, &want);
-            let atol = rounding_atol(&want, DType::BF16)?;
+            let atol = rounding_atol(&want, dtype)?;
             assert!(
                 e_hopper <= 2.0 * e_mma + atol,
-                "causal {causal} {name}: Hopper {e_hopper:e}, mma.sync {e_mma:e}, atol {atol:e}"
+                "{case} {name}: Hopper {e_hopper:e}, mma.sync {e_mma:e}, atol {atol:e}"
             );
         }
     }
