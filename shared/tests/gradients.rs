@@ -184,6 +184,43 @@ fn first_gradient_is_stored_without_a_zero_fill() -> Result<()> {
     Ok(())
 }
 
+/// A variable's gradient is stored detached: in `L = Σ tanh(x·Wᵀ)` with `x` tracked, `dW = dYᵀ·x`
+/// would otherwise record its op and hold `dY` and `x` for as long as the gradient lives. Its
+/// value is unchanged (`dW = (1 − tanh²(x·Wᵀ))ᵀ·x`, checked against a float64 closed form).
+#[test]
+fn variable_gradients_are_stored_without_their_graph() -> Result<()> {
+    let device = Device::Cpu;
+    let values = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 + seed * 11) % 17) as f32 / 10.0 - 0.8)
+            .collect()
+    };
+    let x = Var::from_vec(values(3 * 4, 1), (3, 4), &device)?;
+    let w = Var::from_vec(values(5 * 4, 2), (5, 4), &device)?;
+    let h = x.matmul(&w.t()?)?; // (3, 5)
+    let grads = h.tanh()?.sum_all()?.backward()?;
+    let (gx, gw) = (grads.get(&x).expect("dx"), grads.get(&w).expect("dW"));
+    let want: Vec<f64> = {
+        let (x, w) = (x.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+        let dy = |i: usize, j: usize| {
+            let s: f64 = (0..4).map(|k| x[i][k] as f64 * w[j][k] as f64).sum();
+            1.0 - s.tanh().powi(2)
+        };
+        let dw = |j: usize, k: usize| (0..3).map(|i| dy(i, j) * x[i][k] as f64).sum::<f64>();
+        (0..5)
+            .flat_map(|j| (0..4).map(move |k| (j, k)))
+            .map(|(j, k)| dw(j, k))
+            .collect()
+    };
+    let got: Vec<f64> = gw.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+    assert_close("dW", &got, &want);
+    if !upstream_mode() {
+        assert!(!gw.track_op(), "dW keeps the graph that computed it");
+        assert!(!gx.track_op(), "dx keeps the graph that computed it");
+    }
+    Ok(())
+}
+
 /// Products against transposed views, every case of the matmul rule: `x · Wᵀ` (the
 /// projection), `aᵀ · x` (a transposed left operand), a batched `q · kᵀ`, and a `Wᵀ` that is
 /// also read by another op (its gradient then reaches `W` through both paths).

@@ -724,6 +724,23 @@ fn check_first_gradient(tensor: &Tensor, grad: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Module 08 patch: a gradient as the store keeps it, detached from the graph that computed it.
+/// A gradient computed from tracked tensors records its op, and with it a reference to every
+/// input: the gradient of `W` in `Y = X·Wᵀ`, `dYᵀ·X`, would keep the whole `dY` alive for as long
+/// as the store holds it (for a variable, until the optimizer step is done). Upstream detaches a
+/// gradient only when it takes it out of the store to propagate it, which is soon for an
+/// activation but never for a variable's: with bf16 copies of master weights (whose gradients
+/// are formed straight from `dY`, not through a cast), a training step of the course's LM held
+/// about 1 GiB of such upstream gradients past the backward pass. A backward that keeps its own
+/// graph (`CANDLE_GRAD_DO_NOT_DETACH`) stores gradients as they are, as upstream does.
+fn stored(grad: Tensor) -> Tensor {
+    if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) {
+        grad
+    } else {
+        grad.detach()
+    }
+}
+
 static UPSTREAM_ACCUMULATION: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
@@ -853,11 +870,14 @@ impl GradStore {
     /// edge of the graph paid a zero fill and a full-size add; a node with a single consumer,
     /// which is nearly every node of a transformer, now pays neither. From the second
     /// gradient on, the sum is formed exactly as upstream does.
+    ///
+    /// Module 08 patch: the gradient is stored detached (unless the backward keeps its graph, see
+    /// [`stored`]).
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = gradient_sum(entry.get(), grad)?;
-                entry.insert(sum);
+                entry.insert(stored(sum));
             }
             Entry::Vacant(entry) if upstream_accumulation() => {
                 entry.insert(tensor.zeros_like()?.add(grad)?);
@@ -866,7 +886,7 @@ impl GradStore {
                 // Upstream's `zeros + grad` checked shape, dtype and device and always produced a
                 // contiguous tensor; keep both.
                 check_first_gradient(tensor, grad)?;
-                entry.insert(grad.contiguous()?);
+                entry.insert(stored(grad.contiguous()?));
             }
         }
         Ok(())
@@ -878,14 +898,14 @@ impl GradStore {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let difference = entry.get().sub(grad)?;
-                entry.insert(difference);
+                entry.insert(stored(difference));
             }
             Entry::Vacant(entry) if upstream_accumulation() => {
                 entry.insert(tensor.zeros_like()?.sub(grad)?);
             }
             Entry::Vacant(entry) => {
                 check_first_gradient(tensor, grad)?;
-                entry.insert(grad.neg()?);
+                entry.insert(stored(grad.neg()?));
             }
         }
         Ok(())
