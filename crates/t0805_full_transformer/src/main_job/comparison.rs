@@ -55,7 +55,10 @@ impl Contender {
         )?;
         // Mixed precision keeps f32 master weights in `varmap` (what AdamW updates and the
         // checkpoints hold) and builds the model again on bf16 copies of them.
-        let copies = copies_for(&varmap, compute)?;
+        let copies = match run.cast_weights {
+            true => None,
+            false => copies_for(&varmap, compute)?,
+        };
         let model = match &copies {
             Some(copies) => Model::new(
                 name,

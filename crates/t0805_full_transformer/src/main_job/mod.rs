@@ -51,6 +51,10 @@ pub struct Args {
     /// or composed (tensor ops, gradients by autograd). Same values, different speed.
     #[arg(long, value_enum, default_value = "fused")]
     pub lstm: OpImpl,
+    /// In bf16-mixed, cast each f32 weight to bf16 where it is used (and each gradient back)
+    /// instead of keeping bf16 copies of f32 master weights, to measure that.
+    #[arg(long)]
+    pub cast_weights: bool,
 }
 
 /// The preset asked for, else `quick` with `--quick`, `full` on a GPU, `cpu` otherwise;
@@ -104,6 +108,7 @@ pub fn run(args: &Args, topic: &str, parts: &dyn Parts) -> Result<()> {
         seed: args.common.seed,
         eval_batches,
         lstm: args.lstm,
+        cast_weights: args.cast_weights,
     };
     let contenders = NAMES
         .into_iter()

@@ -38,6 +38,8 @@ pub struct RunSettings<'a> {
     pub eval_batches: usize,
     /// How the LSTM runs (the same values either way).
     pub lstm: OpImpl,
+    /// Mixed precision by casting every f32 weight where it is used, not with master weights.
+    pub cast_weights: bool,
 }
 
 /// A sequence-to-sequence model on the continuation pairs, as the one loop sees it.
