@@ -63,8 +63,10 @@ pub fn rms_norm_fused_backward(
 
 /// Runs a fused norm's backward op on `(x, g, dy)` after checking `dy` against `x`, and splits its
 /// packed output `[dx | p₁ | … | pₙ]` into `dx` (shaped like `x`) and the `n_params` parameter
-/// gradients, each of `g`'s shape and dtype and a copy of its own: a parameter's gradient lives
-/// until AdamW, and as a view it would keep the whole packed buffer alive with it.
+/// gradients, each of `g`'s shape and dtype and a compact copy of its own: a parameter's gradient
+/// lives until AdamW, and as a view it would keep the whole packed buffer alive with it (as would
+/// `Tensor::copy`, which clones a view's whole buffer; `force_contiguous` copies the view's `d`
+/// elements).
 pub(crate) fn packed_backward(
     x: &Tensor,
     g: &Tensor,
@@ -90,7 +92,12 @@ pub(crate) fn packed_backward(
     )?;
     let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
     let params = (0..n_params)
-        .map(|i| packed.narrow(0, n + i * d, d)?.to_dtype(g.dtype())?.copy())
+        .map(|i| {
+            packed
+                .narrow(0, n + i * d, d)?
+                .to_dtype(g.dtype())?
+                .force_contiguous()
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((dx, params))
 }

@@ -279,10 +279,11 @@ impl PagedKvCache {
     fn copy_block(&mut self, from: usize, to: usize) -> Result<()> {
         let bs = self.cfg.block_size;
         for (k, v) in &self.pools {
-            // Materialise the source rows first: slice_set refuses a source sharing the pool's storage.
+            // Materialise the source rows first: slice_set refuses a source sharing the pool's
+            // storage. `force_contiguous` copies the block's rows (`copy` would clone the pool).
             let (ks, vs) = (
-                k.narrow(0, from * bs, bs)?.copy()?,
-                v.narrow(0, from * bs, bs)?.copy()?,
+                k.narrow(0, from * bs, bs)?.force_contiguous()?,
+                v.narrow(0, from * bs, bs)?.force_contiguous()?,
             );
             k.slice_set(&ks, 0, to * bs)?;
             v.slice_set(&vs, 0, to * bs)?;

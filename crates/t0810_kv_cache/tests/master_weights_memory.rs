@@ -2,8 +2,10 @@
 //! LLaMA rung in bf16 over f32 parameters, trained a few steps each way on the CPU, where every
 //! tensor lives in the process heap, under a global allocator that counts bytes, from before the
 //! model is built: the bf16 copies one keeps are the casts the other makes in every step, and the
-//! peak is no higher.
-//! Its own test binary: the counting allocator sees this test only.
+//! peak is no higher; and once a step's loss is dropped, its gradients hold no more than their
+//! own bytes either way (a gradient that kept the graph which computed it would hold the upstream
+//! gradients too: `third_party/README.md`, gradients stored detached).
+//! Its own test binary with one test: the counting allocator sees that test only.
 
 use candle_core::{DType, Device, Tensor};
 use shared::train::{compute_copies, AdamWConfig, ScheduleConfig, Trainer};
@@ -76,8 +78,46 @@ fn peak_of_four_steps(master: bool) -> anyhow::Result<(usize, usize)> {
     Ok((PEAK.load(Relaxed) - start, copy_bytes))
 }
 
+/// Heap bytes one backward pass leaves held once its loss is dropped (the gradient store), and
+/// the bytes of the gradients in it.
+fn held_by_the_gradients(master: bool) -> anyhow::Result<(usize, usize)> {
+    let dev = Device::Cpu;
+    let shape = LmShape {
+        vocab_size: 2000,
+        max_seq_len: 64,
+        d_model: 128,
+        n_layers: 2,
+        n_heads: 4,
+    };
+    let cfg = t0808_rope::llama(shape, 2);
+    let parts = t0809_flash_attention::parts(shared::kernels::Kernels::for_device(&dev));
+    let (params, lm) = init_lm(&cfg, &parts, DType::F32, &dev)?;
+    let (lm, vars, _copies) = if master {
+        let copies = compute_copies(&params, DType::BF16)?;
+        let vb = candle_nn::VarBuilder::from_varmap(&copies, DType::BF16, &dev);
+        let vars = copies.all_vars();
+        (build_lm(vb, &cfg, &parts)?, vars, Some(copies))
+    } else {
+        (lm.with_compute_dtype(DType::BF16), params.all_vars(), None)
+    };
+    let ids: Vec<u32> = (0..16 * 65).map(|i| (i * 7 % 2000) as u32).collect();
+    let batch = Tensor::from_vec(ids, (16, 65), &dev)?;
+    let (x, y) = (batch.narrow(1, 0, 64)?, batch.narrow(1, 1, 64)?);
+    let before = CURRENT.load(Relaxed);
+    let loss = lm.loss(&x, &y)?;
+    let grads = loss.backward()?;
+    drop(loss);
+    let held = CURRENT.load(Relaxed).saturating_sub(before);
+    let grad_bytes = vars
+        .iter()
+        .filter_map(|v| grads.get(v))
+        .map(|g| g.elem_count() * g.dtype().size_in_bytes())
+        .sum();
+    Ok((held, grad_bytes))
+}
+
 #[test]
-fn master_weights_peak_no_higher_than_casting() -> anyhow::Result<()> {
+fn master_weights_hold_no_more_memory_than_casting() -> anyhow::Result<()> {
     let (cast, _) = peak_of_four_steps(false)?;
     let (master, copies) = peak_of_four_steps(true)?;
     println!("peak above the start: casts {cast} B, master weights {master} B (copies {copies} B)");
@@ -90,5 +130,15 @@ fn master_weights_peak_no_higher_than_casting() -> anyhow::Result<()> {
         master <= cast,
         "master weights peak at {master} B, above the casts' {cast} B"
     );
+    // The logits' gradient alone (16 × 64 × 2000 bf16) is 2 MB, twice the bf16 gradients.
+    for master in [false, true] {
+        let (held, grads) = held_by_the_gradients(master)?;
+        println!("master weights {master}: {held} B held after the backward, gradients {grads} B");
+        assert!(grads > 0, "the store has the parameters' gradients");
+        assert!(
+            held <= grads + grads / 4,
+            "master weights {master}: {held} B held after the backward for {grads} B of gradients"
+        );
+    }
     Ok(())
 }
