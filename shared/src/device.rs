@@ -162,8 +162,10 @@ pub enum DTypeChoice {
     /// Everything in bf16: parameters, activations, AdamW moments ("pure" bf16).
     Bf16,
     F16,
-    /// Mixed precision: f32 parameters and AdamW moments (the master copy, updated and clipped
-    /// in f32), bf16 matmuls and activations; each weight is cast to bf16 where it is used.
+    /// Mixed precision: f32 parameters and AdamW moments (the master weights, updated and clipped
+    /// in f32), bf16 matmuls and activations. Training builds the model on bf16 copies of the
+    /// masters, which AdamW refreshes after every step (`shared::train::copies_for`); a model
+    /// that only runs forward casts each weight to bf16 where it is used.
     Bf16Mixed,
 }
 

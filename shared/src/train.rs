@@ -280,10 +280,22 @@ pub fn compute_copies(masters: &VarMap, dtype: candle_core::DType) -> Result<Var
 /// already in `compute` (the model is built on `params` itself). Build the model on the copies
 /// and train with [`Trainer::for_params`].
 pub fn copies_for(params: &VarMap, compute: candle_core::DType) -> Result<Option<VarMap>> {
-    let stored = named_vars(params).first().map(|(_, v)| v.dtype());
-    match stored {
-        Some(dtype) if dtype != compute => Ok(Some(compute_copies(params, compute)?)),
-        _ => Ok(None),
+    let vars = named_vars(params);
+    let Some((_, first)) = vars.first() else {
+        return Ok(None);
+    };
+    if let Some((name, v)) = vars.iter().find(|(_, v)| v.dtype() != first.dtype()) {
+        bail!(
+            "copies_for: the parameters mix dtypes ('{name}' is {:?}, '{}' {:?}); mixed precision \
+             needs them all in one (f32)",
+            v.dtype(),
+            vars[0].0,
+            first.dtype()
+        );
+    }
+    match first.dtype() == compute {
+        true => Ok(None),
+        false => Ok(Some(compute_copies(params, compute)?)),
     }
 }
 
@@ -448,6 +460,18 @@ impl Trainer {
             Some(copies) => Self::with_master_weights(copies, params, adamw, schedule),
             None => Self::new(params, adamw, schedule),
         }
+    }
+
+    /// Sets this rank's parameters to rank `root`'s (the same start on every rank of a
+    /// data-parallel group): the f32 masters with master weights, whose copies are then
+    /// refreshed, else the variables.
+    pub fn broadcast_parameters(
+        &self,
+        group: &dyn crate::data_parallel::Collective,
+        root: usize,
+    ) -> Result<()> {
+        crate::data_parallel::broadcast_parameters(&self.opt.parameters(), group, root)?;
+        self.opt.refresh_copies()
     }
 
     /// A checkpoint is written from, and read into, the optimizer's own parameters: with master
@@ -1248,7 +1272,7 @@ pub fn train_lm(
 /// draws the same global batch of `spec.batch_size` windows (a function of the step and the
 /// seed) and builds only its rows ([`crate::data_parallel::shard_rows`]); the gradients and the
 /// loss are averaged over the ranks, so a world of `N` trains as one worker on the whole batch.
-/// Start the ranks equal first ([`crate::data_parallel::broadcast_parameters`]).
+/// Start the ranks equal first ([`Trainer::broadcast_parameters`]).
 pub fn train_lm_in_group(
     trainer: &mut Trainer,
     data: &LmData,

@@ -453,3 +453,51 @@ fn buckets_sent_during_the_backward_average_to_the_bits_of_one_flat_bucket() -> 
     }
     Ok(())
 }
+
+/// With master weights, `Trainer::broadcast_parameters` gives every rank rank 0's f32 masters and
+/// rounds them into that rank's bf16 copies, the tensors its model computes with.
+#[test]
+fn broadcast_with_master_weights_refreshes_the_copies() -> Result<()> {
+    let _turn = one_at_a_time();
+    let ranks = LocalGroup::new(2)?;
+    let models = (0..2u64)
+        .map(|r| {
+            let varmap = VarMap::new();
+            Mlp::new(&varmap, 7 + r)?; // different draws per rank
+            let copies = shared::train::copies_for(&varmap, DType::BF16)?.expect("f32 → bf16");
+            Ok((varmap, copies))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let inputs: Vec<_> = ranks.into_iter().zip(models).collect();
+    let per_rank = on_threads(inputs, |(group, (masters, copies))| {
+        let t = Trainer::for_params(
+            &masters,
+            Some(&copies),
+            AdamWConfig::default(),
+            trainer(&masters)?.schedule,
+        )?;
+        t.broadcast_parameters(&group, 0)?;
+        let rounded: Vec<f32> = values(&masters)?
+            .iter()
+            .map(|&m| half::bf16::from_f32(m).to_f32())
+            .collect();
+        let mut copy_values = Vec::new();
+        for (_, v) in shared::params::named_vars(&copies) {
+            let t = v.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
+            copy_values.extend(t.to_vec1::<f32>()?);
+        }
+        Ok((values(&masters)?, rounded, copy_values))
+    })?;
+    let (masters0, _, _) = &per_rank[0];
+    for (rank, (masters, rounded, copies)) in per_rank.iter().enumerate() {
+        assert_eq!(
+            masters, masters0,
+            "rank {rank}: masters differ from rank 0's"
+        );
+        assert_eq!(
+            copies, rounded,
+            "rank {rank}: the copies are not the masters rounded"
+        );
+    }
+    Ok(())
+}

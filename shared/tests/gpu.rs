@@ -544,41 +544,57 @@ fn add_equals_candles_addition() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `shared::add::residual_add` is differentiable: the sum and the gradients of both inputs equal
-/// Candle's addition's on the test device (`L = Σ (x + y)·w` for a fixed weight `w`), in f32 and
-/// bf16, for operands the 16-byte kernel takes and for a transposed view it leaves to Candle.
+/// `shared::add::residual_add` is differentiable: for `L = Σ (x + y)·w` the sum is `x + y` and
+/// both gradients are `w`, checked against the host's values on the test device, in f32 and bf16
+/// (a bf16 sum rounded once), for operands the 16-byte kernel takes (41 × 3 elements: a remainder
+/// past the 16-byte packs) and for a transposed `y`, which it leaves to Candle; and with the
+/// kernel switched off.
 #[test]
 fn residual_add_passes_the_gradient_to_both_inputs() -> anyhow::Result<()> {
     use candle_core::Var;
     let dev = shared::device::test_device();
-    let f = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
+    let host = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
     };
-    for dtype in [DType::F32, DType::BF16] {
-        for transposed in [false, true] {
-            let x = Var::from_tensor(&filled(120, 1, -0.5, dtype, &dev)?.reshape((3, 40))?)?;
-            let y = filled(120, 2, -0.5, dtype, &dev)?;
-            let y = match transposed {
-                false => Var::from_tensor(&y.reshape((3, 40))?)?,
-                true => Var::from_tensor(&y.reshape((40, 3))?)?,
-            };
-            let y_view = if transposed {
-                y.t()?
-            } else {
-                y.as_tensor().clone()
-            };
-            let w = filled(120, 3, -0.5, dtype, &dev)?.reshape((3, 40))?;
-            let run = |sum: Tensor| -> anyhow::Result<Vec<Vec<f32>>> {
+    let round = |v: f32, dtype: DType| match dtype {
+        DType::BF16 => half::bf16::from_f32(v).to_f32(),
+        _ => v,
+    };
+    for fast in [true, false] {
+        shared::add::set_fast_residual_add(fast);
+        for dtype in [DType::F32, DType::BF16] {
+            for transposed in [false, true] {
+                let x = Var::from_tensor(&filled(123, 1, -0.5, dtype, &dev)?.reshape((3, 41))?)?;
+                let y = filled(123, 2, -0.5, dtype, &dev)?;
+                let y = match transposed {
+                    false => Var::from_tensor(&y.reshape((3, 41))?)?,
+                    true => Var::from_tensor(&y.reshape((41, 3))?)?,
+                };
+                let y_view = if transposed {
+                    y.t()?
+                } else {
+                    y.as_tensor().clone()
+                };
+                let w = filled(123, 3, -0.5, dtype, &dev)?.reshape((3, 41))?;
+                let sum = shared::add::residual_add(&x, &y_view)?;
                 let grads = (&sum * &w)?.sum_all()?.backward()?;
-                let (gx, gy) = (grads.get(&x), grads.get(&y));
-                let (gx, gy) = (gx.expect("x has a gradient"), gy.expect("y has a gradient"));
-                Ok(vec![f(&sum)?, f(gx)?, f(gy)?])
-            };
-            let got = run(shared::add::residual_add(&x, &y_view)?)?;
-            let want = run((x.as_tensor() + &y_view)?)?;
-            assert_eq!(got, want, "{dtype:?}, y transposed: {transposed}");
+                let case = format!("{dtype:?}, y transposed {transposed}, kernel {fast}");
+                let (xs, ys) = (host(&x)?, host(&y_view)?);
+                let want: Vec<f32> = xs
+                    .iter()
+                    .zip(&ys)
+                    .map(|(a, b)| round(a + b, dtype))
+                    .collect();
+                assert_eq!(host(&sum)?, want, "{case}: the sum");
+                let gx = grads.get(&x).expect("x has a gradient");
+                assert_eq!(host(gx)?, host(&w)?, "{case}: dx");
+                let gy = grads.get(&y).expect("y has a gradient");
+                let gy = if transposed { gy.t()? } else { gy.clone() };
+                assert_eq!(host(&gy)?, host(&w)?, "{case}: dy");
+            }
         }
     }
+    shared::add::set_fast_residual_add(true);
     Ok(())
 }
 

@@ -189,10 +189,13 @@ const HOPPER_KEYS: usize = HOPPER_BACKWARD_MIN_KEYS + 77;
 /// Its padded case keeps the first `HOPPER_KEYS - 300` keys (padding spans the last three tiles).
 const HOPPER_KEPT: usize = HOPPER_KEYS - 300;
 
+/// FlashAttention with the kernels chosen for the card, over keys of which the first `HOPPER_KEPT`
+/// are real.
 fn padded_auto(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     flash_attention_padded(q, k, v, scale, causal, FlashKernels::Auto, &[HOPPER_KEPT])
 }
 
+/// [`padded_auto`] with the `mma.sync` kernels.
 fn padded_mma_sync(q: &Tensor, k: &Tensor, v: &Tensor, s: f64, causal: bool) -> Result<Tensor> {
     flash_attention_padded(q, k, v, s, causal, FlashKernels::MmaSync, &[HOPPER_KEPT])
 }

@@ -257,9 +257,7 @@ fn train_rung(
     let loss_fn = |x: &candle_core::Tensor, y: &candle_core::Tensor| lm.loss(x, y);
     let curve = match group {
         Some(g) => {
-            use shared::data_parallel::broadcast_parameters;
-            broadcast_parameters(&shared::params::named_vars(&varmap), g, 0)?;
-            trainer.opt.refresh_copies()?; // the model's copies of the broadcast masters
+            trainer.broadcast_parameters(g, 0)?; // rank 0's masters, and the copies of them
             let lm_data = LmData {
                 train_tokens: &data.train,
                 valid_tokens: &data.valid,

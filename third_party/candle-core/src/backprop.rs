@@ -871,8 +871,8 @@ impl GradStore {
     /// which is nearly every node of a transformer, now pays neither. From the second
     /// gradient on, the sum is formed exactly as upstream does.
     ///
-    /// Module 08 patch: the gradient is stored detached (unless the backward keeps its graph, see
-    /// [`stored`]).
+    /// Module 08 patch: the gradient is stored detached, in upstream's accumulation mode too
+    /// (unless the backward keeps its graph, see [`stored`]).
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
@@ -880,7 +880,7 @@ impl GradStore {
                 entry.insert(stored(sum));
             }
             Entry::Vacant(entry) if upstream_accumulation() => {
-                entry.insert(tensor.zeros_like()?.add(grad)?);
+                entry.insert(stored(tensor.zeros_like()?.add(grad)?));
             }
             Entry::Vacant(entry) => {
                 // Upstream's `zeros + grad` checked shape, dtype and device and always produced a
@@ -901,7 +901,7 @@ impl GradStore {
                 entry.insert(stored(difference));
             }
             Entry::Vacant(entry) if upstream_accumulation() => {
-                entry.insert(tensor.zeros_like()?.sub(grad)?);
+                entry.insert(stored(tensor.zeros_like()?.sub(grad)?));
             }
             Entry::Vacant(entry) => {
                 check_first_gradient(tensor, grad)?;

@@ -87,7 +87,7 @@ pub fn run(args: &Args, topic: &str, parts: &dyn Parts) -> Result<()> {
     println!("Transformer kernels: {kernels}");
     let mut report = RunReport::start(
         topic,
-        serde_json::json!({ "preset": p, "corpus": args.corpus, "vocab": vocab, "seed": args.common.seed, "kernels": kernels }),
+        serde_json::json!({ "preset": p, "corpus": args.corpus, "vocab": vocab, "seed": args.common.seed, "kernels": kernels, "cast_weights": args.cast_weights }),
         &ctx.picked.description,
         ctx.dtype_name(),
     );

@@ -84,6 +84,10 @@ pub fn profile_phases(
     steps: usize,
     dev: &Device,
 ) -> Result<Phases> {
+    anyhow::ensure!(
+        steps > 0,
+        "train-bench --profile: --steps must be at least 1"
+    );
     let mut samples: Vec<[Sample; 4]> = Vec::new();
     println!(
         "   profiling {steps} steps phase by phase (a device synchronisation after each phase)"
