@@ -6,9 +6,11 @@
 #
 #   --tests  integration-test targets (PKG/NAME) or library unit tests (PKG/lib) to build with
 #            --features cuda (default: shared/lib shared/gpu)
-#   --bins   topic binaries to build in release with --features cuda (default: none)
+#   --bins   topic binaries (PKG) or other binaries (PKG/BIN, e.g. shared/launch) to build in
+#            release with --features cuda (default: none)
 #   --examples  examples (PKG/NAME) to build likewise, e.g. t0810_kv_cache/parity
-#   GPU_FEATURES=nccl  build with NCCL (shared::nccl, test shared/nccl); the link needs libnccl.so
+#   GPU_FEATURES=nccl  build tests, bins and examples with NCCL (shared::nccl, test shared/nccl;
+#               only packages with an nccl feature: shared, t0810_kv_cache); the link needs libnccl.so
 #               on LIBRARY_PATH (e.g. a folder with a libnccl.so link to PyTorch's nvidia/nccl/lib/libnccl.so.2)
 #
 # Every executable embeds Candle's CUDA kernels (~43 MB each); one long-window xz over one tar
@@ -54,15 +56,18 @@ for l in sys.stdin:
   echo "test $pkg tests/${pkg}__${name}" >> .gpu/stage/manifest.txt
 done
 for b in $bins; do
+  # PKG (its binary of the same name) or PKG/BIN (e.g. shared/launch)
+  pkg=${b%%/*}; name=${b#*/}
   echo "== bin $b" >&2
-  cargo build --release --features cuda -p "$b" 2>&1 | tail -1 >&2
-  cp "$CARGO_TARGET_DIR/release/$b" .gpu/stage/bin/
-  echo "bin $b bin/$b" >> .gpu/stage/manifest.txt
+  if [ "$pkg" = "$name" ]; then sel=(); else sel=(--bin "$name"); fi
+  cargo build --release --features "${GPU_FEATURES:-cuda}" -p "$pkg" "${sel[@]}" 2>&1 | tail -1 >&2
+  cp "$CARGO_TARGET_DIR/release/$name" .gpu/stage/bin/
+  echo "bin $name bin/$name" >> .gpu/stage/manifest.txt
 done
 for e in $examples; do
   pkg=${e%%/*}; name=${e#*/}
   echo "== example $pkg/$name" >&2
-  cargo build --release --features cuda -p "$pkg" --example "$name" 2>&1 | tail -1 >&2
+  cargo build --release --features "${GPU_FEATURES:-cuda}" -p "$pkg" --example "$name" 2>&1 | tail -1 >&2
   cp "$CARGO_TARGET_DIR/release/examples/$name" .gpu/stage/bin/
   echo "bin $name bin/$name" >> .gpu/stage/manifest.txt
 done

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import time
 
 import torch
@@ -282,12 +283,29 @@ def parity(args):
     return out
 
 
+def join_ddp(args):
+    """--ddp under torchrun: this process's (rank, world), its GPU (cuda:LOCAL_RANK) and the
+    process group (NCCL on GPUs, gloo on the CPU); (0, 1) without --ddp."""
+    if not args.ddp:
+        return 0, 1
+    import torch.distributed as dist
+    if "RANK" not in os.environ:
+        raise SystemExit("--ddp: start with torchrun --nproc_per_node N scripts/pytorch_twin.py train-bench --ddp ...")
+    if args.device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def train_bench(args):
     cfg = load_config(args.config)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.dtype == "f32":  # full-precision GEMMs, as ours (no TF32)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    rank, world = join_ddp(args)
     torch.manual_seed(0)
     model = Twin(cfg, naive_attention=args.attention == "naive").to(args.device)
     model.init_like_rust()
@@ -295,7 +313,13 @@ def train_bench(args):
     # else the whole model, moments included, in the dtype.
     amp = args.amp and args.dtype == "bf16"
     model = model.to(torch.float32 if amp else dtype)
-    step_fn = torch.compile(model) if args.compile else model
+    module = model
+    if args.ddp:  # gradients averaged over the ranks in buckets during the backward
+        from torch.nn.parallel import DistributedDataParallel
+        on_gpu = args.device.startswith("cuda")
+        module = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if on_gpu else None)
+        torch.manual_seed(1 + rank)  # every rank its own batches
+    step_fn = torch.compile(module) if args.compile else module
     opt = adamw(model, {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}, fused=args.fused_adamw)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     ctx = cfg["max_seq_len"]
@@ -318,17 +342,20 @@ def train_bench(args):
             times.append(time.perf_counter() - t0)
     times.sort()
     med = times[len(times) // 2]
-    tok_s = args.batch * ctx / med
+    tok_s = args.batch * ctx * world / med  # every rank's tokens: the group's throughput
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = 6 * n_params + 12 * cfg["n_layers"] * cfg["d_model"] * ctx  # 6N + attention (causal counted fully)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
-    name = ("torch.compile" if args.compile else "eager") + (" autocast" if amp else "") + (" fused-AdamW" if args.fused_adamw else "")
-    print(f"pytorch {name} {args.dtype} {args.attention} attention: {tok_s:,.0f} tokens/s, {med * 1e3:.1f} ms/step, ~{tok_s * flops_per_token / 1e12:.1f} TFLOP/s, peak {peak:.2f} GiB")
+    name = ("torch.compile" if args.compile else "eager") + (" autocast" if amp else "") + (" fused-AdamW" if args.fused_adamw else "") + (f" DDP×{world}" if args.ddp else "")
+    if rank == 0:
+        print(f"pytorch {name} {args.dtype} {args.attention} attention: {tok_s:,.0f} tokens/s, {med * 1e3:.1f} ms/step, ~{tok_s * flops_per_token / 1e12:.1f} TFLOP/s, peak {peak:.2f} GiB")
     out = {"impl": f"pytorch-{name}", "dtype": args.dtype, "attention": args.attention, "batch": args.batch, "tokens_per_s": tok_s, "ms_per_step": med * 1e3,
-           "tflops": tok_s * flops_per_token / 1e12, "peak_gib": peak, "params": n_params,
+           "tflops": tok_s * flops_per_token / 1e12, "peak_gib": peak, "params": n_params, "world": world,
            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
-    if args.json:
+    if args.json and rank == 0:
         json.dump(out, open(args.json, "w"), indent=1)
+    if args.ddp:
+        torch.distributed.destroy_process_group()
     return out
 
 
@@ -391,6 +418,8 @@ def main():
     t.add_argument("--fused-adamw", action="store_true", help="torch.optim.AdamW(fused=True)")
     t.add_argument("--attention", default="sdpa", choices=["sdpa", "naive"],
                    help="sdpa: F.scaled_dot_product_attention (fused kernels); naive: scores, mask, softmax, @V written out")
+    t.add_argument("--ddp", action="store_true",
+                   help="one rank of DistributedDataParallel under torchrun (--batch per rank; tokens/s of the whole group)")
     d = sub.add_parser("decode-bench")
     d.add_argument("--config", required=True)
     d.add_argument("--batch", type=int, default=1)

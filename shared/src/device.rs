@@ -19,7 +19,7 @@ impl FromStr for DeviceChoice {
         match s {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
-            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            "cuda" | "gpu" => Ok(Self::Cuda(this_process_gpu()?)),
             other => match other.strip_prefix("cuda:") {
                 Some(n) => Ok(Self::Cuda(n.parse().with_context(|| {
                     format!("device '{other}': expected cuda:N with N a GPU index")
@@ -27,6 +27,23 @@ impl FromStr for DeviceChoice {
                 None => bail!("unknown device '{other}': use auto, cpu, cuda or cuda:N"),
             },
         }
+    }
+}
+
+/// The GPU `--device cuda` (and `auto`) means: 0 for a process on its own, and its rank in a
+/// group started by [`crate::process_group::launch`] (`MODULE08_RANK`), one GPU per rank on one
+/// machine, as `torchrun` gives each process the GPU of its local rank.
+pub fn this_process_gpu() -> Result<usize> {
+    gpu_of_rank(std::env::var(crate::process_group::RANK).ok().as_deref())
+}
+
+/// [`this_process_gpu`] for the value of `MODULE08_RANK` (`None`: not set).
+fn gpu_of_rank(rank: Option<&str>) -> Result<usize> {
+    match rank {
+        None => Ok(0),
+        Some(r) => r
+            .parse()
+            .with_context(|| format!("{}={r}: expected a rank number", crate::process_group::RANK)),
     }
 }
 
@@ -67,10 +84,11 @@ pub fn pick_device(choice: DeviceChoice) -> Result<PickedDevice> {
         }
         DeviceChoice::Auto => {
             if cuda_built {
-                match open_cuda(0) {
+                let n = this_process_gpu()?;
+                match open_cuda(n) {
                     Ok(device) => PickedDevice {
                         device,
-                        description: format!("cuda:0 ({})", gpu_name(0)),
+                        description: format!("cuda:{n} ({})", gpu_name(n)),
                     },
                     Err(e) => {
                         eprintln!("note: built with CUDA but no GPU answered ({e}); using the CPU");
@@ -400,6 +418,11 @@ mod tests {
         let err = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
         assert!(err.contains("unknown device 'tpu'"), "{err}");
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
+        // `cuda` is the process's own GPU: its rank's in a launched group.
+        assert_eq!(gpu_of_rank(None).unwrap(), 0);
+        assert_eq!(gpu_of_rank(Some("3")).unwrap(), 3);
+        let err = format!("{:#}", gpu_of_rank(Some("x")).unwrap_err());
+        assert!(err.contains("MODULE08_RANK=x"), "{err}");
     }
 
     #[test]

@@ -26,6 +26,20 @@ pub const RANK: &str = "MODULE08_RANK";
 pub const WORLD: &str = "MODULE08_WORLD";
 pub const RENDEZVOUS: &str = "MODULE08_RENDEZVOUS";
 
+/// The launched group this process is a rank of ([`launch`]), if any: NCCL on a GPU (in a build
+/// with the `nccl` feature, [`crate::nccl::NcclGroup`]), else the ranks' TCP connections
+/// ([`TcpGroup`], which move every gradient through host memory). `None` for a process on its
+/// own.
+pub fn join_from_env(device: &candle_core::Device) -> Result<Option<Box<dyn Collective>>> {
+    #[cfg(feature = "nccl")]
+    if device.is_cuda() {
+        let group = crate::nccl::NcclGroup::from_env(device)?;
+        return Ok(group.map(|g| Box::new(g) as Box<dyn Collective>));
+    }
+    let _ = device;
+    Ok(TcpGroup::from_env()?.map(|g| Box::new(g) as Box<dyn Collective>))
+}
+
 /// One rank of a group of processes connected by TCP: rank 0 holds a connection to every other
 /// rank, each other rank one to rank 0.
 pub struct TcpGroup {

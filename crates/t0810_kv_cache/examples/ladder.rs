@@ -26,7 +26,6 @@ use clap::Parser;
 use shared::cli::CommonArgs;
 use shared::data_parallel::Collective;
 use shared::kernels::{AttentionImpl, KernelArgs, Kernels};
-use shared::process_group::TcpGroup;
 use shared::report::{print_table, RunReport};
 use shared::tokenizer::{load_corpus, Corpus};
 use shared::train::{
@@ -419,7 +418,7 @@ fn run() -> Result<()> {
     println!("   budget {b:?}\n   kernels {}", kernels.describe());
     // Started by `shared::process_group::launch` (or `cargo run -p shared --bin launch`): one
     // rank of a data-parallel group.
-    let group = join_group(dev)?;
+    let group = shared::process_group::join_from_env(dev)?;
     if let Some(g) = &group {
         println!(
             "   rank {} of a data-parallel group of {}",
@@ -491,18 +490,6 @@ fn run() -> Result<()> {
     let path = report.write(&ctx.out_dir)?;
     println!("   wrote {}", path.display());
     Ok(())
-}
-
-/// The launched group this process is a rank of, if any: NCCL on a GPU (with `--features
-/// nccl`), else the ranks' TCP connections (which move every gradient through host memory).
-fn join_group(dev: &Device) -> Result<Option<Box<dyn Collective>>> {
-    #[cfg(feature = "nccl")]
-    if dev.is_cuda() {
-        let group = shared::nccl::NcclGroup::from_env(dev)?;
-        return Ok(group.map(|g| Box::new(g) as Box<dyn Collective>));
-    }
-    let _ = dev;
-    Ok(TcpGroup::from_env()?.map(|g| Box::new(g) as Box<dyn Collective>))
 }
 
 fn print_ladder(rows: &[Measured], cached: f64, uncached: f64) {

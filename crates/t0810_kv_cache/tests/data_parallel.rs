@@ -177,3 +177,60 @@ fn two_processes_train_the_lm_as_one_worker_on_the_whole_batch() -> Result<()> {
     );
     Ok(())
 }
+
+/// `train-bench` as a launched group of two processes: rank 0 reports the group (every rank's
+/// tokens, `world` 2 in `results.json`), and a phase-by-phase profile, which runs in one process,
+/// is refused in a group with an error that reaches the launcher.
+#[test]
+fn train_bench_runs_as_a_group_and_reports_the_whole_group() -> Result<()> {
+    use shared::process_group::{free_local_address, launch};
+    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_t0810_kv_cache"));
+    let out = std::env::temp_dir().join(format!("dp-train-bench-{}", std::process::id()));
+    let args = |extra: &[&str]| -> Vec<String> {
+        let base = [
+            "--device",
+            "cpu",
+            "--out",
+            &out.display().to_string(),
+            "train-bench",
+            "--vocab",
+            "64",
+            "--ctx",
+            "16",
+            "--d-model",
+            "32",
+            "--d-ff",
+            "64",
+            "--layers",
+            "1",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "4",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ]
+        .map(String::from);
+        base.into_iter()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    launch(2, &free_local_address()?, bench, &args(&[]), &[])?;
+    let path = out.join("t0810_kv_cache/train_bench/results.json");
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    std::fs::remove_dir_all(&out)?;
+    assert_eq!(results["config"]["world"], 2, "{results}");
+    assert_eq!(results["metrics"]["bench.world"], 2, "{results}");
+    let tps = results["metrics"]["bench.tokens_per_s"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(tps.is_finite() && tps > 0.0, "tokens/s {tps}");
+    let err = launch(2, &free_local_address()?, bench, &args(&["--profile"]), &[])
+        .expect_err("--profile in a group must fail");
+    assert!(err.to_string().contains("rank 0"), "{err:#}");
+    Ok(())
+}

@@ -24,6 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use shared::batching::LmBatcher;
 use shared::cli::CommonArgs;
+use shared::data_parallel::Collective;
 use shared::kernels::{AttentionImpl, KernelArgs, Kernels};
 use shared::params::count_params;
 use shared::report::{print_table, RunReport};
@@ -50,6 +51,7 @@ pub struct TrainBenchArgs {
     pub kv_heads: usize,
     #[arg(long, default_value_t = 10_000.0)]
     pub theta: f64,
+    /// Sequences per step (per rank in a launched group: the global batch is batch × ranks).
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
     /// Timed steps (--quick: 2).
@@ -183,6 +185,9 @@ struct Bench<'a> {
     steps: usize,
     warmup: usize,
     args: &'a TrainBenchArgs,
+    /// In a launched group ([`shared::process_group::join_from_env`]): this rank's group. Each
+    /// rank trains its own batch and the gradients are averaged (data parallelism).
+    group: Option<&'a dyn Collective>,
 }
 
 /// Seconds of the `steps` timed steps (after `warmup` untimed ones), each ending when the device
@@ -196,20 +201,24 @@ fn timed_steps(b: &Bench, dev: &Device) -> Result<f64> {
         total_steps: total,
         clip_norm: Some(1.0),
     };
-    let mut trainer = match &b.compute {
-        Some(compute) => {
-            Trainer::with_master_weights(compute, &b.varmap, AdamWConfig::default(), sched)?
-        }
-        None => Trainer::new(&b.varmap, AdamWConfig::default(), sched)?,
-    };
+    let copies = b.compute.as_ref();
+    let mut trainer = Trainer::for_params(&b.varmap, copies, AdamWConfig::default(), sched)?;
     trainer.opt.multi_tensor = !b.args.per_tensor_adamw;
+    if let Some(group) = b.group {
+        trainer.broadcast_parameters(group, 0)?; // every rank starts from rank 0's weights
+    }
     let mut elapsed = 0.0;
-    let mut progress = Progress::new(total as u64, "bench");
+    // One progress bar for a group: rank 0's.
+    let shown = b.group.is_none_or(|g| g.rank() == 0);
+    let mut progress = shown.then(|| Progress::new(total as u64, "bench"));
     for step in 0..total {
         let batch = b.batcher.batch(&b.tokens, step as u64, dev)?;
         let t = Instant::now();
         let loss = b.lm.loss(&batch.x, &batch.y)?;
-        let pending = if b.args.synchronous_step {
+        let pending = if let Some(group) = b.group {
+            trainer.step_data_parallel(&loss, group)?; // waits for the averaged loss
+            None
+        } else if b.args.synchronous_step {
             synchronous_step(&mut trainer, &loss)?;
             None
         } else {
@@ -222,9 +231,13 @@ fn timed_steps(b: &Bench, dev: &Device) -> Result<f64> {
         if let Some(pending) = pending {
             trainer.finish(pending)?;
         }
-        progress.update(step as u64 + 1, String::new());
+        if let Some(p) = progress.as_mut() {
+            p.update(step as u64 + 1, String::new());
+        }
     }
-    progress.finish();
+    if let Some(p) = progress {
+        p.finish();
+    }
     Ok(elapsed)
 }
 
@@ -290,6 +303,11 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
     let kernels = kernel_args.resolve(t0809_flash_attention::fastest_kernels(&dev));
     set_switches(a, &dev)?;
     let cfg = config(a);
+    let group = shared::process_group::join_from_env(&dev)?;
+    let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
+    if world > 1 && (a.profile || a.synchronous_step) {
+        anyhow::bail!("train-bench: --profile and --synchronous-step run in one process, not in a group of {world}");
+    }
     let (varmap, compute, lm) = model(&cfg, kernels, dtype, ctx.compute_dtype, a, &dev)?;
     describe_attention(&kernels, &cfg, dtype, &dev);
     let (steps, warmup) = if common.quick {
@@ -304,28 +322,40 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
         varmap,
         compute,
         lm,
-        batcher: LmBatcher::new(a.batch, a.ctx, common.seed),
+        // In a group every rank draws its own windows.
+        batcher: LmBatcher::new(a.batch, a.ctx, common.seed + rank as u64),
         tokens,
         steps,
         warmup,
         args: a,
+        group: group.as_deref(),
     };
     let n_params = count_params(&bench.varmap);
     println!(
-        "   config {cfg:?}, {n_params} parameters, batch {}",
-        a.batch
+        "   config {cfg:?}, {n_params} parameters, batch {}{}",
+        a.batch,
+        match world {
+            1 => String::new(),
+            w => format!(" on each of {w} ranks (rank {rank} here)"),
+        }
     );
     let elapsed = timed_steps(&bench, &dev)?;
-    let tps = (steps * a.batch * a.ctx) as f64 / elapsed;
+    if rank != 0 {
+        return Ok(()); // rank 0 reports for the group
+    }
+    // Tokens of every rank: the group's throughput.
+    let tps = (steps * a.batch * a.ctx * world) as f64 / elapsed;
     let ms_per_step = elapsed / steps as f64 * 1e3;
     let model_tflops = flops_per_token(&cfg, n_params) * tps / 1e12;
-    // The peak is a bf16 tensor-core rate: an MFU only for a bf16 (or bf16-mixed) run on a GPU.
-    let mfu =
-        (dev.is_cuda() && ctx.compute_dtype == DType::BF16).then(|| model_tflops / a.peak_tflops);
+    // The peak is a bf16 tensor-core rate: an MFU only for a bf16 (or bf16-mixed) run on a GPU,
+    // one GPU per rank.
+    let peak = a.peak_tflops * world as f64;
+    let mfu = (dev.is_cuda() && ctx.compute_dtype == DType::BF16).then(|| model_tflops / peak);
     print_table(
         &[
             "device",
             "dtype",
+            "ranks",
             "batch",
             "ctx",
             "tokens/s",
@@ -336,6 +366,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
         &[vec![
             ctx.picked.description.clone(),
             ctx.dtype_name().into(),
+            world.to_string(),
             a.batch.to_string(),
             a.ctx.to_string(),
             human_rate(tps),
@@ -344,7 +375,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
             mfu.map_or("–".into(), |m| format!("{:.1} %", 100.0 * m)),
         ]],
     );
-    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "upstream_matmul_grads": a.upstream_matmul_grads, "per_tensor_adamw": a.per_tensor_adamw, "candle_gradient_sum": a.candle_gradient_sum, "candle_residual_add": a.candle_residual_add, "release_pool_memory": a.release_pool_memory, "cast_weights": a.cast_weights, "peak_tflops": a.peak_tflops, "params": n_params});
+    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "upstream_matmul_grads": a.upstream_matmul_grads, "per_tensor_adamw": a.per_tensor_adamw, "candle_gradient_sum": a.candle_gradient_sum, "candle_residual_add": a.candle_residual_add, "release_pool_memory": a.release_pool_memory, "cast_weights": a.cast_weights, "peak_tflops": a.peak_tflops, "params": n_params, "world": world});
     let mut report = RunReport::start(
         crate::TOPIC,
         config,
@@ -355,6 +386,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
     report.metric("bench.ms_per_step", ms_per_step);
     report.metric("bench.flops_per_token", flops_per_token(&cfg, n_params));
     report.metric("bench.model_tflops", model_tflops);
+    report.metric("bench.world", world);
     if let Some(mfu) = mfu {
         report.metric("bench.mfu", mfu);
     }
