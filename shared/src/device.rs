@@ -76,7 +76,14 @@ pub fn pick_device(choice: DeviceChoice) -> Result<PickedDevice> {
                      rebuild with `--features cuda`"
                 );
             }
-            let device = open_cuda(n).with_context(|| format!("opening CUDA device {n}"))?;
+            let device =
+                open_cuda(n).with_context(|| match std::env::var(crate::process_group::RANK) {
+                    Ok(rank) => format!(
+                    "opening CUDA device {n} (rank {rank} of a launched group runs on cuda:{rank}: \
+                     start at most as many ranks as GPUs, or name the GPU with --device cuda:N)"
+                ),
+                    Err(_) => format!("opening CUDA device {n}"),
+                })?;
             PickedDevice {
                 device,
                 description: format!("cuda:{n} ({})", gpu_name(n)),
