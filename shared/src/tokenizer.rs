@@ -81,12 +81,16 @@ impl Bpe {
         })
     }
 
-    /// Saves as a Hugging Face `tokenizer.json` (written atomically).
+    /// Saves as a Hugging Face `tokenizer.json`, written atomically: to a temporary file of this
+    /// process and call of its own, then renamed, so that threads or processes caching the same
+    /// tokenizer at once each leave a whole file.
     pub fn save(&self, path: &Path) -> Result<()> {
+        static SAVES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let tmp = path.with_extension("json.tmp");
+        let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("json.{}-{n}.tmp", std::process::id()));
         self.inner
             .save(&tmp, false)
             .map_err(|e| anyhow!("saving tokenizer: {e}"))?;
@@ -301,6 +305,26 @@ mod tests {
         assert_eq!(v.words, vec!["a", "b", "<eos>", "c", "<unk>"]);
         let ids = v.encode(" a z\n");
         assert_eq!(ids, vec![0, 4, 2]);
+    }
+
+    /// Threads caching one tokenizer at the same path at once all succeed and leave a whole
+    /// file (a shared temporary name made all but one fail to rename it).
+    #[test]
+    fn concurrent_saves_of_one_tokenizer_all_succeed() -> Result<()> {
+        let bpe = Bpe::train("the cat sat on the mat. the dog sat too.\n", 280)?;
+        let dir = std::env::temp_dir().join(format!("bpe-saves-{}", std::process::id()));
+        let path = dir.join("tokenizer.json");
+        std::thread::scope(|s| {
+            let saves: Vec<_> = (0..8).map(|_| s.spawn(|| bpe.save(&path))).collect();
+            saves
+                .into_iter()
+                .try_for_each(|h| h.join().expect("saving thread"))
+        })?;
+        assert_eq!(Bpe::load(&path)?.vocab_size(), bpe.vocab_size());
+        let left: Vec<_> = std::fs::read_dir(&dir)?.collect::<std::io::Result<_>>()?;
+        assert_eq!(left.len(), 1, "temporary files left behind: {left:?}");
+        std::fs::remove_dir_all(dir)?;
+        Ok(())
     }
 
     #[test]
