@@ -81,16 +81,13 @@ impl Bpe {
         })
     }
 
-    /// Saves as a Hugging Face `tokenizer.json`, written atomically: to a temporary file of this
-    /// process and call of its own, then renamed, so that threads or processes caching the same
-    /// tokenizer at once each leave a whole file.
+    /// Saves as a Hugging Face `tokenizer.json`, written atomically ([`private_temporary`]):
+    /// threads or processes caching the same tokenizer at once each leave a whole file.
     pub fn save(&self, path: &Path) -> Result<()> {
-        static SAVES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = path.with_extension(format!("json.{}-{n}.tmp", std::process::id()));
+        let tmp = private_temporary(path);
         self.inner
             .save(&tmp, false)
             .map_err(|e| anyhow!("saving tokenizer: {e}"))?;
@@ -212,13 +209,24 @@ impl TokenizedWikiText {
     }
 }
 
-/// Writes ids as little-endian `u32` (atomically).
+/// A temporary file beside `path` that no other writer (thread or process) uses: write it, then
+/// rename it to `path`, so that writers caching the same file at once each leave a whole one.
+pub(crate) fn private_temporary(path: &Path) -> std::path::PathBuf {
+    static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map_or("file".into(), |f| f.to_string_lossy());
+    path.with_file_name(format!(".{name}.{}-{n}.tmp", std::process::id()))
+}
+
+/// Writes ids as little-endian `u32` (atomically, [`private_temporary`]).
 pub fn write_u32s(path: &Path, ids: &[u32]) -> Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
     let bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
-    let tmp = path.with_extension("tmp");
+    let tmp = private_temporary(path);
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)?;
     Ok(())

@@ -291,7 +291,7 @@ fn download_raw(cache: &Path) -> Result<()> {
                  results may differ slightly from runs on the original files"
             );
         }
-        let tmp = cache.join(format!("{name}.tmp"));
+        let tmp = crate::tokenizer::private_temporary(&cache.join(&name));
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, cache.join(&name))?;
     }
