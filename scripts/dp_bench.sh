@@ -3,8 +3,12 @@
 # per GPU), back to back (run on the GPU host as a scripts/gpu-run.sh step, after a bundle built
 # with GPU_FEATURES=nccl and --bins "t0810_kv_cache shared/launch" is unpacked):
 #
-#   "sh scripts/dp_bench.sh [CONFIG] [BATCH] [STEPS] [WORLDS]"
-#   default: scripts/cs336_config.json 64 20 "1 2 4 8"
+#   "sh scripts/dp_bench.sh [CONFIG] [BATCH] [STEPS] [WORLD ...]"   (a gpu-run.sh step, run with bash)
+#   bash scripts/dp_bench.sh [CONFIG] [BATCH] [STEPS] [WORLD ...]   (directly)
+#   default: scripts/cs336_config.json 64 20 1 2 4 8; CONFIG relative to the repository root
+#
+# A world larger than the machine's GPUs is skipped; each run stops after DP_TIMEOUT seconds
+# (900), so a group that hangs costs one row, not the call. Efficiencies need world 1 in the list.
 #
 # BATCH is per rank (weak scaling: the global batch is BATCH × N). For each world size N:
 #   ours   shared's `launch --world N` starting N copies of `t0810_kv_cache train-bench`
@@ -22,7 +26,8 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-cfg=${1:-scripts/cs336_config.json}; B=${2:-64}; STEPS=${3:-20}; WORLDS=${4:-1 2 4 8}
+cfg=${1:-scripts/cs336_config.json}; B=${2:-64}; STEPS=${3:-20}
+shift $(( $# < 3 ? $# : 3 )); WORLDS=${*:-1 2 4 8}
 name=$(basename "$cfg" .json)
 dest=${OUT:-$root/gpu-results}; mkdir -p "$dest"
 out=/tmp/dp-$name; rm -rf "$out"; mkdir -p "$out"
@@ -44,13 +49,18 @@ else
   ours_dtype=f32; twin_flags="--dtype f32"
 fi
 status=0
+if [ "$device" = cuda ]; then gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); else gpus=1024; fi
+limit=${DP_TIMEOUT:-900}
 echo "== $name: $args, batch $B per rank, $STEPS steps, worlds $WORLDS, $device" | tee "$out/summary.txt"
 for n in $WORLDS; do
-  "$bin/launch" --world "$n" -- "$bin/t0810_kv_cache" --device "$device" --dtype $ours_dtype --attention flash \
+  if [ "$n" -gt "$gpus" ]; then
+    echo "world $n skipped: this machine has $gpus GPUs" | tee -a "$out/summary.txt"; continue
+  fi
+  timeout "$limit" "$bin/launch" --world "$n" -- "$bin/t0810_kv_cache" --device "$device" --dtype $ours_dtype --attention flash \
     --out "$out/ours-$n" train-bench $args --batch "$B" --steps "$STEPS" --warmup 3 > "$out/ours_$n.log" 2>&1
   cp "$out/ours-$n/t0810_kv_cache/train_bench/results.json" "$out/ours_$n.json" 2>/dev/null \
     || { status=1; echo "ours, world $n, failed: $(tail -3 "$out/ours_$n.log")" | tee -a "$out/summary.txt"; }
-  python3 -m torch.distributed.run --standalone --nproc_per_node "$n" scripts/pytorch_twin.py train-bench \
+  timeout "$limit" python3 -m torch.distributed.run --standalone --nproc_per_node "$n" scripts/pytorch_twin.py train-bench \
     --config "$cfg" --batch "$B" --steps "$STEPS" --warmup 3 --device "$device" $twin_flags --ddp \
     --json "$out/twin_$n.json" > "$out/twin_$n.log" 2>&1 \
     || { status=1; echo "twin, world $n, failed: $(tail -3 "$out/twin_$n.log")" | tee -a "$out/summary.txt"; }

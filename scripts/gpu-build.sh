@@ -60,7 +60,7 @@ for b in $bins; do
   pkg=${b%%/*}; name=${b#*/}
   echo "== bin $b" >&2
   if [ "$pkg" = "$name" ]; then sel=(); else sel=(--bin "$name"); fi
-  cargo build --release --features "${GPU_FEATURES:-cuda}" -p "$pkg" "${sel[@]}" 2>&1 | tail -1 >&2
+  cargo build --release --features "${GPU_FEATURES:-cuda}" -p "$pkg" ${sel[@]+"${sel[@]}"} 2>&1 | tail -1 >&2
   cp "$CARGO_TARGET_DIR/release/$name" .gpu/stage/bin/
   echo "bin $name bin/$name" >> .gpu/stage/manifest.txt
 done

@@ -32,7 +32,8 @@ impl FromStr for DeviceChoice {
 
 /// The GPU `--device cuda` (and `auto`) means: 0 for a process on its own, and its rank in a
 /// group started by [`crate::process_group::launch`] (`MODULE08_RANK`), one GPU per rank on one
-/// machine, as `torchrun` gives each process the GPU of its local rank.
+/// machine (the launcher starts every rank on this machine), as `torchrun` gives each process the
+/// GPU of its local rank.
 pub fn this_process_gpu() -> Result<usize> {
     gpu_of_rank(std::env::var(crate::process_group::RANK).ok().as_deref())
 }
@@ -80,7 +81,7 @@ pub fn pick_device(choice: DeviceChoice) -> Result<PickedDevice> {
                 open_cuda(n).with_context(|| match std::env::var(crate::process_group::RANK) {
                     Ok(rank) => format!(
                     "opening CUDA device {n} (rank {rank} of a launched group runs on cuda:{rank}: \
-                     start at most as many ranks as GPUs, or name the GPU with --device cuda:N)"
+                     start at most as many ranks as GPUs)"
                 ),
                     Err(_) => format!("opening CUDA device {n}"),
                 })?;
@@ -92,11 +93,19 @@ pub fn pick_device(choice: DeviceChoice) -> Result<PickedDevice> {
         DeviceChoice::Auto => {
             if cuda_built {
                 let n = this_process_gpu()?;
+                let in_group = std::env::var(crate::process_group::RANK).is_ok();
                 match open_cuda(n) {
                     Ok(device) => PickedDevice {
                         device,
                         description: format!("cuda:{n} ({})", gpu_name(n)),
                     },
+                    // A rank that fell back to the CPU would leave its group waiting for it.
+                    Err(e) if in_group => {
+                        return Err(e).context(format!(
+                            "opening CUDA device {n} for rank {n} of a launched group: start at \
+                             most as many ranks as GPUs"
+                        ));
+                    }
                     Err(e) => {
                         eprintln!("note: built with CUDA but no GPU answered ({e}); using the CPU");
                         cpu()

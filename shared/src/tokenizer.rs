@@ -321,6 +321,7 @@ mod tests {
     fn concurrent_saves_of_one_tokenizer_all_succeed() -> Result<()> {
         let bpe = Bpe::train("the cat sat on the mat. the dog sat too.\n", 280)?;
         let dir = std::env::temp_dir().join(format!("bpe-saves-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir); // a leftover of an earlier process with this pid
         let path = dir.join("tokenizer.json");
         std::thread::scope(|s| {
             let saves: Vec<_> = (0..8).map(|_| s.spawn(|| bpe.save(&path))).collect();

@@ -185,6 +185,11 @@ fn two_processes_train_the_lm_as_one_worker_on_the_whole_batch() -> Result<()> {
 fn train_bench_runs_as_a_group_and_reports_the_whole_group() -> Result<()> {
     use shared::process_group::{free_local_address, launch};
     let bench = std::path::Path::new(env!("CARGO_BIN_EXE_t0810_kv_cache"));
+    if !bench.exists() {
+        // A test executable carried to another machine (scripts/gpu-build.sh) without the binary.
+        println!("train-bench binary not at {}: skipped", bench.display());
+        return Ok(());
+    }
     let out = std::env::temp_dir().join(format!("dp-train-bench-{}", std::process::id()));
     let args = |extra: &[&str]| -> Vec<String> {
         let base = [
@@ -229,8 +234,12 @@ fn train_bench_runs_as_a_group_and_reports_the_whole_group() -> Result<()> {
         .as_f64()
         .unwrap_or(0.0);
     assert!(tps.is_finite() && tps > 0.0, "tokens/s {tps}");
+    // Every rank refuses (the message itself is checked by train_bench's unit test).
     let err = launch(2, &free_local_address()?, bench, &args(&["--profile"]), &[])
         .expect_err("--profile in a group must fail");
-    assert!(err.to_string().contains("rank 0"), "{err:#}");
+    assert!(
+        err.to_string().contains("rank 0") && err.to_string().contains("rank 1"),
+        "{err:#}"
+    );
     Ok(())
 }

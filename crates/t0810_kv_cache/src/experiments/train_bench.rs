@@ -296,6 +296,17 @@ fn model(
     t0804_transformer_block::init_lm_mixed(cfg, &parts, (dtype, compute_dtype), dev)
 }
 
+/// Refuses the options that measure one process (`--profile`, `--synchronous-step`) when this
+/// process is a rank of a launched group.
+fn check_group_flags(in_group: bool, a: &TrainBenchArgs) -> Result<()> {
+    if in_group && (a.profile || a.synchronous_step) {
+        anyhow::bail!(
+            "train-bench: --profile and --synchronous-step measure one process; run them outside a launched group"
+        );
+    }
+    Ok(())
+}
+
 /// The `train-bench` command.
 pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) -> Result<()> {
     let ctx = common.setup_mixed(crate::TOPIC, "train-bench: LLaMA-recipe training tokens/s")?;
@@ -305,9 +316,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
     let cfg = config(a);
     let group = shared::process_group::join_from_env(&dev)?;
     let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
-    if world > 1 && (a.profile || a.synchronous_step) {
-        anyhow::bail!("train-bench: --profile and --synchronous-step run in one process, not in a group of {world}");
-    }
+    check_group_flags(group.is_some(), a)?;
     let (varmap, compute, lm) = model(&cfg, kernels, dtype, ctx.compute_dtype, a, &dev)?;
     describe_attention(&kernels, &cfg, dtype, &dev);
     let (steps, warmup) = if common.quick {
@@ -402,6 +411,23 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_refuses_the_single_process_measurements() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: TrainBenchArgs,
+        }
+        let parse = |args: &[&str]| <Cli as clap::Parser>::parse_from(args).a;
+        for flag in ["--profile", "--synchronous-step"] {
+            let a = parse(&["train-bench", flag]);
+            let err = check_group_flags(true, &a).unwrap_err().to_string();
+            assert!(err.contains("outside a launched group"), "{flag}: {err}");
+            assert!(check_group_flags(false, &a).is_ok(), "{flag} alone");
+        }
+        assert!(check_group_flags(true, &parse(&["train-bench"])).is_ok());
+    }
 
     #[test]
     fn flops_per_token_counts_every_matmul_and_attention() -> anyhow::Result<()> {
