@@ -4,7 +4,12 @@
 //! (a file, an environment variable); every rank then joins with its own CUDA device
 //! ([`NcclGroup::join`]). The collectives run on Candle's stream of that device, so they are
 //! ordered with the step's kernels like any other op: the all-reduce is a custom op whose CUDA
-//! side calls `ncclAllReduce` into a fresh buffer.
+//! side calls `ncclAllReduce` into a fresh buffer. One consequence for
+//! [`crate::data_parallel::backward_averaged`]: a bucket's all-reduce is enqueued while the
+//! backward is still being enqueued, but on the GPU it runs between the backward's kernels, not
+//! beside them. Running them at the same time, as PyTorch's DDP does, needs the collectives on a
+//! stream of their own, ordered against the compute stream by events (and the buckets' memory
+//! kept alive until the collective has read it); that is not built.
 //!
 //! Built only with `--features nccl` (which links `libnccl.so.2`; the GPU host has PyTorch's).
 //! Run on a GPU as a world of one (`shared/tests/nccl.rs`, one H100); worlds of several GPUs
