@@ -3,7 +3,9 @@
 //! - every rank ends with the same parameters, bit for bit;
 //! - the broadcast gives every rank rank 0's initial parameters; bad shards are refused;
 //! - rank 0 writes the checkpoints, and a group killed mid-run resumes from them to the same
-//!   parameters and losses as a group that was never stopped, bit for bit.
+//!   parameters and losses as a group that was never stopped, bit for bit;
+//! - with master weights (bf16 copies of f32 parameters) the broadcast refreshes every rank's
+//!   copies, and a world of two trains as one worker with master weights.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -40,15 +42,28 @@ impl Mlp {
         })
     }
 
-    /// Mean squared error on `rows` of step `step`'s global batch.
+    /// The same model computing with `copies` (bf16 copies of its f32 parameters, made by
+    /// `shared::train::copies_for`).
+    fn on_copies(copies: &VarMap) -> Result<Self> {
+        let vb = VarBuilder::from_varmap(copies, DType::BF16, &Device::Cpu);
+        Ok(Self {
+            w1: shared::params::weight(&vb, 16, 8, "w1")?,
+            w2: shared::params::weight(&vb, 1, 16, "w2")?,
+        })
+    }
+
+    /// Mean squared error on `rows` of step `step`'s global batch, computed in the weights' dtype
+    /// and returned in f32.
     fn loss(&self, step: usize, rows: std::ops::Range<usize>) -> Result<Tensor> {
         let (x, y) = batch(step)?;
+        let dtype = self.w1.dtype();
         let (x, y) = (
-            x.narrow(0, rows.start, rows.len())?,
-            y.narrow(0, rows.start, rows.len())?,
+            x.narrow(0, rows.start, rows.len())?.to_dtype(dtype)?,
+            y.narrow(0, rows.start, rows.len())?.to_dtype(dtype)?,
         );
         let h = shared::linear(&x, &self.w1)?.tanh()?;
-        Ok((shared::linear(&h, &self.w2)? - y)?.sqr()?.mean_all()?)
+        let mse = (shared::linear(&h, &self.w2)? - y)?.sqr()?.mean_all()?;
+        Ok(mse.to_dtype(DType::F32)?)
     }
 }
 
@@ -499,5 +514,75 @@ fn broadcast_with_master_weights_refreshes_the_copies() -> Result<()> {
             "rank {rank}: the copies are not the masters rounded"
         );
     }
+    Ok(())
+}
+
+/// Master weights in a group: two ranks, each computing with bf16 copies of its f32 masters, train
+/// as one worker with master weights on the whole batch, to the rounding of the averaged gradient
+/// (averaged in f32, rounded to bf16 once, where the single worker's is one bf16 product).
+#[test]
+fn master_weights_train_in_a_group_as_one_worker() -> Result<()> {
+    let _turn = one_at_a_time();
+    let masters_and_model = |seed: u64| -> Result<(VarMap, VarMap, Mlp)> {
+        let masters = VarMap::new();
+        Mlp::new(&masters, seed)?;
+        let copies = shared::train::copies_for(&masters, DType::BF16)?.expect("f32 → bf16");
+        let model = Mlp::on_copies(&copies)?;
+        Ok((masters, copies, model))
+    };
+    let schedule = trainer(&VarMap::new())?.schedule;
+    let (masters, copies, model) = masters_and_model(3)?;
+    let mut t = Trainer::for_params(
+        &masters,
+        Some(&copies),
+        AdamWConfig::default(),
+        schedule.clone(),
+    )?;
+    let want_losses = (0..12)
+        .map(|s| Ok(t.step(&model.loss(s, 0..ROWS)?)?.loss))
+        .collect::<Result<Vec<_>>>()?;
+    let want = values(&masters)?;
+    let inputs: Vec<_> = LocalGroup::new(2)?
+        .into_iter()
+        .zip(
+            [3, 102]
+                .map(masters_and_model)
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?,
+        )
+        .collect();
+    let ranks = on_threads(inputs, |(group, (masters, copies, model))| {
+        let mut t = Trainer::for_params(
+            &masters,
+            Some(&copies),
+            AdamWConfig::default(),
+            schedule.clone(),
+        )?;
+        t.broadcast_parameters(&group, 0)?;
+        let rows = shard_rows(ROWS, group.world(), group.rank())?;
+        let losses = (0..12)
+            .map(|s| {
+                Ok(t.step_data_parallel(&model.loss(s, rows.clone())?, &group)?
+                    .loss)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((values(&masters)?, losses))
+    })?;
+    for (rank, (got, losses)) in ranks.iter().enumerate() {
+        // lr 1e-2 for 12 steps: a rank that missed the average would be ~1e-2 away.
+        let worst = max_abs_diff(&want, got);
+        assert!(
+            worst < 1e-3,
+            "rank {rank}: masters {worst} from one worker's"
+        );
+        for (s, (a, b)) in want_losses.iter().zip(losses).enumerate() {
+            // Each loss is a bf16 mean (of 32 rows, or of two means of 16).
+            assert!(
+                (a - b).abs() < 0.02 * a.abs(),
+                "rank {rank}, step {s}: loss {a} vs {b}"
+            );
+        }
+    }
+    assert_eq!(ranks[0].0, ranks[1].0, "the ranks' masters differ");
     Ok(())
 }
