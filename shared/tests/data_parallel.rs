@@ -11,8 +11,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use shared::data_parallel::{
-    average_gradients_and_loss, backward_averaged, broadcast_parameters, shard_rows, Collective,
-    LocalGroup,
+    average_gradients_and_loss, backward_averaged, shard_rows, Collective, LocalGroup,
 };
 use shared::train::{AdamWConfig, ScheduleConfig, Trainer};
 
@@ -84,15 +83,54 @@ fn batch(step: usize) -> Result<(Tensor, Tensor)> {
     ))
 }
 
-fn trainer(varmap: &VarMap) -> Result<Trainer> {
-    let schedule = ScheduleConfig {
+fn schedule() -> ScheduleConfig {
+    ScheduleConfig {
         max_lr: 1e-2,
         min_lr: 1e-3,
         warmup_steps: 2,
         total_steps: 12,
         clip_norm: Some(0.5), // small enough to clip: clipping must see the averaged gradient
-    };
-    Trainer::new(varmap, AdamWConfig::default(), schedule)
+    }
+}
+
+fn trainer(varmap: &VarMap) -> Result<Trainer> {
+    Trainer::new(varmap, AdamWConfig::default(), schedule())
+}
+
+/// One worker's (or rank's) parameters and model, drawn from `seed`: f32, or with `master` f32
+/// master weights whose bf16 copies (`shared::train::copies_for`) the model computes with.
+struct Worker {
+    params: VarMap,
+    copies: Option<VarMap>,
+    model: Mlp,
+}
+
+impl Worker {
+    fn new(seed: u64, master: bool) -> Result<Self> {
+        let params = VarMap::new();
+        let model = Mlp::new(&params, seed)?;
+        if !master {
+            let copies = None;
+            return Ok(Self {
+                params,
+                copies,
+                model,
+            });
+        }
+        let copies = shared::train::copies_for(&params, DType::BF16)?.expect("f32 → bf16");
+        let model = Mlp::on_copies(&copies)?;
+        let copies = Some(copies);
+        Ok(Self {
+            params,
+            copies,
+            model,
+        })
+    }
+
+    fn trainer(&self) -> Result<Trainer> {
+        let copies = self.copies.as_ref();
+        Trainer::for_params(&self.params, copies, AdamWConfig::default(), schedule())
+    }
 }
 
 /// Runs `f` on each input in its own thread (one per rank) and collects the results in order.
@@ -128,69 +166,80 @@ fn values(varmap: &VarMap) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// One worker on the whole batch: parameters after 12 steps, and the losses.
-fn single() -> Result<(Vec<f32>, Vec<f64>)> {
-    let varmap = VarMap::new();
-    let model = Mlp::new(&varmap, 3)?;
-    let mut t = trainer(&varmap)?;
+/// Parameters (the f32 masters with master weights) after 12 steps, and the losses.
+type Trained = (Vec<f32>, Vec<f64>);
+
+/// One worker on the whole batch.
+fn single(master: bool) -> Result<Trained> {
+    let w = Worker::new(3, master)?;
+    let mut t = w.trainer()?;
     let losses = (0..12)
-        .map(|s| Ok(t.step(&model.loss(s, 0..ROWS)?)?.loss))
+        .map(|s| Ok(t.step(&w.model.loss(s, 0..ROWS)?)?.loss))
         .collect::<Result<Vec<_>>>()?;
-    Ok((values(&varmap)?, losses))
+    Ok((values(&w.params)?, losses))
 }
 
 /// A world of `world` threads, rank r initialised from seed 100 + r and then given rank 0's
-/// parameters by broadcast; each rank's parameters after 12 steps and its losses.
-fn data_parallel(world: usize) -> Result<Vec<(Vec<f32>, Vec<f64>)>> {
+/// parameters by broadcast; what each rank trained.
+fn data_parallel(world: usize, master: bool) -> Result<Vec<Trained>> {
     let ranks = LocalGroup::new(world)?;
     // Different seeds per rank (only rank 0's is the single worker's 3): the broadcast must make
     // them equal.
-    let models = (0..world)
-        .map(|r| {
-            let varmap = VarMap::new();
-            let model = Mlp::new(&varmap, if r == 0 { 3 } else { 100 + r as u64 })?;
-            Ok((varmap, model))
-        })
+    let workers = (0..world)
+        .map(|r| Worker::new(if r == 0 { 3 } else { 100 + r as u64 }, master))
         .collect::<Result<Vec<_>>>()?;
-    let inputs: Vec<_> = ranks.into_iter().zip(models).collect();
-    on_threads(inputs, |(group, (varmap, model))| {
-        let mut t = trainer(&varmap)?;
-        broadcast_parameters(t.opt.vars(), &group, 0)?;
+    let inputs: Vec<_> = ranks.into_iter().zip(workers).collect();
+    on_threads(inputs, |(group, w)| {
+        let mut t = w.trainer()?;
+        t.broadcast_parameters(&group, 0)?;
         let rows = shard_rows(ROWS, group.world(), group.rank())?;
         let losses = (0..12)
             .map(|s| {
-                let loss = model.loss(s, rows.clone())?;
+                let loss = w.model.loss(s, rows.clone())?;
                 Ok(t.step_data_parallel(&loss, &group)?.loss)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok((values(&varmap)?, losses))
+        Ok((values(&w.params)?, losses))
     })
+}
+
+/// Every rank ended where one worker did (parameters within `params_tol`, each step's loss
+/// `close` to the worker's), and all ranks hold the same parameters, bit for bit: they applied
+/// the same averaged updates.
+fn assert_trains_as_one_worker(
+    (want, want_losses): &Trained,
+    ranks: &[Trained],
+    params_tol: f32,
+    close: impl Fn(f64, f64) -> bool,
+    what: &str,
+) {
+    for (rank, (got, losses)) in ranks.iter().enumerate() {
+        let worst = max_abs_diff(want, got);
+        assert!(
+            worst < params_tol,
+            "{what}, rank {rank}: parameters differ by {worst}"
+        );
+        for (s, (a, b)) in want_losses.iter().zip(losses).enumerate() {
+            assert!(
+                close(*a, *b),
+                "{what}, rank {rank}, step {s}: loss {a} vs {b}"
+            );
+        }
+    }
+    assert!(
+        ranks.iter().all(|r| r.0 == ranks[0].0),
+        "{what}: ranks drifted apart"
+    );
 }
 
 #[test]
 fn a_world_of_n_trains_as_one_worker_with_n_times_the_batch() -> Result<()> {
     let _turn = one_at_a_time();
-    let (want, want_losses) = single()?;
+    let want = single(false)?;
     for world in [1, 2, 4] {
-        let ranks = data_parallel(world)?;
-        for (rank, (got, losses)) in ranks.iter().enumerate() {
-            let worst = max_abs_diff(&want, got);
-            assert!(
-                worst < 1e-5,
-                "world {world}, rank {rank}: parameters differ by {worst}"
-            );
-            for (s, (a, b)) in want_losses.iter().zip(losses).enumerate() {
-                assert!(
-                    (a - b).abs() < 1e-5 * a.abs().max(1.0),
-                    "world {world}, step {s}: loss {a} vs {b}"
-                );
-            }
-        }
-        // Every rank applied the same averaged update: identical copies.
-        assert!(
-            ranks.iter().all(|r| r.0 == ranks[0].0),
-            "world {world}: ranks drifted apart"
-        );
+        let ranks = data_parallel(world, false)?;
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-5 * a.abs().max(1.0);
+        assert_trains_as_one_worker(&want, &ranks, 1e-5, close, &format!("world {world}"));
     }
     Ok(())
 }
@@ -475,33 +524,23 @@ fn buckets_sent_during_the_backward_average_to_the_bits_of_one_flat_bucket() -> 
 fn broadcast_with_master_weights_refreshes_the_copies() -> Result<()> {
     let _turn = one_at_a_time();
     let ranks = LocalGroup::new(2)?;
-    let models = (0..2u64)
-        .map(|r| {
-            let varmap = VarMap::new();
-            Mlp::new(&varmap, 7 + r)?; // different draws per rank
-            let copies = shared::train::copies_for(&varmap, DType::BF16)?.expect("f32 → bf16");
-            Ok((varmap, copies))
-        })
+    let workers = (0..2u64)
+        .map(|r| Worker::new(7 + r, true)) // different draws per rank
         .collect::<Result<Vec<_>>>()?;
-    let inputs: Vec<_> = ranks.into_iter().zip(models).collect();
-    let per_rank = on_threads(inputs, |(group, (masters, copies))| {
-        let t = Trainer::for_params(
-            &masters,
-            Some(&copies),
-            AdamWConfig::default(),
-            trainer(&masters)?.schedule,
-        )?;
-        t.broadcast_parameters(&group, 0)?;
-        let rounded: Vec<f32> = values(&masters)?
+    let inputs: Vec<_> = ranks.into_iter().zip(workers).collect();
+    let per_rank = on_threads(inputs, |(group, w)| {
+        w.trainer()?.broadcast_parameters(&group, 0)?;
+        let (masters, copies) = (&w.params, w.copies.as_ref().expect("bf16 copies"));
+        let rounded: Vec<f32> = values(masters)?
             .iter()
             .map(|&m| half::bf16::from_f32(m).to_f32())
             .collect();
         let mut copy_values = Vec::new();
-        for (_, v) in shared::params::named_vars(&copies) {
+        for (_, v) in shared::params::named_vars(copies) {
             let t = v.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
             copy_values.extend(t.to_vec1::<f32>()?);
         }
-        Ok((values(&masters)?, rounded, copy_values))
+        Ok((values(masters)?, rounded, copy_values))
     })?;
     let (masters0, _, _) = &per_rank[0];
     for (rank, (masters, rounded, copies)) in per_rank.iter().enumerate() {
@@ -523,66 +562,11 @@ fn broadcast_with_master_weights_refreshes_the_copies() -> Result<()> {
 #[test]
 fn master_weights_train_in_a_group_as_one_worker() -> Result<()> {
     let _turn = one_at_a_time();
-    let masters_and_model = |seed: u64| -> Result<(VarMap, VarMap, Mlp)> {
-        let masters = VarMap::new();
-        Mlp::new(&masters, seed)?;
-        let copies = shared::train::copies_for(&masters, DType::BF16)?.expect("f32 → bf16");
-        let model = Mlp::on_copies(&copies)?;
-        Ok((masters, copies, model))
-    };
-    let schedule = trainer(&VarMap::new())?.schedule;
-    let (masters, copies, model) = masters_and_model(3)?;
-    let mut t = Trainer::for_params(
-        &masters,
-        Some(&copies),
-        AdamWConfig::default(),
-        schedule.clone(),
-    )?;
-    let want_losses = (0..12)
-        .map(|s| Ok(t.step(&model.loss(s, 0..ROWS)?)?.loss))
-        .collect::<Result<Vec<_>>>()?;
-    let want = values(&masters)?;
-    let inputs: Vec<_> = LocalGroup::new(2)?
-        .into_iter()
-        .zip(
-            [3, 102]
-                .map(masters_and_model)
-                .into_iter()
-                .collect::<Result<Vec<_>>>()?,
-        )
-        .collect();
-    let ranks = on_threads(inputs, |(group, (masters, copies, model))| {
-        let mut t = Trainer::for_params(
-            &masters,
-            Some(&copies),
-            AdamWConfig::default(),
-            schedule.clone(),
-        )?;
-        t.broadcast_parameters(&group, 0)?;
-        let rows = shard_rows(ROWS, group.world(), group.rank())?;
-        let losses = (0..12)
-            .map(|s| {
-                Ok(t.step_data_parallel(&model.loss(s, rows.clone())?, &group)?
-                    .loss)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((values(&masters)?, losses))
-    })?;
-    for (rank, (got, losses)) in ranks.iter().enumerate() {
-        // lr 1e-2 for 12 steps: a rank that missed the average would be ~1e-2 away.
-        let worst = max_abs_diff(&want, got);
-        assert!(
-            worst < 1e-3,
-            "rank {rank}: masters {worst} from one worker's"
-        );
-        for (s, (a, b)) in want_losses.iter().zip(losses).enumerate() {
-            // Each loss is a bf16 mean (of 32 rows, or of two means of 16).
-            assert!(
-                (a - b).abs() < 0.02 * a.abs(),
-                "rank {rank}, step {s}: loss {a} vs {b}"
-            );
-        }
-    }
-    assert_eq!(ranks[0].0, ranks[1].0, "the ranks' masters differ");
+    let want = single(true)?;
+    let ranks = data_parallel(2, true)?;
+    // lr 1e-2 for 12 steps: a rank that missed the average would be ~1e-2 away. Each loss is a
+    // bf16 mean (of 32 rows, or of two means of 16).
+    let close = |a: f64, b: f64| (a - b).abs() < 0.02 * a.abs();
+    assert_trains_as_one_worker(&want, &ranks, 1e-3, close, "master weights");
     Ok(())
 }
