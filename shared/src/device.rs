@@ -77,14 +77,7 @@ pub fn pick_device(choice: DeviceChoice) -> Result<PickedDevice> {
                      rebuild with `--features cuda`"
                 );
             }
-            let device =
-                open_cuda(n).with_context(|| match std::env::var(crate::process_group::RANK) {
-                    Ok(rank) => format!(
-                    "opening CUDA device {n} (rank {rank} of a launched group runs on cuda:{rank}: \
-                     start at most as many ranks as GPUs)"
-                ),
-                    Err(_) => format!("opening CUDA device {n}"),
-                })?;
+            let device = open_cuda(n).with_context(|| opening_gpu(n))?;
             PickedDevice {
                 device,
                 description: format!("cuda:{n} ({})", gpu_name(n)),
@@ -100,12 +93,7 @@ pub fn pick_device(choice: DeviceChoice) -> Result<PickedDevice> {
                         description: format!("cuda:{n} ({})", gpu_name(n)),
                     },
                     // A rank that fell back to the CPU would leave its group waiting for it.
-                    Err(e) if in_group => {
-                        return Err(e).context(format!(
-                            "opening CUDA device {n} for rank {n} of a launched group: start at \
-                             most as many ranks as GPUs"
-                        ));
-                    }
+                    Err(e) if in_group => return Err(e).context(opening_gpu(n)),
                     Err(e) => {
                         eprintln!("note: built with CUDA but no GPU answered ({e}); using the CPU");
                         cpu()
@@ -117,6 +105,17 @@ pub fn pick_device(choice: DeviceChoice) -> Result<PickedDevice> {
         }
     };
     Ok(picked)
+}
+
+/// What failing to open CUDA device `n` says; in a launched group, also how ranks map to GPUs.
+fn opening_gpu(n: usize) -> String {
+    match std::env::var(crate::process_group::RANK) {
+        Ok(rank) => format!(
+            "opening CUDA device {n} (rank {rank} of a launched group runs on cuda:{rank}: start \
+             at most as many ranks as GPUs)"
+        ),
+        Err(_) => format!("opening CUDA device {n}"),
+    }
 }
 
 /// Opens CUDA device `n` the way every program here uses it: Candle's device, with freed memory

@@ -6,7 +6,7 @@
 //! Training and encoding are done once and cached under `cache/tokenizers` and `cache/tokens`,
 //! keyed by vocabulary size and a hash of the training text.
 
-use crate::wikitext::{sha256_hex, Split, WikiText2};
+use crate::wikitext::{private_temporary, sha256_hex, Split, WikiText2};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -207,17 +207,6 @@ impl TokenizedWikiText {
             Split::Test => &self.test,
         }
     }
-}
-
-/// A temporary file beside `path` that no other writer (thread or process) uses: write it, then
-/// rename it to `path`, so that writers caching the same file at once each leave a whole one.
-pub(crate) fn private_temporary(path: &Path) -> std::path::PathBuf {
-    static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = path
-        .file_name()
-        .map_or("file".into(), |f| f.to_string_lossy());
-    path.with_file_name(format!(".{name}.{}-{n}.tmp", std::process::id()))
 }
 
 /// Writes ids as little-endian `u32` (atomically, [`private_temporary`]).

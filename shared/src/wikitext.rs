@@ -291,7 +291,7 @@ fn download_raw(cache: &Path) -> Result<()> {
                  results may differ slightly from runs on the original files"
             );
         }
-        let tmp = crate::tokenizer::private_temporary(&cache.join(&name));
+        let tmp = private_temporary(&cache.join(&name));
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, cache.join(&name))?;
     }
@@ -332,6 +332,17 @@ pub fn stats(text: &str) -> SplitStats {
         words_plus_eos: words + lines.len(),
         bytes: text.len(),
     }
+}
+
+/// A temporary file beside `path` that no other writer (thread or process) uses: write it, then
+/// rename it to `path`, so that writers caching the same file at once each leave a whole one.
+pub(crate) fn private_temporary(path: &Path) -> PathBuf {
+    static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map_or("file".into(), |f| f.to_string_lossy());
+    path.with_file_name(format!(".{name}.{}-{n}.tmp", std::process::id()))
 }
 
 #[cfg(test)]

@@ -70,6 +70,10 @@ fn profile_step(
     Ok([forward, backward, clip, adamw])
 }
 
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 fn median_ms(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2] * 1e3
@@ -112,13 +116,13 @@ pub fn profile_phases(
             host_ms: median_ms(samples.iter().map(|r| r[i].0 .0).collect()),
             total_ms: median_ms(samples.iter().map(|r| r[i].0 .1).collect()),
             // The last step's (every step allocates alike).
-            memory_gib: samples.last().and_then(|r| r[i].1).map(|(at_start, peak)| {
-                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-                (gib(at_start), gib(peak))
-            }),
+            memory_gib: samples
+                .last()
+                .and_then(|r| r[i].1)
+                .map(|(at_start, peak)| (gib(at_start), gib(peak))),
         })
         .collect();
-    let gib = |v: Option<f64>| v.map_or("-".into(), |g| format!("{g:.2}"));
+    let shown = |v: Option<f64>| v.map_or("-".into(), |g| format!("{g:.2}"));
     let rows: Vec<Vec<String>> = phases
         .iter()
         .map(|p| {
@@ -126,8 +130,8 @@ pub fn profile_phases(
                 p.name.to_string(),
                 format!("{:.2}", p.host_ms),
                 format!("{:.2}", p.total_ms),
-                gib(p.memory_gib.map(|m| m.0)),
-                gib(p.memory_gib.map(|m| m.1)),
+                shown(p.memory_gib.map(|m| m.0)),
+                shown(p.memory_gib.map(|m| m.1)),
             ]
         })
         .collect();
@@ -140,7 +144,7 @@ pub fn profile_phases(
     ];
     print_table(&header, &rows);
     let peaks = samples.iter().flatten().filter_map(|s| s.1.map(|m| m.1));
-    let peak_memory_gib = peaks.max().map(|peak| peak as f64 / (1u64 << 30) as f64);
+    let peak_memory_gib = peaks.max().map(gib);
     if let Some(gib) = peak_memory_gib {
         println!("   peak device memory held by tensors over the profiled steps: {gib:.2} GiB");
     }
