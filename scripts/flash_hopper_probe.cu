@@ -30,16 +30,18 @@
 typedef __nv_bfloat16 bf16;
 typedef void (*Fwd)(const hopper::TensorMap, const hopper::TensorMap, const hopper::TensorMap, bf16*, float*, int, int,
                       int, float, int, const int*);
-// Tile variants beside the shipped kernels: (d, key tile, stages).
-FWD_WGMMA(ws_d64_bc64, bf16, 64, 64, 2)
-FWD_WGMMA(ws_d64_bc128_s3, bf16, 64, 128, 3)
-FWD_WGMMA(ws_d128_bc64, bf16, 128, 64, 2)
-FWD_WGMMA(ws_d128_bc64_s3, bf16, 128, 64, 3)
+// Tile variants beside the shipped kernels: (d, key tile, stages, consumer warpgroups).
+FWD_WGMMA(ws_d64_bc128_s3, bf16, 64, 128, 3, 2)
+FWD_WGMMA(ws_d64_nc3, bf16, 64, 128, 2, 3)
+FWD_WGMMA(ws_d64_nc3_s3, bf16, 64, 128, 3, 3)
+FWD_WGMMA(ws_d64_nc3_bc64, bf16, 64, 64, 3, 3)
+FWD_WGMMA(ws_d128_nc3_bc64, bf16, 128, 64, 2, 3)
+FWD_WGMMA(ws_d128_nc3_bc64_s3, bf16, 128, 64, 3, 3)
 
 struct Kernel {
   const char* name;
   Fwd fn;
-  int smem, key_tile;
+  int smem, key_tile, consumers;
 };
 
 static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
@@ -63,16 +65,17 @@ static hopper::TensorMap make_map(const bf16* base, int d, int n, int bh, int ro
   }
   return m;
 }
-template <int D, int BC, int NS>
+template <int D, int BC, int NS, int NC>
 static Kernel ws(const char* name, Fwd fn) {
-  return {name, fn, hopper::fwd_smem_bytes<bf16, D, BC, NS>(), BC};
+  return {name, fn, hopper::fwd_smem_bytes<bf16, D, BC, NS, NC>(), BC, NC};
 }
 static std::vector<Kernel> variants(int d) {
   if (d == 64)
-    return {ws<64, 128, 2>("shipped bc128", flash_fwd_wgmma_bf16_d64), ws<64, 64, 2>("bc64", ws_d64_bc64),
-            ws<64, 128, 3>("bc128 s3", ws_d64_bc128_s3)};
-  return {ws<128, 128, 2>("shipped bc128", flash_fwd_wgmma_bf16_d128), ws<128, 64, 2>("bc64", ws_d128_bc64),
-          ws<128, 64, 3>("bc64 s3", ws_d128_bc64_s3)};
+    return {ws<64, 128, 2, 2>("shipped", flash_fwd_wgmma_bf16_d64), ws<64, 128, 3, 2>("s3", ws_d64_bc128_s3),
+            ws<64, 128, 2, 3>("nc3", ws_d64_nc3), ws<64, 128, 3, 3>("nc3 s3", ws_d64_nc3_s3),
+            ws<64, 64, 3, 3>("nc3 bc64 s3", ws_d64_nc3_bc64)};
+  return {ws<128, 128, 2, 2>("shipped", flash_fwd_wgmma_bf16_d128), ws<128, 64, 2, 3>("nc3 bc64", ws_d128_nc3_bc64),
+          ws<128, 64, 3, 3>("nc3 bc64 s3", ws_d128_nc3_bc64_s3)};
 }
 
 // The reference: one thread per query row, fp32, two passes (max, then sum and output).
@@ -106,10 +109,11 @@ __global__ void reference_fwd(const bf16* Q, const bf16* K, const bf16* V, float
 static void launch(const Kernel& k, const bf16* q, const bf16* kk, const bf16* v, bf16* o, float* l, int bh, int n_q,
                    int n_k, int d, bool causal, const int* kv_len) {
   CHECK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
-  const hopper::TensorMap mq = make_map(q, d, n_q, bh, 128), mk = make_map(kk, d, n_k, bh, k.key_tile),
+  const int rows = 64 * k.consumers;
+  const hopper::TensorMap mq = make_map(q, d, n_q, bh, rows), mk = make_map(kk, d, n_k, bh, k.key_tile),
                           mv = make_map(v, d, n_k, bh, k.key_tile);
-  dim3 grid((n_q + 127) / 128, bh);
-  k.fn<<<grid, 384, k.smem>>>(mq, mk, mv, o, l, n_q, n_k, d, 1.4426950408889634f / sqrtf((float)d), causal ? 1 : 0,
+  dim3 grid((n_q + rows - 1) / rows, bh);
+  k.fn<<<grid, 128 * (k.consumers + 1), k.smem>>>(mq, mk, mv, o, l, n_q, n_k, d, 1.4426950408889634f / sqrtf((float)d), causal ? 1 : 0,
                               kv_len);
   CHECK(cudaGetLastError());
 }

@@ -241,6 +241,20 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 8][4], const uint32_t (&
   for (int kk = 0; kk < BC / 16; ++kk) Ops<T>::rs(o, p[kk], descriptor(v_tile + kk * 16 * 128, BC * 128, 1024));
 }
 
+// The register file (64K per SM, one CTA) shared out with setmaxnreg: two consumers take 240 per
+// thread and leave the producer 24; three take 160 and leave it 32 (128 · 32 + 384 · 160 = 64K).
+template <int NC>
+__device__ __forceinline__ void producer_registers() {
+  if constexpr (NC == 2) asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+  else asm volatile("setmaxnreg.dec.sync.aligned.u32 32;\n");
+}
+template <int NC>
+__device__ __forceinline__ void consumer_registers() {
+  static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
+  if constexpr (NC == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+  else asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n");
+}
+
 // Waits for the 128 threads of consumer warpgroup c (named barrier 1 + c; 0 is __syncthreads).
 __device__ __forceinline__ void consumer_sync(int c) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory"); }
 
@@ -287,22 +301,22 @@ __device__ __forceinline__ void tma_tile(T* s, const TensorMap* map, int row0, i
   for (int p = 0; p < D / 64; ++p) tma_load_3d(s + p * ROWS * 64, map, p * 64, row0, bh, bar);
 }
 
-// Shared memory of one CTA in bytes: Q (128 rows), NS K and NS V tiles, 1024 bytes to align them,
-// and the mbarriers (Q full; K and V full and empty per stage).
-template <typename T, int D, int BC, int NS>
+// Shared memory of one CTA in bytes: Q (64 rows per consumer warpgroup, NC of them), NS K and NS V
+// tiles, 1024 bytes to align them, and the mbarriers (Q full; K and V full and empty per stage).
+template <typename T, int D, int BC, int NS, int NC>
 constexpr int fwd_smem_bytes() {
-  return (128 * D + 2 * NS * BC * D) * (int)sizeof(T) + 1024 + 8 * (1 + 4 * NS);
+  return (64 * NC * D + 2 * NS * BC * D) * (int)sizeof(T) + 1024 + 8 * (1 + 4 * NS);
 }
 
-// The forward's shared memory: Q (128 rows), NS K and NS V tiles, each panel 1024-byte aligned,
+// The forward's shared memory: Q (64·NC rows), NS K and NS V tiles, each panel 1024-byte aligned,
 // then the mbarriers (Q full; K and V full and empty per stage). Sizes: fwd_smem_bytes.
-template <typename T, int D, int BC, int NS>
+template <typename T, int D, int BC, int NS, int NC>
 struct FwdShared {
   T *q, *k, *v;
   uint64_t *q_full, *k_full, *k_empty, *v_full, *v_empty;
   __device__ __forceinline__ explicit FwdShared(unsigned char* raw) {
     q = reinterpret_cast<T*>(raw + ((1024 - (smem_u32(raw) & 1023)) & 1023));
-    k = q + 128 * D;     // NS stages of BC × D
+    k = q + 64 * NC * D;  // NS stages of BC × D
     v = k + NS * BC * D;  // NS stages of BC × D
     q_full = reinterpret_cast<uint64_t*>(v + NS * BC * D);
     k_full = q_full + 1;
@@ -310,21 +324,21 @@ struct FwdShared {
     v_full = k_empty + NS;
     v_empty = v_full + NS;
   }
-  // Full barriers wait for the producer's one arrival (and the bytes), empty ones for all 256
+  // Full barriers wait for the producer's one arrival (and the bytes), empty ones for all 128·NC
   // consumer threads.
   __device__ __forceinline__ void init_barriers() const {
     mbar_init(q_full, 1);
     for (int s = 0; s < NS; ++s) {
       mbar_init(k_full + s, 1);
       mbar_init(v_full + s, 1);
-      mbar_init(k_empty + s, 256);
-      mbar_init(v_empty + s, 256);
+      mbar_init(k_empty + s, 128 * NC);
+      mbar_init(v_empty + s, 128 * NC);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
 };
 
-// A producer's claim on fill number j of a ring stage: wait until both consumers have released
+// A producer's claim on fill number j of a ring stage: wait until every consumer has released
 // the stage's previous fill (none to wait for in the first NS), then announce the bytes coming.
 template <int NS>
 __device__ __forceinline__ void claim_stage(uint64_t* full, uint64_t* empty, int j, uint32_t bytes) {
@@ -333,13 +347,13 @@ __device__ __forceinline__ void claim_stage(uint64_t* full, uint64_t* empty, int
 }
 
 // The forward's producer (one thread): Q once, then K_j and V_j into stage j % NS of their rings.
-template <typename T, int D, int BC, int NS>
-__device__ __forceinline__ void fwd_producer(const FwdShared<T, D, BC, NS>& sh, const TensorMap* tmQ,
+template <typename T, int D, int BC, int NS, int NC>
+__device__ __forceinline__ void fwd_producer(const FwdShared<T, D, BC, NS, NC>& sh, const TensorMap* tmQ,
                                              const TensorMap* tmK, const TensorMap* tmV, int q0, int bh,
                                              int n_tiles) {
   constexpr int TILE = BC * D, TILE_BYTES = TILE * (int)sizeof(T);
-  mbar_expect_tx(sh.q_full, 128 * D * sizeof(T));
-  tma_tile<T, D, 128>(sh.q, tmQ, q0, bh, sh.q_full);
+  mbar_expect_tx(sh.q_full, 64 * NC * D * sizeof(T));
+  tma_tile<T, D, 64 * NC>(sh.q, tmQ, q0, bh, sh.q_full);
   for (int j = 0; j < n_tiles; ++j) {
     const int s = j % NS;
     claim_stage<NS>(sh.k_full + s, sh.k_empty + s, j, TILE_BYTES);
@@ -396,18 +410,19 @@ __device__ __forceinline__ void store_o_and_lse(T* sQ, T* O, float* LSE, const f
   }
 }
 
-// The forward. The producer loads Q once and then K_j, V_j into stage j % NS as soon as both
-// consumers have released that stage. Each consumer: S_0 and its softmax; then for every further
+// The forward, with NC consumer warpgroups of 64 query rows each (BR = 64·NC queries per CTA) and
+// the registers split between them and the producer (NC_REGS). The producer loads Q once and then
+// K_j, V_j into stage j % NS as soon as every consumer has released that stage. Each consumer: S_0 and its softmax; then for every further
 // tile j, S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} issued together, S_j's softmax while the second
 // still runs, then O rescaled and P_j rounded (FlashAttention-3's intra-warpgroup overlap); at
 // the end the last P V, O / l and L = m + ln l.
-template <typename T, int D, int BC, int NS>
+template <typename T, int D, int BC, int NS, int NC>
 __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                              T* __restrict__ O, float* __restrict__ LSE, int n_q, int n_k,
                                              float scale_log2, int causal, const int* __restrict__ kv_len) {
-  constexpr int BR = 128, TILE = BC * D, TILE_BYTES = TILE * (int)sizeof(T);
+  constexpr int BR = 64 * NC, TILE = BC * D, TILE_BYTES = TILE * (int)sizeof(T);
   extern __shared__ unsigned char smem_raw[];
-  const FwdShared<T, D, BC, NS> sh(smem_raw);
+  const FwdShared<T, D, BC, NS, NC> sh(smem_raw);
 
   const int tid = threadIdx.x, wg = tid >> 7;
   const int bh = blockIdx.y;
@@ -422,11 +437,11 @@ __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap*
 
   if (wg == 0) {
     // Producer: one thread issues every load; the others of the warpgroup have nothing to do.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-    if (tid == 0) fwd_producer<T, D, BC, NS>(sh, tmQ, tmK, tmV, q0, bh, n_tiles);
+    producer_registers<NC>();
+    if (tid == 0) fwd_producer<T, D, BC, NS, NC>(sh, tmQ, tmK, tmV, q0, bh, n_tiles);
     return;
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+  consumer_registers<NC>();
 
   // Consumers: warpgroup c = wg - 1 owns query rows 64c..64c+63.
   const int c = wg - 1, ctid = tid - 128, warp = (ctid >> 5) & 3, lane = tid & 31;
@@ -827,17 +842,17 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
 // The kernels: flash_fwd_wgmma_{bf16,f16}_d{64,128}; 384 threads (a producer and two consumer
 // warpgroups), 128 queries per CTA, one CTA per SM, key tiles of 128 in rings of 2 stages (the
 // fastest of the variants scripts/flash_hopper_probe.cu times on an H100).
-#define FWD_WGMMA(NAME, T, D, BC, NS)                                                                     \
-  extern "C" __global__ void __launch_bounds__(384, 1)                                                      \
+#define FWD_WGMMA(NAME, T, D, BC, NS, NC)                                                                 \
+  extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                                          \
       NAME(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,    \
            const __grid_constant__ hopper::TensorMap tmV, T* O, float* LSE, int n_q, int n_k, int d,         \
            float scale_log2, int causal, const int* kv_len) {                                               \
-    hopper::fwd_wgmma<T, D, BC, NS>(&tmQ, &tmK, &tmV, O, LSE, n_q, n_k, scale_log2, causal, kv_len);     \
+    hopper::fwd_wgmma<T, D, BC, NS, NC>(&tmQ, &tmK, &tmV, O, LSE, n_q, n_k, scale_log2, causal, kv_len); \
   }
-FWD_WGMMA(flash_fwd_wgmma_bf16_d64, __nv_bfloat16, 64, 128, 2)
-FWD_WGMMA(flash_fwd_wgmma_bf16_d128, __nv_bfloat16, 128, 128, 2)
-FWD_WGMMA(flash_fwd_wgmma_f16_d64, __half, 64, 128, 2)
-FWD_WGMMA(flash_fwd_wgmma_f16_d128, __half, 128, 128, 2)
+FWD_WGMMA(flash_fwd_wgmma_bf16_d64, __nv_bfloat16, 64, 128, 2, 2)
+FWD_WGMMA(flash_fwd_wgmma_bf16_d128, __nv_bfloat16, 128, 128, 2, 2)
+FWD_WGMMA(flash_fwd_wgmma_f16_d64, __half, 64, 128, 2, 2)
+FWD_WGMMA(flash_fwd_wgmma_f16_d128, __half, 128, 128, 2, 2)
 
 // The backward: flash_bwd_wgmma_{bf16,f16}_d64; 384 threads (a producer and two consumer
 // warpgroups), 128 keys per CTA, query tiles of 64 in rings of 2 stages. At d 128 the two
