@@ -41,19 +41,25 @@ const MODULE: &str = "t0809_flash_attn";
 const HOPPER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn_hopper.ptx"));
 const HOPPER_MODULE: &str = "t0809_flash_attn_hopper";
 
-/// Warpgroup-MMA forward: a producer and two consumer warpgroups (`WG_THREADS`), 128 queries per
-/// block, key tiles of 128 in rings of 2 stages.
-const WG_THREADS: u32 = 384;
-const WG_FWD_BR: usize = 128;
+/// Warpgroup-MMA forward: a producer warpgroup and `wg_fwd_consumers(d)` consumer warpgroups of
+/// 64 queries each, key tiles of 128 in rings of 2 stages (`FWD_WGMMA` in the `.cu` file).
 const WG_FWD_BC: usize = 128;
 const WG_STAGES: usize = 2;
+/// Consumer warpgroups of the forward at head size `d`: two (128 queries per block).
+fn wg_fwd_consumers(_d: usize) -> usize {
+    2
+}
+/// Queries per block of the forward: 64 per consumer warpgroup.
+fn wg_fwd_rows(d: usize) -> usize {
+    64 * wg_fwd_consumers(d)
+}
 /// Q and the K and V rings in 16-bit elements, 1024 bytes to align them to the swizzle pattern,
 /// and the mbarriers (`fwd_smem_bytes` in the `.cu` file).
 fn wg_fwd_smem(d: usize) -> usize {
-    (WG_FWD_BR * d + 2 * WG_STAGES * WG_FWD_BC * d) * 2 + 1024 + 8 * (1 + 4 * WG_STAGES)
+    (wg_fwd_rows(d) * d + 2 * WG_STAGES * WG_FWD_BC * d) * 2 + 1024 + 8 * (1 + 4 * WG_STAGES)
 }
-/// Warpgroup-MMA backward (d 64): the same three warpgroups, 128 keys per block, query tiles of 64
-/// in rings of 2 stages.
+/// Warpgroup-MMA backward (d 64): a producer and two consumer warpgroups, 128 keys per block,
+/// query tiles of 64 in rings of 2 stages.
 const WG_BWD_BC: usize = 128;
 const WG_BWD_BR: usize = 64;
 /// K and V, the Q and dO rings and dSᵀ in 16-bit elements, both consumers' f32 dQ tiles, 1024
@@ -384,18 +390,18 @@ fn tensor_maps<'a, T: CudaDType>(
     Ok((maps, reads))
 }
 
-/// A kernel of the Hopper module and its launch shape: `grid`, 384 threads (a producer and two
-/// consumer warpgroups), `smem` bytes of dynamic shared memory.
+/// A kernel of the Hopper module and its launch shape: `grid`, 128 threads per warpgroup (a
+/// producer and `consumers`), `smem` bytes of dynamic shared memory.
 fn hopper_kernel(
     dev: &CudaDevice,
     name: &str,
-    smem: usize,
+    (smem, consumers): (usize, usize),
     grid: (u32, u32, u32),
 ) -> Result<(CudaFunction, LaunchConfig)> {
     let func = shared::cuda::load_kernel(dev, HOPPER_MODULE, HOPPER_PTX, name, smem)?;
     let cfg = LaunchConfig {
         grid_dim: grid,
-        block_dim: (WG_THREADS, 1, 1),
+        block_dim: (128 * (consumers as u32 + 1), 1, 1),
         shared_mem_bytes: smem as u32,
     };
     Ok((func, cfg))
@@ -417,16 +423,16 @@ fn fwd_wgmma<T: CudaDType + DeviceRepr>(
     } = dims;
     let stream = dev.cuda_stream();
     let tiles = [
-        (q, n_q, WG_FWD_BR),
+        (q, n_q, wg_fwd_rows(d)),
         (k, n_k, WG_FWD_BC),
         (v, n_k, WG_FWD_BC),
     ];
     let (maps, _reads) = tensor_maps(&stream, suffix, bh, d, &tiles)?;
-    let grid = (n_q.div_ceil(WG_FWD_BR) as u32, bh as u32, 1);
+    let grid = (n_q.div_ceil(wg_fwd_rows(d)) as u32, bh as u32, 1);
     let (func, cfg) = hopper_kernel(
         dev,
         &format!("flash_fwd_wgmma_{suffix}_d{d}"),
-        wg_fwd_smem(d),
+        (wg_fwd_smem(d), wg_fwd_consumers(d)),
         grid,
     )?;
     let (n_q_i, n_k_i, d_i, causal_i) = (n_q as i32, n_k as i32, d as i32, causal as i32);
@@ -472,7 +478,7 @@ fn bwd_wgmma<T: CudaDType + DeviceRepr>(
     let (func, cfg) = hopper_kernel(
         dev,
         &format!("flash_bwd_wgmma_{suffix}_d{d}"),
-        wg_bwd_smem(d),
+        (wg_bwd_smem(d), 2),
         grid,
     )?;
     let (n_q_i, n_k_i, d_i, causal_i) = (n_q as i32, n_k as i32, d as i32, causal as i32);
