@@ -839,9 +839,14 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
 
 }  // namespace hopper
 
-// The kernels: flash_fwd_wgmma_{bf16,f16}_d{64,128}; 384 threads (a producer and two consumer
-// warpgroups), 128 queries per CTA, one CTA per SM, key tiles of 128 in rings of 2 stages (the
-// fastest of the variants scripts/flash_hopper_probe.cu times on an H100).
+// The kernels (the fastest of the variants scripts/flash_hopper_probe.cu times on an H100), one
+// CTA per SM, key tiles of 128:
+//   flash_fwd_wgmma_{bf16,f16}_d{64,128}: 384 threads (a producer and two consumer warpgroups),
+//     128 queries per CTA, rings of 2 stages;
+//   flash_fwd_wgmma3_{bf16,f16}_d64: 512 threads (a producer and three consumers), 192 queries per
+//     CTA, rings of 3 stages: more consumers to hide each one's softmax behind the others' MMAs,
+//     which pays at d 64, where the softmax is a larger share of a tile's work (src/lib.rs,
+//     hopper_forward_consumers, says when it runs).
 #define FWD_WGMMA(NAME, T, D, BC, NS, NC)                                                                 \
   extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                                          \
       NAME(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,    \
@@ -853,6 +858,8 @@ FWD_WGMMA(flash_fwd_wgmma_bf16_d64, __nv_bfloat16, 64, 128, 2, 2)
 FWD_WGMMA(flash_fwd_wgmma_bf16_d128, __nv_bfloat16, 128, 128, 2, 2)
 FWD_WGMMA(flash_fwd_wgmma_f16_d64, __half, 64, 128, 2, 2)
 FWD_WGMMA(flash_fwd_wgmma_f16_d128, __half, 128, 128, 2, 2)
+FWD_WGMMA(flash_fwd_wgmma3_bf16_d64, __nv_bfloat16, 64, 128, 3, 3)
+FWD_WGMMA(flash_fwd_wgmma3_f16_d64, __half, 64, 128, 3, 3)
 
 // The backward: flash_bwd_wgmma_{bf16,f16}_d64; 384 threads (a producer and two consumer
 // warpgroups), 128 keys per CTA, query tiles of 64 in rings of 2 stages. At d 128 the two

@@ -41,27 +41,50 @@ const MODULE: &str = "t0809_flash_attn";
 const HOPPER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn_hopper.ptx"));
 const HOPPER_MODULE: &str = "t0809_flash_attn_hopper";
 
-/// Warpgroup-MMA forward: a producer warpgroup and `wg_fwd_consumers(d)` consumer warpgroups of
-/// 64 queries each, key tiles of 128 in rings of 2 stages (`FWD_WGMMA` in the `.cu` file).
+/// Warpgroup-MMA forward: a producer warpgroup and `consumers` warpgroups of 64 queries each
+/// (chosen by [`crate::hopper_forward_consumers`]), key tiles of 128 in rings of `stages`
+/// (`FWD_WGMMA` in the `.cu` file): two consumers with 2 stages (`flash_fwd_wgmma_*`), or three
+/// with 3 stages (`flash_fwd_wgmma3_*`, d 64 only).
 const WG_FWD_BC: usize = 128;
-const WG_STAGES: usize = 2;
-/// Consumer warpgroups of the forward at head size `d`: two (128 queries per block).
-fn wg_fwd_consumers(_d: usize) -> usize {
-    2
+#[derive(Debug, Clone, Copy)]
+struct FwdTiling {
+    consumers: usize,
+    stages: usize,
 }
-/// Queries per block of the forward: 64 per consumer warpgroup.
-fn wg_fwd_rows(d: usize) -> usize {
-    64 * wg_fwd_consumers(d)
-}
-/// Q and the K and V rings in 16-bit elements, 1024 bytes to align them to the swizzle pattern,
-/// and the mbarriers (`fwd_smem_bytes` in the `.cu` file).
-fn wg_fwd_smem(d: usize) -> usize {
-    (wg_fwd_rows(d) * d + 2 * WG_STAGES * WG_FWD_BC * d) * 2 + 1024 + 8 * (1 + 4 * WG_STAGES)
+impl FwdTiling {
+    fn for_call(d: usize, n_q: usize, causal: bool) -> Self {
+        match crate::hopper_forward_consumers(d, n_q, causal) {
+            3 => Self {
+                consumers: 3,
+                stages: 3,
+            },
+            _ => Self {
+                consumers: 2,
+                stages: 2,
+            },
+        }
+    }
+    /// The kernel's name: `flash_fwd_wgmma{3 if three consumers}_{suffix}_d{d}`.
+    fn kernel(self, suffix: &str, d: usize) -> String {
+        let three = if self.consumers == 3 { "3" } else { "" };
+        format!("flash_fwd_wgmma{three}_{suffix}_d{d}")
+    }
+    /// Queries per block: 64 per consumer warpgroup.
+    fn rows(self) -> usize {
+        64 * self.consumers
+    }
+    /// Q and the K and V rings in 16-bit elements, 1024 bytes to align them to the swizzle
+    /// pattern, and the mbarriers (`fwd_smem_bytes` in the `.cu` file).
+    fn smem(self, d: usize) -> usize {
+        let halves = self.rows() * d + 2 * self.stages * WG_FWD_BC * d;
+        halves * 2 + 1024 + 8 * (1 + 4 * self.stages)
+    }
 }
 /// Warpgroup-MMA backward (d 64): a producer and two consumer warpgroups, 128 keys per block,
 /// query tiles of 64 in rings of 2 stages.
 const WG_BWD_BC: usize = 128;
 const WG_BWD_BR: usize = 64;
+const WG_STAGES: usize = 2;
 /// K and V, the Q and dO rings and dSᵀ in 16-bit elements, both consumers' f32 dQ tiles, 1024
 /// bytes of alignment and the mbarriers (`bwd_smem_bytes` in the `.cu` file).
 fn wg_bwd_smem(d: usize) -> usize {
@@ -422,17 +445,18 @@ fn fwd_wgmma<T: CudaDType + DeviceRepr>(
         bh, n_q, n_k, d, ..
     } = dims;
     let stream = dev.cuda_stream();
+    let tiling = FwdTiling::for_call(d, n_q, causal);
     let tiles = [
-        (q, n_q, wg_fwd_rows(d)),
+        (q, n_q, tiling.rows()),
         (k, n_k, WG_FWD_BC),
         (v, n_k, WG_FWD_BC),
     ];
     let (maps, _reads) = tensor_maps(&stream, suffix, bh, d, &tiles)?;
-    let grid = (n_q.div_ceil(wg_fwd_rows(d)) as u32, bh as u32, 1);
+    let grid = (n_q.div_ceil(tiling.rows()) as u32, bh as u32, 1);
     let (func, cfg) = hopper_kernel(
         dev,
-        &format!("flash_fwd_wgmma_{suffix}_d{d}"),
-        (wg_fwd_smem(d), wg_fwd_consumers(d)),
+        &tiling.kernel(suffix, d),
+        (tiling.smem(d), tiling.consumers),
         grid,
     )?;
     let (n_q_i, n_k_i, d_i, causal_i) = (n_q as i32, n_k as i32, d as i32, causal as i32);

@@ -125,6 +125,26 @@ pub fn hopper_backward(d_head: usize, n_k: usize) -> bool {
     d_head == 64 && n_k >= HOPPER_BACKWARD_MIN_KEYS
 }
 
+/// From this many queries on, a causal [`CudaKernelFamily::WarpgroupMma`] forward at d_head 64
+/// runs with three consumer warpgroups (192 queries per block) instead of two (128); without the
+/// mask it always does. Measured in `scripts/flash_hopper_probe.cu` on an H100
+/// (reports/gpu-runs/h100-2026-12-06-g/call1/probe.txt, "nc3 s3" against "shipped"): 1.08× at
+/// 1,024 queries and 1.26–1.28× from 4,096 without the mask, 1.12–1.17× causal from 4,096, but
+/// 0.93× causal at 1,024, where a block of 192 rows wastes more of the diagonal. At d_head 128
+/// three consumers (with key tiles of 64, to fit the registers) were 0.89–0.97× two.
+pub const HOPPER_THREE_CONSUMERS_MIN_CAUSAL_QUERIES: usize = 2048;
+
+/// How many consumer warpgroups (64 queries each) the Hopper forward runs with for head size
+/// `d_head` and `n_q` queries: 3 at d_head 64 (causal from
+/// [`HOPPER_THREE_CONSUMERS_MIN_CAUSAL_QUERIES`] queries on), else 2.
+pub fn hopper_forward_consumers(d_head: usize, n_q: usize, causal: bool) -> usize {
+    if d_head == 64 && (!causal || n_q >= HOPPER_THREE_CONSUMERS_MIN_CAUSAL_QUERIES) {
+        3
+    } else {
+        2
+    }
+}
+
 /// Whether `device` runs the Hopper kernels: a CUDA card of compute capability 9.0 (H100, H200),
 /// with this build's `sm_90a` kernels (built unless `MODULE08_CUDA_ARCH` asked for another card).
 pub fn hopper_kernels_on(device: &candle_core::Device) -> bool {
@@ -370,6 +390,30 @@ pub fn attention_fwd_flops(
 #[cfg(test)]
 mod kernel_family_tests {
     use super::*;
+
+    #[test]
+    fn hopper_forward_runs_three_consumers_at_d64_except_short_causal_calls() {
+        let long = HOPPER_THREE_CONSUMERS_MIN_CAUSAL_QUERIES;
+        for n_q in [1, 1024, long - 1, long, 16384] {
+            assert_eq!(hopper_forward_consumers(64, n_q, false), 3, "full {n_q}");
+            assert_eq!(
+                hopper_forward_consumers(128, n_q, false),
+                2,
+                "d 128 full {n_q}"
+            );
+            assert_eq!(
+                hopper_forward_consumers(128, n_q, true),
+                2,
+                "d 128 causal {n_q}"
+            );
+            let causal = if n_q >= long { 3 } else { 2 };
+            assert_eq!(
+                hopper_forward_consumers(64, n_q, true),
+                causal,
+                "causal {n_q}"
+            );
+        }
+    }
 
     #[test]
     fn kernel_family_follows_dtype_head_size_and_alignment() {

@@ -204,8 +204,10 @@ fn padded_mma_sync(q: &Tensor, k: &Tensor, v: &Tensor, s: f64, causal: bool) -> 
 fn gpu_hopper_backward_within_twice_the_mma_sync_error() -> Result<()> {
     // The Hopper backward runs from HOPPER_BACKWARD_MIN_KEYS keys on: the shapes above are too
     // short for it. Here d 64 past the threshold, against float64 on the CPU, the mma.sync
-    // backward on the same inputs setting the bar: bf16 causal and not, f16 with 333 queries
-    // (n_q ≠ n_k), and bf16 with the last 300 keys padding (whose dK, dV must be zero).
+    // kernels on the same inputs setting the bar: bf16 causal and not, f16 with 333 queries
+    // (n_q ≠ n_k), and bf16 with the last 300 keys padding (whose dK, dV must be zero). The
+    // forward's O is checked too: these shapes run its three-consumer instance, causal included
+    // (the shapes above reach it without the mask only).
     let Some(dev) = gpu("gpu_hopper_backward_within_twice_the_mma_sync_error") else {
         return Ok(());
     };
@@ -215,6 +217,7 @@ fn gpu_hopper_backward_within_twice_the_mma_sync_error() -> Result<()> {
     }
     let (n, d) = (HOPPER_KEYS, 64);
     assert!(hopper_backward(d, n));
+    assert_eq!(hopper_forward_consumers(d, n, true), 3);
     let mut rng = Rng::new(106);
     let cases = [
         (DType::BF16, n, true, false),
@@ -231,7 +234,7 @@ fn gpu_hopper_backward_within_twice_the_mma_sync_error() -> Result<()> {
         let (ql, kl, vl, dol) = (low(&q)?, low(&k)?, low(&v)?, low(&d_o)?);
         let up = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
         let kept = if padded { HOPPER_KEPT } else { n };
-        let (_, mut want) = grads(
+        let (want_o, mut want) = grads(
             naive_attention,
             &up(&ql)?,
             &up(&kl)?.narrow(2, 0, kept)?,
@@ -248,12 +251,19 @@ fn gpu_hopper_backward_within_twice_the_mma_sync_error() -> Result<()> {
             false => (flash_attention, flash_mma_sync),
             true => (padded_auto, padded_mma_sync),
         };
-        let (_, hopper) = grads(ours, &ql, &kl, &vl, &dol, scale, causal)?;
-        let (_, mma) = grads(mma, &ql, &kl, &vl, &dol, scale, causal)?;
-        for (i, name) in ["dQ", "dK", "dV"].iter().enumerate() {
-            let want = to_vec(&want[i])?;
-            let e_hopper = max_abs(&to_vec(&hopper[i])?, &want);
-            let e_mma = max_abs(&to_vec(&mma[i])?, &want);
+        let (o_hopper, [dq_h, dk_h, dv_h]) = grads(ours, &ql, &kl, &vl, &dol, scale, causal)?;
+        let (o_mma, [dq_m, dk_m, dv_m]) = grads(mma, &ql, &kl, &vl, &dol, scale, causal)?;
+        let [dq, dk, dv] = want;
+        let checks = [
+            ("O", want_o, o_hopper, o_mma),
+            ("dQ", dq, dq_h, dq_m),
+            ("dK", dk, dk_h, dk_m),
+            ("dV", dv, dv_h, dv_m),
+        ];
+        for (name, want, hopper, mma) in checks {
+            let want = to_vec(&want)?;
+            let e_hopper = max_abs(&to_vec(&hopper)?, &want);
+            let e_mma = max_abs(&to_vec(&mma)?, &want);
             let atol = rounding_atol(&want, dtype)?;
             assert!(
                 e_hopper <= 2.0 * e_mma + atol,
