@@ -845,8 +845,8 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
 //     128 queries per CTA, rings of 2 stages;
 //   flash_fwd_wgmma3_{bf16,f16}_d64: 512 threads (a producer and three consumers), 192 queries per
 //     CTA, rings of 3 stages: more consumers to hide each one's softmax behind the others' MMAs,
-//     which pays at d 64, where the softmax is a larger share of a tile's work (src/lib.rs,
-//     hopper_forward_consumers, says when it runs).
+//     which pays at d 64, where the softmax is a larger share of a tile's work; it runs from
+//     2,048 queries on (src/lib.rs, hopper_forward_consumers).
 #define FWD_WGMMA(NAME, T, D, BC, NS, NC)                                                                 \
   extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                                          \
       NAME(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,    \

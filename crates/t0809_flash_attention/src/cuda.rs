@@ -52,8 +52,8 @@ struct FwdTiling {
     stages: usize,
 }
 impl FwdTiling {
-    fn for_call(d: usize, n_q: usize, causal: bool) -> Self {
-        match crate::hopper_forward_consumers(d, n_q, causal) {
+    fn for_call(d: usize, n_q: usize) -> Self {
+        match crate::hopper_forward_consumers(d, n_q) {
             3 => Self {
                 consumers: 3,
                 stages: 3,
@@ -445,7 +445,7 @@ fn fwd_wgmma<T: CudaDType + DeviceRepr>(
         bh, n_q, n_k, d, ..
     } = dims;
     let stream = dev.cuda_stream();
-    let tiling = FwdTiling::for_call(d, n_q, causal);
+    let tiling = FwdTiling::for_call(d, n_q);
     let tiles = [
         (q, n_q, tiling.rows()),
         (k, n_k, WG_FWD_BC),

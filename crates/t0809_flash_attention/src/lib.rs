@@ -125,20 +125,21 @@ pub fn hopper_backward(d_head: usize, n_k: usize) -> bool {
     d_head == 64 && n_k >= HOPPER_BACKWARD_MIN_KEYS
 }
 
-/// From this many queries on, a causal [`CudaKernelFamily::WarpgroupMma`] forward at d_head 64
-/// runs with three consumer warpgroups (192 queries per block) instead of two (128); without the
-/// mask it always does. Measured in `scripts/flash_hopper_probe.cu` on an H100
-/// (reports/gpu-runs/h100-2026-12-06-g/call1/probe.txt, "nc3 s3" against "shipped"): 1.08× at
-/// 1,024 queries and 1.26–1.28× from 4,096 without the mask, 1.12–1.17× causal from 4,096, but
-/// 0.93× causal at 1,024, where a block of 192 rows wastes more of the diagonal. At d_head 128
-/// three consumers (with key tiles of 64, to fit the registers) were 0.89–0.97× two.
-pub const HOPPER_THREE_CONSUMERS_MIN_CAUSAL_QUERIES: usize = 2048;
+/// From this many queries on, a [`CudaKernelFamily::WarpgroupMma`] forward at d_head 64 runs
+/// with three consumer warpgroups (192 queries per block) instead of two (128). Measured in
+/// `scripts/flash_hopper_probe.cu` on an H100 (reports/gpu-runs/h100-2026-12-06-g/call1/probe.txt,
+/// "nc3 s3" against "shipped"): 1.25–1.28× from 4,096 queries without the mask and 1.12–1.17×
+/// causal; at 1,024 queries 1.08× without the mask but 0.93× causal, where a block of 192 rows
+/// wastes more of the diagonal, and a call with few queries (decoding) would leave most of a
+/// larger block idle. At d_head 128 three consumers (with key tiles of 64, to fit the registers)
+/// were 0.89–0.97× two.
+pub const HOPPER_THREE_CONSUMERS_MIN_QUERIES: usize = 2048;
 
 /// How many consumer warpgroups (64 queries each) the Hopper forward runs with for head size
-/// `d_head` and `n_q` queries: 3 at d_head 64 (causal from
-/// [`HOPPER_THREE_CONSUMERS_MIN_CAUSAL_QUERIES`] queries on), else 2.
-pub fn hopper_forward_consumers(d_head: usize, n_q: usize, causal: bool) -> usize {
-    if d_head == 64 && (!causal || n_q >= HOPPER_THREE_CONSUMERS_MIN_CAUSAL_QUERIES) {
+/// `d_head` and `n_q` queries: 3 at d_head 64 from [`HOPPER_THREE_CONSUMERS_MIN_QUERIES`]
+/// queries on, else 2.
+pub fn hopper_forward_consumers(d_head: usize, n_q: usize) -> usize {
+    if d_head == 64 && n_q >= HOPPER_THREE_CONSUMERS_MIN_QUERIES {
         3
     } else {
         2
@@ -392,25 +393,19 @@ mod kernel_family_tests {
     use super::*;
 
     #[test]
-    fn hopper_forward_runs_three_consumers_at_d64_except_short_causal_calls() {
-        let long = HOPPER_THREE_CONSUMERS_MIN_CAUSAL_QUERIES;
+    fn hopper_forward_runs_three_consumers_at_d64_on_long_calls() {
+        let long = HOPPER_THREE_CONSUMERS_MIN_QUERIES;
         for n_q in [1, 1024, long - 1, long, 16384] {
-            assert_eq!(hopper_forward_consumers(64, n_q, false), 3, "full {n_q}");
+            let want = if n_q >= long { 3 } else { 2 };
             assert_eq!(
-                hopper_forward_consumers(128, n_q, false),
-                2,
-                "d 128 full {n_q}"
+                hopper_forward_consumers(64, n_q),
+                want,
+                "d 64, {n_q} queries"
             );
             assert_eq!(
-                hopper_forward_consumers(128, n_q, true),
+                hopper_forward_consumers(128, n_q),
                 2,
-                "d 128 causal {n_q}"
-            );
-            let causal = if n_q >= long { 3 } else { 2 };
-            assert_eq!(
-                hopper_forward_consumers(64, n_q, true),
-                causal,
-                "causal {n_q}"
+                "d 128, {n_q} queries"
             );
         }
     }
