@@ -31,10 +31,10 @@
 //     swizzling on the way and writing zeros past the head's last row; completion is counted in
 //     bytes on an mbarrier.
 //   * Warp specialisation: warpgroup 0 is the producer (one thread issues every TMA copy, its
-//     registers handed to the others with setmaxnreg); warpgroups 1 and 2 are consumers, each
-//     owning 64 query rows. K and V tiles go through rings of NS stages, each with a "full"
-//     barrier (the producer's bytes have landed) and an "empty" one (both consumers are done
-//     with it). No barrier of the whole CTA remains in the loop.
+//     registers handed to the others with setmaxnreg); warpgroups 1 to NC are consumers (NC = 2,
+//     or 3 at d 64 on long calls), each owning 64 query rows. K and V tiles go through rings of
+//     NS stages, each with a "full" barrier (the producer's bytes have landed) and an "empty" one
+//     (every consumer is done with it). No barrier of the whole CTA remains in the loop.
 //
 // Build: nvcc --ptx -arch=compute_90a (build.rs); the kernels need an sm_90 card.
 

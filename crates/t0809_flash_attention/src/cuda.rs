@@ -5,8 +5,9 @@
 //! Kernel choice:
 //! - on a Hopper card (sm_90), bf16/f16 with `d = 64` or `128` and 16-byte-aligned inputs: the
 //!   forward `flash_fwd_wgmma_{bf16,f16}_d{64,128}` (`kernels/flash_attn_hopper.cu`: warpgroup
-//!   MMA from shared memory, TMA loads, warp specialisation), the backward
-//!   `flash_bwd_wgmma_{bf16,f16}_d64` at `d = 64` over 8,192 keys or more
+//!   MMA from shared memory, TMA loads, warp specialisation; at `d = 64` from 2,048 queries its
+//!   three-consumer instance `flash_fwd_wgmma3_*`, [`crate::hopper_forward_consumers`]), the
+//!   backward `flash_bwd_wgmma_{bf16,f16}_d64` at `d = 64` over 8,192 keys or more
 //!   ([`crate::hopper_backward`]), else the mma.sync one below;
 //! - bf16/f16 with `d = 32`, `64` or `128` and 16-byte-aligned inputs: the tensor-core kernels
 //!   `flash_{fwd,bwd}_tc_{bf16,f16}_d{32,64,128}` (mma.sync m16n8k16, fp32 accumulators);
@@ -41,11 +42,12 @@ const MODULE: &str = "t0809_flash_attn";
 const HOPPER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn_hopper.ptx"));
 const HOPPER_MODULE: &str = "t0809_flash_attn_hopper";
 
-/// Warpgroup-MMA forward: a producer warpgroup and `consumers` warpgroups of 64 queries each
-/// (chosen by [`crate::hopper_forward_consumers`]), key tiles of 128 in rings of `stages`
+/// Keys per tile of the warpgroup-MMA forward.
+const WG_FWD_BC: usize = 128;
+/// The warpgroup-MMA forward's shape: a producer warpgroup and `consumers` warpgroups of 64
+/// queries each (chosen by [`crate::hopper_forward_consumers`]), K and V rings of `stages`
 /// (`FWD_WGMMA` in the `.cu` file): two consumers with 2 stages (`flash_fwd_wgmma_*`), or three
 /// with 3 stages (`flash_fwd_wgmma3_*`, d 64 only).
-const WG_FWD_BC: usize = 128;
 #[derive(Debug, Clone, Copy)]
 struct FwdTiling {
     consumers: usize,
@@ -430,8 +432,8 @@ fn hopper_kernel(
     Ok((func, cfg))
 }
 
-/// The Hopper forward `flash_fwd_wgmma_{suffix}_d{d}`: Q, K and V handed over as tensor maps,
-/// O and L as pointers.
+/// The Hopper forward (`FwdTiling::kernel` names the instance): Q, K and V handed over as
+/// tensor maps, O and L as pointers.
 fn fwd_wgmma<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     [q, k, v]: [&CudaView<'_, T>; 3],

@@ -206,8 +206,9 @@ fn gpu_hopper_backward_within_twice_the_mma_sync_error() -> Result<()> {
     // short for it. Here d 64 past the threshold, against float64 on the CPU, the mma.sync
     // kernels on the same inputs setting the bar: bf16 causal and not, f16 with 333 queries
     // (n_q ≠ n_k), and bf16 with the last 300 keys padding (whose dK, dV must be zero). The
-    // forward's O is checked too: past HOPPER_THREE_CONSUMERS_MIN_QUERIES queries these shapes
-    // run its three-consumer instance, which the shapes above are too short for.
+    // forward's O is checked too: the cases with HOPPER_KEYS queries (past
+    // HOPPER_THREE_CONSUMERS_MIN_QUERIES) run its three-consumer instance, causal and not, which
+    // the shapes above are too short for.
     let Some(dev) = gpu("gpu_hopper_backward_within_twice_the_mma_sync_error") else {
         return Ok(());
     };
