@@ -1,0 +1,429 @@
+// A standalone probe of 8-09's Hopper backward (kernels/flash_attn_hopper.cu), without Candle:
+// correctness of the shipped kernel and of a variant on ragged shapes (dQ, dK, dV against plain
+// fp32 reference kernels below), and backward TFLOP/s side by side at the benchmark's shapes
+// (262,144 tokens per call). For fast iteration on the kernel; the numbers a report quotes come
+// from `t0809_flash_attention bench`.
+//
+// The variant ("overlap") reorders a consumer's tile so that its tensor-core queue never drains
+// inside the loop: dV += Pᵀ dO is issued before dSᵀ goes to shared memory, and the next tile's
+// Sᵀ, dPᵀ before this tile's dV, dK, dQ products are waited for.
+//
+// Build (here, no GPU needed):
+//   nvcc -O3 -std=c++17 --use_fast_math -gencode arch=compute_90a,code=sm_90a \
+//        -o flash_hopper_bwd_probe scripts/flash_hopper_bwd_probe.cu
+// Run on an H100/H200: ./flash_hopper_bwd_probe
+
+#include "../crates/t0809_flash_attention/kernels/flash_attn_hopper.cu"
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(x)                                                                        \
+  do {                                                                                  \
+    cudaError_t e = (x);                                                                \
+    if (e != cudaSuccess) {                                                             \
+      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
+      exit(1);                                                                          \
+    }                                                                                   \
+  } while (0)
+
+typedef __nv_bfloat16 bf16;
+
+namespace hopper {
+// The shipped backward with the overlapped order (same shared memory, same producer).
+template <typename T, int D, int NS>
+__device__ __forceinline__ void bwd_overlap(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
+                                            const TensorMap* tmdO, const float* __restrict__ LSE,
+                                            const float* __restrict__ Dsum, float* __restrict__ dQacc,
+                                            T* __restrict__ dK, T* __restrict__ dV, int n_q, int n_k, float scale,
+                                            float scale_log2, int causal, const int* __restrict__ kv_len) {
+  constexpr int BC = 128, BR = 64, QT = BR * D;
+  extern __shared__ unsigned char smem_raw[];
+  const BwdShared<T, D, NS> sh(smem_raw);
+
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int bh = blockIdx.y, k0 = blockIdx.x * BC;
+  const int offset = n_k - n_q;
+  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
+  const int qb_first = causal ? max(0, k0 - offset) / BR : 0;
+  const int n_qb = (n_q + BR - 1) / BR;
+
+  if (tid == 0) sh.init_barriers();
+  __syncthreads();
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+    if (tid == 0) bwd_producer<T, D, NS>(sh, tmQ, tmK, tmV, tmdO, k0, bh, qb_first, n_qb);
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+
+  const int c = wg - 1, ctid = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int key_w0 = k0 + c * 64 + warp * 16;
+  const uint32_t k_c = smem_u32(sh.k) + c * 64 * 128, v_c = smem_u32(sh.v) + c * 64 * 128;
+  const uint32_t ds_c = smem_u32(sh.ds) + c * 64 * 128;
+  const float* Lh = LSE + (size_t)bh * n_q;
+  const float* Dh = Dsum + (size_t)bh * n_q;
+  float* dQh = dQacc + (size_t)bh * n_q * D;
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+
+  float st[BR / 8][4], dpt[BR / 8][4];
+  mbar_wait(sh.kv_full, 0);
+  if (qb_first < n_qb) {
+    mbar_wait(sh.q_full, 0);
+    issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sh.q), smem_u32(sh.d_o));
+  }
+  for (int qb = qb_first, j = 0; qb < n_qb; ++qb, ++j) {
+    const int s = j % NS, i0 = qb * BR;
+    const uint32_t q_s = smem_u32(sh.q + s * QT), do_s = smem_u32(sh.d_o + s * QT);
+    float lq[BR / 8][2], d_row[BR / 8][2];
+    load_row_stats<BR>(lq, d_row, Lh, Dh, i0, n_q, t);
+    wgmma_wait<0>();
+    pin(st);
+    pin(dpt);
+    pin(dv);
+    pin(dk);
+
+    probabilities<BR>(st, dpt, lq, d_row, scale_log2, key_w0, i0, g, t, n_q, n_kr, causal, offset);
+    uint32_t pa[BR / 16][4], da[BR / 16][4];
+    pack_p<T, BR>(pa, st);
+    pack_p<T, BR>(da, dpt);
+
+    // dV += Pᵀ dO_i: on the tensor cores while dSᵀ goes to shared memory.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BR / 16; ++kk) Ops<T>::rs(dv, pa[kk], mn_major<BR>(do_s, kk));
+    wgmma_commit();
+
+    consumer_sync(c);
+    stage_ds<T, BC, BR>(sh.ds, dpt, c, warp, g, t);
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    consumer_sync(c);
+
+    float dqc[D / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BR / 16; ++kk) Ops<T>::rs(dk, da[kk], mn_major<BR>(q_s, kk));
+#pragma unroll
+    for (int kk = 0; kk < 64 / 16; ++kk) OpsT<T>::ss_tt(dqc, mn_major<BC>(ds_c, kk), mn_major<BC>(k_c, kk), kk > 0);
+    wgmma_commit();
+
+    // The next tile's products queue up behind this tile's before any of them is waited for.
+    if (qb + 1 < n_qb) {
+      const int s1 = (j + 1) % NS;
+      mbar_wait(sh.q_full + s1, ((j + 1) / NS) & 1);
+      issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sh.q + s1 * QT), smem_u32(sh.d_o + s1 * QT));
+    } else {
+      issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, k_c, v_c);
+    }
+    wgmma_wait<1>();
+    pin(dv);
+    pin(dk);
+    pin(dqc);
+    pin(pa);
+    pin(da);
+    mbar_arrive(sh.q_empty + s);
+
+    send_dq<D, BR>(sh.dq + c * 64 * D, dqc, dQh, i0, n_q, c, ctid, warp, g, t);
+  }
+
+  wgmma_wait<0>();
+  if (ctid == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+
+  store_dk_dv<T, D>(dK + (size_t)bh * n_k * D, dV + (size_t)bh * n_k * D, dk, dv, scale, key_w0, n_k, g, t);
+}
+}  // namespace hopper
+
+#define BWD_VARIANT(NAME, FN, T, D, NS)                                                                     \
+  extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                               \
+      const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,        \
+      const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,       \
+      const float* LSE, const float* Dsum, float* dQacc, T* dK, T* dV, int n_q, int n_k, int d, float scale, \
+      float scale_log2, int causal, const int* kv_len) {                                                    \
+    hopper::FN<T, D, NS>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale, scale_log2,     \
+                         causal, kv_len);                                                                   \
+  }
+BWD_VARIANT(bwd_shipped_s3, bwd_wgmma, bf16, 64, 3)
+BWD_VARIANT(bwd_overlap_s2, bwd_overlap, bf16, 64, 2)
+BWD_VARIANT(bwd_overlap_s3, bwd_overlap, bf16, 64, 3)
+
+typedef void (*Bwd)(hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, const float*,
+                    const float*, float*, bf16*, bf16*, int, int, int, float, float, int, const int*);
+struct Kernel {
+  const char* name;
+  Bwd fn;
+  int stages;
+};
+static const Kernel KERNELS[] = {
+    {"shipped", flash_bwd_wgmma_bf16_d64, 2},
+    {"shipped s3", bwd_shipped_s3, 3},
+    {"overlap", bwd_overlap_s2, 2},
+    {"overlap s3", bwd_overlap_s3, 3},
+};
+
+static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+// A 3-D map over (d, n, bh) bf16 with boxes of 64 columns x rows x 1, 128-byte swizzle.
+static hopper::TensorMap make_map(const bf16* base, int d, int n, int bh, int rows) {
+  if (!encode) {
+    cudaDriverEntryPointQueryResult q;
+    CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", (void**)&encode, cudaEnableDefault, &q));
+  }
+  hopper::TensorMap m;
+  cuuint64_t dims[3] = {(cuuint64_t)d, (cuuint64_t)n, (cuuint64_t)bh};
+  cuuint64_t strides[2] = {(cuuint64_t)d * 2, (cuuint64_t)n * d * 2};
+  cuuint32_t box[3] = {64, (cuuint32_t)rows, 1}, es[3] = {1, 1, 1};
+  CUresult r = encode((CUtensorMap*)&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, (void*)base, dims, strides, box, es,
+                      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    fprintf(stderr, "cuTensorMapEncodeTiled failed: %d\n", (int)r);
+    exit(1);
+  }
+  return m;
+}
+
+// ---- fp32 references (one thread per query or key) ----
+__device__ bool visible(int i, int j, int n_q, int n_k, int n_kr, int causal) {
+  return j < n_kr && !(causal && j > i + n_k - n_q);
+}
+__device__ float dotb(const bf16* a, const bf16* b, int d) {
+  float s = 0.f;
+  for (int c = 0; c < d; ++c) s += __bfloat162float(a[c]) * __bfloat162float(b[c]);
+  return s;
+}
+// O (f32) and L of each query.
+__global__ void ref_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O, float* L, int n_q, int n_k, int d,
+                        float scale, int causal, const int* kvl) {
+  const int bh = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n_q) return;
+  const int n_kr = kvl ? min(n_k, kvl[bh]) : n_k;
+  const bf16* q = Q + ((size_t)bh * n_q + i) * d;
+  float m = -INFINITY;
+  for (int j = 0; j < n_k; ++j)
+    if (visible(i, j, n_q, n_k, n_kr, causal)) m = fmaxf(m, scale * dotb(q, K + ((size_t)bh * n_k + j) * d, d));
+  float l = 0.f, o[64] = {0.f};
+  for (int j = 0; j < n_k; ++j) {
+    if (!visible(i, j, n_q, n_k, n_kr, causal)) continue;
+    const float p = expf(scale * dotb(q, K + ((size_t)bh * n_k + j) * d, d) - m);
+    l += p;
+    for (int c = 0; c < d; ++c) o[c] += p * __bfloat162float(V[((size_t)bh * n_k + j) * d + c]);
+  }
+  for (int c = 0; c < d; ++c) O[((size_t)bh * n_q + i) * d + c] = l > 0.f ? o[c] / l : 0.f;
+  L[(size_t)bh * n_q + i] = l > 0.f ? m + logf(l) : -INFINITY;
+}
+// D = rowsum(dO ∘ O).
+__global__ void ref_dot(const bf16* dO, const float* O, float* Dm, int rows, int d) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  float s = 0.f;
+  for (int c = 0; c < d; ++c) s += __bfloat162float(dO[(size_t)r * d + c]) * O[(size_t)r * d + c];
+  Dm[r] = s;
+}
+// dK and dV of each key.
+__global__ void ref_bwd_kv(const bf16* Q, const bf16* K, const bf16* V, const bf16* dO, const float* L, const float* Dm,
+                           float* dK, float* dV, int n_q, int n_k, int d, float scale, int causal, const int* kvl) {
+  const int bh = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= n_k) return;
+  const int n_kr = kvl ? min(n_k, kvl[bh]) : n_k;
+  const bf16* k = K + ((size_t)bh * n_k + j) * d;
+  const bf16* v = V + ((size_t)bh * n_k + j) * d;
+  float dk[64] = {0.f}, dv[64] = {0.f};
+  for (int i = 0; i < n_q; ++i) {
+    if (!visible(i, j, n_q, n_k, n_kr, causal)) continue;
+    const bf16* q = Q + ((size_t)bh * n_q + i) * d;
+    const bf16* g = dO + ((size_t)bh * n_q + i) * d;
+    const float p = expf(scale * dotb(q, k, d) - L[(size_t)bh * n_q + i]);
+    const float ds = p * (dotb(g, v, d) - Dm[(size_t)bh * n_q + i]);
+    for (int c = 0; c < d; ++c) {
+      dv[c] += p * __bfloat162float(g[c]);
+      dk[c] += ds * scale * __bfloat162float(q[c]);
+    }
+  }
+  for (int c = 0; c < d; ++c) {
+    dK[((size_t)bh * n_k + j) * d + c] = dk[c];
+    dV[((size_t)bh * n_k + j) * d + c] = dv[c];
+  }
+}
+// dQ of each query.
+__global__ void ref_bwd_q(const bf16* Q, const bf16* K, const bf16* V, const bf16* dO, const float* L, const float* Dm,
+                          float* dQ, int n_q, int n_k, int d, float scale, int causal, const int* kvl) {
+  const int bh = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n_q) return;
+  const int n_kr = kvl ? min(n_k, kvl[bh]) : n_k;
+  const bf16* q = Q + ((size_t)bh * n_q + i) * d;
+  const bf16* g = dO + ((size_t)bh * n_q + i) * d;
+  float dq[64] = {0.f};
+  for (int j = 0; j < n_k; ++j) {
+    if (!visible(i, j, n_q, n_k, n_kr, causal)) continue;
+    const bf16* k = K + ((size_t)bh * n_k + j) * d;
+    const float p = expf(scale * dotb(q, k, d) - L[(size_t)bh * n_q + i]);
+    const float ds = p * (dotb(g, V + ((size_t)bh * n_k + j) * d, d) - Dm[(size_t)bh * n_q + i]);
+    for (int c = 0; c < d; ++c) dq[c] += ds * scale * __bfloat162float(k[c]);
+  }
+  for (int c = 0; c < d; ++c) dQ[((size_t)bh * n_q + i) * d + c] = dq[c];
+}
+
+static void launch(const Kernel& kern, const bf16* q, const bf16* k, const bf16* v, const bf16* dO, const float* L,
+                   const float* Dm, float* dQacc, bf16* dK, bf16* dV, int bh, int n_q, int n_k, bool causal,
+                   const int* kvl) {
+  constexpr int d = 64;
+  const int smem = kern.stages == 2 ? hopper::bwd_smem_bytes<bf16, 64, 2>() : hopper::bwd_smem_bytes<bf16, 64, 3>();
+  CHECK(cudaFuncSetAttribute(kern.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  hopper::TensorMap mq = make_map(q, d, n_q, bh, 64), mdo = make_map(dO, d, n_q, bh, 64);
+  hopper::TensorMap mk = make_map(k, d, n_k, bh, 128), mv = make_map(v, d, n_k, bh, 128);
+  const float scale = 1.f / sqrtf((float)d);
+  kern.fn<<<dim3((n_k + 127) / 128, bh), 384, smem>>>(mq, mk, mv, mdo, L, Dm, dQacc, dK, dV, n_q, n_k, d, scale,
+                                                       scale * 1.4426950408889634f, causal, kvl);
+  CHECK(cudaGetLastError());
+}
+
+template <typename X>
+X* dev(size_t n) {
+  X* p;
+  CHECK(cudaMalloc(&p, n * sizeof(X)));
+  return p;
+}
+static bf16* rnd(size_t n, unsigned seed) {
+  std::vector<bf16> h(n);
+  srand(seed);
+  for (auto& x : h) x = __float2bfloat16((rand() / (float)RAND_MAX) * 2.f - 1.f);
+  bf16* p = dev<bf16>(n);
+  CHECK(cudaMemcpy(p, h.data(), n * 2, cudaMemcpyHostToDevice));
+  return p;
+}
+static std::vector<float> f32(const float* p, size_t n) {
+  std::vector<float> h(n);
+  CHECK(cudaMemcpy(h.data(), p, n * 4, cudaMemcpyDeviceToHost));
+  return h;
+}
+static std::vector<float> b16(const bf16* p, size_t n) {
+  std::vector<bf16> h(n);
+  CHECK(cudaMemcpy(h.data(), p, n * 2, cudaMemcpyDeviceToHost));
+  std::vector<float> o(n);
+  for (size_t i = 0; i < n; ++i) o[i] = __bfloat162float(h[i]);
+  return o;
+}
+// Largest |a - b| (infinite on a NaN), and the largest |b| in *mx.
+static double err(const std::vector<float>& a, const std::vector<float>& b, double* mx) {
+  double e = 0, m = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    e = std::isnan(a[i]) ? INFINITY : fmax(e, fabs(a[i] - b[i]));
+    m = fmax(m, fabs(b[i]));
+  }
+  *mx = m;
+  return e;
+}
+
+// Every kernel against the references on one shape (bf16 inputs, d 64).
+static bool check(int bh, int n_q, int n_k, bool causal, bool padded) {
+  constexpr int d = 64;
+  const size_t nq = (size_t)bh * n_q * d, nk = (size_t)bh * n_k * d;
+  bf16 *q = rnd(nq, 1), *k = rnd(nk, 2), *v = rnd(nk, 3), *dO = rnd(nq, 4);
+  int* kvl = nullptr;
+  if (padded) {
+    std::vector<int> h(bh);
+    for (int i = 0; i < bh; ++i) h[i] = std::max(1, (n_k * (i + 1)) / (bh + 1));
+    kvl = dev<int>(bh);
+    CHECK(cudaMemcpy(kvl, h.data(), bh * 4, cudaMemcpyHostToDevice));
+  }
+  float *O = dev<float>(nq), *L = dev<float>(bh * n_q), *Dm = dev<float>(bh * n_q);
+  float *rdq = dev<float>(nq), *rdk = dev<float>(nk), *rdv = dev<float>(nk), *dqa = dev<float>(nq);
+  bf16 *dk = dev<bf16>(nk), *dv = dev<bf16>(nk);
+  const float scale = 1.f / sqrtf((float)d);
+  ref_fwd<<<dim3((n_q + 63) / 64, bh), 64>>>(q, k, v, O, L, n_q, n_k, d, scale, causal, kvl);
+  ref_dot<<<(bh * n_q + 127) / 128, 128>>>(dO, O, Dm, bh * n_q, d);
+  ref_bwd_kv<<<dim3((n_k + 63) / 64, bh), 64>>>(q, k, v, dO, L, Dm, rdk, rdv, n_q, n_k, d, scale, causal, kvl);
+  ref_bwd_q<<<dim3((n_q + 63) / 64, bh), 64>>>(q, k, v, dO, L, Dm, rdq, n_q, n_k, d, scale, causal, kvl);
+  const auto ref_q = f32(rdq, nq), ref_k = f32(rdk, nk), ref_v = f32(rdv, nk);
+  bool all = true;
+  printf("check bh %d n_q %d n_k %d causal %d padded %d:", bh, n_q, n_k, causal, padded);
+  for (const Kernel& kern : KERNELS) {
+    CHECK(cudaMemset(dqa, 0, nq * 4));
+    launch(kern, q, k, v, dO, L, Dm, dqa, dk, dv, bh, n_q, n_k, causal, kvl);
+    CHECK(cudaDeviceSynchronize());
+    auto a = f32(dqa, nq);
+    for (auto& x : a) x *= scale;
+    double m1, m2, m3;
+    const double e1 = err(a, ref_q, &m1), e2 = err(b16(dk, nk), ref_k, &m2), e3 = err(b16(dv, nk), ref_v, &m3);
+    const bool ok = e1 <= 2e-2 * m1 + 1e-3 && e2 <= 2e-2 * m2 + 1e-3 && e3 <= 2e-2 * m3 + 1e-3;
+    printf(" | %s dQ %.1e dK %.1e dV %.1e %s", kern.name, e1, e2, e3, ok ? "ok" : "FAIL");
+    all &= ok;
+  }
+  printf("\n");
+  for (void* p : {(void*)q, (void*)k, (void*)v, (void*)dO, (void*)O, (void*)L, (void*)Dm, (void*)rdq, (void*)rdk,
+                  (void*)rdv, (void*)dqa, (void*)dk, (void*)dv, (void*)kvl})
+    cudaFree(p);
+  return all;
+}
+
+static float median(std::vector<float> t) {
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+int main() {
+  cudaDeviceProp p;
+  CHECK(cudaGetDeviceProperties(&p, 0));
+  printf("device: %s\n", p.name);
+  bool ok = true;
+  ok &= check(2, 200, 200, false, false);
+  ok &= check(2, 200, 200, true, false);
+  ok &= check(2, 77, 333, false, false);
+  ok &= check(2, 77, 333, true, false);
+  ok &= check(1, 1, 1, false, false);
+  ok &= check(3, 1, 190, true, false);
+  ok &= check(2, 130, 65, false, false);
+  ok &= check(2, 256, 256, true, false);
+  ok &= check(4, 300, 300, true, true);
+  ok &= check(3, 512, 512, false, true);
+  ok &= check(2, 1000, 1000, true, false);
+  printf("correctness: %s\n", ok ? "all ok" : "FAILURES");
+  constexpr int d = 64;
+  for (bool causal : {false, true})
+    for (int n : {4096, 8192, 16384}) {
+      const int bh = 262144 / n;
+      const size_t ne = (size_t)bh * n * d;
+      bf16 *q = rnd(ne, 11), *k = rnd(ne, 12), *v = rnd(ne, 13), *dO = rnd(ne, 14), *dk = dev<bf16>(ne),
+           *dv = dev<bf16>(ne);
+      float *L = dev<float>(bh * n), *Dm = dev<float>(bh * n), *dqa = dev<float>(ne);
+      CHECK(cudaMemset(L, 0, bh * n * 4));
+      CHECK(cudaMemset(Dm, 0, bh * n * 4));
+      cudaEvent_t a, b;
+      cudaEventCreate(&a);
+      cudaEventCreate(&b);
+      const size_t nk = sizeof(KERNELS) / sizeof(KERNELS[0]);
+      std::vector<std::vector<float>> times(nk);
+      for (int r = 0; r < 13; ++r)
+        for (size_t i = 0; i < nk; ++i) {
+          float ms;
+          cudaEventRecord(a);
+          launch(KERNELS[i], q, k, v, dO, L, Dm, dqa, dk, dv, bh, n, n, causal, nullptr);
+          cudaEventRecord(b);
+          CHECK(cudaEventSynchronize(b));
+          cudaEventElapsedTime(&ms, a, b);
+          if (r >= 3) times[i].push_back(ms);
+        }
+      const double flops = 2.5 * 4.0 * bh * (double)n * n * d / (causal ? 2 : 1);
+      const float base = median(times[0]);
+      printf("time bwd d 64 causal %d n %5d:", causal, n);
+      for (size_t i = 0; i < nk; ++i) {
+        const float ms = median(times[i]);
+        printf(" | %s %.3f ms %.0f TFLOP/s %.2fx", KERNELS[i].name, ms, flops / ms / 1e9, base / ms);
+      }
+      printf("\n");
+      for (void* x : {(void*)q, (void*)k, (void*)v, (void*)dO, (void*)dk, (void*)dv, (void*)L, (void*)Dm, (void*)dqa})
+        cudaFree(x);
+    }
+  return ok ? 0 : 1;
+}
