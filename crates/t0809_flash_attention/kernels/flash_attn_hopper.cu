@@ -535,12 +535,13 @@ struct OpsT<__half> {
   WGMMA_TT("f16")
 };
 
-// Shared memory of the backward: K and V (128 keys), NS stages of Q and dO (64 queries), dSᵀ
-// (128 keys × 64 queries), each consumer's f32 dQ tile (64 × D), alignment, and the mbarriers
-// (K/V full; Q/dO full and empty per stage).
+// Shared memory of the backward: K and V (128 keys), NS stages of Q and dO (64 queries), two
+// buffers of dSᵀ (128 keys × 64 queries), each consumer's f32 dQ tile (64 × D), alignment, and the
+// mbarriers (K/V full; Q/dO full and empty per stage; dSᵀ full and empty per buffer).
 template <typename T, int D, int NS>
 constexpr int bwd_smem_bytes() {
-  return (2 * 128 * D + 2 * NS * 64 * D + 128 * 64) * (int)sizeof(T) + 2 * 64 * D * 4 + 1024 + 8 * (1 + 2 * NS);
+  return (2 * 128 * D + 2 * NS * 64 * D + 2 * 128 * 64) * (int)sizeof(T) + 2 * 64 * D * 4 + 1024 +
+         8 * (1 + 2 * NS + 4);
 }
 
 // A K-major operand of ROWS-row panels: 16 columns of d per step.
@@ -567,46 +568,62 @@ __device__ __forceinline__ void issue_s_dp(float (&st)[BR / 8][4], float (&dpt)[
   wgmma_commit();
 }
 
-// Issues dV += Pᵀ dO_i and dK += dSᵀ Q_i (Pᵀ, dSᵀ from registers; dO_i, Q_i read N-major) and
-// dQ_i(c) = dS_c K_c (dSᵀ read M-major from shared memory, K_c N-major); not waited for.
-template <typename T, int D, int BC, int BR>
-__device__ __forceinline__ void issue_dv_dk_dq(float (&dv)[D / 8][4], float (&dk)[D / 8][4], float (&dqc)[D / 8][4],
-                                               const uint32_t (&pa)[BR / 16][4], const uint32_t (&da)[BR / 16][4],
-                                               uint32_t do_s, uint32_t q_s, uint32_t ds_c, uint32_t k_c) {
+// Issues dV += Pᵀ dO_i and dK += dSᵀ Q_i (Pᵀ, dSᵀ from registers; dO_i, Q_i read N-major); not
+// waited for.
+template <typename T, int D, int BR>
+__device__ __forceinline__ void issue_dv_dk(float (&dv)[D / 8][4], float (&dk)[D / 8][4],
+                                            const uint32_t (&pa)[BR / 16][4], const uint32_t (&da)[BR / 16][4],
+                                            uint32_t do_s, uint32_t q_s) {
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < BR / 16; ++kk) Ops<T>::rs(dv, pa[kk], mn_major<BR>(do_s, kk));
 #pragma unroll
   for (int kk = 0; kk < BR / 16; ++kk) Ops<T>::rs(dk, da[kk], mn_major<BR>(q_s, kk));
-#pragma unroll
-  for (int kk = 0; kk < 64 / 16; ++kk) OpsT<T>::ss_tt(dqc, mn_major<BC>(ds_c, kk), mn_major<BC>(k_c, kk), kk > 0);
   wgmma_commit();
 }
 
-// The backward's shared memory: K and V (128 keys), NS stages of Q and dO (64 queries), dSᵀ (128
-// keys × 64 queries), each consumer's f32 dQ tile (64 × D), then the mbarriers (K/V full; Q/dO
-// full and empty per stage). Sizes: bwd_smem_bytes.
+// Issues dQ_i = dS_i K over the CTA's BC keys (dSᵀ read M-major from shared memory, K N-major);
+// not waited for.
+template <typename T, int D, int BC>
+__device__ __forceinline__ void issue_dq(float (&dq)[D / 8][4], uint32_t ds_b, uint32_t k_all) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < BC / 16; ++kk) OpsT<T>::ss_tt(dq, mn_major<BC>(ds_b, kk), mn_major<BC>(k_all, kk), kk > 0);
+  wgmma_commit();
+}
+
+// The backward's shared memory: K and V (128 keys), NS stages of Q and dO (64 queries), two
+// buffers of dSᵀ (128 keys × 64 queries; buffer b holds the tiles consumer b owns), each
+// consumer's f32 dQ tile (64 × D), then the mbarriers: K/V full; Q/dO full and empty per stage;
+// per dSᵀ buffer "full" (one arrival per consumer: both halves are in) and "empty" (the owner's
+// 128 threads: its dQ product has read them). Sizes: bwd_smem_bytes.
 template <typename T, int D, int NS>
 struct BwdShared {
   T *k, *v, *q, *d_o, *ds;
   float* dq;
-  uint64_t *kv_full, *q_full, *q_empty;
+  uint64_t *kv_full, *q_full, *q_empty, *ds_full, *ds_empty;
   __device__ __forceinline__ explicit BwdShared(unsigned char* raw) {
     k = reinterpret_cast<T*>(raw + ((1024 - (smem_u32(raw) & 1023)) & 1023));
     v = k + 128 * D;
-    q = v + 128 * D;       // NS stages of 64 × D
-    d_o = q + NS * 64 * D;  // NS stages of 64 × D
-    ds = d_o + NS * 64 * D;  // 128 keys × 64 queries
-    dq = reinterpret_cast<float*>(ds + 128 * 64);
+    q = v + 128 * D;         // NS stages of 64 × D
+    d_o = q + NS * 64 * D;   // NS stages of 64 × D
+    ds = d_o + NS * 64 * D;  // 2 buffers of 128 keys × 64 queries
+    dq = reinterpret_cast<float*>(ds + 2 * 128 * 64);
     kv_full = reinterpret_cast<uint64_t*>(dq + 2 * 64 * D);
     q_full = kv_full + 1;
     q_empty = q_full + NS;
+    ds_full = q_empty + NS;
+    ds_empty = ds_full + 2;
   }
   __device__ __forceinline__ void init_barriers() const {
     mbar_init(kv_full, 1);
     for (int s = 0; s < NS; ++s) {
       mbar_init(q_full + s, 1);
       mbar_init(q_empty + s, 256);
+    }
+    for (int b = 0; b < 2; ++b) {
+      mbar_init(ds_full + b, 2);
+      mbar_init(ds_empty + b, 128);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -671,7 +688,7 @@ __device__ __forceinline__ void probabilities(float (&st)[BR / 8][4], float (&dp
   }
 }
 
-// This consumer's 64 key rows of dSᵀ into shared memory (16 bits), for dQ = dS·K.
+// This consumer's 64 key rows of dSᵀ into a shared buffer (16 bits), for dQ = dS·K.
 template <typename T, int BC, int BR>
 __device__ __forceinline__ void stage_ds(T* sdS, const float (&dpt)[BR / 8][4], int c, int warp, int g, int t) {
 #pragma unroll
@@ -684,9 +701,10 @@ __device__ __forceinline__ void stage_ds(T* sdS, const float (&dpt)[BR / 8][4], 
     }
 }
 
-// This consumer's share of dQ_i (f32, 64 queries × D) into its shared buffer, then one bulk
-// reduce-add of the tile's rows (those before n_q) into the f32 dQ buffer by the TMA unit, which
-// runs on while the warps go on. The buffer is rewritten only once the previous one has read it.
+// dQ_i (f32, 64 queries × D, over this CTA's keys) into the consumer's shared buffer, then one
+// bulk reduce-add of the tile's rows (those before n_q) into the f32 dQ buffer by the TMA unit,
+// which runs on while the warps go on. The buffer is rewritten only once the previous one has
+// been read.
 template <int D, int BR>
 __device__ __forceinline__ void send_dq(float* my_dq, const float (&dqc)[D / 8][4], float* dQh, int i0, int n_q,
                                         int c, int ctid, int warp, int g, int t) {
@@ -729,12 +747,14 @@ __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D 
 
 // The backward (FlashAttention-2's order, warp-specialised like the forward). CTA = 128 keys of
 // one (batch, head); consumer c owns keys 64c..64c+63 with their dK, dV accumulators. The producer
-// loads K and V once, then Q_i and dO_i of each query tile (64 rows) into an NS-stage ring. Per tile
-// each consumer computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 × 64), Pᵀ = exp(Sᵀ − L), dSᵀ = Pᵀ∘(dPᵀ − D),
-// then dV += Pᵀ dO and dK += dSᵀ Q (Pᵀ and dSᵀ from registers) and its share of dQ_i = dS K over
-// its 64 keys (dSᵀ through shared memory, read M-major), which the TMA unit adds into the f32 dQ
-// buffer (a bulk reduce-add of the tile's rows, asynchronous). The next tile's Sᵀ and dPᵀ are
-// issued before that, so they run while dQ goes out.
+// loads K and V once, then Q_i and dO_i of each query tile (64 rows) into an NS-stage ring. Per
+// tile j each consumer computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 × 64), Pᵀ = exp(Sᵀ − L),
+// dSᵀ = Pᵀ∘(dPᵀ − D), issues dV += Pᵀ dO and dK += dSᵀ Q (Pᵀ and dSᵀ from registers) and writes
+// its dSᵀ rows to shared buffer j % 2. The tile's owner, consumer j % 2, then computes the whole
+// dQ_i = dS_i K over the 128 keys from both halves and the TMA unit adds it into the f32 dQ buffer
+// (a bulk reduce-add, asynchronous): one 64 × d reduce per tile and CTA, and the two consumers
+// share the work by taking turns. The next tile's Sᵀ and dPᵀ are issued before any of this tile's
+// products is waited for, so a consumer's tensor-core queue does not drain inside the loop.
 template <typename T, int D, int NS>
 __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                           const TensorMap* tmdO, const float* __restrict__ LSE,
@@ -765,8 +785,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
   const int c = wg - 1, ctid = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int key_w0 = k0 + c * 64 + warp * 16;  // this warp's 16 keys
-  const uint32_t k_c = smem_u32(sh.k) + c * 64 * 128, v_c = smem_u32(sh.v) + c * 64 * 128;
-  const uint32_t ds_c = smem_u32(sh.ds) + c * 64 * 128;
+  const uint32_t k_all = smem_u32(sh.k), k_c = k_all + c * 64 * 128, v_c = smem_u32(sh.v) + c * 64 * 128;
   const float* Lh = LSE + (size_t)bh * n_q;
   const float* Dh = Dsum + (size_t)bh * n_q;
   float* dQh = dQacc + (size_t)bh * n_q * D;
@@ -784,41 +803,40 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sh.q), smem_u32(sh.d_o));
   }
   for (int qb = qb_first, j = 0; qb < n_qb; ++qb, ++j) {
-    const int s = j % NS, i0 = qb * BR;
+    const int s = j % NS, i0 = qb * BR, b = j & 1;
+    const bool owner = b == c;
     const uint32_t q_s = smem_u32(sh.q + s * QT), do_s = smem_u32(sh.d_o + s * QT);
+    T* ds_b = sh.ds + b * BC * BR;
     float lq[BR / 8][2], d_row[BR / 8][2];
     load_row_stats<BR>(lq, d_row, Lh, Dh, i0, n_q, t);
     wgmma_wait<0>();
     pin(st);
     pin(dpt);
+    pin(dv);
+    pin(dk);
 
     probabilities<BR>(st, dpt, lq, d_row, scale_log2, key_w0, i0, g, t, n_q, n_kr, causal, offset);
     uint32_t pa[BR / 16][4], da[BR / 16][4];
     pack_p<T, BR>(pa, st);
     pack_p<T, BR>(da, dpt);
-    // dSᵀ into shared memory (this consumer's 64 key rows), for dQ; every warp of the consumer is
-    // past the previous tile's dQ product before it is overwritten.
-    consumer_sync(c);
-    stage_ds<T, BC, BR>(sh.ds, dpt, c, warp, g, t);
+    issue_dv_dk<T, D, BR>(dv, dk, pa, da, do_s, q_s);
+
+    // This consumer's dSᵀ rows into buffer b, once the owner's product of tile j − 2 has read it.
+    if (j >= 2) mbar_wait(sh.ds_empty + b, ((j >> 1) - 1) & 1);
+    stage_ds<T, BC, BR>(ds_b, dpt, c, warp, g, t);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     consumer_sync(c);
+    if (ctid == 0) mbar_arrive(sh.ds_full + b);
 
-    // dV += Pᵀ dO_i, dK += dSᵀ Q_i (B N-major), dQ_i(c) = dS_c K_c (A = dSᵀ read M-major).
-    float dqc[D / 8][4];
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) dqc[i][0] = dqc[i][1] = dqc[i][2] = dqc[i][3] = 0.f;
-    issue_dv_dk_dq<T, D, BC, BR>(dv, dk, dqc, pa, da, do_s, q_s, ds_c, k_c);
-    wgmma_wait<0>();
-    pin(dv);
-    pin(dk);
-    pin(dqc);
-    pin(pa);
-    pin(da);
-    mbar_arrive(sh.q_empty + s);  // Q_i and dO_i are free
+    float dq[D / 8][4];
+    if (owner) {
+      mbar_wait(sh.ds_full + b, (j >> 1) & 1);  // the other consumer's half is in too
+      issue_dq<T, D, BC>(dq, smem_u32(ds_b), k_all);
+    }
 
-    // The next tile's products run while this tile's dQ goes out. After the last tile the same
-    // products run on K and V alone (their result is dropped), so that every iteration starts
-    // with them in flight: one shape of pipeline for the compiler.
+    // The next tile's products queue behind this tile's. After the last tile the same products
+    // run on K and V alone (their result is dropped), so that every iteration starts with them in
+    // flight: one shape of pipeline for the compiler.
     if (qb + 1 < n_qb) {
       const int s1 = (j + 1) % NS;
       mbar_wait(sh.q_full + s1, ((j + 1) / NS) & 1);
@@ -826,9 +844,18 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     } else {
       issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, k_c, v_c);
     }
-
-    // dQ_i(c) out, by the TMA unit, while the next tile's products run.
-    send_dq<D, BR>(sh.dq + c * 64 * D, dqc, dQh, i0, n_q, c, ctid, warp, g, t);
+    wgmma_wait<1>();  // all but the next tile's products
+    pin(dv);
+    pin(dk);
+    pin(pa);
+    pin(da);
+    mbar_arrive(sh.q_empty + s);  // Q_i and dO_i are free
+    if (owner) {
+      pin(dq);
+      mbar_arrive(sh.ds_empty + b);
+      // dQ_i out, by the TMA unit, while the next tile's products run.
+      send_dq<D, BR>(sh.dq + c * BR * D, dq, dQh, i0, n_q, c, ctid, warp, g, t);
+    }
   }
 
   wgmma_wait<0>();  // the dropped products of the last iteration

@@ -87,11 +87,11 @@ impl FwdTiling {
 const WG_BWD_BC: usize = 128;
 const WG_BWD_BR: usize = 64;
 const WG_STAGES: usize = 2;
-/// K and V, the Q and dO rings and dSᵀ in 16-bit elements, both consumers' f32 dQ tiles, 1024
-/// bytes of alignment and the mbarriers (`bwd_smem_bytes` in the `.cu` file).
+/// K and V, the Q and dO rings and two dSᵀ buffers in 16-bit elements, both consumers' f32 dQ
+/// tiles, 1024 bytes of alignment and the mbarriers (`bwd_smem_bytes` in the `.cu` file).
 fn wg_bwd_smem(d: usize) -> usize {
-    let halves = 2 * WG_BWD_BC * d + 2 * WG_STAGES * WG_BWD_BR * d + WG_BWD_BC * WG_BWD_BR;
-    halves * 2 + 2 * WG_BWD_BR * d * 4 + 1024 + 8 * (1 + 2 * WG_STAGES)
+    let halves = 2 * WG_BWD_BC * d + 2 * WG_STAGES * WG_BWD_BR * d + 2 * WG_BWD_BC * WG_BWD_BR;
+    halves * 2 + 2 * WG_BWD_BR * d * 4 + 1024 + 8 * (1 + 2 * WG_STAGES + 4)
 }
 
 /// A TMA tensor map (`CUtensorMap`): 128 opaque bytes the kernel takes by value.

@@ -113,11 +113,9 @@ pub fn cuda_kernel_family(
 }
 
 /// The fewest keys for which the backward of a [`CudaKernelFamily::WarpgroupMma`] call runs on
-/// warpgroup MMA as well (at d_head 64; at 128 it is always the `mma.sync` backward). Measured
-/// against the `mma.sync` backward: 1.06–1.12× at 8,192 and 16,384 keys on an H200
-/// (reports/gpu-runs/h100-2026-12-06-e/call10/bench_results.json); on an H100 1.08–1.10× at
-/// 16,384 keys and 0.87–1.08× at 1,024 and 4,096 (…/call9/bench_results.json).
-pub const HOPPER_BACKWARD_MIN_KEYS: usize = 8192;
+/// warpgroup MMA as well (at d_head 64; at 128 it is always the `mma.sync` backward).
+/// PROVISIONAL: being measured against the `mma.sync` backward at 1,024 keys and up.
+pub const HOPPER_BACKWARD_MIN_KEYS: usize = 1024;
 
 /// Whether the backward of a [`CudaKernelFamily::WarpgroupMma`] call with head size `d_head` over
 /// `n_k` keys runs on the Hopper backward kernel.

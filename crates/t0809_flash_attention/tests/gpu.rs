@@ -184,8 +184,12 @@ fn gpu_low_precision_within_twice_the_naive_error() -> Result<()> {
     Ok(())
 }
 
-/// Keys of the Hopper backward test: 77 past the threshold (a partial last tile).
-const HOPPER_KEYS: usize = HOPPER_BACKWARD_MIN_KEYS + 77;
+/// Keys (and queries) of the Hopper backward test: past both Hopper thresholds, with a partial
+/// last tile.
+const HOPPER_KEYS: usize = 8192 + 77;
+const _: () = assert!(
+    HOPPER_KEYS > HOPPER_BACKWARD_MIN_KEYS && HOPPER_KEYS > HOPPER_THREE_CONSUMERS_MIN_QUERIES
+);
 /// Its padded case keeps the first `HOPPER_KEYS - 300` keys (padding spans the last three tiles).
 const HOPPER_KEPT: usize = HOPPER_KEYS - 300;
 
