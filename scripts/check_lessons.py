@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Every quoted number of the lessons (and of the README, reports/gpu-performance.md and notes/perf.md) against the
+"""Every quoted number of the lessons (and of the README, reports/gpu-performance.md, notes/perf.md and notes/flash-attention.md) against the
 committed result it comes from.
 
 A lesson quotes a number from a committed run by following it with a marker naming the file and
@@ -41,7 +41,7 @@ import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-LESSONS = sorted((ROOT / "notebooks-md").glob("*.md")) + [ROOT / "README.md", ROOT / "reports" / "gpu-performance.md", ROOT / "notes" / "perf.md"]
+LESSONS = sorted((ROOT / "notebooks-md").glob("*.md")) + [ROOT / "README.md", ROOT / "reports" / "gpu-performance.md", ROOT / "notes" / "perf.md", ROOT / "notes" / "flash-attention.md"]
 # The number: optional sign, digits with thousands separators, decimals, and an optional power of
 # ten, in e-notation (1.2e-4, 3.5E+02) or written out (2.1 × 10⁻⁵).
 NUMBER = r"-?[0-9][0-9,]*(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+|\s?×\s?10[⁻⁺]?[⁰¹²³⁴⁵⁶⁷⁸⁹]+)?"
