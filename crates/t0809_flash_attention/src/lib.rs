@@ -113,9 +113,11 @@ pub fn cuda_kernel_family(
 }
 
 /// The fewest keys for which the backward of a [`CudaKernelFamily::WarpgroupMma`] call runs on
-/// warpgroup MMA as well (at d_head 64; at 128 it is always the `mma.sync` backward).
-/// PROVISIONAL: being measured against the `mma.sync` backward at 1,024 keys and up.
-pub const HOPPER_BACKWARD_MIN_KEYS: usize = 1024;
+/// warpgroup MMA as well (at d_head 64; at 128 it is always the `mma.sync` backward). Measured on
+/// an H100 in one call (reports/gpu-runs/h100-2026-12-06-h/ratios.json, `probe_owner`): the Hopper
+/// backward in `scripts/flash_hopper_bwd_probe.cu` 1.28–1.36× the `mma.sync` backward that `bench`
+/// timed at 4,096 and 16,384 keys; shorter calls keep the `mma.sync` backward until measured.
+pub const HOPPER_BACKWARD_MIN_KEYS: usize = 4096;
 
 /// Whether the backward of a [`CudaKernelFamily::WarpgroupMma`] call with head size `d_head` over
 /// `n_k` keys runs on the Hopper backward kernel.
