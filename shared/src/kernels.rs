@@ -48,6 +48,10 @@ pub enum FlashKernels {
     MmaSync,
     /// Always the simple fp32-FMA kernels (for side-by-side measurements).
     Simple,
+    /// On a Hopper card, the warpgroup-MMA kernels wherever one exists for the call (bf16/f16,
+    /// d_head 64 or 128; the backward at d_head 64), whatever its length: past the length
+    /// thresholds `Auto` keeps (for side-by-side measurements and tests). Elsewhere as `Auto`.
+    WarpgroupMma,
 }
 
 /// How heads are split and merged (`(b, n, h, d) ↔ (b, h, n, d)`).

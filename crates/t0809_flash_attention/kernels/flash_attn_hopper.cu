@@ -32,9 +32,10 @@
 //     bytes on an mbarrier.
 //   * Warp specialisation: warpgroup 0 is the producer (one thread issues every TMA copy, its
 //     registers handed to the others with setmaxnreg); warpgroups 1 to NC are consumers (NC = 2,
-//     or 3 at d 64 on long calls), each owning 64 query rows. K and V tiles go through rings of
-//     NS stages, each with a "full" barrier (the producer's bytes have landed) and an "empty" one
-//     (every consumer is done with it). No barrier of the whole CTA remains in the loop.
+//     or 3 at d 64 on long calls), each owning 64 query rows (in the backward: 64 keys). K and V
+//     tiles go through rings of NS stages, each with a "full" barrier (the producer's bytes have
+//     landed) and an "empty" one (every consumer is done with it). No barrier of the whole CTA
+//     remains in the loop.
 //
 // Build: nvcc --ptx -arch=compute_90a (build.rs); the kernels need an sm_90 card.
 
@@ -706,7 +707,7 @@ __device__ __forceinline__ void stage_ds(T* sdS, const float (&dpt)[BR / 8][4], 
 // which runs on while the warps go on. The buffer is rewritten only once the previous one has
 // been read.
 template <int D, int BR>
-__device__ __forceinline__ void send_dq(float* my_dq, const float (&dqc)[D / 8][4], float* dQh, int i0, int n_q,
+__device__ __forceinline__ void send_dq(float* my_dq, const float (&dq)[D / 8][4], float* dQh, int i0, int n_q,
                                         int c, int ctid, int warp, int g, int t) {
   if (ctid == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
   consumer_sync(c);
@@ -715,7 +716,7 @@ __device__ __forceinline__ void send_dq(float* my_dq, const float (&dqc)[D / 8][
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = warp * 16 + g + 8 * r;
-      *reinterpret_cast<float2*>(my_dq + row * D + dn * 8 + 2 * t) = make_float2(dqc[dn][2 * r], dqc[dn][2 * r + 1]);
+      *reinterpret_cast<float2*>(my_dq + row * D + dn * 8 + 2 * t) = make_float2(dq[dn][2 * r], dq[dn][2 * r + 1]);
     }
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   consumer_sync(c);
@@ -753,8 +754,9 @@ __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D 
 // its dSᵀ rows to shared buffer j % 2. The tile's owner, consumer j % 2, then computes the whole
 // dQ_i = dS_i K over the 128 keys from both halves and the TMA unit adds it into the f32 dQ buffer
 // (a bulk reduce-add, asynchronous): one 64 × d reduce per tile and CTA, and the two consumers
-// share the work by taking turns. The next tile's Sᵀ and dPᵀ are issued before any of this tile's
-// products is waited for, so a consumer's tensor-core queue does not drain inside the loop.
+// share the work by taking turns. The next tile's Sᵀ and dPᵀ are queued behind this tile's products
+// before any of them is waited for; the queue empties only at the top of the loop, where the
+// softmax of the next tile needs its Sᵀ and dPᵀ.
 template <typename T, int D, int NS>
 __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                           const TensorMap* tmdO, const float* __restrict__ LSE,

@@ -647,7 +647,9 @@ fn bwd<T: CudaDType + DeviceRepr>(
     let mut packed = unsafe { dev.alloc::<T>(nq_el + 2 * nk_el)? };
     let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
     let family = family(&dev, suffix, dims, &[oq, ok, ov, odo], kernels);
-    if family == crate::CudaKernelFamily::WarpgroupMma && crate::hopper_backward(d, n_k) {
+    if family == crate::CudaKernelFamily::WarpgroupMma
+        && crate::hopper_backward_with(kernels, d, n_k)
+    {
         let (_, mut rest) = packed.split_at_mut(nq_el);
         let (mut dk, mut dv) = rest.split_at_mut(nk_el);
         let outputs = (&mut dq_acc, &mut dk, &mut dv);

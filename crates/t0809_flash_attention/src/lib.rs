@@ -86,7 +86,8 @@ pub enum CudaKernelFamily {
 /// starting at an element offset of `offsets`, on a card that runs the Hopper kernels or not
 /// (`hopper`: [`hopper_kernels_on`]). [`FlashKernels::MmaSync`] keeps Hopper on the `mma.sync`
 /// kernels and [`FlashKernels::Simple`] forces the simple fp32-FMA ones, to measure the
-/// difference.
+/// difference; [`FlashKernels::WarpgroupMma`] chooses as `Auto` does (its backward ignores the
+/// length threshold: [`hopper_backward_with`]).
 pub fn cuda_kernel_family(
     dtype: DType,
     d_head: usize,
@@ -97,7 +98,8 @@ pub fn cuda_kernel_family(
     let force_simple = kernels == FlashKernels::Simple;
     let half = matches!(dtype, DType::BF16 | DType::F16);
     let aligned_16 = offsets.iter().all(|o| o % 8 == 0);
-    if hopper && kernels == FlashKernels::Auto && half && matches!(d_head, 64 | 128) && aligned_16 {
+    let hopper_allowed = matches!(kernels, FlashKernels::Auto | FlashKernels::WarpgroupMma);
+    if hopper && hopper_allowed && half && matches!(d_head, 64 | 128) && aligned_16 {
         CudaKernelFamily::WarpgroupMma
     } else if !force_simple && half && matches!(d_head, 32 | 64 | 128) && aligned_16 {
         CudaKernelFamily::TensorCores
@@ -122,7 +124,14 @@ pub const HOPPER_BACKWARD_MIN_KEYS: usize = 4096;
 /// Whether the backward of a [`CudaKernelFamily::WarpgroupMma`] call with head size `d_head` over
 /// `n_k` keys runs on the Hopper backward kernel.
 pub fn hopper_backward(d_head: usize, n_k: usize) -> bool {
-    d_head == 64 && n_k >= HOPPER_BACKWARD_MIN_KEYS
+    hopper_backward_with(FlashKernels::Auto, d_head, n_k)
+}
+
+/// [`hopper_backward`] for a call made with `kernels`: [`FlashKernels::WarpgroupMma`] takes the
+/// Hopper backward at d_head 64 whatever the number of keys.
+pub fn hopper_backward_with(kernels: FlashKernels, d_head: usize, n_k: usize) -> bool {
+    let forced = kernels == FlashKernels::WarpgroupMma;
+    d_head == 64 && (forced || n_k >= HOPPER_BACKWARD_MIN_KEYS)
 }
 
 /// From this many queries on, a [`CudaKernelFamily::WarpgroupMma`] forward at d_head 64 runs
@@ -424,6 +433,14 @@ mod kernel_family_tests {
         for d in [64, 128] {
             assert_eq!(hopper(DType::BF16, d, FlashKernels::Auto), WarpgroupMma);
             assert_eq!(hopper(DType::F16, d, FlashKernels::Auto), WarpgroupMma);
+            assert_eq!(
+                hopper(DType::BF16, d, FlashKernels::WarpgroupMma),
+                WarpgroupMma
+            );
+            assert_eq!(
+                cuda_kernel_family(DType::BF16, d, &[0], FlashKernels::WarpgroupMma, false),
+                TensorCores
+            );
             assert_eq!(hopper(DType::BF16, d, FlashKernels::MmaSync), TensorCores);
             assert_eq!(hopper(DType::BF16, d, FlashKernels::Simple), Fp32Fma);
             assert_eq!(

@@ -44,6 +44,11 @@ fn flash_mma_sync(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) 
     flash_attention_with(q, k, v, scale, causal, FlashKernels::MmaSync)
 }
 
+/// On a Hopper card the warpgroup-MMA kernels at every length, the backward included.
+fn flash_warpgroup_mma(q: &Tensor, k: &Tensor, v: &Tensor, s: f64, causal: bool) -> Result<Tensor> {
+    flash_attention_with(q, k, v, s, causal, FlashKernels::WarpgroupMma)
+}
+
 /// One random case of the attention op.
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -108,6 +113,7 @@ impl Case {
         let kernels = match rng.below(6) {
             0 => FlashKernels::Simple,
             1 => FlashKernels::MmaSync,
+            2 => FlashKernels::WarpgroupMma,
             _ => FlashKernels::Auto,
         };
         // Two thirds of the cases start every input 16-byte aligned for 16-bit types (multiples of
@@ -141,6 +147,7 @@ impl Case {
             FlashKernels::Auto => flash_auto,
             FlashKernels::MmaSync => flash_mma_sync,
             FlashKernels::Simple => flash_simple,
+            FlashKernels::WarpgroupMma => flash_warpgroup_mma,
         }
     }
 
@@ -488,6 +495,14 @@ fn every_cuda_kernel_family_matches_float64_naive() -> Result<()> {
             FlashKernels::MmaSync,
             CudaKernelFamily::TensorCores,
         ),
+        // The Hopper kernels forced at a short length (the backward too): warpgroup MMA on Hopper.
+        (
+            DType::BF16,
+            64,
+            [0, 0, 0],
+            FlashKernels::WarpgroupMma,
+            CudaKernelFamily::TensorCores,
+        ),
         (
             DType::F16,
             128,
@@ -498,9 +513,11 @@ fn every_cuda_kernel_family_matches_float64_naive() -> Result<()> {
     ];
     let hopper = hopper_kernels_on(&dev);
     for &(dtype, d, offsets, kernels, family) in plans {
-        // On Hopper the automatic choice for 16-bit types at d 64 and 128 is warpgroup MMA.
+        // On Hopper the automatic choice for 16-bit types at d 64 and 128 is warpgroup MMA (and
+        // so is WarpgroupMma's).
+        let hopper_choice = matches!(kernels, FlashKernels::Auto | FlashKernels::WarpgroupMma);
         let family = match family {
-            CudaKernelFamily::TensorCores if hopper && kernels == FlashKernels::Auto && d != 32 => {
+            CudaKernelFamily::TensorCores if hopper && hopper_choice && d != 32 => {
                 CudaKernelFamily::WarpgroupMma
             }
             f => f,

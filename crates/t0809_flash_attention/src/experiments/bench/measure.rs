@@ -118,12 +118,20 @@ fn measure_flash_backward(
     })?);
     let hopper = hopper_kernels_on(dev);
     let auto = cuda_kernel_family(x.q.dtype(), x.q.dim(3)?, &[0], FlashKernels::Auto, hopper);
-    if auto == CudaKernelFamily::WarpgroupMma && hopper_backward(x.q.dim(3)?, x.k.dim(2)?) {
+    let (d, n_k) = (x.q.dim(3)?, x.k.dim(2)?);
+    if auto == CudaKernelFamily::WarpgroupMma
+        && hopper_backward_with(FlashKernels::WarpgroupMma, d, n_k)
+    {
+        // Both backwards wherever the Hopper one can run, whichever the automatic choice at this
+        // length: the evidence for HOPPER_BACKWARD_MIN_KEYS.
         let inputs = [&x.q, &x.k, &x.v, o, &x.d_o, &lse];
-        row.mma_sync_bwd_ms = Some(time_ms(dev, a.warmup, a.reps, || {
-            op::flash_attention_backward_with(inputs, scale, causal, FlashKernels::MmaSync)
-                .map(|_| ())
-        })?);
+        let time_with = |kernels| {
+            time_ms(dev, a.warmup, a.reps, || {
+                op::flash_attention_backward_with(inputs, scale, causal, kernels).map(|_| ())
+            })
+        };
+        row.mma_sync_bwd_ms = Some(time_with(FlashKernels::MmaSync)?);
+        row.hopper_bwd_ms = Some(time_with(FlashKernels::WarpgroupMma)?);
     }
     row.flash_fwd_bwd_ops_ms = Some(time_ms(dev, a.warmup, a.reps, || {
         let (o, lse) = flash_attention_with_lse(&x.q, &x.k, &x.v, scale, causal)?;

@@ -18,10 +18,13 @@ pub struct Row {
     /// family (Hopper's warpgroup MMA): the step the Hopper kernels take.
     #[serde(default)]
     pub mma_sync_fwd_ms: Option<f64>,
-    /// The backward op on the `mma.sync` kernels, measured where the automatic choice is
-    /// Hopper's ([`t0809_flash_attention::hopper_backward`]).
+    /// The backward op on the `mma.sync` kernels and on the Hopper kernel
+    /// ([`shared::kernels::FlashKernels::WarpgroupMma`]), both measured at d_head 64 on a Hopper
+    /// card whatever the automatic choice ([`t0809_flash_attention::hopper_backward`]).
     #[serde(default)]
     pub mma_sync_bwd_ms: Option<f64>,
+    #[serde(default)]
+    pub hopper_bwd_ms: Option<f64>,
     pub flash_bwd_ms: Option<f64>,
     pub flash_fwd_bwd_ms: Option<f64>,
     /// Forward op then backward op, called directly (no autograd bookkeeping).
@@ -64,6 +67,7 @@ impl Row {
             flash_fwd_ms: 0.0,
             mma_sync_fwd_ms: None,
             mma_sync_bwd_ms: None,
+            hopper_bwd_ms: None,
             flash_bwd_ms: None,
             flash_fwd_bwd_ms: None,
             flash_fwd_bwd_ops_ms: None,

@@ -4,7 +4,7 @@ use super::row::{tflops, Row};
 use crate::experiments::common::mib;
 use shared::report::print_table;
 
-const HEADER: [&str; 19] = [
+const HEADER: [&str; 20] = [
     "seq",
     "d",
     "causal",
@@ -13,6 +13,7 @@ const HEADER: [&str; 19] = [
     "mma.sync fwd",
     "flash bwd",
     "mma.sync bwd",
+    "hopper bwd",
     "flash fwd+bwd",
     "flash f+b autograd",
     "naive fwd",
@@ -34,7 +35,7 @@ pub fn print_rows(rows: &[Row], what: &str) {
     );
     println!("   flash fwd / bwd / fwd+bwd: our ops called directly; 'autograd': Σ O∘dO through Candle's backward (adds its bookkeeping)");
     if rows.iter().any(|r| r.mma_sync_fwd_ms.is_some()) {
-        println!("   flash fwd on this Hopper card: the warpgroup-MMA kernel, and the backward too at d 64 from {} keys; 'mma.sync fwd' / 'mma.sync bwd': the same ops on the mma.sync kernels (FlashKernels::MmaSync)", t0809_flash_attention::HOPPER_BACKWARD_MIN_KEYS);
+        println!("   flash fwd on this Hopper card: the warpgroup-MMA kernel, and the backward too at d 64 from {} keys; 'mma.sync fwd' / 'mma.sync bwd': the same ops on the mma.sync kernels (FlashKernels::MmaSync); 'hopper bwd': the backward on the Hopper kernel at every length (FlashKernels::WarpgroupMma, d 64)", t0809_flash_attention::HOPPER_BACKWARD_MIN_KEYS);
     }
     print_table(&HEADER, &table);
     if rows.iter().any(|r| r.pytorch_fwd_ms.is_some()) {
@@ -64,6 +65,7 @@ fn table_row(r: &Row) -> Vec<String> {
         ms_tflops(r.mma_sync_fwd_ms, r.fwd_flops),
         ms_tflops(r.flash_bwd_ms, 2.5 * r.fwd_flops),
         ms_tflops(r.mma_sync_bwd_ms, 2.5 * r.fwd_flops),
+        ms_tflops(r.hopper_bwd_ms, 2.5 * r.fwd_flops),
         ms_tflops(r.flash_fwd_bwd_ops_ms, 3.5 * r.fwd_flops),
         ms_tflops(r.flash_fwd_bwd_ms, 3.5 * r.fwd_flops),
         naive(r.naive_fwd_ms, r.fwd_flops),
