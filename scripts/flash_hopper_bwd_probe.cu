@@ -4,8 +4,9 @@
 // (262,144 tokens per call). For fast iteration on the kernel; the numbers a report quotes come
 // from `t0809_flash_attention bench`.
 //
-// Variants: "shipped s3" (three Q/dO stages) and "shares", the organisation before the shipped
-// one: each consumer sends its own share of dQ (twice the reduce traffic).
+// Variants: "shipped s3" (three Q/dO stages). The organisation before the shipped one (each
+// consumer sends its own share of dQ, twice the reduce traffic) is the kernel of 63ddd6e; this
+// probe's 8591b15 version timed it beside the shipped one ("shipped" and "owner" there).
 //
 // Build (here, no GPU needed):
 //   nvcc -O3 -std=c++17 --use_fast_math -gencode arch=compute_90a,code=sm_90a \
@@ -13,8 +14,7 @@
 // Run on an H100/H200: ./flash_hopper_bwd_probe
 
 #include "../crates/t0809_flash_attention/kernels/flash_attn_hopper.cu"
-#include <cuda.h>
-#include <cudaTypedefs.h>
+#include "flash_hopper_probe_common.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -22,132 +22,8 @@
 #include <cstdlib>
 #include <vector>
 
-#define CHECK(x)                                                                        \
-  do {                                                                                  \
-    cudaError_t e = (x);                                                                \
-    if (e != cudaSuccess) {                                                             \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-      exit(1);                                                                          \
-    }                                                                                   \
-  } while (0)
-
-typedef __nv_bfloat16 bf16;
-
-namespace hopper {
-// The previous organisation ("shares"): each consumer computes its share of dQ_i over its own 64
-// keys (dS_c K_c) and sends it, two 64 × D reduce-adds per tile and CTA; with the shipped order
-// of issue. Same shared memory (dSᵀ buffer 0 only) and producer.
-template <typename T, int D, int NS>
-__device__ __forceinline__ void bwd_shares(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
-                                           const TensorMap* tmdO, const float* __restrict__ LSE,
-                                           const float* __restrict__ Dsum, float* __restrict__ dQacc,
-                                           T* __restrict__ dK, T* __restrict__ dV, int n_q, int n_k, float scale,
-                                           float scale_log2, int causal, const int* __restrict__ kv_len) {
-  constexpr int BC = 128, BR = 64, QT = BR * D;
-  extern __shared__ unsigned char smem_raw[];
-  const BwdShared<T, D, NS> sh(smem_raw);
-
-  const int tid = threadIdx.x, wg = tid >> 7;
-  const int bh = blockIdx.y, k0 = blockIdx.x * BC;
-  const int offset = n_k - n_q;
-  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
-  const int qb_first = causal ? max(0, k0 - offset) / BR : 0;
-  const int n_qb = (n_q + BR - 1) / BR;
-
-  if (tid == 0) sh.init_barriers();
-  __syncthreads();
-
-  if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-    if (tid == 0) bwd_producer<T, D, NS>(sh, tmQ, tmK, tmV, tmdO, k0, bh, qb_first, n_qb);
-    return;
-  }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
-
-  const int c = wg - 1, ctid = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int key_w0 = k0 + c * 64 + warp * 16;
-  const uint32_t k_c = smem_u32(sh.k) + c * 64 * 128, v_c = smem_u32(sh.v) + c * 64 * 128;
-  const uint32_t ds_c = smem_u32(sh.ds) + c * 64 * 128;
-  const float* Lh = LSE + (size_t)bh * n_q;
-  const float* Dh = Dsum + (size_t)bh * n_q;
-  float* dQh = dQacc + (size_t)bh * n_q * D;
-
-  float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
-
-  float st[BR / 8][4], dpt[BR / 8][4];
-  mbar_wait(sh.kv_full, 0);
-  if (qb_first < n_qb) {
-    mbar_wait(sh.q_full, 0);
-    issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sh.q), smem_u32(sh.d_o));
-  }
-  for (int qb = qb_first, j = 0; qb < n_qb; ++qb, ++j) {
-    const int s = j % NS, i0 = qb * BR;
-    const uint32_t q_s = smem_u32(sh.q + s * QT), do_s = smem_u32(sh.d_o + s * QT);
-    float lq[BR / 8][2], d_row[BR / 8][2];
-    load_row_stats<BR>(lq, d_row, Lh, Dh, i0, n_q, t);
-    wgmma_wait<0>();
-    pin(st);
-    pin(dpt);
-    pin(dv);
-    pin(dk);
-
-    probabilities<BR>(st, dpt, lq, d_row, scale_log2, key_w0, i0, g, t, n_q, n_kr, causal, offset);
-    uint32_t pa[BR / 16][4], da[BR / 16][4];
-    pack_p<T, BR>(pa, st);
-    pack_p<T, BR>(da, dpt);
-    issue_dv_dk<T, D, BR>(dv, dk, pa, da, do_s, q_s);
-
-    consumer_sync(c);  // every warp of this consumer is past the previous tile's dQ product
-    stage_ds<T, BC, BR>(sh.ds, dpt, c, warp, g, t);
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    consumer_sync(c);
-
-    float dqc[D / 8][4];
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 64 / 16; ++kk) OpsT<T>::ss_tt(dqc, mn_major<BC>(ds_c, kk), mn_major<BC>(k_c, kk), kk > 0);
-    wgmma_commit();
-
-    if (qb + 1 < n_qb) {
-      const int s1 = (j + 1) % NS;
-      mbar_wait(sh.q_full + s1, ((j + 1) / NS) & 1);
-      issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sh.q + s1 * QT), smem_u32(sh.d_o + s1 * QT));
-    } else {
-      issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, k_c, v_c);
-    }
-    wgmma_wait<1>();
-    pin(dv);
-    pin(dk);
-    pin(dqc);
-    pin(pa);
-    pin(da);
-    mbar_arrive(sh.q_empty + s);
-    send_dq<D, BR>(sh.dq + c * 64 * D, dqc, dQh, i0, n_q, c, ctid, warp, g, t);
-  }
-
-  wgmma_wait<0>();
-  if (ctid == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-
-  store_dk_dv<T, D>(dK + (size_t)bh * n_k * D, dV + (size_t)bh * n_k * D, dk, dv, scale, key_w0, n_k, g, t);
-}
-}  // namespace hopper
-
-#define BWD_VARIANT(NAME, FN, T, D, NS)                                                                     \
-  extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                               \
-      const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,        \
-      const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,       \
-      const float* LSE, const float* Dsum, float* dQacc, T* dK, T* dV, int n_q, int n_k, int d, float scale, \
-      float scale_log2, int causal, const int* kv_len) {                                                    \
-    hopper::FN<T, D, NS>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale, scale_log2,     \
-                         causal, kv_len);                                                                   \
-  }
-BWD_VARIANT(bwd_shipped_s3, bwd_wgmma, bf16, 64, 3)
-BWD_VARIANT(bwd_shares_s2, bwd_shares, bf16, 64, 2)
+// Variants beside the shipped kernels: (stages).
+BWD_WGMMA(bwd_shipped_s3, bf16, 64, 3)
 
 typedef void (*Bwd)(hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, const float*,
                     const float*, float*, bf16*, bf16*, int, int, int, float, float, int, const int*);
@@ -159,29 +35,7 @@ struct Kernel {
 static const Kernel KERNELS[] = {
     {"shipped", flash_bwd_wgmma_bf16_d64, 2},
     {"shipped s3", bwd_shipped_s3, 3},
-    {"shares", bwd_shares_s2, 2},
 };
-
-static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
-// A 3-D map over (d, n, bh) bf16 with boxes of 64 columns x rows x 1, 128-byte swizzle.
-static hopper::TensorMap make_map(const bf16* base, int d, int n, int bh, int rows) {
-  if (!encode) {
-    cudaDriverEntryPointQueryResult q;
-    CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", (void**)&encode, cudaEnableDefault, &q));
-  }
-  hopper::TensorMap m;
-  cuuint64_t dims[3] = {(cuuint64_t)d, (cuuint64_t)n, (cuuint64_t)bh};
-  cuuint64_t strides[2] = {(cuuint64_t)d * 2, (cuuint64_t)n * d * 2};
-  cuuint32_t box[3] = {64, (cuuint32_t)rows, 1}, es[3] = {1, 1, 1};
-  CUresult r = encode((CUtensorMap*)&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, (void*)base, dims, strides, box, es,
-                      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    fprintf(stderr, "cuTensorMapEncodeTiled failed: %d\n", (int)r);
-    exit(1);
-  }
-  return m;
-}
 
 // ---- fp32 references (one thread per query or key) ----
 __device__ bool visible(int i, int j, int n_q, int n_k, int n_kr, int causal) {

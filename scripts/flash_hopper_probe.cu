@@ -9,8 +9,7 @@
 // Run on an H100/H200: ./flash_hopper_probe
 
 #include "../crates/t0809_flash_attention/kernels/flash_attn_hopper.cu"
-#include <cuda.h>
-#include <cudaTypedefs.h>
+#include "flash_hopper_probe_common.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -18,16 +17,6 @@
 #include <cstdlib>
 #include <vector>
 
-#define CHECK(x)                                                                        \
-  do {                                                                                  \
-    cudaError_t e = (x);                                                                \
-    if (e != cudaSuccess) {                                                             \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-      exit(1);                                                                          \
-    }                                                                                   \
-  } while (0)
-
-typedef __nv_bfloat16 bf16;
 typedef void (*Fwd)(const hopper::TensorMap, const hopper::TensorMap, const hopper::TensorMap, bf16*, float*, int, int,
                       int, float, int, const int*);
 // Tile variants beside the shipped kernels: (d, key tile, stages, consumer warpgroups).
@@ -43,27 +32,6 @@ struct Kernel {
   int smem, key_tile, consumers;
 };
 
-static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
-// A 3-D map over (d, n, bh) bf16 with boxes of 64 columns x rows x 1, 128-byte swizzle.
-static hopper::TensorMap make_map(const bf16* base, int d, int n, int bh, int rows) {
-  if (!encode) {
-    cudaDriverEntryPointQueryResult q;
-    CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", (void**)&encode, cudaEnableDefault, &q));
-  }
-  hopper::TensorMap m;
-  cuuint64_t dims[3] = {(cuuint64_t)d, (cuuint64_t)n, (cuuint64_t)bh};
-  cuuint64_t strides[2] = {(cuuint64_t)d * 2, (cuuint64_t)n * d * 2};
-  cuuint32_t box[3] = {64, (cuuint32_t)rows, 1};
-  cuuint32_t es[3] = {1, 1, 1};
-  CUresult r = encode((CUtensorMap*)&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, (void*)base, dims, strides, box, es,
-                      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    fprintf(stderr, "cuTensorMapEncodeTiled failed: %d\n", (int)r);
-    exit(1);
-  }
-  return m;
-}
 template <int D, int BC, int NS, int NC>
 static Kernel ws(const char* name, Fwd fn) {
   return {name, fn, hopper::fwd_smem_bytes<bf16, D, BC, NS, NC>(), BC, NC};
