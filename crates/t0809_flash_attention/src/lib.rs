@@ -402,6 +402,23 @@ mod kernel_family_tests {
     use super::*;
 
     #[test]
+    fn hopper_backward_runs_at_d64_past_the_threshold_or_when_forced() {
+        let min = HOPPER_BACKWARD_MIN_KEYS;
+        assert!(!hopper_backward(64, min - 1));
+        assert!(hopper_backward(64, min));
+        assert!(!hopper_backward(128, 4 * min), "no d 128 instance");
+        assert!(!hopper_backward(32, 4 * min));
+        let forced = FlashKernels::WarpgroupMma;
+        assert!(hopper_backward_with(forced, 64, 1));
+        assert!(!hopper_backward_with(forced, 128, 1));
+        assert!(!hopper_backward_with(FlashKernels::MmaSync, 64, 1));
+        assert!(
+            hopper_backward_with(FlashKernels::MmaSync, 64, min),
+            "the family decides that"
+        );
+    }
+
+    #[test]
     fn hopper_forward_runs_three_consumers_at_d64_on_long_calls() {
         let long = HOPPER_THREE_CONSUMERS_MIN_QUERIES;
         for n_q in [1, 1024, long - 1, long, 16384] {
