@@ -31,6 +31,19 @@ pub fn weight(vb: &VarBuilder, d_out: usize, d_in: usize, name: &str) -> Result<
 /// weights on the CPU and on the GPU).
 static INIT_RNG: Mutex<Option<StdRng>> = Mutex::new(None);
 
+/// Guards [`INIT_RNG`] for code that runs concurrently in one process, such as the tests of
+/// one test binary, which the harness runs on parallel threads.
+static INIT_TURN: Mutex<()> = Mutex::new(());
+
+/// A turn at the initialisation generator: hold it while seeding and building models, so that a
+/// seed gives the same weights whatever else runs in the process (another thread building a
+/// model meanwhile would draw from the same generator). Tests take it first thing.
+pub fn init_turn() -> std::sync::MutexGuard<'static, ()> {
+    INIT_TURN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Seeds the initialisation generator (the binaries call this with `--seed`).
 pub fn set_seed(seed: u64) {
     *INIT_RNG.lock().expect("init rng poisoned") = Some(StdRng::seed_from_u64(seed));

@@ -27,6 +27,7 @@ fn closed_form(pos: f64, d: usize, base: f64) -> Vec<f64> {
 
 #[test]
 fn sinusoidal_matches_the_closed_form_at_chosen_positions() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     for (d, base) in [(16, DEFAULT_BASE), (64, DEFAULT_BASE), (10, 100.0)] {
         let positions = [0.0, 1.0, 2.0, 7.0, 50.0, 299.0, 1000.0, 4095.0, 2.5];
@@ -48,6 +49,7 @@ fn sinusoidal_matches_the_closed_form_at_chosen_positions() -> Result<()> {
 
 #[test]
 fn offsets_select_the_right_rows() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let full = sinusoidal(40, 32, 0, &dev)?;
     let tail = sinusoidal(9, 32, 31, &dev)?;
@@ -66,6 +68,7 @@ fn offsets_select_the_right_rows() -> Result<()> {
 /// rotation for every position `p`: a relative shift is a fixed linear map of the encoding.
 #[test]
 fn shifting_by_k_is_a_fixed_rotation_of_each_pair() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let (d, n) = (32, 600);
     let pe = sinusoidal(n, d, 0, &dev)?
@@ -104,6 +107,7 @@ fn shifting_by_k_is_a_fixed_rotation_of_each_pair() -> Result<()> {
 
 #[test]
 fn dot_product_between_positions_depends_on_the_offset_only() -> Result<()> {
+    let _init = shared::params::init_turn();
     let pe = sinusoidal(300, 64, 0, &test_device())?
         .to_dtype(DType::F64)?
         .to_vec2::<f64>()?;
@@ -124,6 +128,7 @@ fn dot_product_between_positions_depends_on_the_offset_only() -> Result<()> {
 
 #[test]
 fn learned_table_has_its_shape_name_and_refuses_positions_beyond_it() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
@@ -176,6 +181,7 @@ fn learned_table_has_its_shape_name_and_refuses_positions_beyond_it() -> Result<
 
 #[test]
 fn t5_buckets_at_chosen_offsets() {
+    let _init = shared::params::init_turn();
     // Bidirectional, 32 buckets, max distance 128: 16 buckets per direction, 8 exact.
     // Past keys (j < i) in 0..16, future keys in 16..32; n ≥ 8 → 8 + ⌊ln(n/8)/ln(16)·8⌋.
     let bi = |r| relative_position_bucket(r, 32, 128, true);
@@ -224,6 +230,7 @@ fn rel_bias(cfg: RelativeBiasConfig) -> Result<RelativePositionBias> {
 
 #[test]
 fn relative_bias_depends_only_on_the_offset() -> Result<()> {
+    let _init = shared::params::init_turn();
     for cfg in [
         RelativeBiasConfig::t5(3),
         RelativeBiasConfig {
@@ -272,6 +279,7 @@ fn relative_bias_depends_only_on_the_offset() -> Result<()> {
 /// special cases: no bias = t0801's attention; masked entries stay at weight 0 whatever the bias.
 #[test]
 fn attention_with_bias_matches_a_float64_reference() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let (h, n_q, n_k, d) = (3, 5, 7, 4);
     let q = Tensor::randn(0f32, 1.0, (2, h, n_q, d), &dev)?;
@@ -378,6 +386,7 @@ impl PositionPlug for FixedBias {
 
 #[test]
 fn relative_bias_receives_gradients_through_multi_head_attention() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let (d, heads, n) = (8, 2, 6);
     let mha = MultiHeadAttention::from_weights(
@@ -458,6 +467,7 @@ fn relative_bias_receives_gradients_through_multi_head_attention() -> Result<()>
 /// silently ignored (or if the permutation machinery were wrong).
 #[test]
 fn positions_break_permutation_equivariance() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let (d, heads, n) = (16, 4, 9);
     shared::params::set_seed(3);
@@ -517,6 +527,7 @@ fn positions_break_permutation_equivariance() -> Result<()> {
 
 #[test]
 fn schemes_parse_print_and_build() -> Result<()> {
+    let _init = shared::params::init_turn();
     for s in PositionScheme::ALL {
         assert_eq!(s.name().parse::<PositionScheme>()?, s);
         assert_eq!(s.to_string(), s.name());

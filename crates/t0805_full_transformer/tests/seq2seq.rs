@@ -38,6 +38,7 @@ fn model(placement: NormPlacement) -> Result<(VarMap, Transformer)> {
 
 #[test]
 fn encoder_output_ignores_padding_content() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     let (_, m) = model(NormPlacement::Pre)?;
     let ex = |pad_token: u32| {
         vec![
@@ -83,6 +84,7 @@ fn encoder_output_ignores_padding_content() -> anyhow::Result<()> {
 
 #[test]
 fn decoder_logits_at_t_ignore_later_target_tokens() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     for placement in [NormPlacement::Pre, NormPlacement::Post] {
         let (_, m) = model(placement)?;
         let mk = |tgt: Vec<u32>| {
@@ -110,6 +112,7 @@ fn decoder_logits_at_t_ignore_later_target_tokens() -> anyhow::Result<()> {
 
 #[test]
 fn padded_target_positions_get_no_loss() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     let (_, m) = model(NormPlacement::Pre)?;
     let ex = vec![
         Seq2SeqExample {
@@ -137,6 +140,7 @@ fn padded_target_positions_get_no_loss() -> anyhow::Result<()> {
 
 #[test]
 fn bad_inputs_give_clear_errors() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     let (_, m) = model(NormPlacement::Pre)?;
     let long = Tensor::zeros((1, 13), DType::U32, &test_device())?;
     let err = m
@@ -198,6 +202,7 @@ fn train(
 
 #[test]
 fn tiny_transformer_overfits_a_tiny_batch() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     shared::params::set_seed(3);
     let (varmap, m) = model(NormPlacement::Pre)?;
     let ex = vec![
@@ -254,6 +259,7 @@ impl TinyPairs {
 
 #[test]
 fn training_on_the_small_corpus_lowers_the_loss_for_both_models() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     let tiny = TinyPairs::load()?;
     let vocab = tiny.vocab;
     let batch = |s: usize| tiny.batch(s);
@@ -293,6 +299,7 @@ fn training_on_the_small_corpus_lowers_the_loss_for_both_models() -> anyhow::Res
 
 #[test]
 fn checkpoint_resume_reproduces_the_next_step_loss() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     let dir = std::env::temp_dir().join(format!("t0805-resume-{}", std::process::id()));
     let ex: Vec<Seq2SeqExample> = (0..16)
         .map(|i| Seq2SeqExample {
@@ -342,6 +349,7 @@ fn checkpoint_resume_reproduces_the_next_step_loss() -> anyhow::Result<()> {
 /// with the composed and the fused cell.
 #[test]
 fn lstm_layer_equals_candle_nn_lstm() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     use candle_nn::rnn::{LSTMConfig, LSTMState, RNN};
     use shared::kernels::OpImpl;
     use t0805_full_transformer::lstm::LstmLayer;
@@ -402,6 +410,7 @@ fn lstm_layer_equals_candle_nn_lstm() -> anyhow::Result<()> {
 /// for every parameter and for the initial state, in f64.
 #[test]
 fn lstm_bptt_by_hand_equals_autograd() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     use candle_core::Var;
     use shared::kernels::OpImpl;
     use t0805_full_transformer::lstm::LstmLayer;
@@ -457,6 +466,7 @@ fn lstm_bptt_by_hand_equals_autograd() -> anyhow::Result<()> {
 /// track the same steps in f32 (same initial values, same batches) within 2 %.
 #[test]
 fn mixed_precision_tracks_f32_for_both_models() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     let tiny = TinyPairs::load()?;
     let vocab = tiny.vocab;
     let batch = |s: usize| tiny.batch(s);
@@ -539,6 +549,7 @@ fn mixed_precision_tracks_f32_for_both_models() -> anyhow::Result<()> {
 /// losses agree within 3·10⁻⁴ and weights within 10⁻³ after four steps of lr 3·10⁻³.
 #[test]
 fn master_weights_train_both_contenders_as_casting_every_weight() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     use shared::train::{compute_copies, copies_for};
     use t0805_full_transformer::main_job::model::{Model, NAMES};
     let tiny = TinyPairs::load()?;

@@ -54,6 +54,7 @@ fn run(x: &Tensor, g: &Tensor, c: &Tensor, fused: bool) -> Result<(Tensor, Tenso
 
 #[test]
 fn fused_equals_composed_values_and_gradients_f32_f64() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = Device::Cpu;
     // widths: a multiple of 8, an odd one, a single column; x with a large offset (mean ≠ 0)
     for (shape, d) in [((3usize, 7usize), 64usize), ((2, 5), 37), ((4, 1), 1)] {
@@ -85,6 +86,7 @@ fn fused_equals_composed_values_and_gradients_f32_f64() -> Result<()> {
 
 #[test]
 fn fused_bf16_and_f16_round_like_the_composed_norm() -> Result<()> {
+    let _init = shared::params::init_turn();
     // Both compute in f32 and round once: the outputs may differ by at most one unit in the
     // last place of the 16-bit type (ties broken differently after f32 rounding noise).
     let dev = Device::Cpu;
@@ -119,6 +121,7 @@ fn fused_bf16_and_f16_round_like_the_composed_norm() -> Result<()> {
 
 #[test]
 fn fused_backward_matches_finite_differences_f64() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = Device::Cpu;
     let (rows, d, eps) = (3, 5, 1e-5);
     let x = Tensor::randn(0f64, 1.0, (rows, d), &dev)?;
@@ -158,6 +161,7 @@ fn fused_backward_matches_finite_differences_f64() -> Result<()> {
 
 #[test]
 fn fused_forward_matches_f64_reference_rows() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = Device::Cpu;
     let (rows, d, eps) = (6, 33, 1e-5);
     let x = Tensor::randn(0f32, 3.0, (rows, d), &dev)?;
@@ -181,6 +185,7 @@ fn fused_forward_matches_f64_reference_rows() -> Result<()> {
 #[test]
 fn rung1_with_fused_norm_swiglu_and_softmax_gives_same_logits_and_gradients() -> anyhow::Result<()>
 {
+    let _init = shared::params::init_turn();
     let dev = shared::device::test_device();
     let shape = LmShape {
         vocab_size: 64,
@@ -231,6 +236,7 @@ fn rung1_with_fused_norm_swiglu_and_softmax_gives_same_logits_and_gradients() ->
 
 #[test]
 fn fused_rejects_bad_inputs_with_clear_messages() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = Device::Cpu;
     let x = Tensor::zeros((2, 8), DType::F32, &dev)?;
     let e = rms_norm_fused(&x, &Tensor::ones(6, DType::F32, &dev)?, 1e-5)
@@ -253,6 +259,7 @@ fn fused_rejects_bad_inputs_with_clear_messages() -> Result<()> {
 
 #[test]
 fn fused_swiglu_gate_equals_silu_times_up() -> Result<()> {
+    let _init = shared::params::init_turn();
     // f64 on the CPU; f32 on the GPU (the kernel's widest type).
     let dev = shared::device::test_device();
     let (dtype, tol) = if dev.is_cuda() {
@@ -328,6 +335,7 @@ fn run_softmax(
 
 #[test]
 fn fused_causal_softmax_equals_composed_mask_and_softmax() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = shared::device::test_device();
     let dtypes: &[(DType, f64)] = if dev.is_cuda() {
         &[(DType::F32, 1e-5), (DType::BF16, 2e-2), (DType::F16, 3e-3)]
@@ -385,6 +393,7 @@ fn fused_causal_softmax_equals_composed_mask_and_softmax() -> Result<()> {
 
 #[test]
 fn fused_softmax_attention_equals_naive_attention_with_grouped_heads() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = shared::device::test_device();
     let (b, h, kv, n, d) = (2, 4, 2, 9, 8);
     let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?)?;
@@ -420,6 +429,7 @@ fn fused_softmax_attention_equals_naive_attention_with_grouped_heads() -> Result
 
 #[test]
 fn a_nan_score_makes_its_row_nan_and_only_its_row() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = shared::device::test_device();
     let mut x = vec![0.5f32; 2 * 4];
     x[1] = f32::NAN; // row 0, key 1
@@ -432,6 +442,7 @@ fn a_nan_score_makes_its_row_nan_and_only_its_row() -> Result<()> {
 
 #[test]
 fn minus_infinity_scores_get_zero_weight() -> Result<()> {
+    let _init = shared::params::init_turn();
     // A score that is already −∞ (a padding mask applied before the op) is weight 0, on every
     // lane of a row longer than a warp, as in the composed softmax.
     let dev = shared::device::test_device();
@@ -450,6 +461,7 @@ fn minus_infinity_scores_get_zero_weight() -> Result<()> {
 
 #[test]
 fn bad_arguments_are_errors() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = Device::Cpu;
     let x = Tensor::zeros((2, 6, 8), DType::F32, &dev)?;
     let msg = |r: Result<Tensor>| r.unwrap_err().to_string();
@@ -481,6 +493,7 @@ fn bad_arguments_are_errors() -> Result<()> {
 /// the stale slots weigh exactly zero.
 #[test]
 fn fused_softmax_attention_reads_the_last_key_from_the_device() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = shared::device::test_device();
     let (b, h, kv, n_k, d) = (2, 4, 2, 11, 8);
     for (n_q, last) in [(1, 5u32), (3, 10), (1, 0)] {

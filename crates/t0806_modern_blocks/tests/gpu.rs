@@ -148,6 +148,7 @@ fn check(test: &str, dev: &Device, dt: DType) -> Result<()> {
 
 #[test]
 fn gpu_fused_rms_norm_f32_matches_composed_and_f64() -> Result<()> {
+    let _init = shared::params::init_turn();
     let Some(dev) = gpu("gpu_fused_rms_norm_f32_matches_composed_and_f64") else {
         return Ok(());
     };
@@ -156,6 +157,7 @@ fn gpu_fused_rms_norm_f32_matches_composed_and_f64() -> Result<()> {
 
 #[test]
 fn gpu_fused_rms_norm_bf16_matches_composed_and_f64() -> Result<()> {
+    let _init = shared::params::init_turn();
     let Some(dev) = gpu("gpu_fused_rms_norm_bf16_matches_composed_and_f64") else {
         return Ok(());
     };
@@ -164,6 +166,7 @@ fn gpu_fused_rms_norm_bf16_matches_composed_and_f64() -> Result<()> {
 
 #[test]
 fn gpu_fused_rms_norm_f16_matches_composed_and_f64() -> Result<()> {
+    let _init = shared::params::init_turn();
     let Some(dev) = gpu("gpu_fused_rms_norm_f16_matches_composed_and_f64") else {
         return Ok(());
     };
@@ -172,6 +175,7 @@ fn gpu_fused_rms_norm_f16_matches_composed_and_f64() -> Result<()> {
 
 #[test]
 fn gpu_fused_rms_norm_equals_cpu_fused() -> Result<()> {
+    let _init = shared::params::init_turn();
     // The CUDA kernels and the CPU loop implement the same formulas: f32 results agree to
     // rounding, and x · r · g is computed in the same order, so y is bitwise equal almost always.
     let Some(dev) = gpu("gpu_fused_rms_norm_equals_cpu_fused") else {
@@ -204,6 +208,7 @@ fn gpu_fused_rms_norm_equals_cpu_fused() -> Result<()> {
 
 #[test]
 fn gpu_rung1_with_fused_norm_trains_like_composed() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     // One rung-1 model (RMSNorm + SwiGLU) on the GPU, f32 and bf16: the loss and every
     // parameter's gradient are the same (to bf16 noise) with the fused norm and with the composed one.
     let Some(dev) = gpu("gpu_rung1_with_fused_norm_trains_like_composed") else {

@@ -45,6 +45,7 @@ const SHAPES: [(usize, usize); 5] = [(21, 64), (10, 37), (4, 1), (3, 768), (700,
 
 #[test]
 fn fused_layer_norm_equals_composed_in_f64_and_f32() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = shared::device::test_device();
     for (rows, d) in SHAPES {
         // an offset (mean ≠ 0) and a spread (variance ≠ 1): centring and scaling both matter
@@ -87,6 +88,7 @@ fn fused_layer_norm_equals_composed_in_f64_and_f32() -> Result<()> {
 
 #[test]
 fn fused_layer_norm_bf16_and_f16_round_like_the_composed_norm() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = shared::device::test_device();
     let (rows, d) = (48, 96);
     let x64 = (Tensor::randn(0f64, 1.5, (rows, d), &dev)? - 1.0)?;
@@ -118,6 +120,7 @@ fn fused_layer_norm_bf16_and_f16_round_like_the_composed_norm() -> Result<()> {
 
 #[test]
 fn gpt2_rung_with_fused_norm_and_gelu_gives_same_logits_and_gradients() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     let dev = shared::device::test_device();
     let cfg = LmConfig::gpt2(LmShape {
         vocab_size: 64,
@@ -161,6 +164,7 @@ fn gpt2_rung_with_fused_norm_and_gelu_gives_same_logits_and_gradients() -> anyho
 
 #[test]
 fn fused_layer_norm_rejects_bad_inputs_with_clear_messages() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = Device::Cpu;
     let x = Tensor::zeros((2, 8), DType::F32, &dev)?;
     let (g, b) = (

@@ -36,6 +36,7 @@ fn rows64(t: &Tensor) -> Vec<Vec<f64>> {
 
 #[test]
 fn rms_norm_matches_f64_reference_and_candle_nn() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let (d, eps) = (48, 1e-5);
     let x = (Tensor::randn(0f32, 2.0, (3, 5, d), &dev)? + 0.7)?;
@@ -57,6 +58,7 @@ fn rms_norm_matches_f64_reference_and_candle_nn() -> Result<()> {
 
 #[test]
 fn rms_norm_gradients_match_finite_differences() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let d = 6;
     let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, d), &dev)?)?;
@@ -102,6 +104,7 @@ fn rms_norm_gradients_match_finite_differences() -> Result<()> {
 
 #[test]
 fn swiglu_matches_f64_reference() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let (d, ff) = (16, 40);
     let w1 = Tensor::randn(0f32, 0.3, (ff, d), &dev)?;
@@ -145,6 +148,7 @@ fn byte_tokens() -> Vec<u32> {
 
 #[test]
 fn rung1_and_rung0_train_on_tiny_corpus() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let tokens = byte_tokens();
     for cfg in [
@@ -181,6 +185,7 @@ fn rung1_and_rung0_train_on_tiny_corpus() -> anyhow::Result<()> {
 
 #[test]
 fn checkpoint_round_trip_gives_identical_logits() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let dir = std::env::temp_dir().join(format!("t0806_ckpt_{}", std::process::id()));
     let parts = parts(Kernels::composed());
@@ -218,6 +223,7 @@ fn checkpoint_round_trip_gives_identical_logits() -> anyhow::Result<()> {
 
 #[test]
 fn recipe_style_gpt2_checkpoint_loads_with_the_same_logits() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     // A checkpoint whose config.json has `recipe` and `fused_*` keys: the GPT-2 recipe is rung 0,
     // and the fused flags are execution choices that the config no longer holds.
     let dev = test_device();

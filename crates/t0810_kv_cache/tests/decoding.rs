@@ -110,6 +110,7 @@ fn check_incremental(
 
 #[test]
 fn cached_logits_equal_full_forward_for_mha_gqa_mqa_and_gpt2() {
+    let _init = shared::params::init_turn();
     let toks = tokens(21, 1);
     for (name, lm) in [
         ("MHA", llama(4, 1)),
@@ -127,6 +128,7 @@ fn cached_logits_equal_full_forward_for_mha_gqa_mqa_and_gpt2() {
 
 #[test]
 fn gqa_caches_only_the_kv_heads() {
+    let _init = shared::params::init_turn();
     let lm = llama(1, 5); // MQA: 1 K/V head of d_head 8, 2 layers
     let cache = lm_cache(&lm, 3, 40, CacheKind::Preallocated, DType::F32).unwrap();
     assert_eq!(
@@ -145,6 +147,7 @@ fn gqa_caches_only_the_kv_heads() {
 
 #[test]
 fn preallocated_equals_concatenating_cache_in_a_batch() {
+    let _init = shared::params::init_turn();
     let lm = llama(2, 6);
     let batch: Vec<u32> = tokens(12, 2).into_iter().chain(tokens(12, 3)).collect();
     let x = Tensor::from_vec(batch, (2, 12), &test_device()).unwrap();
@@ -176,6 +179,7 @@ fn preallocated_equals_concatenating_cache_in_a_batch() {
 
 #[test]
 fn paged_cache_decoding_equals_full_forward() {
+    let _init = shared::params::init_turn();
     let toks = tokens(23, 4);
     for (name, lm) in [("GQA", llama(2, 7)), ("GPT-2 recipe", gpt2(8))] {
         let (h, d) = lm.kv_heads();
@@ -204,6 +208,7 @@ fn paged_cache_decoding_equals_full_forward() {
 
 #[test]
 fn paged_gather_equals_contiguous_cache() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let cfg = PagedConfig {
         n_layers: 1,
@@ -253,6 +258,7 @@ fn paged_gather_equals_contiguous_cache() -> Result<()> {
 
 #[test]
 fn encoder_decoder_cached_decoder_equals_full_decode() {
+    let _init = shared::params::init_turn();
     for placement in [NormPlacement::Pre, NormPlacement::Post] {
         shared::params::set_seed(11);
         let cfg = TransformerConfig {
@@ -321,6 +327,7 @@ fn encoder_decoder_cached_decoder_equals_full_decode() {
 
 #[test]
 fn seq2seq_generation_matches_full_recompute_generate() {
+    let _init = shared::params::init_turn();
     shared::params::set_seed(12);
     let cfg = TransformerConfig {
         vocab_size: VOCAB,
@@ -358,6 +365,7 @@ fn seq2seq_generation_matches_full_recompute_generate() {
 
 #[test]
 fn lm_generation_with_and_without_cache_agree_and_are_seeded() {
+    let _init = shared::params::init_turn();
     let lm = llama(2, 13);
     let prompt = tokens(5, 1);
     let cfg = SamplingConfig {
@@ -407,6 +415,7 @@ fn lm_generation_with_and_without_cache_agree_and_are_seeded() {
 
 #[test]
 fn exceeding_the_cache_or_the_context_is_a_clear_error_and_keeps_the_cache() {
+    let _init = shared::params::init_turn();
     let lm = llama(2, 14);
     let toks = tokens(12, 2);
     let mut cache = lm_cache(&lm, 1, 10, CacheKind::Preallocated, DType::F32).unwrap();
@@ -439,6 +448,7 @@ fn exceeding_the_cache_or_the_context_is_a_clear_error_and_keeps_the_cache() {
 
 #[test]
 fn cached_tensors_do_not_keep_the_autograd_graph() {
+    let _init = shared::params::init_turn();
     // A model built from trainable variables: every tensor it computes carries its graph. A
     // cache that stored such a tensor would keep every activation of the prefill alive.
     let lm = llama(2, 3);
@@ -461,6 +471,7 @@ fn cached_tensors_do_not_keep_the_autograd_graph() {
 /// composed model with the same weights, for MHA, GQA and MQA.
 #[test]
 fn fused_ops_cached_decoding_equals_composed_full_forward() {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let batch: Vec<u32> = tokens(14, 4).into_iter().chain(tokens(14, 5)).collect();
     let x = Tensor::from_vec(batch, (2, 14), &dev).unwrap();
@@ -498,6 +509,7 @@ fn fused_ops_cached_decoding_equals_composed_full_forward() {
 /// forward pass predicts.
 #[test]
 fn recipe_style_llama_checkpoint_loads_and_decodes() {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let dir = std::env::temp_dir().join(format!("t0810_legacy_{}", std::process::id()));
     shared::params::set_seed(11);

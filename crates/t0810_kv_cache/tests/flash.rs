@@ -51,6 +51,7 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn flash_attention_model_matches_naive_model() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     // f64 on the CPU; the CUDA kernel is f32/bf16/f16, so f32 there (and f32-sized tolerances).
     let dev = test_device();
     let (dtype, tol_logits, tol_grad) = if dev.is_cuda() {
@@ -128,6 +129,7 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn llama_with_fused_norm_rope_swiglu_and_softmax_gives_same_logits_and_gradients(
 ) -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let shape = LmShape {
         vocab_size: 64,

@@ -67,6 +67,7 @@ fn examples() -> Vec<Seq2SeqExample> {
 
 #[test]
 fn fused_layer_norm_and_flash_over_padding_equal_the_composed_model() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     let dev = shared::device::test_device();
     for placement in [NormPlacement::Pre, NormPlacement::Post] {
         let cfg = config(placement);
@@ -103,6 +104,7 @@ fn fused_layer_norm_and_flash_over_padding_equal_the_composed_model() -> anyhow:
 
 #[test]
 fn cached_decoding_with_the_fast_parts_equals_the_full_decoder() -> anyhow::Result<()> {
+    let _init = shared::params::init_turn();
     let dev = shared::device::test_device();
     shared::params::set_seed(12);
     let varmap = VarMap::new();

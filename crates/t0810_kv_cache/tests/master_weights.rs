@@ -36,6 +36,7 @@ fn flat(t: &Tensor) -> Result<Vec<f32>> {
 
 #[test]
 fn master_weights_train_as_casting_every_weight() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = shared::device::test_device();
     let cfg = t0808_rope::llama(SHAPE, 2);
     let kernels = shared::kernels::Kernels::for_device(&dev);
@@ -97,6 +98,7 @@ fn master_weights_train_as_casting_every_weight() -> Result<()> {
 
 #[test]
 fn master_weights_need_every_parameter_in_f32() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = candle_core::Device::Cpu;
     let cfg = t0808_rope::llama(SHAPE, 2);
     let parts = t0809_flash_attention::parts(shared::kernels::Kernels::fused());
@@ -124,6 +126,7 @@ fn master_weights_need_every_parameter_in_f32() -> Result<()> {
 /// checkpoint's parameters.
 #[test]
 fn master_weights_resume_from_a_checkpoint_as_if_never_stopped() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = candle_core::Device::Cpu;
     let cfg = t0808_rope::llama(SHAPE, 2);
     let parts = t0809_flash_attention::parts(shared::kernels::Kernels::for_device(&dev));

@@ -69,6 +69,7 @@ fn paged(lm: &DecoderOnlyLm, block_size: usize, num_blocks: usize) -> PagedKvCac
 
 #[test]
 fn random_allocation_never_leaks() {
+    let _init = shared::params::init_turn();
     let mut rng = StdRng::seed_from_u64(1);
     let mut a = BlockAllocator::new(4, 40, 64).unwrap();
     let mut live: Vec<SeqId> = Vec::new();
@@ -122,6 +123,7 @@ fn random_allocation_never_leaks() {
 
 #[test]
 fn copy_on_write_keeps_the_shared_prefix_and_forks_decode_correctly() {
+    let _init = shared::params::init_turn();
     let lm = lm();
     let mut cache = paged(&lm, 4, 32);
     let prefix: Vec<u32> = (0..6).map(|i| (i * 7 % VOCAB) as u32).collect(); // 1 full + 1 partial block
@@ -184,6 +186,7 @@ fn copy_on_write_keeps_the_shared_prefix_and_forks_decode_correctly() {
 
 #[test]
 fn forks_generate_what_a_full_forward_predicts() {
+    let _init = shared::params::init_turn();
     let lm = lm();
     let mut cache = paged(&lm, 4, 32);
     let prefix: Vec<u32> = (0..7).map(|i| (i * 11 % VOCAB) as u32).collect();
@@ -210,6 +213,7 @@ fn forks_generate_what_a_full_forward_predicts() {
 
 #[test]
 fn exhausting_the_pool_or_the_context_is_a_clear_error_and_keeps_other_sequences() {
+    let _init = shared::params::init_turn();
     let lm = lm();
     let mut cache = paged(&lm, 4, 5); // 20 token slots
     let toks: Vec<u32> = (0..12).map(|i| (i * 5 % VOCAB) as u32).collect();
@@ -255,6 +259,7 @@ fn exhausting_the_pool_or_the_context_is_a_clear_error_and_keeps_other_sequences
 
 #[test]
 fn serving_simulation_paged_wastes_less_and_fits_more() {
+    let _init = shared::params::init_turn();
     let reqs = workload(120, 4, (8, 200), (8, 200), 3);
     let budget = 16 * 512;
     let c = simulate(&reqs, Policy::Contiguous, budget, 512).unwrap();
@@ -284,6 +289,7 @@ fn serving_simulation_paged_wastes_less_and_fits_more() {
 
 #[test]
 fn prefix_sharing_counts_blocks_exactly() {
+    let _init = shared::params::init_turn();
     // 4 sequences of a 40-token prefix (2 full blocks of 16 + 8) and 10 own tokens each.
     let (without, with) = prefix_sharing_blocks(40, &[10, 10, 10, 10], 16, 128).unwrap();
     assert_eq!(without, 4 * 50usize.div_ceil(16)); // 16
@@ -306,6 +312,7 @@ fn argmax(l: &[f32]) -> u32 {
 
 #[test]
 fn temperature_to_zero_is_greedy() {
+    let _init = shared::params::init_turn();
     let mut rng = StdRng::seed_from_u64(2);
     for trial in 0..50 {
         let l = random_logits(&mut rng, 30);
@@ -351,6 +358,7 @@ fn probs(l: &[f32], t: f64) -> Vec<f64> {
 
 #[test]
 fn top_k_and_top_p_never_pick_outside_the_allowed_set_and_match_the_distribution() {
+    let _init = shared::params::init_turn();
     let mut rng = StdRng::seed_from_u64(3);
     let l = random_logits(&mut rng, 40);
     let p = probs(&l, 0.8);
@@ -417,6 +425,7 @@ fn top_k_and_top_p_never_pick_outside_the_allowed_set_and_match_the_distribution
 
 #[test]
 fn bad_sampling_settings_are_refused() {
+    let _init = shared::params::init_turn();
     for (cfg, msg) in [
         (
             SamplingConfig {

@@ -176,6 +176,7 @@ fn decode(
 
 #[test]
 fn cached_decoding_equals_full_forward_for_random_rungs_splits_and_stores() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let mut rng = Rng::new(0x0810_0001);
     let mut rungs = std::collections::BTreeSet::new();
@@ -292,6 +293,7 @@ fn cached_decoding_equals_full_forward_for_random_rungs_splits_and_stores() -> R
 
 #[test]
 fn fused_rope_equals_composed_and_float64_at_random_start_positions() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = test_device();
     let mut rng = Rng::new(0x0810_0002);
     let dtypes: &[DType] = if dev.is_cuda() {

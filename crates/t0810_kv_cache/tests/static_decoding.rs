@@ -63,6 +63,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 /// attends over weigh exactly zero (float64, both kernel choices, MHA and GQA, batch 2).
 #[test]
 fn static_cache_steps_equal_the_host_position_cache() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = Device::Cpu;
     for kernels in kernel_choices() {
         for n_kv_heads in [4, 2] {
@@ -105,6 +106,7 @@ fn static_cache_steps_equal_the_host_position_cache() -> Result<()> {
 /// cache at all), for every sequence of a batch, with both kernel choices.
 #[test]
 fn greedy_decoder_matches_the_full_forward() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = Device::Cpu;
     for kernels in kernel_choices() {
         let lm = llama(kernels, 2, DType::F64, &dev).with_packed_qkv()?;
@@ -147,6 +149,7 @@ fn greedy_decoder_matches_the_full_forward() -> Result<()> {
 /// Misuse gets a clear error and changes nothing.
 #[test]
 fn static_decoding_errors_are_clear() -> Result<()> {
+    let _init = shared::params::init_turn();
     let dev = Device::Cpu;
     let lm = llama(Kernels::composed(), 4, DType::F32, &dev);
     let mut dec = GreedyDecoder::new(&lm, 1, 8, DType::F32)?;
@@ -190,6 +193,7 @@ fn static_decoding_errors_are_clear() -> Result<()> {
 /// packed (decode-bench's configuration).
 #[test]
 fn captured_decoding_equals_eager_decoding() -> Result<()> {
+    let _init = shared::params::init_turn();
     let _turn = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let dev = test_device();
     if dev.is_cpu() {
@@ -245,6 +249,7 @@ static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// and refuses an empty row.
 #[test]
 fn argmax_op_matches_candles_argmax() -> Result<()> {
+    let _init = shared::params::init_turn();
     let _turn = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let dev = test_device();
     for dtype in [DType::F32, DType::BF16] {
@@ -304,6 +309,7 @@ fn argmax_op_matches_candles_argmax() -> Result<()> {
 /// model's context.
 #[test]
 fn greedy_static_generation_streams_generate_lms_greedy_tokens() -> Result<()> {
+    let _init = shared::params::init_turn();
     let _turn = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let dev = test_device();
     prepare_for_graphs(&dev)?;
