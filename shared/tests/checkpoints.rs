@@ -14,12 +14,8 @@ use std::path::{Path, PathBuf};
 
 /// The tests of this file initialise models from the process-wide seeded generator
 /// (`shared::params::set_seed`): they take turns, so that no test draws from another's sequence.
-static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    SEEDED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    shared::params::init_turn()
 }
 
 fn temp_root(name: &str) -> PathBuf {

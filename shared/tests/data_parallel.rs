@@ -19,10 +19,8 @@ const ROWS: usize = 32;
 
 /// Models are initialised from the process-wide seeded generator: the tests take turns, and the
 /// ranks' models are built one after the other before their threads start.
-static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    SEEDED.lock().unwrap_or_else(|p| p.into_inner())
+    shared::params::init_turn()
 }
 
 /// A two-layer MLP `x (rows, 8) → tanh → (rows, 1)`, regressing `sin(Σx)`.

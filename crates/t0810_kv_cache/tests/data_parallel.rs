@@ -11,9 +11,6 @@ use shared::train::{
 };
 use t0804_transformer_block::{init_lm, LmShape};
 
-/// Models are initialised from the process-wide seeded generator: one at a time.
-static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 const SHAPE: LmShape = LmShape {
     vocab_size: 53,
     max_seq_len: 32,
@@ -56,7 +53,8 @@ fn tokens(n: usize, salt: usize) -> Vec<u32> {
 /// parameters and final validation loss.
 fn run(seed: u64, group: Option<&dyn Collective>) -> Result<(Vec<f32>, f64)> {
     let (varmap, lm) = {
-        let _one = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+        // Models are initialised from the process-wide seeded generator: one at a time.
+        let _one = shared::params::init_turn();
         shared::params::set_seed(seed);
         let cfg = t0808_rope::llama(SHAPE, 2);
         let parts = t0809_flash_attention::parts(shared::kernels::Kernels::fused());

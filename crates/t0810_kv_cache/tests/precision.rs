@@ -15,12 +15,8 @@ use t0804_transformer_block::{init_lm, DecoderOnlyLm, LmConfig, LmShape};
 
 /// Both tests initialise models from the process-wide seeded generator: they take turns, so that
 /// two models built with one seed get the same values.
-static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    SEEDED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    shared::params::init_turn()
 }
 
 fn llama() -> LmConfig {
