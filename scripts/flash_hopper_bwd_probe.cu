@@ -46,26 +46,6 @@ __device__ float dotb(const bf16* a, const bf16* b, int d) {
   for (int c = 0; c < d; ++c) s += __bfloat162float(a[c]) * __bfloat162float(b[c]);
   return s;
 }
-// O (f32) and L of each query.
-__global__ void ref_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O, float* L, int n_q, int n_k, int d,
-                        float scale, int causal, const int* kvl) {
-  const int bh = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n_q) return;
-  const int n_kr = kvl ? min(n_k, kvl[bh]) : n_k;
-  const bf16* q = Q + ((size_t)bh * n_q + i) * d;
-  float m = -INFINITY;
-  for (int j = 0; j < n_k; ++j)
-    if (visible(i, j, n_q, n_k, n_kr, causal)) m = fmaxf(m, scale * dotb(q, K + ((size_t)bh * n_k + j) * d, d));
-  float l = 0.f, o[64] = {0.f};
-  for (int j = 0; j < n_k; ++j) {
-    if (!visible(i, j, n_q, n_k, n_kr, causal)) continue;
-    const float p = expf(scale * dotb(q, K + ((size_t)bh * n_k + j) * d, d) - m);
-    l += p;
-    for (int c = 0; c < d; ++c) o[c] += p * __bfloat162float(V[((size_t)bh * n_k + j) * d + c]);
-  }
-  for (int c = 0; c < d; ++c) O[((size_t)bh * n_q + i) * d + c] = l > 0.f ? o[c] / l : 0.f;
-  L[(size_t)bh * n_q + i] = l > 0.f ? m + logf(l) : -INFINITY;
-}
 // D = rowsum(dO ∘ O).
 __global__ void ref_dot(const bf16* dO, const float* O, float* Dm, int rows, int d) {
   const int r = blockIdx.x * blockDim.x + threadIdx.x;
@@ -185,7 +165,7 @@ static bool check(int bh, int n_q, int n_k, bool causal, bool padded) {
   float *rdq = dev<float>(nq), *rdk = dev<float>(nk), *rdv = dev<float>(nk), *dqa = dev<float>(nq);
   bf16 *dk = dev<bf16>(nk), *dv = dev<bf16>(nk);
   const float scale = 1.f / sqrtf((float)d);
-  ref_fwd<<<dim3((n_q + 63) / 64, bh), 64>>>(q, k, v, O, L, n_q, n_k, d, scale, causal, kvl);
+  reference_fwd<<<dim3((n_q + 63) / 64, bh), 64>>>(q, k, v, O, L, n_q, n_k, d, scale, causal, kvl);
   ref_dot<<<(bh * n_q + 127) / 128, 128>>>(dO, O, Dm, bh * n_q, d);
   ref_bwd_kv<<<dim3((n_k + 63) / 64, bh), 64>>>(q, k, v, dO, L, Dm, rdk, rdv, n_q, n_k, d, scale, causal, kvl);
   ref_bwd_q<<<dim3((n_q + 63) / 64, bh), 64>>>(q, k, v, dO, L, Dm, rdq, n_q, n_k, d, scale, causal, kvl);

@@ -1,10 +1,12 @@
 // Helpers shared by the standalone Hopper probes (scripts/flash_hopper_probe.cu, the forward, and
-// scripts/flash_hopper_bwd_probe.cu, the backward): CUDA error checks and the TMA tensor maps the
-// kernels take, built as src/cuda.rs builds them. Include after the kernel file.
+// scripts/flash_hopper_bwd_probe.cu, the backward): CUDA error checks, the TMA tensor maps the
+// kernels take (built as src/cuda.rs builds them) and the fp32 forward reference. Include after
+// the kernel file.
 #pragma once
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 
@@ -39,4 +41,32 @@ static hopper::TensorMap make_map(const bf16* base, int d, int n, int bh, int ro
     exit(1);
   }
   return m;
+}
+
+// The reference: one thread per query row, fp32, two passes (max, then sum and output).
+__global__ void reference_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O, float* L, int n_q, int n_k, int d,
+                              float scale, int causal, const int* kv_len) {
+  const int bh = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n_q) return;
+  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
+  const bf16* q = Q + ((size_t)bh * n_q + i) * d;
+  auto score = [&](int j) {
+    const bf16* k = K + ((size_t)bh * n_k + j) * d;
+    float s = 0.f;
+    for (int c = 0; c < d; ++c) s += __bfloat162float(q[c]) * __bfloat162float(k[c]);
+    return s * scale;
+  };
+  auto visible = [&](int j) { return j < n_kr && !(causal && j > i + n_k - n_q); };
+  float m = -INFINITY;
+  for (int j = 0; j < n_k; ++j)
+    if (visible(j)) m = fmaxf(m, score(j));
+  float l = 0.f, o[128] = {0.f};
+  for (int j = 0; j < n_k; ++j) {
+    if (!visible(j)) continue;
+    const float p = expf(score(j) - m);
+    l += p;
+    for (int c = 0; c < d; ++c) o[c] += p * __bfloat162float(V[((size_t)bh * n_k + j) * d + c]);
+  }
+  for (int c = 0; c < d; ++c) O[((size_t)bh * n_q + i) * d + c] = l > 0.f ? o[c] / l : 0.f;
+  L[(size_t)bh * n_q + i] = l > 0.f ? m + logf(l) : -INFINITY;
 }

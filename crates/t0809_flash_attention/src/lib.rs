@@ -127,11 +127,16 @@ pub fn hopper_backward(d_head: usize, n_k: usize) -> bool {
     hopper_backward_with(FlashKernels::Auto, d_head, n_k)
 }
 
-/// [`hopper_backward`] for a call made with `kernels`: [`FlashKernels::WarpgroupMma`] takes the
-/// Hopper backward at d_head 64 whatever the number of keys.
+/// [`hopper_backward`] for a call made with `kernels` on a Hopper card: `Auto` from
+/// [`HOPPER_BACKWARD_MIN_KEYS`] keys, [`FlashKernels::WarpgroupMma`] whatever the number of keys,
+/// `MmaSync` and `Simple` never; at d_head 64 only.
 pub fn hopper_backward_with(kernels: FlashKernels, d_head: usize, n_k: usize) -> bool {
-    let forced = kernels == FlashKernels::WarpgroupMma;
-    d_head == 64 && (forced || n_k >= HOPPER_BACKWARD_MIN_KEYS)
+    d_head == 64
+        && match kernels {
+            FlashKernels::Auto => n_k >= HOPPER_BACKWARD_MIN_KEYS,
+            FlashKernels::WarpgroupMma => true,
+            FlashKernels::MmaSync | FlashKernels::Simple => false,
+        }
 }
 
 /// From this many queries on, a [`CudaKernelFamily::WarpgroupMma`] forward at d_head 64 runs
@@ -411,11 +416,9 @@ mod kernel_family_tests {
         let forced = FlashKernels::WarpgroupMma;
         assert!(hopper_backward_with(forced, 64, 1));
         assert!(!hopper_backward_with(forced, 128, 1));
-        assert!(!hopper_backward_with(FlashKernels::MmaSync, 64, 1));
-        assert!(
-            hopper_backward_with(FlashKernels::MmaSync, 64, min),
-            "the family decides that"
-        );
+        for other in [FlashKernels::MmaSync, FlashKernels::Simple] {
+            assert!(!hopper_backward_with(other, 64, 4 * min), "{other:?}");
+        }
     }
 
     #[test]
