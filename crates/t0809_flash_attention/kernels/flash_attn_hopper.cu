@@ -10,7 +10,7 @@
 // whole tiles of the tensor, so key rows from kv_len[bh] to n_k are read as they are in memory,
 // not as zeros; their probabilities are exactly 0, but a NaN or Inf there reaches O and dQ
 // (0 · NaN).
-// At d 64 from 4,096 keys the backward runs here too (flash_bwd_wgmma_*: the same machinery, keys
+// At d 64 from 1,024 keys the backward runs here too (flash_bwd_wgmma_*: the same machinery, keys
 // per CTA, queries streamed; the contract of flash_attn.cu's mma.sync backward); otherwise the
 // backward is flash_attn.cu's.
 //

@@ -115,11 +115,12 @@ pub fn cuda_kernel_family(
 }
 
 /// The fewest keys for which the backward of a [`CudaKernelFamily::WarpgroupMma`] call runs on
-/// warpgroup MMA as well (at d_head 64; at 128 it is always the `mma.sync` backward). Measured on
-/// an H100 in one call (reports/gpu-runs/h100-2026-12-06-h/ratios.json, `probe_owner`): the Hopper
-/// backward in `scripts/flash_hopper_bwd_probe.cu` 1.28–1.36× the `mma.sync` backward that `bench`
-/// timed at 4,096 and 16,384 keys; shorter calls keep the `mma.sync` backward until measured.
-pub const HOPPER_BACKWARD_MIN_KEYS: usize = 4096;
+/// warpgroup MMA as well (at d_head 64; at 128 it is always the `mma.sync` backward). Measured
+/// through Candle on an H100 in one call (`bench`'s "hopper bwd" against "mma.sync bwd",
+/// reports/gpu-runs/h100-2026-12-06-i/ratios.json, `hopper_bwd_vs_mma_sync`): 1.17–1.27× at
+/// every length timed, 1,024 to 16,384 keys, causal and not; shorter calls keep the `mma.sync`
+/// backward until measured.
+pub const HOPPER_BACKWARD_MIN_KEYS: usize = 1024;
 
 /// Whether the backward of a [`CudaKernelFamily::WarpgroupMma`] call with head size `d_head` over
 /// `n_k` keys runs on the Hopper backward kernel.

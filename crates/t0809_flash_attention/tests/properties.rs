@@ -66,23 +66,25 @@ struct Case {
 }
 
 impl Case {
-    /// Case `i` of a GPU sweep: the first three are drawn in the dtype and head size of one CUDA
-    /// kernel family each (tensor cores, register-tiled f32, simple f32), so that even a short
-    /// sweep (under compute-sanitizer) reaches every family; the rest as [`Case::draw`].
+    /// Case `i` of a GPU sweep: the first four are drawn in the dtype, head size and kernel
+    /// choice of one CUDA kernel family each (mma.sync tensor cores, register-tiled f32, simple
+    /// f32, and on a Hopper card the warpgroup-MMA kernels), so that even a short sweep (under
+    /// compute-sanitizer) reaches every family; the rest as [`Case::draw`].
     fn draw_nth(rng: &mut Rng, on_gpu: bool, i: usize) -> Self {
         let c = Self::draw(rng, on_gpu);
-        let family = |dtype, d| Case {
+        let family = |dtype, d, kernels| Case {
             dtype,
             d,
-            kernels: FlashKernels::Auto,
+            kernels,
             offsets: [0; 3],
             scale: default_softmax_scale(d),
             ..c
         };
         match (on_gpu, i) {
-            (true, 0) => family(DType::BF16, 64),
-            (true, 1) => family(DType::F32, 64),
-            (true, 2) => family(DType::F32, 40),
+            (true, 0) => family(DType::BF16, 64, FlashKernels::MmaSync),
+            (true, 1) => family(DType::F32, 64, FlashKernels::Auto),
+            (true, 2) => family(DType::F32, 40, FlashKernels::Auto),
+            (true, 3) => family(DType::BF16, 64, FlashKernels::WarpgroupMma),
             _ => c,
         }
     }
