@@ -4,9 +4,11 @@
 // (262,144 tokens per call). For fast iteration on the kernel; the numbers a report quotes come
 // from `t0809_flash_attention bench`.
 //
-// Variants: "shipped s3" (three Q/dO stages). The organisation before the shipped one (each
-// consumer sends its own share of dQ, twice the reduce traffic) is the kernel of 63ddd6e; this
-// probe's 8591b15 version timed it beside the shipped one ("shipped" and "owner" there).
+// Variants: "shipped s3" (three Q/dO stages); at d 128, where kernels/flash_attn_hopper.cu has no
+// backward, "d128" and "d128 s3": the organisation of scripts/flash_hopper_bwd128.cuh. The
+// organisation before the shipped one (each consumer sends its own share of dQ, twice the reduce
+// traffic) is the kernel of 63ddd6e; this probe's 8591b15 version timed it beside the shipped one
+// ("shipped" and "owner" there).
 //
 // Build (here, no GPU needed):
 //   nvcc -O3 -std=c++17 --use_fast_math -gencode arch=compute_90a,code=sm_90a \
@@ -15,6 +17,7 @@
 
 #include "../crates/t0809_flash_attention/kernels/flash_attn_hopper.cu"
 #include "flash_hopper_probe_common.cuh"
+#include "flash_hopper_bwd128.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -24,17 +27,21 @@
 
 // Variants beside the shipped kernels: (stages).
 BWD_WGMMA(bwd_shipped_s3, bf16, 64, 3)
+BWD128_WGMMA(bwd128_s2, bf16, 2)
+BWD128_WGMMA(bwd128_s3, bf16, 3)
 
 typedef void (*Bwd)(hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, const float*,
                     const float*, float*, bf16*, bf16*, int, int, int, float, float, int, const int*);
 struct Kernel {
   const char* name;
   Bwd fn;
-  int stages;
+  int d, smem;
 };
 static const Kernel KERNELS[] = {
-    {"shipped", flash_bwd_wgmma_bf16_d64, 2},
-    {"shipped s3", bwd_shipped_s3, 3},
+    {"shipped", flash_bwd_wgmma_bf16_d64, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
+    {"shipped s3", bwd_shipped_s3, 64, hopper::bwd_smem_bytes<bf16, 64, 3>()},
+    {"d128", bwd128_s2, 128, hopper::bwd128_smem_bytes<bf16, 2>()},
+    {"d128 s3", bwd128_s3, 128, hopper::bwd128_smem_bytes<bf16, 3>()},
 };
 
 // ---- fp32 references (one thread per query or key) ----
@@ -62,7 +69,7 @@ __global__ void ref_bwd_kv(const bf16* Q, const bf16* K, const bf16* V, const bf
   const int n_kr = kvl ? min(n_k, kvl[bh]) : n_k;
   const bf16* k = K + ((size_t)bh * n_k + j) * d;
   const bf16* v = V + ((size_t)bh * n_k + j) * d;
-  float dk[64] = {0.f}, dv[64] = {0.f};
+  float dk[128] = {0.f}, dv[128] = {0.f};
   for (int i = 0; i < n_q; ++i) {
     if (!visible(i, j, n_q, n_k, n_kr, causal)) continue;
     const bf16* q = Q + ((size_t)bh * n_q + i) * d;
@@ -87,7 +94,7 @@ __global__ void ref_bwd_q(const bf16* Q, const bf16* K, const bf16* V, const bf1
   const int n_kr = kvl ? min(n_k, kvl[bh]) : n_k;
   const bf16* q = Q + ((size_t)bh * n_q + i) * d;
   const bf16* g = dO + ((size_t)bh * n_q + i) * d;
-  float dq[64] = {0.f};
+  float dq[128] = {0.f};
   for (int j = 0; j < n_k; ++j) {
     if (!visible(i, j, n_q, n_k, n_kr, causal)) continue;
     const bf16* k = K + ((size_t)bh * n_k + j) * d;
@@ -101,8 +108,7 @@ __global__ void ref_bwd_q(const bf16* Q, const bf16* K, const bf16* V, const bf1
 static void launch(const Kernel& kern, const bf16* q, const bf16* k, const bf16* v, const bf16* dO, const float* L,
                    const float* Dm, float* dQacc, bf16* dK, bf16* dV, int bh, int n_q, int n_k, bool causal,
                    const int* kvl) {
-  constexpr int d = 64;
-  const int smem = kern.stages == 2 ? hopper::bwd_smem_bytes<bf16, 64, 2>() : hopper::bwd_smem_bytes<bf16, 64, 3>();
+  const int d = kern.d, smem = kern.smem;
   CHECK(cudaFuncSetAttribute(kern.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   hopper::TensorMap mq = make_map(q, d, n_q, bh, 64), mdo = make_map(dO, d, n_q, bh, 64);
   hopper::TensorMap mk = make_map(k, d, n_k, bh, 128), mv = make_map(v, d, n_k, bh, 128);
@@ -149,9 +155,8 @@ static double err(const std::vector<float>& a, const std::vector<float>& b, doub
   return e;
 }
 
-// Every kernel against the references on one shape (bf16 inputs, d 64).
-static bool check(int bh, int n_q, int n_k, bool causal, bool padded) {
-  constexpr int d = 64;
+// Every kernel of head size d against the references on one shape (bf16 inputs).
+static bool check(int d, int bh, int n_q, int n_k, bool causal, bool padded) {
   const size_t nq = (size_t)bh * n_q * d, nk = (size_t)bh * n_k * d;
   bf16 *q = rnd(nq, 1), *k = rnd(nk, 2), *v = rnd(nk, 3), *dO = rnd(nq, 4);
   int* kvl = nullptr;
@@ -171,8 +176,9 @@ static bool check(int bh, int n_q, int n_k, bool causal, bool padded) {
   ref_bwd_q<<<dim3((n_q + 63) / 64, bh), 64>>>(q, k, v, dO, L, Dm, rdq, n_q, n_k, d, scale, causal, kvl);
   const auto ref_q = f32(rdq, nq), ref_k = f32(rdk, nk), ref_v = f32(rdv, nk);
   bool all = true;
-  printf("check bh %d n_q %d n_k %d causal %d padded %d:", bh, n_q, n_k, causal, padded);
+  printf("check d %d bh %d n_q %d n_k %d causal %d padded %d:", d, bh, n_q, n_k, causal, padded);
   for (const Kernel& kern : KERNELS) {
+    if (kern.d != d) continue;
     CHECK(cudaMemset(dqa, 0, nq * 4));
     launch(kern, q, k, v, dO, L, Dm, dqa, dk, dv, bh, n_q, n_k, causal, kvl);
     CHECK(cudaDeviceSynchronize());
@@ -201,19 +207,21 @@ int main() {
   CHECK(cudaGetDeviceProperties(&p, 0));
   printf("device: %s\n", p.name);
   bool ok = true;
-  ok &= check(2, 200, 200, false, false);
-  ok &= check(2, 200, 200, true, false);
-  ok &= check(2, 77, 333, false, false);
-  ok &= check(2, 77, 333, true, false);
-  ok &= check(1, 1, 1, false, false);
-  ok &= check(3, 1, 190, true, false);
-  ok &= check(2, 130, 65, false, false);
-  ok &= check(2, 256, 256, true, false);
-  ok &= check(4, 300, 300, true, true);
-  ok &= check(3, 512, 512, false, true);
-  ok &= check(2, 1000, 1000, true, false);
+  for (int d : {64, 128}) {
+    ok &= check(d, 2, 200, 200, false, false);
+    ok &= check(d, 2, 200, 200, true, false);
+    ok &= check(d, 2, 77, 333, false, false);
+    ok &= check(d, 2, 77, 333, true, false);
+    ok &= check(d, 1, 1, 1, false, false);
+    ok &= check(d, 3, 1, 190, true, false);
+    ok &= check(d, 2, 130, 65, false, false);
+    ok &= check(d, 2, 256, 256, true, false);
+    ok &= check(d, 4, 300, 300, true, true);
+    ok &= check(d, 3, 512, 512, false, true);
+    ok &= check(d, 2, 1000, 1000, true, false);
+  }
   printf("correctness: %s\n", ok ? "all ok" : "FAILURES");
-  constexpr int d = 64;
+  for (int d : {64, 128})
   for (bool causal : {false, true})
     for (int n : {1024, 2048, 4096, 8192, 16384}) {
       const int bh = 262144 / n;
@@ -230,6 +238,7 @@ int main() {
       std::vector<std::vector<float>> times(nk);
       for (int r = 0; r < 13; ++r)
         for (size_t i = 0; i < nk; ++i) {
+          if (KERNELS[i].d != d) continue;
           float ms;
           cudaEventRecord(a);
           launch(KERNELS[i], q, k, v, dO, L, Dm, dqa, dk, dv, bh, n, n, causal, nullptr);
@@ -239,9 +248,12 @@ int main() {
           if (r >= 3) times[i].push_back(ms);
         }
       const double flops = 2.5 * 4.0 * bh * (double)n * n * d / (causal ? 2 : 1);
-      const float base = median(times[0]);
-      printf("time bwd d 64 causal %d n %5d:", causal, n);
+      size_t first = 0;
+      while (KERNELS[first].d != d) ++first;
+      const float base = median(times[first]);
+      printf("time bwd d %d causal %d n %5d:", d, causal, n);
       for (size_t i = 0; i < nk; ++i) {
+        if (KERNELS[i].d != d) continue;
         const float ms = median(times[i]);
         printf(" | %s %.3f ms %.0f TFLOP/s %.2fx", KERNELS[i].name, ms, flops / ms / 1e9, base / ms);
       }
