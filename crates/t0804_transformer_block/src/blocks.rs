@@ -11,6 +11,15 @@ use t0802_multi_head_attention::{AttnMask, CacheSlot, MhaConfig, MultiHeadAttent
 /// A sub-layer that maps `(batch, seq, d_model)` to the same shape (norms, feed-forwards).
 pub trait Layer: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// `(x + a, self(x + a))`: a residual sum and this layer applied to it, for a norm that
+    /// follows a residual connection. The two ops in turn here; 8-06's fused RMSNorm computes
+    /// both in one pass over memory.
+    fn add_then_forward(&self, x: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
+        let h = residual_add(x, a)?;
+        let y = self.forward(&h)?;
+        Ok((h, y))
+    }
 }
 
 /// Layer normalisation (Ba et al., 2016), from scratch:

@@ -17,6 +17,7 @@ use crate::blocks::*;
 use crate::config::{LmConfig, NormKind, PositionKind};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use shared::add::residual_add;
 use shared::kernels::{AttentionImpl, Kernels, Lookup, OpImpl};
 use shared::params::{normal, weight};
 use std::path::Path;
@@ -76,13 +77,28 @@ impl DecoderOnlyBlock {
         start_pos: usize,
         cache: Option<CacheSlot<'_>>,
     ) -> Result<Tensor> {
-        let h = residual(x, self.attn_norm.as_ref(), self.placement, |y| {
-            self.attn
-                .self_attention(y, AttnMask::Causal, start_pos, cache)
-        })?;
-        residual(&h, self.ffn_norm.as_ref(), self.placement, |y| {
-            self.ffn.forward(y)
-        })
+        match self.placement {
+            NormPlacement::Pre => {
+                let attended = self.attn.self_attention(
+                    &self.attn_norm.forward(x)?,
+                    AttnMask::Causal,
+                    start_pos,
+                    cache,
+                )?;
+                // h = x + Attn(N₁(x)) and N₂(h), in one pass where the norm can fuse them.
+                let (h, normed) = self.ffn_norm.add_then_forward(x, &attended)?;
+                residual_add(&h, &self.ffn.forward(&normed)?)
+            }
+            NormPlacement::Post => {
+                let h = residual(x, self.attn_norm.as_ref(), self.placement, |y| {
+                    self.attn
+                        .self_attention(y, AttnMask::Causal, start_pos, cache)
+                })?;
+                residual(&h, self.ffn_norm.as_ref(), self.placement, |y| {
+                    self.ffn.forward(y)
+                })
+            }
+        }
     }
 }
 

@@ -95,6 +95,54 @@ __device__ __forceinline__ void rmsnorm_fwd(const T* __restrict__ x, const T* __
 }
 
 // ---------------------------------------------------------------------------------------------
+// Forward with the residual add in front: h = x + r (rounded to T, as a separate addition would
+// round it), y = RMSNorm(h) ⊙ g. Reads x and r, writes h and y: one pass instead of the addition's
+// (read x, r, write h) and the norm's (read h, write y). The second sweep recomputes h from x and
+// r (cache hits) rather than reading it back.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int V>
+__device__ __forceinline__ void add_rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ r,
+                                                const T* __restrict__ g, T* __restrict__ h,
+                                                T* __restrict__ y, int rows, int d, float eps) {
+  typedef Pack<T, V> P;
+  const int warps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int packs = d / V;
+  const P* gp = reinterpret_cast<const P*>(g);
+  for (int row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
+    const P* xp = reinterpret_cast<const P*>(x + (size_t)row * d);
+    const P* rp = reinterpret_cast<const P*>(r + (size_t)row * d);
+    P* hp = reinterpret_cast<P*>(h + (size_t)row * d);
+    P* yp = reinterpret_cast<P*>(y + (size_t)row * d);
+    float ss = 0.f;
+    for (int p = lane; p < packs; p += 32) {
+      const P a = xp[p], b = rp[p];
+      P sum;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        sum.v[i] = Cvt<T>::from_f(Cvt<T>::to_f(a.v[i]) + Cvt<T>::to_f(b.v[i]));
+        const float f = Cvt<T>::to_f(sum.v[i]);
+        ss = fmaf(f, f, ss);
+      }
+      hp[p] = sum;
+    }
+    ss = warp_sum(ss);
+    const float rr = 1.0f / sqrtf(ss / (float)d + eps);  // IEEE sqrt and division
+    for (int p = lane; p < packs; p += 32) {
+      const P a = xp[p], b = rp[p];
+      const P w = gp[p];
+      P out;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float f = Cvt<T>::to_f(Cvt<T>::from_f(Cvt<T>::to_f(a.v[i]) + Cvt<T>::to_f(b.v[i])));
+        out.v[i] = Cvt<T>::from_f(f * rr * Cvt<T>::to_f(w.v[i]));
+      }
+      yp[p] = out;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Backward, part 1: dx per row (one warp per row) and each block's partial dg.
 // Dynamic shared memory: d floats.
 // ---------------------------------------------------------------------------------------------
@@ -171,7 +219,8 @@ __device__ __forceinline__ void rmsnorm_dg_reduce(const float* __restrict__ part
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points: rmsnorm_{fwd,bwd}_{f32,bf16,f16}_v{1,V}, rmsnorm_dg_reduce_{f32,bf16,f16}.
+// Entry points: rmsnorm_{fwd,bwd}_{f32,bf16,f16}_v{1,V}, add_rmsnorm_fwd_{f32,bf16,f16}_v{1,V},
+// rmsnorm_dg_reduce_{f32,bf16,f16}.
 // ---------------------------------------------------------------------------------------------
 #define RMSNORM_KERNELS(T, NAME, V)                                                                \
   extern "C" __global__ void rmsnorm_fwd_##NAME##_v1(const T* x, const T* g, T* y, int rows, int d, \
@@ -181,6 +230,15 @@ __device__ __forceinline__ void rmsnorm_dg_reduce(const float* __restrict__ part
   extern "C" __global__ void rmsnorm_fwd_##NAME##_v##V(const T* x, const T* g, T* y, int rows,     \
                                                        int d, float eps) {                         \
     rmsnorm_fwd<T, V>(x, g, y, rows, d, eps);                                                      \
+  }                                                                                                \
+  extern "C" __global__ void add_rmsnorm_fwd_##NAME##_v1(const T* x, const T* r, const T* g, T* h,  \
+                                                         T* y, int rows, int d, float eps) {       \
+    add_rmsnorm_fwd<T, 1>(x, r, g, h, y, rows, d, eps);                                            \
+  }                                                                                                \
+  extern "C" __global__ void add_rmsnorm_fwd_##NAME##_v##V(const T* x, const T* r, const T* g,     \
+                                                           T* h, T* y, int rows, int d,            \
+                                                           float eps) {                            \
+    add_rmsnorm_fwd<T, V>(x, r, g, h, y, rows, d, eps);                                            \
   }                                                                                                \
   extern "C" __global__ void rmsnorm_bwd_##NAME##_v1(const T* x, const T* g, const T* dy, T* dx,   \
                                                      float* partial, int rows, int d, float eps) { \

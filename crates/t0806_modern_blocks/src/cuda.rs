@@ -282,3 +282,76 @@ fn bwd<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     }
     Ok(CudaStorage::wrap_cuda_slice(packed, dev))
 }
+
+/// The residual add and RMSNorm in one pass: `h = x + r` and `y = RMSNorm(h)·g`, both `(rows, d)`
+/// in the input dtype (`add_rmsnorm_fwd_*`, the forward's grid).
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_forward(
+    sx: &CudaStorage,
+    lx: &Layout,
+    sr: &CudaStorage,
+    lr: &Layout,
+    sg: &CudaStorage,
+    lg: &Layout,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<(CudaStorage, CudaStorage)> {
+    check_sizes(rows, d)?;
+    if sx.dtype() != sr.dtype() || sx.dtype() != sg.dtype() {
+        bail!(
+            "fused add + RMSNorm (cuda): x is {:?}, the residual branch {:?}, the gain {:?}",
+            sx.dtype(),
+            sr.dtype(),
+            sg.dtype()
+        );
+    }
+    macro_rules! run {
+        ($t:ty, $_a:ty) => {
+            add_fwd::<$t>(sx, lx, sr, lr, sg, lg, rows, d, eps)
+        };
+    }
+    shared::for_float_dtype!(sx.dtype(), "fused add + RMSNorm (cuda)", run, no_f64)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn add_fwd<T: CudaDType + DeviceRepr>(
+    sx: &CudaStorage,
+    lx: &Layout,
+    sr: &CudaStorage,
+    lr: &Layout,
+    sg: &CudaStorage,
+    lg: &Layout,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let dev = sx.device().clone();
+    let (x, ox) = view::<T>(sx, lx, "x")?;
+    let (r, or) = view::<T>(sr, lr, "residual branch")?;
+    let (g, og) = view::<T>(sg, lg, "gain")?;
+    let (name, v) = suffix(sx.dtype())?;
+    let v = vector_width(v, d, &[ox, or, og]);
+    // SAFETY: every element of h and y is written (every row, every column).
+    let mut h = unsafe { dev.alloc::<T>(rows * d)? };
+    let mut y = unsafe { dev.alloc::<T>(rows * d)? };
+    if rows > 0 {
+        let func = kernel(&dev, &format!("add_rmsnorm_fwd_{name}_v{v}"), 0)?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows_i, d_i) = (rows as i32, d as i32);
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        launch.arg(&x).arg(&r).arg(&g).arg(&mut h).arg(&mut y);
+        launch.arg(&rows_i).arg(&d_i).arg(&eps);
+        // SAFETY: the arguments match the kernel's signature; h and y hold rows·d elements.
+        unsafe { launch.launch(cfg) }.w()?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(h, dev.clone()),
+        CudaStorage::wrap_cuda_slice(y, dev),
+    ))
+}

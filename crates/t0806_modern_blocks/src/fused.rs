@@ -175,7 +175,7 @@ fn inv_rms<T: Element, A: Real>(row: &[T], eps: f64) -> A {
 }
 
 /// Forward on the CPU, rows over the cores: `y = x·r·g`.
-fn cpu_forward<T: Element, A: Real>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
+pub(crate) fn cpu_forward<T: Element, A: Real>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
     let mut y = shared::cpu::zeros::<T>(x.len());
     for_each_row(&mut y, d, |i, out| {
         let row = &x[i * d..(i + 1) * d];

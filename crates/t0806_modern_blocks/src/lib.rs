@@ -49,6 +49,7 @@
 //! `softmax`), never the model's config: the math, the parameters and the checkpoints are the
 //! same.
 
+pub mod add_norm;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod fused;
@@ -56,6 +57,7 @@ pub mod gelu_fused;
 pub mod layernorm_fused;
 pub mod softmax_fused;
 pub mod swiglu_fused;
+pub use add_norm::add_rms_norm_fused;
 pub use fused::{rms_norm_fused, rms_norm_fused_backward, FusedRmsNorm, FusedRmsNormBackward};
 pub use gelu_fused::bias_gelu_fused;
 pub use layernorm_fused::{layer_norm_fused, layer_norm_fused_backward, FusedLayerNormLayer};
@@ -108,6 +110,17 @@ impl RmsNorm {
 }
 
 impl Layer for RmsNorm {
+    /// The fused norm also takes the residual add in front of it ([`add_rms_norm_fused`]), unless
+    /// [`add_norm::set_fused_add_norm`] turned that off; the composed norm takes it in turn.
+    fn add_then_forward(&self, x: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.imp == OpImpl::Fused && add_norm::fused_add_norm() {
+            return add_rms_norm_fused(x, a, &self.gain, self.eps);
+        }
+        let h = shared::add::residual_add(x, a)?;
+        let y = self.forward(&h)?;
+        Ok((h, y))
+    }
+
     /// `x (…, d)` → same shape; computed in f32 (f64 stays f64) and cast back.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         expect_last_dim(x, self.gain.dims()[0], "RmsNorm input")?;

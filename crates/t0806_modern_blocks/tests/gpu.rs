@@ -262,3 +262,57 @@ fn gpu_rung1_with_fused_norm_trains_like_composed() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn gpu_fused_add_and_norm_equal_the_two_ops_bit_for_bit() -> Result<()> {
+    // kernels/rmsnorm.cu's add_rmsnorm_fwd_* against shared::add::residual_add followed by the
+    // fused RMSNorm on the same GPU: h and y, and the gradients of x, a and g for
+    // loss = Σ h⊙u + Σ y⊙w (h used twice, as in a block), bit for bit. Widths 40 (one element per
+    // lane) and 64 (16-byte vectors), 37 rows (a partial last block of 8 warps).
+    let Some(dev) = gpu("gpu_fused_add_and_norm_equal_the_two_ops_bit_for_bit") else {
+        return Ok(());
+    };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for d in [40usize, 64] {
+            let draw = |seed: u64, shape: &[usize]| -> Result<Tensor> {
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n)
+                    .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
+                    .collect();
+                Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)
+            };
+            let run = |fused: bool| -> Result<Vec<Vec<f64>>> {
+                let x = Var::from_tensor(&draw(1, &[37, d])?)?;
+                let a = Var::from_tensor(&draw(2, &[37, d])?)?;
+                let g = Var::from_tensor(&(draw(3, &[d])? + 1.0)?)?;
+                let (h, y) = if fused {
+                    add_rms_norm_fused(&x, &a, &g, 1e-5)?
+                } else {
+                    let h = shared::add::residual_add(&x, &a)?;
+                    let y = rms_norm_fused(&h, &g, 1e-5)?;
+                    (h, y)
+                };
+                let loss = ((&h * &draw(4, &[37, d])?)?.sum_all()?
+                    + (&y * &draw(5, &[37, d])?)?.sum_all()?)?;
+                let grads = loss.backward()?;
+                let mut out = vec![vec64(&h), vec64(&y)];
+                for v in [&x, &a, &g] {
+                    out.push(vec64(grads.get(v.as_tensor()).expect("gradient")));
+                }
+                Ok(out)
+            };
+            let (fused, separate) = (run(true)?, run(false)?);
+            for (i, name) in ["h", "y", "dx", "da"].iter().enumerate() {
+                assert_eq!(fused[i], separate[i], "{dtype:?} d {d}: {name}");
+            }
+            // dg sums rows with shared-memory atomics whose order varies: equal to rounding.
+            let e = max_abs(&fused[4], &separate[4]);
+            let scale = separate[4].iter().fold(0f64, |m, v| m.max(v.abs()));
+            assert!(
+                e <= 1e-2 * scale,
+                "{dtype:?} d {d}: dg differs by {e:e} (scale {scale:e})"
+            );
+        }
+    }
+    Ok(())
+}

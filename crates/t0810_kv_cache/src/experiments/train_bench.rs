@@ -90,6 +90,10 @@ pub struct TrainBenchArgs {
     /// `shared::add::residual_add` (16 bytes per thread), to measure that.
     #[arg(long)]
     pub candle_residual_add: bool,
+    /// Add the attention branch to the residual stream and normalise the sum in two ops
+    /// instead of one (`t0806_modern_blocks::add_rms_norm_fused`), to measure that.
+    #[arg(long)]
+    pub unfused_add_norm: bool,
     /// Hand freed device memory back to the driver at every synchronisation (the driver's
     /// default) instead of keeping it in the pool (`shared::device::keep_freed_memory`), to
     /// measure that.
@@ -274,6 +278,7 @@ fn set_switches(a: &TrainBenchArgs, dev: &Device) -> Result<()> {
         candle_core::backprop::set_gradient_sum(None);
     }
     shared::add::set_fast_residual_add(!a.candle_residual_add);
+    t0806_modern_blocks::add_norm::set_fused_add_norm(!a.unfused_add_norm);
     Ok(())
 }
 
@@ -384,7 +389,7 @@ pub fn run(common: &CommonArgs, kernel_args: &KernelArgs, a: &TrainBenchArgs) ->
             mfu.map_or("–".into(), |m| format!("{:.1} %", 100.0 * m)),
         ]],
     );
-    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "upstream_matmul_grads": a.upstream_matmul_grads, "per_tensor_adamw": a.per_tensor_adamw, "candle_gradient_sum": a.candle_gradient_sum, "candle_residual_add": a.candle_residual_add, "release_pool_memory": a.release_pool_memory, "cast_weights": a.cast_weights, "peak_tflops": a.peak_tflops, "params": n_params, "world": world});
+    let config = serde_json::json!({"bench": cfg, "batch": a.batch, "steps": steps, "kernels": kernels, "synchronous_step": a.synchronous_step, "upstream_grad_accumulation": a.upstream_grad_accumulation, "upstream_matmul_grads": a.upstream_matmul_grads, "per_tensor_adamw": a.per_tensor_adamw, "candle_gradient_sum": a.candle_gradient_sum, "candle_residual_add": a.candle_residual_add, "unfused_add_norm": a.unfused_add_norm, "release_pool_memory": a.release_pool_memory, "cast_weights": a.cast_weights, "peak_tflops": a.peak_tflops, "params": n_params, "world": world});
     let mut report = RunReport::start(
         crate::TOPIC,
         config,
