@@ -14,7 +14,9 @@
 //     registers), from both consumers' halves of dSᵀ, and sends it by 64 row-wise bulk
 //     reduce-adds (256 bytes each; its columns are not contiguous in the (n_q, 128) dQ buffer).
 // The rest is the d 64 kernel's: 128 keys per CTA, consumer c owns keys 64c..64c+63, query tiles
-// of 64 in an NS-stage ring, the next tile's Sᵀ and dPᵀ queued behind this tile's products.
+// of 64 in an NS-stage ring. One difference: a tile's Sᵀ and dPᵀ are issued at the top of its own
+// iteration and waited for at once (the d 64 kernel queues them behind the tile before; here that
+// spills), so a consumer's tensor-core work overlaps only the other consumer's softmax.
 
 namespace hopper {
 
@@ -78,12 +80,17 @@ __device__ __forceinline__ void issue_dq0(float (&dq)[8][4], uint32_t ds_b, uint
   wgmma_commit();
 }
 
+// Row stride (floats) of a consumer's f32 dQ half in shared memory: 64 columns padded to 68, so
+// that the 8 rows a warp's stores touch at once fall in different banks (16-byte aligned rows).
+constexpr int DQ_STRIDE = 68;
+
 // Shared memory: K and V (128 keys × 128), NS stages of Q and dO (64 × 128), Pᵀ (128 keys × 64
-// queries), two buffers of dSᵀ (128 × 64), each consumer's f32 half of dQ (64 × 64), alignment,
-// and the mbarriers (K/V full; Q/dO full and empty per stage; dSᵀ full and empty per buffer).
+// queries), two buffers of dSᵀ (128 × 64), each consumer's f32 half of dQ (64 × DQ_STRIDE),
+// alignment, and the mbarriers (K/V full; Q/dO full and empty per stage; dSᵀ full and empty per
+// buffer). 216,136 bytes at NS = 2; NS = 3 would exceed the 227 KiB a CTA may have.
 template <typename T, int NS>
 constexpr int bwd128_smem_bytes() {
-  return (2 * 128 * 128 + 2 * NS * 64 * 128 + 3 * 128 * 64) * (int)sizeof(T) + 2 * 64 * 64 * 4 + 1024 +
+  return (2 * 128 * 128 + 2 * NS * 64 * 128 + 3 * 128 * 64) * (int)sizeof(T) + 2 * 64 * DQ_STRIDE * 4 + 1024 +
          8 * (1 + 2 * NS + 4);
 }
 
@@ -101,7 +108,7 @@ struct Bwd128Shared {
     pt = d_o + NS * 64 * D;  // 128 keys × 64 queries
     ds = pt + 128 * 64;      // 2 buffers of 128 keys × 64 queries
     dq = reinterpret_cast<float*>(ds + 2 * 128 * 64);
-    kv_full = reinterpret_cast<uint64_t*>(dq + 2 * 64 * 64);
+    kv_full = reinterpret_cast<uint64_t*>(dq + 2 * 64 * DQ_STRIDE);
     q_full = kv_full + 1;
     q_empty = q_full + NS;
     ds_full = q_empty + NS;
@@ -121,7 +128,8 @@ struct Bwd128Shared {
   }
 };
 
-// This consumer's half of dQ_i (f32, 64 queries × its 64 columns) into its shared buffer, then
+// This consumer's half of dQ_i (f32, 64 queries × its 64 columns) into its shared buffer (rows
+// DQ_STRIDE floats apart), then
 // one bulk reduce-add per query row (256 bytes, by thread `row`) into the f32 dQ buffer (row
 // stride 128). Each issuing thread waits for its previous copy to have read the buffer first.
 template <int BR>
@@ -131,12 +139,12 @@ __device__ __forceinline__ void send_dq_half(float* my_dq, const float (&dq)[8][
   if (ctid < BR) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
   consumer_sync(c);
   // 32-bit shared addresses: one base register, the rest immediate offsets.
-  const uint32_t base = smem_u32(my_dq) + ((warp * 16 + g) * 64 + 2 * t) * 4;
+  const uint32_t base = smem_u32(my_dq) + ((warp * 16 + g) * DQ_STRIDE + 2 * t) * 4;
 #pragma unroll
   for (int dn = 0; dn < 8; ++dn)
 #pragma unroll
     for (int r = 0; r < 2; ++r)
-      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(base + (8 * r * 64 + dn * 8) * 4),
+      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(base + (8 * r * DQ_STRIDE + dn * 8) * 4),
                    "f"(dq[dn][2 * r]), "f"(dq[dn][2 * r + 1])
                    : "memory");
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -144,7 +152,7 @@ __device__ __forceinline__ void send_dq_half(float* my_dq, const float (&dq)[8][
   if (ctid < rows) {
     asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
                  "cp.async.bulk.commit_group;\n" ::"l"(dQh + (size_t)(i0 + ctid) * 128 + c * 64),
-                 "r"(smem_u32(my_dq + ctid * 64)), "r"(256)
+                 "r"(smem_u32(my_dq + ctid * DQ_STRIDE)), "r"(256)
                  : "memory");
   }
 }
@@ -284,7 +292,7 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
     pin(dq);
     mbar_arrive(sh.q_empty + s);   // Q_i and dO_i are free
     mbar_arrive(sh.ds_empty + b);  // this consumer's dQ product has read buffer b
-    send_dq_half<BR>(sh.dq + c * BR * 64, dq, dQh, i0, n_q, c, ctid, warp, g, t);
+    send_dq_half<BR>(sh.dq + c * BR * DQ_STRIDE, dq, dQh, i0, n_q, c, ctid, warp, g, t);
   }
 
   if (ctid < BR) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
@@ -295,6 +303,7 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
 }  // namespace hopper
 
 #define BWD128_WGMMA(NAME, T, NS)                                                                           \
+  static_assert(hopper::bwd128_smem_bytes<T, NS>() <= 232448, "more shared memory than a CTA may have"); \
   extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                               \
       const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,        \
       const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,       \
