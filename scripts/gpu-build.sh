@@ -13,9 +13,12 @@
 #               only packages with an nccl feature: shared, t0810_kv_cache); the link needs libnccl.so
 #               on LIBRARY_PATH (e.g. a folder with a libnccl.so link to PyTorch's nvidia/nccl/lib/libnccl.so.2)
 #
-# Every executable embeds Candle's CUDA kernels (~43 MB each); one long-window xz over one tar
-# stores them once, so a bundle of many stays a few MB. Produces .gpu/bundle.tar.xz, a manifest
-# and a copy of ../shared/gpu/remote-env.sh. Then, with the device tool:
+# Every executable embeds Candle's CUDA kernels (~43 MB each); stripped, and one long-window xz
+# over one tar storing the kernels once, each executable adds about 1 MB to the bundle.
+# GPU_STRIP=0 keeps the symbols; GPU_XZ_DICT sets the window (see below). Produces
+# .gpu/bundle.tar.xz, a manifest and a copy of ../shared/gpu/remote-env.sh (and WikiText-2 under
+# .gpu/data, ~9 MB, for the experiments: remove it when only tests run and the upload is tight).
+# Then, with the device tool:
 #   carry [".gpu"], command: bash scripts/gpu-run.sh tests   |   bash scripts/gpu-run.sh bin NAME ARGS...
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -73,8 +76,17 @@ for e in $examples; do
 done
 # The revision the executables are built from (gpu-run.sh reports it and hands it to results.json).
 git describe --always --dirty > .gpu/stage/git-rev.txt 2>/dev/null || echo unknown > .gpu/stage/git-rev.txt
-echo "== compressing $(du -sh .gpu/stage | cut -f1) (one long-window xz stores the shared kernels once)" >&2
-tar -C .gpu/stage -cf - . | xz -T1 --lzma2=preset=6,dict=256MiB > .gpu/bundle.tar.xz
+# Symbols off (panic messages keep their file and line): about a fifth of each executable.
+# GPU_STRIP=0 keeps them.
+if [ "${GPU_STRIP:-1}" = 1 ]; then
+  find .gpu/stage/tests .gpu/stage/bin -type f -exec strip {} +
+fi
+# One long-window xz stores the kernels every executable embeds once: with a window as large as
+# the whole tar (GPU_XZ_DICT, 1536 MiB by default; ~16 GiB of memory and ~8 minutes on 2 cores
+# for 29 executables), the workspace's 27 CUDA test executables and two topic binaries come to
+# ~26 MB, which fits the device tool's 64 MiB upload beside the working tree.
+echo "== compressing $(du -sh .gpu/stage | cut -f1)" >&2
+tar -C .gpu/stage -cf - . | xz -T1 -9e --lzma2=dict="${GPU_XZ_DICT:-1536MiB}" > .gpu/bundle.tar.xz
 cp "$shared_gpu/remote-env.sh" .gpu/
 # The GPU host has no fonts: carry one for the plots.
 font=$(fc-match -f "%{file}" "DejaVu Sans:style=Book" 2>/dev/null || true)
