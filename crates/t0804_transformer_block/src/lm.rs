@@ -58,6 +58,40 @@ impl AbsolutePositions for LearnedPositions {
     }
 }
 
+/// The residual stream between blocks: its value so far, and (pre-norm) the last block's
+/// feed-forward branch not yet added to it, so that the next norm can add it in the same pass
+/// ([`Layer::add_then_forward`]). Its value is `x + pending`.
+pub struct Stream {
+    pub x: Tensor,
+    pub pending: Option<Tensor>,
+}
+
+impl Stream {
+    /// A stream with nothing pending.
+    pub fn new(x: Tensor) -> Self {
+        Self { x, pending: None }
+    }
+
+    /// The stream's value, `x + pending`.
+    pub fn value(self) -> Result<Tensor> {
+        match self.pending {
+            Some(f) => residual_add(&self.x, &f),
+            None => Ok(self.x),
+        }
+    }
+
+    /// `(value, norm(value))`: the pending add and the norm in one call.
+    pub fn normed(self, norm: &dyn Layer) -> Result<(Tensor, Tensor)> {
+        match self.pending {
+            Some(f) => norm.add_then_forward(&self.x, &f),
+            None => {
+                let y = norm.forward(&self.x)?;
+                Ok((self.x, y))
+            }
+        }
+    }
+}
+
 /// A decoder-only block: `h = x + Attn(N₁(x))`, `y = h + FFN(N₂(h))` (pre-norm) or the
 /// post-norm arrangement. Parameter prefixes: `attn_norm`, `attn`, `ffn_norm`, `ffn`.
 pub struct DecoderOnlyBlock {
@@ -77,26 +111,41 @@ impl DecoderOnlyBlock {
         start_pos: usize,
         cache: Option<CacheSlot<'_>>,
     ) -> Result<Tensor> {
+        self.forward_stream(Stream::new(x.clone()), start_pos, cache)?
+            .value()
+    }
+
+    /// [`Self::forward`] on the residual stream. Pre-norm, each residual add runs inside the norm
+    /// that follows it: the stream's pending branch inside `N₁`, the attention branch inside `N₂`,
+    /// and the feed-forward branch is left pending for the next block's `N₁` (or the final norm).
+    pub fn forward_stream(
+        &self,
+        stream: Stream,
+        start_pos: usize,
+        cache: Option<CacheSlot<'_>>,
+    ) -> Result<Stream> {
         match self.placement {
             NormPlacement::Pre => {
-                let attended = self.attn.self_attention(
-                    &self.attn_norm.forward(x)?,
-                    AttnMask::Causal,
-                    start_pos,
-                    cache,
-                )?;
-                // h = x + Attn(N₁(x)) and N₂(h), in one pass where the norm can fuse them.
-                let (h, normed) = self.ffn_norm.add_then_forward(x, &attended)?;
-                residual_add(&h, &self.ffn.forward(&normed)?)
+                let (x, normed) = stream.normed(self.attn_norm.as_ref())?;
+                let attended =
+                    self.attn
+                        .self_attention(&normed, AttnMask::Causal, start_pos, cache)?;
+                let (h, normed) = self.ffn_norm.add_then_forward(&x, &attended)?;
+                Ok(Stream {
+                    x: h,
+                    pending: Some(self.ffn.forward(&normed)?),
+                })
             }
             NormPlacement::Post => {
-                let h = residual(x, self.attn_norm.as_ref(), self.placement, |y| {
+                let x = stream.value()?;
+                let h = residual(&x, self.attn_norm.as_ref(), self.placement, |y| {
                     self.attn
                         .self_attention(y, AttnMask::Causal, start_pos, cache)
                 })?;
-                residual(&h, self.ffn_norm.as_ref(), self.placement, |y| {
+                let y = residual(&h, self.ffn_norm.as_ref(), self.placement, |y| {
                     self.ffn.forward(y)
-                })
+                })?;
+                Ok(Stream::new(y))
             }
         }
     }
@@ -170,17 +219,18 @@ impl DecoderOnlyLm {
 
     /// The final hidden states `(batch, seq, d_model)` (after the final norm).
     pub fn hidden(&self, tokens: &Tensor, start_pos: usize) -> Result<Tensor> {
-        let mut x = self.embed(tokens, start_pos)?;
+        let mut stream = Stream::new(self.embed(tokens, start_pos)?);
         for block in &self.blocks {
-            x = block.forward(&x, start_pos, None)?;
+            stream = block.forward_stream(stream, start_pos, None)?;
         }
-        self.final_norm(x)
+        self.final_norm(stream)
     }
 
-    fn final_norm(&self, x: Tensor) -> Result<Tensor> {
+    /// The stream's value through the final norm (pre-norm models), its last add included.
+    fn final_norm(&self, stream: Stream) -> Result<Tensor> {
         match &self.final_norm {
-            Some(n) => n.forward(&x),
-            None => Ok(x),
+            Some(n) => Ok(stream.normed(n.as_ref())?.1),
+            None => stream.value(),
         }
     }
 
@@ -200,7 +250,7 @@ impl DecoderOnlyLm {
     pub fn forward_cached(&self, tokens: &Tensor, cache: &mut dyn KvStore) -> Result<Tensor> {
         let t = tokens.dim(1)?;
         let start = cache.seq_len();
-        let mut x = self.embed(tokens, start)?; // checks the model's maximum context
+        let mut stream = Stream::new(self.embed(tokens, start)?); // checks the model's maximum context
         cache.begin(t)?; // checks (and for a paged cache allocates) room before any write
         if self.positions.is_some() && cache.device_position().is_some() {
             bail!("a cache that keeps its position on the device needs positions inside attention (RoPE): this model's learned position table is indexed on the host");
@@ -210,10 +260,10 @@ impl DecoderOnlyLm {
                 store: &mut *cache,
                 layer,
             };
-            x = block.forward(&x, start, Some(slot))?;
+            stream = block.forward_stream(stream, start, Some(slot))?;
         }
         cache.commit(t)?;
-        self.logits_from_hidden(&self.final_norm(x)?)
+        self.logits_from_hidden(&self.final_norm(stream)?)
     }
 
     /// Mean next-token cross-entropy of `targets (batch, seq)`.

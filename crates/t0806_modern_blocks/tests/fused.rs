@@ -235,6 +235,48 @@ fn rung1_with_fused_norm_swiglu_and_softmax_gives_same_logits_and_gradients() ->
 }
 
 #[test]
+fn residual_adds_inside_the_norms_change_no_bit() -> anyhow::Result<()> {
+    // With the fused norm, DecoderOnlyLm::hidden runs every pre-norm residual add inside the norm
+    // that follows it (add_rms_norm_fused through Layer::add_then_forward): the attention branch
+    // inside N₂, the feed-forward branch inside the next block's N₁ or the final norm. Written
+    // out op by op, with every add on its own, the hidden states are the same bit for bit, in f32
+    // and in bf16 (where the sum's rounding matters), on the test device.
+    let _init = shared::params::init_turn();
+    let dev = shared::device::test_device();
+    let shape = LmShape {
+        vocab_size: 64,
+        max_seq_len: 16,
+        d_model: 32,
+        n_layers: 3,
+        n_heads: 4,
+    };
+    let cfg = modern(LmConfig::gpt2(shape));
+    let tokens = Tensor::new(&[[1u32, 5, 7, 9, 2, 8], [3, 3, 3, 4, 63, 0]], &dev)?;
+    let fused_ops = Kernels {
+        norm: OpImpl::Fused,
+        ..Kernels::composed()
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        shared::params::set_seed(5);
+        let (_, lm) = init_lm(&cfg, &parts(fused_ops), dtype, &dev)?;
+        let fused = lm.hidden(&tokens, 0)?;
+        let mut x = lm.embed(&tokens, 0)?;
+        for block in &lm.blocks {
+            let normed = block.attn_norm.forward(&x)?;
+            let attended = block
+                .attn
+                .self_attention(&normed, AttnMask::Causal, 0, None)?;
+            let h = shared::add::residual_add(&x, &attended)?;
+            let branch = block.ffn.forward(&block.ffn_norm.forward(&h)?)?;
+            x = shared::add::residual_add(&h, &branch)?;
+        }
+        let separate = lm.final_norm.as_ref().expect("pre-norm").forward(&x)?;
+        assert_eq!(vec64(&fused), vec64(&separate), "{dtype:?}");
+    }
+    Ok(())
+}
+
+#[test]
 fn fused_rejects_bad_inputs_with_clear_messages() -> Result<()> {
     let _init = shared::params::init_turn();
     let dev = Device::Cpu;
