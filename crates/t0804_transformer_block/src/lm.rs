@@ -126,14 +126,14 @@ impl DecoderOnlyBlock {
     ) -> Result<Stream> {
         match self.placement {
             NormPlacement::Pre => {
-                let (x, normed) = stream.normed(self.attn_norm.as_ref())?;
+                let (x, attn_in) = stream.normed(self.attn_norm.as_ref())?;
                 let attended =
                     self.attn
-                        .self_attention(&normed, AttnMask::Causal, start_pos, cache)?;
-                let (h, normed) = self.ffn_norm.add_then_forward(&x, &attended)?;
+                        .self_attention(&attn_in, AttnMask::Causal, start_pos, cache)?;
+                let (h, ffn_in) = self.ffn_norm.add_then_forward(&x, &attended)?;
                 Ok(Stream {
                     x: h,
-                    pending: Some(self.ffn.forward(&normed)?),
+                    pending: Some(self.ffn.forward(&ffn_in)?),
                 })
             }
             NormPlacement::Post => {
@@ -262,8 +262,9 @@ impl DecoderOnlyLm {
             };
             stream = block.forward_stream(stream, start, Some(slot))?;
         }
+        let logits = self.logits_from_hidden(&self.final_norm(stream)?)?;
         cache.commit(t)?;
-        self.logits_from_hidden(&self.final_norm(stream)?)
+        Ok(logits)
     }
 
     /// Mean next-token cross-entropy of `targets (batch, seq)`.

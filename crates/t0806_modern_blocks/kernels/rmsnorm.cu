@@ -95,13 +95,21 @@ __device__ __forceinline__ void rmsnorm_fwd(const T* __restrict__ x, const T* __
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward with the residual add in front: h = x + r (rounded to T, as a separate addition would
-// round it), y = RMSNorm(h) ⊙ g. Reads x and r, writes h and y: one pass instead of the addition's
-// (read x, r, write h) and the norm's (read h, write y). The second sweep recomputes h from x and
-// r (cache hits) rather than reading it back.
+// Forward with the residual add in front: h = x + a (rounded to T, as a separate addition rounds
+// it), y = RMSNorm(h) ⊙ g. Reads x and the branch a, writes h and y: one pass instead of the
+// addition's (read x, a, write h) and the norm's (read h, write y). The second sweep recomputes h
+// from x and a (cache hits) rather than reading it back. With the same vector width V as the
+// separate norm (16-byte aligned rows), each lane sums the same elements in the same order: y is
+// the separate path's bit for bit.
 // ---------------------------------------------------------------------------------------------
+// x + a rounded to T, as a float.
+template <typename T>
+__device__ __forceinline__ float add_rounded(T x, T a) {
+  return Cvt<T>::to_f(Cvt<T>::from_f(Cvt<T>::to_f(x) + Cvt<T>::to_f(a)));
+}
+
 template <typename T, int V>
-__device__ __forceinline__ void add_rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ r,
+__device__ __forceinline__ void add_rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ a,
                                                 const T* __restrict__ g, T* __restrict__ h,
                                                 T* __restrict__ y, int rows, int d, float eps) {
   typedef Pack<T, V> P;
@@ -111,32 +119,30 @@ __device__ __forceinline__ void add_rmsnorm_fwd(const T* __restrict__ x, const T
   const P* gp = reinterpret_cast<const P*>(g);
   for (int row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
     const P* xp = reinterpret_cast<const P*>(x + (size_t)row * d);
-    const P* rp = reinterpret_cast<const P*>(r + (size_t)row * d);
+    const P* ap = reinterpret_cast<const P*>(a + (size_t)row * d);
     P* hp = reinterpret_cast<P*>(h + (size_t)row * d);
     P* yp = reinterpret_cast<P*>(y + (size_t)row * d);
     float ss = 0.f;
     for (int p = lane; p < packs; p += 32) {
-      const P a = xp[p], b = rp[p];
+      const P px = xp[p], pa = ap[p];
       P sum;
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        sum.v[i] = Cvt<T>::from_f(Cvt<T>::to_f(a.v[i]) + Cvt<T>::to_f(b.v[i]));
-        const float f = Cvt<T>::to_f(sum.v[i]);
+        const float f = add_rounded<T>(px.v[i], pa.v[i]);
+        sum.v[i] = Cvt<T>::from_f(f);  // exact: f is already a T value
         ss = fmaf(f, f, ss);
       }
       hp[p] = sum;
     }
     ss = warp_sum(ss);
-    const float rr = 1.0f / sqrtf(ss / (float)d + eps);  // IEEE sqrt and division
+    const float r = 1.0f / sqrtf(ss / (float)d + eps);  // IEEE sqrt and division
     for (int p = lane; p < packs; p += 32) {
-      const P a = xp[p], b = rp[p];
+      const P px = xp[p], pa = ap[p];
       const P w = gp[p];
       P out;
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float f = Cvt<T>::to_f(Cvt<T>::from_f(Cvt<T>::to_f(a.v[i]) + Cvt<T>::to_f(b.v[i])));
-        out.v[i] = Cvt<T>::from_f(f * rr * Cvt<T>::to_f(w.v[i]));
-      }
+      for (int i = 0; i < V; ++i)
+        out.v[i] = Cvt<T>::from_f(add_rounded<T>(px.v[i], pa.v[i]) * r * Cvt<T>::to_f(w.v[i]));
       yp[p] = out;
     }
   }
@@ -231,14 +237,14 @@ __device__ __forceinline__ void rmsnorm_dg_reduce(const float* __restrict__ part
                                                        int d, float eps) {                         \
     rmsnorm_fwd<T, V>(x, g, y, rows, d, eps);                                                      \
   }                                                                                                \
-  extern "C" __global__ void add_rmsnorm_fwd_##NAME##_v1(const T* x, const T* r, const T* g, T* h,  \
+  extern "C" __global__ void add_rmsnorm_fwd_##NAME##_v1(const T* x, const T* a, const T* g, T* h,  \
                                                          T* y, int rows, int d, float eps) {       \
-    add_rmsnorm_fwd<T, 1>(x, r, g, h, y, rows, d, eps);                                            \
+    add_rmsnorm_fwd<T, 1>(x, a, g, h, y, rows, d, eps);                                            \
   }                                                                                                \
-  extern "C" __global__ void add_rmsnorm_fwd_##NAME##_v##V(const T* x, const T* r, const T* g,     \
+  extern "C" __global__ void add_rmsnorm_fwd_##NAME##_v##V(const T* x, const T* a, const T* g,     \
                                                            T* h, T* y, int rows, int d,            \
                                                            float eps) {                            \
-    add_rmsnorm_fwd<T, V>(x, r, g, h, y, rows, d, eps);                                            \
+    add_rmsnorm_fwd<T, V>(x, a, g, h, y, rows, d, eps);                                            \
   }                                                                                                \
   extern "C" __global__ void rmsnorm_bwd_##NAME##_v1(const T* x, const T* g, const T* dy, T* dx,   \
                                                      float* partial, int rows, int d, float eps) { \

@@ -1,7 +1,8 @@
 //! # The residual add fused into the RMSNorm that follows it
 //!
-//! Inside a pre-norm block the attention branch's output is added to the stream and the sum is
-//! normalised at once for the feed-forward branch:
+//! In a pre-norm model every residual add is followed by a norm: the attention branch's by the
+//! feed-forward branch's `N₂`, the feed-forward branch's by the next block's `N₁` (or the final
+//! norm). For the first:
 //!
 //! ```text
 //! h = x + Attn(N₁(x))          the residual add: reads x and a, writes h
@@ -11,7 +12,10 @@
 //! [`add_rms_norm_fused`] does both in one pass (`kernels/rmsnorm.cu`, `add_rmsnorm_fwd_*`): it
 //! reads `x` and `a`, writes `h` and `y`, and saves a read of `h` and a launch. `h` is rounded to
 //! the storage dtype before it is normalised, as the separate addition rounds it, so both outputs
-//! are bit for bit those of [`shared::add::residual_add`] followed by [`crate::rms_norm_fused`].
+//! are bit for bit those of [`shared::add::residual_add`] followed by [`crate::rms_norm_fused`]
+//! (on the GPU when `x` and `a` start 16-byte aligned, as every activation of the model does;
+//! otherwise `y` may differ in the last bit). 8-04's `Layer::add_then_forward` is where a block
+//! asks for it, and its `Stream` carries the feed-forward branch to the next norm.
 //!
 //! A Candle op has one output, and the graph must stay the one of the two separate ops (the
 //! gradient of `h` is the sum of the norm's and the residual stream's, formed once where `h` is
@@ -112,16 +116,28 @@ fn take(slot: &Slot) -> Result<Stash> {
 /// `(x, a, g) → h = x + a`, computing `RMSNorm(h)·g` in the same pass into its slot (use
 /// [`add_rms_norm_fused`], which checks the arguments and reads the slot).
 #[derive(Clone)]
-pub struct AddRmsNorm {
+pub(crate) struct AddRmsNorm {
     pub eps: f64,
     normed: Slot,
 }
 
 /// `(h, g) → RMSNorm(h)·g`, taken from the slot [`AddRmsNorm`] filled; its gradient is RMSNorm's.
 #[derive(Clone)]
-pub struct StashedRmsNorm {
+pub(crate) struct StashedRmsNorm {
     pub eps: f64,
     normed: Slot,
+}
+
+/// `x` and the branch `a` of one shape (the public function checks it; the ops check again).
+fn same_shape(lx: &Layout, la: &Layout) -> Result<()> {
+    if lx.shape() != la.shape() || !la.is_contiguous() {
+        bail!(
+            "fused add + RMSNorm: the residual branch {:?} must be contiguous and shaped like x {:?}",
+            la.shape(),
+            lx.shape()
+        );
+    }
+    Ok(())
 }
 
 /// `h = x + a` rounded to `T`, then `y = RMSNorm(h)·g` by [`crate::rms_norm_fused`]'s loop.
@@ -156,7 +172,7 @@ impl CustomOp3 for AddRmsNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, d) = rows_and_width(l1, l3)?;
-        let _ = rows_and_width(l2, l3)?;
+        same_shape(l1, l2)?;
         macro_rules! run {
             ($t:ty, $a:ty) => {{
                 let what = "fused add + RMSNorm: input";
@@ -194,7 +210,7 @@ impl CustomOp3 for AddRmsNorm {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, d) = rows_and_width(l1, l3)?;
-        let _ = rows_and_width(l2, l3)?;
+        same_shape(l1, l2)?;
         let (h, y) =
             crate::cuda::add_rms_forward(s1, l1, s2, l2, s3, l3, rows, d, self.eps as f32)?;
         *self.normed.lock().expect("fused add + RMSNorm slot") = Some(Stash::Cuda(y));
@@ -314,6 +330,33 @@ mod tests {
                 "{dtype:?}: y is all zeros"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn an_f32_gain_over_bf16_activations_gets_its_gradient() -> Result<()> {
+        // Mixed precision: f32 master gain, bf16 activations. The gain is cast for the op and its
+        // gradient comes back through the cast, as with the separate ops.
+        let grads = |fused: bool| -> Result<(Vec<f64>, Vec<f64>)> {
+            let x = input(&[3, 16], 1, DType::BF16)?;
+            let a = input(&[3, 16], 2, DType::BF16)?;
+            let g = Var::from_tensor(&(input(&[16], 3, DType::F32)? + 1.0)?)?;
+            let (h, y) = if fused {
+                add_rms_norm_fused(&x, &a, &g, 1e-5)?
+            } else {
+                let h = shared::add::residual_add(&x, &a)?;
+                let y = crate::rms_norm_fused(&h, &g, 1e-5)?;
+                (h, y)
+            };
+            assert_eq!((h.dtype(), y.dtype()), (DType::BF16, DType::BF16));
+            let w = input(&[3, 16], 4, DType::BF16)?;
+            let dg = (&y * &w)?.sum_all()?.backward()?;
+            let dg = dg.get(g.as_tensor()).expect("gain gradient");
+            assert_eq!(dg.dtype(), DType::F32);
+            let v = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>();
+            Ok((v(&y)?, v(dg)?))
+        };
+        assert_eq!(grads(true)?, grads(false)?);
         Ok(())
     }
 

@@ -283,14 +283,16 @@ fn bwd<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     Ok(CudaStorage::wrap_cuda_slice(packed, dev))
 }
 
-/// The residual add and RMSNorm in one pass: `h = x + r` and `y = RMSNorm(h)·g`, both `(rows, d)`
-/// in the input dtype (`add_rmsnorm_fwd_*`, the forward's grid).
+/// The residual add and RMSNorm in one pass: `h = x + a` and `y = RMSNorm(h)·g`, both `(rows, d)`
+/// in the input dtype (`add_rmsnorm_fwd_*`, the forward's grid). `y` equals the separate norm's
+/// bit for bit when `x` and `a` start 16-byte aligned (the same vector width); otherwise each
+/// lane sums other elements and `y` may differ in the last bit.
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_forward(
     sx: &CudaStorage,
     lx: &Layout,
-    sr: &CudaStorage,
-    lr: &Layout,
+    sa: &CudaStorage,
+    la: &Layout,
     sg: &CudaStorage,
     lg: &Layout,
     rows: usize,
@@ -298,17 +300,17 @@ pub fn add_rms_forward(
     eps: f32,
 ) -> Result<(CudaStorage, CudaStorage)> {
     check_sizes(rows, d)?;
-    if sx.dtype() != sr.dtype() || sx.dtype() != sg.dtype() {
+    if sx.dtype() != sa.dtype() || sx.dtype() != sg.dtype() {
         bail!(
             "fused add + RMSNorm (cuda): x is {:?}, the residual branch {:?}, the gain {:?}",
             sx.dtype(),
-            sr.dtype(),
+            sa.dtype(),
             sg.dtype()
         );
     }
     macro_rules! run {
         ($t:ty, $_a:ty) => {
-            add_fwd::<$t>(sx, lx, sr, lr, sg, lg, rows, d, eps)
+            add_fwd::<$t>(sx, lx, sa, la, sg, lg, rows, d, eps)
         };
     }
     shared::for_float_dtype!(sx.dtype(), "fused add + RMSNorm (cuda)", run, no_f64)
@@ -318,8 +320,8 @@ pub fn add_rms_forward(
 fn add_fwd<T: CudaDType + DeviceRepr>(
     sx: &CudaStorage,
     lx: &Layout,
-    sr: &CudaStorage,
-    lr: &Layout,
+    sa: &CudaStorage,
+    la: &Layout,
     sg: &CudaStorage,
     lg: &Layout,
     rows: usize,
@@ -328,10 +330,10 @@ fn add_fwd<T: CudaDType + DeviceRepr>(
 ) -> Result<(CudaStorage, CudaStorage)> {
     let dev = sx.device().clone();
     let (x, ox) = view::<T>(sx, lx, "x")?;
-    let (r, or) = view::<T>(sr, lr, "residual branch")?;
+    let (a, oa) = view::<T>(sa, la, "residual branch")?;
     let (g, og) = view::<T>(sg, lg, "gain")?;
     let (name, v) = suffix(sx.dtype())?;
-    let v = vector_width(v, d, &[ox, or, og]);
+    let v = vector_width(v, d, &[ox, oa, og]);
     // SAFETY: every element of h and y is written (every row, every column).
     let mut h = unsafe { dev.alloc::<T>(rows * d)? };
     let mut y = unsafe { dev.alloc::<T>(rows * d)? };
@@ -345,7 +347,7 @@ fn add_fwd<T: CudaDType + DeviceRepr>(
         let (rows_i, d_i) = (rows as i32, d as i32);
         let stream = dev.cuda_stream();
         let mut launch = stream.launch_builder(&func);
-        launch.arg(&x).arg(&r).arg(&g).arg(&mut h).arg(&mut y);
+        launch.arg(&x).arg(&a).arg(&g).arg(&mut h).arg(&mut y);
         launch.arg(&rows_i).arg(&d_i).arg(&eps);
         // SAFETY: the arguments match the kernel's signature; h and y hold rows·d elements.
         unsafe { launch.launch(cfg) }.w()?;

@@ -111,7 +111,7 @@ impl RmsNorm {
 
 impl Layer for RmsNorm {
     /// The fused norm also takes the residual add in front of it ([`add_rms_norm_fused`]), unless
-    /// [`add_norm::set_fused_add_norm`] turned that off; the composed norm takes it in turn.
+    /// [`add_norm::set_fused_add_norm`] turned that off; the composed norm adds, then normalises.
     fn add_then_forward(&self, x: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
         if self.imp == OpImpl::Fused && add_norm::fused_add_norm() {
             return add_rms_norm_fused(x, a, &self.gain, self.eps);

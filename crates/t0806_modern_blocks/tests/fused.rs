@@ -234,13 +234,40 @@ fn rung1_with_fused_norm_swiglu_and_softmax_gives_same_logits_and_gradients() ->
     Ok(())
 }
 
+/// A norm that counts the residual adds handed to it (`Layer::add_then_forward`), then does what
+/// the norm it wraps does.
+struct CountingNorm {
+    inner: Box<dyn Layer>,
+    adds: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Layer for CountingNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.forward(x)
+    }
+    fn add_then_forward(&self, x: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.adds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.add_then_forward(x, a)
+    }
+}
+
+/// A placeholder while a norm is moved into a [`CountingNorm`].
+struct Placeholder;
+
+impl Layer for Placeholder {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+}
+
 #[test]
 fn residual_adds_inside_the_norms_change_no_bit() -> anyhow::Result<()> {
     // With the fused norm, DecoderOnlyLm::hidden runs every pre-norm residual add inside the norm
     // that follows it (add_rms_norm_fused through Layer::add_then_forward): the attention branch
-    // inside N₂, the feed-forward branch inside the next block's N₁ or the final norm. Written
-    // out op by op, with every add on its own, the hidden states are the same bit for bit, in f32
-    // and in bf16 (where the sum's rounding matters), on the test device.
+    // inside N₂, the feed-forward branch inside the next block's N₁ or the final norm, 2 adds per
+    // block, all handed to a norm. Written out op by op, with every add on its own, the hidden
+    // states and every parameter's gradient are the same bit for bit, in f32 and in bf16 (where
+    // the sum's rounding matters), on the test device.
     let _init = shared::params::init_turn();
     let dev = shared::device::test_device();
     let shape = LmShape {
@@ -258,20 +285,60 @@ fn residual_adds_inside_the_norms_change_no_bit() -> anyhow::Result<()> {
     };
     for dtype in [DType::F32, DType::BF16] {
         shared::params::set_seed(5);
-        let (_, lm) = init_lm(&cfg, &parts(fused_ops), dtype, &dev)?;
+        let (varmap, mut lm) = init_lm(&cfg, &parts(fused_ops), dtype, &dev)?;
+        let adds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = |norm: &mut Box<dyn Layer>| {
+            let inner = std::mem::replace(norm, Box::new(Placeholder));
+            *norm = Box::new(CountingNorm {
+                inner,
+                adds: adds.clone(),
+            });
+        };
+        for block in &mut lm.blocks {
+            count(&mut block.attn_norm);
+            count(&mut block.ffn_norm);
+        }
+        count(lm.final_norm.as_mut().expect("pre-norm"));
+        let probe = (Tensor::ones((2, 6, 32), DType::F32, &dev)? * 0.01)?.to_dtype(dtype)?;
         let fused = lm.hidden(&tokens, 0)?;
+        let fused_grads = (&fused * &probe)?.sum_all()?.backward()?;
+        assert_eq!(
+            adds.load(std::sync::atomic::Ordering::Relaxed),
+            2 * shape.n_layers,
+            "{dtype:?}: residual adds handed to a norm"
+        );
         let mut x = lm.embed(&tokens, 0)?;
         for block in &lm.blocks {
-            let normed = block.attn_norm.forward(&x)?;
+            let attn_in = block.attn_norm.forward(&x)?;
             let attended = block
                 .attn
-                .self_attention(&normed, AttnMask::Causal, 0, None)?;
+                .self_attention(&attn_in, AttnMask::Causal, 0, None)?;
             let h = shared::add::residual_add(&x, &attended)?;
             let branch = block.ffn.forward(&block.ffn_norm.forward(&h)?)?;
             x = shared::add::residual_add(&h, &branch)?;
         }
         let separate = lm.final_norm.as_ref().expect("pre-norm").forward(&x)?;
-        assert_eq!(vec64(&fused), vec64(&separate), "{dtype:?}");
+        let separate_grads = (&separate * &probe)?.sum_all()?.backward()?;
+        assert_eq!(vec64(&fused), vec64(&separate), "{dtype:?}: hidden states");
+        let mut compared = 0;
+        for (name, var) in shared::params::named_vars(&varmap) {
+            // The head is not on the way to the hidden states: no gradient on either side.
+            match (
+                fused_grads.get(var.as_tensor()),
+                separate_grads.get(var.as_tensor()),
+            ) {
+                (Some(a), Some(b)) => {
+                    assert_eq!(vec64(a), vec64(b), "{dtype:?}: gradient of {name}");
+                    compared += 1;
+                }
+                (None, None) => {}
+                _ => panic!("{dtype:?}: {name} has a gradient on one side only"),
+            }
+        }
+        assert!(
+            compared >= 6 * shape.n_layers,
+            "{dtype:?}: {compared} gradients compared"
+        );
     }
     Ok(())
 }

@@ -267,13 +267,13 @@ fn gpu_rung1_with_fused_norm_trains_like_composed() -> anyhow::Result<()> {
 fn gpu_fused_add_and_norm_equal_the_two_ops_bit_for_bit() -> Result<()> {
     // kernels/rmsnorm.cu's add_rmsnorm_fwd_* against shared::add::residual_add followed by the
     // fused RMSNorm on the same GPU: h and y, and the gradients of x, a and g for
-    // loss = Σ h⊙u + Σ y⊙w (h used twice, as in a block), bit for bit. Widths 40 (one element per
-    // lane) and 64 (16-byte vectors), 37 rows (a partial last block of 8 warps).
+    // loss = Σ h⊙u + Σ y⊙w (h used twice, as in a block), bit for bit. Widths 42 (one element per
+    // lane in every dtype) and 64 (16-byte vectors), 37 rows (a partial last block of 8 warps).
     let Some(dev) = gpu("gpu_fused_add_and_norm_equal_the_two_ops_bit_for_bit") else {
         return Ok(());
     };
     for dtype in [DType::F32, DType::BF16, DType::F16] {
-        for d in [40usize, 64] {
+        for d in [42usize, 64] {
             let draw = |seed: u64, shape: &[usize]| -> Result<Tensor> {
                 let n: usize = shape.iter().product();
                 let v: Vec<f32> = (0..n)
@@ -305,11 +305,13 @@ fn gpu_fused_add_and_norm_equal_the_two_ops_bit_for_bit() -> Result<()> {
             for (i, name) in ["h", "y", "dx", "da"].iter().enumerate() {
                 assert_eq!(fused[i], separate[i], "{dtype:?} d {d}: {name}");
             }
-            // dg sums rows with shared-memory atomics whose order varies: equal to rounding.
+            // dg sums rows with shared-memory atomics whose order varies: equal to the rounding of
+            // its storage dtype (f32: a few ulps of the largest partial sum).
             let e = max_abs(&fused[4], &separate[4]);
             let scale = separate[4].iter().fold(0f64, |m, v| m.max(v.abs()));
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
             assert!(
-                e <= 1e-2 * scale,
+                e <= tol * scale,
                 "{dtype:?} d {d}: dg differs by {e:e} (scale {scale:e})"
             );
         }

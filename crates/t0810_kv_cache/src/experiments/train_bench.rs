@@ -90,8 +90,8 @@ pub struct TrainBenchArgs {
     /// `shared::add::residual_add` (16 bytes per thread), to measure that.
     #[arg(long)]
     pub candle_residual_add: bool,
-    /// Add the attention branch to the residual stream and normalise the sum in two ops
-    /// instead of one (`t0806_modern_blocks::add_rms_norm_fused`), to measure that.
+    /// Add each branch to the residual stream and normalise the sum in two ops instead of one
+    /// (`t0806_modern_blocks::add_rms_norm_fused`), to measure that.
     #[arg(long)]
     pub unfused_add_norm: bool,
     /// Hand freed device memory back to the driver at every synchronisation (the driver's
