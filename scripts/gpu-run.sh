@@ -12,7 +12,8 @@
 #
 # Unpacks .gpu/bundle.tar.xz into /tmp/gpu (again whenever the bundle changed), sources remote-env.sh, points
 # WIKITEXT2_DIR at the carried data, runs the steps in order (a failing step does not stop the
-# others; STEP_TIMEOUT=SECONDS stops a binary that runs longer), and leaves in $OUT (./gpu-results without the device tool): summary.txt, and
+# others; STEP_TIMEOUT=SECONDS stops a binary that runs longer, TEST_TIMEOUT=SECONDS a test
+# executable (rc 124 in the summary: a hang costs one executable, not the call), and leaves in $OUT (./gpu-results without the device tool): summary.txt, and
 # results.tgz with every log and the output/ folder.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -57,7 +58,7 @@ for step in "$@"; do
         [ "$k" = test ] || continue
         dir="$root"; [ -d "crates/$pkg" ] && dir="$root/crates/$pkg"; [ "$pkg" = shared ] && dir="$root/shared"
         log="$logs/$(basename "$path").log"
-        (cd "$dir" && "/tmp/gpu/$path" --test-threads=1 --nocapture) > "$log" 2>&1
+        (cd "$dir" && timeout "${TEST_TIMEOUT:-1800}" "/tmp/gpu/$path" --test-threads=1 --nocapture) > "$log" 2>&1
         rc=$?
         echo "test $path: rc=$rc $(grep -E '^test result' "$log" | tail -1)" | tee -a "$summary"
         [ $rc -eq 0 ] || { status=1; grep -E "FAILED|panicked" "$log" | head -5 | tee -a "$summary"; }
