@@ -4,9 +4,8 @@
 // (262,144 tokens per call). For fast iteration on the kernel; the numbers a report quotes come
 // from `t0809_flash_attention bench`.
 //
-// Variants: "shipped s3" (three Q/dO stages); at d 128, where kernels/flash_attn_hopper.cu has no
-// backward, "d128": the organisation of scripts/flash_hopper_bwd128.cuh (its baseline, the mma.sync
-// backward, is not in this probe: `bench` times it). The
+// Variants: "shipped s3" (three Q/dO stages); at d 128 "d128", the kernel flash_bwd_wgmma_bf16_d128
+// (its baseline, the mma.sync backward, is not in this probe: `bench` times it). The
 // organisation before the shipped one (each consumer sends its own share of dQ, twice the reduce
 // traffic) is the kernel of 63ddd6e; this probe's 8591b15 version timed it beside the shipped one
 // ("shipped" and "owner" there).
@@ -18,7 +17,6 @@
 
 #include "../crates/t0809_flash_attention/kernels/flash_attn_hopper.cu"
 #include "flash_hopper_probe_common.cuh"
-#include "flash_hopper_bwd128.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -29,7 +27,6 @@
 
 // Variants beside the shipped kernels: (stages).
 BWD_WGMMA(bwd_shipped_s3, bf16, 64, 3)
-BWD128_WGMMA(bwd128_s2, bf16, 2)
 
 typedef void (*Bwd)(hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, const float*,
                     const float*, float*, bf16*, bf16*, int, int, int, float, float, int, const int*);
@@ -41,7 +38,7 @@ struct Kernel {
 static const Kernel KERNELS[] = {
     {"shipped", flash_bwd_wgmma_bf16_d64, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
     {"shipped s3", bwd_shipped_s3, 64, hopper::bwd_smem_bytes<bf16, 64, 3>()},
-    {"d128", bwd128_s2, 128, hopper::bwd128_smem_bytes<bf16, 2>()},
+    {"d128", flash_bwd_wgmma_bf16_d128, 128, hopper::bwd128_smem_bytes<bf16, 2>()},
 };
 
 // ---- fp32 references (one thread per query or key) ----

@@ -8,7 +8,9 @@
 //!   MMA from shared memory, TMA loads, warp specialisation; at `d = 64` from 2,048 queries its
 //!   three-consumer instance `flash_fwd_wgmma3_*`, [`crate::hopper_forward_consumers`]), the
 //!   backward `flash_bwd_wgmma_{bf16,f16}_d64` at `d = 64` over 1,024 keys or more
-//!   ([`crate::hopper_backward`]), else the mma.sync one below;
+//!   ([`crate::hopper_backward`]), `flash_bwd_wgmma_{bf16,f16}_d128` at `d = 128` only when
+//!   asked for ([`crate::hopper_backward_with`] and `FlashKernels::WarpgroupMma`), else the
+//!   mma.sync one below;
 //! - bf16/f16 with `d = 32`, `64` or `128` and 16-byte-aligned inputs: the tensor-core kernels
 //!   `flash_{fwd,bwd}_tc_{bf16,f16}_d{32,64,128}` (mma.sync m16n8k16, fp32 accumulators);
 //! - f32 with `d = 32` or `64` and 16-byte-aligned inputs: `flash_{fwd,bwd}_tiled_f32_d{32,64}`,
@@ -82,16 +84,26 @@ impl FwdTiling {
         halves * 2 + 1024 + 8 * (1 + 4 * self.stages)
     }
 }
-/// Warpgroup-MMA backward (d 64): a producer and two consumer warpgroups, 128 keys per block,
-/// query tiles of 64 in rings of 2 stages.
+/// Warpgroup-MMA backward (d 64 and 128): a producer and two consumer warpgroups, 128 keys per
+/// block, query tiles of 64 in rings of 2 stages.
 const WG_BWD_BC: usize = 128;
 const WG_BWD_BR: usize = 64;
 const WG_STAGES: usize = 2;
-/// K and V, the Q and dO rings and two dSᵀ buffers in 16-bit elements, both consumers' f32 dQ
-/// tiles, 1024 bytes of alignment and the mbarriers (`bwd_smem_bytes` in the `.cu` file).
+/// Row stride (floats) of a d 128 consumer's f32 dQ half in shared memory (`DQ_STRIDE`).
+const WG_BWD128_DQ_STRIDE: usize = 68;
+/// The backward's shared memory, as the `.cu` file counts it. d 64 (`bwd_smem_bytes`): K and V,
+/// the Q and dO rings and two dSᵀ buffers in 16-bit elements, both consumers' f32 dQ tiles, 1024
+/// bytes of alignment and the mbarriers. d 128 (`bwd128_smem_bytes`): a Pᵀ buffer beside the two
+/// dSᵀ buffers, and each consumer's f32 half of dQ (64 columns, rows padded).
 fn wg_bwd_smem(d: usize) -> usize {
-    let halves = 2 * WG_BWD_BC * d + 2 * WG_STAGES * WG_BWD_BR * d + 2 * WG_BWD_BC * WG_BWD_BR;
-    halves * 2 + 2 * WG_BWD_BR * d * 4 + 1024 + 8 * (1 + 2 * WG_STAGES + 4)
+    let (bc, br) = (WG_BWD_BC, WG_BWD_BR);
+    let barriers = 8 * (1 + 2 * WG_STAGES + 4);
+    if d == 128 {
+        let halves = 2 * bc * d + 2 * WG_STAGES * br * d + 3 * bc * br;
+        return halves * 2 + 2 * br * WG_BWD128_DQ_STRIDE * 4 + 1024 + barriers;
+    }
+    let halves = 2 * bc * d + 2 * WG_STAGES * br * d + 2 * bc * br;
+    halves * 2 + 2 * br * d * 4 + 1024 + barriers
 }
 
 /// A TMA tensor map (`CUtensorMap`): 128 opaque bytes the kernel takes by value.
@@ -478,7 +490,7 @@ fn fwd_wgmma<T: CudaDType + DeviceRepr>(
     Ok(())
 }
 
-/// The Hopper backward `flash_bwd_wgmma_{suffix}_d64`: Q, K, V and dO as tensor maps, L and D
+/// The Hopper backward `flash_bwd_wgmma_{suffix}_d{64,128}`: Q, K, V and dO as tensor maps, L and D
 /// (`stats`) as pointers; writes dK and dV and adds into the f32 dQ buffer (`outputs`).
 fn bwd_wgmma<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,

@@ -115,7 +115,7 @@ pub fn cuda_kernel_family(
 }
 
 /// The fewest keys for which the backward of a [`CudaKernelFamily::WarpgroupMma`] call runs on
-/// warpgroup MMA as well (at d_head 64; at 128 it is always the `mma.sync` backward). Measured
+/// warpgroup MMA as well (at d_head 64; at 128 `Auto` keeps the `mma.sync` backward). Measured
 /// through Candle on an H100 in one call (`bench`'s "hopper bwd" against "mma.sync bwd",
 /// reports/gpu-runs/h100-2026-12-06-i/ratios.json, `hopper_bwd_vs_mma_sync`): 1.17–1.27× at
 /// every length timed, 1,024 to 16,384 keys, causal and not; shorter calls keep the `mma.sync`
@@ -128,16 +128,16 @@ pub fn hopper_backward(d_head: usize, n_k: usize) -> bool {
     hopper_backward_with(FlashKernels::Auto, d_head, n_k)
 }
 
-/// [`hopper_backward`] for a call made with `kernels` on a Hopper card: `Auto` from
-/// [`HOPPER_BACKWARD_MIN_KEYS`] keys, [`FlashKernels::WarpgroupMma`] whatever the number of keys,
-/// `MmaSync` and `Simple` never; at d_head 64 only.
+/// [`hopper_backward`] for a call made with `kernels` on a Hopper card: `Auto` at d_head 64 from
+/// [`HOPPER_BACKWARD_MIN_KEYS`] keys, [`FlashKernels::WarpgroupMma`] at d_head 64 and 128
+/// whatever the number of keys, `MmaSync` and `Simple` never. (The d 128 kernel has not been
+/// measured yet: `Auto` keeps the `mma.sync` backward there.)
 pub fn hopper_backward_with(kernels: FlashKernels, d_head: usize, n_k: usize) -> bool {
-    d_head == 64
-        && match kernels {
-            FlashKernels::Auto => n_k >= HOPPER_BACKWARD_MIN_KEYS,
-            FlashKernels::WarpgroupMma => true,
-            FlashKernels::MmaSync | FlashKernels::Simple => false,
-        }
+    match kernels {
+        FlashKernels::Auto => d_head == 64 && n_k >= HOPPER_BACKWARD_MIN_KEYS,
+        FlashKernels::WarpgroupMma => matches!(d_head, 64 | 128),
+        FlashKernels::MmaSync | FlashKernels::Simple => false,
+    }
 }
 
 /// From this many queries on, a [`CudaKernelFamily::WarpgroupMma`] forward at d_head 64 runs
@@ -408,7 +408,7 @@ mod kernel_family_tests {
     use super::*;
 
     #[test]
-    fn hopper_backward_runs_at_d64_past_the_threshold_or_when_forced() {
+    fn hopper_backward_runs_at_d64_past_the_threshold_or_when_forced_at_d64_and_d128() {
         let min = HOPPER_BACKWARD_MIN_KEYS;
         assert!(!hopper_backward(64, min - 1));
         assert!(hopper_backward(64, min));
@@ -416,7 +416,8 @@ mod kernel_family_tests {
         assert!(!hopper_backward(32, 4 * min));
         let forced = FlashKernels::WarpgroupMma;
         assert!(hopper_backward_with(forced, 64, 1));
-        assert!(!hopper_backward_with(forced, 128, 1));
+        assert!(hopper_backward_with(forced, 128, 1), "d 128 when asked for");
+        assert!(!hopper_backward_with(forced, 32, 4 * min));
         for other in [FlashKernels::MmaSync, FlashKernels::Simple] {
             assert!(!hopper_backward_with(other, 64, 4 * min), "{other:?}");
         }

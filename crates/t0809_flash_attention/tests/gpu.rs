@@ -199,6 +199,24 @@ fn padded_auto(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> 
     flash_attention_padded(q, k, v, scale, causal, FlashKernels::Auto, &[HOPPER_KEPT])
 }
 
+/// [`padded_auto`] with the Hopper kernels at any length and head size.
+fn padded_warpgroup(q: &Tensor, k: &Tensor, v: &Tensor, s: f64, causal: bool) -> Result<Tensor> {
+    flash_attention_padded(
+        q,
+        k,
+        v,
+        s,
+        causal,
+        FlashKernels::WarpgroupMma,
+        &[HOPPER_KEPT],
+    )
+}
+
+/// FlashAttention with the Hopper kernels at any length and head size.
+fn flash_warpgroup(q: &Tensor, k: &Tensor, v: &Tensor, s: f64, causal: bool) -> Result<Tensor> {
+    flash_attention_with(q, k, v, s, causal, FlashKernels::WarpgroupMma)
+}
+
 /// [`padded_auto`] with the `mma.sync` kernels.
 fn padded_mma_sync(q: &Tensor, k: &Tensor, v: &Tensor, s: f64, causal: bool) -> Result<Tensor> {
     flash_attention_padded(q, k, v, s, causal, FlashKernels::MmaSync, &[HOPPER_KEPT])
@@ -212,7 +230,9 @@ fn gpu_hopper_backward_within_twice_the_mma_sync_error() -> Result<()> {
     // (n_q ≠ n_k), and bf16 with the last 300 keys padding (whose dK, dV must be zero). The
     // forward's O is checked too: the cases with HOPPER_KEYS queries (past
     // HOPPER_THREE_CONSUMERS_MIN_QUERIES) run its three-consumer instance, causal and not, which
-    // the shapes above are too short for.
+    // the shapes above are too short for. The d 128 Hopper backward, which only
+    // FlashKernels::WarpgroupMma reaches, the same way: bf16 causal, f16 with 333 queries, and
+    // bf16 with the padding.
     let Some(dev) = gpu("gpu_hopper_backward_within_twice_the_mma_sync_error") else {
         return Ok(());
     };
@@ -220,18 +240,22 @@ fn gpu_hopper_backward_within_twice_the_mma_sync_error() -> Result<()> {
         println!("gpu_hopper_backward_within_twice_the_mma_sync_error: not a Hopper card, skipped");
         return Ok(());
     }
-    let (n, d) = (HOPPER_KEYS, 64);
-    assert!(hopper_backward(d, n));
-    assert_eq!(hopper_forward_consumers(d, n), 3);
+    let n = HOPPER_KEYS;
+    assert!(hopper_backward(64, n));
+    assert!(hopper_backward_with(FlashKernels::WarpgroupMma, 128, n));
+    assert_eq!(hopper_forward_consumers(64, n), 3);
     let mut rng = Rng::new(106);
     let cases = [
-        (DType::BF16, n, true, false),
-        (DType::BF16, n, false, false),
-        (DType::F16, 333, false, false),
-        (DType::BF16, n, false, true),
+        (64, DType::BF16, n, true, false),
+        (64, DType::BF16, n, false, false),
+        (64, DType::F16, 333, false, false),
+        (64, DType::BF16, n, false, true),
+        (128, DType::BF16, n, true, false),
+        (128, DType::F16, 333, false, false),
+        (128, DType::BF16, n, false, true),
     ];
-    for (dtype, n_q, causal, padded) in cases {
-        let case = format!("{dtype:?} n_q {n_q} causal {causal} padded {padded}");
+    for (d, dtype, n_q, causal, padded) in cases {
+        let case = format!("d {d} {dtype:?} n_q {n_q} causal {causal} padded {padded}");
         let (q, k, v) = qkv(&mut rng, 1, 2, n_q, n, d, d)?;
         let d_o = rng.tensor(&[1, 2, n_q, d], 1.0)?;
         let scale = default_softmax_scale(d);
@@ -252,9 +276,11 @@ fn gpu_hopper_backward_within_twice_the_mma_sync_error() -> Result<()> {
             let padding = Tensor::zeros((1, 2, n - kept, d), DType::F64, &Device::Cpu)?;
             *g = Tensor::cat(&[&*g, &padding], 2)?; // no gradient reaches a padding key
         }
-        let (ours, mma): (Attn, Attn) = match padded {
-            false => (flash_attention, flash_mma_sync),
-            true => (padded_auto, padded_mma_sync),
+        let (ours, mma): (Attn, Attn) = match (d, padded) {
+            (64, false) => (flash_attention, flash_mma_sync),
+            (64, true) => (padded_auto, padded_mma_sync),
+            (_, false) => (flash_warpgroup, flash_mma_sync),
+            (_, true) => (padded_warpgroup, padded_mma_sync),
         };
         let (o_hopper, [dq_h, dk_h, dv_h]) = grads(ours, &ql, &kl, &vl, &dol, scale, causal)?;
         let (o_mma, [dq_m, dk_m, dv_m]) = grads(mma, &ql, &kl, &vl, &dol, scale, causal)?;

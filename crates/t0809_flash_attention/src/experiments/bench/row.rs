@@ -18,9 +18,9 @@ pub struct Row {
     /// family (Hopper's warpgroup MMA): the step the Hopper kernels take.
     #[serde(default)]
     pub mma_sync_fwd_ms: Option<f64>,
-    /// The backward op on the `mma.sync` kernels, measured at d_head 64 on a Hopper card
-    /// beside [`Row::hopper_bwd_ms`], whatever the automatic choice
-    /// ([`t0809_flash_attention::hopper_backward`]).
+    /// The backward op on the `mma.sync` kernels, measured on a Hopper card wherever the Hopper
+    /// backward can run (d_head 64 and 128), beside [`Row::hopper_bwd_ms`], whatever the
+    /// automatic choice ([`t0809_flash_attention::hopper_backward`]).
     #[serde(default)]
     pub mma_sync_bwd_ms: Option<f64>,
     /// The backward op on the Hopper kernel at any length
