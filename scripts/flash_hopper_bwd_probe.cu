@@ -38,7 +38,7 @@ struct Kernel {
 static const Kernel KERNELS[] = {
     {"shipped", flash_bwd_wgmma_bf16_d64, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
     {"shipped s3", bwd_shipped_s3, 64, hopper::bwd_smem_bytes<bf16, 64, 3>()},
-    {"d128", flash_bwd_wgmma_bf16_d128, 128, hopper::bwd128_smem_bytes<bf16, 2>()},
+    {"d128", flash_bwd_wgmma_bf16_d128, 128, hopper::bwd_smem_bytes<bf16, 128, 2>()},
 };
 
 // ---- fp32 references (one thread per query or key) ----

@@ -85,6 +85,15 @@ fn vector_width(v: usize, d: usize, offsets: &[usize]) -> usize {
     }
 }
 
+/// The forwards' grid: one warp per row, 8 rows per block of 256 threads.
+fn forward_grid(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn check_sizes(rows: usize, d: usize) -> Result<()> {
     if rows > i32::MAX as usize || d > i32::MAX as usize {
         bail!("fused RMSNorm (cuda): {rows} rows × {d} columns exceed the kernel's 32-bit indices");
@@ -150,11 +159,7 @@ fn fwd<T: CudaDType + DeviceRepr>(
         return Ok(CudaStorage::wrap_cuda_slice(y, dev));
     }
     let func = kernel(&dev, &format!("{}_fwd_{name}_v{v}", norm.prefix()), 0)?;
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = forward_grid(rows);
     let (rows_i, d_i) = (rows as i32, d as i32);
     let stream = dev.cuda_stream();
     let mut launch = stream.launch_builder(&func);
@@ -339,11 +344,7 @@ fn add_fwd<T: CudaDType + DeviceRepr>(
     let mut y = unsafe { dev.alloc::<T>(rows * d)? };
     if rows > 0 {
         let func = kernel(&dev, &format!("add_rmsnorm_fwd_{name}_v{v}"), 0)?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = forward_grid(rows);
         let (rows_i, d_i) = (rows as i32, d as i32);
         let stream = dev.cuda_stream();
         let mut launch = stream.launch_builder(&func);

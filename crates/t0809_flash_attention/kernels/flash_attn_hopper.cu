@@ -537,13 +537,21 @@ struct OpsT<__half> {
   WGMMA_TT("f16")
 };
 
+// At d 128 each consumer stages only its 64 columns of dQ (see bwd128_wgmma), rows padded to 68
+// floats so that the 8 rows a warp's stores touch at once fall in different banks (16-byte
+// aligned rows).
+constexpr int DQ_STRIDE = 68;
+
 // Shared memory of the backward: K and V (128 keys), NS stages of Q and dO (64 queries), two
-// buffers of dSᵀ (128 keys × 64 queries), each consumer's f32 dQ tile (64 × D), alignment, and the
-// mbarriers (K/V full; Q/dO full and empty per stage; dSᵀ full and empty per buffer).
+// buffers of dSᵀ (128 keys × 64 queries), each consumer's f32 dQ tile (64 × D; at d 128 64 ×
+// DQ_STRIDE), alignment, and the mbarriers (K/V full; Q/dO full and empty per stage; dSᵀ full and
+// empty per buffer). At d 128 also a Pᵀ buffer (128 keys × 64 queries): 216,136 bytes at NS = 2
+// (NS = 3 would exceed the 227 KiB a CTA may have).
 template <typename T, int D, int NS>
 constexpr int bwd_smem_bytes() {
-  return (2 * 128 * D + 2 * NS * 64 * D + 2 * 128 * 64) * (int)sizeof(T) + 2 * 64 * D * 4 + 1024 +
-         8 * (1 + 2 * NS + 4);
+  constexpr bool d128 = D == 128;
+  return (2 * 128 * D + 2 * NS * 64 * D + (d128 ? 3 : 2) * 128 * 64) * (int)sizeof(T) +
+         2 * 64 * (d128 ? DQ_STRIDE : D) * 4 + 1024 + 8 * (1 + 2 * NS + 4);
 }
 
 // A K-major operand of ROWS-row panels: 16 columns of d per step.
@@ -594,24 +602,28 @@ __device__ __forceinline__ void issue_dq(float (&dq)[D / 8][4], uint32_t ds_b, u
   wgmma_commit();
 }
 
-// The backward's shared memory: K and V (128 keys), NS stages of Q and dO (64 queries), two
-// buffers of dSᵀ (128 keys × 64 queries; buffer b holds the tiles consumer b owns), each
-// consumer's f32 dQ tile (64 × D), then the mbarriers: K/V full; Q/dO full and empty per stage;
-// per dSᵀ buffer "full" (one arrival per consumer: both halves are in) and "empty" (the owner's
-// 128 threads: its dQ product has read them). Sizes: bwd_smem_bytes.
+// The backward's shared memory: K and V (128 keys), NS stages of Q and dO (64 queries), at d 128
+// a Pᵀ buffer (128 keys × 64 queries), two buffers of dSᵀ (128 keys × 64 queries), each
+// consumer's f32 dQ staging (64 rows of DQ_ROW floats), then the mbarriers: K/V full; Q/dO full
+// and empty per stage; per dSᵀ buffer "full" (one arrival per consumer: both halves are in) and
+// "empty" (at d 64 the owner's 128 threads, at d 128 both consumers' 256: the dQ products that
+// read the buffer are done). Sizes: bwd_smem_bytes.
 template <typename T, int D, int NS>
 struct BwdShared {
-  T *k, *v, *q, *d_o, *ds;
+  static constexpr bool D128 = D == 128;
+  static constexpr int DQ_ROW = D128 ? DQ_STRIDE : D;  // a consumer's dQ staging row, in floats
+  T *k, *v, *q, *d_o, *pt, *ds;
   float* dq;
   uint64_t *kv_full, *q_full, *q_empty, *ds_full, *ds_empty;
   __device__ __forceinline__ explicit BwdShared(unsigned char* raw) {
     k = reinterpret_cast<T*>(raw + ((1024 - (smem_u32(raw) & 1023)) & 1023));
     v = k + 128 * D;
-    q = v + 128 * D;         // NS stages of 64 × D
-    d_o = q + NS * 64 * D;   // NS stages of 64 × D
-    ds = d_o + NS * 64 * D;  // 2 buffers of 128 keys × 64 queries
+    q = v + 128 * D;                        // NS stages of 64 × D
+    d_o = q + NS * 64 * D;                  // NS stages of 64 × D
+    pt = d_o + NS * 64 * D;                 // d 128: 128 keys × 64 queries
+    ds = pt + (D128 ? 128 * 64 : 0);        // 2 buffers of 128 keys × 64 queries
     dq = reinterpret_cast<float*>(ds + 2 * 128 * 64);
-    kv_full = reinterpret_cast<uint64_t*>(dq + 2 * 64 * D);
+    kv_full = reinterpret_cast<uint64_t*>(dq + 2 * 64 * DQ_ROW);
     q_full = kv_full + 1;
     q_empty = q_full + NS;
     ds_full = q_empty + NS;
@@ -625,7 +637,7 @@ struct BwdShared {
     }
     for (int b = 0; b < 2; ++b) {
       mbar_init(ds_full + b, 2);
-      mbar_init(ds_empty + b, 128);
+      mbar_init(ds_empty + b, D128 ? 256 : 128);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -946,54 +958,6 @@ __device__ __forceinline__ void issue_dq0(float (&dq)[8][4], uint32_t ds_b, uint
   wgmma_commit();
 }
 
-// Row stride (floats) of a consumer's f32 dQ half in shared memory: 64 columns padded to 68, so
-// that the 8 rows a warp's stores touch at once fall in different banks (16-byte aligned rows).
-constexpr int DQ_STRIDE = 68;
-
-// Shared memory: K and V (128 keys × 128), NS stages of Q and dO (64 × 128), Pᵀ (128 keys × 64
-// queries), two buffers of dSᵀ (128 × 64), each consumer's f32 half of dQ (64 × DQ_STRIDE),
-// alignment, and the mbarriers (K/V full; Q/dO full and empty per stage; dSᵀ full and empty per
-// buffer). 216,136 bytes at NS = 2; NS = 3 would exceed the 227 KiB a CTA may have.
-template <typename T, int NS>
-constexpr int bwd128_smem_bytes() {
-  return (2 * 128 * 128 + 2 * NS * 64 * 128 + 3 * 128 * 64) * (int)sizeof(T) + 2 * 64 * DQ_STRIDE * 4 + 1024 +
-         8 * (1 + 2 * NS + 4);
-}
-
-template <typename T, int NS>
-struct Bwd128Shared {
-  static constexpr int D = 128;
-  T *k, *v, *q, *d_o, *pt, *ds;
-  float* dq;
-  uint64_t *kv_full, *q_full, *q_empty, *ds_full, *ds_empty;
-  __device__ __forceinline__ explicit Bwd128Shared(unsigned char* raw) {
-    k = reinterpret_cast<T*>(raw + ((1024 - (smem_u32(raw) & 1023)) & 1023));
-    v = k + 128 * D;
-    q = v + 128 * D;         // NS stages of 64 × D
-    d_o = q + NS * 64 * D;   // NS stages of 64 × D
-    pt = d_o + NS * 64 * D;  // 128 keys × 64 queries
-    ds = pt + 128 * 64;      // 2 buffers of 128 keys × 64 queries
-    dq = reinterpret_cast<float*>(ds + 2 * 128 * 64);
-    kv_full = reinterpret_cast<uint64_t*>(dq + 2 * 64 * DQ_STRIDE);
-    q_full = kv_full + 1;
-    q_empty = q_full + NS;
-    ds_full = q_empty + NS;
-    ds_empty = ds_full + 2;
-  }
-  __device__ __forceinline__ void init_barriers() const {
-    mbar_init(kv_full, 1);
-    for (int s = 0; s < NS; ++s) {
-      mbar_init(q_full + s, 1);
-      mbar_init(q_empty + s, 256);
-    }
-    for (int b = 0; b < 2; ++b) {
-      mbar_init(ds_full + b, 2);     // one arrival per consumer: its half is in
-      mbar_init(ds_empty + b, 256);  // every consumer thread: its dQ product has read both halves
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-};
-
 // This consumer's half of dQ_i (f32, 64 queries × its 64 columns) into its shared buffer (rows
 // DQ_STRIDE floats apart), then
 // one bulk reduce-add per query row (256 bytes, by thread `row`) into the f32 dQ buffer (row
@@ -1070,7 +1034,7 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
                                              float scale_log2, int causal, const int* __restrict__ kv_len) {
   constexpr int D = 128, BC = 128, BR = 64, QT = BR * D;
   extern __shared__ unsigned char smem_raw[];
-  const Bwd128Shared<T, NS> sh(smem_raw);
+  const BwdShared<T, D, NS> sh(smem_raw);
 
   const int tid = threadIdx.x, wg = tid >> 7;
   const int bh = blockIdx.y, k0 = blockIdx.x * BC;
@@ -1084,17 +1048,7 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-    if (tid == 0) {
-      mbar_expect_tx(sh.kv_full, 2 * BC * D * sizeof(T));
-      tma_tile<T, D, BC>(sh.k, tmK, k0, bh, sh.kv_full);
-      tma_tile<T, D, BC>(sh.v, tmV, k0, bh, sh.kv_full);
-      for (int qb = qb_first, j = 0; qb < n_qb; ++qb, ++j) {
-        const int s = j % NS;
-        claim_stage<NS>(sh.q_full + s, sh.q_empty + s, j, 2 * QT * sizeof(T));
-        tma_tile<T, D, BR>(sh.q + s * QT, tmQ, qb * BR, bh, sh.q_full + s);
-        tma_tile<T, D, BR>(sh.d_o + s * QT, tmdO, qb * BR, bh, sh.q_full + s);
-      }
-    }
+    if (tid == 0) bwd_producer<T, D, NS>(sh, tmQ, tmK, tmV, tmdO, k0, bh, qb_first, n_qb);
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
@@ -1208,7 +1162,7 @@ BWD_WGMMA(flash_bwd_wgmma_f16_d64, __half, 64, 2)
 // The d 128 backward: flash_bwd_wgmma_{bf16,f16}_d128; 384 threads, 128 keys per CTA, query tiles
 // of 64 in rings of 2 stages (3 would exceed the 227 KiB a CTA may have).
 #define BWD128_WGMMA(NAME, T, NS)                                                                           \
-  static_assert(hopper::bwd128_smem_bytes<T, NS>() <= 232448, "more shared memory than a CTA may have"); \
+  static_assert(hopper::bwd_smem_bytes<T, 128, NS>() <= 232448, "more shared memory than a CTA may have"); \
   extern "C" __global__ void __launch_bounds__(384, 1) NAME(                                               \
       const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,        \
       const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,       \

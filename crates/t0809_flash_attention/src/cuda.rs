@@ -91,10 +91,10 @@ const WG_BWD_BR: usize = 64;
 const WG_STAGES: usize = 2;
 /// Row stride (floats) of a d 128 consumer's f32 dQ half in shared memory (`DQ_STRIDE`).
 const WG_BWD128_DQ_STRIDE: usize = 68;
-/// The backward's shared memory, as the `.cu` file counts it. d 64 (`bwd_smem_bytes`): K and V,
-/// the Q and dO rings and two dSᵀ buffers in 16-bit elements, both consumers' f32 dQ tiles, 1024
-/// bytes of alignment and the mbarriers. d 128 (`bwd128_smem_bytes`): a Pᵀ buffer beside the two
-/// dSᵀ buffers, and each consumer's f32 half of dQ (64 columns, rows padded).
+/// The backward's shared memory, as the `.cu` file counts it (`bwd_smem_bytes`): K and V, the Q
+/// and dO rings and two dSᵀ buffers in 16-bit elements (at d 128 a Pᵀ buffer too), both
+/// consumers' f32 dQ staging (at d 128 64 columns each, rows padded), 1024 bytes of alignment and
+/// the mbarriers.
 fn wg_bwd_smem(d: usize) -> usize {
     let (bc, br) = (WG_BWD_BC, WG_BWD_BR);
     let barriers = 8 * (1 + 2 * WG_STAGES + 4);
