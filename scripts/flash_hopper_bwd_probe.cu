@@ -14,6 +14,9 @@
 //   nvcc -O3 -std=c++17 --use_fast_math -gencode arch=compute_90a,code=sm_90a \
 //        -o flash_hopper_bwd_probe scripts/flash_hopper_bwd_probe.cu
 // Run on an H100/H200: ./flash_hopper_bwd_probe
+// Profile: ./flash_hopper_bwd_probe profile launches the shipped d 64 and d 128 kernels once each
+// (4,096 keys, no mask, 64 heads) and nothing else, for Nsight Compute:
+//   ncu --set full -k regex:flash_bwd_wgmma ./flash_hopper_bwd_probe profile
 
 #include "../crates/t0809_flash_attention/kernels/flash_attn_hopper.cu"
 #include "flash_hopper_probe_common.cuh"
@@ -23,10 +26,47 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <string>
 #include <vector>
 
-// Variants beside the shipped kernels: (stages).
+// Variants beside the shipped kernels: (stages), "kv regs": K_c and V_c held in registers as
+// the A operands of Sᵀ and dPᵀ (bwd_wgmma's KV_REGS), so that those products read only Q_i and dO_i
+// from shared memory ("k regs": K_c only); "dq red": dQ_i added into the f32 buffer from registers
+// (red.global.add.v2.f32, bwd_wgmma's DQ_RED) instead of staged in shared memory for one bulk
+// reduce-add; "k regs + dq red": both.
 BWD_WGMMA(bwd_shipped_s3, bf16, 64, 3)
+extern "C" __global__ void __launch_bounds__(384, 1)
+    bwd_kv_regs(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,
+                const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
+                const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
+                float scale, float scale_log2, int causal, const int* kv_len) {
+  hopper::bwd_wgmma<bf16, 64, 2, 2>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
+                                       scale_log2, causal, kv_len);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    bwd_k_regs(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,
+                const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
+                const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
+                float scale, float scale_log2, int causal, const int* kv_len) {
+  hopper::bwd_wgmma<bf16, 64, 2, 1>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
+                                       scale_log2, causal, kv_len);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    bwd_dq_red(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,
+                const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
+                const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
+                float scale, float scale_log2, int causal, const int* kv_len) {
+  hopper::bwd_wgmma<bf16, 64, 2, 0, true>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
+                                       scale_log2, causal, kv_len);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    bwd_k_regs_dq_red(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,
+                const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
+                const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
+                float scale, float scale_log2, int causal, const int* kv_len) {
+  hopper::bwd_wgmma<bf16, 64, 2, 1, true>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
+                                       scale_log2, causal, kv_len);
+}
 
 typedef void (*Bwd)(hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, const float*,
                     const float*, float*, bf16*, bf16*, int, int, int, float, float, int, const int*);
@@ -38,6 +78,10 @@ struct Kernel {
 static const Kernel KERNELS[] = {
     {"shipped", flash_bwd_wgmma_bf16_d64, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
     {"shipped s3", bwd_shipped_s3, 64, hopper::bwd_smem_bytes<bf16, 64, 3>()},
+    {"kv regs", bwd_kv_regs, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
+    {"k regs", bwd_k_regs, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
+    {"dq red", bwd_dq_red, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
+    {"k regs + dq red", bwd_k_regs_dq_red, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
     {"d128", flash_bwd_wgmma_bf16_d128, 128, hopper::bwd_smem_bytes<bf16, 128, 2>()},
 };
 
@@ -206,10 +250,34 @@ static float median(std::vector<float> t) {
   return t[t.size() / 2];
 }
 
-int main() {
+// One launch of each shipped kernel at 4,096 keys without the mask (see the header).
+static void profile() {
+  const int n = 4096, bh = 262144 / n;
+  for (const Kernel& kern : KERNELS) {
+    if (kern.fn != flash_bwd_wgmma_bf16_d64 && kern.fn != flash_bwd_wgmma_bf16_d128) continue;
+    const size_t ne = (size_t)bh * n * kern.d;
+    bf16 *q = rnd(ne, 11), *k = rnd(ne, 12), *v = rnd(ne, 13), *dO = rnd(ne, 14), *dk = dev<bf16>(ne),
+         *dv = dev<bf16>(ne);
+    float *L = dev<float>(bh * n), *Dm = dev<float>(bh * n), *dqa = dev<float>(ne);
+    CHECK(cudaMemset(L, 0, bh * n * 4));
+    CHECK(cudaMemset(Dm, 0, bh * n * 4));
+    CHECK(cudaMemset(dqa, 0, ne * 4));
+    prepared(kern, q, k, v, dO, L, Dm, dqa, dk, dv, bh, n, n, false, nullptr)();
+    CHECK(cudaDeviceSynchronize());
+    printf("profiled %s (d %d, %d keys, %d heads)\n", kern.name, kern.d, n, bh);
+    for (void* x : {(void*)q, (void*)k, (void*)v, (void*)dO, (void*)dk, (void*)dv, (void*)L, (void*)Dm, (void*)dqa})
+      cudaFree(x);
+  }
+}
+
+int main(int argc, char** argv) {
   cudaDeviceProp p;
   CHECK(cudaGetDeviceProperties(&p, 0));
   printf("device: %s\n", p.name);
+  if (argc > 1 && std::string(argv[1]) == "profile") {
+    profile();
+    return 0;
+  }
   bool ok = true;
   for (int d : {64, 128}) {
     ok &= check(d, 2, 200, 200, false, false);

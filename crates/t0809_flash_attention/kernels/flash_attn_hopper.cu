@@ -526,16 +526,43 @@ __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap*
                  : F_32(d)                                                                                     \
                  : "l"(a), "l"(b), "r"(accumulate));                                                          \
   }
+// d (64 × 64) = A·B (+ d when accumulate): A from registers (mma.sync's A layout), B from shared
+// memory K-major (imm-trans-b = 0).
+#define WGMMA_RS_K(TY)                                                                                        \
+  static __device__ __forceinline__ void rs_k(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                  \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " ACC_32                            \
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                              \
+                 : F_32(d)                                                                                     \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));                      \
+  }
 template <typename T>
 struct OpsT;
 template <>
 struct OpsT<__nv_bfloat16> {
   WGMMA_TT("bf16")
+  WGMMA_RS_K("bf16")
 };
 template <>
 struct OpsT<__half> {
   WGMMA_TT("f16")
+  WGMMA_RS_K("f16")
 };
+
+// A consumer's 64 rows of a 128-row K-major tile (K or V) as wgmma register A operands, one
+// 64 × 16 block per step of 16 columns: ldmatrix.x4 gives lane l's row (l % 16) of the warp's 16,
+// columns 8·(l / 16) onwards, in mma.sync's A layout.
+template <int D>
+__device__ __forceinline__ void load_a_rows(uint32_t (&a)[D / 16][4], const void* tile, int row0, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int row = row0 + (lane & 15), col = kk * 16 + 8 * (lane >> 4);
+    const uint32_t addr = smem_u32(tile) + 2 * panel_offset<128>(row, col);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(a[kk][0]), "=r"(a[kk][1]), "=r"(a[kk][2]), "=r"(a[kk][3])
+                 : "r"(addr));
+  }
+}
 
 // At d 128 each consumer stages only its 64 columns of dQ (see bwd128_wgmma), rows padded to 68
 // floats so that the 8 rows a warp's stores touch at once fall in different banks (16-byte
@@ -575,6 +602,20 @@ __device__ __forceinline__ void issue_s_dp(float (&st)[BR / 8][4], float (&dpt)[
   for (int kk = 0; kk < D / 16; ++kk) Ops<T>::ss(st, k_major<BC>(k_c, kk), k_major<BR>(q_s, kk), kk > 0);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) Ops<T>::ss(dpt, k_major<BC>(v_c, kk), k_major<BR>(do_s, kk), kk > 0);
+  wgmma_commit();
+}
+
+// issue_s_dp with K_c and V_c held in registers (load_a_rows): only Q_i and dO_i are read from
+// shared memory.
+template <typename T, int D, int BR>
+__device__ __forceinline__ void issue_s_dp_regs(float (&st)[BR / 8][4], float (&dpt)[BR / 8][4],
+                                                const uint32_t (&ka)[D / 16][4], const uint32_t (&va)[D / 16][4],
+                                                uint32_t q_s, uint32_t do_s) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) OpsT<T>::rs_k(st, ka[kk], k_major<BR>(q_s, kk), kk > 0);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) OpsT<T>::rs_k(dpt, va[kk], k_major<BR>(do_s, kk), kk > 0);
   wgmma_commit();
 }
 
@@ -742,6 +783,24 @@ __device__ __forceinline__ void send_dq(float* my_dq, const float (&dq)[D / 8][4
   }
 }
 
+// send_dq without the shared staging: each thread adds its dQ_i accumulators straight into the
+// f32 dQ buffer with vector reductions in L2 (red.global.add.v2.f32), rows before n_q.
+template <int D>
+__device__ __forceinline__ void red_dq(const float (&dq)[D / 8][4], float* dQh, int i0, int n_q, int warp, int g,
+                                       int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = i0 + warp * 16 + g + 8 * r;
+    if (row >= n_q) continue;
+    float* dst = dQh + (size_t)row * D + 2 * t;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst + dn * 8), "f"(dq[dn][2 * r]),
+                   "f"(dq[dn][2 * r + 1])
+                   : "memory");
+  }
+}
+
 // dK = scale · dSᵀ Q and dV = Pᵀ dO of this thread's keys (key_w0 + g, + 8), those before n_k.
 template <typename T, int D>
 __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D / 8][4], const float (&dv)[D / 8][4],
@@ -770,7 +829,11 @@ __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D 
 // share the work by taking turns. The next tile's Sᵀ and dPᵀ are queued behind this tile's products
 // before any of them is waited for; the queue empties only at the top of the loop, where the
 // softmax of the next tile needs its Sᵀ and dPᵀ.
-template <typename T, int D, int NS>
+// Two variants under measurement (scripts/flash_hopper_bwd_probe.cu; the shipped kernels use
+// neither): KV_REGS = 1 holds K_c (2: K_c and V_c) in registers as the A operand of Sᵀ (and dPᵀ),
+// so those products read only Q_i (dO_i) from shared memory; DQ_RED adds dQ_i into the f32 buffer
+// from registers (red_dq) instead of staging it in shared memory for one bulk reduce-add.
+template <typename T, int D, int NS, int KV_REGS = 0, bool DQ_RED = false>
 __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                           const TensorMap* tmdO, const float* __restrict__ LSE,
                                           const float* __restrict__ Dsum, float* __restrict__ dQacc,
@@ -813,9 +876,25 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
 
   float st[BR / 8][4], dpt[BR / 8][4];
   mbar_wait(sh.kv_full, 0);
+  uint32_t ka[KV_REGS ? D / 16 : 1][4], va[KV_REGS == 2 ? D / 16 : 1][4];
+  if constexpr (KV_REGS >= 1) load_a_rows<D>(ka, sh.k, c * 64 + warp * 16, lane);
+  if constexpr (KV_REGS == 2) load_a_rows<D>(va, sh.v, c * 64 + warp * 16, lane);
+  auto issue_next = [&](uint32_t q_s, uint32_t do_s) {
+    if constexpr (KV_REGS == 2) {
+      issue_s_dp_regs<T, D, BR>(st, dpt, ka, va, q_s, do_s);
+    } else if constexpr (KV_REGS == 1) {
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) OpsT<T>::rs_k(st, ka[kk], k_major<BR>(q_s, kk), kk > 0);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) Ops<T>::ss(dpt, k_major<BC>(v_c, kk), k_major<BR>(do_s, kk), kk > 0);
+      wgmma_commit();
+    } else
+      issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, q_s, do_s);
+  };
   if (qb_first < n_qb) {
     mbar_wait(sh.q_full, 0);
-    issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sh.q), smem_u32(sh.d_o));
+    issue_next(smem_u32(sh.q), smem_u32(sh.d_o));
   }
   for (int qb = qb_first, j = 0; qb < n_qb; ++qb, ++j) {
     const int s = j % NS, i0 = qb * BR, b = j & 1;
@@ -855,9 +934,9 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     if (qb + 1 < n_qb) {
       const int s1 = (j + 1) % NS;
       mbar_wait(sh.q_full + s1, ((j + 1) / NS) & 1);
-      issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sh.q + s1 * QT), smem_u32(sh.d_o + s1 * QT));
+      issue_next(smem_u32(sh.q + s1 * QT), smem_u32(sh.d_o + s1 * QT));
     } else {
-      issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, k_c, v_c);
+      issue_next(k_c, v_c);
     }
     wgmma_wait<1>();  // all but the next tile's products
     pin(dv);
@@ -869,7 +948,10 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
       pin(dq);
       mbar_arrive(sh.ds_empty + b);
       // dQ_i out, by the TMA unit, while the next tile's products run.
-      send_dq<D, BR>(sh.dq + c * BR * D, dq, dQh, i0, n_q, c, ctid, warp, g, t);
+      if constexpr (DQ_RED)
+        red_dq<D>(dq, dQh, i0, n_q, warp, g, t);
+      else
+        send_dq<D, BR>(sh.dq + c * BR * D, dq, dQh, i0, n_q, c, ctid, warp, g, t);
     }
   }
 
