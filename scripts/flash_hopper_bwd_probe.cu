@@ -14,8 +14,8 @@
 //   nvcc -O3 -std=c++17 --use_fast_math -gencode arch=compute_90a,code=sm_90a \
 //        -o flash_hopper_bwd_probe scripts/flash_hopper_bwd_probe.cu
 // Run on an H100/H200: ./flash_hopper_bwd_probe
-// Profile: ./flash_hopper_bwd_probe profile launches the shipped d 64 and d 128 kernels once each
-// (4,096 keys, no mask, 64 heads) and nothing else, for Nsight Compute:
+// Profile: ./flash_hopper_bwd_probe profile launches every kernel of the list once (4,096 keys, no
+// mask, 64 heads) and nothing else, for Nsight Compute:
 //   ncu --set full -k regex:flash_bwd_wgmma ./flash_hopper_bwd_probe profile
 
 #include "../crates/t0809_flash_attention/kernels/flash_attn_hopper.cu"
@@ -250,11 +250,10 @@ static float median(std::vector<float> t) {
   return t[t.size() / 2];
 }
 
-// One launch of each shipped kernel at 4,096 keys without the mask (see the header).
+// One launch of each kernel at 4,096 keys without the mask (see the header).
 static void profile() {
   const int n = 4096, bh = 262144 / n;
   for (const Kernel& kern : KERNELS) {
-    if (kern.fn != flash_bwd_wgmma_bf16_d64 && kern.fn != flash_bwd_wgmma_bf16_d128) continue;
     const size_t ne = (size_t)bh * n * kern.d;
     bf16 *q = rnd(ne, 11), *k = rnd(ne, 12), *v = rnd(ne, 13), *dO = rnd(ne, 14), *dk = dev<bf16>(ne),
          *dv = dev<bf16>(ne);
