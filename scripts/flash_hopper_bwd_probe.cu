@@ -16,7 +16,7 @@
 // Run on an H100/H200: ./flash_hopper_bwd_probe
 // Profile: ./flash_hopper_bwd_probe profile launches every kernel of the list once (4,096 keys, no
 // mask, 64 heads) and nothing else, for Nsight Compute:
-//   ncu --set full -k regex:flash_bwd_wgmma ./flash_hopper_bwd_probe profile
+//   ncu --set full -k regex:bwd ./flash_hopper_bwd_probe profile
 
 #include "../crates/t0809_flash_attention/kernels/flash_attn_hopper.cu"
 #include "flash_hopper_probe_common.cuh"
