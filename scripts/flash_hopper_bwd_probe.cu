@@ -32,8 +32,9 @@
 // Variants beside the shipped kernels: (stages), "kv regs": K_c and V_c held in registers as
 // the A operands of Sᵀ and dPᵀ (bwd_wgmma's KV_REGS), so that those products read only Q_i and dO_i
 // from shared memory ("k regs": K_c only); "dq red": dQ_i added into the f32 buffer from registers
-// (red.global.add.v2.f32, bwd_wgmma's DQ_RED) instead of staged in shared memory for one bulk
-// reduce-add; "k regs + dq red": both.
+// (red.global.add.v2.f32, bwd_wgmma's DQ_MODE 1) instead of staged in shared memory for one bulk
+// reduce-add; "dq pad": staged in rows padded against bank conflicts, one bulk reduce-add per row
+// (DQ_MODE 2); "k regs + dq red" and "k regs + dq pad": both changes.
 BWD_WGMMA(bwd_shipped_s3, bf16, 64, 3)
 extern "C" __global__ void __launch_bounds__(384, 1)
     bwd_kv_regs(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,
@@ -56,7 +57,23 @@ extern "C" __global__ void __launch_bounds__(384, 1)
                 const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
                 const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
                 float scale, float scale_log2, int causal, const int* kv_len) {
-  hopper::bwd_wgmma<bf16, 64, 2, 0, true>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
+  hopper::bwd_wgmma<bf16, 64, 2, 0, 1>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
+                                       scale_log2, causal, kv_len);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    bwd_dq_pad(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,
+                const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
+                const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
+                float scale, float scale_log2, int causal, const int* kv_len) {
+  hopper::bwd_wgmma<bf16, 64, 2, 0, 2>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
+                                       scale_log2, causal, kv_len);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    bwd_k_regs_dq_pad(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,
+                const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
+                const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
+                float scale, float scale_log2, int causal, const int* kv_len) {
+  hopper::bwd_wgmma<bf16, 64, 2, 1, 2>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
                                        scale_log2, causal, kv_len);
 }
 extern "C" __global__ void __launch_bounds__(384, 1)
@@ -64,7 +81,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
                 const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
                 const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
                 float scale, float scale_log2, int causal, const int* kv_len) {
-  hopper::bwd_wgmma<bf16, 64, 2, 1, true>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
+  hopper::bwd_wgmma<bf16, 64, 2, 1, 1>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
                                        scale_log2, causal, kv_len);
 }
 
@@ -82,6 +99,8 @@ static const Kernel KERNELS[] = {
     {"k regs", bwd_k_regs, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
     {"dq red", bwd_dq_red, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
     {"k regs + dq red", bwd_k_regs_dq_red, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
+    {"dq pad", bwd_dq_pad, 64, hopper::bwd_smem_bytes<bf16, 64, 2, true>()},
+    {"k regs + dq pad", bwd_k_regs_dq_pad, 64, hopper::bwd_smem_bytes<bf16, 64, 2, true>()},
     {"d128", flash_bwd_wgmma_bf16_d128, 128, hopper::bwd_smem_bytes<bf16, 128, 2>()},
 };
 

@@ -574,11 +574,11 @@ constexpr int DQ_STRIDE = 68;
 // DQ_STRIDE), alignment, and the mbarriers (K/V full; Q/dO full and empty per stage; dSᵀ full and
 // empty per buffer). At d 128 also a Pᵀ buffer (128 keys × 64 queries): 216,136 bytes at NS = 2
 // (NS = 3 would exceed the 227 KiB a CTA may have).
-template <typename T, int D, int NS>
+template <typename T, int D, int NS, bool PAD_DQ = (D == 128)>
 constexpr int bwd_smem_bytes() {
   constexpr bool d128 = D == 128;
   return (2 * 128 * D + 2 * NS * 64 * D + (d128 ? 3 : 2) * 128 * 64) * (int)sizeof(T) +
-         2 * 64 * (d128 ? DQ_STRIDE : D) * 4 + 1024 + 8 * (1 + 2 * NS + 4);
+         2 * 64 * (PAD_DQ ? DQ_STRIDE : D) * 4 + 1024 + 8 * (1 + 2 * NS + 4);
 }
 
 // A K-major operand of ROWS-row panels: 16 columns of d per step.
@@ -649,10 +649,10 @@ __device__ __forceinline__ void issue_dq(float (&dq)[D / 8][4], uint32_t ds_b, u
 // and empty per stage; per dSᵀ buffer "full" (one arrival per consumer: both halves are in) and
 // "empty" (at d 64 the owner's 128 threads, at d 128 both consumers' 256: the dQ products that
 // read the buffer are done). Sizes: bwd_smem_bytes.
-template <typename T, int D, int NS>
+template <typename T, int D, int NS, bool PAD_DQ = (D == 128)>
 struct BwdShared {
   static constexpr bool D128 = D == 128;
-  static constexpr int DQ_ROW = D128 ? DQ_STRIDE : D;  // a consumer's dQ staging row, in floats
+  static constexpr int DQ_ROW = PAD_DQ ? DQ_STRIDE : D;  // a consumer's dQ staging row, in floats
   T *k, *v, *q, *d_o, *pt, *ds;
   float* dq;
   uint64_t *kv_full, *q_full, *q_empty, *ds_full, *ds_empty;
@@ -686,8 +686,8 @@ struct BwdShared {
 
 // The backward's producer (one thread): this CTA's K and V once, then Q_i and dO_i of query tiles
 // qb_first.. into stage j % NS of their ring.
-template <typename T, int D, int NS>
-__device__ __forceinline__ void bwd_producer(const BwdShared<T, D, NS>& sh, const TensorMap* tmQ,
+template <typename T, int D, int NS, bool PAD_DQ>
+__device__ __forceinline__ void bwd_producer(const BwdShared<T, D, NS, PAD_DQ>& sh, const TensorMap* tmQ,
                                              const TensorMap* tmK, const TensorMap* tmV, const TensorMap* tmdO,
                                              int k0, int bh, int qb_first, int n_qb) {
   constexpr int BC = 128, BR = 64, QT = BR * D;
@@ -801,6 +801,33 @@ __device__ __forceinline__ void red_dq(const float (&dq)[D / 8][4], float* dQh, 
   }
 }
 
+// send_dq through rows padded to DQ_STRIDE floats, one bulk reduce-add per query row (256 bytes,
+// by thread `row`), as send_dq_half does at d 128.
+template <int D, int BR>
+__device__ __forceinline__ void send_dq_rows(float* my_dq, const float (&dq)[D / 8][4], float* dQh, int i0, int n_q,
+                                             int c, int ctid, int warp, int g, int t) {
+  static_assert(D == 64, "one 256-byte row per query");
+  const int rows = min(BR, n_q - i0);
+  if (ctid < BR) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+  consumer_sync(c);
+  const uint32_t base = smem_u32(my_dq) + ((warp * 16 + g) * DQ_STRIDE + 2 * t) * 4;
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(base + (8 * r * DQ_STRIDE + dn * 8) * 4),
+                   "f"(dq[dn][2 * r]), "f"(dq[dn][2 * r + 1])
+                   : "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  consumer_sync(c);
+  if (ctid < rows) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                 "cp.async.bulk.commit_group;\n" ::"l"(dQh + (size_t)(i0 + ctid) * D),
+                 "r"(smem_u32(my_dq + ctid * DQ_STRIDE)), "r"(D * 4)
+                 : "memory");
+  }
+}
+
 // dK = scale · dSᵀ Q and dV = Pᵀ dO of this thread's keys (key_w0 + g, + 8), those before n_k.
 template <typename T, int D>
 __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D / 8][4], const float (&dv)[D / 8][4],
@@ -831,9 +858,11 @@ __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D 
 // softmax of the next tile needs its Sᵀ and dPᵀ.
 // Two variants under measurement (scripts/flash_hopper_bwd_probe.cu; the shipped kernels use
 // neither): KV_REGS = 1 holds K_c (2: K_c and V_c) in registers as the A operand of Sᵀ (and dPᵀ),
-// so those products read only Q_i (dO_i) from shared memory; DQ_RED adds dQ_i into the f32 buffer
-// from registers (red_dq) instead of staging it in shared memory for one bulk reduce-add.
-template <typename T, int D, int NS, int KV_REGS = 0, bool DQ_RED = false>
+// so those products read only Q_i (dO_i) from shared memory; DQ_MODE = 1 adds dQ_i into the f32
+// buffer from registers (red_dq) instead of staging it in shared memory for one bulk reduce-add,
+// DQ_MODE = 2 stages it in rows padded to DQ_STRIDE floats (no bank conflicts: send_dq's rows,
+// 256 bytes apart, put a warp's 8 rows on the same banks) sent by one bulk reduce-add per row.
+template <typename T, int D, int NS, int KV_REGS = 0, int DQ_MODE = 0>
 __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                           const TensorMap* tmdO, const float* __restrict__ LSE,
                                           const float* __restrict__ Dsum, float* __restrict__ dQacc,
@@ -841,7 +870,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
                                           float scale_log2, int causal, const int* __restrict__ kv_len) {
   constexpr int BC = 128, BR = 64, QT = BR * D;
   extern __shared__ unsigned char smem_raw[];
-  const BwdShared<T, D, NS> sh(smem_raw);
+  const BwdShared<T, D, NS, DQ_MODE == 2> sh(smem_raw);
 
   const int tid = threadIdx.x, wg = tid >> 7;
   const int bh = blockIdx.y, k0 = blockIdx.x * BC;
@@ -948,8 +977,10 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
       pin(dq);
       mbar_arrive(sh.ds_empty + b);
       // dQ_i out, by the TMA unit, while the next tile's products run.
-      if constexpr (DQ_RED)
+      if constexpr (DQ_MODE == 1)
         red_dq<D>(dq, dQh, i0, n_q, warp, g, t);
+      else if constexpr (DQ_MODE == 2)
+        send_dq_rows<D, BR>(sh.dq + c * BR * DQ_STRIDE, dq, dQh, i0, n_q, c, ctid, warp, g, t);
       else
         send_dq<D, BR>(sh.dq + c * BR * D, dq, dQh, i0, n_q, c, ctid, warp, g, t);
     }
