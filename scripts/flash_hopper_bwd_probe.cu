@@ -4,11 +4,10 @@
 // (262,144 tokens per call). For fast iteration on the kernel; the numbers a report quotes come
 // from `t0809_flash_attention bench`.
 //
-// Variants: "shipped s3" (three Q/dO stages); at d 128 "d128", the kernel flash_bwd_wgmma_bf16_d128
-// (its baseline, the mma.sync backward, is not in this probe: `bench` times it). The
-// organisation before the shipped one (each consumer sends its own share of dQ, twice the reduce
-// traffic) is the kernel of 63ddd6e; this probe's 8591b15 version timed it beside the shipped one
-// ("shipped" and "owner" there).
+// The shipped kernels flash_bwd_wgmma_bf16_d64 and _d128 beside the variants below (their
+// baseline, the mma.sync backward, is not in this probe: `bench` times it). Earlier organisations
+// are in git: each consumer sending its own share of dQ (the kernel of 63ddd6e, timed by this
+// probe at 8591b15), three Q/dO stages (no faster, to 44b14a5).
 //
 // Build (here, no GPU needed):
 //   nvcc -O3 -std=c++17 --use_fast_math -gencode arch=compute_90a,code=sm_90a \
@@ -29,61 +28,24 @@
 #include <string>
 #include <vector>
 
-// Variants beside the shipped kernels: (stages), "kv regs": K_c and V_c held in registers as
-// the A operands of Sᵀ and dPᵀ (bwd_wgmma's KV_REGS), so that those products read only Q_i and dO_i
-// from shared memory ("k regs": K_c only); "dq red": dQ_i added into the f32 buffer from registers
-// (red.global.add.v2.f32, bwd_wgmma's DQ_MODE 1) instead of staged in shared memory for one bulk
-// reduce-add; "dq pad": staged in rows padded against bank conflicts, one bulk reduce-add per row
-// (DQ_MODE 2); "k regs + dq red" and "k regs + dq pad": both changes.
-BWD_WGMMA(bwd_shipped_s3, bf16, 64, 3)
-extern "C" __global__ void __launch_bounds__(384, 1)
-    bwd_kv_regs(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,
-                const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
-                const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
-                float scale, float scale_log2, int causal, const int* kv_len) {
-  hopper::bwd_wgmma<bf16, 64, 2, 2>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
-                                       scale_log2, causal, kv_len);
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    bwd_k_regs(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,
-                const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
-                const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
-                float scale, float scale_log2, int causal, const int* kv_len) {
-  hopper::bwd_wgmma<bf16, 64, 2, 1>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
-                                       scale_log2, causal, kv_len);
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    bwd_dq_red(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,
-                const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
-                const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
-                float scale, float scale_log2, int causal, const int* kv_len) {
-  hopper::bwd_wgmma<bf16, 64, 2, 0, 1>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
-                                       scale_log2, causal, kv_len);
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    bwd_dq_pad(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,
-                const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
-                const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
-                float scale, float scale_log2, int causal, const int* kv_len) {
-  hopper::bwd_wgmma<bf16, 64, 2, 0, 2>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
-                                       scale_log2, causal, kv_len);
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    bwd_k_regs_dq_pad(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,
-                const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
-                const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
-                float scale, float scale_log2, int causal, const int* kv_len) {
-  hopper::bwd_wgmma<bf16, 64, 2, 1, 2>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
-                                       scale_log2, causal, kv_len);
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    bwd_k_regs_dq_red(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,
-                const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,
-                const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,
-                float scale, float scale_log2, int causal, const int* kv_len) {
-  hopper::bwd_wgmma<bf16, 64, 2, 1, 1>(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale,
-                                       scale_log2, causal, kv_len);
-}
+// Variants beside the shipped kernels: "bulk dq", the d 64 kernel with dQ_i staged in shared
+// memory and sent by one bulk reduce-add per tile (bwd_wgmma's DQ_RED = false, the shipped kernel
+// before red_dq); "d128 bulk" likewise at d 128 (bwd128_wgmma's, 64 row-wise bulk reduce-adds).
+// Measured and dropped (this probe at 30ccff4..44b14a5, reports/gpu-runs/h200-2026-12-06/probe_bwd.txt):
+// K_c (and V_c) held in registers as the A operands of Sᵀ and dPᵀ, 0.98× (0.81×, spilling), and
+// dQ_i staged in rows padded against the bank conflicts with one bulk reduce-add per row, 0.81×.
+#define COMMA ,
+#define BWD_VARIANT(NAME, CALL)                                                                              \
+  extern "C" __global__ void __launch_bounds__(384, 1)                                                       \
+      NAME(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,     \
+           const __grid_constant__ hopper::TensorMap tmV, const __grid_constant__ hopper::TensorMap tmdO,    \
+           const float* LSE, const float* Dsum, float* dQacc, bf16* dK, bf16* dV, int n_q, int n_k, int d,     \
+           float scale, float scale_log2, int causal, const int* kv_len) {                                   \
+    hopper::CALL(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale, scale_log2, causal,     \
+                 kv_len);                                                                                    \
+  }
+BWD_VARIANT(bwd_bulk_dq, bwd_wgmma<bf16 COMMA 64 COMMA 2 COMMA false>)
+BWD_VARIANT(bwd128_bulk_dq, bwd128_wgmma<bf16 COMMA 2 COMMA false>)
 
 typedef void (*Bwd)(hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, const float*,
                     const float*, float*, bf16*, bf16*, int, int, int, float, float, int, const int*);
@@ -94,14 +56,9 @@ struct Kernel {
 };
 static const Kernel KERNELS[] = {
     {"shipped", flash_bwd_wgmma_bf16_d64, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
-    {"shipped s3", bwd_shipped_s3, 64, hopper::bwd_smem_bytes<bf16, 64, 3>()},
-    {"kv regs", bwd_kv_regs, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
-    {"k regs", bwd_k_regs, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
-    {"dq red", bwd_dq_red, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
-    {"k regs + dq red", bwd_k_regs_dq_red, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
-    {"dq pad", bwd_dq_pad, 64, hopper::bwd_smem_bytes<bf16, 64, 2, true>()},
-    {"k regs + dq pad", bwd_k_regs_dq_pad, 64, hopper::bwd_smem_bytes<bf16, 64, 2, true>()},
+    {"bulk dq", bwd_bulk_dq, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
     {"d128", flash_bwd_wgmma_bf16_d128, 128, hopper::bwd_smem_bytes<bf16, 128, 2>()},
+    {"d128 bulk", bwd128_bulk_dq, 128, hopper::bwd_smem_bytes<bf16, 128, 2>()},
 };
 
 // ---- fp32 references (one thread per query or key) ----

@@ -267,7 +267,8 @@ fn residual_adds_inside_the_norms_change_no_bit() -> anyhow::Result<()> {
     // inside N₂, the feed-forward branch inside the next block's N₁ or the final norm, 2 adds per
     // block, all handed to a norm. Written out op by op, with every add on its own, the hidden
     // states and every parameter's gradient are the same bit for bit, in f32 and in bf16 (where
-    // the sum's rounding matters), on the test device.
+    // the sum's rounding matters), on the test device (on the GPU the gains' gradients to their
+    // rounding: their kernel's row sums are not bitwise deterministic).
     let _init = shared::params::init_turn();
     let dev = shared::device::test_device();
     let shape = LmShape {
@@ -327,6 +328,23 @@ fn residual_adds_inside_the_norms_change_no_bit() -> anyhow::Result<()> {
                 fused_grads.get(var.as_tensor()),
                 separate_grads.get(var.as_tensor()),
             ) {
+                // On the GPU a gain's gradient sums rows with shared-memory atomics whose order
+                // varies from run to run (kernels/rmsnorm.cu): equal to the rounding of its
+                // storage dtype, as in tests/gpu.rs. Everything else bit for bit.
+                (Some(a), Some(b)) if dev.is_cuda() && name.ends_with("norm.weight") => {
+                    let (a, b) = (vec64(a), vec64(b));
+                    let e = a
+                        .iter()
+                        .zip(&b)
+                        .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+                    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+                    let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+                    assert!(
+                        e <= tol * scale,
+                        "{dtype:?}: gradient of {name} differs by {e:e} (scale {scale:e})"
+                    );
+                    compared += 1;
+                }
                 (Some(a), Some(b)) => {
                     assert_eq!(vec64(a), vec64(b), "{dtype:?}: gradient of {name}");
                     compared += 1;

@@ -10,10 +10,9 @@
 // whole tiles of the tensor, so key rows from kv_len[bh] to n_k are read as they are in memory,
 // not as zeros; their probabilities are exactly 0, but a NaN or Inf there reaches O and dQ
 // (0 · NaN).
-// At d 64 from 1,024 keys the backward runs here too (flash_bwd_wgmma_*_d64: the same machinery,
-// keys per CTA, queries streamed; the contract of flash_attn.cu's mma.sync backward); otherwise the
-// backward is flash_attn.cu's. The d 128 backward (flash_bwd_wgmma_*_d128) runs only when asked
-// for (FlashKernels::WarpgroupMma) until it has been measured.
+// At d 64 and d 128 from 1,024 keys the backward runs here too (flash_bwd_wgmma_*_d64 and _d128:
+// the same machinery, keys per CTA, queries streamed; the contract of flash_attn.cu's mma.sync
+// backward); otherwise the backward is flash_attn.cu's.
 //
 // What changes against the mma.sync kernel:
 //   * A warpgroup (4 warps, 128 threads) issues one `wgmma.mma_async` for a whole 64 × N × 16
@@ -526,43 +525,16 @@ __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap*
                  : F_32(d)                                                                                     \
                  : "l"(a), "l"(b), "r"(accumulate));                                                          \
   }
-// d (64 × 64) = A·B (+ d when accumulate): A from registers (mma.sync's A layout), B from shared
-// memory K-major (imm-trans-b = 0).
-#define WGMMA_RS_K(TY)                                                                                        \
-  static __device__ __forceinline__ void rs_k(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b, int accumulate) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                  \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " ACC_32                            \
-                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                              \
-                 : F_32(d)                                                                                     \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));                      \
-  }
 template <typename T>
 struct OpsT;
 template <>
 struct OpsT<__nv_bfloat16> {
   WGMMA_TT("bf16")
-  WGMMA_RS_K("bf16")
 };
 template <>
 struct OpsT<__half> {
   WGMMA_TT("f16")
-  WGMMA_RS_K("f16")
 };
-
-// A consumer's 64 rows of a 128-row K-major tile (K or V) as wgmma register A operands, one
-// 64 × 16 block per step of 16 columns: ldmatrix.x4 gives lane l's row (l % 16) of the warp's 16,
-// columns 8·(l / 16) onwards, in mma.sync's A layout.
-template <int D>
-__device__ __forceinline__ void load_a_rows(uint32_t (&a)[D / 16][4], const void* tile, int row0, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int row = row0 + (lane & 15), col = kk * 16 + 8 * (lane >> 4);
-    const uint32_t addr = smem_u32(tile) + 2 * panel_offset<128>(row, col);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(a[kk][0]), "=r"(a[kk][1]), "=r"(a[kk][2]), "=r"(a[kk][3])
-                 : "r"(addr));
-  }
-}
 
 // At d 128 each consumer stages only its 64 columns of dQ (see bwd128_wgmma), rows padded to 68
 // floats so that the 8 rows a warp's stores touch at once fall in different banks (16-byte
@@ -573,12 +545,14 @@ constexpr int DQ_STRIDE = 68;
 // buffers of dSᵀ (128 keys × 64 queries), each consumer's f32 dQ tile (64 × D; at d 128 64 ×
 // DQ_STRIDE), alignment, and the mbarriers (K/V full; Q/dO full and empty per stage; dSᵀ full and
 // empty per buffer). At d 128 also a Pᵀ buffer (128 keys × 64 queries): 216,136 bytes at NS = 2
-// (NS = 3 would exceed the 227 KiB a CTA may have).
-template <typename T, int D, int NS, bool PAD_DQ = (D == 128)>
+// (NS = 3 would exceed the 227 KiB a CTA may have). The dQ tiles serve only the staged variant
+// (DQ_RED = false); the kernels as launched add dQ from registers and leave them unused (one CTA
+// per SM either way: the registers allow no second).
+template <typename T, int D, int NS>
 constexpr int bwd_smem_bytes() {
   constexpr bool d128 = D == 128;
   return (2 * 128 * D + 2 * NS * 64 * D + (d128 ? 3 : 2) * 128 * 64) * (int)sizeof(T) +
-         2 * 64 * (PAD_DQ ? DQ_STRIDE : D) * 4 + 1024 + 8 * (1 + 2 * NS + 4);
+         2 * 64 * (d128 ? DQ_STRIDE : D) * 4 + 1024 + 8 * (1 + 2 * NS + 4);
 }
 
 // A K-major operand of ROWS-row panels: 16 columns of d per step.
@@ -602,20 +576,6 @@ __device__ __forceinline__ void issue_s_dp(float (&st)[BR / 8][4], float (&dpt)[
   for (int kk = 0; kk < D / 16; ++kk) Ops<T>::ss(st, k_major<BC>(k_c, kk), k_major<BR>(q_s, kk), kk > 0);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) Ops<T>::ss(dpt, k_major<BC>(v_c, kk), k_major<BR>(do_s, kk), kk > 0);
-  wgmma_commit();
-}
-
-// issue_s_dp with K_c and V_c held in registers (load_a_rows): only Q_i and dO_i are read from
-// shared memory.
-template <typename T, int D, int BR>
-__device__ __forceinline__ void issue_s_dp_regs(float (&st)[BR / 8][4], float (&dpt)[BR / 8][4],
-                                                const uint32_t (&ka)[D / 16][4], const uint32_t (&va)[D / 16][4],
-                                                uint32_t q_s, uint32_t do_s) {
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) OpsT<T>::rs_k(st, ka[kk], k_major<BR>(q_s, kk), kk > 0);
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) OpsT<T>::rs_k(dpt, va[kk], k_major<BR>(do_s, kk), kk > 0);
   wgmma_commit();
 }
 
@@ -649,10 +609,10 @@ __device__ __forceinline__ void issue_dq(float (&dq)[D / 8][4], uint32_t ds_b, u
 // and empty per stage; per dSᵀ buffer "full" (one arrival per consumer: both halves are in) and
 // "empty" (at d 64 the owner's 128 threads, at d 128 both consumers' 256: the dQ products that
 // read the buffer are done). Sizes: bwd_smem_bytes.
-template <typename T, int D, int NS, bool PAD_DQ = (D == 128)>
+template <typename T, int D, int NS>
 struct BwdShared {
   static constexpr bool D128 = D == 128;
-  static constexpr int DQ_ROW = PAD_DQ ? DQ_STRIDE : D;  // a consumer's dQ staging row, in floats
+  static constexpr int DQ_ROW = D128 ? DQ_STRIDE : D;  // a consumer's dQ staging row, in floats
   T *k, *v, *q, *d_o, *pt, *ds;
   float* dq;
   uint64_t *kv_full, *q_full, *q_empty, *ds_full, *ds_empty;
@@ -686,8 +646,8 @@ struct BwdShared {
 
 // The backward's producer (one thread): this CTA's K and V once, then Q_i and dO_i of query tiles
 // qb_first.. into stage j % NS of their ring.
-template <typename T, int D, int NS, bool PAD_DQ>
-__device__ __forceinline__ void bwd_producer(const BwdShared<T, D, NS, PAD_DQ>& sh, const TensorMap* tmQ,
+template <typename T, int D, int NS>
+__device__ __forceinline__ void bwd_producer(const BwdShared<T, D, NS>& sh, const TensorMap* tmQ,
                                              const TensorMap* tmK, const TensorMap* tmV, const TensorMap* tmdO,
                                              int k0, int bh, int qb_first, int n_qb) {
   constexpr int BC = 128, BR = 64, QT = BR * D;
@@ -756,6 +716,7 @@ __device__ __forceinline__ void stage_ds(T* sdS, const float (&dpt)[BR / 8][4], 
     }
 }
 
+// The variant DQ_RED = false of the d 64 backward (the probe times it beside red_dq):
 // dQ_i (f32, 64 queries × D, over this CTA's keys) into the consumer's shared buffer, then one
 // bulk reduce-add of the tile's rows (those before n_q) into the f32 dQ buffer by the TMA unit,
 // which runs on while the warps go on. The buffer is rewritten only once the previous one has
@@ -783,48 +744,25 @@ __device__ __forceinline__ void send_dq(float* my_dq, const float (&dq)[D / 8][4
   }
 }
 
-// send_dq without the shared staging: each thread adds its dQ_i accumulators straight into the
-// f32 dQ buffer with vector reductions in L2 (red.global.add.v2.f32), rows before n_q.
-template <int D>
-__device__ __forceinline__ void red_dq(const float (&dq)[D / 8][4], float* dQh, int i0, int n_q, int warp, int g,
-                                       int t) {
+// dQ_i's 64 columns of this consumer (f32, 64 queries; at d 128 one half of the row) added into
+// the f32 dQ buffer straight from the accumulators, rows before n_q: one vector reduction in L2
+// (red.global.add.v2.f32) per pair of columns, fire and forget. `dst` is the tile's first row at
+// the consumer's first column, ROW floats from one row to the next. No shared staging, no barrier:
+// measured 1.11–1.18× the staged bulk reduce-add of send_dq over the whole d 64 backward (the
+// staging stores of 256-byte rows put a warp's 8 rows on the same banks, a 4-way conflict), and
+// kept as the path of both backwards (DQ_RED).
+template <int ROW>
+__device__ __forceinline__ void red_dq(const float (&dq)[8][4], float* dst, int i0, int n_q, int warp, int g, int t) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = i0 + warp * 16 + g + 8 * r;
-    if (row >= n_q) continue;
-    float* dst = dQh + (size_t)row * D + 2 * t;
+    const int row = warp * 16 + g + 8 * r;
+    if (i0 + row >= n_q) continue;
+    float* p = dst + (size_t)row * ROW + 2 * t;
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn)
-      asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst + dn * 8), "f"(dq[dn][2 * r]),
+    for (int dn = 0; dn < 8; ++dn)
+      asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p + dn * 8), "f"(dq[dn][2 * r]),
                    "f"(dq[dn][2 * r + 1])
                    : "memory");
-  }
-}
-
-// send_dq through rows padded to DQ_STRIDE floats, one bulk reduce-add per query row (256 bytes,
-// by thread `row`), as send_dq_half does at d 128.
-template <int D, int BR>
-__device__ __forceinline__ void send_dq_rows(float* my_dq, const float (&dq)[D / 8][4], float* dQh, int i0, int n_q,
-                                             int c, int ctid, int warp, int g, int t) {
-  static_assert(D == 64, "one 256-byte row per query");
-  const int rows = min(BR, n_q - i0);
-  if (ctid < BR) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-  consumer_sync(c);
-  const uint32_t base = smem_u32(my_dq) + ((warp * 16 + g) * DQ_STRIDE + 2 * t) * 4;
-#pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn)
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(base + (8 * r * DQ_STRIDE + dn * 8) * 4),
-                   "f"(dq[dn][2 * r]), "f"(dq[dn][2 * r + 1])
-                   : "memory");
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  consumer_sync(c);
-  if (ctid < rows) {
-    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-                 "cp.async.bulk.commit_group;\n" ::"l"(dQh + (size_t)(i0 + ctid) * D),
-                 "r"(smem_u32(my_dq + ctid * DQ_STRIDE)), "r"(D * 4)
-                 : "memory");
   }
 }
 
@@ -851,18 +789,12 @@ __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D 
 // tile j each consumer computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 × 64), Pᵀ = exp(Sᵀ − L),
 // dSᵀ = Pᵀ∘(dPᵀ − D), issues dV += Pᵀ dO and dK += dSᵀ Q (Pᵀ and dSᵀ from registers) and writes
 // its dSᵀ rows to shared buffer j % 2. The tile's owner, consumer j % 2, then computes the whole
-// dQ_i = dS_i K over the 128 keys from both halves and the TMA unit adds it into the f32 dQ buffer
-// (a bulk reduce-add, asynchronous): one 64 × d reduce per tile and CTA, and the two consumers
-// share the work by taking turns. The next tile's Sᵀ and dPᵀ are queued behind this tile's products
+// dQ_i = dS_i K over the 128 keys from both halves and adds it into the f32 dQ buffer from its
+// registers (red_dq: reductions in L2, asynchronous): one 64 × d reduce per tile and CTA, and the
+// two consumers share the work by taking turns. The next tile's Sᵀ and dPᵀ are queued behind this tile's products
 // before any of them is waited for; the queue empties only at the top of the loop, where the
 // softmax of the next tile needs its Sᵀ and dPᵀ.
-// Two variants under measurement (scripts/flash_hopper_bwd_probe.cu; the shipped kernels use
-// neither): KV_REGS = 1 holds K_c (2: K_c and V_c) in registers as the A operand of Sᵀ (and dPᵀ),
-// so those products read only Q_i (dO_i) from shared memory; DQ_MODE = 1 adds dQ_i into the f32
-// buffer from registers (red_dq) instead of staging it in shared memory for one bulk reduce-add,
-// DQ_MODE = 2 stages it in rows padded to DQ_STRIDE floats (no bank conflicts: send_dq's rows,
-// 256 bytes apart, put a warp's 8 rows on the same banks) sent by one bulk reduce-add per row.
-template <typename T, int D, int NS, int KV_REGS = 0, int DQ_MODE = 0>
+template <typename T, int D, int NS, bool DQ_RED = true>
 __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                           const TensorMap* tmdO, const float* __restrict__ LSE,
                                           const float* __restrict__ Dsum, float* __restrict__ dQacc,
@@ -870,7 +802,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
                                           float scale_log2, int causal, const int* __restrict__ kv_len) {
   constexpr int BC = 128, BR = 64, QT = BR * D;
   extern __shared__ unsigned char smem_raw[];
-  const BwdShared<T, D, NS, DQ_MODE == 2> sh(smem_raw);
+  const BwdShared<T, D, NS> sh(smem_raw);
 
   const int tid = threadIdx.x, wg = tid >> 7;
   const int bh = blockIdx.y, k0 = blockIdx.x * BC;
@@ -905,25 +837,9 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
 
   float st[BR / 8][4], dpt[BR / 8][4];
   mbar_wait(sh.kv_full, 0);
-  uint32_t ka[KV_REGS ? D / 16 : 1][4], va[KV_REGS == 2 ? D / 16 : 1][4];
-  if constexpr (KV_REGS >= 1) load_a_rows<D>(ka, sh.k, c * 64 + warp * 16, lane);
-  if constexpr (KV_REGS == 2) load_a_rows<D>(va, sh.v, c * 64 + warp * 16, lane);
-  auto issue_next = [&](uint32_t q_s, uint32_t do_s) {
-    if constexpr (KV_REGS == 2) {
-      issue_s_dp_regs<T, D, BR>(st, dpt, ka, va, q_s, do_s);
-    } else if constexpr (KV_REGS == 1) {
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) OpsT<T>::rs_k(st, ka[kk], k_major<BR>(q_s, kk), kk > 0);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) Ops<T>::ss(dpt, k_major<BC>(v_c, kk), k_major<BR>(do_s, kk), kk > 0);
-      wgmma_commit();
-    } else
-      issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, q_s, do_s);
-  };
   if (qb_first < n_qb) {
     mbar_wait(sh.q_full, 0);
-    issue_next(smem_u32(sh.q), smem_u32(sh.d_o));
+    issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sh.q), smem_u32(sh.d_o));
   }
   for (int qb = qb_first, j = 0; qb < n_qb; ++qb, ++j) {
     const int s = j % NS, i0 = qb * BR, b = j & 1;
@@ -963,9 +879,9 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     if (qb + 1 < n_qb) {
       const int s1 = (j + 1) % NS;
       mbar_wait(sh.q_full + s1, ((j + 1) / NS) & 1);
-      issue_next(smem_u32(sh.q + s1 * QT), smem_u32(sh.d_o + s1 * QT));
+      issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sh.q + s1 * QT), smem_u32(sh.d_o + s1 * QT));
     } else {
-      issue_next(k_c, v_c);
+      issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, k_c, v_c);
     }
     wgmma_wait<1>();  // all but the next tile's products
     pin(dv);
@@ -976,11 +892,10 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     if (owner) {
       pin(dq);
       mbar_arrive(sh.ds_empty + b);
-      // dQ_i out, by the TMA unit, while the next tile's products run.
-      if constexpr (DQ_MODE == 1)
-        red_dq<D>(dq, dQh, i0, n_q, warp, g, t);
-      else if constexpr (DQ_MODE == 2)
-        send_dq_rows<D, BR>(sh.dq + c * BR * DQ_STRIDE, dq, dQh, i0, n_q, c, ctid, warp, g, t);
+      // dQ_i out while the next tile's products run: reductions in L2 (DQ_RED), or staged for
+      // the TMA unit's bulk reduce-add.
+      if constexpr (DQ_RED)
+        red_dq<D>(dq, dQh + (size_t)i0 * D, i0, n_q, warp, g, t);
       else
         send_dq<D, BR>(sh.dq + c * BR * D, dq, dQh, i0, n_q, c, ctid, warp, g, t);
     }
@@ -1002,8 +917,9 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
 //     dK += dSᵀ Q read them from there (both operands from shared memory): no register operands
 //     held while those products run;
 //   * every tile, each consumer computes half of dQ_i = dS_i K, its 64 columns of d (64 × 64: 32
-//     registers), from both consumers' halves of dSᵀ, and sends it by 64 row-wise bulk
-//     reduce-adds (256 bytes each; its columns are not contiguous in the (n_q, 128) dQ buffer);
+//     registers), from both consumers' halves of dSᵀ, and adds it into the dQ buffer from its
+//     registers (red_dq; send_dq_half, the variant DQ_RED = false, stages it and sends 64
+//     row-wise bulk reduce-adds instead);
 //   * a tile's Sᵀ and dPᵀ are issued at the top of its own iteration and waited for at once
 //     (queued behind the tile before, as at d 64, they spill), so a consumer's tensor-core work
 //     overlaps only the other consumer's softmax.
@@ -1071,9 +987,9 @@ __device__ __forceinline__ void issue_dq0(float (&dq)[8][4], uint32_t ds_b, uint
   wgmma_commit();
 }
 
-// This consumer's half of dQ_i (f32, 64 queries × its 64 columns) into its shared buffer (rows
-// DQ_STRIDE floats apart), then
-// one bulk reduce-add per query row (256 bytes, by thread `row`) into the f32 dQ buffer (row
+// The variant DQ_RED = false of the d 128 backward (the probe times it beside red_dq): this
+// consumer's half of dQ_i (f32, 64 queries × its 64 columns) into its shared buffer (rows
+// DQ_STRIDE floats apart), then one bulk reduce-add per query row (256 bytes, by thread `row`) into the f32 dQ buffer (row
 // stride 128). Each issuing thread waits for its previous copy to have read the buffer first.
 template <int BR>
 __device__ __forceinline__ void send_dq_half(float* my_dq, const float (&dq)[8][4], float* dQh, int i0, int n_q,
@@ -1139,7 +1055,7 @@ __device__ __forceinline__ void stage_p_ds(T* sPt, T* sdSt, const float (&st)[BR
   }
 }
 
-template <typename T, int NS>
+template <typename T, int NS, bool DQ_RED = true>
 __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                              const TensorMap* tmdO, const float* __restrict__ LSE,
                                              const float* __restrict__ Dsum, float* __restrict__ dQacc,
@@ -1225,7 +1141,10 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
     pin(dq);
     mbar_arrive(sh.q_empty + s);   // Q_i and dO_i are free
     mbar_arrive(sh.ds_empty + b);  // this consumer's dQ product has read buffer b
-    send_dq_half<BR>(sh.dq + c * BR * DQ_STRIDE, dq, dQh, i0, n_q, c, ctid, warp, g, t);
+    if constexpr (DQ_RED)
+      red_dq<D>(dq, dQh + (size_t)i0 * D + c * 64, i0, n_q, warp, g, t);
+    else
+      send_dq_half<BR>(sh.dq + c * BR * DQ_STRIDE, dq, dQh, i0, n_q, c, ctid, warp, g, t);
   }
 
   if (ctid < BR) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");

@@ -7,10 +7,9 @@
 //!   forward `flash_fwd_wgmma_{bf16,f16}_d{64,128}` (`kernels/flash_attn_hopper.cu`: warpgroup
 //!   MMA from shared memory, TMA loads, warp specialisation; at `d = 64` from 2,048 queries its
 //!   three-consumer instance `flash_fwd_wgmma3_*`, [`crate::hopper_forward_consumers`]), the
-//!   backward `flash_bwd_wgmma_{bf16,f16}_d64` at `d = 64` over 1,024 keys or more
-//!   ([`crate::hopper_backward`]), `flash_bwd_wgmma_{bf16,f16}_d128` at `d = 128` only when
-//!   asked for ([`crate::hopper_backward_with`] and `FlashKernels::WarpgroupMma`), else the
-//!   mma.sync one below;
+//!   backward `flash_bwd_wgmma_{bf16,f16}_d{64,128}` over 1,024 keys or more
+//!   ([`crate::hopper_backward`]; at any length with `FlashKernels::WarpgroupMma`,
+//!   [`crate::hopper_backward_with`]), else the mma.sync one below;
 //! - bf16/f16 with `d = 32`, `64` or `128` and 16-byte-aligned inputs: the tensor-core kernels
 //!   `flash_{fwd,bwd}_tc_{bf16,f16}_d{32,64,128}` (mma.sync m16n8k16, fp32 accumulators);
 //! - f32 with `d = 32` or `64` and 16-byte-aligned inputs: `flash_{fwd,bwd}_tiled_f32_d{32,64}`,

@@ -115,10 +115,11 @@ pub fn cuda_kernel_family(
 }
 
 /// The fewest keys for which the backward of a [`CudaKernelFamily::WarpgroupMma`] call runs on
-/// warpgroup MMA as well (at d_head 64; at 128 `Auto` keeps the `mma.sync` backward). Measured
-/// through Candle on an H100 in one call (`bench`'s "hopper bwd" against "mma.sync bwd",
-/// reports/gpu-runs/h100-2026-12-06-i/ratios.json, `hopper_bwd_vs_mma_sync`): 1.17–1.27× at
-/// every length timed, 1,024 to 16,384 keys, causal and not; shorter calls keep the `mma.sync`
+/// warpgroup MMA as well (at d_head 64 and 128). Measured through Candle in one call each
+/// (`bench`'s "hopper bwd" against "mma.sync bwd", `hopper_bwd_vs_mma_sync` in
+/// reports/gpu-runs/h100-2026-12-06-i/ratios.json and reports/gpu-runs/h200-2026-12-06/ratios.json):
+/// at d 64 1.17–1.27× on an H100 at every length timed, 1,024 to 16,384 keys, causal and not; at
+/// d 128 1.21–1.45× on an H200 at 1,024, 4,096 and 16,384 keys. Shorter calls keep the `mma.sync`
 /// backward until measured.
 pub const HOPPER_BACKWARD_MIN_KEYS: usize = 1024;
 
@@ -128,13 +129,12 @@ pub fn hopper_backward(d_head: usize, n_k: usize) -> bool {
     hopper_backward_with(FlashKernels::Auto, d_head, n_k)
 }
 
-/// [`hopper_backward`] for a call made with `kernels` on a Hopper card: `Auto` at d_head 64 from
-/// [`HOPPER_BACKWARD_MIN_KEYS`] keys, [`FlashKernels::WarpgroupMma`] at d_head 64 and 128
-/// whatever the number of keys, `MmaSync` and `Simple` never. (The d 128 kernel has not been
-/// measured yet: `Auto` keeps the `mma.sync` backward there.)
+/// [`hopper_backward`] for a call made with `kernels` on a Hopper card: `Auto` at d_head 64 and
+/// 128 from [`HOPPER_BACKWARD_MIN_KEYS`] keys, [`FlashKernels::WarpgroupMma`] at d_head 64 and
+/// 128 whatever the number of keys, `MmaSync` and `Simple` never.
 pub fn hopper_backward_with(kernels: FlashKernels, d_head: usize, n_k: usize) -> bool {
     match kernels {
-        FlashKernels::Auto => d_head == 64 && n_k >= HOPPER_BACKWARD_MIN_KEYS,
+        FlashKernels::Auto => matches!(d_head, 64 | 128) && n_k >= HOPPER_BACKWARD_MIN_KEYS,
         FlashKernels::WarpgroupMma => matches!(d_head, 64 | 128),
         FlashKernels::MmaSync | FlashKernels::Simple => false,
     }
@@ -182,7 +182,7 @@ pub fn default_softmax_scale(d_head: usize) -> f64 {
 /// Shapes: `q (batch, heads, n_q, d)`, `k (batch, heads, n_k, d)`, `v (batch, heads, n_k, d_v)`
 /// → `(batch, heads, n_q, d_v)`. All three on one device, of one dtype: f32, f16, bf16 (f64 on
 /// the CPU). On CUDA: `d = d_v ≤ 128`; tensor-core kernels run for bf16/f16 with `d` 32, 64 or
-/// 128 (on a Hopper card the forward at `d` 64 and 128 on warpgroup MMA, and the backward at 64
+/// 128 (on a Hopper card the forward at `d` 64 and 128 on warpgroup MMA, and the backward too
 /// from [`HOPPER_BACKWARD_MIN_KEYS`] keys), register-tiled
 /// fp32-FMA kernels for f32 with `d` 32 or 64, a simpler fp32-FMA kernel in every other case
 /// ([`cuda_kernel_family`] says which). Inputs are made contiguous here.
@@ -408,11 +408,12 @@ mod kernel_family_tests {
     use super::*;
 
     #[test]
-    fn hopper_backward_runs_at_d64_past_the_threshold_or_when_forced_at_d64_and_d128() {
+    fn hopper_backward_runs_past_the_threshold_or_when_forced_at_d64_and_d128() {
         let min = HOPPER_BACKWARD_MIN_KEYS;
-        assert!(!hopper_backward(64, min - 1));
-        assert!(hopper_backward(64, min));
-        assert!(!hopper_backward(128, 4 * min), "no d 128 instance");
+        for d in [64, 128] {
+            assert!(!hopper_backward(d, min - 1), "d {d}");
+            assert!(hopper_backward(d, min), "d {d}");
+        }
         assert!(!hopper_backward(32, 4 * min));
         let forced = FlashKernels::WarpgroupMma;
         assert!(hopper_backward_with(forced, 64, 1));

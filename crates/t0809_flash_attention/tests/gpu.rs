@@ -230,9 +230,8 @@ fn gpu_hopper_backward_within_twice_the_mma_sync_error() -> Result<()> {
     // (n_q ≠ n_k), and bf16 with the last 300 keys padding (whose dK, dV must be zero). The
     // forward's O is checked too: the cases with HOPPER_KEYS queries (past
     // HOPPER_THREE_CONSUMERS_MIN_QUERIES) run its three-consumer instance, causal and not, which
-    // the shapes above are too short for. The d 128 Hopper backward, which only
-    // FlashKernels::WarpgroupMma reaches, the same way: bf16 causal, f16 with 333 queries, and
-    // bf16 with the padding.
+    // the shapes above are too short for. The d 128 Hopper backward the same way: bf16 causal,
+    // f16 with 333 queries, and bf16 with the padding.
     let Some(dev) = gpu("gpu_hopper_backward_within_twice_the_mma_sync_error") else {
         return Ok(());
     };
@@ -242,7 +241,7 @@ fn gpu_hopper_backward_within_twice_the_mma_sync_error() -> Result<()> {
     }
     let n = HOPPER_KEYS;
     assert!(hopper_backward(64, n));
-    assert!(hopper_backward_with(FlashKernels::WarpgroupMma, 128, n));
+    assert!(hopper_backward(128, n));
     assert_eq!(hopper_forward_consumers(64, n), 3);
     let mut rng = Rng::new(106);
     let cases = [

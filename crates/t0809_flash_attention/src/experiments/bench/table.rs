@@ -35,7 +35,7 @@ pub fn print_rows(rows: &[Row], what: &str) {
     );
     println!("   flash fwd / bwd / fwd+bwd: our ops called directly; 'autograd': Σ O∘dO through Candle's backward (adds its bookkeeping)");
     if rows.iter().any(|r| r.mma_sync_fwd_ms.is_some()) {
-        println!("   flash fwd on this Hopper card: the warpgroup-MMA kernel, and the backward too at d 64 from {} keys; 'mma.sync fwd' / 'mma.sync bwd': the same ops on the mma.sync kernels (FlashKernels::MmaSync); 'hopper bwd': the backward on the Hopper kernel at every length (FlashKernels::WarpgroupMma, d 64 and 128)", t0809_flash_attention::HOPPER_BACKWARD_MIN_KEYS);
+        println!("   flash fwd on this Hopper card: the warpgroup-MMA kernel, and the backward too at d 64 and 128 from {} keys; 'mma.sync fwd' / 'mma.sync bwd': the same ops on the mma.sync kernels (FlashKernels::MmaSync); 'hopper bwd': the backward on the Hopper kernel at every length (FlashKernels::WarpgroupMma, d 64 and 128)", t0809_flash_attention::HOPPER_BACKWARD_MIN_KEYS);
     }
     print_table(&HEADER, &table);
     if rows.iter().any(|r| r.pytorch_fwd_ms.is_some()) {
