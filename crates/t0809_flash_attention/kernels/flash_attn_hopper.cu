@@ -677,6 +677,33 @@ __device__ __forceinline__ void load_row_stats(float (&lq)[BR / 8][2], float (&d
     }
 }
 
+// A variant under measurement (STATS_SMEM, scripts/flash_hopper_bwd_probe.cu): the consumer's
+// threads fetch L and D of a query tile into shared memory a tile ahead (cp.async, 4 bytes each,
+// zeros past n_q; threads 0-63 L, 64-127 D), so that load_row_stats' 32 scattered global loads per
+// thread become shared reads that are already there.
+__device__ __forceinline__ void fetch_row_stats(float* dst, const float* Lh, const float* Dh, int i0, int n_q,
+                                                int ctid) {
+  const int r = ctid & 63, q = i0 + r;
+  const float* src = (ctid < 64 ? Lh : Dh) + min(q, n_q - 1);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\ncp.async.commit_group;\n" ::"r"(
+                   smem_u32(dst + ctid)),
+               "l"(src), "r"(q < n_q ? 4 : 0)
+               : "memory");
+}
+template <int BR>
+__device__ __forceinline__ void read_row_stats(float (&lq)[BR / 8][2], float (&d_row)[BR / 8][2], const float* sm,
+                                               int t) {
+#pragma unroll
+  for (int n = 0; n < BR / 8; ++n) {
+    const float2 l = *reinterpret_cast<const float2*>(sm + n * 8 + 2 * t);
+    const float2 dd = *reinterpret_cast<const float2*>(sm + 64 + n * 8 + 2 * t);
+    lq[n][0] = l.x * 1.4426950408889634f;
+    lq[n][1] = l.y * 1.4426950408889634f;
+    d_row[n][0] = dd.x;
+    d_row[n][1] = dd.y;
+  }
+}
+
 // Pᵀ = exp2(Sᵀ·scale·log2e − L·log2e) and dSᵀ = Pᵀ∘(dPᵀ − D) in place of Sᵀ and dPᵀ, zero where
 // the (key, query) pair does not exist (past an end, padding, above the causal diagonal). Rows of
 // this thread: keys key_w0 + g (+ 8); columns: queries i0 + 8n + 2t + {0, 1}.
@@ -794,7 +821,7 @@ __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D 
 // two consumers share the work by taking turns. The next tile's Sᵀ and dPᵀ are queued behind this tile's products
 // before any of them is waited for; the queue empties only at the top of the loop, where the
 // softmax of the next tile needs its Sᵀ and dPᵀ.
-template <typename T, int D, int NS, bool DQ_RED = true>
+template <typename T, int D, int NS, bool DQ_RED = true, bool STATS_SMEM = false>
 __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                           const TensorMap* tmdO, const float* __restrict__ LSE,
                                           const float* __restrict__ Dsum, float* __restrict__ dQacc,
@@ -836,6 +863,13 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
   float st[BR / 8][4], dpt[BR / 8][4];
+  static_assert(DQ_RED || !STATS_SMEM, "the row statistics live in the unused dQ staging");
+  float* stats = sh.dq + c * BR * D;  // STATS_SMEM: 2 buffers of [L (64) | D (64)]
+  if constexpr (STATS_SMEM) {
+    if (qb_first < n_qb) fetch_row_stats(stats, Lh, Dh, qb_first * BR, n_q, ctid);
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    consumer_sync(c);
+  }
   mbar_wait(sh.kv_full, 0);
   if (qb_first < n_qb) {
     mbar_wait(sh.q_full, 0);
@@ -847,7 +881,12 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     const uint32_t q_s = smem_u32(sh.q + s * QT), do_s = smem_u32(sh.d_o + s * QT);
     T* ds_b = sh.ds + b * BC * BR;
     float lq[BR / 8][2], d_row[BR / 8][2];
-    load_row_stats<BR>(lq, d_row, Lh, Dh, i0, n_q, t);
+    if constexpr (STATS_SMEM) {
+      if (qb + 1 < n_qb) fetch_row_stats(stats + ((j + 1) & 1) * 128, Lh, Dh, i0 + BR, n_q, ctid);
+      read_row_stats<BR>(lq, d_row, stats + (j & 1) * 128, t);
+    } else {
+      load_row_stats<BR>(lq, d_row, Lh, Dh, i0, n_q, t);
+    }
     wgmma_wait<0>();
     pin(st);
     pin(dpt);
@@ -864,6 +903,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     if (j >= 2) mbar_wait(sh.ds_empty + b, ((j >> 1) - 1) & 1);
     stage_ds<T, BC, BR>(ds_b, dpt, c, warp, g, t);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    if constexpr (STATS_SMEM) asm volatile("cp.async.wait_all;\n" ::: "memory");  // the next tile's L, D
     consumer_sync(c);
     if (ctid == 0) mbar_arrive(sh.ds_full + b);
 

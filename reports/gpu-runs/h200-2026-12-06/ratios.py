@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Ratios of 8-09's attention benchmark, from the committed raw files of this folder.
+
+For every callN/bench_results.json (t0809_flash_attention bench with PyTorch SDPA's FlashAttention-2
+and cuDNN backends, same call, same card; bf16, 262,144 tokens per call) writes, per shape
+d{64,128}_{full,causal}_{seq}, into ratios.json under "callN":
+  fwd_ms, bwd_ms                  our forward and backward (the kernels Auto picks)
+  fwd_vs_cudnn, fwd_vs_fa2        our forward against each backend's (time ratio, > 1 = we win)
+  bwd_vs_fa2, bwd_vs_cudnn        our backward against each backend's (its fwd+bwd minus its fwd)
+  fa2_bwd_ms, cudnn_bwd_ms        each backend's backward (its fwd+bwd minus its fwd)
+  hopper_bwd_vs_mma_sync          at d 64 and 128: the Hopper backward against the mma.sync one, both timed
+                                  at this length (the evidence for HOPPER_BACKWARD_MIN_KEYS)
+  hopper_bwd_vs_fa2, hopper_bwd_vs_cudnn   the Hopper backward against each backend's,
+                                  whichever backward the op picked at this length (bwd_ms)
+  fwd_bwd_ms, fwd_bwd_vs_fa2, fwd_bwd_vs_cudnn   forward + backward (our ops called directly)
+and, from each callN/shape-*-summary.json (scripts/shape_bench.sh: ours in bf16-mixed as the first
+row, the A/B row of ours third), under "callN"."ab_<config>": ours_vs_ab = tokens/s of ours over
+the A/B row's (> 1: the default is faster than the row with the flag), with the flag's label.
+Run: python3 ratios.py (from this folder).
+"""
+import glob, json, os
+
+out = {}
+for path in sorted(glob.glob("call*/bench_results.json")):
+    call = os.path.dirname(path)
+    rows = {}
+    for r in json.load(open(path))["metrics"]["bench"]:
+        name = f"d{r['d_head']}_{'causal' if r['causal'] else 'full'}_{r['seq']}"
+        fa2_bwd = r["pytorch_fwd_bwd_ms"] - r["pytorch_fwd_ms"]
+        cudnn_bwd = r["cudnn_fwd_bwd_ms"] - r["cudnn_fwd_ms"]
+        row = {
+            "fwd_ms": r["flash_fwd_ms"],
+            "bwd_ms": r["flash_bwd_ms"],
+            "fwd_vs_cudnn": r["cudnn_fwd_ms"] / r["flash_fwd_ms"],
+            "fwd_vs_fa2": r["pytorch_fwd_ms"] / r["flash_fwd_ms"],
+            "bwd_vs_fa2": fa2_bwd / r["flash_bwd_ms"],
+            "bwd_vs_cudnn": cudnn_bwd / r["flash_bwd_ms"],
+            "fa2_bwd_ms": fa2_bwd,
+            "cudnn_bwd_ms": cudnn_bwd,
+            "fwd_bwd_ms": r["flash_fwd_bwd_ops_ms"],
+            "fwd_bwd_vs_fa2": r["pytorch_fwd_bwd_ms"] / r["flash_fwd_bwd_ops_ms"],
+            "fwd_bwd_vs_cudnn": r["cudnn_fwd_bwd_ms"] / r["flash_fwd_bwd_ops_ms"],
+        }
+        if r.get("mma_sync_bwd_ms") and r.get("hopper_bwd_ms"):
+            row["hopper_bwd_ms"] = r["hopper_bwd_ms"]
+            row["mma_sync_bwd_ms"] = r["mma_sync_bwd_ms"]
+            row["hopper_bwd_vs_mma_sync"] = r["mma_sync_bwd_ms"] / r["hopper_bwd_ms"]
+            row["hopper_bwd_vs_fa2"] = fa2_bwd / r["hopper_bwd_ms"]
+            row["hopper_bwd_vs_cudnn"] = cudnn_bwd / r["hopper_bwd_ms"]
+        rows[name] = {k: round(v, 4) for k, v in row.items()}
+    out[call] = rows
+for path in sorted(glob.glob("call*/shape-*-summary.json")):
+    call = os.path.dirname(path)
+    name = os.path.basename(path)[len("shape-"):-len("-summary.json")]
+    rows = json.load(open(path))["rows"]
+    out.setdefault(call, {})["ab_" + name] = {
+        "ab_label": rows[2]["label"],
+        "ours_vs_ab": round(rows[0]["tokens_per_s"] / rows[2]["tokens_per_s"], 4),
+    }
+json.dump(out, open("ratios.json", "w"), indent=1)
+for call, rows in out.items():
+    print(call)
+    for name, r in rows.items():
+        print(f"  {name:20s} " + " ".join(f"{k}={v}" for k, v in r.items()))
