@@ -33,8 +33,9 @@
 // before red_dq); "d128 bulk" likewise at d 128 (bwd128_wgmma's, 64 row-wise bulk reduce-adds);
 // "stats smem", the d 64 kernel with L and D fetched into shared memory a tile ahead (STATS_SMEM).
 // Measured and dropped (this probe at 30ccff4..44b14a5, reports/gpu-runs/h200-2026-12-06/probe_bwd.txt):
-// K_c (and V_c) held in registers as the A operands of Sᵀ and dPᵀ, 0.98× (0.81×, spilling), and
-// dQ_i staged in rows padded against the bank conflicts with one bulk reduce-add per row, 0.81×.
+// K_c (and V_c) held in registers as the A operands of Sᵀ and dPᵀ, 0.98–0.99× (0.80–0.83×,
+// spilling), and dQ_i staged in rows padded against the bank conflicts with one bulk reduce-add per
+// row, 0.80–0.86×.
 #define COMMA ,
 #define BWD_VARIANT(NAME, CALL)                                                                              \
   extern "C" __global__ void __launch_bounds__(384, 1)                                                       \
