@@ -30,7 +30,8 @@
 
 // Variants beside the shipped kernels: "bulk dq", the d 64 kernel with dQ_i staged in shared
 // memory and sent by one bulk reduce-add per tile (bwd_wgmma's DQ_RED = false, the shipped kernel
-// before red_dq); "d128 bulk" likewise at d 128 (bwd128_wgmma's, 64 row-wise bulk reduce-adds);
+// before red_dq); "d128 red", the d 128 kernel adding dQ from registers (bwd128_wgmma's
+// DQ_RED = true; the shipped one stages it for 64 row-wise bulk reduce-adds);
 // "stats smem", the d 64 kernel with L and D fetched into shared memory a tile ahead (STATS_SMEM).
 // Measured and dropped (this probe at 30ccff4..44b14a5, reports/gpu-runs/h200-2026-12-06/probe_bwd.txt):
 // K_c (and V_c) held in registers as the A operands of Sᵀ and dPᵀ, 0.98–0.99× (0.80–0.83×,
@@ -47,7 +48,7 @@
                  kv_len);                                                                                    \
   }
 BWD_VARIANT(bwd_bulk_dq, bwd_wgmma<bf16 COMMA 64 COMMA 2 COMMA false>)
-BWD_VARIANT(bwd128_bulk_dq, bwd128_wgmma<bf16 COMMA 2 COMMA false>)
+BWD_VARIANT(bwd128_red_dq, bwd128_wgmma<bf16 COMMA 2 COMMA true>)
 BWD_VARIANT(bwd_stats_smem, bwd_wgmma<bf16 COMMA 64 COMMA 2 COMMA true COMMA true>)
 
 typedef void (*Bwd)(hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, const float*,
@@ -62,7 +63,7 @@ static const Kernel KERNELS[] = {
     {"bulk dq", bwd_bulk_dq, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
     {"stats smem", bwd_stats_smem, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
     {"d128", flash_bwd_wgmma_bf16_d128, 128, hopper::bwd_smem_bytes<bf16, 128, 2>()},
-    {"d128 bulk", bwd128_bulk_dq, 128, hopper::bwd_smem_bytes<bf16, 128, 2>()},
+    {"d128 red", bwd128_red_dq, 128, hopper::bwd_smem_bytes<bf16, 128, 2>()},
 };
 
 // ---- fp32 references (one thread per query or key) ----

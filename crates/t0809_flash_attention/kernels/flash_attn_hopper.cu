@@ -545,9 +545,9 @@ constexpr int DQ_STRIDE = 68;
 // buffers of dSᵀ (128 keys × 64 queries), each consumer's f32 dQ tile (64 × D; at d 128 64 ×
 // DQ_STRIDE), alignment, and the mbarriers (K/V full; Q/dO full and empty per stage; dSᵀ full and
 // empty per buffer). At d 128 also a Pᵀ buffer (128 keys × 64 queries): 216,136 bytes at NS = 2
-// (NS = 3 would exceed the 227 KiB a CTA may have). The dQ tiles serve only the staged variant
-// (DQ_RED = false); the kernels as launched add dQ from registers and leave them unused (one CTA
-// per SM either way: the registers allow no second).
+// (NS = 3 would exceed the 227 KiB a CTA may have). The dQ tiles serve the staged path
+// (DQ_RED = false: the d 128 kernel as launched); the d 64 kernel adds dQ from registers and
+// leaves them unused (one CTA per SM either way: the registers allow no second).
 template <typename T, int D, int NS>
 constexpr int bwd_smem_bytes() {
   constexpr bool d128 = D == 128;
@@ -773,21 +773,22 @@ __device__ __forceinline__ void send_dq(float* my_dq, const float (&dq)[D / 8][4
 
 // dQ_i's 64 columns of this consumer (f32, 64 queries; at d 128 one half of the row) added into
 // the f32 dQ buffer straight from the accumulators, rows before n_q: one vector reduction in L2
-// (red.global.add.v2.f32) per pair of columns, fire and forget. `dst` is the tile's first row at
-// the consumer's first column, ROW floats from one row to the next. No shared staging, no barrier:
+// (red.global.add.v2.f32) per pair of columns, fire and forget. `dQh` is the head's buffer at the
+// consumer's first column, ROW floats from one row to the next. No shared staging, no barrier:
 // measured 1.11–1.18× the staged bulk reduce-add of send_dq over the whole d 64 backward (the
-// staging stores of 256-byte rows put a warp's 8 rows on the same banks, a 4-way conflict), and
-// kept as the path of both backwards (DQ_RED).
+// staging stores of 256-byte rows put a warp's 8 rows on the same banks, a 4-way conflict): the
+// d 64 kernel's path. At d 128 (DQ_RED = true there) it has not run on a GPU yet: the kernel as
+// launched keeps send_dq_half, measured, until the probe has timed the two.
 template <int ROW>
-__device__ __forceinline__ void red_dq(const float (&dq)[8][4], float* dst, int i0, int n_q, int warp, int g, int t) {
+__device__ __forceinline__ void red_dq(const float (&dq)[8][4], float* dQh, int i0, int n_q, int warp, int g, int t) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = warp * 16 + g + 8 * r;
-    if (i0 + row >= n_q) continue;
-    float* p = dst + (size_t)row * ROW + 2 * t;
+    const int row = i0 + warp * 16 + g + 8 * r;
+    if (row >= n_q) continue;
+    float* dst = dQh + (size_t)row * ROW + 2 * t;
 #pragma unroll
     for (int dn = 0; dn < 8; ++dn)
-      asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p + dn * 8), "f"(dq[dn][2 * r]),
+      asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst + dn * 8), "f"(dq[dn][2 * r]),
                    "f"(dq[dn][2 * r + 1])
                    : "memory");
   }
@@ -935,7 +936,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
       // dQ_i out while the next tile's products run: reductions in L2 (DQ_RED), or staged for
       // the TMA unit's bulk reduce-add.
       if constexpr (DQ_RED)
-        red_dq<D>(dq, dQh + (size_t)i0 * D, i0, n_q, warp, g, t);
+        red_dq<D>(dq, dQh, i0, n_q, warp, g, t);
       else
         send_dq<D, BR>(sh.dq + c * BR * D, dq, dQh, i0, n_q, c, ctid, warp, g, t);
     }
@@ -957,9 +958,10 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
 //     dK += dSᵀ Q read them from there (both operands from shared memory): no register operands
 //     held while those products run;
 //   * every tile, each consumer computes half of dQ_i = dS_i K, its 64 columns of d (64 × 64: 32
-//     registers), from both consumers' halves of dSᵀ, and adds it into the dQ buffer from its
-//     registers (red_dq; send_dq_half, the variant DQ_RED = false, stages it and sends 64
-//     row-wise bulk reduce-adds instead);
+//     registers), from both consumers' halves of dSᵀ, stages it in shared memory and sends it
+//     by 64 row-wise bulk reduce-adds (send_dq_half: its columns are not contiguous in the
+//     (n_q, 128) dQ buffer; the variant DQ_RED = true adds it from its registers with red_dq
+//     instead, not yet run on a GPU);
 //   * a tile's Sᵀ and dPᵀ are issued at the top of its own iteration and waited for at once
 //     (queued behind the tile before, as at d 64, they spill), so a consumer's tensor-core work
 //     overlaps only the other consumer's softmax.
@@ -1027,7 +1029,7 @@ __device__ __forceinline__ void issue_dq0(float (&dq)[8][4], uint32_t ds_b, uint
   wgmma_commit();
 }
 
-// The variant DQ_RED = false of the d 128 backward (the probe times it beside red_dq): this
+// The d 128 backward's dQ path (DQ_RED = false; the probe times it beside red_dq): this
 // consumer's half of dQ_i (f32, 64 queries × its 64 columns) into its shared buffer (rows
 // DQ_STRIDE floats apart), then one bulk reduce-add per query row (256 bytes, by thread `row`) into the f32 dQ buffer (row
 // stride 128). Each issuing thread waits for its previous copy to have read the buffer first.
@@ -1095,7 +1097,7 @@ __device__ __forceinline__ void stage_p_ds(T* sPt, T* sdSt, const float (&st)[BR
   }
 }
 
-template <typename T, int NS, bool DQ_RED = true>
+template <typename T, int NS, bool DQ_RED = false>
 __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                              const TensorMap* tmdO, const float* __restrict__ LSE,
                                              const float* __restrict__ Dsum, float* __restrict__ dQacc,
@@ -1182,7 +1184,7 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
     mbar_arrive(sh.q_empty + s);   // Q_i and dO_i are free
     mbar_arrive(sh.ds_empty + b);  // this consumer's dQ product has read buffer b
     if constexpr (DQ_RED)
-      red_dq<D>(dq, dQh + (size_t)i0 * D + c * 64, i0, n_q, warp, g, t);
+      red_dq<D>(dq, dQh + c * 64, i0, n_q, warp, g, t);
     else
       send_dq_half<BR>(sh.dq + c * BR * DQ_STRIDE, dq, dQh, i0, n_q, c, ctid, warp, g, t);
   }
