@@ -662,6 +662,38 @@ __device__ __forceinline__ void bwd_producer(const BwdShared<T, D, NS>& sh, cons
   }
 }
 
+// The CTA's part of the backward: head bh, keys k0..k0 + BC − 1, the keys before n_kr real (the
+// rest padding), and the query tiles qb_first..n_qb − 1 that can see them (causal: from the
+// diagonal on; end-aligned, query i sees key j iff j <= i + offset).
+struct BwdBlock {
+  int bh, k0, offset, n_kr, qb_first, n_qb;
+};
+template <int BC, int BR>
+__device__ __forceinline__ BwdBlock bwd_block(int n_q, int n_k, int causal, const int* kv_len) {
+  const int bh = blockIdx.y, k0 = blockIdx.x * BC, offset = n_k - n_q;
+  return {bh, k0, offset, kv_len ? min(n_k, kv_len[bh]) : n_k, causal ? max(0, k0 - offset) / BR : 0,
+          (n_q + BR - 1) / BR};
+}
+
+// The start of both backwards: the barriers initialised, then warpgroup 0 gives its registers to
+// the consumers (setmaxnreg) and its first thread runs the producer. True in the producer's
+// warpgroup, which returns; the consumers go on with 240 registers each.
+template <typename T, int D, int NS>
+__device__ __forceinline__ bool bwd_start_producer(const BwdShared<T, D, NS>& sh, const TensorMap* tmQ,
+                                                   const TensorMap* tmK, const TensorMap* tmV,
+                                                   const TensorMap* tmdO, int tid, int wg, int k0, int bh, int qb_first,
+                                                   int n_qb) {
+  if (tid == 0) sh.init_barriers();
+  __syncthreads();
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+    if (tid == 0) bwd_producer<T, D, NS>(sh, tmQ, tmK, tmV, tmdO, k0, bh, qb_first, n_qb);
+    return true;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+  return false;
+}
+
 // L (in log2 units) and D = rowsum(dO∘O) of this thread's query columns 8n + 2t + {0, 1} of the
 // tile from query i0 (0 past the end).
 template <int BR>
@@ -833,22 +865,8 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
   const BwdShared<T, D, NS> sh(smem_raw);
 
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int bh = blockIdx.y, k0 = blockIdx.x * BC;
-  const int offset = n_k - n_q;
-  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
-  const int qb_first = causal ? max(0, k0 - offset) / BR : 0;
-  const int n_qb = (n_q + BR - 1) / BR;
-
-  if (tid == 0) sh.init_barriers();
-  __syncthreads();
-
-  if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-    if (tid == 0) bwd_producer<T, D, NS>(sh, tmQ, tmK, tmV, tmdO, k0, bh, qb_first, n_qb);
-    return;
-  }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
-
+  const auto [bh, k0, offset, n_kr, qb_first, n_qb] = bwd_block<BC, BR>(n_q, n_k, causal, kv_len);
+  if (bwd_start_producer<T, D, NS>(sh, tmQ, tmK, tmV, tmdO, tid, wg, k0, bh, qb_first, n_qb)) return;
   const int c = wg - 1, ctid = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int key_w0 = k0 + c * 64 + warp * 16;  // this warp's 16 keys
@@ -1108,22 +1126,8 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
   const BwdShared<T, D, NS> sh(smem_raw);
 
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int bh = blockIdx.y, k0 = blockIdx.x * BC;
-  const int offset = n_k - n_q;
-  const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
-  const int qb_first = causal ? max(0, k0 - offset) / BR : 0;
-  const int n_qb = (n_q + BR - 1) / BR;
-
-  if (tid == 0) sh.init_barriers();
-  __syncthreads();
-
-  if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-    if (tid == 0) bwd_producer<T, D, NS>(sh, tmQ, tmK, tmV, tmdO, k0, bh, qb_first, n_qb);
-    return;
-  }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
-
+  const auto [bh, k0, offset, n_kr, qb_first, n_qb] = bwd_block<BC, BR>(n_q, n_k, causal, kv_len);
+  if (bwd_start_producer<T, D, NS>(sh, tmQ, tmK, tmV, tmdO, tid, wg, k0, bh, qb_first, n_qb)) return;
   const int c = wg - 1, ctid = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int key_w0 = k0 + c * 64 + warp * 16;  // this warp's 16 keys
