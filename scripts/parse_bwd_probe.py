@@ -1,4 +1,7 @@
-"""Parse scripts/flash_hopper_bwd_probe.cu output into JSON: ms and TFLOP/s per variant and shape."""
+"""Parse scripts/flash_hopper_bwd_probe.cu output into JSON: ms and TFLOP/s per variant and shape.
+
+Run: python3 scripts/parse_bwd_probe.py PROBE_TXT OUT_JSON "what ran, on which card"
+"""
 import json, re, sys
 src, out, note = sys.argv[1], sys.argv[2], sys.argv[3]
 res = {"source": note, "correctness": None, "ms": {}, "tflops": {}, "vs_first": {}}

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Ratios of 8-09's attention benchmark, from the committed raw files of this folder.
+"""Ratios of 8-09's attention benchmark and of the shape benches, from the committed raw files of a
+run folder (reports/gpu-runs/<folder>/).
 
 For every callN/bench_results.json (t0809_flash_attention bench with PyTorch SDPA's FlashAttention-2
 and cuDNN backends, same call, same card; bf16, 262,144 tokens per call) writes, per shape
@@ -16,9 +17,11 @@ d{64,128}_{full,causal}_{seq}, into ratios.json under "callN":
 and, from each callN/shape-*-summary.json (scripts/shape_bench.sh: ours in bf16-mixed as the first
 row, the A/B row of ours third), under "callN"."ab_<config>": ours_vs_ab = tokens/s of ours over
 the A/B row's (> 1: the default is faster than the row with the flag), with the flag's label.
-Run: python3 ratios.py (from this folder).
+Run: python3 scripts/gpu_run_ratios.py reports/gpu-runs/<folder> (writes <folder>/ratios.json).
 """
-import glob, json, os
+import glob, json, os, sys
+
+os.chdir(sys.argv[1])
 
 out = {}
 for path in sorted(glob.glob("call*/bench_results.json")):
