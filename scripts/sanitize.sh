@@ -19,6 +19,8 @@
 #   t0809_flash_attention__properties  every family again over random shapes, and with key padding
 # Writes sanitize-summary.txt (one line per tool and test) and sanitize-logs.tgz into $OUT (or
 # ./gpu-results); SANITIZE_NAME=NAME names them NAME-summary.txt and NAME-logs.tgz instead.
+# SANITIZE_BUNDLE=DIR takes the test executables from DIR/tests (default /tmp/gpu, where
+# gpu-run.sh unpacks the bundle).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -32,6 +34,7 @@ sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-san
 tests=${*:-"shared__gpu t0806_modern_blocks__gpu t0806_modern_blocks__layernorm t0806_modern_blocks__properties t0808_rope__rope t0809_flash_attention__gpu t0809_flash_attention__properties"}
 # SANITIZE_NAME=NAME: write NAME-summary.txt and NAME-logs.tgz (two runs in one call keep both)
 label=${SANITIZE_NAME:-sanitize}
+bundle=${SANITIZE_BUNDLE:-/tmp/gpu}
 summary="$dest/$label-summary.txt"
 echo "compute-sanitizer: $($sanitizer --version 2>&1 | tail -1)" | tee "$summary"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$summary"
@@ -42,7 +45,7 @@ run_one() {
   dir="$root/crates/$pkg"; [ "$pkg" = shared ] && dir="$root/shared"
   started=$(date +%s)
   (cd "$dir" && timeout "${SANITIZE_TIMEOUT:-600}" "$sanitizer" --tool "$tool" --error-exitcode 99 \
-    "/tmp/gpu/tests/$t" --test-threads=1 "$@") > "$log" 2>&1
+    "$bundle/tests/$t" --test-threads=1 "$@") > "$log" 2>&1
   rc=$?
   errors=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
   tests_line=$(grep -E "^test result" "$log" | tail -1)
@@ -52,7 +55,7 @@ run_one() {
 # with the first tools.
 for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
   for t in $tests; do
-    exe=/tmp/gpu/tests/$t
+    exe=$bundle/tests/$t
     [ -x "$exe" ] || { echo "$t: not in the bundle" | tee -a "$summary"; continue; }
     if [ -n "${SANITIZE_SPLIT:-}" ]; then
       names=$("$exe" --list --format terse 2>&1 | sed -n 's/: test$//p')
