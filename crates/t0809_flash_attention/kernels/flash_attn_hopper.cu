@@ -984,7 +984,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
 //     (queued behind the tile before, as at d 64, they spill), so a consumer's tensor-core work
 //     overlaps only the other consumer's softmax.
 // The rest is the d 64 kernel's: 128 keys per CTA, consumer c owns keys 64c..64c+63, query tiles
-// of 64 in a 2-stage ring. Not yet run on a GPU: only FlashKernels::WarpgroupMma reaches it
+// of 64 in a 2-stage ring. FlashKernels::Auto runs it from HOPPER_BACKWARD_MIN_KEYS keys
 // (src/lib.rs, hopper_backward_with); scripts/flash_hopper_bwd_probe.cu checks and times it.
 
 // d (64 × 128) += A·B: A from shared memory K-major, B from shared memory N-major
