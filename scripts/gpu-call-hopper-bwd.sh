@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One device call of evidence for 8-09's Hopper backward (issues 17 and 18), on the GPU host with
+# .gpu carried (command: bash scripts/gpu-call-hopper-bwd.sh; CALL_SECONDS=N fits it to the time
+# the call has, 585 by default). .gpu holds: the bundle of scripts/gpu-build.sh (every CUDA test
+# executable, t0809_flash_attention, t0810_kv_cache), the backward probe at
+# .gpu/probe/flash_hopper_bwd_probe (nvcc -O3 -std=c++17 --use_fast_math -gencode
+# arch=compute_90a,code=sm_90a -lcuda scripts/flash_hopper_bwd_probe.cu) and a variant build at
+# .gpu/variant.tar.xz (scripts/gpu-build-variant.sh). In order, each step bounded by the time
+# left: every CUDA test executable; the probe (correctness on 11 ragged shapes, then times of every
+# variant); the attention bench against FlashAttention-2 and cuDNN; the same bench and 8-09's GPU
+# tests with the variant build; compute-sanitizer (racecheck, memcheck) on 8-09's property sweeps
+# of both builds; the LM step at GPT-2-small size with and without the Hopper kernels. Everything
+# goes into one tarball, $OUT/call.tgz, rewritten after every step (the device tool returns few
+# files, and a call stopped at its limit keeps what is there). Unpacked under reports/gpu-runs/<run>/callN/:
+# a/ (tests), b/ (bench; bench_results.json beside it), v/ (variant; its results.json as
+# variant_bench_results.json), s/ (sanitizer), c/ (shape bench), probe_bwd.txt, steps.txt.
+set -u
+O=${OUT:?}; W=/tmp/hopper-call; rm -rf $W; mkdir -p $W
+T=${CALL_SECONDS:-585}
+t0=$(date +%s)
+left() { echo $(( T - ($(date +%s) - t0) )); }
+pack() { echo "$1 at $(( $(date +%s) - t0 )) s" >> $W/steps.txt; tar czf $O/call.tgz -C /tmp hopper-call; }
+mkdir -p /tmp/pr && cp .gpu/probe/flash_hopper_bwd_probe /tmp/pr/ && chmod +x /tmp/pr/flash_hopper_bwd_probe
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader > $W/gpu.txt
+OUT=$W/a TEST_TIMEOUT=120 timeout $(( $(left) - 60 )) bash scripts/gpu-run.sh tests > /dev/null 2>&1; pack "tests rc=$?"
+timeout 70 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe > $W/probe_bwd.txt 2>&1; pack "probe rc=$?"
+OUT=$W/b timeout $(( $(left) - 40 )) bash scripts/gpu-run.sh "sh scripts/attention_bench.sh --seqs 1024,4096,16384" > /dev/null 2>&1; rc=$?
+cp -r output/attention-bench $W/b/ 2>/dev/null; pack "bench rc=$rc"
+# The variant executables (same environment as gpu-run.sh)
+if [ "$(left)" -gt 70 ]; then
+  rm -rf /tmp/gpuv && mkdir -p /tmp/gpuv && xz -dc .gpu/variant.tar.xz | tar xf - -C /tmp/gpuv
+  (
+    REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
+    export MODULE08_EXPECT_GPU=1 MODULE08_TEST_DEVICE=cuda MODULE08_CACHE=/tmp/module08-cache MODULE08_GIT_REV="$(cat /tmp/gpuv/git-rev.txt)"
+    mkdir -p $W/v
+    timeout $(( $(left) - 30 )) /tmp/gpuv/bin/t0809_flash_attention --device cuda --out $W/v bench --seqs 1024,4096,16384 --no-naive > $W/v/bench.log 2>&1
+    echo "variant bench rc=$?" >> $W/v/rc.txt
+    (cd crates/t0809_flash_attention && timeout 90 /tmp/gpuv/tests/t0809_flash_attention__gpu --test-threads=1) > $W/v/gpu_test.log 2>&1
+    echo "variant gpu test rc=$?" >> $W/v/rc.txt
+  )
+  pack "variant $(tr '\n' ' ' < $W/v/rc.txt)"
+fi
+for b in gpu gpuv; do
+  if [ "$(left)" -gt 75 ]; then
+    OUT=$W/s SANITIZE_NAME=sanitize-$b SANITIZE_BUNDLE=/tmp/$b SANITIZE_SPLIT=1 SANITIZE_TOOLS="racecheck memcheck" \
+      SANITIZE_TIMEOUT=$(( $(left) - 20 )) timeout $(( $(left) - 8 )) \
+      bash scripts/sanitize.sh t0809_flash_attention__properties > $W/sanitize-$b.log 2>&1
+    pack "sanitize $b rc=$?"
+  fi
+done
+if [ "$(left)" -gt 80 ]; then
+  OUT=$W/c timeout $(( $(left) - 5 )) bash scripts/gpu-run.sh "sh scripts/shape_bench.sh scripts/gpt2_small_config.json 16 10 --flash-kernels,mma-sync" > /dev/null 2>&1; rc=$?
+  cp -r /tmp/shape-gpt2_small_config $W/c/ 2>/dev/null; pack "gpt2 rc=$rc"
+fi
+cat $W/steps.txt; grep -E "^correctness|time bwd d (64|128) causal 1 n 16384" $W/probe_bwd.txt
+grep -hE "^test|^sh|rc=" $W/*/summary.txt 2>/dev/null | cut -c1-200 | head -40
+grep -E "rc=" $W/v/rc.txt; grep -E "test result" $W/v/gpu_test.log
+cut -c1-200 $W/s/sanitize-*summary.txt 2>/dev/null
