@@ -809,8 +809,8 @@ __device__ __forceinline__ void send_dq(float* my_dq, const float (&dq)[D / 8][4
 // consumer's first column, ROW floats from one row to the next. No shared staging, no barrier:
 // measured 1.11–1.18× the staged bulk reduce-add of send_dq over the whole d 64 backward (the
 // staging stores of 256-byte rows put a warp's 8 rows on the same banks, a 4-way conflict): the
-// d 64 kernel's path. At d 128 (DQ_RED = true there) it has not run on a GPU yet: the kernel as
-// launched keeps send_dq_half, measured, until the probe has timed the two.
+// d 64 kernel's path. At d 128 it is the variant DQ_RED = true, not yet run on a GPU; the d 128
+// kernel as launched sends dQ with send_dq_half.
 template <int ROW>
 __device__ __forceinline__ void red_dq(const float (&dq)[8][4], float* dQh, int i0, int n_q, int warp, int g, int t) {
 #pragma unroll
@@ -851,9 +851,9 @@ __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D 
 // its dSᵀ rows to shared buffer j % 2. The tile's owner, consumer j % 2, then computes the whole
 // dQ_i = dS_i K over the 128 keys from both halves and adds it into the f32 dQ buffer from its
 // registers (red_dq: reductions in L2, asynchronous): one 64 × d reduce per tile and CTA, and the
-// two consumers share the work by taking turns. The next tile's Sᵀ and dPᵀ are queued behind this tile's products
-// before any of them is waited for; the queue empties only at the top of the loop, where the
-// softmax of the next tile needs its Sᵀ and dPᵀ.
+// two consumers share the work by taking turns. The next tile's Sᵀ and dPᵀ are queued behind
+// this tile's products before any of them is waited for; the queue empties only at the top of
+// the loop, where the softmax of the next tile needs its Sᵀ and dPᵀ.
 template <typename T, int D, int NS, bool DQ_RED = true, bool STATS_SMEM = false>
 __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                           const TensorMap* tmdO, const float* __restrict__ LSE,
