@@ -13,12 +13,15 @@
 //   nvcc -O3 -std=c++17 --use_fast_math -gencode arch=compute_90a,code=sm_90a \
 //        -o flash_hopper_bwd_probe scripts/flash_hopper_bwd_probe.cu
 // Run on an H100/H200: ./flash_hopper_bwd_probe
-// Profile: ./flash_hopper_bwd_probe profile launches every kernel of the list once (4,096 keys, no
+// Arguments: kernel names (ALL_KERNELS below) run only those, e.g. `shipped q128`; without any,
+// the kernels marked by_default.
+// Profile: ./flash_hopper_bwd_probe profile [names] launches each kernel once (4,096 keys, no
 // mask, 64 heads) and nothing else, for Nsight Compute:
 //   ncu --set full -k regex:bwd ./flash_hopper_bwd_probe profile
 
 #include "../crates/t0809_flash_attention/kernels/flash_attn_hopper.cu"
 #include "flash_hopper_probe_common.cuh"
+#include "flash_hopper_bwd_q128.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -50,21 +53,27 @@
 BWD_VARIANT(bwd_bulk_dq, bwd_wgmma<bf16 COMMA 64 COMMA 2 COMMA false>)
 BWD_VARIANT(bwd128_red_dq, bwd128_wgmma<bf16 COMMA 2 COMMA true>)
 BWD_VARIANT(bwd_stats_smem, bwd_wgmma<bf16 COMMA 64 COMMA 2 COMMA true COMMA true>)
+BWD_VARIANT(bwd_q128, bwd_q128<bf16 COMMA 2>)
 
 typedef void (*Bwd)(hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, const float*,
                     const float*, float*, bf16*, bf16*, int, int, int, float, float, int, const int*);
+// `by_default`: run without arguments; name kernels on the command line to run only those (in
+// this list's order; the first of each head size is the ratios' base), e.g. `shipped q128`.
 struct Kernel {
   const char* name;
   Bwd fn;
   int d, smem;
+  bool by_default;
 };
-static const Kernel KERNELS[] = {
-    {"shipped", flash_bwd_wgmma_bf16_d64, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
-    {"bulk dq", bwd_bulk_dq, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
-    {"stats smem", bwd_stats_smem, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
-    {"d128", flash_bwd_wgmma_bf16_d128, 128, hopper::bwd_smem_bytes<bf16, 128, 2>()},
-    {"d128 red", bwd128_red_dq, 128, hopper::bwd_smem_bytes<bf16, 128, 2>()},
+static const Kernel ALL_KERNELS[] = {
+    {"shipped", flash_bwd_wgmma_bf16_d64, 64, hopper::bwd_smem_bytes<bf16, 64, 2>(), true},
+    {"bulk dq", bwd_bulk_dq, 64, hopper::bwd_smem_bytes<bf16, 64, 2>(), true},
+    {"stats smem", bwd_stats_smem, 64, hopper::bwd_smem_bytes<bf16, 64, 2>(), true},
+    {"q128", bwd_q128, 64, hopper::bwd_q128_smem_bytes<bf16, 2>(), false},
+    {"d128", flash_bwd_wgmma_bf16_d128, 128, hopper::bwd_smem_bytes<bf16, 128, 2>(), true},
+    {"d128 red", bwd128_red_dq, 128, hopper::bwd_smem_bytes<bf16, 128, 2>(), true},
 };
+static std::vector<Kernel> KERNELS;  // the selection
 
 // ---- fp32 references (one thread per query or key) ----
 __device__ bool visible(int i, int j, int n_q, int n_k, int n_kr, int causal) {
@@ -254,12 +263,28 @@ int main(int argc, char** argv) {
   cudaDeviceProp p;
   CHECK(cudaGetDeviceProperties(&p, 0));
   printf("device: %s\n", p.name);
-  if (argc > 1 && std::string(argv[1]) == "profile") {
+  const bool profiling = argc > 1 && std::string(argv[1]) == "profile";
+  for (const Kernel& kern : ALL_KERNELS) {
+    bool named = false;
+    for (int a = profiling ? 2 : 1; a < argc; ++a) named |= std::string(argv[a]) == kern.name;
+    if (argc > (profiling ? 2 : 1) ? named : kern.by_default) KERNELS.push_back(kern);
+  }
+  if (KERNELS.empty()) {
+    fprintf(stderr, "no kernel of that name; the kernels:");
+    for (const Kernel& kern : ALL_KERNELS) fprintf(stderr, " '%s'", kern.name);
+    fprintf(stderr, "\n");
+    return 2;
+  }
+  if (profiling) {
     profile();
     return 0;
   }
+  auto has = [](int d) {
+    return std::any_of(KERNELS.begin(), KERNELS.end(), [d](const Kernel& k) { return k.d == d; });
+  };
   bool ok = true;
   for (int d : {64, 128}) {
+    if (!has(d)) continue;
     ok &= check(d, 2, 200, 200, false, false);
     ok &= check(d, 2, 200, 200, true, false);
     ok &= check(d, 2, 77, 333, false, false);
@@ -275,6 +300,7 @@ int main(int argc, char** argv) {
   printf("correctness: %s\n", ok ? "all ok" : "FAILURES");
   for (int d : {64, 128})
   for (bool causal : {false, true})
+    if (has(d))
     for (int n : {1024, 2048, 4096, 8192, 16384}) {
       const int bh = 262144 / n;
       const size_t ne = (size_t)bh * n * d;
@@ -286,7 +312,7 @@ int main(int argc, char** argv) {
       cudaEvent_t a, b;
       cudaEventCreate(&a);
       cudaEventCreate(&b);
-      const size_t nk = sizeof(KERNELS) / sizeof(KERNELS[0]);
+      const size_t nk = KERNELS.size();
       std::vector<std::vector<float>> times(nk);
       std::vector<std::function<void()>> run(nk);
       for (size_t i = 0; i < nk; ++i)

@@ -7,13 +7,15 @@
 # arch=compute_90a,code=sm_90a -lcuda scripts/flash_hopper_bwd_probe.cu) and a variant build at
 # .gpu/variant.tar.xz (scripts/gpu-build-variant.sh). In order, each step bounded by the time
 # left: every CUDA test executable; the probe (correctness on 11 ragged shapes, then times of every
-# variant); the attention bench against FlashAttention-2 and cuDNN; the same bench and 8-09's GPU
-# tests with the variant build; compute-sanitizer (racecheck, memcheck) on 8-09's property sweeps
-# of both builds; the LM step at GPT-2-small size with and without the Hopper kernels. Everything
-# goes into one tarball, $OUT/call.tgz, rewritten after every step (the device tool returns few
-# files, and a call stopped at its limit keeps what is there). Unpacked under reports/gpu-runs/<run>/callN/:
+# variant), and again for the candidate q128 beside the shipped kernel; the attention bench
+# against FlashAttention-2 and cuDNN; the same bench and 8-09's GPU tests with the variant build;
+# compute-sanitizer (racecheck, memcheck) on 8-09's property sweeps of both builds; the LM step at
+# GPT-2-small size with and without the Hopper kernels. Everything goes into one tarball,
+# $OUT/call.tgz, rewritten after every step (the device tool returns few files, and a call stopped
+# at its limit keeps what is there). Unpacked under reports/gpu-runs/<run>/callN/:
 # a/ (tests), b/ (bench; bench_results.json beside it), v/ (variant; its results.json as
-# variant_bench_results.json), s/ (sanitizer), c/ (shape bench), probe_bwd.txt, steps.txt.
+# variant_bench_results.json), s/ (sanitizer), c/ (shape bench), probe_bwd.txt, probe_q128.txt,
+# steps.txt.
 set -u
 O=${OUT:?}; W=/tmp/hopper-call; rm -rf $W; mkdir -p $W
 T=${CALL_SECONDS:-585}
@@ -24,6 +26,9 @@ mkdir -p /tmp/pr && cp .gpu/probe/flash_hopper_bwd_probe /tmp/pr/ && chmod +x /t
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader > $W/gpu.txt
 OUT=$W/a TEST_TIMEOUT=120 timeout $(( $(left) - 60 )) bash scripts/gpu-run.sh tests > /dev/null 2>&1; pack "tests rc=$?"
 timeout 70 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe > $W/probe_bwd.txt 2>&1; pack "probe rc=$?"
+# The candidate organisation of scripts/flash_hopper_bwd_q128.cuh beside the shipped kernel (own
+# process: a fault or a hang there costs only this step).
+timeout 60 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe shipped q128 > $W/probe_q128.txt 2>&1; pack "probe q128 rc=$?"
 OUT=$W/b timeout $(( $(left) - 40 )) bash scripts/gpu-run.sh "sh scripts/attention_bench.sh --seqs 1024,4096,16384" > /dev/null 2>&1; rc=$?
 cp -r output/attention-bench $W/b/ 2>/dev/null; pack "bench rc=$rc"
 # The variant executables (same environment as gpu-run.sh)
@@ -52,7 +57,8 @@ if [ "$(left)" -gt 80 ]; then
   OUT=$W/c timeout $(( $(left) - 5 )) bash scripts/gpu-run.sh "sh scripts/shape_bench.sh scripts/gpt2_small_config.json 16 10 --flash-kernels,mma-sync" > /dev/null 2>&1; rc=$?
   cp -r /tmp/shape-gpt2_small_config $W/c/ 2>/dev/null; pack "gpt2 rc=$rc"
 fi
-cat $W/steps.txt; grep -E "^correctness|time bwd d (64|128) causal 1 n 16384" $W/probe_bwd.txt
+cat $W/steps.txt; grep -E "^correctness|time bwd d (64|128) causal 1 n 16384" $W/probe_bwd.txt $W/probe_q128.txt
+grep -E "FAIL" $W/probe_q128.txt | head -3 | cut -c1-300
 grep -hE "^test|^sh|rc=" $W/*/summary.txt 2>/dev/null | cut -c1-200 | head -40
 grep -E "rc=" $W/v/rc.txt; grep -E "test result" $W/v/gpu_test.log
 cut -c1-200 $W/s/sanitize-*summary.txt 2>/dev/null
