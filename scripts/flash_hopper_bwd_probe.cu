@@ -13,7 +13,7 @@
 //   nvcc -O3 -std=c++17 --use_fast_math -gencode arch=compute_90a,code=sm_90a \
 //        -o flash_hopper_bwd_probe scripts/flash_hopper_bwd_probe.cu
 // Run on an H100/H200: ./flash_hopper_bwd_probe
-// Arguments: kernel names (ALL_KERNELS below) run only those, e.g. `shipped q128`; without any,
+// Arguments: kernel names (ALL_KERNELS below) run only those (e.g. `shipped q128 'q128 pf'`); without any,
 // the kernels marked by_default.
 // Profile: ./flash_hopper_bwd_probe profile [names] launches each kernel once (4,096 keys, no
 // mask, 64 heads) and nothing else, for Nsight Compute:
@@ -54,6 +54,7 @@ BWD_VARIANT(bwd_bulk_dq, bwd_wgmma<bf16 COMMA 64 COMMA 2 COMMA false>)
 BWD_VARIANT(bwd128_red_dq, bwd128_wgmma<bf16 COMMA 2 COMMA true>)
 BWD_VARIANT(bwd_stats_smem, bwd_wgmma<bf16 COMMA 64 COMMA 2 COMMA true COMMA true>)
 BWD_VARIANT(bwd_q128, bwd_q128<bf16 COMMA 2>)
+BWD_VARIANT(bwd_q128_pf, bwd_q128<bf16 COMMA 2 COMMA true>)
 
 typedef void (*Bwd)(hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, const float*,
                     const float*, float*, bf16*, bf16*, int, int, int, float, float, int, const int*);
@@ -70,6 +71,7 @@ static const Kernel ALL_KERNELS[] = {
     {"bulk dq", bwd_bulk_dq, 64, hopper::bwd_smem_bytes<bf16, 64, 2>(), true},
     {"stats smem", bwd_stats_smem, 64, hopper::bwd_smem_bytes<bf16, 64, 2>(), true},
     {"q128", bwd_q128, 64, hopper::bwd_q128_smem_bytes<bf16, 2>(), false},
+    {"q128 pf", bwd_q128_pf, 64, hopper::bwd_q128_smem_bytes<bf16, 2>(), false},
     {"d128", flash_bwd_wgmma_bf16_d128, 128, hopper::bwd_smem_bytes<bf16, 128, 2>(), true},
     {"d128 red", bwd128_red_dq, 128, hopper::bwd_smem_bytes<bf16, 128, 2>(), true},
 };

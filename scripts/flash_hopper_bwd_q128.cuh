@@ -86,7 +86,21 @@ __device__ __forceinline__ void store_packed(T* tile, const uint32_t (&a)[8][4],
           a[n >> 1][(n & 1) * 2 + r];
 }
 
-template <typename T, int NS>
+// Issues acc = A·Bᵀ (64 rows of A × the 128 rows of B, over d 64; both K-major) as one group: S_w
+// (A = Q_w, B = K) or dP_w (A = dO_w, B = V).
+template <typename T>
+__device__ __forceinline__ void issue_rows(float (&acc)[16][4], uint32_t a_rows, uint32_t b_all) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) Ops<T>::ss(acc, k_major<128>(a_rows, kk), k_major<128>(b_all, kk), kk > 0);
+  wgmma_commit();
+}
+
+// PF = true: the next tile's S and dP are issued behind this tile's dV and dK products (once dQ
+// has gone out: its registers are needed), so a consumer's tensor cores have work across the top of the loop; the
+// queue is emptied at the top (waiting there for fewer than all would make the compiler serialise
+// the wgmmas: it does not follow the groups across the loop's back edge).
+template <typename T, int NS, bool PF = false>
 __device__ __forceinline__ void bwd_q128(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                          const TensorMap* tmdO, const float* __restrict__ LSE,
                                          const float* __restrict__ Dsum, float* __restrict__ dQacc,
@@ -120,7 +134,15 @@ __device__ __forceinline__ void bwd_q128(const TensorMap* tmQ, const TensorMap* 
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
+  float sc[16][4], dp[16][4];
   mbar_wait(sh.kv_full, 0);
+  if constexpr (PF) {
+    if (qb_first < n_qb) {
+      mbar_wait(sh.q_full, 0);
+      issue_rows<T>(sc, smem_u32(sh.q) + w * 64 * 128, k_all);
+      issue_rows<T>(dp, smem_u32(sh.d_o) + w * 64 * 128, v_all);
+    }
+  }
   for (int qb = qb_first, j = 0; qb < n_qb; ++qb, ++j) {
     const int s = j % NS, i0 = qb * BM, b = j & 1;
     const int row_w0 = i0 + w * 64 + warp * 16;  // this warp's 16 queries
@@ -137,17 +159,17 @@ __device__ __forceinline__ void bwd_q128(const TensorMap* tmQ, const TensorMap* 
     }
 
     // S_w = Q_w Kᵀ and dP_w = dO_w Vᵀ (64 queries × 128 keys), two groups: P while dP runs.
-    float sc[16][4], dp[16][4];
-    mbar_wait(sh.q_full + s, (j / NS) & 1);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) Ops<T>::ss(sc, k_major<BM>(q_s + w * 64 * 128, kk), k_major<BC>(k_all, kk), kk > 0);
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) Ops<T>::ss(dp, k_major<BM>(do_s + w * 64 * 128, kk), k_major<BC>(v_all, kk), kk > 0);
-    wgmma_commit();
-    wgmma_wait<1>();
-    pin(sc);
+    if constexpr (PF) {
+      wgmma_wait<0>();  // this tile's S and dP, queued behind the tile before
+      pin(sc);
+      pin(dp);
+    } else {
+      mbar_wait(sh.q_full + s, (j / NS) & 1);
+      issue_rows<T>(sc, q_s + w * 64 * 128, k_all);
+      issue_rows<T>(dp, do_s + w * 64 * 128, v_all);
+      wgmma_wait<1>();
+      pin(sc);
+    }
 
     // P = exp2(S·scale·log2e − L·log2e), 0 where the (query, key) pair does not exist.
     const bool need_mask = (row_w0 + 16 > n_q) || (k0 + BC > n_kr) || (causal && (k0 + BC - 1 > row_w0 + offset));
@@ -167,8 +189,10 @@ __device__ __forceinline__ void bwd_q128(const TensorMap* tmQ, const TensorMap* 
     store_packed<T>(p_b, pa, w * 64 + warp * 16, g, t);
 
     // dS = P∘(dP − D): to shared memory for dK, and from registers into dQ_w = dS_w K at once.
-    wgmma_wait<0>();
-    pin(dp);
+    if constexpr (!PF) {
+      wgmma_wait<0>();
+      pin(dp);
+    }
 #pragma unroll
     for (int n = 0; n < 16; ++n)
 #pragma unroll
@@ -202,10 +226,26 @@ __device__ __forceinline__ void bwd_q128(const TensorMap* tmQ, const TensorMap* 
     pin(dq);
     pin(da);
     red_dq<64>(dq, dQh, i0 + w * 64, n_q, warp, g, t);
-    wgmma_wait<0>();
+    if constexpr (PF) {
+      // The next tile's S and dP, queued behind dV and dK (after the last tile, K Kᵀ and V Vᵀ,
+      // dropped: one shape of pipeline for the compiler).
+      const bool more = qb + 1 < n_qb;
+      const int s1 = (j + 1) % NS;
+      if (more) mbar_wait(sh.q_full + s1, ((j + 1) / NS) & 1);
+      issue_rows<T>(sc, more ? smem_u32(sh.q + s1 * QT) + w * 64 * 128 : k_all, k_all);
+      issue_rows<T>(dp, more ? smem_u32(sh.d_o + s1 * QT) + w * 64 * 128 : v_all, v_all);
+      wgmma_wait<2>();
+    } else {
+      wgmma_wait<0>();
+    }
     pin(dv);
     pin(dk);
     mbar_arrive(sh.q_empty + s);  // Q_i and dO_i are free
+  }
+  if constexpr (PF) {
+    wgmma_wait<0>();  // the dropped products
+    pin(sc);
+    pin(dp);
   }
 
   store_dk_dv<T, 64>(dK + (size_t)bh * n_k * 64, dV + (size_t)bh * n_k * 64, dk, dv, scale, k0 + w * 64 + warp * 16,

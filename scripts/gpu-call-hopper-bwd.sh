@@ -7,8 +7,8 @@
 # arch=compute_90a,code=sm_90a -lcuda scripts/flash_hopper_bwd_probe.cu) and a variant build at
 # .gpu/variant.tar.xz (scripts/gpu-build-variant.sh). In order, each step bounded by the time
 # left: every CUDA test executable; the probe (correctness on 11 ragged shapes, then times of every
-# variant), and again for the candidate q128 beside the shipped kernel; the attention bench
-# against FlashAttention-2 and cuDNN; the same bench and 8-09's GPU tests with the variant build;
+# variant), and again for the candidates q128 and q128 pf beside the shipped kernel; the attention
+# bench against FlashAttention-2 and cuDNN; the same bench and 8-09's GPU tests with the variant build;
 # compute-sanitizer (racecheck, memcheck) on 8-09's property sweeps of both builds; the LM step at
 # GPT-2-small size with and without the Hopper kernels. Everything goes into one tarball,
 # $OUT/call.tgz, rewritten after every step (the device tool returns few files, and a call stopped
@@ -28,7 +28,7 @@ OUT=$W/a TEST_TIMEOUT=120 timeout $(( $(left) - 60 )) bash scripts/gpu-run.sh te
 timeout 70 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe > $W/probe_bwd.txt 2>&1; pack "probe rc=$?"
 # The candidate organisation of scripts/flash_hopper_bwd_q128.cuh beside the shipped kernel (own
 # process: a fault or a hang there costs only this step).
-timeout 60 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe shipped q128 > $W/probe_q128.txt 2>&1; pack "probe q128 rc=$?"
+timeout 60 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe shipped q128 'q128 pf' > $W/probe_q128.txt 2>&1; pack "probe q128 rc=$?"
 OUT=$W/b timeout $(( $(left) - 40 )) bash scripts/gpu-run.sh "sh scripts/attention_bench.sh --seqs 1024,4096,16384" > /dev/null 2>&1; rc=$?
 cp -r output/attention-bench $W/b/ 2>/dev/null; pack "bench rc=$rc"
 # The variant executables (same environment as gpu-run.sh)
