@@ -8,14 +8,15 @@
 # .gpu/variant.tar.xz (scripts/gpu-build-variant.sh). In order, each step bounded by the time
 # left: every CUDA test executable; the probe (correctness on 11 ragged shapes, then times of every
 # variant), and again for the candidates q128 and q128 pf beside the shipped kernel; the attention
-# bench against FlashAttention-2 and cuDNN; the same bench and 8-09's GPU tests with the variant build;
-# compute-sanitizer (racecheck, memcheck) on 8-09's property sweeps of both builds; the LM step at
-# GPT-2-small size with and without the Hopper kernels. Everything goes into one tarball,
-# $OUT/call.tgz, rewritten after every step (the device tool returns few files, and a call stopped
-# at its limit keeps what is there). Unpacked under reports/gpu-runs/<run>/callN/:
-# a/ (tests), b/ (bench; bench_results.json beside it), v/ (variant; its results.json as
-# variant_bench_results.json), s/ (sanitizer), c/ (shape bench), probe_bwd.txt, probe_q128.txt,
-# steps.txt.
+# bench against FlashAttention-2 and cuDNN; the same bench and 8-09's GPU tests with each variant
+# build (.gpu/variant-q128.tar.xz, the crate with the q128 kernel, only if the probe found it
+# correct; then .gpu/variant.tar.xz); compute-sanitizer (racecheck, memcheck) on 8-09's property
+# sweeps of every build; the LM step at GPT-2-small size with and without the Hopper kernels.
+# Everything goes into one tarball, $OUT/call.tgz, rewritten after every step (the device tool
+# returns few files, and a call stopped at its limit keeps what is there). Unpacked under
+# reports/gpu-runs/<run>/callN/: a/ (tests), b/ (bench; bench_results.json beside it), q/ and v/
+# (variants; their results.json as q128_bench_results.json and variant_bench_results.json), s/
+# (sanitizer), c/ (shape bench), probe_bwd.txt, probe_q128.txt, steps.txt.
 set -u
 O=${OUT:?}; W=/tmp/hopper-call; rm -rf $W; mkdir -p $W
 T=${CALL_SECONDS:-585}
@@ -31,22 +32,30 @@ timeout 70 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe > $W/probe_bwd.txt 2>&1; pa
 timeout 60 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe shipped q128 'q128 pf' > $W/probe_q128.txt 2>&1; pack "probe q128 rc=$?"
 OUT=$W/b timeout $(( $(left) - 40 )) bash scripts/gpu-run.sh "sh scripts/attention_bench.sh --seqs 1024,4096,16384" > /dev/null 2>&1; rc=$?
 cp -r output/attention-bench $W/b/ 2>/dev/null; pack "bench rc=$rc"
-# The variant executables (same environment as gpu-run.sh)
-if [ "$(left)" -gt 70 ]; then
-  rm -rf /tmp/gpuv && mkdir -p /tmp/gpuv && xz -dc .gpu/variant.tar.xz | tar xf - -C /tmp/gpuv
+# A variant build (same environment as gpu-run.sh): unpacked into DIR, its bench into $W/NAME,
+# then 8-09's GPU tests. Each bounded (a hang costs at most its step).
+variant() {
+  local name=$1 tarball=$2 dir=$3
+  [ -f "$tarball" ] && [ "$(left)" -gt 70 ] || return 0
+  rm -rf $dir && mkdir -p $dir && xz -dc $tarball | tar xf - -C $dir
   (
     REMOTE_ENV_QUIET=1 source .gpu/remote-env.sh
-    export MODULE08_EXPECT_GPU=1 MODULE08_TEST_DEVICE=cuda MODULE08_CACHE=/tmp/module08-cache MODULE08_GIT_REV="$(cat /tmp/gpuv/git-rev.txt)"
-    mkdir -p $W/v
-    timeout $(( $(left) - 30 )) /tmp/gpuv/bin/t0809_flash_attention --device cuda --out $W/v bench --seqs 1024,4096,16384 --no-naive > $W/v/bench.log 2>&1
-    echo "variant bench rc=$?" >> $W/v/rc.txt
-    (cd crates/t0809_flash_attention && timeout 90 /tmp/gpuv/tests/t0809_flash_attention__gpu --test-threads=1) > $W/v/gpu_test.log 2>&1
-    echo "variant gpu test rc=$?" >> $W/v/rc.txt
+    export MODULE08_EXPECT_GPU=1 MODULE08_TEST_DEVICE=cuda MODULE08_CACHE=/tmp/module08-cache MODULE08_GIT_REV="$(cat $dir/git-rev.txt)"
+    mkdir -p $W/$name
+    timeout $(( $(left) - 30 < 150 ? $(left) - 30 : 150 )) $dir/bin/t0809_flash_attention --device cuda --out $W/$name \
+      bench --seqs 1024,4096,16384 --no-naive > $W/$name/bench.log 2>&1
+    echo "variant bench rc=$?" >> $W/$name/rc.txt
+    (cd crates/t0809_flash_attention && timeout 90 $dir/tests/t0809_flash_attention__gpu --test-threads=1) > $W/$name/gpu_test.log 2>&1
+    echo "variant gpu test rc=$?" >> $W/$name/rc.txt
   )
-  pack "variant $(tr '\n' ' ' < $W/v/rc.txt)"
-fi
-for b in gpu gpuv; do
-  if [ "$(left)" -gt 75 ]; then
+  pack "variant $name $(tr '\n' ' ' < $W/$name/rc.txt)"
+}
+# q128 (scripts/gpu-build-variant.sh on the q128 kernel in the crate, .gpu/variant-q128.tar.xz)
+# only if the probe found it correct.
+if grep -q "^correctness: all ok" $W/probe_q128.txt 2>/dev/null; then variant q .gpu/variant-q128.tar.xz /tmp/gpuq; fi
+variant v .gpu/variant.tar.xz /tmp/gpuv
+for b in gpu gpuq gpuv; do
+  if [ -d /tmp/$b ] && [ "$(left)" -gt 75 ]; then
     OUT=$W/s SANITIZE_NAME=sanitize-$b SANITIZE_BUNDLE=/tmp/$b SANITIZE_SPLIT=1 SANITIZE_TOOLS="racecheck memcheck" \
       SANITIZE_TIMEOUT=$(( $(left) - 20 )) timeout $(( $(left) - 8 )) \
       bash scripts/sanitize.sh t0809_flash_attention__properties > $W/sanitize-$b.log 2>&1
@@ -60,5 +69,5 @@ fi
 cat $W/steps.txt; grep -E "^correctness|time bwd d (64|128) causal 1 n 16384" $W/probe_bwd.txt $W/probe_q128.txt
 grep -E "FAIL" $W/probe_q128.txt | head -3 | cut -c1-300
 grep -hE "^test|^sh|rc=" $W/*/summary.txt 2>/dev/null | cut -c1-200 | head -40
-grep -E "rc=" $W/v/rc.txt; grep -E "test result" $W/v/gpu_test.log
+grep -E "rc=" $W/[qv]/rc.txt; grep -E "test result" $W/[qv]/gpu_test.log
 cut -c1-200 $W/s/sanitize-*summary.txt 2>/dev/null
