@@ -4,24 +4,24 @@
 // (262,144 tokens per call). For fast iteration on the kernel; the numbers a report quotes come
 // from `t0809_flash_attention bench`.
 //
-// The shipped kernels flash_bwd_wgmma_bf16_d64 and _d128 beside the variants below (their
+// The shipped kernels flash_bwd_wgmma_bf16_d64 and _d128 beside the variant below (their
 // baseline, the mma.sync backward, is not in this probe: `bench` times it). Earlier organisations
 // are in git: each consumer sending its own share of dQ (the kernel of 63ddd6e, timed by this
-// probe at 8591b15), three Q/dO stages (no faster, to 44b14a5).
+// probe at 8591b15), three Q/dO stages (no faster, to 44b14a5); and in the run folders, with what
+// they measured.
 //
 // Build (here, no GPU needed):
 //   nvcc -O3 -std=c++17 --use_fast_math -gencode arch=compute_90a,code=sm_90a \
 //        -o flash_hopper_bwd_probe scripts/flash_hopper_bwd_probe.cu
 // Run on an H100/H200: ./flash_hopper_bwd_probe
-// Arguments: kernel names (ALL_KERNELS below) run only those (e.g. `shipped q128 'q128 pf'`); without any,
-// the kernels marked by_default.
+// Arguments: kernel names (ALL_KERNELS below) run only those, e.g. `shipped 'bulk dq'`; without
+// any, all of them.
 // Profile: ./flash_hopper_bwd_probe profile [names] launches each kernel once (4,096 keys, no
 // mask, 64 heads) and nothing else, for Nsight Compute:
 //   ncu --set full -k regex:bwd ./flash_hopper_bwd_probe profile
 
 #include "../crates/t0809_flash_attention/kernels/flash_attn_hopper.cu"
 #include "flash_hopper_probe_common.cuh"
-#include "flash_hopper_bwd_q128.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -31,15 +31,15 @@
 #include <string>
 #include <vector>
 
-// Variants beside the shipped kernels: "bulk dq", the d 64 kernel with dQ_i staged in shared
+// The variant beside the shipped kernels: "bulk dq", the d 64 kernel with dQ_i staged in shared
 // memory and sent by one bulk reduce-add per tile (bwd_wgmma's DQ_RED = false, the shipped kernel
-// before red_dq); "d128 red", the d 128 kernel adding dQ from registers (bwd128_wgmma's
-// DQ_RED = true; the shipped one stages it for 64 row-wise bulk reduce-adds);
-// "stats smem", the d 64 kernel with L and D fetched into shared memory a tile ahead (STATS_SMEM).
+// before red_dq; 0.85–0.91× it on an H100, reports/gpu-runs/h100-2026-12-07).
 // Measured and dropped (this probe at 30ccff4..44b14a5, reports/gpu-runs/h200-2026-12-06/probe_bwd.txt):
 // K_c (and V_c) held in registers as the A operands of Sᵀ and dPᵀ, 0.98–0.99× (0.80–0.83×,
 // spilling), and dQ_i staged in rows padded against the bank conflicts with one bulk reduce-add per
-// row, 0.80–0.86×.
+// row, 0.80–0.86×. At a7b6557 (reports/gpu-runs/h100-2026-12-07/README.md): L and D fetched a tile
+// ahead into shared memory, 0.93–1.00×; dQ from registers at d 128, 0.96–0.99×; FlashAttention-3's
+// 128-query tiles at d 64 (that folder's call1/bwd_q128.cuh), 0.96–1.02×.
 #define COMMA ,
 #define BWD_VARIANT(NAME, CALL)                                                                              \
   extern "C" __global__ void __launch_bounds__(384, 1)                                                       \
@@ -51,31 +51,21 @@
                  kv_len);                                                                                    \
   }
 BWD_VARIANT(bwd_bulk_dq, bwd_wgmma<bf16 COMMA 64 COMMA 2 COMMA false>)
-BWD_VARIANT(bwd128_red_dq, bwd128_wgmma<bf16 COMMA 2 COMMA true>)
-BWD_VARIANT(bwd_stats_smem, bwd_wgmma<bf16 COMMA 64 COMMA 2 COMMA true COMMA true>)
-BWD_VARIANT(bwd_q128, bwd_q128<bf16 COMMA 2>)
-BWD_VARIANT(bwd_q128_pf, bwd_q128<bf16 COMMA 2 COMMA true>)
 
 typedef void (*Bwd)(hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, const float*,
                     const float*, float*, bf16*, bf16*, int, int, int, float, float, int, const int*);
-// `by_default`: run without arguments; name kernels on the command line to run only those (in
-// this list's order; the first of each head size is the ratios' base), e.g. `shipped q128`.
+// The kernels, in the order they run (the first of each head size is the ratios' base).
 struct Kernel {
   const char* name;
   Bwd fn;
   int d, smem;
-  bool by_default;
 };
 static const Kernel ALL_KERNELS[] = {
-    {"shipped", flash_bwd_wgmma_bf16_d64, 64, hopper::bwd_smem_bytes<bf16, 64, 2>(), true},
-    {"bulk dq", bwd_bulk_dq, 64, hopper::bwd_smem_bytes<bf16, 64, 2>(), true},
-    {"stats smem", bwd_stats_smem, 64, hopper::bwd_smem_bytes<bf16, 64, 2>(), true},
-    {"q128", bwd_q128, 64, hopper::bwd_q128_smem_bytes<bf16, 2>(), false},
-    {"q128 pf", bwd_q128_pf, 64, hopper::bwd_q128_smem_bytes<bf16, 2>(), false},
-    {"d128", flash_bwd_wgmma_bf16_d128, 128, hopper::bwd_smem_bytes<bf16, 128, 2>(), true},
-    {"d128 red", bwd128_red_dq, 128, hopper::bwd_smem_bytes<bf16, 128, 2>(), true},
+    {"shipped", flash_bwd_wgmma_bf16_d64, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
+    {"bulk dq", bwd_bulk_dq, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
+    {"d128", flash_bwd_wgmma_bf16_d128, 128, hopper::bwd_smem_bytes<bf16, 128, 2>()},
 };
-static std::vector<Kernel> KERNELS;  // the selection
+static std::vector<Kernel> KERNELS;  // the selection (command line)
 
 // ---- fp32 references (one thread per query or key) ----
 __device__ bool visible(int i, int j, int n_q, int n_k, int n_kr, int causal) {
@@ -269,7 +259,7 @@ int main(int argc, char** argv) {
   for (const Kernel& kern : ALL_KERNELS) {
     bool named = false;
     for (int a = profiling ? 2 : 1; a < argc; ++a) named |= std::string(argv[a]) == kern.name;
-    if (argc > (profiling ? 2 : 1) ? named : kern.by_default) KERNELS.push_back(kern);
+    if (named || argc == (profiling ? 2 : 1)) KERNELS.push_back(kern);
   }
   if (KERNELS.empty()) {
     fprintf(stderr, "no kernel of that name; the kernels:");

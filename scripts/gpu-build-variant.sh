@@ -6,9 +6,11 @@
 # restored afterwards, whatever happens. Run after scripts/gpu-build.sh (which empties .gpu).
 #
 #   scripts/gpu-build-variant.sh 'OLD=>NEW' ['OLD=>NEW' ...]
-#   e.g. (the d 64 backward with L and D in shared memory, the d 128 one with dQ from registers):
-#   scripts/gpu-build-variant.sh 'hopper::bwd_wgmma<T, D, NS>(&tmQ=>hopper::bwd_wgmma<T, D, NS, true, true>(&tmQ' \
-#                                'hopper::bwd128_wgmma<T, NS>(&tmQ=>hopper::bwd128_wgmma<T, NS, true>(&tmQ'
+#   e.g. (the d 64 backward staging dQ for the TMA unit's bulk reduce-add instead of adding it
+#   from its registers):
+#   scripts/gpu-build-variant.sh 'hopper::bwd_wgmma<T, D, NS>(&tmQ=>hopper::bwd_wgmma<T, D, NS, false>(&tmQ'
+#   (A substitution may also bring a whole kernel in: reports/gpu-runs/h100-2026-12-07 ran one
+#   with the kernel added to the file and src/cuda.rs's shared memory changed to match.)
 #
 # On the GPU host, unpack with `xz -dc .gpu/variant.tar.xz | tar xf - -C /tmp/gpuv`; the tests
 # run under scripts/sanitize.sh with SANITIZE_BUNDLE=/tmp/gpuv, the binary as

@@ -7,16 +7,15 @@
 # arch=compute_90a,code=sm_90a -lcuda scripts/flash_hopper_bwd_probe.cu) and a variant build at
 # .gpu/variant.tar.xz (scripts/gpu-build-variant.sh). In order, each step bounded by the time
 # left: every CUDA test executable; the probe (correctness on 11 ragged shapes, then times of every
-# variant), and again for the candidates q128 and q128 pf beside the shipped kernel; the attention
-# bench against FlashAttention-2 and cuDNN; the same bench and 8-09's GPU tests with each variant
-# build (.gpu/variant-q128.tar.xz, the crate with the q128 kernel, only if the probe found it
-# correct; then .gpu/variant.tar.xz); compute-sanitizer (racecheck, memcheck) on 8-09's property
-# sweeps of every build; the LM step at GPT-2-small size with and without the Hopper kernels.
+# variant); the attention bench against FlashAttention-2 and cuDNN; the same bench and 8-09's GPU
+# tests with the variant build, if .gpu holds one; compute-sanitizer (racecheck, memcheck) on
+# 8-09's property sweeps of every build; the LM step at GPT-2-small size with and without the Hopper kernels.
 # Everything goes into one tarball, $OUT/call.tgz, rewritten after every step (the device tool
 # returns few files, and a call stopped at its limit keeps what is there). Unpacked under
-# reports/gpu-runs/<run>/callN/: a/ (tests), b/ (bench; bench_results.json beside it), q/ and v/
-# (variants; their results.json as q128_bench_results.json and variant_bench_results.json), s/
-# (sanitizer), c/ (shape bench), probe_bwd.txt, probe_q128.txt, steps.txt.
+# reports/gpu-runs/<run>/callN/: a/ (tests), b/ (bench; bench_results.json beside it), v/ (the
+# variant; its results.json as variant_bench_results.json), s/ (sanitizer), c/ (shape bench),
+# probe_bwd.txt, steps.txt. Its run of 2026-12-07 (with two variant builds then):
+# reports/gpu-runs/h100-2026-12-07/README.md.
 set -u
 O=${OUT:?}; W=/tmp/hopper-call; rm -rf $W; mkdir -p $W
 T=${CALL_SECONDS:-585}
@@ -27,9 +26,6 @@ mkdir -p /tmp/pr && cp .gpu/probe/flash_hopper_bwd_probe /tmp/pr/ && chmod +x /t
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader > $W/gpu.txt
 OUT=$W/a TEST_TIMEOUT=120 timeout $(( $(left) - 60 )) bash scripts/gpu-run.sh tests > /dev/null 2>&1; pack "tests rc=$?"
 timeout 70 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe > $W/probe_bwd.txt 2>&1; pack "probe rc=$?"
-# The candidate organisation of scripts/flash_hopper_bwd_q128.cuh beside the shipped kernel (own
-# process: a fault or a hang there costs only this step).
-timeout 60 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe shipped q128 'q128 pf' > $W/probe_q128.txt 2>&1; pack "probe q128 rc=$?"
 OUT=$W/b timeout $(( $(left) - 40 )) bash scripts/gpu-run.sh "sh scripts/attention_bench.sh --seqs 1024,4096,16384" > /dev/null 2>&1; rc=$?
 cp -r output/attention-bench $W/b/ 2>/dev/null; pack "bench rc=$rc"
 # A variant build (same environment as gpu-run.sh): unpacked into DIR, its bench into $W/NAME,
@@ -50,11 +46,8 @@ variant() {
   )
   pack "variant $name $(tr '\n' ' ' < $W/$name/rc.txt)"
 }
-# q128 (scripts/gpu-build-variant.sh on the q128 kernel in the crate, .gpu/variant-q128.tar.xz)
-# only if the probe found it correct.
-if grep -q "^correctness: all ok" $W/probe_q128.txt 2>/dev/null; then variant q .gpu/variant-q128.tar.xz /tmp/gpuq; fi
 variant v .gpu/variant.tar.xz /tmp/gpuv
-for b in gpu gpuq gpuv; do
+for b in gpu gpuv; do
   if [ -d /tmp/$b ] && [ "$(left)" -gt 75 ]; then
     OUT=$W/s SANITIZE_NAME=sanitize-$b SANITIZE_BUNDLE=/tmp/$b SANITIZE_SPLIT=1 SANITIZE_TOOLS="racecheck memcheck" \
       SANITIZE_TIMEOUT=$(( $(left) - 20 )) timeout $(( $(left) - 8 )) \
@@ -66,8 +59,7 @@ if [ "$(left)" -gt 80 ]; then
   OUT=$W/c timeout $(( $(left) - 5 )) bash scripts/gpu-run.sh "sh scripts/shape_bench.sh scripts/gpt2_small_config.json 16 10 --flash-kernels,mma-sync" > /dev/null 2>&1; rc=$?
   cp -r /tmp/shape-gpt2_small_config $W/c/ 2>/dev/null; pack "gpt2 rc=$rc"
 fi
-cat $W/steps.txt; grep -E "^correctness|time bwd d (64|128) causal 1 n 16384" $W/probe_bwd.txt $W/probe_q128.txt
-grep -E "FAIL" $W/probe_q128.txt | head -3 | cut -c1-300
+cat $W/steps.txt; grep -E "^correctness|time bwd d (64|128) causal 1 n 16384" $W/probe_bwd.txt
 grep -hE "^test|^sh|rc=" $W/*/summary.txt 2>/dev/null | cut -c1-200 | head -40
-grep -E "rc=" $W/[qv]/rc.txt; grep -E "test result" $W/[qv]/gpu_test.log
+grep -E "rc=" $W/v/rc.txt; grep -E "test result" $W/v/gpu_test.log
 cut -c1-200 $W/s/sanitize-*summary.txt 2>/dev/null

@@ -545,9 +545,9 @@ constexpr int DQ_STRIDE = 68;
 // buffers of dSᵀ (128 keys × 64 queries), each consumer's f32 dQ tile (64 × D; at d 128 64 ×
 // DQ_STRIDE), alignment, and the mbarriers (K/V full; Q/dO full and empty per stage; dSᵀ full and
 // empty per buffer). At d 128 also a Pᵀ buffer (128 keys × 64 queries): 216,136 bytes at NS = 2
-// (NS = 3 would exceed the 227 KiB a CTA may have). The dQ tiles serve the staged path
-// (DQ_RED = false: the d 128 kernel as launched); the d 64 kernel adds dQ from registers and
-// leaves them unused (one CTA per SM either way: the registers allow no second).
+// (NS = 3 would exceed the 227 KiB a CTA may have). The dQ tiles serve the staged paths (the d 128
+// kernel, and the d 64 variant DQ_RED = false); the d 64 kernel as launched adds dQ from registers
+// and leaves them unused (one CTA per SM either way: the registers allow no second).
 template <typename T, int D, int NS>
 constexpr int bwd_smem_bytes() {
   constexpr bool d128 = D == 128;
@@ -709,33 +709,6 @@ __device__ __forceinline__ void load_row_stats(float (&lq)[BR / 8][2], float (&d
     }
 }
 
-// A variant under measurement (STATS_SMEM, scripts/flash_hopper_bwd_probe.cu): the consumer's
-// threads fetch L and D of a query tile into shared memory a tile ahead (cp.async, 4 bytes each,
-// zeros past n_q; threads 0-63 L, 64-127 D), so that load_row_stats' 32 scattered global loads per
-// thread become shared reads that are already there.
-__device__ __forceinline__ void fetch_row_stats(float* dst, const float* Lh, const float* Dh, int i0, int n_q,
-                                                int ctid) {
-  const int r = ctid & 63, q = i0 + r;
-  const float* src = (ctid < 64 ? Lh : Dh) + min(q, n_q - 1);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\ncp.async.commit_group;\n" ::"r"(
-                   smem_u32(dst + ctid)),
-               "l"(src), "r"(q < n_q ? 4 : 0)
-               : "memory");
-}
-template <int BR>
-__device__ __forceinline__ void read_row_stats(float (&lq)[BR / 8][2], float (&d_row)[BR / 8][2], const float* sm,
-                                               int t) {
-#pragma unroll
-  for (int n = 0; n < BR / 8; ++n) {
-    const float2 l = *reinterpret_cast<const float2*>(sm + n * 8 + 2 * t);
-    const float2 dd = *reinterpret_cast<const float2*>(sm + 64 + n * 8 + 2 * t);
-    lq[n][0] = l.x * 1.4426950408889634f;
-    lq[n][1] = l.y * 1.4426950408889634f;
-    d_row[n][0] = dd.x;
-    d_row[n][1] = dd.y;
-  }
-}
-
 // Pᵀ = exp2(Sᵀ·scale·log2e − L·log2e) and dSᵀ = Pᵀ∘(dPᵀ − D) in place of Sᵀ and dPᵀ, zero where
 // the (key, query) pair does not exist (past an end, padding, above the causal diagonal). Rows of
 // this thread: keys key_w0 + g (+ 8); columns: queries i0 + 8n + 2t + {0, 1}.
@@ -809,8 +782,8 @@ __device__ __forceinline__ void send_dq(float* my_dq, const float (&dq)[D / 8][4
 // consumer's first column, ROW floats from one row to the next. No shared staging, no barrier:
 // measured 1.11–1.18× the staged bulk reduce-add of send_dq over the whole d 64 backward (the
 // staging stores of 256-byte rows put a warp's 8 rows on the same banks, a 4-way conflict): the
-// d 64 kernel's path. At d 128 it is the variant DQ_RED = true, not yet run on a GPU; the d 128
-// kernel as launched sends dQ with send_dq_half.
+// d 64 kernel's path. At d 128, in place of send_dq_half, it measured 0.96–0.99× (H100,
+// reports/gpu-runs/h100-2026-12-07), so the d 128 kernel stages its dQ half.
 template <int ROW>
 __device__ __forceinline__ void red_dq(const float (&dq)[8][4], float* dQh, int i0, int n_q, int warp, int g, int t) {
 #pragma unroll
@@ -854,7 +827,7 @@ __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D 
 // two consumers share the work by taking turns. The next tile's Sᵀ and dPᵀ are queued behind
 // this tile's products before any of them is waited for; the queue empties only at the top of
 // the loop, where the softmax of the next tile needs its Sᵀ and dPᵀ.
-template <typename T, int D, int NS, bool DQ_RED = true, bool STATS_SMEM = false>
+template <typename T, int D, int NS, bool DQ_RED = true>
 __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                           const TensorMap* tmdO, const float* __restrict__ LSE,
                                           const float* __restrict__ Dsum, float* __restrict__ dQacc,
@@ -882,13 +855,6 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
   float st[BR / 8][4], dpt[BR / 8][4];
-  static_assert(DQ_RED || !STATS_SMEM, "the row statistics live in the unused dQ staging");
-  float* stats = sh.dq + c * BR * D;  // STATS_SMEM: 2 buffers of [L (64) | D (64)]
-  if constexpr (STATS_SMEM) {
-    if (qb_first < n_qb) fetch_row_stats(stats, Lh, Dh, qb_first * BR, n_q, ctid);
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
-    consumer_sync(c);
-  }
   mbar_wait(sh.kv_full, 0);
   if (qb_first < n_qb) {
     mbar_wait(sh.q_full, 0);
@@ -900,12 +866,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     const uint32_t q_s = smem_u32(sh.q + s * QT), do_s = smem_u32(sh.d_o + s * QT);
     T* ds_b = sh.ds + b * BC * BR;
     float lq[BR / 8][2], d_row[BR / 8][2];
-    if constexpr (STATS_SMEM) {
-      if (qb + 1 < n_qb) fetch_row_stats(stats + ((j + 1) & 1) * 128, Lh, Dh, i0 + BR, n_q, ctid);
-      read_row_stats<BR>(lq, d_row, stats + (j & 1) * 128, t);
-    } else {
-      load_row_stats<BR>(lq, d_row, Lh, Dh, i0, n_q, t);
-    }
+    load_row_stats<BR>(lq, d_row, Lh, Dh, i0, n_q, t);
     wgmma_wait<0>();
     pin(st);
     pin(dpt);
@@ -922,7 +883,6 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     if (j >= 2) mbar_wait(sh.ds_empty + b, ((j >> 1) - 1) & 1);
     stage_ds<T, BC, BR>(ds_b, dpt, c, warp, g, t);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    if constexpr (STATS_SMEM) asm volatile("cp.async.wait_all;\n" ::: "memory");  // the next tile's L, D
     consumer_sync(c);
     if (ctid == 0) mbar_arrive(sh.ds_full + b);
 
@@ -978,8 +938,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
 //   * every tile, each consumer computes half of dQ_i = dS_i K, its 64 columns of d (64 × 64: 32
 //     registers), from both consumers' halves of dSᵀ, stages it in shared memory and sends it
 //     by 64 row-wise bulk reduce-adds (send_dq_half: its columns are not contiguous in the
-//     (n_q, 128) dQ buffer; the variant DQ_RED = true adds it from its registers with red_dq
-//     instead, not yet run on a GPU);
+//     (n_q, 128) dQ buffer; adding it from the registers with red_dq instead was no faster);
 //   * a tile's Sᵀ and dPᵀ are issued at the top of its own iteration and waited for at once
 //     (queued behind the tile before, as at d 64, they spill), so a consumer's tensor-core work
 //     overlaps only the other consumer's softmax.
@@ -1047,7 +1006,7 @@ __device__ __forceinline__ void issue_dq0(float (&dq)[8][4], uint32_t ds_b, uint
   wgmma_commit();
 }
 
-// The d 128 backward's dQ path (DQ_RED = false; the probe times it beside red_dq): this
+// The d 128 backward's dQ path: this
 // consumer's half of dQ_i (f32, 64 queries × its 64 columns) into its shared buffer (rows
 // DQ_STRIDE floats apart), then one bulk reduce-add per query row (256 bytes, by thread `row`) into the f32 dQ buffer (row
 // stride 128). Each issuing thread waits for its previous copy to have read the buffer first.
@@ -1115,7 +1074,7 @@ __device__ __forceinline__ void stage_p_ds(T* sPt, T* sdSt, const float (&st)[BR
   }
 }
 
-template <typename T, int NS, bool DQ_RED = false>
+template <typename T, int NS>
 __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                              const TensorMap* tmdO, const float* __restrict__ LSE,
                                              const float* __restrict__ Dsum, float* __restrict__ dQacc,
@@ -1187,10 +1146,7 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
     pin(dq);
     mbar_arrive(sh.q_empty + s);   // Q_i and dO_i are free
     mbar_arrive(sh.ds_empty + b);  // this consumer's dQ product has read buffer b
-    if constexpr (DQ_RED)
-      red_dq<D>(dq, dQh + c * 64, i0, n_q, warp, g, t);
-    else
-      send_dq_half<BR>(sh.dq + c * BR * DQ_STRIDE, dq, dQh, i0, n_q, c, ctid, warp, g, t);
+    send_dq_half<BR>(sh.dq + c * BR * DQ_STRIDE, dq, dQh, i0, n_q, c, ctid, warp, g, t);
   }
 
   if (ctid < BR) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
