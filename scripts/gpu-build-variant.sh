@@ -15,7 +15,7 @@
 # Build variants in this checkout. A second checkout of the workspace (a git worktree) built with
 # the same CARGO_TARGET_DIR shares its build-script output folders (Cargo hashes workspace
 # packages by their path relative to the root), and a later build here whose kernel file has not
-# changed keeps the PTX that checkout left: this happened to h100-2026-12-07's call 2.
+# changed keeps the PTX that checkout left (reports/gpu-runs/h100-2026-12-07/README.md, call2/).
 #
 # On the GPU host, unpack with `xz -dc .gpu/variant.tar.xz | tar xf - -C /tmp/gpuv`; the tests
 # run under scripts/sanitize.sh with SANITIZE_BUNDLE=/tmp/gpuv, the binary as
