@@ -19,6 +19,7 @@
 // Profile: ./flash_hopper_bwd_probe profile [names] launches each kernel once (4,096 keys, no
 // mask, 64 heads) and nothing else, for Nsight Compute:
 //   ncu --set full -k regex:bwd ./flash_hopper_bwd_probe profile
+// (add -lineinfo to the build and --import-source yes to ncu for stall reasons per source line)
 
 #include "../crates/t0809_flash_attention/kernels/flash_attn_hopper.cu"
 #include "flash_hopper_probe_common.cuh"
