@@ -9,13 +9,12 @@
 # left: every CUDA test executable; the probe (correctness on 11 ragged shapes, then times of every
 # variant); the attention bench against FlashAttention-2 and cuDNN; the same bench and 8-09's GPU
 # tests with the variant build, if .gpu holds one; compute-sanitizer (racecheck, memcheck) on
-# 8-09's property sweeps of every build; the LM step at GPT-2-small size with and without the Hopper kernels.
-# Everything goes into one tarball, $OUT/call.tgz, rewritten after every step (the device tool
-# returns few files, and a call stopped at its limit keeps what is there). Unpacked under
-# reports/gpu-runs/<run>/callN/: a/ (tests), b/ (bench; bench_results.json beside it), v/ (the
-# variant; its results.json as variant_bench_results.json), s/ (sanitizer), c/ (shape bench),
-# probe_bwd.txt, steps.txt. Its run of 2026-12-07 (with two variant builds then):
-# reports/gpu-runs/h100-2026-12-07/README.md.
+# 8-09's property sweeps of every build; the LM step at GPT-2-small size with and without the
+# Hopper kernels. Everything goes into one tarball, $OUT/call.tgz, rewritten after every step (the
+# device tool returns few files, and a call stopped at its limit keeps what is there). Unpacked
+# under reports/gpu-runs/<run>/callN/: a/ (tests), b/ (bench; bench_results.json beside it), v/
+# (the variant; its results.json as variant_bench_results.json), s/ (sanitizer), c/ (shape bench),
+# probe_bwd.txt, steps.txt; e.g. reports/gpu-runs/h100-2026-12-07/call1/.
 set -u
 O=${OUT:?}; W=/tmp/hopper-call; rm -rf $W; mkdir -p $W
 T=${CALL_SECONDS:-585}

@@ -14,11 +14,11 @@ d{64,128}_{full,causal}_{seq}, into ratios.json under "callN":
   hopper_bwd_vs_fa2, hopper_bwd_vs_cudnn   the Hopper backward against each backend's,
                                   whichever backward the op picked at this length (bwd_ms)
   fwd_bwd_ms, fwd_bwd_vs_fa2, fwd_bwd_vs_cudnn   forward + backward (our ops called directly)
-from each callN/variant_bench_results.json and callN/q128_bench_results.json (the same bench by a
-variant build of the kernels), per shape, with P = variant or q128: P_hopper_bwd_ms, P_vs_shipped
-(the call's Hopper backward over the variant's, > 1 = the variant is faster), P_bwd_vs_fa2,
-P_bwd_vs_cudnn (against the call's PyTorch backends), P_fwd_bwd_ms; and, from each callN/shape-*-summary.json (scripts/shape_bench.sh: ours in bf16-mixed as the first
-row, the A/B row of ours third), under "callN"."ab_<config>": ours_vs_ab = tokens/s of ours over
+from each callN/P_bench_results.json (the same bench by a variant build P of the kernels, e.g.
+variant_bench_results.json), per shape: P_hopper_bwd_ms, P_vs_shipped (the call's Hopper backward
+over the variant's, > 1 = the variant is faster), P_bwd_vs_fa2, P_bwd_vs_cudnn (against the call's
+PyTorch backends), P_fwd_bwd_ms; and, from each callN/shape-*-summary.json (scripts/shape_bench.sh:
+ours in bf16-mixed as the first row, the A/B row of ours third), under "callN"."ab_<config>": ours_vs_ab = tokens/s of ours over
 the A/B row's (> 1: the default is faster than the row with the flag), with the flag's label.
 Run: python3 scripts/gpu_run_ratios.py reports/gpu-runs/<folder> (writes <folder>/ratios.json).
 """
@@ -55,22 +55,21 @@ for path in sorted(glob.glob("call*/bench_results.json")):
             row["hopper_bwd_vs_cudnn"] = cudnn_bwd / r["hopper_bwd_ms"]
         rows[name] = {k: round(v, 4) for k, v in row.items()}
     out[call] = rows
-for prefix in ("variant", "q128"):
-    # The same bench run by a variant build of the kernels (no PyTorch rows): its Hopper backward
-    # against the shipped one of the same call (> 1: the variant is faster), against the call's
-    # PyTorch backends, and its forward + backward.
-    for path in sorted(glob.glob(f"call*/{prefix}_bench_results.json")):
-        call = os.path.dirname(path)
-        for r in json.load(open(path))["metrics"]["bench"]:
-            name = f"d{r['d_head']}_{'causal' if r['causal'] else 'full'}_{r['seq']}"
-            row = out.get(call, {}).get(name)
-            if row and r.get("hopper_bwd_ms") and "hopper_bwd_ms" in row:
-                v = r["hopper_bwd_ms"]
-                row[f"{prefix}_hopper_bwd_ms"] = round(v, 4)
-                row[f"{prefix}_vs_shipped"] = round(row["hopper_bwd_ms"] / v, 4)
-                row[f"{prefix}_bwd_vs_fa2"] = round(row["fa2_bwd_ms"] / v, 4)
-                row[f"{prefix}_bwd_vs_cudnn"] = round(row["cudnn_bwd_ms"] / v, 4)
-                row[f"{prefix}_fwd_bwd_ms"] = round(r["flash_fwd_bwd_ops_ms"], 4)
+# The same bench run by a variant build of the kernels (no PyTorch rows): its Hopper backward
+# against the shipped one of the same call (> 1: the variant is faster), against the call's
+# PyTorch backends, and its forward + backward.
+for path in sorted(glob.glob("call*/*_bench_results.json")):
+    call, prefix = os.path.dirname(path), os.path.basename(path)[: -len("_bench_results.json")]
+    for r in json.load(open(path))["metrics"]["bench"]:
+        name = f"d{r['d_head']}_{'causal' if r['causal'] else 'full'}_{r['seq']}"
+        row = out.get(call, {}).get(name)
+        if row and r.get("hopper_bwd_ms") and "hopper_bwd_ms" in row:
+            v = r["hopper_bwd_ms"]
+            row[f"{prefix}_hopper_bwd_ms"] = round(v, 4)
+            row[f"{prefix}_vs_shipped"] = round(row["hopper_bwd_ms"] / v, 4)
+            row[f"{prefix}_bwd_vs_fa2"] = round(row["fa2_bwd_ms"] / v, 4)
+            row[f"{prefix}_bwd_vs_cudnn"] = round(row["cudnn_bwd_ms"] / v, 4)
+            row[f"{prefix}_fwd_bwd_ms"] = round(r["flash_fwd_bwd_ops_ms"], 4)
 for path in sorted(glob.glob("call*/shape-*-summary.json")):
     call = os.path.dirname(path)
     name = os.path.basename(path)[len("shape-"):-len("-summary.json")]

@@ -1006,10 +1006,10 @@ __device__ __forceinline__ void issue_dq0(float (&dq)[8][4], uint32_t ds_b, uint
   wgmma_commit();
 }
 
-// The d 128 backward's dQ path: this
-// consumer's half of dQ_i (f32, 64 queries × its 64 columns) into its shared buffer (rows
-// DQ_STRIDE floats apart), then one bulk reduce-add per query row (256 bytes, by thread `row`) into the f32 dQ buffer (row
-// stride 128). Each issuing thread waits for its previous copy to have read the buffer first.
+// The d 128 backward's dQ path: this consumer's half of dQ_i (f32, 64 queries × its 64 columns)
+// into its shared buffer (rows DQ_STRIDE floats apart), then one bulk reduce-add per query row
+// (256 bytes, issued by the thread of that row) into the f32 dQ buffer (row stride 128). Each
+// issuing thread waits for its previous copy to have read the buffer first.
 template <int BR>
 __device__ __forceinline__ void send_dq_half(float* my_dq, const float (&dq)[8][4], float* dQh, int i0, int n_q,
                                              int c, int ctid, int warp, int g, int t) {
