@@ -4,7 +4,9 @@
 # the call has, 585 by default). .gpu holds: the bundle of scripts/gpu-build.sh (every CUDA test
 # executable, t0809_flash_attention, t0810_kv_cache), the backward probe at
 # .gpu/probe/flash_hopper_bwd_probe (nvcc -O3 -std=c++17 --use_fast_math -gencode
-# arch=compute_90a,code=sm_90a -lcuda scripts/flash_hopper_bwd_probe.cu) and a variant build at
+# arch=compute_90a,code=sm_90a -lcuda scripts/flash_hopper_bwd_probe.cu), optionally the forward
+# probe .gpu/probe/flash_hopper_probe and both built from an earlier commit in .gpu/probe/before/,
+# and a variant build at
 # .gpu/variant.tar.xz (scripts/gpu-build-variant.sh). In order, each step bounded by the time
 # left: every CUDA test executable; the probe (correctness on 11 ragged shapes, then times of every
 # variant); the attention bench against FlashAttention-2 and cuDNN; the same bench and 8-09's GPU
@@ -21,10 +23,22 @@ T=${CALL_SECONDS:-585}
 t0=$(date +%s)
 left() { echo $(( T - ($(date +%s) - t0) )); }
 pack() { echo "$1 at $(( $(date +%s) - t0 )) s" >> $W/steps.txt; tar czf $O/call.tgz -C /tmp hopper-call; }
-mkdir -p /tmp/pr && cp .gpu/probe/flash_hopper_bwd_probe /tmp/pr/ && chmod +x /tmp/pr/flash_hopper_bwd_probe
+mkdir -p /tmp/pr && cp -r .gpu/probe/. /tmp/pr/ && chmod -R +x /tmp/pr
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader > $W/gpu.txt
 OUT=$W/a TEST_TIMEOUT=120 timeout $(( $(left) - 60 )) bash scripts/gpu-run.sh tests > /dev/null 2>&1; pack "tests rc=$?"
 timeout 70 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe > $W/probe_bwd.txt 2>&1; pack "probe rc=$?"
+# Before and after: with .gpu/probe/before/ (the two probes built from an earlier commit) the
+# backward probe's shipped kernels and the forward probe run beside their "before" twins,
+# alternating, each twice (probe_<which>.<n>.txt), so that a kernel change is timed within one call.
+if [ -d /tmp/pr/before ]; then
+  for r in bwd_before fwd fwd_before bwd_before bwd fwd_before fwd; do
+    [ "$(left)" -gt 300 ] || break
+    case $r in bwd*) exe=flash_hopper_bwd_probe; args="shipped d128" ;; *) exe=flash_hopper_probe; args="" ;; esac
+    case $r in *_before) exe=before/$exe ;; esac
+    n=$(ls $W | grep -c "^probe_$r\.")
+    timeout 60 stdbuf -oL /tmp/pr/$exe $args > $W/probe_$r.$n.txt 2>&1; pack "probe $r rc=$?"
+  done
+fi
 OUT=$W/b timeout $(( $(left) - 40 )) bash scripts/gpu-run.sh "sh scripts/attention_bench.sh --seqs 1024,4096,16384" > /dev/null 2>&1; rc=$?
 cp -r output/attention-bench $W/b/ 2>/dev/null; pack "bench rc=$rc"
 # A variant build (same environment as gpu-run.sh): unpacked into DIR, its bench into $W/NAME,

@@ -96,6 +96,22 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, 
          ((uint64_t)((stride & 0x3FFFF) >> 4) << 32) | (1ull << 62);
 }
 
+// A descriptor `bytes` further on in shared memory (a multiple of 16). The address is the
+// descriptor's low field and no shared address reaches its 256 KiB limit, so the step is one add
+// of a constant to a descriptor built once per operand, not a descriptor rebuilt per step.
+__device__ __forceinline__ uint64_t advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+// A K-major operand of ROWS-row panels: 16 columns of d per step.
+template <int ROWS>
+__device__ __forceinline__ uint64_t k_major(uint32_t base, int kk) {
+  return advance(descriptor(base, 16, 1024), (kk >> 2) * ROWS * 128 + (kk & 3) * 32);
+}
+// An MN-major operand whose reduction runs over its ROWS rows: 16 rows per step, 64-column panels
+// ROWS·128 bytes apart.
+template <int ROWS>
+__device__ __forceinline__ uint64_t mn_major(uint32_t base, int kk) {
+  return advance(descriptor(base, ROWS * 128, 1024), kk * 16 * 128);
+}
+
 // The accumulator registers of one thread for an N-column wgmma: N/8 chunks of 4 floats. Chunk i,
 // element e holds row 16·(warp in the warpgroup) + lane/4 + 8·(e/2), column 8i + 2·(lane%4) + e%2
 // — the same places as mma.sync m16n8's accumulators, so the softmax code is unchanged.
@@ -226,12 +242,7 @@ __device__ __forceinline__ void pack_p(uint32_t (&p)[BC / 16][4], const float (&
 template <typename T, int D, int BC, int BR>
 __device__ __forceinline__ void issue_scores(float (&s)[BC / 8][4], uint32_t q_base, uint32_t k_tile) {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const uint32_t in_panel = (kk & 3) * 32;
-    const uint64_t a = descriptor(q_base + (kk >> 2) * BR * 128 + in_panel, 16, 1024);
-    const uint64_t b = descriptor(k_tile + (kk >> 2) * BC * 128 + in_panel, 16, 1024);
-    Ops<T>::ss(s, a, b, kk > 0);
-  }
+  for (int kk = 0; kk < D / 16; ++kk) Ops<T>::ss(s, k_major<BR>(q_base, kk), k_major<BC>(k_tile, kk), kk > 0);
 }
 
 // Issues O += P V for one key tile (not waited for): V N-major, 16 keys (two groups of 8 rows,
@@ -239,7 +250,7 @@ __device__ __forceinline__ void issue_scores(float (&s)[BC / 8][4], uint32_t q_b
 template <typename T, int D, int BC>
 __device__ __forceinline__ void issue_pv(float (&o)[D / 8][4], const uint32_t (&p)[BC / 16][4], uint32_t v_tile) {
 #pragma unroll
-  for (int kk = 0; kk < BC / 16; ++kk) Ops<T>::rs(o, p[kk], descriptor(v_tile + kk * 16 * 128, BC * 128, 1024));
+  for (int kk = 0; kk < BC / 16; ++kk) Ops<T>::rs(o, p[kk], mn_major<BC>(v_tile, kk));
 }
 
 // The register file (64K per SM, one CTA) shared out with setmaxnreg: two consumers take 240 per
@@ -258,6 +269,11 @@ __device__ __forceinline__ void consumer_registers() {
 
 // Waits for the 128 threads of consumer warpgroup c (named barrier 1 + c; 0 is __syncthreads).
 __device__ __forceinline__ void consumer_sync(int c) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory"); }
+
+// The warpgroup of this thread, read from lane 0 so that the compiler knows it is the same in
+// the whole warp: the shared addresses derived from it then stay in uniform registers, where
+// wgmma takes its descriptors, instead of being moved there before every product.
+__device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffff, (int)threadIdx.x >> 7, 0); }
 
 // ---- TMA copies and mbarriers -------------------------------------------------------------
 // An mbarrier is a 64-bit word in shared memory that completes a phase when its expected number
@@ -425,7 +441,7 @@ __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap*
   extern __shared__ unsigned char smem_raw[];
   const FwdShared<T, D, BC, NS, NC> sh(smem_raw);
 
-  const int tid = threadIdx.x, wg = tid >> 7;
+  const int tid = threadIdx.x, wg = warpgroup_index();
   const int bh = blockIdx.y;
   const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
   const int offset = n_k - n_q;
@@ -555,18 +571,6 @@ constexpr int bwd_smem_bytes() {
          2 * 64 * (d128 ? DQ_STRIDE : D) * 4 + 1024 + 8 * (1 + 2 * NS + 4);
 }
 
-// A K-major operand of ROWS-row panels: 16 columns of d per step.
-template <int ROWS>
-__device__ __forceinline__ uint64_t k_major(uint32_t base, int kk) {
-  return descriptor(base + (kk >> 2) * ROWS * 128 + (kk & 3) * 32, 16, 1024);
-}
-// An MN-major operand whose reduction runs over its ROWS rows: 16 rows per step, 64-column panels
-// ROWS·128 bytes apart.
-template <int ROWS>
-__device__ __forceinline__ uint64_t mn_major(uint32_t base, int kk) {
-  return descriptor(base + kk * 16 * 128, ROWS * 128, 1024);
-}
-
 // Issues Sᵀ = K_c Q_iᵀ and dPᵀ = V_c dO_iᵀ (64 keys × BR queries each; not waited for).
 template <typename T, int D, int BC, int BR>
 __device__ __forceinline__ void issue_s_dp(float (&st)[BR / 8][4], float (&dpt)[BR / 8][4], uint32_t k_c, uint32_t v_c,
@@ -694,11 +698,33 @@ __device__ __forceinline__ bool bwd_start_producer(const BwdShared<T, D, NS>& sh
   return false;
 }
 
+// Whether a (key, query) pair of this warp's 16 keys and the tile from query i0 may not exist (past
+// an end, padding, above the causal diagonal): only such tiles pay for the mask's tests.
+template <int BR>
+__device__ __forceinline__ bool tile_needs_mask(int key_w0, int i0, int n_q, int n_kr, int causal, int offset) {
+  return (i0 + BR > n_q) || (key_w0 + 16 > n_kr) || (causal && (key_w0 + 15 > i0 + offset));
+}
+
 // L (in log2 units) and D = rowsum(dO∘O) of this thread's query columns 8n + 2t + {0, 1} of the
-// tile from query i0 (0 past the end).
+// tile from query i0 (0 past the end). A whole tile of rows 8-byte aligned (`pairs`: n_q even, as
+// the buffers' bases are) reads each pair of columns with one 8-byte load and no bounds test.
 template <int BR>
 __device__ __forceinline__ void load_row_stats(float (&lq)[BR / 8][2], float (&d_row)[BR / 8][2],
-                                               const float* Lh, const float* Dh, int i0, int n_q, int t) {
+                                               const float* Lh, const float* Dh, int i0, int n_q, int t,
+                                               bool pairs) {
+  if (pairs && i0 + BR <= n_q) {
+#pragma unroll
+    for (int n = 0; n < BR / 8; ++n) {
+      const int q = i0 + n * 8 + 2 * t;
+      const float2 l = __ldg(reinterpret_cast<const float2*>(Lh + q));
+      const float2 dr = __ldg(reinterpret_cast<const float2*>(Dh + q));
+      lq[n][0] = l.x * 1.4426950408889634f;
+      lq[n][1] = l.y * 1.4426950408889634f;
+      d_row[n][0] = dr.x;
+      d_row[n][1] = dr.y;
+    }
+    return;
+  }
 #pragma unroll
   for (int n = 0; n < BR / 8; ++n)
 #pragma unroll
@@ -709,15 +735,14 @@ __device__ __forceinline__ void load_row_stats(float (&lq)[BR / 8][2], float (&d
     }
 }
 
-// Pᵀ = exp2(Sᵀ·scale·log2e − L·log2e) and dSᵀ = Pᵀ∘(dPᵀ − D) in place of Sᵀ and dPᵀ, zero where
-// the (key, query) pair does not exist (past an end, padding, above the causal diagonal). Rows of
-// this thread: keys key_w0 + g (+ 8); columns: queries i0 + 8n + 2t + {0, 1}.
-template <int BR>
+// Pᵀ = exp2(Sᵀ·scale·log2e − L·log2e) and dSᵀ = Pᵀ∘(dPᵀ − D) in place of Sᵀ and dPᵀ; with MASK,
+// zero where the (key, query) pair does not exist (past an end, padding, above the causal
+// diagonal). Rows of this thread: keys key_w0 + g (+ 8); columns: queries i0 + 8n + 2t + {0, 1}.
+template <int BR, bool MASK>
 __device__ __forceinline__ void probabilities(float (&st)[BR / 8][4], float (&dpt)[BR / 8][4],
                                               const float (&lq)[BR / 8][2], const float (&d_row)[BR / 8][2],
                                               float scale_log2, int key_w0, int i0, int g, int t, int n_q,
                                               int n_kr, int causal, int offset) {
-  const bool need_mask = (i0 + BR > n_q) || (key_w0 + 16 > n_kr) || (causal && (key_w0 + 15 > i0 + offset));
 #pragma unroll
   for (int n = 0; n < BR / 8; ++n) {
 #pragma unroll
@@ -725,7 +750,7 @@ __device__ __forceinline__ void probabilities(float (&st)[BR / 8][4], float (&dp
       const int qi = n * 8 + 2 * t + (e & 1);
       float p = exp2f(fmaf(st[n][e], scale_log2, -lq[n][e & 1]));
       float ds = p * (dpt[n][e] - d_row[n][e & 1]);
-      if (need_mask) {
+      if constexpr (MASK) {
         const int key = key_w0 + g + ((e >> 1) << 3), q = i0 + qi;
         if (q >= n_q || key >= n_kr || (causal && key > q + offset)) p = ds = 0.f;
       }
@@ -735,17 +760,29 @@ __device__ __forceinline__ void probabilities(float (&st)[BR / 8][4], float (&dp
   }
 }
 
-// This consumer's 64 key rows of dSᵀ into a shared buffer (16 bits), for dQ = dS·K.
-template <typename T, int BC, int BR>
-__device__ __forceinline__ void stage_ds(T* sdS, const float (&dpt)[BR / 8][4], int c, int warp, int g, int t) {
+// The shared address from which lane `lane` of a warp stores its row of this consumer's dSᵀ
+// (stage_ds): lane l names row l % 8 of 8 × 8 block l / 8, block m holding keys +8·(m % 2) and
+// the 8 queries of chunk m / 2 (of the pair a step of 16 covers). `ds` is buffer 0's address.
+template <int BC>
+__device__ __forceinline__ uint32_t ds_lane_address(uint32_t ds, int c, int warp, int lane) {
+  const int m = lane >> 3, rr = lane & 7;
+  const int row = c * 64 + warp * 16 + 8 * (m & 1) + rr;  // row % 8 == rr
+  return ds + row * 128 + (((m >> 1) ^ rr) << 4);
+}
+
+// This consumer's 64 key rows of dSᵀ into a shared buffer (16 bits), for dQ = dS·K. The packed A
+// operand of dK's product already holds, per 16 queries, the four 8 × 8 blocks one
+// `stmatrix .x4` stores (rows g and g + 8, queries 2t and 2t + 1 of each): four stores per thread.
+// In the 128-byte swizzle chunk 2kk + m / 2 of row r sits at slot (2kk + m / 2) ^ (r % 8), which
+// is the lane's slot for kk = 0 with 2kk xor-ed in: the address `lane_addr ^ (kk << 5)` (rows are
+// 128-byte aligned).
+template <int BR>
+__device__ __forceinline__ void stage_ds(uint32_t lane_addr, const uint32_t (&da)[BR / 16][4]) {
 #pragma unroll
-  for (int n = 0; n < BR / 8; ++n)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = c * 64 + warp * 16 + g + 8 * r;
-      *reinterpret_cast<uint32_t*>(sdS + panel_offset<BC>(row, n * 8 + 2 * t)) =
-          Ops<T>::pack2(dpt[n][2 * r], dpt[n][2 * r + 1]);
-    }
+  for (int kk = 0; kk < BR / 16; ++kk)
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(lane_addr ^ (kk << 5)),
+                 "r"(da[kk][0]), "r"(da[kk][1]), "r"(da[kk][2]), "r"(da[kk][3])
+                 : "memory");
 }
 
 // The variant DQ_RED = false of the d 64 backward (the probe times it beside red_dq):
@@ -820,13 +857,14 @@ __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D 
 // one (batch, head); consumer c owns keys 64c..64c+63 with their dK, dV accumulators. The producer
 // loads K and V once, then Q_i and dO_i of each query tile (64 rows) into an NS-stage ring. Per
 // tile j each consumer computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 × 64), Pᵀ = exp(Sᵀ − L),
-// dSᵀ = Pᵀ∘(dPᵀ − D), issues dV += Pᵀ dO and dK += dSᵀ Q (Pᵀ and dSᵀ from registers) and writes
-// its dSᵀ rows to shared buffer j % 2. The tile's owner, consumer j % 2, then computes the whole
-// dQ_i = dS_i K over the 128 keys from both halves and adds it into the f32 dQ buffer from its
-// registers (red_dq: reductions in L2, asynchronous): one 64 × d reduce per tile and CTA, and the
-// two consumers share the work by taking turns. The next tile's Sᵀ and dPᵀ are queued behind
-// this tile's products before any of them is waited for; the queue empties only at the top of
-// the loop, where the softmax of the next tile needs its Sᵀ and dPᵀ.
+// dSᵀ = Pᵀ∘(dPᵀ − D) (the mask's tests only on tiles that need them), writes its dSᵀ rows to
+// shared buffer j % 2 (stmatrix, from the packed operand) and issues dV += Pᵀ dO and
+// dK += dSᵀ Q (Pᵀ and dSᵀ from registers). The tile's owner, consumer j % 2, then computes the
+// whole dQ_i = dS_i K over the 128 keys from both halves and adds it into the f32 dQ buffer from
+// its registers (red_dq: reductions in L2, asynchronous): one 64 × d reduce per tile and CTA, and
+// the two consumers share the work by taking turns. The next tile's Sᵀ and dPᵀ are queued behind
+// this tile's products before any of them is waited for, and its L and D loaded while they run;
+// the queue empties only at the top of the loop, where the softmax of the next tile needs them.
 template <typename T, int D, int NS, bool DQ_RED = true>
 __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                           const TensorMap* tmdO, const float* __restrict__ LSE,
@@ -837,7 +875,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
   extern __shared__ unsigned char smem_raw[];
   const BwdShared<T, D, NS> sh(smem_raw);
 
-  const int tid = threadIdx.x, wg = tid >> 7;
+  const int tid = threadIdx.x, wg = warpgroup_index();
   const auto [bh, k0, offset, n_kr, qb_first, n_qb] = bwd_block<BC, BR>(n_q, n_k, causal, kv_len);
   if (bwd_start_producer<T, D, NS>(sh, tmQ, tmK, tmV, tmdO, tid, wg, k0, bh, qb_first, n_qb)) return;
   const int c = wg - 1, ctid = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
@@ -847,6 +885,8 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
   const float* Lh = LSE + (size_t)bh * n_q;
   const float* Dh = Dsum + (size_t)bh * n_q;
   float* dQh = dQacc + (size_t)bh * n_q * D;
+  const bool pairs = ((reinterpret_cast<uintptr_t>(Lh) | reinterpret_cast<uintptr_t>(Dh)) & 7) == 0;
+  const uint32_t ds_lane = ds_lane_address<BC>(smem_u32(sh.ds), c, warp, lane);
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -854,9 +894,12 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
-  float st[BR / 8][4], dpt[BR / 8][4];
+  // Sᵀ, dPᵀ and the row statistics of the tile about to be processed: each loaded an iteration
+  // ahead, so that its latency hides behind the tile before.
+  float st[BR / 8][4], dpt[BR / 8][4], lq[BR / 8][2], d_row[BR / 8][2];
   mbar_wait(sh.kv_full, 0);
   if (qb_first < n_qb) {
+    load_row_stats<BR>(lq, d_row, Lh, Dh, qb_first * BR, n_q, t, pairs);
     mbar_wait(sh.q_full, 0);
     issue_s_dp<T, D, BC, BR>(st, dpt, k_c, v_c, smem_u32(sh.q), smem_u32(sh.d_o));
   }
@@ -865,23 +908,25 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     const bool owner = b == c;
     const uint32_t q_s = smem_u32(sh.q + s * QT), do_s = smem_u32(sh.d_o + s * QT);
     T* ds_b = sh.ds + b * BC * BR;
-    float lq[BR / 8][2], d_row[BR / 8][2];
-    load_row_stats<BR>(lq, d_row, Lh, Dh, i0, n_q, t);
     wgmma_wait<0>();
     pin(st);
     pin(dpt);
     pin(dv);
     pin(dk);
 
-    probabilities<BR>(st, dpt, lq, d_row, scale_log2, key_w0, i0, g, t, n_q, n_kr, causal, offset);
+    if (tile_needs_mask<BR>(key_w0, i0, n_q, n_kr, causal, offset))
+      probabilities<BR, true>(st, dpt, lq, d_row, scale_log2, key_w0, i0, g, t, n_q, n_kr, causal, offset);
+    else
+      probabilities<BR, false>(st, dpt, lq, d_row, scale_log2, key_w0, i0, g, t, n_q, n_kr, causal, offset);
     uint32_t pa[BR / 16][4], da[BR / 16][4];
     pack_p<T, BR>(pa, st);
     pack_p<T, BR>(da, dpt);
-    issue_dv_dk<T, D, BR>(dv, dk, pa, da, do_s, q_s);
 
-    // This consumer's dSᵀ rows into buffer b, once the owner's product of tile j − 2 has read it.
+    // This consumer's dSᵀ rows into buffer b, once the owner's product of tile j − 2 has read it;
+    // then dV += Pᵀ dO_i and dK += dSᵀ Q_i.
     if (j >= 2) mbar_wait(sh.ds_empty + b, ((j >> 1) - 1) & 1);
-    stage_ds<T, BC, BR>(ds_b, dpt, c, warp, g, t);
+    stage_ds<BR>(ds_lane + b * BC * BR * (int)sizeof(T), da);
+    issue_dv_dk<T, D, BR>(dv, dk, pa, da, do_s, q_s);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     consumer_sync(c);
     if (ctid == 0) mbar_arrive(sh.ds_full + b);
@@ -908,6 +953,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     pin(pa);
     pin(da);
     mbar_arrive(sh.q_empty + s);  // Q_i and dO_i are free
+    if (qb + 1 < n_qb) load_row_stats<BR>(lq, d_row, Lh, Dh, i0 + BR, n_q, t, pairs);
     if (owner) {
       pin(dq);
       mbar_arrive(sh.ds_empty + b);
@@ -1035,42 +1081,60 @@ __device__ __forceinline__ void send_dq_half(float* my_dq, const float (&dq)[8][
   }
 }
 
-// Pᵀ and dSᵀ of this tile straight into shared memory, 8 queries at a time: probabilities() and
-// stage_ds() of the d 64 kernel fused, with L (log2 units) and D read as they are needed. The
-// compiler barrier after each group of 8 queries keeps it from hoisting the reads of L and D for
-// the whole tile (32 registers) ahead of the arithmetic.
-template <typename T, int BC, int BR>
-__device__ __forceinline__ void stage_p_ds(T* sPt, T* sdSt, const float (&st)[BR / 8][4], const float (&dpt)[BR / 8][4],
-                                           const float* Lh, const float* Dh, float scale_log2, int c, int warp,
-                                           int key_w0, int i0, int g, int t, int n_q, int n_kr, int causal,
-                                           int offset) {
-  const bool need_mask = (i0 + BR > n_q) || (key_w0 + 16 > n_kr) || (causal && (key_w0 + 15 > i0 + offset));
+// Pᵀ and dSᵀ of this tile straight into shared memory, 16 queries at a time: probabilities(),
+// pack_p() and stage_ds() of the d 64 kernel fused, with L (log2 units) and D read as they are
+// needed (without MASK one 8-byte load per pair of columns: the caller takes the masked path for
+// rows not 8-byte aligned, as load_row_stats does for them). `pt_lane` and
+// `ds_lane` are this lane's stmatrix addresses in the two buffers (ds_lane_address). The compiler
+// barrier after each step keeps it from hoisting the reads of L and D for the whole tile
+// (32 registers) ahead of the arithmetic.
+template <typename T, int BR, bool MASK>
+__device__ __forceinline__ void stage_p_ds(uint32_t pt_lane, uint32_t ds_lane, const float (&st)[BR / 8][4],
+                                           const float (&dpt)[BR / 8][4], const float* Lh, const float* Dh,
+                                           float scale_log2, int key_w0, int i0, int g, int t, int n_q,
+                                           int n_kr, int causal, int offset) {
 #pragma unroll
-  for (int n = 0; n < BR / 8; ++n) {
-    float p[4], ds[4];
+  for (int kk = 0; kk < BR / 16; ++kk) {
+    uint32_t pa[4], da[4];
 #pragma unroll
-    for (int e2 = 0; e2 < 2; ++e2) {
-      const int q = i0 + n * 8 + 2 * t + e2;
-      const float lq = q < n_q ? __ldg(Lh + q) * 1.4426950408889634f : 0.f;
-      const float dr = q < n_q ? __ldg(Dh + q) : 0.f;
+    for (int h = 0; h < 2; ++h) {
+      const int n = 2 * kk + h, q0 = i0 + n * 8 + 2 * t;
+      float lq[2], dr[2];
+      if constexpr (!MASK) {
+        const float2 l = __ldg(reinterpret_cast<const float2*>(Lh + q0));
+        const float2 d2 = __ldg(reinterpret_cast<const float2*>(Dh + q0));
+        lq[0] = l.x, lq[1] = l.y, dr[0] = d2.x, dr[1] = d2.y;
+      } else {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int e = 2 * r + e2;
-        p[e] = exp2f(fmaf(st[n][e], scale_log2, -lq));
-        ds[e] = p[e] * (dpt[n][e] - dr);
-        if (need_mask) {
-          const int key = key_w0 + g + 8 * r;
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const bool in = q0 + e2 < n_q;
+          lq[e2] = in ? __ldg(Lh + q0 + e2) : 0.f;
+          dr[e2] = in ? __ldg(Dh + q0 + e2) : 0.f;
+        }
+      }
+      float p[4], ds[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int e2 = e & 1;
+        p[e] = exp2f(fmaf(st[n][e], scale_log2, -lq[e2] * 1.4426950408889634f));
+        ds[e] = p[e] * (dpt[n][e] - dr[e2]);
+        if constexpr (MASK) {
+          const int key = key_w0 + g + 8 * (e >> 1), q = q0 + e2;
           if (q >= n_q || key >= n_kr || (causal && key > q + offset)) p[e] = ds[e] = 0.f;
         }
       }
+      // mma.sync's A layout (pack_p): registers h·2 + r hold row g + 8r of chunk n.
+      pa[2 * h] = Ops<T>::pack2(p[0], p[1]);
+      pa[2 * h + 1] = Ops<T>::pack2(p[2], p[3]);
+      da[2 * h] = Ops<T>::pack2(ds[0], ds[1]);
+      da[2 * h + 1] = Ops<T>::pack2(ds[2], ds[3]);
     }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int off = panel_offset<BC>(c * 64 + warp * 16 + g + 8 * r, n * 8 + 2 * t);
-      *reinterpret_cast<uint32_t*>(sPt + off) = Ops<T>::pack2(p[2 * r], p[2 * r + 1]);
-      *reinterpret_cast<uint32_t*>(sdSt + off) = Ops<T>::pack2(ds[2 * r], ds[2 * r + 1]);
-    }
-    asm volatile("" ::: "memory");
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(pt_lane ^ (kk << 5)),
+                 "r"(pa[0]), "r"(pa[1]), "r"(pa[2]), "r"(pa[3])
+                 : "memory");
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(ds_lane ^ (kk << 5)),
+                 "r"(da[0]), "r"(da[1]), "r"(da[2]), "r"(da[3])
+                 : "memory");
   }
 }
 
@@ -1084,7 +1148,7 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
   extern __shared__ unsigned char smem_raw[];
   const BwdShared<T, D, NS> sh(smem_raw);
 
-  const int tid = threadIdx.x, wg = tid >> 7;
+  const int tid = threadIdx.x, wg = warpgroup_index();
   const auto [bh, k0, offset, n_kr, qb_first, n_qb] = bwd_block<BC, BR>(n_q, n_k, causal, kv_len);
   if (bwd_start_producer<T, D, NS>(sh, tmQ, tmK, tmV, tmdO, tid, wg, k0, bh, qb_first, n_qb)) return;
   const int c = wg - 1, ctid = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
@@ -1096,6 +1160,8 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
   const float* Lh = LSE + (size_t)bh * n_q;
   const float* Dh = Dsum + (size_t)bh * n_q;
   float* dQh = dQacc + (size_t)bh * n_q * D;
+  const bool pairs = ((reinterpret_cast<uintptr_t>(Lh) | reinterpret_cast<uintptr_t>(Dh)) & 7) == 0;
+  const uint32_t lane_off = ds_lane_address<BC>(0, c, warp, lane);  // its stmatrix rows, in a buffer
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -1121,8 +1187,13 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
     // Pᵀ over this consumer's rows (its dV product of the tile before has finished), dSᵀ into
     // buffer b once both consumers' dQ products of tile j − 2 have read it.
     if (j >= 2) mbar_wait(sh.ds_empty + b, ((j >> 1) - 1) & 1);
-    stage_p_ds<T, BC, BR>(sh.pt, ds_b, st, dpt, Lh, Dh, scale_log2, c, warp, key_w0, i0, g, t, n_q, n_kr, causal,
-                          offset);
+    const uint32_t pt_lane = smem_u32(sh.pt) + lane_off, ds_lane = smem_u32(ds_b) + lane_off;
+    if (!pairs || tile_needs_mask<BR>(key_w0, i0, n_q, n_kr, causal, offset))
+      stage_p_ds<T, BR, true>(pt_lane, ds_lane, st, dpt, Lh, Dh, scale_log2, key_w0, i0, g, t, n_q, n_kr, causal,
+                              offset);
+    else
+      stage_p_ds<T, BR, false>(pt_lane, ds_lane, st, dpt, Lh, Dh, scale_log2, key_w0, i0, g, t, n_q, n_kr, causal,
+                               offset);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     consumer_sync(c);
     if (ctid == 0) mbar_arrive(sh.ds_full + b);
