@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # One device call of evidence for 8-09's Hopper backward (issues 17 and 18), on the GPU host with
-# .gpu carried (command: bash scripts/gpu-call-hopper-bwd.sh; CALL_SECONDS=N fits it to the time
-# the call has, 585 by default). .gpu holds: the bundle of scripts/gpu-build.sh (every CUDA test
+# .gpu carried (command: bash scripts/gpu-call-hopper-bwd.sh; CALL_SECONDS=N fits it to the time the
+# call has, 585 by default). .gpu holds: the bundle of scripts/gpu-build.sh (every CUDA test
 # executable, t0809_flash_attention, t0810_kv_cache), the backward probe at
 # .gpu/probe/flash_hopper_bwd_probe (nvcc -O3 -std=c++17 --use_fast_math -gencode
 # arch=compute_90a,code=sm_90a -lcuda scripts/flash_hopper_bwd_probe.cu), optionally the forward
 # probe .gpu/probe/flash_hopper_probe and both built from an earlier commit in .gpu/probe/before/,
-# and a variant build at
-# .gpu/variant.tar.xz (scripts/gpu-build-variant.sh). In order, each step bounded by the time
-# left: every CUDA test executable; the probe (correctness on 11 ragged shapes, then times of every
-# variant); the attention bench against FlashAttention-2 and cuDNN; the same bench and 8-09's GPU
-# tests with the variant build, if .gpu holds one; compute-sanitizer (racecheck, memcheck) on
-# 8-09's property sweeps of every build; the LM step at GPT-2-small size with and without the
-# Hopper kernels. Everything goes into one tarball, $OUT/call.tgz, rewritten after every step (the
-# device tool returns few files, and a call stopped at its limit keeps what is there). Unpacked
-# under reports/gpu-runs/<run>/callN/: a/ (tests), b/ (bench; bench_results.json beside it), v/
-# (the variant; its results.json as variant_bench_results.json), s/ (sanitizer), c/ (shape bench),
-# probe_bwd.txt, steps.txt; e.g. reports/gpu-runs/h100-2026-12-07/call1/.
+# and a variant build at .gpu/variant.tar.xz (scripts/gpu-build-variant.sh). In order, each step
+# bounded by the time left: the probe (correctness on 11 ragged shapes, then times of every variant;
+# then the before/after probes below); every CUDA test executable; the attention bench against
+# FlashAttention-2 and cuDNN; the same bench and 8-09's GPU tests with the variant build, if .gpu
+# holds one; compute-sanitizer (racecheck, memcheck) on 8-09's property sweeps of every build; the
+# LM step at GPT-2-small size with and without the Hopper kernels. Everything goes into one tarball,
+# $OUT/call.tgz, rewritten after every step (the device tool returns few files, and a call stopped
+# at its limit keeps what is there). Unpacked under reports/gpu-runs/<run>/callN/: a/ (tests), b/
+# (bench; bench_results.json beside it), v/ (the variant; its results.json as
+# variant_bench_results.json), s/ (sanitizer), c/ (shape bench), probe_bwd.txt, steps.txt; e.g.
+# reports/gpu-runs/h100-2026-12-07/call1/.
 set -u
 O=${OUT:?}; W=/tmp/hopper-call; rm -rf $W; mkdir -p $W
 T=${CALL_SECONDS:-585}
@@ -25,20 +25,20 @@ left() { echo $(( T - ($(date +%s) - t0) )); }
 pack() { echo "$1 at $(( $(date +%s) - t0 )) s" >> $W/steps.txt; tar czf $O/call.tgz -C /tmp hopper-call; }
 mkdir -p /tmp/pr && cp -r .gpu/probe/. /tmp/pr/ && chmod -R +x /tmp/pr
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader > $W/gpu.txt
-OUT=$W/a TEST_TIMEOUT=120 timeout $(( $(left) - 60 )) bash scripts/gpu-run.sh tests > /dev/null 2>&1; pack "tests rc=$?"
 timeout 70 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe > $W/probe_bwd.txt 2>&1; pack "probe rc=$?"
 # Before and after: with .gpu/probe/before/ (the two probes built from an earlier commit) the
 # backward probe's shipped kernels and the forward probe run beside their "before" twins,
 # alternating, each twice (probe_<which>.<n>.txt), so that a kernel change is timed within one call.
 if [ -d /tmp/pr/before ]; then
   for r in bwd_before fwd fwd_before bwd_before bwd fwd_before fwd; do
-    [ "$(left)" -gt 300 ] || break
+    [ "$(left)" -gt 240 ] || break
     case $r in bwd*) exe=flash_hopper_bwd_probe; args="shipped d128" ;; *) exe=flash_hopper_probe; args="" ;; esac
     case $r in *_before) exe=before/$exe ;; esac
     n=$(ls $W | grep -c "^probe_$r\.")
     timeout 60 stdbuf -oL /tmp/pr/$exe $args > $W/probe_$r.$n.txt 2>&1; pack "probe $r rc=$?"
   done
 fi
+OUT=$W/a TEST_TIMEOUT=120 timeout $(( $(left) - 60 )) bash scripts/gpu-run.sh tests > /dev/null 2>&1; pack "tests rc=$?"
 OUT=$W/b timeout $(( $(left) - 40 )) bash scripts/gpu-run.sh "sh scripts/attention_bench.sh --seqs 1024,4096,16384" > /dev/null 2>&1; rc=$?
 cp -r output/attention-bench $W/b/ 2>/dev/null; pack "bench rc=$rc"
 # A variant build (same environment as gpu-run.sh): unpacked into DIR, its bench into $W/NAME,
