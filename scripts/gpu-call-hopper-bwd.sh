@@ -31,7 +31,7 @@ timeout 70 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe > $W/probe_bwd.txt 2>&1; pa
 # alternating, each twice (probe_<which>.<n>.txt), so that a kernel change is timed within one call.
 if [ -d /tmp/pr/before ]; then
   for r in bwd_before fwd fwd_before bwd_before bwd fwd_before fwd; do
-    [ "$(left)" -gt 240 ] || break
+    [ "$(left)" -gt "${PROBE_RESERVE:-240}" ] || break  # seconds kept for the steps below
     case $r in bwd*) exe=flash_hopper_bwd_probe; args="shipped d128" ;; *) exe=flash_hopper_probe; args="" ;; esac
     case $r in *_before) exe=before/$exe ;; esac
     n=$(ls $W | grep -c "^probe_$r\.")
