@@ -706,8 +706,9 @@ __device__ __forceinline__ bool tile_needs_mask(int key_w0, int i0, int n_q, int
 }
 
 // L (in log2 units) and D = rowsum(dO∘O) of this thread's query columns 8n + 2t + {0, 1} of the
-// tile from query i0 (0 past the end). A whole tile of rows 8-byte aligned (`pairs`: n_q even, as
-// the buffers' bases are) reads each pair of columns with one 8-byte load and no bounds test.
+// tile from query i0 (0 past the end). A whole tile whose pairs of columns are 8-byte aligned
+// (`pairs`: both buffers' bases 8-byte aligned, n_q even) reads each pair with one 8-byte load and
+// no bounds test.
 template <int BR>
 __device__ __forceinline__ void load_row_stats(float (&lq)[BR / 8][2], float (&d_row)[BR / 8][2],
                                                const float* Lh, const float* Dh, int i0, int n_q, int t,
