@@ -761,14 +761,23 @@ __device__ __forceinline__ void probabilities(float (&st)[BR / 8][4], float (&dp
   }
 }
 
-// The shared address from which lane `lane` of a warp stores its row of this consumer's dSᵀ
-// (stage_ds): lane l names row l % 8 of 8 × 8 block l / 8, block m holding keys +8·(m % 2) and
-// the 8 queries of chunk m / 2 (of the pair a step of 16 covers). `ds` is buffer 0's address.
-template <int BC>
-__device__ __forceinline__ uint32_t ds_lane_address(uint32_t ds, int c, int warp, int lane) {
+// Where, in a buffer of 128 key rows × 64 queries (dSᵀ, Pᵀ), lane `lane` of a warp stores its row
+// for stmatrix (stage_ds), in bytes from the buffer's start: lane l names row l % 8 of 8 × 8 block
+// l / 8, block m holding keys +8·(m % 2) and the 8 queries of chunk m / 2 (of the pair a step of
+// 16 covers).
+__device__ __forceinline__ uint32_t stmatrix_lane_offset(int c, int warp, int lane) {
   const int m = lane >> 3, rr = lane & 7;
   const int row = c * 64 + warp * 16 + 8 * (m & 1) + rr;  // row % 8 == rr
-  return ds + row * 128 + (((m >> 1) ^ rr) << 4);
+  return row * 128 + (((m >> 1) ^ rr) << 4);
+}
+
+// Four 8 × 8 blocks of 16-bit values into shared memory, one register of each per thread (row
+// lane / 4, columns 2·(lane % 4) and + 1: the accumulators' layout), each lane giving the
+// address of one block row (stmatrix_lane_offset).
+__device__ __forceinline__ void stmatrix_x4(uint32_t lane_addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(lane_addr), "r"(r[0]),
+               "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
 }
 
 // This consumer's 64 key rows of dSᵀ into a shared buffer (16 bits), for dQ = dS·K. The packed A
@@ -780,10 +789,7 @@ __device__ __forceinline__ uint32_t ds_lane_address(uint32_t ds, int c, int warp
 template <int BR>
 __device__ __forceinline__ void stage_ds(uint32_t lane_addr, const uint32_t (&da)[BR / 16][4]) {
 #pragma unroll
-  for (int kk = 0; kk < BR / 16; ++kk)
-    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(lane_addr ^ (kk << 5)),
-                 "r"(da[kk][0]), "r"(da[kk][1]), "r"(da[kk][2]), "r"(da[kk][3])
-                 : "memory");
+  for (int kk = 0; kk < BR / 16; ++kk) stmatrix_x4(lane_addr ^ (kk << 5), da[kk]);
 }
 
 // The variant DQ_RED = false of the d 64 backward (the probe times it beside red_dq):
@@ -887,7 +893,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
   const float* Dh = Dsum + (size_t)bh * n_q;
   float* dQh = dQacc + (size_t)bh * n_q * D;
   const bool pairs = ((reinterpret_cast<uintptr_t>(Lh) | reinterpret_cast<uintptr_t>(Dh)) & 7) == 0;
-  const uint32_t ds_lane = ds_lane_address<BC>(smem_u32(sh.ds), c, warp, lane);
+  const uint32_t ds_lane = smem_u32(sh.ds) + stmatrix_lane_offset(c, warp, lane);
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -1086,7 +1092,7 @@ __device__ __forceinline__ void send_dq_half(float* my_dq, const float (&dq)[8][
 // pack_p() and stage_ds() of the d 64 kernel fused, with L (log2 units) and D read as they are
 // needed (without MASK one 8-byte load per pair of columns: the caller takes the masked path for
 // rows not 8-byte aligned, as load_row_stats does for them). `pt_lane` and
-// `ds_lane` are this lane's stmatrix addresses in the two buffers (ds_lane_address). The compiler
+// `ds_lane` are this lane's stmatrix addresses in the two buffers (stmatrix_lane_offset). The compiler
 // barrier after each step keeps it from hoisting the reads of L and D for the whole tile
 // (32 registers) ahead of the arithmetic.
 template <typename T, int BR, bool MASK>
@@ -1130,12 +1136,8 @@ __device__ __forceinline__ void stage_p_ds(uint32_t pt_lane, uint32_t ds_lane, c
       da[2 * h] = Ops<T>::pack2(ds[0], ds[1]);
       da[2 * h + 1] = Ops<T>::pack2(ds[2], ds[3]);
     }
-    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(pt_lane ^ (kk << 5)),
-                 "r"(pa[0]), "r"(pa[1]), "r"(pa[2]), "r"(pa[3])
-                 : "memory");
-    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(ds_lane ^ (kk << 5)),
-                 "r"(da[0]), "r"(da[1]), "r"(da[2]), "r"(da[3])
-                 : "memory");
+    stmatrix_x4(pt_lane ^ (kk << 5), pa);
+    stmatrix_x4(ds_lane ^ (kk << 5), da);
   }
 }
 
@@ -1162,7 +1164,7 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
   const float* Dh = Dsum + (size_t)bh * n_q;
   float* dQh = dQacc + (size_t)bh * n_q * D;
   const bool pairs = ((reinterpret_cast<uintptr_t>(Lh) | reinterpret_cast<uintptr_t>(Dh)) & 7) == 0;
-  const uint32_t lane_off = ds_lane_address<BC>(0, c, warp, lane);  // its stmatrix rows, in a buffer
+  const uint32_t lane_off = stmatrix_lane_offset(c, warp, lane);
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
