@@ -29,11 +29,13 @@ timeout 70 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe > $W/probe_bwd.txt 2>&1; pa
 # Before and after: with .gpu/probe/before/ (the two probes built from an earlier commit) the
 # backward probe's shipped kernels and the forward probe run beside their "before" twins,
 # alternating, each twice (probe_<which>.<n>.txt), so that a kernel change is timed within one call.
+# PROBE_ORDER names the runs and their order; a run NAME_X takes its probes from .gpu/probe/X/
+# (e.g. "mid" for a build between before and after).
 if [ -d /tmp/pr/before ]; then
-  for r in bwd_before fwd fwd_before bwd_before bwd fwd_before fwd; do
+  for r in ${PROBE_ORDER:-bwd_before fwd fwd_before bwd_before bwd fwd_before fwd}; do
     [ "$(left)" -gt "${PROBE_RESERVE:-240}" ] || break  # seconds kept for the steps below
     case $r in bwd*) exe=flash_hopper_bwd_probe; args="shipped d128" ;; *) exe=flash_hopper_probe; args="" ;; esac
-    case $r in *_before) exe=before/$exe ;; esac
+    case $r in *_*) exe=${r#*_}/$exe ;; esac
     n=$(ls $W | grep -c "^probe_$r\.")
     timeout 60 stdbuf -oL /tmp/pr/$exe $args > $W/probe_$r.$n.txt 2>&1; pack "probe $r rc=$?"
   done

@@ -2,7 +2,7 @@
 # Run on the GPU host (through the device tool, from the repository root, with .gpu carried).
 #
 #   bash scripts/gpu-run.sh STEP [STEP ...]
-#     STEP = tests            every CUDA test executable in the bundle
+#     STEP = tests            every CUDA test executable in the bundle (TESTS_MATCH=REGEX: those whose path matches)
 #          | "bin NAME ARGS"  one topic binary (quote the whole step)
 #          | "sh SCRIPT ARGS" a script of the repository (e.g. scripts/compare_with_twin.sh)
 #          | "env VAR=VALUE …"  export variables for the steps after it (e.g. MODULE08_EMBEDDING=index-select)
@@ -56,6 +56,7 @@ for step in "$@"; do
     tests)
       while read -r k pkg path; do
         [ "$k" = test ] || continue
+        [ -z "${TESTS_MATCH:-}" ] || [[ "$path" =~ $TESTS_MATCH ]] || continue  # e.g. 't0809|t0810'
         dir="$root"; [ -d "crates/$pkg" ] && dir="$root/crates/$pkg"; [ "$pkg" = shared ] && dir="$root/shared"
         log="$logs/$(basename "$path").log"
         (cd "$dir" && timeout "${TEST_TIMEOUT:-1800}" "/tmp/gpu/$path" --test-threads=1 --nocapture) > "$log" 2>&1

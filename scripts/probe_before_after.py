@@ -3,7 +3,9 @@
 averaged over the runs of each build, and after / before.
 
 Run: python3 scripts/probe_before_after.py CALL_FOLDER OUT_JSON "what ran, on which card"
-Reads CALL_FOLDER/probe_bwd*.txt and probe_fwd*.txt: probe_<which>[_before][.<n>].txt.
+Reads CALL_FOLDER/probe_bwd*.txt and probe_fwd*.txt: probe_<which>[_<build>][.<n>].txt, the build
+"after" where none is named; writes per shape and kernel the TFLOP/s of every run of each build
+("tflops") and, for each build B other than "before", B_vs_before (mean over mean).
 """
 import glob, json, os, re, statistics, sys
 
@@ -26,23 +28,26 @@ def tflops(path):
     return res
 
 
-result = {"source": note, "runs": {}, "tflops": {}, "after_vs_before": {}}
+result = {"source": note, "runs": {}, "tflops": {}}
 for which in ("bwd", "fwd"):
-    runs = {"before": [], "after": []}
+    runs = {}
     for path in sorted(glob.glob(os.path.join(folder, f"probe_{which}*.txt"))):
-        build = "before" if "_before" in os.path.basename(path) else "after"
-        runs[build].append(tflops(path))
+        m = re.match(rf"probe_{which}(?:_([a-z]+))?(?:\.\d+)?\.txt$", os.path.basename(path))
+        build = (m[1] if m else None) or "after"
+        runs.setdefault(build, []).append(tflops(path))
         result["runs"].setdefault(which, {}).setdefault(build, []).append(os.path.basename(path))
-    if not runs["before"] or not runs["after"]:
+    if "before" not in runs or len(runs) < 2:
         continue
-    keys = set.intersection(*(set(r) for r in runs["before"] + runs["after"]))
+    keys = set.intersection(*(set(r) for rs in runs.values() for r in rs))
     for shape, kernel in sorted(keys):
         name = f"{which} {kernel}"
-        b = [r[(shape, kernel)] for r in runs["before"]]
-        a = [r[(shape, kernel)] for r in runs["after"]]
-        t = result["tflops"].setdefault(shape, {})
-        t[name] = {"before": b, "after": a}
-        result["after_vs_before"].setdefault(shape, {})[name] = round(statistics.mean(a) / statistics.mean(b), 3)
+        per_build = {build: [r[(shape, kernel)] for r in rs] for build, rs in runs.items()}
+        result["tflops"].setdefault(shape, {})[name] = per_build
+        for build, v in per_build.items():
+            if build != "before":
+                ratio = round(statistics.mean(v) / statistics.mean(per_build["before"]), 3)
+                result.setdefault(f"{build}_vs_before", {}).setdefault(shape, {})[name] = ratio
 json.dump(result, open(out, "w"), indent=1)
-for shape, r in result["after_vs_before"].items():
-    print(shape, r)
+for key in (k for k in result if k.endswith("_vs_before")):
+    for shape, r in result[key].items():
+        print(key, shape, r)
