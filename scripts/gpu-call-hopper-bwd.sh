@@ -7,11 +7,11 @@
 # arch=compute_90a,code=sm_90a -lcuda scripts/flash_hopper_bwd_probe.cu), optionally the forward
 # probe .gpu/probe/flash_hopper_probe and both built from an earlier commit in .gpu/probe/before/,
 # and a variant build at .gpu/variant.tar.xz (scripts/gpu-build-variant.sh). In order, each step
-# bounded by the time left: the probe (correctness on 11 ragged shapes, then times of every variant;
-# then the before/after probes below); every CUDA test executable; the attention bench against
-# FlashAttention-2 and cuDNN; the same bench and 8-09's GPU tests with the variant build, if .gpu
-# holds one; compute-sanitizer (racecheck, memcheck) on 8-09's property sweeps of every build; the
-# LM step at GPT-2-small size with and without the Hopper kernels. Everything goes into one tarball,
+# bounded by the time left: the probe (correctness on 11 ragged shapes, then times of every variant);
+# every CUDA test executable; the attention bench against FlashAttention-2 and cuDNN;
+# compute-sanitizer (racecheck, memcheck) on 8-09's property sweeps; the before/after probes
+# below; the same bench and 8-09's GPU tests with the variant build, if .gpu holds one, and the
+# sanitizer on it; the LM step at GPT-2-small size with and without the Hopper kernels. Everything goes into one tarball,
 # $OUT/call.tgz, rewritten after every step (the device tool returns few files, and a call stopped
 # at its limit keeps what is there). Unpacked under reports/gpu-runs/<run>/callN/: a/ (tests), b/
 # (bench; bench_results.json beside it), v/ (the variant; its results.json as
@@ -26,6 +26,18 @@ pack() { echo "$1 at $(( $(date +%s) - t0 )) s" >> $W/steps.txt; tar czf $O/call
 mkdir -p /tmp/pr && cp -r .gpu/probe/. /tmp/pr/ && chmod -R +x /tmp/pr
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader > $W/gpu.txt
 timeout 70 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe > $W/probe_bwd.txt 2>&1; pack "probe rc=$?"
+OUT=$W/a TEST_TIMEOUT=120 timeout $(( $(left) - 60 )) bash scripts/gpu-run.sh tests > /dev/null 2>&1; pack "tests rc=$?"
+OUT=$W/b timeout $(( $(left) - 40 )) bash scripts/gpu-run.sh "sh scripts/attention_bench.sh --seqs 1024,4096,16384" > /dev/null 2>&1; rc=$?
+cp -r output/attention-bench $W/b/ 2>/dev/null; pack "bench rc=$rc"
+# compute-sanitizer on 8-09's property sweeps with the bundle unpacked in /tmp/$1 (if there).
+sanitize() {
+  [ -d /tmp/$1 ] && [ "$(left)" -gt 75 ] || return 0
+  OUT=$W/s SANITIZE_NAME=sanitize-$1 SANITIZE_BUNDLE=/tmp/$1 SANITIZE_SPLIT=1 SANITIZE_TOOLS="racecheck memcheck" \
+    SANITIZE_TIMEOUT=$(( $(left) - 20 )) timeout $(( $(left) - 8 )) \
+    bash scripts/sanitize.sh t0809_flash_attention__properties > $W/sanitize-$1.log 2>&1
+  pack "sanitize $1 rc=$?"
+}
+sanitize gpu
 # Before and after: with .gpu/probe/before/ (the two probes built from an earlier commit) the
 # backward probe's shipped kernels and the forward probe run beside their "before" twins,
 # alternating, each twice (probe_<which>.<n>.txt), so that a kernel change is timed within one call.
@@ -40,9 +52,6 @@ if [ -d /tmp/pr/before ]; then
     timeout 60 stdbuf -oL /tmp/pr/$exe $args > $W/probe_$r.$n.txt 2>&1; pack "probe $r rc=$?"
   done
 fi
-OUT=$W/a TEST_TIMEOUT=120 timeout $(( $(left) - 60 )) bash scripts/gpu-run.sh tests > /dev/null 2>&1; pack "tests rc=$?"
-OUT=$W/b timeout $(( $(left) - 40 )) bash scripts/gpu-run.sh "sh scripts/attention_bench.sh --seqs 1024,4096,16384" > /dev/null 2>&1; rc=$?
-cp -r output/attention-bench $W/b/ 2>/dev/null; pack "bench rc=$rc"
 # A variant build (same environment as gpu-run.sh): unpacked into DIR, its bench into $W/NAME,
 # then 8-09's GPU tests. Each bounded (a hang costs at most its step).
 variant() {
@@ -62,14 +71,7 @@ variant() {
   pack "variant $name $(tr '\n' ' ' < $W/$name/rc.txt)"
 }
 variant v .gpu/variant.tar.xz /tmp/gpuv
-for b in gpu gpuv; do
-  if [ -d /tmp/$b ] && [ "$(left)" -gt 75 ]; then
-    OUT=$W/s SANITIZE_NAME=sanitize-$b SANITIZE_BUNDLE=/tmp/$b SANITIZE_SPLIT=1 SANITIZE_TOOLS="racecheck memcheck" \
-      SANITIZE_TIMEOUT=$(( $(left) - 20 )) timeout $(( $(left) - 8 )) \
-      bash scripts/sanitize.sh t0809_flash_attention__properties > $W/sanitize-$b.log 2>&1
-    pack "sanitize $b rc=$?"
-  fi
-done
+sanitize gpuv
 if [ "$(left)" -gt 80 ]; then
   OUT=$W/c timeout $(( $(left) - 5 )) bash scripts/gpu-run.sh "sh scripts/shape_bench.sh scripts/gpt2_small_config.json 16 10 --flash-kernels,mma-sync" > /dev/null 2>&1; rc=$?
   cp -r /tmp/shape-gpt2_small_config $W/c/ 2>/dev/null; pack "gpt2 rc=$rc"

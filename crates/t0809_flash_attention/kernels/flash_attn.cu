@@ -761,6 +761,63 @@ __device__ __forceinline__ void bwd_simple(const T* __restrict__ Q, const T* __r
   }
 }
 
+// The backward's two passes around its main kernel, memory-bound: each reads or writes every
+// element once, so they use 16-byte accesses wherever the rows allow.
+
+// D = rowsum(dO ∘ O): 8 lanes per row (4 rows per warp, 32 per block of 256 threads). Eight
+// consecutive lanes read consecutive 16-byte chunks of one row when the rows are 16-bit with
+// d % 8 == 0 and both inputs 16-byte aligned, consecutive elements otherwise; either way a warp
+// reads a contiguous stretch. Three shuffles sum a row's lanes.
+template <typename T>
+__device__ __forceinline__ void row_dots(const T* dO, const T* O, float* Dsum, int rows, int d) {
+  const int sub = threadIdx.x & 7, row = blockIdx.x * (blockDim.x >> 3) + (threadIdx.x >> 3);
+  float acc = 0.f;
+  if (row < rows) {
+    const T* a = dO + (size_t)row * d;
+    const T* b = O + (size_t)row * d;
+    const bool chunks =
+        sizeof(T) == 2 && d % 8 == 0 && ((reinterpret_cast<uintptr_t>(dO) | reinterpret_cast<uintptr_t>(O)) & 15) == 0;
+    if (chunks) {
+      for (int c = 8 * sub; c < d; c += 64) {
+        const uint4 x = *reinterpret_cast<const uint4*>(a + c), y = *reinterpret_cast<const uint4*>(b + c);
+        const T* xs = reinterpret_cast<const T*>(&x);
+        const T* ys = reinterpret_cast<const T*>(&y);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc = fmaf(Ops<T>::to_f(xs[e]), Ops<T>::to_f(ys[e]), acc);
+      }
+    } else {
+      for (int c = sub; c < d; c += 8) acc = fmaf(Ops<T>::to_f(a[c]), Ops<T>::to_f(b[c]), acc);
+    }
+  }
+#pragma unroll
+  for (int s = 4; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (row < rows && sub == 0) Dsum[row] = acc;
+}
+
+// dQ = scale · dQacc converted to T: four elements per thread and step (one 16-byte load, one
+// 4·sizeof(T)-byte store) when both buffers allow it, the remainder one by one.
+template <typename T>
+struct alignas(4 * sizeof(T)) Quad {
+  T v[4];
+};
+template <typename T>
+__device__ __forceinline__ void scale_dq(const float* dQacc, T* dQ, unsigned long long n, float scale) {
+  const size_t step = (size_t)gridDim.x * blockDim.x, first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const bool quads =
+      (reinterpret_cast<uintptr_t>(dQacc) & 15) == 0 && (reinterpret_cast<uintptr_t>(dQ) % sizeof(Quad<T>)) == 0;
+  const size_t n4 = quads ? n / 4 : 0;
+  for (size_t i = first; i < n4; i += step) {
+    const float4 a = reinterpret_cast<const float4*>(dQacc)[i];
+    Quad<T> q;
+    q.v[0] = Ops<T>::from_f(a.x * scale);
+    q.v[1] = Ops<T>::from_f(a.y * scale);
+    q.v[2] = Ops<T>::from_f(a.z * scale);
+    q.v[3] = Ops<T>::from_f(a.w * scale);
+    reinterpret_cast<Quad<T>*>(dQ)[i] = q;
+  }
+  for (size_t i = 4 * n4 + first; i < n; i += step) dQ[i] = Ops<T>::from_f(dQacc[i] * scale);
+}
+
 #define SIMPLE(SUFFIX, T)                                                                                   \
   extern "C" __global__ void __launch_bounds__(S_NT) flash_fwd_simple_##SUFFIX(                             \
       const T* Q, const T* K, const T* V, T* O, float* LSE, int n_q, int n_k, int d, float scale_log2,      \
@@ -772,20 +829,11 @@ __device__ __forceinline__ void bwd_simple(const T* __restrict__ Q, const T* __r
       T* dK, T* dV, int n_q, int n_k, int d, float scale, float scale_log2, int causal, const int* kv_len) {                 \
     bwd_simple<T>(Q, K, V, dO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, d, scale, scale_log2, causal, kv_len);          \
   }                                                                                                         \
-  /* D_i = rowsum(dO * O), one warp per row. */                                                             \
   extern "C" __global__ void flash_bwd_dot_##SUFFIX(const T* dO, const T* O, float* Dsum, int rows, int d) { \
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;           \
-    if (row >= rows) return;                                                                                \
-    float acc = 0.f;                                                                                        \
-    for (int c = lane; c < d; c += 32)                                                                      \
-      acc = fmaf(Ops<T>::to_f(dO[(size_t)row * d + c]), Ops<T>::to_f(O[(size_t)row * d + c]), acc);         \
-    for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);                           \
-    if (lane == 0) Dsum[row] = acc;                                                                         \
+    row_dots<T>(dO, O, Dsum, rows, d);                                                                      \
   }                                                                                                         \
-  /* dQ = scale * dQacc, converted to the output type. */                                                   \
   extern "C" __global__ void flash_bwd_dq_##SUFFIX(const float* dQacc, T* dQ, unsigned long long n, float scale) { \
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) \
-      dQ[i] = Ops<T>::from_f(dQacc[i] * scale);                                                             \
+    scale_dq<T>(dQacc, dQ, n, scale);                                                                       \
   }
 SIMPLE(f32, float)
 SIMPLE(bf16, __nv_bfloat16)

@@ -572,7 +572,7 @@ pub fn backward(
     }
 }
 
-/// `D = rowsum(dO ∘ O)` of `rows` rows of width `d`, one warp per row: `(rows,)` in f32.
+/// `D = rowsum(dO ∘ O)` of `rows` rows of width `d`, 8 lanes per row: `(rows,)` in f32.
 fn row_dots<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     d_o: &CudaView<'_, T>,
@@ -585,7 +585,7 @@ fn row_dots<T: CudaDType + DeviceRepr>(
     let mut dsum = unsafe { dev.alloc::<f32>(rows)? };
     let func = kernel(dev, &format!("flash_bwd_dot_{suffix}"), 0)?;
     let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        grid_dim: (rows.div_ceil(256 / 8) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -650,7 +650,7 @@ fn bwd<T: CudaDType + DeviceRepr>(
     let (nq_el, nk_el) = (bh * n_q * d, bh * n_k * d);
     let stream = dev.cuda_stream();
 
-    // 1. D = rowsum(dO ∘ O), one warp per row.
+    // 1. D = rowsum(dO ∘ O), 8 lanes per row.
     let dsum = row_dots(&dev, &d_o, &o, bh * n_q, d, suffix)?;
 
     // 2. The main kernel: dK, dV into the packed output; dQ into an f32 accumulator.
@@ -709,7 +709,7 @@ fn bwd<T: CudaDType + DeviceRepr>(
     // 3. dQ = scale · dQacc in the output dtype.
     {
         let func = kernel(&dev, &format!("flash_bwd_dq_{suffix}"), 0)?;
-        let blocks = nq_el.div_ceil(256).min(65_535) as u32;
+        let blocks = nq_el.div_ceil(4 * 256).clamp(1, 65_535) as u32; // 4 elements per thread
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (256, 1, 1),
