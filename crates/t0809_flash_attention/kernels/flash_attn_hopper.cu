@@ -275,17 +275,18 @@ __device__ __forceinline__ void consumer_sync(int c) { asm volatile("bar.sync %0
 // wgmma takes its descriptors, instead of being moved there before every product.
 __device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffff, (int)threadIdx.x >> 7, 0); }
 
-// Which block of which head this CTA computes. Both launches use the grid (blocks of one head,
+// Which query block of which head a forward CTA computes. The grid is (query blocks of one head,
 // batch·heads), and CTAs start in the order of blockIdx.x + gridDim.x·blockIdx.y. With
 // `heads_fastest` that linear index is read with the head varying fastest: block b of every head
-// starts before block b + 1 of any, so under the causal mask the blocks with the most tiles
-// (block 0 here is the forward's last query block, the backward's first key block) all start
-// first and the lightest end the grid, and the last wave is short. Read head by head instead,
-// the heaviest blocks of the last heads start late and run alone at the end. On an H100
-// (reports/gpu-runs/h100-2026-12-07-c) the heads-fastest order made the d 64 causal calls
-// faster (forward 1.06–1.09×) but the d 128 ones and the unmasked ones slower (down to 0.82×),
-// where the heads' data no longer shared L2 as well; so the kernels take it only for d 64 with
-// the causal mask.
+// starts before block b + 1 of any, so under the causal mask the blocks with the most key tiles
+// (block 0 is the last query block) all start first and the lightest end the grid, and the last
+// wave is short; read head by head, the heaviest blocks of the last heads start late and run
+// alone at the end. Measured on an H100 (reports/gpu-runs/h100-2026-12-07-c, call 2 against
+// call 1): the d 64 causal forward 1.09× as fast at 4,096 queries and 1.06× at 16,384. The same
+// order cost the d 128 and the unmasked calls up to 0.89× (heads no longer share L2 as well), and
+// with hundreds of heads and few blocks each (1,024 keys, the backward probe) it was slower
+// still, so the forward takes it only at d 64 with the causal mask from 4,096 queries, where it
+// was measured to pay.
 struct GridPlace {
   int block, bh;
 };
@@ -462,7 +463,7 @@ __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap*
   const FwdShared<T, D, BC, NS, NC> sh(smem_raw);
 
   const int tid = threadIdx.x, wg = warpgroup_index();
-  const auto [block, bh] = grid_place(causal && D == 64);
+  const auto [block, bh] = grid_place(causal && D == 64 && n_q >= 4096);
   const int q0 = (gridDim.x - 1 - block) * BR;  // block 0: the last query rows, the most keys
   const int offset = n_k - n_q;
   const int n_kr = kv_len ? min(n_k, kv_len[bh]) : n_k;
@@ -693,9 +694,8 @@ struct BwdBlock {
   int bh, k0, offset, n_kr, qb_first, n_qb;
 };
 template <int BC, int BR>
-__device__ __forceinline__ BwdBlock bwd_block(int n_q, int n_k, int causal, const int* kv_len, bool heads_fastest) {
-  const auto [block, bh] = grid_place(heads_fastest);
-  const int k0 = block * BC, offset = n_k - n_q;
+__device__ __forceinline__ BwdBlock bwd_block(int n_q, int n_k, int causal, const int* kv_len) {
+  const int bh = blockIdx.y, k0 = blockIdx.x * BC, offset = n_k - n_q;
   return {bh, k0, offset, kv_len ? min(n_k, kv_len[bh]) : n_k, causal ? max(0, k0 - offset) / BR : 0,
           (n_q + BR - 1) / BR};
 }
@@ -864,17 +864,6 @@ __device__ __forceinline__ void red_dq(const float (&dq)[8][4], float* dQh, int 
   }
 }
 
-// dQ_i out while the next products run: reductions in L2 (DQ_RED, red_dq), or staged for the
-// TMA unit's bulk reduce-add (send_dq).
-template <int D, int BR, bool DQ_RED>
-__device__ __forceinline__ void send_dq_tile(float* my_dq, const float (&dq)[D / 8][4], float* dQh, int i0, int n_q,
-                                             int c, int ctid, int warp, int g, int t) {
-  if constexpr (DQ_RED)
-    red_dq<D>(dq, dQh, i0, n_q, warp, g, t);
-  else
-    send_dq<D, BR>(my_dq, dq, dQh, i0, n_q, c, ctid, warp, g, t);
-}
-
 // dK = scale · dSᵀ Q and dV = Pᵀ dO of this thread's keys (key_w0 + g, + 8), those before n_k.
 template <typename T, int D>
 __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D / 8][4], const float (&dv)[D / 8][4],
@@ -898,15 +887,12 @@ __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D 
 // tile j each consumer computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 × 64), Pᵀ = exp(Sᵀ − L),
 // dSᵀ = Pᵀ∘(dPᵀ − D) (the mask's tests only on tiles that need them), writes its dSᵀ rows to
 // shared buffer j % 2 (stmatrix, from the packed operand) and issues dV += Pᵀ dO and
-// dK += dSᵀ Q (Pᵀ and dSᵀ from registers). The tile's owner, consumer j % 2, computes the whole
-// dQ_i = dS_i K over the 128 keys from both halves one tile later, behind its next dV and dK,
-// and adds it into the f32 dQ buffer from its registers (red_dq: reductions in L2,
-// asynchronous): one 64 × d reduce per tile and CTA, the two consumers taking turns. One tile
-// late, the other half has long been in, so neither consumer waits for the other's softmax of
-// the same tile and their softmaxes can run while the other's products hold the tensor cores.
-// The next tile's Sᵀ and dPᵀ are queued behind this tile's products before any of them is waited
-// for, and its L and D loaded while they run; the queue empties only at the top of the loop,
-// where the softmax of the next tile needs them.
+// dK += dSᵀ Q (Pᵀ and dSᵀ from registers). The tile's owner, consumer j % 2, then computes the
+// whole dQ_i = dS_i K over the 128 keys from both halves and adds it into the f32 dQ buffer from
+// its registers (red_dq: reductions in L2, asynchronous): one 64 × d reduce per tile and CTA, and
+// the two consumers share the work by taking turns. The next tile's Sᵀ and dPᵀ are queued behind
+// this tile's products before any of them is waited for, and its L and D loaded while they run;
+// the queue empties only at the top of the loop, where the softmax of the next tile needs them.
 template <typename T, int D, int NS, bool DQ_RED = true>
 __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                           const TensorMap* tmdO, const float* __restrict__ LSE,
@@ -918,8 +904,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
   const BwdShared<T, D, NS> sh(smem_raw);
 
   const int tid = threadIdx.x, wg = warpgroup_index();
-  const bool heads_fastest = causal && D == 64;  // grid_place
-  const auto [bh, k0, offset, n_kr, qb_first, n_qb] = bwd_block<BC, BR>(n_q, n_k, causal, kv_len, heads_fastest);
+  const auto [bh, k0, offset, n_kr, qb_first, n_qb] = bwd_block<BC, BR>(n_q, n_k, causal, kv_len);
   if (bwd_start_producer<T, D, NS>(sh, tmQ, tmK, tmV, tmdO, tid, wg, k0, bh, qb_first, n_qb)) return;
   const int c = wg - 1, ctid = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -948,7 +933,9 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
   }
   for (int qb = qb_first, j = 0; qb < n_qb; ++qb, ++j) {
     const int s = j % NS, i0 = qb * BR, b = j & 1;
+    const bool owner = b == c;
     const uint32_t q_s = smem_u32(sh.q + s * QT), do_s = smem_u32(sh.d_o + s * QT);
+    T* ds_b = sh.ds + b * BC * BR;
     wgmma_wait<0>();
     pin(st);
     pin(dpt);
@@ -972,14 +959,10 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     consumer_sync(c);
     if (ctid == 0) mbar_arrive(sh.ds_full + b);
 
-    // dQ of the tile before, by its owner (consumer (j − 1) % 2): the other consumer's half of
-    // it came in during that tile, so this wait rarely stalls, and neither consumer waits here
-    // for the other's softmax of this tile.
     float dq[D / 8][4];
-    const bool dq_due = j >= 1 && (b ^ 1) == c;
-    if (dq_due) {
-      mbar_wait(sh.ds_full + (b ^ 1), ((j - 1) >> 1) & 1);
-      issue_dq<T, D, BC>(dq, smem_u32(sh.ds + (b ^ 1) * BC * BR), k_all);
+    if (owner) {
+      mbar_wait(sh.ds_full + b, (j >> 1) & 1);  // the other consumer's half is in too
+      issue_dq<T, D, BC>(dq, smem_u32(ds_b), k_all);
     }
 
     // The next tile's products queue behind this tile's. After the last tile the same products
@@ -999,24 +982,19 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     pin(da);
     mbar_arrive(sh.q_empty + s);  // Q_i and dO_i are free
     if (qb + 1 < n_qb) load_row_stats<BR>(lq, d_row, Lh, Dh, i0 + BR, n_q, t, pairs);
-    if (dq_due) {
+    if (owner) {
       pin(dq);
-      mbar_arrive(sh.ds_empty + (b ^ 1));
-      send_dq_tile<D, BR, DQ_RED>(sh.dq + c * BR * D, dq, dQh, i0 - BR, n_q, c, ctid, warp, g, t);
+      mbar_arrive(sh.ds_empty + b);
+      // dQ_i out while the next tile's products run: reductions in L2 (DQ_RED), or staged for
+      // the TMA unit's bulk reduce-add.
+      if constexpr (DQ_RED)
+        red_dq<D>(dq, dQh, i0, n_q, warp, g, t);
+      else
+        send_dq<D, BR>(sh.dq + c * BR * D, dq, dQh, i0, n_q, c, ctid, warp, g, t);
     }
   }
 
   wgmma_wait<0>();  // the dropped products of the last iteration
-  // The last tile's dQ, by its owner.
-  const int last = n_qb - 1 - qb_first;
-  if (last >= 0 && (last & 1) == c) {
-    float dq[D / 8][4];
-    mbar_wait(sh.ds_full + (last & 1), (last >> 1) & 1);
-    issue_dq<T, D, BC>(dq, smem_u32(sh.ds + (last & 1) * BC * BR), k_all);
-    wgmma_wait<0>();
-    pin(dq);
-    send_dq_tile<D, BR, DQ_RED>(sh.dq + c * BR * D, dq, dQh, (n_qb - 1) * BR, n_q, c, ctid, warp, g, t);
-  }
   if (ctid == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 
   store_dk_dv<T, D>(dK + (size_t)bh * n_k * D, dV + (size_t)bh * n_k * D, dk, dv, scale, key_w0, n_k, g, t);
@@ -1195,7 +1173,7 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
   const BwdShared<T, D, NS> sh(smem_raw);
 
   const int tid = threadIdx.x, wg = warpgroup_index();
-  const auto [bh, k0, offset, n_kr, qb_first, n_qb] = bwd_block<BC, BR>(n_q, n_k, causal, kv_len, false);
+  const auto [bh, k0, offset, n_kr, qb_first, n_qb] = bwd_block<BC, BR>(n_q, n_k, causal, kv_len);
   if (bwd_start_producer<T, D, NS>(sh, tmQ, tmK, tmV, tmdO, tid, wg, k0, bh, qb_first, n_qb)) return;
   const int c = wg - 1, ctid = tid & 127, warp = (tid >> 5) & 3, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
