@@ -20,6 +20,8 @@ over the variant's, > 1 = the variant is faster), P_bwd_vs_fa2, P_bwd_vs_cudnn (
 PyTorch backends), P_fwd_bwd_ms; and, from each callN/shape-*-summary.json (scripts/shape_bench.sh:
 ours in bf16-mixed as the first row, the A/B row of ours third), under "callN"."ab_<config>": ours_vs_ab = tokens/s of ours over
 the A/B row's (> 1: the default is faster than the row with the flag), with the flag's label.
+With several calls, "callN_vs_call1": per shape and time (fwd, bwd, fwd_bwd, hopper_bwd,
+mma_sync_bwd, fa2_bwd, cudnn_bwd), the first call's milliseconds over callN's.
 Run: python3 scripts/gpu_run_ratios.py reports/gpu-runs/<folder> (writes <folder>/ratios.json).
 """
 import glob, json, os, sys
@@ -78,6 +80,18 @@ for path in sorted(glob.glob("call*/shape-*-summary.json")):
         "ab_label": rows[2]["label"],
         "ours_vs_ab": round(rows[0]["tokens_per_s"] / rows[2]["tokens_per_s"], 4),
     }
+# Calls of one folder against its first (the same bench on other executables, or another card of
+# the same kind): "callN_vs_call1" per shape, the first call's time over callN's (> 1 = callN faster).
+first = out.get("call1", {})
+for call in sorted(k for k in out if k.startswith("call") and k != "call1"):
+    for shape, r in out[call].items():
+        a = first.get(shape)
+        if not isinstance(r, dict) or not isinstance(a, dict):
+            continue
+        for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "hopper_bwd_ms", "mma_sync_bwd_ms", "fa2_bwd_ms", "cudnn_bwd_ms"):
+            if r.get(key) and a.get(key):
+                ratio = round(a[key] / r[key], 4)
+                out.setdefault(f"{call}_vs_call1", {}).setdefault(shape, {})[key.removesuffix("_ms")] = ratio
 json.dump(out, open("ratios.json", "w"), indent=1)
 for call, rows in out.items():
     print(call)

@@ -281,8 +281,8 @@ __device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffff
 // starts before block b + 1 of any, so under the causal mask the blocks with the most key tiles
 // (block 0 is the last query block) all start first and the lightest end the grid, and the last
 // wave is short; read head by head, the heaviest blocks of the last heads start late and run
-// alone at the end. Measured on an H100 (reports/gpu-runs/h100-2026-12-07-c, call 2 against
-// call 1): the d 64 causal forward 1.09× as fast at 4,096 queries and 1.06× at 16,384. The same
+// alone at the end. Measured on an H100 (reports/gpu-runs/h100-2026-12-07-c, call2/ against
+// call1/): the d 64 causal forward 1.09× as fast at 4,096 queries and 1.06× at 16,384. The same
 // order cost the d 128 and the unmasked calls up to 0.89× (heads no longer share L2 as well), and
 // with hundreds of heads and few blocks each (1,024 keys, the backward probe) it was slower
 // still, so the forward takes it only at d 64 with the causal mask from 4,096 queries, where it
