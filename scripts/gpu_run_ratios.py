@@ -21,7 +21,8 @@ PyTorch backends), P_fwd_bwd_ms; and, from each callN/shape-*-summary.json (scri
 ours in bf16-mixed as the first row, the A/B row of ours third), under "callN"."ab_<config>": ours_vs_ab = tokens/s of ours over
 the A/B row's (> 1: the default is faster than the row with the flag), with the flag's label.
 With several calls, "callN_vs_call1": per shape and time (fwd, bwd, fwd_bwd, hopper_bwd,
-mma_sync_bwd, fa2_bwd, cudnn_bwd), the first call's milliseconds over callN's.
+mma_sync_bwd, fa2_bwd, cudnn_bwd), the first call's milliseconds over callN's; and
+"probe_callN_vs_call1" likewise from callN/probe_bwd.json (scripts/parse_bwd_probe.py) per kernel.
 Run: python3 scripts/gpu_run_ratios.py reports/gpu-runs/<folder> (writes <folder>/ratios.json).
 """
 import glob, json, os, sys
@@ -92,6 +93,18 @@ for call in sorted(k for k in out if k.startswith("call") and k != "call1"):
             if r.get(key) and a.get(key):
                 ratio = round(a[key] / r[key], 4)
                 out.setdefault(f"{call}_vs_call1", {}).setdefault(shape, {})[key.removesuffix("_ms")] = ratio
+# The backward probe of each call against the first's (callN/probe_bwd.json, by
+# scripts/parse_bwd_probe.py): "probe_callN_vs_call1" per shape and kernel, the first call's ms over callN's.
+probe1 = json.load(open("call1/probe_bwd.json"))["ms"] if os.path.exists("call1/probe_bwd.json") else {}
+for path in sorted(glob.glob("call*/probe_bwd.json")):
+    call = path.split("/")[0]
+    if call == "call1" or not probe1:
+        continue
+    for shape, kernels in json.load(open(path))["ms"].items():
+        for kernel, ms in kernels.items():
+            if probe1.get(shape, {}).get(kernel):
+                ratio = round(probe1[shape][kernel] / ms, 4)
+                out.setdefault(f"probe_{call}_vs_call1", {}).setdefault(shape, {})[kernel] = ratio
 json.dump(out, open("ratios.json", "w"), indent=1)
 for call, rows in out.items():
     print(call)

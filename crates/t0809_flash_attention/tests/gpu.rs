@@ -61,8 +61,10 @@ fn gpu_f32_forward_and_backward_match_float64() -> Result<()> {
     let mut rng = Rng::new(100);
     for (kernels, flash) in kernel_choices() {
         let forced_simple = kernels == FlashKernels::Simple;
-        for d in [32, 64, 128, 40] {
-            // Both f32 families are covered: register-tiled for 32 and 64, simple for 128 and 40.
+        for d in [32, 64, 128, 40, 5] {
+            // Both f32 families are covered: register-tiled for 32 and 64, simple for 128, 40
+            // and 5. With d = 5, b·h·n_q·d is not a multiple of 4 (77 queries: 770 elements), so
+            // dQ's conversion (`flash_bwd_dq_*`) runs its element-by-element remainder too.
             let want = if matches!(d, 32 | 64) && !forced_simple {
                 CudaKernelFamily::Fp32Tiled
             } else {
@@ -122,10 +124,11 @@ fn gpu_low_precision_within_twice_the_naive_error() -> Result<()> {
     for (kernels, flash) in kernel_choices() {
         let forced_simple = kernels == FlashKernels::Simple;
         for dt in [DType::BF16, DType::F16] {
-            for d in [32, 64, 128, 48] {
+            for d in [32, 64, 128, 48, 12] {
                 // Every family is covered: warpgroup MMA for 64/128 on Hopper, mma.sync tensor
-                // cores for 32 (and 64/128 elsewhere or when forced), fp32 FMA for 48.
-                let want = if d == 48 || forced_simple {
+                // cores for 32 (and 64/128 elsewhere or when forced), fp32 FMA for 48 and 12.
+                // d = 12 (not a multiple of 8) takes `D = rowsum(dO∘O)` element by element.
+                let want = if matches!(d, 48 | 12) || forced_simple {
                     CudaKernelFamily::Fp32Fma
                 } else if hopper && kernels == FlashKernels::Auto && d != 32 {
                     CudaKernelFamily::WarpgroupMma
