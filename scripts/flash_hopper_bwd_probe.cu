@@ -14,7 +14,7 @@
 //   nvcc -O3 -std=c++17 --use_fast_math -gencode arch=compute_90a,code=sm_90a \
 //        -o flash_hopper_bwd_probe scripts/flash_hopper_bwd_probe.cu
 // Run on an H100/H200: ./flash_hopper_bwd_probe
-// Arguments: kernel names (ALL_KERNELS below) run only those, e.g. `shipped 'bulk dq'`; without
+// Arguments: kernel names (ALL_KERNELS below) run only those, e.g. `shipped 'red dq'`; without
 // any, all of them.
 // Profile: ./flash_hopper_bwd_probe profile [names] launches each kernel once (4,096 keys, no
 // mask, 64 heads) and nothing else, for Nsight Compute:
@@ -32,9 +32,12 @@
 #include <string>
 #include <vector>
 
-// The variant beside the shipped kernels: "bulk dq", the d 64 kernel with dQ_i staged in shared
-// memory and sent by one bulk reduce-add per tile (bwd_wgmma's DQ_RED = false, the shipped kernel
-// before red_dq; 0.85–0.91× it on an H100, reports/gpu-runs/h100-2026-12-07).
+// The variant beside the shipped kernels: "red dq", the d 64 kernel adding dQ_i from its
+// registers by reductions in L2 (bwd_wgmma's DQ_RED = true, red_dq) instead of staging it for one
+// bulk reduce-add per tile (send_dq): 0.97–0.99× with dQ one tile late, on an H100
+// (reports/gpu-runs/h100-2026-12-07-d). Measured and dropped there: the two consumers taking turns
+// at the tensor cores (take_turn / pass_turn around each burst of products, as the three-consumer
+// forward does), 0.94–0.98×.
 // Measured and dropped (this probe at 30ccff4..44b14a5, reports/gpu-runs/h200-2026-12-06/probe_bwd.txt):
 // K_c (and V_c) held in registers as the A operands of Sᵀ and dPᵀ, 0.98–0.99× (0.80–0.83×,
 // spilling), and dQ_i staged in rows padded against the bank conflicts with one bulk reduce-add per
@@ -51,7 +54,7 @@
     hopper::CALL(&tmQ, &tmK, &tmV, &tmdO, LSE, Dsum, dQacc, dK, dV, n_q, n_k, scale, scale_log2, causal,     \
                  kv_len);                                                                                    \
   }
-BWD_VARIANT(bwd_bulk_dq, bwd_wgmma<bf16 COMMA 64 COMMA 2 COMMA false>)
+BWD_VARIANT(bwd_red_dq, bwd_wgmma<bf16 COMMA 64 COMMA 2 COMMA true>)
 
 typedef void (*Bwd)(hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, hopper::TensorMap, const float*,
                     const float*, float*, bf16*, bf16*, int, int, int, float, float, int, const int*);
@@ -63,7 +66,7 @@ struct Kernel {
 };
 static const Kernel ALL_KERNELS[] = {
     {"shipped", flash_bwd_wgmma_bf16_d64, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
-    {"bulk dq", bwd_bulk_dq, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
+    {"red dq", bwd_red_dq, 64, hopper::bwd_smem_bytes<bf16, 64, 2>()},
     {"d128", flash_bwd_wgmma_bf16_d128, 128, hopper::bwd_smem_bytes<bf16, 128, 2>()},
 };
 static std::vector<Kernel> KERNELS;  // the selection (command line)

@@ -1,6 +1,6 @@
 // A standalone probe of 8-09's Hopper forward kernel (kernels/flash_attn_hopper.cu), without
 // Candle: correctness on ragged shapes (O and L against a plain fp32 reference kernel below) and
-// forward TFLOP/s of tile variants at the benchmark's shapes (262,144 tokens per call). For fast
+// forward TFLOP/s of the shipped kernels and their variants at the benchmark's shapes (262,144 tokens per call). For fast
 // iteration on the kernel; the numbers a report quotes come from `t0809_flash_attention bench`.
 //
 // Build (here, no GPU needed; one translation unit, so setmaxnreg is honoured):
@@ -19,12 +19,13 @@
 
 typedef void (*Fwd)(const hopper::TensorMap, const hopper::TensorMap, const hopper::TensorMap, bf16*, float*, int, int,
                       int, float, int, const int*);
-// Tile variants beside the shipped kernels: (d, key tile, stages, consumer warpgroups).
-FWD_WGMMA(ws_d64_bc128_s3, bf16, 64, 128, 3, 2)
-FWD_WGMMA(ws_d64_nc3, bf16, 64, 128, 2, 3)
-FWD_WGMMA(ws_d64_nc3_bc64, bf16, 64, 64, 3, 3)
-FWD_WGMMA(ws_d128_nc3_bc64, bf16, 128, 64, 2, 3)
-FWD_WGMMA(ws_d128_nc3_bc64_s3, bf16, 128, 64, 3, 3)
+// The variant beside the shipped kernels: the three-consumer d 64 kernel without turns at the
+// tensor cores (fwd_wgmma's TURNS = false), 0.93–0.95× the shipped one on an H100
+// (reports/gpu-runs/h100-2026-12-07-d, where turns with two consumers, d 64 and d 128, measured
+// 0.96–1.02× and were dropped). Tile variants measured and dropped before (key tiles of 64, three
+// stages with two consumers, three consumers with two stages) are in git up to 26c04db, their
+// numbers in reports/gpu-runs (h200-2026-12-05-b and after).
+FWD_WGMMA(no_turns_d64_nc3, bf16, 64, 128, 3, 3, false)
 
 struct Kernel {
   const char* name;
@@ -38,11 +39,10 @@ static Kernel ws(const char* name, Fwd fn) {
 }
 static std::vector<Kernel> variants(int d) {
   if (d == 64)
-    return {ws<64, 128, 2, 2>("shipped nc2", flash_fwd_wgmma_bf16_d64), ws<64, 128, 3, 2>("s3", ws_d64_bc128_s3),
-            ws<64, 128, 2, 3>("nc3", ws_d64_nc3), ws<64, 128, 3, 3>("shipped nc3 s3", flash_fwd_wgmma3_bf16_d64),
-            ws<64, 64, 3, 3>("nc3 bc64 s3", ws_d64_nc3_bc64)};
-  return {ws<128, 128, 2, 2>("shipped", flash_fwd_wgmma_bf16_d128), ws<128, 64, 2, 3>("nc3 bc64", ws_d128_nc3_bc64),
-          ws<128, 64, 3, 3>("nc3 bc64 s3", ws_d128_nc3_bc64_s3)};
+    return {ws<64, 128, 2, 2>("shipped nc2", flash_fwd_wgmma_bf16_d64),
+            ws<64, 128, 3, 3>("shipped nc3 s3", flash_fwd_wgmma3_bf16_d64),
+            ws<64, 128, 3, 3>("no turns nc3 s3", no_turns_d64_nc3)};
+  return {ws<128, 128, 2, 2>("shipped", flash_fwd_wgmma_bf16_d128)};
 }
 
 static void launch(const Kernel& k, const bf16* q, const bf16* kk, const bf16* v, bf16* o, float* l, int bh, int n_q,

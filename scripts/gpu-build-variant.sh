@@ -6,9 +6,9 @@
 # restored afterwards, whatever happens. Run after scripts/gpu-build.sh (which empties .gpu).
 #
 #   scripts/gpu-build-variant.sh 'OLD=>NEW' ['OLD=>NEW' ...]
-#   e.g. (the d 64 backward staging dQ for the TMA unit's bulk reduce-add instead of adding it
-#   from its registers):
-#   scripts/gpu-build-variant.sh 'hopper::bwd_wgmma<T, D, NS>(&tmQ=>hopper::bwd_wgmma<T, D, NS, false>(&tmQ'
+#   e.g. (the d 64 backward adding dQ from its registers instead of staging it for the TMA
+#   unit's bulk reduce-add):
+#   scripts/gpu-build-variant.sh 'hopper::bwd_wgmma<T, D, NS>(&tmQ=>hopper::bwd_wgmma<T, D, NS, true>(&tmQ'
 #   (A substitution may also bring a whole kernel in: reports/gpu-runs/h100-2026-12-07 ran one
 #   with the kernel added to the file and src/cuda.rs's shared memory changed to match.)
 #

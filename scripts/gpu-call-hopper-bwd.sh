@@ -29,9 +29,10 @@ timeout 70 stdbuf -oL /tmp/pr/flash_hopper_bwd_probe > $W/probe_bwd.txt 2>&1; pa
 OUT=$W/a TEST_TIMEOUT=120 timeout $(( $(left) - 60 )) bash scripts/gpu-run.sh tests > /dev/null 2>&1; pack "tests rc=$?"
 OUT=$W/b timeout $(( $(left) - 40 )) bash scripts/gpu-run.sh "sh scripts/attention_bench.sh --seqs 1024,4096,16384" > /dev/null 2>&1; rc=$?
 cp -r output/attention-bench $W/b/ 2>/dev/null; pack "bench rc=$rc"
-# compute-sanitizer on 8-09's property sweeps with the bundle unpacked in /tmp/$1 (if there).
+# compute-sanitizer on 8-09's property sweeps with the bundle unpacked in /tmp/$1 (if there;
+# SANITIZE=0 skips it).
 sanitize() {
-  [ -d /tmp/$1 ] && [ "$(left)" -gt 75 ] || return 0
+  [ "${SANITIZE:-1}" = 1 ] && [ -d /tmp/$1 ] && [ "$(left)" -gt 75 ] || return 0
   OUT=$W/s SANITIZE_NAME=sanitize-$1 SANITIZE_BUNDLE=/tmp/$1 SANITIZE_SPLIT=1 SANITIZE_TOOLS="racecheck memcheck" \
     SANITIZE_TIMEOUT=$(( $(left) - 20 )) timeout $(( $(left) - 8 )) \
     bash scripts/sanitize.sh t0809_flash_attention__properties > $W/sanitize-$1.log 2>&1

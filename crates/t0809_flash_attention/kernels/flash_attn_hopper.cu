@@ -270,6 +270,19 @@ __device__ __forceinline__ void consumer_registers() {
 // Waits for the 128 threads of consumer warpgroup c (named barrier 1 + c; 0 is __syncthreads).
 __device__ __forceinline__ void consumer_sync(int c) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory"); }
 
+// Turns at the tensor cores for NC consumer warpgroups, round robin (named barriers 4 + c, 256
+// threads: consumer c waits, the one before it arrives; ids 1..3 are consumer_sync's). Consumer c
+// waits for its turn (take_turn), issues its products, then hands the turn on (pass_turn): the
+// consumers' bursts of products alternate, so that while one consumer's products run the others
+// compute their softmaxes, instead of all issuing at once and then all leaving the tensor cores
+// idle through their softmaxes. The last consumer hands the first its first turn before any is
+// taken, and keeps its last, so that every arrival meets a wait.
+__device__ __forceinline__ void take_turn(int c) { asm volatile("bar.sync %0, 256;\n" ::"r"(4 + c) : "memory"); }
+template <int NC>
+__device__ __forceinline__ void pass_turn(int c) {
+  asm volatile("bar.arrive %0, 256;\n" ::"r"(c + 1 == NC ? 4 : 5 + c) : "memory");
+}
+
 // The warpgroup of this thread, read from lane 0 so that the compiler knows it is the same in
 // the whole warp: the shared addresses derived from it then stay in uniform registers, where
 // wgmma takes its descriptors, instead of being moved there before every product.
@@ -453,8 +466,10 @@ __device__ __forceinline__ void store_o_and_lse(T* sQ, T* O, float* LSE, const f
 // K_j, V_j into stage j % NS as soon as every consumer has released that stage. Each consumer: S_0 and its softmax; then for every further
 // tile j, S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} issued together, S_j's softmax while the second
 // still runs, then O rescaled and P_j rounded (FlashAttention-3's intra-warpgroup overlap); at
-// the end the last P V, O / l and L = m + ln l.
-template <typename T, int D, int BC, int NS, int NC>
+// the end the last P V, O / l and L = m + ln l. With TURNS the consumers also take turns at the
+// tensor cores (take_turn / pass_turn; FlashAttention-3's ping-pong between warpgroups, here
+// round robin): each issues its products only after the one before it has issued its own.
+template <typename T, int D, int BC, int NS, int NC, bool TURNS = false>
 __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                              T* __restrict__ O, float* __restrict__ LSE, int n_q, int n_k,
                                              float scale_log2, int causal, const int* __restrict__ kv_len) {
@@ -499,9 +514,14 @@ __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap*
 
   mbar_wait(sh.q_full, 0);
   mbar_wait(sh.k_full, 0);
+  if constexpr (TURNS) {
+    if (c == NC - 1) pass_turn<NC>(c);  // consumer 0 takes the first turn
+    take_turn(c);
+  }
   wgmma_fence();
   issue_scores<T, D, BC, BR>(s, q_base, k_base);
   wgmma_commit();
+  if constexpr (TURNS) pass_turn<NC>(c);
   wgmma_wait<0>();
   pin(s);
   mbar_arrive(sh.k_empty);
@@ -512,12 +532,17 @@ __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap*
   for (int j = 1; j < n_tiles; ++j) {
     const int sj = j % NS, sp = (j - 1) % NS;
     mbar_wait(sh.k_full + sj, (j / NS) & 1);
+    if constexpr (TURNS) {
+      mbar_wait(sh.v_full + sp, ((j - 1) / NS) & 1);
+      take_turn(c);
+    }
     wgmma_fence();
     issue_scores<T, D, BC, BR>(s, q_base, k_base + sj * TILE_BYTES);
     wgmma_commit();
     mbar_wait(sh.v_full + sp, ((j - 1) / NS) & 1);
     issue_pv<T, D, BC>(o, p, v_base + sp * TILE_BYTES);
     wgmma_commit();
+    if constexpr (TURNS) pass_turn<NC>(c);
 
     wgmma_wait<1>();
     pin(s);
@@ -541,9 +566,11 @@ __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap*
   {
     const int sp = (n_tiles - 1) % NS;
     mbar_wait(sh.v_full + sp, ((n_tiles - 1) / NS) & 1);
+    if constexpr (TURNS) take_turn(c);
     wgmma_fence();
     issue_pv<T, D, BC>(o, p, v_base + sp * TILE_BYTES);
     wgmma_commit();
+    if (TURNS && c != NC - 1) pass_turn<NC>(c);  // the last consumer keeps its last turn
     wgmma_wait<0>();
     pin(o);
     pin(p);
@@ -582,9 +609,9 @@ constexpr int DQ_STRIDE = 68;
 // buffers of dSᵀ (128 keys × 64 queries), each consumer's f32 dQ tile (64 × D; at d 128 64 ×
 // DQ_STRIDE), alignment, and the mbarriers (K/V full; Q/dO full and empty per stage; dSᵀ full and
 // empty per buffer). At d 128 also a Pᵀ buffer (128 keys × 64 queries): 216,136 bytes at NS = 2
-// (NS = 3 would exceed the 227 KiB a CTA may have). The dQ tiles serve the staged paths (the d 128
-// kernel, and the d 64 variant DQ_RED = false); the d 64 kernel as launched adds dQ from registers
-// and leaves them unused (one CTA per SM either way: the registers allow no second).
+// (NS = 3 would exceed the 227 KiB a CTA may have). The dQ tiles serve the staged paths (both
+// kernels as launched); the d 64 variant DQ_RED = true adds dQ from registers and leaves them
+// unused.
 template <typename T, int D, int NS>
 constexpr int bwd_smem_bytes() {
   constexpr bool d128 = D == 128;
@@ -813,11 +840,11 @@ __device__ __forceinline__ void stage_ds(uint32_t lane_addr, const uint32_t (&da
   for (int kk = 0; kk < BR / 16; ++kk) stmatrix_x4(lane_addr ^ (kk << 5), da[kk]);
 }
 
-// The variant DQ_RED = false of the d 64 backward (the probe times it beside red_dq):
-// dQ_i (f32, 64 queries × D, over this CTA's keys) into the consumer's shared buffer, then one
-// bulk reduce-add of the tile's rows (those before n_q) into the f32 dQ buffer by the TMA unit,
-// which runs on while the warps go on. The buffer is rewritten only once the previous one has
-// been read.
+// The d 64 backward's dQ path: dQ_i (f32, 64 queries × D, over this CTA's keys) into the
+// consumer's shared buffer, then one bulk reduce-add of the tile's rows (those before n_q) into
+// the f32 dQ buffer by the TMA unit, which runs on while the warps go on. The buffer is rewritten
+// only once the previous one has been read. (The staging stores of 256-byte rows put a warp's 8
+// rows on the same banks, a 4-way conflict; still faster than red_dq, below.)
 template <int D, int BR>
 __device__ __forceinline__ void send_dq(float* my_dq, const float (&dq)[D / 8][4], float* dQh, int i0, int n_q,
                                         int c, int ctid, int warp, int g, int t) {
@@ -844,11 +871,10 @@ __device__ __forceinline__ void send_dq(float* my_dq, const float (&dq)[D / 8][4
 // dQ_i's 64 columns of this consumer (f32, 64 queries; at d 128 one half of the row) added into
 // the f32 dQ buffer straight from the accumulators, rows before n_q: one vector reduction in L2
 // (red.global.add.v2.f32) per pair of columns, fire and forget. `dQh` is the head's buffer at the
-// consumer's first column, ROW floats from one row to the next. No shared staging, no barrier:
-// measured 1.11–1.18× the staged bulk reduce-add of send_dq over the whole d 64 backward (the
-// staging stores of 256-byte rows put a warp's 8 rows on the same banks, a 4-way conflict): the
-// d 64 kernel's path. At d 128, in place of send_dq_half, it measured 0.96–0.99× (H100,
-// reports/gpu-runs/h100-2026-12-07), so the d 128 kernel stages its dQ half.
+// consumer's first column, ROW floats from one row to the next. No shared staging, no barrier.
+// The d 64 variant DQ_RED = true: with dQ one tile late (bwd_wgmma) it runs at 0.97–0.99× the
+// staged bulk reduce-add of send_dq (H100, reports/gpu-runs/h100-2026-12-07-d); at d 128, in
+// place of send_dq_half, it measured 0.96–0.99× (reports/gpu-runs/h100-2026-12-07).
 template <int ROW>
 __device__ __forceinline__ void red_dq(const float (&dq)[8][4], float* dQh, int i0, int n_q, int warp, int g, int t) {
 #pragma unroll
@@ -862,6 +888,17 @@ __device__ __forceinline__ void red_dq(const float (&dq)[8][4], float* dQh, int 
                    "f"(dq[dn][2 * r + 1])
                    : "memory");
   }
+}
+
+// dQ_i out while the next products run: reductions in L2 (DQ_RED, red_dq), or staged for the
+// TMA unit's bulk reduce-add (send_dq).
+template <int D, int BR, bool DQ_RED>
+__device__ __forceinline__ void send_dq_tile(float* my_dq, const float (&dq)[D / 8][4], float* dQh, int i0, int n_q,
+                                             int c, int ctid, int warp, int g, int t) {
+  if constexpr (DQ_RED)
+    red_dq<D>(dq, dQh, i0, n_q, warp, g, t);
+  else
+    send_dq<D, BR>(my_dq, dq, dQh, i0, n_q, c, ctid, warp, g, t);
 }
 
 // dK = scale · dSᵀ Q and dV = Pᵀ dO of this thread's keys (key_w0 + g, + 8), those before n_k.
@@ -887,13 +924,16 @@ __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D 
 // tile j each consumer computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (64 × 64), Pᵀ = exp(Sᵀ − L),
 // dSᵀ = Pᵀ∘(dPᵀ − D) (the mask's tests only on tiles that need them), writes its dSᵀ rows to
 // shared buffer j % 2 (stmatrix, from the packed operand) and issues dV += Pᵀ dO and
-// dK += dSᵀ Q (Pᵀ and dSᵀ from registers). The tile's owner, consumer j % 2, then computes the
-// whole dQ_i = dS_i K over the 128 keys from both halves and adds it into the f32 dQ buffer from
-// its registers (red_dq: reductions in L2, asynchronous): one 64 × d reduce per tile and CTA, and
-// the two consumers share the work by taking turns. The next tile's Sᵀ and dPᵀ are queued behind
-// this tile's products before any of them is waited for, and its L and D loaded while they run;
-// the queue empties only at the top of the loop, where the softmax of the next tile needs them.
-template <typename T, int D, int NS, bool DQ_RED = true>
+// dK += dSᵀ Q (Pᵀ and dSᵀ from registers). The tile's owner, consumer j % 2, computes the whole
+// dQ_i = dS_i K over the 128 keys from both halves one tile later, behind its next dV and dK,
+// stages it in its shared buffer and has the TMA unit add it into the f32 dQ buffer (send_dq, one
+// bulk reduce-add; DQ_RED: reductions in L2 from the registers, red_dq): one 64 × d reduce per
+// tile and CTA, the two consumers taking turns. One tile late, the other half has long been in,
+// so neither consumer waits for the other's softmax of the same tile.
+// The next tile's Sᵀ and dPᵀ are queued behind this tile's products before any of them is waited
+// for, and its L and D loaded while they run; the queue empties only at the top of the loop,
+// where the softmax of the next tile needs them.
+template <typename T, int D, int NS, bool DQ_RED = false>
 __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap* tmK, const TensorMap* tmV,
                                           const TensorMap* tmdO, const float* __restrict__ LSE,
                                           const float* __restrict__ Dsum, float* __restrict__ dQacc,
@@ -933,9 +973,7 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
   }
   for (int qb = qb_first, j = 0; qb < n_qb; ++qb, ++j) {
     const int s = j % NS, i0 = qb * BR, b = j & 1;
-    const bool owner = b == c;
     const uint32_t q_s = smem_u32(sh.q + s * QT), do_s = smem_u32(sh.d_o + s * QT);
-    T* ds_b = sh.ds + b * BC * BR;
     wgmma_wait<0>();
     pin(st);
     pin(dpt);
@@ -959,10 +997,14 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     consumer_sync(c);
     if (ctid == 0) mbar_arrive(sh.ds_full + b);
 
+    // dQ of the tile before, by its owner (consumer (j − 1) % 2): the other consumer's half of
+    // it came in during that tile, so this wait rarely stalls, and neither consumer waits here
+    // for the other's softmax of this tile.
     float dq[D / 8][4];
-    if (owner) {
-      mbar_wait(sh.ds_full + b, (j >> 1) & 1);  // the other consumer's half is in too
-      issue_dq<T, D, BC>(dq, smem_u32(ds_b), k_all);
+    const bool dq_due = j >= 1 && (b ^ 1) == c;
+    if (dq_due) {
+      mbar_wait(sh.ds_full + (b ^ 1), ((j - 1) >> 1) & 1);
+      issue_dq<T, D, BC>(dq, smem_u32(sh.ds + (b ^ 1) * BC * BR), k_all);
     }
 
     // The next tile's products queue behind this tile's. After the last tile the same products
@@ -982,19 +1024,24 @@ __device__ __forceinline__ void bwd_wgmma(const TensorMap* tmQ, const TensorMap*
     pin(da);
     mbar_arrive(sh.q_empty + s);  // Q_i and dO_i are free
     if (qb + 1 < n_qb) load_row_stats<BR>(lq, d_row, Lh, Dh, i0 + BR, n_q, t, pairs);
-    if (owner) {
+    if (dq_due) {
       pin(dq);
-      mbar_arrive(sh.ds_empty + b);
-      // dQ_i out while the next tile's products run: reductions in L2 (DQ_RED), or staged for
-      // the TMA unit's bulk reduce-add.
-      if constexpr (DQ_RED)
-        red_dq<D>(dq, dQh, i0, n_q, warp, g, t);
-      else
-        send_dq<D, BR>(sh.dq + c * BR * D, dq, dQh, i0, n_q, c, ctid, warp, g, t);
+      mbar_arrive(sh.ds_empty + (b ^ 1));
+      send_dq_tile<D, BR, DQ_RED>(sh.dq + c * BR * D, dq, dQh, i0 - BR, n_q, c, ctid, warp, g, t);
     }
   }
 
   wgmma_wait<0>();  // the dropped products of the last iteration
+  // The last tile's dQ, by its owner.
+  const int last = n_qb - 1 - qb_first;
+  if (last >= 0 && (last & 1) == c) {
+    float dq[D / 8][4];
+    mbar_wait(sh.ds_full + (last & 1), (last >> 1) & 1);
+    issue_dq<T, D, BC>(dq, smem_u32(sh.ds + (last & 1) * BC * BR), k_all);
+    wgmma_wait<0>();
+    pin(dq);
+    send_dq_tile<D, BR, DQ_RED>(sh.dq + c * BR * D, dq, dQh, (n_qb - 1) * BR, n_q, c, ctid, warp, g, t);
+  }
   if (ctid == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 
   store_dk_dv<T, D>(dK + (size_t)bh * n_k * D, dV + (size_t)bh * n_k * D, dk, dv, scale, key_w0, n_k, g, t);
@@ -1258,20 +1305,23 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
 //   flash_fwd_wgmma3_{bf16,f16}_d64: 512 threads (a producer and three consumers), 192 queries per
 //     CTA, rings of 3 stages: more consumers to hide each one's softmax behind the others' MMAs,
 //     which pays at d 64, where the softmax is a larger share of a tile's work; it runs from
-//     2,048 queries on (src/lib.rs, hopper_forward_consumers).
-#define FWD_WGMMA(NAME, T, D, BC, NS, NC)                                                                 \
+//     2,048 queries on (src/lib.rs, hopper_forward_consumers). Its consumers take turns at the
+//     tensor cores (TURNS): 1.06–1.08× without turns on an H100 (probe; with two consumers, and
+//     at d 128, turns measured 0.96–1.02×: reports/gpu-runs/h100-2026-12-07-d).
+#define FWD_WGMMA(NAME, T, D, BC, NS, NC, TURNS)                                                          \
   extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                                          \
       NAME(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,    \
            const __grid_constant__ hopper::TensorMap tmV, T* O, float* LSE, int n_q, int n_k, int d,         \
            float scale_log2, int causal, const int* kv_len) {                                               \
-    hopper::fwd_wgmma<T, D, BC, NS, NC>(&tmQ, &tmK, &tmV, O, LSE, n_q, n_k, scale_log2, causal, kv_len); \
+    hopper::fwd_wgmma<T, D, BC, NS, NC, TURNS>(&tmQ, &tmK, &tmV, O, LSE, n_q, n_k, scale_log2, causal,   \
+                                               kv_len);                                                    \
   }
-FWD_WGMMA(flash_fwd_wgmma_bf16_d64, __nv_bfloat16, 64, 128, 2, 2)
-FWD_WGMMA(flash_fwd_wgmma_bf16_d128, __nv_bfloat16, 128, 128, 2, 2)
-FWD_WGMMA(flash_fwd_wgmma_f16_d64, __half, 64, 128, 2, 2)
-FWD_WGMMA(flash_fwd_wgmma_f16_d128, __half, 128, 128, 2, 2)
-FWD_WGMMA(flash_fwd_wgmma3_bf16_d64, __nv_bfloat16, 64, 128, 3, 3)
-FWD_WGMMA(flash_fwd_wgmma3_f16_d64, __half, 64, 128, 3, 3)
+FWD_WGMMA(flash_fwd_wgmma_bf16_d64, __nv_bfloat16, 64, 128, 2, 2, false)
+FWD_WGMMA(flash_fwd_wgmma_bf16_d128, __nv_bfloat16, 128, 128, 2, 2, false)
+FWD_WGMMA(flash_fwd_wgmma_f16_d64, __half, 64, 128, 2, 2, false)
+FWD_WGMMA(flash_fwd_wgmma_f16_d128, __half, 128, 128, 2, 2, false)
+FWD_WGMMA(flash_fwd_wgmma3_bf16_d64, __nv_bfloat16, 64, 128, 3, 3, true)
+FWD_WGMMA(flash_fwd_wgmma3_f16_d64, __half, 64, 128, 3, 3, true)
 
 // The backward: flash_bwd_wgmma_{bf16,f16}_d64; 384 threads (a producer and two consumer
 // warpgroups), 128 keys per CTA, query tiles of 64 in rings of 2 stages. (At d 128 this kernel's

@@ -19,8 +19,8 @@
 //!
 //! The backward is three launches plus a memset: `D = rowsum(dO∘O)` (`flash_bwd_dot_*`), the main
 //! kernel (dK, dV written directly into the packed output, dQ accumulated in an f32 buffer: with
-//! atomics or `red.global.add` vector reductions, at d 128 on Hopper with the TMA's bulk
-//! reduce-add), then `dQ = scale·dQacc` converted into the packed output (`flash_bwd_dq_*`).
+//! atomics or `red.global.add` vector reductions, on Hopper with the TMA's bulk reduce-add),
+//! then `dQ = scale·dQacc` converted into the packed output (`flash_bwd_dq_*`).
 //!
 //! The Hopper kernels read their tiles through TMA tensor maps of the whole `(bh, n, d)` tensors:
 //! padded key rows (from a head's key length to `n_k`) are read as they are in memory, not as
