@@ -19,12 +19,12 @@
 
 typedef void (*Fwd)(const hopper::TensorMap, const hopper::TensorMap, const hopper::TensorMap, bf16*, float*, int, int,
                       int, float, int, const int*);
-// The variant beside the shipped kernels: the three-consumer d 64 kernel without turns at the
-// tensor cores (fwd_wgmma's TURNS = false), 0.93–0.95× the shipped one on an H100
-// (reports/gpu-runs/h100-2026-12-07-d, where turns with two consumers, d 64 and d 128, measured
-// 0.96–1.02× and were dropped). Tile variants measured and dropped before (key tiles of 64, three
-// stages with two consumers, three consumers with two stages) are in git up to 26c04db, their
-// numbers in reports/gpu-runs (h200-2026-12-05-b and after).
+// The variants beside the shipped kernels: the d 64 kernels without turns at the tensor cores
+// (fwd_wgmma's TURNS = false). Turns at d 128 measured 0.96–1.02× and were dropped
+// (reports/gpu-runs/h100-2026-12-07-d/call2). Tile variants measured and dropped before (key
+// tiles of 64, three stages with two consumers, three consumers with two stages) are in git up to
+// 26c04db, their numbers in reports/gpu-runs (h200-2026-12-05-b and after).
+FWD_WGMMA(no_turns_d64_nc2, bf16, 64, 128, 2, 2, false)
 FWD_WGMMA(no_turns_d64_nc3, bf16, 64, 128, 3, 3, false)
 
 struct Kernel {
@@ -41,7 +41,7 @@ static std::vector<Kernel> variants(int d) {
   if (d == 64)
     return {ws<64, 128, 2, 2>("shipped nc2", flash_fwd_wgmma_bf16_d64),
             ws<64, 128, 3, 3>("shipped nc3 s3", flash_fwd_wgmma3_bf16_d64),
-            ws<64, 128, 3, 3>("no turns nc3 s3", no_turns_d64_nc3)};
+            ws<64, 128, 2, 2>("no turns nc2", no_turns_d64_nc2), ws<64, 128, 3, 3>("no turns nc3 s3", no_turns_d64_nc3)};
   return {ws<128, 128, 2, 2>("shipped", flash_fwd_wgmma_bf16_d128)};
 }
 

@@ -30,10 +30,10 @@ OUT=$W/a TEST_TIMEOUT=120 timeout $(( $(left) - 60 )) bash scripts/gpu-run.sh te
 OUT=$W/b timeout $(( $(left) - 40 )) bash scripts/gpu-run.sh "sh scripts/attention_bench.sh --seqs 1024,4096,16384" > /dev/null 2>&1; rc=$?
 cp -r output/attention-bench $W/b/ 2>/dev/null; pack "bench rc=$rc"
 # compute-sanitizer on 8-09's property sweeps with the bundle unpacked in /tmp/$1 (if there;
-# SANITIZE=0 skips it).
+# SANITIZE=0 skips it; SANITIZE_TOOLS names the tools, racecheck and memcheck by default).
 sanitize() {
   [ "${SANITIZE:-1}" = 1 ] && [ -d /tmp/$1 ] && [ "$(left)" -gt 75 ] || return 0
-  OUT=$W/s SANITIZE_NAME=sanitize-$1 SANITIZE_BUNDLE=/tmp/$1 SANITIZE_SPLIT=1 SANITIZE_TOOLS="racecheck memcheck" \
+  OUT=$W/s SANITIZE_NAME=sanitize-$1 SANITIZE_BUNDLE=/tmp/$1 SANITIZE_SPLIT=1 SANITIZE_TOOLS="${SANITIZE_TOOLS:-racecheck memcheck}" \
     SANITIZE_TIMEOUT=$(( $(left) - 20 )) timeout $(( $(left) - 8 )) \
     bash scripts/sanitize.sh t0809_flash_attention__properties > $W/sanitize-$1.log 2>&1
   pack "sanitize $1 rc=$?"

@@ -4,7 +4,8 @@
 # bundle (as a step: "sh scripts/sanitize.sh"), or directly:
 #
 #   bash scripts/sanitize.sh [TEST ...]      (default: the tests below)
-#   SANITIZE_TOOLS="memcheck racecheck initcheck" (default), SANITIZE_TIMEOUT=SECONDS per run (600)
+#   SANITIZE_TOOLS="memcheck racecheck initcheck" (default; any compute-sanitizer tool, e.g.
+#   synccheck), SANITIZE_TIMEOUT=SECONDS per run (600)
 #   SANITIZE_SPLIT=1: each test function of an executable in its own sanitizer process, up to
 #   SANITIZE_JOBS (4) at a time, each with its own limit (one summary line per test function; a
 #   slow function no longer stops the others, though contention makes each slower)

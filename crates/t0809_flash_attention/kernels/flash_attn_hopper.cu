@@ -1305,9 +1305,11 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
 //   flash_fwd_wgmma3_{bf16,f16}_d64: 512 threads (a producer and three consumers), 192 queries per
 //     CTA, rings of 3 stages: more consumers to hide each one's softmax behind the others' MMAs,
 //     which pays at d 64, where the softmax is a larger share of a tile's work; it runs from
-//     2,048 queries on (src/lib.rs, hopper_forward_consumers). Its consumers take turns at the
-//     tensor cores (TURNS): 1.06–1.08× without turns on an H100 (probe; with two consumers, and
-//     at d 128, turns measured 0.96–1.02×: reports/gpu-runs/h100-2026-12-07-d).
+//     2,048 queries on (src/lib.rs, hopper_forward_consumers).
+// At d 64 the consumers take turns at the tensor cores (TURNS). On an H100 (the probe,
+// reports/gpu-runs/h100-2026-12-07-d/call2) turns ran 1.03–1.08× the same kernel without them
+// with three consumers, and with two 1.09× at 1,024 queries (where d 64 takes two consumers),
+// falling to 0.98× at 16,384; at d 128 0.96–1.02×, so d 128 takes no turns.
 #define FWD_WGMMA(NAME, T, D, BC, NS, NC, TURNS)                                                          \
   extern "C" __global__ void __launch_bounds__(128 * (NC + 1), 1)                                          \
       NAME(const __grid_constant__ hopper::TensorMap tmQ, const __grid_constant__ hopper::TensorMap tmK,    \
@@ -1316,9 +1318,9 @@ __device__ __forceinline__ void bwd128_wgmma(const TensorMap* tmQ, const TensorM
     hopper::fwd_wgmma<T, D, BC, NS, NC, TURNS>(&tmQ, &tmK, &tmV, O, LSE, n_q, n_k, scale_log2, causal,   \
                                                kv_len);                                                    \
   }
-FWD_WGMMA(flash_fwd_wgmma_bf16_d64, __nv_bfloat16, 64, 128, 2, 2, false)
+FWD_WGMMA(flash_fwd_wgmma_bf16_d64, __nv_bfloat16, 64, 128, 2, 2, true)
 FWD_WGMMA(flash_fwd_wgmma_bf16_d128, __nv_bfloat16, 128, 128, 2, 2, false)
-FWD_WGMMA(flash_fwd_wgmma_f16_d64, __half, 64, 128, 2, 2, false)
+FWD_WGMMA(flash_fwd_wgmma_f16_d64, __half, 64, 128, 2, 2, true)
 FWD_WGMMA(flash_fwd_wgmma_f16_d128, __half, 128, 128, 2, 2, false)
 FWD_WGMMA(flash_fwd_wgmma3_bf16_d64, __nv_bfloat16, 64, 128, 3, 3, true)
 FWD_WGMMA(flash_fwd_wgmma3_f16_d64, __half, 64, 128, 3, 3, true)
