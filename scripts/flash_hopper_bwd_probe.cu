@@ -16,6 +16,7 @@
 // Run on an H100/H200: ./flash_hopper_bwd_probe
 // Arguments: kernel names (ALL_KERNELS below) run only those, e.g. `shipped 'red dq'`; without
 // any, all of them.
+// PROBE_CHECK_ONLY=1 stops after the correctness checks (for compute-sanitizer).
 // Profile: ./flash_hopper_bwd_probe profile [names] launches each kernel once (4,096 keys, no
 // mask, 64 heads) and nothing else, for Nsight Compute:
 //   ncu --set full -k regex:bwd ./flash_hopper_bwd_probe profile
@@ -294,6 +295,7 @@ int main(int argc, char** argv) {
     ok &= check(d, 2, 1000, 1000, true, false);
   }
   printf("correctness: %s\n", ok ? "all ok" : "FAILURES");
+  if (getenv("PROBE_CHECK_ONLY")) return ok ? 0 : 1;  // e.g. under compute-sanitizer
   for (int d : {64, 128})
     for (bool causal : {false, true})
     for (int n : {1024, 2048, 4096, 8192, 16384}) {
