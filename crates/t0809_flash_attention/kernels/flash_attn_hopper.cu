@@ -36,6 +36,9 @@
 //     tiles go through rings of NS stages, each with a "full" barrier (the producer's bytes have
 //     landed) and an "empty" one (every consumer is done with it). No barrier of the whole CTA
 //     remains in the loop.
+//   * Turns (the d 64 forwards): the consumers issue their products one after another, round robin
+//     on named barriers (take_turn / pass_turn), so that each one's softmax runs under the
+//     others' products.
 //
 // Build: nvcc --ptx -arch=compute_90a (build.rs); the kernels need an sm_90 card.
 
