@@ -37,9 +37,9 @@
 // registers by reductions in L2 (bwd_wgmma's DQ_RED = true, red_dq) instead of staging it for one
 // bulk reduce-add per tile (send_dq): 0.97–0.99× with dQ one tile late, on an H100
 // (reports/gpu-runs/h100-2026-12-07-d). Measured and dropped there: the two consumers taking turns
-// at the tensor cores (take_turn / pass_turn around each burst of products, as the three-consumer
-// forward does), 0.94–0.98×.
-// Measured and dropped (this probe at 30ccff4..44b14a5, reports/gpu-runs/h200-2026-12-06/probe_bwd.txt):
+// at the tensor cores (take_turn / pass_turn around each burst of products, as both d 64
+// forwards do), 0.94–0.98×.
+// Measured and dropped (this probe at 30ccff4..44b14a5, reports/gpu-runs/h200-2026-12-06/call1/probe_bwd.txt):
 // K_c (and V_c) held in registers as the A operands of Sᵀ and dPᵀ, 0.98–0.99× (0.80–0.83×,
 // spilling), and dQ_i staged in rows padded against the bank conflicts with one bulk reduce-add per
 // row, 0.80–0.86×. At a7b6557 (reports/gpu-runs/h100-2026-12-07/README.md): L and D fetched a tile

@@ -931,8 +931,8 @@ __device__ __forceinline__ void store_dk_dv(T* dKh, T* dVh, const float (&dk)[D 
 // dQ_i = dS_i K over the 128 keys from both halves one tile later, behind its next dV and dK,
 // stages it in its shared buffer and has the TMA unit add it into the f32 dQ buffer (send_dq, one
 // bulk reduce-add; DQ_RED: reductions in L2 from the registers, red_dq): one 64 × d reduce per
-// tile and CTA, the two consumers taking turns. One tile late, the other half has long been in,
-// so neither consumer waits for the other's softmax of the same tile.
+// tile and CTA, the two consumers alternating as owner. One tile late, the other half has long
+// been in, so neither consumer waits for the other's softmax of the same tile.
 // The next tile's Sᵀ and dPᵀ are queued behind this tile's products before any of them is waited
 // for, and its L and D loaded while they run; the queue empties only at the top of the loop,
 // where the softmax of the next tile needs them.

@@ -605,7 +605,8 @@ fn bwd_launch_shape(
     d: usize,
 ) -> (String, usize, u32, usize) {
     match family {
-        // Hopper's backward at d 128 (and 32) is the mma.sync one.
+        // On Hopper the mma.sync backward where the Hopper one does not run (d 32; d 64 and 128
+        // below HOPPER_BACKWARD_MIN_KEYS keys with FlashKernels::Auto).
         crate::CudaKernelFamily::WarpgroupMma | crate::CudaKernelFamily::TensorCores => (
             format!("flash_bwd_tc_{suffix}_d{d}"),
             TC_BWD_BC,

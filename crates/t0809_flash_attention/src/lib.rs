@@ -69,7 +69,8 @@ pub use tiled::flash_attention_tensor_ops;
 pub enum CudaKernelFamily {
     /// Hopper (sm_90): the forward on warpgroup MMA (`wgmma`, operands read from shared memory,
     /// `kernels/flash_attn_hopper.cu`); the backward too where [`hopper_backward`] says so (d_head
-    /// 64, long sequences), else on the `mma.sync` kernels. bf16/f16, d_head 64 or 128,
+    /// 64 or 128 from `HOPPER_BACKWARD_MIN_KEYS` keys; any length with
+    /// `FlashKernels::WarpgroupMma`), else on the `mma.sync` kernels. bf16/f16, d_head 64 or 128,
     /// 16-byte-aligned starts.
     WarpgroupMma,
     /// `mma.sync` m16n8k16 with fp32 accumulators: bf16/f16, d_head 32, 64 or 128, 16-byte
