@@ -535,7 +535,7 @@ __device__ __forceinline__ void fwd_wgmma(const TensorMap* tmQ, const TensorMap*
   for (int j = 1; j < n_tiles; ++j) {
     const int sj = j % NS, sp = (j - 1) % NS;
     mbar_wait(sh.k_full + sj, (j / NS) & 1);
-    if constexpr (TURNS) {
+    if constexpr (TURNS) {  // V_{j-1} in too before the turn, so that no one holds it waiting for data
       mbar_wait(sh.v_full + sp, ((j - 1) / NS) & 1);
       take_turn(c);
     }
