@@ -465,9 +465,10 @@ __device__ __forceinline__ void store_o_and_lse(T* sQ, T* O, float* LSE, const f
 }
 
 // The forward, with NC consumer warpgroups of 64 query rows each (BR = 64·NC queries per CTA) and
-// the registers split between them and the producer (NC_REGS). The producer loads Q once and then
-// K_j, V_j into stage j % NS as soon as every consumer has released that stage. Each consumer: S_0 and its softmax; then for every further
-// tile j, S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} issued together, S_j's softmax while the second
+// the registers split between them and the producer (producer_registers, consumer_registers).
+// The producer loads Q once and then K_j, V_j into stage j % NS as soon as every consumer has
+// released that stage. Each consumer: S_0 and its softmax; then for every further tile j,
+// S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} issued together, S_j's softmax while the second
 // still runs, then O rescaled and P_j rounded (FlashAttention-3's intra-warpgroup overlap); at
 // the end the last P V, O / l and L = m + ln l. With TURNS the consumers also take turns at the
 // tensor cores (take_turn / pass_turn; FlashAttention-3's ping-pong between warpgroups, here
