@@ -35,7 +35,7 @@
 
 // The variant beside the shipped kernels: "red dq", the d 64 kernel adding dQ_i from its
 // registers by reductions in L2 (bwd_wgmma's DQ_RED = true, red_dq) instead of staging it for one
-// bulk reduce-add per tile (send_dq): 0.97–0.99× with dQ one tile late, on an H100
+// bulk reduce-add per tile (send_dq): 0.97–1.00× with dQ one tile late, on an H100
 // (reports/gpu-runs/h100-2026-12-07-d). Measured and dropped there: the two consumers taking turns
 // at the tensor cores (take_turn / pass_turn around each burst of products, as both d 64
 // forwards do), 0.94–0.98×.

@@ -7,13 +7,13 @@
 # arch=compute_90a,code=sm_90a -lcuda scripts/flash_hopper_bwd_probe.cu), optionally the forward
 # probe .gpu/probe/flash_hopper_probe and both built from an earlier commit in .gpu/probe/before/,
 # and a variant build at .gpu/variant.tar.xz (scripts/gpu-build-variant.sh). In order, each step
-# bounded by the time left: the probe (correctness on 11 ragged shapes, then times of every variant);
-# every CUDA test executable; the attention bench against FlashAttention-2 and cuDNN;
-# compute-sanitizer (racecheck, memcheck) on 8-09's property sweeps; the before/after probes
-# below; the same bench and 8-09's GPU tests with the variant build, if .gpu holds one, and the
-# sanitizer on it; the LM step at GPT-2-small size with and without the Hopper kernels. Everything goes into one tarball,
-# $OUT/call.tgz, rewritten after every step (the device tool returns few files, and a call stopped
-# at its limit keeps what is there). Unpacked under reports/gpu-runs/<run>/callN/: a/ (tests), b/
+# bounded by the time left: the probe (correctness on 11 ragged shapes, then times of every
+# variant); every CUDA test executable; the attention bench against FlashAttention-2 and cuDNN;
+# compute-sanitizer on 8-09's property sweeps (SANITIZE, SANITIZE_TOOLS below); the before/after
+# probes (PROBE_ORDER, PROBE_RESERVE); the same bench and 8-09's GPU tests with the variant build,
+# if .gpu holds one, and the sanitizer on it; the LM step at GPT-2-small size with and without
+# the Hopper kernels. Everything goes into one tarball, $OUT/call.tgz, rewritten after every step
+# (the device tool returns few files, and a call stopped at its limit keeps what is there). Unpacked under reports/gpu-runs/<run>/callN/: a/ (tests), b/
 # (bench; bench_results.json beside it), v/ (the variant; its results.json as
 # variant_bench_results.json), s/ (sanitizer), c/ (shape bench), probe_bwd.txt, steps.txt; e.g.
 # reports/gpu-runs/h100-2026-12-07/call1/.

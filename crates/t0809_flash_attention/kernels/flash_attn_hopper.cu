@@ -876,7 +876,7 @@ __device__ __forceinline__ void send_dq(float* my_dq, const float (&dq)[D / 8][4
 // the f32 dQ buffer straight from the accumulators, rows before n_q: one vector reduction in L2
 // (red.global.add.v2.f32) per pair of columns, fire and forget. `dQh` is the head's buffer at the
 // consumer's first column, ROW floats from one row to the next. No shared staging, no barrier.
-// The d 64 variant DQ_RED = true: with dQ one tile late (bwd_wgmma) it runs at 0.97–0.99× the
+// The d 64 variant DQ_RED = true: with dQ one tile late (bwd_wgmma) it runs at 0.97–1.00× the
 // staged bulk reduce-add of send_dq (H100, reports/gpu-runs/h100-2026-12-07-d); at d 128, in
 // place of send_dq_half, it measured 0.96–0.99× (reports/gpu-runs/h100-2026-12-07).
 template <int ROW>
